@@ -1,0 +1,334 @@
+//! The connection to the head and its request/response calls.
+
+use crate::config::ClientConfig;
+use crate::error::ClientError;
+use crate::session::Session;
+use flame_protocol::endpoint;
+use flame_protocol::frame::{FrameError, FrameReader, FrameWriter};
+use flame_protocol::limits;
+use flame_protocol::messages::{ClientRequest, ClientResponse, Role};
+use flame_protocol::model::{ApplicationInfo, ApplicationSpec, NodeInfo, SessionInfo, SessionSpec};
+use flame_protocol::SessionId;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// How long [`Client::close`] waits for the close to reach the head.
+pub const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// The two halves of one request stream, framed.
+pub(crate) type FramedStream = (
+    FrameWriter<quinn::SendStream>,
+    FrameReader<quinn::RecvStream>,
+);
+
+/// A connection to the head. Cheap to clone; clones share the connection, and every call
+/// opens its own QUIC stream, so calls may run concurrently.
+#[derive(Debug, Clone)]
+pub struct Client {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    // Kept so that the endpoint's socket lives as long as any clone of the client.
+    endpoint: quinn::Endpoint,
+    connection: quinn::Connection,
+    addr: String,
+    head_version: String,
+}
+
+impl Client {
+    /// Connects to the head named by `config`, verifies its certificate against
+    /// `config.ca_file`, and exchanges the hello, all within `config.connect_timeout`.
+    pub async fn connect(config: &ClientConfig) -> Result<Client, ClientError> {
+        let endpoint = endpoint::client(&config.ca_file)?;
+        let agent = format!("flame-cli {}", env!("CARGO_PKG_VERSION"));
+        let greeted = endpoint::connect(
+            &endpoint,
+            &config.head,
+            Role::Client,
+            &agent,
+            config.connect_timeout,
+        )
+        .await?;
+        // Clients do not use the hello stream after the welcome: finish our side and drop
+        // theirs. A failure here only means the head already closed it, which is harmless.
+        if let Err(e) = greeted.send.into_inner().finish() {
+            tracing::debug!("hello stream already closed: {e}");
+        }
+        drop(greeted.recv);
+        Ok(Client {
+            inner: Arc::new(Inner {
+                endpoint,
+                connection: greeted.connection,
+                addr: config.head.clone(),
+                head_version: greeted.head_version,
+            }),
+        })
+    }
+
+    /// The head's address as configured.
+    pub fn head_addr(&self) -> &str {
+        &self.inner.addr
+    }
+
+    /// The version the head reported in its welcome.
+    pub fn head_version(&self) -> &str {
+        &self.inner.head_version
+    }
+
+    /// Registers an application, or replaces the spec of one with the same name.
+    pub async fn register_application(
+        &self,
+        spec: ApplicationSpec,
+    ) -> Result<ApplicationInfo, ClientError> {
+        let name = spec.name.clone();
+        match self.request(ClientRequest::RegisterApplication(spec)).await? {
+            ClientResponse::Application(info) => Ok(info),
+            // A head that only acknowledges is asked for the stored record.
+            ClientResponse::Ok => self.get_application(&name).await,
+            other => Err(self.unexpected("request RegisterApplication", &other)),
+        }
+    }
+
+    /// Every registered application.
+    pub async fn list_applications(&self) -> Result<Vec<ApplicationInfo>, ClientError> {
+        match self.request(ClientRequest::ListApplications).await? {
+            ClientResponse::Applications(apps) => Ok(apps),
+            other => Err(self.unexpected("request ListApplications", &other)),
+        }
+    }
+
+    /// One application by name; [`ErrorKind::NotFound`](flame_protocol::model::ErrorKind)
+    /// when there is none.
+    pub async fn get_application(&self, name: &str) -> Result<ApplicationInfo, ClientError> {
+        let request = ClientRequest::GetApplication {
+            name: name.to_string(),
+        };
+        match self.request(request).await? {
+            ClientResponse::Application(info) => Ok(info),
+            other => Err(self.unexpected("request GetApplication", &other)),
+        }
+    }
+
+    /// Removes an application; refused while one of its sessions is unfinished.
+    pub async fn remove_application(&self, name: &str) -> Result<(), ClientError> {
+        let request = ClientRequest::RemoveApplication {
+            name: name.to_string(),
+        };
+        match self.request(request).await? {
+            ClientResponse::Ok | ClientResponse::Application(_) => Ok(()),
+            other => Err(self.unexpected("request RemoveApplication", &other)),
+        }
+    }
+
+    /// Opens a session.
+    pub async fn create_session(&self, spec: SessionSpec) -> Result<Session, ClientError> {
+        match self.request(ClientRequest::CreateSession(spec)).await? {
+            ClientResponse::Session(info) => Ok(Session::new(self.clone(), info)),
+            other => Err(self.unexpected("request CreateSession", &other)),
+        }
+    }
+
+    /// A handle on an existing session.
+    pub async fn session(&self, id: SessionId) -> Result<Session, ClientError> {
+        let info = self.get_session(id).await?;
+        Ok(Session::new(self.clone(), info))
+    }
+
+    /// The current state of a session.
+    pub async fn get_session(&self, id: SessionId) -> Result<SessionInfo, ClientError> {
+        match self.request(ClientRequest::GetSession { id }).await? {
+            ClientResponse::Session(info) => Ok(info),
+            other => Err(self.unexpected("request GetSession", &other)),
+        }
+    }
+
+    /// Every session the head knows.
+    pub async fn list_sessions(&self) -> Result<Vec<SessionInfo>, ClientError> {
+        match self.request(ClientRequest::ListSessions).await? {
+            ClientResponse::Sessions(sessions) => Ok(sessions),
+            other => Err(self.unexpected("request ListSessions", &other)),
+        }
+    }
+
+    /// Closes a session: it takes no more tasks and finishes when its tasks do.
+    pub async fn close_session(&self, id: SessionId) -> Result<(), ClientError> {
+        match self.request(ClientRequest::CloseSession { id }).await? {
+            ClientResponse::Ok | ClientResponse::Session(_) => Ok(()),
+            other => Err(self.unexpected("request CloseSession", &other)),
+        }
+    }
+
+    /// Every node the head knows.
+    pub async fn list_nodes(&self) -> Result<Vec<NodeInfo>, ClientError> {
+        match self.request(ClientRequest::ListNodes).await? {
+            ClientResponse::Nodes(nodes) => Ok(nodes),
+            other => Err(self.unexpected("request ListNodes", &other)),
+        }
+    }
+
+    /// Closes the connection for every clone and waits, at most [`CLOSE_TIMEOUT`], for the
+    /// head to learn of it, so that it frees the connection's state at once rather than
+    /// after its idle timeout.
+    pub async fn close(&self) {
+        self.inner.connection.close(0u32.into(), b"client done");
+        if tokio::time::timeout(CLOSE_TIMEOUT, self.inner.endpoint.wait_idle())
+            .await
+            .is_err()
+        {
+            tracing::debug!("the close did not drain within {CLOSE_TIMEOUT:?}");
+        }
+    }
+
+    /// One request on its own stream, answered by one response; bounded by
+    /// [`limits::REQUEST_TIMEOUT`]. A [`ClientResponse::Error`] becomes [`ClientError::Api`].
+    pub(crate) async fn request(
+        &self,
+        request: ClientRequest,
+    ) -> Result<ClientResponse, ClientError> {
+        let what = format!("request {}", request_name(&request));
+        self.bounded(&what, async {
+            let (send, recv) = self.open_bi().await?;
+            let mut writer = FrameWriter::new(send, limits::FRAME_BYTES_MAX);
+            writer
+                .write(&request)
+                .await
+                .map_err(|e| self.stream_error(&what, e))?;
+            // One request per stream: telling the head that nothing follows lets it free
+            // the stream as soon as it has answered.
+            writer
+                .into_inner()
+                .finish()
+                .map_err(|e| self.stream_error(&what, io_error(e)))?;
+            let mut reader = FrameReader::new(recv, limits::FRAME_BYTES_MAX);
+            let response = reader
+                .read_required::<ClientResponse>()
+                .await
+                .map_err(|e| self.stream_error(&what, e))?;
+            match response {
+                ClientResponse::Error(e) => Err(ClientError::Api(e)),
+                other => Ok(other),
+            }
+        })
+        .await
+    }
+
+    /// Opens one of the streaming requests: sends `request`, waits (bounded by
+    /// [`limits::REQUEST_TIMEOUT`]) for the head's [`ClientResponse::Ok`], and hands back
+    /// both halves with the send side still open.
+    pub(crate) async fn open_stream(
+        &self,
+        request: ClientRequest,
+    ) -> Result<FramedStream, ClientError> {
+        let what = format!("request {}", request_name(&request));
+        self.bounded(&what, async {
+            let (send, recv) = self.open_bi().await?;
+            let mut writer = FrameWriter::new(send, limits::FRAME_BYTES_MAX);
+            writer
+                .write(&request)
+                .await
+                .map_err(|e| self.stream_error(&what, e))?;
+            let mut reader = FrameReader::new(recv, limits::FRAME_BYTES_MAX);
+            match reader
+                .read_required::<ClientResponse>()
+                .await
+                .map_err(|e| self.stream_error(&what, e))?
+            {
+                ClientResponse::Ok => Ok((writer, reader)),
+                ClientResponse::Error(e) => Err(ClientError::Api(e)),
+                other => Err(self.unexpected(&what, &other)),
+            }
+        })
+        .await
+    }
+
+    /// Runs `fut`, turning the expiry of [`limits::REQUEST_TIMEOUT`] into
+    /// [`ClientError::Timeout`].
+    pub(crate) async fn bounded<T>(
+        &self,
+        what: &str,
+        fut: impl Future<Output = Result<T, ClientError>>,
+    ) -> Result<T, ClientError> {
+        match tokio::time::timeout(limits::REQUEST_TIMEOUT, fut).await {
+            Ok(result) => result,
+            Err(_) => Err(self.timeout_error(what, limits::REQUEST_TIMEOUT)),
+        }
+    }
+
+    async fn open_bi(&self) -> Result<(quinn::SendStream, quinn::RecvStream), ClientError> {
+        self.inner
+            .connection
+            .open_bi()
+            .await
+            .map_err(|source| ClientError::Connection {
+                addr: self.inner.addr.clone(),
+                source,
+            })
+    }
+
+    pub(crate) fn stream_error(&self, what: &str, source: FrameError) -> ClientError {
+        ClientError::Stream {
+            addr: self.inner.addr.clone(),
+            what: what.to_string(),
+            source,
+        }
+    }
+
+    pub(crate) fn timeout_error(&self, what: &str, timeout: Duration) -> ClientError {
+        ClientError::Timeout {
+            addr: self.inner.addr.clone(),
+            what: what.to_string(),
+            timeout,
+        }
+    }
+
+    pub(crate) fn protocol_error(&self, what: &str, detail: String) -> ClientError {
+        ClientError::Protocol {
+            addr: self.inner.addr.clone(),
+            what: what.to_string(),
+            detail,
+        }
+    }
+
+    fn unexpected(&self, what: &str, response: &ClientResponse) -> ClientError {
+        self.protocol_error(
+            what,
+            format!("unexpected answer {}", response_name(response)),
+        )
+    }
+}
+
+/// A quinn stream-state error as the I/O error the framing layer reports.
+pub(crate) fn io_error(e: quinn::ClosedStream) -> FrameError {
+    FrameError::Io(std::io::Error::new(std::io::ErrorKind::BrokenPipe, e))
+}
+
+fn request_name(request: &ClientRequest) -> &'static str {
+    match request {
+        ClientRequest::RegisterApplication(_) => "RegisterApplication",
+        ClientRequest::ListApplications => "ListApplications",
+        ClientRequest::GetApplication { .. } => "GetApplication",
+        ClientRequest::RemoveApplication { .. } => "RemoveApplication",
+        ClientRequest::CreateSession(_) => "CreateSession",
+        ClientRequest::ListSessions => "ListSessions",
+        ClientRequest::GetSession { .. } => "GetSession",
+        ClientRequest::CloseSession { .. } => "CloseSession",
+        ClientRequest::ListNodes => "ListNodes",
+        ClientRequest::OpenSubmitStream { .. } => "OpenSubmitStream",
+        ClientRequest::WatchResults { .. } => "WatchResults",
+    }
+}
+
+fn response_name(response: &ClientResponse) -> &'static str {
+    match response {
+        ClientResponse::Ok => "Ok",
+        ClientResponse::Error(_) => "Error",
+        ClientResponse::Application(_) => "Application",
+        ClientResponse::Applications(_) => "Applications",
+        ClientResponse::Session(_) => "Session",
+        ClientResponse::Sessions(_) => "Sessions",
+        ClientResponse::Nodes(_) => "Nodes",
+    }
+}

@@ -1,0 +1,360 @@
+//! Sessions: submitting tasks and watching their results.
+
+use crate::batch::{split_batches, BatchLimits};
+use crate::client::{io_error, Client};
+use crate::error::ClientError;
+use bytes::Bytes;
+use flame_protocol::frame::{FrameReader, FrameWriter};
+use flame_protocol::messages::{task_range, ClientRequest, SubmitBatch, SubmitReply, WatchEvent};
+use flame_protocol::model::{SessionInfo, TaskResult};
+use flame_protocol::{limits, SessionId, TaskId};
+use std::collections::VecDeque;
+use tokio::sync::mpsc;
+
+/// Unacknowledged batches a [`Submitter`] keeps in flight before it waits for the oldest
+/// ack. Enough to hide a round trip and a group commit; small enough to bound the memory
+/// the head holds for one client.
+pub const SUBMIT_WINDOW_BATCHES: usize = 16;
+
+/// Watch frames buffered between the stream and [`ResultStream::next`].
+pub const WATCH_BUFFER_FRAMES: usize = 16;
+
+/// A handle on one session. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Session {
+    client: Client,
+    id: SessionId,
+}
+
+impl Session {
+    pub(crate) fn new(client: Client, info: SessionInfo) -> Self {
+        Session {
+            client,
+            id: info.id,
+        }
+    }
+
+    /// The session's id.
+    pub fn id(&self) -> SessionId {
+        self.id
+    }
+
+    /// The client this session talks through.
+    pub fn client(&self) -> &Client {
+        &self.client
+    }
+
+    /// The session's current state, asked of the head.
+    pub async fn info(&self) -> Result<SessionInfo, ClientError> {
+        self.client.get_session(self.id).await
+    }
+
+    /// Closes the session: it takes no more tasks and finishes when its tasks do.
+    pub async fn close(&self) -> Result<(), ClientError> {
+        self.client.close_session(self.id).await
+    }
+
+    /// Submits `inputs` on a stream of its own and waits until the head has acknowledged
+    /// them; returns their task ids in input order. Inputs beyond one batch's bounds are
+    /// sent as several batches on that stream.
+    pub async fn submit(&self, inputs: Vec<Bytes>) -> Result<Vec<TaskId>, ClientError> {
+        if inputs.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut submitter = self.submitter().await?;
+        submitter.send(inputs).await?;
+        let acks = submitter.finish().await?;
+        Ok(acks.iter().flat_map(BatchAck::task_ids).collect())
+    }
+
+    /// Opens a pipelined submit stream.
+    pub async fn submitter(&self) -> Result<Submitter, ClientError> {
+        let (send, recv) = self
+            .client
+            .open_stream(ClientRequest::OpenSubmitStream { session: self.id })
+            .await?;
+        Ok(Submitter {
+            client: self.client.clone(),
+            session: self.id,
+            send,
+            recv,
+            limits: BatchLimits::default(),
+            window: SUBMIT_WINDOW_BATCHES,
+            next_batch_id: 1,
+            in_flight: VecDeque::with_capacity(SUBMIT_WINDOW_BATCHES),
+            acks: Vec::new(),
+            broken: false,
+        })
+    }
+
+    /// Watches the session's results: every result exactly once, including those that
+    /// finished before the watch began. Open the watch before submitting when every result
+    /// matters to you and the session is ephemeral.
+    pub async fn watch(&self) -> Result<ResultStream, ClientError> {
+        let (send, recv) = self
+            .client
+            .open_stream(ClientRequest::WatchResults { session: self.id })
+            .await?;
+        let (tx, rx) = mpsc::channel(WATCH_BUFFER_FRAMES);
+        tokio::spawn(pump_watch(self.client.clone(), self.id, send, recv, tx));
+        Ok(ResultStream {
+            session: self.id,
+            rx,
+            finished: false,
+        })
+    }
+}
+
+/// The head's acknowledgement of one submitted batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BatchAck {
+    /// The batch's id on its stream, from 1.
+    pub batch_id: u64,
+    /// The id of the batch's first input; the others follow in input order.
+    pub first_task: TaskId,
+    /// Inputs in the batch.
+    pub count: u32,
+}
+
+impl BatchAck {
+    /// The batch's task ids, in input order.
+    pub fn task_ids(&self) -> impl Iterator<Item = TaskId> {
+        task_range(self.first_task, self.count)
+    }
+}
+
+/// A pipelined submit stream: batches are sent without waiting for their acks, with at
+/// most [`SUBMIT_WINDOW_BATCHES`] unacknowledged at once.
+///
+/// Its calls are not cancel-safe: if one fails, or its future is dropped before it
+/// completes, the stream's state is unknown and later calls return
+/// [`ClientError::SubmitterBroken`].
+#[derive(Debug)]
+pub struct Submitter {
+    client: Client,
+    session: SessionId,
+    send: FrameWriter<quinn::SendStream>,
+    recv: FrameReader<quinn::RecvStream>,
+    limits: BatchLimits,
+    window: usize,
+    next_batch_id: u64,
+    /// Sent, unacknowledged batches: (batch id, input count), oldest first.
+    in_flight: VecDeque<(u64, u32)>,
+    acks: Vec<BatchAck>,
+    broken: bool,
+}
+
+impl Submitter {
+    /// The session this stream submits to.
+    pub fn session(&self) -> SessionId {
+        self.session
+    }
+
+    /// Acknowledgements received so far, in batch order.
+    pub fn acks(&self) -> &[BatchAck] {
+        &self.acks
+    }
+
+    /// Batches sent and not yet acknowledged.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.len()
+    }
+
+    /// Sends `inputs`, split into batches within [`limits::SUBMIT_BATCH_BYTES_TARGET`] and
+    /// [`limits::SUBMIT_BATCH_TASKS_MAX`]. Returns once every batch is written; waits for
+    /// acks only to keep the window bounded. A rejected batch is
+    /// [`ClientError::BatchRejected`].
+    pub async fn send(&mut self, inputs: Vec<Bytes>) -> Result<(), ClientError> {
+        self.guard()?;
+        for batch in split_batches(inputs, self.limits) {
+            while self.in_flight.len() >= self.window {
+                self.await_ack().await?;
+            }
+            self.send_batch(batch).await?;
+        }
+        self.broken = false;
+        Ok(())
+    }
+
+    /// Waits for every outstanding ack, ends the stream, and returns all acks in batch order.
+    pub async fn finish(mut self) -> Result<Vec<BatchAck>, ClientError> {
+        self.guard()?;
+        while !self.in_flight.is_empty() {
+            self.await_ack().await?;
+        }
+        // Every batch is acknowledged, so ending our side loses nothing; it tells the head
+        // that no more batches follow.
+        self.send
+            .into_inner()
+            .finish()
+            .map_err(|e| self.client.stream_error("submit stream", io_error(e)))?;
+        Ok(self.acks)
+    }
+
+    /// Fails when an earlier call broke off; otherwise marks the stream as busy until the
+    /// caller clears the mark on success.
+    fn guard(&mut self) -> Result<(), ClientError> {
+        if self.broken {
+            return Err(ClientError::SubmitterBroken {
+                session: self.session,
+            });
+        }
+        self.broken = true;
+        Ok(())
+    }
+
+    async fn send_batch(&mut self, inputs: Vec<Bytes>) -> Result<(), ClientError> {
+        let batch_id = self.next_batch_id;
+        let count = u32::try_from(inputs.len()).map_err(|_| {
+            self.client.protocol_error(
+                "submit stream",
+                format!("a batch of {} inputs does not fit a u32", inputs.len()),
+            )
+        })?;
+        let what = format!("submitting batch {batch_id}");
+        let batch = SubmitBatch { batch_id, inputs };
+        let client = self.client.clone();
+        let writer = &mut self.send;
+        client
+            .bounded(&what, async {
+                writer
+                    .write(&batch)
+                    .await
+                    .map_err(|e| client.stream_error(&what, e))
+            })
+            .await?;
+        self.next_batch_id += 1;
+        self.in_flight.push_back((batch_id, count));
+        Ok(())
+    }
+
+    /// Reads the reply to the oldest batch in flight.
+    async fn await_ack(&mut self) -> Result<(), ClientError> {
+        let Some(&(expected_id, expected_count)) = self.in_flight.front() else {
+            return Ok(());
+        };
+        let what = format!("waiting for the ack of batch {expected_id}");
+        let client = self.client.clone();
+        let reader = &mut self.recv;
+        let reply = client
+            .bounded(&what, async {
+                reader
+                    .read::<SubmitReply>()
+                    .await
+                    .map_err(|e| client.stream_error(&what, e))
+            })
+            .await?;
+        let protocol = |detail: String| client.protocol_error(&what, detail);
+        match reply {
+            None => Err(protocol(format!(
+                "the stream ended with {} batches unacknowledged",
+                self.in_flight.len()
+            ))),
+            Some(SubmitReply::Rejected { batch_id, error }) => {
+                Err(ClientError::BatchRejected { batch_id, error })
+            }
+            Some(SubmitReply::Accepted {
+                batch_id,
+                first_task,
+                count,
+            }) => {
+                if batch_id != expected_id || count != expected_count {
+                    return Err(protocol(format!(
+                        "expected the ack of batch {expected_id} ({expected_count} tasks), got batch {batch_id} ({count} tasks)"
+                    )));
+                }
+                if first_task.0.checked_add(u64::from(count)).is_none() {
+                    return Err(protocol(format!(
+                        "task ids from {first_task} for {count} tasks overflow"
+                    )));
+                }
+                self.in_flight.pop_front();
+                self.acks.push(BatchAck {
+                    batch_id,
+                    first_task,
+                    count,
+                });
+                Ok(())
+            }
+        }
+    }
+}
+
+/// What the watch pump hands to [`ResultStream::next`].
+#[derive(Debug)]
+enum WatchItem {
+    Results(Vec<TaskResult>),
+    Finished,
+    Failed(ClientError),
+}
+
+/// A session's results, as the head pushes them.
+///
+/// [`ResultStream::next`] is cancel-safe: a task reads the stream and buffers up to
+/// [`WATCH_BUFFER_FRAMES`] frames, so `next` may be raced in `select!` or wrapped in a
+/// timeout. There is no per-result bound by design: a live head with slow tasks may send
+/// nothing for hours, while a dead head or link is detected by the connection's idle timeout
+/// ([`limits::IDLE_TIMEOUT`]). Dropping the stream stops the watch.
+#[derive(Debug)]
+pub struct ResultStream {
+    session: SessionId,
+    rx: mpsc::Receiver<WatchItem>,
+    finished: bool,
+}
+
+impl ResultStream {
+    /// The session watched.
+    pub fn session(&self) -> SessionId {
+        self.session
+    }
+
+    /// The next batch of results; `None` once the head has said the session is finished,
+    /// or when the stream ended without saying so (see [`ResultStream::is_finished`]).
+    pub async fn next(&mut self) -> Option<Result<Vec<TaskResult>, ClientError>> {
+        match self.rx.recv().await? {
+            WatchItem::Results(results) => Some(Ok(results)),
+            WatchItem::Finished => {
+                self.finished = true;
+                None
+            }
+            WatchItem::Failed(e) => Some(Err(e)),
+        }
+    }
+
+    /// Whether the head said the session is finished (closed, every task final).
+    pub fn is_finished(&self) -> bool {
+        self.finished
+    }
+}
+
+/// Reads watch frames into `tx` until the session finishes, the stream ends or fails, or
+/// the [`ResultStream`] is dropped.
+async fn pump_watch(
+    client: Client,
+    session: SessionId,
+    // Held open, not finished: ending our side would end the watch.
+    send: quinn::SendStream,
+    mut recv: FrameReader<quinn::RecvStream>,
+    tx: mpsc::Sender<WatchItem>,
+) {
+    let what = format!("watching session {session}");
+    loop {
+        let event = tokio::select! {
+            event = recv.read::<WatchEvent>() => event,
+            // The reader went away: stop reading, and drop the stream to tell the head.
+            () = tx.closed() => break,
+        };
+        let item = match event {
+            Ok(Some(WatchEvent::Results(results))) if results.is_empty() => continue,
+            Ok(Some(WatchEvent::Results(results))) => WatchItem::Results(results),
+            Ok(Some(WatchEvent::Finished)) => WatchItem::Finished,
+            Ok(None) => break,
+            Err(e) => WatchItem::Failed(client.stream_error(&what, e)),
+        };
+        let last = !matches!(item, WatchItem::Results(_));
+        if tx.send(item).await.is_err() || last {
+            break;
+        }
+    }
+    drop(send);
+}

@@ -1,0 +1,1362 @@
+//! The head's state machine: sessions, tasks, executors and nodes, driven by events.
+//!
+//! The core performs no I/O and reads no clock. Each event comes with `now_ms`; what the
+//! core wants done leaves through channels it was handed (a reply for a request, a frame
+//! for a node link, a request for the store writer), collected during a batch of events and
+//! flushed once at its end by [`Core::end_batch`]. That is where batching happens: one
+//! `Commands` frame per node, one store request per batch, one results frame per watcher.
+//!
+//! Invariants:
+//! * a task id is acked to a client only after its batch is durable (or at once for an
+//!   ephemeral session);
+//! * a result is accepted only from the executor the task runs on and for its current
+//!   attempt (fencing); anything else is dropped;
+//! * a result becomes final, and reaches watchers, only after it is durable;
+//! * every acked task ends in exactly one final state.
+
+use crate::scheduler::{self, Decision, ExecutorPhase, Snapshot};
+use crate::store::{StoreOp, StoreRequest, StoredSession, StoredTask};
+use bytes::Bytes;
+use flame_protocol::limits;
+use flame_protocol::messages::{
+    ClientRequest, ClientResponse, ExecutorEvent, HeadToNode, NodeCommand, NodeRegistration,
+    NodeTaskResult, NodeToHead, SubmitReply,
+};
+use flame_protocol::model::{
+    ApiError, ApplicationInfo, ApplicationSpec, ErrorKind, NodeInfo, NodeState, SessionInfo,
+    SessionSpec, SessionState, TaskAssignment, TaskCounts, TaskOutcome, TaskResult,
+};
+use flame_protocol::{ExecutorId, SessionId, TaskId};
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use tokio::sync::{mpsc, oneshot};
+
+/// Identifies one node connection, so messages from a replaced connection are ignored.
+pub type ConnId = u64;
+
+/// What a watcher stream receives.
+#[derive(Debug, Clone)]
+pub enum WatchMsg {
+    Results(Vec<TaskResult>),
+    Finished,
+}
+
+/// Where a new watcher finds the results that were final before it attached.
+#[derive(Debug)]
+pub enum Backfill {
+    /// Read them from the store (durable sessions). Results may arrive both ways; the
+    /// watcher drops the duplicates.
+    Store,
+    /// Here they are (ephemeral sessions).
+    Memory(Vec<TaskResult>),
+}
+
+/// Answer to a watch request.
+#[derive(Debug)]
+pub struct WatchStart {
+    pub backfill: Backfill,
+    /// The session had already finished: nothing more will come after the backfill.
+    pub finished: bool,
+}
+
+/// Everything that drives the core.
+#[derive(Debug)]
+pub enum Event {
+    Client {
+        request: ClientRequest,
+        reply: oneshot::Sender<ClientResponse>,
+    },
+    Submit {
+        session: SessionId,
+        batch_id: u64,
+        inputs: Vec<Bytes>,
+        reply: oneshot::Sender<SubmitReply>,
+    },
+    Watch {
+        session: SessionId,
+        sink: mpsc::UnboundedSender<WatchMsg>,
+        reply: oneshot::Sender<Result<WatchStart, ApiError>>,
+    },
+    NodeConnected {
+        conn: ConnId,
+        registration: NodeRegistration,
+        link: mpsc::UnboundedSender<HeadToNode>,
+    },
+    NodeMessage {
+        conn: ConnId,
+        message: NodeToHead,
+    },
+    NodeDisconnected {
+        conn: ConnId,
+        reason: String,
+    },
+    /// The store writer finished a group commit.
+    Committed {
+        tokens: Vec<u64>,
+        result: Result<(), String>,
+    },
+    /// Periodic: heartbeat timeouts and `delay_release`.
+    Tick,
+}
+
+/// Settings of the core.
+#[derive(Debug, Clone)]
+pub struct CoreConfig {
+    pub task_input_bytes_max: usize,
+    /// Attempts before a task whose executor keeps getting lost is failed.
+    pub max_attempts: u32,
+    pub heartbeat_timeout_ms: u64,
+}
+
+impl Default for CoreConfig {
+    fn default() -> Self {
+        CoreConfig {
+            task_input_bytes_max: limits::TASK_INPUT_BYTES_MAX,
+            max_attempts: 3,
+            heartbeat_timeout_ms: limits::HEARTBEAT_TIMEOUT.as_millis() as u64,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Slot {
+    /// Assigned an id; its batch is not durable yet.
+    Unacked,
+    /// Its batch failed to persist; it never existed for the client.
+    Rejected,
+    Pending,
+    Running(ExecutorId),
+    /// A result was accepted and is being made durable.
+    Completing,
+    Succeeded,
+    Failed,
+}
+
+#[derive(Debug)]
+struct TaskSlot {
+    slot: Slot,
+    attempt: u32,
+    input: Bytes,
+    /// Kept only for ephemeral sessions, which have no store to read it back from.
+    outcome: Option<TaskOutcome>,
+}
+
+#[derive(Debug)]
+struct SessionEntry {
+    stored: StoredSession,
+    ephemeral: bool,
+    /// Index = task id - 1. Emptied once the session has finished.
+    tasks: Vec<TaskSlot>,
+    pending: VecDeque<TaskId>,
+    counts: TaskCounts,
+    /// Batches assigned ids but not yet durable; the session cannot finish meanwhile.
+    unacked_batches: u32,
+    watchers: Vec<mpsc::UnboundedSender<WatchMsg>>,
+    finished: bool,
+}
+
+/// The slot of a task id; ids are dense from 1.
+fn slot_of(tasks: &mut [TaskSlot], task: TaskId) -> Option<&mut TaskSlot> {
+    let idx = usize::try_from(task.0.checked_sub(1)?).ok()?;
+    tasks.get_mut(idx)
+}
+
+impl SessionEntry {
+
+    fn info(&self, executors: u32) -> SessionInfo {
+        SessionInfo {
+            id: self.stored.id,
+            application: self.stored.application.clone(),
+            state: self.stored.state,
+            ephemeral: self.ephemeral,
+            counts: self.counts,
+            executors,
+            created_ms: self.stored.created_ms,
+            closed_ms: self.stored.closed_ms,
+        }
+    }
+}
+
+#[derive(Debug)]
+struct ExecutorEntry {
+    node: String,
+    application: String,
+    phase: ExecutorPhase,
+    session: Option<SessionId>,
+    credit: u32,
+    /// Tasks sent and not yet answered.
+    outstanding: Vec<(SessionId, TaskId)>,
+    quiet_since_ms: u64,
+}
+
+#[derive(Debug)]
+struct NodeEntry {
+    registration: NodeRegistration,
+    conn: Option<ConnId>,
+    link: Option<mpsc::UnboundedSender<HeadToNode>>,
+    last_seen_ms: u64,
+}
+
+/// What to do once a store request is durable.
+#[derive(Debug)]
+enum AfterCommit {
+    AckSubmit {
+        session: SessionId,
+        first: TaskId,
+        count: u32,
+        batch_id: u64,
+        reply: oneshot::Sender<SubmitReply>,
+    },
+    FinishResults {
+        session: SessionId,
+        results: Vec<(TaskId, u32, TaskOutcome)>,
+    },
+    AddApplication {
+        spec: ApplicationSpec,
+        reply: oneshot::Sender<ClientResponse>,
+    },
+    AddSession {
+        entry: Box<SessionEntry>,
+        reply: oneshot::Sender<ClientResponse>,
+    },
+    Respond {
+        reply: oneshot::Sender<ClientResponse>,
+    },
+}
+
+/// The head's state.
+#[derive(Debug)]
+pub struct Core {
+    config: CoreConfig,
+    store: mpsc::UnboundedSender<StoreRequest>,
+    apps: BTreeMap<String, ApplicationSpec>,
+    sessions: BTreeMap<SessionId, SessionEntry>,
+    nodes: BTreeMap<String, NodeEntry>,
+    conns: HashMap<ConnId, String>,
+    executors: BTreeMap<ExecutorId, ExecutorEntry>,
+    next_session: u64,
+    next_executor: u64,
+    next_token: u64,
+    commits: HashMap<u64, Vec<AfterCommit>>,
+    // Collected during a batch, flushed by end_batch.
+    batch_ops: Vec<StoreOp>,
+    batch_after: Vec<AfterCommit>,
+    batch_finish: BTreeMap<SessionId, Vec<(TaskId, u32, TaskOutcome)>>,
+    node_out: BTreeMap<String, Vec<NodeCommand>>,
+    watch_out: BTreeMap<SessionId, Vec<TaskResult>>,
+    reschedule: bool,
+}
+
+fn api(kind: ErrorKind, message: impl Into<String>) -> ApiError {
+    ApiError::new(kind, message)
+}
+
+impl Core {
+    /// A core with the state loaded from the store.
+    pub fn new(
+        config: CoreConfig,
+        store: mpsc::UnboundedSender<StoreRequest>,
+        loaded: crate::store::Loaded,
+    ) -> Core {
+        let mut core = Core {
+            config,
+            store,
+            apps: BTreeMap::new(),
+            sessions: BTreeMap::new(),
+            nodes: BTreeMap::new(),
+            conns: HashMap::new(),
+            executors: BTreeMap::new(),
+            next_session: loaded.next_session.max(1),
+            next_executor: loaded.next_executor.max(1),
+            next_token: 1,
+            commits: HashMap::new(),
+            batch_ops: Vec::new(),
+            batch_after: Vec::new(),
+            batch_finish: BTreeMap::new(),
+            node_out: BTreeMap::new(),
+            watch_out: BTreeMap::new(),
+            reschedule: true,
+        };
+        for spec in loaded.applications {
+            core.apps.insert(spec.name.clone(), spec);
+        }
+        for stored in loaded.sessions {
+            core.next_session = core.next_session.max(stored.id.0 + 1);
+            core.sessions.insert(
+                stored.id,
+                SessionEntry {
+                    stored,
+                    ephemeral: false,
+                    tasks: Vec::new(),
+                    pending: VecDeque::new(),
+                    counts: TaskCounts::default(),
+                    unacked_batches: 0,
+                    watchers: Vec::new(),
+                    finished: false,
+                },
+            );
+        }
+        for (sid, tid, task) in loaded.tasks {
+            let Some(s) = core.sessions.get_mut(&sid) else {
+                tracing::warn!(session = %sid, task = %tid, "task of an unknown session ignored");
+                continue;
+            };
+            // Tasks are stored densely from 1; fill any hole left by a rejected batch.
+            let idx = (tid.0.saturating_sub(1)) as usize;
+            while s.tasks.len() < idx {
+                s.tasks.push(TaskSlot {
+                    slot: Slot::Rejected,
+                    attempt: 0,
+                    input: Bytes::new(),
+                    outcome: None,
+                });
+            }
+            s.stored.last_task = s.stored.last_task.max(tid.0);
+            let slot = match task {
+                StoredTask::Pending { attempt, input } => {
+                    s.pending.push_back(tid);
+                    s.counts.pending += 1;
+                    TaskSlot {
+                        slot: Slot::Pending,
+                        attempt,
+                        input,
+                        outcome: None,
+                    }
+                }
+                StoredTask::Final { attempt, outcome } => {
+                    match outcome {
+                        TaskOutcome::Succeeded(_) => s.counts.succeeded += 1,
+                        TaskOutcome::Failed(_) => s.counts.failed += 1,
+                    }
+                    TaskSlot {
+                        slot: if matches!(outcome, TaskOutcome::Succeeded(_)) {
+                            Slot::Succeeded
+                        } else {
+                            Slot::Failed
+                        },
+                        attempt,
+                        input: Bytes::new(),
+                        outcome: None,
+                    }
+                }
+            };
+            s.tasks.push(slot);
+        }
+        for s in core.sessions.values_mut() {
+            if s.stored.state == SessionState::Closed && s.counts.unfinished() == 0 {
+                s.finished = true;
+                s.tasks = Vec::new();
+            }
+        }
+        for n in loaded.nodes {
+            core.nodes.insert(
+                n.name.clone(),
+                NodeEntry {
+                    registration: NodeRegistration {
+                        name: n.name,
+                        cpus: n.cpus,
+                        memory_bytes: n.memory_bytes,
+                    },
+                    conn: None,
+                    link: None,
+                    last_seen_ms: n.last_seen_ms,
+                },
+            );
+        }
+        core
+    }
+
+    /// Registers an application at start-up if none of that name exists (the built-in
+    /// ping application). Durable like any other registration.
+    pub fn ensure_application(&mut self, spec: ApplicationSpec) {
+        if !self.apps.contains_key(&spec.name) {
+            self.batch_ops.push(StoreOp::PutApplication(spec.clone()));
+            self.apps.insert(spec.name.clone(), spec);
+        }
+    }
+
+    /// Applies one event.
+    pub fn handle(&mut self, event: Event, now_ms: u64) {
+        match event {
+            Event::Client { request, reply } => self.on_client(request, reply, now_ms),
+            Event::Submit {
+                session,
+                batch_id,
+                inputs,
+                reply,
+            } => self.on_submit(session, batch_id, inputs, reply),
+            Event::Watch {
+                session,
+                sink,
+                reply,
+            } => {
+                let _ = reply.send(self.on_watch(session, sink));
+            }
+            Event::NodeConnected {
+                conn,
+                registration,
+                link,
+            } => self.on_node_connected(conn, registration, link, now_ms),
+            Event::NodeMessage { conn, message } => self.on_node_message(conn, message, now_ms),
+            Event::NodeDisconnected { conn, reason } => {
+                if let Some(name) = self.conns.get(&conn).cloned() {
+                    self.node_lost(&name, &reason);
+                }
+            }
+            Event::Committed { tokens, result } => {
+                for token in tokens {
+                    for after in self.commits.remove(&token).unwrap_or_default() {
+                        self.after_commit(after, &result, now_ms);
+                    }
+                }
+            }
+            Event::Tick => {
+                self.reschedule = true;
+                let timeout = self.config.heartbeat_timeout_ms;
+                let silent: Vec<String> = self
+                    .nodes
+                    .iter()
+                    .filter(|(_, n)| {
+                        n.conn.is_some() && now_ms.saturating_sub(n.last_seen_ms) > timeout
+                    })
+                    .map(|(name, _)| name.clone())
+                    .collect();
+                for name in silent {
+                    self.node_lost(&name, &format!("no heartbeat for {timeout} ms"));
+                }
+            }
+        }
+    }
+
+    /// Runs the scheduler and dispatch, then flushes everything collected in the batch.
+    pub fn end_batch(&mut self, now_ms: u64) {
+        if self.reschedule {
+            self.reschedule = false;
+            self.schedule(now_ms);
+        }
+        self.dispatch();
+        for (session, results) in std::mem::take(&mut self.batch_finish) {
+            self.batch_ops.push(StoreOp::FinishTasks {
+                session,
+                results: results.clone(),
+            });
+            self.batch_after
+                .push(AfterCommit::FinishResults { session, results });
+        }
+        for (node, commands) in std::mem::take(&mut self.node_out) {
+            let Some(link) = self.nodes.get(&node).and_then(|n| n.link.clone()) else {
+                continue;
+            };
+            let mut commands = commands;
+            while !commands.is_empty() {
+                let rest = commands.split_off(commands.len().min(limits::MESSAGE_BATCH_MAX));
+                // A closed link means the node is going away; its disconnect event follows.
+                let _ = link.send(HeadToNode::Commands(std::mem::replace(&mut commands, rest)));
+            }
+        }
+        for (session, results) in std::mem::take(&mut self.watch_out) {
+            if let Some(s) = self.sessions.get_mut(&session) {
+                s.watchers
+                    .retain(|w| w.send(WatchMsg::Results(results.clone())).is_ok());
+            }
+        }
+        if !self.batch_ops.is_empty() || !self.batch_after.is_empty() {
+            let token = self.next_token;
+            self.next_token += 1;
+            let ops = std::mem::take(&mut self.batch_ops);
+            let after = std::mem::take(&mut self.batch_after);
+            if self.store.send(StoreRequest { ops, token }).is_ok() {
+                self.commits.insert(token, after);
+            } else {
+                // The writer is gone (shutting down): fail what waited on it.
+                for a in after {
+                    self.after_commit(a, &Err("the store writer has stopped".into()), now_ms);
+                }
+            }
+        }
+    }
+
+    fn executors_of(&self, session: SessionId) -> u32 {
+        self.executors
+            .values()
+            .filter(|e| {
+                e.session == Some(session)
+                    && matches!(e.phase, ExecutorPhase::Binding | ExecutorPhase::Bound)
+            })
+            .count() as u32
+    }
+
+    fn on_client(
+        &mut self,
+        request: ClientRequest,
+        reply: oneshot::Sender<ClientResponse>,
+        now_ms: u64,
+    ) {
+        let respond = |reply: oneshot::Sender<ClientResponse>, r: ClientResponse| {
+            let _ = reply.send(r);
+        };
+        let error = |kind, msg: String| ClientResponse::Error(api(kind, msg));
+        match request {
+            ClientRequest::RegisterApplication(spec) => {
+                if let Err(e) = spec.validate() {
+                    return respond(reply, error(ErrorKind::InvalidArgument, e.to_string()));
+                }
+                if self.apps.contains_key(&spec.name) {
+                    return respond(
+                        reply,
+                        error(
+                            ErrorKind::AlreadyExists,
+                            format!("application `{}` is already registered", spec.name),
+                        ),
+                    );
+                }
+                self.batch_ops.push(StoreOp::PutApplication(spec.clone()));
+                self.batch_after
+                    .push(AfterCommit::AddApplication { spec, reply });
+            }
+            ClientRequest::ListApplications => {
+                let list = self
+                    .apps
+                    .keys()
+                    .filter_map(|n| self.application_info(n))
+                    .collect();
+                respond(reply, ClientResponse::Applications(list));
+            }
+            ClientRequest::GetApplication { name } => match self.application_info(&name) {
+                Some(info) => respond(reply, ClientResponse::Application(info)),
+                None => respond(reply, error(ErrorKind::NotFound, unknown_app(&name))),
+            },
+            ClientRequest::RemoveApplication { name } => {
+                let Some(info) = self.application_info(&name) else {
+                    return respond(reply, error(ErrorKind::NotFound, unknown_app(&name)));
+                };
+                if info.open_sessions > 0 {
+                    return respond(
+                        reply,
+                        error(
+                            ErrorKind::FailedPrecondition,
+                            format!(
+                                "application `{name}` has {} unfinished session(s); close them and let them finish first",
+                                info.open_sessions
+                            ),
+                        ),
+                    );
+                }
+                self.apps.remove(&name);
+                self.reschedule = true;
+                self.batch_ops.push(StoreOp::RemoveApplication(name));
+                self.batch_after.push(AfterCommit::Respond { reply });
+            }
+            ClientRequest::CreateSession(spec) => self.create_session(spec, reply, now_ms),
+            ClientRequest::ListSessions => {
+                let list = self
+                    .sessions
+                    .values()
+                    .map(|s| s.info(self.executors_of(s.stored.id)))
+                    .collect();
+                respond(reply, ClientResponse::Sessions(list));
+            }
+            ClientRequest::GetSession { id } => match self.sessions.get(&id) {
+                Some(s) => respond(reply, ClientResponse::Session(s.info(self.executors_of(id)))),
+                None => respond(reply, error(ErrorKind::NotFound, unknown_session(id))),
+            },
+            ClientRequest::CloseSession { id } => {
+                let Some(s) = self.sessions.get_mut(&id) else {
+                    return respond(reply, error(ErrorKind::NotFound, unknown_session(id)));
+                };
+                if s.stored.state == SessionState::Closed {
+                    return respond(reply, ClientResponse::Ok);
+                }
+                s.stored.state = SessionState::Closed;
+                s.stored.closed_ms = Some(now_ms);
+                if s.ephemeral {
+                    respond(reply, ClientResponse::Ok);
+                } else {
+                    self.batch_ops.push(StoreOp::PutSession(s.stored.clone()));
+                    self.batch_after.push(AfterCommit::Respond { reply });
+                }
+                self.reschedule = true;
+                self.check_finished(id);
+            }
+            ClientRequest::ListNodes => {
+                let list = self
+                    .nodes
+                    .iter()
+                    .map(|(name, n)| NodeInfo {
+                        name: name.clone(),
+                        state: if n.conn.is_some() {
+                            NodeState::Ready
+                        } else {
+                            NodeState::NotReady
+                        },
+                        cpus: n.registration.cpus,
+                        memory_bytes: n.registration.memory_bytes,
+                        executors: self.executors.values().filter(|e| &e.node == name).count()
+                            as u32,
+                        last_seen_ms: n.last_seen_ms,
+                    })
+                    .collect();
+                respond(reply, ClientResponse::Nodes(list));
+            }
+            ClientRequest::OpenSubmitStream { .. } | ClientRequest::WatchResults { .. } => {
+                respond(
+                    reply,
+                    error(
+                        ErrorKind::InvalidArgument,
+                        "streaming requests are not handled here".into(),
+                    ),
+                )
+            }
+        }
+    }
+
+    fn application_info(&self, name: &str) -> Option<ApplicationInfo> {
+        let spec = self.apps.get(name)?;
+        Some(ApplicationInfo {
+            spec: spec.clone(),
+            executors: self
+                .executors
+                .values()
+                .filter(|e| e.application == name)
+                .count() as u32,
+            open_sessions: self
+                .sessions
+                .values()
+                .filter(|s| s.stored.application == name && !s.finished)
+                .count() as u32,
+        })
+    }
+
+    fn create_session(
+        &mut self,
+        spec: SessionSpec,
+        reply: oneshot::Sender<ClientResponse>,
+        now_ms: u64,
+    ) {
+        if !self.apps.contains_key(&spec.application) {
+            let _ = reply.send(ClientResponse::Error(api(
+                ErrorKind::NotFound,
+                unknown_app(&spec.application),
+            )));
+            return;
+        }
+        if spec.common_data.len() > self.config.task_input_bytes_max {
+            let _ = reply.send(ClientResponse::Error(api(
+                ErrorKind::LimitExceeded,
+                format!(
+                    "common data of {} bytes exceeds the limit of {} bytes",
+                    spec.common_data.len(),
+                    self.config.task_input_bytes_max
+                ),
+            )));
+            return;
+        }
+        let id = SessionId(self.next_session);
+        self.next_session += 1;
+        let entry = SessionEntry {
+            stored: StoredSession {
+                id,
+                application: spec.application,
+                common_data: spec.common_data,
+                state: SessionState::Open,
+                created_ms: now_ms,
+                closed_ms: None,
+                last_task: 0,
+            },
+            ephemeral: spec.ephemeral,
+            tasks: Vec::new(),
+            pending: VecDeque::new(),
+            counts: TaskCounts::default(),
+            unacked_batches: 0,
+            watchers: Vec::new(),
+            finished: false,
+        };
+        self.batch_ops.push(StoreOp::PutCounters {
+            next_session: self.next_session,
+            next_executor: self.next_executor,
+        });
+        if entry.ephemeral {
+            let info = entry.info(0);
+            self.sessions.insert(id, entry);
+            let _ = reply.send(ClientResponse::Session(info));
+        } else {
+            self.batch_ops.push(StoreOp::PutSession(entry.stored.clone()));
+            self.batch_after.push(AfterCommit::AddSession {
+                entry: Box::new(entry),
+                reply,
+            });
+        }
+    }
+
+    fn on_submit(
+        &mut self,
+        session: SessionId,
+        batch_id: u64,
+        inputs: Vec<Bytes>,
+        reply: oneshot::Sender<SubmitReply>,
+    ) {
+        let reject = |kind, message: String| SubmitReply::Rejected {
+            batch_id,
+            error: api(kind, message),
+        };
+        let limit = self.config.task_input_bytes_max;
+        let Some(s) = self.sessions.get_mut(&session) else {
+            let _ = reply.send(reject(ErrorKind::NotFound, unknown_session(session)));
+            return;
+        };
+        if s.stored.state != SessionState::Open {
+            let _ = reply.send(reject(
+                ErrorKind::FailedPrecondition,
+                format!("session {session} is closed and accepts no more tasks"),
+            ));
+            return;
+        }
+        if inputs.len() > limits::SUBMIT_BATCH_TASKS_MAX {
+            let _ = reply.send(reject(
+                ErrorKind::LimitExceeded,
+                format!(
+                    "a batch of {} tasks exceeds the limit of {} tasks",
+                    inputs.len(),
+                    limits::SUBMIT_BATCH_TASKS_MAX
+                ),
+            ));
+            return;
+        }
+        if let Some((i, big)) = inputs.iter().enumerate().find(|(_, b)| b.len() > limit) {
+            let _ = reply.send(reject(
+                ErrorKind::LimitExceeded,
+                format!(
+                    "task input #{i} of batch {batch_id} is {} bytes; the limit is {limit} bytes",
+                    big.len()
+                ),
+            ));
+            return;
+        }
+        if inputs.is_empty() {
+            let _ = reply.send(SubmitReply::Accepted {
+                batch_id,
+                first_task: TaskId(s.stored.last_task + 1),
+                count: 0,
+            });
+            return;
+        }
+        let first = TaskId(s.stored.last_task + 1);
+        let count = inputs.len() as u32;
+        s.stored.last_task += u64::from(count);
+        if s.ephemeral {
+            for (i, input) in inputs.into_iter().enumerate() {
+                s.tasks.push(TaskSlot {
+                    slot: Slot::Pending,
+                    attempt: 1,
+                    input,
+                    outcome: None,
+                });
+                s.pending.push_back(TaskId(first.0 + i as u64));
+            }
+            s.counts.pending += u64::from(count);
+            self.reschedule = true;
+            let _ = reply.send(SubmitReply::Accepted {
+                batch_id,
+                first_task: first,
+                count,
+            });
+            return;
+        }
+        for input in &inputs {
+            s.tasks.push(TaskSlot {
+                slot: Slot::Unacked,
+                attempt: 1,
+                input: input.clone(),
+                outcome: None,
+            });
+        }
+        s.unacked_batches += 1;
+        self.batch_ops.push(StoreOp::AddTasks {
+            session,
+            first,
+            inputs,
+        });
+        self.batch_after.push(AfterCommit::AckSubmit {
+            session,
+            first,
+            count,
+            batch_id,
+            reply,
+        });
+    }
+
+    fn on_watch(
+        &mut self,
+        session: SessionId,
+        sink: mpsc::UnboundedSender<WatchMsg>,
+    ) -> Result<WatchStart, ApiError> {
+        let s = self
+            .sessions
+            .get_mut(&session)
+            .ok_or_else(|| api(ErrorKind::NotFound, unknown_session(session)))?;
+        let backfill = if s.ephemeral {
+            Backfill::Memory(
+                s.tasks
+                    .iter()
+                    .enumerate()
+                    .filter_map(|(i, t)| {
+                        t.outcome.clone().map(|outcome| TaskResult {
+                            task: TaskId(i as u64 + 1),
+                            attempt: t.attempt,
+                            outcome,
+                        })
+                    })
+                    .collect(),
+            )
+        } else {
+            Backfill::Store
+        };
+        if !s.finished {
+            s.watchers.push(sink);
+        }
+        Ok(WatchStart {
+            backfill,
+            finished: s.finished,
+        })
+    }
+
+    fn on_node_connected(
+        &mut self,
+        conn: ConnId,
+        registration: NodeRegistration,
+        link: mpsc::UnboundedSender<HeadToNode>,
+        now_ms: u64,
+    ) {
+        let name = registration.name.clone();
+        if self.nodes.get(&name).is_some_and(|n| n.conn.is_some()) {
+            // A node that reconnects replaces its old connection, whose executors are gone.
+            self.node_lost(&name, "replaced by a new connection from the same node");
+        }
+        let _ = link.send(HeadToNode::Registered {
+            heartbeat_interval_ms: limits::HEARTBEAT_INTERVAL.as_millis() as u64,
+        });
+        self.batch_ops.push(StoreOp::PutNode(crate::store::StoredNode {
+            name: name.clone(),
+            cpus: registration.cpus,
+            memory_bytes: registration.memory_bytes,
+            last_seen_ms: now_ms,
+        }));
+        self.conns.insert(conn, name.clone());
+        self.nodes.insert(
+            name.clone(),
+            NodeEntry {
+                registration,
+                conn: Some(conn),
+                link: Some(link),
+                last_seen_ms: now_ms,
+            },
+        );
+        tracing::info!(node = %name, conn, "node registered");
+        self.reschedule = true;
+    }
+
+    fn on_node_message(&mut self, conn: ConnId, message: NodeToHead, now_ms: u64) {
+        let Some(name) = self.conns.get(&conn).cloned() else {
+            return; // a replaced or lost connection: fenced off
+        };
+        if let Some(n) = self.nodes.get_mut(&name) {
+            n.last_seen_ms = now_ms;
+        }
+        match message {
+            NodeToHead::Register(_) => {
+                tracing::warn!(node = %name, "duplicate registration ignored");
+            }
+            NodeToHead::Heartbeat => {}
+            NodeToHead::ExecutorEvents(events) => {
+                for event in events {
+                    self.on_executor_event(&name, event, now_ms);
+                }
+                self.reschedule = true;
+            }
+            NodeToHead::Results(results) => {
+                for r in results {
+                    self.on_result(&name, r, now_ms);
+                }
+            }
+        }
+    }
+
+    fn on_executor_event(&mut self, node: &str, event: ExecutorEvent, now_ms: u64) {
+        let id = match &event {
+            ExecutorEvent::Ready { executor, .. }
+            | ExecutorEvent::Bound { executor, .. }
+            | ExecutorEvent::Unbound { executor }
+            | ExecutorEvent::Exited { executor, .. } => *executor,
+        };
+        let Some(e) = self.executors.get_mut(&id) else {
+            return;
+        };
+        if e.node != node {
+            tracing::warn!(executor = %id, node, "event about another node's executor ignored");
+            return;
+        }
+        match event {
+            ExecutorEvent::Ready { credit, .. } if e.phase == ExecutorPhase::Launching => {
+                e.phase = ExecutorPhase::Idle;
+                e.credit = credit.clamp(1, 1024);
+                e.quiet_since_ms = now_ms;
+            }
+            ExecutorEvent::Bound { session, .. }
+                if e.phase == ExecutorPhase::Binding && e.session == Some(session) =>
+            {
+                e.phase = ExecutorPhase::Bound;
+            }
+            ExecutorEvent::Unbound { .. } if e.phase == ExecutorPhase::Unbinding => {
+                e.phase = ExecutorPhase::Idle;
+                e.session = None;
+                e.quiet_since_ms = now_ms;
+            }
+            ExecutorEvent::Exited { reason, .. } => {
+                if let Some(e) = self.executors.remove(&id) {
+                    if e.phase != ExecutorPhase::Releasing {
+                        tracing::warn!(executor = %id, node, %reason, "executor exited");
+                    }
+                    self.requeue(e.outstanding, &format!("executor {id} exited: {reason}"));
+                }
+            }
+            other => {
+                tracing::warn!(executor = %id, phase = ?e.phase, event = ?other, "unexpected executor event ignored");
+            }
+        }
+    }
+
+    fn on_result(&mut self, node: &str, r: NodeTaskResult, now_ms: u64) {
+        let Some(e) = self.executors.get_mut(&r.executor) else {
+            return;
+        };
+        if e.node != node {
+            return;
+        }
+        let Some(pos) = e
+            .outstanding
+            .iter()
+            .position(|&(s, t)| s == r.session && t == r.task)
+        else {
+            return;
+        };
+        let Some(s) = self.sessions.get_mut(&r.session) else {
+            return;
+        };
+        let Some(slot) = slot_of(&mut s.tasks, r.task) else {
+            return;
+        };
+        // Fencing: only the executor the task runs on, for its current attempt.
+        if slot.slot != Slot::Running(r.executor) || slot.attempt != r.attempt {
+            tracing::debug!(task = %r.task, "stale result dropped");
+            return;
+        }
+        e.outstanding.swap_remove(pos);
+        if e.outstanding.is_empty() {
+            e.quiet_since_ms = now_ms;
+        }
+        slot.input = Bytes::new();
+        if s.ephemeral {
+            slot.outcome = Some(r.outcome.clone());
+            Self::finalize(s, r.task, r.attempt, r.outcome, &mut self.watch_out);
+            if s.counts.unfinished() == 0 {
+                self.reschedule = true;
+            }
+            self.check_finished(r.session);
+        } else {
+            slot.slot = Slot::Completing;
+            self.batch_finish
+                .entry(r.session)
+                .or_default()
+                .push((r.task, r.attempt, r.outcome));
+        }
+    }
+
+    /// Moves a task from running to its final state and queues it for the watchers.
+    fn finalize(
+        s: &mut SessionEntry,
+        task: TaskId,
+        attempt: u32,
+        outcome: TaskOutcome,
+        watch_out: &mut BTreeMap<SessionId, Vec<TaskResult>>,
+    ) {
+        let Some(slot) = slot_of(&mut s.tasks, task) else { return };
+        let ok = matches!(outcome, TaskOutcome::Succeeded(_));
+        slot.slot = if ok { Slot::Succeeded } else { Slot::Failed };
+        s.counts.running = s.counts.running.saturating_sub(1);
+        if ok {
+            s.counts.succeeded += 1;
+        } else {
+            s.counts.failed += 1;
+        }
+        if !s.watchers.is_empty() {
+            watch_out.entry(s.stored.id).or_default().push(TaskResult {
+                task,
+                attempt,
+                outcome,
+            });
+        }
+    }
+
+    fn after_commit(&mut self, after: AfterCommit, result: &Result<(), String>, now_ms: u64) {
+        match after {
+            AfterCommit::AckSubmit {
+                session,
+                first,
+                count,
+                batch_id,
+                reply,
+            } => {
+                let Some(s) = self.sessions.get_mut(&session) else { return };
+                s.unacked_batches = s.unacked_batches.saturating_sub(1);
+                let ok = result.is_ok();
+                for i in 0..u64::from(count) {
+                    let id = TaskId(first.0 + i);
+                    if let Some(slot) = slot_of(&mut s.tasks, id) {
+                        if ok {
+                            slot.slot = Slot::Pending;
+                        } else {
+                            slot.slot = Slot::Rejected;
+                            slot.input = Bytes::new();
+                        }
+                    }
+                    if ok {
+                        s.pending.push_back(id);
+                    }
+                }
+                let r = match result {
+                    Ok(()) => {
+                        s.counts.pending += u64::from(count);
+                        self.reschedule = true;
+                        SubmitReply::Accepted {
+                            batch_id,
+                            first_task: first,
+                            count,
+                        }
+                    }
+                    Err(e) => SubmitReply::Rejected {
+                        batch_id,
+                        error: api(
+                            ErrorKind::Unavailable,
+                            format!("the batch could not be made durable: {e}"),
+                        ),
+                    },
+                };
+                let _ = reply.send(r);
+                self.check_finished(session);
+            }
+            AfterCommit::FinishResults { session, results } => {
+                let Some(s) = self.sessions.get_mut(&session) else { return };
+                match result {
+                    Ok(()) => {
+                        for (task, attempt, outcome) in results {
+                            Self::finalize(s, task, attempt, outcome, &mut self.watch_out);
+                        }
+                        if s.counts.unfinished() == 0 {
+                            self.reschedule = true;
+                        }
+                        self.check_finished(session);
+                    }
+                    Err(e) => {
+                        // Not durable, so not final: run them again.
+                        tracing::error!(%session, error = %e, "results could not be persisted; re-queuing");
+                        for (task, _, _) in results {
+                            if let Some(slot) = slot_of(&mut s.tasks, task) {
+                                slot.slot = Slot::Pending;
+                                slot.attempt += 1;
+                                s.counts.running = s.counts.running.saturating_sub(1);
+                                s.counts.pending += 1;
+                                s.pending.push_front(task);
+                            }
+                        }
+                        self.reschedule = true;
+                    }
+                }
+            }
+            AfterCommit::AddApplication { spec, reply } => {
+                let r = match result {
+                    Ok(()) => {
+                        let name = spec.name.clone();
+                        self.apps.insert(name.clone(), spec);
+                        match self.application_info(&name) {
+                            Some(info) => ClientResponse::Application(info),
+                            None => ClientResponse::Ok,
+                        }
+                    }
+                    Err(e) => persist_error(e),
+                };
+                let _ = reply.send(r);
+            }
+            AfterCommit::AddSession { entry, reply } => {
+                let r = match result {
+                    Ok(()) => {
+                        let info = entry.info(0);
+                        self.sessions.insert(entry.stored.id, *entry);
+                        ClientResponse::Session(info)
+                    }
+                    Err(e) => persist_error(e),
+                };
+                let _ = reply.send(r);
+            }
+            AfterCommit::Respond { reply } => {
+                let _ = reply.send(match result {
+                    Ok(()) => ClientResponse::Ok,
+                    Err(e) => persist_error(e),
+                });
+            }
+        }
+        let _ = now_ms;
+    }
+
+    /// A closed session whose tasks are all final is finished: watchers are told, and its
+    /// per-task memory is dropped.
+    fn check_finished(&mut self, session: SessionId) {
+        let Some(s) = self.sessions.get_mut(&session) else { return };
+        if s.finished
+            || s.stored.state != SessionState::Closed
+            || s.counts.unfinished() > 0
+            || s.unacked_batches > 0
+        {
+            return;
+        }
+        s.finished = true;
+        // Results finalized in this batch must reach watchers before Finished.
+        if let Some(results) = self.watch_out.remove(&session) {
+            for w in &s.watchers {
+                let _ = w.send(WatchMsg::Results(results.clone()));
+            }
+        }
+        for w in s.watchers.drain(..) {
+            let _ = w.send(WatchMsg::Finished);
+        }
+        if !s.ephemeral {
+            s.tasks = Vec::new();
+        }
+        s.pending = VecDeque::new();
+        self.reschedule = true;
+    }
+
+    fn node_lost(&mut self, name: &str, reason: &str) {
+        let Some(n) = self.nodes.get_mut(name) else { return };
+        if let Some(conn) = n.conn.take() {
+            self.conns.remove(&conn);
+        }
+        n.link = None;
+        tracing::warn!(node = %name, %reason, "node lost");
+        let lost: Vec<ExecutorId> = self
+            .executors
+            .iter()
+            .filter(|(_, e)| e.node == name)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in lost {
+            if let Some(e) = self.executors.remove(&id) {
+                self.requeue(e.outstanding, &format!("node {name} lost: {reason}"));
+            }
+        }
+        self.node_out.remove(name);
+        self.reschedule = true;
+    }
+
+    /// Tasks whose executor is gone go back to pending with the next attempt, or fail
+    /// once they have used up their attempts.
+    fn requeue(&mut self, tasks: Vec<(SessionId, TaskId)>, reason: &str) {
+        let max = self.config.max_attempts;
+        for (sid, tid) in tasks.into_iter().rev() {
+            let Some(s) = self.sessions.get_mut(&sid) else { continue };
+            let Some(slot) = slot_of(&mut s.tasks, tid) else { continue };
+            if !matches!(slot.slot, Slot::Running(_)) {
+                continue;
+            }
+            if slot.attempt >= max {
+                let outcome = TaskOutcome::Failed(format!(
+                    "gave up after {} attempts; last: {reason}",
+                    slot.attempt
+                ));
+                let attempt = slot.attempt;
+                slot.input = Bytes::new();
+                if s.ephemeral {
+                    slot.outcome = Some(outcome.clone());
+                    Self::finalize(s, tid, attempt, outcome, &mut self.watch_out);
+                    self.check_finished(sid);
+                } else {
+                    slot.slot = Slot::Completing;
+                    self.batch_finish
+                        .entry(sid)
+                        .or_default()
+                        .push((tid, attempt, outcome));
+                }
+            } else {
+                slot.slot = Slot::Pending;
+                slot.attempt += 1;
+                s.counts.running = s.counts.running.saturating_sub(1);
+                s.counts.pending += 1;
+                s.pending.push_front(tid);
+            }
+        }
+        self.reschedule = true;
+    }
+
+    fn schedule(&mut self, now_ms: u64) {
+        let snapshot = Snapshot {
+            now_ms,
+            nodes: self
+                .nodes
+                .iter()
+                .map(|(name, n)| scheduler::NodeView {
+                    name: name.clone(),
+                    ready: n.conn.is_some(),
+                    slots: n.registration.cpus.max(1),
+                })
+                .collect(),
+            applications: self
+                .apps
+                .values()
+                .map(|a| scheduler::AppView {
+                    name: a.name.clone(),
+                    max_instances: a.max_instances,
+                    delay_release_ms: a.delay_release_ms,
+                })
+                .collect(),
+            sessions: self
+                .sessions
+                .values()
+                .filter(|s| !s.finished || self.executors_of(s.stored.id) > 0)
+                .map(|s| scheduler::SessionView {
+                    id: s.stored.id,
+                    application: s.stored.application.clone(),
+                    open: s.stored.state == SessionState::Open,
+                    demand: s.counts.unfinished(),
+                })
+                .collect(),
+            executors: self
+                .executors
+                .iter()
+                .map(|(id, e)| scheduler::ExecutorView {
+                    id: *id,
+                    node: e.node.clone(),
+                    application: e.application.clone(),
+                    phase: e.phase,
+                    session: e.session,
+                    quiet_since_ms: e.quiet_since_ms,
+                    outstanding: e.outstanding.len() as u32,
+                })
+                .collect(),
+        };
+        for decision in scheduler::schedule(&snapshot) {
+            self.apply(decision, now_ms);
+        }
+    }
+
+    fn apply(&mut self, decision: Decision, now_ms: u64) {
+        match decision {
+            Decision::Launch { node, application } => {
+                let Some(spec) = self.apps.get(&application).cloned() else { return };
+                let id = ExecutorId(self.next_executor);
+                self.next_executor += 1;
+                self.batch_ops.push(StoreOp::PutCounters {
+                    next_session: self.next_session,
+                    next_executor: self.next_executor,
+                });
+                self.executors.insert(
+                    id,
+                    ExecutorEntry {
+                        node: node.clone(),
+                        application,
+                        phase: ExecutorPhase::Launching,
+                        session: None,
+                        credit: 1,
+                        outstanding: Vec::new(),
+                        quiet_since_ms: now_ms,
+                    },
+                );
+                self.node_out.entry(node).or_default().push(NodeCommand::Launch {
+                    executor: id,
+                    application: spec,
+                });
+            }
+            Decision::Bind { executor, session } => {
+                let Some(common_data) = self
+                    .sessions
+                    .get(&session)
+                    .map(|s| s.stored.common_data.clone())
+                else {
+                    return;
+                };
+                let Some(e) = self.executors.get_mut(&executor) else { return };
+                e.phase = ExecutorPhase::Binding;
+                e.session = Some(session);
+                self.node_out
+                    .entry(e.node.clone())
+                    .or_default()
+                    .push(NodeCommand::Bind {
+                        executor,
+                        session,
+                        common_data,
+                    });
+            }
+            Decision::Unbind { executor } => {
+                let Some(e) = self.executors.get_mut(&executor) else { return };
+                e.phase = ExecutorPhase::Unbinding;
+                self.node_out
+                    .entry(e.node.clone())
+                    .or_default()
+                    .push(NodeCommand::Unbind { executor });
+            }
+            Decision::Release { executor } => {
+                let Some(e) = self.executors.get_mut(&executor) else { return };
+                e.phase = ExecutorPhase::Releasing;
+                self.node_out
+                    .entry(e.node.clone())
+                    .or_default()
+                    .push(NodeCommand::Release { executor });
+            }
+        }
+    }
+
+    /// Hands pending tasks to bound executors up to their credit.
+    fn dispatch(&mut self) {
+        for (id, e) in self.executors.iter_mut() {
+            if !matches!(e.phase, ExecutorPhase::Binding | ExecutorPhase::Bound) {
+                continue;
+            }
+            let Some(sid) = e.session else { continue };
+            let Some(s) = self.sessions.get_mut(&sid) else { continue };
+            while (e.outstanding.len() as u32) < e.credit {
+                let Some(tid) = s.pending.pop_front() else { break };
+                let Some(slot) = slot_of(&mut s.tasks, tid) else { continue };
+                if slot.slot != Slot::Pending {
+                    continue;
+                }
+                slot.slot = Slot::Running(*id);
+                s.counts.pending = s.counts.pending.saturating_sub(1);
+                s.counts.running += 1;
+                e.outstanding.push((sid, tid));
+                let assignment = TaskAssignment {
+                    executor: *id,
+                    session: sid,
+                    task: tid,
+                    attempt: slot.attempt,
+                    input: slot.input.clone(),
+                };
+                self.node_out
+                    .entry(e.node.clone())
+                    .or_default()
+                    .push(NodeCommand::Run(assignment));
+            }
+        }
+    }
+}
+
+fn unknown_app(name: &str) -> String {
+    format!("application `{name}` is not registered (see `flame app list`)")
+}
+
+fn unknown_session(id: SessionId) -> String {
+    format!("session {id} does not exist (see `flame session list`)")
+}
+
+fn persist_error(e: &str) -> ClientResponse {
+    ClientResponse::Error(api(
+        ErrorKind::Unavailable,
+        format!("the change could not be made durable: {e}"),
+    ))
+}

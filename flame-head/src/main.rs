@@ -1,0 +1,117 @@
+//! `flame-head`: the head of a Flame cluster.
+//!
+//! It keeps the cluster's state in a redb file in its data directory, schedules executors
+//! on nodes, and serves clients and nodes over QUIC with TLS 1.3.
+
+mod config;
+mod core;
+mod scheduler;
+mod server;
+mod store;
+mod tls;
+
+use anyhow::Context;
+use clap::Parser;
+use flame_protocol::model::{ApplicationSpec, ShimKind};
+use std::io::Write;
+
+fn main() -> std::process::ExitCode {
+    let args = config::Args::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("FLAME_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(args)) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+/// The built-in ping application: `flame-ping` next to this binary, else from `PATH`.
+fn ping_application() -> ApplicationSpec {
+    let command = std::env::current_exe()
+        .ok()
+        .and_then(|exe| exe.parent().map(|d| d.join("flame-ping")))
+        .filter(|p| p.exists())
+        .map_or_else(|| "flame-ping".to_string(), |p| p.display().to_string());
+    ApplicationSpec {
+        name: "ping".into(),
+        shim: ShimKind::Stdio,
+        command,
+        args: vec![],
+        env: Default::default(),
+        working_dir: None,
+        max_instances: 1024,
+        delay_release_ms: 60_000,
+    }
+}
+
+async fn run(args: config::Args) -> anyhow::Result<()> {
+    let config = config::HeadConfig::resolve(args)?;
+    std::fs::create_dir_all(&config.data_dir).with_context(|| {
+        format!("cannot create the data directory {}", config.data_dir.display())
+    })?;
+    let store = store::Store::open(&config.data_dir)?;
+    let loaded = store.load().context("cannot read the state")?;
+    let mut sans = tls::default_sans();
+    sans.extend(config.tls_san.iter().cloned());
+    let (certs, key) = tls::ensure_identity(&config.data_dir, &sans)?;
+
+    let (store_tx, store_rx) = tokio::sync::mpsc::unbounded_channel();
+    let mut core = core::Core::new(
+        core::CoreConfig {
+            task_input_bytes_max: config.task_input_bytes_max,
+            ..Default::default()
+        },
+        store_tx,
+        loaded,
+    );
+    core.ensure_application(ping_application());
+    let (events, core_task) = server::start_core(core, store.clone(), store_rx)
+        .context("cannot start the store writer")?;
+
+    let endpoint = flame_protocol::endpoint::server(config.listen, certs, key)?;
+    let local = endpoint.local_addr().context("cannot read the bound address")?;
+    // The one line on stdout: launchers (`flame local`, tests) wait for it.
+    println!("flame-head listening on {local}");
+    std::io::stdout().flush().ok();
+    tracing::info!(
+        %local,
+        data_dir = %config.data_dir.display(),
+        ca_file = %tls::cert_path(&config.data_dir).display(),
+        "flame-head ready"
+    );
+    server::serve(endpoint, events, store, shutdown_signal()).await;
+    core_task.abort();
+    tracing::info!("flame-head stopped");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+        (Ok(mut term), Ok(mut int)) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+        }
+        _ => {
+            // Without signal handlers the head runs until killed.
+            std::future::pending::<()>().await;
+        }
+    }
+}

@@ -1,0 +1,457 @@
+//! The I/O shell around the core: the QUIC server, the core's event loop, and the store
+//! writer. Everything here moves bytes; decisions are the core's.
+
+use crate::core::{Backfill, ConnId, Core, Event, WatchMsg};
+use crate::store::{Store, StoreRequest};
+use flame_protocol::endpoint::check_hello;
+use flame_protocol::frame::{FrameError, FrameReader, FrameWriter};
+use flame_protocol::limits;
+use flame_protocol::messages::{
+    ClientRequest, ClientResponse, Hello, HelloReply, NodeToHead, Role, SubmitBatch, SubmitReply,
+    WatchEvent,
+};
+use flame_protocol::model::{ApiError, ErrorKind, TaskResult};
+use flame_protocol::TaskId;
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{mpsc, oneshot};
+
+/// Events queued for the core before senders wait (backpressure on clients and nodes).
+pub const CORE_EVENTS_QUEUE_MAX: usize = 65_536;
+/// Events the core applies before it flushes one batch of output.
+pub const CORE_EVENTS_PER_BATCH_MAX: usize = 4_096;
+/// Submit batches of one stream whose replies are still outstanding.
+pub const SUBMIT_BATCHES_IN_FLIGHT_MAX: usize = 256;
+/// Period of the core's tick (heartbeat timeouts, `delay_release`).
+pub const TICK: Duration = Duration::from_millis(200);
+
+/// QUIC application close codes.
+const CLOSE_PROTOCOL_ERROR: u32 = 1;
+const CLOSE_REFUSED: u32 = 2;
+const CLOSE_NODE_LOST: u32 = 3;
+const CLOSE_SHUTDOWN: u32 = 4;
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+#[derive(Debug)]
+struct Shared {
+    events: mpsc::Sender<Event>,
+    store: Store,
+    next_conn: AtomicU64,
+    version: String,
+}
+
+/// Starts the core loop and the store writer; returns the sender that feeds the core.
+pub fn start_core(
+    mut core: Core,
+    store: Store,
+    store_rx: mpsc::UnboundedReceiver<StoreRequest>,
+) -> std::io::Result<(mpsc::Sender<Event>, tokio::task::JoinHandle<()>)> {
+    let (tx, mut rx) = mpsc::channel::<Event>(CORE_EVENTS_QUEUE_MAX);
+    let commit_tx = tx.clone();
+    crate::store::spawn_writer(store, store_rx, move |tokens, result| {
+        // The core drains its queue continuously, so this wait is short; if the core is
+        // gone the head is shutting down and there is nobody left to tell.
+        let _ = commit_tx.blocking_send(Event::Committed { tokens, result });
+    })?;
+    let handle = tokio::spawn(async move {
+        let mut tick = tokio::time::interval(TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let first = tokio::select! {
+                ev = rx.recv() => match ev {
+                    Some(ev) => ev,
+                    None => break,
+                },
+                _ = tick.tick() => Event::Tick,
+            };
+            let now = now_ms();
+            core.handle(first, now);
+            let mut n = 1;
+            while n < CORE_EVENTS_PER_BATCH_MAX {
+                match rx.try_recv() {
+                    Ok(ev) => core.handle(ev, now),
+                    Err(_) => break,
+                }
+                n += 1;
+            }
+            core.end_batch(now);
+        }
+    });
+    core_flush_initial(&tx);
+    Ok((tx, handle))
+}
+
+fn core_flush_initial(tx: &mpsc::Sender<Event>) {
+    // A first tick makes the core persist start-up changes (the built-in application).
+    let _ = tx.try_send(Event::Tick);
+}
+
+/// Accepts connections until `shutdown` resolves.
+pub async fn serve(
+    endpoint: quinn::Endpoint,
+    events: mpsc::Sender<Event>,
+    store: Store,
+    shutdown: impl std::future::Future<Output = ()>,
+) {
+    let shared = Arc::new(Shared {
+        events,
+        store,
+        next_conn: AtomicU64::new(1),
+        version: format!("flame-head {}", env!("CARGO_PKG_VERSION")),
+    });
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            incoming = endpoint.accept() => {
+                let Some(incoming) = incoming else { break };
+                let shared = shared.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = handle_connection(incoming, shared).await {
+                        tracing::debug!(error = %e, "connection ended");
+                    }
+                });
+            }
+            _ = &mut shutdown => break,
+        }
+    }
+    endpoint.close(quinn::VarInt::from_u32(CLOSE_SHUTDOWN), b"head shutting down");
+    let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
+}
+
+#[derive(Debug, thiserror::Error)]
+enum ConnError {
+    #[error("handshake: {0}")]
+    Handshake(String),
+    #[error("connection: {0}")]
+    Connection(#[from] quinn::ConnectionError),
+    #[error("frame: {0}")]
+    Frame(#[from] FrameError),
+    #[error("timed out waiting for {0}")]
+    Timeout(&'static str),
+    #[error("the head is shutting down")]
+    CoreGone,
+}
+
+async fn handle_connection(incoming: quinn::Incoming, shared: Arc<Shared>) -> Result<(), ConnError> {
+    let conn = tokio::time::timeout(limits::CONNECT_TIMEOUT, incoming)
+        .await
+        .map_err(|_| ConnError::Timeout("the TLS handshake"))?
+        .map_err(|e| ConnError::Handshake(e.to_string()))?;
+    let (send, recv) = tokio::time::timeout(limits::CONNECT_TIMEOUT, conn.accept_bi())
+        .await
+        .map_err(|_| ConnError::Timeout("the hello stream"))??;
+    let mut writer = FrameWriter::new(send, limits::FRAME_BYTES_MAX);
+    let mut reader = FrameReader::new(recv, limits::FRAME_BYTES_MAX);
+    let hello = match tokio::time::timeout(limits::CONNECT_TIMEOUT, reader.read_required::<Hello>()).await {
+        Err(_) => return Err(ConnError::Timeout("the hello")),
+        Ok(Err(e)) => {
+            close_with(&conn, CLOSE_PROTOCOL_ERROR, &format!("bad hello: {e}"));
+            return Err(e.into());
+        }
+        Ok(Ok(h)) => h,
+    };
+    if let Err(reason) = check_hello(&hello, &[Role::Client, Role::Node]) {
+        tracing::warn!(remote = %conn.remote_address(), %reason, "hello refused");
+        let _ = writer.write(&HelloReply::Refused { reason: reason.clone() }).await;
+        let _ = writer.get_mut().finish();
+        // Give the peer the chance to read the refusal before the connection closes.
+        let _ = tokio::time::timeout(Duration::from_secs(2), conn.closed()).await;
+        close_with(&conn, CLOSE_REFUSED, &reason);
+        return Ok(());
+    }
+    writer
+        .write(&HelloReply::Welcome {
+            head_version: shared.version.clone(),
+        })
+        .await?;
+    match hello.role {
+        Role::Client => {
+            let _ = writer.get_mut().finish();
+            client_connection(conn, shared).await
+        }
+        Role::Node => node_connection(conn, shared, writer, reader).await,
+    }
+}
+
+fn close_with(conn: &quinn::Connection, code: u32, reason: &str) {
+    let reason: String = reason.chars().take(200).collect();
+    conn.close(quinn::VarInt::from_u32(code), reason.as_bytes());
+}
+
+async fn client_connection(conn: quinn::Connection, shared: Arc<Shared>) -> Result<(), ConnError> {
+    loop {
+        let (send, recv) = conn.accept_bi().await?;
+        let shared = shared.clone();
+        let conn = conn.clone();
+        tokio::spawn(async move {
+            let writer = FrameWriter::new(send, limits::FRAME_BYTES_MAX);
+            let reader = FrameReader::new(recv, limits::FRAME_BYTES_MAX);
+            if let Err(e) = client_stream(&conn, shared, writer, reader).await {
+                if let ConnError::Frame(FrameError::Malformed(_) | FrameError::TooLarge { .. }) = &e {
+                    // A malformed frame closes the connection, with the reason, and only it.
+                    tracing::warn!(remote = %conn.remote_address(), error = %e, "closing connection");
+                    close_with(&conn, CLOSE_PROTOCOL_ERROR, &e.to_string());
+                } else {
+                    tracing::debug!(error = %e, "client stream ended");
+                }
+            }
+        });
+    }
+}
+
+type Writer = FrameWriter<quinn::SendStream>;
+type Reader = FrameReader<quinn::RecvStream>;
+
+async fn ask<T>(
+    shared: &Shared,
+    make: impl FnOnce(oneshot::Sender<T>) -> Event,
+) -> Result<T, ConnError> {
+    let (tx, rx) = oneshot::channel();
+    shared
+        .events
+        .send(make(tx))
+        .await
+        .map_err(|_| ConnError::CoreGone)?;
+    tokio::time::timeout(limits::REQUEST_TIMEOUT, rx)
+        .await
+        .map_err(|_| ConnError::Timeout("the head's core"))?
+        .map_err(|_| ConnError::CoreGone)
+}
+
+async fn client_stream(
+    conn: &quinn::Connection,
+    shared: Arc<Shared>,
+    mut writer: Writer,
+    mut reader: Reader,
+) -> Result<(), ConnError> {
+    let request = tokio::time::timeout(limits::REQUEST_TIMEOUT, reader.read_required::<ClientRequest>())
+        .await
+        .map_err(|_| ConnError::Timeout("a request"))??;
+    match request {
+        ClientRequest::OpenSubmitStream { session } => {
+            writer.write(&ClientResponse::Ok).await?;
+            submit_stream(conn, shared, session, writer, reader).await
+        }
+        ClientRequest::WatchResults { session } => watch_stream(shared, session, writer).await,
+        request => {
+            let response = ask(&shared, |reply| Event::Client { request, reply }).await?;
+            writer.write(&response).await?;
+            let _ = writer.get_mut().finish();
+            Ok(())
+        }
+    }
+}
+
+async fn submit_stream(
+    _conn: &quinn::Connection,
+    shared: Arc<Shared>,
+    session: flame_protocol::SessionId,
+    mut writer: Writer,
+    mut reader: Reader,
+) -> Result<(), ConnError> {
+    // Replies go out in batch order from a separate task, so many batches can be in
+    // flight: the reader never waits for a commit.
+    let (acks_tx, mut acks_rx) =
+        mpsc::channel::<(u64, oneshot::Receiver<SubmitReply>)>(SUBMIT_BATCHES_IN_FLIGHT_MAX);
+    let replier = tokio::spawn(async move {
+        while let Some((batch_id, rx)) = acks_rx.recv().await {
+            let reply = rx.await.unwrap_or(SubmitReply::Rejected {
+                batch_id,
+                error: ApiError::new(ErrorKind::Unavailable, "the head is shutting down"),
+            });
+            if writer.write(&reply).await.is_err() {
+                break;
+            }
+        }
+        let _ = writer.get_mut().finish();
+    });
+    let result = loop {
+        let batch = match reader.read::<SubmitBatch>().await {
+            Ok(Some(b)) => b,
+            Ok(None) => break Ok(()),
+            Err(e) => break Err(e.into()),
+        };
+        let (tx, rx) = oneshot::channel();
+        let batch_id = batch.batch_id;
+        if shared
+            .events
+            .send(Event::Submit {
+                session,
+                batch_id,
+                inputs: batch.inputs,
+                reply: tx,
+            })
+            .await
+            .is_err()
+        {
+            break Err(ConnError::CoreGone);
+        }
+        if acks_tx.send((batch_id, rx)).await.is_err() {
+            break Ok(());
+        }
+    };
+    drop(acks_tx);
+    let _ = replier.await;
+    result
+}
+
+async fn watch_stream(
+    shared: Arc<Shared>,
+    session: flame_protocol::SessionId,
+    mut writer: Writer,
+) -> Result<(), ConnError> {
+    let (sink, mut live) = mpsc::unbounded_channel::<WatchMsg>();
+    let start = ask(&shared, |reply| Event::Watch {
+        session,
+        sink,
+        reply,
+    })
+    .await?;
+    let start = match start {
+        Ok(s) => s,
+        Err(e) => {
+            writer.write(&ClientResponse::Error(e)).await?;
+            let _ = writer.get_mut().finish();
+            return Ok(());
+        }
+    };
+    writer.write(&ClientResponse::Ok).await?;
+    let backfill: Vec<TaskResult> = match start.backfill {
+        Backfill::Memory(v) => v,
+        Backfill::Store => {
+            let store = shared.store.clone();
+            let rows = tokio::task::spawn_blocking(move || store.final_results(session))
+                .await
+                .map_err(|_| ConnError::CoreGone)?;
+            match rows {
+                Ok(rows) => rows
+                    .into_iter()
+                    .map(|(task, attempt, outcome)| TaskResult {
+                        task,
+                        attempt,
+                        outcome,
+                    })
+                    .collect(),
+                Err(e) => {
+                    tracing::error!(%session, error = %e, "cannot read results for a watcher");
+                    return Ok(());
+                }
+            }
+        }
+    };
+    // Results that were already durable may also arrive live; each goes out once.
+    let sent: HashSet<TaskId> = backfill.iter().map(|r| r.task).collect();
+    for chunk in backfill.chunks(limits::MESSAGE_BATCH_MAX) {
+        writer.write(&WatchEvent::Results(chunk.to_vec())).await?;
+    }
+    if !start.finished {
+        while let Some(msg) = live.recv().await {
+            match msg {
+                WatchMsg::Results(mut results) => {
+                    if !sent.is_empty() {
+                        results.retain(|r| !sent.contains(&r.task));
+                    }
+                    for chunk in results.chunks(limits::MESSAGE_BATCH_MAX) {
+                        writer.write(&WatchEvent::Results(chunk.to_vec())).await?;
+                    }
+                }
+                WatchMsg::Finished => break,
+            }
+        }
+    }
+    writer.write(&WatchEvent::Finished).await?;
+    let _ = writer.get_mut().finish();
+    Ok(())
+}
+
+async fn node_connection(
+    conn: quinn::Connection,
+    shared: Arc<Shared>,
+    mut writer: Writer,
+    mut reader: Reader,
+) -> Result<(), ConnError> {
+    let registration = match tokio::time::timeout(limits::CONNECT_TIMEOUT, reader.read_required::<NodeToHead>()).await {
+        Err(_) => return Err(ConnError::Timeout("the node registration")),
+        Ok(Err(e)) => {
+            close_with(&conn, CLOSE_PROTOCOL_ERROR, &format!("bad registration: {e}"));
+            return Err(e.into());
+        }
+        Ok(Ok(NodeToHead::Register(r))) => r,
+        Ok(Ok(other)) => {
+            let reason = format!("expected a registration, got {other:?}");
+            close_with(&conn, CLOSE_PROTOCOL_ERROR, &reason);
+            return Err(ConnError::Handshake(reason));
+        }
+    };
+    if let Err(e) = flame_protocol::model::validate_node_name(&registration.name) {
+        let reason = format!("invalid node name: {e}");
+        let _ = writer
+            .write(&flame_protocol::messages::HeadToNode::Refused { reason: reason.clone() })
+            .await;
+        close_with(&conn, CLOSE_REFUSED, &reason);
+        return Err(ConnError::Handshake(reason));
+    }
+    let conn_id: ConnId = shared.next_conn.fetch_add(1, Ordering::Relaxed);
+    let (link_tx, mut link_rx) = mpsc::unbounded_channel();
+    shared
+        .events
+        .send(Event::NodeConnected {
+            conn: conn_id,
+            registration,
+            link: link_tx,
+        })
+        .await
+        .map_err(|_| ConnError::CoreGone)?;
+    // Frames to the node, in order. When the core drops the link (the node was declared
+    // lost), the connection is closed so the node reconnects and registers afresh.
+    let writer_conn = conn.clone();
+    let writer_task = tokio::spawn(async move {
+        while let Some(msg) = link_rx.recv().await {
+            if writer.write(&msg).await.is_err() {
+                return;
+            }
+        }
+        close_with(&writer_conn, CLOSE_NODE_LOST, "the head declared this node lost");
+    });
+    let reason = loop {
+        match reader.read::<NodeToHead>().await {
+            Ok(Some(message)) => {
+                if shared
+                    .events
+                    .send(Event::NodeMessage {
+                        conn: conn_id,
+                        message,
+                    })
+                    .await
+                    .is_err()
+                {
+                    break "the head is shutting down".to_string();
+                }
+            }
+            Ok(None) => break "the node closed its control stream".to_string(),
+            Err(e) => {
+                if matches!(e, FrameError::Malformed(_) | FrameError::TooLarge { .. }) {
+                    close_with(&conn, CLOSE_PROTOCOL_ERROR, &e.to_string());
+                }
+                break e.to_string();
+            }
+        }
+    };
+    let _ = shared
+        .events
+        .send(Event::NodeDisconnected {
+            conn: conn_id,
+            reason,
+        })
+        .await;
+    writer_task.abort();
+    Ok(())
+}

@@ -1,0 +1,418 @@
+//! The durable state: one redb file in the data directory.
+//!
+//! The tables are the state; start-up replays nothing, it reads the tables and rebuilds the
+//! in-memory indexes from them. Only this module opens the redb file.
+//!
+//! Writes go through one writer thread that **group-commits**: it takes every request that
+//! arrived while the previous commit was running and applies them all in one write
+//! transaction with `Durability::Immediate`, so the cost of an fsync is shared by everything
+//! that arrived meanwhile. The group size is set by arrival, not by a timer.
+
+use bytes::Bytes;
+use flame_protocol::model::{ApplicationSpec, SessionState, TaskOutcome};
+use flame_protocol::{SessionId, TaskId};
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// Version of the table layout below. A mismatch stops the head; there is no silent reset.
+pub const SCHEMA_VERSION: u64 = 1;
+
+const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+const APPS: TableDefinition<&str, &[u8]> = TableDefinition::new("applications");
+const SESSIONS: TableDefinition<u64, &[u8]> = TableDefinition::new("sessions");
+const TASKS: TableDefinition<(u64, u64), &[u8]> = TableDefinition::new("tasks");
+const NODES: TableDefinition<&str, &[u8]> = TableDefinition::new("nodes");
+
+const META_SCHEMA: &str = "schema_version";
+const META_NEXT_SESSION: &str = "next_session_id";
+const META_NEXT_EXECUTOR: &str = "next_executor_id";
+
+/// Most requests one group commit takes; more wait for the next commit.
+pub const GROUP_COMMIT_REQUESTS_MAX: usize = 4096;
+/// Payload bytes after which a group commit stops taking more requests.
+pub const GROUP_COMMIT_BYTES_MAX: usize = 64 * 1024 * 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error(
+        "the data directory {dir} is in use by another flame-head (the redb file is locked)"
+    )]
+    Locked { dir: PathBuf },
+    #[error("cannot open the state file {path}: {source}")]
+    Open {
+        path: PathBuf,
+        source: redb::DatabaseError,
+    },
+    #[error(
+        "the state in {path} has schema version {found}, this flame-head expects {expected}; \
+         refusing to start rather than reset it"
+    )]
+    SchemaMismatch {
+        path: PathBuf,
+        found: u64,
+        expected: u64,
+    },
+    #[error("storage error: {0}")]
+    Redb(#[from] redb::Error),
+    #[error("corrupt record in table {table}: {reason}")]
+    Corrupt { table: &'static str, reason: String },
+}
+
+macro_rules! from_redb {
+    ($($t:ty),*) => {$(
+        impl From<$t> for StoreError {
+            fn from(e: $t) -> Self {
+                StoreError::Redb(e.into())
+            }
+        }
+    )*};
+}
+from_redb!(
+    redb::TransactionError,
+    redb::TableError,
+    redb::StorageError,
+    redb::CommitError
+);
+
+/// A session as stored.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredSession {
+    pub id: SessionId,
+    pub application: String,
+    pub common_data: Bytes,
+    pub state: SessionState,
+    pub created_ms: u64,
+    pub closed_ms: Option<u64>,
+    /// Highest task id handed out; the next one is this plus one.
+    pub last_task: u64,
+}
+
+/// A task as stored. Pending tasks hold their input; final ones hold their outcome and drop
+/// the input, which is no longer needed to run them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum StoredTask {
+    Pending { attempt: u32, input: Bytes },
+    Final { attempt: u32, outcome: TaskOutcome },
+}
+
+/// A node as stored: what it registered with, so `flame node list` knows it after a restart.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredNode {
+    pub name: String,
+    pub cpus: u32,
+    pub memory_bytes: u64,
+    pub last_seen_ms: u64,
+}
+
+/// One change to the state.
+#[derive(Debug, Clone)]
+pub enum StoreOp {
+    PutApplication(ApplicationSpec),
+    RemoveApplication(String),
+    PutSession(StoredSession),
+    /// New pending tasks `first ..` of a session, attempt 1.
+    AddTasks {
+        session: SessionId,
+        first: TaskId,
+        inputs: Vec<Bytes>,
+    },
+    FinishTasks {
+        session: SessionId,
+        results: Vec<(TaskId, u32, TaskOutcome)>,
+    },
+    PutNode(StoredNode),
+    /// Id counters, so ids are never reused after a restart.
+    PutCounters {
+        next_session: u64,
+        next_executor: u64,
+    },
+}
+
+impl StoreOp {
+    fn payload_bytes(&self) -> usize {
+        match self {
+            StoreOp::AddTasks { inputs, .. } => inputs.iter().map(Bytes::len).sum(),
+            StoreOp::FinishTasks { results, .. } => results
+                .iter()
+                .map(|(_, _, o)| match o {
+                    TaskOutcome::Succeeded(b) => b.len(),
+                    TaskOutcome::Failed(m) => m.len(),
+                })
+                .sum(),
+            _ => 64,
+        }
+    }
+}
+
+/// Everything read back at start-up.
+#[derive(Debug, Default)]
+pub struct Loaded {
+    pub applications: Vec<ApplicationSpec>,
+    pub sessions: Vec<StoredSession>,
+    /// Per session, its tasks in id order.
+    pub tasks: Vec<(SessionId, TaskId, StoredTask)>,
+    pub nodes: Vec<StoredNode>,
+    pub next_session: u64,
+    pub next_executor: u64,
+}
+
+/// The redb database.
+#[derive(Debug, Clone)]
+pub struct Store {
+    db: Arc<Database>,
+}
+
+fn encode<T: Serialize>(v: &T) -> Vec<u8> {
+    // postcard into a Vec only fails for types serde cannot describe; ours are plain data.
+    postcard::to_allocvec(v).unwrap_or_default()
+}
+
+fn decode<T: for<'a> Deserialize<'a>>(table: &'static str, bytes: &[u8]) -> Result<T, StoreError> {
+    postcard::from_bytes(bytes).map_err(|e| StoreError::Corrupt {
+        table,
+        reason: e.to_string(),
+    })
+}
+
+impl Store {
+    /// Opens (or creates) `dir/state.redb` and checks the schema version.
+    pub fn open(dir: &Path) -> Result<Store, StoreError> {
+        let path = dir.join("state.redb");
+        let db = match Database::create(&path) {
+            Ok(db) => db,
+            Err(redb::DatabaseError::DatabaseAlreadyOpen) => {
+                return Err(StoreError::Locked {
+                    dir: dir.to_path_buf(),
+                })
+            }
+            Err(source) => return Err(StoreError::Open { path, source }),
+        };
+        let txn = db.begin_write()?;
+        {
+            let mut meta = txn.open_table(META)?;
+            let found = meta.get(META_SCHEMA)?.map(|v| v.value());
+            match found {
+                None => {
+                    meta.insert(META_SCHEMA, SCHEMA_VERSION)?;
+                }
+                Some(v) if v == SCHEMA_VERSION => {}
+                Some(found) => {
+                    return Err(StoreError::SchemaMismatch {
+                        path,
+                        found,
+                        expected: SCHEMA_VERSION,
+                    })
+                }
+            }
+            txn.open_table(APPS)?;
+            txn.open_table(SESSIONS)?;
+            txn.open_table(TASKS)?;
+            txn.open_table(NODES)?;
+        }
+        txn.commit()?;
+        Ok(Store { db: Arc::new(db) })
+    }
+
+    /// Reads the whole state.
+    pub fn load(&self) -> Result<Loaded, StoreError> {
+        let txn = self.db.begin_read()?;
+        let mut loaded = Loaded::default();
+        let meta = txn.open_table(META)?;
+        loaded.next_session = meta.get(META_NEXT_SESSION)?.map_or(1, |v| v.value());
+        loaded.next_executor = meta.get(META_NEXT_EXECUTOR)?.map_or(1, |v| v.value());
+        for row in txn.open_table(APPS)?.iter()? {
+            let (_, v) = row?;
+            loaded.applications.push(decode("applications", v.value())?);
+        }
+        for row in txn.open_table(SESSIONS)?.iter()? {
+            let (_, v) = row?;
+            loaded.sessions.push(decode("sessions", v.value())?);
+        }
+        for row in txn.open_table(TASKS)?.iter()? {
+            let (k, v) = row?;
+            let (s, t) = k.value();
+            loaded
+                .tasks
+                .push((SessionId(s), TaskId(t), decode("tasks", v.value())?));
+        }
+        for row in txn.open_table(NODES)?.iter()? {
+            let (_, v) = row?;
+            loaded.nodes.push(decode("nodes", v.value())?);
+        }
+        Ok(loaded)
+    }
+
+    /// Final results of a session's tasks, in id order, for a watcher that attaches late.
+    pub fn final_results(
+        &self,
+        session: SessionId,
+    ) -> Result<Vec<(TaskId, u32, TaskOutcome)>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let tasks = txn.open_table(TASKS)?;
+        let mut out = Vec::new();
+        for row in tasks.range((session.0, 0)..=(session.0, u64::MAX))? {
+            let (k, v) = row?;
+            if let StoredTask::Final { attempt, outcome } = decode("tasks", v.value())? {
+                out.push((TaskId(k.value().1), attempt, outcome));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Applies `ops` in one durable write transaction.
+    pub fn commit(&self, ops: &[StoreOp]) -> Result<(), StoreError> {
+        let txn = self.db.begin_write()?;
+        {
+            let mut apps = txn.open_table(APPS)?;
+            let mut sessions = txn.open_table(SESSIONS)?;
+            let mut tasks = txn.open_table(TASKS)?;
+            let mut nodes = txn.open_table(NODES)?;
+            let mut meta = txn.open_table(META)?;
+            let mut buf = Vec::new();
+            for op in ops {
+                match op {
+                    StoreOp::PutApplication(spec) => {
+                        apps.insert(spec.name.as_str(), encode(spec).as_slice())?;
+                    }
+                    StoreOp::RemoveApplication(name) => {
+                        apps.remove(name.as_str())?;
+                    }
+                    StoreOp::PutSession(s) => {
+                        sessions.insert(s.id.0, encode(s).as_slice())?;
+                    }
+                    StoreOp::AddTasks {
+                        session,
+                        first,
+                        inputs,
+                    } => {
+                        for (i, input) in inputs.iter().enumerate() {
+                            buf.clear();
+                            let rec = StoredTask::Pending {
+                                attempt: 1,
+                                input: input.clone(),
+                            };
+                            buf = postcard::to_extend(&rec, std::mem::take(&mut buf))
+                                .unwrap_or_default();
+                            tasks.insert((session.0, first.0 + i as u64), buf.as_slice())?;
+                        }
+                    }
+                    StoreOp::FinishTasks { session, results } => {
+                        for (task, attempt, outcome) in results {
+                            buf.clear();
+                            let rec = StoredTask::Final {
+                                attempt: *attempt,
+                                outcome: outcome.clone(),
+                            };
+                            buf = postcard::to_extend(&rec, std::mem::take(&mut buf))
+                                .unwrap_or_default();
+                            tasks.insert((session.0, task.0), buf.as_slice())?;
+                        }
+                    }
+                    StoreOp::PutNode(n) => {
+                        nodes.insert(n.name.as_str(), encode(n).as_slice())?;
+                    }
+                    StoreOp::PutCounters {
+                        next_session,
+                        next_executor,
+                    } => {
+                        meta.insert(META_NEXT_SESSION, *next_session)?;
+                        meta.insert(META_NEXT_EXECUTOR, *next_executor)?;
+                    }
+                }
+            }
+        }
+        txn.commit()?;
+        Ok(())
+    }
+}
+
+/// A batch of ops and the token the core uses to continue once they are durable.
+#[derive(Debug)]
+pub struct StoreRequest {
+    pub ops: Vec<StoreOp>,
+    pub token: u64,
+}
+
+/// Runs the group-commit loop on its own thread until `requests` closes. After each commit
+/// it calls `on_commit` with the tokens it covered and the outcome.
+pub fn spawn_writer(
+    store: Store,
+    mut requests: tokio::sync::mpsc::UnboundedReceiver<StoreRequest>,
+    on_commit: impl Fn(Vec<u64>, Result<(), String>) + Send + 'static,
+) -> std::io::Result<std::thread::JoinHandle<()>> {
+    std::thread::Builder::new()
+        .name("store-writer".into())
+        .spawn(move || {
+            while let Some(first) = requests.blocking_recv() {
+                let mut bytes: usize = first.ops.iter().map(StoreOp::payload_bytes).sum();
+                let mut ops = first.ops;
+                let mut tokens = vec![first.token];
+                while tokens.len() < GROUP_COMMIT_REQUESTS_MAX && bytes < GROUP_COMMIT_BYTES_MAX {
+                    match requests.try_recv() {
+                        Ok(next) => {
+                            bytes += next.ops.iter().map(StoreOp::payload_bytes).sum::<usize>();
+                            ops.extend(next.ops);
+                            tokens.push(next.token);
+                        }
+                        Err(_) => break,
+                    }
+                }
+                let result = store.commit(&ops).map_err(|e| e.to_string());
+                if let Err(e) = &result {
+                    tracing::error!(error = %e, ops = ops.len(), "group commit failed");
+                }
+                on_commit(tokens, result);
+            }
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tasks_survive_reopen_and_second_open_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        assert!(matches!(
+            Store::open(dir.path()),
+            Err(StoreError::Locked { .. })
+        ));
+        store
+            .commit(&[
+                StoreOp::AddTasks {
+                    session: SessionId(1),
+                    first: TaskId(1),
+                    inputs: vec![Bytes::from_static(b"a"), Bytes::from_static(b"b")],
+                },
+                StoreOp::FinishTasks {
+                    session: SessionId(1),
+                    results: vec![(TaskId(2), 1, TaskOutcome::Succeeded(Bytes::from_static(b"B")))],
+                },
+            ])
+            .unwrap();
+        drop(store);
+        let store = Store::open(dir.path()).unwrap();
+        let loaded = store.load().unwrap();
+        assert_eq!(loaded.tasks.len(), 2);
+        assert!(matches!(loaded.tasks[0].2, StoredTask::Pending { .. }));
+        assert_eq!(store.final_results(SessionId(1)).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn schema_mismatch_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let db = Database::create(dir.path().join("state.redb")).unwrap();
+            let txn = db.begin_write().unwrap();
+            txn.open_table(META).unwrap().insert(META_SCHEMA, 99).unwrap();
+            txn.commit().unwrap();
+        }
+        assert!(matches!(
+            Store::open(dir.path()),
+            Err(StoreError::SchemaMismatch { found: 99, .. })
+        ));
+    }
+}

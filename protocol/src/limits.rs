@@ -1,0 +1,40 @@
+//! Named bounds. Every frame, batch and wait in Flame has one; these are the defaults that
+//! the binaries start from and that configuration may lower or raise.
+
+use std::time::Duration;
+
+/// Largest frame any peer accepts, checked before a byte of the body is allocated.
+pub const FRAME_BYTES_MAX: usize = 64 * 1024 * 1024;
+
+/// Largest task input or output the head accepts by default.
+pub const TASK_INPUT_BYTES_MAX: usize = 16 * 1024 * 1024;
+
+/// Most tasks one `SubmitBatch` may carry.
+pub const SUBMIT_BATCH_TASKS_MAX: usize = 65_536;
+
+/// Payload bytes a client packs into one `SubmitBatch` before starting the next.
+pub const SUBMIT_BATCH_BYTES_TARGET: usize = 4 * 1024 * 1024;
+
+/// Most entries in one node or watcher batch frame (results, commands).
+pub const MESSAGE_BATCH_MAX: usize = 8_192;
+
+/// How long a client or node waits for the QUIC + TLS handshake and the hello.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A connection with no traffic for this long is closed (keep-alives keep live ones open).
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Interval of QUIC keep-alive packets.
+pub const KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(5);
+
+/// How long one request/response exchange may take before the caller gives up.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Concurrent bidirectional streams a peer may open on one connection.
+pub const STREAMS_PER_CONNECTION_MAX: u32 = 256;
+
+/// Interval between node heartbeats.
+pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(1);
+
+/// A node silent for this long is NotReady and its running tasks are re-queued.
+pub const HEARTBEAT_TIMEOUT: Duration = Duration::from_secs(10);

@@ -1,0 +1,229 @@
+//! Every message between clients, the head and nodes.
+//!
+//! ## Connection shape
+//! A peer connects over QUIC (ALPN `flame/1`) and opens a bidirectional stream whose first
+//! frame is a [`Hello`]; the head answers with a [`HelloReply`].
+//!
+//! * **Clients** then finish that stream. Every request opens a new bidirectional stream
+//!   carrying one [`ClientRequest`] frame; the head answers with one [`ClientResponse`]
+//!   frame and finishes the stream, except for the two streaming requests:
+//!   * [`ClientRequest::OpenSubmitStream`]: after a [`ClientResponse::Ok`], the client
+//!     sends [`SubmitBatch`] frames and the head answers each with a [`SubmitReply`], in
+//!     order. Many batches may be in flight; a reply means the batch is durable (or, for an
+//!     ephemeral session, queued).
+//!   * [`ClientRequest::WatchResults`]: after a [`ClientResponse::Ok`], the head sends
+//!     [`WatchEvent`] frames: every result of the session exactly once on that stream,
+//!     including results finished before the watch began, then [`WatchEvent::Finished`]
+//!     once the session is closed and has no unfinished task.
+//! * **Nodes** keep the hello stream as their control stream: the node sends
+//!   [`NodeToHead`] frames, the head sends [`HeadToNode`] frames, for the life of the
+//!   connection.
+
+use crate::ids::{ExecutorId, SessionId, TaskId};
+use crate::model::{
+    ApiError, ApplicationInfo, ApplicationSpec, NodeInfo, SessionInfo, SessionSpec,
+    TaskAssignment, TaskOutcome, TaskResult,
+};
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+
+/// Who is on the other end of a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Role {
+    Client,
+    Node,
+}
+
+/// First frame on every connection.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hello {
+    pub protocol_version: u32,
+    pub role: Role,
+    /// Free text naming the peer's software, e.g. `flame-cli 0.1.0`, for logs.
+    pub agent: String,
+}
+
+/// The head's answer to a [`Hello`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum HelloReply {
+    Welcome { head_version: String },
+    Refused { reason: String },
+}
+
+/// A client's request; one per stream.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ClientRequest {
+    RegisterApplication(ApplicationSpec),
+    ListApplications,
+    GetApplication { name: String },
+    /// Refused while a session of the application is unfinished.
+    RemoveApplication { name: String },
+    CreateSession(SessionSpec),
+    ListSessions,
+    GetSession { id: SessionId },
+    /// Allowed while tasks are pending; the session finishes when they do.
+    CloseSession { id: SessionId },
+    ListNodes,
+    OpenSubmitStream { session: SessionId },
+    WatchResults { session: SessionId },
+}
+
+/// The head's answer to a [`ClientRequest`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ClientResponse {
+    Ok,
+    Error(ApiError),
+    Application(ApplicationInfo),
+    Applications(Vec<ApplicationInfo>),
+    Session(SessionInfo),
+    Sessions(Vec<SessionInfo>),
+    Nodes(Vec<NodeInfo>),
+}
+
+/// A batch of task inputs on a submit stream.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SubmitBatch {
+    /// Chosen by the client, echoed in the reply.
+    pub batch_id: u64,
+    pub inputs: Vec<Bytes>,
+}
+
+/// The head's answer to one [`SubmitBatch`], sent in batch order.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SubmitReply {
+    /// The batch's tasks got the ids `first_task .. first_task + count`, in input order.
+    Accepted {
+        batch_id: u64,
+        first_task: TaskId,
+        count: u32,
+    },
+    /// Nothing of the batch was accepted.
+    Rejected { batch_id: u64, error: ApiError },
+}
+
+/// A frame on a watch stream.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum WatchEvent {
+    Results(Vec<TaskResult>),
+    /// The session is closed and every task is final; the stream ends after this.
+    Finished,
+}
+
+/// A frame from a node to the head on its control stream.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum NodeToHead {
+    /// First frame after the hello.
+    Register(NodeRegistration),
+    Heartbeat,
+    ExecutorEvents(Vec<ExecutorEvent>),
+    Results(Vec<NodeTaskResult>),
+}
+
+/// What a node tells the head about itself when it connects.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeRegistration {
+    /// Unique node name, normally the host name.
+    pub name: String,
+    pub cpus: u32,
+    pub memory_bytes: u64,
+}
+
+/// A change in an executor's life, reported by its node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ExecutorEvent {
+    /// The application started and said it is ready: the executor is Idle. `credit` is how
+    /// many tasks the head may have outstanding on it at once (one running, the rest
+    /// queued on the node).
+    Ready { executor: ExecutorId, credit: u32 },
+    /// The executor entered the session: Binding → Bound.
+    Bound {
+        executor: ExecutorId,
+        session: SessionId,
+    },
+    /// The executor left its session: Unbinding → Idle.
+    Unbound { executor: ExecutorId },
+    /// The process is gone (released, crashed, or never started). Tasks it held that have
+    /// no result are lost and must be re-queued by the head.
+    Exited {
+        executor: ExecutorId,
+        reason: String,
+    },
+}
+
+/// One task's result as a node reports it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeTaskResult {
+    pub executor: ExecutorId,
+    pub session: SessionId,
+    pub task: TaskId,
+    pub attempt: u32,
+    pub outcome: TaskOutcome,
+}
+
+/// A frame from the head to a node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum HeadToNode {
+    /// Answer to [`NodeToHead::Register`].
+    Registered { heartbeat_interval_ms: u64 },
+    /// Refusal of the registration; the connection closes after it.
+    Refused { reason: String },
+    /// Commands in the order they must be applied.
+    Commands(Vec<NodeCommand>),
+}
+
+/// One instruction to a node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum NodeCommand {
+    /// Start a new executor process: Void → Idle once the application says ready.
+    Launch {
+        executor: ExecutorId,
+        application: ApplicationSpec,
+    },
+    /// Enter a session: Idle → Binding → Bound.
+    Bind {
+        executor: ExecutorId,
+        session: SessionId,
+        common_data: Bytes,
+    },
+    /// Run a task on a bound executor; queued on the node while another one runs.
+    Run(TaskAssignment),
+    /// Leave the session after the queued tasks: Bound → Unbinding → Idle.
+    Unbind { executor: ExecutorId },
+    /// Stop the process: Idle → Releasing → Released.
+    Release { executor: ExecutorId },
+}
+
+/// Convenience for a task id range check in replies.
+pub fn task_range(first: TaskId, count: u32) -> impl Iterator<Item = TaskId> {
+    (first.0..first.0 + u64::from(count)).map(TaskId)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        // Random bytes never panic any decoder: they decode or they fail.
+        #[test]
+        fn decoders_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let _ = postcard::from_bytes::<Hello>(&bytes);
+            let _ = postcard::from_bytes::<ClientRequest>(&bytes);
+            let _ = postcard::from_bytes::<ClientResponse>(&bytes);
+            let _ = postcard::from_bytes::<SubmitBatch>(&bytes);
+            let _ = postcard::from_bytes::<WatchEvent>(&bytes);
+            let _ = postcard::from_bytes::<NodeToHead>(&bytes);
+            let _ = postcard::from_bytes::<HeadToNode>(&bytes);
+        }
+    }
+
+    #[test]
+    fn submit_batch_round_trips() {
+        let batch = SubmitBatch {
+            batch_id: 7,
+            inputs: vec![Bytes::from_static(b"a"), Bytes::new()],
+        };
+        let bytes = postcard::to_allocvec(&batch).unwrap();
+        assert_eq!(postcard::from_bytes::<SubmitBatch>(&bytes).unwrap(), batch);
+    }
+}
