@@ -1,1 +1,57 @@
+//! The Flame client library, used by the `flame` command and by user programs.
+//!
+//! A [`Client`] is one QUIC connection to the head; every call opens its own stream, so a
+//! client may be cloned and used from many tasks at once. A [`Session`] submits task inputs
+//! (one acknowledged call with [`Session::submit`], or pipelined with a [`Submitter`]) and
+//! watches their results with a [`ResultStream`].
+//!
+//! ```no_run
+//! use bytes::Bytes;
+//! use flame_client::{Client, ClientConfig, ConfigFlags};
+//! use flame_protocol::model::{SessionSpec, TaskOutcome};
+//!
+//! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+//! // `--head`/`--ca-file` flags, else FLAME_HEAD/FLAME_CA_FILE, else the config files.
+//! let config = ClientConfig::resolve(&ConfigFlags::default())?;
+//! let client = Client::connect(&config).await?;
+//! let session = client
+//!     .create_session(SessionSpec {
+//!         application: "ping".into(),
+//!         common_data: Bytes::new(),
+//!         ephemeral: false,
+//!     })
+//!     .await?;
+//! // Watch first, so that no result is missed; then submit and close.
+//! let mut results = session.watch().await?;
+//! let ids = session.submit(vec![Bytes::from("a"), Bytes::from("b")]).await?;
+//! session.close().await?;
+//! while let Some(batch) = results.next().await {
+//!     for result in batch? {
+//!         if let TaskOutcome::Succeeded(output) = &result.outcome {
+//!             println!("task {}: {} bytes", result.task, output.len());
+//!         }
+//!     }
+//! }
+//! assert_eq!(ids.len(), 2);
+//! client.close().await;
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! [`local::LocalCluster`] starts a head and a node on this machine, for tests, examples and
+//! `flame local`.
 
+pub mod app_file;
+pub mod batch;
+mod client;
+pub mod config;
+mod error;
+pub mod local;
+mod session;
+
+pub use client::{Client, CLOSE_TIMEOUT};
+pub use config::{ClientConfig, ConfigError, ConfigFlags};
+pub use error::ClientError;
+pub use session::{
+    BatchAck, ResultStream, Session, Submitter, SUBMIT_WINDOW_BATCHES, WATCH_BUFFER_FRAMES,
+};

@@ -7,7 +7,7 @@ use bytes::Bytes;
 use flame_protocol::frame::{FrameReader, FrameWriter};
 use flame_protocol::messages::{task_range, ClientRequest, SubmitBatch, SubmitReply, WatchEvent};
 use flame_protocol::model::{SessionInfo, TaskResult};
-use flame_protocol::{limits, SessionId, TaskId};
+use flame_protocol::{SessionId, TaskId};
 use std::collections::VecDeque;
 use tokio::sync::mpsc;
 
@@ -96,7 +96,13 @@ impl Session {
             .open_stream(ClientRequest::WatchResults { session: self.id })
             .await?;
         let (tx, rx) = mpsc::channel(WATCH_BUFFER_FRAMES);
-        tokio::spawn(pump_watch(self.client.clone(), self.id, send, recv, tx));
+        tokio::spawn(pump_watch(
+            self.client.clone(),
+            self.id,
+            send.into_inner(),
+            recv,
+            tx,
+        ));
         Ok(ResultStream {
             session: self.id,
             rx,
@@ -160,8 +166,8 @@ impl Submitter {
         self.in_flight.len()
     }
 
-    /// Sends `inputs`, split into batches within [`limits::SUBMIT_BATCH_BYTES_TARGET`] and
-    /// [`limits::SUBMIT_BATCH_TASKS_MAX`]. Returns once every batch is written; waits for
+    /// Sends `inputs`, split into batches within [`flame_protocol::limits::SUBMIT_BATCH_BYTES_TARGET`] and
+    /// [`flame_protocol::limits::SUBMIT_BATCH_TASKS_MAX`]. Returns once every batch is written; waits for
     /// acks only to keep the window bounded. A rejected batch is
     /// [`ClientError::BatchRejected`].
     pub async fn send(&mut self, inputs: Vec<Bytes>) -> Result<(), ClientError> {
@@ -294,7 +300,7 @@ enum WatchItem {
 /// [`WATCH_BUFFER_FRAMES`] frames, so `next` may be raced in `select!` or wrapped in a
 /// timeout. There is no per-result bound by design: a live head with slow tasks may send
 /// nothing for hours, while a dead head or link is detected by the connection's idle timeout
-/// ([`limits::IDLE_TIMEOUT`]). Dropping the stream stops the watch.
+/// ([`flame_protocol::limits::IDLE_TIMEOUT`]). Dropping the stream stops the watch.
 #[derive(Debug)]
 pub struct ResultStream {
     session: SessionId,

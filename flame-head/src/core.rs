@@ -1360,3 +1360,272 @@ fn persist_error(e: &str) -> ClientResponse {
         format!("the change could not be made durable: {e}"),
     ))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use flame_protocol::model::ShimKind;
+
+    struct Harness {
+        core: Core,
+        store_rx: mpsc::UnboundedReceiver<StoreRequest>,
+        node_rx: mpsc::UnboundedReceiver<HeadToNode>,
+        now: u64,
+    }
+
+    impl Harness {
+        fn new() -> Harness {
+            let (store_tx, store_rx) = mpsc::unbounded_channel();
+            let mut core = Core::new(CoreConfig::default(), store_tx, Default::default());
+            core.ensure_application(ApplicationSpec {
+                name: "ping".into(),
+                shim: ShimKind::Stdio,
+                command: "flame-ping".into(),
+                args: vec![],
+                env: Default::default(),
+                working_dir: None,
+                max_instances: 10,
+                delay_release_ms: 1000,
+            });
+            let (link, node_rx) = mpsc::unbounded_channel();
+            core.handle(
+                Event::NodeConnected {
+                    conn: 1,
+                    registration: NodeRegistration {
+                        name: "n1".into(),
+                        cpus: 1,
+                        memory_bytes: 1 << 30,
+                    },
+                    link,
+                },
+                0,
+            );
+            let mut h = Harness {
+                core,
+                store_rx,
+                node_rx,
+                now: 0,
+            };
+            h.step();
+            h
+        }
+
+        /// Ends the batch and makes every store request durable, as the writer would.
+        fn step(&mut self) {
+            self.core.end_batch(self.now);
+            while let Ok(req) = self.store_rx.try_recv() {
+                self.core.handle(
+                    Event::Committed {
+                        tokens: vec![req.token],
+                        result: Ok(()),
+                    },
+                    self.now,
+                );
+                self.core.end_batch(self.now);
+            }
+        }
+
+        fn commands(&mut self) -> Vec<NodeCommand> {
+            let mut out = Vec::new();
+            while let Ok(msg) = self.node_rx.try_recv() {
+                if let HeadToNode::Commands(c) = msg {
+                    out.extend(c);
+                }
+            }
+            out
+        }
+
+        fn client(&mut self, request: ClientRequest) -> ClientResponse {
+            let (reply, mut rx) = oneshot::channel();
+            self.core.handle(Event::Client { request, reply }, self.now);
+            self.step();
+            rx.try_recv().expect("a response")
+        }
+
+        fn node(&mut self, message: NodeToHead) {
+            self.core.handle(Event::NodeMessage { conn: 1, message }, self.now);
+            self.step();
+        }
+    }
+
+    fn session_id(r: ClientResponse) -> SessionId {
+        match r {
+            ClientResponse::Session(info) => info.id,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    #[test]
+    fn task_runs_end_to_end_and_watcher_sees_it_once() {
+        let mut h = Harness::new();
+        let sid = session_id(h.client(ClientRequest::CreateSession(SessionSpec {
+            application: "ping".into(),
+            common_data: Bytes::new(),
+            ephemeral: false,
+        })));
+        let (sink, mut watch) = mpsc::unbounded_channel();
+        let (reply, _) = oneshot::channel();
+        h.core.handle(
+            Event::Watch {
+                session: sid,
+                sink,
+                reply,
+            },
+            0,
+        );
+        let (reply, mut ack) = oneshot::channel();
+        h.core.handle(
+            Event::Submit {
+                session: sid,
+                batch_id: 9,
+                inputs: vec![Bytes::from_static(b"x")],
+                reply,
+            },
+            0,
+        );
+        h.core.end_batch(0);
+        // Not acked before the commit.
+        assert!(ack.try_recv().is_err());
+        h.step();
+        assert!(matches!(
+            ack.try_recv(),
+            Ok(SubmitReply::Accepted { batch_id: 9, count: 1, .. })
+        ));
+        let launch = h.commands();
+        let executor = match &launch[..] {
+            [NodeCommand::Launch { executor, .. }] => *executor,
+            other => panic!("expected one launch, got {other:?}"),
+        };
+        h.node(NodeToHead::ExecutorEvents(vec![ExecutorEvent::Ready {
+            executor,
+            credit: 2,
+        }]));
+        let cmds = h.commands();
+        assert!(matches!(cmds[0], NodeCommand::Bind { .. }), "{cmds:?}");
+        let NodeCommand::Run(a) = &cmds[1] else {
+            panic!("expected a run, got {cmds:?}")
+        };
+        // A result from a stale attempt is fenced off.
+        h.node(NodeToHead::Results(vec![NodeTaskResult {
+            executor,
+            session: sid,
+            task: a.task,
+            attempt: a.attempt + 1,
+            outcome: TaskOutcome::Succeeded(Bytes::from_static(b"stale")),
+        }]));
+        assert!(watch.try_recv().is_err());
+        h.node(NodeToHead::Results(vec![NodeTaskResult {
+            executor,
+            session: sid,
+            task: a.task,
+            attempt: a.attempt,
+            outcome: TaskOutcome::Succeeded(Bytes::from_static(b"ok")),
+        }]));
+        match watch.try_recv() {
+            Ok(WatchMsg::Results(r)) => {
+                assert_eq!(r.len(), 1);
+                assert_eq!(r[0].outcome, TaskOutcome::Succeeded(Bytes::from_static(b"ok")));
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+        // A duplicate of the accepted result changes nothing.
+        h.node(NodeToHead::Results(vec![NodeTaskResult {
+            executor,
+            session: sid,
+            task: a.task,
+            attempt: a.attempt,
+            outcome: TaskOutcome::Succeeded(Bytes::from_static(b"again")),
+        }]));
+        assert!(watch.try_recv().is_err());
+        assert!(matches!(
+            h.client(ClientRequest::CloseSession { id: sid }),
+            ClientResponse::Ok
+        ));
+        assert!(matches!(watch.try_recv(), Ok(WatchMsg::Finished)));
+        match h.client(ClientRequest::GetSession { id: sid }) {
+            ClientResponse::Session(info) => {
+                assert!(info.is_finished());
+                assert_eq!(info.counts.succeeded, 1);
+                assert_eq!(info.counts.total(), 1);
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    #[test]
+    fn lost_node_requeues_running_tasks() {
+        let mut h = Harness::new();
+        let sid = session_id(h.client(ClientRequest::CreateSession(SessionSpec {
+            application: "ping".into(),
+            common_data: Bytes::new(),
+            ephemeral: true,
+        })));
+        let (reply, _) = oneshot::channel();
+        h.core.handle(
+            Event::Submit {
+                session: sid,
+                batch_id: 1,
+                inputs: vec![Bytes::from_static(b"x")],
+                reply,
+            },
+            0,
+        );
+        h.step();
+        let executor = match &h.commands()[..] {
+            [NodeCommand::Launch { executor, .. }] => *executor,
+            other => panic!("{other:?}"),
+        };
+        h.node(NodeToHead::ExecutorEvents(vec![ExecutorEvent::Ready {
+            executor,
+            credit: 1,
+        }]));
+        assert_eq!(h.commands().len(), 2);
+        h.now = 60_000;
+        h.core.handle(Event::Tick, h.now);
+        h.step();
+        match h.client(ClientRequest::GetSession { id: sid }) {
+            ClientResponse::Session(info) => {
+                assert_eq!(info.counts.pending, 1);
+                assert_eq!(info.counts.running, 0);
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    #[test]
+    fn bad_requests_get_named_errors() {
+        let mut h = Harness::new();
+        match h.client(ClientRequest::CreateSession(SessionSpec {
+            application: "nope".into(),
+            common_data: Bytes::new(),
+            ephemeral: false,
+        })) {
+            ClientResponse::Error(e) => {
+                assert_eq!(e.kind, ErrorKind::NotFound);
+                assert!(e.message.contains("nope"));
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+        let sid = session_id(h.client(ClientRequest::CreateSession(SessionSpec {
+            application: "ping".into(),
+            common_data: Bytes::new(),
+            ephemeral: false,
+        })));
+        let (reply, mut rx) = oneshot::channel();
+        h.core.handle(
+            Event::Submit {
+                session: sid,
+                batch_id: 3,
+                inputs: vec![Bytes::from(vec![0u8; limits::TASK_INPUT_BYTES_MAX + 1])],
+                reply,
+            },
+            0,
+        );
+        match rx.try_recv() {
+            Ok(SubmitReply::Rejected { error, .. }) => {
+                assert_eq!(error.kind, ErrorKind::LimitExceeded)
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+}

@@ -91,12 +91,23 @@ pub enum Decision {
     Release { executor: ExecutorId },
 }
 
-/// Splits `capacity` between demands in proportion, never giving one more than it asks.
+/// Splits `capacity` between demands: one each first, then in proportion, never giving one
+/// more than it asks.
 /// Integer water-filling with largest remainders, so the sum never exceeds `capacity`.
 pub fn proportional_targets(capacity: u64, demands: &[u64]) -> Vec<u64> {
     let mut targets = vec![0u64; demands.len()];
     let mut remaining = capacity;
     let mut open: Vec<usize> = (0..demands.len()).filter(|&i| demands[i] > 0).collect();
+    // Everyone with work gets one slot first (in order), so a small session is never
+    // starved by a large one; the rest is shared in proportion.
+    for &i in &open {
+        if remaining == 0 {
+            break;
+        }
+        targets[i] = 1;
+        remaining -= 1;
+    }
+    open.retain(|&i| targets[i] < demands[i]);
     while remaining > 0 && !open.is_empty() {
         let total: u128 = open.iter().map(|&i| u128::from(demands[i] - targets[i])).sum();
         let mut given = 0u64;
@@ -183,7 +194,7 @@ pub fn schedule(snap: &Snapshot) -> Vec<Decision> {
         .filter_map(|s| {
             let have = held.get(&s.id).map_or(0, Vec::len) as u64;
             let t = target_of.get(&s.id).copied().unwrap_or(0);
-            (have < t).then_some((*s, t - have))
+            (have < t).then(|| (*s, t - have))
         })
         .collect();
     let someone_waits = !under.is_empty();

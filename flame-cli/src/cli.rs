@@ -1,0 +1,108 @@
+//! The command tree and its dispatch.
+
+pub mod app;
+pub mod hint;
+pub mod local;
+pub mod node;
+pub mod ping;
+pub mod render;
+pub mod session;
+pub mod signals;
+
+use anyhow::Context as _;
+use clap::{Args, Parser, Subcommand};
+use flame_client::{Client, ClientConfig, ConfigFlags};
+use hint::ResultExt as _;
+use std::path::PathBuf;
+
+/// Run and inspect work on a Flame cluster.
+#[derive(Debug, Parser)]
+#[command(name = "flame", version, propagate_version = true)]
+pub struct Cli {
+    #[command(flatten)]
+    pub global: GlobalArgs,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Where the head is; each falls back to the environment, then to the config files.
+#[derive(Debug, Clone, Args)]
+pub struct GlobalArgs {
+    /// Head address, host:port [else FLAME_HEAD, else `head` in ~/.config/flame/config.toml or /etc/flame/flame.toml]
+    #[arg(long, global = true, value_name = "ADDR")]
+    pub head: Option<String>,
+    /// The head's CA certificate (PEM) [else FLAME_CA_FILE, else `ca_file` in the config files]
+    #[arg(long, global = true, value_name = "PATH")]
+    pub ca_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run many tiny tasks through the built-in `ping` application and check every output
+    Ping(ping::PingArgs),
+    /// Run a head and a node on this machine until Ctrl-C
+    Local(local::LocalArgs),
+    /// Register, list, show and remove applications
+    #[command(subcommand)]
+    App(app::AppCommand),
+    /// List, view and close sessions
+    #[command(subcommand)]
+    Session(session::SessionCommand),
+    /// List nodes
+    #[command(subcommand)]
+    Node(node::NodeCommand),
+}
+
+/// Runs one command.
+pub async fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Ping(args) => ping::run(&cli.global, args).await,
+        Command::Local(args) => local::run(args).await,
+        Command::App(cmd) => app::run(&cli.global, cmd).await,
+        Command::Session(cmd) => session::run(&cli.global, cmd).await,
+        Command::Node(cmd) => node::run(&cli.global, cmd).await,
+    }
+}
+
+/// Resolves the configuration from the flags, the environment and the config files.
+pub fn config(global: &GlobalArgs) -> anyhow::Result<ClientConfig> {
+    let flags = ConfigFlags {
+        head: global.head.clone(),
+        ca_file: global.ca_file.clone(),
+    };
+    Ok(ClientConfig::resolve(&flags)?)
+}
+
+/// Connects to the configured head.
+pub async fn connect(global: &GlobalArgs) -> anyhow::Result<Client> {
+    let config = config(global)?;
+    connect_to(&config).await
+}
+
+/// Connects to the head named by `config`.
+pub async fn connect_to(config: &ClientConfig) -> anyhow::Result<Client> {
+    // The library's message already names the address and the bound.
+    Ok(Client::connect(config).await?)
+}
+
+/// Runs `f` with a connected client and closes the connection after it, whatever the
+/// outcome, so the head frees it at once.
+pub async fn with_client<T, F, Fut>(global: &GlobalArgs, f: F) -> anyhow::Result<T>
+where
+    F: FnOnce(Client) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<T>>,
+{
+    let client = connect(global).await?;
+    let result = f(client.clone()).await;
+    client.close().await;
+    result
+}
+
+/// Parses a `host:port` listen address early, so that a typo is a usage-style error with
+/// the flag named rather than a failure inside the head.
+pub fn check_listen(addr: &str) -> anyhow::Result<()> {
+    addr.parse::<std::net::SocketAddr>()
+        .map(drop)
+        .with_context(|| format!("--listen `{addr}` is not an ip:port address"))
+        .hint("for example --listen 127.0.0.1:0 (any free port) or --listen 0.0.0.0:7470")
+}

@@ -1,0 +1,721 @@
+//! A one-machine cluster: a `flame-head` and a `flame-node` run as child processes.
+//!
+//! Used by `flame local`, `flame ping --local`, tests and examples. The children run in
+//! their own process group (so a Ctrl-C at the terminal reaches only the parent, which then
+//! stops them in order: node, then head) and get `SIGKILL` when the parent dies, whether
+//! it exits, panics or is killed, so none outlives it.
+
+use crate::config::ClientConfig;
+use flame_protocol::limits;
+use nix::sys::signal::{self, Signal};
+use nix::unistd::Pid;
+use std::ffi::OsString;
+use std::io::{Read, Seek, SeekFrom};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::process::{ExitStatus, Stdio};
+use std::time::Duration;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
+use tokio::process::{Child, ChildStdout, Command};
+
+/// The head binary's name.
+pub const HEAD_BINARY: &str = "flame-head";
+/// The node binary's name.
+pub const NODE_BINARY: &str = "flame-node";
+/// What `flame-head` prints on stdout, followed by `ip:port`, once it accepts connections.
+pub const HEAD_READY_PREFIX: &str = "flame-head listening on ";
+/// What `flame-node` prints on stdout, followed by its name, once the head registered it.
+pub const NODE_READY_PREFIX: &str = "flame-node registered as ";
+/// Default bound on each child's start-up.
+pub const READY_TIMEOUT: Duration = Duration::from_secs(20);
+/// Default time a child has to exit after `SIGTERM` before it gets `SIGKILL`.
+pub const STOP_GRACE: Duration = Duration::from_secs(10);
+/// Longest stdout line read while waiting for a ready line; longer ones are split.
+pub const READY_LINE_BYTES_MAX: u64 = 4096;
+/// Bytes of a child's log quoted when it fails to start.
+pub const LOG_TAIL_BYTES_MAX: u64 = 4096;
+/// Lines of a child's log quoted when it fails to start.
+pub const LOG_TAIL_LINES_MAX: usize = 20;
+
+/// How to start a [`LocalCluster`].
+#[derive(Debug, Clone)]
+pub struct LocalOptions {
+    /// Where the head and node keep their state and logs; a temporary folder, removed when
+    /// the cluster is dropped, when `None`.
+    pub data_dir: Option<PathBuf>,
+    /// The head's listen address.
+    pub listen: String,
+    /// The folder holding `flame-head` and `flame-node`. When `None` they are looked for
+    /// next to the running executable (and its parent, for test binaries in `deps/`), then
+    /// on `PATH`.
+    pub bin_dir: Option<PathBuf>,
+    /// The node's name.
+    pub node_name: String,
+    /// Bound on each child's start-up.
+    pub ready_timeout: Duration,
+    /// Time each child has to exit after `SIGTERM`.
+    pub stop_grace: Duration,
+}
+
+impl Default for LocalOptions {
+    fn default() -> Self {
+        LocalOptions {
+            data_dir: None,
+            listen: "127.0.0.1:0".to_string(),
+            bin_dir: None,
+            node_name: "local".to_string(),
+            ready_timeout: READY_TIMEOUT,
+            stop_grace: STOP_GRACE,
+        }
+    }
+}
+
+/// A local cluster that failed to start or to stop.
+#[derive(Debug, thiserror::Error)]
+pub enum LocalError {
+    /// A binary is neither next to the executable nor on `PATH`.
+    #[error("cannot find `{name}` in {searched}")]
+    BinaryNotFound {
+        /// The binary.
+        name: &'static str,
+        /// Where it was looked for, for display.
+        searched: String,
+    },
+    /// A file or folder of the cluster could not be set up.
+    #[error("{what} {}: {source}", path.display())]
+    Io {
+        /// What was being done, e.g. `cannot create`.
+        what: &'static str,
+        /// The path concerned.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// A child could not be started.
+    #[error("cannot start {}: {source}", path.display())]
+    Spawn {
+        /// The binary.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// A child exited before it said it was ready.
+    #[error("{name} exited with {status} before it was ready; the end of {}:\n{tail}", log.display())]
+    Exited {
+        /// The binary's name.
+        name: &'static str,
+        /// How it exited.
+        status: String,
+        /// Its log file.
+        log: PathBuf,
+        /// The last lines of its log.
+        tail: String,
+    },
+    /// A child did not say it was ready in time.
+    #[error("{name} was not ready within {}; the end of {}:\n{tail}", humantime::format_duration(*timeout), log.display())]
+    NotReady {
+        /// The binary's name.
+        name: &'static str,
+        /// The bound.
+        timeout: Duration,
+        /// Its log file.
+        log: PathBuf,
+        /// The last lines of its log.
+        tail: String,
+    },
+    /// The head said it was ready but its CA certificate is not where expected.
+    #[error("flame-head is ready but its CA certificate {} is missing", path.display())]
+    MissingCaFile {
+        /// The expected path.
+        path: PathBuf,
+    },
+    /// The cluster stopped, but not cleanly.
+    #[error("the local cluster did not stop cleanly: {}", problems.join("; "))]
+    Unclean {
+        /// One line per child that misbehaved.
+        problems: Vec<String>,
+    },
+}
+
+/// How a child ended on its own, as reported by [`LocalCluster::exited`].
+#[derive(Debug, Clone)]
+pub struct ChildExit {
+    /// The binary's name.
+    pub name: &'static str,
+    /// How it exited, for display.
+    pub status: String,
+    /// Its log file.
+    pub log: PathBuf,
+    /// The last lines of its log.
+    pub tail: String,
+}
+
+/// A running head and node. Dropping it kills both (`SIGKILL`); [`LocalCluster::shutdown`]
+/// stops them gracefully.
+#[derive(Debug)]
+pub struct LocalCluster {
+    // Children before the data folder: fields drop in order, so the processes are killed
+    // before a temporary data folder is removed.
+    node: Managed,
+    head: Managed,
+    head_addr: String,
+    ca_file: PathBuf,
+    stop_grace: Duration,
+    data_dir: DataDir,
+}
+
+#[derive(Debug)]
+enum DataDir {
+    Kept(PathBuf),
+    Temporary(tempfile::TempDir),
+}
+
+impl DataDir {
+    fn path(&self) -> &Path {
+        match self {
+            DataDir::Kept(p) => p,
+            DataDir::Temporary(t) => t.path(),
+        }
+    }
+}
+
+/// One child process and its log.
+#[derive(Debug)]
+struct Managed {
+    name: &'static str,
+    child: Child,
+    log: PathBuf,
+}
+
+impl LocalCluster {
+    /// Starts `flame-head`, waits until it listens, then starts `flame-node` and waits until
+    /// it is registered. Each wait is bounded by `opts.ready_timeout`.
+    pub async fn start(opts: LocalOptions) -> Result<LocalCluster, LocalError> {
+        let head_bin = find_binary(HEAD_BINARY, opts.bin_dir.as_deref())?;
+        let node_bin = find_binary(NODE_BINARY, opts.bin_dir.as_deref())?;
+        let data_dir = match &opts.data_dir {
+            Some(dir) => {
+                create_dir(dir)?;
+                DataDir::Kept(dir.clone())
+            }
+            None => DataDir::Temporary(
+                tempfile::Builder::new()
+                    .prefix("flame-local-")
+                    .tempdir()
+                    .map_err(|source| LocalError::Io {
+                        what: "cannot create a temporary folder in",
+                        path: std::env::temp_dir(),
+                        source,
+                    })?,
+            ),
+        };
+        let dir = data_dir.path().to_path_buf();
+
+        let head_args: Vec<OsString> = vec![
+            "--data-dir".into(),
+            dir.clone().into(),
+            "--listen".into(),
+            opts.listen.clone().into(),
+        ];
+        let mut head = Managed::spawn(HEAD_BINARY, &head_bin, &head_args, &dir.join("head.log"))?;
+        let listening = match head.wait_ready(HEAD_READY_PREFIX, opts.ready_timeout).await {
+            Ok(rest) => rest,
+            Err(e) => {
+                head.stop(opts.stop_grace).await.ok();
+                return Err(e);
+            }
+        };
+        let head_addr = connectable(&listening);
+        let ca_file = dir.join("tls").join("head.crt");
+        if !ca_file.is_file() {
+            head.stop(opts.stop_grace).await.ok();
+            return Err(LocalError::MissingCaFile { path: ca_file });
+        }
+
+        let work_dir = dir.join("node");
+        create_dir(&work_dir)?;
+        let node_args: Vec<OsString> = vec![
+            "--head".into(),
+            head_addr.clone().into(),
+            "--ca-file".into(),
+            ca_file.clone().into(),
+            "--name".into(),
+            opts.node_name.clone().into(),
+            "--work-dir".into(),
+            work_dir.into(),
+        ];
+        let node = Managed::spawn(NODE_BINARY, &node_bin, &node_args, &dir.join("node.log"));
+        let mut node = match node {
+            Ok(node) => node,
+            Err(e) => {
+                head.stop(opts.stop_grace).await.ok();
+                return Err(e);
+            }
+        };
+        if let Err(e) = node.wait_ready(NODE_READY_PREFIX, opts.ready_timeout).await {
+            node.stop(opts.stop_grace).await.ok();
+            head.stop(opts.stop_grace).await.ok();
+            return Err(e);
+        }
+        Ok(LocalCluster {
+            node,
+            head,
+            head_addr,
+            ca_file,
+            stop_grace: opts.stop_grace,
+            data_dir,
+        })
+    }
+
+    /// The address clients connect to.
+    pub fn head_addr(&self) -> &str {
+        &self.head_addr
+    }
+
+    /// The head's CA certificate, for clients.
+    pub fn ca_file(&self) -> &Path {
+        &self.ca_file
+    }
+
+    /// The folder with the cluster's state and the `head.log` and `node.log` files.
+    pub fn data_dir(&self) -> &Path {
+        self.data_dir.path()
+    }
+
+    /// Whether the data folder is removed when the cluster is dropped.
+    pub fn is_temporary(&self) -> bool {
+        matches!(self.data_dir, DataDir::Temporary(_))
+    }
+
+    /// A client configuration for this cluster.
+    pub fn client_config(&self) -> ClientConfig {
+        ClientConfig {
+            head: self.head_addr.clone(),
+            ca_file: self.ca_file.clone(),
+            connect_timeout: limits::CONNECT_TIMEOUT,
+        }
+    }
+
+    /// The shell line that points another shell's `flame` at this cluster.
+    pub fn exports(&self) -> String {
+        format!(
+            "export {}={} {}={}",
+            crate::config::ENV_HEAD,
+            shell_quote(&self.head_addr),
+            crate::config::ENV_CA_FILE,
+            shell_quote(&self.ca_file.to_string_lossy()),
+        )
+    }
+
+    /// Waits until the head or the node exits on its own and says which and how. Meant to
+    /// be raced against a shutdown signal; cancel-safe.
+    pub async fn exited(&mut self) -> ChildExit {
+        let (managed, status) = tokio::select! {
+            status = self.head.child.wait() => (&self.head, status),
+            status = self.node.child.wait() => (&self.node, status),
+        };
+        ChildExit {
+            name: managed.name,
+            status: match status {
+                Ok(s) => describe_status(s),
+                Err(e) => format!("an unknown status ({e})"),
+            },
+            log: managed.log.clone(),
+            tail: log_tail(&managed.log),
+        }
+    }
+
+    /// Stops the node, then the head: `SIGTERM`, then `SIGKILL` after the grace period.
+    /// Both are stopped even when the first one misbehaves; the error lists what went wrong.
+    pub async fn shutdown(mut self) -> Result<(), LocalError> {
+        let mut problems = Vec::new();
+        // The node first, so that it can release its executors while the head still runs.
+        if let Err(p) = self.node.stop(self.stop_grace).await {
+            problems.push(p);
+        }
+        if let Err(p) = self.head.stop(self.stop_grace).await {
+            problems.push(p);
+        }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(LocalError::Unclean { problems })
+        }
+    }
+}
+
+impl Managed {
+    fn spawn(
+        name: &'static str,
+        program: &Path,
+        args: &[OsString],
+        log: &Path,
+    ) -> Result<Managed, LocalError> {
+        let log_file = std::fs::File::create(log).map_err(|source| LocalError::Io {
+            what: "cannot create",
+            path: log.to_path_buf(),
+            source,
+        })?;
+        let mut command = Command::new(program);
+        command
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::from(log_file))
+            .kill_on_drop(true)
+            // A group of its own: a terminal's Ctrl-C goes to `flame` alone, which stops the
+            // children in order instead of racing them.
+            .process_group(0);
+        let parent = nix::unistd::getpid();
+        // SAFETY: the closure runs in the forked child before exec and only makes two
+        // async-signal-safe system calls (prctl, getppid); it allocates nothing on success.
+        unsafe {
+            command.pre_exec(move || {
+                // Killed when the thread that forked it dies, i.e. a tokio worker, which
+                // lives as long as the runtime and so as the process.
+                nix::sys::prctl::set_pdeathsig(Signal::SIGKILL)?;
+                // The parent may have died between fork and prctl; then nothing would
+                // deliver the signal, so refuse to start.
+                if nix::unistd::getppid() != parent {
+                    return Err(std::io::Error::from(nix::errno::Errno::ESRCH));
+                }
+                Ok(())
+            });
+        }
+        let child = command.spawn().map_err(|source| LocalError::Spawn {
+            path: program.to_path_buf(),
+            source,
+        })?;
+        Ok(Managed {
+            name,
+            child,
+            log: log.to_path_buf(),
+        })
+    }
+
+    /// Reads stdout until a line starting with `prefix` and returns the rest of that line.
+    /// Stdout after the ready line is appended to the log, so the child never blocks on a
+    /// full pipe.
+    async fn wait_ready(&mut self, prefix: &str, timeout: Duration) -> Result<String, LocalError> {
+        let Some(stdout) = self.child.stdout.take() else {
+            return Err(LocalError::Io {
+                what: "no stdout pipe for",
+                path: self.log.clone(),
+                source: std::io::Error::from(std::io::ErrorKind::BrokenPipe),
+            });
+        };
+        let mut reader = BufReader::new(stdout);
+        let found = tokio::time::timeout(timeout, read_ready_line(&mut reader, prefix)).await;
+        match found {
+            Ok(Ok(Some(rest))) => {
+                self.forward_stdout(reader);
+                Ok(rest)
+            }
+            // Stdout closed or broke: the child is exiting. Give it the grace period to do so.
+            Ok(Ok(None)) | Ok(Err(_)) => {
+                let status = match tokio::time::timeout(STOP_GRACE, self.child.wait()).await {
+                    Ok(Ok(s)) => describe_status(s),
+                    Ok(Err(e)) => format!("an unknown status ({e})"),
+                    Err(_) => "its stdout closed".to_string(),
+                };
+                Err(LocalError::Exited {
+                    name: self.name,
+                    status,
+                    log: self.log.clone(),
+                    tail: log_tail(&self.log),
+                })
+            }
+            Err(_) => Err(LocalError::NotReady {
+                name: self.name,
+                timeout,
+                log: self.log.clone(),
+                tail: log_tail(&self.log),
+            }),
+        }
+    }
+
+    fn forward_stdout(&self, mut reader: BufReader<ChildStdout>) {
+        let log = self.log.clone();
+        tokio::spawn(async move {
+            let file = tokio::fs::OpenOptions::new().append(true).open(&log).await;
+            let result = match file {
+                Ok(mut file) => tokio::io::copy_buf(&mut reader, &mut file).await.map(drop),
+                Err(e) => Err(e),
+            };
+            if let Err(e) = result {
+                tracing::debug!("copying stdout to {}: {e}", log.display());
+            }
+        });
+    }
+
+    /// `SIGTERM`, then `SIGKILL` after `grace`. The error describes what went wrong.
+    async fn stop(&mut self, grace: Duration) -> Result<(), String> {
+        let name = self.name;
+        match self.child.try_wait() {
+            Ok(Some(status)) => {
+                return if status.success() {
+                    Ok(())
+                } else {
+                    Err(format!("{name} had already exited with {}", describe_status(status)))
+                };
+            }
+            Ok(None) => {}
+            Err(e) => return Err(format!("{name}: cannot check its status: {e}")),
+        }
+        let pid = self
+            .child
+            .id()
+            .and_then(|id| i32::try_from(id).ok())
+            .map(Pid::from_raw);
+        if let Some(pid) = pid {
+            if let Err(e) = signal::kill(pid, Signal::SIGTERM) {
+                tracing::debug!("SIGTERM to {name}: {e}");
+            }
+        }
+        match tokio::time::timeout(grace, self.child.wait()).await {
+            Ok(Ok(status)) if stopped_cleanly(status) => Ok(()),
+            Ok(Ok(status)) => Err(format!(
+                "{name} exited with {} (see {})",
+                describe_status(status),
+                self.log.display()
+            )),
+            Ok(Err(e)) => Err(format!("{name}: cannot wait for it: {e}")),
+            Err(_) => {
+                let killed = tokio::time::timeout(grace, self.child.kill()).await;
+                let how = match killed {
+                    Ok(Ok(())) => "killed it",
+                    Ok(Err(_)) | Err(_) => "and could not kill it",
+                };
+                Err(format!(
+                    "{name} did not stop within {} of SIGTERM; {how}",
+                    humantime::format_duration(grace)
+                ))
+            }
+        }
+    }
+}
+
+async fn read_ready_line(
+    reader: &mut BufReader<ChildStdout>,
+    prefix: &str,
+) -> std::io::Result<Option<String>> {
+    let mut line = Vec::new();
+    loop {
+        line.clear();
+        let n = (&mut *reader)
+            .take(READY_LINE_BYTES_MAX)
+            .read_until(b'\n', &mut line)
+            .await?;
+        if n == 0 {
+            return Ok(None);
+        }
+        let text = String::from_utf8_lossy(&line);
+        if let Some(rest) = text.trim_end().strip_prefix(prefix) {
+            return Ok(Some(rest.trim().to_string()));
+        }
+    }
+}
+
+/// Exited 0, or died of the `SIGTERM` it was sent.
+fn stopped_cleanly(status: ExitStatus) -> bool {
+    status.success() || status.signal() == Some(Signal::SIGTERM as i32)
+}
+
+fn describe_status(status: ExitStatus) -> String {
+    match (status.code(), status.signal()) {
+        (Some(code), _) => format!("exit code {code}"),
+        (None, Some(sig)) => match Signal::try_from(sig) {
+            Ok(s) => format!("signal {sig} ({})", s.as_str()),
+            Err(_) => format!("signal {sig}"),
+        },
+        (None, None) => status.to_string(),
+    }
+}
+
+/// A head listening on the unspecified address is reached through loopback.
+fn connectable(listening: &str) -> String {
+    match listening.parse::<std::net::SocketAddr>() {
+        Ok(sa) if sa.ip().is_unspecified() => {
+            let ip: std::net::IpAddr = if sa.is_ipv4() {
+                std::net::Ipv4Addr::LOCALHOST.into()
+            } else {
+                std::net::Ipv6Addr::LOCALHOST.into()
+            };
+            std::net::SocketAddr::new(ip, sa.port()).to_string()
+        }
+        _ => listening.to_string(),
+    }
+}
+
+fn create_dir(dir: &Path) -> Result<(), LocalError> {
+    std::fs::create_dir_all(dir).map_err(|source| LocalError::Io {
+        what: "cannot create",
+        path: dir.to_path_buf(),
+        source,
+    })
+}
+
+/// The last [`LOG_TAIL_LINES_MAX`] lines of at most [`LOG_TAIL_BYTES_MAX`] bytes of `log`,
+/// indented; a note when it cannot be read. Blocking, but only on a small local read.
+fn log_tail(log: &Path) -> String {
+    let read = || -> std::io::Result<String> {
+        let mut file = std::fs::File::open(log)?;
+        let len = file.metadata()?.len();
+        file.seek(SeekFrom::Start(len.saturating_sub(LOG_TAIL_BYTES_MAX)))?;
+        let mut bytes = Vec::new();
+        file.take(LOG_TAIL_BYTES_MAX).read_to_end(&mut bytes)?;
+        Ok(String::from_utf8_lossy(&bytes).into_owned())
+    };
+    match read() {
+        Ok(text) if text.trim().is_empty() => "    (the log is empty)".to_string(),
+        Ok(text) => {
+            let lines: Vec<&str> = text.lines().collect();
+            let start = lines.len().saturating_sub(LOG_TAIL_LINES_MAX);
+            lines[start..]
+                .iter()
+                .map(|l| format!("    {l}"))
+                .collect::<Vec<_>>()
+                .join("\n")
+        }
+        Err(e) => format!("    (cannot read the log: {e})"),
+    }
+}
+
+/// Finds `name` in `bin_dir` when given; otherwise next to the running executable (and in
+/// its parent when that is a `deps/` folder of test binaries), then on `PATH`.
+pub fn find_binary(name: &'static str, bin_dir: Option<&Path>) -> Result<PathBuf, LocalError> {
+    let mut dirs: Vec<PathBuf> = Vec::new();
+    let mut searched: Vec<String> = Vec::new();
+    if let Some(dir) = bin_dir {
+        dirs.push(dir.to_path_buf());
+        searched.push(dir.display().to_string());
+    } else {
+        if let Some(dir) = std::env::current_exe()
+            .ok()
+            .and_then(|exe| exe.parent().map(Path::to_path_buf))
+        {
+            searched.push(dir.display().to_string());
+            let parent = dir
+                .parent()
+                .filter(|_| dir.file_name().is_some_and(|n| n == "deps"))
+                .map(Path::to_path_buf);
+            dirs.push(dir);
+            dirs.extend(parent);
+        }
+        if let Some(path) = std::env::var_os("PATH") {
+            dirs.extend(std::env::split_paths(&path));
+        }
+        searched.push("PATH".to_string());
+    }
+    dirs.iter()
+        .map(|d| d.join(name))
+        .find(|p| is_executable(p))
+        .ok_or_else(|| LocalError::BinaryNotFound {
+            name,
+            searched: searched.join(" or "),
+        })
+}
+
+fn is_executable(path: &Path) -> bool {
+    std::fs::metadata(path).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+}
+
+/// Single-quotes `s` for a POSIX shell when it holds anything but safe characters.
+fn shell_quote(s: &str) -> String {
+    let safe = !s.is_empty()
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_./:[]@%+=,".contains(c));
+    if safe {
+        s.to_string()
+    } else {
+        format!("'{}'", s.replace('\'', r"'\''"))
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unspecified_listen_addresses_become_loopback() {
+        assert_eq!(connectable("0.0.0.0:7470"), "127.0.0.1:7470");
+        assert_eq!(connectable("[::]:7470"), "[::1]:7470");
+        assert_eq!(connectable("10.0.0.1:7470"), "10.0.0.1:7470");
+        assert_eq!(connectable("head:7470"), "head:7470");
+    }
+
+    #[test]
+    fn shell_quoting() {
+        assert_eq!(shell_quote("127.0.0.1:7470"), "127.0.0.1:7470");
+        assert_eq!(shell_quote("/tmp/a b/c"), "'/tmp/a b/c'");
+        assert_eq!(shell_quote("it's"), r"'it'\''s'");
+    }
+
+    #[test]
+    fn missing_binary_names_where_it_looked() {
+        let dir = tempfile::tempdir().unwrap();
+        let err = find_binary(HEAD_BINARY, Some(dir.path())).unwrap_err();
+        let text = err.to_string();
+        assert!(text.contains("flame-head"), "{text}");
+        assert!(text.contains(&dir.path().display().to_string()), "{text}");
+    }
+
+    #[test]
+    fn finds_an_executable_in_bin_dir() {
+        let dir = tempfile::tempdir().unwrap();
+        let bin = dir.path().join(NODE_BINARY);
+        std::fs::write(&bin, "#!/bin/sh\n").unwrap();
+        // Not executable yet: not found.
+        assert!(find_binary(NODE_BINARY, Some(dir.path())).is_err());
+        std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).unwrap();
+        assert_eq!(find_binary(NODE_BINARY, Some(dir.path())).unwrap(), bin);
+    }
+
+    #[test]
+    fn log_tail_keeps_the_last_lines() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("x.log");
+        let text: String = (0..100).map(|i| format!("line {i}\n")).collect();
+        std::fs::write(&log, text).unwrap();
+        let tail = log_tail(&log);
+        assert_eq!(tail.lines().count(), LOG_TAIL_LINES_MAX);
+        assert!(tail.ends_with("    line 99"), "{tail}");
+        assert!(log_tail(&dir.path().join("absent")).contains("cannot read"));
+    }
+
+    /// A fake head that prints its ready line is started, found ready, and stopped by
+    /// SIGTERM; one that exits early is reported with its status and log.
+    #[tokio::test]
+    async fn fake_children_start_and_stop() {
+        let dir = tempfile::tempdir().unwrap();
+        let script = dir.path().join("ready.sh");
+        std::fs::write(
+            &script,
+            "#!/bin/sh\necho starting >&2\necho 'flame-head listening on 127.0.0.1:9'\nexec sleep 60\n",
+        )
+        .unwrap();
+        std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let log = dir.path().join("head.log");
+        let mut m = Managed::spawn(HEAD_BINARY, &script, &[], &log).unwrap();
+        let rest = m
+            .wait_ready(HEAD_READY_PREFIX, Duration::from_secs(10))
+            .await
+            .unwrap();
+        assert_eq!(rest, "127.0.0.1:9");
+        m.stop(Duration::from_secs(5)).await.unwrap();
+
+        let failing = dir.path().join("fail.sh");
+        std::fs::write(&failing, "#!/bin/sh\necho 'bad config' >&2\nexit 3\n").unwrap();
+        std::fs::set_permissions(&failing, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let mut m = Managed::spawn(HEAD_BINARY, &failing, &[], &log).unwrap();
+        let err = m
+            .wait_ready(HEAD_READY_PREFIX, Duration::from_secs(10))
+            .await
+            .unwrap_err();
+        let text = err.to_string();
+        assert!(text.contains("exit code 3"), "{text}");
+        assert!(text.contains("bad config"), "{text}");
+    }
+}
