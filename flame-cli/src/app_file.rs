@@ -131,7 +131,8 @@ pub fn parse_app_file(text: &str, path: &Path) -> Result<ApplicationSpec, AppFil
     })?;
     let delay_release_ms = u64::try_from(delay.as_millis())
         .map_err(|_| invalid("delay_release", "is far too long".to_string()))?;
-    let command = resolve_command(&file.command, path).map_err(|reason| invalid("command", reason))?;
+    let command =
+        resolve_command(&file.command, path).map_err(|reason| invalid("command", reason))?;
     let spec = ApplicationSpec {
         name: file.name,
         shim: file.shim,
@@ -161,10 +162,12 @@ fn resolve_command(command: &str, app_file: &Path) -> Result<String, String> {
     let dir = file.parent().unwrap_or(Path::new("/"));
     // `components()` drops the interior `.` of `dir/./svc`.
     let resolved: PathBuf = dir.join(as_path).components().collect();
-    resolved
-        .into_os_string()
-        .into_string()
-        .map_err(|p| format!("resolved path {} is not valid UTF-8", Path::new(&p).display()))
+    resolved.into_os_string().into_string().map_err(|p| {
+        format!(
+            "resolved path {} is not valid UTF-8",
+            Path::new(&p).display()
+        )
+    })
 }
 
 /// A toml error as `line L, column C: message`. The message of a missing or unknown field
@@ -175,11 +178,7 @@ pub(crate) fn describe_toml_error(text: &str, err: &toml::de::Error) -> String {
         Some(span) if span.start <= text.len() => {
             let before = text.get(..span.start).unwrap_or("");
             let line = before.matches('\n').count() + 1;
-            let column = before
-                .rsplit('\n')
-                .next()
-                .map_or(0, |l| l.chars().count())
-                + 1;
+            let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
             format!("line {line}, column {column}: {message}")
         }
         _ => message.to_string(),
@@ -255,7 +254,10 @@ delay_release = "1m 30s"
             AppFileError::Invalid { source, .. } => assert_eq!(source.field, "delay_release"),
             other => panic!("unexpected {other:?}"),
         }
-        assert!(text.starts_with("/apps/pi.toml: field `delay_release`: "), "{text}");
+        assert!(
+            text.starts_with("/apps/pi.toml: field `delay_release`: "),
+            "{text}"
+        );
         assert!(text.contains("soon"), "{text}");
     }
 

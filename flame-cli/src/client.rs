@@ -78,13 +78,17 @@ impl Client {
         &self.inner.head_version
     }
 
-    /// Registers an application, or replaces the spec of one with the same name.
+    /// Registers an application; [`ErrorKind::AlreadyExists`](flame_protocol::model::ErrorKind)
+    /// when one with its name is registered.
     pub async fn register_application(
         &self,
         spec: ApplicationSpec,
     ) -> Result<ApplicationInfo, ClientError> {
         let name = spec.name.clone();
-        match self.request(ClientRequest::RegisterApplication(spec)).await? {
+        match self
+            .request(ClientRequest::RegisterApplication(spec))
+            .await?
+        {
             ClientResponse::Application(info) => Ok(info),
             // A head that only acknowledges is asked for the stored record.
             ClientResponse::Ok => self.get_application(&name).await,

@@ -250,7 +250,11 @@ mod tests {
     #[test]
     fn flags_win_over_env_and_files() {
         let dir = tempfile::tempdir().unwrap();
-        let file = write(dir.path(), "c.toml", "head = \"file:1\"\nca_file = \"/file.crt\"\n");
+        let file = write(
+            dir.path(),
+            "c.toml",
+            "head = \"file:1\"\nca_file = \"/file.crt\"\n",
+        );
         let flags = ConfigFlags {
             head: Some("flag:1".into()),
             ca_file: Some("/flag.crt".into()),
@@ -265,7 +269,11 @@ mod tests {
     #[test]
     fn env_wins_over_files_and_keys_resolve_independently() {
         let dir = tempfile::tempdir().unwrap();
-        let file = write(dir.path(), "c.toml", "head = \"file:1\"\nca_file = \"/file.crt\"\n");
+        let file = write(
+            dir.path(),
+            "c.toml",
+            "head = \"file:1\"\nca_file = \"/file.crt\"\n",
+        );
         let env = env_of(&[(ENV_HEAD, "env:1"), (ENV_CA_FILE, "")]);
         let c = ClientConfig::resolve_with(&ConfigFlags::default(), env, &[file]).unwrap();
         assert_eq!(c.head, "env:1");
@@ -308,7 +316,10 @@ mod tests {
         )
         .unwrap_err();
         let text = err.to_string();
-        assert!(matches!(err, ConfigError::Missing { key: "head", .. }), "{text}");
+        assert!(
+            matches!(err, ConfigError::Missing { key: "head", .. }),
+            "{text}"
+        );
         assert!(text.contains("--head"), "{text}");
         assert!(text.contains(ENV_HEAD), "{text}");
         assert!(text.contains(&file.display().to_string()), "{text}");
@@ -318,11 +329,17 @@ mod tests {
     fn broken_config_file_is_an_error_naming_it() {
         let dir = tempfile::tempdir().unwrap();
         let file = write(dir.path(), "bad.toml", "head = [\n");
-        let err =
-            ClientConfig::resolve_with(&ConfigFlags::default(), env_of(&[]), &[file.clone()])
-                .unwrap_err();
+        let err = ClientConfig::resolve_with(
+            &ConfigFlags::default(),
+            env_of(&[]),
+            std::slice::from_ref(&file),
+        )
+        .unwrap_err();
         assert!(matches!(err, ConfigError::Parse { .. }), "{err}");
-        assert!(err.to_string().contains(&file.display().to_string()), "{err}");
+        assert!(
+            err.to_string().contains(&file.display().to_string()),
+            "{err}"
+        );
     }
 
     #[test]

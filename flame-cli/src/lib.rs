@@ -41,6 +41,8 @@
 //! [`local::LocalCluster`] starts a head and a node on this machine, for tests, examples and
 //! `flame local`.
 
+#![warn(missing_docs)]
+
 pub mod app_file;
 pub mod batch;
 mod client;

@@ -457,7 +457,10 @@ impl Managed {
                 return if status.success() {
                     Ok(())
                 } else {
-                    Err(format!("{name} had already exited with {}", describe_status(status)))
+                    Err(format!(
+                        "{name} had already exited with {}",
+                        describe_status(status)
+                    ))
                 };
             }
             Ok(None) => {}

@@ -75,10 +75,9 @@ impl HeadConfig {
                 .data_dir
                 .or(file.data_dir)
                 .unwrap_or_else(|| PathBuf::from("/var/lib/flame/head")),
-            listen: args
-                .listen
-                .or(file.listen)
-                .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], flame_protocol::DEFAULT_HEAD_PORT))),
+            listen: args.listen.or(file.listen).unwrap_or_else(|| {
+                SocketAddr::from(([0, 0, 0, 0], flame_protocol::DEFAULT_HEAD_PORT))
+            }),
             tls_san,
             task_input_bytes_max,
         })

@@ -161,7 +161,6 @@ fn slot_of(tasks: &mut [TaskSlot], task: TaskId) -> Option<&mut TaskSlot> {
 }
 
 impl SessionEntry {
-
     fn info(&self, executors: u32) -> SessionInfo {
         SessionInfo {
             id: self.stored.id,
@@ -556,7 +555,10 @@ impl Core {
                 respond(reply, ClientResponse::Sessions(list));
             }
             ClientRequest::GetSession { id } => match self.sessions.get(&id) {
-                Some(s) => respond(reply, ClientResponse::Session(s.info(self.executors_of(id)))),
+                Some(s) => respond(
+                    reply,
+                    ClientResponse::Session(s.info(self.executors_of(id))),
+                ),
                 None => respond(reply, error(ErrorKind::NotFound, unknown_session(id))),
             },
             ClientRequest::CloseSession { id } => {
@@ -597,15 +599,13 @@ impl Core {
                     .collect();
                 respond(reply, ClientResponse::Nodes(list));
             }
-            ClientRequest::OpenSubmitStream { .. } | ClientRequest::WatchResults { .. } => {
-                respond(
-                    reply,
-                    error(
-                        ErrorKind::InvalidArgument,
-                        "streaming requests are not handled here".into(),
-                    ),
-                )
-            }
+            ClientRequest::OpenSubmitStream { .. } | ClientRequest::WatchResults { .. } => respond(
+                reply,
+                error(
+                    ErrorKind::InvalidArgument,
+                    "streaming requests are not handled here".into(),
+                ),
+            ),
         }
     }
 
@@ -679,7 +679,8 @@ impl Core {
             self.sessions.insert(id, entry);
             let _ = reply.send(ClientResponse::Session(info));
         } else {
-            self.batch_ops.push(StoreOp::PutSession(entry.stored.clone()));
+            self.batch_ops
+                .push(StoreOp::PutSession(entry.stored.clone()));
             self.batch_after.push(AfterCommit::AddSession {
                 entry: Box::new(entry),
                 reply,
@@ -834,12 +835,13 @@ impl Core {
         let _ = link.send(HeadToNode::Registered {
             heartbeat_interval_ms: limits::HEARTBEAT_INTERVAL.as_millis() as u64,
         });
-        self.batch_ops.push(StoreOp::PutNode(crate::store::StoredNode {
-            name: name.clone(),
-            cpus: registration.cpus,
-            memory_bytes: registration.memory_bytes,
-            last_seen_ms: now_ms,
-        }));
+        self.batch_ops
+            .push(StoreOp::PutNode(crate::store::StoredNode {
+                name: name.clone(),
+                cpus: registration.cpus,
+                memory_bytes: registration.memory_bytes,
+                last_seen_ms: now_ms,
+            }));
         self.conns.insert(conn, name.clone());
         self.nodes.insert(
             name.clone(),
@@ -978,7 +980,9 @@ impl Core {
         outcome: TaskOutcome,
         watch_out: &mut BTreeMap<SessionId, Vec<TaskResult>>,
     ) {
-        let Some(slot) = slot_of(&mut s.tasks, task) else { return };
+        let Some(slot) = slot_of(&mut s.tasks, task) else {
+            return;
+        };
         let ok = matches!(outcome, TaskOutcome::Succeeded(_));
         slot.slot = if ok { Slot::Succeeded } else { Slot::Failed };
         s.counts.running = s.counts.running.saturating_sub(1);
@@ -1005,7 +1009,9 @@ impl Core {
                 batch_id,
                 reply,
             } => {
-                let Some(s) = self.sessions.get_mut(&session) else { return };
+                let Some(s) = self.sessions.get_mut(&session) else {
+                    return;
+                };
                 s.unacked_batches = s.unacked_batches.saturating_sub(1);
                 let ok = result.is_ok();
                 for i in 0..u64::from(count) {
@@ -1044,7 +1050,9 @@ impl Core {
                 self.check_finished(session);
             }
             AfterCommit::FinishResults { session, results } => {
-                let Some(s) = self.sessions.get_mut(&session) else { return };
+                let Some(s) = self.sessions.get_mut(&session) else {
+                    return;
+                };
                 match result {
                     Ok(()) => {
                         for (task, attempt, outcome) in results {
@@ -1109,7 +1117,9 @@ impl Core {
     /// A closed session whose tasks are all final is finished: watchers are told, and its
     /// per-task memory is dropped.
     fn check_finished(&mut self, session: SessionId) {
-        let Some(s) = self.sessions.get_mut(&session) else { return };
+        let Some(s) = self.sessions.get_mut(&session) else {
+            return;
+        };
         if s.finished
             || s.stored.state != SessionState::Closed
             || s.counts.unfinished() > 0
@@ -1135,7 +1145,9 @@ impl Core {
     }
 
     fn node_lost(&mut self, name: &str, reason: &str) {
-        let Some(n) = self.nodes.get_mut(name) else { return };
+        let Some(n) = self.nodes.get_mut(name) else {
+            return;
+        };
         if let Some(conn) = n.conn.take() {
             self.conns.remove(&conn);
         }
@@ -1161,8 +1173,12 @@ impl Core {
     fn requeue(&mut self, tasks: Vec<(SessionId, TaskId)>, reason: &str) {
         let max = self.config.max_attempts;
         for (sid, tid) in tasks.into_iter().rev() {
-            let Some(s) = self.sessions.get_mut(&sid) else { continue };
-            let Some(slot) = slot_of(&mut s.tasks, tid) else { continue };
+            let Some(s) = self.sessions.get_mut(&sid) else {
+                continue;
+            };
+            let Some(slot) = slot_of(&mut s.tasks, tid) else {
+                continue;
+            };
             if !matches!(slot.slot, Slot::Running(_)) {
                 continue;
             }
@@ -1249,7 +1265,9 @@ impl Core {
     fn apply(&mut self, decision: Decision, now_ms: u64) {
         match decision {
             Decision::Launch { node, application } => {
-                let Some(spec) = self.apps.get(&application).cloned() else { return };
+                let Some(spec) = self.apps.get(&application).cloned() else {
+                    return;
+                };
                 let id = ExecutorId(self.next_executor);
                 self.next_executor += 1;
                 self.batch_ops.push(StoreOp::PutCounters {
@@ -1268,10 +1286,13 @@ impl Core {
                         quiet_since_ms: now_ms,
                     },
                 );
-                self.node_out.entry(node).or_default().push(NodeCommand::Launch {
-                    executor: id,
-                    application: spec,
-                });
+                self.node_out
+                    .entry(node)
+                    .or_default()
+                    .push(NodeCommand::Launch {
+                        executor: id,
+                        application: spec,
+                    });
             }
             Decision::Bind { executor, session } => {
                 let Some(common_data) = self
@@ -1281,7 +1302,9 @@ impl Core {
                 else {
                     return;
                 };
-                let Some(e) = self.executors.get_mut(&executor) else { return };
+                let Some(e) = self.executors.get_mut(&executor) else {
+                    return;
+                };
                 e.phase = ExecutorPhase::Binding;
                 e.session = Some(session);
                 self.node_out
@@ -1294,7 +1317,9 @@ impl Core {
                     });
             }
             Decision::Unbind { executor } => {
-                let Some(e) = self.executors.get_mut(&executor) else { return };
+                let Some(e) = self.executors.get_mut(&executor) else {
+                    return;
+                };
                 e.phase = ExecutorPhase::Unbinding;
                 self.node_out
                     .entry(e.node.clone())
@@ -1302,7 +1327,9 @@ impl Core {
                     .push(NodeCommand::Unbind { executor });
             }
             Decision::Release { executor } => {
-                let Some(e) = self.executors.get_mut(&executor) else { return };
+                let Some(e) = self.executors.get_mut(&executor) else {
+                    return;
+                };
                 e.phase = ExecutorPhase::Releasing;
                 self.node_out
                     .entry(e.node.clone())
@@ -1319,10 +1346,16 @@ impl Core {
                 continue;
             }
             let Some(sid) = e.session else { continue };
-            let Some(s) = self.sessions.get_mut(&sid) else { continue };
+            let Some(s) = self.sessions.get_mut(&sid) else {
+                continue;
+            };
             while (e.outstanding.len() as u32) < e.credit {
-                let Some(tid) = s.pending.pop_front() else { break };
-                let Some(slot) = slot_of(&mut s.tasks, tid) else { continue };
+                let Some(tid) = s.pending.pop_front() else {
+                    break;
+                };
+                let Some(slot) = slot_of(&mut s.tasks, tid) else {
+                    continue;
+                };
                 if slot.slot != Slot::Pending {
                     continue;
                 }
@@ -1443,7 +1476,8 @@ mod tests {
         }
 
         fn node(&mut self, message: NodeToHead) {
-            self.core.handle(Event::NodeMessage { conn: 1, message }, self.now);
+            self.core
+                .handle(Event::NodeMessage { conn: 1, message }, self.now);
             self.step();
         }
     }
@@ -1489,7 +1523,11 @@ mod tests {
         h.step();
         assert!(matches!(
             ack.try_recv(),
-            Ok(SubmitReply::Accepted { batch_id: 9, count: 1, .. })
+            Ok(SubmitReply::Accepted {
+                batch_id: 9,
+                count: 1,
+                ..
+            })
         ));
         let launch = h.commands();
         let executor = match &launch[..] {
@@ -1524,7 +1562,10 @@ mod tests {
         match watch.try_recv() {
             Ok(WatchMsg::Results(r)) => {
                 assert_eq!(r.len(), 1);
-                assert_eq!(r[0].outcome, TaskOutcome::Succeeded(Bytes::from_static(b"ok")));
+                assert_eq!(
+                    r[0].outcome,
+                    TaskOutcome::Succeeded(Bytes::from_static(b"ok"))
+                );
             }
             other => panic!("unexpected {other:?}"),
         }

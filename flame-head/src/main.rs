@@ -23,8 +23,12 @@ fn main() -> std::process::ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");
@@ -62,7 +66,10 @@ fn ping_application() -> ApplicationSpec {
 async fn run(args: config::Args) -> anyhow::Result<()> {
     let config = config::HeadConfig::resolve(args)?;
     std::fs::create_dir_all(&config.data_dir).with_context(|| {
-        format!("cannot create the data directory {}", config.data_dir.display())
+        format!(
+            "cannot create the data directory {}",
+            config.data_dir.display()
+        )
     })?;
     let store = store::Store::open(&config.data_dir)?;
     let loaded = store.load().context("cannot read the state")?;
@@ -84,7 +91,9 @@ async fn run(args: config::Args) -> anyhow::Result<()> {
         .context("cannot start the store writer")?;
 
     let endpoint = flame_protocol::endpoint::server(config.listen, certs, key)?;
-    let local = endpoint.local_addr().context("cannot read the bound address")?;
+    let local = endpoint
+        .local_addr()
+        .context("cannot read the bound address")?;
     // The one line on stdout: launchers (`flame local`, tests) wait for it.
     println!("flame-head listening on {local}");
     std::io::stdout().flush().ok();
@@ -102,7 +111,10 @@ async fn run(args: config::Args) -> anyhow::Result<()> {
 
 async fn shutdown_signal() {
     use tokio::signal::unix::{signal, SignalKind};
-    match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+    match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
         (Ok(mut term), Ok(mut int)) => {
             tokio::select! {
                 _ = term.recv() => {}

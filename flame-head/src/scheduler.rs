@@ -85,10 +85,20 @@ pub struct Snapshot {
 /// One thing to do.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Decision {
-    Launch { node: String, application: String },
-    Bind { executor: ExecutorId, session: SessionId },
-    Unbind { executor: ExecutorId },
-    Release { executor: ExecutorId },
+    Launch {
+        node: String,
+        application: String,
+    },
+    Bind {
+        executor: ExecutorId,
+        session: SessionId,
+    },
+    Unbind {
+        executor: ExecutorId,
+    },
+    Release {
+        executor: ExecutorId,
+    },
 }
 
 /// Splits `capacity` between demands: one each first, then in proportion, never giving one
@@ -109,7 +119,10 @@ pub fn proportional_targets(capacity: u64, demands: &[u64]) -> Vec<u64> {
     }
     open.retain(|&i| targets[i] < demands[i]);
     while remaining > 0 && !open.is_empty() {
-        let total: u128 = open.iter().map(|&i| u128::from(demands[i] - targets[i])).sum();
+        let total: u128 = open
+            .iter()
+            .map(|&i| u128::from(demands[i] - targets[i]))
+            .sum();
         let mut given = 0u64;
         let mut remainders: Vec<(u128, usize)> = Vec::with_capacity(open.len());
         for &i in &open {
@@ -201,13 +214,17 @@ pub fn schedule(snap: &Snapshot) -> Vec<Decision> {
 
     // 3a. Sessions over their target, or with nothing left to do, give executors back.
     for s in &snap.sessions {
-        let Some(list) = held.get(&s.id) else { continue };
+        let Some(list) = held.get(&s.id) else {
+            continue;
+        };
         let target = target_of.get(&s.id).copied().unwrap_or(0);
         let have = list.len() as u64;
         if have <= target {
             continue;
         }
-        let delay = apps.get(s.application.as_str()).map_or(0, |a| a.delay_release_ms);
+        let delay = apps
+            .get(s.application.as_str())
+            .map_or(0, |a| a.delay_release_ms);
         // Prefer giving back the executors with the least work outstanding.
         let mut order: Vec<&&ExecutorView> = list.iter().collect();
         order.sort_by_key(|e| (e.outstanding, e.id));
@@ -216,8 +233,8 @@ pub fn schedule(snap: &Snapshot) -> Vec<Decision> {
             if excess == 0 {
                 break;
             }
-            let quiet_long = e.outstanding == 0
-                && snap.now_ms.saturating_sub(e.quiet_since_ms) >= delay;
+            let quiet_long =
+                e.outstanding == 0 && snap.now_ms.saturating_sub(e.quiet_since_ms) >= delay;
             let give_back = if s.demand == 0 {
                 !s.open || someone_waits || quiet_long
             } else {
@@ -235,7 +252,10 @@ pub fn schedule(snap: &Snapshot) -> Vec<Decision> {
     let mut launching_by_app: HashMap<&str, u64> = HashMap::new();
     for e in &snap.executors {
         match e.phase {
-            ExecutorPhase::Idle => idle_by_app.entry(e.application.as_str()).or_default().push(e),
+            ExecutorPhase::Idle => idle_by_app
+                .entry(e.application.as_str())
+                .or_default()
+                .push(e),
             ExecutorPhase::Launching => {
                 *launching_by_app.entry(e.application.as_str()).or_default() += 1
             }
@@ -248,14 +268,23 @@ pub fn schedule(snap: &Snapshot) -> Vec<Decision> {
     }
     let mut free: BTreeMap<&str, u32> = ready
         .iter()
-        .map(|(name, n)| (*name, n.slots.saturating_sub(used.get(name).copied().unwrap_or(0))))
+        .map(|(name, n)| {
+            (
+                *name,
+                n.slots.saturating_sub(used.get(name).copied().unwrap_or(0)),
+            )
+        })
         .collect();
     let mut released: Vec<ExecutorId> = Vec::new();
     for (s, mut need) in under {
         let app_name = s.application.as_str();
-        let Some(app) = apps.get(app_name) else { continue };
+        let Some(app) = apps.get(app_name) else {
+            continue;
+        };
         while need > 0 {
-            let Some(e) = idle_by_app.get_mut(app_name).and_then(Vec::pop) else { break };
+            let Some(e) = idle_by_app.get_mut(app_name).and_then(Vec::pop) else {
+                break;
+            };
             decisions.push(Decision::Bind {
                 executor: e.id,
                 session: s.id,
@@ -308,7 +337,9 @@ pub fn schedule(snap: &Snapshot) -> Vec<Decision> {
             if released.contains(&e.id) {
                 continue;
             }
-            let delay = apps.get(e.application.as_str()).map_or(0, |a| a.delay_release_ms);
+            let delay = apps
+                .get(e.application.as_str())
+                .map_or(0, |a| a.delay_release_ms);
             if snap.now_ms.saturating_sub(e.quiet_since_ms) >= delay {
                 decisions.push(Decision::Release { executor: e.id });
             }
@@ -379,7 +410,9 @@ mod tests {
         };
         let d = schedule(&snap);
         assert_eq!(
-            d.iter().filter(|d| matches!(d, Decision::Launch { .. })).count(),
+            d.iter()
+                .filter(|d| matches!(d, Decision::Launch { .. }))
+                .count(),
             3
         );
     }

@@ -122,7 +122,10 @@ pub async fn serve(
             _ = &mut shutdown => break,
         }
     }
-    endpoint.close(quinn::VarInt::from_u32(CLOSE_SHUTDOWN), b"head shutting down");
+    endpoint.close(
+        quinn::VarInt::from_u32(CLOSE_SHUTDOWN),
+        b"head shutting down",
+    );
     let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
 }
 
@@ -140,7 +143,10 @@ enum ConnError {
     CoreGone,
 }
 
-async fn handle_connection(incoming: quinn::Incoming, shared: Arc<Shared>) -> Result<(), ConnError> {
+async fn handle_connection(
+    incoming: quinn::Incoming,
+    shared: Arc<Shared>,
+) -> Result<(), ConnError> {
     let conn = tokio::time::timeout(limits::CONNECT_TIMEOUT, incoming)
         .await
         .map_err(|_| ConnError::Timeout("the TLS handshake"))?
@@ -150,7 +156,9 @@ async fn handle_connection(incoming: quinn::Incoming, shared: Arc<Shared>) -> Re
         .map_err(|_| ConnError::Timeout("the hello stream"))??;
     let mut writer = FrameWriter::new(send, limits::FRAME_BYTES_MAX);
     let mut reader = FrameReader::new(recv, limits::FRAME_BYTES_MAX);
-    let hello = match tokio::time::timeout(limits::CONNECT_TIMEOUT, reader.read_required::<Hello>()).await {
+    let hello = match tokio::time::timeout(limits::CONNECT_TIMEOUT, reader.read_required::<Hello>())
+        .await
+    {
         Err(_) => return Err(ConnError::Timeout("the hello")),
         Ok(Err(e)) => {
             close_with(&conn, CLOSE_PROTOCOL_ERROR, &format!("bad hello: {e}"));
@@ -160,7 +168,11 @@ async fn handle_connection(incoming: quinn::Incoming, shared: Arc<Shared>) -> Re
     };
     if let Err(reason) = check_hello(&hello, &[Role::Client, Role::Node]) {
         tracing::warn!(remote = %conn.remote_address(), %reason, "hello refused");
-        let _ = writer.write(&HelloReply::Refused { reason: reason.clone() }).await;
+        let _ = writer
+            .write(&HelloReply::Refused {
+                reason: reason.clone(),
+            })
+            .await;
         let _ = writer.get_mut().finish();
         // Give the peer the chance to read the refusal before the connection closes.
         let _ = tokio::time::timeout(Duration::from_secs(2), conn.closed()).await;
@@ -195,7 +207,8 @@ async fn client_connection(conn: quinn::Connection, shared: Arc<Shared>) -> Resu
             let writer = FrameWriter::new(send, limits::FRAME_BYTES_MAX);
             let reader = FrameReader::new(recv, limits::FRAME_BYTES_MAX);
             if let Err(e) = client_stream(&conn, shared, writer, reader).await {
-                if let ConnError::Frame(FrameError::Malformed(_) | FrameError::TooLarge { .. }) = &e {
+                if let ConnError::Frame(FrameError::Malformed(_) | FrameError::TooLarge { .. }) = &e
+                {
                     // A malformed frame closes the connection, with the reason, and only it.
                     tracing::warn!(remote = %conn.remote_address(), error = %e, "closing connection");
                     close_with(&conn, CLOSE_PROTOCOL_ERROR, &e.to_string());
@@ -232,9 +245,12 @@ async fn client_stream(
     mut writer: Writer,
     mut reader: Reader,
 ) -> Result<(), ConnError> {
-    let request = tokio::time::timeout(limits::REQUEST_TIMEOUT, reader.read_required::<ClientRequest>())
-        .await
-        .map_err(|_| ConnError::Timeout("a request"))??;
+    let request = tokio::time::timeout(
+        limits::REQUEST_TIMEOUT,
+        reader.read_required::<ClientRequest>(),
+    )
+    .await
+    .map_err(|_| ConnError::Timeout("a request"))??;
     match request {
         ClientRequest::OpenSubmitStream { session } => {
             writer.write(&ClientResponse::Ok).await?;
@@ -378,10 +394,19 @@ async fn node_connection(
     mut writer: Writer,
     mut reader: Reader,
 ) -> Result<(), ConnError> {
-    let registration = match tokio::time::timeout(limits::CONNECT_TIMEOUT, reader.read_required::<NodeToHead>()).await {
+    let registration = match tokio::time::timeout(
+        limits::CONNECT_TIMEOUT,
+        reader.read_required::<NodeToHead>(),
+    )
+    .await
+    {
         Err(_) => return Err(ConnError::Timeout("the node registration")),
         Ok(Err(e)) => {
-            close_with(&conn, CLOSE_PROTOCOL_ERROR, &format!("bad registration: {e}"));
+            close_with(
+                &conn,
+                CLOSE_PROTOCOL_ERROR,
+                &format!("bad registration: {e}"),
+            );
             return Err(e.into());
         }
         Ok(Ok(NodeToHead::Register(r))) => r,
@@ -394,7 +419,9 @@ async fn node_connection(
     if let Err(e) = flame_protocol::model::validate_node_name(&registration.name) {
         let reason = format!("invalid node name: {e}");
         let _ = writer
-            .write(&flame_protocol::messages::HeadToNode::Refused { reason: reason.clone() })
+            .write(&flame_protocol::messages::HeadToNode::Refused {
+                reason: reason.clone(),
+            })
             .await;
         close_with(&conn, CLOSE_REFUSED, &reason);
         return Err(ConnError::Handshake(reason));
@@ -419,7 +446,11 @@ async fn node_connection(
                 return;
             }
         }
-        close_with(&writer_conn, CLOSE_NODE_LOST, "the head declared this node lost");
+        close_with(
+            &writer_conn,
+            CLOSE_NODE_LOST,
+            "the head declared this node lost",
+        );
     });
     let reason = loop {
         match reader.read::<NodeToHead>().await {

@@ -36,9 +36,7 @@ pub const GROUP_COMMIT_BYTES_MAX: usize = 64 * 1024 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    #[error(
-        "the data directory {dir} is in use by another flame-head (the redb file is locked)"
-    )]
+    #[error("the data directory {dir} is in use by another flame-head (the redb file is locked)")]
     Locked { dir: PathBuf },
     #[error("cannot open the state file {path}: {source}")]
     Open {
@@ -389,7 +387,11 @@ mod tests {
                 },
                 StoreOp::FinishTasks {
                     session: SessionId(1),
-                    results: vec![(TaskId(2), 1, TaskOutcome::Succeeded(Bytes::from_static(b"B")))],
+                    results: vec![(
+                        TaskId(2),
+                        1,
+                        TaskOutcome::Succeeded(Bytes::from_static(b"B")),
+                    )],
                 },
             ])
             .unwrap();
@@ -407,7 +409,10 @@ mod tests {
         {
             let db = Database::create(dir.path().join("state.redb")).unwrap();
             let txn = db.begin_write().unwrap();
-            txn.open_table(META).unwrap().insert(META_SCHEMA, 99).unwrap();
+            txn.open_table(META)
+                .unwrap()
+                .insert(META_SCHEMA, 99)
+                .unwrap();
             txn.commit().unwrap();
         }
         assert!(matches!(

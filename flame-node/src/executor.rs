@@ -60,8 +60,8 @@ pub struct LaunchSpec {
 #[derive(Debug)]
 pub struct Handle {
     pub commands: mpsc::UnboundedSender<Command>,
-    /// Dropping or firing it kills the process at once.
-    pub kill: oneshot::Sender<()>,
+    /// Held, never fired: dropping the handle kills the process at once.
+    pub _kill: oneshot::Sender<()>,
 }
 
 /// Starts an executor task. It reports `Ready`, results and finally `Exited` on `reports`,
@@ -82,13 +82,19 @@ pub fn spawn(
         }));
         let _ = gone.send(id);
     });
-    Handle { commands, kill }
+    Handle {
+        commands,
+        _kill: kill,
+    }
 }
 
 type Tail = Arc<Mutex<VecDeque<String>>>;
 
 fn tail_text(tail: &Tail) -> String {
-    let lines = tail.lock().map(|t| t.iter().cloned().collect::<Vec<_>>()).unwrap_or_default();
+    let lines = tail
+        .lock()
+        .map(|t| t.iter().cloned().collect::<Vec<_>>())
+        .unwrap_or_default();
     if lines.is_empty() {
         String::new()
     } else {
@@ -111,7 +117,11 @@ async fn drive(
         .env("FLAME_EXECUTOR_ID", id.to_string())
         .env("FLAME_NODE", &spec.node_name)
         .env("FLAME_APPLICATION", &app.name)
-        .current_dir(app.working_dir.as_ref().map_or(spec.work_dir.clone(), PathBuf::from))
+        .current_dir(
+            app.working_dir
+                .as_ref()
+                .map_or(spec.work_dir.clone(), PathBuf::from),
+        )
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

@@ -2,9 +2,9 @@
 //!
 //! ```text
 //! Void ──ready──► Idle ──bind──► Binding ──entered──► Bound ──unbind──► Unbinding ──left──► Idle
-//!                  └──release──► Releasing ──exited──► Released
+//!                  └──release──► Releasing
 //! ```
-//! Any state goes to Released when the process dies. The driver asks this module whether a
+//! Any state ends when the process dies; the driver then reports the executor as exited. The driver asks this module whether a
 //! command is allowed before it touches the process, so a confused head cannot make an
 //! executor run a task outside a session.
 
@@ -20,7 +20,6 @@ pub enum Phase {
     Bound(SessionId),
     Unbinding(SessionId),
     Releasing,
-    Released,
 }
 
 /// What happens to an executor.
@@ -34,7 +33,6 @@ pub enum Input {
     Unbind,
     Left,
     Release,
-    Exited,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -50,7 +48,6 @@ impl Phase {
         use Input as I;
         use Phase as P;
         let next = match (self, input) {
-            (_, I::Exited) => P::Released,
             (P::Void, I::AppReady) => P::Idle,
             (P::Idle, I::Bind(s)) => P::Binding(s),
             (P::Binding(s), I::Entered) => P::Bound(s),
@@ -84,11 +81,10 @@ mod tests {
             Input::Unbind,
             Input::Left,
             Input::Release,
-            Input::Exited,
         ] {
             p = p.next(input).unwrap();
         }
-        assert_eq!(p, Phase::Released);
+        assert_eq!(p, Phase::Releasing);
     }
 
     #[test]

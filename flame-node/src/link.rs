@@ -95,19 +95,22 @@ async fn serve_once(endpoint: &quinn::Endpoint, config: &NodeConfig) -> Result<(
         memory_bytes: config.memory_bytes,
     }))
     .await?;
-    let heartbeat = match tokio::time::timeout(limits::CONNECT_TIMEOUT, recv.read_required::<HeadToNode>()).await {
-        Err(_) => return Err(LinkError::Lost("no answer to the registration".into())),
-        Ok(Err(e)) => return Err(e.into()),
-        Ok(Ok(HeadToNode::Registered {
-            heartbeat_interval_ms,
-        })) => Duration::from_millis(heartbeat_interval_ms.clamp(100, 60_000)),
-        Ok(Ok(HeadToNode::Refused { reason })) => return Err(LinkError::Refused(reason)),
-        Ok(Ok(other)) => {
-            return Err(LinkError::Lost(format!(
-                "expected a registration answer, got {other:?}"
-            )))
-        }
-    };
+    let heartbeat =
+        match tokio::time::timeout(limits::CONNECT_TIMEOUT, recv.read_required::<HeadToNode>())
+            .await
+        {
+            Err(_) => return Err(LinkError::Lost("no answer to the registration".into())),
+            Ok(Err(e)) => return Err(e.into()),
+            Ok(Ok(HeadToNode::Registered {
+                heartbeat_interval_ms,
+            })) => Duration::from_millis(heartbeat_interval_ms.clamp(100, 60_000)),
+            Ok(Ok(HeadToNode::Refused { reason })) => return Err(LinkError::Refused(reason)),
+            Ok(Ok(other)) => {
+                return Err(LinkError::Lost(format!(
+                    "expected a registration answer, got {other:?}"
+                )))
+            }
+        };
     // Launchers (`flame local`, tests) wait for this line.
     println!("flame-node registered as {}", config.name);
     tracing::info!(name = %config.name, head = %config.head, "registered with the head");
@@ -265,4 +268,3 @@ async fn write_reports(
         }
     }
 }
-

@@ -156,7 +156,9 @@ pub fn split_host_port(addr: &str) -> Result<(String, u16), EndpointError> {
         }
         _ if addr.is_empty() => Err(bad("the address is empty")),
         _ => Ok((
-            addr.trim_start_matches('[').trim_end_matches(']').to_string(),
+            addr.trim_start_matches('[')
+                .trim_end_matches(']')
+                .to_string(),
             crate::DEFAULT_HEAD_PORT,
         )),
     }
@@ -252,7 +254,11 @@ async fn connect_inner(
     })
     .await
     .map_err(handshake)?;
-    match recv.read_required::<HelloReply>().await.map_err(handshake)? {
+    match recv
+        .read_required::<HelloReply>()
+        .await
+        .map_err(handshake)?
+    {
         HelloReply::Welcome { head_version } => Ok(Greeted {
             connection,
             send,
@@ -286,7 +292,10 @@ mod tests {
 
     #[test]
     fn host_port_forms() {
-        assert_eq!(split_host_port("127.0.0.1:9").unwrap(), ("127.0.0.1".into(), 9));
+        assert_eq!(
+            split_host_port("127.0.0.1:9").unwrap(),
+            ("127.0.0.1".into(), 9)
+        );
         assert_eq!(split_host_port("[::1]:9").unwrap(), ("::1".into(), 9));
         assert_eq!(split_host_port("head:80").unwrap(), ("head".into(), 80));
         assert_eq!(

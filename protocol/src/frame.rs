@@ -182,7 +182,10 @@ mod tests {
         encode_into(&"hello".to_string(), &mut bytes, 1024).unwrap();
         bytes.pop();
         let mut r = FrameReader::new(&bytes[..], 1024);
-        assert!(matches!(r.read::<String>().await, Err(FrameError::Truncated)));
+        assert!(matches!(
+            r.read::<String>().await,
+            Err(FrameError::Truncated)
+        ));
     }
 
     #[test]

@@ -21,8 +21,8 @@
 
 use crate::ids::{ExecutorId, SessionId, TaskId};
 use crate::model::{
-    ApiError, ApplicationInfo, ApplicationSpec, NodeInfo, SessionInfo, SessionSpec,
-    TaskAssignment, TaskOutcome, TaskResult,
+    ApiError, ApplicationInfo, ApplicationSpec, NodeInfo, SessionInfo, SessionSpec, TaskAssignment,
+    TaskOutcome, TaskResult,
 };
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
@@ -55,17 +55,29 @@ pub enum HelloReply {
 pub enum ClientRequest {
     RegisterApplication(ApplicationSpec),
     ListApplications,
-    GetApplication { name: String },
+    GetApplication {
+        name: String,
+    },
     /// Refused while a session of the application is unfinished.
-    RemoveApplication { name: String },
+    RemoveApplication {
+        name: String,
+    },
     CreateSession(SessionSpec),
     ListSessions,
-    GetSession { id: SessionId },
+    GetSession {
+        id: SessionId,
+    },
     /// Allowed while tasks are pending; the session finishes when they do.
-    CloseSession { id: SessionId },
+    CloseSession {
+        id: SessionId,
+    },
     ListNodes,
-    OpenSubmitStream { session: SessionId },
-    WatchResults { session: SessionId },
+    OpenSubmitStream {
+        session: SessionId,
+    },
+    WatchResults {
+        session: SessionId,
+    },
 }
 
 /// The head's answer to a [`ClientRequest`].

@@ -134,7 +134,10 @@ mod tests {
 
     #[test]
     fn check_accepts_its_own_replies() {
-        assert_eq!(check_reply(b"abc", &reply(b"abc", "n1", "42")), ok("n1", "42"));
+        assert_eq!(
+            check_reply(b"abc", &reply(b"abc", "n1", "42")),
+            ok("n1", "42")
+        );
         assert_eq!(check_reply(b"", &reply(b"", "n1", "42")), ok("n1", "42"));
         let big = vec![0xffu8; 1 << 20];
         assert_eq!(check_reply(&big, &reply(&big, "h", "e")), ok("h", "e"));

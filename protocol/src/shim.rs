@@ -21,8 +21,6 @@
 //! never reads, writes or waits. The node side (`flame-shims::node`) and the application side
 //! (`flame-shims::service`) wrap it in their own I/O.
 
-use bytes::Bytes;
-
 /// Largest frame (type byte + body) either side accepts by default.
 ///
 /// Equal to [`crate::limits::FRAME_BYTES_MAX`]; it bounds one task input or output plus a few
@@ -105,7 +103,9 @@ pub enum ShimFrameError {
     #[error("unknown shim frame type {0:#04x}")]
     UnknownType(u8),
     /// The body ended before a field it must hold.
-    #[error("shim frame {frame_type:#04x} is truncated: {field} needs {needed} bytes, {available} left")]
+    #[error(
+        "shim frame {frame_type:#04x} is truncated: {field} needs {needed} bytes, {available} left"
+    )]
     Truncated {
         /// Type byte of the frame.
         frame_type: u8,
@@ -131,21 +131,21 @@ pub enum ShimFrameError {
 
 /// A frame the node sends to the application.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum NodeFrame {
+pub enum NodeFrame<'a> {
     /// `0x01`: bind to a session; the application answers [`AppFrame::Ready`] or
     /// [`AppFrame::Error`].
     SessionEnter {
         /// The session being entered.
         session_id: u64,
         /// The session's common data (may be empty).
-        common_data: Bytes,
+        common_data: &'a [u8],
     },
     /// `0x02`: run one task; the application answers [`AppFrame::TaskResult`].
     TaskInvoke {
         /// The task, echoed in the result.
         task_id: u64,
         /// The task's input.
-        input: Bytes,
+        input: &'a [u8],
     },
     /// `0x03`: unbind from the session; the application answers [`AppFrame::Ready`] or
     /// [`AppFrame::Error`].
@@ -154,7 +154,7 @@ pub enum NodeFrame {
 
 /// A frame the application sends to the node.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum AppFrame {
+pub enum AppFrame<'a> {
     /// `0x81`: sent once after start-up and after each completed enter or leave.
     Ready,
     /// `0x82`: the outcome of a [`NodeFrame::TaskInvoke`].
@@ -164,16 +164,16 @@ pub enum AppFrame {
         /// Whether the payload is output or an error message.
         status: ResultStatus,
         /// The output, or a UTF-8 error message.
-        payload: Bytes,
+        payload: &'a [u8],
     },
     /// `0x83`: a session enter or leave failed; the node then stops the executor.
     Error {
         /// A UTF-8 message saying why.
-        message: Bytes,
+        message: &'a [u8],
     },
 }
 
-impl NodeFrame {
+impl<'a> NodeFrame<'a> {
     /// The frame's type byte.
     pub fn frame_type(&self) -> u8 {
         match self {
@@ -228,17 +228,17 @@ impl NodeFrame {
     /// Decodes the body of a frame of type `frame_type` (the bytes after the type byte).
     ///
     /// `max` bounds type byte + body, as the length prefix does.
-    pub fn decode(frame_type: u8, body: &[u8], max: usize) -> Result<Self, ShimFrameError> {
+    pub fn decode(frame_type: u8, body: &'a [u8], max: usize) -> Result<Self, ShimFrameError> {
         check_len(body, max)?;
         let mut r = BodyReader::new(frame_type, body);
         let frame = match frame_type {
             frame_type::SESSION_ENTER => NodeFrame::SessionEnter {
                 session_id: r.u64("session_id")?,
-                common_data: Bytes::copy_from_slice(r.byte_string("common_data")?),
+                common_data: r.byte_string("common_data")?,
             },
             frame_type::TASK_INVOKE => NodeFrame::TaskInvoke {
                 task_id: r.u64("task_id")?,
-                input: Bytes::copy_from_slice(r.byte_string("input")?),
+                input: r.byte_string("input")?,
             },
             frame_type::SESSION_LEAVE => NodeFrame::SessionLeave,
             other => return Err(ShimFrameError::UnknownType(other)),
@@ -248,7 +248,7 @@ impl NodeFrame {
     }
 }
 
-impl AppFrame {
+impl<'a> AppFrame<'a> {
     /// The frame's type byte.
     pub fn frame_type(&self) -> u8 {
         match self {
@@ -302,7 +302,7 @@ impl AppFrame {
     /// Decodes the body of a frame of type `frame_type` (the bytes after the type byte).
     ///
     /// `max` bounds type byte + body, as the length prefix does.
-    pub fn decode(frame_type: u8, body: &[u8], max: usize) -> Result<Self, ShimFrameError> {
+    pub fn decode(frame_type: u8, body: &'a [u8], max: usize) -> Result<Self, ShimFrameError> {
         check_len(body, max)?;
         let mut r = BodyReader::new(frame_type, body);
         let frame = match frame_type {
@@ -315,11 +315,11 @@ impl AppFrame {
                 AppFrame::TaskResult {
                     task_id,
                     status,
-                    payload: Bytes::copy_from_slice(r.byte_string("payload")?),
+                    payload: r.byte_string("payload")?,
                 }
             }
             frame_type::ERROR => AppFrame::Error {
-                message: Bytes::copy_from_slice(r.byte_string("message")?),
+                message: r.byte_string("message")?,
             },
             other => return Err(ShimFrameError::UnknownType(other)),
         };
@@ -330,7 +330,10 @@ impl AppFrame {
 
 /// Checks a frame's length prefix against `max` and returns how many bytes follow it (type
 /// byte + body), so a reader can refuse a hostile length before allocating.
-pub fn parse_length(prefix: [u8; LENGTH_PREFIX_BYTES], max: usize) -> Result<usize, ShimFrameError> {
+pub fn parse_length(
+    prefix: [u8; LENGTH_PREFIX_BYTES],
+    max: usize,
+) -> Result<usize, ShimFrameError> {
     // u32 always fits usize on the 32- and 64-bit targets Flame builds for; saturating keeps
     // a hypothetical 16-bit target from wrapping into a small, accepted length.
     let len = usize::try_from(u32::from_le_bytes(prefix)).unwrap_or(usize::MAX);
@@ -495,7 +498,7 @@ mod tests {
     fn layout_matches_the_documented_hex_dumps() {
         let invoke = NodeFrame::TaskInvoke {
             task_id: 7,
-            input: Bytes::from_static(b"hi"),
+            input: b"hi",
         };
         assert_eq!(
             encoded_node(&invoke),
@@ -509,14 +512,14 @@ mod tests {
         let result = AppFrame::TaskResult {
             task_id: 7,
             status: ResultStatus::Ok,
-            payload: Bytes::from_static(b"HI!"),
+            payload: b"HI!",
         };
         assert_eq!(
             encoded_app(&result),
             [
                 0x11, 0x00, 0x00, 0x00, // length 17
                 0x82, // TaskResult
-                0x07, 0, 0, 0, 0, 0, 0, 0, // task_id 7
+                0x07, 0, 0, 0, 0, 0, 0, 0,    // task_id 7
                 0x00, // status ok
                 0x03, 0x00, 0x00, 0x00, b'H', b'I', b'!', // payload "HI!"
             ]
@@ -546,13 +549,16 @@ mod tests {
     fn truncated_and_trailing_bodies_are_refused() {
         let full = encoded_node(&NodeFrame::SessionEnter {
             session_id: 3,
-            common_data: Bytes::from_static(b"abc"),
+            common_data: b"abc",
         });
         let body = &full[LENGTH_PREFIX_BYTES + 1..];
         for cut in 0..body.len() {
             assert!(matches!(
                 NodeFrame::decode(frame_type::SESSION_ENTER, &body[..cut], 1024),
-                Err(ShimFrameError::Truncated { frame_type: 0x01, .. })
+                Err(ShimFrameError::Truncated {
+                    frame_type: 0x01,
+                    ..
+                })
             ));
         }
         let mut longer = body.to_vec();
@@ -623,65 +629,95 @@ mod tests {
     #[test]
     fn split_frame_waits_for_whole_frames() {
         let mut stream = encoded_app(&AppFrame::Ready);
-        stream.extend(encoded_app(&AppFrame::Error {
-            message: Bytes::from_static(b"no"),
-        }));
+        stream.extend(encoded_app(&AppFrame::Error { message: b"no" }));
         for cut in 0..5 {
             assert_eq!(split_frame(&stream[..cut], 64), Ok(None));
         }
         let first = split_frame(&stream, 64).unwrap().unwrap();
-        assert_eq!((first.frame_type, first.body, first.consumed), (0x81, &[][..], 5));
+        assert_eq!(
+            (first.frame_type, first.body, first.consumed),
+            (0x81, &[][..], 5)
+        );
         let rest = &stream[first.consumed..];
         assert_eq!(split_frame(&rest[..rest.len() - 1], 64), Ok(None));
         let second = split_frame(rest, 64).unwrap().unwrap();
         assert_eq!(
             AppFrame::decode(second.frame_type, second.body, 64),
-            Ok(AppFrame::Error {
-                message: Bytes::from_static(b"no")
-            })
+            Ok(AppFrame::Error { message: b"no" })
         );
         assert_eq!(second.consumed, rest.len());
     }
 
-    fn bytes_strategy() -> impl Strategy<Value = Bytes> {
-        prop::collection::vec(any::<u8>(), 0..256).prop_map(Bytes::from)
+    /// Owned frames for proptest to generate; the codec's frames borrow from these.
+    #[derive(Debug, Clone)]
+    enum Owned {
+        Enter(u64, Vec<u8>),
+        Invoke(u64, Vec<u8>),
+        Leave,
+        Ready,
+        Result(u64, bool, Vec<u8>),
+        Error(Vec<u8>),
     }
 
-    fn node_frame_strategy() -> impl Strategy<Value = NodeFrame> {
-        prop_oneof![
-            (any::<u64>(), bytes_strategy()).prop_map(|(session_id, common_data)| {
-                NodeFrame::SessionEnter {
-                    session_id,
+    impl Owned {
+        fn node(&self) -> Option<NodeFrame<'_>> {
+            match self {
+                Owned::Enter(session_id, common_data) => Some(NodeFrame::SessionEnter {
+                    session_id: *session_id,
                     common_data,
-                }
-            }),
-            (any::<u64>(), bytes_strategy())
-                .prop_map(|(task_id, input)| NodeFrame::TaskInvoke { task_id, input }),
-            Just(NodeFrame::SessionLeave),
-        ]
-    }
+                }),
+                Owned::Invoke(task_id, input) => Some(NodeFrame::TaskInvoke {
+                    task_id: *task_id,
+                    input,
+                }),
+                Owned::Leave => Some(NodeFrame::SessionLeave),
+                _ => None,
+            }
+        }
 
-    fn app_frame_strategy() -> impl Strategy<Value = AppFrame> {
-        prop_oneof![
-            Just(AppFrame::Ready),
-            (any::<u64>(), any::<bool>(), bytes_strategy()).prop_map(|(task_id, ok, payload)| {
-                AppFrame::TaskResult {
-                    task_id,
-                    status: if ok {
+        fn app(&self) -> Option<AppFrame<'_>> {
+            match self {
+                Owned::Ready => Some(AppFrame::Ready),
+                Owned::Result(task_id, ok, payload) => Some(AppFrame::TaskResult {
+                    task_id: *task_id,
+                    status: if *ok {
                         ResultStatus::Ok
                     } else {
                         ResultStatus::Error
                     },
                     payload,
-                }
-            }),
-            bytes_strategy().prop_map(|message| AppFrame::Error { message }),
+                }),
+                Owned::Error(message) => Some(AppFrame::Error { message }),
+                _ => None,
+            }
+        }
+    }
+
+    fn bytes_strategy() -> impl Strategy<Value = Vec<u8>> {
+        prop::collection::vec(any::<u8>(), 0..256)
+    }
+
+    fn node_frame_strategy() -> impl Strategy<Value = Owned> {
+        prop_oneof![
+            (any::<u64>(), bytes_strategy()).prop_map(|(id, data)| Owned::Enter(id, data)),
+            (any::<u64>(), bytes_strategy()).prop_map(|(id, input)| Owned::Invoke(id, input)),
+            Just(Owned::Leave),
+        ]
+    }
+
+    fn app_frame_strategy() -> impl Strategy<Value = Owned> {
+        prop_oneof![
+            Just(Owned::Ready),
+            (any::<u64>(), any::<bool>(), bytes_strategy())
+                .prop_map(|(id, ok, payload)| Owned::Result(id, ok, payload)),
+            bytes_strategy().prop_map(Owned::Error),
         ]
     }
 
     proptest! {
         #[test]
         fn node_frames_round_trip(frames in prop::collection::vec(node_frame_strategy(), 0..8)) {
+            let frames: Vec<NodeFrame<'_>> = frames.iter().filter_map(Owned::node).collect();
             let mut stream = Vec::new();
             for f in &frames {
                 f.encode(&mut stream).unwrap();
@@ -697,6 +733,7 @@ mod tests {
 
         #[test]
         fn app_frames_round_trip(frames in prop::collection::vec(app_frame_strategy(), 0..8)) {
+            let frames: Vec<AppFrame<'_>> = frames.iter().filter_map(Owned::app).collect();
             let mut stream = Vec::new();
             for f in &frames {
                 f.encode(&mut stream).unwrap();
@@ -732,7 +769,7 @@ mod tests {
             // Random bytes rarely look like a frame; flipping bytes of a real one reaches the
             // field decoders far more often.
             let mut buf = Vec::new();
-            frame.encode(&mut buf).unwrap();
+            frame.app().unwrap().encode(&mut buf).unwrap();
             for (at, byte) in flips {
                 let i = at.index(buf.len());
                 buf[i] = byte;

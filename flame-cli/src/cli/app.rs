@@ -1,0 +1,186 @@
+//! `flame app ...`
+
+use super::hint::ResultExt as _;
+use super::render::{self, number, text, OutputArgs, OutputFormat};
+use super::GlobalArgs;
+use anyhow::Context as _;
+use clap::Subcommand;
+use flame_client::app_file::load_app_file;
+use flame_protocol::model::{ApplicationInfo, ErrorKind};
+use std::path::PathBuf;
+use std::time::Duration;
+
+#[derive(Debug, Subcommand)]
+pub enum AppCommand {
+    /// Register an application from a TOML file
+    Register {
+        /// The application file: name, command, and optionally shim, args, env, working_dir, max_instances, delay_release
+        file: PathBuf,
+    },
+    /// List registered applications
+    List(OutputArgs),
+    /// Show one application
+    Show {
+        name: String,
+        #[command(flatten)]
+        output: OutputArgs,
+    },
+    /// Remove an application that has no unfinished session
+    Remove { name: String },
+}
+
+pub async fn run(global: &GlobalArgs, cmd: AppCommand) -> anyhow::Result<()> {
+    match cmd {
+        AppCommand::Register { file } => {
+            // The file is checked before connecting, so its mistakes show without a head.
+            let spec = load_app_file(&file)?;
+            let name = spec.name.clone();
+            let info = super::with_client(global, |client| async move {
+                match client.register_application(spec).await {
+                    Err(e) if e.kind() == Some(ErrorKind::AlreadyExists) => Err(e).hint(
+                        "`flame app remove NAME` first; an application with unfinished sessions cannot be removed",
+                    ),
+                    other => other.with_context(|| format!("cannot register {}", file.display())),
+                }
+            })
+            .await?;
+            println!(
+                "Application `{name}` registered: {}",
+                command_line(&info)
+            );
+            Ok(())
+        }
+        AppCommand::List(out) => {
+            let apps = super::with_client(global, |client| async move {
+                Ok(client.list_applications().await?)
+            })
+            .await?;
+            match out.output {
+                OutputFormat::Json => render::print_json(&apps),
+                OutputFormat::Table if apps.is_empty() => {
+                    println!("No applications are registered.");
+                    Ok(())
+                }
+                OutputFormat::Table => {
+                    print_list(&apps);
+                    Ok(())
+                }
+            }
+        }
+        AppCommand::Show { name, output } => {
+            let info = super::with_client(global, |client| async move {
+                Ok(client.get_application(&name).await?)
+            })
+            .await?;
+            match output.output {
+                OutputFormat::Json => render::print_json(&info),
+                OutputFormat::Table => {
+                    print_one(&info);
+                    Ok(())
+                }
+            }
+        }
+        AppCommand::Remove { name } => {
+            super::with_client(global, |client| async move {
+                let removed = client.remove_application(&name).await;
+                match removed {
+                    Err(e) if e.kind() == Some(ErrorKind::FailedPrecondition) => Err(e).hint(
+                        "close its sessions first (`flame session list`, `flame session close ID`) and wait until they finish",
+                    ),
+                    other => Ok(other?),
+                }?;
+                println!("Application `{name}` removed.");
+                Ok(())
+            })
+            .await
+        }
+    }
+}
+
+fn command_line(info: &ApplicationInfo) -> String {
+    let spec = &info.spec;
+    std::iter::once(spec.command.as_str())
+        .chain(spec.args.iter().map(String::as_str))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+fn delay(ms: u64) -> String {
+    humantime::format_duration(Duration::from_millis(ms)).to_string()
+}
+
+fn shim(info: &ApplicationInfo) -> String {
+    // The serde name (`stdio`) is what users write in application files.
+    serde_json::to_value(info.spec.shim)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_string))
+        .unwrap_or_else(|| format!("{:?}", info.spec.shim))
+}
+
+fn print_list(apps: &[ApplicationInfo]) {
+    let columns = [
+        text("Name"),
+        text("Shim"),
+        text("Command"),
+        number("Max"),
+        text("Delay release"),
+        number("Executors"),
+        number("Open sessions"),
+    ];
+    let rows = apps
+        .iter()
+        .map(|a| {
+            vec![
+                a.spec.name.clone(),
+                shim(a),
+                command_line(a),
+                render::group(u64::from(a.spec.max_instances)),
+                delay(a.spec.delay_release_ms),
+                render::group(u64::from(a.executors)),
+                render::group(u64::from(a.open_sessions)),
+            ]
+        })
+        .collect();
+    render::print_table(&columns, rows);
+}
+
+fn print_one(info: &ApplicationInfo) {
+    let spec = &info.spec;
+    let env = if spec.env.is_empty() {
+        "-".to_string()
+    } else {
+        spec.env
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    render::print_fields(vec![
+        ("Name", spec.name.clone()),
+        ("Shim", shim(info)),
+        ("Command", spec.command.clone()),
+        (
+            "Args",
+            if spec.args.is_empty() {
+                "-".into()
+            } else {
+                spec.args.join(" ")
+            },
+        ),
+        ("Env", env),
+        (
+            "Working dir",
+            spec.working_dir.clone().unwrap_or_else(|| "-".into()),
+        ),
+        (
+            "Max instances",
+            render::group(u64::from(spec.max_instances)),
+        ),
+        ("Delay release", delay(spec.delay_release_ms)),
+        ("Executors", render::group(u64::from(info.executors))),
+        (
+            "Open sessions",
+            render::group(u64::from(info.open_sessions)),
+        ),
+    ]);
+}

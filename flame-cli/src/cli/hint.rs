@@ -1,0 +1,180 @@
+//! `error: ...` / `hint: ...` reporting.
+//!
+//! A command attaches a hint where it knows what the user should do
+//! ([`ResultExt::hint`]); otherwise one is derived from the library error in the chain.
+
+use flame_client::local::LocalError;
+use flame_client::{ClientError, ConfigError};
+use flame_protocol::endpoint::EndpointError;
+use flame_protocol::model::ErrorKind;
+use std::fmt;
+
+/// An error with advice for the user. Displays as the wrapped error, so the message is
+/// unchanged; the hint is printed on its own line by [`report`].
+#[derive(Debug)]
+pub struct Hinted {
+    error: anyhow::Error,
+    hint: String,
+}
+
+impl fmt::Display for Hinted {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Only this level; `{:#}` on the outer anyhow error walks `source()` for the rest.
+        write!(f, "{}", self.error)
+    }
+}
+
+impl std::error::Error for Hinted {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.error.source()
+    }
+}
+
+/// Attaching hints to results.
+pub trait ResultExt<T> {
+    /// Attaches `hint` to the error, if any.
+    fn hint(self, hint: impl Into<String>) -> anyhow::Result<T>;
+}
+
+impl<T, E: Into<anyhow::Error>> ResultExt<T> for Result<T, E> {
+    fn hint(self, hint: impl Into<String>) -> anyhow::Result<T> {
+        self.map_err(|e| {
+            anyhow::Error::new(Hinted {
+                error: e.into(),
+                hint: hint.into(),
+            })
+        })
+    }
+}
+
+/// Prints `error: ...` and, when one applies, `hint: ...` to stderr.
+pub fn report(err: &anyhow::Error) {
+    eprintln!("error: {}", message(err));
+    if let Some(hint) = hint_for(err) {
+        eprintln!("hint: {hint}");
+    }
+}
+
+/// The error and its causes joined by `: `, like anyhow's `{:#}`, except that a cause
+/// whose text its parent already shows is skipped: several error types (ours and the
+/// protocol crate's) both print their source and return it from `source()`.
+fn message(err: &anyhow::Error) -> String {
+    let mut message = String::new();
+    for cause in err.chain() {
+        let text = cause.to_string();
+        if text.is_empty() || message.contains(&text) {
+            continue;
+        }
+        if !message.is_empty() {
+            message.push_str(": ");
+        }
+        message.push_str(&text);
+    }
+    message
+}
+
+const LOCAL_HINT: &str =
+    "`flame local` starts a head and a node on this machine and prints the exports to use";
+
+fn hint_for(err: &anyhow::Error) -> Option<String> {
+    if let Some(h) = err.chain().find_map(|e| e.downcast_ref::<Hinted>()) {
+        return Some(h.hint.clone());
+    }
+    err.chain().find_map(|e| {
+        if let Some(e) = e.downcast_ref::<ConfigError>() {
+            return config_hint(e);
+        }
+        if let Some(e) = e.downcast_ref::<ClientError>() {
+            return client_hint(e);
+        }
+        if let Some(e) = e.downcast_ref::<EndpointError>() {
+            return endpoint_hint(e);
+        }
+        if let Some(e) = e.downcast_ref::<LocalError>() {
+            return local_hint(e);
+        }
+        None
+    })
+}
+
+fn config_hint(e: &ConfigError) -> Option<String> {
+    match e {
+        ConfigError::Missing { .. } => Some(LOCAL_HINT.to_string()),
+        _ => None,
+    }
+}
+
+fn client_hint(e: &ClientError) -> Option<String> {
+    match e {
+        ClientError::Connect(e) => endpoint_hint(e),
+        ClientError::Connection { .. } | ClientError::Timeout { .. } => {
+            Some("check that flame-head is still running and reachable".to_string())
+        }
+        ClientError::Protocol { .. } => {
+            Some("the head and this client may be different versions; compare `flame --version` with the head's".to_string())
+        }
+        _ => match e.kind() {
+            Some(ErrorKind::Unavailable) => Some("try again in a moment".to_string()),
+            _ => None,
+        },
+    }
+}
+
+fn endpoint_hint(e: &EndpointError) -> Option<String> {
+    match e {
+        EndpointError::Pem { .. } => Some(format!(
+            "check --ca-file or FLAME_CA_FILE: it must name the head's CA certificate ({LOCAL_HINT})"
+        )),
+        EndpointError::Unreachable { .. } | EndpointError::Resolve { .. } => Some(format!(
+            "check that flame-head runs at that address, and --head or FLAME_HEAD ({LOCAL_HINT})"
+        )),
+        EndpointError::Handshake { .. } | EndpointError::Refused { .. } => Some(
+            "the head and this client may be different versions, or --ca-file names another cluster's CA".to_string(),
+        ),
+        _ => None,
+    }
+}
+
+fn local_hint(e: &LocalError) -> Option<String> {
+    match e {
+        LocalError::BinaryNotFound { .. } => {
+            Some("build the workspace first: cargo build --release".to_string())
+        }
+        LocalError::Exited { .. } | LocalError::NotReady { .. } => {
+            Some("the log above says why; RUST_LOG=debug makes it say more".to_string())
+        }
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use anyhow::Context as _;
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("outer: {source}")]
+    struct Outer {
+        source: std::io::Error,
+    }
+
+    #[test]
+    fn causes_shown_by_their_parent_are_not_repeated() {
+        let err = Err::<(), _>(Outer {
+            source: std::io::Error::other("disk full"),
+        })
+        .context("cannot save");
+        let Err(err) = err else { return };
+        assert_eq!(message(&err), "cannot save: outer: disk full");
+    }
+
+    #[test]
+    fn hints_are_found_under_context() {
+        let err = Err::<(), _>(anyhow::anyhow!("inner"))
+            .hint("do this")
+            .context("while doing that");
+        let Err(err) = err else { return };
+        assert_eq!(message(&err), "while doing that: inner");
+        assert_eq!(hint_for(&err).as_deref(), Some("do this"));
+    }
+}

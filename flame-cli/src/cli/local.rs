@@ -1,0 +1,75 @@
+//! `flame local`: a head and a node in the foreground.
+
+use super::signals::StopSignals;
+use anyhow::anyhow;
+use clap::Args;
+use flame_client::local::{LocalCluster, LocalOptions};
+use std::path::PathBuf;
+
+#[derive(Debug, Args)]
+pub struct LocalArgs {
+    /// Keep state and logs here (created if missing) instead of a temporary folder removed on exit
+    #[arg(long, value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// The head's listen address; port 0 picks a free one
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:0")]
+    pub listen: String,
+}
+
+/// Starts a local cluster with `opts`, reporting progress on stderr.
+pub async fn start(opts: LocalOptions) -> anyhow::Result<LocalCluster> {
+    eprintln!("Starting flame-head and flame-node...");
+    Ok(LocalCluster::start(opts).await?)
+}
+
+pub async fn run(args: LocalArgs) -> anyhow::Result<()> {
+    super::check_listen(&args.listen)?;
+    // Installed before the children start, so an early Ctrl-C still stops them in order.
+    let mut signals = StopSignals::install()?;
+    let opts = LocalOptions {
+        data_dir: args.data_dir,
+        listen: args.listen,
+        ..LocalOptions::default()
+    };
+    let mut cluster = tokio::select! {
+        started = start(opts) => started?,
+        // Dropping the half-started cluster kills whatever was already running.
+        signal = signals.recv() => return Err(anyhow!("stopped by {signal} while starting")),
+    };
+    let data = cluster.data_dir().display().to_string();
+    println!(
+        "Flame is running: head at {}, node `local`.",
+        cluster.head_addr()
+    );
+    if cluster.is_temporary() {
+        println!("State and logs: {data} (removed on exit)");
+    } else {
+        println!("State and logs: {data}");
+    }
+    println!("To use it from another shell:");
+    println!();
+    println!("    {}", cluster.exports());
+    println!();
+    println!("Press Ctrl-C to stop.");
+
+    let outcome = tokio::select! {
+        signal = signals.recv() => Ok(signal),
+        exit = cluster.exited() => Err(exit),
+    };
+    eprintln!("Stopping...");
+    let stopped = cluster.shutdown().await;
+    match outcome {
+        Ok(_) => {
+            stopped?;
+            eprintln!("Stopped.");
+            Ok(())
+        }
+        Err(exit) => Err(anyhow!(
+            "{} exited with {}; the end of {}:\n{}",
+            exit.name,
+            exit.status,
+            exit.log.display(),
+            exit.tail
+        )),
+    }
+}

@@ -1,0 +1,66 @@
+//! `flame node ...`
+
+use super::render::{self, number, text, OutputArgs, OutputFormat};
+use super::GlobalArgs;
+use clap::Subcommand;
+use flame_protocol::model::{NodeInfo, NodeState};
+
+#[derive(Debug, Subcommand)]
+pub enum NodeCommand {
+    /// List nodes
+    List(OutputArgs),
+}
+
+pub async fn run(global: &GlobalArgs, cmd: NodeCommand) -> anyhow::Result<()> {
+    match cmd {
+        NodeCommand::List(out) => {
+            let nodes =
+                super::with_client(
+                    global,
+                    |client| async move { Ok(client.list_nodes().await?) },
+                )
+                .await?;
+            match out.output {
+                OutputFormat::Json => render::print_json(&nodes),
+                OutputFormat::Table if nodes.is_empty() => {
+                    println!("No nodes have registered.");
+                    Ok(())
+                }
+                OutputFormat::Table => {
+                    print_list(&nodes);
+                    Ok(())
+                }
+            }
+        }
+    }
+}
+
+fn print_list(nodes: &[NodeInfo]) {
+    let now = render::now_ms();
+    let columns = [
+        text("Name"),
+        text("State"),
+        number("CPUs"),
+        number("Memory"),
+        number("Executors"),
+        text("Last seen"),
+    ];
+    let rows = nodes
+        .iter()
+        .map(|n| {
+            vec![
+                n.name.clone(),
+                match n.state {
+                    NodeState::Ready => "Ready",
+                    NodeState::NotReady => "NotReady",
+                }
+                .to_string(),
+                render::group(u64::from(n.cpus)),
+                render::bytes(n.memory_bytes),
+                render::group(u64::from(n.executors)),
+                render::ago(n.last_seen_ms, now),
+            ]
+        })
+        .collect();
+    render::print_table(&columns, rows);
+}

@@ -1,0 +1,471 @@
+//! `flame ping`: stream many tiny tasks through the built-in `ping` application and check
+//! every output, like Flame's `flmping`.
+
+use super::hint::ResultExt as _;
+use super::render::group;
+use super::signals::StopSignals;
+use super::GlobalArgs;
+use anyhow::{anyhow, bail, Context as _};
+use bytes::{Bytes, BytesMut};
+use clap::Args;
+use flame_client::local::LocalOptions;
+use flame_client::{BatchAck, Client, ClientConfig, ClientError, Session};
+use flame_protocol::limits;
+use flame_protocol::model::{ErrorKind, SessionSpec, TaskOutcome, TaskResult};
+use flame_protocol::ping::check_reply;
+use indicatif::{ProgressBar, ProgressStyle};
+use std::collections::HashSet;
+use std::io::IsTerminal as _;
+use std::time::{Duration, Instant};
+use tokio::task::JoinHandle;
+
+/// The application the head registers by default.
+pub const PING_APPLICATION: &str = "ping";
+/// Most tasks one run may ask for.
+pub const PING_TASKS_MAX: u64 = 10_000_000;
+/// Most input bytes one run holds: every input is kept to check its output.
+pub const PING_INPUT_BYTES_TOTAL_MAX: u64 = 1 << 30;
+/// Failures quoted in the report; the rest are only counted.
+pub const PING_PROBLEMS_SHOWN_MAX: usize = 5;
+
+#[derive(Debug, Args)]
+pub struct PingArgs {
+    /// Number of tasks
+    #[arg(short = 't', long = "tasks", value_name = "N", default_value_t = 10_000,
+          value_parser = clap::value_parser!(u64).range(1..=PING_TASKS_MAX))]
+    pub tasks: u64,
+    /// Bytes of each task's input (the task's index, zero-padded)
+    #[arg(long, value_name = "BYTES", default_value_t = 16)]
+    pub size: usize,
+    /// Use an ephemeral session: tasks and results are kept in memory only
+    #[arg(long)]
+    pub ephemeral: bool,
+    /// Start a head and a node on this machine first, and stop them afterwards
+    #[arg(long)]
+    pub local: bool,
+    /// Give up when no result arrives for this long
+    #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = humantime::parse_duration)]
+    pub stall_timeout: Duration,
+}
+
+pub async fn run(global: &GlobalArgs, args: PingArgs) -> anyhow::Result<()> {
+    let inputs = make_inputs(args.tasks, args.size)?;
+    // Installed first, so that Ctrl-C at any point closes the session (and stops a local
+    // cluster) rather than killing the process mid-way.
+    let mut signals = StopSignals::install()?;
+    if !args.local {
+        let config = super::config(global)?;
+        return ping(&config, &args, inputs, &mut signals).await;
+    }
+    let mut cluster = tokio::select! {
+        started = super::local::start(LocalOptions::default()) => started?,
+        signal = signals.recv() => return Err(anyhow!("stopped by {signal} while starting")),
+    };
+    let config = cluster.client_config();
+    let outcome = tokio::select! {
+        result = ping(&config, &args, inputs, &mut signals) => result,
+        exit = cluster.exited() => Err(anyhow!(
+            "{} exited with {} during the run; the end of {}:\n{}",
+            exit.name, exit.status, exit.log.display(), exit.tail
+        )),
+    };
+    // Stopped whatever the outcome; the run's own error matters more than a messy stop.
+    let stopped = cluster.shutdown().await;
+    outcome?;
+    Ok(stopped?)
+}
+
+/// Inputs `0..n` in decimal, zero-padded to `size` bytes, sharing one buffer.
+fn make_inputs(n: u64, size: usize) -> anyhow::Result<Vec<Bytes>> {
+    let digits = (n - 1).to_string().len();
+    if size < digits {
+        bail!(
+            "--size {size} is too small to make {} inputs unique: it must be at least {digits}",
+            group(n)
+        );
+    }
+    if size > limits::TASK_INPUT_BYTES_MAX {
+        bail!(
+            "--size {size} exceeds the head's task input limit of {} bytes",
+            group(limits::TASK_INPUT_BYTES_MAX as u64)
+        );
+    }
+    let total = n.saturating_mul(size as u64);
+    if total > PING_INPUT_BYTES_TOTAL_MAX {
+        return Err(anyhow!(
+            "{} tasks of {size} bytes need {} bytes of inputs, more than the {} that ping keeps in memory",
+            group(n),
+            group(total),
+            group(PING_INPUT_BYTES_TOTAL_MAX)
+        ))
+        .hint("use fewer tasks (-t) or smaller inputs (--size)");
+    }
+    let count = usize::try_from(n).context("too many tasks for this machine")?;
+    let total = usize::try_from(total).context("too many input bytes for this machine")?;
+    let mut buf = BytesMut::with_capacity(total);
+    for i in 0..n {
+        buf.extend_from_slice(format!("{i:0size$}").as_bytes());
+    }
+    let all = buf.freeze();
+    Ok((0..count)
+        .map(|i| all.slice(i * size..(i + 1) * size))
+        .collect())
+}
+
+/// Aborts the spawned task when dropped, so an early return leaves nothing running.
+struct AbortOnDrop<T>(JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Clears the progress bar however the run ends, so that messages are not drawn over it.
+struct ClearOnDrop(ProgressBar);
+
+impl Drop for ClearOnDrop {
+    fn drop(&mut self) {
+        self.0.finish_and_clear();
+    }
+}
+
+async fn ping(
+    config: &ClientConfig,
+    args: &PingArgs,
+    inputs: Vec<Bytes>,
+    signals: &mut StopSignals,
+) -> anyhow::Result<()> {
+    let client = super::connect_to(config).await?;
+    let result = ping_with(&client, args, inputs, signals).await;
+    client.close().await;
+    result
+}
+
+async fn ping_with(
+    client: &Client,
+    args: &PingArgs,
+    inputs: Vec<Bytes>,
+    signals: &mut StopSignals,
+) -> anyhow::Result<()> {
+    let n = inputs.len();
+    let created_at = Instant::now();
+    let session = client
+        .create_session(SessionSpec {
+            application: PING_APPLICATION.to_string(),
+            common_data: Bytes::new(),
+            ephemeral: args.ephemeral,
+        })
+        .await;
+    let session = match session {
+        Err(e) if e.kind() == Some(ErrorKind::NotFound) => Err(e).hint(
+            "the head registers `ping` unless told not to; `flame app list` shows what is registered",
+        ),
+        other => other.context("cannot create a ping session"),
+    }?;
+    println!(
+        "Session {} was created in {} ms; running {} tasks of {} bytes.",
+        session.id(),
+        group(millis(created_at.elapsed())),
+        group(n as u64),
+        group(args.size as u64),
+    );
+
+    let result = tokio::select! {
+        result = run_tasks(&session, args, inputs) => result,
+        signal = signals.recv() => Err(anyhow!("stopped by {signal}")),
+    };
+    if result.is_err() {
+        // A failed run closes its session too, so that it finishes once its remaining tasks
+        // do instead of staying open; the run's error is the one to report.
+        if let Err(e) = session.close().await {
+            tracing::debug!("closing session {} after a failed run: {e}", session.id());
+        }
+    }
+    result
+}
+
+/// Watches, submits every input, collects every result, and checks every output.
+async fn run_tasks(session: &Session, args: &PingArgs, inputs: Vec<Bytes>) -> anyhow::Result<()> {
+    let n = inputs.len();
+    // The watch opens before any task exists, so even an ephemeral session loses nothing.
+    let mut watch = session.watch().await.context("cannot watch the session")?;
+    let started = Instant::now();
+    let mut submit = AbortOnDrop(tokio::spawn(submit_all(session.clone(), inputs.clone())));
+    let progress = ClearOnDrop(progress_bar(n as u64));
+
+    let mut outcomes: Vec<Option<TaskOutcome>> = vec![None; n];
+    let mut problems = Problems::default();
+    let mut acks: Option<Vec<BatchAck>> = None;
+    let mut received = 0usize;
+    loop {
+        tokio::select! {
+            joined = &mut submit.0, if acks.is_none() => {
+                acks = Some(joined.context("the submitting task failed")?.context("cannot submit the tasks")?);
+            }
+            next = tokio::time::timeout(args.stall_timeout, watch.next()) => match next {
+                Err(_) => bail!(
+                    "no result for {}: {} of {} tasks finished",
+                    humantime::format_duration(args.stall_timeout),
+                    group(received as u64),
+                    group(n as u64)
+                ),
+                Ok(None) => break,
+                Ok(Some(batch)) => {
+                    let batch = batch.context("watching the results failed")?;
+                    received += batch.len();
+                    progress.0.inc(batch.len() as u64);
+                    record(&mut outcomes, &mut problems, batch);
+                }
+            },
+        }
+    }
+    let elapsed = started.elapsed();
+    drop(progress);
+    let acks = match acks {
+        Some(acks) => acks,
+        // The watch ended first; the submit side is bounded by its own timeouts.
+        None => (&mut submit.0)
+            .await
+            .context("the submitting task failed")?
+            .context("cannot submit the tasks")?,
+    };
+    if !watch.is_finished() {
+        bail!(
+            "the result stream ended before the session finished: {} of {} results",
+            group(received as u64),
+            group(n as u64)
+        );
+    }
+    check_acks(&acks, n)?;
+
+    // Task id `i + 1` is input `i`: `check_acks` proved the ids dense from 1 in input order.
+    let mut executors = HashSet::new();
+    let mut hosts = HashSet::new();
+    for (i, outcome) in outcomes.iter().enumerate() {
+        let task = i + 1;
+        match outcome {
+            None => problems.note(Problem::Missing, format!("task {task}: no result")),
+            Some(TaskOutcome::Failed(message)) => {
+                problems.note(Problem::Failed, format!("task {task} failed: {message}"))
+            }
+            Some(TaskOutcome::Succeeded(output)) => match check_reply(&inputs[i], output) {
+                Ok(reply) => {
+                    executors.insert(reply.executor);
+                    hosts.insert(reply.host);
+                }
+                Err(e) => problems.note(Problem::Mismatched, format!("task {task}: {e}")),
+            },
+        }
+    }
+
+    if problems.total() > 0 {
+        for line in &problems.shown {
+            eprintln!("  {line}");
+        }
+        bail!(
+            "{} of {} tasks went wrong: {} failed, {} outputs did not match their input, {} results missing, {} unexpected results",
+            group(problems.total() as u64),
+            group(n as u64),
+            group(problems.failed as u64),
+            group(problems.mismatched as u64),
+            group(problems.missing as u64),
+            group(problems.unexpected as u64),
+        );
+    }
+    let secs = elapsed.as_secs_f64().max(1e-9);
+    println!(
+        "{} tasks completed in {} ms: {} tasks/s (every output checked).",
+        group(n as u64),
+        group(millis(elapsed)),
+        group((n as f64 / secs).round() as u64),
+    );
+    println!(
+        "Outputs came from {} executor{} on {} host{}.",
+        group(executors.len() as u64),
+        plural(executors.len()),
+        group(hosts.len() as u64),
+        plural(hosts.len()),
+    );
+    Ok(())
+}
+
+/// Submits every input on one pipelined stream, then closes the session so that the
+/// watch ends when the last task does.
+async fn submit_all(session: Session, inputs: Vec<Bytes>) -> Result<Vec<BatchAck>, ClientError> {
+    let mut submitter = session.submitter().await?;
+    submitter.send(inputs).await?;
+    let acks = submitter.finish().await?;
+    session.close().await?;
+    Ok(acks)
+}
+
+/// The acks must give the ids `1..=n` in input order, as the head numbers a fresh
+/// session's tasks; anything else would make outputs unattributable.
+fn check_acks(acks: &[BatchAck], n: usize) -> anyhow::Result<()> {
+    let mut next: u64 = 1;
+    for ack in acks {
+        if ack.first_task.0 != next {
+            bail!(
+                "the head gave batch {} the ids from {}, expected {next}: ids must be dense from 1",
+                ack.batch_id,
+                ack.first_task
+            );
+        }
+        next += u64::from(ack.count);
+    }
+    if next - 1 != n as u64 {
+        bail!(
+            "the head acknowledged {} tasks of {}",
+            group(next - 1),
+            group(n as u64)
+        );
+    }
+    Ok(())
+}
+
+/// What can go wrong with one task.
+#[derive(Debug, Clone, Copy)]
+enum Problem {
+    Failed,
+    Mismatched,
+    Missing,
+    Unexpected,
+}
+
+/// Counts of problems, and the first few described.
+#[derive(Debug, Default)]
+struct Problems {
+    failed: usize,
+    mismatched: usize,
+    missing: usize,
+    unexpected: usize,
+    shown: Vec<String>,
+}
+
+impl Problems {
+    fn note(&mut self, problem: Problem, line: String) {
+        let counter = match problem {
+            Problem::Failed => &mut self.failed,
+            Problem::Mismatched => &mut self.mismatched,
+            Problem::Missing => &mut self.missing,
+            Problem::Unexpected => &mut self.unexpected,
+        };
+        *counter += 1;
+        if self.shown.len() < PING_PROBLEMS_SHOWN_MAX {
+            self.shown.push(line);
+        }
+    }
+
+    fn total(&self) -> usize {
+        self.failed + self.mismatched + self.missing + self.unexpected
+    }
+}
+
+/// Stores each result at index `task - 1`; out-of-range and repeated results are problems.
+fn record(outcomes: &mut [Option<TaskOutcome>], problems: &mut Problems, batch: Vec<TaskResult>) {
+    for result in batch {
+        let index = usize::try_from(result.task.0)
+            .ok()
+            .and_then(|t| t.checked_sub(1))
+            .filter(|&i| i < outcomes.len());
+        match index {
+            None => problems.note(
+                Problem::Unexpected,
+                format!(
+                    "task {}: a result for a task this run did not submit",
+                    result.task
+                ),
+            ),
+            Some(i) if outcomes[i].is_some() => problems.note(
+                Problem::Unexpected,
+                format!("task {}: a second result", result.task),
+            ),
+            Some(i) => outcomes[i] = Some(result.outcome),
+        }
+    }
+}
+
+fn progress_bar(len: u64) -> ProgressBar {
+    if !std::io::stderr().is_terminal() {
+        return ProgressBar::hidden();
+    }
+    let style = ProgressStyle::with_template(
+        "[{percent:>3}%] {wide_bar} {human_pos}/{human_len} {per_sec}",
+    )
+    .unwrap_or_else(|_| ProgressStyle::default_bar());
+    ProgressBar::new(len).with_style(style)
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+fn plural(n: usize) -> &'static str {
+    if n == 1 {
+        ""
+    } else {
+        "s"
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+    use flame_protocol::TaskId;
+
+    #[test]
+    fn inputs_are_unique_padded_and_sized() {
+        let inputs = make_inputs(1000, 4).unwrap();
+        assert_eq!(inputs.len(), 1000);
+        assert_eq!(&inputs[0][..], b"0000");
+        assert_eq!(&inputs[999][..], b"0999");
+        assert!(inputs.iter().all(|i| i.len() == 4));
+        let distinct: HashSet<&Bytes> = inputs.iter().collect();
+        assert_eq!(distinct.len(), 1000);
+        assert!(make_inputs(1001, 3).is_err());
+        assert!(make_inputs(1000, 3).is_ok());
+        assert!(make_inputs(10, limits::TASK_INPUT_BYTES_MAX + 1).is_err());
+    }
+
+    #[test]
+    fn acks_must_be_dense_from_one() {
+        let ack = |batch_id, first, count| BatchAck {
+            batch_id,
+            first_task: TaskId(first),
+            count,
+        };
+        assert!(check_acks(&[ack(1, 1, 3), ack(2, 4, 2)], 5).is_ok());
+        assert!(check_acks(&[ack(1, 1, 3), ack(2, 5, 2)], 6).is_err());
+        assert!(check_acks(&[ack(1, 0, 3)], 3).is_err());
+        assert!(check_acks(&[ack(1, 1, 3)], 4).is_err());
+    }
+
+    #[test]
+    fn results_are_recorded_by_task_id() {
+        let mut outcomes = vec![None; 2];
+        let mut problems = Problems::default();
+        let result = |task, out: &'static [u8]| TaskResult {
+            task: TaskId(task),
+            attempt: 1,
+            outcome: TaskOutcome::Succeeded(Bytes::from_static(out)),
+        };
+        record(
+            &mut outcomes,
+            &mut problems,
+            vec![
+                result(2, b"b"),
+                result(0, b"x"),
+                result(3, b"x"),
+                result(2, b"again"),
+            ],
+        );
+        assert_eq!(outcomes[0], None);
+        assert_eq!(
+            outcomes[1],
+            Some(TaskOutcome::Succeeded(Bytes::from_static(b"b")))
+        );
+        assert_eq!(problems.unexpected, 3);
+    }
+}

@@ -1,0 +1,271 @@
+//! `flame-shim-check`: checks that a program speaks the Flame shim protocol.
+//!
+//! ```text
+//! flame-shim-check [--ping] [--timeout-secs N] -- COMMAND [ARGS...]
+//! ```
+//!
+//! It starts COMMAND with piped stdin and stdout (stderr passes through), plays the node's
+//! part through the same [`NodeShim`] that `flame-node` uses, and prints one line per check:
+//! `ok <name>` or `FAIL <name>: <why>`. It stops at the first failure, because later checks
+//! depend on the stream being in step, and exits 1; it exits 0 when every check passes and 2
+//! on a usage error.
+//!
+//! Outputs are not judged, since any application may answer anything, or fail a task, and
+//! still be conformant; only the framing, the task ids and the order are. With `--ping` the
+//! program must be a ping application and every output must pass
+//! [`flame_protocol::ping::check_reply`].
+
+use flame_protocol::ping::check_reply;
+use flame_protocol::shim::SHIM_FRAME_BYTES_MAX;
+use flame_shims::node::{Invocation, NodeShim};
+use std::ffi::OsString;
+use std::fmt;
+use std::future::Future;
+use std::io::Write;
+use std::process::{ExitCode, Stdio};
+use std::time::Duration;
+use tokio::process::{Child, ChildStdin, ChildStdout, Command};
+
+const USAGE: &str = "usage: flame-shim-check [--ping] [--timeout-secs N] -- COMMAND [ARGS...]";
+
+/// How long each check waits for the program unless `--timeout-secs` says otherwise.
+const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Size of the large-input check: big enough to need many pipe buffers in each direction.
+const LARGE_INPUT_BYTES: usize = 1024 * 1024;
+
+/// Common data of the first session; binary on purpose, so text-only handling shows up.
+const COMMON_DATA: &[u8] = b"flame-shim-check common data \x00\x01\xfe\xff";
+
+/// Input of the small-input check; binary for the same reason.
+const SMALL_INPUT: &[u8] = b"hello \x00\x01\xfe\xff flame";
+
+/// Prints one report line. A failed write (say, stdout piped into `head`) is ignored: the
+/// checks still run to the end and the exit status still tells the outcome.
+fn say(line: fmt::Arguments<'_>) {
+    let _ = writeln!(std::io::stdout().lock(), "{line}");
+}
+
+#[derive(Debug)]
+struct Options {
+    ping: bool,
+    timeout: Duration,
+    command: Vec<OsString>,
+}
+
+fn parse_args(mut args: impl Iterator<Item = OsString>) -> Result<Options, String> {
+    let mut ping = false;
+    let mut timeout = DEFAULT_TIMEOUT;
+    loop {
+        let Some(arg) = args.next() else {
+            return Err("missing `--` before the command".into());
+        };
+        match arg.to_str() {
+            Some("--") => break,
+            Some("--ping") => ping = true,
+            Some("--timeout-secs") => {
+                let secs = args
+                    .next()
+                    .and_then(|s| s.to_str().and_then(|s| s.parse::<u64>().ok()))
+                    .filter(|secs| *secs > 0)
+                    .ok_or("--timeout-secs needs a whole number of seconds above 0")?;
+                timeout = Duration::from_secs(secs);
+            }
+            _ => return Err(format!("unknown argument {arg:?}")),
+        }
+    }
+    let command: Vec<OsString> = args.collect();
+    if command.is_empty() {
+        return Err("no command after `--`".into());
+    }
+    Ok(Options {
+        ping,
+        timeout,
+        command,
+    })
+}
+
+/// Runs the checks in order, each under the timeout, and prints one line per check.
+struct Checker {
+    timeout: Duration,
+    ping: bool,
+}
+
+impl Checker {
+    /// Runs one check under the timeout and prints its line. `Err(())` means it failed and
+    /// the line has been printed.
+    async fn check<F>(&self, name: &str, check: F) -> Result<(), ()>
+    where
+        F: Future<Output = Result<String, String>>,
+    {
+        match tokio::time::timeout(self.timeout, check).await {
+            Ok(Ok(detail)) if detail.is_empty() => {
+                say(format_args!("ok {name}"));
+                Ok(())
+            }
+            Ok(Ok(detail)) => {
+                say(format_args!("ok {name} ({detail})"));
+                Ok(())
+            }
+            Ok(Err(why)) => {
+                say(format_args!("FAIL {name}: {why}"));
+                Err(())
+            }
+            Err(_) => {
+                say(format_args!(
+                    "FAIL {name}: no answer within {} s",
+                    self.timeout.as_secs()
+                ));
+                Err(())
+            }
+        }
+    }
+
+    /// One task: the result must name the task (NodeShim checks that); with `--ping` it
+    /// must also be the ping reply to this input.
+    async fn invoke(
+        &self,
+        shim: &mut NodeShim<ChildStdout, ChildStdin>,
+        task_id: u64,
+        input: &[u8],
+    ) -> Result<String, String> {
+        match shim
+            .invoke(task_id, input)
+            .await
+            .map_err(|e| e.to_string())?
+        {
+            Invocation::Succeeded(output) if self.ping => {
+                let reply = check_reply(input, &output)
+                    .map_err(|e| format!("not the ping reply to its input: {e}"))?;
+                Ok(format!(
+                    "{} bytes from host {} executor {}",
+                    output.len(),
+                    reply.host,
+                    reply.executor
+                ))
+            }
+            Invocation::Succeeded(output) => Ok(format!("succeeded, {} bytes", output.len())),
+            Invocation::Failed(message) if self.ping => {
+                Err(format!("a ping task failed: {message}"))
+            }
+            Invocation::Failed(message) => Ok(format!("task failed: {message}")),
+        }
+    }
+
+    /// Everything between start-up and closing stdin.
+    async fn conversation(&self, shim: &mut NodeShim<ChildStdout, ChildStdin>) -> Result<(), ()> {
+        let large: Vec<u8> = (0..LARGE_INPUT_BYTES).map(|i| (i % 251) as u8).collect();
+        let text = |r: Result<(), flame_shims::ShimError>| {
+            r.map(|()| String::new()).map_err(|e| e.to_string())
+        };
+        self.check("ready", async { text(shim.wait_ready().await) })
+            .await?;
+        self.check("enter-session-1", async {
+            text(shim.enter(1, COMMON_DATA).await)
+        })
+        .await?;
+        self.check("invoke-empty", self.invoke(shim, 1, b""))
+            .await?;
+        self.check("invoke-small", self.invoke(shim, 2, SMALL_INPUT))
+            .await?;
+        self.check("invoke-1mib", self.invoke(shim, 3, &large))
+            .await?;
+        self.check("leave-session-1", async { text(shim.leave().await) })
+            .await?;
+        self.check("enter-session-2", async { text(shim.enter(2, b"").await) })
+            .await?;
+        self.check("invoke-session-2", self.invoke(shim, 1, SMALL_INPUT))
+            .await?;
+        self.check("leave-session-2", async { text(shim.leave().await) })
+            .await
+    }
+}
+
+/// Starts the program, runs every check, and says whether all passed.
+async fn run_checks(options: &Options) -> bool {
+    let Some((program, args)) = options.command.split_first() else {
+        say(format_args!("FAIL start: no command"));
+        return false;
+    };
+    let spawned = Command::new(program)
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        // Its own process group, so that a failed check can kill the program together with
+        // anything it started (a shell's children would otherwise hold the pipes open).
+        .process_group(0)
+        .kill_on_drop(true)
+        .spawn();
+    let mut child = match spawned {
+        Ok(child) => child,
+        Err(e) => {
+            say(format_args!("FAIL start: cannot run {program:?}: {e}"));
+            return false;
+        }
+    };
+    let (Some(stdout), Some(stdin)) = (child.stdout.take(), child.stdin.take()) else {
+        say(format_args!("FAIL start: the child's pipes are missing"));
+        return false;
+    };
+    let checker = Checker {
+        timeout: options.timeout,
+        ping: options.ping,
+    };
+    let mut shim = NodeShim::new(stdout, stdin, SHIM_FRAME_BYTES_MAX);
+    if checker.conversation(&mut shim).await.is_err() {
+        kill(&mut child).await;
+        return false;
+    }
+    shim.shutdown().await;
+    let exited = checker
+        .check("exit-on-eof", async {
+            let status = child.wait().await.map_err(|e| e.to_string())?;
+            if status.success() {
+                Ok(String::new())
+            } else {
+                Err(format!(
+                    "closing stdin ended the program with {status}, not 0"
+                ))
+            }
+        })
+        .await;
+    if exited.is_err() {
+        kill(&mut child).await;
+        return false;
+    }
+    true
+}
+
+/// Kills the program's process group and reaps the program.
+async fn kill(child: &mut Child) {
+    use nix::sys::signal::{killpg, Signal};
+    use nix::unistd::Pid;
+
+    // The group id is the child's pid (process_group(0)); no id means it was already reaped.
+    if let Some(pid) = child.id().and_then(|id| i32::try_from(id).ok()) {
+        if let Err(e) = killpg(Pid::from_raw(pid), Signal::SIGKILL) {
+            eprintln!("flame-shim-check: could not kill the program's process group: {e}");
+        }
+    }
+    if let Err(e) = child.kill().await {
+        eprintln!("flame-shim-check: could not kill the program: {e}");
+    }
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() -> ExitCode {
+    let options = match parse_args(std::env::args_os().skip(1)) {
+        Ok(options) => options,
+        Err(e) => {
+            eprintln!("error: {e}\n{USAGE}");
+            return ExitCode::from(2);
+        }
+    };
+    if run_checks(&options).await {
+        say(format_args!("all checks passed"));
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
