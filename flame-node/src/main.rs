@@ -28,7 +28,7 @@ struct Args {
     #[arg(long, default_value = "/var/lib/flame/node")]
     work_dir: PathBuf,
     /// Tasks the head may have outstanding per executor (pipelining depth).
-    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=1024))]
+    #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u32).range(1..=1024))]
     credit: u32,
 }
 
@@ -65,7 +65,7 @@ fn main() -> std::process::ExitCode {
         work_dir: args.work_dir,
         credit: args.credit,
     };
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
+    let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
     {
