@@ -243,7 +243,15 @@ pub struct Core {
     node_out: BTreeMap<String, Vec<NodeCommand>>,
     watch_out: BTreeMap<SessionId, Vec<TaskResult>>,
     reschedule: bool,
+    /// Per application: executors in a row that died before saying ready, and the time
+    /// before which no new one is launched. Keeps a broken command from a hot loop.
+    launch_backoff: HashMap<String, (u32, u64)>,
 }
+
+/// First pause after an executor dies before it is ready; doubles per failure in a row.
+pub const LAUNCH_BACKOFF_MIN_MS: u64 = 200;
+/// Longest pause between launches of a failing application.
+pub const LAUNCH_BACKOFF_MAX_MS: u64 = 30_000;
 
 fn api(kind: ErrorKind, message: impl Into<String>) -> ApiError {
     ApiError::new(kind, message)
@@ -274,6 +282,7 @@ impl Core {
             node_out: BTreeMap::new(),
             watch_out: BTreeMap::new(),
             reschedule: true,
+            launch_backoff: HashMap::new(),
         };
         for spec in loaded.applications {
             core.apps.insert(spec.name.clone(), spec);
@@ -898,6 +907,7 @@ impl Core {
         }
         match event {
             ExecutorEvent::Ready { credit, .. } if e.phase == ExecutorPhase::Launching => {
+                self.launch_backoff.remove(&e.application);
                 e.phase = ExecutorPhase::Idle;
                 e.credit = credit.clamp(1, 1024);
                 e.quiet_since_ms = now_ms;
@@ -914,7 +924,20 @@ impl Core {
             }
             ExecutorEvent::Exited { reason, .. } => {
                 if let Some(e) = self.executors.remove(&id) {
-                    if e.phase != ExecutorPhase::Releasing {
+                    if e.phase == ExecutorPhase::Launching {
+                        let (failures, not_before) = self
+                            .launch_backoff
+                            .entry(e.application.clone())
+                            .or_default();
+                        *failures += 1;
+                        let pause = LAUNCH_BACKOFF_MIN_MS
+                            .saturating_mul(1 << (*failures - 1).min(16))
+                            .min(LAUNCH_BACKOFF_MAX_MS);
+                        *not_before = now_ms + pause;
+                        tracing::warn!(executor = %id, node, app = %e.application, %reason,
+                            failures = *failures, retry_in_ms = pause,
+                            "executor failed to start");
+                    } else if e.phase != ExecutorPhase::Releasing {
                         tracing::warn!(executor = %id, node, %reason, "executor exited");
                     }
                     self.requeue(e.outstanding, &format!("executor {id} exited: {reason}"));
@@ -1230,6 +1253,10 @@ impl Core {
                     name: a.name.clone(),
                     max_instances: a.max_instances,
                     delay_release_ms: a.delay_release_ms,
+                    launchable: self
+                        .launch_backoff
+                        .get(&a.name)
+                        .is_none_or(|&(_, not_before)| now_ms >= not_before),
                 })
                 .collect(),
             sessions: self
@@ -1631,6 +1658,44 @@ mod tests {
             }
             other => panic!("unexpected {other:?}"),
         }
+    }
+
+    #[test]
+    fn failing_launches_back_off() {
+        let mut h = Harness::new();
+        let sid = session_id(h.client(ClientRequest::CreateSession(SessionSpec {
+            application: "ping".into(),
+            common_data: Bytes::new(),
+            ephemeral: true,
+        })));
+        let (reply, _) = oneshot::channel();
+        h.core.handle(
+            Event::Submit {
+                session: sid,
+                batch_id: 1,
+                inputs: vec![Bytes::from_static(b"x")],
+                reply,
+            },
+            0,
+        );
+        h.step();
+        let executor = match &h.commands()[..] {
+            [NodeCommand::Launch { executor, .. }] => *executor,
+            other => panic!("{other:?}"),
+        };
+        h.node(NodeToHead::ExecutorEvents(vec![ExecutorEvent::Exited {
+            executor,
+            reason: "no such file".into(),
+        }]));
+        // Within the backoff nothing is launched, however often the scheduler runs.
+        h.now = LAUNCH_BACKOFF_MIN_MS - 1;
+        h.core.handle(Event::Tick, h.now);
+        h.step();
+        assert!(h.commands().is_empty());
+        h.now = LAUNCH_BACKOFF_MIN_MS;
+        h.core.handle(Event::Tick, h.now);
+        h.step();
+        assert!(matches!(&h.commands()[..], [NodeCommand::Launch { .. }]));
     }
 
     #[test]

@@ -34,6 +34,8 @@ pub struct AppView {
     pub name: String,
     pub max_instances: u32,
     pub delay_release_ms: u64,
+    /// False while launches of this application back off after failures.
+    pub launchable: bool,
 }
 
 /// What the scheduler sees of a session.
@@ -296,7 +298,7 @@ pub fn schedule(snap: &Snapshot) -> Vec<Decision> {
         *in_flight -= absorbed;
         need -= absorbed;
         let live = live_per_app.entry(app_name).or_default();
-        while need > 0 && *live < app.max_instances {
+        while need > 0 && app.launchable && *live < app.max_instances {
             // The node with the most free slots; ties broken by name for determinism.
             let best = free
                 .iter()
@@ -365,6 +367,7 @@ mod tests {
             name: name.into(),
             max_instances: max,
             delay_release_ms: 1000,
+            launchable: true,
         }
     }
 
@@ -415,6 +418,20 @@ mod tests {
                 .count(),
             3
         );
+    }
+
+    #[test]
+    fn no_launch_while_backing_off() {
+        let mut a = app("ping", 3);
+        a.launchable = false;
+        let snap = Snapshot {
+            now_ms: 0,
+            nodes: vec![node("n1", 4)],
+            applications: vec![a],
+            sessions: vec![session(1, "ping", 100)],
+            executors: vec![],
+        };
+        assert!(schedule(&snap).is_empty());
     }
 
     #[test]
@@ -524,5 +541,156 @@ mod tests {
                 executor: ExecutorId(1)
             }]
         );
+    }
+}
+
+#[cfg(test)]
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn arb_snapshot() -> impl Strategy<Value = Snapshot> {
+        (
+            prop::collection::vec((1u32..8, any::<bool>()), 1..5),
+            prop::collection::vec((0usize..3, 0u64..200, any::<bool>()), 0..6),
+            prop::collection::vec((0usize..3, 0usize..6, 0u8..6, 0usize..5), 0..12),
+            1u32..6,
+            0u64..5_000,
+        )
+            .prop_map(|(nodes, sessions, execs, max_instances, now_ms)| {
+                let apps = ["a", "b", "c"];
+                let nodes: Vec<NodeView> = nodes
+                    .into_iter()
+                    .enumerate()
+                    .map(|(i, (slots, ready))| NodeView {
+                        name: format!("n{i}"),
+                        ready,
+                        slots,
+                    })
+                    .collect();
+                let sessions: Vec<SessionView> = sessions
+                    .into_iter()
+                    .enumerate()
+                    .map(|(i, (app, demand, open))| SessionView {
+                        id: SessionId(i as u64 + 1),
+                        application: apps[app].into(),
+                        open,
+                        demand,
+                    })
+                    .collect();
+                let phases = [
+                    ExecutorPhase::Launching,
+                    ExecutorPhase::Idle,
+                    ExecutorPhase::Binding,
+                    ExecutorPhase::Bound,
+                    ExecutorPhase::Unbinding,
+                    ExecutorPhase::Releasing,
+                ];
+                let executors = execs
+                    .into_iter()
+                    .enumerate()
+                    .map(|(i, (app, sess, phase, node))| {
+                        let phase = phases[phase as usize];
+                        let session = matches!(
+                            phase,
+                            ExecutorPhase::Binding
+                                | ExecutorPhase::Bound
+                                | ExecutorPhase::Unbinding
+                        )
+                        .then(|| sessions.get(sess).map(|s| s.id))
+                        .flatten();
+                        let app = session
+                            .and_then(|id| sessions.iter().find(|s| s.id == id))
+                            .map_or(apps[app].to_string(), |s| s.application.clone());
+                        ExecutorView {
+                            id: ExecutorId(i as u64 + 1),
+                            node: format!("n{}", node % nodes.len()),
+                            application: app,
+                            phase,
+                            session,
+                            quiet_since_ms: 0,
+                            outstanding: 0,
+                        }
+                    })
+                    .collect();
+                Snapshot {
+                    now_ms,
+                    nodes,
+                    applications: apps
+                        .iter()
+                        .map(|a| AppView {
+                            name: (*a).into(),
+                            max_instances,
+                            delay_release_ms: 1000,
+                            launchable: true,
+                        })
+                        .collect(),
+                    sessions,
+                    executors,
+                }
+            })
+    }
+
+    proptest! {
+        #[test]
+        fn decisions_respect_capacity_apps_and_states(snap in arb_snapshot()) {
+            let decisions = schedule(&snap);
+            let mut used: HashMap<&str, u32> = HashMap::new();
+            let mut live: HashMap<&str, u32> = HashMap::new();
+            for e in &snap.executors {
+                *used.entry(e.node.as_str()).or_default() += 1;
+                *live.entry(e.application.as_str()).or_default() += 1;
+            }
+            let mut touched = std::collections::HashSet::new();
+            for d in &decisions {
+                match d {
+                    Decision::Launch { node, application } => {
+                        let n = snap.nodes.iter().find(|n| &n.name == node).unwrap();
+                        prop_assert!(n.ready, "launch on a node that is not ready");
+                        let u = used.entry(node.as_str()).or_default();
+                        *u += 1;
+                        prop_assert!(*u <= n.slots, "node {} over its slots", node);
+                        let l = live.entry(application.as_str()).or_default();
+                        *l += 1;
+                        let max = snap.applications.iter().find(|a| &a.name == application).unwrap().max_instances;
+                        prop_assert!(*l <= max, "{} over max_instances", application);
+                    }
+                    Decision::Bind { executor, session } => {
+                        let e = snap.executors.iter().find(|e| e.id == *executor).unwrap();
+                        let s = snap.sessions.iter().find(|s| s.id == *session).unwrap();
+                        prop_assert_eq!(e.phase, ExecutorPhase::Idle);
+                        prop_assert_eq!(&e.application, &s.application);
+                        prop_assert!(s.demand > 0);
+                        prop_assert!(touched.insert(*executor), "executor decided twice");
+                    }
+                    Decision::Unbind { executor } => {
+                        let e = snap.executors.iter().find(|e| e.id == *executor).unwrap();
+                        prop_assert!(matches!(e.phase, ExecutorPhase::Binding | ExecutorPhase::Bound));
+                        prop_assert!(touched.insert(*executor), "executor decided twice");
+                    }
+                    Decision::Release { executor } => {
+                        let e = snap.executors.iter().find(|e| e.id == *executor).unwrap();
+                        prop_assert_eq!(e.phase, ExecutorPhase::Idle);
+                        prop_assert!(touched.insert(*executor), "executor decided twice");
+                    }
+                }
+            }
+        }
+
+        #[test]
+        fn targets_never_exceed_capacity_or_demand(
+            capacity in 0u64..64,
+            demands in prop::collection::vec(0u64..100, 0..10),
+        ) {
+            let t = proportional_targets(capacity, &demands);
+            prop_assert!(t.iter().sum::<u64>() <= capacity);
+            for (t, d) in t.iter().zip(&demands) {
+                prop_assert!(t <= d);
+            }
+            // Work-conserving: slots stay unused only when every demand is met.
+            if t.iter().sum::<u64>() < capacity {
+                prop_assert_eq!(&t, &demands);
+            }
+        }
     }
 }

@@ -369,7 +369,15 @@ async fn watch_stream(
         writer.write(&WatchEvent::Results(chunk.to_vec())).await?;
     }
     if !start.finished {
-        while let Some(msg) = live.recv().await {
+        loop {
+            let msg = tokio::select! {
+                msg = live.recv() => match msg {
+                    Some(m) => m,
+                    None => break,
+                },
+                // The client went away: stop watching instead of waiting for results.
+                _ = writer.get_mut().stopped() => return Ok(()),
+            };
             match msg {
                 WatchMsg::Results(mut results) => {
                     if !sent.is_empty() {
