@@ -1,0 +1,480 @@
+//! A head and its nodes, each a real child process, in a temporary folder.
+//!
+//! Layout of the folder `D`: the head's state and TLS identity (`D/tls/head.crt` is the CA
+//! clients trust), `D/head.log` (the head's stderr), and per node `D/node-<i>/` (its work
+//! folder) and `D/node-<i>.log`.
+
+use crate::command::{binary, describe, run_command, CmdOutput, COMMAND_TIMEOUT};
+use flame_client::local::{HEAD_READY_PREFIX, NODE_READY_PREFIX};
+use flame_client::{Client, ClientConfig};
+use flame_protocol::limits;
+use nix::sys::signal::{self, Signal};
+use nix::unistd::Pid;
+use std::ffi::OsString;
+use std::fs::OpenOptions;
+use std::io::{Read, Seek, SeekFrom};
+use std::path::{Path, PathBuf};
+use std::process::{ExitStatus, Stdio};
+use std::time::Duration;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+use tokio::sync::watch;
+
+/// Bound on a head or node start-up (its ready line), and on a node's re-registration.
+pub const READY_TIMEOUT: Duration = Duration::from_secs(30);
+/// Time a stopped head has to exit after `SIGTERM`.
+pub const STOP_TIMEOUT: Duration = Duration::from_secs(15);
+/// How long a child whose stdout closed has to exit before a failure is reported anyway.
+pub const EXIT_WAIT: Duration = Duration::from_secs(5);
+/// Stdout lines kept per child; the binaries print a handful, so more means a runaway.
+pub const STDOUT_LINES_MAX: usize = 10_000;
+/// Bytes of a log quoted in a failure message.
+pub const LOG_TAIL_BYTES_MAX: u64 = 8 * 1024;
+
+/// Environment variables that would make a child read settings from outside the test.
+const FOREIGN_ENV: &[&str] = &[
+    "FLAME_HEAD",
+    "FLAME_CA_FILE",
+    "FLAME_NODE_NAME",
+    "FLAME_HEAD_CONFIG",
+    "FLAME_HEAD_DATA_DIR",
+];
+
+/// How to start a [`Cluster`].
+#[derive(Debug, Clone)]
+pub struct ClusterOptions {
+    /// Nodes started after the head; each must register before `start` returns.
+    pub nodes: usize,
+    /// Each node's `--cpus`.
+    pub cpus: u32,
+    /// Extra `flame-head` arguments, e.g. `--task-input-bytes-max 1024`.
+    pub head_args: Vec<String>,
+}
+
+impl Default for ClusterOptions {
+    fn default() -> Self {
+        ClusterOptions {
+            nodes: 1,
+            cpus: 2,
+            head_args: Vec::new(),
+        }
+    }
+}
+
+impl ClusterOptions {
+    pub fn nodes(mut self, nodes: usize) -> Self {
+        self.nodes = nodes;
+        self
+    }
+
+    pub fn cpus(mut self, cpus: u32) -> Self {
+        self.cpus = cpus;
+        self
+    }
+
+    pub fn head_args<S: Into<String>>(mut self, args: impl IntoIterator<Item = S>) -> Self {
+        self.head_args.extend(args.into_iter().map(Into::into));
+        self
+    }
+}
+
+/// A running head and nodes. Dropping it kills every child (`SIGKILL`), then removes the
+/// folder.
+///
+/// Children are started from the calling thread with a parent-death signal, so they also
+/// die if the test process is killed: start clusters from the test's body (or a runtime
+/// worker), never from a `spawn_blocking` thread, which may exit while the test runs.
+#[derive(Debug)]
+pub struct Cluster {
+    // Children before the folder: fields drop in order.
+    nodes: Vec<Proc>,
+    head: Option<Proc>,
+    head_addr: String,
+    ca_file: PathBuf,
+    options: ClusterOptions,
+    dir: tempfile::TempDir,
+}
+
+impl Cluster {
+    /// Starts the head on `127.0.0.1:0`, then the nodes one by one, each waited for.
+    pub async fn start(options: ClusterOptions) -> Cluster {
+        let dir = tempfile::Builder::new()
+            .prefix("flame-e2e-")
+            .tempdir()
+            .expect("cannot create a temporary folder for the cluster");
+        let ca_file = dir.path().join("tls").join("head.crt");
+        let mut cluster = Cluster {
+            nodes: Vec::with_capacity(options.nodes),
+            head: None,
+            head_addr: String::new(),
+            ca_file,
+            options,
+            dir,
+        };
+        cluster.start_head("127.0.0.1:0").await;
+        for i in 0..cluster.options.nodes {
+            cluster.start_node(i).await;
+        }
+        cluster
+    }
+
+    /// The address clients and nodes connect to.
+    pub fn head_addr(&self) -> &str {
+        &self.head_addr
+    }
+
+    /// The head's CA certificate.
+    pub fn ca_file(&self) -> &Path {
+        &self.ca_file
+    }
+
+    /// The head's data folder (also the cluster's folder).
+    pub fn data_dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// The name of node `i`.
+    pub fn node_name(i: usize) -> String {
+        format!("node-{i}")
+    }
+
+    pub fn options(&self) -> &ClusterOptions {
+        &self.options
+    }
+
+    /// A client configuration for this cluster.
+    pub fn client_config(&self) -> ClientConfig {
+        ClientConfig {
+            head: self.head_addr.clone(),
+            ca_file: self.ca_file.clone(),
+            connect_timeout: limits::CONNECT_TIMEOUT,
+        }
+    }
+
+    /// A connected client; panics with the logs when it cannot connect.
+    pub async fn client(&self) -> Client {
+        match Client::connect(&self.client_config()).await {
+            Ok(client) => client,
+            Err(e) => panic!("cannot connect to the head: {e}\n{}", self.logs()),
+        }
+    }
+
+    /// Runs `flame --head ADDR --ca-file CA ARGS...` with [`COMMAND_TIMEOUT`].
+    pub async fn flame(&self, args: &[&str]) -> CmdOutput {
+        let mut command = flame_command();
+        command
+            .arg("--head")
+            .arg(&self.head_addr)
+            .arg("--ca-file")
+            .arg(&self.ca_file)
+            .args(args);
+        run_command(command, COMMAND_TIMEOUT).await
+    }
+
+    /// Stops the head with `SIGTERM` and waits for it to exit; returns how it exited.
+    pub async fn stop_head(&mut self) -> ExitStatus {
+        let mut head = self.head.take().expect("the head is not running");
+        head.terminate(STOP_TIMEOUT).await
+    }
+
+    /// Starts a head on the same data folder and address as the last one, and waits until
+    /// every node has registered with it again.
+    pub async fn start_head_again(&mut self) {
+        assert!(self.head.is_none(), "the head is still running");
+        let registered: Vec<usize> = self
+            .nodes
+            .iter()
+            .map(|n| n.count_lines(NODE_READY_PREFIX))
+            .collect();
+        let addr = self.head_addr.clone();
+        self.start_head(&addr).await;
+        let mut failures = Vec::new();
+        for (node, before) in self.nodes.iter_mut().zip(registered) {
+            let found = node
+                .wait_line(NODE_READY_PREFIX, before, READY_TIMEOUT)
+                .await;
+            if let Err(e) = found {
+                failures.push(format!("{} did not register again: {e}", node.name));
+            }
+        }
+        assert!(
+            failures.is_empty(),
+            "after the head restarted:\n{}\n{}",
+            failures.join("\n"),
+            self.logs()
+        );
+    }
+
+    /// The end of every child's log, for failure messages.
+    pub fn logs(&self) -> String {
+        let mut text = String::new();
+        text.push_str(&log_section(
+            "flame-head",
+            &self.dir.path().join("head.log"),
+        ));
+        for (i, node) in self.nodes.iter().enumerate() {
+            text.push_str(&log_section(&Self::node_name(i), &node.log));
+        }
+        text
+    }
+
+    async fn start_head(&mut self, listen: &str) {
+        let dir = self.dir.path();
+        let mut args: Vec<OsString> = vec![
+            "--data-dir".into(),
+            dir.into(),
+            "--listen".into(),
+            listen.into(),
+        ];
+        args.extend(self.options.head_args.iter().map(OsString::from));
+        let mut head = Proc::spawn(
+            "flame-head".into(),
+            &binary("flame-head"),
+            &args,
+            &dir.join("head.log"),
+        );
+        let line = head.wait_line(HEAD_READY_PREFIX, 0, READY_TIMEOUT).await;
+        let listening = line.unwrap_or_else(|e| panic!("flame-head did not start: {e}"));
+        self.head_addr = listening.1;
+        assert!(
+            self.ca_file.is_file(),
+            "flame-head is ready but its CA certificate {} is missing",
+            self.ca_file.display()
+        );
+        self.head = Some(head);
+    }
+
+    async fn start_node(&mut self, i: usize) {
+        let name = Self::node_name(i);
+        let dir = self.dir.path();
+        let args: Vec<OsString> = vec![
+            "--head".into(),
+            self.head_addr.clone().into(),
+            "--ca-file".into(),
+            self.ca_file.clone().into(),
+            "--name".into(),
+            name.clone().into(),
+            "--work-dir".into(),
+            dir.join(&name).into(),
+            "--cpus".into(),
+            self.options.cpus.to_string().into(),
+        ];
+        let mut node = Proc::spawn(
+            name.clone(),
+            &binary("flame-node"),
+            &args,
+            &dir.join(format!("{name}.log")),
+        );
+        let line = node.wait_line(NODE_READY_PREFIX, 0, READY_TIMEOUT).await;
+        match line {
+            Ok((_, registered)) if registered == name => {}
+            Ok((_, other)) => panic!("{name} registered as `{other}`"),
+            Err(e) => panic!(
+                "{name} did not register: {e}\n{}",
+                log_section("flame-head", &dir.join("head.log"))
+            ),
+        }
+        self.nodes.push(node);
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        // `kill_on_drop` would do it too; killing first, nodes then head, makes the order
+        // explicit and does not depend on field order.
+        for node in &mut self.nodes {
+            node.kill();
+        }
+        if let Some(head) = &mut self.head {
+            head.kill();
+        }
+    }
+}
+
+/// The `flame` command with an environment that cannot point it elsewhere.
+pub fn flame_command() -> Command {
+    let mut command = Command::new(binary("flame"));
+    for var in FOREIGN_ENV {
+        command.env_remove(var);
+    }
+    // No user or system configuration file is found through XDG; /etc/flame/flame.toml is
+    // read only for keys the flags do not give, and the flags give both.
+    command.env(
+        "XDG_CONFIG_HOME",
+        std::env::temp_dir().join("flame-e2e-no-config"),
+    );
+    command
+}
+
+/// What a child has printed on stdout so far.
+#[derive(Debug, Default)]
+struct Stdout {
+    lines: Vec<String>,
+    /// The pipe ended: the child is exiting.
+    closed: bool,
+}
+
+/// One child process: its stderr goes to a log file, its stdout lines are kept.
+#[derive(Debug)]
+struct Proc {
+    name: String,
+    command: String,
+    child: Child,
+    log: PathBuf,
+    stdout: watch::Receiver<Stdout>,
+}
+
+impl Proc {
+    fn spawn(name: String, program: &Path, args: &[OsString], log: &Path) -> Proc {
+        // Appended to, so a restarted head's log follows the first one's.
+        let log_file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .unwrap_or_else(|e| panic!("cannot open {}: {e}", log.display()));
+        let mut command = Command::new(program);
+        for var in FOREIGN_ENV {
+            command.env_remove(var);
+        }
+        command
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::from(log_file))
+            .kill_on_drop(true);
+        let parent = nix::unistd::getpid();
+        // SAFETY: the closure runs in the forked child before exec and makes only two
+        // async-signal-safe system calls (prctl, getppid); it allocates nothing on success.
+        unsafe {
+            command.pre_exec(move || {
+                // Killed when the thread that forked it ends, so nothing outlives a test
+                // process that is itself killed.
+                nix::sys::prctl::set_pdeathsig(Signal::SIGKILL)?;
+                if nix::unistd::getppid() != parent {
+                    return Err(std::io::Error::from(nix::errno::Errno::ESRCH));
+                }
+                Ok(())
+            });
+        }
+        let line = describe(&command);
+        let mut child = command
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start `{line}`: {e}"));
+        let stdout = child.stdout.take().expect("stdout is piped");
+        let (tx, rx) = watch::channel(Stdout::default());
+        tokio::spawn(async move {
+            let mut lines = BufReader::new(stdout).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                tx.send_modify(|s| {
+                    if s.lines.len() < STDOUT_LINES_MAX {
+                        s.lines.push(line);
+                    }
+                });
+            }
+            tx.send_modify(|s| s.closed = true);
+        });
+        Proc {
+            name,
+            command: line,
+            child,
+            log: log.to_path_buf(),
+            stdout: rx,
+        }
+    }
+
+    /// Lines printed so far that start with `prefix`.
+    fn count_lines(&self, prefix: &str) -> usize {
+        self.stdout
+            .borrow()
+            .lines
+            .iter()
+            .filter(|l| l.starts_with(prefix))
+            .count()
+    }
+
+    /// Waits for the line starting with `prefix` that comes after `skip` such lines;
+    /// returns its index and the rest of the line, or why it did not come.
+    async fn wait_line(
+        &mut self,
+        prefix: &str,
+        skip: usize,
+        timeout: Duration,
+    ) -> Result<(usize, String), String> {
+        let find = |s: &Stdout| {
+            s.lines
+                .iter()
+                .enumerate()
+                .filter(|(_, l)| l.starts_with(prefix))
+                .nth(skip)
+                .map(|(i, l)| (i, l[prefix.len()..].trim().to_string()))
+        };
+        let mut rx = self.stdout.clone();
+        let waited = tokio::time::timeout(timeout, rx.wait_for(|s| s.closed || find(s).is_some()))
+            .await
+            .map(|r| r.map(|state| find(&state)));
+        let problem = match waited {
+            Ok(Ok(Some(found))) => return Ok(found),
+            // Stdout closed: the child is exiting, and its status says how.
+            Ok(Ok(None)) => match tokio::time::timeout(EXIT_WAIT, self.child.wait()).await {
+                Ok(Ok(status)) => format!("it exited with {status}"),
+                Ok(Err(e)) => format!("its stdout closed, and waiting for it failed: {e}"),
+                Err(_) => format!("its stdout closed, yet it has not exited within {EXIT_WAIT:?}"),
+            },
+            Ok(Err(_)) => "its stdout reader stopped".to_string(),
+            Err(_) => format!("no such line within {timeout:?}"),
+        };
+        let printed = self.stdout.borrow().lines.join("\n    ");
+        Err(format!(
+            "`{}` did not print `{prefix}...`: {problem}\n  stdout:\n    {printed}\n{}",
+            self.command,
+            log_section(&self.name, &self.log)
+        ))
+    }
+
+    /// `SIGTERM`, then waits for the exit; panics with the log when it does not come.
+    async fn terminate(&mut self, timeout: Duration) -> ExitStatus {
+        if let Some(pid) = self.child.id().and_then(|id| i32::try_from(id).ok()) {
+            signal::kill(Pid::from_raw(pid), Signal::SIGTERM)
+                .unwrap_or_else(|e| panic!("cannot send SIGTERM to {}: {e}", self.name));
+        }
+        match tokio::time::timeout(timeout, self.child.wait()).await {
+            Ok(Ok(status)) => status,
+            Ok(Err(e)) => panic!("cannot wait for {}: {e}", self.name),
+            Err(_) => {
+                self.kill();
+                panic!(
+                    "{} did not exit within {timeout:?} of SIGTERM; killed it\n{}",
+                    self.name,
+                    log_section(&self.name, &self.log)
+                )
+            }
+        }
+    }
+
+    fn kill(&mut self) {
+        // Fails only when it already exited, which is what we want.
+        let _already_gone = self.child.start_kill();
+    }
+}
+
+/// The end of a log file, headed by its name.
+fn log_section(name: &str, log: &Path) -> String {
+    let read = || -> std::io::Result<String> {
+        let mut file = std::fs::File::open(log)?;
+        let len = file.metadata()?.len();
+        file.seek(SeekFrom::Start(len.saturating_sub(LOG_TAIL_BYTES_MAX)))?;
+        let mut bytes = Vec::new();
+        file.read_to_end(&mut bytes)?;
+        Ok(String::from_utf8_lossy(&bytes).into_owned())
+    };
+    let body = match read() {
+        Ok(text) if text.trim().is_empty() => "(empty)".to_string(),
+        Ok(text) => text,
+        Err(e) => format!("(cannot read it: {e})"),
+    };
+    format!(
+        "--- end of {name}'s log {} ---\n{}\n",
+        log.display(),
+        body.trim_end()
+    )
+}
