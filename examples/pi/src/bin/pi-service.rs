@@ -1,1 +1,11 @@
-fn main() {}
+//! `pi-service`: the pi application in Rust. The node starts it and speaks the stdio shim
+//! protocol with it; see `flame_example_pi::wire` for what the tasks carry.
+
+use flame_example_pi::service::PiService;
+
+fn main() {
+    if let Err(e) = flame_shims::service::run(PiService::default()) {
+        eprintln!("error: pi-service: {e}");
+        std::process::exit(1);
+    }
+}
