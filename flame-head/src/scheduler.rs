@@ -173,9 +173,34 @@ pub fn schedule(snap: &Snapshot) -> Vec<Decision> {
     }
     let capacity: u64 = ready.values().map(|n| u64::from(n.slots)).sum();
 
-    // 1. Targets, proportional to demand, then capped per application.
+    // 1. Targets, proportional to demand, then capped per application. A session whose
+    // application cannot launch now (backing off after failures) claims no more than the
+    // executors it could use today, so its share does not sit idle while others wait.
+    let mut usable_per_app: HashMap<&str, u64> = HashMap::new();
+    for e in &snap.executors {
+        if matches!(
+            e.phase,
+            ExecutorPhase::Idle
+                | ExecutorPhase::Binding
+                | ExecutorPhase::Bound
+                | ExecutorPhase::Launching
+        ) {
+            *usable_per_app.entry(e.application.as_str()).or_default() += 1;
+        }
+    }
     let active: Vec<&SessionView> = snap.sessions.iter().filter(|s| s.demand > 0).collect();
-    let demands: Vec<u64> = active.iter().map(|s| s.demand).collect();
+    let demands: Vec<u64> = active
+        .iter()
+        .map(|s| match apps.get(s.application.as_str()) {
+            Some(a) if !a.launchable => s.demand.min(
+                usable_per_app
+                    .get(s.application.as_str())
+                    .copied()
+                    .unwrap_or(0),
+            ),
+            _ => s.demand,
+        })
+        .collect();
     let mut targets = proportional_targets(capacity, &demands);
     let mut by_app: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
     for (i, s) in active.iter().enumerate() {
@@ -432,6 +457,26 @@ mod tests {
             executors: vec![],
         };
         assert!(schedule(&snap).is_empty());
+    }
+
+    #[test]
+    fn backing_off_app_does_not_starve_others() {
+        let mut broken = app("broken", 3);
+        broken.launchable = false;
+        let snap = Snapshot {
+            now_ms: 0,
+            nodes: vec![node("n1", 1)],
+            applications: vec![broken, app("ping", 3)],
+            sessions: vec![session(1, "broken", 100), session(2, "ping", 100)],
+            executors: vec![],
+        };
+        assert_eq!(
+            schedule(&snap),
+            vec![Decision::Launch {
+                node: "n1".into(),
+                application: "ping".into()
+            }]
+        );
     }
 
     #[test]
