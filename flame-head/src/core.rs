@@ -181,7 +181,12 @@ struct ExecutorEntry {
     application: String,
     phase: ExecutorPhase,
     session: Option<SessionId>,
+    /// Most tasks the node accepts outstanding on this executor.
     credit: u32,
+    /// Smoothed time one task takes on this executor, in microseconds, measured between
+    /// consecutive results while it stayed busy. Sizes how deep its queue may be.
+    task_us_avg: f64,
+    last_result_ms: u64,
     /// Tasks sent and not yet answered.
     outstanding: Vec<(SessionId, TaskId)>,
     quiet_since_ms: u64,
@@ -246,6 +251,29 @@ pub struct Core {
     /// Per application: executors in a row that died before saying ready, and the time
     /// before which no new one is launched. Keeps a broken command from a hot loop.
     launch_backoff: HashMap<String, (u32, u64)>,
+}
+
+/// How much queued work, in microseconds, the head keeps on an executor beyond the task it
+/// runs. Short tasks get deep queues (throughput); long ones get one queued task, so that
+/// an unbind or a new session waits for little work already handed out (fairness).
+pub const QUEUE_TARGET_US: f64 = 20_000.0;
+/// Assumed task time before anything is measured: start shallow, deepen as results show
+/// the tasks are short.
+pub const TASK_US_INITIAL: f64 = 10_000.0;
+/// Weight of a new sample in the smoothed task time.
+const TASK_US_ALPHA: f64 = 0.2;
+
+/// Tasks to keep outstanding on an executor: the one running plus a queue sized by
+/// [`QUEUE_TARGET_US`] (at least one queued task, for pipelining), within what the node
+/// allows.
+pub fn outstanding_max(task_us_avg: f64, credit: u32) -> u32 {
+    let queued = (QUEUE_TARGET_US / task_us_avg.max(1.0)).ceil();
+    let wanted = if queued.is_finite() {
+        queued as u64 + 1
+    } else {
+        u64::MAX
+    };
+    wanted.max(2).min(u64::from(credit.max(1))) as u32
 }
 
 /// First pause after an executor dies before it is ready; doubles per failure in a row.
@@ -441,7 +469,7 @@ impl Core {
             self.reschedule = false;
             self.schedule(now_ms);
         }
-        self.dispatch();
+        self.dispatch(now_ms);
         for (session, results) in std::mem::take(&mut self.batch_finish) {
             self.batch_ops.push(StoreOp::FinishTasks {
                 session,
@@ -977,7 +1005,12 @@ impl Core {
         e.outstanding.swap_remove(pos);
         if e.outstanding.is_empty() {
             e.quiet_since_ms = now_ms;
+        } else {
+            // Busy since its last result: the gap is one task's time on this executor.
+            let sample_us = now_ms.saturating_sub(e.last_result_ms) as f64 * 1000.0;
+            e.task_us_avg += TASK_US_ALPHA * (sample_us - e.task_us_avg);
         }
+        e.last_result_ms = now_ms;
         slot.input = Bytes::new();
         if s.ephemeral {
             slot.outcome = Some(r.outcome.clone());
@@ -1309,6 +1342,8 @@ impl Core {
                         phase: ExecutorPhase::Launching,
                         session: None,
                         credit: 1,
+                        task_us_avg: TASK_US_INITIAL,
+                        last_result_ms: now_ms,
                         outstanding: Vec::new(),
                         quiet_since_ms: now_ms,
                     },
@@ -1366,8 +1401,8 @@ impl Core {
         }
     }
 
-    /// Hands pending tasks to bound executors up to their credit.
-    fn dispatch(&mut self) {
+    /// Hands pending tasks to bound executors up to their outstanding limit.
+    fn dispatch(&mut self, now_ms: u64) {
         for (id, e) in self.executors.iter_mut() {
             if !matches!(e.phase, ExecutorPhase::Binding | ExecutorPhase::Bound) {
                 continue;
@@ -1376,7 +1411,12 @@ impl Core {
             let Some(s) = self.sessions.get_mut(&sid) else {
                 continue;
             };
-            while (e.outstanding.len() as u32) < e.credit {
+            let limit = outstanding_max(e.task_us_avg, e.credit);
+            if e.outstanding.is_empty() {
+                // Idle until now: the next gap measures work, not idleness.
+                e.last_result_ms = now_ms;
+            }
+            while (e.outstanding.len() as u32) < limit {
                 let Some(tid) = s.pending.pop_front() else {
                     break;
                 };
@@ -1696,6 +1736,19 @@ mod tests {
         h.core.handle(Event::Tick, h.now);
         h.step();
         assert!(matches!(&h.commands()[..], [NodeCommand::Launch { .. }]));
+    }
+
+    #[test]
+    fn queue_depth_follows_task_time() {
+        // Long tasks: one running, one queued.
+        assert_eq!(outstanding_max(1_000_000.0, 256), 2);
+        // Unknown yet: shallow.
+        assert_eq!(outstanding_max(TASK_US_INITIAL, 256), 3);
+        // 20 µs tasks: as deep as the node allows.
+        assert_eq!(outstanding_max(20.0, 256), 256);
+        assert_eq!(outstanding_max(0.0, 64), 64);
+        // Never more than the node allows.
+        assert_eq!(outstanding_max(20.0, 1), 1);
     }
 
     #[test]

@@ -27,8 +27,9 @@ struct Args {
     /// Working directory for executors without their own.
     #[arg(long, default_value = "/var/lib/flame/node")]
     work_dir: PathBuf,
-    /// Tasks the head may have outstanding per executor (pipelining depth).
-    #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u32).range(1..=1024))]
+    /// Most tasks the head may have outstanding per executor (the head sizes the queue by
+    /// measured task time within this bound).
+    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..=1024))]
     credit: u32,
 }
 
