@@ -80,6 +80,14 @@ struct AppFile {
     max_instances: u32,
     #[serde(default = "default_delay_release")]
     delay_release: String,
+    #[serde(default = "default_max_attempts")]
+    max_attempts: u32,
+    #[serde(default)]
+    retry_on_error: bool,
+}
+
+fn default_max_attempts() -> u32 {
+    flame_protocol::model::APP_MAX_ATTEMPTS_DEFAULT
 }
 
 fn default_max_instances() -> u32 {
@@ -142,6 +150,8 @@ pub fn parse_app_file(text: &str, path: &Path) -> Result<ApplicationSpec, AppFil
         working_dir: file.working_dir,
         max_instances: file.max_instances,
         delay_release_ms,
+        max_attempts: file.max_attempts,
+        retry_on_error: file.retry_on_error,
     };
     spec.validate().map_err(|source| AppFileError::Invalid {
         path: path.to_path_buf(),

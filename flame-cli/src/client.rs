@@ -7,8 +7,10 @@ use flame_protocol::endpoint;
 use flame_protocol::frame::{FrameError, FrameReader, FrameWriter};
 use flame_protocol::limits;
 use flame_protocol::messages::{ClientRequest, ClientResponse, Role};
-use flame_protocol::model::{ApplicationInfo, ApplicationSpec, NodeInfo, SessionInfo, SessionSpec};
-use flame_protocol::SessionId;
+use flame_protocol::model::{
+    ApplicationInfo, ApplicationSpec, NodeInfo, SessionInfo, SessionSpec, TaskInfo, TaskState,
+};
+use flame_protocol::{SessionId, TaskId};
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
@@ -162,6 +164,37 @@ impl Client {
         match self.request(ClientRequest::CloseSession { id }).await? {
             ClientResponse::Ok | ClientResponse::Session(_) => Ok(()),
             other => Err(self.unexpected("request CloseSession", &other)),
+        }
+    }
+
+    /// Cancels a session: it is closed, and its unfinished tasks end as Cancelled; the
+    /// executors running them are stopped.
+    pub async fn cancel_session(&self, id: SessionId) -> Result<(), ClientError> {
+        match self.request(ClientRequest::CancelSession { id }).await? {
+            ClientResponse::Ok => Ok(()),
+            other => Err(self.unexpected("request CancelSession", &other)),
+        }
+    }
+
+    /// Tasks of a session in id order after `after` (use `TaskId(0)` to start), at most
+    /// `limit` (the head caps it), only those in `states` unless it is empty. Page through
+    /// a session by passing the last id returned as the next `after`.
+    pub async fn list_tasks(
+        &self,
+        session: SessionId,
+        states: Vec<TaskState>,
+        after: TaskId,
+        limit: u32,
+    ) -> Result<Vec<TaskInfo>, ClientError> {
+        let request = ClientRequest::ListTasks {
+            session,
+            states,
+            after,
+            limit,
+        };
+        match self.request(request).await? {
+            ClientResponse::Tasks(tasks) => Ok(tasks),
+            other => Err(self.unexpected("request ListTasks", &other)),
         }
     }
 
@@ -319,6 +352,8 @@ fn request_name(request: &ClientRequest) -> &'static str {
         ClientRequest::ListSessions => "ListSessions",
         ClientRequest::GetSession { .. } => "GetSession",
         ClientRequest::CloseSession { .. } => "CloseSession",
+        ClientRequest::CancelSession { .. } => "CancelSession",
+        ClientRequest::ListTasks { .. } => "ListTasks",
         ClientRequest::ListNodes => "ListNodes",
         ClientRequest::OpenSubmitStream { .. } => "OpenSubmitStream",
         ClientRequest::WatchResults { .. } => "WatchResults",
@@ -334,5 +369,6 @@ fn response_name(response: &ClientResponse) -> &'static str {
         ClientResponse::Session(_) => "Session",
         ClientResponse::Sessions(_) => "Sessions",
         ClientResponse::Nodes(_) => "Nodes",
+        ClientResponse::Tasks(_) => "Tasks",
     }
 }

@@ -24,7 +24,8 @@ use flame_protocol::messages::{
 };
 use flame_protocol::model::{
     ApiError, ApplicationInfo, ApplicationSpec, ErrorKind, NodeInfo, NodeState, SessionInfo,
-    SessionSpec, SessionState, TaskAssignment, TaskCounts, TaskOutcome, TaskResult,
+    SessionSpec, SessionState, TaskAssignment, TaskCounts, TaskInfo, TaskOutcome, TaskResult,
+    TaskState,
 };
 use flame_protocol::{ExecutorId, SessionId, TaskId};
 use std::collections::{BTreeMap, HashMap, VecDeque};
@@ -94,6 +95,15 @@ pub enum Event {
         tokens: Vec<u64>,
         result: Result<(), String>,
     },
+    /// `ClientRequest::ListTasks`, answered from memory, or `None` when the session has
+    /// finished and its tasks must be read from the store.
+    ListTasks {
+        session: SessionId,
+        states: Vec<TaskState>,
+        after: TaskId,
+        limit: u32,
+        reply: oneshot::Sender<Result<Option<Vec<TaskInfo>>, ApiError>>,
+    },
     /// Periodic: heartbeat timeouts and `delay_release`.
     Tick,
 }
@@ -129,14 +139,53 @@ enum Slot {
     Completing,
     Succeeded,
     Failed,
+    Cancelled,
+}
+
+impl Slot {
+    fn is_final(self) -> bool {
+        matches!(self, Slot::Succeeded | Slot::Failed | Slot::Cancelled)
+    }
+
+    fn state(self) -> TaskState {
+        match self {
+            Slot::Unacked | Slot::Rejected | Slot::Pending => TaskState::Pending,
+            Slot::Running(_) | Slot::Completing => TaskState::Running,
+            Slot::Succeeded => TaskState::Succeeded,
+            Slot::Failed => TaskState::Failed,
+            Slot::Cancelled => TaskState::Cancelled,
+        }
+    }
+}
+
+fn final_slot(outcome: &TaskOutcome) -> Slot {
+    match outcome {
+        TaskOutcome::Succeeded(_) => Slot::Succeeded,
+        TaskOutcome::Failed(_) => Slot::Failed,
+        TaskOutcome::Cancelled => Slot::Cancelled,
+    }
+}
+
+fn count_final(counts: &mut TaskCounts, outcome: &TaskOutcome) {
+    match outcome {
+        TaskOutcome::Succeeded(_) => counts.succeeded += 1,
+        TaskOutcome::Failed(_) => counts.failed += 1,
+        TaskOutcome::Cancelled => counts.cancelled += 1,
+    }
 }
 
 #[derive(Debug)]
 struct TaskSlot {
     slot: Slot,
+    /// Attempt number, from 1; bumped whenever the task goes back to pending, so results
+    /// of an earlier attempt are refused.
     attempt: u32,
+    /// Attempts that ran and failed: its executor died while running it, or (with
+    /// `retry_on_error`) the application reported an error. Bounded by `max_attempts`.
+    runs_failed: u32,
     input: Bytes,
-    /// Kept only for ephemeral sessions, which have no store to read it back from.
+    /// Kept for ephemeral sessions, which have no store to read it back from, and for
+    /// failures, whose messages `ListTasks` shows.
     outcome: Option<TaskOutcome>,
 }
 
@@ -152,6 +201,8 @@ struct SessionEntry {
     unacked_batches: u32,
     watchers: Vec<mpsc::UnboundedSender<WatchMsg>>,
     finished: bool,
+    /// Cancelled: batches acked from now on end as Cancelled at once.
+    cancelled: bool,
 }
 
 /// The slot of a task id; ids are dense from 1.
@@ -188,7 +239,9 @@ struct ExecutorEntry {
     task_us_avg: f64,
     last_result_ms: u64,
     /// Tasks sent and not yet answered.
-    outstanding: Vec<(SessionId, TaskId)>,
+    /// In dispatch order: the node runs them in this order, so the front one is the task
+    /// running now and the rest wait on the node.
+    outstanding: VecDeque<(SessionId, TaskId)>,
     quiet_since_ms: u64,
 }
 
@@ -328,6 +381,7 @@ impl Core {
                     unacked_batches: 0,
                     watchers: Vec::new(),
                     finished: false,
+                    cancelled: false,
                 },
             );
         }
@@ -342,6 +396,7 @@ impl Core {
                 s.tasks.push(TaskSlot {
                     slot: Slot::Rejected,
                     attempt: 0,
+                    runs_failed: 0,
                     input: Bytes::new(),
                     outcome: None,
                 });
@@ -354,24 +409,19 @@ impl Core {
                     TaskSlot {
                         slot: Slot::Pending,
                         attempt,
+                        runs_failed: 0,
                         input,
                         outcome: None,
                     }
                 }
                 StoredTask::Final { attempt, outcome } => {
-                    match outcome {
-                        TaskOutcome::Succeeded(_) => s.counts.succeeded += 1,
-                        TaskOutcome::Failed(_) => s.counts.failed += 1,
-                    }
+                    count_final(&mut s.counts, &outcome);
                     TaskSlot {
-                        slot: if matches!(outcome, TaskOutcome::Succeeded(_)) {
-                            Slot::Succeeded
-                        } else {
-                            Slot::Failed
-                        },
+                        slot: final_slot(&outcome),
                         attempt,
+                        runs_failed: 0,
                         input: Bytes::new(),
-                        outcome: None,
+                        outcome: matches!(outcome, TaskOutcome::Failed(_)).then_some(outcome),
                     }
                 }
             };
@@ -437,6 +487,15 @@ impl Core {
                 if let Some(name) = self.conns.get(&conn).cloned() {
                     self.node_lost(&name, &reason);
                 }
+            }
+            Event::ListTasks {
+                session,
+                states,
+                after,
+                limit,
+                reply,
+            } => {
+                let _ = reply.send(self.list_tasks(session, &states, after, limit));
             }
             Event::Committed { tokens, result } => {
                 for token in tokens {
@@ -616,6 +675,12 @@ impl Core {
                 self.reschedule = true;
                 self.check_finished(id);
             }
+            ClientRequest::CancelSession { id } => {
+                if !self.sessions.contains_key(&id) {
+                    return respond(reply, error(ErrorKind::NotFound, unknown_session(id)));
+                }
+                self.cancel_session(id, reply, now_ms);
+            }
             ClientRequest::ListNodes => {
                 let list = self
                     .nodes
@@ -636,7 +701,9 @@ impl Core {
                     .collect();
                 respond(reply, ClientResponse::Nodes(list));
             }
-            ClientRequest::OpenSubmitStream { .. } | ClientRequest::WatchResults { .. } => respond(
+            ClientRequest::OpenSubmitStream { .. }
+            | ClientRequest::WatchResults { .. }
+            | ClientRequest::ListTasks { .. } => respond(
                 reply,
                 error(
                     ErrorKind::InvalidArgument,
@@ -644,6 +711,82 @@ impl Core {
                 ),
             ),
         }
+    }
+
+    /// Closes a session and ends its unfinished tasks as Cancelled, durably. Executors with
+    /// its tasks in hand are killed, so the tasks stop; its idle executors unbind as usual.
+    fn cancel_session(
+        &mut self,
+        id: SessionId,
+        reply: oneshot::Sender<ClientResponse>,
+        now_ms: u64,
+    ) {
+        let Some(s) = self.sessions.get_mut(&id) else {
+            return;
+        };
+        if s.finished {
+            let _ = reply.send(ClientResponse::Ok);
+            return;
+        }
+        s.cancelled = true;
+        if s.stored.state == SessionState::Open {
+            s.stored.state = SessionState::Closed;
+            s.stored.closed_ms = Some(now_ms);
+        }
+        s.pending.clear();
+        let mut cancelled = Vec::new();
+        for (i, t) in s.tasks.iter_mut().enumerate() {
+            if matches!(t.slot, Slot::Pending | Slot::Running(_)) {
+                if t.slot == Slot::Pending {
+                    // Counted as in flight until the cancellation is durable.
+                    s.counts.pending = s.counts.pending.saturating_sub(1);
+                    s.counts.running += 1;
+                }
+                cancelled.push((TaskId(i as u64 + 1), t.attempt));
+                t.input = Bytes::new();
+                t.slot = Slot::Completing;
+            }
+        }
+        let mut killed = Vec::new();
+        for (eid, e) in self.executors.iter_mut() {
+            if e.session == Some(id) && !e.outstanding.is_empty() {
+                e.outstanding.clear();
+                e.phase = ExecutorPhase::Releasing;
+                killed.push((e.node.clone(), *eid));
+            }
+        }
+        for (node, executor) in killed {
+            self.node_out
+                .entry(node)
+                .or_default()
+                .push(NodeCommand::Kill { executor });
+        }
+        tracing::info!(session = %id, tasks = cancelled.len(), "session cancelled");
+        if s.ephemeral {
+            for (task, attempt) in cancelled {
+                if let Some(slot) = slot_of(&mut s.tasks, task) {
+                    slot.outcome = Some(TaskOutcome::Cancelled);
+                }
+                Self::finalize(
+                    s,
+                    task,
+                    attempt,
+                    TaskOutcome::Cancelled,
+                    &mut self.watch_out,
+                );
+            }
+            let _ = reply.send(ClientResponse::Ok);
+        } else {
+            self.batch_finish.entry(id).or_default().extend(
+                cancelled
+                    .into_iter()
+                    .map(|(task, attempt)| (task, attempt, TaskOutcome::Cancelled)),
+            );
+            self.batch_ops.push(StoreOp::PutSession(s.stored.clone()));
+            self.batch_after.push(AfterCommit::Respond { reply });
+        }
+        self.reschedule = true;
+        self.check_finished(id);
     }
 
     fn application_info(&self, name: &str) -> Option<ApplicationInfo> {
@@ -706,6 +849,7 @@ impl Core {
             unacked_batches: 0,
             watchers: Vec::new(),
             finished: false,
+            cancelled: false,
         };
         self.batch_ops.push(StoreOp::PutCounters {
             next_session: self.next_session,
@@ -785,6 +929,7 @@ impl Core {
                 s.tasks.push(TaskSlot {
                     slot: Slot::Pending,
                     attempt: 1,
+                    runs_failed: 0,
                     input,
                     outcome: None,
                 });
@@ -803,6 +948,7 @@ impl Core {
             s.tasks.push(TaskSlot {
                 slot: Slot::Unacked,
                 attempt: 1,
+                runs_failed: 0,
                 input: input.clone(),
                 outcome: None,
             });
@@ -820,6 +966,43 @@ impl Core {
             batch_id,
             reply,
         });
+    }
+
+    fn list_tasks(
+        &self,
+        session: SessionId,
+        states: &[TaskState],
+        after: TaskId,
+        limit: u32,
+    ) -> Result<Option<Vec<TaskInfo>>, ApiError> {
+        let s = self
+            .sessions
+            .get(&session)
+            .ok_or_else(|| api(ErrorKind::NotFound, unknown_session(session)))?;
+        if s.finished && !s.ephemeral {
+            return Ok(None);
+        }
+        let limit = (limit as usize).min(limits::MESSAGE_BATCH_MAX);
+        let start = usize::try_from(after.0).unwrap_or(usize::MAX);
+        let list = s
+            .tasks
+            .iter()
+            .enumerate()
+            .skip(start)
+            .filter(|(_, t)| !matches!(t.slot, Slot::Unacked | Slot::Rejected))
+            .filter(|(_, t)| states.is_empty() || states.contains(&t.slot.state()))
+            .take(limit)
+            .map(|(i, t)| TaskInfo {
+                task: TaskId(i as u64 + 1),
+                state: t.slot.state(),
+                attempt: t.attempt,
+                message: match &t.outcome {
+                    Some(TaskOutcome::Failed(m)) => Some(m.clone()),
+                    _ => None,
+                },
+            })
+            .collect();
+        Ok(Some(list))
     }
 
     fn on_watch(
@@ -953,20 +1136,15 @@ impl Core {
             ExecutorEvent::Exited { reason, .. } => {
                 if let Some(e) = self.executors.remove(&id) {
                     if e.phase == ExecutorPhase::Launching {
-                        let (failures, not_before) = self
-                            .launch_backoff
-                            .entry(e.application.clone())
-                            .or_default();
-                        *failures += 1;
-                        let pause = LAUNCH_BACKOFF_MIN_MS
-                            .saturating_mul(1 << (*failures - 1).min(16))
-                            .min(LAUNCH_BACKOFF_MAX_MS);
-                        *not_before = now_ms + pause;
+                        let pause = self.back_off(&e.application, now_ms);
                         tracing::warn!(executor = %id, node, app = %e.application, %reason,
-                            failures = *failures, retry_in_ms = pause,
-                            "executor failed to start");
+                            retry_in_ms = pause, "executor failed to start");
                     } else if e.phase != ExecutorPhase::Releasing {
-                        tracing::warn!(executor = %id, node, %reason, "executor exited");
+                        // A crash: relaunches of this application back off too, so a
+                        // crashing application never runs in a hot loop.
+                        let pause = self.back_off(&e.application, now_ms);
+                        tracing::warn!(executor = %id, node, app = %e.application, %reason,
+                            retry_in_ms = pause, "executor exited");
                     }
                     self.requeue(e.outstanding, &format!("executor {id} exited: {reason}"));
                 }
@@ -1002,7 +1180,8 @@ impl Core {
             tracing::debug!(task = %r.task, "stale result dropped");
             return;
         }
-        e.outstanding.swap_remove(pos);
+        // Results come back in dispatch order, so this is the front in practice.
+        e.outstanding.remove(pos);
         if e.outstanding.is_empty() {
             e.quiet_since_ms = now_ms;
         } else {
@@ -1011,6 +1190,24 @@ impl Core {
             e.task_us_avg += TASK_US_ALPHA * (sample_us - e.task_us_avg);
         }
         e.last_result_ms = now_ms;
+        let app = self.apps.get(&s.stored.application);
+        let max_attempts = app.map_or(self.config.max_attempts, |a| a.max_attempts);
+        if let TaskOutcome::Failed(message) = &r.outcome {
+            if app.is_some_and(|a| a.retry_on_error) && slot.runs_failed + 1 < max_attempts {
+                slot.runs_failed += 1;
+                tracing::debug!(task = %r.task, attempt = slot.attempt, %message, "retrying a task the application failed");
+                slot.slot = Slot::Pending;
+                slot.attempt += 1;
+                s.counts.running = s.counts.running.saturating_sub(1);
+                s.counts.pending += 1;
+                s.pending.push_front(r.task);
+                self.reschedule = true;
+                return;
+            }
+        } else if !self.launch_backoff.is_empty() {
+            // The application works again: forget its crashes.
+            self.launch_backoff.remove(&e.application);
+        }
         slot.input = Bytes::new();
         if s.ephemeral {
             slot.outcome = Some(r.outcome.clone());
@@ -1028,6 +1225,21 @@ impl Core {
         }
     }
 
+    /// Records one more failure in a row of `application`'s executors and returns the
+    /// pause, in ms, before the next launch.
+    fn back_off(&mut self, application: &str, now_ms: u64) -> u64 {
+        let (failures, not_before) = self
+            .launch_backoff
+            .entry(application.to_string())
+            .or_default();
+        *failures += 1;
+        let pause = LAUNCH_BACKOFF_MIN_MS
+            .saturating_mul(1 << (*failures - 1).min(16))
+            .min(LAUNCH_BACKOFF_MAX_MS);
+        *not_before = now_ms + pause;
+        pause
+    }
+
     /// Moves a task from running to its final state and queues it for the watchers.
     fn finalize(
         s: &mut SessionEntry,
@@ -1039,13 +1251,19 @@ impl Core {
         let Some(slot) = slot_of(&mut s.tasks, task) else {
             return;
         };
-        let ok = matches!(outcome, TaskOutcome::Succeeded(_));
-        slot.slot = if ok { Slot::Succeeded } else { Slot::Failed };
-        s.counts.running = s.counts.running.saturating_sub(1);
-        if ok {
-            s.counts.succeeded += 1;
+        if slot.slot.is_final() {
+            return;
+        }
+        if slot.slot == Slot::Pending {
+            s.counts.pending = s.counts.pending.saturating_sub(1);
         } else {
-            s.counts.failed += 1;
+            s.counts.running = s.counts.running.saturating_sub(1);
+        }
+        slot.slot = final_slot(&outcome);
+        slot.input = Bytes::new();
+        count_final(&mut s.counts, &outcome);
+        if matches!(outcome, TaskOutcome::Failed(_)) {
+            slot.outcome = Some(outcome.clone());
         }
         if !s.watchers.is_empty() {
             watch_out.entry(s.stored.id).or_default().push(TaskResult {
@@ -1084,7 +1302,27 @@ impl Core {
                         s.pending.push_back(id);
                     }
                 }
+                if ok && s.cancelled {
+                    // Acked after a cancel: the tasks end as Cancelled, durably.
+                    s.pending
+                        .retain(|t| t.0 < first.0 || t.0 >= first.0 + u64::from(count));
+                    s.counts.running += u64::from(count);
+                    let list = self.batch_finish.entry(session).or_default();
+                    for i in 0..u64::from(count) {
+                        let id = TaskId(first.0 + i);
+                        if let Some(slot) = slot_of(&mut s.tasks, id) {
+                            slot.slot = Slot::Completing;
+                            slot.input = Bytes::new();
+                        }
+                        list.push((id, 1, TaskOutcome::Cancelled));
+                    }
+                }
                 let r = match result {
+                    Ok(()) if s.cancelled => SubmitReply::Accepted {
+                        batch_id,
+                        first_task: first,
+                        count,
+                    },
                     Ok(()) => {
                         s.counts.pending += u64::from(count);
                         self.reschedule = true;
@@ -1224,24 +1462,32 @@ impl Core {
         self.reschedule = true;
     }
 
-    /// Tasks whose executor is gone go back to pending with the next attempt, or fail
-    /// once they have used up their attempts.
-    fn requeue(&mut self, tasks: Vec<(SessionId, TaskId)>, reason: &str) {
-        let max = self.config.max_attempts;
-        for (sid, tid) in tasks.into_iter().rev() {
+    /// Tasks whose executor is gone go back to pending with the next attempt. Only the
+    /// task it was running (the front) is charged for the loss: the ones queued behind it
+    /// never started. A task charged `max_attempts` times fails with `reason`.
+    fn requeue(&mut self, tasks: VecDeque<(SessionId, TaskId)>, reason: &str) {
+        for (i, (sid, tid)) in tasks.into_iter().enumerate().rev() {
+            let charged = i == 0;
             let Some(s) = self.sessions.get_mut(&sid) else {
                 continue;
             };
+            let max = self
+                .apps
+                .get(&s.stored.application)
+                .map_or(self.config.max_attempts, |a| a.max_attempts);
             let Some(slot) = slot_of(&mut s.tasks, tid) else {
                 continue;
             };
             if !matches!(slot.slot, Slot::Running(_)) {
                 continue;
             }
-            if slot.attempt >= max {
+            if charged {
+                slot.runs_failed += 1;
+            }
+            if slot.runs_failed >= max {
                 let outcome = TaskOutcome::Failed(format!(
-                    "gave up after {} attempts; last: {reason}",
-                    slot.attempt
+                    "failed {} time(s), the limit is {max}; last: {reason}",
+                    slot.runs_failed
                 ));
                 let attempt = slot.attempt;
                 slot.input = Bytes::new();
@@ -1344,7 +1590,7 @@ impl Core {
                         credit: 1,
                         task_us_avg: TASK_US_INITIAL,
                         last_result_ms: now_ms,
-                        outstanding: Vec::new(),
+                        outstanding: VecDeque::new(),
                         quiet_since_ms: now_ms,
                     },
                 );
@@ -1429,7 +1675,7 @@ impl Core {
                 slot.slot = Slot::Running(*id);
                 s.counts.pending = s.counts.pending.saturating_sub(1);
                 s.counts.running += 1;
-                e.outstanding.push((sid, tid));
+                e.outstanding.push_back((sid, tid));
                 let assignment = TaskAssignment {
                     executor: *id,
                     session: sid,
@@ -1486,6 +1732,8 @@ mod tests {
                 working_dir: None,
                 max_instances: 10,
                 delay_release_ms: 1000,
+                max_attempts: 3,
+                retry_on_error: false,
             });
             let (link, node_rx) = mpsc::unbounded_channel();
             core.handle(

@@ -60,6 +60,8 @@ fn ping_application() -> ApplicationSpec {
         working_dir: None,
         max_instances: 1024,
         delay_release_ms: 60_000,
+        max_attempts: flame_protocol::model::APP_MAX_ATTEMPTS_DEFAULT,
+        retry_on_error: false,
     }
 }
 

@@ -257,6 +257,17 @@ async fn client_stream(
             submit_stream(conn, shared, session, writer, reader).await
         }
         ClientRequest::WatchResults { session } => watch_stream(shared, session, writer).await,
+        ClientRequest::ListTasks {
+            session,
+            states,
+            after,
+            limit,
+        } => {
+            let response = list_tasks(&shared, session, states, after, limit).await?;
+            writer.write(&response).await?;
+            let _ = writer.get_mut().finish();
+            Ok(())
+        }
         request => {
             let response = ask(&shared, |reply| Event::Client { request, reply }).await?;
             writer.write(&response).await?;
@@ -264,6 +275,44 @@ async fn client_stream(
             Ok(())
         }
     }
+}
+
+/// Lists tasks from the core's memory, or from the store once the session has finished.
+async fn list_tasks(
+    shared: &Arc<Shared>,
+    session: flame_protocol::SessionId,
+    states: Vec<flame_protocol::model::TaskState>,
+    after: TaskId,
+    limit: u32,
+) -> Result<ClientResponse, ConnError> {
+    let answer = ask(shared, |reply| Event::ListTasks {
+        session,
+        states: states.clone(),
+        after,
+        limit,
+        reply,
+    })
+    .await?;
+    Ok(match answer {
+        Err(e) => ClientResponse::Error(e),
+        Ok(Some(tasks)) => ClientResponse::Tasks(tasks),
+        Ok(None) => {
+            let store = shared.store.clone();
+            let limit = (limit as usize).min(limits::MESSAGE_BATCH_MAX);
+            let read = tokio::task::spawn_blocking(move || {
+                store.list_tasks(session, &states, after, limit)
+            })
+            .await
+            .map_err(|_| ConnError::CoreGone)?;
+            match read {
+                Ok(tasks) => ClientResponse::Tasks(tasks),
+                Err(e) => ClientResponse::Error(ApiError::new(
+                    ErrorKind::Unavailable,
+                    format!("cannot read the tasks of session {session}: {e}"),
+                )),
+            }
+        }
+    })
 }
 
 async fn submit_stream(

@@ -9,7 +9,7 @@
 //! that arrived meanwhile. The group size is set by arrival, not by a timer.
 
 use bytes::Bytes;
-use flame_protocol::model::{ApplicationSpec, SessionState, TaskOutcome};
+use flame_protocol::model::{ApplicationSpec, SessionState, TaskInfo, TaskOutcome, TaskState};
 use flame_protocol::{SessionId, TaskId};
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
@@ -137,6 +137,7 @@ impl StoreOp {
                 .map(|(_, _, o)| match o {
                     TaskOutcome::Succeeded(b) => b.len(),
                     TaskOutcome::Failed(m) => m.len(),
+                    TaskOutcome::Cancelled => 0,
                 })
                 .sum(),
             _ => 64,
@@ -254,6 +255,44 @@ impl Store {
             let (k, v) = row?;
             if let StoredTask::Final { attempt, outcome } = decode("tasks", v.value())? {
                 out.push((TaskId(k.value().1), attempt, outcome));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Tasks of a session after `after`, in id order, at most `limit`, only those in
+    /// `states` when it is not empty. Used for sessions whose tasks left memory.
+    pub fn list_tasks(
+        &self,
+        session: SessionId,
+        states: &[TaskState],
+        after: TaskId,
+        limit: usize,
+    ) -> Result<Vec<TaskInfo>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let tasks = txn.open_table(TASKS)?;
+        let mut out = Vec::new();
+        let start = after.0.saturating_add(1);
+        for row in tasks.range((session.0, start)..=(session.0, u64::MAX))? {
+            if out.len() >= limit {
+                break;
+            }
+            let (k, v) = row?;
+            let (state, attempt, message) = match decode("tasks", v.value())? {
+                StoredTask::Pending { attempt, .. } => (TaskState::Pending, attempt, None),
+                StoredTask::Final { attempt, outcome } => match outcome {
+                    TaskOutcome::Succeeded(_) => (TaskState::Succeeded, attempt, None),
+                    TaskOutcome::Failed(m) => (TaskState::Failed, attempt, Some(m)),
+                    TaskOutcome::Cancelled => (TaskState::Cancelled, attempt, None),
+                },
+            };
+            if states.is_empty() || states.contains(&state) {
+                out.push(TaskInfo {
+                    task: TaskId(k.value().1),
+                    state,
+                    attempt,
+                    message,
+                });
             }
         }
         Ok(out)

@@ -191,6 +191,16 @@ fn apply(
         NodeCommand::Run(a) => (a.executor, Command::Run(a)),
         NodeCommand::Unbind { executor } => (executor, Command::Unbind),
         NodeCommand::Release { executor } => (executor, Command::Release),
+        NodeCommand::Kill { executor } => {
+            // Dropping the handle fires its kill switch; the executor reports Exited.
+            if executors.remove(&executor).is_none() {
+                let _ = reports.send(Report::Event(ExecutorEvent::Exited {
+                    executor,
+                    reason: "unknown on this node".into(),
+                }));
+            }
+            return;
+        }
     };
     let delivered = executors
         .get(&id)

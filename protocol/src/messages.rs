@@ -22,7 +22,7 @@
 use crate::ids::{ExecutorId, SessionId, TaskId};
 use crate::model::{
     ApiError, ApplicationInfo, ApplicationSpec, NodeInfo, SessionInfo, SessionSpec, TaskAssignment,
-    TaskOutcome, TaskResult,
+    TaskInfo, TaskOutcome, TaskResult, TaskState,
 };
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
@@ -71,6 +71,19 @@ pub enum ClientRequest {
     CloseSession {
         id: SessionId,
     },
+    /// Closes the session and ends every unfinished task as Cancelled; executors running
+    /// its tasks are stopped.
+    CancelSession {
+        id: SessionId,
+    },
+    /// Tasks of a session in id order, after `after`, at most `limit` (capped by the head
+    /// at [`crate::limits::MESSAGE_BATCH_MAX`]), only those in `states` if it is not empty.
+    ListTasks {
+        session: SessionId,
+        states: Vec<TaskState>,
+        after: TaskId,
+        limit: u32,
+    },
     ListNodes,
     OpenSubmitStream {
         session: SessionId,
@@ -90,6 +103,7 @@ pub enum ClientResponse {
     Session(SessionInfo),
     Sessions(Vec<SessionInfo>),
     Nodes(Vec<NodeInfo>),
+    Tasks(Vec<TaskInfo>),
 }
 
 /// A batch of task inputs on a submit stream.
@@ -203,6 +217,8 @@ pub enum NodeCommand {
     Unbind { executor: ExecutorId },
     /// Stop the process: Idle → Releasing → Released.
     Release { executor: ExecutorId },
+    /// Stop the process at once, dropping the tasks queued on it (a cancelled session).
+    Kill { executor: ExecutorId },
 }
 
 /// Convenience for a task id range check in replies.

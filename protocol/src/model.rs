@@ -30,7 +30,17 @@ pub struct ApplicationSpec {
     pub max_instances: u32,
     /// How long an idle executor is kept for reuse before it is released.
     pub delay_release_ms: u64,
+    /// Attempts a task gets when its executor crashes or is lost (and, with
+    /// `retry_on_error`, when the application reports an error) before it is Failed.
+    pub max_attempts: u32,
+    /// Retry a task the application reported an error for, like a crash.
+    pub retry_on_error: bool,
 }
+
+/// `max_attempts` when a spec does not say.
+pub const APP_MAX_ATTEMPTS_DEFAULT: u32 = 3;
+/// Largest `max_attempts` accepted.
+pub const APP_MAX_ATTEMPTS_MAX: u32 = 100;
 
 /// Longest application name.
 pub const APP_NAME_BYTES_MAX: usize = 64;
@@ -146,6 +156,12 @@ impl ApplicationSpec {
         if self.delay_release_ms > APP_DELAY_RELEASE_MS_MAX {
             return Err(SpecError::new("delay_release", "must be at most 24h"));
         }
+        if self.max_attempts == 0 || self.max_attempts > APP_MAX_ATTEMPTS_MAX {
+            return Err(SpecError::new(
+                "max_attempts",
+                format!("must be between 1 and {APP_MAX_ATTEMPTS_MAX}"),
+            ));
+        }
         Ok(())
     }
 }
@@ -176,11 +192,12 @@ pub struct TaskCounts {
     pub running: u64,
     pub succeeded: u64,
     pub failed: u64,
+    pub cancelled: u64,
 }
 
 impl TaskCounts {
     pub fn total(&self) -> u64 {
-        self.pending + self.running + self.succeeded + self.failed
+        self.pending + self.running + self.succeeded + self.failed + self.cancelled
     }
 
     /// Tasks not yet in a final state.
@@ -248,6 +265,40 @@ pub enum TaskOutcome {
     Succeeded(Bytes),
     /// The application, or Flame on its behalf, reported an error message.
     Failed(String),
+    /// The session was cancelled before the task finished.
+    Cancelled,
+}
+
+/// Where a task is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum TaskState {
+    Pending,
+    Running,
+    Succeeded,
+    Failed,
+    Cancelled,
+}
+
+impl TaskState {
+    /// Succeeded, Failed or Cancelled: the state never changes again.
+    pub fn is_final(self) -> bool {
+        matches!(
+            self,
+            TaskState::Succeeded | TaskState::Failed | TaskState::Cancelled
+        )
+    }
+}
+
+/// One task as `ListTasks` reports it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TaskInfo {
+    pub task: TaskId,
+    pub state: TaskState,
+    /// Attempt number, from 1.
+    pub attempt: u32,
+    /// The error of a Failed task: the application's message, or why its executor died
+    /// (exit status or signal, and the last lines of its stderr).
+    pub message: Option<String>,
 }
 
 /// A task's final result as watchers receive it.
@@ -312,6 +363,8 @@ mod tests {
             working_dir: None,
             max_instances: 4,
             delay_release_ms: 1000,
+            max_attempts: 3,
+            retry_on_error: false,
         }
     }
 
@@ -337,5 +390,8 @@ mod tests {
         let mut s = spec();
         s.env.insert("A=B".into(), "x".into());
         assert_eq!(s.validate().unwrap_err().field, "env");
+        let mut s = spec();
+        s.max_attempts = 0;
+        assert_eq!(s.validate().unwrap_err().field, "max_attempts");
     }
 }

@@ -118,6 +118,8 @@ async fn malformed_application_files_are_refused() {
             working_dir: None,
             max_instances: 0,
             delay_release_ms: 0,
+            max_attempts: 3,
+            retry_on_error: false,
         })
         .await
         .expect_err("the head registered max_instances = 0");

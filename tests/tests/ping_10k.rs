@@ -54,7 +54,7 @@ async fn library_session_of_10k_tasks() {
                 assert_eq!(reply.host, "node-0", "task {}", result.task);
                 executors.insert(reply.executor);
             }
-            TaskOutcome::Failed(message) => panic!("task {} failed: {message}", result.task),
+            other => panic!("task {} did not succeed: {other:?}", result.task),
         }
     }
     assert!(!executors.is_empty());

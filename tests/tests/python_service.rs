@@ -56,6 +56,8 @@ async fn python_service_runs_tasks_and_reports_exceptions() {
         working_dir: None,
         max_instances: 2,
         delay_release_ms: 1_000,
+        max_attempts: 3,
+        retry_on_error: false,
     };
     client.register_application(spec).await.unwrap();
     let session = client

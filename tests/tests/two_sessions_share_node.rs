@@ -29,7 +29,7 @@ async fn run_session(client: Client, tag: &'static str) -> HashSet<String> {
                 });
                 executors.insert(reply.executor);
             }
-            TaskOutcome::Failed(m) => panic!("session {tag}, task {} failed: {m}", result.task),
+            other => panic!("session {tag}, task {} did not succeed: {other:?}", result.task),
         }
     }
     let info = session.info().await.unwrap();

@@ -249,6 +249,9 @@ async fn run_tasks(session: &Session, args: &PingArgs, inputs: Vec<Bytes>) -> an
             Some(TaskOutcome::Failed(message)) => {
                 problems.note(Problem::Failed, format!("task {task} failed: {message}"))
             }
+            Some(TaskOutcome::Cancelled) => {
+                problems.note(Problem::Failed, format!("task {task} was cancelled"))
+            }
             Some(TaskOutcome::Succeeded(output)) => match check_reply(&inputs[i], output) {
                 Ok(reply) => {
                     executors.insert(reply.executor);

@@ -3,8 +3,13 @@
 use super::render::{self, number, text, OutputArgs, OutputFormat};
 use super::GlobalArgs;
 use clap::Subcommand;
-use flame_protocol::model::{SessionInfo, SessionState};
-use flame_protocol::SessionId;
+use flame_protocol::model::{SessionInfo, SessionState, TaskInfo, TaskState};
+use flame_protocol::{SessionId, TaskId};
+
+/// Failed tasks `session view` shows, with their messages.
+pub const VIEW_FAILED_TASKS_MAX: u32 = 10;
+/// Tasks `session tasks` asks the head for per request while paging.
+const TASKS_PAGE: u32 = 1000;
 
 #[derive(Debug, Subcommand)]
 pub enum SessionCommand {
@@ -18,6 +23,42 @@ pub enum SessionCommand {
     },
     /// Close a session: it takes no more tasks and finishes when its tasks do
     Close { id: SessionId },
+    /// Cancel a session: close it and end its pending and running tasks as Cancelled
+    Cancel { id: SessionId },
+    /// List a session's tasks, optionally only those in some states
+    Tasks {
+        id: SessionId,
+        /// Only tasks in this state (repeatable)
+        #[arg(long = "state", value_enum)]
+        states: Vec<StateArg>,
+        /// Most tasks to list
+        #[arg(long, default_value_t = 100)]
+        limit: u64,
+        #[command(flatten)]
+        output: OutputArgs,
+    },
+}
+
+/// A task state on the command line.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum StateArg {
+    Pending,
+    Running,
+    Succeeded,
+    Failed,
+    Cancelled,
+}
+
+impl From<StateArg> for TaskState {
+    fn from(s: StateArg) -> TaskState {
+        match s {
+            StateArg::Pending => TaskState::Pending,
+            StateArg::Running => TaskState::Running,
+            StateArg::Succeeded => TaskState::Succeeded,
+            StateArg::Failed => TaskState::Failed,
+            StateArg::Cancelled => TaskState::Cancelled,
+        }
+    }
 }
 
 pub async fn run(global: &GlobalArgs, cmd: SessionCommand) -> anyhow::Result<()> {
@@ -42,16 +83,68 @@ pub async fn run(global: &GlobalArgs, cmd: SessionCommand) -> anyhow::Result<()>
             }
         }
         SessionCommand::View { id, output } => {
-            let info =
-                super::with_client(
-                    global,
-                    |client| async move { Ok(client.get_session(id).await?) },
-                )
-                .await?;
+            let (info, failed) = super::with_client(global, |client| async move {
+                let info = client.get_session(id).await?;
+                let failed = if info.counts.failed > 0 {
+                    client
+                        .list_tasks(
+                            id,
+                            vec![TaskState::Failed],
+                            TaskId(0),
+                            VIEW_FAILED_TASKS_MAX,
+                        )
+                        .await?
+                } else {
+                    Vec::new()
+                };
+                Ok((info, failed))
+            })
+            .await?;
             match output.output {
                 OutputFormat::Json => render::print_json(&info),
                 OutputFormat::Table => {
                     print_one(&info);
+                    print_failed(&info, &failed);
+                    Ok(())
+                }
+            }
+        }
+        SessionCommand::Cancel { id } => {
+            super::with_client(global, |client| async move {
+                Ok(client.cancel_session(id).await?)
+            })
+            .await?;
+            println!("Session {id} cancelled.");
+            Ok(())
+        }
+        SessionCommand::Tasks {
+            id,
+            states,
+            limit,
+            output,
+        } => {
+            let states: Vec<TaskState> = states.into_iter().map(TaskState::from).collect();
+            let tasks = super::with_client(global, |client| async move {
+                let mut tasks: Vec<TaskInfo> = Vec::new();
+                let mut after = TaskId(0);
+                while (tasks.len() as u64) < limit {
+                    let want = (limit - tasks.len() as u64).min(u64::from(TASKS_PAGE)) as u32;
+                    let page = client.list_tasks(id, states.clone(), after, want).await?;
+                    let Some(last) = page.last() else { break };
+                    after = last.task;
+                    tasks.extend(page);
+                }
+                Ok(tasks)
+            })
+            .await?;
+            match output.output {
+                OutputFormat::Json => render::print_json(&tasks),
+                OutputFormat::Table if tasks.is_empty() => {
+                    println!("No tasks.");
+                    Ok(())
+                }
+                OutputFormat::Table => {
+                    print_tasks(&tasks);
                     Ok(())
                 }
             }
@@ -86,6 +179,7 @@ fn print_list(sessions: &[SessionInfo]) {
         number("Running"),
         number("Succeeded"),
         number("Failed"),
+        number("Cancelled"),
         text("Created"),
     ];
     let rows = sessions
@@ -100,6 +194,7 @@ fn print_list(sessions: &[SessionInfo]) {
                 render::group(s.counts.running),
                 render::group(s.counts.succeeded),
                 render::group(s.counts.failed),
+                render::group(s.counts.cancelled),
                 render::local_time(s.created_ms, now),
             ]
         })
@@ -122,6 +217,7 @@ fn print_one(info: &SessionInfo) {
         ("Running", render::group(info.counts.running)),
         ("Succeeded", render::group(info.counts.succeeded)),
         ("Failed", render::group(info.counts.failed)),
+        ("Cancelled", render::group(info.counts.cancelled)),
         ("Total", render::group(info.counts.total())),
         ("Created", render::local_time(info.created_ms, now)),
         (
@@ -130,4 +226,64 @@ fn print_one(info: &SessionInfo) {
                 .map_or_else(|| "-".to_string(), |ms| render::local_time(ms, now)),
         ),
     ]);
+}
+
+fn task_state(state: TaskState) -> &'static str {
+    match state {
+        TaskState::Pending => "Pending",
+        TaskState::Running => "Running",
+        TaskState::Succeeded => "Succeeded",
+        TaskState::Failed => "Failed",
+        TaskState::Cancelled => "Cancelled",
+    }
+}
+
+/// The failed tasks of `session view`, each with its message (the application's error, or
+/// why its executor died with the end of its stderr).
+fn print_failed(info: &SessionInfo, failed: &[TaskInfo]) {
+    if failed.is_empty() {
+        return;
+    }
+    println!();
+    let shown = failed.len() as u64;
+    if info.counts.failed > shown {
+        println!(
+            "Failed tasks (first {shown} of {}; `flame session tasks {} --state failed` lists them all):",
+            render::group(info.counts.failed),
+            info.id
+        );
+    } else {
+        println!("Failed tasks:");
+    }
+    for t in failed {
+        println!("  task {} (attempt {}):", t.task, t.attempt);
+        for line in t.message.as_deref().unwrap_or("(no message)").lines() {
+            println!("    {line}");
+        }
+    }
+}
+
+fn print_tasks(tasks: &[TaskInfo]) {
+    let columns = [
+        number("Task"),
+        text("State"),
+        number("Attempt"),
+        text("Message"),
+    ];
+    let rows = tasks
+        .iter()
+        .map(|t| {
+            vec![
+                t.task.to_string(),
+                task_state(t.state).to_string(),
+                t.attempt.to_string(),
+                t.message
+                    .as_deref()
+                    .and_then(|m| m.lines().next())
+                    .unwrap_or("")
+                    .to_string(),
+            ]
+        })
+        .collect();
+    render::print_table(&columns, rows);
 }

@@ -310,6 +310,9 @@ async fn run_tasks(session: &Session, args: &Args) -> anyhow::Result<()> {
                             TaskOutcome::Failed(message) => {
                                 tally.fail(format!("task {task}: {message}"));
                             }
+                            TaskOutcome::Cancelled => {
+                                tally.fail(format!("task {task}: cancelled"));
+                            }
                         }
                     }
                 }
