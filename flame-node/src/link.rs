@@ -93,6 +93,7 @@ async fn serve_once(endpoint: &quinn::Endpoint, config: &NodeConfig) -> Result<(
         name: config.name.clone(),
         cpus: config.cpus,
         memory_bytes: config.memory_bytes,
+        executors: Vec::new(),
     }))
     .await?;
     let heartbeat =

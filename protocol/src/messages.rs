@@ -152,6 +152,27 @@ pub struct NodeRegistration {
     pub name: String,
     pub cpus: u32,
     pub memory_bytes: u64,
+    /// Executors the node still runs from an earlier connection (it keeps them for a
+    /// grace period when it loses the head). The head adopts those it can use, so a task
+    /// running on a live executor keeps running across a head restart, and kills the
+    /// others.
+    pub executors: Vec<ExecutorReport>,
+}
+
+/// An executor a reconnecting node still runs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExecutorReport {
+    pub executor: ExecutorId,
+    pub application: String,
+    /// The application said ready.
+    pub ready: bool,
+    /// The session it is bound to, if any.
+    pub session: Option<SessionId>,
+    /// Tasks handed to it without a result sent yet, in the order it runs them:
+    /// `(session, task, attempt)`.
+    pub tasks: Vec<(SessionId, TaskId, u32)>,
+    /// Most tasks it accepts outstanding.
+    pub credit: u32,
 }
 
 /// A change in an executor's life, reported by its node.
