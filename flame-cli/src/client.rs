@@ -35,10 +35,22 @@ pub struct Client {
 struct Inner {
     // Kept so that the endpoint's socket lives as long as any clone of the client.
     endpoint: quinn::Endpoint,
-    connection: quinn::Connection,
+    /// The live connection; replaced by [`Client::reconnect`] when the head was lost.
+    connection: std::sync::Mutex<quinn::Connection>,
+    /// Held while reconnecting, so concurrent callers make one new connection, not many.
+    reconnecting: tokio::sync::Mutex<()>,
+    config: ClientConfig,
     addr: String,
     head_version: String,
 }
+
+/// How long the client keeps trying to reach a lost head (a restart, a network blip)
+/// before it reports the loss.
+pub const RECONNECT_TIMEOUT: Duration = Duration::from_secs(60);
+/// First pause between reconnection attempts; doubles up to [`RECONNECT_BACKOFF_MAX`].
+pub const RECONNECT_BACKOFF_MIN: Duration = Duration::from_millis(100);
+/// Longest pause between reconnection attempts.
+pub const RECONNECT_BACKOFF_MAX: Duration = Duration::from_secs(2);
 
 impl Client {
     /// Connects to the head named by `config`, verifies its certificate against
@@ -63,11 +75,71 @@ impl Client {
         Ok(Client {
             inner: Arc::new(Inner {
                 endpoint,
-                connection: greeted.connection,
+                connection: std::sync::Mutex::new(greeted.connection),
+                reconnecting: tokio::sync::Mutex::new(()),
+                config: config.clone(),
                 addr: config.head.clone(),
                 head_version: greeted.head_version,
             }),
         })
+    }
+
+    /// The current connection.
+    pub(crate) fn connection(&self) -> quinn::Connection {
+        match self.inner.connection.lock() {
+            Ok(c) => c.clone(),
+            // A panic while holding this lock cannot leave the connection half-written.
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    /// Whether `conn` is gone (closed, reset or timed out): worth reconnecting.
+    pub(crate) fn is_lost(conn: &quinn::Connection) -> bool {
+        conn.close_reason().is_some()
+    }
+
+    /// Replaces `lost` with a new connection, retrying with backoff for up to
+    /// [`RECONNECT_TIMEOUT`]. Returns at once if another caller already replaced it.
+    pub(crate) async fn reconnect(&self, lost: &quinn::Connection) -> Result<(), ClientError> {
+        let _one_at_a_time = self.inner.reconnecting.lock().await;
+        if self.connection().stable_id() != lost.stable_id() {
+            return Ok(());
+        }
+        let config = &self.inner.config;
+        let agent = format!("flame-cli {}", env!("CARGO_PKG_VERSION"));
+        let deadline = tokio::time::Instant::now() + RECONNECT_TIMEOUT;
+        let mut backoff = RECONNECT_BACKOFF_MIN;
+        loop {
+            match endpoint::connect(
+                &self.inner.endpoint,
+                &config.head,
+                Role::Client,
+                &agent,
+                config.connect_timeout,
+            )
+            .await
+            {
+                Ok(greeted) => {
+                    let _ = greeted.send.into_inner().finish();
+                    tracing::info!(head = %config.head, "reconnected to the head");
+                    match self.inner.connection.lock() {
+                        Ok(mut c) => *c = greeted.connection,
+                        Err(poisoned) => *poisoned.into_inner() = greeted.connection,
+                    }
+                    return Ok(());
+                }
+                // A head that refuses us will not change its mind.
+                Err(e @ endpoint::EndpointError::Refused { .. }) => return Err(e.into()),
+                Err(e) => {
+                    if tokio::time::Instant::now() + backoff >= deadline {
+                        return Err(e.into());
+                    }
+                    tracing::debug!(head = %config.head, error = %e, "reconnecting");
+                }
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(RECONNECT_BACKOFF_MAX);
+        }
     }
 
     /// The head's address as configured.
@@ -210,7 +282,7 @@ impl Client {
     /// head to learn of it, so that it frees the connection's state at once rather than
     /// after its idle timeout.
     pub async fn close(&self) {
-        self.inner.connection.close(0u32.into(), b"client done");
+        self.connection().close(0u32.into(), b"client done");
         if tokio::time::timeout(CLOSE_TIMEOUT, self.inner.endpoint.wait_idle())
             .await
             .is_err()
@@ -225,9 +297,34 @@ impl Client {
         &self,
         request: ClientRequest,
     ) -> Result<ClientResponse, ClientError> {
+        // Requests that change nothing, or change it the same way twice, are sent again
+        // on a new connection when the head was lost; the others report the loss, since
+        // the first copy may have taken effect.
+        let repeatable = !matches!(
+            request,
+            ClientRequest::RegisterApplication(_)
+                | ClientRequest::RemoveApplication { .. }
+                | ClientRequest::CreateSession(_)
+        );
+        let conn = self.connection();
+        match self.request_on(&conn, request.clone()).await {
+            Err(e) if repeatable && Self::is_lost(&conn) => {
+                tracing::debug!(error = %e, "the head was lost; reconnecting to repeat the request");
+                self.reconnect(&conn).await?;
+                self.request_on(&self.connection(), request).await
+            }
+            other => other,
+        }
+    }
+
+    async fn request_on(
+        &self,
+        conn: &quinn::Connection,
+        request: ClientRequest,
+    ) -> Result<ClientResponse, ClientError> {
         let what = format!("request {}", request_name(&request));
         self.bounded(&what, async {
-            let (send, recv) = self.open_bi().await?;
+            let (send, recv) = self.open_bi(conn).await?;
             let mut writer = FrameWriter::new(send, limits::FRAME_BYTES_MAX);
             writer
                 .write(&request)
@@ -258,10 +355,29 @@ impl Client {
     pub(crate) async fn open_stream(
         &self,
         request: ClientRequest,
+    ) -> Result<(quinn::Connection, FramedStream), ClientError> {
+        let conn = self.connection();
+        match self.open_stream_on(&conn, request.clone()).await {
+            Err(e) if Self::is_lost(&conn) => {
+                tracing::debug!(error = %e, "the head was lost; reconnecting to open the stream");
+                self.reconnect(&conn).await?;
+                let conn = self.connection();
+                let stream = self.open_stream_on(&conn, request).await?;
+                Ok((conn, stream))
+            }
+            Err(e) => Err(e),
+            Ok(stream) => Ok((conn, stream)),
+        }
+    }
+
+    async fn open_stream_on(
+        &self,
+        conn: &quinn::Connection,
+        request: ClientRequest,
     ) -> Result<FramedStream, ClientError> {
         let what = format!("request {}", request_name(&request));
         self.bounded(&what, async {
-            let (send, recv) = self.open_bi().await?;
+            let (send, recv) = self.open_bi(conn).await?;
             let mut writer = FrameWriter::new(send, limits::FRAME_BYTES_MAX);
             writer
                 .write(&request)
@@ -294,10 +410,11 @@ impl Client {
         }
     }
 
-    async fn open_bi(&self) -> Result<(quinn::SendStream, quinn::RecvStream), ClientError> {
-        self.inner
-            .connection
-            .open_bi()
+    async fn open_bi(
+        &self,
+        conn: &quinn::Connection,
+    ) -> Result<(quinn::SendStream, quinn::RecvStream), ClientError> {
+        conn.open_bi()
             .await
             .map_err(|source| ClientError::Connection {
                 addr: self.inner.addr.clone(),

@@ -19,6 +19,27 @@ pub const SUBMIT_WINDOW_BATCHES: usize = 16;
 /// Watch frames buffered between the stream and [`ResultStream::next`].
 pub const WATCH_BUFFER_FRAMES: usize = 16;
 
+/// Times in a row a [`Submitter`] or a [`ResultStream`] reconnects and starts over after
+/// losing the head before it reports the loss (each reconnection is itself bounded by
+/// [`crate::client::RECONNECT_TIMEOUT`]).
+pub const RECOVERIES_MAX: u32 = 10;
+
+/// A per-submitter starting point for batch ids, so that the batches of two submitters of
+/// one session never share an id: the head remembers ids to drop resent batches.
+fn batch_id_base() -> u64 {
+    use std::hash::BuildHasher;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static SUBMITTERS: AtomicU64 = AtomicU64::new(0);
+    // RandomState is seeded from the OS's random source once per process.
+    let state = std::collections::hash_map::RandomState::new();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    let n = SUBMITTERS.fetch_add(1, Ordering::Relaxed);
+    // Leave room below 2^64 for the submitter's own sequence.
+    state.hash_one((std::process::id(), now, n)) >> 1
+}
+
 /// A handle on one session. Cheap to clone.
 #[derive(Debug, Clone)]
 pub struct Session {
@@ -69,18 +90,19 @@ impl Session {
 
     /// Opens a pipelined submit stream.
     pub async fn submitter(&self) -> Result<Submitter, ClientError> {
-        let (send, recv) = self
+        let (conn, (send, recv)) = self
             .client
             .open_stream(ClientRequest::OpenSubmitStream { session: self.id })
             .await?;
         Ok(Submitter {
             client: self.client.clone(),
             session: self.id,
+            conn,
             send,
             recv,
             limits: BatchLimits::default(),
             window: SUBMIT_WINDOW_BATCHES,
-            next_batch_id: 1,
+            next_batch_id: batch_id_base(),
             in_flight: VecDeque::with_capacity(SUBMIT_WINDOW_BATCHES),
             acks: Vec::new(),
             broken: false,
@@ -91,7 +113,7 @@ impl Session {
     /// finished before the watch began. Open the watch before submitting when every result
     /// matters to you and the session is ephemeral.
     pub async fn watch(&self) -> Result<ResultStream, ClientError> {
-        let (send, recv) = self
+        let (conn, (send, recv)) = self
             .client
             .open_stream(ClientRequest::WatchResults { session: self.id })
             .await?;
@@ -99,6 +121,7 @@ impl Session {
         tokio::spawn(pump_watch(
             self.client.clone(),
             self.id,
+            conn,
             send.into_inner(),
             recv,
             tx,
@@ -114,7 +137,7 @@ impl Session {
 /// The head's acknowledgement of one submitted batch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BatchAck {
-    /// The batch's id on its stream, from 1.
+    /// The batch's id, chosen by the submitter and unique within the session.
     pub batch_id: u64,
     /// The id of the batch's first input; the others follow in input order.
     pub first_task: TaskId,
@@ -132,6 +155,11 @@ impl BatchAck {
 /// A pipelined submit stream: batches are sent without waiting for their acks, with at
 /// most [`SUBMIT_WINDOW_BATCHES`] unacknowledged at once.
 ///
+/// It survives the loss of the head (a restart, a network blip): it reconnects and sends
+/// the unacknowledged batches again, and the head, which remembers batch ids, creates no
+/// task twice. Unacknowledged inputs are kept for that, so memory is bounded by the
+/// window.
+///
 /// Its calls are not cancel-safe: if one fails, or its future is dropped before it
 /// completes, the stream's state is unknown and later calls return
 /// [`ClientError::SubmitterBroken`].
@@ -139,13 +167,15 @@ impl BatchAck {
 pub struct Submitter {
     client: Client,
     session: SessionId,
+    /// The connection the stream is on, to tell a lost head from other failures.
+    conn: quinn::Connection,
     send: FrameWriter<quinn::SendStream>,
     recv: FrameReader<quinn::RecvStream>,
     limits: BatchLimits,
     window: usize,
     next_batch_id: u64,
-    /// Sent, unacknowledged batches: (batch id, input count), oldest first.
-    in_flight: VecDeque<(u64, u32)>,
+    /// Sent, unacknowledged batches, oldest first, with their inputs for a resend.
+    in_flight: VecDeque<SubmitBatch>,
     acks: Vec<BatchAck>,
     broken: bool,
 }
@@ -211,45 +241,109 @@ impl Submitter {
 
     async fn send_batch(&mut self, inputs: Vec<Bytes>) -> Result<(), ClientError> {
         let batch_id = self.next_batch_id;
-        let count = u32::try_from(inputs.len()).map_err(|_| {
-            self.client.protocol_error(
+        if u32::try_from(inputs.len()).is_err() {
+            return Err(self.client.protocol_error(
                 "submit stream",
                 format!("a batch of {} inputs does not fit a u32", inputs.len()),
-            )
-        })?;
+            ));
+        }
+        self.next_batch_id = self.next_batch_id.wrapping_add(1);
+        self.in_flight.push_back(SubmitBatch { batch_id, inputs });
         let what = format!("submitting batch {batch_id}");
-        let batch = SubmitBatch { batch_id, inputs };
         let client = self.client.clone();
         let writer = &mut self.send;
-        client
+        let Some(batch) = self.in_flight.back() else {
+            return Ok(());
+        };
+        let written = client
             .bounded(&what, async {
                 writer
-                    .write(&batch)
+                    .write(batch)
                     .await
                     .map_err(|e| client.stream_error(&what, e))
             })
-            .await?;
-        self.next_batch_id += 1;
-        self.in_flight.push_back((batch_id, count));
-        Ok(())
+            .await;
+        match written {
+            Err(e) if Client::is_lost(&self.conn) => self.recover(e).await,
+            other => other,
+        }
+    }
+
+    /// After losing the head: reconnects, opens a new submit stream and sends every
+    /// unacknowledged batch again, in order. The head acks a batch it already has with the
+    /// tasks it created the first time.
+    async fn recover(&mut self, cause: ClientError) -> Result<(), ClientError> {
+        let mut last = cause;
+        for attempt in 1..=RECOVERIES_MAX {
+            tracing::info!(session = %self.session, attempt, batches = self.in_flight.len(), error = %last, "the head was lost; resubmitting unacknowledged batches");
+            self.client.reconnect(&self.conn).await?;
+            let (conn, (send, recv)) = self
+                .client
+                .open_stream(ClientRequest::OpenSubmitStream {
+                    session: self.session,
+                })
+                .await?;
+            self.conn = conn;
+            self.send = send;
+            self.recv = recv;
+            let what = "resubmitting unacknowledged batches";
+            let client = self.client.clone();
+            let writer = &mut self.send;
+            let batches = &self.in_flight;
+            let resent = client
+                .bounded(what, async {
+                    for batch in batches {
+                        writer
+                            .write(batch)
+                            .await
+                            .map_err(|e| client.stream_error(what, e))?;
+                    }
+                    Ok(())
+                })
+                .await;
+            match resent {
+                Ok(()) => return Ok(()),
+                Err(e) if Client::is_lost(&self.conn) => last = e,
+                Err(e) => return Err(e),
+            }
+        }
+        Err(last)
     }
 
     /// Reads the reply to the oldest batch in flight.
     async fn await_ack(&mut self) -> Result<(), ClientError> {
-        let Some(&(expected_id, expected_count)) = self.in_flight.front() else {
+        let Some(front) = self.in_flight.front() else {
             return Ok(());
         };
+        let (expected_id, expected_count) = (front.batch_id, front.inputs.len() as u32);
         let what = format!("waiting for the ack of batch {expected_id}");
+        let mut recoveries = 0;
+        let reply = loop {
+            let client = self.client.clone();
+            let reader = &mut self.recv;
+            let read = client
+                .bounded(&what, async {
+                    reader
+                        .read::<SubmitReply>()
+                        .await
+                        .map_err(|e| client.stream_error(&what, e))
+                })
+                .await;
+            match read {
+                // A stream that ends or fails because the head went away: start over on a
+                // new connection; the ack comes on the new stream.
+                Ok(None) | Err(_) if Client::is_lost(&self.conn) && recoveries < RECOVERIES_MAX => {
+                    recoveries += 1;
+                    let cause = match read {
+                        Err(e) => e,
+                        _ => client.protocol_error(&what, "the stream ended".into()),
+                    };
+                    self.recover(cause).await?;
+                }
+                other => break other?,
+            }
+        };
         let client = self.client.clone();
-        let reader = &mut self.recv;
-        let reply = client
-            .bounded(&what, async {
-                reader
-                    .read::<SubmitReply>()
-                    .await
-                    .map_err(|e| client.stream_error(&what, e))
-            })
-            .await?;
         let protocol = |detail: String| client.protocol_error(&what, detail);
         match reply {
             None => Err(protocol(format!(
@@ -333,17 +427,45 @@ impl ResultStream {
     }
 }
 
+/// Task ids already handed to the reader, as a bit set: ids are dense from 1 within a
+/// session, so this costs one bit per task.
+#[derive(Debug, Default)]
+struct Seen {
+    words: Vec<u64>,
+}
+
+impl Seen {
+    /// Marks `task`; false if it was marked already.
+    fn insert(&mut self, task: TaskId) -> bool {
+        let Ok(i) = usize::try_from(task.0) else {
+            return true;
+        };
+        let (word, bit) = (i / 64, 1u64 << (i % 64));
+        if word >= self.words.len() {
+            self.words.resize(word + 1, 0);
+        }
+        let fresh = self.words[word] & bit == 0;
+        self.words[word] |= bit;
+        fresh
+    }
+}
+
 /// Reads watch frames into `tx` until the session finishes, the stream ends or fails, or
-/// the [`ResultStream`] is dropped.
+/// the [`ResultStream`] is dropped. When the head is lost it reconnects and watches again:
+/// the head then sends every final result from the start, and those already handed on are
+/// dropped here, so the reader sees each result once.
 async fn pump_watch(
     client: Client,
     session: SessionId,
+    mut conn: quinn::Connection,
     // Held open, not finished: ending our side would end the watch.
-    send: quinn::SendStream,
+    mut send: quinn::SendStream,
     mut recv: FrameReader<quinn::RecvStream>,
     tx: mpsc::Sender<WatchItem>,
 ) {
     let what = format!("watching session {session}");
+    let mut seen = Seen::default();
+    let mut recoveries = 0;
     loop {
         let event = tokio::select! {
             event = recv.read::<WatchEvent>() => event,
@@ -351,9 +473,31 @@ async fn pump_watch(
             () = tx.closed() => break,
         };
         let item = match event {
-            Ok(Some(WatchEvent::Results(results))) if results.is_empty() => continue,
-            Ok(Some(WatchEvent::Results(results))) => WatchItem::Results(results),
+            Ok(Some(WatchEvent::Results(mut results))) => {
+                results.retain(|r| seen.insert(r.task));
+                if results.is_empty() {
+                    continue;
+                }
+                recoveries = 0;
+                WatchItem::Results(results)
+            }
             Ok(Some(WatchEvent::Finished)) => WatchItem::Finished,
+            Ok(None) | Err(_) if Client::is_lost(&conn) && recoveries < RECOVERIES_MAX => {
+                recoveries += 1;
+                tracing::info!(%session, attempt = recoveries, "the head was lost; watching again");
+                match client
+                    .open_stream(ClientRequest::WatchResults { session })
+                    .await
+                {
+                    Ok((c, (s, r))) => {
+                        conn = c;
+                        send = s.into_inner();
+                        recv = r;
+                        continue;
+                    }
+                    Err(e) => WatchItem::Failed(e),
+                }
+            }
             Ok(None) => break,
             Err(e) => WatchItem::Failed(client.stream_error(&what, e)),
         };

@@ -19,8 +19,8 @@ use crate::store::{StoreOp, StoreRequest, StoredSession, StoredTask};
 use bytes::Bytes;
 use flame_protocol::limits;
 use flame_protocol::messages::{
-    ClientRequest, ClientResponse, ExecutorEvent, HeadToNode, NodeCommand, NodeRegistration,
-    NodeTaskResult, NodeToHead, SubmitReply,
+    ClientRequest, ClientResponse, ExecutorEvent, ExecutorReport, HeadToNode, NodeCommand,
+    NodeRegistration, NodeTaskResult, NodeToHead, SubmitReply,
 };
 use flame_protocol::model::{
     ApiError, ApplicationInfo, ApplicationSpec, ErrorKind, NodeInfo, NodeState, SessionInfo,
@@ -203,6 +203,9 @@ struct SessionEntry {
     finished: bool,
     /// Cancelled: batches acked from now on end as Cancelled at once.
     cancelled: bool,
+    /// Client batch ids seen, with the tasks each created, so a batch sent again after a
+    /// lost ack creates nothing new.
+    batches: HashMap<u64, (TaskId, u32)>,
 }
 
 /// The slot of a task id; ids are dense from 1.
@@ -278,6 +281,17 @@ enum AfterCommit {
     Respond {
         reply: oneshot::Sender<ClientResponse>,
     },
+    ReserveExecutorIds {
+        upto: u64,
+    },
+    /// A resent batch whose first copy was committing: acked once that commit is known.
+    AckDuplicate {
+        session: SessionId,
+        batch_id: u64,
+        first: TaskId,
+        count: u32,
+        reply: oneshot::Sender<SubmitReply>,
+    },
 }
 
 /// The head's state.
@@ -304,7 +318,17 @@ pub struct Core {
     /// Per application: executors in a row that died before saying ready, and the time
     /// before which no new one is launched. Keeps a broken command from a hot loop.
     launch_backoff: HashMap<String, (u32, u64)>,
+    /// After a restart, the time until which nothing is dispatched or launched, so that
+    /// reconnecting nodes can report the tasks they still run; `None` once recovered.
+    recovering_until_ms: Option<u64>,
+    /// Executor ids below this are reserved durably; launches stop at the bound until the
+    /// next block is durable, so a restarted head never reuses an id.
+    executor_ids_reserved: u64,
+    reservation_pending: bool,
 }
+
+/// Executor ids reserved per store write.
+pub const EXECUTOR_ID_BLOCK: u64 = 1024;
 
 /// How much queued work, in microseconds, the head keeps on an executor beyond the task it
 /// runs. Short tasks get deep queues (throughput); long ones get one queued task, so that
@@ -364,6 +388,9 @@ impl Core {
             watch_out: BTreeMap::new(),
             reschedule: true,
             launch_backoff: HashMap::new(),
+            recovering_until_ms: None,
+            executor_ids_reserved: loaded.next_executor.max(1),
+            reservation_pending: false,
         };
         for spec in loaded.applications {
             core.apps.insert(spec.name.clone(), spec);
@@ -382,6 +409,7 @@ impl Core {
                     watchers: Vec::new(),
                     finished: false,
                     cancelled: false,
+                    batches: HashMap::new(),
                 },
             );
         }
@@ -427,6 +455,11 @@ impl Core {
             };
             s.tasks.push(slot);
         }
+        for (sid, batch, first, count) in loaded.batches {
+            if let Some(s) = core.sessions.get_mut(&sid) {
+                s.batches.insert(batch, (first, count));
+            }
+        }
         for s in core.sessions.values_mut() {
             if s.stored.state == SessionState::Closed && s.counts.unfinished() == 0 {
                 s.finished = true;
@@ -450,6 +483,42 @@ impl Core {
             );
         }
         core
+    }
+
+    /// After a restart with known nodes: hold dispatch and launches for up to `grace_ms`
+    /// while nodes reconnect and report what they still run.
+    pub fn start_recovery(&mut self, now_ms: u64, grace_ms: u64) {
+        if !self.nodes.is_empty() && grace_ms > 0 {
+            self.recovering_until_ms = Some(now_ms + grace_ms);
+            tracing::info!(
+                grace_ms,
+                nodes = self.nodes.len(),
+                "recovering: waiting for nodes to report"
+            );
+        }
+    }
+
+    /// Ends recovery when every known node is back or the grace has passed. Tasks no
+    /// node reported move to their next attempt, so a late result of the run before the
+    /// restart is refused.
+    fn check_recovered(&mut self, now_ms: u64) {
+        let Some(until) = self.recovering_until_ms else {
+            return;
+        };
+        let all_back = self.nodes.values().all(|n| n.conn.is_some());
+        if !all_back && now_ms < until {
+            return;
+        }
+        self.recovering_until_ms = None;
+        let mut bumped = 0u64;
+        for s in self.sessions.values_mut() {
+            for t in s.tasks.iter_mut().filter(|t| t.slot == Slot::Pending) {
+                t.attempt += 1;
+                bumped += 1;
+            }
+        }
+        self.reschedule = true;
+        tracing::info!(all_back, pending = bumped, "recovered; dispatching again");
     }
 
     /// Registers an application at start-up if none of that name exists (the built-in
@@ -525,11 +594,14 @@ impl Core {
 
     /// Runs the scheduler and dispatch, then flushes everything collected in the batch.
     pub fn end_batch(&mut self, now_ms: u64) {
-        if self.reschedule {
-            self.reschedule = false;
-            self.schedule(now_ms);
+        self.check_recovered(now_ms);
+        if self.recovering_until_ms.is_none() {
+            if self.reschedule {
+                self.reschedule = false;
+                self.schedule(now_ms);
+            }
+            self.dispatch(now_ms);
         }
-        self.dispatch(now_ms);
         for (session, results) in std::mem::take(&mut self.batch_finish) {
             self.batch_ops.push(StoreOp::FinishTasks {
                 session,
@@ -851,10 +923,11 @@ impl Core {
             watchers: Vec::new(),
             finished: false,
             cancelled: false,
+            batches: HashMap::new(),
         };
         self.batch_ops.push(StoreOp::PutCounters {
-            next_session: self.next_session,
-            next_executor: self.next_executor,
+            next_session: Some(self.next_session),
+            next_executor: None,
         });
         if entry.ephemeral {
             let info = entry.info(0);
@@ -886,6 +959,27 @@ impl Core {
             let _ = reply.send(reject(ErrorKind::NotFound, unknown_session(session)));
             return;
         };
+        if let Some(&(first, count)) = s.batches.get(&batch_id) {
+            // A batch sent again (its ack was lost with a connection): the same tasks,
+            // never new ones. If the first copy is not durable yet, answer after it is.
+            let in_flight = slot_of(&mut s.tasks, first).is_some_and(|t| t.slot == Slot::Unacked);
+            if in_flight {
+                self.batch_after.push(AfterCommit::AckDuplicate {
+                    session,
+                    batch_id,
+                    first,
+                    count,
+                    reply,
+                });
+            } else {
+                let _ = reply.send(SubmitReply::Accepted {
+                    batch_id,
+                    first_task: first,
+                    count,
+                });
+            }
+            return;
+        }
         if s.stored.state != SessionState::Open {
             let _ = reply.send(reject(
                 ErrorKind::FailedPrecondition,
@@ -925,6 +1019,7 @@ impl Core {
         let first = TaskId(s.stored.last_task + 1);
         let count = inputs.len() as u32;
         s.stored.last_task += u64::from(count);
+        s.batches.insert(batch_id, (first, count));
         if s.ephemeral {
             for (i, input) in inputs.into_iter().enumerate() {
                 s.tasks.push(TaskSlot {
@@ -957,6 +1052,7 @@ impl Core {
         s.unacked_batches += 1;
         self.batch_ops.push(StoreOp::AddTasks {
             session,
+            batch_id,
             first,
             inputs,
         });
@@ -1053,6 +1149,20 @@ impl Core {
             // A node that reconnects replaces its old connection, whose executors are gone.
             self.node_lost(&name, "replaced by a new connection from the same node");
         }
+        let mut registration = registration;
+        let reports = std::mem::take(&mut registration.executors);
+        let mut kill = Vec::new();
+        for report in reports {
+            if let Err(why) = self.adopt(&name, report.clone()) {
+                tracing::info!(node = %name, executor = %report.executor, why, "killing an executor the head cannot adopt");
+                kill.push(NodeCommand::Kill {
+                    executor: report.executor,
+                });
+            }
+        }
+        if !kill.is_empty() {
+            self.node_out.entry(name.clone()).or_default().extend(kill);
+        }
         let _ = link.send(HeadToNode::Registered {
             heartbeat_interval_ms: limits::HEARTBEAT_INTERVAL.as_millis() as u64,
         });
@@ -1075,6 +1185,64 @@ impl Core {
         );
         tracing::info!(node = %name, conn, "node registered");
         self.reschedule = true;
+    }
+
+    /// Takes over an executor a reconnecting node still runs, with the tasks it holds that
+    /// are still pending here at the same attempt (after a head restart, every unfinished
+    /// task is pending). Its other tasks were re-queued meanwhile; their results will be
+    /// refused.
+    fn adopt(&mut self, node: &str, report: ExecutorReport) -> Result<(), &'static str> {
+        if self.executors.contains_key(&report.executor) {
+            return Err("its id is in use");
+        }
+        if !self.apps.contains_key(&report.application) {
+            return Err("its application is no longer registered");
+        }
+        if let Some(sid) = report.session {
+            let usable = self.sessions.get(&sid).is_some_and(|s| {
+                !s.finished && !s.cancelled && s.stored.application == report.application
+            });
+            if !usable {
+                return Err("its session is gone, finished or cancelled");
+            }
+        }
+        let mut outstanding = VecDeque::new();
+        for (sid, tid, attempt) in report.tasks {
+            let Some(s) = self.sessions.get_mut(&sid) else {
+                continue;
+            };
+            let Some(slot) = slot_of(&mut s.tasks, tid) else {
+                continue;
+            };
+            if slot.slot == Slot::Pending && slot.attempt == attempt {
+                // Left in the pending queue; dispatch skips tasks that are not pending.
+                slot.slot = Slot::Running(report.executor);
+                s.counts.pending = s.counts.pending.saturating_sub(1);
+                s.counts.running += 1;
+                outstanding.push_back((sid, tid));
+            }
+        }
+        tracing::info!(node, executor = %report.executor, tasks = outstanding.len(), "adopted an executor");
+        self.next_executor = self.next_executor.max(report.executor.0 + 1);
+        self.executors.insert(
+            report.executor,
+            ExecutorEntry {
+                node: node.to_string(),
+                application: report.application,
+                phase: match (report.session, report.ready) {
+                    (Some(_), _) => ExecutorPhase::Bound,
+                    (None, true) => ExecutorPhase::Idle,
+                    (None, false) => ExecutorPhase::Launching,
+                },
+                session: report.session,
+                credit: report.credit.clamp(1, 1024),
+                task_us_avg: TASK_US_INITIAL,
+                last_result_ms: 0,
+                outstanding,
+                quiet_since_ms: 0,
+            },
+        );
+        Ok(())
     }
 
     fn on_node_message(&mut self, conn: ConnId, message: NodeToHead, now_ms: u64) {
@@ -1289,6 +1457,9 @@ impl Core {
                 };
                 s.unacked_batches = s.unacked_batches.saturating_sub(1);
                 let ok = result.is_ok();
+                if !ok {
+                    s.batches.remove(&batch_id);
+                }
                 for i in 0..u64::from(count) {
                     let id = TaskId(first.0 + i);
                     if let Some(slot) = slot_of(&mut s.tasks, id) {
@@ -1398,6 +1569,40 @@ impl Core {
                     Err(e) => persist_error(e),
                 };
                 let _ = reply.send(r);
+            }
+            AfterCommit::AckDuplicate {
+                session,
+                batch_id,
+                first,
+                count,
+                reply,
+            } => {
+                let durable = self
+                    .sessions
+                    .get(&session)
+                    .is_some_and(|s| s.batches.get(&batch_id) == Some(&(first, count)));
+                let _ = reply.send(if durable {
+                    SubmitReply::Accepted {
+                        batch_id,
+                        first_task: first,
+                        count,
+                    }
+                } else {
+                    SubmitReply::Rejected {
+                        batch_id,
+                        error: api(
+                            ErrorKind::Unavailable,
+                            "the batch could not be made durable; send it again",
+                        ),
+                    }
+                });
+            }
+            AfterCommit::ReserveExecutorIds { upto } => {
+                self.reservation_pending = false;
+                if result.is_ok() {
+                    self.executor_ids_reserved = self.executor_ids_reserved.max(upto);
+                    self.reschedule = true;
+                }
             }
             AfterCommit::Respond { reply } => {
                 let _ = reply.send(match result {
@@ -1575,12 +1780,15 @@ impl Core {
                 let Some(spec) = self.apps.get(&application).cloned() else {
                     return;
                 };
+                if self.next_executor + EXECUTOR_ID_BLOCK / 2 >= self.executor_ids_reserved {
+                    self.reserve_executor_ids();
+                }
+                if self.next_executor >= self.executor_ids_reserved {
+                    // Launched once the next block of ids is durable (reschedules then).
+                    return;
+                }
                 let id = ExecutorId(self.next_executor);
                 self.next_executor += 1;
-                self.batch_ops.push(StoreOp::PutCounters {
-                    next_session: self.next_session,
-                    next_executor: self.next_executor,
-                });
                 self.executors.insert(
                     id,
                     ExecutorEntry {
@@ -1646,6 +1854,21 @@ impl Core {
                     .push(NodeCommand::Release { executor });
             }
         }
+    }
+
+    /// Asks the store to reserve the next block of executor ids.
+    fn reserve_executor_ids(&mut self) {
+        if self.reservation_pending {
+            return;
+        }
+        self.reservation_pending = true;
+        let upto = self.executor_ids_reserved.max(self.next_executor) + EXECUTOR_ID_BLOCK;
+        self.batch_ops.push(StoreOp::PutCounters {
+            next_session: None,
+            next_executor: Some(upto),
+        });
+        self.batch_after
+            .push(AfterCommit::ReserveExecutorIds { upto });
     }
 
     /// Hands pending tasks to bound executors up to their outstanding limit.
@@ -1999,6 +2222,307 @@ mod tests {
         assert_eq!(outstanding_max(0.0, 64), 64);
         // Never more than the node allows.
         assert_eq!(outstanding_max(20.0, 1), 1);
+    }
+
+    #[test]
+    fn a_resent_batch_creates_nothing_new() {
+        let mut h = Harness::new();
+        let sid = session_id(h.client(ClientRequest::CreateSession(SessionSpec {
+            application: "ping".into(),
+            common_data: Bytes::new(),
+            ephemeral: false,
+        })));
+        let mut submit = |h: &mut Harness, batch_id: u64| {
+            let (reply, rx) = oneshot::channel();
+            h.core.handle(
+                Event::Submit {
+                    session: sid,
+                    batch_id,
+                    inputs: vec![Bytes::from_static(b"a"), Bytes::from_static(b"b")],
+                    reply,
+                },
+                0,
+            );
+            rx
+        };
+        // The copy arrives while the first is still being committed, and once after.
+        let mut first = submit(&mut h, 41);
+        let mut copy = submit(&mut h, 41);
+        h.step();
+        let mut late = submit(&mut h, 41);
+        h.step();
+        for rx in [&mut first, &mut copy, &mut late] {
+            assert_eq!(
+                rx.try_recv().unwrap(),
+                SubmitReply::Accepted {
+                    batch_id: 41,
+                    first_task: TaskId(1),
+                    count: 2
+                }
+            );
+        }
+        let mut other = submit(&mut h, 42);
+        h.step();
+        assert!(matches!(
+            other.try_recv(),
+            Ok(SubmitReply::Accepted {
+                first_task: TaskId(3),
+                ..
+            })
+        ));
+        match h.client(ClientRequest::GetSession { id: sid }) {
+            ClientResponse::Session(info) => assert_eq!(info.counts.total(), 4),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_node_back_after_a_blip_cannot_complete_requeued_tasks() {
+        let mut h = Harness::new();
+        let sid = session_id(h.client(ClientRequest::CreateSession(SessionSpec {
+            application: "ping".into(),
+            common_data: Bytes::new(),
+            ephemeral: false,
+        })));
+        let (reply, _) = oneshot::channel();
+        h.core.handle(
+            Event::Submit {
+                session: sid,
+                batch_id: 1,
+                inputs: vec![Bytes::from_static(b"x"), Bytes::from_static(b"y")],
+                reply,
+            },
+            0,
+        );
+        h.step();
+        let executor = match &h.commands()[..] {
+            [NodeCommand::Launch { executor, .. }] => *executor,
+            other => panic!("{other:?}"),
+        };
+        h.node(NodeToHead::ExecutorEvents(vec![ExecutorEvent::Ready {
+            executor,
+            credit: 8,
+        }]));
+        let runs: Vec<TaskAssignment> = h
+            .commands()
+            .into_iter()
+            .filter_map(|c| match c {
+                NodeCommand::Run(a) => Some(a),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(runs.len(), 2);
+        // The connection drops and the node comes back at once, reporting the executor,
+        // still bound and running both tasks, with a new connection.
+        h.core.handle(
+            Event::NodeDisconnected {
+                conn: 1,
+                reason: "blip".into(),
+            },
+            0,
+        );
+        h.step();
+        // The head re-queued them with the next attempt, so the report's attempts are stale:
+        // nothing is adopted as running, and the stale results are refused.
+        let (link, node_rx) = mpsc::unbounded_channel();
+        h.node_rx = node_rx;
+        h.core.handle(
+            Event::NodeConnected {
+                conn: 2,
+                registration: NodeRegistration {
+                    name: "n1".into(),
+                    cpus: 1,
+                    memory_bytes: 1 << 30,
+                    executors: vec![ExecutorReport {
+                        executor,
+                        application: "ping".into(),
+                        ready: true,
+                        session: Some(sid),
+                        tasks: runs
+                            .iter()
+                            .map(|a| (a.session, a.task, a.attempt))
+                            .collect(),
+                        credit: 8,
+                    }],
+                },
+                link,
+            },
+            0,
+        );
+        h.step();
+        let rerun: Vec<TaskAssignment> = h
+            .commands()
+            .into_iter()
+            .filter_map(|c| match c {
+                NodeCommand::Run(a) => Some(a),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(
+            rerun.len(),
+            2,
+            "the tasks run again on the adopted executor"
+        );
+        assert!(rerun.iter().all(|a| a.attempt == 2));
+        h.core.handle(
+            Event::NodeMessage {
+                conn: 2,
+                message: NodeToHead::Results(
+                    runs.iter()
+                        .map(|a| NodeTaskResult {
+                            executor,
+                            session: sid,
+                            task: a.task,
+                            attempt: a.attempt,
+                            outcome: TaskOutcome::Succeeded(Bytes::from_static(b"stale")),
+                        })
+                        .collect(),
+                ),
+            },
+            0,
+        );
+        h.step();
+        match h.client(ClientRequest::GetSession { id: sid }) {
+            ClientResponse::Session(info) => {
+                assert_eq!(info.counts.succeeded, 0, "stale results were refused");
+                assert_eq!(info.counts.running, 2);
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn after_a_head_restart_running_tasks_are_adopted_not_rerun() {
+        use crate::store::{Loaded, StoredNode};
+        let (store_tx, mut store_rx) = mpsc::unbounded_channel();
+        let sid = SessionId(3);
+        let app = ApplicationSpec {
+            name: "ping".into(),
+            shim: ShimKind::Stdio,
+            command: "flame-ping".into(),
+            args: vec![],
+            env: Default::default(),
+            working_dir: None,
+            max_instances: 10,
+            delay_release_ms: 1000,
+            max_attempts: 3,
+            retry_on_error: false,
+        };
+        let loaded = Loaded {
+            applications: vec![app],
+            sessions: vec![StoredSession {
+                id: sid,
+                application: "ping".into(),
+                common_data: Bytes::new(),
+                state: SessionState::Open,
+                created_ms: 0,
+                closed_ms: None,
+                last_task: 0,
+            }],
+            tasks: vec![
+                (
+                    sid,
+                    TaskId(1),
+                    StoredTask::Pending {
+                        attempt: 1,
+                        input: Bytes::from_static(b"a"),
+                    },
+                ),
+                (
+                    sid,
+                    TaskId(2),
+                    StoredTask::Pending {
+                        attempt: 1,
+                        input: Bytes::from_static(b"b"),
+                    },
+                ),
+            ],
+            nodes: vec![StoredNode {
+                name: "n1".into(),
+                cpus: 1,
+                memory_bytes: 1 << 30,
+                last_seen_ms: 0,
+            }],
+            batches: vec![],
+            next_session: 4,
+            next_executor: 1024,
+        };
+        let mut core = Core::new(CoreConfig::default(), store_tx, loaded);
+        core.start_recovery(0, 10_000);
+        core.end_batch(0);
+        let (link, mut node_rx) = mpsc::unbounded_channel();
+        core.handle(
+            Event::NodeConnected {
+                conn: 7,
+                registration: NodeRegistration {
+                    name: "n1".into(),
+                    cpus: 1,
+                    memory_bytes: 1 << 30,
+                    executors: vec![ExecutorReport {
+                        executor: ExecutorId(900),
+                        application: "ping".into(),
+                        ready: true,
+                        session: Some(sid),
+                        tasks: vec![(sid, TaskId(1), 1)],
+                        credit: 1,
+                    }],
+                },
+                link,
+            },
+            100,
+        );
+        core.end_batch(100);
+        // Task 1 keeps running where it was; task 2, which nobody reported, runs again
+        // with its next attempt once the node can take it.
+        core.handle(
+            Event::NodeMessage {
+                conn: 7,
+                message: NodeToHead::Results(vec![NodeTaskResult {
+                    executor: ExecutorId(900),
+                    session: sid,
+                    task: TaskId(1),
+                    attempt: 1,
+                    outcome: TaskOutcome::Succeeded(Bytes::from_static(b"A")),
+                }]),
+            },
+            200,
+        );
+        core.end_batch(200);
+        while let Ok(req) = store_rx.try_recv() {
+            core.handle(
+                Event::Committed {
+                    tokens: vec![req.token],
+                    result: Ok(()),
+                },
+                200,
+            );
+            core.end_batch(200);
+        }
+        let mut runs = Vec::new();
+        while let Ok(msg) = node_rx.try_recv() {
+            if let HeadToNode::Commands(c) = msg {
+                runs.extend(c.into_iter().filter_map(|c| match c {
+                    NodeCommand::Run(a) => Some((a.task, a.attempt)),
+                    _ => None,
+                }));
+            }
+        }
+        assert_eq!(runs, vec![(TaskId(2), 2)]);
+        let (reply, mut rx) = oneshot::channel();
+        core.handle(
+            Event::Client {
+                request: ClientRequest::GetSession { id: sid },
+                reply,
+            },
+            200,
+        );
+        match rx.try_recv() {
+            Ok(ClientResponse::Session(info)) => {
+                assert_eq!(info.counts.succeeded, 1);
+                assert_eq!(info.counts.running, 1);
+            }
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]

@@ -78,6 +78,7 @@ async fn run(args: config::Args) -> anyhow::Result<()> {
     let mut sans = tls::default_sans();
     sans.extend(config.tls_san.iter().cloned());
     let (certs, key) = tls::ensure_identity(&config.data_dir, &sans)?;
+    let reset_key = tls::ensure_reset_key(&config.data_dir)?;
 
     let (store_tx, store_rx) = tokio::sync::mpsc::unbounded_channel();
     let mut core = core::Core::new(
@@ -89,10 +90,16 @@ async fn run(args: config::Args) -> anyhow::Result<()> {
         loaded,
     );
     core.ensure_application(ping_application());
+    // Nodes that knew the previous head get a heartbeat timeout to come back and report
+    // the tasks they still run before anything is dispatched again.
+    core.start_recovery(
+        server::now_ms(),
+        flame_protocol::limits::HEARTBEAT_TIMEOUT.as_millis() as u64,
+    );
     let (events, core_task) = server::start_core(core, store.clone(), store_rx)
         .context("cannot start the store writer")?;
 
-    let endpoint = flame_protocol::endpoint::server(config.listen, certs, key)?;
+    let endpoint = flame_protocol::endpoint::server(config.listen, certs, key, &reset_key)?;
     let local = endpoint
         .local_addr()
         .context("cannot read the bound address")?;

@@ -24,6 +24,8 @@ const APPS: TableDefinition<&str, &[u8]> = TableDefinition::new("applications");
 const SESSIONS: TableDefinition<u64, &[u8]> = TableDefinition::new("sessions");
 const TASKS: TableDefinition<(u64, u64), &[u8]> = TableDefinition::new("tasks");
 const NODES: TableDefinition<&str, &[u8]> = TableDefinition::new("nodes");
+/// (session, client batch id) → (first task id, task count).
+const BATCHES: TableDefinition<(u64, u64), (u64, u32)> = TableDefinition::new("batches");
 
 const META_SCHEMA: &str = "schema_version";
 const META_NEXT_SESSION: &str = "next_session_id";
@@ -113,6 +115,8 @@ pub enum StoreOp {
     /// New pending tasks `first ..` of a session, attempt 1.
     AddTasks {
         session: SessionId,
+        /// The client's id of the batch, remembered so a resend creates nothing.
+        batch_id: u64,
         first: TaskId,
         inputs: Vec<Bytes>,
     },
@@ -121,10 +125,10 @@ pub enum StoreOp {
         results: Vec<(TaskId, u32, TaskOutcome)>,
     },
     PutNode(StoredNode),
-    /// Id counters, so ids are never reused after a restart.
+    /// Id counters, so ids are never reused after a restart. `None` leaves one as it is.
     PutCounters {
-        next_session: u64,
-        next_executor: u64,
+        next_session: Option<u64>,
+        next_executor: Option<u64>,
     },
 }
 
@@ -153,6 +157,8 @@ pub struct Loaded {
     /// Per session, its tasks in id order.
     pub tasks: Vec<(SessionId, TaskId, StoredTask)>,
     pub nodes: Vec<StoredNode>,
+    /// `(session, client batch id, first task, count)`.
+    pub batches: Vec<(SessionId, u64, TaskId, u32)>,
     pub next_session: u64,
     pub next_executor: u64,
 }
@@ -209,6 +215,7 @@ impl Store {
             txn.open_table(SESSIONS)?;
             txn.open_table(TASKS)?;
             txn.open_table(NODES)?;
+            txn.open_table(BATCHES)?;
         }
         txn.commit()?;
         Ok(Store { db: Arc::new(db) })
@@ -239,6 +246,14 @@ impl Store {
         for row in txn.open_table(NODES)?.iter()? {
             let (_, v) = row?;
             loaded.nodes.push(decode("nodes", v.value())?);
+        }
+        for row in txn.open_table(BATCHES)?.iter()? {
+            let (k, v) = row?;
+            let (session, batch) = k.value();
+            let (first, count) = v.value();
+            loaded
+                .batches
+                .push((SessionId(session), batch, TaskId(first), count));
         }
         Ok(loaded)
     }
@@ -306,6 +321,7 @@ impl Store {
             let mut sessions = txn.open_table(SESSIONS)?;
             let mut tasks = txn.open_table(TASKS)?;
             let mut nodes = txn.open_table(NODES)?;
+            let mut batches = txn.open_table(BATCHES)?;
             let mut meta = txn.open_table(META)?;
             let mut buf = Vec::new();
             for op in ops {
@@ -321,9 +337,11 @@ impl Store {
                     }
                     StoreOp::AddTasks {
                         session,
+                        batch_id,
                         first,
                         inputs,
                     } => {
+                        batches.insert((session.0, *batch_id), (first.0, inputs.len() as u32))?;
                         for (i, input) in inputs.iter().enumerate() {
                             buf.clear();
                             let rec = StoredTask::Pending {
@@ -354,8 +372,12 @@ impl Store {
                         next_session,
                         next_executor,
                     } => {
-                        meta.insert(META_NEXT_SESSION, *next_session)?;
-                        meta.insert(META_NEXT_EXECUTOR, *next_executor)?;
+                        if let Some(v) = next_session {
+                            meta.insert(META_NEXT_SESSION, *v)?;
+                        }
+                        if let Some(v) = next_executor {
+                            meta.insert(META_NEXT_EXECUTOR, *v)?;
+                        }
                     }
                 }
             }
@@ -421,6 +443,7 @@ mod tests {
             .commit(&[
                 StoreOp::AddTasks {
                     session: SessionId(1),
+                    batch_id: 7,
                     first: TaskId(1),
                     inputs: vec![Bytes::from_static(b"a"), Bytes::from_static(b"b")],
                 },

@@ -2,6 +2,7 @@
 //! self-signed certificate in its data directory on first start; clients and nodes trust
 //! it through a CA file path (`<data-dir>/tls/head.crt`).
 
+use flame_protocol::endpoint::RESET_KEY_BYTES;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use std::path::{Path, PathBuf};
 
@@ -64,6 +65,39 @@ fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
         .open(path)?;
     f.write_all(bytes)?;
     f.sync_all()
+}
+
+/// The key stateless resets derive from, created once in `<data-dir>/tls/reset.key` and
+/// kept, so that a restarted head can reset the connections of its previous life.
+pub fn ensure_reset_key(data_dir: &Path) -> Result<[u8; RESET_KEY_BYTES], TlsError> {
+    let path = data_dir.join("tls").join("reset.key");
+    let write_err = |source| TlsError::Write {
+        path: path.clone(),
+        source,
+    };
+    match std::fs::read(&path) {
+        Ok(bytes) => bytes.try_into().map_err(|b: Vec<u8>| TlsError::Write {
+            path: path.clone(),
+            source: std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!(
+                    "holds {} bytes, not {RESET_KEY_BYTES}; remove it to make a new one",
+                    b.len()
+                ),
+            ),
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let mut key = [0u8; RESET_KEY_BYTES];
+            ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut key)
+                .map_err(|_| write_err(std::io::Error::other("the system random source failed")))?;
+            if let Some(dir) = path.parent() {
+                std::fs::create_dir_all(dir).map_err(write_err)?;
+            }
+            write_private(&path, &key).map_err(write_err)?;
+            Ok(key)
+        }
+        Err(e) => Err(write_err(e)),
+    }
 }
 
 /// Names the certificate covers by default: loopback and this host's name.

@@ -5,12 +5,12 @@ use flame_protocol::endpoint::{self, EndpointError};
 use flame_protocol::frame::{FrameError, FrameWriter};
 use flame_protocol::limits;
 use flame_protocol::messages::{
-    ExecutorEvent, HeadToNode, NodeCommand, NodeRegistration, NodeToHead, Role,
+    ExecutorEvent, ExecutorReport, HeadToNode, NodeCommand, NodeRegistration, NodeToHead, Role,
 };
-use flame_protocol::ExecutorId;
-use std::collections::HashMap;
+use flame_protocol::{ExecutorId, SessionId, TaskId};
+use std::collections::{HashMap, VecDeque};
 use std::path::PathBuf;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 
 /// First wait before reconnecting; doubles up to [`RECONNECT_BACKOFF_MAX`].
@@ -28,6 +28,9 @@ pub struct NodeConfig {
     pub work_dir: PathBuf,
     /// Tasks the head may have outstanding per executor.
     pub credit: u32,
+    /// How long executors keep running while the head is away, so that a restarted head
+    /// can adopt them and the tasks they run.
+    pub head_loss_grace: Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -42,6 +45,32 @@ pub enum LinkError {
     Frame(#[from] FrameError),
 }
 
+/// What the agent knows of one executor, enough to tell a new head about it.
+#[derive(Debug)]
+struct Tracked {
+    handle: Handle,
+    application: String,
+    ready: bool,
+    session: Option<SessionId>,
+    /// Tasks handed to it whose result has not been sent to the head, in run order.
+    tasks: VecDeque<(SessionId, TaskId, u32)>,
+}
+
+/// The agent's state, which outlives any one connection to the head: executors keep
+/// running for [`NodeConfig::head_loss_grace`] while the head is away, and a new head is
+/// told about them when the node registers again.
+#[derive(Debug)]
+struct Agent {
+    config: NodeConfig,
+    executors: HashMap<ExecutorId, Tracked>,
+    reports_tx: mpsc::UnboundedSender<Report>,
+    reports_rx: mpsc::UnboundedReceiver<Report>,
+    gone_tx: mpsc::UnboundedSender<ExecutorId>,
+    gone_rx: mpsc::UnboundedReceiver<ExecutorId>,
+    /// Successful registrations so far.
+    registrations: u64,
+}
+
 /// Serves the head until `shutdown` resolves, reconnecting with backoff after a loss.
 /// A refusal by the head is final.
 pub async fn run(
@@ -49,25 +78,50 @@ pub async fn run(
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), LinkError> {
     let endpoint = endpoint::client(&config.ca_file)?;
+    let (reports_tx, reports_rx) = mpsc::unbounded_channel();
+    let (gone_tx, gone_rx) = mpsc::unbounded_channel();
+    let mut agent = Agent {
+        config,
+        executors: HashMap::new(),
+        reports_tx,
+        reports_rx,
+        gone_tx,
+        gone_rx,
+        registrations: 0,
+    };
     tokio::pin!(shutdown);
     let mut backoff = RECONNECT_BACKOFF_MIN;
+    let mut lost_since: Option<Instant> = None;
     loop {
-        let session = serve_once(&endpoint, &config);
+        let registrations = agent.registrations;
         tokio::select! {
-            r = session => match r {
+            r = agent.serve_once(&endpoint) => match r {
                 Err(LinkError::Refused(reason)) => return Err(LinkError::Refused(reason)),
                 Err(e) => {
-                    tracing::warn!(head = %config.head, error = %e, retry_in = ?backoff, "head connection failed");
+                    tracing::warn!(head = %agent.config.head, error = %e, retry_in = ?backoff, "head connection failed");
                 }
                 Ok(()) => {
-                    backoff = RECONNECT_BACKOFF_MIN;
-                    tracing::warn!(head = %config.head, "head connection ended; reconnecting");
+                    tracing::warn!(head = %agent.config.head, "head connection ended; reconnecting");
                 }
             },
             _ = &mut shutdown => {
                 endpoint.close(quinn::VarInt::from_u32(0), b"node shutting down");
                 return Ok(());
             }
+        }
+        if agent.registrations != registrations {
+            // It was connected: the loss starts now, and reconnecting starts quick.
+            lost_since = Some(Instant::now());
+            backoff = RECONNECT_BACKOFF_MIN;
+        }
+        let grace = agent.config.head_loss_grace;
+        if lost_since.is_some_and(|t| t.elapsed() >= grace) && !agent.executors.is_empty() {
+            tracing::warn!(
+                count = agent.executors.len(),
+                ?grace,
+                "the head has been away longer than the grace period; stopping executors"
+            );
+            agent.stop_all();
         }
         tokio::select! {
             _ = tokio::time::sleep(backoff) => {}
@@ -77,142 +131,213 @@ pub async fn run(
     }
 }
 
-async fn serve_once(endpoint: &quinn::Endpoint, config: &NodeConfig) -> Result<(), LinkError> {
-    let agent = format!("flame-node {}", env!("CARGO_PKG_VERSION"));
-    let greeted = endpoint::connect(
-        endpoint,
-        &config.head,
-        Role::Node,
-        &agent,
-        limits::CONNECT_TIMEOUT,
-    )
-    .await?;
-    let mut send = greeted.send;
-    let mut recv = greeted.recv;
-    send.write(&NodeToHead::Register(NodeRegistration {
-        name: config.name.clone(),
-        cpus: config.cpus,
-        memory_bytes: config.memory_bytes,
-        executors: Vec::new(),
-    }))
-    .await?;
-    let heartbeat =
-        match tokio::time::timeout(limits::CONNECT_TIMEOUT, recv.read_required::<HeadToNode>())
-            .await
-        {
-            Err(_) => return Err(LinkError::Lost("no answer to the registration".into())),
-            Ok(Err(e)) => return Err(e.into()),
-            Ok(Ok(HeadToNode::Registered {
-                heartbeat_interval_ms,
-            })) => Duration::from_millis(heartbeat_interval_ms.clamp(100, 60_000)),
-            Ok(Ok(HeadToNode::Refused { reason })) => return Err(LinkError::Refused(reason)),
-            Ok(Ok(other)) => {
-                return Err(LinkError::Lost(format!(
-                    "expected a registration answer, got {other:?}"
-                )))
-            }
-        };
-    // Launchers (`flame local`, tests) wait for this line.
-    println!("flame-node registered as {}", config.name);
-    tracing::info!(name = %config.name, head = %config.head, "registered with the head");
+impl Agent {
+    /// The registration, with every executor still alive and the tasks it holds.
+    fn registration(&self) -> NodeRegistration {
+        NodeRegistration {
+            name: self.config.name.clone(),
+            cpus: self.config.cpus,
+            memory_bytes: self.config.memory_bytes,
+            executors: self
+                .executors
+                .iter()
+                .map(|(id, t)| ExecutorReport {
+                    executor: *id,
+                    application: t.application.clone(),
+                    ready: t.ready,
+                    session: t.session,
+                    tasks: t.tasks.iter().copied().collect(),
+                    credit: self.config.credit,
+                })
+                .collect(),
+        }
+    }
 
-    let (reports_tx, reports_rx) = mpsc::unbounded_channel::<Report>();
-    let writer = tokio::spawn(write_reports(send, reports_rx, heartbeat));
-    let (gone_tx, mut gone_rx) = mpsc::unbounded_channel::<ExecutorId>();
-    let mut executors: HashMap<ExecutorId, Handle> = HashMap::new();
-    let result = loop {
-        tokio::select! {
-            frame = recv.read::<HeadToNode>() => match frame {
-                Ok(Some(HeadToNode::Commands(commands))) => {
-                    for c in commands {
-                        apply(c, config, &mut executors, &reports_tx, &gone_tx);
+    /// Stops every executor (dropping a handle kills its process) and forgets reports
+    /// nobody will read.
+    fn stop_all(&mut self) {
+        self.executors.clear();
+        while self.reports_rx.try_recv().is_ok() {}
+    }
+
+    /// Updates what the agent knows from a report on its way to the head.
+    fn track(&mut self, report: &Report) {
+        match report {
+            Report::Event(ExecutorEvent::Ready { executor, .. }) => {
+                if let Some(t) = self.executors.get_mut(executor) {
+                    t.ready = true;
+                }
+            }
+            Report::Event(ExecutorEvent::Bound { executor, session }) => {
+                if let Some(t) = self.executors.get_mut(executor) {
+                    t.session = Some(*session);
+                }
+            }
+            Report::Event(ExecutorEvent::Unbound { executor }) => {
+                if let Some(t) = self.executors.get_mut(executor) {
+                    t.session = None;
+                }
+            }
+            Report::Event(ExecutorEvent::Exited { executor, .. }) => {
+                self.executors.remove(executor);
+            }
+            Report::Result(r) => {
+                if let Some(t) = self.executors.get_mut(&r.executor) {
+                    if let Some(pos) = t
+                        .tasks
+                        .iter()
+                        .position(|&(s, task, _)| s == r.session && task == r.task)
+                    {
+                        t.tasks.remove(pos);
                     }
                 }
-                Ok(Some(other)) => tracing::warn!(message = ?other, "unexpected message ignored"),
-                Ok(None) => break Ok(()),
-                Err(e) => break Err(LinkError::Frame(e)),
-            },
-            Some(id) = gone_rx.recv() => {
-                executors.remove(&id);
             }
         }
-    };
-    // Without the head nobody can use the executors' results: stop them all.
-    let count = executors.len();
-    executors.clear();
-    if count > 0 {
-        tracing::warn!(count, "stopped executors after losing the head");
     }
-    writer.abort();
-    result
-}
 
-fn apply(
-    command: NodeCommand,
-    config: &NodeConfig,
-    executors: &mut HashMap<ExecutorId, Handle>,
-    reports: &mpsc::UnboundedSender<Report>,
-    gone: &mpsc::UnboundedSender<ExecutorId>,
-) {
-    let (id, command) = match command {
-        NodeCommand::Launch {
-            executor,
-            application,
-        } => {
-            if executors.contains_key(&executor) {
-                tracing::warn!(%executor, "launch of an existing executor ignored");
+    async fn serve_once(&mut self, endpoint: &quinn::Endpoint) -> Result<(), LinkError> {
+        let config = &self.config;
+        let agent = format!("flame-node {}", env!("CARGO_PKG_VERSION"));
+        let greeted = endpoint::connect(
+            endpoint,
+            &config.head,
+            Role::Node,
+            &agent,
+            limits::CONNECT_TIMEOUT,
+        )
+        .await?;
+        let mut send = greeted.send;
+        let mut recv = greeted.recv;
+        let registration = self.registration();
+        let kept = registration.executors.len();
+        send.write(&NodeToHead::Register(registration)).await?;
+        let heartbeat =
+            match tokio::time::timeout(limits::CONNECT_TIMEOUT, recv.read_required::<HeadToNode>())
+                .await
+            {
+                Err(_) => return Err(LinkError::Lost("no answer to the registration".into())),
+                Ok(Err(e)) => return Err(e.into()),
+                Ok(Ok(HeadToNode::Registered {
+                    heartbeat_interval_ms,
+                })) => Duration::from_millis(heartbeat_interval_ms.clamp(100, 60_000)),
+                Ok(Ok(HeadToNode::Refused { reason })) => return Err(LinkError::Refused(reason)),
+                Ok(Ok(other)) => {
+                    return Err(LinkError::Lost(format!(
+                        "expected a registration answer, got {other:?}"
+                    )))
+                }
+            };
+        self.registrations += 1;
+        // Launchers (`flame local`, tests) wait for this line.
+        println!("flame-node registered as {}", self.config.name);
+        tracing::info!(name = %self.config.name, head = %self.config.head, executors_kept = kept, "registered with the head");
+
+        let (out_tx, out_rx) = mpsc::unbounded_channel::<Report>();
+        let writer = tokio::spawn(write_reports(send, out_rx, heartbeat));
+        let result = loop {
+            tokio::select! {
+                frame = recv.read::<HeadToNode>() => match frame {
+                    Ok(Some(HeadToNode::Commands(commands))) => {
+                        for c in commands {
+                            self.apply(c);
+                        }
+                    }
+                    Ok(Some(other)) => tracing::warn!(message = ?other, "unexpected message ignored"),
+                    Ok(None) => break Ok(()),
+                    Err(e) => break Err(LinkError::Frame(e)),
+                },
+                Some(report) = self.reports_rx.recv() => {
+                    self.track(&report);
+                    if out_tx.send(report).is_err() {
+                        break Err(LinkError::Lost("the report writer stopped".into()));
+                    }
+                }
+                Some(id) = self.gone_rx.recv() => {
+                    self.executors.remove(&id);
+                }
+            }
+        };
+        writer.abort();
+        result
+    }
+
+    fn apply(&mut self, command: NodeCommand) {
+        let (id, command) = match command {
+            NodeCommand::Launch {
+                executor,
+                application,
+            } => {
+                if self.executors.contains_key(&executor) {
+                    tracing::warn!(%executor, "launch of an existing executor ignored");
+                    return;
+                }
+                tracing::debug!(%executor, app = %application.name, "launching executor");
+                let name = application.name.clone();
+                let handle = executor::spawn(
+                    LaunchSpec {
+                        executor,
+                        application,
+                        node_name: self.config.name.clone(),
+                        work_dir: self.config.work_dir.clone(),
+                        credit: self.config.credit,
+                    },
+                    self.reports_tx.clone(),
+                    self.gone_tx.clone(),
+                );
+                self.executors.insert(
+                    executor,
+                    Tracked {
+                        handle,
+                        application: name,
+                        ready: false,
+                        session: None,
+                        tasks: VecDeque::new(),
+                    },
+                );
                 return;
             }
-            tracing::debug!(%executor, app = %application.name, "launching executor");
-            let handle = executor::spawn(
-                LaunchSpec {
-                    executor,
-                    application,
-                    node_name: config.name.clone(),
-                    work_dir: config.work_dir.clone(),
-                    credit: config.credit,
-                },
-                reports.clone(),
-                gone.clone(),
-            );
-            executors.insert(executor, handle);
-            return;
-        }
-        NodeCommand::Bind {
-            executor,
-            session,
-            common_data,
-        } => (
-            executor,
-            Command::Bind {
+            NodeCommand::Bind {
+                executor,
                 session,
                 common_data,
-            },
-        ),
-        NodeCommand::Run(a) => (a.executor, Command::Run(a)),
-        NodeCommand::Unbind { executor } => (executor, Command::Unbind),
-        NodeCommand::Release { executor } => (executor, Command::Release),
-        NodeCommand::Kill { executor } => {
-            // Dropping the handle fires its kill switch; the executor reports Exited.
-            if executors.remove(&executor).is_none() {
-                let _ = reports.send(Report::Event(ExecutorEvent::Exited {
-                    executor,
-                    reason: "unknown on this node".into(),
-                }));
+            } => (
+                executor,
+                Command::Bind {
+                    session,
+                    common_data,
+                },
+            ),
+            NodeCommand::Run(a) => {
+                if let Some(t) = self.executors.get_mut(&a.executor) {
+                    t.tasks.push_back((a.session, a.task, a.attempt));
+                }
+                (a.executor, Command::Run(a))
             }
-            return;
+            NodeCommand::Unbind { executor } => (executor, Command::Unbind),
+            NodeCommand::Release { executor } => (executor, Command::Release),
+            NodeCommand::Kill { executor } => {
+                // Dropping the handle fires its kill switch; the executor reports Exited.
+                if self.executors.remove(&executor).is_none() {
+                    let _ = self.reports_tx.send(Report::Event(ExecutorEvent::Exited {
+                        executor,
+                        reason: "unknown on this node".into(),
+                    }));
+                }
+                return;
+            }
+        };
+        let delivered = self
+            .executors
+            .get(&id)
+            .is_some_and(|t| t.handle.commands.send(command).is_ok());
+        if !delivered {
+            // The head believes in an executor this node does not have: tell it it is gone.
+            self.executors.remove(&id);
+            let _ = self.reports_tx.send(Report::Event(ExecutorEvent::Exited {
+                executor: id,
+                reason: "unknown on this node".into(),
+            }));
         }
-    };
-    let delivered = executors
-        .get(&id)
-        .is_some_and(|h| h.commands.send(command).is_ok());
-    if !delivered {
-        // The head believes in an executor this node does not have: tell it it is gone.
-        executors.remove(&id);
-        let _ = reports.send(Report::Event(ExecutorEvent::Exited {
-            executor: id,
-            reason: "unknown on this node".into(),
-        }));
     }
 }
 

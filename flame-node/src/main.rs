@@ -31,6 +31,9 @@ struct Args {
     /// measured task time within this bound).
     #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..=1024))]
     credit: u32,
+    /// How long executors keep running after the head is lost, waiting for it to return
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    head_loss_grace: std::time::Duration,
 }
 
 fn main() -> std::process::ExitCode {
@@ -65,6 +68,7 @@ fn main() -> std::process::ExitCode {
         memory_bytes: resources::memory_bytes(),
         work_dir: args.work_dir,
         credit: args.credit,
+        head_loss_grace: args.head_loss_grace,
     };
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()

@@ -89,11 +89,20 @@ pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, EndpointError> {
     })
 }
 
+/// Bytes of the key stateless resets are derived from.
+pub const RESET_KEY_BYTES: usize = 32;
+
 /// A QUIC server endpoint presenting `certs`/`key`.
+///
+/// `reset_key` should persist across restarts of the same server (the head keeps it in its
+/// data directory): a restarted head then answers packets of connections it lost with a
+/// valid stateless reset, so nodes and clients learn of the restart at their next packet
+/// instead of after the idle timeout, and reconnect at once.
 pub fn server(
     addr: SocketAddr,
     certs: Vec<CertificateDer<'static>>,
     key: PrivateKeyDer<'static>,
+    reset_key: &[u8; RESET_KEY_BYTES],
 ) -> Result<quinn::Endpoint, EndpointError> {
     let mut tls = rustls::ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
@@ -104,7 +113,19 @@ pub fn server(
     let crypto = QuicServerConfig::try_from(tls).map_err(|e| EndpointError::Quic(e.to_string()))?;
     let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
     config.transport_config(transport());
-    quinn::Endpoint::server(config, addr).map_err(|source| EndpointError::Bind { addr, source })
+    let endpoint_config = quinn::EndpointConfig::new(Arc::new(ring::hmac::Key::new(
+        ring::hmac::HMAC_SHA256,
+        reset_key,
+    )));
+    let socket =
+        std::net::UdpSocket::bind(addr).map_err(|source| EndpointError::Bind { addr, source })?;
+    quinn::Endpoint::new(
+        endpoint_config,
+        Some(config),
+        socket,
+        Arc::new(quinn::TokioRuntime),
+    )
+    .map_err(|source| EndpointError::Bind { addr, source })
 }
 
 /// A QUIC client endpoint that trusts exactly the certificates in `ca_file`.

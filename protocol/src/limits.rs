@@ -24,8 +24,9 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// A connection with no traffic for this long is closed (keep-alives keep live ones open).
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// Interval of QUIC keep-alive packets.
-pub const KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(5);
+/// Interval of QUIC keep-alive packets. Short, so that a peer of a restarted head sends a
+/// packet soon and gets the stateless reset that tells it to reconnect.
+pub const KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(1);
 
 /// How long one request/response exchange may take before the caller gives up.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
