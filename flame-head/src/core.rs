@@ -2232,7 +2232,7 @@ mod tests {
             common_data: Bytes::new(),
             ephemeral: false,
         })));
-        let mut submit = |h: &mut Harness, batch_id: u64| {
+        let submit = |h: &mut Harness, batch_id: u64| {
             let (reply, rx) = oneshot::channel();
             h.core.handle(
                 Event::Submit {
