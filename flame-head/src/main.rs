@@ -7,6 +7,8 @@ mod config;
 mod core;
 mod scheduler;
 mod server;
+#[cfg(test)]
+mod simulation;
 mod store;
 mod tls;
 
@@ -73,8 +75,7 @@ async fn run(args: config::Args) -> anyhow::Result<()> {
             config.data_dir.display()
         )
     })?;
-    let store = store::Store::open(&config.data_dir)?;
-    let loaded = store.load().context("cannot read the state")?;
+    let (store, loaded) = store::Store::open_and_load(&config.data_dir)?;
     let mut sans = tls::default_sans();
     sans.extend(config.tls_san.iter().cloned());
     let (certs, key) = tls::ensure_identity(&config.data_dir, &sans)?;

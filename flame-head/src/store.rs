@@ -40,10 +40,13 @@ pub const GROUP_COMMIT_BYTES_MAX: usize = 64 * 1024 * 1024;
 pub enum StoreError {
     #[error("the data directory {dir} is in use by another flame-head (the redb file is locked)")]
     Locked { dir: PathBuf },
-    #[error("cannot open the state file {path}: {source}")]
+    #[error(
+        "cannot open the state file {path}: {cause}\n\
+         hint: restore the data directory from a backup, or move it aside to start with an empty state"
+    )]
     Open {
         path: PathBuf,
-        source: redb::DatabaseError,
+        cause: redb::DatabaseError,
     },
     #[error(
         "the state in {path} has schema version {found}, this flame-head expects {expected}; \
@@ -56,6 +59,11 @@ pub enum StoreError {
     },
     #[error("storage error: {0}")]
     Redb(#[from] redb::Error),
+    #[error(
+        "the state file {path} is damaged ({detail})\n\
+         hint: restore the data directory from a backup, or move it aside to start with an empty state"
+    )]
+    Damaged { path: PathBuf, detail: String },
     #[error("corrupt record in table {table}: {reason}")]
     Corrupt { table: &'static str, reason: String },
 }
@@ -192,7 +200,7 @@ impl Store {
                     dir: dir.to_path_buf(),
                 })
             }
-            Err(source) => return Err(StoreError::Open { path, source }),
+            Err(cause) => return Err(StoreError::Open { path, cause }),
         };
         let txn = db.begin_write()?;
         {
@@ -219,6 +227,33 @@ impl Store {
         }
         txn.commit()?;
         Ok(Store { db: Arc::new(db) })
+    }
+
+    /// Opens the store and reads the whole state. redb panics on some kinds of damage
+    /// instead of returning an error; that panic is caught here and reported as a damaged
+    /// file, so the head stops with a readable message and leaves the file as it is.
+    pub fn open_and_load(dir: &Path) -> Result<(Store, Loaded), StoreError> {
+        let message = Arc::new(std::sync::Mutex::new(String::new()));
+        let previous = std::panic::take_hook();
+        let captured = message.clone();
+        std::panic::set_hook(Box::new(move |info| {
+            if let Ok(mut m) = captured.lock() {
+                *m = info.to_string();
+            }
+        }));
+        let result = std::panic::catch_unwind(|| {
+            let store = Store::open(dir)?;
+            let loaded = store.load()?;
+            Ok((store, loaded))
+        });
+        std::panic::set_hook(previous);
+        match result {
+            Ok(r) => r,
+            Err(_) => Err(StoreError::Damaged {
+                path: dir.join("state.redb"),
+                detail: message.lock().map(|m| m.clone()).unwrap_or_default(),
+            }),
+        }
     }
 
     /// Reads the whole state.

@@ -10,10 +10,10 @@ use std::path::{Path, PathBuf};
 pub enum TlsError {
     #[error("cannot create the certificate: {0}")]
     Generate(#[from] rcgen::Error),
-    #[error("cannot write {path}: {source}")]
+    #[error("cannot write {path}: {cause}")]
     Write {
         path: PathBuf,
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     #[error(transparent)]
     Load(#[from] flame_protocol::endpoint::EndpointError),
@@ -38,9 +38,9 @@ pub fn ensure_identity(
     let key = key_path(data_dir);
     if !cert.exists() || !key.exists() {
         let dir = data_dir.join("tls");
-        let write_err = |path: &Path, source| TlsError::Write {
+        let write_err = |path: &Path, cause| TlsError::Write {
             path: path.to_path_buf(),
-            source,
+            cause,
         };
         std::fs::create_dir_all(&dir).map_err(|e| write_err(&dir, e))?;
         let certified = rcgen::generate_simple_self_signed(sans.to_vec())?;
@@ -71,14 +71,14 @@ fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
 /// kept, so that a restarted head can reset the connections of its previous life.
 pub fn ensure_reset_key(data_dir: &Path) -> Result<[u8; RESET_KEY_BYTES], TlsError> {
     let path = data_dir.join("tls").join("reset.key");
-    let write_err = |source| TlsError::Write {
+    let write_err = |cause| TlsError::Write {
         path: path.clone(),
-        source,
+        cause,
     };
     match std::fs::read(&path) {
         Ok(bytes) => bytes.try_into().map_err(|b: Vec<u8>| TlsError::Write {
             path: path.clone(),
-            source: std::io::Error::new(
+            cause: std::io::Error::new(
                 std::io::ErrorKind::InvalidData,
                 format!(
                     "holds {} bytes, not {RESET_KEY_BYTES}; remove it to make a new one",

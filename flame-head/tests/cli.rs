@@ -63,3 +63,74 @@ fn data_dir_that_is_a_file_is_refused() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("not-a-dir"), "{err}");
 }
+
+/// Runs the head on `data_dir` and expects it to refuse to start, saying `expected`.
+fn refuses(data_dir: &std::path::Path, expected: &[&str]) {
+    let out = head()
+        .args(["--listen", "127.0.0.1:0"])
+        .arg("--data-dir")
+        .arg(data_dir)
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "the head started on a bad store");
+    let err = String::from_utf8_lossy(&out.stderr);
+    for e in expected {
+        assert!(err.contains(e), "missing `{e}` in: {err}");
+    }
+}
+
+#[test]
+fn a_store_that_is_not_redb_is_refused_never_reset() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state.redb");
+    let garbage: Vec<u8> = (0..100_000u32).map(|i| (i * 7919 % 251) as u8).collect();
+    std::fs::write(&state, &garbage).unwrap();
+    refuses(
+        dir.path(),
+        &["state.redb", "hint: restore the data directory"],
+    );
+    // Nothing was reset: the file is as it was.
+    assert_eq!(std::fs::read(&state).unwrap(), garbage);
+}
+
+#[test]
+fn a_damaged_store_is_refused_never_reset() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state.redb");
+    {
+        let db = redb::Database::create(&state).unwrap();
+        let table: redb::TableDefinition<u64, &[u8]> = redb::TableDefinition::new("sessions");
+        let txn = db.begin_write().unwrap();
+        txn.open_table(table)
+            .unwrap()
+            .insert(1, &[7u8; 64][..])
+            .unwrap();
+        txn.commit().unwrap();
+    }
+    let mut bytes = std::fs::read(&state).unwrap();
+    for b in bytes.iter_mut().skip(512) {
+        *b ^= 0xa5;
+    }
+    std::fs::write(&state, &bytes).unwrap();
+    refuses(
+        dir.path(),
+        &["state.redb", "hint: restore the data directory"],
+    );
+    assert_eq!(std::fs::read(&state).unwrap(), bytes);
+}
+
+#[test]
+fn a_store_with_a_newer_schema_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let db = redb::Database::create(dir.path().join("state.redb")).unwrap();
+        let meta: redb::TableDefinition<&str, u64> = redb::TableDefinition::new("meta");
+        let txn = db.begin_write().unwrap();
+        txn.open_table(meta)
+            .unwrap()
+            .insert("schema_version", 99)
+            .unwrap();
+        txn.commit().unwrap();
+    }
+    refuses(dir.path(), &["schema version 99", "refusing to start"]);
+}

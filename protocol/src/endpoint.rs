@@ -24,10 +24,10 @@ pub enum EndpointError {
     Tls(#[from] rustls::Error),
     #[error("QUIC configuration: {0}")]
     Quic(String),
-    #[error("cannot bind {addr}: {source}")]
+    #[error("cannot bind {addr}: {cause}")]
     Bind {
         addr: SocketAddr,
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     #[error("cannot resolve head address `{addr}`: {reason}")]
     Resolve { addr: String, reason: String },
@@ -39,8 +39,8 @@ pub enum EndpointError {
     },
     #[error("the head at {addr} refused the connection: {reason}")]
     Refused { addr: String, reason: String },
-    #[error("handshake with the head at {addr} failed: {source}")]
-    Handshake { addr: String, source: FrameError },
+    #[error("handshake with the head at {addr} failed: {cause}")]
+    Handshake { addr: String, cause: FrameError },
 }
 
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
@@ -118,14 +118,14 @@ pub fn server(
         reset_key,
     )));
     let socket =
-        std::net::UdpSocket::bind(addr).map_err(|source| EndpointError::Bind { addr, source })?;
+        std::net::UdpSocket::bind(addr).map_err(|cause| EndpointError::Bind { addr, cause })?;
     quinn::Endpoint::new(
         endpoint_config,
         Some(config),
         socket,
         Arc::new(quinn::TokioRuntime),
     )
-    .map_err(|source| EndpointError::Bind { addr, source })
+    .map_err(|cause| EndpointError::Bind { addr, cause })
 }
 
 /// A QUIC client endpoint that trusts exactly the certificates in `ca_file`.
@@ -148,10 +148,8 @@ pub fn client(ca_file: &Path) -> Result<quinn::Endpoint, EndpointError> {
         // Hosts without IPv6 fall back to an IPv4 socket.
         Err(_) => {
             let bind4: SocketAddr = ([0, 0, 0, 0], 0).into();
-            quinn::Endpoint::client(bind4).map_err(|source| EndpointError::Bind {
-                addr: bind4,
-                source,
-            })?
+            quinn::Endpoint::client(bind4)
+                .map_err(|cause| EndpointError::Bind { addr: bind4, cause })?
         }
     };
     endpoint.set_default_client_config(config);
@@ -258,9 +256,9 @@ async fn connect_inner(
         .map_err(|e| unreachable(e.to_string()))?
         .await
         .map_err(|e| unreachable(e.to_string()))?;
-    let handshake = |source: FrameError| EndpointError::Handshake {
+    let handshake = |cause: FrameError| EndpointError::Handshake {
         addr: addr.to_string(),
-        source,
+        cause,
     };
     let (send, recv) = connection
         .open_bi()
