@@ -2,6 +2,7 @@
 //!
 //! (These tests also make `cargo test --workspace` build the `flame-head` binary, which the
 //! end-to-end tests in `tests/` start.)
+#![allow(clippy::unwrap_used, clippy::expect_used)] // Test code: a panic is the report.
 
 use std::process::Command;
 
