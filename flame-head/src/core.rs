@@ -1391,6 +1391,7 @@ impl Core {
                 .entry(r.session)
                 .or_default()
                 .push((r.task, r.attempt, r.outcome));
+            crate::failpoints::crash_point!("after-result-before-commit");
         }
     }
 
@@ -1488,6 +1489,9 @@ impl Core {
                         }
                         list.push((id, 1, TaskOutcome::Cancelled));
                     }
+                }
+                if ok {
+                    crate::failpoints::crash_point!("after-commit-before-ack");
                 }
                 let r = match result {
                     Ok(()) if s.cancelled => SubmitReply::Accepted {

@@ -5,6 +5,7 @@
 
 mod config;
 mod core;
+mod failpoints;
 mod scheduler;
 mod server;
 #[cfg(test)]
@@ -69,6 +70,7 @@ fn ping_application() -> ApplicationSpec {
 
 async fn run(args: config::Args) -> anyhow::Result<()> {
     let config = config::HeadConfig::resolve(args)?;
+    failpoints::arm_from_env().map_err(anyhow::Error::msg)?;
     std::fs::create_dir_all(&config.data_dir).with_context(|| {
         format!(
             "cannot create the data directory {}",

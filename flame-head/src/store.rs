@@ -359,7 +359,10 @@ impl Store {
             let mut batches = txn.open_table(BATCHES)?;
             let mut meta = txn.open_table(META)?;
             let mut buf = Vec::new();
-            for op in ops {
+            for (i, op) in ops.iter().enumerate() {
+                if i == ops.len() / 2 {
+                    crash_mid_batch();
+                }
                 match op {
                     StoreOp::PutApplication(spec) => {
                         apps.insert(spec.name.as_str(), encode(spec).as_slice())?;
@@ -420,6 +423,11 @@ impl Store {
         txn.commit()?;
         Ok(())
     }
+}
+
+/// Half-way through applying a group commit's ops, before the commit.
+fn crash_mid_batch() {
+    crate::failpoints::crash_point!("mid-batch");
 }
 
 /// A batch of ops and the token the core uses to continue once they are durable.
