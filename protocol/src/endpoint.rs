@@ -113,10 +113,17 @@ pub fn server(
     let crypto = QuicServerConfig::try_from(tls).map_err(|e| EndpointError::Quic(e.to_string()))?;
     let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
     config.transport_config(transport());
-    let endpoint_config = quinn::EndpointConfig::new(Arc::new(ring::hmac::Key::new(
-        ring::hmac::HMAC_SHA256,
-        reset_key,
-    )));
+    let reset = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, reset_key);
+    // Connection ids must validate across restarts too, or the new process drops the old
+    // connections' packets as garbage instead of answering them with a reset.
+    let tag = ring::hmac::sign(&reset, b"flame connection ids");
+    let mut cid_key = [0u8; 8];
+    cid_key.copy_from_slice(&tag.as_ref()[..8]);
+    let cid_key = u64::from_le_bytes(cid_key);
+    let mut endpoint_config = quinn::EndpointConfig::new(Arc::new(reset));
+    endpoint_config.cid_generator(move || {
+        Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key))
+    });
     let socket =
         std::net::UdpSocket::bind(addr).map_err(|cause| EndpointError::Bind { addr, cause })?;
     quinn::Endpoint::new(

@@ -1,21 +1,27 @@
-//! A head and its nodes, each a real child process, in a temporary folder.
+//! A head and its nodes, each a real child process, in a temporary folder: on loopback, or
+//! each in a network namespace of its own ([`ClusterOptions::network_namespaces`], see
+//! [`crate::netns`]).
 //!
 //! Layout of the folder `D`: the head's state and TLS identity (`D/tls/head.crt` is the CA
 //! clients trust), `D/head.log` (the head's stderr), and per node `D/node-<i>/` (its work
 //! folder) and `D/node-<i>.log`.
 
+use crate::client_thread::ClientThread;
 use crate::command::{binary, describe, run_command, CmdOutput, COMMAND_TIMEOUT};
+use crate::netns::{self, Namespace, Network};
 use flame_client::local::{HEAD_READY_PREFIX, NODE_READY_PREFIX};
 use flame_client::{Client, ClientConfig};
 use flame_protocol::limits;
+use flame_protocol::model::{NodeInfo, NodeState};
 use nix::sys::signal::{self, Signal};
 use nix::unistd::Pid;
 use std::ffi::OsString;
 use std::fs::OpenOptions;
+use std::future::Future;
 use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 use tokio::sync::watch;
@@ -30,6 +36,9 @@ pub const EXIT_WAIT: Duration = Duration::from_secs(5);
 pub const STDOUT_LINES_MAX: usize = 10_000;
 /// Bytes of a log quoted in a failure message.
 pub const LOG_TAIL_BYTES_MAX: u64 = 8 * 1024;
+/// Pause between two looks at the node list while waiting for a node's state. The head
+/// announces no state change, so waiting for one means asking again.
+pub const NODE_STATE_POLL_PAUSE: Duration = Duration::from_millis(250);
 
 /// Environment variables that would make a child read settings from outside the test.
 const FOREIGN_ENV: &[&str] = &[
@@ -49,6 +58,9 @@ pub struct ClusterOptions {
     pub cpus: u32,
     /// Extra `flame-head` arguments, e.g. `--task-input-bytes-max 1024`.
     pub head_args: Vec<String>,
+    /// Run the head and each node in a network namespace of its own (needs root, `ip`
+    /// and `nft`; see [`crate::netns`]) instead of on loopback.
+    pub network_namespaces: bool,
 }
 
 impl Default for ClusterOptions {
@@ -57,6 +69,7 @@ impl Default for ClusterOptions {
             nodes: 1,
             cpus: 2,
             head_args: Vec::new(),
+            network_namespaces: false,
         }
     }
 }
@@ -76,19 +89,26 @@ impl ClusterOptions {
         self.head_args.extend(args.into_iter().map(Into::into));
         self
     }
+
+    /// See [`ClusterOptions::network_namespaces`]; check [`netns::available`] first.
+    pub fn network_namespaces(mut self) -> Self {
+        self.network_namespaces = true;
+        self
+    }
 }
 
-/// A running head and nodes. Dropping it kills every child (`SIGKILL`), then removes the
-/// folder.
+/// A running head and nodes. Dropping it kills every child (`SIGKILL`), then deletes the
+/// network namespaces if there are any, then removes the folder.
 ///
 /// Children are started from the calling thread with a parent-death signal, so they also
 /// die if the test process is killed: start clusters from the test's body (or a runtime
 /// worker), never from a `spawn_blocking` thread, which may exit while the test runs.
 #[derive(Debug)]
 pub struct Cluster {
-    // Children before the folder: fields drop in order.
+    // Children, then their namespaces, then the folder: fields drop in order.
     nodes: Vec<Proc>,
     head: Option<Proc>,
+    net: Option<Network>,
     head_addr: String,
     ca_file: PathBuf,
     options: ClusterOptions,
@@ -96,22 +116,31 @@ pub struct Cluster {
 }
 
 impl Cluster {
-    /// Starts the head on `127.0.0.1:0`, then the nodes one by one, each waited for.
+    /// Starts the head (on `127.0.0.1:0`, or on [`netns::HEAD_ADDR`] port 7470 in its
+    /// namespace), then the nodes one by one, each waited for.
     pub async fn start(options: ClusterOptions) -> Cluster {
         let dir = tempfile::Builder::new()
             .prefix("flame-e2e-")
             .tempdir()
             .expect("cannot create a temporary folder for the cluster");
         let ca_file = dir.path().join("tls").join("head.crt");
+        let net = options
+            .network_namespaces
+            .then(|| Network::create(options.nodes));
+        let listen = match net {
+            Some(_) => format!("{}:{}", netns::HEAD_ADDR, flame_protocol::DEFAULT_HEAD_PORT),
+            None => "127.0.0.1:0".to_string(),
+        };
         let mut cluster = Cluster {
             nodes: Vec::with_capacity(options.nodes),
             head: None,
+            net,
             head_addr: String::new(),
             ca_file,
             options,
             dir,
         };
-        cluster.start_head("127.0.0.1:0").await;
+        cluster.start_head(&listen).await;
         for i in 0..cluster.options.nodes {
             cluster.start_node(i).await;
         }
@@ -151,15 +180,21 @@ impl Cluster {
         }
     }
 
-    /// A connected client; panics with the logs when it cannot connect.
+    /// A connected client; panics with the logs when it cannot connect. On loopback only:
+    /// a head in a namespace is out of the test's reach, so use [`Self::spawn_client`].
     pub async fn client(&self) -> Client {
+        assert!(
+            self.net.is_none(),
+            "the head is in a network namespace: reach it with Cluster::spawn_client"
+        );
         match Client::connect(&self.client_config()).await {
             Ok(client) => client,
             Err(e) => panic!("cannot connect to the head: {e}\n{}", self.logs()),
         }
     }
 
-    /// Runs `flame --head ADDR --ca-file CA ARGS...` with [`COMMAND_TIMEOUT`].
+    /// Runs `flame --head ADDR --ca-file CA ARGS...` with [`COMMAND_TIMEOUT`], in the
+    /// head's namespace if it has one.
     pub async fn flame(&self, args: &[&str]) -> CmdOutput {
         let mut command = flame_command();
         command
@@ -168,13 +203,121 @@ impl Cluster {
             .arg("--ca-file")
             .arg(&self.ca_file)
             .args(args);
+        if let Some(net) = &self.net {
+            net.head().enter_in_child(&mut command);
+        }
         run_command(command, COMMAND_TIMEOUT).await
+    }
+
+    /// Runs client code on a thread of its own that can reach the head (in the head's
+    /// namespace if it has one), while the test goes on; see [`crate::client_thread`].
+    /// `code` gets [`Self::client_config`] and connects itself.
+    pub fn spawn_client<T, F, Fut>(&self, name: &str, code: F) -> ClientThread<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(ClientConfig) -> Fut + Send + 'static,
+        Fut: Future<Output = T>,
+    {
+        let config = self.client_config();
+        let netns = self.net.as_ref().map(|net| net.head().handle());
+        ClientThread::spawn(name, netns, move || code(config))
+    }
+
+    /// The nodes as `flame node list --output json` shows them.
+    pub async fn node_list(&self) -> Vec<NodeInfo> {
+        let out = self.flame(&["node", "list", "--output", "json"]).await;
+        out.assert_success();
+        serde_json::from_str(&out.stdout)
+            .unwrap_or_else(|e| panic!("`flame node list` printed no node list ({e}):\n{out}"))
+    }
+
+    /// Asks for the node list until node `i` is in `state`, for at most `timeout`; returns
+    /// the list that shows it. Polls because the head announces no state change.
+    pub async fn wait_node_state(
+        &self,
+        i: usize,
+        state: NodeState,
+        timeout: Duration,
+    ) -> Vec<NodeInfo> {
+        let name = Self::node_name(i);
+        let deadline = Instant::now() + timeout;
+        loop {
+            let nodes = self.node_list().await;
+            if nodes.iter().any(|n| n.name == name && n.state == state) {
+                return nodes;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{name} is not {state:?} after {timeout:?}: {nodes:#?}\n{}",
+                self.logs()
+            );
+            tokio::time::sleep(NODE_STATE_POLL_PAUSE).await;
+        }
+    }
+
+    /// Kills node `i`'s agent with `SIGKILL` and waits for it to exit (its executors die
+    /// with it: they have a parent-death signal).
+    pub async fn kill_node(&mut self, i: usize) {
+        let node = &mut self.nodes[i];
+        node.kill();
+        match tokio::time::timeout(EXIT_WAIT, node.child.wait()).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => panic!("cannot wait for {}: {e}", node.name),
+            Err(_) => panic!("{} did not exit within {EXIT_WAIT:?} of SIGKILL", node.name),
+        }
+    }
+
+    /// Waits until node `i` prints its ready line once more than it had when it printed
+    /// `registered` of them: it lost the head and registered afresh.
+    pub async fn wait_node_registered(&mut self, i: usize, registered: usize, timeout: Duration) {
+        let found = self.nodes[i]
+            .wait_line(NODE_READY_PREFIX, registered, timeout)
+            .await;
+        if let Err(e) = found {
+            panic!(
+                "{} did not register again: {e}\n{}",
+                Self::node_name(i),
+                self.logs()
+            );
+        }
+    }
+
+    /// How many times node `i` has registered so far.
+    pub fn node_registrations(&self, i: usize) -> usize {
+        self.nodes[i].count_lines(NODE_READY_PREFIX)
+    }
+
+    /// Drops all traffic between node `i` and the head; see [`Network::partition`].
+    pub async fn partition(&mut self, i: usize) {
+        self.network_mut().partition(i).await;
+    }
+
+    /// Ends node `i`'s partition; see [`Network::heal`].
+    pub async fn heal(&mut self, i: usize) {
+        self.network_mut().heal(i).await;
+    }
+
+    fn network_mut(&mut self) -> &mut Network {
+        self.net
+            .as_mut()
+            .expect("partitions need a cluster started with network_namespaces()")
     }
 
     /// Stops the head with `SIGTERM` and waits for it to exit; returns how it exited.
     pub async fn stop_head(&mut self) -> ExitStatus {
         let mut head = self.head.take().expect("the head is not running");
         head.terminate(STOP_TIMEOUT).await
+    }
+
+    /// Kills the head with `SIGKILL`, as a crash would: no cleanup, no goodbye to anyone.
+    pub async fn kill_head(&mut self) {
+        let mut head = self.head.take().expect("the head is not running");
+        head.kill();
+        match tokio::time::timeout(EXIT_WAIT, head.child.wait()).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => panic!("cannot wait for the head: {e}"),
+            Err(_) => panic!("the head did not exit within {EXIT_WAIT:?} of SIGKILL"),
+        }
     }
 
     /// Starts a head on the same data folder and address as the last one, and waits until
@@ -226,12 +369,17 @@ impl Cluster {
             "--listen".into(),
             listen.into(),
         ];
+        if self.net.is_some() {
+            // The certificate must name the address nodes and clients dial.
+            args.extend(["--tls-san".into(), netns::HEAD_ADDR.to_string().into()]);
+        }
         args.extend(self.options.head_args.iter().map(OsString::from));
         let mut head = Proc::spawn(
             "flame-head".into(),
             &binary("flame-head"),
             &args,
             &dir.join("head.log"),
+            self.net.as_ref().map(Network::head),
         );
         let line = head.wait_line(HEAD_READY_PREFIX, 0, READY_TIMEOUT).await;
         let listening = line.unwrap_or_else(|e| panic!("flame-head did not start: {e}"));
@@ -264,6 +412,7 @@ impl Cluster {
             &binary("flame-node"),
             &args,
             &dir.join(format!("{name}.log")),
+            self.net.as_ref().map(|net| net.node(i)),
         );
         let line = node.wait_line(NODE_READY_PREFIX, 0, READY_TIMEOUT).await;
         match line {
@@ -325,7 +474,14 @@ struct Proc {
 }
 
 impl Proc {
-    fn spawn(name: String, program: &Path, args: &[OsString], log: &Path) -> Proc {
+    /// Starts `program`, inside `netns` when given.
+    fn spawn(
+        name: String,
+        program: &Path,
+        args: &[OsString],
+        log: &Path,
+        netns: Option<&Namespace>,
+    ) -> Proc {
         // Appended to, so a restarted head's log follows the first one's.
         let log_file = OpenOptions::new()
             .create(true)
@@ -356,7 +512,11 @@ impl Proc {
                 Ok(())
             });
         }
-        let line = describe(&command);
+        let mut line = describe(&command);
+        if let Some(ns) = netns {
+            ns.enter_in_child(&mut command);
+            line = format!("{line} (in network namespace {})", ns.name());
+        }
         let mut child = command
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start `{line}`: {e}"));

@@ -1,8 +1,11 @@
-//! The end-to-end harness: real `flame-head` and `flame-node` processes on loopback, driven
-//! by the `flame` binary and the client library.
+//! The end-to-end harness: real `flame-head` and `flame-node` processes on loopback or in
+//! network namespaces, driven by the `flame` binary and the client library.
 //!
 //! * [`Cluster`] starts a head and its nodes in a temporary folder, waits for each to say it
-//!   is ready (a stdout line, never a sleep), and kills them all when dropped.
+//!   is ready (a stdout line, never a sleep), and kills them all when dropped. It can kill
+//!   a node, and (in namespaces) partition one from the head and heal it.
+//! * [`netns`] makes the namespaces and links, and the firewall drops of a partition.
+//! * [`client_thread`] runs client code on a thread that can reach a head in a namespace.
 //! * [`command`] runs a binary of the workspace with a bound and captures its output.
 //! * [`results`] drains a session's results and checks them.
 //!
@@ -15,8 +18,10 @@
 //! support, so a clear panic is the error report.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+pub mod client_thread;
 pub mod cluster;
 pub mod command;
+pub mod netns;
 pub mod results;
 
 pub use cluster::{Cluster, ClusterOptions};

@@ -6,6 +6,8 @@ use flame_protocol::model::{SessionSpec, TaskResult};
 use flame_protocol::{SessionId, TaskId};
 use std::collections::HashMap;
 use std::time::Duration;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
 
 /// The longest wait for the next batch of results before a test gives up.
 pub const RESULT_STALL_TIMEOUT: Duration = Duration::from_secs(60);
@@ -25,6 +27,15 @@ pub fn ping_spec() -> SessionSpec {
 /// Reads results until the head says the session is finished. Panics on a stream error, on
 /// a stall longer than `stall`, and when the stream ends without the head saying so.
 pub async fn collect_results(watch: &mut ResultStream, stall: Duration) -> Vec<TaskResult> {
+    collect_results_counting(watch, stall, &watch::Sender::new(0)).await
+}
+
+/// [`collect_results`], publishing on `seen` how many results it has read so far.
+pub async fn collect_results_counting(
+    watch: &mut ResultStream,
+    stall: Duration,
+    seen: &watch::Sender<usize>,
+) -> Vec<TaskResult> {
     let mut results = Vec::new();
     loop {
         match tokio::time::timeout(stall, watch.next()).await {
@@ -35,7 +46,10 @@ pub async fn collect_results(watch: &mut ResultStream, stall: Duration) -> Vec<T
             ),
             Ok(None) => break,
             Ok(Some(Err(e))) => panic!("watching session {} failed: {e}", watch.session()),
-            Ok(Some(Ok(batch))) => results.extend(batch),
+            Ok(Some(Ok(batch))) => {
+                results.extend(batch);
+                seen.send_replace(results.len());
+            }
         }
     }
     assert!(
@@ -45,6 +59,20 @@ pub async fn collect_results(watch: &mut ResultStream, stall: Duration) -> Vec<T
         results.len()
     );
     results
+}
+
+/// Watches `session` (before returning, so no result is missed) and collects its results
+/// on a task of its own until the session finishes, with [`RESULT_STALL_TIMEOUT`]. The
+/// receiver counts the results read so far, so a test can act once results flow.
+pub async fn spawn_collector(
+    session: &Session,
+) -> (JoinHandle<Vec<TaskResult>>, watch::Receiver<usize>) {
+    let mut watch = session.watch().await.expect("cannot watch the session");
+    let (seen_tx, seen) = watch::channel(0);
+    let collecting = tokio::spawn(async move {
+        collect_results_counting(&mut watch, RESULT_STALL_TIMEOUT, &seen_tx).await
+    });
+    (collecting, seen)
 }
 
 /// Watches `session`, submits `inputs` on one pipelined stream (in chunks of
@@ -75,7 +103,22 @@ pub async fn run_tasks(session: &Session, inputs: Vec<Bytes>) -> Vec<(Bytes, Tas
     let acks = submitting.await.expect("the submitting task panicked");
 
     let ids: Vec<TaskId> = acks.iter().flat_map(|a| a.task_ids()).collect();
-    assert_eq!(ids.len(), inputs.len(), "the acks do not cover the inputs");
+    match_results(inputs, &ids, results)
+}
+
+/// Pairs each input with the result of its task: `ids[i]` is the task id the head gave
+/// `inputs[i]`. Panics unless every input has its own id, every result belongs to one of
+/// those ids, and every id has exactly one result.
+pub fn match_results(
+    inputs: Vec<Bytes>,
+    ids: &[TaskId],
+    results: Vec<TaskResult>,
+) -> Vec<(Bytes, TaskResult)> {
+    assert_eq!(
+        ids.len(),
+        inputs.len(),
+        "the task ids do not cover the inputs"
+    );
     let mut index_of: HashMap<TaskId, usize> = HashMap::with_capacity(ids.len());
     for (i, id) in ids.iter().enumerate() {
         assert!(
@@ -99,7 +142,7 @@ pub async fn run_tasks(session: &Session, inputs: Vec<Bytes>) -> Vec<(Bytes, Tas
     inputs
         .into_iter()
         .zip(slots)
-        .zip(&ids)
+        .zip(ids)
         .map(|((input, slot), id)| {
             (
                 input,

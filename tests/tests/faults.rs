@@ -8,7 +8,7 @@ use flame_protocol::TaskId;
 use flame_tests::results::{collect_results, run_tasks, RESULT_STALL_TIMEOUT};
 use flame_tests::{Cluster, ClusterOptions};
 use std::collections::{BTreeMap, HashSet};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 /// `python3` on `PATH`; a missing interpreter fails the test rather than skipping it.
@@ -29,7 +29,7 @@ fn crashy_app(name: &str, max_attempts: u32) -> ApplicationSpec {
         name: name.into(),
         shim: ShimKind::Stdio,
         command: "python3".into(),
-        args: vec![PathBuf::from(script).display().to_string()],
+        args: vec![script.display().to_string()],
         env: BTreeMap::from([("PYTHONDONTWRITEBYTECODE".into(), "1".into())]),
         working_dir: None,
         max_instances: 2,
@@ -92,7 +92,9 @@ async fn crashing_tasks_fail_after_max_attempts_and_the_rest_succeed() {
     assert_eq!(info.counts.failed, 3);
 
     // `flame session view` shows the failed tasks with the stderr tail.
-    let view = cluster.flame(&["session", "view", &session.id().to_string()]).await;
+    let view = cluster
+        .flame(&["session", "view", &session.id().to_string()])
+        .await;
     view.assert_success();
     assert!(view.stdout.contains("Failed tasks"), "{}", view.stdout);
     for i in &crashing {
@@ -133,7 +135,11 @@ async fn cancel_stops_running_tasks_and_cancels_the_rest() {
         if info.counts.running > 0 {
             break;
         }
-        assert!(Instant::now() < deadline, "no task started: {info:?}\n{}", cluster.logs());
+        assert!(
+            Instant::now() < deadline,
+            "no task started: {info:?}\n{}",
+            cluster.logs()
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let cancelled_at = Instant::now();

@@ -29,7 +29,10 @@ async fn run_session(client: Client, tag: &'static str) -> HashSet<String> {
                 });
                 executors.insert(reply.executor);
             }
-            other => panic!("session {tag}, task {} did not succeed: {other:?}", result.task),
+            other => panic!(
+                "session {tag}, task {} did not succeed: {other:?}",
+                result.task
+            ),
         }
     }
     let info = session.info().await.unwrap();
