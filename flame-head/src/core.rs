@@ -1256,7 +1256,11 @@ impl Core {
             NodeToHead::Register(_) => {
                 tracing::warn!(node = %name, "duplicate registration ignored");
             }
-            NodeToHead::Heartbeat => {}
+            NodeToHead::Heartbeat => {
+                if let Some(link) = self.nodes.get(&name).and_then(|n| n.link.as_ref()) {
+                    let _ = link.send(HeadToNode::Heartbeat);
+                }
+            }
             NodeToHead::ExecutorEvents(events) => {
                 for event in events {
                     self.on_executor_event(&name, event, now_ms);

@@ -234,14 +234,20 @@ impl Agent {
 
         let (out_tx, out_rx) = mpsc::unbounded_channel::<Report>();
         let writer = tokio::spawn(write_reports(send, out_rx, heartbeat));
+        // The head answers every heartbeat; silence this long means a dead head or a cut
+        // link, however long QUIC would go on retransmitting.
+        let silence_max = limits::HEARTBEAT_TIMEOUT;
+        let mut heard = tokio::time::Instant::now();
         let result = loop {
             tokio::select! {
                 frame = recv.read::<HeadToNode>() => match frame {
                     Ok(Some(HeadToNode::Commands(commands))) => {
+                        heard = tokio::time::Instant::now();
                         for c in commands {
                             self.apply(c);
                         }
                     }
+                    Ok(Some(HeadToNode::Heartbeat)) => heard = tokio::time::Instant::now(),
                     Ok(Some(other)) => tracing::warn!(message = ?other, "unexpected message ignored"),
                     Ok(None) => break Ok(()),
                     Err(e) => break Err(LinkError::Frame(e)),
@@ -254,6 +260,9 @@ impl Agent {
                 }
                 Some(id) = self.gone_rx.recv() => {
                     self.executors.remove(&id);
+                }
+                () = tokio::time::sleep_until(heard + silence_max) => {
+                    break Err(LinkError::Lost(format!("no word from the head for {silence_max:?}")));
                 }
             }
         };

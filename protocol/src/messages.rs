@@ -216,6 +216,9 @@ pub enum HeadToNode {
     Refused { reason: String },
     /// Commands in the order they must be applied.
     Commands(Vec<NodeCommand>),
+    /// Answer to a node's heartbeat: a node that hears nothing from the head for a
+    /// heartbeat timeout drops the connection and connects again.
+    Heartbeat,
 }
 
 /// One instruction to a node.

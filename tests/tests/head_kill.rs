@@ -71,6 +71,13 @@ async fn run_seed(seed: u64) {
     }
     let done = match tokio::time::timeout(RUN_TIMEOUT, run).await {
         Ok(Ok(done)) => done,
+        Ok(Err(e)) if e.is_panic() => {
+            let state = diagnose(&cluster, session.id()).await;
+            panic!(
+                "seed {seed}: the run failed after {kills} kills: {e}\n{state}\n{}",
+                cluster.logs()
+            )
+        }
         Ok(Err(e)) => panic!(
             "seed {seed}: the run failed after {kills} kills: {e}\n{}",
             cluster.logs()
@@ -97,4 +104,21 @@ async fn run_seed(seed: u64) {
     assert_eq!(info.counts.total(), TASKS as u64, "seed {seed}: {info:?}");
     assert!(info.is_finished(), "seed {seed}: {info:?}");
     eprintln!("seed {seed}: {TASKS} tasks, {kills} head kills, every result once");
+}
+
+/// What the head says about a stuck session: its counters and its unfinished tasks.
+async fn diagnose(cluster: &Cluster, session: flame_protocol::SessionId) -> String {
+    use flame_protocol::model::TaskState;
+    let client = cluster.client().await;
+    let info = client.get_session(session).await;
+    let stuck = client
+        .list_tasks(
+            session,
+            vec![TaskState::Pending, TaskState::Running],
+            flame_protocol::TaskId(0),
+            20,
+        )
+        .await;
+    let nodes = client.list_nodes().await;
+    format!("session: {info:?}\nunfinished tasks (first 20): {stuck:?}\nnodes: {nodes:?}")
 }
