@@ -734,11 +734,13 @@ impl Core {
                 let Some(s) = self.sessions.get_mut(&id) else {
                     return respond(reply, error(ErrorKind::NotFound, unknown_session(id)));
                 };
-                if s.stored.state == SessionState::Closed {
+                if s.stored.state == SessionState::Closed && s.ephemeral {
                     return respond(reply, ClientResponse::Ok);
                 }
+                // A durable session's close is written (again) even when it looks closed:
+                // a close whose commit failed must not be answered Ok by the next try.
                 s.stored.state = SessionState::Closed;
-                s.stored.closed_ms = Some(now_ms);
+                s.stored.closed_ms.get_or_insert(now_ms);
                 if s.ephemeral {
                     respond(reply, ClientResponse::Ok);
                 } else {
@@ -816,7 +818,6 @@ impl Core {
                     s.counts.running += 1;
                 }
                 cancelled.push((TaskId(i as u64 + 1), t.attempt));
-                t.input = Bytes::new();
                 t.slot = Slot::Completing;
             }
         }
@@ -929,18 +930,14 @@ impl Core {
             next_session: Some(self.next_session),
             next_executor: None,
         });
-        if entry.ephemeral {
-            let info = entry.info(0);
-            self.sessions.insert(id, entry);
-            let _ = reply.send(ClientResponse::Session(info));
-        } else {
+        if !entry.ephemeral {
             self.batch_ops
                 .push(StoreOp::PutSession(entry.stored.clone()));
-            self.batch_after.push(AfterCommit::AddSession {
-                entry: Box::new(entry),
-                reply,
-            });
         }
+        self.batch_after.push(AfterCommit::AddSession {
+            entry: Box::new(entry),
+            reply,
+        });
     }
 
     fn on_submit(
@@ -1381,7 +1378,6 @@ impl Core {
             // The application works again: forget its crashes.
             self.launch_backoff.remove(&e.application);
         }
-        slot.input = Bytes::new();
         if s.ephemeral {
             slot.outcome = Some(r.outcome.clone());
             Self::finalize(s, r.task, r.attempt, r.outcome, &mut self.watch_out);
@@ -1489,7 +1485,6 @@ impl Core {
                         let id = TaskId(first.0 + i);
                         if let Some(slot) = slot_of(&mut s.tasks, id) {
                             slot.slot = Slot::Completing;
-                            slot.input = Bytes::new();
                         }
                         list.push((id, 1, TaskOutcome::Cancelled));
                     }
@@ -1704,7 +1699,6 @@ impl Core {
                     slot.runs_failed
                 ));
                 let attempt = slot.attempt;
-                slot.input = Bytes::new();
                 if s.ephemeral {
                     slot.outcome = Some(outcome.clone());
                     Self::finalize(s, tid, attempt, outcome, &mut self.watch_out);
