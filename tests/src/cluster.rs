@@ -110,6 +110,8 @@ pub struct Cluster {
     head: Option<Proc>,
     net: Option<Network>,
     head_addr: String,
+    /// Environment for the next head started, then cleared (e.g. `FLAME_FAILPOINTS`).
+    next_head_env: Vec<(String, String)>,
     ca_file: PathBuf,
     options: ClusterOptions,
     dir: tempfile::TempDir,
@@ -136,6 +138,7 @@ impl Cluster {
             head: None,
             net,
             head_addr: String::new(),
+            next_head_env: Vec::new(),
             ca_file,
             options,
             dir,
@@ -309,6 +312,26 @@ impl Cluster {
         head.terminate(STOP_TIMEOUT).await
     }
 
+    /// Restarts the head (SIGTERM, then a new one on the same folder and address) with
+    /// `FLAME_FAILPOINTS` set to `spec`, arming its crash points; a later restart runs
+    /// without them.
+    pub async fn restart_head_with_crash_points(&mut self, spec: &str) {
+        self.stop_head().await;
+        self.next_head_env = vec![("FLAME_FAILPOINTS".into(), spec.into())];
+        self.start_head_again().await;
+    }
+
+    /// Waits for the head to exit by itself (a crash point fired) and returns how it
+    /// exited; panics after `timeout`.
+    pub async fn wait_head_exit(&mut self, timeout: Duration) -> ExitStatus {
+        let mut head = self.head.take().expect("the head is not running");
+        match tokio::time::timeout(timeout, head.child.wait()).await {
+            Ok(Ok(status)) => status,
+            Ok(Err(e)) => panic!("cannot wait for the head: {e}"),
+            Err(_) => panic!("the head did not exit within {timeout:?}\n{}", self.logs()),
+        }
+    }
+
     /// Kills the head with `SIGKILL`, as a crash would: no cleanup, no goodbye to anyone.
     pub async fn kill_head(&mut self) {
         let mut head = self.head.take().expect("the head is not running");
@@ -374,10 +397,12 @@ impl Cluster {
             args.extend(["--tls-san".into(), netns::HEAD_ADDR.to_string().into()]);
         }
         args.extend(self.options.head_args.iter().map(OsString::from));
+        let env = std::mem::take(&mut self.next_head_env);
         let mut head = Proc::spawn(
             "flame-head".into(),
             &binary("flame-head"),
             &args,
+            &env,
             &dir.join("head.log"),
             self.net.as_ref().map(Network::head),
         );
@@ -411,6 +436,7 @@ impl Cluster {
             name.clone(),
             &binary("flame-node"),
             &args,
+            &[],
             &dir.join(format!("{name}.log")),
             self.net.as_ref().map(|net| net.node(i)),
         );
@@ -479,6 +505,7 @@ impl Proc {
         name: String,
         program: &Path,
         args: &[OsString],
+        env: &[(String, String)],
         log: &Path,
         netns: Option<&Namespace>,
     ) -> Proc {
@@ -494,6 +521,7 @@ impl Proc {
         }
         command
             .args(args)
+            .envs(env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::from(log_file))
