@@ -3,6 +3,8 @@
 //! It performs no I/O and reads no clock: time is the `now_ms` field of the snapshot. The
 //! core applies the decisions; tests assert on them directly.
 //!
+//! Maps are ordered (`BTreeMap`), so the same snapshot always gives the same decisions.
+//!
 //! Policy, in order:
 //! 1. **Targets.** The executor slots of Ready nodes are shared between sessions with work
 //!    in proportion to their pending plus running tasks (water-filling, so no session gets
@@ -17,7 +19,7 @@
 //!    `delay_release`, or at once when its slot is needed for another application.
 
 use flame_protocol::{ExecutorId, SessionId};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 
 /// What the scheduler sees of a node.
 #[derive(Debug, Clone)]
@@ -152,12 +154,12 @@ pub fn proportional_targets(capacity: u64, demands: &[u64]) -> Vec<u64> {
 /// Computes the decisions for one snapshot.
 pub fn schedule(snap: &Snapshot) -> Vec<Decision> {
     let mut decisions = Vec::new();
-    let apps: HashMap<&str, &AppView> = snap
+    let apps: BTreeMap<&str, &AppView> = snap
         .applications
         .iter()
         .map(|a| (a.name.as_str(), a))
         .collect();
-    let ready: HashMap<&str, &NodeView> = snap
+    let ready: BTreeMap<&str, &NodeView> = snap
         .nodes
         .iter()
         .filter(|n| n.ready)
@@ -165,8 +167,8 @@ pub fn schedule(snap: &Snapshot) -> Vec<Decision> {
         .collect();
 
     // Slots in use per node, and live executors per application.
-    let mut used: HashMap<&str, u32> = HashMap::new();
-    let mut live_per_app: HashMap<&str, u32> = HashMap::new();
+    let mut used: BTreeMap<&str, u32> = BTreeMap::new();
+    let mut live_per_app: BTreeMap<&str, u32> = BTreeMap::new();
     for e in &snap.executors {
         *used.entry(e.node.as_str()).or_default() += 1;
         *live_per_app.entry(e.application.as_str()).or_default() += 1;
@@ -176,7 +178,7 @@ pub fn schedule(snap: &Snapshot) -> Vec<Decision> {
     // 1. Targets, proportional to demand, then capped per application. A session whose
     // application cannot launch now (backing off after failures) claims no more than the
     // executors it could use today, so its share does not sit idle while others wait.
-    let mut usable_per_app: HashMap<&str, u64> = HashMap::new();
+    let mut usable_per_app: BTreeMap<&str, u64> = BTreeMap::new();
     for e in &snap.executors {
         if matches!(
             e.phase,
@@ -216,14 +218,14 @@ pub fn schedule(snap: &Snapshot) -> Vec<Decision> {
             }
         }
     }
-    let target_of: HashMap<SessionId, u64> = active
+    let target_of: BTreeMap<SessionId, u64> = active
         .iter()
         .zip(&targets)
         .map(|(s, &t)| (s.id, t))
         .collect();
 
     // Executors held per session (Binding or Bound; Unbinding ones are on their way out).
-    let mut held: HashMap<SessionId, Vec<&ExecutorView>> = HashMap::new();
+    let mut held: BTreeMap<SessionId, Vec<&ExecutorView>> = BTreeMap::new();
     for e in &snap.executors {
         if let (Some(s), ExecutorPhase::Binding | ExecutorPhase::Bound) = (e.session, e.phase) {
             held.entry(s).or_default().push(e);
@@ -275,8 +277,8 @@ pub fn schedule(snap: &Snapshot) -> Vec<Decision> {
     }
 
     // 2. Sessions under their target: reuse Idle executors, count launches in flight, launch.
-    let mut idle_by_app: HashMap<&str, Vec<&ExecutorView>> = HashMap::new();
-    let mut launching_by_app: HashMap<&str, u64> = HashMap::new();
+    let mut idle_by_app: BTreeMap<&str, Vec<&ExecutorView>> = BTreeMap::new();
+    let mut launching_by_app: BTreeMap<&str, u64> = BTreeMap::new();
     for e in &snap.executors {
         match e.phase {
             ExecutorPhase::Idle => idle_by_app
@@ -593,6 +595,7 @@ mod tests {
 mod properties {
     use super::*;
     use proptest::prelude::*;
+    use std::collections::HashMap;
 
     fn arb_snapshot() -> impl Strategy<Value = Snapshot> {
         (
