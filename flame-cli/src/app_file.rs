@@ -84,6 +84,8 @@ struct AppFile {
     max_attempts: u32,
     #[serde(default)]
     retry_on_error: bool,
+    /// A humantime duration such as "30s"; absent means no limit.
+    task_timeout: Option<String>,
 }
 
 fn default_max_attempts() -> u32 {
@@ -139,6 +141,21 @@ pub fn parse_app_file(text: &str, path: &Path) -> Result<ApplicationSpec, AppFil
     })?;
     let delay_release_ms = u64::try_from(delay.as_millis())
         .map_err(|_| invalid("delay_release", "is far too long".to_string()))?;
+    let task_timeout_ms = match &file.task_timeout {
+        None => None,
+        Some(text) => {
+            let d = humantime::parse_duration(text).map_err(|e| {
+                invalid(
+                    "task_timeout",
+                    format!("`{text}` is not a duration such as \"30s\" or \"5m\": {e}"),
+                )
+            })?;
+            Some(
+                u64::try_from(d.as_millis())
+                    .map_err(|_| invalid("task_timeout", "is far too long".to_string()))?,
+            )
+        }
+    };
     let command =
         resolve_command(&file.command, path).map_err(|reason| invalid("command", reason))?;
     let spec = ApplicationSpec {
@@ -152,6 +169,7 @@ pub fn parse_app_file(text: &str, path: &Path) -> Result<ApplicationSpec, AppFil
         delay_release_ms,
         max_attempts: file.max_attempts,
         retry_on_error: file.retry_on_error,
+        task_timeout_ms,
     };
     spec.validate().map_err(|source| AppFileError::Invalid {
         path: path.to_path_buf(),

@@ -1960,6 +1960,7 @@ mod tests {
                 delay_release_ms: 1000,
                 max_attempts: 3,
                 retry_on_error: false,
+                task_timeout_ms: None,
             });
             let (link, node_rx) = mpsc::unbounded_channel();
             core.handle(
@@ -2409,6 +2410,7 @@ mod tests {
             delay_release_ms: 1000,
             max_attempts: 3,
             retry_on_error: false,
+            task_timeout_ms: None,
         };
         let loaded = Loaded {
             applications: vec![app],

@@ -65,6 +65,7 @@ fn ping_application() -> ApplicationSpec {
         delay_release_ms: 60_000,
         max_attempts: flame_protocol::model::APP_MAX_ATTEMPTS_DEFAULT,
         retry_on_error: false,
+        task_timeout_ms: None,
     }
 }
 

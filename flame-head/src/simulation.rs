@@ -219,6 +219,7 @@ fn application(name: &str, max_instances: u32, max_attempts: u32, retry: bool) -
         delay_release_ms: 1_500,
         max_attempts,
         retry_on_error: retry,
+        task_timeout_ms: None,
     }
 }
 

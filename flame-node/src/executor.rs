@@ -161,6 +161,7 @@ async fn drive(
         }
     });
     let mut shim = NodeShim::new(stdout, stdin, limits::FRAME_BYTES_MAX);
+    let task_timeout = app.task_timeout_ms.map(Duration::from_millis);
     let mut phase = Phase::Void;
 
     macro_rules! fail {
@@ -226,6 +227,14 @@ async fn drive(
                 }));
             }
             Command::Run(a) => {
+                // A task past the application's timeout means a hung executor: killed, and
+                // the head retries the task like after a crash.
+                let deadline = async {
+                    match task_timeout {
+                        Some(t) => tokio::time::sleep(t).await,
+                        None => std::future::pending().await,
+                    }
+                };
                 let outcome = tokio::select! {
                     r = shim.invoke(a.task.0, &a.input) => match r {
                         Ok(Invocation::Succeeded(out)) => TaskOutcome::Succeeded(out),
@@ -233,6 +242,10 @@ async fn drive(
                         Err(e) => fail!("task {} of session {} broke the executor: {e}", a.task, a.session),
                     },
                     _ = &mut kill => fail!("killed by the node"),
+                    () = deadline => fail!(
+                        "task {} of session {} ran past its timeout of {:?}",
+                        a.task, a.session, task_timeout.unwrap_or_default()
+                    ),
                 };
                 let _ = reports.send(Report::Result(NodeTaskResult {
                     executor: id,

@@ -35,7 +35,13 @@ pub struct ApplicationSpec {
     pub max_attempts: u32,
     /// Retry a task the application reported an error for, like a crash.
     pub retry_on_error: bool,
+    /// A task running longer is treated as a hung executor: the node kills it, and the
+    /// task is retried like after a crash. `None`: no limit.
+    pub task_timeout_ms: Option<u64>,
 }
+
+/// Longest `task_timeout` accepted (one week).
+pub const APP_TASK_TIMEOUT_MS_MAX: u64 = 7 * 24 * 3600 * 1000;
 
 /// `max_attempts` when a spec does not say.
 pub const APP_MAX_ATTEMPTS_DEFAULT: u32 = 3;
@@ -155,6 +161,14 @@ impl ApplicationSpec {
         }
         if self.delay_release_ms > APP_DELAY_RELEASE_MS_MAX {
             return Err(SpecError::new("delay_release", "must be at most 24h"));
+        }
+        if let Some(t) = self.task_timeout_ms {
+            if t == 0 || t > APP_TASK_TIMEOUT_MS_MAX {
+                return Err(SpecError::new(
+                    "task_timeout",
+                    "must be more than 0 and at most a week",
+                ));
+            }
         }
         if self.max_attempts == 0 || self.max_attempts > APP_MAX_ATTEMPTS_MAX {
             return Err(SpecError::new(
@@ -365,6 +379,7 @@ mod tests {
             delay_release_ms: 1000,
             max_attempts: 3,
             retry_on_error: false,
+            task_timeout_ms: None,
         }
     }
 

@@ -120,6 +120,7 @@ async fn malformed_application_files_are_refused() {
             delay_release_ms: 0,
             max_attempts: 3,
             retry_on_error: false,
+            task_timeout_ms: None,
         })
         .await
         .expect_err("the head registered max_instances = 0");

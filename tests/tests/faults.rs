@@ -36,6 +36,7 @@ fn crashy_app(name: &str, max_attempts: u32) -> ApplicationSpec {
         delay_release_ms: 1_000,
         max_attempts,
         retry_on_error: false,
+        task_timeout_ms: None,
     }
 }
 
@@ -168,4 +169,48 @@ async fn cancel_stops_running_tasks_and_cancels_the_rest() {
     let client = cluster.client().await;
     let info = client.get_session(session.id()).await.unwrap();
     assert_eq!(info.counts.cancelled, 20, "{info:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_task_past_its_timeout_is_killed_and_retried_then_failed() {
+    require_python3();
+    let cluster = Cluster::start(ClusterOptions::default()).await;
+    let client = cluster.client().await;
+    let mut app = crashy_app("hangs", 2);
+    app.task_timeout_ms = Some(1_500);
+    client.register_application(app).await.unwrap();
+    let session = client.create_session(durable("hangs")).await.unwrap();
+    let inputs: Vec<Bytes> = (0..40)
+        .map(|i| {
+            if i == 5 {
+                Bytes::from_static(b"sleep:600")
+            } else {
+                Bytes::from(format!("quick {i}"))
+            }
+        })
+        .collect();
+    let started = Instant::now();
+    let done = run_tasks(&session, inputs).await;
+    // Two attempts of 1.5 s each, not ten minutes.
+    assert!(
+        started.elapsed() < Duration::from_secs(60),
+        "{:?}",
+        started.elapsed()
+    );
+    for (i, (_, result)) in done.iter().enumerate() {
+        match (&result.outcome, i == 5) {
+            (TaskOutcome::Succeeded(_), false) => {}
+            (TaskOutcome::Failed(message), true) => {
+                assert!(message.contains("ran past its timeout"), "{message}");
+                assert!(message.contains("limit is 2"), "{message}");
+            }
+            (other, _) => panic!(
+                "task {} ended as {other:?}\n{}",
+                result.task,
+                cluster.logs()
+            ),
+        }
+    }
+    let info = session.info().await.unwrap();
+    assert_eq!((info.counts.succeeded, info.counts.failed), (39, 1));
 }

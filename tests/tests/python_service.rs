@@ -58,6 +58,7 @@ async fn python_service_runs_tasks_and_reports_exceptions() {
         delay_release_ms: 1_000,
         max_attempts: 3,
         retry_on_error: false,
+        task_timeout_ms: None,
     };
     client.register_application(spec).await.unwrap();
     let session = client
