@@ -1,7 +1,6 @@
 //! The command tree and its dispatch.
 
 pub mod app;
-pub mod hint;
 pub mod local;
 pub mod node;
 pub mod ping;
@@ -11,8 +10,8 @@ pub mod signals;
 
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
+use flame_client::report::HintExt as _;
 use flame_client::{Client, ClientConfig, ConfigFlags};
-use hint::ResultExt as _;
 use std::path::PathBuf;
 
 /// Run and inspect work on a Flame cluster.

@@ -49,6 +49,7 @@ mod client;
 pub mod config;
 mod error;
 pub mod local;
+pub mod report;
 mod session;
 
 pub use client::{Client, CLOSE_TIMEOUT};

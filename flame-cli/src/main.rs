@@ -25,7 +25,7 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            cli::hint::report(&e);
+            flame_client::report::report(&e);
             ExitCode::FAILURE
         }
     }

@@ -1,11 +1,11 @@
 //! `flame app ...`
 
-use super::hint::ResultExt as _;
 use super::render::{self, number, text, OutputArgs, OutputFormat};
 use super::GlobalArgs;
 use anyhow::Context as _;
 use clap::Subcommand;
 use flame_client::app_file::load_app_file;
+use flame_client::report::HintExt as _;
 use flame_protocol::model::{ApplicationInfo, ErrorKind};
 use std::path::PathBuf;
 use std::time::Duration;

@@ -1,7 +1,6 @@
 //! `flame ping`: stream many tiny tasks through the built-in `ping` application and check
 //! every output, like Flame's `flmping`.
 
-use super::hint::ResultExt as _;
 use super::render::group;
 use super::signals::StopSignals;
 use super::GlobalArgs;
@@ -9,6 +8,7 @@ use anyhow::{anyhow, bail, Context as _};
 use bytes::{Bytes, BytesMut};
 use clap::Args;
 use flame_client::local::LocalOptions;
+use flame_client::report::HintExt as _;
 use flame_client::{BatchAck, Client, ClientConfig, ClientError, Session};
 use flame_protocol::limits;
 use flame_protocol::model::{ErrorKind, SessionSpec, TaskOutcome, TaskResult};

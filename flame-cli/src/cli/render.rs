@@ -87,18 +87,7 @@ pub fn print_fields(fields: Vec<(&str, String)>) {
     }
 }
 
-/// `1234567` as `1,234,567`.
-pub fn group(n: u64) -> String {
-    let digits = n.to_string();
-    let mut out = String::with_capacity(digits.len() + digits.len() / 3);
-    for (i, c) in digits.chars().enumerate() {
-        if i > 0 && (digits.len() - i) % 3 == 0 {
-            out.push(',');
-        }
-        out.push(c);
-    }
-    out
-}
+pub use flame_client::report::group;
 
 /// Bytes in binary units: `512 B`, `1.5 KiB`, `15.6 GiB`.
 pub fn bytes(n: u64) -> String {
@@ -176,15 +165,6 @@ fn local_tm(secs: i64) -> Option<nix::libc::tm> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn grouping() {
-        assert_eq!(group(0), "0");
-        assert_eq!(group(999), "999");
-        assert_eq!(group(1000), "1,000");
-        assert_eq!(group(100_000), "100,000");
-        assert_eq!(group(1_234_567), "1,234,567");
-    }
 
     #[test]
     fn byte_units() {

@@ -10,12 +10,12 @@ use bytes::Bytes;
 use clap::Parser;
 use flame_client::app_file::load_app_file;
 use flame_client::local::{LocalCluster, LocalError, LocalOptions};
+use flame_client::report::{group, report, HintExt as _};
 use flame_client::{BatchAck, Client, ClientConfig, ClientError, ConfigFlags, Session};
 use flame_example_pi::sampler::estimate;
 use flame_example_pi::wire::{decode_inside, encode_u64, SAMPLES_PER_TASK_MAX};
 use flame_protocol::model::{ApplicationSpec, ErrorKind, SessionSpec, TaskOutcome};
 use std::collections::HashSet;
-use std::fmt;
 use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -381,86 +381,9 @@ async fn submit_all(session: Session, inputs: Vec<Bytes>) -> Result<Vec<BatchAck
     Ok(acks)
 }
 
-/// `1234567` as `1,234,567`.
-fn group(n: u64) -> String {
-    let digits = n.to_string();
-    let mut out = String::with_capacity(digits.len() + digits.len() / 3);
-    for (i, c) in digits.chars().enumerate() {
-        if i > 0 && (digits.len() - i) % 3 == 0 {
-            out.push(',');
-        }
-        out.push(c);
-    }
-    out
-}
-
-/// An error with advice for the user. Displays as the wrapped error alone; [`report`]
-/// prints the advice on its own line.
-#[derive(Debug)]
-struct Hinted {
-    error: anyhow::Error,
-    hint: String,
-}
-
-impl fmt::Display for Hinted {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}", self.error)
-    }
-}
-
-impl std::error::Error for Hinted {
-    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        self.error.source()
-    }
-}
-
-/// Attaching advice to results.
-trait HintExt<T> {
-    fn hint(self, hint: impl Into<String>) -> anyhow::Result<T>;
-}
-
-impl<T, E: Into<anyhow::Error>> HintExt<T> for Result<T, E> {
-    fn hint(self, hint: impl Into<String>) -> anyhow::Result<T> {
-        self.map_err(|e| {
-            anyhow::Error::new(Hinted {
-                error: e.into(),
-                hint: hint.into(),
-            })
-        })
-    }
-}
-
-/// Prints `error: ...` with the causes joined by `: ` (skipping a cause whose text its
-/// parent already shows), then `hint: ...` when one was attached.
-fn report(err: &anyhow::Error) {
-    let mut message = String::new();
-    for cause in err.chain() {
-        let text = cause.to_string();
-        if text.is_empty() || message.contains(&text) {
-            continue;
-        }
-        if !message.is_empty() {
-            message.push_str(": ");
-        }
-        message.push_str(&text);
-    }
-    eprintln!("error: {message}");
-    if let Some(hinted) = err.chain().find_map(|e| e.downcast_ref::<Hinted>()) {
-        eprintln!("hint: {}", hinted.hint);
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn numbers_are_grouped_by_thousands() {
-        assert_eq!(group(0), "0");
-        assert_eq!(group(999), "999");
-        assert_eq!(group(1000), "1,000");
-        assert_eq!(group(100_000_000), "100,000,000");
-    }
 
     #[test]
     fn arguments_parse_with_their_defaults_and_limits() {
@@ -475,17 +398,5 @@ mod tests {
         assert!(Args::try_parse_from(["pi-client", "--samples-per-task", "1000000001"]).is_err());
         assert!(Args::try_parse_from(["pi-client", "--python"]).is_err());
         assert!(Args::try_parse_from(["pi-client", "--local", "--head", "h:1"]).is_err());
-    }
-
-    #[test]
-    fn hints_are_found_under_context() {
-        let err = Err::<(), _>(anyhow!("boom"))
-            .hint("do this")
-            .context("while running")
-            .err();
-        let hinted = err
-            .as_ref()
-            .and_then(|e| e.chain().find_map(|c| c.downcast_ref::<Hinted>()));
-        assert_eq!(hinted.map(|h| h.hint.as_str()), Some("do this"));
     }
 }

@@ -1,10 +1,11 @@
-//! `error: ...` / `hint: ...` reporting.
+//! `error: ...` / `hint: ...` reporting, for the `flame` command and for programs built on
+//! this library that want the same output.
 //!
-//! A command attaches a hint where it knows what the user should do
-//! ([`ResultExt::hint`]); otherwise one is derived from the library error in the chain.
+//! Code attaches a hint where it knows what the user should do ([`HintExt::hint`]);
+//! otherwise one is derived from the library error in the chain.
 
-use flame_client::local::LocalError;
-use flame_client::{ClientError, ConfigError};
+use crate::local::LocalError;
+use crate::{ClientError, ConfigError};
 use flame_protocol::endpoint::EndpointError;
 use flame_protocol::model::ErrorKind;
 use std::fmt;
@@ -31,12 +32,12 @@ impl std::error::Error for Hinted {
 }
 
 /// Attaching hints to results.
-pub trait ResultExt<T> {
+pub trait HintExt<T> {
     /// Attaches `hint` to the error, if any.
     fn hint(self, hint: impl Into<String>) -> anyhow::Result<T>;
 }
 
-impl<T, E: Into<anyhow::Error>> ResultExt<T> for Result<T, E> {
+impl<T, E: Into<anyhow::Error>> HintExt<T> for Result<T, E> {
     fn hint(self, hint: impl Into<String>) -> anyhow::Result<T> {
         self.map_err(|e| {
             anyhow::Error::new(Hinted {
@@ -56,9 +57,9 @@ pub fn report(err: &anyhow::Error) {
 }
 
 /// The error and its causes joined by `: `, like anyhow's `{:#}`, except that a cause
-/// whose text its parent already shows is skipped: several error types (ours and the
-/// protocol crate's) both print their source and return it from `source()`.
-fn message(err: &anyhow::Error) -> String {
+/// whose text its parent already shows is skipped (an error type that prints its source
+/// and also returns it from `source()`).
+pub fn message(err: &anyhow::Error) -> String {
     let mut message = String::new();
     for cause in err.chain() {
         let text = cause.to_string();
@@ -76,7 +77,8 @@ fn message(err: &anyhow::Error) -> String {
 const LOCAL_HINT: &str =
     "`flame local` starts a head and a node on this machine and prints the exports to use";
 
-fn hint_for(err: &anyhow::Error) -> Option<String> {
+/// The hint attached to `err`, or one derived from the library error in its chain.
+pub fn hint_for(err: &anyhow::Error) -> Option<String> {
     if let Some(h) = err.chain().find_map(|e| e.downcast_ref::<Hinted>()) {
         return Some(h.hint.clone());
     }
@@ -147,6 +149,19 @@ fn local_hint(e: &LocalError) -> Option<String> {
     }
 }
 
+/// `1234567` as `1,234,567`.
+pub fn group(n: u64) -> String {
+    let digits = n.to_string();
+    let mut out = String::with_capacity(digits.len() + digits.len() / 3);
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -166,6 +181,14 @@ mod tests {
         .context("cannot save");
         let Err(err) = err else { return };
         assert_eq!(message(&err), "cannot save: outer: disk full");
+    }
+
+    #[test]
+    fn grouping() {
+        assert_eq!(group(0), "0");
+        assert_eq!(group(999), "999");
+        assert_eq!(group(1000), "1,000");
+        assert_eq!(group(1_234_567), "1,234,567");
     }
 
     #[test]
