@@ -49,11 +49,20 @@ pub fn decode<T: DeserializeOwned>(body: &[u8]) -> Result<T, FrameError> {
 }
 
 /// Reads frames from one stream, reusing one buffer.
+///
+/// [`FrameReader::read`] is cancel-safe: progress through a frame is kept in the reader,
+/// not in the future, so a `read` dropped by `select!` halfway through a frame loses
+/// nothing and the next `read` carries on where it stopped.
 #[derive(Debug)]
 pub struct FrameReader<R> {
     inner: R,
     buf: Vec<u8>,
     max: usize,
+    len_bytes: [u8; LENGTH_PREFIX_BYTES],
+    len_filled: usize,
+    /// The body length once the prefix is complete.
+    body_len: Option<usize>,
+    body_filled: usize,
 }
 
 impl<R: AsyncRead + Unpin> FrameReader<R> {
@@ -62,43 +71,62 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
             inner,
             buf: Vec::new(),
             max,
+            len_bytes: [0; LENGTH_PREFIX_BYTES],
+            len_filled: 0,
+            body_len: None,
+            body_filled: 0,
         }
     }
 
     /// The next frame, or `None` when the stream ended cleanly between frames.
     pub async fn read<T: DeserializeOwned>(&mut self) -> Result<Option<T>, FrameError> {
-        let mut len_bytes = [0u8; LENGTH_PREFIX_BYTES];
-        let mut filled = 0;
-        while filled < LENGTH_PREFIX_BYTES {
-            let n = self.inner.read(&mut len_bytes[filled..]).await?;
+        let len = loop {
+            if let Some(len) = self.body_len {
+                break len;
+            }
+            if self.len_filled == LENGTH_PREFIX_BYTES {
+                let len = u32::from_le_bytes(self.len_bytes) as usize;
+                if len > self.max {
+                    return Err(FrameError::TooLarge { len, max: self.max });
+                }
+                self.buf.clear();
+                self.buf.resize(len, 0);
+                self.body_len = Some(len);
+                self.body_filled = 0;
+                continue;
+            }
+            let n = self
+                .inner
+                .read(&mut self.len_bytes[self.len_filled..])
+                .await?;
             if n == 0 {
-                return if filled == 0 {
+                return if self.len_filled == 0 {
                     Ok(None)
                 } else {
                     Err(FrameError::Truncated)
                 };
             }
-            filled += n;
-        }
-        let len = u32::from_le_bytes(len_bytes) as usize;
-        if len > self.max {
-            return Err(FrameError::TooLarge { len, max: self.max });
-        }
-        self.buf.clear();
-        self.buf.resize(len, 0);
-        match self.inner.read_exact(&mut self.buf).await {
-            Ok(_) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
-                return Err(FrameError::Truncated)
+            self.len_filled += n;
+        };
+        while self.body_filled < len {
+            let n = self
+                .inner
+                .read(&mut self.buf[self.body_filled..len])
+                .await?;
+            if n == 0 {
+                return Err(FrameError::Truncated);
             }
-            Err(e) => return Err(e.into()),
+            self.body_filled += n;
         }
-        let msg = decode(&self.buf)?;
+        // The frame is complete: the next read starts a new one, whatever decoding says.
+        self.len_filled = 0;
+        self.body_len = None;
+        let msg = decode(&self.buf[..len]);
         // Do not keep a huge buffer alive after one large frame.
         if self.buf.capacity() > 1024 * 1024 {
             self.buf = Vec::new();
         }
-        Ok(Some(msg))
+        Ok(Some(msg?))
     }
 
     /// Like [`FrameReader::read`], but a clean end of stream is an error.
@@ -174,6 +202,23 @@ mod tests {
             }
             other => panic!("unexpected {other:?}"),
         }
+    }
+
+    #[tokio::test]
+    async fn a_read_cancelled_mid_frame_loses_nothing() {
+        let (mut tx, rx) = tokio::io::duplex(64);
+        let mut frames = Vec::new();
+        encode_into(&"first frame".to_string(), &mut frames, 1024).unwrap();
+        encode_into(&"second".to_string(), &mut frames, 1024).unwrap();
+        let mut r = FrameReader::new(rx, 1024);
+        // Half of the first frame arrives; the read is abandoned while waiting for more.
+        tx.write_all(&frames[..7]).await.unwrap();
+        let cancelled =
+            tokio::time::timeout(std::time::Duration::from_millis(20), r.read::<String>()).await;
+        assert!(cancelled.is_err());
+        tx.write_all(&frames[7..]).await.unwrap();
+        assert_eq!(r.read::<String>().await.unwrap().unwrap(), "first frame");
+        assert_eq!(r.read::<String>().await.unwrap().unwrap(), "second");
     }
 
     #[tokio::test]
