@@ -245,9 +245,10 @@ pub enum NodeCommand {
     Kill { executor: ExecutorId },
 }
 
-/// Convenience for a task id range check in replies.
+/// The ids `first .. first + count` of an accepted batch, in input order. Saturates at
+/// `u64::MAX` rather than overflowing on a hostile reply.
 pub fn task_range(first: TaskId, count: u32) -> impl Iterator<Item = TaskId> {
-    (first.0..first.0 + u64::from(count)).map(TaskId)
+    (first.0..first.0.saturating_add(u64::from(count))).map(TaskId)
 }
 
 #[cfg(test)]
@@ -267,6 +268,15 @@ mod tests {
             let _ = postcard::from_bytes::<NodeToHead>(&bytes);
             let _ = postcard::from_bytes::<HeadToNode>(&bytes);
         }
+    }
+
+    #[test]
+    fn task_range_never_overflows() {
+        assert_eq!(
+            task_range(TaskId(3), 2).collect::<Vec<_>>(),
+            vec![TaskId(3), TaskId(4)]
+        );
+        assert_eq!(task_range(TaskId(u64::MAX - 1), 5).count(), 1);
     }
 
     #[test]
