@@ -88,6 +88,16 @@ impl Session {
         Ok(acks.iter().flat_map(BatchAck::task_ids).collect())
     }
 
+    /// Submits every input on one pipelined stream, then closes the session, so that a
+    /// watch ends when the last task does. Returns the acks in batch order.
+    pub async fn submit_and_close(&self, inputs: Vec<Bytes>) -> Result<Vec<BatchAck>, ClientError> {
+        let mut submitter = self.submitter().await?;
+        submitter.send(inputs).await?;
+        let acks = submitter.finish().await?;
+        self.close().await?;
+        Ok(acks)
+    }
+
     /// Opens a pipelined submit stream.
     pub async fn submitter(&self) -> Result<Submitter, ClientError> {
         let (conn, (send, recv)) = self

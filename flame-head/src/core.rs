@@ -1722,6 +1722,13 @@ impl Core {
     }
 
     fn schedule(&mut self, now_ms: u64) {
+        // Sessions holding an executor, found in one pass rather than once per session.
+        let held: std::collections::HashSet<SessionId> = self
+            .executors
+            .values()
+            .filter(|e| matches!(e.phase, ExecutorPhase::Binding | ExecutorPhase::Bound))
+            .filter_map(|e| e.session)
+            .collect();
         let snapshot = Snapshot {
             now_ms,
             nodes: self
@@ -1749,7 +1756,7 @@ impl Core {
             sessions: self
                 .sessions
                 .values()
-                .filter(|s| !s.finished || self.executors_of(s.stored.id) > 0)
+                .filter(|s| !s.finished || held.contains(&s.stored.id))
                 .map(|s| scheduler::SessionView {
                     id: s.stored.id,
                     application: s.stored.application.clone(),

@@ -397,14 +397,7 @@ async fn watch_stream(
                 .await
                 .map_err(|_| ConnError::CoreGone)?;
             match rows {
-                Ok(rows) => rows
-                    .into_iter()
-                    .map(|(task, attempt, outcome)| TaskResult {
-                        task,
-                        attempt,
-                        outcome,
-                    })
-                    .collect(),
+                Ok(rows) => rows,
                 Err(e) => {
                     tracing::error!(%session, error = %e, "cannot read results for a watcher");
                     return Ok(());

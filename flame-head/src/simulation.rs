@@ -1856,14 +1856,7 @@ impl World {
                     let backfill = match ws.backfill {
                         Backfill::Memory(v) => v,
                         Backfill::Store => match self.store().final_results(s.id) {
-                            Ok(rows) => rows
-                                .into_iter()
-                                .map(|(task, attempt, outcome)| TaskResult {
-                                    task,
-                                    attempt,
-                                    outcome,
-                                })
-                                .collect(),
+                            Ok(rows) => rows,
                             Err(e) => {
                                 problems.push(format!("the store cannot list results: {e}"));
                                 Vec::new()
@@ -2282,8 +2275,13 @@ impl World {
                     ));
                 }
                 let mut outputs = HashSet::new();
-                let stored: BTreeSet<TaskId> = rows.iter().map(|r| r.0).collect();
-                for (task, attempt, outcome) in &rows {
+                let stored: BTreeSet<TaskId> = rows.iter().map(|r| r.task).collect();
+                for TaskResult {
+                    task,
+                    attempt,
+                    outcome,
+                } in &rows
+                {
                     if let TaskOutcome::Succeeded(out) = outcome {
                         if !outputs.insert(out.clone()) {
                             problems.push(format!(
@@ -2305,7 +2303,7 @@ impl World {
                         "acked tasks {missing:?} have no final record in the store"
                     ));
                 }
-                for (_, _, outcome) in rows {
+                for TaskResult { outcome, .. } in rows {
                     match outcome {
                         TaskOutcome::Succeeded(_) => self.stats.succeeded += 1,
                         TaskOutcome::Failed(_) => self.stats.failed += 1,

@@ -9,7 +9,9 @@
 //! that arrived meanwhile. The group size is set by arrival, not by a timer.
 
 use bytes::Bytes;
-use flame_protocol::model::{ApplicationSpec, SessionState, TaskInfo, TaskOutcome, TaskState};
+use flame_protocol::model::{
+    ApplicationSpec, SessionState, TaskInfo, TaskOutcome, TaskResult, TaskState,
+};
 use flame_protocol::{SessionId, TaskId};
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
@@ -294,17 +296,18 @@ impl Store {
     }
 
     /// Final results of a session's tasks, in id order, for a watcher that attaches late.
-    pub fn final_results(
-        &self,
-        session: SessionId,
-    ) -> Result<Vec<(TaskId, u32, TaskOutcome)>, StoreError> {
+    pub fn final_results(&self, session: SessionId) -> Result<Vec<TaskResult>, StoreError> {
         let txn = self.db.begin_read()?;
         let tasks = txn.open_table(TASKS)?;
         let mut out = Vec::new();
         for row in tasks.range((session.0, 0)..=(session.0, u64::MAX))? {
             let (k, v) = row?;
             if let StoredTask::Final { attempt, outcome } = decode("tasks", v.value())? {
-                out.push((TaskId(k.value().1), attempt, outcome));
+                out.push(TaskResult {
+                    task: TaskId(k.value().1),
+                    attempt,
+                    outcome,
+                });
             }
         }
         Ok(out)

@@ -9,7 +9,7 @@ use bytes::{Bytes, BytesMut};
 use clap::Args;
 use flame_client::local::LocalOptions;
 use flame_client::report::HintExt as _;
-use flame_client::{BatchAck, Client, ClientConfig, ClientError, Session};
+use flame_client::{BatchAck, Client, ClientConfig, Session};
 use flame_protocol::limits;
 use flame_protocol::model::{ErrorKind, SessionSpec, TaskOutcome, TaskResult};
 use flame_protocol::ping::check_reply;
@@ -191,7 +191,11 @@ async fn run_tasks(session: &Session, args: &PingArgs, inputs: Vec<Bytes>) -> an
     // The watch opens before any task exists, so even an ephemeral session loses nothing.
     let mut watch = session.watch().await.context("cannot watch the session")?;
     let started = Instant::now();
-    let mut submit = AbortOnDrop(tokio::spawn(submit_all(session.clone(), inputs.clone())));
+    let mut submit = AbortOnDrop(tokio::spawn({
+        let session = session.clone();
+        let inputs = inputs.clone();
+        async move { session.submit_and_close(inputs).await }
+    }));
     let progress = ClearOnDrop(progress_bar(n as u64));
 
     let mut outcomes: Vec<Option<TaskOutcome>> = vec![None; n];
@@ -291,16 +295,6 @@ async fn run_tasks(session: &Session, args: &PingArgs, inputs: Vec<Bytes>) -> an
         plural(hosts.len()),
     );
     Ok(())
-}
-
-/// Submits every input on one pipelined stream, then closes the session so that the
-/// watch ends when the last task does.
-async fn submit_all(session: Session, inputs: Vec<Bytes>) -> Result<Vec<BatchAck>, ClientError> {
-    let mut submitter = session.submitter().await?;
-    submitter.send(inputs).await?;
-    let acks = submitter.finish().await?;
-    session.close().await?;
-    Ok(acks)
 }
 
 /// The acks must give the ids `1..=n` in input order, as the head numbers a fresh

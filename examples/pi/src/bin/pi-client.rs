@@ -11,7 +11,7 @@ use clap::Parser;
 use flame_client::app_file::load_app_file;
 use flame_client::local::{LocalCluster, LocalError, LocalOptions};
 use flame_client::report::{group, report, HintExt as _};
-use flame_client::{BatchAck, Client, ClientConfig, ClientError, ConfigFlags, Session};
+use flame_client::{BatchAck, Client, ClientConfig, ConfigFlags, Session};
 use flame_example_pi::sampler::estimate;
 use flame_example_pi::wire::{decode_inside, encode_u64, SAMPLES_PER_TASK_MAX};
 use flame_protocol::model::{ApplicationSpec, ErrorKind, SessionSpec, TaskOutcome};
@@ -271,7 +271,10 @@ async fn run_tasks(session: &Session, args: &Args) -> anyhow::Result<()> {
     let started = Instant::now();
     // One buffer shared by every input.
     let input = Bytes::copy_from_slice(&encode_u64(args.samples_per_task));
-    let mut submit = AbortOnDrop(tokio::spawn(submit_all(session.clone(), vec![input; n])));
+    let mut submit = AbortOnDrop(tokio::spawn({
+        let session = session.clone();
+        async move { session.submit_and_close(vec![input; n]).await }
+    }));
 
     let mut tally = Tally::default();
     let mut acks: Option<Vec<BatchAck>> = None;
@@ -369,16 +372,6 @@ async fn run_tasks(session: &Session, args: &Args) -> anyhow::Result<()> {
         group(u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX)),
     );
     Ok(())
-}
-
-/// Submits every input on one pipelined stream, then closes the session so that the
-/// watch ends when the last task does.
-async fn submit_all(session: Session, inputs: Vec<Bytes>) -> Result<Vec<BatchAck>, ClientError> {
-    let mut submitter = session.submitter().await?;
-    submitter.send(inputs).await?;
-    let acks = submitter.finish().await?;
-    session.close().await?;
-    Ok(acks)
 }
 
 #[cfg(test)]
