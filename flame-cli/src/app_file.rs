@@ -3,15 +3,31 @@
 //! ```toml
 //! name = "pi"                 # required
 //! command = "./pi-service"    # required; relative paths with a `/` are taken from this file's folder
-//! shim = "stdio"              # default "stdio"
+//! shim = "stdio"              # "stdio" (default) or "unix"
 //! args = ["--fast"]           # default []
-//! env = { RUST_LOG = "info" } # default {}
 //! working_dir = "/srv/pi"     # optional, absolute
+//! user = "svc-pi"             # optional; default: the node's unprivileged executor user
+//! group = "svc"               # optional; default: the user's primary group
 //! max_instances = 100         # default 100
 //! delay_release = "60s"       # default "60s", a humantime duration
+//! max_attempts = 3            # default 3
+//! retry_on_error = false      # default false
+//! task_timeout = "10m"        # optional, a humantime duration
+//!
+//! [env]                       # default {}
+//! RUST_LOG = "info"
+//! API_TOKEN = { value = "s3cret", secret = true }   # stored, never shown
+//!
+//! [resources]                 # per executor
+//! cpus = 0.5                  # default 1; fractions allowed
+//! memory = "512MiB"           # optional limit: bytes, or a size such as "2GiB" ("2GB" is decimal)
+//! gpus = 0                    # default 0
+//!
+//! [selector]                  # only nodes with all these labels
+//! zone = "a"
 //! ```
 
-use flame_protocol::model::{ApplicationSpec, ShimKind, SpecError};
+use flame_protocol::model::{ApplicationSpec, EnvValue, Resources, ShimKind, SpecError};
 use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -74,8 +90,14 @@ struct AppFile {
     #[serde(default)]
     args: Vec<String>,
     #[serde(default)]
-    env: BTreeMap<String, String>,
+    env: BTreeMap<String, EnvEntry>,
     working_dir: Option<String>,
+    user: Option<String>,
+    group: Option<String>,
+    #[serde(default)]
+    resources: ResourcesFile,
+    #[serde(default)]
+    selector: BTreeMap<String, String>,
     #[serde(default = "default_max_instances")]
     max_instances: u32,
     #[serde(default = "default_delay_release")]
@@ -86,6 +108,76 @@ struct AppFile {
     retry_on_error: bool,
     /// A humantime duration such as "30s"; absent means no limit.
     task_timeout: Option<String>,
+}
+
+/// An `[env]` value: a string, or `{ value = "…", secret = true }`.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum EnvEntry {
+    Plain(String),
+    Table(EnvTable),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EnvTable {
+    value: String,
+    #[serde(default)]
+    secret: bool,
+}
+
+/// The `[resources]` table.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ResourcesFile {
+    cpus: Option<Number>,
+    memory: Option<Size>,
+    gpus: Option<u32>,
+}
+
+/// A number written as an integer or a float.
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(untagged)]
+enum Number {
+    Int(i64),
+    Float(f64),
+}
+
+/// A size written as bytes or as text such as "512MiB".
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+enum Size {
+    Bytes(i64),
+    Text(String),
+}
+
+/// `cpus` as thousandths of a cpu.
+fn cpu_millis(n: Number) -> Result<u32, String> {
+    let cpus = match n {
+        Number::Int(i) => i as f64,
+        Number::Float(f) => f,
+    };
+    if !cpus.is_finite() || cpus <= 0.0 {
+        return Err(format!(
+            "is {cpus}; it must be a positive number such as 0.5 or 2"
+        ));
+    }
+    let millis = (cpus * 1000.0).round();
+    if millis > f64::from(u32::MAX) {
+        return Err(format!("is {cpus}; that is far too many"));
+    }
+    Ok(millis as u32)
+}
+
+fn memory_bytes(size: &Size) -> Result<u64, String> {
+    match size {
+        Size::Bytes(b) => u64::try_from(*b).map_err(|_| format!("is {b}; it must not be negative")),
+        Size::Text(t) => t
+            .trim()
+            .parse::<bytesize::ByteSize>()
+            .map(|b| b.as_u64())
+            .map_err(|e| format!("`{t}` is not a size such as \"512MiB\" or \"2GiB\": {e}")),
+    }
 }
 
 fn default_max_attempts() -> u32 {
@@ -158,13 +250,43 @@ pub fn parse_app_file(text: &str, path: &Path) -> Result<ApplicationSpec, AppFil
     };
     let command =
         resolve_command(&file.command, path).map_err(|reason| invalid("command", reason))?;
+    let defaults = Resources::default();
+    let resources = Resources {
+        cpu_millis: match file.resources.cpus {
+            Some(n) => cpu_millis(n).map_err(|r| invalid("resources.cpus", r))?,
+            None => defaults.cpu_millis,
+        },
+        memory_bytes: match &file.resources.memory {
+            Some(m) => Some(memory_bytes(m).map_err(|r| invalid("resources.memory", r))?),
+            None => None,
+        },
+        gpus: file.resources.gpus.unwrap_or(defaults.gpus),
+    };
+    let env = file
+        .env
+        .into_iter()
+        .map(|(k, v)| {
+            let value = match v {
+                EnvEntry::Plain(value) => EnvValue::plain(value),
+                EnvEntry::Table(t) => EnvValue {
+                    value: t.value,
+                    secret: t.secret,
+                },
+            };
+            (k, value)
+        })
+        .collect();
     let spec = ApplicationSpec {
         name: file.name,
         shim: file.shim,
         command,
         args: file.args,
-        env: file.env,
+        env,
         working_dir: file.working_dir,
+        user: file.user,
+        group: file.group,
+        resources,
+        selector: file.selector,
         max_instances: file.max_instances,
         delay_release_ms,
         max_attempts: file.max_attempts,
@@ -251,10 +373,76 @@ delay_release = "1m 30s"
         )
         .unwrap();
         assert_eq!(spec.args, vec!["-n", "3"]);
-        assert_eq!(spec.env.get("RUST_LOG").map(String::as_str), Some("info"));
+        assert_eq!(spec.env.get("RUST_LOG"), Some(&EnvValue::plain("info")));
         assert_eq!(spec.working_dir.as_deref(), Some("/srv"));
         assert_eq!(spec.max_instances, 7);
         assert_eq!(spec.delay_release_ms, 90_000);
+    }
+
+    #[test]
+    fn resources_user_selector_and_secrets_parse() {
+        let spec = parse(
+            r#"
+name = "hog"
+command = "/bin/hog"
+shim = "unix"
+user = "nobody"
+group = "nogroup"
+[env]
+PLAIN = "shown"
+TOKEN = { value = "s3cret", secret = true }
+[resources]
+cpus = 0.5
+memory = "64MiB"
+gpus = 1
+[selector]
+zone = "a"
+"#,
+        )
+        .unwrap();
+        assert_eq!(spec.shim, ShimKind::Unix);
+        assert_eq!(spec.user.as_deref(), Some("nobody"));
+        assert_eq!(spec.group.as_deref(), Some("nogroup"));
+        assert_eq!(spec.resources.cpu_millis, 500);
+        assert_eq!(spec.resources.memory_bytes, Some(64 << 20));
+        assert_eq!(spec.resources.gpus, 1);
+        assert_eq!(spec.selector.get("zone").map(String::as_str), Some("a"));
+        assert!(spec.env["TOKEN"].secret);
+        assert!(!spec.env["PLAIN"].secret);
+        let spec =
+            parse("name = \"a\"\ncommand = \"x\"\n[resources]\ncpus = 2\nmemory = 1073741824\n")
+                .unwrap();
+        assert_eq!(spec.resources.cpu_millis, 2000);
+        assert_eq!(spec.resources.memory_bytes, Some(1 << 30));
+    }
+
+    #[test]
+    fn every_bad_field_is_named() {
+        let base = "name = \"a\"\ncommand = \"x\"\n";
+        let cases = [
+            ("shim = \"tcp\"\n", "shim"),
+            ("user = \"Bad User\"\n", "user"),
+            ("group = \"\"\n", "group"),
+            ("working_dir = \"rel\"\n", "working_dir"),
+            ("max_instances = 0\n", "max_instances"),
+            ("max_attempts = 0\n", "max_attempts"),
+            ("delay_release = \"2d\"\n", "delay_release"),
+            ("task_timeout = \"0s\"\n", "task_timeout"),
+            ("[resources]\ncpus = 0\n", "resources.cpus"),
+            ("[resources]\ncpus = -1.5\n", "resources.cpus"),
+            ("[resources]\ncpus = 0.001\n", "resources.cpus"),
+            ("[resources]\nmemory = \"lots\"\n", "resources.memory"),
+            ("[resources]\nmemory = 100\n", "resources.memory"),
+            ("[resources]\ngpus = 1000\n", "resources.gpus"),
+            ("[resources]\ndisk = 1\n", "disk"),
+            ("[selector]\n\"Bad Key\" = \"x\"\n", "selector"),
+            ("[env]\n\"A=B\" = \"x\"\n", "env"),
+            ("[env]\nA = { value = \"x\", hidden = true }\n", "env"),
+        ];
+        for (extra, field) in cases {
+            let err = parse(&format!("{base}{extra}")).unwrap_err();
+            assert!(err.to_string().contains(field), "{extra:?}: {err}");
+        }
     }
 
     #[test]

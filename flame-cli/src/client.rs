@@ -170,6 +170,20 @@ impl Client {
         }
     }
 
+    /// Replaces a registered application's spec; [`ErrorKind::NotFound`](flame_protocol::model::ErrorKind)
+    /// when none has its name. New executors use the new spec.
+    pub async fn update_application(
+        &self,
+        spec: ApplicationSpec,
+    ) -> Result<ApplicationInfo, ClientError> {
+        let name = spec.name.clone();
+        match self.request(ClientRequest::UpdateApplication(spec)).await? {
+            ClientResponse::Application(info) => Ok(info),
+            ClientResponse::Ok => self.get_application(&name).await,
+            other => Err(self.unexpected("request UpdateApplication", &other)),
+        }
+    }
+
     /// Every registered application.
     pub async fn list_applications(&self) -> Result<Vec<ApplicationInfo>, ClientError> {
         match self.request(ClientRequest::ListApplications).await? {
@@ -462,6 +476,8 @@ pub(crate) fn io_error(e: quinn::ClosedStream) -> FrameError {
 fn request_name(request: &ClientRequest) -> &'static str {
     match request {
         ClientRequest::RegisterApplication(_) => "RegisterApplication",
+        ClientRequest::UpdateApplication(_) => "UpdateApplication",
+        ClientRequest::Logs { .. } => "Logs",
         ClientRequest::ListApplications => "ListApplications",
         ClientRequest::GetApplication { .. } => "GetApplication",
         ClientRequest::RemoveApplication { .. } => "RemoveApplication",

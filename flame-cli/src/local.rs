@@ -243,8 +243,22 @@ impl LocalCluster {
             "--name".into(),
             opts.node_name.clone().into(),
             "--work-dir".into(),
-            work_dir.into(),
+            work_dir.clone().into(),
+            "--runtime-dir".into(),
+            work_dir.join("run").into(),
+            "--log-dir".into(),
+            work_dir.join("logs").into(),
+            // A one-machine cluster runs executors as the user who started it: it is a
+            // development tool, and its binaries may sit where no other user can read.
+            "--executor-user".into(),
+            current_user_name().into(),
+            "--cgroup-root".into(),
+            format!("flame-local-{}", std::process::id()).into(),
         ];
+        let mut node_args = node_args;
+        if nix::unistd::geteuid().is_root() {
+            node_args.push("--allow-root-executors".into());
+        }
         let node = Managed::spawn(NODE_BINARY, &node_bin, &node_args, &dir.join("node.log"));
         let mut node = match node {
             Ok(node) => node,
@@ -634,6 +648,15 @@ fn shell_quote(s: &str) -> String {
     } else {
         format!("'{}'", s.replace('\'', r"'\''"))
     }
+}
+
+/// The name of the user running this process (its uid as text if it has no name).
+fn current_user_name() -> String {
+    let uid = nix::unistd::geteuid();
+    nix::unistd::User::from_uid(uid)
+        .ok()
+        .flatten()
+        .map_or_else(|| uid.to_string(), |u| u.name)
 }
 
 #[cfg(test)]

@@ -15,17 +15,17 @@
 //! * every acked task ends in exactly one final state.
 
 use crate::scheduler::{self, Decision, ExecutorPhase, Snapshot};
-use crate::store::{StoreOp, StoreRequest, StoredSession, StoredTask};
+use crate::store::{StoreOp, StoreRequest, StoredSession, StoredTask, USAGE_RECORDS_MAX};
 use bytes::Bytes;
 use flame_protocol::limits;
 use flame_protocol::messages::{
     ClientRequest, ClientResponse, ExecutorEvent, ExecutorReport, HeadToNode, NodeCommand,
-    NodeRegistration, NodeTaskResult, NodeToHead, SubmitReply,
+    NodeRegistration, NodeTaskResult, NodeToHead, SubmitReply, Usage,
 };
 use flame_protocol::model::{
-    ApiError, ApplicationInfo, ApplicationSpec, ErrorKind, NodeInfo, NodeState, SessionInfo,
-    SessionSpec, SessionState, TaskAssignment, TaskCounts, TaskInfo, TaskOutcome, TaskResult,
-    TaskState,
+    ApiError, ApplicationInfo, ApplicationSpec, ErrorKind, ExecutorUsage, NodeInfo, NodeState,
+    Resources, SessionInfo, SessionSpec, SessionState, TaskAssignment, TaskCounts, TaskInfo,
+    TaskOutcome, TaskResult, TaskState,
 };
 use flame_protocol::{ExecutorId, SessionId, TaskId};
 use std::collections::{BTreeMap, HashMap, VecDeque};
@@ -206,6 +206,8 @@ struct SessionEntry {
     /// Client batch ids seen, with the tasks each created, so a batch sent again after a
     /// lost ack creates nothing new.
     batches: HashMap<u64, (TaskId, u32)>,
+    /// Why its pending tasks get no executor, from the last scheduling pass.
+    waiting: Option<String>,
 }
 
 /// The slot of a task id; ids are dense from 1.
@@ -225,6 +227,48 @@ impl SessionEntry {
             executors,
             created_ms: self.stored.created_ms,
             closed_ms: self.stored.closed_ms,
+            waiting: if self.counts.pending > 0 {
+                self.waiting.clone()
+            } else {
+                None
+            },
+            usage: self.stored.usage.clone(),
+        }
+    }
+
+    /// Adds what an executor used while bound to this session; one record per executor.
+    fn record_usage(
+        &mut self,
+        executor: ExecutorId,
+        node: &str,
+        usage: Usage,
+        ended: Option<&str>,
+    ) {
+        let list = &mut self.stored.usage;
+        let pos = match list.iter().position(|u| u.executor == executor) {
+            Some(pos) => pos,
+            None if list.len() < USAGE_RECORDS_MAX => {
+                list.push(ExecutorUsage {
+                    executor,
+                    node: node.to_string(),
+                    cpu_ms: 0,
+                    memory_peak_bytes: 0,
+                    throttled_ms: 0,
+                    ended: None,
+                });
+                list.len() - 1
+            }
+            // Past the cap, later executors are added into the last record.
+            None => list.len() - 1,
+        };
+        let Some(r) = list.get_mut(pos) else {
+            return;
+        };
+        r.cpu_ms = r.cpu_ms.saturating_add(usage.cpu_ms);
+        r.throttled_ms = r.throttled_ms.saturating_add(usage.throttled_ms);
+        r.memory_peak_bytes = r.memory_peak_bytes.max(usage.memory_peak_bytes);
+        if let Some(why) = ended {
+            r.ended = Some(why.to_string());
         }
     }
 }
@@ -235,6 +279,12 @@ struct ExecutorEntry {
     application: String,
     phase: ExecutorPhase,
     session: Option<SessionId>,
+    /// What it holds on its node.
+    resources: Resources,
+    /// GPU indices it holds on its node.
+    gpus: Vec<u32>,
+    /// Launched with a spec that has since been updated: released instead of reused.
+    stale: bool,
     /// Most tasks the node accepts outstanding on this executor.
     credit: u32,
     /// Smoothed time one task takes on this executor, in microseconds, measured between
@@ -271,7 +321,9 @@ enum AfterCommit {
         results: Vec<(TaskId, u32, TaskOutcome)>,
     },
     AddApplication {
-        spec: ApplicationSpec,
+        spec: Box<ApplicationSpec>,
+        /// An update: executors launched with the old spec are retired.
+        replace: bool,
         reply: oneshot::Sender<ClientResponse>,
     },
     AddSession {
@@ -410,6 +462,7 @@ impl Core {
                     finished: false,
                     cancelled: false,
                     batches: HashMap::new(),
+                    waiting: None,
                 },
             );
         }
@@ -455,6 +508,20 @@ impl Core {
             };
             s.tasks.push(slot);
         }
+        // Ids up to `last_task` were handed out; those with no stored task belong to
+        // batches whose commit failed. Keep them as holes so slots stay indexed by id.
+        for s in core.sessions.values_mut() {
+            let last = usize::try_from(s.stored.last_task).unwrap_or(usize::MAX);
+            while s.tasks.len() < last {
+                s.tasks.push(TaskSlot {
+                    slot: Slot::Rejected,
+                    attempt: 0,
+                    runs_failed: 0,
+                    input: Bytes::new(),
+                    outcome: None,
+                });
+            }
+        }
         for (sid, batch, first, count) in loaded.batches {
             if let Some(s) = core.sessions.get_mut(&sid) {
                 s.batches.insert(batch, (first, count));
@@ -472,8 +539,9 @@ impl Core {
                 NodeEntry {
                     registration: NodeRegistration {
                         name: n.name,
-                        cpus: n.cpus,
-                        memory_bytes: n.memory_bytes,
+                        allocatable: n.allocatable,
+                        labels: n.labels,
+                        isolation: n.isolation,
                         executors: Vec::new(),
                     },
                     conn: None,
@@ -643,6 +711,23 @@ impl Core {
         }
     }
 
+    /// What the executors alive on `node` hold.
+    fn allocated_on(&self, node: &str) -> Resources {
+        let mut total = Resources {
+            cpu_millis: 0,
+            memory_bytes: None,
+            gpus: 0,
+        };
+        for e in self.executors.values().filter(|e| e.node == node) {
+            total.cpu_millis = total.cpu_millis.saturating_add(e.resources.cpu_millis);
+            if let Some(m) = e.resources.memory_bytes {
+                total.memory_bytes = Some(total.memory_bytes.unwrap_or(0).saturating_add(m));
+            }
+            total.gpus = total.gpus.saturating_add(e.resources.gpus);
+        }
+        total
+    }
+
     fn executors_of(&self, session: SessionId) -> u32 {
         self.executors
             .values()
@@ -678,8 +763,25 @@ impl Core {
                     );
                 }
                 self.batch_ops.push(StoreOp::PutApplication(spec.clone()));
-                self.batch_after
-                    .push(AfterCommit::AddApplication { spec, reply });
+                self.batch_after.push(AfterCommit::AddApplication {
+                    spec: Box::new(spec),
+                    replace: false,
+                    reply,
+                });
+            }
+            ClientRequest::UpdateApplication(spec) => {
+                if let Err(e) = spec.validate() {
+                    return respond(reply, error(ErrorKind::InvalidArgument, e.to_string()));
+                }
+                if !self.apps.contains_key(&spec.name) {
+                    return respond(reply, error(ErrorKind::NotFound, unknown_app(&spec.name)));
+                }
+                self.batch_ops.push(StoreOp::PutApplication(spec.clone()));
+                self.batch_after.push(AfterCommit::AddApplication {
+                    spec: Box::new(spec),
+                    replace: true,
+                    reply,
+                });
             }
             ClientRequest::ListApplications => {
                 let list = self
@@ -767,8 +869,10 @@ impl Core {
                         } else {
                             NodeState::NotReady
                         },
-                        cpus: n.registration.cpus,
-                        memory_bytes: n.registration.memory_bytes,
+                        allocatable: n.registration.allocatable.clone(),
+                        allocated: self.allocated_on(name),
+                        labels: n.registration.labels.clone(),
+                        isolation: n.registration.isolation.clone(),
                         executors: self.executors.values().filter(|e| &e.node == name).count()
                             as u32,
                         last_seen_ms: n.last_seen_ms,
@@ -778,6 +882,7 @@ impl Core {
             }
             ClientRequest::OpenSubmitStream { .. }
             | ClientRequest::WatchResults { .. }
+            | ClientRequest::Logs { .. }
             | ClientRequest::ListTasks { .. } => respond(
                 reply,
                 error(
@@ -866,7 +971,7 @@ impl Core {
     fn application_info(&self, name: &str) -> Option<ApplicationInfo> {
         let spec = self.apps.get(name)?;
         Some(ApplicationInfo {
-            spec: spec.clone(),
+            spec: spec.redacted(),
             executors: self
                 .executors
                 .values()
@@ -915,6 +1020,7 @@ impl Core {
                 created_ms: now_ms,
                 closed_ms: None,
                 last_task: 0,
+                usage: Vec::new(),
             },
             ephemeral: spec.ephemeral,
             tasks: Vec::new(),
@@ -925,6 +1031,7 @@ impl Core {
             finished: false,
             cancelled: false,
             batches: HashMap::new(),
+            waiting: None,
         };
         self.batch_ops.push(StoreOp::PutCounters {
             next_session: Some(self.next_session),
@@ -1166,8 +1273,9 @@ impl Core {
         self.batch_ops
             .push(StoreOp::PutNode(crate::store::StoredNode {
                 name: name.clone(),
-                cpus: registration.cpus,
-                memory_bytes: registration.memory_bytes,
+                allocatable: registration.allocatable.clone(),
+                labels: registration.labels.clone(),
+                isolation: registration.isolation.clone(),
                 last_seen_ms: now_ms,
             }));
         self.conns.insert(conn, name.clone());
@@ -1232,6 +1340,9 @@ impl Core {
                     (None, false) => ExecutorPhase::Launching,
                 },
                 session: report.session,
+                resources: report.resources,
+                gpus: report.gpus,
+                stale: false,
                 credit: report.credit.clamp(1, 1024),
                 task_us_avg: TASK_US_INITIAL,
                 last_result_ms: 0,
@@ -1276,7 +1387,7 @@ impl Core {
         let id = match &event {
             ExecutorEvent::Ready { executor, .. }
             | ExecutorEvent::Bound { executor, .. }
-            | ExecutorEvent::Unbound { executor }
+            | ExecutorEvent::Unbound { executor, .. }
             | ExecutorEvent::Exited { executor, .. } => *executor,
         };
         let Some(e) = self.executors.get_mut(&id) else {
@@ -1298,12 +1409,20 @@ impl Core {
             {
                 e.phase = ExecutorPhase::Bound;
             }
-            ExecutorEvent::Unbound { .. } if e.phase == ExecutorPhase::Unbinding => {
+            ExecutorEvent::Unbound { usage, .. } if e.phase == ExecutorPhase::Unbinding => {
                 e.phase = ExecutorPhase::Idle;
-                e.session = None;
+                let session = e.session.take();
                 e.quiet_since_ms = now_ms;
+                let stale = e.stale;
+                self.record_usage(session, id, node, usage, None);
+                if stale {
+                    self.apply(Decision::Release { executor: id }, now_ms);
+                }
             }
-            ExecutorEvent::Exited { reason, .. } => {
+            ExecutorEvent::Exited { reason, usage, .. } => {
+                let session = e.session;
+                let ended = (e.phase != ExecutorPhase::Releasing).then_some(reason.as_str());
+                self.record_usage(session, id, node, usage, ended);
                 if let Some(e) = self.executors.remove(&id) {
                     if e.phase == ExecutorPhase::Launching {
                         let pause = self.back_off(&e.application, now_ms);
@@ -1322,6 +1441,25 @@ impl Core {
             other => {
                 tracing::warn!(executor = %id, phase = ?e.phase, event = ?other, "unexpected executor event ignored");
             }
+        }
+    }
+
+    /// Adds what an executor used to the session it was bound to, durably for durable
+    /// sessions (written with the next group commit).
+    fn record_usage(
+        &mut self,
+        session: Option<SessionId>,
+        executor: ExecutorId,
+        node: &str,
+        usage: Usage,
+        ended: Option<&str>,
+    ) {
+        let Some(s) = session.and_then(|id| self.sessions.get_mut(&id)) else {
+            return;
+        };
+        s.record_usage(executor, node, usage, ended);
+        if !s.ephemeral {
+            self.batch_ops.push(StoreOp::PutSession(s.stored.clone()));
         }
     }
 
@@ -1548,11 +1686,18 @@ impl Core {
                     }
                 }
             }
-            AfterCommit::AddApplication { spec, reply } => {
+            AfterCommit::AddApplication {
+                spec,
+                replace,
+                reply,
+            } => {
                 let r = match result {
                     Ok(()) => {
                         let name = spec.name.clone();
-                        self.apps.insert(name.clone(), spec);
+                        self.apps.insert(name.clone(), *spec);
+                        if replace {
+                            self.retire_executors_of(&name, now_ms);
+                        }
                         match self.application_info(&name) {
                             Some(info) => ClientResponse::Application(info),
                             None => ClientResponse::Ok,
@@ -1737,7 +1882,10 @@ impl Core {
                 .map(|(name, n)| scheduler::NodeView {
                     name: name.clone(),
                     ready: n.conn.is_some(),
-                    slots: n.registration.cpus.max(1),
+                    cpu_millis: n.registration.allocatable.cpu_millis,
+                    memory_bytes: n.registration.allocatable.memory_bytes,
+                    gpus: n.registration.allocatable.gpus.len() as u32,
+                    labels: n.registration.labels.clone(),
                 })
                 .collect(),
             applications: self
@@ -1751,6 +1899,8 @@ impl Core {
                         .launch_backoff
                         .get(&a.name)
                         .is_none_or(|&(_, not_before)| now_ms >= not_before),
+                    resources: a.resources,
+                    selector: a.selector.clone(),
                 })
                 .collect(),
             sessions: self
@@ -1775,10 +1925,15 @@ impl Core {
                     session: e.session,
                     quiet_since_ms: e.quiet_since_ms,
                     outstanding: e.outstanding.len() as u32,
+                    resources: e.resources,
                 })
                 .collect(),
         };
-        for decision in scheduler::schedule(&snapshot) {
+        let plan = scheduler::plan(&snapshot);
+        for s in self.sessions.values_mut() {
+            s.waiting = plan.waiting.get(&s.stored.id).cloned();
+        }
+        for decision in plan.decisions {
             self.apply(decision, now_ms);
         }
     }
@@ -1796,6 +1951,11 @@ impl Core {
                     // Launched once the next block of ids is durable (reschedules then).
                     return;
                 }
+                // GPU indices of the node that no executor holds, lowest first.
+                let Some(gpus) = self.free_gpus(&node, spec.resources.gpus) else {
+                    tracing::warn!(node = %node, app = %spec.name, "no free gpu indices for a planned launch; skipped");
+                    return;
+                };
                 let id = ExecutorId(self.next_executor);
                 self.next_executor += 1;
                 self.executors.insert(
@@ -1805,6 +1965,9 @@ impl Core {
                         application,
                         phase: ExecutorPhase::Launching,
                         session: None,
+                        resources: spec.resources,
+                        gpus: gpus.clone(),
+                        stale: false,
                         credit: 1,
                         task_us_avg: TASK_US_INITIAL,
                         last_result_ms: now_ms,
@@ -1817,7 +1980,8 @@ impl Core {
                     .or_default()
                     .push(NodeCommand::Launch {
                         executor: id,
-                        application: spec,
+                        application: Box::new(spec),
+                        gpus,
                     });
             }
             Decision::Bind { executor, session } => {
@@ -1863,6 +2027,48 @@ impl Core {
                     .push(NodeCommand::Release { executor });
             }
         }
+    }
+
+    /// After an application's spec changed: its Idle executors are released now, the others
+    /// when they leave their session, so new work runs on the new spec.
+    fn retire_executors_of(&mut self, application: &str, now_ms: u64) {
+        let mut idle = Vec::new();
+        for (id, e) in self.executors.iter_mut() {
+            if e.application == application {
+                e.stale = true;
+                if e.phase == ExecutorPhase::Idle {
+                    idle.push(*id);
+                }
+            }
+        }
+        for executor in idle {
+            self.apply(Decision::Release { executor }, now_ms);
+        }
+        self.reschedule = true;
+    }
+
+    /// `count` GPU indices of `node` that no executor holds, or `None` if it has fewer.
+    fn free_gpus(&self, node: &str, count: u32) -> Option<Vec<u32>> {
+        if count == 0 {
+            return Some(Vec::new());
+        }
+        let n = self.nodes.get(node)?;
+        let held: std::collections::HashSet<u32> = self
+            .executors
+            .values()
+            .filter(|e| e.node == node)
+            .flat_map(|e| e.gpus.iter().copied())
+            .collect();
+        let free: Vec<u32> = n
+            .registration
+            .allocatable
+            .gpus
+            .iter()
+            .map(|g| g.index)
+            .filter(|i| !held.contains(i))
+            .take(count as usize)
+            .collect();
+        (free.len() == count as usize).then_some(free)
     }
 
     /// Asks the store to reserve the next block of executor ids.
@@ -1963,6 +2169,10 @@ mod tests {
                 args: vec![],
                 env: Default::default(),
                 working_dir: None,
+                user: None,
+                group: None,
+                resources: Default::default(),
+                selector: Default::default(),
                 max_instances: 10,
                 delay_release_ms: 1000,
                 max_attempts: 3,
@@ -1975,8 +2185,13 @@ mod tests {
                     conn: 1,
                     registration: NodeRegistration {
                         name: "n1".into(),
-                        cpus: 1,
-                        memory_bytes: 1 << 30,
+                        allocatable: flame_protocol::model::NodeResources {
+                            cpu_millis: 1000,
+                            memory_bytes: 1 << 30,
+                            gpus: Vec::new(),
+                        },
+                        labels: Default::default(),
+                        isolation: "none".into(),
                         executors: vec![],
                     },
                     link,
@@ -2207,6 +2422,7 @@ mod tests {
             other => panic!("{other:?}"),
         };
         h.node(NodeToHead::ExecutorEvents(vec![ExecutorEvent::Exited {
+            usage: Default::default(),
             executor,
             reason: "no such file".into(),
         }]));
@@ -2341,9 +2557,16 @@ mod tests {
                 conn: 2,
                 registration: NodeRegistration {
                     name: "n1".into(),
-                    cpus: 1,
-                    memory_bytes: 1 << 30,
+                    allocatable: flame_protocol::model::NodeResources {
+                        cpu_millis: 1000,
+                        memory_bytes: 1 << 30,
+                        gpus: Vec::new(),
+                    },
+                    labels: Default::default(),
+                    isolation: "none".into(),
                     executors: vec![ExecutorReport {
+                        resources: Default::default(),
+                        gpus: Vec::new(),
                         executor,
                         application: "ping".into(),
                         ready: true,
@@ -2413,6 +2636,10 @@ mod tests {
             args: vec![],
             env: Default::default(),
             working_dir: None,
+            user: None,
+            group: None,
+            resources: Default::default(),
+            selector: Default::default(),
             max_instances: 10,
             delay_release_ms: 1000,
             max_attempts: 3,
@@ -2429,6 +2656,7 @@ mod tests {
                 created_ms: 0,
                 closed_ms: None,
                 last_task: 0,
+                usage: Vec::new(),
             }],
             tasks: vec![
                 (
@@ -2450,8 +2678,13 @@ mod tests {
             ],
             nodes: vec![StoredNode {
                 name: "n1".into(),
-                cpus: 1,
-                memory_bytes: 1 << 30,
+                allocatable: flame_protocol::model::NodeResources {
+                    cpu_millis: 1000,
+                    memory_bytes: 1 << 30,
+                    gpus: Vec::new(),
+                },
+                labels: Default::default(),
+                isolation: "none".into(),
                 last_seen_ms: 0,
             }],
             batches: vec![],
@@ -2467,9 +2700,16 @@ mod tests {
                 conn: 7,
                 registration: NodeRegistration {
                     name: "n1".into(),
-                    cpus: 1,
-                    memory_bytes: 1 << 30,
+                    allocatable: flame_protocol::model::NodeResources {
+                        cpu_millis: 1000,
+                        memory_bytes: 1 << 30,
+                        gpus: Vec::new(),
+                    },
+                    labels: Default::default(),
+                    isolation: "none".into(),
                     executors: vec![ExecutorReport {
+                        resources: Default::default(),
+                        gpus: Vec::new(),
                         executor: ExecutorId(900),
                         application: "ping".into(),
                         ready: true,

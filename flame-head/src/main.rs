@@ -15,8 +15,9 @@ mod tls;
 
 use anyhow::Context;
 use clap::Parser;
-use flame_protocol::model::{ApplicationSpec, ShimKind};
+use flame_protocol::model::ApplicationSpec;
 use std::io::Write;
+use std::os::unix::fs::PermissionsExt;
 
 fn main() -> std::process::ExitCode {
     let args = config::Args::parse();
@@ -55,17 +56,8 @@ fn ping_application() -> ApplicationSpec {
         .filter(|p| p.exists())
         .map_or_else(|| "flame-ping".to_string(), |p| p.display().to_string());
     ApplicationSpec {
-        name: "ping".into(),
-        shim: ShimKind::Stdio,
-        command,
-        args: vec![],
-        env: Default::default(),
-        working_dir: None,
         max_instances: 1024,
-        delay_release_ms: 60_000,
-        max_attempts: flame_protocol::model::APP_MAX_ATTEMPTS_DEFAULT,
-        retry_on_error: false,
-        task_timeout_ms: None,
+        ..ApplicationSpec::new("ping", command)
     }
 }
 
@@ -78,6 +70,15 @@ async fn run(args: config::Args) -> anyhow::Result<()> {
             config.data_dir.display()
         )
     })?;
+    // The store and the TLS key are the head's alone: no executor, whatever user it runs
+    // as, may read them.
+    std::fs::set_permissions(&config.data_dir, std::fs::Permissions::from_mode(0o700))
+        .with_context(|| {
+            format!(
+                "cannot make the data directory {} private (mode 0700)",
+                config.data_dir.display()
+            )
+        })?;
     let (store, loaded) = store::Store::open_and_load(&config.data_dir)?;
     let mut sans = tls::default_sans();
     sans.extend(config.tls_san.iter().cloned());

@@ -6,18 +6,23 @@
 //! Maps are ordered (`BTreeMap`), so the same snapshot always gives the same decisions.
 //!
 //! Policy, in order:
-//! 1. **Targets.** The executor slots of Ready nodes are shared between sessions with work
-//!    in proportion to their pending plus running tasks (water-filling, so no session gets
-//!    more executors than it has tasks), then capped by each application's
-//!    `max_instances`.
+//! 1. **Targets.** The cpus of Ready nodes are shared between sessions with work: each
+//!    first gets one executor's worth (its application's `resources.cpus`), then the rest
+//!    in proportion to its pending plus running tasks times that cpu request (so no
+//!    session gets more executors than it has tasks); the shares become executor counts,
+//!    capped by each application's `max_instances`. A session whose executors fit no
+//!    Ready node at all claims nothing and is told why.
 //! 2. **Reuse first.** A session under its target takes Idle executors of its application,
 //!    then executors of its application still starting, and only then launches new ones on
-//!    the node with the most free slots.
+//!    the matching node (labels ⊇ selector) with room for its cpus, memory and gpus, the
+//!    one with the most free cpu first. Sessions that cannot get what they need are given
+//!    a reason (see [`Plan::waiting`]).
 //! 3. **Give back.** A session over its target while another is under its own unbinds the
 //!    excess; a session with no work unbinds once it is closed, once someone else waits, or
 //!    after the application's `delay_release`. An Idle executor is released after
 //!    `delay_release`, or at once when its slot is needed for another application.
 
+use flame_protocol::model::{format_bytes, format_cpus, Resources};
 use flame_protocol::{ExecutorId, SessionId};
 use std::collections::BTreeMap;
 
@@ -26,8 +31,11 @@ use std::collections::BTreeMap;
 pub struct NodeView {
     pub name: String,
     pub ready: bool,
-    /// Executor slots (one per cpu for now).
-    pub slots: u32,
+    /// What it offers to executors.
+    pub cpu_millis: u32,
+    pub memory_bytes: u64,
+    pub gpus: u32,
+    pub labels: BTreeMap<String, String>,
 }
 
 /// What the scheduler sees of an application.
@@ -38,6 +46,10 @@ pub struct AppView {
     pub delay_release_ms: u64,
     /// False while launches of this application back off after failures.
     pub launchable: bool,
+    /// What one executor needs.
+    pub resources: Resources,
+    /// Labels a node must carry.
+    pub selector: BTreeMap<String, String>,
 }
 
 /// What the scheduler sees of a session.
@@ -74,6 +86,8 @@ pub struct ExecutorView {
     pub quiet_since_ms: u64,
     /// Tasks handed to it and not yet answered.
     pub outstanding: u32,
+    /// What it holds on its node.
+    pub resources: Resources,
 }
 
 /// Everything the scheduler decides from.
@@ -103,6 +117,143 @@ pub enum Decision {
     Release {
         executor: ExecutorId,
     },
+}
+
+/// The scheduler's answer: what to do, and why sessions wait.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Plan {
+    pub decisions: Vec<Decision>,
+    /// Sessions with pending work that get fewer executors than their share, and why.
+    pub waiting: BTreeMap<SessionId, String>,
+}
+
+/// Free resources of one node while a plan is made.
+#[derive(Debug, Clone, Copy)]
+struct Free {
+    cpu_millis: u64,
+    memory_bytes: u64,
+    gpus: u32,
+}
+
+impl Free {
+    fn fits(&self, r: &Resources) -> bool {
+        self.cpu_millis >= u64::from(r.cpu_millis)
+            && r.memory_bytes.is_none_or(|m| self.memory_bytes >= m)
+            && self.gpus >= r.gpus
+    }
+
+    fn take(&mut self, r: &Resources) {
+        self.cpu_millis = self.cpu_millis.saturating_sub(u64::from(r.cpu_millis));
+        self.memory_bytes = self
+            .memory_bytes
+            .saturating_sub(r.memory_bytes.unwrap_or(0));
+        self.gpus = self.gpus.saturating_sub(r.gpus);
+    }
+
+    fn give(&mut self, r: &Resources) {
+        self.cpu_millis += u64::from(r.cpu_millis);
+        self.memory_bytes = self
+            .memory_bytes
+            .saturating_add(r.memory_bytes.unwrap_or(0));
+        self.gpus += r.gpus;
+    }
+}
+
+fn node_total(n: &NodeView) -> Free {
+    Free {
+        cpu_millis: u64::from(n.cpu_millis),
+        memory_bytes: n.memory_bytes,
+        gpus: n.gpus,
+    }
+}
+
+/// The node carries every label of the selector.
+pub fn selector_matches(
+    selector: &BTreeMap<String, String>,
+    labels: &BTreeMap<String, String>,
+) -> bool {
+    selector.iter().all(|(k, v)| labels.get(k) == Some(v))
+}
+
+fn describe_selector(selector: &BTreeMap<String, String>) -> String {
+    selector
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// Why no Ready node could ever hold an executor of `app`, or `None` if one could.
+fn never_fits(app: &AppView, ready: &BTreeMap<&str, &NodeView>) -> Option<String> {
+    let matching: Vec<&&NodeView> = ready
+        .values()
+        .filter(|n| selector_matches(&app.selector, &n.labels))
+        .collect();
+    if ready.is_empty() {
+        return Some("no node is ready".to_string());
+    }
+    if matching.is_empty() {
+        return Some(format!(
+            "no ready node has the labels {} that application `{}` selects",
+            describe_selector(&app.selector),
+            app.name
+        ));
+    }
+    if matching.iter().any(|n| node_total(n).fits(&app.resources)) {
+        return None;
+    }
+    let largest = |f: fn(&NodeView) -> u64| matching.iter().map(|n| f(n)).max().unwrap_or(0);
+    Some(format!(
+        "no ready node can fit an executor of `{}` ({}); the largest offer cpus {}, memory {}, gpus {}",
+        app.name,
+        app.resources,
+        format_cpus(u32::try_from(largest(|n| u64::from(n.cpu_millis))).unwrap_or(u32::MAX)),
+        format_bytes(largest(|n| n.memory_bytes)),
+        largest(|n| u64::from(n.gpus)),
+    ))
+}
+
+/// Shares `capacity` (cpu millis) between sessions asking for `demands` executors of
+/// `units` millis each: one executor each first, then in proportion to the millis asked,
+/// then whatever is left to those that still fit in it. Returns executor counts, each at
+/// most its demand, whose millis sum to at most `capacity`.
+pub fn cpu_shares(capacity: u64, demands: &[u64], units: &[u64]) -> Vec<u64> {
+    let n = demands.len();
+    let mut count = vec![0u64; n];
+    let mut remaining = capacity;
+    for i in 0..n {
+        if demands[i] > 0 && units[i] <= remaining {
+            count[i] = 1;
+            remaining -= units[i];
+        }
+    }
+    let residual: Vec<u64> = (0..n)
+        .map(|i| demands[i].saturating_sub(count[i]).saturating_mul(units[i]))
+        .collect();
+    let extra = proportional_targets(remaining, &residual);
+    for i in 0..n {
+        let more = extra[i] / units[i].max(1);
+        count[i] += more;
+        remaining -= more * units[i];
+    }
+    // Flooring leaves cpu unused; hand it out while someone still fits in it, largest
+    // remainder first (ties: lowest index).
+    let mut order: Vec<usize> = (0..n).collect();
+    order.sort_by_key(|&i| std::cmp::Reverse(extra[i] % units[i].max(1)));
+    loop {
+        let mut gave = false;
+        for &i in &order {
+            if count[i] < demands[i] && units[i] <= remaining && units[i] > 0 {
+                count[i] += 1;
+                remaining -= units[i];
+                gave = true;
+            }
+        }
+        if !gave {
+            break;
+        }
+    }
+    count
 }
 
 /// Splits `capacity` between demands: one each first, then in proportion, never giving one
@@ -152,8 +303,15 @@ pub fn proportional_targets(capacity: u64, demands: &[u64]) -> Vec<u64> {
 }
 
 /// Computes the decisions for one snapshot.
+#[cfg(test)]
 pub fn schedule(snap: &Snapshot) -> Vec<Decision> {
+    plan(snap).decisions
+}
+
+/// Computes the decisions for one snapshot, and why sessions wait.
+pub fn plan(snap: &Snapshot) -> Plan {
     let mut decisions = Vec::new();
+    let mut waiting: BTreeMap<SessionId, String> = BTreeMap::new();
     let apps: BTreeMap<&str, &AppView> = snap
         .applications
         .iter()
@@ -166,18 +324,23 @@ pub fn schedule(snap: &Snapshot) -> Vec<Decision> {
         .map(|n| (n.name.as_str(), n))
         .collect();
 
-    // Slots in use per node, and live executors per application.
-    let mut used: BTreeMap<&str, u32> = BTreeMap::new();
+    // Resources free per Ready node, and live executors per application.
+    let mut free: BTreeMap<&str, Free> = ready
+        .iter()
+        .map(|(name, n)| (*name, node_total(n)))
+        .collect();
     let mut live_per_app: BTreeMap<&str, u32> = BTreeMap::new();
     for e in &snap.executors {
-        *used.entry(e.node.as_str()).or_default() += 1;
+        if let Some(f) = free.get_mut(e.node.as_str()) {
+            f.take(&e.resources);
+        }
         *live_per_app.entry(e.application.as_str()).or_default() += 1;
     }
-    let capacity: u64 = ready.values().map(|n| u64::from(n.slots)).sum();
+    let capacity: u64 = ready.values().map(|n| u64::from(n.cpu_millis)).sum();
 
-    // 1. Targets, proportional to demand, then capped per application. A session whose
-    // application cannot launch now (backing off after failures) claims no more than the
-    // executors it could use today, so its share does not sit idle while others wait.
+    // 1. Targets. A session whose application cannot launch now (backing off after
+    // failures) claims no more than the executors it could use today, so its share does
+    // not sit idle while others wait; one whose executors fit no node claims nothing.
     let mut usable_per_app: BTreeMap<&str, u64> = BTreeMap::new();
     for e in &snap.executors {
         if matches!(
@@ -190,20 +353,40 @@ pub fn schedule(snap: &Snapshot) -> Vec<Decision> {
             *usable_per_app.entry(e.application.as_str()).or_default() += 1;
         }
     }
+    let mut unplaceable: BTreeMap<&str, Option<String>> = BTreeMap::new();
+    for (name, app) in &apps {
+        unplaceable.insert(*name, never_fits(app, &ready));
+    }
     let active: Vec<&SessionView> = snap.sessions.iter().filter(|s| s.demand > 0).collect();
     let demands: Vec<u64> = active
         .iter()
-        .map(|s| match apps.get(s.application.as_str()) {
-            Some(a) if !a.launchable => s.demand.min(
-                usable_per_app
-                    .get(s.application.as_str())
-                    .copied()
-                    .unwrap_or(0),
-            ),
-            _ => s.demand,
+        .map(|s| {
+            let usable = usable_per_app
+                .get(s.application.as_str())
+                .copied()
+                .unwrap_or(0);
+            match apps.get(s.application.as_str()) {
+                None => 0,
+                Some(a) if !a.launchable => s.demand.min(usable),
+                Some(a)
+                    if unplaceable
+                        .get(a.name.as_str())
+                        .is_some_and(Option::is_some) =>
+                {
+                    s.demand.min(usable)
+                }
+                Some(_) => s.demand,
+            }
         })
         .collect();
-    let mut targets = proportional_targets(capacity, &demands);
+    let units: Vec<u64> = active
+        .iter()
+        .map(|s| {
+            apps.get(s.application.as_str())
+                .map_or(1000, |a| u64::from(a.resources.cpu_millis.max(1)))
+        })
+        .collect();
+    let mut targets = cpu_shares(capacity, &demands, &units);
     let mut by_app: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
     for (i, s) in active.iter().enumerate() {
         by_app.entry(s.application.as_str()).or_default().push(i);
@@ -229,6 +412,25 @@ pub fn schedule(snap: &Snapshot) -> Vec<Decision> {
     for e in &snap.executors {
         if let (Some(s), ExecutorPhase::Binding | ExecutorPhase::Bound) = (e.session, e.phase) {
             held.entry(s).or_default().push(e);
+        }
+    }
+    for s in &active {
+        let have = held.get(&s.id).map_or(0, Vec::len) as u64;
+        let target = target_of.get(&s.id).copied().unwrap_or(0);
+        if have == 0 && target == 0 {
+            let why = match apps.get(s.application.as_str()) {
+                None => format!("application `{}` is not registered", s.application),
+                Some(a) => match unplaceable.get(a.name.as_str()).cloned().flatten() {
+                    Some(why) => why,
+                    None if !a.launchable => format!(
+                        "executors of `{}` failed to start; launches back off",
+                        a.name
+                    ),
+                    None => "every cpu is shared out to other sessions; waiting for its share"
+                        .to_string(),
+                },
+            };
+            waiting.insert(s.id, why);
         }
     }
     let under: Vec<(&SessionView, u64)> = active
@@ -295,15 +497,6 @@ pub fn schedule(snap: &Snapshot) -> Vec<Decision> {
         list.sort_by_key(|e| e.id);
         list.reverse(); // pop() takes the lowest id first
     }
-    let mut free: BTreeMap<&str, u32> = ready
-        .iter()
-        .map(|(name, n)| {
-            (
-                *name,
-                n.slots.saturating_sub(used.get(name).copied().unwrap_or(0)),
-            )
-        })
-        .collect();
     let mut released: Vec<ExecutorId> = Vec::new();
     for (s, mut need) in under {
         let app_name = s.application.as_str();
@@ -324,32 +517,71 @@ pub fn schedule(snap: &Snapshot) -> Vec<Decision> {
         let absorbed = need.min(*in_flight);
         *in_flight -= absorbed;
         need -= absorbed;
+        if need > 0 && !app.launchable {
+            waiting.entry(s.id).or_insert_with(|| {
+                format!("executors of `{app_name}` failed to start; launches back off")
+            });
+        }
         let live = live_per_app.entry(app_name).or_default();
+        if need > 0 && app.launchable && *live >= app.max_instances {
+            waiting.entry(s.id).or_insert_with(|| {
+                format!(
+                    "application `{app_name}` has reached its max_instances ({})",
+                    app.max_instances
+                )
+            });
+        }
         while need > 0 && app.launchable && *live < app.max_instances {
-            // The node with the most free slots; ties broken by name for determinism.
+            // The matching node with room and the most free cpu; ties broken by name.
             let best = free
                 .iter()
-                .filter(|(_, f)| **f > 0)
-                .max_by(|a, b| a.1.cmp(b.1).then(b.0.cmp(a.0)))
+                .filter(|(n, f)| {
+                    f.fits(&app.resources)
+                        && ready
+                            .get(*n)
+                            .is_some_and(|nv| selector_matches(&app.selector, &nv.labels))
+                })
+                .max_by(|a, b| a.1.cpu_millis.cmp(&b.1.cpu_millis).then(b.0.cmp(a.0)))
                 .map(|(n, _)| *n);
             let node = match best {
                 Some(n) => n,
                 None => {
-                    // No free slot: release an Idle executor of another application.
+                    // No room: release an Idle executor of another application whose
+                    // resources make room on a matching node.
                     let victim = idle_by_app
                         .iter_mut()
                         .filter(|(a, _)| **a != app_name)
-                        .find_map(|(_, l)| l.pop());
+                        .find_map(|(_, list)| {
+                            let pos = list.iter().position(|v| {
+                                let Some(nv) = ready.get(v.node.as_str()) else {
+                                    return false;
+                                };
+                                let Some(mut f) = free.get(v.node.as_str()).copied() else {
+                                    return false;
+                                };
+                                f.give(&v.resources);
+                                selector_matches(&app.selector, &nv.labels)
+                                    && f.fits(&app.resources)
+                            })?;
+                            Some(list.remove(pos))
+                        });
                     if let Some(v) = victim {
                         released.push(v.id);
                         decisions.push(Decision::Release { executor: v.id });
+                    } else if !unplaceable.get(app_name).is_some_and(Option::is_some) {
+                        waiting.entry(s.id).or_insert_with(|| {
+                            format!(
+                                "waiting for room on a node for an executor of `{app_name}` ({})",
+                                app.resources
+                            )
+                        });
                     }
-                    // The slot frees when the release completes; launch on a later pass.
+                    // The room frees when the release completes; launch on a later pass.
                     break;
                 }
             };
             if let Some(f) = free.get_mut(node) {
-                *f -= 1;
+                f.take(&app.resources);
             }
             decisions.push(Decision::Launch {
                 node: node.to_string(),
@@ -374,7 +606,7 @@ pub fn schedule(snap: &Snapshot) -> Vec<Decision> {
             }
         }
     }
-    decisions
+    Plan { decisions, waiting }
 }
 
 #[cfg(test)]
@@ -385,7 +617,10 @@ mod tests {
         NodeView {
             name: name.into(),
             ready: true,
-            slots,
+            cpu_millis: slots * 1000,
+            memory_bytes: 8 << 30,
+            gpus: 0,
+            labels: BTreeMap::new(),
         }
     }
 
@@ -395,6 +630,8 @@ mod tests {
             max_instances: max,
             delay_release_ms: 1000,
             launchable: true,
+            resources: Resources::default(),
+            selector: BTreeMap::new(),
         }
     }
 
@@ -416,6 +653,7 @@ mod tests {
             session: session.map(SessionId),
             quiet_since_ms: 0,
             outstanding: 0,
+            resources: Resources::default(),
         }
     }
 
@@ -574,6 +812,88 @@ mod tests {
     }
 
     #[test]
+    fn half_cpu_executors_pack_two_per_cpu() {
+        let mut a = app("half", 100);
+        a.resources.cpu_millis = 500;
+        let snap = Snapshot {
+            now_ms: 0,
+            nodes: vec![node("n1", 2)],
+            applications: vec![a],
+            sessions: vec![session(1, "half", 100)],
+            executors: vec![],
+        };
+        assert_eq!(schedule(&snap).len(), 4);
+    }
+
+    #[test]
+    fn too_big_for_every_node_waits_and_says_why() {
+        let mut big = app("big", 10);
+        big.resources.memory_bytes = Some(64 << 30);
+        let snap = Snapshot {
+            now_ms: 0,
+            nodes: vec![node("n1", 2), node("n2", 4)],
+            applications: vec![big, app("ping", 10)],
+            sessions: vec![session(1, "big", 10), session(2, "ping", 10)],
+            executors: vec![],
+        };
+        let p = plan(&snap);
+        // The small session gets every cpu; the big one claims none and is told why.
+        assert_eq!(p.decisions.len(), 6);
+        assert!(p.decisions.iter().all(|d| matches!(
+            d,
+            Decision::Launch { application, .. } if application == "ping"
+        )));
+        let why = &p.waiting[&SessionId(1)];
+        assert!(why.contains("no ready node can fit"), "{why}");
+        assert!(why.contains("memory 64 GiB"), "{why}");
+        assert!(!p.waiting.contains_key(&SessionId(2)));
+    }
+
+    #[test]
+    fn selector_limits_placement_to_labelled_nodes() {
+        let mut gpu_node = node("gpu1", 2);
+        gpu_node.labels.insert("kind".into(), "gpu".into());
+        gpu_node.gpus = 1;
+        let mut a = app("train", 10);
+        a.selector.insert("kind".into(), "gpu".into());
+        a.resources.gpus = 1;
+        let snap = Snapshot {
+            now_ms: 0,
+            nodes: vec![node("cpu1", 8), gpu_node],
+            applications: vec![a.clone()],
+            sessions: vec![session(1, "train", 10)],
+            executors: vec![],
+        };
+        let p = plan(&snap);
+        // One gpu: one executor, on the labelled node; the rest wait for room.
+        assert_eq!(
+            p.decisions,
+            vec![Decision::Launch {
+                node: "gpu1".into(),
+                application: "train".into()
+            }]
+        );
+        assert!(p.waiting[&SessionId(1)].contains("waiting for room"));
+        let mut other = a;
+        other.selector.insert("zone".into(), "b".into());
+        let snap = Snapshot {
+            applications: vec![other],
+            ..snap
+        };
+        let why = &plan(&snap).waiting[&SessionId(1)];
+        assert!(why.contains("kind=gpu,zone=b"), "{why}");
+    }
+
+    #[test]
+    fn cpu_shares_give_one_each_then_proportion() {
+        assert_eq!(cpu_shares(4000, &[100, 100], &[1000, 1000]), vec![2, 2]);
+        assert_eq!(cpu_shares(4000, &[3, 1000], &[1000, 1000]), vec![1, 3]);
+        assert_eq!(cpu_shares(2000, &[10, 10], &[500, 1000]), vec![2, 1]);
+        assert_eq!(cpu_shares(500, &[10, 10], &[1000, 1000]), vec![0, 0]);
+        assert_eq!(cpu_shares(0, &[], &[]), Vec::<u64>::new());
+    }
+
+    #[test]
     fn full_node_releases_idle_executor_of_other_app() {
         let snap = Snapshot {
             now_ms: 0,
@@ -597,6 +917,24 @@ mod properties {
     use proptest::prelude::*;
     use std::collections::HashMap;
 
+    /// Three applications with different shapes: a whole cpu, half a cpu with 1 GiB, and
+    /// one cpu with a gpu.
+    fn resources_of(app: &str) -> Resources {
+        match app {
+            "a" => Resources::default(),
+            "b" => Resources {
+                cpu_millis: 500,
+                memory_bytes: Some(1 << 30),
+                gpus: 0,
+            },
+            _ => Resources {
+                cpu_millis: 1000,
+                memory_bytes: None,
+                gpus: 1,
+            },
+        }
+    }
+
     fn arb_snapshot() -> impl Strategy<Value = Snapshot> {
         (
             prop::collection::vec((1u32..8, any::<bool>()), 1..5),
@@ -613,7 +951,10 @@ mod properties {
                     .map(|(i, (slots, ready))| NodeView {
                         name: format!("n{i}"),
                         ready,
-                        slots,
+                        cpu_millis: slots * 1000,
+                        memory_bytes: u64::from(slots) << 30,
+                        gpus: slots % 3,
+                        labels: BTreeMap::new(),
                     })
                     .collect();
                 let sessions: Vec<SessionView> = sessions
@@ -653,6 +994,7 @@ mod properties {
                         ExecutorView {
                             id: ExecutorId(i as u64 + 1),
                             node: format!("n{}", node % nodes.len()),
+                            resources: resources_of(&app),
                             application: app,
                             phase,
                             session,
@@ -671,6 +1013,8 @@ mod properties {
                             max_instances,
                             delay_release_ms: 1000,
                             launchable: true,
+                            resources: resources_of(a),
+                            selector: BTreeMap::new(),
                         })
                         .collect(),
                     sessions,
@@ -683,10 +1027,14 @@ mod properties {
         #[test]
         fn decisions_respect_capacity_apps_and_states(snap in arb_snapshot()) {
             let decisions = schedule(&snap);
-            let mut used: HashMap<&str, u32> = HashMap::new();
+            // (cpu millis, memory, gpus) held per node.
+            let mut used: HashMap<&str, (u64, u64, u32)> = HashMap::new();
             let mut live: HashMap<&str, u32> = HashMap::new();
             for e in &snap.executors {
-                *used.entry(e.node.as_str()).or_default() += 1;
+                let u = used.entry(e.node.as_str()).or_default();
+                u.0 += u64::from(e.resources.cpu_millis);
+                u.1 += e.resources.memory_bytes.unwrap_or(0);
+                u.2 += e.resources.gpus;
                 *live.entry(e.application.as_str()).or_default() += 1;
             }
             let mut touched = std::collections::HashSet::new();
@@ -695,9 +1043,21 @@ mod properties {
                     Decision::Launch { node, application } => {
                         let n = snap.nodes.iter().find(|n| &n.name == node).unwrap();
                         prop_assert!(n.ready, "launch on a node that is not ready");
+                        let r = resources_of(application);
                         let u = used.entry(node.as_str()).or_default();
-                        *u += 1;
-                        prop_assert!(*u <= n.slots, "node {} over its slots", node);
+                        let before = *u;
+                        u.0 += u64::from(r.cpu_millis);
+                        u.1 += r.memory_bytes.unwrap_or(0);
+                        u.2 += r.gpus;
+                        // A launch never takes more than is free (a node already over,
+                        // after a restart adopted more than fits, gets nothing).
+                        prop_assert!(before.0 + u64::from(r.cpu_millis) <= u64::from(n.cpu_millis), "node {} over its cpus", node);
+                        if let Some(m) = r.memory_bytes {
+                            prop_assert!(before.1 + m <= n.memory_bytes, "node {} over its memory", node);
+                        }
+                        if r.gpus > 0 {
+                            prop_assert!(before.2 + r.gpus <= n.gpus, "node {} over its gpus", node);
+                        }
                         let l = live.entry(application.as_str()).or_default();
                         *l += 1;
                         let max = snap.applications.iter().find(|a| &a.name == application).unwrap().max_instances;

@@ -215,6 +215,10 @@ fn application(name: &str, max_instances: u32, max_attempts: u32, retry: bool) -
         args: vec![],
         env: Default::default(),
         working_dir: None,
+        user: None,
+        group: None,
+        resources: Default::default(),
+        selector: Default::default(),
         max_instances,
         delay_release_ms: 1_500,
         max_attempts,
@@ -432,6 +436,7 @@ impl SimNode {
             .collect();
         self.pending.push_back(Report::Event(
             ExecutorEvent::Exited {
+                usage: Default::default(),
                 executor: id,
                 reason: reason.into(),
             },
@@ -442,6 +447,7 @@ impl SimNode {
     fn unknown(&mut self, executor: ExecutorId) {
         self.pending.push_back(Report::Event(
             ExecutorEvent::Exited {
+                usage: Default::default(),
                 executor,
                 reason: "unknown on this node".into(),
             },
@@ -470,6 +476,7 @@ impl SimNode {
             NodeCommand::Launch {
                 executor,
                 application,
+                ..
             } => {
                 if !ctx.launched.insert(executor) {
                     ctx.violations.push(format!(
@@ -581,7 +588,10 @@ impl SimNode {
                     (ExecCmd::Unbind, Phase::Bound(_)) => {
                         e.phase = Phase::Idle;
                         self.pending.push_back(Report::Event(
-                            ExecutorEvent::Unbound { executor: id },
+                            ExecutorEvent::Unbound {
+                                executor: id,
+                                usage: Default::default(),
+                            },
                             Vec::new(),
                         ));
                     }
@@ -621,7 +631,7 @@ impl SimNode {
                         e.told_session = Some(*session);
                     }
                 }
-                Report::Event(ExecutorEvent::Unbound { executor }, _) => {
+                Report::Event(ExecutorEvent::Unbound { executor, .. }, _) => {
                     if let Some(e) = self.executors.get_mut(executor) {
                         e.told_session = None;
                     }
@@ -700,12 +710,19 @@ impl SimNode {
     fn registration(&self) -> NodeRegistration {
         NodeRegistration {
             name: self.name.clone(),
-            cpus: self.cpus,
-            memory_bytes: 1 << 34,
+            allocatable: flame_protocol::model::NodeResources {
+                cpu_millis: self.cpus * 1000,
+                memory_bytes: 1 << 34,
+                gpus: Vec::new(),
+            },
+            labels: Default::default(),
+            isolation: "none".into(),
             executors: self
                 .executors
                 .iter()
                 .map(|(id, e)| ExecutorReport {
+                    resources: Default::default(),
+                    gpus: Vec::new(),
                     executor: *id,
                     application: e.application.clone(),
                     ready: e.told_ready,

@@ -10,16 +10,20 @@
 
 use bytes::Bytes;
 use flame_protocol::model::{
-    ApplicationSpec, SessionState, TaskInfo, TaskOutcome, TaskResult, TaskState,
+    ApplicationSpec, ExecutorUsage, NodeResources, SessionState, TaskInfo, TaskOutcome, TaskResult,
+    TaskState,
 };
 use flame_protocol::{SessionId, TaskId};
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 /// Version of the table layout below. A mismatch stops the head; there is no silent reset.
-pub const SCHEMA_VERSION: u64 = 1;
+/// Version 2: application resources, users, selectors and secret env; node resources and
+/// labels; per-session executor usage. Version 1 stores (pre-release) are refused.
+pub const SCHEMA_VERSION: u64 = 2;
 
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const APPS: TableDefinition<&str, &[u8]> = TableDefinition::new("applications");
@@ -97,7 +101,14 @@ pub struct StoredSession {
     pub closed_ms: Option<u64>,
     /// Highest task id handed out; the next one is this plus one.
     pub last_task: u64,
+    /// What the executors that served it used, one entry per executor, at most
+    /// [`USAGE_RECORDS_MAX`].
+    pub usage: Vec<ExecutorUsage>,
 }
+
+/// Most executor usage records kept per session; later executors are added up into the
+/// last record.
+pub const USAGE_RECORDS_MAX: usize = 1024;
 
 /// A task as stored. Pending tasks hold their input; final ones hold their outcome and drop
 /// the input, which is no longer needed to run them.
@@ -111,8 +122,9 @@ pub enum StoredTask {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StoredNode {
     pub name: String,
-    pub cpus: u32,
-    pub memory_bytes: u64,
+    pub allocatable: NodeResources,
+    pub labels: BTreeMap<String, String>,
+    pub isolation: String,
     pub last_seen_ms: u64,
 }
 

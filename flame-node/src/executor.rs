@@ -1,21 +1,26 @@
-//! One executor: an application process driven through the stdio shim.
+//! One executor: an application process driven through its shim (stdio or a Unix socket),
+//! in its own cgroup, as its application's user.
 //!
 //! Each executor is a task that owns its process and applies commands in the order the
 //! head sent them, so a task queued behind the one running waits here on the node
-//! (pipelining), and an unbind takes effect after the tasks sent before it.
+//! (pipelining), and an unbind takes effect after the tasks sent before it. When it ends,
+//! for whatever reason, its whole cgroup is killed and removed with its directories, so no
+//! process, socket or file of it outlives it.
 
+use crate::cgroup::{CgroupTree, ExecutorCgroup, Limits, Usage as CgroupUsage};
+use crate::launcher::{resolve_credentials, Credentials, Launcher, ProcessSpec, StdioMode};
 use crate::lifecycle::{Input, Phase};
+use crate::logs::{LogRegistry, LogSink};
 use bytes::Bytes;
-use flame_protocol::messages::{ExecutorEvent, NodeTaskResult};
-use flame_protocol::model::{ApplicationSpec, TaskAssignment, TaskOutcome};
+use flame_protocol::messages::{ExecutorEvent, NodeTaskResult, Usage};
+use flame_protocol::model::{ApplicationSpec, ShimKind, TaskAssignment, TaskOutcome};
 use flame_protocol::{limits, ExecutorId, SessionId};
 use flame_shims::node::{Invocation, NodeShim};
-use std::collections::VecDeque;
+use flame_shims::unix::{connect_when_listening, SocketDir, ENV_SHIM_SOCKET};
+use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::process::Stdio;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
-use tokio::io::AsyncBufReadExt;
 use tokio::sync::{mpsc, oneshot};
 
 /// How long an application may take to say ready after it starts.
@@ -24,8 +29,6 @@ pub const START_TIMEOUT: Duration = Duration::from_secs(30);
 pub const ENTER_LEAVE_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long a released application has to exit after its stdin closes.
 pub const EXIT_GRACE: Duration = Duration::from_secs(5);
-/// Lines of an application's stderr kept to explain its failure.
-pub const STDERR_TAIL_LINES: usize = 20;
 
 /// A command for one executor, in head order.
 #[derive(Debug)]
@@ -46,14 +49,38 @@ pub enum Report {
     Result(NodeTaskResult),
 }
 
-/// Everything an executor needs to start.
+/// What every executor of this node shares: where its files go, who it runs as, and how
+/// it is started and confined.
+#[derive(Debug)]
+pub struct Settings {
+    pub node_name: String,
+    /// Parent of each executor's own working directory `exec-<id>`.
+    pub work_dir: PathBuf,
+    /// Parent of each executor's private socket directory `exec-<id>` (unix shim).
+    pub runtime_dir: PathBuf,
+    /// User of applications that name none.
+    pub executor_user: String,
+    /// Executors may run as root.
+    pub allow_root: bool,
+    /// The agent runs as root, so it can run executors as other users.
+    pub node_is_root: bool,
+    /// Executor cgroups; `None`: no limits and no accounting.
+    pub cgroups: Option<CgroupTree>,
+    /// Most processes in one executor's cgroup.
+    pub pids_max: u32,
+    pub launcher: Box<dyn Launcher>,
+    pub logs: LogRegistry,
+    /// Most tasks the head may have outstanding per executor.
+    pub credit: u32,
+}
+
+/// What one executor is started with.
 #[derive(Debug, Clone)]
 pub struct LaunchSpec {
     pub executor: ExecutorId,
     pub application: ApplicationSpec,
-    pub node_name: String,
-    pub work_dir: PathBuf,
-    pub credit: u32,
+    /// GPU indices given to it.
+    pub gpus: Vec<u32>,
 }
 
 /// The node's handle on a running executor.
@@ -65,8 +92,10 @@ pub struct Handle {
 }
 
 /// Starts an executor task. It reports `Ready`, results and finally `Exited` on `reports`,
-/// and sends its id on `gone` when it has finished.
+/// and sends its id on `gone` when it has finished and everything it held (process tree,
+/// cgroup, directories) is gone.
 pub fn spawn(
+    settings: Arc<Settings>,
     spec: LaunchSpec,
     reports: mpsc::UnboundedSender<Report>,
     gone: mpsc::UnboundedSender<ExecutorId>,
@@ -75,10 +104,17 @@ pub fn spawn(
     let (kill, kill_rx) = oneshot::channel();
     tokio::spawn(async move {
         let id = spec.executor;
-        let reason = drive(spec, rx, kill_rx, &reports).await;
+        let (reason, usage) = match Prepared::new(&settings, &spec) {
+            Ok(mut prepared) => {
+                let reason = drive(&settings, &spec, &mut prepared, rx, kill_rx, &reports).await;
+                prepared.finish(reason).await
+            }
+            Err(reason) => (reason, Usage::default()),
+        };
         let _ = reports.send(Report::Event(ExecutorEvent::Exited {
             executor: id,
             reason,
+            usage,
         }));
         let _ = gone.send(id);
     });
@@ -88,79 +124,339 @@ pub fn spawn(
     }
 }
 
-type Tail = Arc<Mutex<VecDeque<String>>>;
+/// Everything set up for one executor before its process starts, torn down by
+/// [`Prepared::finish`]: its cgroup, its directories, its log.
+struct Prepared {
+    credentials: Option<Credentials>,
+    cgroup: Option<ExecutorCgroup>,
+    work_dir: PathBuf,
+    socket_dir: Option<SocketDir>,
+    log: LogSink,
+    /// cgroup counters when the executor last entered a session.
+    bound_at: Option<CgroupUsage>,
+}
 
-fn tail_text(tail: &Tail) -> String {
-    let lines = tail
-        .lock()
-        .map(|t| t.iter().cloned().collect::<Vec<_>>())
-        .unwrap_or_default();
-    if lines.is_empty() {
-        String::new()
-    } else {
-        format!("; last stderr lines:\n{}", lines.join("\n"))
+impl Prepared {
+    fn new(settings: &Settings, spec: &LaunchSpec) -> Result<Prepared, String> {
+        let app = &spec.application;
+        let id = spec.executor;
+        let credentials = credentials_for(settings, app)?;
+        let owner = credentials.as_ref().map(|c| (c.uid, c.gid));
+        let log = settings
+            .logs
+            .open_sink(id.0)
+            .map_err(|e| format!("cannot open the executor's log: {e}"))?;
+        let work_dir = settings.work_dir.join(format!("exec-{}", id.0));
+        make_private_dir(&work_dir, owner).map_err(|e| {
+            format!(
+                "cannot create the working directory {}: {e}",
+                work_dir.display()
+            )
+        })?;
+        let socket_dir = match app.shim {
+            ShimKind::Stdio => None,
+            ShimKind::Unix => match SocketDir::create(&settings.runtime_dir, id.0, owner) {
+                Ok(d) => Some(d),
+                Err(e) => {
+                    let _ = std::fs::remove_dir_all(&work_dir);
+                    return Err(format!("cannot prepare the shim socket: {e}"));
+                }
+            },
+        };
+        let cgroup = match &settings.cgroups {
+            None => None,
+            Some(tree) => {
+                let limits = Limits {
+                    cpu_millis: Some(app.resources.cpu_millis),
+                    memory_bytes: app.resources.memory_bytes,
+                    pids_max: Some(settings.pids_max),
+                };
+                match tree.create(&format!("exec-{}", id.0), &limits) {
+                    Ok(c) => Some(c),
+                    Err(e) => {
+                        let _ = std::fs::remove_dir_all(&work_dir);
+                        return Err(format!("cannot create the executor's cgroup: {e}"));
+                    }
+                }
+            }
+        };
+        Ok(Prepared {
+            credentials,
+            cgroup,
+            work_dir,
+            socket_dir,
+            log,
+            bound_at: None,
+        })
+    }
+
+    fn usage_now(&self) -> Option<CgroupUsage> {
+        let cgroup = self.cgroup.as_ref()?;
+        match cgroup.usage() {
+            Ok(u) => Some(u),
+            Err(e) => {
+                tracing::warn!("cannot read an executor's cgroup counters: {e}");
+                None
+            }
+        }
+    }
+
+    /// What the executor used since it entered its session, if it is in one.
+    fn usage_since_bound(&self) -> Usage {
+        let (Some(then), Some(now)) = (self.bound_at, self.usage_now()) else {
+            return Usage::default();
+        };
+        Usage {
+            cpu_ms: now.cpu_ns.saturating_sub(then.cpu_ns) / 1_000_000,
+            memory_peak_bytes: now.memory_peak_bytes,
+            throttled_ms: now.throttled_ns.saturating_sub(then.throttled_ns) / 1_000_000,
+        }
+    }
+
+    /// Tears everything down: every process left in the cgroup is killed and the cgroup
+    /// removed, the directories removed. Returns the reason the executor ended, naming an
+    /// out-of-memory kill, and what it used since it last entered a session.
+    async fn finish(self, reason: String) -> (String, Usage) {
+        let usage = self.usage_since_bound();
+        let oom_kills = self.usage_now().map_or(0, |u| u.oom_kills);
+        let Prepared {
+            cgroup,
+            work_dir,
+            socket_dir,
+            log,
+            ..
+        } = self;
+        let reason = if oom_kills > 0 {
+            format!("out of memory: the executor reached its memory limit and the kernel killed it; {reason}")
+        } else {
+            reason
+        };
+        if let Some(cgroup) = cgroup {
+            // Killing waits (bounded) for the cgroup to empty: off the runtime thread.
+            let done = tokio::task::spawn_blocking(move || {
+                cgroup.kill_all()?;
+                cgroup.remove()
+            })
+            .await;
+            match done {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::warn!("cannot remove an executor's cgroup: {e}"),
+                Err(e) => tracing::warn!("the cgroup clean-up task failed: {e}"),
+            }
+        }
+        if let Some(dir) = socket_dir {
+            if let Err(e) = dir.remove() {
+                tracing::warn!("cannot remove an executor's socket directory: {e}");
+            }
+        }
+        if let Err(e) = std::fs::remove_dir_all(&work_dir) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                tracing::warn!(dir = %work_dir.display(), "cannot remove an executor's working directory: {e}");
+            }
+        }
+        drop(log);
+        (reason, usage)
     }
 }
 
-/// Runs the executor to the end; returns why it ended.
+/// Who an application's executors run as on this node.
+fn credentials_for(
+    settings: &Settings,
+    app: &ApplicationSpec,
+) -> Result<Option<Credentials>, String> {
+    let user = app.user.as_deref().unwrap_or(&settings.executor_user);
+    if !settings.node_is_root {
+        // An unprivileged agent runs executors as itself.
+        let me = nix::unistd::User::from_uid(nix::unistd::geteuid())
+            .ok()
+            .flatten()
+            .map(|u| u.name);
+        return match (&app.user, me) {
+            (Some(wanted), Some(me)) if *wanted != me => Err(format!(
+                "this node runs as `{me}`, not root, so it cannot run executors as `{wanted}`"
+            )),
+            _ => Ok(None),
+        };
+    }
+    let credentials = resolve_credentials(user, app.group.as_deref())
+        .map_err(|e| format!("cannot run as the application's user: {e}"))?;
+    if credentials.uid == 0 && !settings.allow_root {
+        return Err(format!(
+            "`{user}` is root, and this node does not run executors as root (see --allow-root-executors)"
+        ));
+    }
+    Ok(Some(credentials))
+}
+
+/// A directory only `owner` (and root) may enter, emptied of an earlier executor's files.
+fn make_private_dir(dir: &std::path::Path, owner: Option<(u32, u32)>) -> std::io::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    match std::fs::remove_dir_all(dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    std::fs::DirBuilder::new().mode(0o700).create(dir)?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+    if let Some((uid, gid)) = owner {
+        std::os::unix::fs::chown(dir, Some(uid), Some(gid))?;
+    }
+    Ok(())
+}
+
+/// The executor's whole environment: a few basics from the node, the application's
+/// variables, then Flame's own (which the application cannot override).
+fn environment(
+    settings: &Settings,
+    spec: &LaunchSpec,
+    prepared: &Prepared,
+) -> Vec<(String, String)> {
+    let app = &spec.application;
+    let mut env: BTreeMap<String, String> = BTreeMap::new();
+    env.insert(
+        "PATH".into(),
+        std::env::var("PATH").unwrap_or_else(|_| "/usr/local/bin:/usr/bin:/bin".into()),
+    );
+    for key in ["LANG", "LC_ALL", "TZ"] {
+        if let Ok(v) = std::env::var(key) {
+            env.insert(key.into(), v);
+        }
+    }
+    match &prepared.credentials {
+        Some(c) => {
+            env.insert("HOME".into(), c.home.display().to_string());
+            env.insert("USER".into(), c.user.clone());
+            env.insert("LOGNAME".into(), c.user.clone());
+        }
+        None => {
+            for key in ["HOME", "USER", "LOGNAME"] {
+                if let Ok(v) = std::env::var(key) {
+                    env.insert(key.into(), v);
+                }
+            }
+        }
+    }
+    for (k, v) in &app.env {
+        env.insert(k.clone(), v.value.clone());
+    }
+    env.insert("FLAME_EXECUTOR_ID".into(), spec.executor.to_string());
+    env.insert("FLAME_NODE".into(), settings.node_name.clone());
+    env.insert("FLAME_APPLICATION".into(), app.name.clone());
+    env.insert(
+        "CUDA_VISIBLE_DEVICES".into(),
+        spec.gpus
+            .iter()
+            .map(u32::to_string)
+            .collect::<Vec<_>>()
+            .join(","),
+    );
+    if let Some(dir) = &prepared.socket_dir {
+        env.insert(
+            ENV_SHIM_SOCKET.into(),
+            dir.socket_path().display().to_string(),
+        );
+    }
+    env.into_iter().collect()
+}
+
+fn tail_text(log: &LogSink) -> String {
+    let lines = log.tail_lines();
+    if lines.is_empty() {
+        String::new()
+    } else {
+        format!("; last output lines:\n{}", lines.join("\n"))
+    }
+}
+
+/// The application's end of the shim: its stdio pipes, or the socket it listens on.
+type ShimReader = Box<dyn tokio::io::AsyncRead + Unpin + Send>;
+type ShimWriter = Box<dyn tokio::io::AsyncWrite + Unpin + Send>;
+
+/// Runs the executor's process to the end; returns why it ended.
 async fn drive(
-    spec: LaunchSpec,
+    settings: &Settings,
+    spec: &LaunchSpec,
+    prepared: &mut Prepared,
     mut commands: mpsc::UnboundedReceiver<Command>,
     mut kill: oneshot::Receiver<()>,
     reports: &mpsc::UnboundedSender<Report>,
 ) -> String {
     let id = spec.executor;
     let app = &spec.application;
-    let mut cmd = tokio::process::Command::new(&app.command);
-    cmd.args(&app.args)
-        .envs(&app.env)
-        .env("FLAME_EXECUTOR_ID", id.to_string())
-        .env("FLAME_NODE", &spec.node_name)
-        .env("FLAME_APPLICATION", &app.name)
-        .current_dir(
-            app.working_dir
-                .as_ref()
-                .map_or(spec.work_dir.clone(), PathBuf::from),
-        )
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .process_group(0);
-    // SAFETY: the closure runs in the child between fork and exec and only calls prctl,
-    // which is async-signal-safe; it allocates nothing and takes no locks.
-    unsafe {
-        cmd.pre_exec(|| {
-            // Die with the node agent, so no executor outlives it.
-            nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)
-                .map_err(std::io::Error::from)
-        });
-    }
-    let mut child = match cmd.spawn() {
+    let unix = app.shim == ShimKind::Unix;
+    let process = ProcessSpec {
+        program: app.command.clone(),
+        args: app.args.clone(),
+        env: environment(settings, spec, prepared),
+        working_dir: app
+            .working_dir
+            .as_ref()
+            .map_or_else(|| prepared.work_dir.clone(), PathBuf::from),
+        credentials: prepared.credentials.clone(),
+        cgroup: match prepared.cgroup.as_ref().map(ExecutorCgroup::procs_files) {
+            None => None,
+            Some(Ok(join)) => Some(join),
+            Some(Err(e)) => return format!("cannot join the executor's cgroup: {e}"),
+        },
+        stdin: if unix {
+            StdioMode::Null
+        } else {
+            StdioMode::Piped
+        },
+        stdout: StdioMode::Piped,
+        stderr: StdioMode::Piped,
+    };
+    let mut child = match settings.launcher.launch(process) {
         Ok(c) => c,
-        Err(e) => return format!("cannot start `{}`: {e}", app.command),
+        Err(e) => return e.to_string(),
     };
-    let (Some(stdin), Some(stdout), Some(stderr)) =
-        (child.stdin.take(), child.stdout.take(), child.stderr.take())
-    else {
-        return "the process has no stdio pipes".to_string();
-    };
-    let tail: Tail = Arc::new(Mutex::new(VecDeque::with_capacity(STDERR_TAIL_LINES)));
-    let tail_writer = tail.clone();
-    let app_name = app.name.clone();
-    tokio::spawn(async move {
-        let mut lines = tokio::io::BufReader::new(stderr).lines();
-        while let Ok(Some(line)) = lines.next_line().await {
-            tracing::debug!(executor = %id, app = %app_name, "{line}");
-            if let Ok(mut t) = tail_writer.lock() {
-                if t.len() == STDERR_TAIL_LINES {
-                    t.pop_front();
-                }
-                t.push_back(line);
+    let log = prepared.log.clone();
+    if let Some(stderr) = child.stderr.take() {
+        log.spawn_copy(stderr, "stderr");
+    }
+    let (reader, writer): (ShimReader, ShimWriter) = if unix {
+        if let Some(stdout) = child.stdout.take() {
+            log.spawn_copy(stdout, "stdout");
+        }
+        let Some(socket) = prepared
+            .socket_dir
+            .as_ref()
+            .map(|d| d.socket_path().to_path_buf())
+        else {
+            return "the unix shim has no socket directory".to_string();
+        };
+        let connected = tokio::select! {
+            c = connect_when_listening(&socket, START_TIMEOUT, child.wait()) => c.map_err(|e| e.to_string()),
+            _ = &mut kill => Err("killed by the node".to_string()),
+        };
+        match connected {
+            Ok(stream) => {
+                let (r, w) = stream.into_split();
+                (Box::new(r), Box::new(w))
+            }
+            Err(e) => {
+                let _ = child.start_kill();
+                let _ = tokio::time::timeout(EXIT_GRACE, child.wait()).await;
+                let status = child
+                    .try_wait()
+                    .ok()
+                    .flatten()
+                    .map_or(String::new(), |s| format!(" ({s})"));
+                tokio::task::yield_now().await;
+                return format!(
+                    "the application failed to start: {e}{status}{}",
+                    tail_text(&log)
+                );
             }
         }
-    });
-    let mut shim = NodeShim::new(stdout, stdin, limits::FRAME_BYTES_MAX);
+    } else {
+        match (child.stdin.take(), child.stdout.take()) {
+            (Some(stdin), Some(stdout)) => (Box::new(stdout), Box::new(stdin)),
+            _ => return "the process has no stdio pipes".to_string(),
+        }
+    };
+    let _ = &app.name;
+    let mut shim = NodeShim::new(reader, writer, limits::FRAME_BYTES_MAX);
     let task_timeout = app.task_timeout_ms.map(Duration::from_millis);
     let mut phase = Phase::Void;
 
@@ -172,7 +468,7 @@ async fn drive(
             // Give the stderr reader a moment to take the last lines.
             tokio::task::yield_now().await;
             let status = status.map_or(String::new(), |s| format!(" ({s})"));
-            return format!("{}{}{}", format!($($arg)*), status, tail_text(&tail));
+            return format!("{}{}{}", format!($($arg)*), status, tail_text(&log));
         }};
     }
 
@@ -184,7 +480,7 @@ async fn drive(
     phase = phase.next(Input::AppReady).unwrap_or(phase);
     let _ = reports.send(Report::Event(ExecutorEvent::Ready {
         executor: id,
-        credit: spec.credit,
+        credit: settings.credit,
     }));
 
     loop {
@@ -221,6 +517,7 @@ async fn drive(
                     Err(_) => fail!("entering session {session} took over {ENTER_LEAVE_TIMEOUT:?}"),
                 }
                 phase = phase.next(Input::Entered).unwrap_or(phase);
+                prepared.bound_at = prepared.usage_now();
                 let _ = reports.send(Report::Event(ExecutorEvent::Bound {
                     executor: id,
                     session,
@@ -262,13 +559,18 @@ async fn drive(
                     Err(_) => fail!("leaving the session took over {ENTER_LEAVE_TIMEOUT:?}"),
                 }
                 phase = phase.next(Input::Left).unwrap_or(phase);
-                let _ = reports.send(Report::Event(ExecutorEvent::Unbound { executor: id }));
+                let usage = prepared.usage_since_bound();
+                prepared.bound_at = None;
+                let _ = reports.send(Report::Event(ExecutorEvent::Unbound {
+                    executor: id,
+                    usage,
+                }));
             }
             Command::Release => {
                 shim.shutdown().await;
                 return match tokio::time::timeout(EXIT_GRACE, child.wait()).await {
                     Ok(Ok(status)) if status.success() => "released".to_string(),
-                    Ok(Ok(status)) => format!("released; exited with {status}{}", tail_text(&tail)),
+                    Ok(Ok(status)) => format!("released; exited with {status}{}", tail_text(&log)),
                     Ok(Err(e)) => format!("released; wait failed: {e}"),
                     Err(_) => {
                         let _ = child.start_kill();

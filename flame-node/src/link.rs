@@ -7,9 +7,11 @@ use flame_protocol::limits;
 use flame_protocol::messages::{
     ExecutorEvent, ExecutorReport, HeadToNode, NodeCommand, NodeRegistration, NodeToHead, Role,
 };
+use flame_protocol::model::{NodeResources, Resources};
 use flame_protocol::{ExecutorId, SessionId, TaskId};
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 
@@ -23,14 +25,16 @@ pub struct NodeConfig {
     pub head: String,
     pub ca_file: PathBuf,
     pub name: String,
-    pub cpus: u32,
-    pub memory_bytes: u64,
-    pub work_dir: PathBuf,
-    /// Tasks the head may have outstanding per executor.
-    pub credit: u32,
+    /// What the node offers to executors.
+    pub allocatable: NodeResources,
+    pub labels: BTreeMap<String, String>,
+    /// `cgroup v1`, `cgroup v2` or `none`.
+    pub isolation: String,
     /// How long executors keep running while the head is away, so that a restarted head
     /// can adopt them and the tasks they run.
     pub head_loss_grace: Duration,
+    /// What every executor shares.
+    pub executors: Arc<executor::Settings>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -50,6 +54,8 @@ pub enum LinkError {
 struct Tracked {
     handle: Handle,
     application: String,
+    resources: Resources,
+    gpus: Vec<u32>,
     ready: bool,
     session: Option<SessionId>,
     /// Tasks handed to it whose result has not been sent to the head, in run order.
@@ -136,18 +142,21 @@ impl Agent {
     fn registration(&self) -> NodeRegistration {
         NodeRegistration {
             name: self.config.name.clone(),
-            cpus: self.config.cpus,
-            memory_bytes: self.config.memory_bytes,
+            allocatable: self.config.allocatable.clone(),
+            labels: self.config.labels.clone(),
+            isolation: self.config.isolation.clone(),
             executors: self
                 .executors
                 .iter()
                 .map(|(id, t)| ExecutorReport {
+                    resources: t.resources,
+                    gpus: t.gpus.clone(),
                     executor: *id,
                     application: t.application.clone(),
                     ready: t.ready,
                     session: t.session,
                     tasks: t.tasks.iter().copied().collect(),
-                    credit: self.config.credit,
+                    credit: self.config.executors.credit,
                 })
                 .collect(),
         }
@@ -173,7 +182,7 @@ impl Agent {
                     t.session = Some(*session);
                 }
             }
-            Report::Event(ExecutorEvent::Unbound { executor }) => {
+            Report::Event(ExecutorEvent::Unbound { executor, .. }) => {
                 if let Some(t) = self.executors.get_mut(executor) {
                     t.session = None;
                 }
@@ -275,6 +284,7 @@ impl Agent {
             NodeCommand::Launch {
                 executor,
                 application,
+                gpus,
             } => {
                 if self.executors.contains_key(&executor) {
                     tracing::warn!(%executor, "launch of an existing executor ignored");
@@ -282,13 +292,13 @@ impl Agent {
                 }
                 tracing::debug!(%executor, app = %application.name, "launching executor");
                 let name = application.name.clone();
+                let resources = application.resources;
                 let handle = executor::spawn(
+                    self.config.executors.clone(),
                     LaunchSpec {
                         executor,
-                        application,
-                        node_name: self.config.name.clone(),
-                        work_dir: self.config.work_dir.clone(),
-                        credit: self.config.credit,
+                        application: *application,
+                        gpus: gpus.clone(),
                     },
                     self.reports_tx.clone(),
                     self.gone_tx.clone(),
@@ -298,6 +308,8 @@ impl Agent {
                     Tracked {
                         handle,
                         application: name,
+                        resources,
+                        gpus,
                         ready: false,
                         session: None,
                         tasks: VecDeque::new(),
@@ -330,6 +342,7 @@ impl Agent {
                     let _ = self.reports_tx.send(Report::Event(ExecutorEvent::Exited {
                         executor,
                         reason: "unknown on this node".into(),
+                        usage: Default::default(),
                     }));
                 }
                 return;
@@ -345,6 +358,7 @@ impl Agent {
             let _ = self.reports_tx.send(Report::Event(ExecutorEvent::Exited {
                 executor: id,
                 reason: "unknown on this node".into(),
+                usage: Default::default(),
             }));
         }
     }

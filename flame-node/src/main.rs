@@ -1,40 +1,91 @@
 //! `flame-node`: the Flame node agent. It registers with the head, reports its capacity,
-//! and runs the executors the head asks for as local processes.
+//! and runs the executors the head asks for as local processes, each in its own cgroup and
+//! as its application's user.
 
+mod capacity;
+mod cgroup;
+mod config;
 mod executor;
+mod launcher;
 mod lifecycle;
 mod link;
+mod logs;
 mod resources;
 
 use clap::Parser;
+use config::CgroupMode;
+use flame_protocol::model::{validate_labels, GpuInfo, NodeResources};
 use std::path::PathBuf;
+use std::sync::Arc;
 
 #[derive(Debug, Parser)]
 #[command(name = "flame-node", version, about = "The Flame node agent")]
 struct Args {
+    /// TOML file with any of these settings (flags win over it)
+    #[arg(long, env = "FLAME_NODE_CONFIG")]
+    config: Option<PathBuf>,
     /// Address of the head, `host:port`.
     #[arg(long, env = "FLAME_HEAD")]
-    head: String,
+    head: Option<String>,
     /// PEM file with the certificate(s) to trust for the head.
     #[arg(long, env = "FLAME_CA_FILE")]
-    ca_file: PathBuf,
+    ca_file: Option<PathBuf>,
     /// Name of this node (default: the host name, lower-cased).
     #[arg(long, env = "FLAME_NODE_NAME")]
     name: Option<String>,
-    /// Executor slots to offer (default: the number of cpus).
+    /// Cpus to offer, fractions allowed (default: detected, within the agent's own cgroup)
     #[arg(long)]
-    cpus: Option<u32>,
-    /// Working directory for executors without their own.
-    #[arg(long, default_value = "/var/lib/flame/node")]
-    work_dir: PathBuf,
+    cpus: Option<f64>,
+    /// Memory to offer, e.g. `64GiB` (default: detected, within the agent's own cgroup)
+    #[arg(long)]
+    memory: Option<String>,
+    /// GPU indices to offer, e.g. `0,1`, or `none` (default: detected with nvidia-smi)
+    #[arg(long)]
+    gpus: Option<String>,
+    /// Cpus kept back for the system
+    #[arg(long)]
+    reserve_cpus: Option<f64>,
+    /// Memory kept back for the system, e.g. `2GiB`
+    #[arg(long)]
+    reserve_memory: Option<String>,
+    /// A label `KEY=VALUE` that application selectors can match (repeatable)
+    #[arg(long = "label", value_parser = config::parse_label)]
+    labels: Vec<(String, String)>,
+    /// Parent of the executors' own working directories [default: /var/lib/flame/node]
+    #[arg(long)]
+    work_dir: Option<PathBuf>,
+    /// Parent of the executors' private socket directories [default: /run/flame/node]
+    #[arg(long)]
+    runtime_dir: Option<PathBuf>,
+    /// Where executor logs are kept [default: /var/log/flame/node]
+    #[arg(long)]
+    log_dir: Option<PathBuf>,
+    /// User of applications that name none [default: nobody]
+    #[arg(long)]
+    executor_user: Option<String>,
+    /// Let executors run as root (off by default)
+    #[arg(long)]
+    allow_root_executors: bool,
+    /// Executor cgroups: `auto` (required when running as root) or `off`
+    #[arg(long, value_enum)]
+    cgroups: Option<CgroupMode>,
+    /// Name of this node's cgroup directory under its own cgroup [default: flame-node-NAME]
+    #[arg(long)]
+    cgroup_root: Option<String>,
     /// Most tasks the head may have outstanding per executor (the head sizes the queue by
-    /// measured task time within this bound).
-    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..=1024))]
-    credit: u32,
-    /// How long executors keep running after the head is lost, waiting for it to return
-    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
-    head_loss_grace: std::time::Duration,
+    /// measured task time within this bound) [default: 256]
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=1024))]
+    credit: Option<u32>,
+    /// How long executors keep running after the head is lost, waiting for it to return [default: 60s]
+    #[arg(long, value_parser = humantime::parse_duration)]
+    head_loss_grace: Option<std::time::Duration>,
+    /// Print what this node would offer (cpus, memory, GPUs, cgroups) as JSON and exit
+    #[arg(long)]
+    print_capacity: bool,
 }
+
+/// Most processes in one executor's cgroup, unless the config says otherwise.
+const PIDS_MAX_DEFAULT: u32 = 4096;
 
 fn main() -> std::process::ExitCode {
     let args = Args::parse();
@@ -46,47 +97,252 @@ fn main() -> std::process::ExitCode {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    if let Err(e) = std::fs::create_dir_all(&args.work_dir) {
-        eprintln!(
-            "error: cannot create the work directory {}: {e}",
-            args.work_dir.display()
-        );
-        return std::process::ExitCode::FAILURE;
-    }
-    let cpus = args.cpus.unwrap_or_else(resources::cpus);
-    if cpus == 0 {
-        eprintln!("error: --cpus must be at least 1");
-        return std::process::ExitCode::FAILURE;
-    }
-    let config = link::NodeConfig {
-        head: args.head,
-        ca_file: args.ca_file,
-        name: args
-            .name
-            .unwrap_or_else(|| resources::hostname().to_lowercase()),
-        cpus,
-        memory_bytes: resources::memory_bytes(),
-        work_dir: args.work_dir,
-        credit: args.credit,
-        head_loss_grace: args.head_loss_grace,
-    };
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("error: cannot start the async runtime: {e}");
-            return std::process::ExitCode::FAILURE;
-        }
-    };
-    match runtime.block_on(link::run(config, shutdown_signal())) {
+    match run(args) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e}");
             std::process::ExitCode::FAILURE
         }
     }
+}
+
+fn run(args: Args) -> Result<(), String> {
+    let file = match &args.config {
+        Some(path) => config::load(path)?,
+        None => config::FileConfig::default(),
+    };
+    let head = args
+        .head
+        .clone()
+        .or(file.head.clone())
+        .ok_or("the head's address is needed: --head HOST:PORT (or `head` in --config)")?;
+    let ca_file =
+        args.ca_file.clone().or(file.ca_file.clone()).ok_or(
+            "the head's CA certificate is needed: --ca-file PEM (or `ca_file` in --config)",
+        )?;
+    if !args.print_capacity {
+        // Checked before anything is created on this machine.
+        std::fs::metadata(&ca_file)
+            .map_err(|e| format!("cannot read the CA file {}: {e}", ca_file.display()))?;
+    }
+    let name = args
+        .name
+        .or(file.name)
+        .unwrap_or_else(|| resources::hostname().to_lowercase());
+    flame_protocol::model::validate_node_name(&name).map_err(|e| format!("--name: {e}"))?;
+
+    // Capacity: detected, overridden, less what is reserved.
+    let detected = capacity::detect();
+    let cpu_millis = match args.cpus.or(file.cpus) {
+        Some(c) => config::cpu_millis("--cpus", c)?,
+        None => detected.cpu_millis,
+    };
+    if cpu_millis == 0 {
+        return Err("--cpus: a node must offer more than 0 cpus".to_string());
+    }
+    let memory_bytes = match (&args.memory, &file.memory) {
+        (Some(m), _) => config::parse_size("memory", m)?,
+        (None, Some(m)) => m.bytes("memory")?,
+        (None, None) => detected.memory_bytes,
+    };
+    let gpu_override: Option<Vec<u32>> = match &args.gpus {
+        Some(list) if list == "none" || list.is_empty() => Some(Vec::new()),
+        Some(list) => Some(
+            list.split(',')
+                .map(|g| {
+                    g.trim()
+                        .parse::<u32>()
+                        .map_err(|_| format!("--gpus: `{g}` is not a GPU index"))
+                })
+                .collect::<Result<_, _>>()?,
+        ),
+        None => file.gpus.clone(),
+    };
+    let gpus: Vec<GpuInfo> = match gpu_override {
+        Some(indices) => indices
+            .into_iter()
+            .map(|index| {
+                let found = detected.gpus.iter().find(|g| g.index == index);
+                GpuInfo {
+                    index,
+                    name: found.map_or_else(|| "configured".to_string(), |g| g.name.clone()),
+                    uuid: found.map_or_else(String::new, |g| g.uuid.clone()),
+                    memory_bytes: found.map_or(0, |g| g.memory_bytes),
+                }
+            })
+            .collect(),
+        None => detected
+            .gpus
+            .iter()
+            .map(|g| GpuInfo {
+                index: g.index,
+                name: g.name.clone(),
+                uuid: g.uuid.clone(),
+                memory_bytes: g.memory_bytes,
+            })
+            .collect(),
+    };
+    let reserve_cpu = match args.reserve_cpus.or(file.reserve_cpus) {
+        Some(c) => config::cpu_millis("reserve_cpus", c)?,
+        None => 0,
+    };
+    let reserve_memory = match (&args.reserve_memory, &file.reserve_memory) {
+        (Some(m), _) => config::parse_size("reserve_memory", m)?,
+        (None, Some(m)) => m.bytes("reserve_memory")?,
+        (None, None) => 0,
+    };
+    if reserve_cpu >= cpu_millis {
+        return Err(format!(
+            "reserve_cpus ({}) leaves nothing of the {} cpus for executors",
+            flame_protocol::model::format_cpus(reserve_cpu),
+            flame_protocol::model::format_cpus(cpu_millis)
+        ));
+    }
+    if reserve_memory >= memory_bytes && memory_bytes > 0 {
+        return Err("reserve_memory leaves no memory for executors".to_string());
+    }
+    let allocatable = NodeResources {
+        cpu_millis: cpu_millis - reserve_cpu,
+        memory_bytes: memory_bytes.saturating_sub(reserve_memory),
+        gpus,
+    };
+    let mut labels = file.labels.clone();
+    labels.extend(args.labels.iter().cloned());
+    validate_labels("label", &labels).map_err(|e| e.to_string())?;
+
+    // Executors: cgroups, users, directories, logs.
+    let root = nix::unistd::geteuid().is_root();
+    let mode = args.cgroups.or(file.cgroups).unwrap_or(CgroupMode::Auto);
+    let cgroup_root = args
+        .cgroup_root
+        .or(file.cgroup_root)
+        .unwrap_or_else(|| format!("flame-node-{name}"));
+    let cgroups = match mode {
+        CgroupMode::Off => None,
+        CgroupMode::Auto => match cgroup::CgroupTree::detect(&cgroup_root) {
+            Ok(tree) => Some(tree),
+            Err(e) if root => {
+                return Err(format!(
+                    "cannot set up executor cgroups: {e}\nhint: run with `--cgroups off` to run executors without limits or accounting"
+                ))
+            }
+            Err(e) => {
+                tracing::warn!("running executors without cgroups (no limits, no accounting): {e}");
+                None
+            }
+        },
+    };
+    let isolation = match cgroups.as_ref().map(cgroup::CgroupTree::version) {
+        Some(cgroup::Version::V1) => "cgroup v1",
+        Some(cgroup::Version::V2) => "cgroup v2",
+        None => "none",
+    }
+    .to_string();
+    if args.print_capacity {
+        let report = serde_json::json!({
+            "name": name,
+            "cpus": flame_protocol::model::format_cpus(allocatable.cpu_millis),
+            "memory_bytes": allocatable.memory_bytes,
+            "gpus": allocatable.gpus.iter().map(|g| serde_json::json!({
+                "index": g.index, "name": g.name, "uuid": g.uuid, "memory_bytes": g.memory_bytes,
+            })).collect::<Vec<_>>(),
+            "labels": labels,
+            "isolation": isolation,
+        });
+        println!("{report:#}");
+        return Ok(());
+    }
+    if let Some(tree) = &cgroups {
+        match tree.cleanup_stale() {
+            Ok(0) => {}
+            Ok(n) => tracing::warn!(count = n, "removed executor cgroups left by an earlier run"),
+            Err(e) => tracing::warn!("cannot clean up executor cgroups of an earlier run: {e}"),
+        }
+    }
+    let executor_user = args
+        .executor_user
+        .or(file.executor_user)
+        .unwrap_or_else(|| "nobody".to_string());
+    let allow_root = args.allow_root_executors || file.allow_root_executors.unwrap_or(false);
+    if executor_user == "root" && !allow_root {
+        return Err(
+            "--executor-user root needs --allow-root-executors (executors run unprivileged by default)"
+                .to_string(),
+        );
+    }
+    let work_dir = args
+        .work_dir
+        .or(file.work_dir)
+        .unwrap_or_else(|| PathBuf::from("/var/lib/flame/node"));
+    let runtime_dir = args
+        .runtime_dir
+        .or(file.runtime_dir)
+        .unwrap_or_else(|| PathBuf::from("/run/flame/node"));
+    let log_dir = args
+        .log_dir
+        .or(file.log_dir)
+        .unwrap_or_else(|| PathBuf::from("/var/log/flame/node"));
+    for (what, dir, mode) in [
+        ("work", &work_dir, 0o755),
+        ("runtime", &runtime_dir, 0o755),
+        ("log", &log_dir, 0o700),
+    ] {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| format!("cannot create the {what} directory {}: {e}", dir.display()))?;
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode)).map_err(|e| {
+            format!(
+                "cannot set the mode of the {what} directory {}: {e}",
+                dir.display()
+            )
+        })?;
+    }
+    let mut log_config = logs::LogConfig::new(&log_dir);
+    if let Some(size) = &file.log_file_bytes_max {
+        log_config.file_bytes_max = size.bytes("log_file_bytes_max")?;
+    }
+    if let Some(kept) = file.log_files_kept {
+        log_config.files_kept = kept;
+    }
+    let logs = logs::LogRegistry::new(log_config)
+        .map_err(|e| format!("cannot set up executor logs in {}: {e}", log_dir.display()))?;
+    let head_loss_grace = match (args.head_loss_grace, &file.head_loss_grace) {
+        (Some(d), _) => d,
+        (None, Some(text)) => humantime::parse_duration(text)
+            .map_err(|e| format!("head_loss_grace: `{text}`: {e}"))?,
+        (None, None) => std::time::Duration::from_secs(60),
+    };
+    let credit = args.credit.or(file.credit).unwrap_or(256).clamp(1, 1024);
+    let settings = executor::Settings {
+        node_name: name.clone(),
+        work_dir,
+        runtime_dir,
+        executor_user,
+        allow_root,
+        node_is_root: root,
+        cgroups,
+        pids_max: file.pids_max.unwrap_or(PIDS_MAX_DEFAULT),
+        launcher: Box::new(launcher::ProcessLauncher),
+        logs,
+        credit,
+    };
+    let config = link::NodeConfig {
+        head,
+        ca_file,
+        name,
+        allocatable,
+        labels,
+        isolation,
+        head_loss_grace,
+        executors: Arc::new(settings),
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start the async runtime: {e}"))?;
+    runtime
+        .block_on(link::run(config, shutdown_signal()))
+        .map_err(|e| e.to_string())
 }
 
 async fn shutdown_signal() {

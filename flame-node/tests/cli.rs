@@ -17,7 +17,7 @@ fn head_and_ca_file_are_required() {
         .env_remove("FLAME_CA_FILE")
         .output()
         .unwrap();
-    assert_eq!(out.status.code(), Some(2));
+    assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("--head"), "{err}");
 }
@@ -44,7 +44,7 @@ fn zero_cpus_is_refused() {
             "--head",
             "127.0.0.1:9",
             "--ca-file",
-            "/nonexistent/ca.pem",
+            "/dev/null",
             "--cpus",
             "0",
         ])

@@ -21,11 +21,12 @@
 
 use crate::ids::{ExecutorId, SessionId, TaskId};
 use crate::model::{
-    ApiError, ApplicationInfo, ApplicationSpec, NodeInfo, SessionInfo, SessionSpec, TaskAssignment,
-    TaskInfo, TaskOutcome, TaskResult, TaskState,
+    ApiError, ApplicationInfo, ApplicationSpec, NodeInfo, NodeResources, Resources, SessionInfo,
+    SessionSpec, TaskAssignment, TaskInfo, TaskOutcome, TaskResult, TaskState,
 };
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 
 /// Who is on the other end of a connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -54,6 +55,9 @@ pub enum HelloReply {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ClientRequest {
     RegisterApplication(ApplicationSpec),
+    /// Replaces a registered application's spec. New executors use the new spec; idle
+    /// executors of the old one are released, busy ones finish their session first.
+    UpdateApplication(ApplicationSpec),
     ListApplications,
     GetApplication {
         name: String,
@@ -91,6 +95,38 @@ pub enum ClientRequest {
     WatchResults {
         session: SessionId,
     },
+    /// Streams the logs of the executors that served a session (or one of them): after a
+    /// [`ClientResponse::Ok`] the head sends [`LogEvent`] frames, ending with
+    /// [`LogEvent::End`]; with `follow`, it keeps sending until the executors end or the
+    /// client closes the stream.
+    Logs {
+        session: SessionId,
+        executor: Option<ExecutorId>,
+        follow: bool,
+    },
+}
+
+/// A frame of a log stream.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum LogEvent {
+    /// Bytes of one executor's log, in order.
+    Chunk {
+        executor: ExecutorId,
+        node: String,
+        data: Bytes,
+    },
+    /// A node's logs could not be read (e.g. it is not connected); other nodes' go on.
+    Unavailable { node: String, reason: String },
+    /// Nothing more will come.
+    End,
+}
+
+/// The head's request on a stream it opens to a node, to read executors' logs. The node
+/// answers with [`LogEvent`] frames and finishes the stream after [`LogEvent::End`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeLogRequest {
+    pub executors: Vec<ExecutorId>,
+    pub follow: bool,
 }
 
 /// The head's answer to a [`ClientRequest`].
@@ -150,8 +186,13 @@ pub enum NodeToHead {
 pub struct NodeRegistration {
     /// Unique node name, normally the host name.
     pub name: String,
-    pub cpus: u32,
-    pub memory_bytes: u64,
+    /// What it offers to executors: its capacity (or its own cgroup's limit, when lower)
+    /// less what its config reserves.
+    pub allocatable: NodeResources,
+    /// Labels from its config, matched by application selectors.
+    pub labels: BTreeMap<String, String>,
+    /// How it enforces executor limits: `cgroup v1`, `cgroup v2` or `none`.
+    pub isolation: String,
     /// Executors the node still runs from an earlier connection (it keeps them for a
     /// grace period when it loses the head). The head adopts those it can use, so a task
     /// running on a live executor keeps running across a head restart, and kills the
@@ -164,6 +205,10 @@ pub struct NodeRegistration {
 pub struct ExecutorReport {
     pub executor: ExecutorId,
     pub application: String,
+    /// What it was launched with, so the head accounts for it on this node.
+    pub resources: Resources,
+    /// GPU indices it was given.
+    pub gpus: Vec<u32>,
     /// The application said ready.
     pub ready: bool,
     /// The session it is bound to, if any.
@@ -187,14 +232,26 @@ pub enum ExecutorEvent {
         executor: ExecutorId,
         session: SessionId,
     },
-    /// The executor left its session: Unbinding → Idle.
-    Unbound { executor: ExecutorId },
+    /// The executor left its session: Unbinding → Idle. `usage` is what it used while
+    /// bound.
+    Unbound { executor: ExecutorId, usage: Usage },
     /// The process is gone (released, crashed, or never started). Tasks it held that have
-    /// no result are lost and must be re-queued by the head.
+    /// no result are lost and must be re-queued by the head. `usage` is what it used since
+    /// it was last bound, if it was.
     Exited {
         executor: ExecutorId,
         reason: String,
+        usage: Usage,
     },
+}
+
+/// What an executor used over a span of its life, from its cgroup (zeros on a node
+/// without cgroups).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Usage {
+    pub cpu_ms: u64,
+    pub memory_peak_bytes: u64,
+    pub throttled_ms: u64,
 }
 
 /// One task's result as a node reports it.
@@ -227,7 +284,9 @@ pub enum NodeCommand {
     /// Start a new executor process: Void → Idle once the application says ready.
     Launch {
         executor: ExecutorId,
-        application: ApplicationSpec,
+        application: Box<ApplicationSpec>,
+        /// GPU indices given to it (its `CUDA_VISIBLE_DEVICES`).
+        gpus: Vec<u32>,
     },
     /// Enter a session: Idle → Binding → Bound.
     Bind {
@@ -267,6 +326,8 @@ mod tests {
             let _ = postcard::from_bytes::<WatchEvent>(&bytes);
             let _ = postcard::from_bytes::<NodeToHead>(&bytes);
             let _ = postcard::from_bytes::<HeadToNode>(&bytes);
+            let _ = postcard::from_bytes::<LogEvent>(&bytes);
+            let _ = postcard::from_bytes::<NodeLogRequest>(&bytes);
         }
     }
 

@@ -12,7 +12,112 @@ pub enum ShimKind {
     /// Frames over the process's stdin and stdout (see `docs/shim-protocol.md`).
     #[default]
     Stdio,
+    /// Frames over a Unix stream socket the application listens on, at the path the node
+    /// gives it in `FLAME_SHIM_SOCKET`; stdout and stderr go to the executor's log.
+    Unix,
 }
+
+impl std::fmt::Display for ShimKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            ShimKind::Stdio => "stdio",
+            ShimKind::Unix => "unix",
+        })
+    }
+}
+
+/// One environment variable of an application.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EnvValue {
+    pub value: String,
+    /// Stored by the head and handed to nodes, but never shown to clients: the head
+    /// blanks the value in every answer.
+    pub secret: bool,
+}
+
+impl EnvValue {
+    /// A variable that may be shown.
+    pub fn plain(value: impl Into<String>) -> Self {
+        EnvValue {
+            value: value.into(),
+            secret: false,
+        }
+    }
+}
+
+/// What one executor of an application needs from its node; the node enforces it with a
+/// cgroup (cpu quota, memory limit) and the scheduler places by it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Resources {
+    /// Thousandths of a cpu: 500 is half a cpu.
+    pub cpu_millis: u32,
+    /// Memory limit; `None`: no limit, and none reserved on the node.
+    pub memory_bytes: Option<u64>,
+    /// Whole GPUs, given to the executor through `CUDA_VISIBLE_DEVICES`.
+    pub gpus: u32,
+}
+
+impl Default for Resources {
+    fn default() -> Self {
+        Resources {
+            cpu_millis: 1000,
+            memory_bytes: None,
+            gpus: 0,
+        }
+    }
+}
+
+impl std::fmt::Display for Resources {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "cpus {}", format_cpus(self.cpu_millis))?;
+        if let Some(m) = self.memory_bytes {
+            write!(f, ", memory {}", format_bytes(m))?;
+        }
+        if self.gpus > 0 {
+            write!(f, ", gpus {}", self.gpus)?;
+        }
+        Ok(())
+    }
+}
+
+/// `1500` → `1.5`.
+pub fn format_cpus(cpu_millis: u32) -> String {
+    if cpu_millis % 1000 == 0 {
+        (cpu_millis / 1000).to_string()
+    } else {
+        let s = format!("{}.{:03}", cpu_millis / 1000, cpu_millis % 1000);
+        s.trim_end_matches('0').to_string()
+    }
+}
+
+/// Bytes in binary units, e.g. `64 MiB`.
+pub fn format_bytes(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut value = bytes as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit < UNITS.len() - 1 {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 || value.fract() == 0.0 {
+        format!("{value:.0} {}", UNITS[unit])
+    } else {
+        format!("{value:.1} {}", UNITS[unit])
+    }
+}
+
+/// Smallest cpu share an executor may ask for (a 1 ms quota per 100 ms period).
+pub const APP_CPU_MILLIS_MIN: u32 = 10;
+/// Largest cpu count an executor may ask for.
+pub const APP_CPU_MILLIS_MAX: u32 = 1024 * 1000;
+/// Smallest memory limit accepted (below this an application cannot start).
+pub const APP_MEMORY_BYTES_MIN: u64 = 4 * 1024 * 1024;
+/// Most GPUs one executor may ask for.
+pub const APP_GPUS_MAX: u32 = 64;
+/// Most selector labels in a spec, and most labels on a node.
+pub const LABELS_MAX: usize = 64;
+/// Longest label key or value.
+pub const LABEL_BYTES_MAX: usize = 63;
 
 /// A registered program: what the node starts as an executor, and the limits the scheduler
 /// applies to it.
@@ -24,8 +129,17 @@ pub struct ApplicationSpec {
     /// Program to execute. A bare name is looked up in the node's `PATH`.
     pub command: String,
     pub args: Vec<String>,
-    pub env: BTreeMap<String, String>,
+    pub env: BTreeMap<String, EnvValue>,
     pub working_dir: Option<String>,
+    /// Unix user the executor runs as; `None`: the node's configured default (an
+    /// unprivileged user).
+    pub user: Option<String>,
+    /// Unix group; `None`: the user's primary group.
+    pub group: Option<String>,
+    /// What each executor needs and is limited to.
+    pub resources: Resources,
+    /// Only nodes carrying all these labels run executors of this application.
+    pub selector: BTreeMap<String, String>,
     /// Most executors of this application alive at once, cluster-wide.
     pub max_instances: u32,
     /// How long an idle executor is kept for reuse before it is released.
@@ -54,6 +168,10 @@ pub const APP_NAME_BYTES_MAX: usize = 64;
 pub const APP_ARGS_MAX: usize = 1024;
 /// Largest `max_instances` accepted.
 pub const APP_INSTANCES_MAX: u32 = 100_000;
+/// `max_instances` when a spec does not say.
+pub const APP_INSTANCES_DEFAULT: u32 = 100;
+/// `delay_release` when a spec does not say (one minute).
+pub const APP_DELAY_RELEASE_MS_DEFAULT: u64 = 60_000;
 /// Longest `delay_release` accepted (one day).
 pub const APP_DELAY_RELEASE_MS_MAX: u64 = 24 * 3600 * 1000;
 
@@ -121,7 +239,102 @@ pub fn validate_node_name(name: &str) -> Result<(), SpecError> {
     Ok(())
 }
 
+/// Checks a Unix user or group name as `useradd` accepts it.
+fn validate_account(field: &'static str, name: &str) -> Result<(), SpecError> {
+    let ok = !name.is_empty()
+        && name.len() <= 32
+        && name
+            .chars()
+            .next()
+            .is_some_and(|c| c.is_ascii_lowercase() || c == '_')
+        && name.chars().enumerate().all(|(i, c)| {
+            c.is_ascii_lowercase()
+                || c.is_ascii_digit()
+                || c == '_'
+                || c == '-'
+                || (c == '$' && i == name.len() - 1)
+        });
+    if ok {
+        Ok(())
+    } else {
+        Err(SpecError::new(
+            field,
+            format!("`{name}` is not a valid name: [a-z_][a-z0-9_-]*, at most 32 bytes"),
+        ))
+    }
+}
+
+/// Checks a label map (node labels or a selector): keys `[a-z0-9][a-z0-9._/-]*`, values
+/// of printable characters without spaces, both at most [`LABEL_BYTES_MAX`] bytes.
+pub fn validate_labels(
+    field: &'static str,
+    labels: &BTreeMap<String, String>,
+) -> Result<(), SpecError> {
+    if labels.len() > LABELS_MAX {
+        return Err(SpecError::new(
+            field,
+            format!("has {} labels; the limit is {LABELS_MAX}", labels.len()),
+        ));
+    }
+    for (key, value) in labels {
+        let key_ok = !key.is_empty()
+            && key.len() <= LABEL_BYTES_MAX
+            && key.chars().enumerate().all(|(i, c)| {
+                c.is_ascii_lowercase()
+                    || c.is_ascii_digit()
+                    || (i > 0 && matches!(c, '.' | '_' | '/' | '-'))
+            });
+        if !key_ok {
+            return Err(SpecError::new(
+                field,
+                format!("label key `{key}` must match [a-z0-9][a-z0-9._/-]*, at most {LABEL_BYTES_MAX} bytes"),
+            ));
+        }
+        if value.len() > LABEL_BYTES_MAX
+            || value.chars().any(|c| c.is_whitespace() || c.is_control())
+        {
+            return Err(SpecError::new(
+                field,
+                format!("label `{key}`: the value must be at most {LABEL_BYTES_MAX} bytes without spaces"),
+            ));
+        }
+    }
+    Ok(())
+}
+
 impl ApplicationSpec {
+    /// A spec with every optional field at its default.
+    pub fn new(name: impl Into<String>, command: impl Into<String>) -> Self {
+        ApplicationSpec {
+            name: name.into(),
+            shim: ShimKind::Stdio,
+            command: command.into(),
+            args: Vec::new(),
+            env: BTreeMap::new(),
+            working_dir: None,
+            user: None,
+            group: None,
+            resources: Resources::default(),
+            selector: BTreeMap::new(),
+            max_instances: APP_INSTANCES_DEFAULT,
+            delay_release_ms: APP_DELAY_RELEASE_MS_DEFAULT,
+            max_attempts: APP_MAX_ATTEMPTS_DEFAULT,
+            retry_on_error: false,
+            task_timeout_ms: None,
+        }
+    }
+
+    /// The same spec with secret environment values blanked, for answers to clients.
+    pub fn redacted(&self) -> Self {
+        let mut spec = self.clone();
+        for v in spec.env.values_mut() {
+            if v.secret {
+                v.value.clear();
+            }
+        }
+        spec
+    }
+
     /// Checks every field; the error names the first field that is wrong.
     pub fn validate(&self) -> Result<(), SpecError> {
         validate_name("name", &self.name)?;
@@ -145,14 +358,56 @@ impl ApplicationSpec {
                 ));
             }
         }
+        for value in self.env.values() {
+            if value.value.contains('\0') {
+                return Err(SpecError::new("env", "values must not contain NUL bytes"));
+            }
+        }
         if let Some(dir) = &self.working_dir {
-            if !dir.starts_with('/') {
+            if !dir.starts_with('/') || dir.contains('\0') {
                 return Err(SpecError::new(
                     "working_dir",
                     format!("`{dir}` must be an absolute path"),
                 ));
             }
         }
+        if let Some(user) = &self.user {
+            validate_account("user", user)?;
+        }
+        if let Some(group) = &self.group {
+            validate_account("group", group)?;
+        }
+        let r = &self.resources;
+        if r.cpu_millis < APP_CPU_MILLIS_MIN || r.cpu_millis > APP_CPU_MILLIS_MAX {
+            return Err(SpecError::new(
+                "resources.cpus",
+                format!(
+                    "is {}; it must be between {} and {}",
+                    format_cpus(r.cpu_millis),
+                    format_cpus(APP_CPU_MILLIS_MIN),
+                    format_cpus(APP_CPU_MILLIS_MAX)
+                ),
+            ));
+        }
+        if let Some(m) = r.memory_bytes {
+            if m < APP_MEMORY_BYTES_MIN {
+                return Err(SpecError::new(
+                    "resources.memory",
+                    format!(
+                        "is {}; it must be at least {}",
+                        format_bytes(m),
+                        format_bytes(APP_MEMORY_BYTES_MIN)
+                    ),
+                ));
+            }
+        }
+        if r.gpus > APP_GPUS_MAX {
+            return Err(SpecError::new(
+                "resources.gpus",
+                format!("is {}; the limit is {APP_GPUS_MAX}", r.gpus),
+            ));
+        }
+        validate_labels("selector", &self.selector)?;
         if self.max_instances == 0 || self.max_instances > APP_INSTANCES_MAX {
             return Err(SpecError::new(
                 "max_instances",
@@ -233,6 +488,26 @@ pub struct SessionInfo {
     /// Unix time in milliseconds.
     pub created_ms: u64,
     pub closed_ms: Option<u64>,
+    /// Why pending tasks are not getting executors, when they are not: e.g. no node can
+    /// fit the application's resources, or `max_instances` is reached.
+    pub waiting: Option<String>,
+    /// Every executor that served the session, with what it used while bound to it.
+    pub usage: Vec<ExecutorUsage>,
+}
+
+/// What one executor used while bound to one session, as its node's cgroup measured it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExecutorUsage {
+    pub executor: ExecutorId,
+    pub node: String,
+    /// cpu time (user + system) of the executor's processes while bound to the session.
+    pub cpu_ms: u64,
+    /// Highest memory use of the executor's processes over its life so far.
+    pub memory_peak_bytes: u64,
+    /// Time the cpu quota held the executor back while bound to the session.
+    pub throttled_ms: u64,
+    /// Set when the executor ended while bound: why (e.g. "out of memory").
+    pub ended: Option<String>,
 }
 
 impl SessionInfo {
@@ -264,12 +539,35 @@ pub enum NodeState {
 pub struct NodeInfo {
     pub name: String,
     pub state: NodeState,
-    pub cpus: u32,
-    pub memory_bytes: u64,
+    /// What the node offers to executors (its capacity less what its config reserves).
+    pub allocatable: NodeResources,
+    /// What the executors alive on it hold.
+    pub allocated: Resources,
+    pub labels: BTreeMap<String, String>,
+    /// How the node enforces executor limits: `cgroup v1`, `cgroup v2` or `none`.
+    pub isolation: String,
     /// Executors alive on the node.
     pub executors: u32,
     /// Unix time in milliseconds of the last message from the node.
     pub last_seen_ms: u64,
+}
+
+/// One GPU of a node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GpuInfo {
+    /// The index `CUDA_VISIBLE_DEVICES` names it by.
+    pub index: u32,
+    pub name: String,
+    pub uuid: String,
+    pub memory_bytes: u64,
+}
+
+/// What a node offers to executors.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeResources {
+    pub cpu_millis: u32,
+    pub memory_bytes: u64,
+    pub gpus: Vec<GpuInfo>,
 }
 
 /// The final outcome of one task attempt.
@@ -369,18 +667,36 @@ mod tests {
 
     fn spec() -> ApplicationSpec {
         ApplicationSpec {
-            name: "pi".into(),
-            shim: ShimKind::Stdio,
-            command: "/bin/pi".into(),
-            args: vec![],
-            env: BTreeMap::new(),
-            working_dir: None,
             max_instances: 4,
             delay_release_ms: 1000,
-            max_attempts: 3,
-            retry_on_error: false,
-            task_timeout_ms: None,
+            ..ApplicationSpec::new("pi", "/bin/pi")
         }
+    }
+
+    #[test]
+    fn redacted_blanks_only_secrets() {
+        let mut s = spec();
+        s.env.insert("A".into(), EnvValue::plain("shown"));
+        s.env.insert(
+            "TOKEN".into(),
+            EnvValue {
+                value: "hidden".into(),
+                secret: true,
+            },
+        );
+        let r = s.redacted();
+        assert_eq!(r.env["A"].value, "shown");
+        assert_eq!(r.env["TOKEN"].value, "");
+        assert!(r.env["TOKEN"].secret);
+    }
+
+    #[test]
+    fn cpus_and_bytes_format_for_people() {
+        assert_eq!(format_cpus(1500), "1.5");
+        assert_eq!(format_cpus(2000), "2");
+        assert_eq!(format_cpus(10), "0.01");
+        assert_eq!(format_bytes(64 * 1024 * 1024), "64 MiB");
+        assert_eq!(format_bytes(1536), "1.5 KiB");
     }
 
     #[test]
@@ -403,8 +719,38 @@ mod tests {
         s.working_dir = Some("relative".into());
         assert_eq!(s.validate().unwrap_err().field, "working_dir");
         let mut s = spec();
-        s.env.insert("A=B".into(), "x".into());
+        s.env.insert("A=B".into(), EnvValue::plain("x"));
         assert_eq!(s.validate().unwrap_err().field, "env");
+        let mut s = spec();
+        s.env.insert("A".into(), EnvValue::plain("x\0"));
+        assert_eq!(s.validate().unwrap_err().field, "env");
+        let mut s = spec();
+        s.user = Some("Root!".into());
+        assert_eq!(s.validate().unwrap_err().field, "user");
+        let mut s = spec();
+        s.group = Some(String::new());
+        assert_eq!(s.validate().unwrap_err().field, "group");
+        let mut s = spec();
+        s.resources.cpu_millis = 5;
+        assert_eq!(s.validate().unwrap_err().field, "resources.cpus");
+        let mut s = spec();
+        s.resources.memory_bytes = Some(1024);
+        assert_eq!(s.validate().unwrap_err().field, "resources.memory");
+        let mut s = spec();
+        s.resources.gpus = APP_GPUS_MAX + 1;
+        assert_eq!(s.validate().unwrap_err().field, "resources.gpus");
+        let mut s = spec();
+        s.selector.insert("Zone".into(), "a".into());
+        assert_eq!(s.validate().unwrap_err().field, "selector");
+        let mut s = spec();
+        s.selector.insert("zone".into(), "a b".into());
+        assert_eq!(s.validate().unwrap_err().field, "selector");
+        let mut s = spec();
+        s.task_timeout_ms = Some(0);
+        assert_eq!(s.validate().unwrap_err().field, "task_timeout");
+        let mut s = spec();
+        s.delay_release_ms = APP_DELAY_RELEASE_MS_MAX + 1;
+        assert_eq!(s.validate().unwrap_err().field, "delay_release");
         let mut s = spec();
         s.max_attempts = 0;
         assert_eq!(s.validate().unwrap_err().field, "max_attempts");

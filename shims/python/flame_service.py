@@ -11,18 +11,24 @@ Write a service by subclassing Service and passing an instance to run():
     if __name__ == "__main__":
         flame_service.run(Upper())
 
-run() speaks the protocol over stdin and stdout until the node closes stdin, then returns,
-so the script exits 0. The byte layout is described in docs/shim-protocol.md. Run as a
-script, this file is itself a conformant echo application:
+run() speaks the protocol until the node ends the stream, then returns, so the script exits
+0. The node picks the transport: when FLAME_SHIM_SOCKET names a socket, run() listens there
+and serves the one connection the node makes, and stdout and stderr are free for logs;
+otherwise it serves over stdin and stdout, and stdout is reserved for frames. The byte layout
+is described in docs/shim-protocol.md. Run as a script, this file is itself a conformant echo
+application:
 
     flame-shim-check -- python3 flame_service.py
+    flame-shim-check --shim unix -- python3 flame_service.py
 """
 
 import os
+import socket
 import struct
 import sys
 
-__all__ = ["Service", "ProtocolError", "run", "executor_info", "FRAME_BYTES_MAX"]
+__all__ = ["Service", "ProtocolError", "run", "executor_info", "FRAME_BYTES_MAX",
+           "ENV_SHIM_SOCKET", "ACCEPT_TIMEOUT_SECS", "run_unix"]
 
 # Largest frame (type byte + body) accepted or sent; equal to the Rust side's default.
 FRAME_BYTES_MAX = 64 * 1024 * 1024
@@ -30,6 +36,11 @@ FRAME_BYTES_MAX = 64 * 1024 * 1024
 _TASK_RESULT_OVERHEAD = 1 + 8 + 1 + 4
 # Longest error message sent to the node; longer ones are cut.
 ERROR_MESSAGE_BYTES_MAX = 64 * 1024
+# Names the Unix socket to listen on; unset or empty means stdio.
+ENV_SHIM_SOCKET = "FLAME_SHIM_SOCKET"
+# How long to wait for the node to connect to the socket. The node connects as soon as the
+# socket appears, so this only runs out when the node is gone.
+ACCEPT_TIMEOUT_SECS = 30
 
 # Node -> app frame types.
 SESSION_ENTER = 0x01
@@ -92,7 +103,7 @@ def _read_frame(stream):
     if not prefix:
         return None
     if len(prefix) < 4:
-        raise ProtocolError("stdin ended in the middle of a frame length")
+        raise ProtocolError("the stream ended in the middle of a frame length")
     (length,) = struct.unpack("<I", prefix)
     if length == 0:
         raise ProtocolError("frame with a length of zero has no type byte")
@@ -100,7 +111,7 @@ def _read_frame(stream):
         raise ProtocolError("frame of %d bytes exceeds the limit of %d" % (length, FRAME_BYTES_MAX))
     frame = _read_exact(stream, length)
     if len(frame) < length:
-        raise ProtocolError("stdin ended in the middle of a frame")
+        raise ProtocolError("the stream ended in the middle of a frame")
     return frame[0], memoryview(frame)[1:]
 
 
@@ -202,15 +213,23 @@ def _serve(service, inp, out):
 
 
 def run(service, stdin=None, stdout=None):
-    """Serves the node until it closes stdin, then returns (exit 0 afterwards).
+    """Serves the node until it ends the stream, then returns (exit 0 afterwards).
 
-    Raises ProtocolError if the node breaks the protocol. stdin and stdout default to the
-    process's own binary streams; pass file objects to test a service in memory.
+    Raises ProtocolError if the node breaks the protocol, or if FLAME_SHIM_SOCKET is set and
+    the node does not connect within ACCEPT_TIMEOUT_SECS; OSError if the socket cannot be
+    bound. Pass stdin and stdout file objects to test a service in memory; the environment
+    is then ignored.
 
-    Stdout must carry nothing but frames, so by default run() moves file descriptor 1 to a
-    private duplicate and points fd 1 and sys.stdout at stderr: print(), C extensions and
-    child processes then write to the log instead of corrupting the stream.
+    With FLAME_SHIM_SOCKET set (and no streams passed), this is run_unix(): stdout and
+    stderr are left alone. Otherwise stdout must carry nothing but frames, so run() moves
+    file descriptor 1 to a private duplicate and points fd 1 and sys.stdout at stderr:
+    print(), C extensions and child processes then write to the log instead of corrupting
+    the stream.
     """
+    path = os.environ.get(ENV_SHIM_SOCKET)
+    if stdin is None and stdout is None and path:
+        run_unix(service, path)
+        return
     if stdout is None:
         sys.stdout.flush()
         frames = os.fdopen(os.dup(1), "wb")  # os.dup makes it non-inheritable
@@ -220,6 +239,29 @@ def run(service, stdin=None, stdout=None):
     if stdin is None:
         stdin = sys.stdin.buffer
     _serve(service, stdin, stdout)
+
+
+def run_unix(service, path, accept_timeout=ACCEPT_TIMEOUT_SECS):
+    """Listens on the Unix socket `path`, accepts one connection from the node, and serves
+    it until the node ends it. The socket file is made private to its owner (mode 0600) and
+    left in place for the node, which removes the executor's directory."""
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)  # not inheritable
+    try:
+        listener.bind(path)
+        os.chmod(path, 0o600)
+        listener.listen(1)
+        listener.settimeout(accept_timeout)
+        try:
+            conn, _ = listener.accept()
+        except socket.timeout:
+            raise ProtocolError("the node did not connect to %s within %s s"
+                                % (path, accept_timeout)) from None
+    finally:
+        listener.close()
+    with conn:
+        conn.setblocking(True)
+        with conn.makefile("rb") as inp, conn.makefile("wb") as out:
+            _serve(service, inp, out)
 
 
 class _Echo(Service):

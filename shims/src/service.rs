@@ -1,4 +1,4 @@
-//! The application's side of the stdio shim, for applications written in Rust.
+//! The application's side of the shim protocol, for applications written in Rust.
 //!
 //! Implement [`Service`] and hand it to [`run`] from `main`:
 //!
@@ -21,18 +21,27 @@
 //! }
 //! ```
 //!
+//! [`run`] picks the transport the node chose: the Unix socket named by
+//! [`ENV_SHIM_SOCKET`] when it is set ([`run_unix`]), else stdin and stdout ([`run_stdio`]).
+//!
 //! Everything here is synchronous std I/O: the application needs no async runtime, and one
 //! task runs at a time, which is the protocol's model (one executor, one task in flight).
-//! There is no timeout either: the application waits for the node for as long as the node
-//! keeps its stdin open, and the node bounds how long it waits for the application.
+//! Once connected there is no timeout either: the application waits for the node for as
+//! long as the node keeps the stream open, and the node bounds how long it waits for the
+//! application. The one bounded wait is [`run_unix`]'s accept ([`ACCEPT_TIMEOUT`]).
 
+use crate::unix::{ENV_SHIM_SOCKET, SOCKET_FILE_MODE};
 use crate::ShimError;
 use bytes::Bytes;
 use flame_protocol::shim::{
     parse_length, AppFrame, NodeFrame, ResultStatus, ShimFrameError, ENV_APPLICATION,
     ENV_EXECUTOR_ID, ENV_NODE, LENGTH_PREFIX_BYTES, SHIM_FRAME_BYTES_MAX,
 };
-use std::io::{self, BufRead, BufWriter, ErrorKind, Write};
+use std::io::{self, BufRead, BufReader, BufWriter, ErrorKind, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 /// Longest error message sent to the node; longer ones are cut at a character boundary.
 /// Messages are for people and logs, and the bound keeps an error from outgrowing the frame.
@@ -41,6 +50,11 @@ pub const ERROR_MESSAGE_BYTES_MAX: usize = 64 * 1024;
 /// Capacity kept in the read and write buffers between frames; past this a buffer grown by
 /// one large frame is released.
 const BUFFER_KEEP_BYTES_MAX: usize = 1024 * 1024;
+
+/// How long [`run`] waits for the node to connect to the Unix socket. The node connects as
+/// soon as the socket appears, so this only runs out when the node is gone; it keeps an
+/// orphaned application from waiting forever.
+pub const ACCEPT_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The session an executor has been bound to.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -103,17 +117,29 @@ pub fn executor_info() -> ExecutorInfo {
     }
 }
 
-/// Serves the node over this process's stdin and stdout until the node closes stdin.
+/// Serves the node until it ends the stream, over the transport the node chose.
+///
+/// When [`ENV_SHIM_SOCKET`] names a socket (it is set and not empty), this is
+/// [`run_unix`] with [`ACCEPT_TIMEOUT`]; stdout and stderr are then left alone and both are
+/// free for logs. Otherwise it is [`run_stdio`], which reserves stdout for frames.
 ///
 /// Returns `Ok(())` on end of input at a frame boundary, which is the node's way of saying
-/// "exit now"; exit with status 0 then. An `Err` is a broken pipe or a protocol violation;
-/// report it on stderr and exit non-zero.
+/// "exit now"; exit with status 0 then. An `Err` is a broken stream, a protocol violation or
+/// a failure to set up the socket; report it on stderr and exit non-zero.
+pub fn run<S: Service>(service: S) -> Result<(), ShimError> {
+    match std::env::var_os(ENV_SHIM_SOCKET) {
+        Some(socket) if !socket.is_empty() => run_unix(service, Path::new(&socket), ACCEPT_TIMEOUT),
+        _ => run_stdio(service),
+    }
+}
+
+/// Serves the node over this process's stdin and stdout until the node closes stdin.
 ///
 /// Stdout must carry nothing but frames, so before serving, this points file descriptor 1 at
 /// stderr and keeps a private duplicate of the real stdout for frames. A stray `println!` in
 /// the service, in a library it uses or in a child process it starts then lands in the log
 /// instead of corrupting the stream.
-pub fn run<S: Service>(service: S) -> Result<(), ShimError> {
+pub fn run_stdio<S: Service>(service: S) -> Result<(), ShimError> {
     use std::os::fd::AsFd;
 
     let stdout = io::stdout();
@@ -131,7 +157,78 @@ pub fn run<S: Service>(service: S) -> Result<(), ShimError> {
     )
 }
 
-/// Serves the node over any reader and writer; [`run`] calls this with stdin and stdout.
+/// Serves the node over a Unix socket: binds and listens on `socket`, restricts the socket
+/// file to its owner (mode 0600), accepts one connection within `accept_timeout`, closes the
+/// listener, and serves frames on the connection until the node ends it.
+///
+/// Stdin, stdout and stderr are untouched: the node gives the application `/dev/null` for
+/// stdin and captures stdout and stderr as logs. The socket file is left in place for the
+/// node, which removes the executor's directory.
+///
+/// Fails with [`ShimError::Socket`] when the socket cannot be bound (say, a file is already
+/// there) or accepted on, and with [`ShimError::NotConnected`] naming the path when nobody
+/// connects in time.
+pub fn run_unix<S: Service>(
+    service: S,
+    socket: &Path,
+    accept_timeout: Duration,
+) -> Result<(), ShimError> {
+    let stream = accept_one(socket, accept_timeout)?;
+    let at = |source| ShimError::Socket {
+        path: socket.to_path_buf(),
+        source,
+    };
+    let reader = stream.try_clone().map_err(at)?;
+    run_with(service, BufReader::new(reader), BufWriter::new(stream))
+}
+
+/// Binds `socket`, sets its mode, and accepts one connection within `timeout`.
+fn accept_one(socket: &Path, timeout: Duration) -> Result<UnixStream, ShimError> {
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    use std::os::fd::AsFd;
+
+    let at = |source| ShimError::Socket {
+        path: socket.to_path_buf(),
+        source,
+    };
+    let deadline = Instant::now() + timeout;
+    // std binds and listens in one call; the node retries the brief refusal before that.
+    let listener = UnixListener::bind(socket).map_err(at)?;
+    std::fs::set_permissions(socket, std::fs::Permissions::from_mode(SOCKET_FILE_MODE))
+        .map_err(at)?;
+    listener.set_nonblocking(true).map_err(at)?;
+    loop {
+        match listener.accept() {
+            Ok((stream, _)) => {
+                // Accepted sockets do not inherit O_NONBLOCK on Linux; make sure anyway,
+                // since the frame loop is blocking I/O.
+                stream.set_nonblocking(false).map_err(at)?;
+                return Ok(stream);
+            }
+            Err(e) if e.kind() == ErrorKind::WouldBlock => {}
+            Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+            Err(e) => return Err(at(e)),
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(ShimError::NotConnected {
+                path: PathBuf::from(socket),
+                timeout,
+            });
+        }
+        // Rounded up to a whole millisecond, so the last wait does not spin at 0 ms.
+        let left_ms = left.as_millis().saturating_add(1);
+        let wait = PollTimeout::try_from(left_ms).unwrap_or(PollTimeout::MAX);
+        let mut fds = [PollFd::new(listener.as_fd(), PollFlags::POLLIN)];
+        match poll(&mut fds, wait) {
+            Ok(_) | Err(nix::Error::EINTR) => {}
+            Err(e) => return Err(at(io::Error::from(e))),
+        }
+    }
+}
+
+/// Serves the node over any reader and writer; [`run_stdio`] calls this with stdin and
+/// stdout, [`run_unix`] with the two directions of the accepted connection.
 ///
 /// Frames are limited to [`SHIM_FRAME_BYTES_MAX`]. The writer is flushed after every frame.
 pub fn run_with<S, R, W>(mut service: S, mut reader: R, mut writer: W) -> Result<(), ShimError>

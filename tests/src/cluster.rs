@@ -2,10 +2,23 @@
 //! each in a network namespace of its own ([`ClusterOptions::network_namespaces`], see
 //! [`crate::netns`]).
 //!
-//! Layout of the folder `D`: the head's state and TLS identity (`D/tls/head.crt` is the CA
-//! clients trust), `D/head.log` (the head's stderr), and per node `D/node-<i>/` (its work
-//! folder) and `D/node-<i>.log`.
+//! Layout of the folder `D` (mode 0755, so that an executor running as an unprivileged user
+//! can reach its node's folders):
+//!
+//! ```text
+//! D/head/              the head's data folder (state, and D/head/tls/head.crt, the CA
+//!                      clients trust); the head keeps it private (0700)
+//! D/head.log           the head's stderr
+//! D/node-<i>/          node i's work folder (executors' folders are exec-<id> in it)
+//! D/node-<i>/run/      its runtime folder (an executor's Unix socket is in exec-<id>/)
+//! D/node-<i>/logs/     its executors' logs (executor-<id>.log)
+//! D/node-<i>.log       its stderr
+//! ```
+//!
+//! Each node's cgroup root (`--cgroup-root`) is named for the test process and the cluster,
+//! so clusters of concurrent tests never share one; [`crate::cgroup`] finds it on disk.
 
+use crate::cgroup::NodeCgroups;
 use crate::client_thread::ClientThread;
 use crate::command::{binary, describe, run_command, CmdOutput, COMMAND_TIMEOUT};
 use crate::netns::{self, Namespace, Network};
@@ -19,8 +32,10 @@ use std::ffi::OsString;
 use std::fs::OpenOptions;
 use std::future::Future;
 use std::io::{Read, Seek, SeekFrom};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
@@ -40,6 +55,12 @@ pub const LOG_TAIL_BYTES_MAX: u64 = 8 * 1024;
 /// announces no state change, so waiting for one means asking again.
 pub const NODE_STATE_POLL_PAUSE: Duration = Duration::from_millis(250);
 
+/// Bound on the clean-up of a dropped cluster's cgroups (what the killed nodes left).
+pub const CGROUP_CLEANUP_MAX: Duration = Duration::from_secs(5);
+
+/// Clusters started by this process so far, for unique cgroup root names.
+static CLUSTERS_STARTED: AtomicUsize = AtomicUsize::new(0);
+
 /// Environment variables that would make a child read settings from outside the test.
 const FOREIGN_ENV: &[&str] = &[
     "FLAME_HEAD",
@@ -58,6 +79,19 @@ pub struct ClusterOptions {
     pub cpus: u32,
     /// Extra `flame-head` arguments, e.g. `--task-input-bytes-max 1024`.
     pub head_args: Vec<String>,
+    /// Each node's `--executor-user`, the user of applications that name none. Default:
+    /// the user running the tests, so that services under its home or the checkout run
+    /// as before.
+    pub executor_user: String,
+    /// Pass `--allow-root-executors`. Default: when the tests run as root, since the
+    /// default executor user is then root.
+    pub allow_root_executors: bool,
+    /// Each node's `--cgroups` (`auto` or `off`); `None` leaves the node's default.
+    pub cgroups: Option<String>,
+    /// Extra arguments for every node, after the harness's own, e.g. `--label zone=a`,
+    /// `--memory 2GiB`. A flag the harness passes already must be changed through its
+    /// field instead (clap refuses a single-value flag given twice).
+    pub node_args: Vec<String>,
     /// Run the head and each node in a network namespace of its own (needs root, `ip`
     /// and `nft`; see [`crate::netns`]) instead of on loopback.
     pub network_namespaces: bool,
@@ -69,8 +103,24 @@ impl Default for ClusterOptions {
             nodes: 1,
             cpus: 2,
             head_args: Vec::new(),
+            executor_user: current_user(),
+            allow_root_executors: nix::unistd::geteuid().is_root(),
+            cgroups: None,
+            node_args: Vec::new(),
             network_namespaces: false,
         }
+    }
+}
+
+/// The name of the user the tests run as.
+fn current_user() -> String {
+    let uid = nix::unistd::geteuid();
+    match nix::unistd::User::from_uid(uid) {
+        Ok(Some(user)) => user.name,
+        Ok(None) => panic!(
+            "user id {uid} has no name in the user database; nodes need one for --executor-user"
+        ),
+        Err(e) => panic!("cannot look up user id {uid}: {e}"),
     }
 }
 
@@ -90,6 +140,29 @@ impl ClusterOptions {
         self
     }
 
+    /// See [`ClusterOptions::executor_user`]; also allows root executors exactly when
+    /// `user` is `root`.
+    pub fn executor_user(mut self, user: impl Into<String>) -> Self {
+        self.executor_user = user.into();
+        self.allow_root_executors = self.executor_user == "root";
+        self
+    }
+
+    pub fn allow_root_executors(mut self, allow: bool) -> Self {
+        self.allow_root_executors = allow;
+        self
+    }
+
+    pub fn cgroups(mut self, mode: impl Into<String>) -> Self {
+        self.cgroups = Some(mode.into());
+        self
+    }
+
+    pub fn node_args<S: Into<String>>(mut self, args: impl IntoIterator<Item = S>) -> Self {
+        self.node_args.extend(args.into_iter().map(Into::into));
+        self
+    }
+
     /// See [`ClusterOptions::network_namespaces`]; check [`netns::available`] first.
     pub fn network_namespaces(mut self) -> Self {
         self.network_namespaces = true;
@@ -106,7 +179,7 @@ impl ClusterOptions {
 #[derive(Debug)]
 pub struct Cluster {
     // Children, then their namespaces, then the folder: fields drop in order.
-    nodes: Vec<Proc>,
+    nodes: Vec<Node>,
     head: Option<Proc>,
     net: Option<Network>,
     head_addr: String,
@@ -114,7 +187,19 @@ pub struct Cluster {
     next_head_env: Vec<(String, String)>,
     ca_file: PathBuf,
     options: ClusterOptions,
+    /// Node i's cgroup root is `<cgroup_base>-node-<i>`.
+    cgroup_base: String,
     dir: tempfile::TempDir,
+}
+
+/// A node's agent process and what the harness learned about it when it started.
+#[derive(Debug)]
+struct Node {
+    proc: Proc,
+    pid: i32,
+    /// `/proc/<pid>/cgroup` read when it registered: its own cgroups, below which it makes
+    /// its cgroup root.
+    proc_cgroup: String,
 }
 
 impl Cluster {
@@ -125,7 +210,14 @@ impl Cluster {
             .prefix("flame-e2e-")
             .tempdir()
             .expect("cannot create a temporary folder for the cluster");
-        let ca_file = dir.path().join("tls").join("head.crt");
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755))
+            .unwrap_or_else(|e| panic!("cannot make {} 0755: {e}", dir.path().display()));
+        let ca_file = dir.path().join("head").join("tls").join("head.crt");
+        let cgroup_base = format!(
+            "flame-test-{}-{}",
+            std::process::id(),
+            CLUSTERS_STARTED.fetch_add(1, Ordering::Relaxed)
+        );
         let net = options
             .network_namespaces
             .then(|| Network::create(options.nodes));
@@ -141,6 +233,7 @@ impl Cluster {
             next_head_env: Vec::new(),
             ca_file,
             options,
+            cgroup_base,
             dir,
         };
         cluster.start_head(&listen).await;
@@ -160,14 +253,76 @@ impl Cluster {
         &self.ca_file
     }
 
-    /// The head's data folder (also the cluster's folder).
-    pub fn data_dir(&self) -> &Path {
+    /// The head's data folder, `D/head`.
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("head")
+    }
+
+    /// The cluster's folder `D` (see the module's doc for its layout).
+    pub fn dir(&self) -> &Path {
         self.dir.path()
     }
 
     /// The name of node `i`.
     pub fn node_name(i: usize) -> String {
         format!("node-{i}")
+    }
+
+    /// Node `i`'s work folder (`--work-dir`).
+    pub fn node_work_dir(&self, i: usize) -> PathBuf {
+        self.dir.path().join(Self::node_name(i))
+    }
+
+    /// Node `i`'s runtime folder (`--runtime-dir`), where executors' socket folders are.
+    pub fn node_run_dir(&self, i: usize) -> PathBuf {
+        self.node_work_dir(i).join("run")
+    }
+
+    /// Node `i`'s executor log folder (`--log-dir`).
+    pub fn node_log_dir(&self, i: usize) -> PathBuf {
+        self.node_work_dir(i).join("logs")
+    }
+
+    /// The name of node `i`'s cgroup root directory (`--cgroup-root`).
+    pub fn node_cgroup_root(&self, i: usize) -> String {
+        format!("{}-{}", self.cgroup_base, Self::node_name(i))
+    }
+
+    /// The process id of node `i`'s agent (the latest one, if it was restarted).
+    pub fn node_pid(&self, i: usize) -> i32 {
+        self.nodes[i].pid
+    }
+
+    /// Node `i`'s cgroup root in each hierarchy, for the cgroup version the node reports
+    /// (`isolation` in the node list); `None` when the node says it has no isolation.
+    /// Panics when the node's cgroups cannot be located.
+    pub async fn node_cgroups(&self, i: usize) -> Option<NodeCgroups> {
+        let name = Self::node_name(i);
+        let nodes = self.node_list().await;
+        let node = nodes
+            .iter()
+            .find(|n| n.name == name)
+            .unwrap_or_else(|| panic!("{name} is not in the node list: {nodes:#?}"));
+        let v2 = match node.isolation.as_str() {
+            "cgroup v1" => false,
+            "cgroup v2" => true,
+            "none" => return None,
+            other => panic!("{name} reports an unknown isolation `{other}`"),
+        };
+        let mountinfo = std::fs::read_to_string("/proc/self/mountinfo")
+            .unwrap_or_else(|e| panic!("cannot read /proc/self/mountinfo: {e}"));
+        let found = NodeCgroups::locate(
+            &self.nodes[i].proc_cgroup,
+            &mountinfo,
+            &self.node_cgroup_root(i),
+            v2,
+        );
+        Some(found.unwrap_or_else(|e| {
+            panic!(
+                "cannot locate {name}'s cgroups ({}): {e}\n/proc/{}/cgroup:\n{}",
+                node.isolation, self.nodes[i].pid, self.nodes[i].proc_cgroup
+            )
+        }))
     }
 
     pub fn options(&self) -> &ClusterOptions {
@@ -261,7 +416,7 @@ impl Cluster {
     /// Kills node `i`'s agent with `SIGKILL` and waits for it to exit (its executors die
     /// with it: they have a parent-death signal).
     pub async fn kill_node(&mut self, i: usize) {
-        let node = &mut self.nodes[i];
+        let node = &mut self.nodes[i].proc;
         node.kill();
         match tokio::time::timeout(EXIT_WAIT, node.child.wait()).await {
             Ok(Ok(_)) => {}
@@ -274,6 +429,7 @@ impl Cluster {
     /// `registered` of them: it lost the head and registered afresh.
     pub async fn wait_node_registered(&mut self, i: usize, registered: usize, timeout: Duration) {
         let found = self.nodes[i]
+            .proc
             .wait_line(NODE_READY_PREFIX, registered, timeout)
             .await;
         if let Err(e) = found {
@@ -287,7 +443,7 @@ impl Cluster {
 
     /// How many times node `i` has registered so far.
     pub fn node_registrations(&self, i: usize) -> usize {
-        self.nodes[i].count_lines(NODE_READY_PREFIX)
+        self.nodes[i].proc.count_lines(NODE_READY_PREFIX)
     }
 
     /// Drops all traffic between node `i` and the head; see [`Network::partition`].
@@ -350,17 +506,18 @@ impl Cluster {
         let registered: Vec<usize> = self
             .nodes
             .iter()
-            .map(|n| n.count_lines(NODE_READY_PREFIX))
+            .map(|n| n.proc.count_lines(NODE_READY_PREFIX))
             .collect();
         let addr = self.head_addr.clone();
         self.start_head(&addr).await;
         let mut failures = Vec::new();
         for (node, before) in self.nodes.iter_mut().zip(registered) {
             let found = node
+                .proc
                 .wait_line(NODE_READY_PREFIX, before, READY_TIMEOUT)
                 .await;
             if let Err(e) = found {
-                failures.push(format!("{} did not register again: {e}", node.name));
+                failures.push(format!("{} did not register again: {e}", node.proc.name));
             }
         }
         assert!(
@@ -379,7 +536,7 @@ impl Cluster {
             &self.dir.path().join("head.log"),
         ));
         for (i, node) in self.nodes.iter().enumerate() {
-            text.push_str(&log_section(&Self::node_name(i), &node.log));
+            text.push_str(&log_section(&Self::node_name(i), &node.proc.log));
         }
         text
     }
@@ -388,7 +545,7 @@ impl Cluster {
         let dir = self.dir.path();
         let mut args: Vec<OsString> = vec![
             "--data-dir".into(),
-            dir.into(),
+            self.data_dir().into(),
             "--listen".into(),
             listen.into(),
         ];
@@ -420,7 +577,8 @@ impl Cluster {
     async fn start_node(&mut self, i: usize) {
         let name = Self::node_name(i);
         let dir = self.dir.path();
-        let args: Vec<OsString> = vec![
+        let options = &self.options;
+        let mut args: Vec<OsString> = vec![
             "--head".into(),
             self.head_addr.clone().into(),
             "--ca-file".into(),
@@ -428,10 +586,25 @@ impl Cluster {
             "--name".into(),
             name.clone().into(),
             "--work-dir".into(),
-            dir.join(&name).into(),
+            self.node_work_dir(i).into(),
+            "--runtime-dir".into(),
+            self.node_run_dir(i).into(),
+            "--log-dir".into(),
+            self.node_log_dir(i).into(),
             "--cpus".into(),
-            self.options.cpus.to_string().into(),
+            options.cpus.to_string().into(),
+            "--executor-user".into(),
+            options.executor_user.clone().into(),
+            "--cgroup-root".into(),
+            self.node_cgroup_root(i).into(),
         ];
+        if options.allow_root_executors {
+            args.push("--allow-root-executors".into());
+        }
+        if let Some(mode) = &options.cgroups {
+            args.extend(["--cgroups".into(), mode.into()]);
+        }
+        args.extend(options.node_args.iter().map(OsString::from));
         let mut node = Proc::spawn(
             name.clone(),
             &binary("flame-node"),
@@ -449,7 +622,18 @@ impl Cluster {
                 log_section("flame-head", &dir.join("head.log"))
             ),
         }
-        self.nodes.push(node);
+        let pid = node
+            .child
+            .id()
+            .and_then(|id| i32::try_from(id).ok())
+            .unwrap_or_else(|| panic!("{name} registered, yet it has exited"));
+        let proc_cgroup = std::fs::read_to_string(format!("/proc/{pid}/cgroup"))
+            .unwrap_or_else(|e| panic!("cannot read /proc/{pid}/cgroup of {name}: {e}"));
+        self.nodes.push(Node {
+            proc: node,
+            pid,
+            proc_cgroup,
+        });
     }
 }
 
@@ -458,10 +642,36 @@ impl Drop for Cluster {
         // `kill_on_drop` would do it too; killing first, nodes then head, makes the order
         // explicit and does not depend on field order.
         for node in &mut self.nodes {
-            node.kill();
+            node.proc.kill();
         }
         if let Some(head) = &mut self.head {
             head.kill();
+        }
+        self.remove_node_cgroups();
+    }
+}
+
+impl Cluster {
+    /// Removes the cgroups the killed nodes left (a node killed with SIGKILL cannot remove
+    /// its own), after a bounded wait for the nodes to exit. Both cgroup versions are
+    /// tried: this runs in `drop`, which cannot ask the head which one a node used.
+    fn remove_node_cgroups(&mut self) {
+        let deadline = Instant::now() + CGROUP_CLEANUP_MAX;
+        for node in &mut self.nodes {
+            while matches!(node.proc.child.try_wait(), Ok(None)) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+        let Ok(mountinfo) = std::fs::read_to_string("/proc/self/mountinfo") else {
+            return;
+        };
+        for (i, node) in self.nodes.iter().enumerate() {
+            let root = self.node_cgroup_root(i);
+            for v2 in [false, true] {
+                if let Ok(found) = NodeCgroups::locate(&node.proc_cgroup, &mountinfo, &root, v2) {
+                    found.remove_all(deadline.saturating_duration_since(Instant::now()));
+                }
+            }
         }
     }
 }

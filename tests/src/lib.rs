@@ -8,6 +8,11 @@
 //! * [`client_thread`] runs client code on a thread that can reach a head in a namespace.
 //! * [`command`] runs a binary of the workspace with a bound and captures its output.
 //! * [`results`] drains a session's results and checks them.
+//! * [`cgroup`] finds a node's executor cgroups on disk; [`procfs`] looks at processes.
+//! * [`test_service`] runs `flame-test-service` (`src/bin`), the application the executor
+//!   tests drive with text commands.
+//! * [`prerequisites`] fails a test under CI, or skips it loudly elsewhere, when the
+//!   machine lacks what it needs (root, cgroups, python3).
 //!
 //! The binaries come from the cargo target folder of the running test (`target/debug`); they
 //! must be built first. `cargo test --workspace` builds every binary of the workspace before
@@ -18,11 +23,15 @@
 //! support, so a clear panic is the error report.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+pub mod cgroup;
 pub mod client_thread;
 pub mod cluster;
 pub mod command;
 pub mod netns;
+pub mod prerequisites;
+pub mod procfs;
 pub mod results;
+pub mod test_service;
 
 pub use cluster::{Cluster, ClusterOptions};
 pub use command::{binary, run_command, CmdOutput};

@@ -152,6 +152,52 @@ pub fn match_results(
         .collect()
 }
 
+/// Reads `watch` until every task of `ids` has a result, for at most `timeout` in all;
+/// returns the results in `ids` order. Panics on a stream error, on the timeout, on a
+/// result for a task outside `ids` and on a second result for one.
+pub async fn wait_results(
+    watch: &mut ResultStream,
+    ids: &[TaskId],
+    timeout: Duration,
+) -> Vec<TaskResult> {
+    let mut slots: HashMap<TaskId, Option<TaskResult>> = ids.iter().map(|&id| (id, None)).collect();
+    let mut missing = ids.len();
+    let deadline = tokio::time::Instant::now() + timeout;
+    while missing > 0 {
+        let batch = match tokio::time::timeout_at(deadline, watch.next()).await {
+            Err(_) => panic!(
+                "{missing} of {} results of session {} did not come within {timeout:?}",
+                ids.len(),
+                watch.session()
+            ),
+            Ok(None) => panic!(
+                "the result stream of session {} ended with {missing} results missing",
+                watch.session()
+            ),
+            Ok(Some(Err(e))) => panic!("watching session {} failed: {e}", watch.session()),
+            Ok(Some(Ok(batch))) => batch,
+        };
+        for result in batch {
+            let Some(slot) = slots.get_mut(&result.task) else {
+                panic!(
+                    "a result for task {}, which is not awaited: {result:?}",
+                    result.task
+                );
+            };
+            assert!(
+                slot.is_none(),
+                "task {} has a second result: {result:?}",
+                result.task
+            );
+            *slot = Some(result);
+            missing -= 1;
+        }
+    }
+    ids.iter()
+        .map(|id| slots.remove(id).flatten().expect("every slot is filled"))
+        .collect()
+}
+
 /// The session id in `flame ping`'s first line, `Session N was created ...`.
 pub fn ping_session_id(stdout: &str) -> SessionId {
     stdout

@@ -52,8 +52,15 @@ async fn python_service_runs_tasks_and_reports_exceptions() {
         command: "python3".into(),
         args: vec![service_file().display().to_string()],
         // No __pycache__ written into the repository's shims/python.
-        env: BTreeMap::from([("PYTHONDONTWRITEBYTECODE".into(), "1".into())]),
+        env: BTreeMap::from([(
+            "PYTHONDONTWRITEBYTECODE".into(),
+            flame_protocol::model::EnvValue::plain("1"),
+        )]),
         working_dir: None,
+        user: None,
+        group: None,
+        resources: Default::default(),
+        selector: Default::default(),
         max_instances: 2,
         delay_release_ms: 1_000,
         max_attempts: 3,

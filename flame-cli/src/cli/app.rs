@@ -14,7 +14,15 @@ use std::time::Duration;
 pub enum AppCommand {
     /// Register an application from a TOML file
     Register {
-        /// The application file: name, command, and optionally shim, args, env, working_dir, max_instances, delay_release
+        /// The application file: name, command, and optionally shim, args, env, working_dir,
+        /// user, group, [resources], [selector], max_instances, delay_release, max_attempts,
+        /// retry_on_error, task_timeout
+        file: PathBuf,
+    },
+    /// Replace a registered application's spec from its TOML file (new executors use it;
+    /// idle ones are released, busy ones when their session lets them go)
+    Update {
+        /// The application file; its `name` says which application
         file: PathBuf,
     },
     /// List registered applications
@@ -48,6 +56,21 @@ pub async fn run(global: &GlobalArgs, cmd: AppCommand) -> anyhow::Result<()> {
                 "Application `{name}` registered: {}",
                 command_line(&info)
             );
+            Ok(())
+        }
+        AppCommand::Update { file } => {
+            let spec = load_app_file(&file)?;
+            let name = spec.name.clone();
+            let info = super::with_client(global, |client| async move {
+                match client.update_application(spec).await {
+                    Err(e) if e.kind() == Some(ErrorKind::NotFound) => {
+                        Err(e).hint("`flame app register FILE` registers a new application")
+                    }
+                    other => other.with_context(|| format!("cannot update from {}", file.display())),
+                }
+            })
+            .await?;
+            println!("Application `{name}` updated: {}", command_line(&info));
             Ok(())
         }
         AppCommand::List(out) => {
@@ -110,11 +133,7 @@ fn delay(ms: u64) -> String {
 }
 
 fn shim(info: &ApplicationInfo) -> String {
-    // The serde name (`stdio`) is what users write in application files.
-    serde_json::to_value(info.spec.shim)
-        .ok()
-        .and_then(|v| v.as_str().map(str::to_string))
-        .unwrap_or_else(|| format!("{:?}", info.spec.shim))
+    info.spec.shim.to_string()
 }
 
 fn print_list(apps: &[ApplicationInfo]) {
@@ -122,6 +141,7 @@ fn print_list(apps: &[ApplicationInfo]) {
         text("Name"),
         text("Shim"),
         text("Command"),
+        text("Resources"),
         number("Max"),
         text("Delay release"),
         number("Executors"),
@@ -134,6 +154,7 @@ fn print_list(apps: &[ApplicationInfo]) {
                 a.spec.name.clone(),
                 shim(a),
                 command_line(a),
+                a.spec.resources.to_string(),
                 render::group(u64::from(a.spec.max_instances)),
                 delay(a.spec.delay_release_ms),
                 render::group(u64::from(a.executors)),
@@ -151,7 +172,13 @@ fn print_one(info: &ApplicationInfo) {
     } else {
         spec.env
             .iter()
-            .map(|(k, v)| format!("{k}={v}"))
+            .map(|(k, v)| {
+                if v.secret {
+                    format!("{k}=(secret)")
+                } else {
+                    format!("{k}={}", v.value)
+                }
+            })
             .collect::<Vec<_>>()
             .join(" ")
     };
@@ -173,10 +200,41 @@ fn print_one(info: &ApplicationInfo) {
             spec.working_dir.clone().unwrap_or_else(|| "-".into()),
         ),
         (
+            "User",
+            match (&spec.user, &spec.group) {
+                (Some(u), Some(g)) => format!("{u}:{g}"),
+                (Some(u), None) => u.clone(),
+                (None, Some(g)) => format!("(node default):{g}"),
+                (None, None) => "(node default)".into(),
+            },
+        ),
+        ("Resources", spec.resources.to_string()),
+        (
+            "Selector",
+            if spec.selector.is_empty() {
+                "-".into()
+            } else {
+                spec.selector
+                    .iter()
+                    .map(|(k, v)| format!("{k}={v}"))
+                    .collect::<Vec<_>>()
+                    .join(",")
+            },
+        ),
+        (
             "Max instances",
             render::group(u64::from(spec.max_instances)),
         ),
         ("Delay release", delay(spec.delay_release_ms)),
+        ("Max attempts", spec.max_attempts.to_string()),
+        (
+            "Retry on error",
+            if spec.retry_on_error { "yes" } else { "no" }.into(),
+        ),
+        (
+            "Task timeout",
+            spec.task_timeout_ms.map_or_else(|| "-".into(), delay),
+        ),
         ("Executors", render::group(u64::from(info.executors))),
         (
             "Open sessions",

@@ -3,7 +3,7 @@
 use super::render::{self, number, text, OutputArgs, OutputFormat};
 use super::GlobalArgs;
 use clap::Subcommand;
-use flame_protocol::model::{NodeInfo, NodeState};
+use flame_protocol::model::{format_cpus, NodeInfo, NodeState};
 
 #[derive(Debug, Subcommand)]
 pub enum NodeCommand {
@@ -40,8 +40,11 @@ fn print_list(nodes: &[NodeInfo]) {
     let columns = [
         text("Name"),
         text("State"),
-        number("CPUs"),
-        number("Memory"),
+        text("CPUs (used/offered)"),
+        text("Memory (used/offered)"),
+        text("GPUs"),
+        text("Labels"),
+        text("Isolation"),
         number("Executors"),
         text("Last seen"),
     ];
@@ -55,8 +58,27 @@ fn print_list(nodes: &[NodeInfo]) {
                     NodeState::NotReady => "NotReady",
                 }
                 .to_string(),
-                render::group(u64::from(n.cpus)),
-                render::bytes(n.memory_bytes),
+                format!(
+                    "{}/{}",
+                    format_cpus(n.allocated.cpu_millis),
+                    format_cpus(n.allocatable.cpu_millis)
+                ),
+                format!(
+                    "{}/{}",
+                    render::bytes(n.allocated.memory_bytes.unwrap_or(0)),
+                    render::bytes(n.allocatable.memory_bytes)
+                ),
+                format!("{}/{}", n.allocated.gpus, n.allocatable.gpus.len()),
+                if n.labels.is_empty() {
+                    "-".to_string()
+                } else {
+                    n.labels
+                        .iter()
+                        .map(|(k, v)| format!("{k}={v}"))
+                        .collect::<Vec<_>>()
+                        .join(",")
+                },
+                n.isolation.clone(),
                 render::group(u64::from(n.executors)),
                 render::ago(n.last_seen_ms, now),
             ]

@@ -104,6 +104,7 @@ pub async fn run(global: &GlobalArgs, cmd: SessionCommand) -> anyhow::Result<()>
                 OutputFormat::Json => render::print_json(&info),
                 OutputFormat::Table => {
                     print_one(&info);
+                    print_usage(&info);
                     print_failed(&info, &failed);
                     Ok(())
                 }
@@ -213,6 +214,10 @@ fn print_one(info: &SessionInfo) {
             if info.ephemeral { "yes" } else { "no" }.to_string(),
         ),
         ("Executors", render::group(u64::from(info.executors))),
+        (
+            "Waiting",
+            info.waiting.clone().unwrap_or_else(|| "-".into()),
+        ),
         ("Pending", render::group(info.counts.pending)),
         ("Running", render::group(info.counts.running)),
         ("Succeeded", render::group(info.counts.succeeded)),
@@ -226,6 +231,43 @@ fn print_one(info: &SessionInfo) {
                 .map_or_else(|| "-".to_string(), |ms| render::local_time(ms, now)),
         ),
     ]);
+}
+
+/// What each executor that served the session used, from its node's cgroup.
+fn print_usage(info: &SessionInfo) {
+    if info.usage.is_empty() {
+        return;
+    }
+    println!();
+    println!("Executors that served it:");
+    let columns = [
+        number("Executor"),
+        text("Node"),
+        number("CPU time"),
+        number("Peak memory"),
+        number("Throttled"),
+        text("Ended"),
+    ];
+    let rows = info
+        .usage
+        .iter()
+        .map(|u| {
+            vec![
+                u.executor.to_string(),
+                u.node.clone(),
+                humantime::format_duration(std::time::Duration::from_millis(u.cpu_ms)).to_string(),
+                render::bytes(u.memory_peak_bytes),
+                humantime::format_duration(std::time::Duration::from_millis(u.throttled_ms))
+                    .to_string(),
+                u.ended
+                    .as_deref()
+                    .and_then(|m| m.lines().next())
+                    .unwrap_or("-")
+                    .to_string(),
+            ]
+        })
+        .collect();
+    render::print_table(&columns, rows);
 }
 
 fn task_state(state: TaskState) -> &'static str {

@@ -1,10 +1,14 @@
 //! `flame-shim-check`: checks that a program speaks the Flame shim protocol.
 //!
 //! ```text
-//! flame-shim-check [--ping] [--timeout-secs N] -- COMMAND [ARGS...]
+//! flame-shim-check [--ping] [--shim stdio|unix] [--timeout-secs N] -- COMMAND [ARGS...]
 //! ```
 //!
-//! It starts COMMAND with piped stdin and stdout (stderr passes through), plays the node's
+//! With `--shim stdio` (the default) it starts COMMAND with piped stdin and stdout (stderr
+//! passes through). With `--shim unix` it makes a private temporary directory, names a
+//! socket in it through `FLAME_SHIM_SOCKET`, starts COMMAND with stdin from `/dev/null` and
+//! its stdout and stderr passed through to this program's stderr, and connects with the same
+//! [`connect_when_listening`] the node uses (check `listen`). Either way it plays the node's
 //! part through the same [`NodeShim`] that `flame-node` uses, and prints one line per check:
 //! `ok <name>` or `FAIL <name>: <why>`. It stops at the first failure, because later checks
 //! depend on the stream being in step, and exits 1; it exits 0 when every check passes and 2
@@ -18,15 +22,19 @@
 use flame_protocol::ping::check_reply;
 use flame_protocol::shim::SHIM_FRAME_BYTES_MAX;
 use flame_shims::node::{Invocation, NodeShim};
+use flame_shims::unix::{connect_when_listening, ENV_SHIM_SOCKET, SOCKET_FILE_NAME};
 use std::ffi::OsString;
 use std::fmt;
 use std::future::Future;
 use std::io::Write;
+use std::os::fd::AsFd;
 use std::process::{ExitCode, Stdio};
 use std::time::Duration;
-use tokio::process::{Child, ChildStdin, ChildStdout, Command};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::process::{Child, Command};
 
-const USAGE: &str = "usage: flame-shim-check [--ping] [--timeout-secs N] -- COMMAND [ARGS...]";
+const USAGE: &str =
+    "usage: flame-shim-check [--ping] [--shim stdio|unix] [--timeout-secs N] -- COMMAND [ARGS...]";
 
 /// How long each check waits for the program unless `--timeout-secs` says otherwise.
 const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -46,15 +54,26 @@ fn say(line: fmt::Arguments<'_>) {
     let _ = writeln!(std::io::stdout().lock(), "{line}");
 }
 
+/// The transport under test.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Shim {
+    /// Frames on the program's stdin and stdout.
+    Stdio,
+    /// Frames on a Unix socket the program listens on.
+    Unix,
+}
+
 #[derive(Debug)]
 struct Options {
     ping: bool,
+    shim: Shim,
     timeout: Duration,
     command: Vec<OsString>,
 }
 
 fn parse_args(mut args: impl Iterator<Item = OsString>) -> Result<Options, String> {
     let mut ping = false;
+    let mut shim = Shim::Stdio;
     let mut timeout = DEFAULT_TIMEOUT;
     loop {
         let Some(arg) = args.next() else {
@@ -63,6 +82,13 @@ fn parse_args(mut args: impl Iterator<Item = OsString>) -> Result<Options, Strin
         match arg.to_str() {
             Some("--") => break,
             Some("--ping") => ping = true,
+            Some("--shim") => {
+                shim = match args.next().as_ref().and_then(|s| s.to_str()) {
+                    Some("stdio") => Shim::Stdio,
+                    Some("unix") => Shim::Unix,
+                    _ => return Err("--shim needs `stdio` or `unix`".into()),
+                }
+            }
             Some("--timeout-secs") => {
                 let secs = args
                     .next()
@@ -80,6 +106,7 @@ fn parse_args(mut args: impl Iterator<Item = OsString>) -> Result<Options, Strin
     }
     Ok(Options {
         ping,
+        shim,
         timeout,
         command,
     })
@@ -98,7 +125,15 @@ impl Checker {
     where
         F: Future<Output = Result<String, String>>,
     {
-        match tokio::time::timeout(self.timeout, check).await {
+        self.check_within(self.timeout, name, check).await
+    }
+
+    /// [`check`](Self::check) with another timeout.
+    async fn check_within<F>(&self, timeout: Duration, name: &str, check: F) -> Result<(), ()>
+    where
+        F: Future<Output = Result<String, String>>,
+    {
+        match tokio::time::timeout(timeout, check).await {
             Ok(Ok(detail)) if detail.is_empty() => {
                 say(format_args!("ok {name}"));
                 Ok(())
@@ -114,7 +149,7 @@ impl Checker {
             Err(_) => {
                 say(format_args!(
                     "FAIL {name}: no answer within {} s",
-                    self.timeout.as_secs()
+                    timeout.as_secs()
                 ));
                 Err(())
             }
@@ -123,12 +158,16 @@ impl Checker {
 
     /// One task: the result must name the task (NodeShim checks that); with `--ping` it
     /// must also be the ping reply to this input.
-    async fn invoke(
+    async fn invoke<R, W>(
         &self,
-        shim: &mut NodeShim<ChildStdout, ChildStdin>,
+        shim: &mut NodeShim<R, W>,
         task_id: u64,
         input: &[u8],
-    ) -> Result<String, String> {
+    ) -> Result<String, String>
+    where
+        R: AsyncRead + Unpin,
+        W: AsyncWrite + Unpin,
+    {
         match shim
             .invoke(task_id, input)
             .await
@@ -152,8 +191,12 @@ impl Checker {
         }
     }
 
-    /// Everything between start-up and closing stdin.
-    async fn conversation(&self, shim: &mut NodeShim<ChildStdout, ChildStdin>) -> Result<(), ()> {
+    /// Everything between start-up and closing the stream.
+    async fn conversation<R, W>(&self, shim: &mut NodeShim<R, W>) -> Result<(), ()>
+    where
+        R: AsyncRead + Unpin,
+        W: AsyncWrite + Unpin,
+    {
         let large: Vec<u8> = (0..LARGE_INPUT_BYTES).map(|i| (i % 251) as u8).collect();
         let text = |r: Result<(), flame_shims::ShimError>| {
             r.map(|()| String::new()).map_err(|e| e.to_string())
@@ -187,34 +230,108 @@ async fn run_checks(options: &Options) -> bool {
         say(format_args!("FAIL start: no command"));
         return false;
     };
-    let spawned = Command::new(program)
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        // Its own process group, so that a failed check can kill the program together with
-        // anything it started (a shell's children would otherwise hold the pipes open).
-        .process_group(0)
-        .kill_on_drop(true)
-        .spawn();
-    let mut child = match spawned {
-        Ok(child) => child,
-        Err(e) => {
-            say(format_args!("FAIL start: cannot run {program:?}: {e}"));
-            return false;
-        }
-    };
-    let (Some(stdout), Some(stdin)) = (child.stdout.take(), child.stdin.take()) else {
-        say(format_args!("FAIL start: the child's pipes are missing"));
-        return false;
-    };
     let checker = Checker {
         timeout: options.timeout,
         ping: options.ping,
     };
-    let mut shim = NodeShim::new(stdout, stdin, SHIM_FRAME_BYTES_MAX);
+    let mut command = Command::new(program);
+    command
+        .args(args)
+        .stderr(Stdio::inherit())
+        // Its own process group, so that a failed check can kill the program together with
+        // anything it started (a shell's children would otherwise hold the pipes open).
+        .process_group(0)
+        .kill_on_drop(true);
+    match options.shim {
+        Shim::Stdio => {
+            command.stdin(Stdio::piped()).stdout(Stdio::piped());
+            let Some(mut child) = spawn(&mut command, program) else {
+                return false;
+            };
+            let (Some(stdout), Some(stdin)) = (child.stdout.take(), child.stdin.take()) else {
+                say(format_args!("FAIL start: the child's pipes are missing"));
+                return false;
+            };
+            let shim = NodeShim::new(stdout, stdin, SHIM_FRAME_BYTES_MAX);
+            converse_and_close(&checker, shim, &mut child).await
+        }
+        Shim::Unix => {
+            // Private (0700) like the node's per-executor directory; removed on return.
+            let dir = match tempfile::Builder::new()
+                .prefix("flame-shim-check-")
+                .tempdir()
+            {
+                Ok(dir) => dir,
+                Err(e) => {
+                    say(format_args!(
+                        "FAIL start: cannot make a directory for the socket: {e}"
+                    ));
+                    return false;
+                }
+            };
+            let socket = dir.path().join(SOCKET_FILE_NAME);
+            // The program's stdout is free under this transport; it goes to our stderr so
+            // that our stdout stays the report.
+            let stdout = match std::io::stderr().as_fd().try_clone_to_owned() {
+                Ok(fd) => Stdio::from(fd),
+                Err(e) => {
+                    say(format_args!("FAIL start: cannot pass stderr on: {e}"));
+                    return false;
+                }
+            };
+            command
+                .env(ENV_SHIM_SOCKET, &socket)
+                .stdin(Stdio::null())
+                .stdout(stdout);
+            let Some(mut child) = spawn(&mut command, program) else {
+                return false;
+            };
+            let mut stream = None;
+            // connect_when_listening bounds the wait itself and names the socket when it
+            // gives up; the check's own timeout is only a backstop behind it.
+            let listened = checker
+                .check_within(options.timeout + Duration::from_secs(1), "listen", async {
+                    let connected = connect_when_listening(&socket, options.timeout, child.wait())
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    stream = Some(connected);
+                    Ok(String::new())
+                })
+                .await;
+            let (Ok(()), Some(stream)) = (listened, stream) else {
+                kill(&mut child).await;
+                return false;
+            };
+            let (read, write) = stream.into_split();
+            let shim = NodeShim::new(read, write, SHIM_FRAME_BYTES_MAX);
+            converse_and_close(&checker, shim, &mut child).await
+        }
+    }
+}
+
+/// Starts the program, or prints why it could not be started.
+fn spawn(command: &mut Command, program: &OsString) -> Option<Child> {
+    match command.spawn() {
+        Ok(child) => Some(child),
+        Err(e) => {
+            say(format_args!("FAIL start: cannot run {program:?}: {e}"));
+            None
+        }
+    }
+}
+
+/// Runs the conversation, ends the stream, and checks that the program exits 0.
+async fn converse_and_close<R, W>(
+    checker: &Checker,
+    mut shim: NodeShim<R, W>,
+    child: &mut Child,
+) -> bool
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
     if checker.conversation(&mut shim).await.is_err() {
-        kill(&mut child).await;
+        kill(child).await;
         return false;
     }
     shim.shutdown().await;
@@ -225,13 +342,13 @@ async fn run_checks(options: &Options) -> bool {
                 Ok(String::new())
             } else {
                 Err(format!(
-                    "closing stdin ended the program with {status}, not 0"
+                    "ending the shim stream ended the program with {status}, not 0"
                 ))
             }
         })
         .await;
     if exited.is_err() {
-        kill(&mut child).await;
+        kill(child).await;
         return false;
     }
     true

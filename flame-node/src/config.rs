@@ -1,0 +1,160 @@
+//! The agent's settings: command-line flags, over a TOML file (`--config`), over defaults.
+//!
+//! ```toml
+//! head = "head.example.org:7470"
+//! ca_file = "/etc/flame/ca.crt"
+//! name = "gpu-07"
+//! work_dir = "/var/lib/flame/node"
+//! runtime_dir = "/run/flame/node"
+//! log_dir = "/var/log/flame/node"
+//! executor_user = "flame-exec"      # user of applications that name none
+//! allow_root_executors = false
+//! cgroups = "auto"                  # or "off": no limits, no accounting
+//! cpus = 30.5                       # override what is detected
+//! memory = "120GiB"
+//! gpus = [0, 1]                     # override the detected GPU indices
+//! reserve_cpus = 2                  # kept for the system
+//! reserve_memory = "8GiB"
+//! log_file_bytes_max = "8MiB"
+//! log_files_kept = 3
+//!
+//! [labels]
+//! zone = "a"
+//! ```
+
+use serde::Deserialize;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+/// Largest config file read.
+pub const CONFIG_BYTES_MAX: u64 = 1024 * 1024;
+
+/// The config file's layout; every key is optional.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    pub head: Option<String>,
+    pub ca_file: Option<PathBuf>,
+    pub name: Option<String>,
+    pub work_dir: Option<PathBuf>,
+    pub runtime_dir: Option<PathBuf>,
+    pub log_dir: Option<PathBuf>,
+    pub executor_user: Option<String>,
+    pub allow_root_executors: Option<bool>,
+    pub cgroups: Option<CgroupMode>,
+    pub cgroup_root: Option<String>,
+    pub credit: Option<u32>,
+    pub head_loss_grace: Option<String>,
+    pub cpus: Option<f64>,
+    pub memory: Option<Size>,
+    pub gpus: Option<Vec<u32>>,
+    pub reserve_cpus: Option<f64>,
+    pub reserve_memory: Option<Size>,
+    pub pids_max: Option<u32>,
+    pub log_file_bytes_max: Option<Size>,
+    pub log_files_kept: Option<u32>,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+}
+
+/// Whether executors get cgroups.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum CgroupMode {
+    /// Detect v2 or v1; required when the agent runs as root, else used when it can be.
+    Auto,
+    /// No cgroups: no limits and no accounting (the node reports isolation `none`).
+    Off,
+}
+
+/// A size written as bytes or as text such as "8GiB".
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum Size {
+    Bytes(u64),
+    Text(String),
+}
+
+impl Size {
+    /// The size in bytes; the error names `field`.
+    pub fn bytes(&self, field: &str) -> Result<u64, String> {
+        match self {
+            Size::Bytes(b) => Ok(*b),
+            Size::Text(t) => parse_size(field, t),
+        }
+    }
+}
+
+/// Parses "8GiB", "512MiB" or plain bytes; the error names `field`.
+pub fn parse_size(field: &str, text: &str) -> Result<u64, String> {
+    text.trim()
+        .parse::<bytesize::ByteSize>()
+        .map(|b| b.as_u64())
+        .map_err(|e| format!("{field}: `{text}` is not a size such as \"8GiB\": {e}"))
+}
+
+/// Cpus as thousandths; the error names `field`.
+pub fn cpu_millis(field: &str, cpus: f64) -> Result<u32, String> {
+    if !cpus.is_finite() || cpus < 0.0 || cpus * 1000.0 > f64::from(u32::MAX) {
+        return Err(format!(
+            "{field}: {cpus} is not a cpu count such as 2 or 0.5"
+        ));
+    }
+    Ok((cpus * 1000.0).round() as u32)
+}
+
+/// Parses `k=v` as a node label.
+pub fn parse_label(text: &str) -> Result<(String, String), String> {
+    let (k, v) = text
+        .split_once('=')
+        .ok_or_else(|| format!("`{text}` is not a label KEY=VALUE"))?;
+    Ok((k.to_string(), v.to_string()))
+}
+
+/// Reads the config file; errors name the file and, for TOML, the line and key.
+pub fn load(path: &Path) -> Result<FileConfig, String> {
+    let meta = std::fs::metadata(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    if meta.len() > CONFIG_BYTES_MAX {
+        return Err(format!(
+            "{}: {} bytes; a config file may hold at most {CONFIG_BYTES_MAX}",
+            path.display(),
+            meta.len()
+        ));
+    }
+    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    toml::from_str(&text).map_err(|e| format!("{}: {}", path.display(), e.message()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn full_file_parses_and_unknown_keys_are_refused() {
+        let c: FileConfig = toml::from_str(
+            "head = \"h:1\"\ncpus = 1.5\nmemory = \"2GiB\"\ngpus = [0, 2]\ncgroups = \"off\"\n[labels]\nzone = \"a\"\n",
+        )
+        .unwrap();
+        assert_eq!(c.cpus, Some(1.5));
+        assert_eq!(c.memory.unwrap().bytes("memory").unwrap(), 2 << 30);
+        assert_eq!(c.gpus, Some(vec![0, 2]));
+        assert_eq!(c.cgroups, Some(CgroupMode::Off));
+        assert_eq!(c.labels["zone"], "a");
+        let err = toml::from_str::<FileConfig>("hed = \"x\"\n").unwrap_err();
+        assert!(err.message().contains("hed"), "{err}");
+    }
+
+    #[test]
+    fn bad_values_name_the_field() {
+        assert!(cpu_millis("cpus", -1.0).unwrap_err().starts_with("cpus"));
+        assert_eq!(cpu_millis("cpus", 0.25).unwrap(), 250);
+        assert!(parse_size("memory", "lots")
+            .unwrap_err()
+            .starts_with("memory"));
+        assert!(parse_label("novalue").is_err());
+        assert_eq!(
+            parse_label("a=b=c").unwrap(),
+            ("a".to_string(), "b=c".to_string())
+        );
+    }
+}
