@@ -320,8 +320,9 @@ fn resolve_command(command: &str, app_file: &Path) -> Result<String, String> {
     })
 }
 
-/// A toml error as `line L, column C: message`. The message of a missing or unknown field
-/// already names the field, so it is kept as written.
+/// A toml error as `line L, column C: field `F`: message`. The message of a missing or
+/// unknown field already names the field; for a bad value the field is taken from the
+/// `key = value` line the error points at, with its `[table]`.
 pub(crate) fn describe_toml_error(text: &str, err: &toml::de::Error) -> String {
     let message = err.message().trim_end();
     match err.span() {
@@ -329,10 +330,35 @@ pub(crate) fn describe_toml_error(text: &str, err: &toml::de::Error) -> String {
             let before = text.get(..span.start).unwrap_or("");
             let line = before.matches('\n').count() + 1;
             let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
-            format!("line {line}, column {column}: {message}")
+            match field_at(text, line) {
+                Some(field) if !message.contains("field `") => {
+                    format!("line {line}, column {column}: field `{field}`: {message}")
+                }
+                _ => format!("line {line}, column {column}: {message}"),
+            }
         }
         _ => message.to_string(),
     }
+}
+
+/// The dotted name of the key assigned on `line` (1-based), e.g. `resources.cpus`.
+fn field_at(text: &str, line: usize) -> Option<String> {
+    let lines: Vec<&str> = text.lines().collect();
+    let here = lines.get(line.checked_sub(1)?)?;
+    let (key, _) = here.split_once('=')?;
+    let key = key.trim().trim_matches('"');
+    if key.is_empty() || key.starts_with('[') {
+        return None;
+    }
+    let table = lines[..line - 1].iter().rev().find_map(|l| {
+        let l = l.trim();
+        (l.starts_with('[') && l.ends_with(']'))
+            .then(|| l.trim_matches(|c| c == '[' || c == ']').trim().to_string())
+    });
+    Some(match table {
+        Some(t) if !t.is_empty() => format!("{t}.{key}"),
+        _ => key.to_string(),
+    })
 }
 
 #[cfg(test)]

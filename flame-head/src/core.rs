@@ -104,6 +104,14 @@ pub enum Event {
         limit: u32,
         reply: oneshot::Sender<Result<Option<Vec<TaskInfo>>, ApiError>>,
     },
+    /// `ClientRequest::Logs`: the executors whose logs make up a session's (or only
+    /// `executor`, which must have served it), grouped by node, each group in id order.
+    /// NotFound for an unknown session, or an executor that never served it.
+    LogTargets {
+        session: SessionId,
+        executor: Option<ExecutorId>,
+        reply: oneshot::Sender<Result<Vec<(String, Vec<ExecutorId>)>, ApiError>>,
+    },
     /// Periodic: heartbeat timeouts and `delay_release`.
     Tick,
 }
@@ -370,6 +378,9 @@ pub struct Core {
     /// Per application: executors in a row that died before saying ready, and the time
     /// before which no new one is launched. Keeps a broken command from a hot loop.
     launch_backoff: HashMap<String, (u32, u64)>,
+    /// Per application: why its last executor failed to start, until one starts; shown to
+    /// users as the reason their session waits.
+    launch_errors: HashMap<String, String>,
     /// After a restart, the time until which nothing is dispatched or launched, so that
     /// reconnecting nodes can report the tasks they still run; `None` once recovered.
     recovering_until_ms: Option<u64>,
@@ -440,6 +451,7 @@ impl Core {
             watch_out: BTreeMap::new(),
             reschedule: true,
             launch_backoff: HashMap::new(),
+            launch_errors: HashMap::new(),
             recovering_until_ms: None,
             executor_ids_reserved: loaded.next_executor.max(1),
             reservation_pending: false,
@@ -634,6 +646,13 @@ impl Core {
                 reply,
             } => {
                 let _ = reply.send(self.list_tasks(session, &states, after, limit));
+            }
+            Event::LogTargets {
+                session,
+                executor,
+                reply,
+            } => {
+                let _ = reply.send(self.log_targets(session, executor));
             }
             Event::Committed { tokens, result } => {
                 for token in tokens {
@@ -1206,6 +1225,51 @@ impl Core {
         Ok(Some(list))
     }
 
+    /// Every executor that served `session`: those recorded in its usage (written when
+    /// one unbinds or exits; past `USAGE_RECORDS_MAX` records, later executors are folded
+    /// into the last one and not found here) and those bound to it now.
+    fn log_targets(
+        &self,
+        session: SessionId,
+        executor: Option<ExecutorId>,
+    ) -> Result<Vec<(String, Vec<ExecutorId>)>, ApiError> {
+        let s = self
+            .sessions
+            .get(&session)
+            .ok_or_else(|| api(ErrorKind::NotFound, unknown_session(session)))?;
+        let mut served: BTreeMap<ExecutorId, &str> = s
+            .stored
+            .usage
+            .iter()
+            .map(|u| (u.executor, u.node.as_str()))
+            .collect();
+        for (id, e) in &self.executors {
+            if e.session == Some(session) {
+                served.insert(*id, e.node.as_str());
+            }
+        }
+        if let Some(wanted) = executor {
+            served.retain(|id, _| *id == wanted);
+            if served.is_empty() {
+                return Err(api(
+                    ErrorKind::NotFound,
+                    format!(
+                        "executor {wanted} did not serve session {session} \
+                         (`flame session view {session}` lists its executors)"
+                    ),
+                ));
+            }
+        }
+        let mut by_node: BTreeMap<&str, Vec<ExecutorId>> = BTreeMap::new();
+        for (id, node) in served {
+            by_node.entry(node).or_default().push(id);
+        }
+        Ok(by_node
+            .into_iter()
+            .map(|(node, ids)| (node.to_string(), ids))
+            .collect())
+    }
+
     fn on_watch(
         &mut self,
         session: SessionId,
@@ -1400,6 +1464,7 @@ impl Core {
         match event {
             ExecutorEvent::Ready { credit, .. } if e.phase == ExecutorPhase::Launching => {
                 self.launch_backoff.remove(&e.application);
+                self.launch_errors.remove(&e.application);
                 e.phase = ExecutorPhase::Idle;
                 e.credit = credit.clamp(1, 1024);
                 e.quiet_since_ms = now_ms;
@@ -1428,6 +1493,8 @@ impl Core {
                         let pause = self.back_off(&e.application, now_ms);
                         tracing::warn!(executor = %id, node, app = %e.application, %reason,
                             retry_in_ms = pause, "executor failed to start");
+                        self.launch_errors
+                            .insert(e.application.clone(), format!("on node {node}: {reason}"));
                     } else if e.phase != ExecutorPhase::Releasing {
                         // A crash: relaunches of this application back off too, so a
                         // crashing application never runs in a hot loop.
@@ -1901,6 +1968,7 @@ impl Core {
                         .is_none_or(|&(_, not_before)| now_ms >= not_before),
                     resources: a.resources,
                     selector: a.selector.clone(),
+                    launch_error: self.launch_errors.get(&a.name).cloned(),
                 })
                 .collect(),
             sessions: self

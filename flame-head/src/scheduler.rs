@@ -50,6 +50,8 @@ pub struct AppView {
     pub resources: Resources,
     /// Labels a node must carry.
     pub selector: BTreeMap<String, String>,
+    /// Why its last executor failed to start, if none has started since.
+    pub launch_error: Option<String>,
 }
 
 /// What the scheduler sees of a session.
@@ -181,6 +183,17 @@ fn describe_selector(selector: &BTreeMap<String, String>) -> String {
         .map(|(k, v)| format!("{k}={v}"))
         .collect::<Vec<_>>()
         .join(",")
+}
+
+/// The waiting reason of a session whose application's launches back off.
+fn backing_off(app: &AppView) -> String {
+    match &app.launch_error {
+        Some(why) => format!(
+            "executors of `{}` fail to start, so launches back off; the last one {why}",
+            app.name
+        ),
+        None => format!("executors of `{}` failed; launches back off", app.name),
+    }
 }
 
 /// Why no Ready node could ever hold an executor of `app`, or `None` if one could.
@@ -422,10 +435,7 @@ pub fn plan(snap: &Snapshot) -> Plan {
                 None => format!("application `{}` is not registered", s.application),
                 Some(a) => match unplaceable.get(a.name.as_str()).cloned().flatten() {
                     Some(why) => why,
-                    None if !a.launchable => format!(
-                        "executors of `{}` failed to start; launches back off",
-                        a.name
-                    ),
+                    None if !a.launchable => backing_off(a),
                     None => "every cpu is shared out to other sessions; waiting for its share"
                         .to_string(),
                 },
@@ -518,9 +528,7 @@ pub fn plan(snap: &Snapshot) -> Plan {
         *in_flight -= absorbed;
         need -= absorbed;
         if need > 0 && !app.launchable {
-            waiting.entry(s.id).or_insert_with(|| {
-                format!("executors of `{app_name}` failed to start; launches back off")
-            });
+            waiting.entry(s.id).or_insert_with(|| backing_off(app));
         }
         let live = live_per_app.entry(app_name).or_default();
         if need > 0 && app.launchable && *live >= app.max_instances {
@@ -632,6 +640,7 @@ mod tests {
             launchable: true,
             resources: Resources::default(),
             selector: BTreeMap::new(),
+            launch_error: None,
         }
     }
 
@@ -1015,6 +1024,7 @@ mod properties {
                             launchable: true,
                             resources: resources_of(a),
                             selector: BTreeMap::new(),
+                            launch_error: None,
                         })
                         .collect(),
                     sessions,

@@ -7,16 +7,17 @@ use flame_protocol::endpoint::check_hello;
 use flame_protocol::frame::{FrameError, FrameReader, FrameWriter};
 use flame_protocol::limits;
 use flame_protocol::messages::{
-    ClientRequest, ClientResponse, Hello, HelloReply, NodeToHead, Role, SubmitBatch, SubmitReply,
-    WatchEvent,
+    ClientRequest, ClientResponse, Hello, HelloReply, LogEvent, NodeLogRequest, NodeToHead, Role,
+    SubmitBatch, SubmitReply, WatchEvent,
 };
 use flame_protocol::model::{ApiError, ErrorKind, TaskResult};
-use flame_protocol::TaskId;
-use std::collections::HashSet;
+use flame_protocol::{ExecutorId, SessionId, TaskId};
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinSet;
 
 /// Events queued for the core before senders wait (backpressure on clients and nodes).
 pub const CORE_EVENTS_QUEUE_MAX: usize = 65_536;
@@ -26,6 +27,17 @@ pub const CORE_EVENTS_PER_BATCH_MAX: usize = 4_096;
 pub const SUBMIT_BATCHES_IN_FLIGHT_MAX: usize = 256;
 /// Period of the core's tick (heartbeat timeouts, `delay_release`).
 pub const TICK: Duration = Duration::from_millis(200);
+/// Log frames buffered between the node streams of one `flame logs` and its client; past
+/// this, the node streams wait (and QUIC flow control holds the nodes back).
+pub const LOG_EVENTS_BUFFERED_MAX: usize = 16;
+/// Largest frame accepted on a node's log stream: one chunk of at most 1 MiB (the node's
+/// `logs::CHUNK_BYTES_MAX`) with the names around it.
+pub const NODE_LOG_FRAME_BYTES_MAX: usize = 1024 * 1024 + 64 * 1024;
+/// Bound on opening a log stream to a node and sending it the request.
+pub const NODE_LOG_OPEN_TIMEOUT: Duration = limits::CONNECT_TIMEOUT;
+/// Without `follow`, the longest a node may stay silent on its log stream: it only reads
+/// files, so silence this long means it is stuck.
+pub const NODE_LOG_SILENCE_MAX: Duration = limits::REQUEST_TIMEOUT;
 
 /// QUIC application close codes.
 const CLOSE_PROTOCOL_ERROR: u32 = 1;
@@ -46,6 +58,21 @@ struct Shared {
     store: Store,
     next_conn: AtomicU64,
     version: String,
+    /// The registered nodes' connections by node name, for the streams the head opens to
+    /// them (logs). A node that reconnects replaces its entry; an entry goes when its own
+    /// connection ends.
+    nodes: Mutex<HashMap<String, (ConnId, quinn::Connection)>>,
+}
+
+impl Shared {
+    fn nodes(&self) -> std::sync::MutexGuard<'_, HashMap<String, (ConnId, quinn::Connection)>> {
+        // The map is left whole by every holder of the lock; a panic cannot corrupt it.
+        self.nodes.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn node_connection(&self, name: &str) -> Option<quinn::Connection> {
+        self.nodes().get(name).map(|(_, conn)| conn.clone())
+    }
 }
 
 /// Starts the core loop and the store writer; returns the sender that feeds the core.
@@ -106,6 +133,7 @@ pub async fn serve(
         store,
         next_conn: AtomicU64::new(1),
         version: format!("flame-head {}", env!("CARGO_PKG_VERSION")),
+        nodes: Mutex::new(HashMap::new()),
     });
     tokio::pin!(shutdown);
     loop {
@@ -257,6 +285,11 @@ async fn client_stream(
             submit_stream(conn, shared, session, writer, reader).await
         }
         ClientRequest::WatchResults { session } => watch_stream(shared, session, writer).await,
+        ClientRequest::Logs {
+            session,
+            executor,
+            follow,
+        } => logs_stream(shared, session, executor, follow, writer).await,
         ClientRequest::ListTasks {
             session,
             states,
@@ -478,6 +511,7 @@ async fn node_connection(
     }
     let conn_id: ConnId = shared.next_conn.fetch_add(1, Ordering::Relaxed);
     let (link_tx, mut link_rx) = mpsc::unbounded_channel();
+    let name = registration.name.clone();
     shared
         .events
         .send(Event::NodeConnected {
@@ -487,6 +521,7 @@ async fn node_connection(
         })
         .await
         .map_err(|_| ConnError::CoreGone)?;
+    shared.nodes().insert(name.clone(), (conn_id, conn.clone()));
     // Frames to the node, in order. When the core drops the link (the node was declared
     // lost), the connection is closed so the node reconnects and registers afresh.
     let writer_conn = conn.clone();
@@ -526,6 +561,12 @@ async fn node_connection(
             }
         }
     };
+    {
+        let mut nodes = shared.nodes();
+        if nodes.get(&name).is_some_and(|(id, _)| *id == conn_id) {
+            nodes.remove(&name);
+        }
+    }
     let _ = shared
         .events
         .send(Event::NodeDisconnected {
@@ -535,4 +576,151 @@ async fn node_connection(
         .await;
     writer_task.abort();
     Ok(())
+}
+
+/// `ClientRequest::Logs`: asks each node involved for its executors' logs on a stream of
+/// its own and forwards their frames as they come, several nodes at once; then `End`.
+/// A node that is not connected, or whose stream fails, becomes one
+/// `LogEvent::Unavailable` and the others go on. When the client goes away the node
+/// streams are dropped, which stops them on the nodes.
+///
+/// The executors are those that served the session when the request arrived; with
+/// `follow`, one bound to it later is not added.
+async fn logs_stream(
+    shared: Arc<Shared>,
+    session: SessionId,
+    executor: Option<ExecutorId>,
+    follow: bool,
+    mut writer: Writer,
+) -> Result<(), ConnError> {
+    let targets = ask(&shared, |reply| Event::LogTargets {
+        session,
+        executor,
+        reply,
+    })
+    .await?;
+    let targets = match targets {
+        Ok(targets) => targets,
+        Err(e) => {
+            writer.write(&ClientResponse::Error(e)).await?;
+            let _ = writer.get_mut().finish();
+            return Ok(());
+        }
+    };
+    writer.write(&ClientResponse::Ok).await?;
+    let (tx, mut rx) = mpsc::channel::<LogEvent>(LOG_EVENTS_BUFFERED_MAX);
+    // Dropped on every return: aborts the readers, whose dropped streams stop the nodes.
+    let mut readers = JoinSet::new();
+    for (node, executors) in targets {
+        let conn = shared.node_connection(&node);
+        readers.spawn(node_logs(node, conn, executors, follow, tx.clone()));
+    }
+    drop(tx);
+    loop {
+        let event = tokio::select! {
+            event = rx.recv() => match event {
+                Some(event) => event,
+                // Every reader is done.
+                None => break,
+            },
+            // The client went away: stop reading the nodes.
+            _ = writer.get_mut().stopped() => return Ok(()),
+        };
+        writer.write(&event).await?;
+    }
+    writer.write(&LogEvent::End).await?;
+    let _ = writer.get_mut().finish();
+    Ok(())
+}
+
+/// Reads one node's part of a `flame logs` into `tx`; a failure ends as one
+/// `LogEvent::Unavailable` naming the node.
+async fn node_logs(
+    node: String,
+    conn: Option<quinn::Connection>,
+    executors: Vec<ExecutorId>,
+    follow: bool,
+    tx: mpsc::Sender<LogEvent>,
+) {
+    let reason = match conn {
+        None => "the node is not connected to the head".to_string(),
+        Some(conn) => match read_node_logs(&node, &conn, executors, follow, &tx).await {
+            Ok(()) => return,
+            Err(reason) => reason,
+        },
+    };
+    // A closed channel means the client is gone; nobody is left to tell.
+    let _ = tx.send(LogEvent::Unavailable { node, reason }).await;
+}
+
+/// Opens a log stream to the node, sends the request, and forwards the node's frames until
+/// its `End`. `Ok` also when the client went away meanwhile; `Err` says why the node's logs
+/// could not be read to their end.
+async fn read_node_logs(
+    node: &str,
+    conn: &quinn::Connection,
+    executors: Vec<ExecutorId>,
+    follow: bool,
+    tx: &mpsc::Sender<LogEvent>,
+) -> Result<(), String> {
+    let asked: HashSet<ExecutorId> = executors.iter().copied().collect();
+    let request = NodeLogRequest { executors, follow };
+    let open = async {
+        let (send, recv) = conn.open_bi().await?;
+        let mut writer = FrameWriter::new(send, limits::FRAME_BYTES_MAX);
+        writer.write(&request).await?;
+        Ok::<_, ConnError>((writer, recv))
+    };
+    let (writer, recv) = match tokio::time::timeout(NODE_LOG_OPEN_TIMEOUT, open).await {
+        Err(_) => {
+            return Err(format!(
+                "the node did not take the log request within {NODE_LOG_OPEN_TIMEOUT:?}"
+            ))
+        }
+        Ok(Err(e)) => return Err(format!("cannot ask the node for logs: {e}")),
+        Ok(Ok(opened)) => opened,
+    };
+    // The request is all the head sends. Dropping `reader` early (the client left) stops
+    // the node's side.
+    let _ = writer.into_inner().finish();
+    let mut reader = FrameReader::new(recv, NODE_LOG_FRAME_BYTES_MAX);
+    loop {
+        let frame = if follow {
+            reader.read::<LogEvent>().await
+        } else {
+            match tokio::time::timeout(NODE_LOG_SILENCE_MAX, reader.read::<LogEvent>()).await {
+                Ok(frame) => frame,
+                Err(_) => {
+                    return Err(format!(
+                        "the node sent nothing for {NODE_LOG_SILENCE_MAX:?}"
+                    ))
+                }
+            }
+        };
+        let event = match frame {
+            Ok(Some(LogEvent::Chunk { executor, data, .. })) => {
+                if !asked.contains(&executor) {
+                    return Err(format!(
+                        "the node sent the log of executor {executor}, which was not asked for"
+                    ));
+                }
+                // Named by the connection it came on, whatever the node put there.
+                LogEvent::Chunk {
+                    executor,
+                    node: node.to_string(),
+                    data,
+                }
+            }
+            Ok(Some(LogEvent::Unavailable { reason, .. })) => LogEvent::Unavailable {
+                node: node.to_string(),
+                reason,
+            },
+            Ok(Some(LogEvent::End)) => return Ok(()),
+            Ok(None) => return Err("the node ended its log stream early".to_string()),
+            Err(e) => return Err(format!("reading the node's logs failed: {e}")),
+        };
+        if tx.send(event).await.is_err() {
+            return Ok(());
+        }
+    }
 }

@@ -321,6 +321,7 @@ fn describe(event: &Event) -> String {
             if result.is_ok() { "ok" } else { "FAILED" }
         ),
         Event::ListTasks { session, .. } => format!("list tasks s{}", session.0),
+        Event::LogTargets { session, .. } => format!("log targets s{}", session.0),
         Event::Tick => "tick".into(),
     }
 }

@@ -145,6 +145,19 @@ mod tests {
     }
 
     #[test]
+    fn the_packaged_example_parses() {
+        let c: FileConfig = toml::from_str(include_str!("../../packaging/node.toml")).unwrap();
+        assert_eq!(c.executor_user.as_deref(), Some("nobody"));
+        assert_eq!(c.reserve_cpus, Some(0.0));
+        assert_eq!(
+            c.reserve_memory.unwrap().bytes("reserve_memory").unwrap(),
+            0
+        );
+        let c: FileConfig = toml::from_str("cpus = 2\n").unwrap();
+        assert_eq!(c.cpus, Some(2.0));
+    }
+
+    #[test]
     fn bad_values_name_the_field() {
         assert!(cpu_millis("cpus", -1.0).unwrap_err().starts_with("cpus"));
         assert_eq!(cpu_millis("cpus", 0.25).unwrap(), 250);

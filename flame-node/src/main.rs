@@ -9,6 +9,7 @@ mod executor;
 mod launcher;
 mod lifecycle;
 mod link;
+mod log_server;
 mod logs;
 mod resources;
 
@@ -269,6 +270,17 @@ fn run(args: Args) -> Result<(), String> {
             "--executor-user root needs --allow-root-executors (executors run unprivileged by default)"
                 .to_string(),
         );
+    }
+    if root {
+        let user = launcher::resolve_credentials(&executor_user, None)
+            .map_err(|e| format!("--executor-user: {e}"))?;
+        if user.uid == 0 && !allow_root {
+            return Err(format!(
+                "--executor-user `{executor_user}` is root; that needs --allow-root-executors"
+            ));
+        }
+    } else {
+        tracing::warn!("flame-node is not root: executors run as its own user, whatever their application names");
     }
     let work_dir = args
         .work_dir

@@ -369,6 +369,7 @@ impl CgroupTree {
     pub fn at(own: CgroupDirs, root_name: &str) -> Result<CgroupTree, CgroupError> {
         validate_name(root_name)?;
         if let CgroupDirs::V2(dir) = &own {
+            leave_for_leaf(dir, root_name)?;
             v2::enable_controllers(dir)?;
         }
         let root = own.join(root_name);
@@ -728,6 +729,33 @@ fn write_value(path: &Path, value: &str) -> Result<(), CgroupError> {
 }
 
 /// The pids in a `cgroup.procs` file; a missing file (its cgroup is gone) holds none.
+/// Suffix of the leaf cgroup the agent moves itself into on v2 (`<root_name>-agent`).
+pub const AGENT_LEAF_SUFFIX: &str = "-agent";
+
+/// v2's rule: a cgroup that gives controllers to its children holds no process itself. A
+/// node started by systemd with `Delegate=yes` sits alone in its own cgroup, so it moves
+/// itself into a leaf `<own>/<root_name>-agent`, beside the executors' root, and the own
+/// cgroup can then delegate. Other processes in the own cgroup are not ours to move:
+/// enabling the controllers then fails and says so.
+fn leave_for_leaf(own: &Path, root_name: &str) -> Result<(), CgroupError> {
+    let me = i32::try_from(std::process::id()).unwrap_or(i32::MAX);
+    if !read_pids(&own.join("cgroup.procs"))?.contains(&me) {
+        return Ok(());
+    }
+    let leaf = own.join(format!("{root_name}{AGENT_LEAF_SUFFIX}"));
+    match std::fs::create_dir(&leaf) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+        Err(source) => return Err(CgroupError::Create { path: leaf, source }),
+    }
+    let procs = leaf.join("cgroup.procs");
+    std::fs::write(&procs, me.to_string()).map_err(|source| CgroupError::Write {
+        path: procs,
+        value: me.to_string(),
+        source,
+    })
+}
+
 fn read_pids(path: &Path) -> Result<Vec<i32>, CgroupError> {
     let text = match std::fs::read_to_string(path) {
         Ok(t) => t,

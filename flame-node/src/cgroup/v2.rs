@@ -235,6 +235,28 @@ mod tests {
     }
 
     #[test]
+    fn the_agent_moves_into_a_leaf_before_delegating() {
+        let tmp = tempfile::tempdir().unwrap();
+        let own = tmp.path();
+        fake_own(own);
+        // The agent is in its own cgroup, as systemd's Delegate=yes leaves it.
+        write(
+            own.join("cgroup.procs"),
+            &format!("{}\n", std::process::id()),
+        );
+        fake_root(own, "flame-node-a");
+        CgroupTree::at(CgroupDirs::V2(own.to_path_buf()), "flame-node-a").unwrap();
+        assert_eq!(
+            read(own.join("flame-node-a-agent/cgroup.procs")),
+            std::process::id().to_string()
+        );
+        assert_eq!(
+            read(own.join("cgroup.subtree_control")),
+            "+cpu +memory +pids"
+        );
+    }
+
+    #[test]
     fn missing_controllers_are_named() {
         let tmp = tempfile::tempdir().unwrap();
         let own = tmp.path();
