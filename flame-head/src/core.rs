@@ -2323,6 +2323,185 @@ mod tests {
     }
 
     #[test]
+    fn gpus_selectors_secrets_usage_and_updates() {
+        use flame_protocol::model::{EnvValue, GpuInfo, NodeResources, Resources};
+        let mut h = Harness::new();
+        let mut spec = ApplicationSpec::new("train", "/bin/train");
+        spec.resources = Resources {
+            cpu_millis: 500,
+            memory_bytes: Some(1 << 20 << 4),
+            gpus: 1,
+        };
+        spec.selector.insert("kind".into(), "gpu".into());
+        spec.env.insert(
+            "TOKEN".into(),
+            EnvValue {
+                value: "s3cret".into(),
+                secret: true,
+            },
+        );
+        assert!(matches!(
+            h.client(ClientRequest::RegisterApplication(spec.clone())),
+            ClientResponse::Application(_)
+        ));
+        // Clients never see a secret value.
+        match h.client(ClientRequest::GetApplication {
+            name: "train".into(),
+        }) {
+            ClientResponse::Application(info) => {
+                assert_eq!(info.spec.env["TOKEN"].value, "");
+                assert!(info.spec.env["TOKEN"].secret);
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+        let sid = session_id(h.client(ClientRequest::CreateSession(SessionSpec {
+            application: "train".into(),
+            common_data: Bytes::new(),
+            ephemeral: false,
+        })));
+        let (reply, _ack) = oneshot::channel();
+        h.core.handle(
+            Event::Submit {
+                session: sid,
+                batch_id: 1,
+                inputs: vec![Bytes::from_static(b"a"); 3],
+                reply,
+            },
+            0,
+        );
+        h.step();
+        // n1 has no gpu and no label: nothing launches, and the session says why.
+        assert!(h.commands().is_empty());
+        match h.client(ClientRequest::GetSession { id: sid }) {
+            ClientResponse::Session(info) => {
+                let why = info.waiting.unwrap_or_default();
+                assert!(why.contains("kind=gpu"), "{why}");
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+        // A labelled node with two GPUs: two executors, each with its own GPU index.
+        let (link, mut g1_rx) = mpsc::unbounded_channel();
+        h.core.handle(
+            Event::NodeConnected {
+                conn: 2,
+                registration: NodeRegistration {
+                    name: "g1".into(),
+                    allocatable: NodeResources {
+                        cpu_millis: 8000,
+                        memory_bytes: 1 << 34,
+                        gpus: (0..2)
+                            .map(|index| GpuInfo {
+                                index,
+                                name: "H200".into(),
+                                uuid: format!("GPU-{index}"),
+                                memory_bytes: 1 << 37,
+                            })
+                            .collect(),
+                    },
+                    labels: [("kind".to_string(), "gpu".to_string())].into(),
+                    isolation: "cgroup v2".into(),
+                    executors: vec![],
+                },
+                link,
+            },
+            0,
+        );
+        h.step();
+        let mut launched = Vec::new();
+        while let Ok(msg) = g1_rx.try_recv() {
+            if let HeadToNode::Commands(c) = msg {
+                for c in c {
+                    if let NodeCommand::Launch { executor, gpus, .. } = c {
+                        launched.push((executor, gpus));
+                    }
+                }
+            }
+        }
+        let mut gpus: Vec<Vec<u32>> = launched.iter().map(|(_, g)| g.clone()).collect();
+        gpus.sort();
+        assert_eq!(gpus, vec![vec![0], vec![1]]);
+        match h.client(ClientRequest::ListNodes) {
+            ClientResponse::Nodes(nodes) => {
+                let g1 = nodes.iter().find(|n| n.name == "g1").unwrap();
+                assert_eq!(g1.allocated.gpus, 2);
+                assert_eq!(g1.allocated.cpu_millis, 1000);
+                assert_eq!(g1.allocated.memory_bytes, Some(2 << 24));
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+        // Usage reported at unbind is kept per executor of the session.
+        let (e1, _) = launched[0].clone();
+        h.core.handle(
+            Event::NodeMessage {
+                conn: 2,
+                message: NodeToHead::ExecutorEvents(vec![
+                    ExecutorEvent::Ready {
+                        executor: e1,
+                        credit: 1,
+                    },
+                    ExecutorEvent::Bound {
+                        executor: e1,
+                        session: sid,
+                    },
+                ]),
+            },
+            0,
+        );
+        h.step();
+        h.core.handle(
+            Event::NodeMessage {
+                conn: 2,
+                message: NodeToHead::ExecutorEvents(vec![ExecutorEvent::Exited {
+                    executor: e1,
+                    reason: "out of memory: killed".into(),
+                    usage: Usage {
+                        cpu_ms: 1500,
+                        memory_peak_bytes: 1 << 24,
+                        throttled_ms: 20,
+                    },
+                }]),
+            },
+            0,
+        );
+        h.step();
+        match h.client(ClientRequest::GetSession { id: sid }) {
+            ClientResponse::Session(info) => {
+                assert_eq!(info.usage.len(), 1);
+                assert_eq!(info.usage[0].executor, e1);
+                assert_eq!(info.usage[0].node, "g1");
+                assert_eq!(info.usage[0].cpu_ms, 1500);
+                assert!(info.usage[0]
+                    .ended
+                    .as_deref()
+                    .unwrap_or_default()
+                    .contains("out of memory"));
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+        // An update of an unknown application is refused; of a known one, accepted.
+        let mut other = spec.clone();
+        other.name = "nope".into();
+        assert!(matches!(
+            h.client(ClientRequest::UpdateApplication(other)),
+            ClientResponse::Error(ApiError {
+                kind: ErrorKind::NotFound,
+                ..
+            })
+        ));
+        let mut bad = spec.clone();
+        bad.resources.cpu_millis = 1;
+        match h.client(ClientRequest::UpdateApplication(bad)) {
+            ClientResponse::Error(e) => assert!(e.message.contains("resources.cpus"), "{e:?}"),
+            other => panic!("unexpected {other:?}"),
+        }
+        spec.max_instances = 1;
+        assert!(matches!(
+            h.client(ClientRequest::UpdateApplication(spec)),
+            ClientResponse::Application(info) if info.spec.max_instances == 1
+        ));
+    }
+
+    #[test]
     fn task_runs_end_to_end_and_watcher_sees_it_once() {
         let mut h = Harness::new();
         let sid = session_id(h.client(ClientRequest::CreateSession(SessionSpec {
