@@ -2,6 +2,7 @@
 
 pub mod app;
 pub mod local;
+pub mod logs;
 pub mod node;
 pub mod ping;
 pub mod render;
@@ -50,6 +51,8 @@ pub enum Command {
     /// List nodes
     #[command(subcommand)]
     Node(node::NodeCommand),
+    /// Show the logs (stderr, and stdout under the unix shim) of a session's executors
+    Logs(logs::LogsArgs),
 }
 
 /// Runs one command.
@@ -60,6 +63,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::App(cmd) => app::run(&cli.global, cmd).await,
         Command::Session(cmd) => session::run(&cli.global, cmd).await,
         Command::Node(cmd) => node::run(&cli.global, cmd).await,
+        Command::Logs(args) => logs::run(&cli.global, args).await,
     }
 }
 

@@ -6,17 +6,21 @@ use crate::session::Session;
 use flame_protocol::endpoint;
 use flame_protocol::frame::{FrameError, FrameReader, FrameWriter};
 use flame_protocol::limits;
-use flame_protocol::messages::{ClientRequest, ClientResponse, Role};
+use flame_protocol::messages::{ClientRequest, ClientResponse, LogEvent, Role};
 use flame_protocol::model::{
     ApplicationInfo, ApplicationSpec, NodeInfo, SessionInfo, SessionSpec, TaskInfo, TaskState,
 };
-use flame_protocol::{SessionId, TaskId};
+use flame_protocol::{ExecutorId, SessionId, TaskId};
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
 /// How long [`Client::close`] waits for the close to reach the head.
 pub const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Without `follow`, the longest a [`LogStream`] waits for the head's next frame. The head
+/// gives up on a silent node after [`limits::REQUEST_TIMEOUT`] and says so; this is longer.
+pub const LOG_SILENCE_MAX: Duration = Duration::from_secs(60);
 
 /// The two halves of one request stream, framed.
 pub(crate) type FramedStream = (
@@ -284,6 +288,35 @@ impl Client {
         }
     }
 
+    /// The logs of the executors that served `session` (only `executor`'s, when given),
+    /// read on their nodes: each executor's from its oldest retained byte. Without
+    /// `follow` the stream ends at what the logs hold now; with it, once every executor's
+    /// log has closed (the executors ended). [`ErrorKind::NotFound`](flame_protocol::model::ErrorKind)
+    /// for an unknown session, or an executor that did not serve it.
+    pub async fn logs(
+        &self,
+        session: SessionId,
+        executor: Option<ExecutorId>,
+        follow: bool,
+    ) -> Result<LogStream, ClientError> {
+        let (_conn, (send, recv)) = self
+            .open_stream(ClientRequest::Logs {
+                session,
+                executor,
+                follow,
+            })
+            .await?;
+        Ok(LogStream {
+            client: self.clone(),
+            what: format!("reading the logs of session {session}"),
+            _send: send.into_inner(),
+            recv,
+            follow,
+            ended: false,
+            failed: false,
+        })
+    }
+
     /// Every node the head knows.
     pub async fn list_nodes(&self) -> Result<Vec<NodeInfo>, ClientError> {
         match self.request(ClientRequest::ListNodes).await? {
@@ -465,6 +498,71 @@ impl Client {
             what,
             format!("unexpected answer {}", response_name(response)),
         )
+    }
+}
+
+/// The frames of a [`Client::logs`] request: [`LogEvent::Chunk`]s of each executor's log in
+/// order (several executors' interleaved) and [`LogEvent::Unavailable`] for a node whose
+/// logs cannot be read; [`LogStream::next`] returns `None` after the head's
+/// [`LogEvent::End`].
+///
+/// [`LogStream::next`] is cancel-safe. Dropping the stream stops the reading on the head
+/// and the nodes. It does not reconnect: after a lost head, ask again.
+#[derive(Debug)]
+pub struct LogStream {
+    client: Client,
+    what: String,
+    // Held open, not finished, for the life of the stream, like a watch's.
+    _send: quinn::SendStream,
+    recv: FrameReader<quinn::RecvStream>,
+    follow: bool,
+    ended: bool,
+    failed: bool,
+}
+
+impl LogStream {
+    /// The next chunk or warning; `None` after [`LogEvent::End`] (see
+    /// [`LogStream::is_ended`]) or after an error. Without `follow` each wait is bounded by
+    /// [`LOG_SILENCE_MAX`]; with it there is no bound (an executor may be quiet for hours),
+    /// and a lost head is detected by the connection's idle timeout.
+    pub async fn next(&mut self) -> Option<Result<LogEvent, ClientError>> {
+        if self.ended || self.failed {
+            return None;
+        }
+        let frame = if self.follow {
+            self.recv.read::<LogEvent>().await
+        } else {
+            match tokio::time::timeout(LOG_SILENCE_MAX, self.recv.read::<LogEvent>()).await {
+                Ok(frame) => frame,
+                Err(_) => {
+                    self.failed = true;
+                    return Some(Err(self.client.timeout_error(&self.what, LOG_SILENCE_MAX)));
+                }
+            }
+        };
+        match frame {
+            Ok(Some(LogEvent::End)) => {
+                self.ended = true;
+                None
+            }
+            Ok(Some(event)) => Some(Ok(event)),
+            Ok(None) => {
+                self.failed = true;
+                Some(Err(self.client.protocol_error(
+                    &self.what,
+                    "the stream ended before its End frame".to_string(),
+                )))
+            }
+            Err(e) => {
+                self.failed = true;
+                Some(Err(self.client.stream_error(&self.what, e)))
+            }
+        }
+    }
+
+    /// Whether the head said that nothing more will come.
+    pub fn is_ended(&self) -> bool {
+        self.ended
     }
 }
 

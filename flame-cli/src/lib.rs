@@ -52,7 +52,7 @@ pub mod local;
 pub mod report;
 mod session;
 
-pub use client::{Client, CLOSE_TIMEOUT};
+pub use client::{Client, LogStream, CLOSE_TIMEOUT, LOG_SILENCE_MAX};
 pub use config::{ClientConfig, ConfigError, ConfigFlags};
 pub use error::ClientError;
 pub use session::{

@@ -59,6 +59,9 @@ pub struct WatchStart {
     pub finished: bool,
 }
 
+/// Node names, each with the executors on it whose logs to read (`Event::LogTargets`).
+pub type NodeExecutors = Vec<(String, Vec<ExecutorId>)>;
+
 /// Everything that drives the core.
 #[derive(Debug)]
 pub enum Event {
@@ -110,7 +113,7 @@ pub enum Event {
     LogTargets {
         session: SessionId,
         executor: Option<ExecutorId>,
-        reply: oneshot::Sender<Result<Vec<(String, Vec<ExecutorId>)>, ApiError>>,
+        reply: oneshot::Sender<Result<NodeExecutors, ApiError>>,
     },
     /// Periodic: heartbeat timeouts and `delay_release`.
     Tick,
@@ -1232,7 +1235,7 @@ impl Core {
         &self,
         session: SessionId,
         executor: Option<ExecutorId>,
-    ) -> Result<Vec<(String, Vec<ExecutorId>)>, ApiError> {
+    ) -> Result<NodeExecutors, ApiError> {
         let s = self
             .sessions
             .get(&session)
@@ -1876,7 +1879,10 @@ impl Core {
             .collect();
         for id in lost {
             if let Some(e) = self.executors.remove(&id) {
-                self.requeue(e.outstanding, &format!("node {name} lost: {reason}"));
+                let why = format!("node {name} lost: {reason}");
+                // Kept in the session's record, so `flame logs` still finds the executor.
+                self.record_usage(e.session, id, name, Usage::default(), Some(&why));
+                self.requeue(e.outstanding, &why);
             }
         }
         self.node_out.remove(name);

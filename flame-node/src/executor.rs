@@ -111,6 +111,7 @@ pub fn spawn(
             }
             Err(reason) => (reason, Usage::default()),
         };
+        prune_logs(settings).await;
         let _ = reports.send(Report::Event(ExecutorEvent::Exited {
             executor: id,
             reason,
@@ -256,6 +257,21 @@ impl Prepared {
         }
         drop(log);
         (reason, usage)
+    }
+}
+
+/// Logs of this many executors are kept on disk (live ones always); older ones are
+/// removed as executors end.
+pub const EXECUTOR_LOGS_KEPT: usize = 1000;
+
+/// Bounds the logs on disk after an executor ended, off the runtime thread.
+async fn prune_logs(settings: Arc<Settings>) {
+    let pruned =
+        tokio::task::spawn_blocking(move || settings.logs.remove_old(EXECUTOR_LOGS_KEPT)).await;
+    match pruned {
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => tracing::warn!("cannot remove old executor logs: {e}"),
+        Err(e) => tracing::warn!("the log clean-up task failed: {e}"),
     }
 }
 

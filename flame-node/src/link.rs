@@ -1,6 +1,7 @@
 //! The node's connection to the head: register, heartbeat, apply commands, batch reports.
 
 use crate::executor::{self, Command, Handle, LaunchSpec, Report};
+use crate::log_server;
 use flame_protocol::endpoint::{self, EndpointError};
 use flame_protocol::frame::{FrameError, FrameWriter};
 use flame_protocol::limits;
@@ -215,6 +216,8 @@ impl Agent {
             limits::CONNECT_TIMEOUT,
         )
         .await?;
+        // Besides the control stream, the head opens streams of its own (logs).
+        let conn = greeted.connection;
         let mut send = greeted.send;
         let mut recv = greeted.recv;
         let registration = self.registration();
@@ -270,6 +273,13 @@ impl Agent {
                 Some(id) = self.gone_rx.recv() => {
                     self.executors.remove(&id);
                 }
+                incoming = conn.accept_bi() => match incoming {
+                    // Each ends by itself when the head stops it or the connection goes.
+                    Ok((send, recv)) => {
+                        tokio::spawn(log_server::serve(send, recv, self.config.executors.clone()));
+                    }
+                    Err(e) => break Err(LinkError::Lost(format!("the connection ended: {e}"))),
+                },
                 () = tokio::time::sleep_until(heard + silence_max) => {
                     break Err(LinkError::Lost(format!("no word from the head for {silence_max:?}")));
                 }

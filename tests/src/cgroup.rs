@@ -9,7 +9,8 @@
 //! ```text
 //! v1: <mount of cpu>/<node's cpu path>/<root>/exec-<id>, the same for cpuacct, memory,
 //!     pids and freezer
-//! v2: <mount of cgroup2>/<node's path>/<root>/exec-<id>
+//! v2: <mount of cgroup2>/<node's path>/<root>/exec-<id>, the node itself moving into
+//!     <mount of cgroup2>/<node's path>/<root>-agent
 //! ```
 
 use std::io;
@@ -20,6 +21,9 @@ use std::time::{Duration, Instant};
 pub const V1_CONTROLLERS: [&str; 5] = ["cpu", "cpuacct", "memory", "pids", "freezer"];
 /// Prefix of an executor's cgroup directory name; the executor id follows.
 pub const EXECUTOR_PREFIX: &str = "exec-";
+/// Suffix of the v2 leaf cgroup a node moves itself into, beside its root
+/// (`<own>/<root>-agent`).
+pub const AGENT_LEAF_SUFFIX: &str = "-agent";
 /// Pause between two looks at a cgroup folder while waiting for it to change; the kernel
 /// announces neither a new cgroup nor a removed one.
 pub const CGROUP_POLL_PAUSE: Duration = Duration::from_millis(50);
@@ -145,6 +149,8 @@ pub struct NodeCgroups {
     /// `(controller, <node's own cgroup>/<root name>)`; for v2 one entry named `unified`.
     /// Co-mounted v1 controllers (`cpu,cpuacct`) share a directory.
     pub roots: Vec<(String, PathBuf)>,
+    /// v2 only: the leaf `<own>/<root>-agent` the node moves itself into.
+    pub agent_leaf: Option<PathBuf>,
 }
 
 impl NodeCgroups {
@@ -160,6 +166,7 @@ impl NodeCgroups {
         let mounts = parse_mountinfo(mountinfo);
         let members = parse_proc_cgroup(proc_cgroup);
         let mut roots = Vec::new();
+        let mut agent_leaf = None;
         if v2 {
             let mount = mounts
                 .iter()
@@ -169,7 +176,11 @@ impl NodeCgroups {
                 .iter()
                 .find(|m| m.controllers.is_empty())
                 .ok_or("the process has no `0::` line in /proc/<pid>/cgroup")?;
-            let own = on_disk(mount, &member.path).ok_or_else(|| {
+            // On v2 the node moves itself into a leaf beside its root, so that its own
+            // cgroup may hand controllers down; the root is below the leaf's parent.
+            let leaf = format!("/{root_name}{AGENT_LEAF_SUFFIX}");
+            let path = member.path.strip_suffix(&leaf).unwrap_or(&member.path);
+            let own = on_disk(mount, path).ok_or_else(|| {
                 format!(
                     "its cgroup {} is outside the cgroup2 mount {}",
                     member.path,
@@ -177,6 +188,7 @@ impl NodeCgroups {
                 )
             })?;
             roots.push(("unified".to_string(), own.join(root_name)));
+            agent_leaf = Some(own.join(&leaf[1..]));
         } else {
             for controller in V1_CONTROLLERS {
                 let has = |c: &Vec<String>| c.iter().any(|x| x == controller);
@@ -200,7 +212,7 @@ impl NodeCgroups {
                 roots.push((controller.to_string(), own.join(root_name)));
             }
         }
-        Ok(NodeCgroups { roots })
+        Ok(NodeCgroups { roots, agent_leaf })
     }
 
     /// [`Self::locate`] for the live process `pid`.
@@ -316,6 +328,9 @@ impl NodeCgroups {
                 remove_cgroup(&root.join(name), deadline);
             }
             remove_cgroup(&root, deadline);
+        }
+        if let Some(leaf) = &self.agent_leaf {
+            remove_cgroup(leaf, deadline);
         }
     }
 }
@@ -439,6 +454,14 @@ mod tests {
         let found = NodeCgroups::locate(PROC_CGROUP, MOUNTINFO, "r", true).unwrap();
         assert_eq!(found.cpu_root(), Path::new("/sys/fs/cgroup/uni fied/svc/r"));
         assert_eq!(found.memory_root(), found.cpu_root());
+        // Seen from inside the leaf the node moved into, the root is the same.
+        let moved = PROC_CGROUP.replace("0::/svc", "0::/svc/r-agent");
+        let found = NodeCgroups::locate(&moved, MOUNTINFO, "r", true).unwrap();
+        assert_eq!(found.cpu_root(), Path::new("/sys/fs/cgroup/uni fied/svc/r"));
+        assert_eq!(
+            found.agent_leaf.as_deref(),
+            Some(Path::new("/sys/fs/cgroup/uni fied/svc/r-agent"))
+        );
     }
 
     #[test]

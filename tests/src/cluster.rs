@@ -15,8 +15,9 @@
 //! D/node-<i>.log       its stderr
 //! ```
 //!
-//! Each node's cgroup root (`--cgroup-root`) is named for the test process and the cluster,
-//! so clusters of concurrent tests never share one; [`crate::cgroup`] finds it on disk.
+//! Each node's cgroup root (`--cgroup-root`) is `flame-test-<pid>-<n>-<random>-node-<i>`,
+//! so clusters of concurrent tests, even of test processes in other pid namespaces that
+//! share the cgroup hierarchies, never share one; [`crate::cgroup`] finds it on disk.
 
 use crate::cgroup::NodeCgroups;
 use crate::client_thread::ClientThread;
@@ -110,6 +111,21 @@ impl Default for ClusterOptions {
             network_namespaces: false,
         }
     }
+}
+
+/// A cgroup root name unique to one cluster: the pid and a counter tell the clusters of
+/// this process apart, and a random part those of processes in other pid namespaces, which
+/// may share the cgroup hierarchies (and the pid) with this one.
+fn cgroup_base_name() -> String {
+    use std::hash::BuildHasher;
+    let n = CLUSTERS_STARTED.fetch_add(1, Ordering::Relaxed);
+    let pid = std::process::id();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    // RandomState is seeded randomly per process.
+    let random = std::collections::hash_map::RandomState::new().hash_one((pid, n, now));
+    format!("flame-test-{pid}-{n}-{:08x}", random as u32)
 }
 
 /// The name of the user the tests run as.
@@ -213,11 +229,7 @@ impl Cluster {
         std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755))
             .unwrap_or_else(|e| panic!("cannot make {} 0755: {e}", dir.path().display()));
         let ca_file = dir.path().join("head").join("tls").join("head.crt");
-        let cgroup_base = format!(
-            "flame-test-{}-{}",
-            std::process::id(),
-            CLUSTERS_STARTED.fetch_add(1, Ordering::Relaxed)
-        );
+        let cgroup_base = cgroup_base_name();
         let net = options
             .network_namespaces
             .then(|| Network::create(options.nodes));

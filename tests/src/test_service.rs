@@ -6,6 +6,7 @@ use crate::results::wait_results;
 use bytes::Bytes;
 use flame_client::{Client, ResultStream, Session};
 use flame_protocol::model::{ApplicationSpec, SessionInfo, SessionSpec, TaskOutcome, TaskResult};
+use flame_protocol::{SessionId, TaskId};
 use std::collections::BTreeMap;
 use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
@@ -74,14 +75,23 @@ impl ServiceSession {
         ServiceSession { session, watch }
     }
 
-    /// Submits `inputs` and waits, at most [`TASK_TIMEOUT`], for their results.
-    pub async fn run_all(&mut self, inputs: &[&str]) -> Vec<TaskResult> {
-        let ids = self
-            .session
+    /// Submits `inputs` without waiting for their results; returns their task ids.
+    pub async fn submit(&mut self, inputs: &[&str]) -> Vec<TaskId> {
+        self.session
             .submit(inputs.iter().map(|i| Bytes::from(i.to_string())).collect())
             .await
-            .unwrap_or_else(|e| panic!("cannot submit {inputs:?}: {e}"));
-        wait_results(&mut self.watch, &ids, TASK_TIMEOUT).await
+            .unwrap_or_else(|e| panic!("cannot submit {inputs:?}: {e}"))
+    }
+
+    /// Waits, at most [`TASK_TIMEOUT`], for the results of `ids`.
+    pub async fn wait(&mut self, ids: &[TaskId]) -> Vec<TaskResult> {
+        wait_results(&mut self.watch, ids, TASK_TIMEOUT).await
+    }
+
+    /// Submits `inputs` and waits, at most [`TASK_TIMEOUT`], for their results.
+    pub async fn run_all(&mut self, inputs: &[&str]) -> Vec<TaskResult> {
+        let ids = self.submit(inputs).await;
+        self.wait(&ids).await
     }
 
     /// Runs `input` and returns its result.
@@ -132,7 +142,7 @@ impl ServiceSession {
 /// the info that satisfied it, or panics with the last one seen and `what`.
 pub async fn wait_session(
     client: &Client,
-    session: flame_protocol::SessionId,
+    session: SessionId,
     what: &str,
     timeout: Duration,
     done: impl Fn(&SessionInfo) -> bool,

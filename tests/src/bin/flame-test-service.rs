@@ -157,7 +157,8 @@ fn open_fds() -> Result<Vec<String>, String> {
 
 /// `key=value` lines: `uid`, `gid`, `groups`, `cwd`, `no_new_privs`, `inherited_fds` (at
 /// start-up, before the shim opened any), `fds` (now), `executor_id`,
-/// `cuda_visible_devices`, `shim_socket` (`set` or `unset`), `env` (the variable names).
+/// `cuda_visible_devices`, `shim_socket` (its path), `env` (the variable names); an unset
+/// variable reads `unset`.
 fn whoami(inherited_fds: &[String]) -> Result<String, String> {
     let status = std::fs::read_to_string("/proc/self/status")
         .map_err(|e| format!("cannot read /proc/self/status: {e}"))?;
@@ -194,14 +195,7 @@ fn whoami(inherited_fds: &[String]) -> Result<String, String> {
     line("fds", &open_fds()?.join(" "));
     line("executor_id", &var("FLAME_EXECUTOR_ID"));
     line("cuda_visible_devices", &var("CUDA_VISIBLE_DEVICES"));
-    line(
-        "shim_socket",
-        if std::env::var_os("FLAME_SHIM_SOCKET").is_some() {
-            "set"
-        } else {
-            "unset"
-        },
-    );
+    line("shim_socket", &var("FLAME_SHIM_SOCKET"));
     line("env", &env.join(","));
     Ok(out)
 }

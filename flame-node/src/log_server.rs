@@ -1,0 +1,139 @@
+//! The node's side of `flame logs`: the head opens a stream on the node's connection, sends
+//! one [`NodeLogRequest`], and this answers with the executors' logs as [`LogEvent`]
+//! frames, then [`LogEvent::End`], and finishes the stream.
+//!
+//! * Without `follow`, the executors' logs go one after the other, in the order asked,
+//!   each from its oldest retained byte to its end now.
+//! * With `follow`, they are read at once, each until its log closes (the executor is gone
+//!   and its pipes drained); chunks of different executors interleave, each executor's in
+//!   order.
+//! * An executor with no log on this node (it never ran here, or its log was removed) is
+//!   one [`LogEvent::Unavailable`] naming it, and the others go on; so is a log that fails
+//!   to read midway.
+//!
+//! The head stops a stream by dropping its end (`STOP_SENDING`), or by losing the
+//! connection: the readers are dropped then, which leaves the logs as they were. How many
+//! streams are served at once is bounded by the connection's stream limit
+//! ([`limits::STREAMS_PER_CONNECTION_MAX`]).
+
+use crate::executor::Settings;
+use crate::logs::LogError;
+use flame_protocol::frame::{FrameError, FrameReader, FrameWriter};
+use flame_protocol::limits;
+use flame_protocol::messages::{LogEvent, NodeLogRequest};
+use flame_protocol::ExecutorId;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+
+/// Bytes of log per [`LogEvent::Chunk`]: large enough for throughput, small enough that
+/// one executor's burst does not hold up the others' for long.
+pub const CHUNK_BYTES: usize = 256 * 1024;
+/// Largest request frame accepted: some 100,000 executor ids.
+pub const REQUEST_FRAME_BYTES_MAX: usize = 1024 * 1024;
+/// How long the head has to send its request once it opened the stream.
+pub const REQUEST_WAIT: Duration = limits::CONNECT_TIMEOUT;
+/// Frames buffered between the log readers of one stream and the stream.
+pub const EVENTS_BUFFERED_MAX: usize = 16;
+
+#[derive(Debug, thiserror::Error)]
+enum ServeError {
+    #[error("the head sent no log request within {0:?}")]
+    NoRequest(Duration),
+    #[error(transparent)]
+    Frame(#[from] FrameError),
+}
+
+/// Serves one log stream the head opened; errors only end the stream.
+pub async fn serve(send: quinn::SendStream, recv: quinn::RecvStream, settings: Arc<Settings>) {
+    if let Err(e) = serve_stream(send, recv, settings).await {
+        tracing::debug!(error = %e, "log stream ended");
+    }
+}
+
+async fn serve_stream(
+    send: quinn::SendStream,
+    recv: quinn::RecvStream,
+    settings: Arc<Settings>,
+) -> Result<(), ServeError> {
+    let mut reader = FrameReader::new(recv, REQUEST_FRAME_BYTES_MAX);
+    let request = tokio::time::timeout(REQUEST_WAIT, reader.read_required::<NodeLogRequest>())
+        .await
+        .map_err(|_| ServeError::NoRequest(REQUEST_WAIT))??;
+    let mut writer = FrameWriter::new(send, limits::FRAME_BYTES_MAX);
+    let (tx, mut rx) = mpsc::channel::<LogEvent>(EVENTS_BUFFERED_MAX);
+    // Dropped on every return, which stops the readers.
+    let mut readers = JoinSet::new();
+    if request.follow {
+        for executor in request.executors {
+            readers.spawn(send_log(settings.clone(), executor, true, tx.clone()));
+        }
+    } else {
+        let tx = tx.clone();
+        readers.spawn(async move {
+            for executor in request.executors {
+                if !send_log(settings.clone(), executor, false, tx.clone()).await {
+                    break;
+                }
+            }
+            true
+        });
+    }
+    drop(tx);
+    loop {
+        let event = tokio::select! {
+            event = rx.recv() => match event {
+                Some(event) => event,
+                // Every reader is done.
+                None => break,
+            },
+            // The head dropped the stream (its client left) or the connection is gone.
+            _ = writer.get_mut().stopped() => return Ok(()),
+        };
+        writer.write(&event).await?;
+    }
+    writer.write(&LogEvent::End).await?;
+    // Already reset by the head means it no longer cares; nothing to do.
+    let _ = writer.get_mut().finish();
+    Ok(())
+}
+
+/// Sends one executor's log into `tx`, from its oldest retained byte; with `follow`, until
+/// the log closes. Returns false when nobody reads `tx` any more.
+async fn send_log(
+    settings: Arc<Settings>,
+    executor: ExecutorId,
+    follow: bool,
+    tx: mpsc::Sender<LogEvent>,
+) -> bool {
+    let node = &settings.node_name;
+    let unavailable = |e: LogError| LogEvent::Unavailable {
+        node: node.clone(),
+        reason: match e {
+            LogError::NotFound(_) => format!(
+                "no log for executor {executor} on this node (it never ran here, or its log \
+                 was removed)"
+            ),
+            e => format!("cannot read the log of executor {executor}: {e}"),
+        },
+    };
+    let mut reader = match settings.logs.reader(executor.0, 0) {
+        Ok(reader) => reader,
+        Err(e) => return tx.send(unavailable(e)).await.is_ok(),
+    };
+    loop {
+        let event = match reader.read_chunk(CHUNK_BYTES, follow).await {
+            Ok(Some(data)) => LogEvent::Chunk {
+                executor,
+                node: node.clone(),
+                data,
+            },
+            Ok(None) => return true,
+            Err(e) => return tx.send(unavailable(e)).await.is_ok(),
+        };
+        if tx.send(event).await.is_err() {
+            return false;
+        }
+    }
+}
