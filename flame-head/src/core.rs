@@ -221,6 +221,19 @@ struct SessionEntry {
     waiting: Option<String>,
 }
 
+impl TaskSlot {
+    /// The slot of an id handed out to a batch that was never stored.
+    fn hole() -> TaskSlot {
+        TaskSlot {
+            slot: Slot::Rejected,
+            attempt: 0,
+            runs_failed: 0,
+            input: Bytes::new(),
+            outcome: None,
+        }
+    }
+}
+
 /// The slot of a task id; ids are dense from 1.
 fn slot_of(tasks: &mut [TaskSlot], task: TaskId) -> Option<&mut TaskSlot> {
     let idx = usize::try_from(task.0.checked_sub(1)?).ok()?;
@@ -489,13 +502,7 @@ impl Core {
             // Tasks are stored densely from 1; fill any hole left by a rejected batch.
             let idx = (tid.0.saturating_sub(1)) as usize;
             while s.tasks.len() < idx {
-                s.tasks.push(TaskSlot {
-                    slot: Slot::Rejected,
-                    attempt: 0,
-                    runs_failed: 0,
-                    input: Bytes::new(),
-                    outcome: None,
-                });
+                s.tasks.push(TaskSlot::hole());
             }
             s.stored.last_task = s.stored.last_task.max(tid.0);
             let slot = match task {
@@ -528,13 +535,7 @@ impl Core {
         for s in core.sessions.values_mut() {
             let last = usize::try_from(s.stored.last_task).unwrap_or(usize::MAX);
             while s.tasks.len() < last {
-                s.tasks.push(TaskSlot {
-                    slot: Slot::Rejected,
-                    attempt: 0,
-                    runs_failed: 0,
-                    input: Bytes::new(),
-                    outcome: None,
-                });
+                s.tasks.push(TaskSlot::hole());
             }
         }
         for (sid, batch, first, count) in loaded.batches {

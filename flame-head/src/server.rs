@@ -616,20 +616,9 @@ async fn logs_stream(
         readers.spawn(node_logs(node, conn, executors, follow, tx.clone()));
     }
     drop(tx);
-    loop {
-        let event = tokio::select! {
-            event = rx.recv() => match event {
-                Some(event) => event,
-                // Every reader is done.
-                None => break,
-            },
-            // The client went away: stop reading the nodes.
-            _ = writer.get_mut().stopped() => return Ok(()),
-        };
-        writer.write(&event).await?;
-    }
-    writer.write(&LogEvent::End).await?;
-    let _ = writer.get_mut().finish();
+    // Until every reader is done, or the other side stops reading; dropping `readers`
+    // then stops them.
+    flame_protocol::endpoint::relay_log_events(&mut writer, &mut rx).await?;
     Ok(())
 }
 

@@ -471,7 +471,6 @@ async fn drive(
             _ => return "the process has no stdio pipes".to_string(),
         }
     };
-    let _ = &app.name;
     let mut shim = NodeShim::new(reader, writer, limits::FRAME_BYTES_MAX);
     let task_timeout = app.task_timeout_ms.map(Duration::from_millis);
     let mut phase = Phase::Void;

@@ -81,21 +81,9 @@ async fn serve_stream(
         });
     }
     drop(tx);
-    loop {
-        let event = tokio::select! {
-            event = rx.recv() => match event {
-                Some(event) => event,
-                // Every reader is done.
-                None => break,
-            },
-            // The head dropped the stream (its client left) or the connection is gone.
-            _ = writer.get_mut().stopped() => return Ok(()),
-        };
-        writer.write(&event).await?;
-    }
-    writer.write(&LogEvent::End).await?;
-    // Already reset by the head means it no longer cares; nothing to do.
-    let _ = writer.get_mut().finish();
+    // Until every reader is done, or the other side stops reading; dropping `readers`
+    // then stops them.
+    flame_protocol::endpoint::relay_log_events(&mut writer, &mut rx).await?;
     Ok(())
 }
 

@@ -2,7 +2,7 @@
 
 use crate::frame::{FrameError, FrameReader, FrameWriter};
 use crate::limits;
-use crate::messages::{Hello, HelloReply, Role};
+use crate::messages::{Hello, HelloReply, LogEvent, Role};
 use crate::{ALPN, PROTOCOL_VERSION};
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
 use rustls::pki_types::pem::PemObject;
@@ -296,6 +296,29 @@ async fn connect_inner(
             reason,
         }),
     }
+}
+
+/// Writes the log events arriving on `events` to `writer` until every sender is gone, then
+/// [`LogEvent::End`], and finishes the stream. Returns early, without error, when the peer
+/// stops reading (it went away); the caller then drops whatever feeds `events`.
+pub async fn relay_log_events(
+    writer: &mut FrameWriter<quinn::SendStream>,
+    events: &mut tokio::sync::mpsc::Receiver<LogEvent>,
+) -> Result<(), FrameError> {
+    loop {
+        let event = tokio::select! {
+            event = events.recv() => match event {
+                Some(event) => event,
+                None => break,
+            },
+            _ = writer.get_mut().stopped() => return Ok(()),
+        };
+        writer.write(&event).await?;
+    }
+    writer.write(&LogEvent::End).await?;
+    // A peer that already reset the stream no longer cares.
+    let _ = writer.get_mut().finish();
+    Ok(())
 }
 
 /// Checks a peer's hello; the error is the reason to send back in a refusal.
