@@ -3,6 +3,7 @@
 use anyhow::Context;
 use clap::Parser;
 use serde::Deserialize;
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
@@ -24,6 +25,37 @@ pub struct Args {
     /// Largest task input (and session common data) accepted, in bytes.
     #[arg(long)]
     pub task_input_bytes_max: Option<usize>,
+    /// An owner's weight in the fair share, `NAME=WEIGHT` (repeatable; default weight 1).
+    #[arg(long = "owner-weight", value_parser = parse_owner_weight)]
+    pub owner_weights: Vec<(String, u32)>,
+}
+
+/// Largest owner weight accepted.
+pub const OWNER_WEIGHT_MAX: u32 = 1_000_000;
+
+fn parse_owner_weight(text: &str) -> Result<(String, u32), String> {
+    let (name, weight) = text
+        .split_once('=')
+        .ok_or_else(|| format!("`{text}` is not NAME=WEIGHT"))?;
+    let weight = check_weight(
+        name,
+        weight
+            .parse::<u32>()
+            .map_err(|e| format!("`{text}`: {e}"))?,
+    )?;
+    Ok((name.to_string(), weight))
+}
+
+fn check_weight(name: &str, weight: u32) -> Result<u32, String> {
+    if name.is_empty() {
+        return Err("an owner name must not be empty".into());
+    }
+    if weight == 0 || weight > OWNER_WEIGHT_MAX {
+        return Err(format!(
+            "owner `{name}`: weight {weight} must be between 1 and {OWNER_WEIGHT_MAX}"
+        ));
+    }
+    Ok(weight)
 }
 
 /// The TOML file's shape; every key is optional.
@@ -35,6 +67,9 @@ struct FileConfig {
     #[serde(default)]
     tls_san: Vec<String>,
     task_input_bytes_max: Option<usize>,
+    /// `[owners]` table: owner name → weight.
+    #[serde(default)]
+    owners: BTreeMap<String, u32>,
 }
 
 /// Resolved settings.
@@ -44,6 +79,8 @@ pub struct HeadConfig {
     pub listen: SocketAddr,
     pub tls_san: Vec<String>,
     pub task_input_bytes_max: usize,
+    /// Fair-share weights; owners not listed weigh 1.
+    pub owner_weights: BTreeMap<String, u32>,
 }
 
 impl HeadConfig {
@@ -68,6 +105,12 @@ impl HeadConfig {
                 "task_input_bytes_max must be between 1 and {frame_room} bytes, not {task_input_bytes_max}"
             );
         }
+        let mut owner_weights = BTreeMap::new();
+        for (name, weight) in file.owners {
+            let weight = check_weight(&name, weight).map_err(anyhow::Error::msg)?;
+            owner_weights.insert(name, weight);
+        }
+        owner_weights.extend(args.owner_weights);
         let mut tls_san = file.tls_san;
         tls_san.extend(args.tls_san);
         Ok(HeadConfig {
@@ -80,6 +123,7 @@ impl HeadConfig {
             }),
             tls_san,
             task_input_bytes_max,
+            owner_weights,
         })
     }
 }

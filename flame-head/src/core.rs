@@ -24,8 +24,8 @@ use flame_protocol::messages::{
 };
 use flame_protocol::model::{
     ApiError, ApplicationInfo, ApplicationSpec, ErrorKind, ExecutorUsage, NodeInfo, NodeState,
-    Resources, SessionInfo, SessionSpec, SessionState, TaskAssignment, TaskCounts, TaskInfo,
-    TaskOutcome, TaskResult, TaskState,
+    OwnerQueue, QueueReport, Resources, SessionInfo, SessionQueue, SessionSpec, SessionState,
+    TaskAssignment, TaskCounts, TaskInfo, TaskOutcome, TaskResult, TaskState,
 };
 use flame_protocol::{ExecutorId, SessionId, TaskId};
 use std::collections::{BTreeMap, HashMap, VecDeque};
@@ -126,6 +126,8 @@ pub struct CoreConfig {
     /// Attempts before a task whose executor keeps getting lost is failed.
     pub max_attempts: u32,
     pub heartbeat_timeout_ms: u64,
+    /// Fair-share weight per owner; owners not listed weigh 1.
+    pub owner_weights: BTreeMap<String, u32>,
 }
 
 impl Default for CoreConfig {
@@ -134,6 +136,7 @@ impl Default for CoreConfig {
             task_input_bytes_max: limits::TASK_INPUT_BYTES_MAX,
             max_attempts: 3,
             heartbeat_timeout_ms: limits::HEARTBEAT_TIMEOUT.as_millis() as u64,
+            owner_weights: BTreeMap::new(),
         }
     }
 }
@@ -245,6 +248,8 @@ impl SessionEntry {
         SessionInfo {
             id: self.stored.id,
             application: self.stored.application.clone(),
+            owner: self.stored.owner.clone(),
+            priority: self.stored.priority,
             state: self.stored.state,
             ephemeral: self.ephemeral,
             counts: self.counts,
@@ -275,6 +280,7 @@ impl SessionEntry {
                 list.push(ExecutorUsage {
                     executor,
                     node: node.to_string(),
+                    bound_ms: 0,
                     cpu_ms: 0,
                     memory_peak_bytes: 0,
                     throttled_ms: 0,
@@ -288,6 +294,7 @@ impl SessionEntry {
         let Some(r) = list.get_mut(pos) else {
             return;
         };
+        r.bound_ms = r.bound_ms.saturating_add(usage.bound_ms);
         r.cpu_ms = r.cpu_ms.saturating_add(usage.cpu_ms);
         r.throttled_ms = r.throttled_ms.saturating_add(usage.throttled_ms);
         r.memory_peak_bytes = r.memory_peak_bytes.max(usage.memory_peak_bytes);
@@ -325,6 +332,8 @@ struct ExecutorEntry {
 #[derive(Debug)]
 struct NodeEntry {
     registration: NodeRegistration,
+    /// Drained by an operator (durable): nothing new is placed there.
+    draining: bool,
     conn: Option<ConnId>,
     link: Option<mpsc::UnboundedSender<HeadToNode>>,
     last_seen_ms: u64,
@@ -553,6 +562,7 @@ impl Core {
             core.nodes.insert(
                 n.name.clone(),
                 NodeEntry {
+                    draining: n.draining,
                     registration: NodeRegistration {
                         name: n.name,
                         allocatable: n.allocatable,
@@ -734,6 +744,114 @@ impl Core {
         }
     }
 
+    /// Starts or ends a node's drain, durably.
+    fn set_draining(&mut self, name: &str, draining: bool, reply: oneshot::Sender<ClientResponse>) {
+        let Some(n) = self.nodes.get_mut(name) else {
+            let _ = reply.send(ClientResponse::Error(api(
+                ErrorKind::NotFound,
+                format!("node `{name}` is not known (see `flame node list`)"),
+            )));
+            return;
+        };
+        n.draining = draining;
+        self.batch_ops
+            .push(StoreOp::PutNode(crate::store::StoredNode {
+                name: name.to_string(),
+                allocatable: n.registration.allocatable.clone(),
+                labels: n.registration.labels.clone(),
+                isolation: n.registration.isolation.clone(),
+                last_seen_ms: n.last_seen_ms,
+                draining,
+            }));
+        self.batch_after.push(AfterCommit::Respond { reply });
+        self.reschedule = true;
+    }
+
+    /// `flame queue`: each owner's weight, deserved and allocated share, and its sessions'
+    /// targets, holdings and waiting reasons, from the plan the scheduler would make now.
+    fn queue_report(&self, now_ms: u64) -> QueueReport {
+        let snapshot = self.snapshot(now_ms);
+        let plan = scheduler::plan(&snapshot);
+        let totals = scheduler::Totals {
+            cpu_millis: snapshot
+                .nodes
+                .iter()
+                .filter(|n| n.ready && !n.draining)
+                .map(|n| u64::from(n.cpu_millis))
+                .sum(),
+            memory_bytes: snapshot
+                .nodes
+                .iter()
+                .filter(|n| n.ready && !n.draining)
+                .map(|n| n.memory_bytes)
+                .sum(),
+            gpus: snapshot
+                .nodes
+                .iter()
+                .filter(|n| n.ready && !n.draining)
+                .map(|n| u64::from(n.gpus))
+                .sum(),
+        };
+        let mut owners: BTreeMap<String, OwnerQueue> = BTreeMap::new();
+        let mut held_share: BTreeMap<String, f64> = BTreeMap::new();
+        for s in self.sessions.values().filter(|s| !s.finished) {
+            let owner = s.stored.owner.clone();
+            let held: Vec<&ExecutorEntry> = self
+                .executors
+                .values()
+                .filter(|e| {
+                    e.session == Some(s.stored.id)
+                        && matches!(e.phase, ExecutorPhase::Binding | ExecutorPhase::Bound)
+                })
+                .collect();
+            let share: f64 = held
+                .iter()
+                .map(|e| totals.dominant_share(&e.resources))
+                .filter(|x| x.is_finite())
+                .sum();
+            *held_share.entry(owner.clone()).or_default() += share;
+            let entry = owners.entry(owner.clone()).or_insert_with(|| OwnerQueue {
+                weight: self.config.owner_weights.get(&owner).copied().unwrap_or(1),
+                owner: owner.clone(),
+                deserved_permille: plan
+                    .owner_targets_permille
+                    .get(&owner)
+                    .copied()
+                    .unwrap_or(0),
+                allocated_permille: 0,
+                executors: 0,
+                pending_tasks: 0,
+                sessions: Vec::new(),
+            });
+            entry.executors += held.len() as u32;
+            entry.pending_tasks += s.counts.pending;
+            entry.sessions.push(SessionQueue {
+                id: s.stored.id,
+                application: s.stored.application.clone(),
+                priority: s.stored.priority,
+                deserved_executors: plan.targets.get(&s.stored.id).copied().unwrap_or(0) as u32,
+                executors: held.len() as u32,
+                pending_tasks: s.counts.pending,
+                running_tasks: s.counts.running,
+                waiting: plan.waiting.get(&s.stored.id).cloned(),
+            });
+        }
+        for (owner, q) in owners.iter_mut() {
+            let share = held_share.get(owner).copied().unwrap_or(0.0);
+            q.allocated_permille = (share * 1000.0).round().min(1000.0) as u32;
+            q.sessions
+                .sort_by(|a, b| b.priority.cmp(&a.priority).then(a.id.cmp(&b.id)));
+        }
+        QueueReport {
+            capacity: Resources {
+                cpu_millis: u32::try_from(totals.cpu_millis).unwrap_or(u32::MAX),
+                memory_bytes: Some(totals.memory_bytes),
+                gpus: u32::try_from(totals.gpus).unwrap_or(u32::MAX),
+            },
+            owners: owners.into_values().collect(),
+        }
+    }
+
     /// What the executors alive on `node` hold.
     fn allocated_on(&self, node: &str) -> Resources {
         let mut total = Resources {
@@ -887,10 +1005,10 @@ impl Core {
                     .iter()
                     .map(|(name, n)| NodeInfo {
                         name: name.clone(),
-                        state: if n.conn.is_some() {
-                            NodeState::Ready
-                        } else {
-                            NodeState::NotReady
+                        state: match (n.conn.is_some(), n.draining) {
+                            (false, _) => NodeState::NotReady,
+                            (true, true) => NodeState::Draining,
+                            (true, false) => NodeState::Ready,
                         },
                         allocatable: n.registration.allocatable.clone(),
                         allocated: self.allocated_on(name),
@@ -902,6 +1020,12 @@ impl Core {
                     })
                     .collect();
                 respond(reply, ClientResponse::Nodes(list));
+            }
+            ClientRequest::DrainNode { name } => self.set_draining(&name, true, reply),
+            ClientRequest::UndrainNode { name } => self.set_draining(&name, false, reply),
+            ClientRequest::Queue => {
+                let report = self.queue_report(now_ms);
+                respond(reply, ClientResponse::Queue(report));
             }
             ClientRequest::OpenSubmitStream { .. }
             | ClientRequest::WatchResults { .. }
@@ -1037,6 +1161,8 @@ impl Core {
         let entry = SessionEntry {
             stored: StoredSession {
                 id,
+                owner: spec.owner_or_default().to_string(),
+                priority: spec.priority,
                 application: spec.application,
                 common_data: spec.common_data,
                 state: SessionState::Open,
@@ -1338,6 +1464,8 @@ impl Core {
         let _ = link.send(HeadToNode::Registered {
             heartbeat_interval_ms: limits::HEARTBEAT_INTERVAL.as_millis() as u64,
         });
+        // A drain outlives reconnections and head restarts.
+        let draining = self.nodes.get(&name).is_some_and(|n| n.draining);
         self.batch_ops
             .push(StoreOp::PutNode(crate::store::StoredNode {
                 name: name.clone(),
@@ -1345,11 +1473,13 @@ impl Core {
                 labels: registration.labels.clone(),
                 isolation: registration.isolation.clone(),
                 last_seen_ms: now_ms,
+                draining,
             }));
         self.conns.insert(conn, name.clone());
         self.nodes.insert(
             name.clone(),
             NodeEntry {
+                draining,
                 registration,
                 conn: Some(conn),
                 link: Some(link),
@@ -1941,6 +2071,18 @@ impl Core {
     }
 
     fn schedule(&mut self, now_ms: u64) {
+        let snapshot = self.snapshot(now_ms);
+        let plan = scheduler::plan(&snapshot);
+        for s in self.sessions.values_mut() {
+            s.waiting = plan.waiting.get(&s.stored.id).cloned();
+        }
+        for decision in plan.decisions {
+            self.apply(decision, now_ms);
+        }
+    }
+
+    /// What the scheduler decides from.
+    fn snapshot(&self, now_ms: u64) -> Snapshot {
         // Sessions holding an executor, found in one pass rather than once per session.
         let held: std::collections::HashSet<SessionId> = self
             .executors
@@ -1948,7 +2090,7 @@ impl Core {
             .filter(|e| matches!(e.phase, ExecutorPhase::Binding | ExecutorPhase::Bound))
             .filter_map(|e| e.session)
             .collect();
-        let snapshot = Snapshot {
+        Snapshot {
             now_ms,
             nodes: self
                 .nodes
@@ -1960,6 +2102,7 @@ impl Core {
                     memory_bytes: n.registration.allocatable.memory_bytes,
                     gpus: n.registration.allocatable.gpus.len() as u32,
                     labels: n.registration.labels.clone(),
+                    draining: n.draining,
                 })
                 .collect(),
             applications: self
@@ -1987,6 +2130,8 @@ impl Core {
                     application: s.stored.application.clone(),
                     open: s.stored.state == SessionState::Open,
                     demand: s.counts.unfinished(),
+                    owner: s.stored.owner.clone(),
+                    priority: s.stored.priority,
                 })
                 .collect(),
             executors: self
@@ -2003,13 +2148,7 @@ impl Core {
                     resources: e.resources,
                 })
                 .collect(),
-        };
-        let plan = scheduler::plan(&snapshot);
-        for s in self.sessions.values_mut() {
-            s.waiting = plan.waiting.get(&s.stored.id).cloned();
-        }
-        for decision in plan.decisions {
-            self.apply(decision, now_ms);
+            owner_weights: self.config.owner_weights.clone(),
         }
     }
 
@@ -2365,6 +2504,8 @@ mod tests {
             application: "train".into(),
             common_data: Bytes::new(),
             ephemeral: false,
+            owner: Default::default(),
+            priority: 0,
         })));
         let (reply, _ack) = oneshot::channel();
         h.core.handle(
@@ -2462,6 +2603,7 @@ mod tests {
                     executor: e1,
                     reason: "out of memory: killed".into(),
                     usage: Usage {
+                        bound_ms: 2000,
                         cpu_ms: 1500,
                         memory_peak_bytes: 1 << 24,
                         throttled_ms: 20,
@@ -2515,6 +2657,8 @@ mod tests {
             application: "ping".into(),
             common_data: Bytes::new(),
             ephemeral: false,
+            owner: Default::default(),
+            priority: 0,
         })));
         let (sink, mut watch) = mpsc::unbounded_channel();
         let (reply, _) = oneshot::channel();
@@ -2619,6 +2763,8 @@ mod tests {
             application: "ping".into(),
             common_data: Bytes::new(),
             ephemeral: true,
+            owner: Default::default(),
+            priority: 0,
         })));
         let (reply, _) = oneshot::channel();
         h.core.handle(
@@ -2659,6 +2805,8 @@ mod tests {
             application: "ping".into(),
             common_data: Bytes::new(),
             ephemeral: true,
+            owner: Default::default(),
+            priority: 0,
         })));
         let (reply, _) = oneshot::channel();
         h.core.handle(
@@ -2711,6 +2859,8 @@ mod tests {
             application: "ping".into(),
             common_data: Bytes::new(),
             ephemeral: false,
+            owner: Default::default(),
+            priority: 0,
         })));
         let submit = |h: &mut Harness, batch_id: u64| {
             let (reply, rx) = oneshot::channel();
@@ -2763,6 +2913,8 @@ mod tests {
             application: "ping".into(),
             common_data: Bytes::new(),
             ephemeral: false,
+            owner: Default::default(),
+            priority: 0,
         })));
         let (reply, _) = oneshot::channel();
         h.core.handle(
@@ -2904,6 +3056,8 @@ mod tests {
             applications: vec![app],
             sessions: vec![StoredSession {
                 id: sid,
+                owner: "default".into(),
+                priority: 0,
                 application: "ping".into(),
                 common_data: Bytes::new(),
                 state: SessionState::Open,
@@ -2940,6 +3094,7 @@ mod tests {
                 labels: Default::default(),
                 isolation: "none".into(),
                 last_seen_ms: 0,
+                draining: false,
             }],
             batches: vec![],
             next_session: 4,
@@ -3037,6 +3192,8 @@ mod tests {
             application: "nope".into(),
             common_data: Bytes::new(),
             ephemeral: false,
+            owner: Default::default(),
+            priority: 0,
         })) {
             ClientResponse::Error(e) => {
                 assert_eq!(e.kind, ErrorKind::NotFound);
@@ -3048,6 +3205,8 @@ mod tests {
             application: "ping".into(),
             common_data: Bytes::new(),
             ephemeral: false,
+            owner: Default::default(),
+            priority: 0,
         })));
         let (reply, mut rx) = oneshot::channel();
         h.core.handle(

@@ -89,6 +89,7 @@ async fn run(args: config::Args) -> anyhow::Result<()> {
     let mut core = core::Core::new(
         core::CoreConfig {
             task_input_bytes_max: config.task_input_bytes_max,
+            owner_weights: config.owner_weights.clone(),
             ..Default::default()
         },
         store_tx,

@@ -36,6 +36,8 @@ pub struct NodeView {
     pub memory_bytes: u64,
     pub gpus: u32,
     pub labels: BTreeMap<String, String>,
+    /// Nothing new is placed on it; its idle executors are released.
+    pub draining: bool,
 }
 
 /// What the scheduler sees of an application.
@@ -62,6 +64,10 @@ pub struct SessionView {
     pub open: bool,
     /// Pending plus running tasks.
     pub demand: u64,
+    /// The tenant it is accounted to.
+    pub owner: String,
+    /// Served first among its owner's sessions when higher.
+    pub priority: i32,
 }
 
 /// Executor lifecycle as the head tracks it.
@@ -100,6 +106,8 @@ pub struct Snapshot {
     pub applications: Vec<AppView>,
     pub sessions: Vec<SessionView>,
     pub executors: Vec<ExecutorView>,
+    /// Fair-share weight per owner; owners not listed weigh 1.
+    pub owner_weights: BTreeMap<String, u32>,
 }
 
 /// One thing to do.
@@ -127,6 +135,137 @@ pub struct Plan {
     pub decisions: Vec<Decision>,
     /// Sessions with pending work that get fewer executors than their share, and why.
     pub waiting: BTreeMap<SessionId, String>,
+    /// Executors each session with work is meant to have.
+    pub targets: BTreeMap<SessionId, u64>,
+    /// Per owner with work: the dominant share its targets add up to, in thousandths of
+    /// the cluster.
+    pub owner_targets_permille: BTreeMap<String, u32>,
+}
+
+/// The cluster's schedulable totals (Ready nodes that are not draining).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Totals {
+    pub cpu_millis: u64,
+    pub memory_bytes: u64,
+    pub gpus: u64,
+}
+
+impl Totals {
+    /// The largest fraction of any total that `r` takes: its dominant share. Infinite when
+    /// it needs a resource the cluster has none of.
+    pub fn dominant_share(&self, r: &Resources) -> f64 {
+        let part = |need: u64, total: u64| -> f64 {
+            if need == 0 {
+                0.0
+            } else if total == 0 {
+                f64::INFINITY
+            } else {
+                need as f64 / total as f64
+            }
+        };
+        part(u64::from(r.cpu_millis), self.cpu_millis)
+            .max(part(r.memory_bytes.unwrap_or(0), self.memory_bytes))
+            .max(part(u64::from(r.gpus), self.gpus))
+    }
+}
+
+/// What one session asks of the fair share.
+#[derive(Debug, Clone)]
+pub struct ShareRequest {
+    pub owner: String,
+    pub priority: i32,
+    /// Executors it can use.
+    pub demand: u64,
+    /// What one of its executors needs.
+    pub unit: Resources,
+    /// Its application, whose `max_instances` bounds all its sessions together.
+    pub application: String,
+}
+
+/// Weighted dominant-resource fair share (DRF) by progressive filling: executors go one at
+/// a time to the owner whose dominant share divided by its weight is lowest, and within
+/// that owner to its highest-priority session with unmet demand, equal priorities taking
+/// turns by the fraction of their demand they have (so each gets one before any gets a
+/// second). An owner whose next executor no longer fits in what is left, or whose
+/// sessions are all served, drops out. Returns executors per request.
+pub fn fair_shares(
+    totals: Totals,
+    requests: &[ShareRequest],
+    weights: &BTreeMap<String, u32>,
+    app_caps: &BTreeMap<String, u64>,
+) -> Vec<u64> {
+    use std::cmp::Ordering;
+    use std::collections::BinaryHeap;
+    let mut given = vec![0u64; requests.len()];
+    let mut left = totals;
+    let mut app_given: BTreeMap<&str, u64> = BTreeMap::new();
+    let mut by_owner: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
+    for (i, r) in requests.iter().enumerate() {
+        if r.demand > 0 && totals.dominant_share(&r.unit).is_finite() {
+            by_owner.entry(r.owner.as_str()).or_default().push(i);
+        }
+    }
+    // Min-heap on (share / weight, owner name).
+    #[derive(PartialEq)]
+    struct Turn<'a>(f64, &'a str);
+    impl Eq for Turn<'_> {}
+    impl PartialOrd for Turn<'_> {
+        fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+            Some(self.cmp(other))
+        }
+    }
+    impl Ord for Turn<'_> {
+        fn cmp(&self, other: &Self) -> Ordering {
+            other.0.total_cmp(&self.0).then_with(|| other.1.cmp(self.1))
+        }
+    }
+    let mut share: BTreeMap<&str, f64> = BTreeMap::new();
+    let mut heap: BinaryHeap<Turn<'_>> = by_owner.keys().map(|o| Turn(0.0, o)).collect();
+    let fits = |left: &Totals, u: &Resources| {
+        left.cpu_millis >= u64::from(u.cpu_millis)
+            && left.memory_bytes >= u.memory_bytes.unwrap_or(0)
+            && left.gpus >= u64::from(u.gpus)
+    };
+    while let Some(Turn(_, owner)) = heap.pop() {
+        let Some(list) = by_owner.get(owner) else {
+            continue;
+        };
+        let pick = list
+            .iter()
+            .copied()
+            .filter(|&i| {
+                let r = &requests[i];
+                given[i] < r.demand
+                    && fits(&left, &r.unit)
+                    && app_given.get(r.application.as_str()).copied().unwrap_or(0)
+                        < app_caps.get(&r.application).copied().unwrap_or(u64::MAX)
+            })
+            .min_by(|&a, &b| {
+                let (ra, rb) = (&requests[a], &requests[b]);
+                rb.priority
+                    .cmp(&ra.priority)
+                    .then_with(|| {
+                        // given/demand, compared without division.
+                        (u128::from(given[a]) * u128::from(rb.demand))
+                            .cmp(&(u128::from(given[b]) * u128::from(ra.demand)))
+                    })
+                    .then(a.cmp(&b))
+            });
+        let Some(i) = pick else {
+            continue; // nothing more fits or is wanted: the owner drops out
+        };
+        let r = &requests[i];
+        given[i] += 1;
+        *app_given.entry(r.application.as_str()).or_default() += 1;
+        left.cpu_millis -= u64::from(r.unit.cpu_millis);
+        left.memory_bytes -= r.unit.memory_bytes.unwrap_or(0);
+        left.gpus -= u64::from(r.unit.gpus);
+        let s = share.entry(owner).or_default();
+        *s += totals.dominant_share(&r.unit);
+        let weight = f64::from(weights.get(owner).copied().unwrap_or(1).max(1));
+        heap.push(Turn(*s / weight, owner));
+    }
+    given
 }
 
 /// Free resources of one node while a plan is made.
@@ -226,95 +365,6 @@ fn never_fits(app: &AppView, ready: &BTreeMap<&str, &NodeView>) -> Option<String
     ))
 }
 
-/// Shares `capacity` (cpu millis) between sessions asking for `demands` executors of
-/// `units` millis each: one executor each first, then in proportion to the millis asked,
-/// then whatever is left to those that still fit in it. Returns executor counts, each at
-/// most its demand, whose millis sum to at most `capacity`.
-pub fn cpu_shares(capacity: u64, demands: &[u64], units: &[u64]) -> Vec<u64> {
-    let n = demands.len();
-    let mut count = vec![0u64; n];
-    let mut remaining = capacity;
-    for i in 0..n {
-        if demands[i] > 0 && units[i] <= remaining {
-            count[i] = 1;
-            remaining -= units[i];
-        }
-    }
-    let residual: Vec<u64> = (0..n)
-        .map(|i| demands[i].saturating_sub(count[i]).saturating_mul(units[i]))
-        .collect();
-    let extra = proportional_targets(remaining, &residual);
-    for i in 0..n {
-        let more = extra[i] / units[i].max(1);
-        count[i] += more;
-        remaining -= more * units[i];
-    }
-    // Flooring leaves cpu unused; hand it out while someone still fits in it, largest
-    // remainder first (ties: lowest index).
-    let mut order: Vec<usize> = (0..n).collect();
-    order.sort_by_key(|&i| std::cmp::Reverse(extra[i] % units[i].max(1)));
-    loop {
-        let mut gave = false;
-        for &i in &order {
-            if count[i] < demands[i] && units[i] <= remaining && units[i] > 0 {
-                count[i] += 1;
-                remaining -= units[i];
-                gave = true;
-            }
-        }
-        if !gave {
-            break;
-        }
-    }
-    count
-}
-
-/// Splits `capacity` between demands: one each first, then in proportion, never giving one
-/// more than it asks.
-/// Integer water-filling with largest remainders, so the sum never exceeds `capacity`.
-pub fn proportional_targets(capacity: u64, demands: &[u64]) -> Vec<u64> {
-    let mut targets = vec![0u64; demands.len()];
-    let mut remaining = capacity;
-    let mut open: Vec<usize> = (0..demands.len()).filter(|&i| demands[i] > 0).collect();
-    // Everyone with work gets one slot first (in order), so a small session is never
-    // starved by a large one; the rest is shared in proportion.
-    for &i in &open {
-        if remaining == 0 {
-            break;
-        }
-        targets[i] = 1;
-        remaining -= 1;
-    }
-    open.retain(|&i| targets[i] < demands[i]);
-    while remaining > 0 && !open.is_empty() {
-        let total: u128 = open
-            .iter()
-            .map(|&i| u128::from(demands[i] - targets[i]))
-            .sum();
-        let mut given = 0u64;
-        let mut remainders: Vec<(u128, usize)> = Vec::with_capacity(open.len());
-        for &i in &open {
-            let want = demands[i] - targets[i];
-            let exact = u128::from(remaining) * u128::from(want);
-            let share = ((exact / total) as u64).min(want);
-            remainders.push((exact % total, i));
-            targets[i] += share;
-            given += share;
-        }
-        if given == 0 {
-            // Fewer slots than sessions: the largest remainders (ties: lowest index) get one.
-            remainders.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
-            for (_, i) in remainders.into_iter().take(remaining as usize) {
-                targets[i] += 1;
-                given += 1;
-            }
-        }
-        remaining -= given;
-        open.retain(|&i| targets[i] < demands[i]);
-    }
-    targets
-}
-
 /// Computes the decisions for one snapshot.
 #[cfg(test)]
 pub fn schedule(snap: &Snapshot) -> Vec<Decision> {
@@ -330,11 +380,18 @@ pub fn plan(snap: &Snapshot) -> Plan {
         .iter()
         .map(|a| (a.name.as_str(), a))
         .collect();
+    // Nodes that take new work: Ready and not draining.
     let ready: BTreeMap<&str, &NodeView> = snap
         .nodes
         .iter()
-        .filter(|n| n.ready)
+        .filter(|n| n.ready && !n.draining)
         .map(|n| (n.name.as_str(), n))
+        .collect();
+    let draining: std::collections::BTreeSet<&str> = snap
+        .nodes
+        .iter()
+        .filter(|n| n.draining)
+        .map(|n| n.name.as_str())
         .collect();
 
     // Resources free per Ready node, and live executors per application.
@@ -349,7 +406,11 @@ pub fn plan(snap: &Snapshot) -> Plan {
         }
         *live_per_app.entry(e.application.as_str()).or_default() += 1;
     }
-    let capacity: u64 = ready.values().map(|n| u64::from(n.cpu_millis)).sum();
+    let totals = Totals {
+        cpu_millis: ready.values().map(|n| u64::from(n.cpu_millis)).sum(),
+        memory_bytes: ready.values().map(|n| n.memory_bytes).sum(),
+        gpus: ready.values().map(|n| u64::from(n.gpus)).sum(),
+    };
 
     // 1. Targets. A session whose application cannot launch now (backing off after
     // failures) claims no more than the executors it could use today, so its share does
@@ -392,32 +453,39 @@ pub fn plan(snap: &Snapshot) -> Plan {
             }
         })
         .collect();
-    let units: Vec<u64> = active
+    let requests: Vec<ShareRequest> = active
         .iter()
-        .map(|s| {
-            apps.get(s.application.as_str())
-                .map_or(1000, |a| u64::from(a.resources.cpu_millis.max(1)))
+        .zip(&demands)
+        .map(|(s, &demand)| ShareRequest {
+            owner: s.owner.clone(),
+            priority: s.priority,
+            demand,
+            unit: apps
+                .get(s.application.as_str())
+                .map_or_else(Resources::default, |a| a.resources),
+            application: s.application.clone(),
         })
         .collect();
-    let mut targets = cpu_shares(capacity, &demands, &units);
-    let mut by_app: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
-    for (i, s) in active.iter().enumerate() {
-        by_app.entry(s.application.as_str()).or_default().push(i);
-    }
-    for (app, idx) in &by_app {
-        let cap = apps.get(app).map_or(0, |a| u64::from(a.max_instances));
-        let sum: u64 = idx.iter().map(|&i| targets[i]).sum();
-        if sum > cap {
-            let sub: Vec<u64> = idx.iter().map(|&i| targets[i]).collect();
-            for (k, t) in proportional_targets(cap, &sub).into_iter().enumerate() {
-                targets[idx[k]] = t;
-            }
-        }
-    }
+    let app_caps: BTreeMap<String, u64> = apps
+        .iter()
+        .map(|(name, a)| (name.to_string(), u64::from(a.max_instances)))
+        .collect();
+    let targets = fair_shares(totals, &requests, &snap.owner_weights, &app_caps);
     let target_of: BTreeMap<SessionId, u64> = active
         .iter()
         .zip(&targets)
         .map(|(s, &t)| (s.id, t))
+        .collect();
+    let mut owner_targets: BTreeMap<String, f64> = BTreeMap::new();
+    for (r, &t) in requests.iter().zip(&targets) {
+        let share = totals.dominant_share(&r.unit);
+        if share.is_finite() {
+            *owner_targets.entry(r.owner.clone()).or_default() += share * t as f64;
+        }
+    }
+    let owner_targets_permille = owner_targets
+        .into_iter()
+        .map(|(o, s)| (o, (s * 1000.0).round().min(1000.0) as u32))
         .collect();
 
     // Executors held per session (Binding or Bound; Unbinding ones are on their way out).
@@ -492,6 +560,13 @@ pub fn plan(snap: &Snapshot) -> Plan {
     let mut idle_by_app: BTreeMap<&str, Vec<&ExecutorView>> = BTreeMap::new();
     let mut launching_by_app: BTreeMap<&str, u64> = BTreeMap::new();
     for e in &snap.executors {
+        if draining.contains(e.node.as_str()) {
+            // A draining node keeps nothing idle and takes nothing new.
+            if e.phase == ExecutorPhase::Idle {
+                decisions.push(Decision::Release { executor: e.id });
+            }
+            continue;
+        }
         match e.phase {
             ExecutorPhase::Idle => idle_by_app
                 .entry(e.application.as_str())
@@ -614,7 +689,12 @@ pub fn plan(snap: &Snapshot) -> Plan {
             }
         }
     }
-    Plan { decisions, waiting }
+    Plan {
+        decisions,
+        waiting,
+        targets: target_of,
+        owner_targets_permille,
+    }
 }
 
 #[cfg(test)]
@@ -629,6 +709,7 @@ mod tests {
             memory_bytes: 8 << 30,
             gpus: 0,
             labels: BTreeMap::new(),
+            draining: false,
         }
     }
 
@@ -650,6 +731,8 @@ mod tests {
             application: app.into(),
             open: true,
             demand,
+            owner: "default".into(),
+            priority: 0,
         }
     }
 
@@ -667,16 +750,6 @@ mod tests {
     }
 
     #[test]
-    fn proportional_never_exceeds_capacity_or_demand() {
-        assert_eq!(proportional_targets(4, &[100, 100]), vec![2, 2]);
-        assert_eq!(proportional_targets(4, &[1, 100]), vec![1, 3]);
-        assert_eq!(proportional_targets(3, &[0, 5, 5]), vec![0, 2, 1]);
-        assert_eq!(proportional_targets(1, &[5, 5]), vec![1, 0]);
-        assert_eq!(proportional_targets(10, &[2, 3]), vec![2, 3]);
-        assert_eq!(proportional_targets(0, &[2, 3]), vec![0, 0]);
-    }
-
-    #[test]
     fn launches_up_to_capacity_and_max_instances() {
         let snap = Snapshot {
             now_ms: 0,
@@ -684,6 +757,7 @@ mod tests {
             applications: vec![app("ping", 3)],
             sessions: vec![session(1, "ping", 100)],
             executors: vec![],
+            owner_weights: BTreeMap::new(),
         };
         let d = schedule(&snap);
         assert_eq!(
@@ -704,6 +778,7 @@ mod tests {
             applications: vec![a],
             sessions: vec![session(1, "ping", 100)],
             executors: vec![],
+            owner_weights: BTreeMap::new(),
         };
         assert!(schedule(&snap).is_empty());
     }
@@ -718,6 +793,7 @@ mod tests {
             applications: vec![broken, app("ping", 3)],
             sessions: vec![session(1, "broken", 100), session(2, "ping", 100)],
             executors: vec![],
+            owner_weights: BTreeMap::new(),
         };
         assert_eq!(
             schedule(&snap),
@@ -736,6 +812,7 @@ mod tests {
             applications: vec![app("ping", 10)],
             sessions: vec![session(1, "ping", 1)],
             executors: vec![exec(7, "ping", ExecutorPhase::Idle, None)],
+            owner_weights: BTreeMap::new(),
         };
         assert_eq!(
             schedule(&snap),
@@ -757,6 +834,7 @@ mod tests {
                 exec(1, "ping", ExecutorPhase::Launching, None),
                 exec(2, "ping", ExecutorPhase::Launching, None),
             ],
+            owner_weights: BTreeMap::new(),
         };
         assert!(schedule(&snap).is_empty());
     }
@@ -772,6 +850,7 @@ mod tests {
                 exec(1, "ping", ExecutorPhase::Bound, Some(1)),
                 exec(2, "ping", ExecutorPhase::Bound, Some(1)),
             ],
+            owner_weights: BTreeMap::new(),
         };
         // Session 1 holds both; it gives one back so session 2 can have it.
         assert_eq!(
@@ -790,6 +869,7 @@ mod tests {
             applications: vec![app("ping", 10)],
             sessions: vec![],
             executors: vec![exec(1, "ping", ExecutorPhase::Idle, None)],
+            owner_weights: BTreeMap::new(),
         };
         assert!(schedule(&snap).is_empty());
         snap.now_ms = 1000;
@@ -811,6 +891,7 @@ mod tests {
             applications: vec![app("ping", 10)],
             sessions: vec![s],
             executors: vec![exec(1, "ping", ExecutorPhase::Bound, Some(1))],
+            owner_weights: BTreeMap::new(),
         };
         assert_eq!(
             schedule(&snap),
@@ -830,6 +911,7 @@ mod tests {
             applications: vec![a],
             sessions: vec![session(1, "half", 100)],
             executors: vec![],
+            owner_weights: BTreeMap::new(),
         };
         assert_eq!(schedule(&snap).len(), 4);
     }
@@ -844,6 +926,7 @@ mod tests {
             applications: vec![big, app("ping", 10)],
             sessions: vec![session(1, "big", 10), session(2, "ping", 10)],
             executors: vec![],
+            owner_weights: BTreeMap::new(),
         };
         let p = plan(&snap);
         // The small session gets every cpu; the big one claims none and is told why.
@@ -872,9 +955,10 @@ mod tests {
             applications: vec![a.clone()],
             sessions: vec![session(1, "train", 10)],
             executors: vec![],
+            owner_weights: BTreeMap::new(),
         };
         let p = plan(&snap);
-        // One gpu: one executor, on the labelled node; the rest wait for room.
+        // One gpu: one executor, on the labelled node.
         assert_eq!(
             p.decisions,
             vec![Decision::Launch {
@@ -882,7 +966,9 @@ mod tests {
                 application: "train".into()
             }]
         );
-        assert!(p.waiting[&SessionId(1)].contains("waiting for room"));
+        // The one GPU bounds its share: it holds what it deserves and is not waiting.
+        assert_eq!(p.targets[&SessionId(1)], 1);
+        assert!(!p.waiting.contains_key(&SessionId(1)));
         let mut other = a;
         other.selector.insert("zone".into(), "b".into());
         let snap = Snapshot {
@@ -893,13 +979,170 @@ mod tests {
         assert!(why.contains("kind=gpu,zone=b"), "{why}");
     }
 
+    fn request(owner: &str, priority: i32, demand: u64, cpu_millis: u32) -> ShareRequest {
+        ShareRequest {
+            owner: owner.into(),
+            priority,
+            demand,
+            unit: Resources {
+                cpu_millis,
+                memory_bytes: None,
+                gpus: 0,
+            },
+            application: "app".into(),
+        }
+    }
+
+    fn cpus(n: u64) -> Totals {
+        Totals {
+            cpu_millis: n * 1000,
+            memory_bytes: 1 << 40,
+            gpus: 0,
+        }
+    }
+
     #[test]
-    fn cpu_shares_give_one_each_then_proportion() {
-        assert_eq!(cpu_shares(4000, &[100, 100], &[1000, 1000]), vec![2, 2]);
-        assert_eq!(cpu_shares(4000, &[3, 1000], &[1000, 1000]), vec![1, 3]);
-        assert_eq!(cpu_shares(2000, &[10, 10], &[500, 1000]), vec![2, 1]);
-        assert_eq!(cpu_shares(500, &[10, 10], &[1000, 1000]), vec![0, 0]);
-        assert_eq!(cpu_shares(0, &[], &[]), Vec::<u64>::new());
+    fn owners_share_by_weight() {
+        let weights = [("b".to_string(), 3)].into();
+        let got = fair_shares(
+            cpus(8),
+            &[request("a", 0, 100, 1000), request("b", 0, 100, 1000)],
+            &weights,
+            &BTreeMap::new(),
+        );
+        assert_eq!(got, vec![2, 6]);
+        // An owner asking for less than its share leaves the rest to the others.
+        let got = fair_shares(
+            cpus(8),
+            &[request("a", 0, 100, 1000), request("b", 0, 1, 1000)],
+            &weights,
+            &BTreeMap::new(),
+        );
+        assert_eq!(got, vec![7, 1]);
+    }
+
+    #[test]
+    fn shares_are_on_the_dominant_resource() {
+        // a's executors are memory-heavy: each takes a quarter of the memory (its dominant
+        // share) but only 1/16 of the cpu; b's take 1/8 of the cpu.
+        let totals = Totals {
+            cpu_millis: 8000,
+            memory_bytes: 8 << 30,
+            gpus: 0,
+        };
+        let mut heavy = request("a", 0, 100, 500);
+        heavy.unit.memory_bytes = Some(2 << 30);
+        let weights = BTreeMap::new();
+        let none = BTreeMap::new();
+        // Asking for little, b leaves a its fill of memory.
+        let got = fair_shares(
+            totals,
+            &[heavy.clone(), request("b", 0, 2, 1000)],
+            &weights,
+            &none,
+        );
+        assert_eq!(got, vec![4, 2]);
+        // Both saturated: dominant shares are equalised first (a 2 = half the memory, b 4 =
+        // half the cpu), then what still fits is handed out by turns: a 4 (all memory),
+        // b 6 (the cpu a leaves).
+        let got = fair_shares(
+            totals,
+            &[heavy, request("b", 0, 100, 1000)],
+            &weights,
+            &none,
+        );
+        assert_eq!(got, vec![4, 6]);
+    }
+
+    #[test]
+    fn higher_priority_first_within_an_owner_and_caps_hold() {
+        let got = fair_shares(
+            cpus(4),
+            &[request("a", 0, 10, 1000), request("a", 5, 3, 1000)],
+            &BTreeMap::new(),
+            &BTreeMap::new(),
+        );
+        assert_eq!(got, vec![1, 3]);
+        // Equal priorities take turns: one each first.
+        let got = fair_shares(
+            cpus(3),
+            &[
+                request("a", 0, 10, 1000),
+                request("a", 0, 1, 1000),
+                request("a", 0, 10, 1000),
+            ],
+            &BTreeMap::new(),
+            &BTreeMap::new(),
+        );
+        assert_eq!(got.iter().sum::<u64>(), 3);
+        assert!(got.iter().all(|&g| g == 1), "{got:?}");
+        // max_instances of the application bounds all its sessions together.
+        let caps = [("app".to_string(), 2)].into();
+        let got = fair_shares(
+            cpus(8),
+            &[request("a", 0, 10, 1000), request("b", 0, 10, 1000)],
+            &BTreeMap::new(),
+            &caps,
+        );
+        assert_eq!(got, vec![1, 1]);
+    }
+
+    #[test]
+    fn a_draining_node_takes_nothing_and_releases_idle_executors() {
+        let mut drained = node("n1", 4);
+        drained.draining = true;
+        let snap = Snapshot {
+            now_ms: 0,
+            nodes: vec![drained, node("n2", 1)],
+            applications: vec![app("ping", 10)],
+            sessions: vec![session(1, "ping", 10)],
+            executors: vec![exec(7, "ping", ExecutorPhase::Idle, None)],
+            owner_weights: BTreeMap::new(),
+        };
+        let d = schedule(&snap);
+        assert!(d.contains(&Decision::Release {
+            executor: ExecutorId(7)
+        }));
+        assert!(d.contains(&Decision::Launch {
+            node: "n2".into(),
+            application: "ping".into()
+        }));
+        assert!(!d
+            .iter()
+            .any(|d| matches!(d, Decision::Launch { node, .. } if node == "n1")));
+        assert!(!d.iter().any(|d| matches!(d, Decision::Bind { .. })));
+    }
+
+    #[test]
+    fn a_lower_priority_session_gives_back_to_a_higher_one() {
+        let mut low = session(1, "ping", 50);
+        low.priority = 0;
+        let mut high = session(2, "ping", 50);
+        high.priority = 9;
+        let snap = Snapshot {
+            now_ms: 0,
+            nodes: vec![node("n1", 2)],
+            applications: vec![app("ping", 10)],
+            sessions: vec![low, high],
+            executors: vec![
+                exec(1, "ping", ExecutorPhase::Bound, Some(1)),
+                exec(2, "ping", ExecutorPhase::Bound, Some(1)),
+            ],
+            owner_weights: BTreeMap::new(),
+        };
+        // The high-priority session deserves both; the low one unbinds them (after the
+        // tasks already queued on them: an unbind never kills a task).
+        assert_eq!(
+            schedule(&snap),
+            vec![
+                Decision::Unbind {
+                    executor: ExecutorId(1)
+                },
+                Decision::Unbind {
+                    executor: ExecutorId(2)
+                }
+            ]
+        );
     }
 
     #[test]
@@ -910,6 +1153,7 @@ mod tests {
             applications: vec![app("ping", 10), app("pi", 10)],
             sessions: vec![session(1, "pi", 5)],
             executors: vec![exec(1, "ping", ExecutorPhase::Idle, None)],
+            owner_weights: BTreeMap::new(),
         };
         assert_eq!(
             schedule(&snap),
@@ -964,6 +1208,7 @@ mod properties {
                         memory_bytes: u64::from(slots) << 30,
                         gpus: slots % 3,
                         labels: BTreeMap::new(),
+                        draining: i == 1,
                     })
                     .collect();
                 let sessions: Vec<SessionView> = sessions
@@ -974,6 +1219,8 @@ mod properties {
                         application: apps[app].into(),
                         open,
                         demand,
+                        owner: format!("o{}", i % 2),
+                        priority: (i % 3) as i32,
                     })
                     .collect();
                 let phases = [
@@ -1029,6 +1276,7 @@ mod properties {
                         .collect(),
                     sessions,
                     executors,
+                    owner_weights: [("o1".to_string(), 3)].into(),
                 }
             })
     }
@@ -1095,20 +1343,5 @@ mod properties {
             }
         }
 
-        #[test]
-        fn targets_never_exceed_capacity_or_demand(
-            capacity in 0u64..64,
-            demands in prop::collection::vec(0u64..100, 0..10),
-        ) {
-            let t = proportional_targets(capacity, &demands);
-            prop_assert!(t.iter().sum::<u64>() <= capacity);
-            for (t, d) in t.iter().zip(&demands) {
-                prop_assert!(t <= d);
-            }
-            // Work-conserving: slots stay unused only when every demand is met.
-            if t.iter().sum::<u64>() < capacity {
-                prop_assert_eq!(&t, &demands);
-            }
-        }
     }
 }

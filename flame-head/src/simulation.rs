@@ -1600,6 +1600,8 @@ impl World {
                     application: app.into(),
                     common_data: Bytes::from_static(b"common"),
                     ephemeral,
+                    owner: Default::default(),
+                    priority: 0,
                 }),
                 reply,
             });

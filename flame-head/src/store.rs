@@ -23,7 +23,8 @@ use std::sync::Arc;
 /// Version of the table layout below. A mismatch stops the head; there is no silent reset.
 /// Version 2: application resources, users, selectors and secret env; node resources and
 /// labels; per-session executor usage. Version 1 stores (pre-release) are refused.
-pub const SCHEMA_VERSION: u64 = 2;
+/// Version 3: session owners and priorities, node drains.
+pub const SCHEMA_VERSION: u64 = 3;
 
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const APPS: TableDefinition<&str, &[u8]> = TableDefinition::new("applications");
@@ -95,6 +96,8 @@ from_redb!(
 pub struct StoredSession {
     pub id: SessionId,
     pub application: String,
+    pub owner: String,
+    pub priority: i32,
     pub common_data: Bytes,
     pub state: SessionState,
     pub created_ms: u64,
@@ -126,6 +129,8 @@ pub struct StoredNode {
     pub labels: BTreeMap<String, String>,
     pub isolation: String,
     pub last_seen_ms: u64,
+    /// Drained by an operator: nothing new is placed there.
+    pub draining: bool,
 }
 
 /// One change to the state.

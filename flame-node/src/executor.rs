@@ -135,6 +135,8 @@ struct Prepared {
     log: LogSink,
     /// cgroup counters when the executor last entered a session.
     bound_at: Option<CgroupUsage>,
+    /// When the executor last entered a session, if it is in one.
+    bound_since: Option<std::time::Instant>,
 }
 
 impl Prepared {
@@ -188,6 +190,7 @@ impl Prepared {
             socket_dir,
             log,
             bound_at: None,
+            bound_since: None,
         })
     }
 
@@ -204,10 +207,18 @@ impl Prepared {
 
     /// What the executor used since it entered its session, if it is in one.
     fn usage_since_bound(&self) -> Usage {
-        let (Some(then), Some(now)) = (self.bound_at, self.usage_now()) else {
+        let Some(since) = self.bound_since else {
             return Usage::default();
         };
+        let bound_ms = u64::try_from(since.elapsed().as_millis()).unwrap_or(u64::MAX);
+        let (Some(then), Some(now)) = (self.bound_at, self.usage_now()) else {
+            return Usage {
+                bound_ms,
+                ..Usage::default()
+            };
+        };
         Usage {
+            bound_ms,
             cpu_ms: now.cpu_ns.saturating_sub(then.cpu_ns) / 1_000_000,
             memory_peak_bytes: now.memory_peak_bytes,
             throttled_ms: now.throttled_ns.saturating_sub(then.throttled_ns) / 1_000_000,
@@ -533,6 +544,7 @@ async fn drive(
                 }
                 phase = phase.next(Input::Entered).unwrap_or(phase);
                 prepared.bound_at = prepared.usage_now();
+                prepared.bound_since = Some(std::time::Instant::now());
                 let _ = reports.send(Report::Event(ExecutorEvent::Bound {
                     executor: id,
                     session,
@@ -576,6 +588,7 @@ async fn drive(
                 phase = phase.next(Input::Left).unwrap_or(phase);
                 let usage = prepared.usage_since_bound();
                 prepared.bound_at = None;
+                prepared.bound_since = None;
                 let _ = reports.send(Report::Event(ExecutorEvent::Unbound {
                     executor: id,
                     usage,

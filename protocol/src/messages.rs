@@ -21,8 +21,8 @@
 
 use crate::ids::{ExecutorId, SessionId, TaskId};
 use crate::model::{
-    ApiError, ApplicationInfo, ApplicationSpec, NodeInfo, NodeResources, Resources, SessionInfo,
-    SessionSpec, TaskAssignment, TaskInfo, TaskOutcome, TaskResult, TaskState,
+    ApiError, ApplicationInfo, ApplicationSpec, NodeInfo, NodeResources, QueueReport, Resources,
+    SessionInfo, SessionSpec, TaskAssignment, TaskInfo, TaskOutcome, TaskResult, TaskState,
 };
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
@@ -89,6 +89,17 @@ pub enum ClientRequest {
         limit: u32,
     },
     ListNodes,
+    /// Places nothing new on the node; its executors finish their sessions' work and are
+    /// released. Survives head restarts.
+    DrainNode {
+        name: String,
+    },
+    /// Ends a drain.
+    UndrainNode {
+        name: String,
+    },
+    /// How executors are shared, per owner and per session, and why work waits.
+    Queue,
     OpenSubmitStream {
         session: SessionId,
     },
@@ -140,6 +151,7 @@ pub enum ClientResponse {
     Sessions(Vec<SessionInfo>),
     Nodes(Vec<NodeInfo>),
     Tasks(Vec<TaskInfo>),
+    Queue(QueueReport),
 }
 
 /// A batch of task inputs on a submit stream.
@@ -249,6 +261,8 @@ pub enum ExecutorEvent {
 /// without cgroups).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Usage {
+    /// Wall time the executor was bound (executor-seconds, in ms).
+    pub bound_ms: u64,
     pub cpu_ms: u64,
     pub memory_peak_bytes: u64,
     pub throttled_ms: u64,

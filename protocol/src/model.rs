@@ -444,6 +444,37 @@ pub struct SessionSpec {
     pub common_data: Bytes,
     /// Opt out of durability: tasks and results are kept in memory only, and acked at once.
     pub ephemeral: bool,
+    /// The tenant the session's executors are accounted to; executors are shared between
+    /// owners by their configured weights. Empty: [`DEFAULT_OWNER`].
+    pub owner: String,
+    /// Among one owner's sessions, a higher priority is served first and may reclaim
+    /// executors from lower ones.
+    pub priority: i32,
+}
+
+/// The owner of sessions that name none.
+pub const DEFAULT_OWNER: &str = "default";
+
+impl SessionSpec {
+    /// A durable session of `application` for the default owner, priority 0.
+    pub fn new(application: impl Into<String>) -> Self {
+        SessionSpec {
+            application: application.into(),
+            common_data: Bytes::new(),
+            ephemeral: false,
+            owner: String::new(),
+            priority: 0,
+        }
+    }
+
+    /// The owner, with the default for none.
+    pub fn owner_or_default(&self) -> &str {
+        if self.owner.is_empty() {
+            DEFAULT_OWNER
+        } else {
+            &self.owner
+        }
+    }
 }
 
 /// Session lifecycle. A closed session accepts no more tasks and finishes when its pending
@@ -480,6 +511,8 @@ impl TaskCounts {
 pub struct SessionInfo {
     pub id: SessionId,
     pub application: String,
+    pub owner: String,
+    pub priority: i32,
     pub state: SessionState,
     pub ephemeral: bool,
     pub counts: TaskCounts,
@@ -500,6 +533,8 @@ pub struct SessionInfo {
 pub struct ExecutorUsage {
     pub executor: ExecutorId,
     pub node: String,
+    /// Wall time it was bound to the session.
+    pub bound_ms: u64,
     /// cpu time (user + system) of the executor's processes while bound to the session.
     pub cpu_ms: u64,
     /// Highest memory use of the executor's processes over its life so far.
@@ -532,6 +567,8 @@ pub struct ApplicationInfo {
 pub enum NodeState {
     Ready,
     NotReady,
+    /// Connected, but nothing new is placed there; its executors finish their work.
+    Draining,
 }
 
 /// A node as the head reports it.
@@ -550,6 +587,45 @@ pub struct NodeInfo {
     pub executors: u32,
     /// Unix time in milliseconds of the last message from the node.
     pub last_seen_ms: u64,
+}
+
+/// `flame queue`: how executors are shared, per owner and per session.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QueueReport {
+    /// What Ready nodes offer in all.
+    pub capacity: Resources,
+    pub owners: Vec<OwnerQueue>,
+}
+
+/// One owner's part of the cluster.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OwnerQueue {
+    pub owner: String,
+    pub weight: u32,
+    /// Its weighted fair share of the dominant resource, in thousandths of the cluster.
+    pub deserved_permille: u32,
+    /// Its dominant share now, in thousandths of the cluster.
+    pub allocated_permille: u32,
+    /// Executors its sessions hold now.
+    pub executors: u32,
+    pub pending_tasks: u64,
+    pub sessions: Vec<SessionQueue>,
+}
+
+/// One session's part of its owner's share.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SessionQueue {
+    pub id: SessionId,
+    pub application: String,
+    pub priority: i32,
+    /// Executors the scheduler aims to give it.
+    pub deserved_executors: u32,
+    /// Executors bound to it now.
+    pub executors: u32,
+    pub pending_tasks: u64,
+    pub running_tasks: u64,
+    /// Why its pending tasks wait, if they do.
+    pub waiting: Option<String>,
 }
 
 /// One GPU of a node.

@@ -97,6 +97,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         let flags = ConfigFlags {
             head: args.head.clone(),
             ca_file: args.ca_file.clone(),
+            owner: None,
         };
         let config = ClientConfig::resolve(&flags).hint(
             "`flame local` starts a cluster and prints the exports to use; `pi-client --local` starts its own",
@@ -201,6 +202,8 @@ async fn estimate_with(client: &Client, app: &str, args: &Args) -> anyhow::Resul
             application: app.to_string(),
             common_data: Bytes::copy_from_slice(&encode_u64(args.seed)),
             ephemeral: false,
+            owner: Default::default(),
+            priority: 0,
         })
         .await;
     let session = match session {
