@@ -5,6 +5,7 @@ pub mod local;
 pub mod logs;
 pub mod node;
 pub mod ping;
+pub mod queue;
 pub mod render;
 pub mod session;
 pub mod signals;
@@ -25,7 +26,8 @@ pub struct Cli {
     pub command: Command,
 }
 
-/// Where the head is; each falls back to the environment, then to the config files.
+/// Where the head is and whom sessions are for; each falls back to the environment, then
+/// to the config files.
 #[derive(Debug, Clone, Args)]
 pub struct GlobalArgs {
     /// Head address, host:port [else FLAME_HEAD, else `head` in ~/.config/flame/config.toml or /etc/flame/flame.toml]
@@ -34,6 +36,9 @@ pub struct GlobalArgs {
     /// The head's CA certificate (PEM) [else FLAME_CA_FILE, else `ca_file` in the config files]
     #[arg(long, global = true, value_name = "PATH")]
     pub ca_file: Option<PathBuf>,
+    /// Owner that new sessions are accounted to [else FLAME_OWNER, else `owner` in the config files, else your user name]
+    #[arg(long, global = true, value_name = "NAME")]
+    pub owner: Option<String>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -48,9 +53,11 @@ pub enum Command {
     /// List, view and close sessions
     #[command(subcommand)]
     Session(session::SessionCommand),
-    /// List nodes
+    /// List, drain and undrain nodes
     #[command(subcommand)]
     Node(node::NodeCommand),
+    /// Show how executors are shared between owners and sessions, and why work waits
+    Queue(render::OutputArgs),
     /// Show the logs (stderr, and stdout under the unix shim) of a session's executors
     Logs(logs::LogsArgs),
 }
@@ -63,6 +70,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::App(cmd) => app::run(&cli.global, cmd).await,
         Command::Session(cmd) => session::run(&cli.global, cmd).await,
         Command::Node(cmd) => node::run(&cli.global, cmd).await,
+        Command::Queue(out) => queue::run(&cli.global, out).await,
         Command::Logs(args) => logs::run(&cli.global, args).await,
     }
 }
@@ -72,6 +80,7 @@ pub fn config(global: &GlobalArgs) -> anyhow::Result<ClientConfig> {
     let flags = ConfigFlags {
         head: global.head.clone(),
         ca_file: global.ca_file.clone(),
+        owner: global.owner.clone(),
     };
     Ok(ClientConfig::resolve(&flags)?)
 }

@@ -8,7 +8,8 @@ use flame_protocol::frame::{FrameError, FrameReader, FrameWriter};
 use flame_protocol::limits;
 use flame_protocol::messages::{ClientRequest, ClientResponse, LogEvent, Role};
 use flame_protocol::model::{
-    ApplicationInfo, ApplicationSpec, NodeInfo, SessionInfo, SessionSpec, TaskInfo, TaskState,
+    ApplicationInfo, ApplicationSpec, NodeInfo, QueueReport, SessionInfo, SessionSpec, TaskInfo,
+    TaskState,
 };
 use flame_protocol::{ExecutorId, SessionId, TaskId};
 use std::future::Future;
@@ -46,6 +47,8 @@ struct Inner {
     config: ClientConfig,
     addr: String,
     head_version: String,
+    /// What [`Client::create_session`] puts in a spec that names no owner.
+    owner: String,
 }
 
 /// How long the client keeps trying to reach a lost head (a restart, a network blip)
@@ -84,6 +87,7 @@ impl Client {
                 config: config.clone(),
                 addr: config.head.clone(),
                 head_version: greeted.head_version,
+                owner: default_owner(config),
             }),
         })
     }
@@ -219,8 +223,20 @@ impl Client {
         }
     }
 
-    /// Opens a session.
-    pub async fn create_session(&self, spec: SessionSpec) -> Result<Session, ClientError> {
+    /// The owner [`Client::create_session`] gives a spec that names none:
+    /// [`ClientConfig::owner`] when set, else the name of the user this process runs as
+    /// (its effective user id). Empty when neither is known; the head then uses
+    /// [`DEFAULT_OWNER`](flame_protocol::model::DEFAULT_OWNER).
+    pub fn owner(&self) -> &str {
+        &self.inner.owner
+    }
+
+    /// Opens a session. A spec with an empty `owner` is accounted to [`Client::owner`];
+    /// one that names an owner keeps it.
+    pub async fn create_session(&self, mut spec: SessionSpec) -> Result<Session, ClientError> {
+        if spec.owner.is_empty() {
+            spec.owner.clone_from(&self.inner.owner);
+        }
         match self.request(ClientRequest::CreateSession(spec)).await? {
             ClientResponse::Session(info) => Ok(Session::new(self.clone(), info)),
             other => Err(self.unexpected("request CreateSession", &other)),
@@ -322,6 +338,42 @@ impl Client {
         match self.request(ClientRequest::ListNodes).await? {
             ClientResponse::Nodes(nodes) => Ok(nodes),
             other => Err(self.unexpected("request ListNodes", &other)),
+        }
+    }
+
+    /// Stops placing anything new on node `name`: no launches, no binds; its idle
+    /// executors are released and its bound ones finish their sessions' work.
+    /// [`ErrorKind::NotFound`](flame_protocol::model::ErrorKind) for a node the head does
+    /// not know. Draining a draining node changes nothing.
+    pub async fn drain_node(&self, name: &str) -> Result<(), ClientError> {
+        let request = ClientRequest::DrainNode {
+            name: name.to_string(),
+        };
+        match self.request(request).await? {
+            ClientResponse::Ok => Ok(()),
+            other => Err(self.unexpected("request DrainNode", &other)),
+        }
+    }
+
+    /// Ends the drain of node `name`: it takes new executors again.
+    /// [`ErrorKind::NotFound`](flame_protocol::model::ErrorKind) for a node the head does
+    /// not know.
+    pub async fn undrain_node(&self, name: &str) -> Result<(), ClientError> {
+        let request = ClientRequest::UndrainNode {
+            name: name.to_string(),
+        };
+        match self.request(request).await? {
+            ClientResponse::Ok => Ok(()),
+            other => Err(self.unexpected("request UndrainNode", &other)),
+        }
+    }
+
+    /// How the head shares executors now: per owner, its weight and fair share, and per
+    /// session, what it deserves, holds and waits for.
+    pub async fn queue(&self) -> Result<QueueReport, ClientError> {
+        match self.request(ClientRequest::Queue).await? {
+            ClientResponse::Queue(report) => Ok(report),
+            other => Err(self.unexpected("request Queue", &other)),
         }
     }
 
@@ -566,6 +618,28 @@ impl LogStream {
     }
 }
 
+/// The owner of sessions whose spec names none: the configured one, else the name of the
+/// effective user, else none (the head's default).
+fn default_owner(config: &ClientConfig) -> String {
+    if let Some(owner) = config.owner.as_ref().filter(|o| !o.is_empty()) {
+        return owner.clone();
+    }
+    let uid = nix::unistd::geteuid();
+    match nix::unistd::User::from_uid(uid) {
+        Ok(Some(user)) => user.name,
+        Ok(None) => {
+            tracing::debug!("user id {uid} has no name; sessions get the head's default owner");
+            String::new()
+        }
+        Err(e) => {
+            tracing::debug!(
+                "cannot look up user id {uid} ({e}); sessions get the head's default owner"
+            );
+            String::new()
+        }
+    }
+}
+
 /// A quinn stream-state error as the I/O error the framing layer reports.
 pub(crate) fn io_error(e: quinn::ClosedStream) -> FrameError {
     FrameError::Io(std::io::Error::new(std::io::ErrorKind::BrokenPipe, e))
@@ -586,6 +660,9 @@ fn request_name(request: &ClientRequest) -> &'static str {
         ClientRequest::CancelSession { .. } => "CancelSession",
         ClientRequest::ListTasks { .. } => "ListTasks",
         ClientRequest::ListNodes => "ListNodes",
+        ClientRequest::DrainNode { .. } => "DrainNode",
+        ClientRequest::UndrainNode { .. } => "UndrainNode",
+        ClientRequest::Queue => "Queue",
         ClientRequest::OpenSubmitStream { .. } => "OpenSubmitStream",
         ClientRequest::WatchResults { .. } => "WatchResults",
     }
@@ -598,6 +675,7 @@ fn response_name(response: &ClientResponse) -> &'static str {
         ClientResponse::Application(_) => "Application",
         ClientResponse::Applications(_) => "Applications",
         ClientResponse::Session(_) => "Session",
+        ClientResponse::Queue(_) => "Queue",
         ClientResponse::Sessions(_) => "Sessions",
         ClientResponse::Nodes(_) => "Nodes",
         ClientResponse::Tasks(_) => "Tasks",

@@ -1,13 +1,16 @@
 //! Where a client finds its head: flags, then environment, then configuration files.
 //!
-//! Each key (`head`, `ca_file`) is resolved on its own, so `FLAME_HEAD` in the environment
-//! and a `ca_file` in the user's config file combine. The order, first match wins:
+//! Each key (`head`, `ca_file`, `owner`) is resolved on its own, so `FLAME_HEAD` in the
+//! environment and a `ca_file` in the user's config file combine. The order, first match
+//! wins:
 //!
-//! 1. the `--head` / `--ca-file` flags ([`ConfigFlags`]);
-//! 2. the environment variables `FLAME_HEAD` / `FLAME_CA_FILE` (empty counts as unset);
+//! 1. the `--head` / `--ca-file` / `--owner` flags ([`ConfigFlags`]);
+//! 2. the environment variables `FLAME_HEAD` / `FLAME_CA_FILE` / `FLAME_OWNER` (empty
+//!    counts as unset);
 //! 3. `$XDG_CONFIG_HOME/flame/config.toml` (or `~/.config/flame/config.toml`);
 //! 4. `/etc/flame/flame.toml`.
 //!
+//! `head` and `ca_file` are required; `owner` is optional (see [`ClientConfig::owner`]).
 //! A relative `ca_file` in a configuration file is taken relative to that file's folder.
 
 use flame_protocol::limits;
@@ -19,6 +22,8 @@ use std::time::Duration;
 pub const ENV_HEAD: &str = "FLAME_HEAD";
 /// Environment variable naming the CA certificate file.
 pub const ENV_CA_FILE: &str = "FLAME_CA_FILE";
+/// Environment variable naming the owner sessions are accounted to.
+pub const ENV_OWNER: &str = "FLAME_OWNER";
 /// The system-wide configuration file, read after the user's.
 pub const SYSTEM_CONFIG_FILE: &str = "/etc/flame/flame.toml";
 /// Largest configuration file read; anything bigger is not a config file.
@@ -33,6 +38,22 @@ pub struct ClientConfig {
     pub ca_file: PathBuf,
     /// Bound on the QUIC + TLS handshake and the hello exchange.
     pub connect_timeout: Duration,
+    /// The owner [`Client::create_session`](crate::Client::create_session) gives sessions
+    /// whose spec names none; `None`: the name of the user running the program.
+    pub owner: Option<String>,
+}
+
+impl ClientConfig {
+    /// The head at `head`, trusted through `ca_file`, with the default connect timeout and
+    /// no configured owner.
+    pub fn new(head: impl Into<String>, ca_file: impl Into<PathBuf>) -> Self {
+        ClientConfig {
+            head: head.into(),
+            ca_file: ca_file.into(),
+            connect_timeout: limits::CONNECT_TIMEOUT,
+            owner: None,
+        }
+    }
 }
 
 /// Values given on the command line; they win over every other source.
@@ -42,6 +63,8 @@ pub struct ConfigFlags {
     pub head: Option<String>,
     /// `--ca-file`.
     pub ca_file: Option<PathBuf>,
+    /// `--owner`.
+    pub owner: Option<String>,
 }
 
 /// A configuration value that could not be found or read.
@@ -95,6 +118,7 @@ pub enum ConfigError {
 struct FileConfig {
     head: Option<String>,
     ca_file: Option<PathBuf>,
+    owner: Option<String>,
 }
 
 impl ClientConfig {
@@ -120,8 +144,13 @@ impl ClientConfig {
             .ca_file
             .clone()
             .or_else(|| env_value(ENV_CA_FILE).map(PathBuf::from));
+        let mut owner = flags
+            .owner
+            .clone()
+            .filter(|o| !o.is_empty())
+            .or_else(|| env_value(ENV_OWNER));
         for path in files {
-            if head.is_some() && ca_file.is_some() {
+            if head.is_some() && ca_file.is_some() && owner.is_some() {
                 break;
             }
             let Some(file) = read_config_file(path)? else {
@@ -135,6 +164,9 @@ impl ClientConfig {
                     .ca_file
                     .filter(|p| !p.as_os_str().is_empty())
                     .map(|p| relative_to_file(path, p));
+            }
+            if owner.is_none() {
+                owner = file.owner.filter(|o| !o.is_empty());
             }
         }
         let files_display = || {
@@ -166,6 +198,7 @@ impl ClientConfig {
             head,
             ca_file,
             connect_timeout: limits::CONNECT_TIMEOUT,
+            owner,
         })
     }
 }
@@ -258,11 +291,17 @@ mod tests {
         let flags = ConfigFlags {
             head: Some("flag:1".into()),
             ca_file: Some("/flag.crt".into()),
+            owner: Some("flag-owner".into()),
         };
-        let env = env_of(&[(ENV_HEAD, "env:1"), (ENV_CA_FILE, "/env.crt")]);
+        let env = env_of(&[
+            (ENV_HEAD, "env:1"),
+            (ENV_CA_FILE, "/env.crt"),
+            (ENV_OWNER, "env-owner"),
+        ]);
         let c = ClientConfig::resolve_with(&flags, env, &[file]).unwrap();
         assert_eq!(c.head, "flag:1");
         assert_eq!(c.ca_file, PathBuf::from("/flag.crt"));
+        assert_eq!(c.owner.as_deref(), Some("flag-owner"));
         assert_eq!(c.connect_timeout, limits::CONNECT_TIMEOUT);
     }
 
@@ -300,6 +339,38 @@ mod tests {
         assert_eq!(c.head, "user:1");
         // Relative to the system file's folder.
         assert_eq!(c.ca_file, dir.path().join("certs/ca.crt"));
+        // No source names an owner: that is allowed.
+        assert_eq!(c.owner, None);
+    }
+
+    #[test]
+    fn owner_comes_from_env_then_files_and_empty_counts_as_unset() {
+        let dir = tempfile::tempdir().unwrap();
+        let user = write(
+            dir.path(),
+            "user.toml",
+            "head = \"user:1\"\nca_file = \"/ca.crt\"\nowner = \"\"\n",
+        );
+        let system = write(dir.path(), "system.toml", "owner = \"team-a\"\n");
+        let files = [user, system];
+        let from_env = ClientConfig::resolve_with(
+            &ConfigFlags::default(),
+            env_of(&[(ENV_OWNER, "env-owner")]),
+            &files,
+        )
+        .unwrap();
+        assert_eq!(from_env.owner.as_deref(), Some("env-owner"));
+        // An empty flag, variable or key is skipped, so the system file supplies it.
+        let from_file = ClientConfig::resolve_with(
+            &ConfigFlags {
+                owner: Some(String::new()),
+                ..ConfigFlags::default()
+            },
+            env_of(&[(ENV_OWNER, "")]),
+            &files,
+        )
+        .unwrap();
+        assert_eq!(from_file.owner.as_deref(), Some("team-a"));
     }
 
     #[test]
@@ -308,8 +379,8 @@ mod tests {
         let file = dir.path().join("none.toml");
         let err = ClientConfig::resolve_with(
             &ConfigFlags {
-                head: None,
                 ca_file: Some("/ca.crt".into()),
+                ..ConfigFlags::default()
             },
             env_of(&[]),
             std::slice::from_ref(&file),

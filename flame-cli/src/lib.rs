@@ -19,6 +19,12 @@
 //!         application: "ping".into(),
 //!         common_data: Bytes::new(),
 //!         ephemeral: false,
+//!         // Empty: `--owner`, else FLAME_OWNER, else `owner` in the config files, else the
+//!         // user's name (see `Client::owner`). Executors are shared between owners by
+//!         // the weights the head is given.
+//!         owner: String::new(),
+//!         // Among one owner's sessions, higher is served first.
+//!         priority: 0,
 //!     })
 //!     .await?;
 //! // Watch first, so that no result is missed; then submit and close.

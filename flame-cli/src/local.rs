@@ -6,7 +6,6 @@
 //! it exits, panics or is killed, so none outlives it.
 
 use crate::config::ClientConfig;
-use flame_protocol::limits;
 use nix::sys::signal::{self, Signal};
 use nix::unistd::Pid;
 use std::ffi::OsString;
@@ -304,11 +303,7 @@ impl LocalCluster {
 
     /// A client configuration for this cluster.
     pub fn client_config(&self) -> ClientConfig {
-        ClientConfig {
-            head: self.head_addr.clone(),
-            ca_file: self.ca_file.clone(),
-            connect_timeout: limits::CONNECT_TIMEOUT,
-        }
+        ClientConfig::new(self.head_addr.clone(), self.ca_file.clone())
     }
 
     /// The shell line that points another shell's `flame` at this cluster.

@@ -22,6 +22,7 @@ async fn unreachable_head_fails_within_the_connect_timeout_naming_the_address() 
         head: addr.clone(),
         ca_file: fixture_ca(),
         connect_timeout: timeout,
+        owner: None,
     };
     let started = Instant::now();
     let err = Client::connect(&config).await.unwrap_err();
@@ -44,6 +45,7 @@ async fn missing_ca_file_is_reported_with_its_path() {
         head: "127.0.0.1:9".into(),
         ca_file: ca_file.clone(),
         connect_timeout: Duration::from_secs(1),
+        owner: None,
     };
     let err = Client::connect(&config).await.unwrap_err();
     assert!(
@@ -65,6 +67,7 @@ async fn a_file_without_certificates_is_refused() {
         head: "127.0.0.1:9".into(),
         ca_file,
         connect_timeout: Duration::from_secs(1),
+        owner: None,
     };
     let err = Client::connect(&config).await.unwrap_err();
     assert!(

@@ -749,7 +749,7 @@ impl Core {
         let Some(n) = self.nodes.get_mut(name) else {
             let _ = reply.send(ClientResponse::Error(api(
                 ErrorKind::NotFound,
-                format!("node `{name}` is not known (see `flame node list`)"),
+                format!("node `{name}` is not known"),
             )));
             return;
         };
@@ -1142,6 +1142,13 @@ impl Core {
             let _ = reply.send(ClientResponse::Error(api(
                 ErrorKind::NotFound,
                 unknown_app(&spec.application),
+            )));
+            return;
+        }
+        if let Err(e) = validate_owner(&spec.owner) {
+            let _ = reply.send(ClientResponse::Error(api(
+                ErrorKind::InvalidArgument,
+                e.to_string(),
             )));
             return;
         }
@@ -2342,6 +2349,23 @@ impl Core {
                     .push(NodeCommand::Run(assignment));
             }
         }
+    }
+}
+
+/// An owner is empty (the default) or a name of at most 64 printable bytes without spaces.
+fn validate_owner(owner: &str) -> Result<(), flame_protocol::model::SpecError> {
+    let ok = owner.len() <= flame_protocol::model::APP_NAME_BYTES_MAX
+        && owner.chars().all(|c| !c.is_whitespace() && !c.is_control());
+    if ok {
+        Ok(())
+    } else {
+        Err(flame_protocol::model::SpecError {
+            field: "owner",
+            reason: format!(
+                "must be at most {} bytes without spaces or control characters",
+                flame_protocol::model::APP_NAME_BYTES_MAX
+            ),
+        })
     }
 }
 

@@ -198,72 +198,136 @@ pub fn fair_shares(
     use std::collections::BinaryHeap;
     let mut given = vec![0u64; requests.len()];
     let mut left = totals;
-    let mut app_given: BTreeMap<&str, u64> = BTreeMap::new();
-    let mut by_owner: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
-    for (i, r) in requests.iter().enumerate() {
-        if r.demand > 0 && totals.dominant_share(&r.unit).is_finite() {
-            by_owner.entry(r.owner.as_str()).or_default().push(i);
+    // Applications and owners by index, so the hot loop compares integers, not names.
+    let mut app_index: BTreeMap<&str, usize> = BTreeMap::new();
+    let app_of: Vec<usize> = requests
+        .iter()
+        .map(|r| {
+            let next = app_index.len();
+            *app_index.entry(r.application.as_str()).or_insert(next)
+        })
+        .collect();
+    let mut app_room: Vec<u64> = vec![u64::MAX; app_index.len()];
+    for (name, &i) in &app_index {
+        if let Some(&cap) = app_caps.get(*name) {
+            app_room[i] = cap;
         }
     }
-    // Min-heap on (share / weight, owner name).
-    #[derive(PartialEq)]
-    struct Turn<'a>(f64, &'a str);
-    impl Eq for Turn<'_> {}
-    impl PartialOrd for Turn<'_> {
+    let shares: Vec<f64> = requests
+        .iter()
+        .map(|r| totals.dominant_share(&r.unit))
+        .collect();
+    // Owners in name order (the tie-break), each with a heap of its sessions.
+    let mut owners: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
+    for (i, r) in requests.iter().enumerate() {
+        if r.demand > 0 && shares[i].is_finite() {
+            owners.entry(r.owner.as_str()).or_default().push(i);
+        }
+    }
+    /// A session's claim on its owner's next executor: higher priority first, then the
+    /// smaller fraction of its demand already given (compared without division), then
+    /// the lower index.
+    struct Claim {
+        priority: i32,
+        given: u64,
+        demand: u64,
+        index: usize,
+    }
+    impl PartialEq for Claim {
+        fn eq(&self, other: &Self) -> bool {
+            self.cmp(other) == Ordering::Equal
+        }
+    }
+    impl Eq for Claim {}
+    impl PartialOrd for Claim {
         fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
             Some(self.cmp(other))
         }
     }
-    impl Ord for Turn<'_> {
+    impl Ord for Claim {
         fn cmp(&self, other: &Self) -> Ordering {
-            other.0.total_cmp(&self.0).then_with(|| other.1.cmp(self.1))
+            self.priority
+                .cmp(&other.priority)
+                .then_with(|| {
+                    (u128::from(other.given) * u128::from(self.demand))
+                        .cmp(&(u128::from(self.given) * u128::from(other.demand)))
+                })
+                .then_with(|| other.index.cmp(&self.index))
         }
     }
-    let mut share: BTreeMap<&str, f64> = BTreeMap::new();
-    let mut heap: BinaryHeap<Turn<'_>> = by_owner.keys().map(|o| Turn(0.0, o)).collect();
+    let mut claims: Vec<BinaryHeap<Claim>> = owners
+        .values()
+        .map(|list| {
+            list.iter()
+                .map(|&i| Claim {
+                    priority: requests[i].priority,
+                    given: 0,
+                    demand: requests[i].demand,
+                    index: i,
+                })
+                .collect()
+        })
+        .collect();
+    let weight_of: Vec<f64> = owners
+        .keys()
+        .map(|o| f64::from(weights.get(*o).copied().unwrap_or(1).max(1)))
+        .collect();
+    // Min-heap on (share / weight, owner index).
+    struct Turn(f64, usize);
+    impl PartialEq for Turn {
+        fn eq(&self, other: &Self) -> bool {
+            self.cmp(other) == Ordering::Equal
+        }
+    }
+    impl Eq for Turn {}
+    impl PartialOrd for Turn {
+        fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+            Some(self.cmp(other))
+        }
+    }
+    impl Ord for Turn {
+        fn cmp(&self, other: &Self) -> Ordering {
+            other
+                .0
+                .total_cmp(&self.0)
+                .then_with(|| other.1.cmp(&self.1))
+        }
+    }
+    let mut share = vec![0.0f64; claims.len()];
+    let mut turns: BinaryHeap<Turn> = (0..claims.len()).map(|o| Turn(0.0, o)).collect();
     let fits = |left: &Totals, u: &Resources| {
         left.cpu_millis >= u64::from(u.cpu_millis)
             && left.memory_bytes >= u.memory_bytes.unwrap_or(0)
             && left.gpus >= u64::from(u.gpus)
     };
-    while let Some(Turn(_, owner)) = heap.pop() {
-        let Some(list) = by_owner.get(owner) else {
-            continue;
-        };
-        let pick = list
-            .iter()
-            .copied()
-            .filter(|&i| {
-                let r = &requests[i];
-                given[i] < r.demand
-                    && fits(&left, &r.unit)
-                    && app_given.get(r.application.as_str()).copied().unwrap_or(0)
-                        < app_caps.get(&r.application).copied().unwrap_or(u64::MAX)
-            })
-            .min_by(|&a, &b| {
-                let (ra, rb) = (&requests[a], &requests[b]);
-                rb.priority
-                    .cmp(&ra.priority)
-                    .then_with(|| {
-                        // given/demand, compared without division.
-                        (u128::from(given[a]) * u128::from(rb.demand))
-                            .cmp(&(u128::from(given[b]) * u128::from(ra.demand)))
-                    })
-                    .then(a.cmp(&b))
-            });
-        let Some(i) = pick else {
+    while let Some(Turn(_, owner)) = turns.pop() {
+        // The owner's best claim that can still be met. A claim that cannot is dropped for
+        // good: what is left only shrinks, and so does an application's room.
+        let heap = &mut claims[owner];
+        let mut picked = None;
+        while let Some(claim) = heap.pop() {
+            let i = claim.index;
+            if app_room[app_of[i]] > 0 && fits(&left, &requests[i].unit) {
+                picked = Some(claim);
+                break;
+            }
+        }
+        let Some(mut claim) = picked else {
             continue; // nothing more fits or is wanted: the owner drops out
         };
+        let i = claim.index;
         let r = &requests[i];
         given[i] += 1;
-        *app_given.entry(r.application.as_str()).or_default() += 1;
+        app_room[app_of[i]] -= 1;
         left.cpu_millis -= u64::from(r.unit.cpu_millis);
         left.memory_bytes -= r.unit.memory_bytes.unwrap_or(0);
         left.gpus -= u64::from(r.unit.gpus);
-        let s = share.entry(owner).or_default();
-        *s += totals.dominant_share(&r.unit);
-        let weight = f64::from(weights.get(owner).copied().unwrap_or(1).max(1));
-        heap.push(Turn(*s / weight, owner));
+        claim.given += 1;
+        if claim.given < claim.demand {
+            heap.push(claim);
+        }
+        share[owner] += shares[i];
+        turns.push(Turn(share[owner] / weight_of[owner], owner));
     }
     given
 }
@@ -395,14 +459,19 @@ pub fn plan(snap: &Snapshot) -> Plan {
         .collect();
 
     // Resources free per Ready node, and live executors per application.
-    let mut free: BTreeMap<&str, Free> = ready
+    // Ready nodes by index in name order (so index order breaks ties as names would);
+    // the hot loops below look nodes up by index, not by name.
+    let ready_list: Vec<&NodeView> = ready.values().copied().collect();
+    let node_index: std::collections::HashMap<&str, usize> = ready_list
         .iter()
-        .map(|(name, n)| (*name, node_total(n)))
+        .enumerate()
+        .map(|(i, n)| (n.name.as_str(), i))
         .collect();
+    let mut free: Vec<Free> = ready_list.iter().map(|n| node_total(n)).collect();
     let mut live_per_app: BTreeMap<&str, u32> = BTreeMap::new();
     for e in &snap.executors {
-        if let Some(f) = free.get_mut(e.node.as_str()) {
-            f.take(&e.resources);
+        if let Some(&i) = node_index.get(e.node.as_str()) {
+            free[i].take(&e.resources);
         }
         *live_per_app.entry(e.application.as_str()).or_default() += 1;
     }
@@ -582,7 +651,12 @@ pub fn plan(snap: &Snapshot) -> Plan {
         list.sort_by_key(|e| e.id);
         list.reverse(); // pop() takes the lowest id first
     }
-    let mut released: Vec<ExecutorId> = Vec::new();
+    let mut released: std::collections::BTreeSet<ExecutorId> = Default::default();
+    let mut by_free_cpu: std::collections::BinaryHeap<(u64, std::cmp::Reverse<usize>)> = free
+        .iter()
+        .enumerate()
+        .map(|(i, f)| (f.cpu_millis, std::cmp::Reverse(i)))
+        .collect();
     for (s, mut need) in under {
         let app_name = s.application.as_str();
         let Some(app) = apps.get(app_name) else {
@@ -614,18 +688,26 @@ pub fn plan(snap: &Snapshot) -> Plan {
                 )
             });
         }
+        // Nodes looked at for this session that do not suit it, put back afterwards.
+        let mut unsuited: Vec<(u64, std::cmp::Reverse<usize>)> = Vec::new();
         while need > 0 && app.launchable && *live < app.max_instances {
-            // The matching node with room and the most free cpu; ties broken by name.
-            let best = free
-                .iter()
-                .filter(|(n, f)| {
-                    f.fits(&app.resources)
-                        && ready
-                            .get(*n)
-                            .is_some_and(|nv| selector_matches(&app.selector, &nv.labels))
-                })
-                .max_by(|a, b| a.1.cpu_millis.cmp(&b.1.cpu_millis).then(b.0.cmp(a.0)))
-                .map(|(n, _)| *n);
+            // The matching node with room and the most free cpu; ties broken by name. The
+            // heap holds one current entry per node (others are stale: their cpu differs
+            // from the node's free cpu now) and is never scanned whole.
+            let mut best = None;
+            while let Some((cpu, std::cmp::Reverse(n))) = by_free_cpu.pop() {
+                let Some(f) = free.get(n) else { continue };
+                if f.cpu_millis != cpu {
+                    continue; // stale
+                }
+                let suits = f.fits(&app.resources)
+                    && selector_matches(&app.selector, &ready_list[n].labels);
+                if suits {
+                    best = Some(n);
+                    break;
+                }
+                unsuited.push((cpu, std::cmp::Reverse(n)));
+            }
             let node = match best {
                 Some(n) => n,
                 None => {
@@ -636,12 +718,10 @@ pub fn plan(snap: &Snapshot) -> Plan {
                         .filter(|(a, _)| **a != app_name)
                         .find_map(|(_, list)| {
                             let pos = list.iter().position(|v| {
-                                let Some(nv) = ready.get(v.node.as_str()) else {
+                                let Some(&i) = node_index.get(v.node.as_str()) else {
                                     return false;
                                 };
-                                let Some(mut f) = free.get(v.node.as_str()).copied() else {
-                                    return false;
-                                };
+                                let (nv, mut f) = (ready_list[i], free[i]);
                                 f.give(&v.resources);
                                 selector_matches(&app.selector, &nv.labels)
                                     && f.fits(&app.resources)
@@ -649,7 +729,7 @@ pub fn plan(snap: &Snapshot) -> Plan {
                             Some(list.remove(pos))
                         });
                     if let Some(v) = victim {
-                        released.push(v.id);
+                        released.insert(v.id);
                         decisions.push(Decision::Release { executor: v.id });
                     } else if !unplaceable.get(app_name).is_some_and(Option::is_some) {
                         waiting.entry(s.id).or_insert_with(|| {
@@ -665,14 +745,16 @@ pub fn plan(snap: &Snapshot) -> Plan {
             };
             if let Some(f) = free.get_mut(node) {
                 f.take(&app.resources);
+                by_free_cpu.push((f.cpu_millis, std::cmp::Reverse(node)));
             }
             decisions.push(Decision::Launch {
-                node: node.to_string(),
+                node: ready_list[node].name.clone(),
                 application: app_name.to_string(),
             });
             *live += 1;
             need -= 1;
         }
+        by_free_cpu.extend(unsuited);
     }
 
     // 3b. Idle executors past their application's delay_release are released.
@@ -1343,5 +1425,124 @@ mod properties {
             }
         }
 
+    }
+}
+
+/// The scheduler at scale: `cargo test --release -p flame-head scheduler_decision_time --
+/// --ignored --nocapture` prints the time of one decision round (p50, p99) and the memory
+/// of the snapshot, for 1,000 nodes, 64,000 executors and 1,000,000 pending tasks.
+#[cfg(test)]
+mod bench {
+    use super::*;
+    use std::time::Instant;
+
+    fn rss_kib() -> u64 {
+        std::fs::read_to_string("/proc/self/status")
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find(|l| l.starts_with("VmRSS:"))
+                    .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+            })
+            .unwrap_or(0)
+    }
+
+    fn big_snapshot() -> Snapshot {
+        let nodes: Vec<NodeView> = (0..1000u32)
+            .map(|i| NodeView {
+                name: format!("node-{i:04}"),
+                ready: true,
+                cpu_millis: (32 + (i * 37) % 97) * 1000,
+                memory_bytes: u64::from(32 + (i * 37) % 97) << 32,
+                gpus: if i % 10 == 0 { 8 } else { 0 },
+                labels: BTreeMap::new(),
+                draining: false,
+            })
+            .collect();
+        let applications: Vec<AppView> = (0..50u32)
+            .map(|i| AppView {
+                name: format!("app-{i}"),
+                max_instances: 100_000,
+                delay_release_ms: 60_000,
+                launchable: true,
+                resources: Resources {
+                    cpu_millis: 500 + (i % 4) * 250,
+                    memory_bytes: Some(1 << 30),
+                    gpus: 0,
+                },
+                selector: BTreeMap::new(),
+                launch_error: None,
+            })
+            .collect();
+        // 1,000 sessions from 20 owners: 1,000 pending tasks each, plus what runs.
+        let sessions: Vec<SessionView> = (0..1000u64)
+            .map(|i| SessionView {
+                id: SessionId(i + 1),
+                application: format!("app-{}", i % 50),
+                open: true,
+                demand: 1000 + 64,
+                owner: format!("owner-{}", i % 20),
+                priority: (i % 4) as i32,
+            })
+            .collect();
+        // 64,000 executors, 64 bound to each session, spread over the nodes.
+        let mut executors = Vec::with_capacity(64_000);
+        for i in 0..64_000u64 {
+            let s = &sessions[(i % 1000) as usize];
+            let app = &applications[(i % 1000 % 50) as usize];
+            executors.push(ExecutorView {
+                id: ExecutorId(i + 1),
+                node: nodes[(i % 1000) as usize].name.clone(),
+                application: app.name.clone(),
+                phase: ExecutorPhase::Bound,
+                session: Some(s.id),
+                quiet_since_ms: 0,
+                outstanding: 4,
+                resources: app.resources,
+            });
+        }
+        Snapshot {
+            now_ms: 1_000_000,
+            nodes,
+            applications,
+            sessions,
+            executors,
+            owner_weights: (0..20).map(|o| (format!("owner-{o}"), 1 + o % 5)).collect(),
+        }
+    }
+
+    #[test]
+    #[ignore = "benchmark: run with --release -- --ignored --nocapture"]
+    fn scheduler_decision_time() {
+        let before = rss_kib();
+        let snap = big_snapshot();
+        let with_snapshot = rss_kib();
+        let pending: u64 = snap.sessions.iter().map(|s| s.demand).sum::<u64>() - 64_000;
+        let mut times = Vec::new();
+        let mut decisions = 0;
+        for _ in 0..30 {
+            let start = Instant::now();
+            let plan = plan(&snap);
+            times.push(start.elapsed());
+            decisions = plan.decisions.len();
+        }
+        times.sort();
+        let p = |q: f64| times[((times.len() - 1) as f64 * q).round() as usize];
+        println!(
+            "scheduler: {} nodes, {} executors, {} pending tasks, {} sessions, {} owners: \
+             decision round p50 {:?}, p99 {:?} ({} rounds, {} decisions each); \
+             snapshot {} MiB resident, process {} MiB",
+            snap.nodes.len(),
+            snap.executors.len(),
+            pending,
+            snap.sessions.len(),
+            snap.owner_weights.len(),
+            p(0.5),
+            p(0.99),
+            times.len(),
+            decisions,
+            with_snapshot.saturating_sub(before) / 1024,
+            rss_kib() / 1024,
+        );
     }
 }

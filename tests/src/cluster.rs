@@ -25,7 +25,6 @@ use crate::command::{binary, describe, run_command, CmdOutput, COMMAND_TIMEOUT};
 use crate::netns::{self, Namespace, Network};
 use flame_client::local::{HEAD_READY_PREFIX, NODE_READY_PREFIX};
 use flame_client::{Client, ClientConfig};
-use flame_protocol::limits;
 use flame_protocol::model::{NodeInfo, NodeState};
 use nix::sys::signal::{self, Signal};
 use nix::unistd::Pid;
@@ -66,6 +65,7 @@ static CLUSTERS_STARTED: AtomicUsize = AtomicUsize::new(0);
 const FOREIGN_ENV: &[&str] = &[
     "FLAME_HEAD",
     "FLAME_CA_FILE",
+    "FLAME_OWNER",
     "FLAME_NODE_NAME",
     "FLAME_HEAD_CONFIG",
     "FLAME_HEAD_DATA_DIR",
@@ -343,11 +343,7 @@ impl Cluster {
 
     /// A client configuration for this cluster.
     pub fn client_config(&self) -> ClientConfig {
-        ClientConfig {
-            head: self.head_addr.clone(),
-            ca_file: self.ca_file.clone(),
-            connect_timeout: limits::CONNECT_TIMEOUT,
-        }
+        ClientConfig::new(self.head_addr.clone(), self.ca_file.clone())
     }
 
     /// A connected client; panics with the logs when it cannot connect. On loopback only:
@@ -419,6 +415,29 @@ impl Cluster {
             assert!(
                 Instant::now() < deadline,
                 "{name} is not {state:?} after {timeout:?}: {nodes:#?}\n{}",
+                self.logs()
+            );
+            tokio::time::sleep(NODE_STATE_POLL_PAUSE).await;
+        }
+    }
+
+    /// Asks for the node list until `done` holds, for at most `timeout`; returns the list
+    /// that satisfied it, or panics with the last one seen, `what` and the logs.
+    pub async fn wait_nodes(
+        &self,
+        what: &str,
+        timeout: Duration,
+        done: impl Fn(&[NodeInfo]) -> bool,
+    ) -> Vec<NodeInfo> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let nodes = self.node_list().await;
+            if done(&nodes) {
+                return nodes;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the nodes are not {what} after {timeout:?}: {nodes:#?}\n{}",
                 self.logs()
             );
             tokio::time::sleep(NODE_STATE_POLL_PAUSE).await;

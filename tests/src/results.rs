@@ -21,6 +21,8 @@ pub fn ping_spec() -> SessionSpec {
         application: "ping".to_string(),
         common_data: Bytes::new(),
         ephemeral: false,
+        owner: Default::default(),
+        priority: 0,
     }
 }
 

@@ -32,6 +32,12 @@ pub fn spec(name: &str) -> ApplicationSpec {
     ApplicationSpec::new(name, path().display().to_string())
 }
 
+/// `n` inputs `sleep MS`: tasks whose length is wall time, whatever cpu they get, so that
+/// executor time does not depend on how loaded the machine is.
+pub fn sleeps(n: usize, ms: u64) -> Vec<Bytes> {
+    (0..n).map(|_| Bytes::from(format!("sleep {ms}"))).collect()
+}
+
 /// A copy of `flame-test-service` in a fresh folder of its own, both world-readable and
 /// executable, for executors running as another user (the target folder may sit below a
 /// home folder they cannot enter). The folder goes when the returned guard drops.
@@ -65,6 +71,8 @@ impl ServiceSession {
                 application: application.to_string(),
                 common_data: Bytes::new(),
                 ephemeral: false,
+                owner: Default::default(),
+                priority: 0,
             })
             .await
             .unwrap_or_else(|e| panic!("cannot open a session of {application}: {e}"));

@@ -30,6 +30,8 @@ async fn unknown_application_is_not_found() {
             application: "nope".into(),
             common_data: Bytes::new(),
             ephemeral: false,
+            owner: Default::default(),
+            priority: 0,
         })
         .await
         .expect_err("a session of an unknown application was created");

@@ -52,6 +52,8 @@ fn durable(app: &str) -> SessionSpec {
         application: app.into(),
         common_data: Bytes::new(),
         ephemeral: false,
+        owner: Default::default(),
+        priority: 0,
     }
 }
 

@@ -94,6 +94,8 @@ async fn logs_show_what_executors_wrote_and_filter_by_executor() {
             application: "py-logs".into(),
             common_data: Bytes::new(),
             ephemeral: false,
+            owner: Default::default(),
+            priority: 0,
         })
         .await
         .unwrap();

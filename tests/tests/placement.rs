@@ -27,6 +27,8 @@ async fn session_with_one_task(client: &Client, app: &str) -> SessionId {
             application: app.to_string(),
             common_data: Bytes::new(),
             ephemeral: false,
+            owner: Default::default(),
+            priority: 0,
         })
         .await
         .unwrap();

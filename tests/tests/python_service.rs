@@ -73,6 +73,8 @@ async fn python_service_runs_tasks_and_reports_exceptions() {
             application: "py-upper".into(),
             common_data: Bytes::from_static(COMMON_DATA),
             ephemeral: false,
+            owner: Default::default(),
+            priority: 0,
         })
         .await
         .unwrap();

@@ -2,13 +2,40 @@
 
 use super::render::{self, number, text, OutputArgs, OutputFormat};
 use super::GlobalArgs;
+use anyhow::Context as _;
 use clap::Subcommand;
-use flame_protocol::model::{format_cpus, NodeInfo, NodeState};
+use flame_client::report::HintExt as _;
+use flame_client::ClientError;
+use flame_protocol::model::{format_cpus, ErrorKind, NodeInfo, NodeState};
 
 #[derive(Debug, Subcommand)]
 pub enum NodeCommand {
     /// List nodes
     List(OutputArgs),
+    /// Place nothing new on a node: its idle executors are released, and its busy ones
+    /// finish their sessions' work first; for maintenance or removal
+    Drain {
+        /// The node's name, as `flame node list` shows it
+        name: String,
+    },
+    /// End a node's drain: it takes new executors again
+    Undrain {
+        /// The node's name, as `flame node list` shows it
+        name: String,
+    },
+}
+
+/// The hint for a node name the head does not know.
+const UNKNOWN_NODE_HINT: &str = "`flame node list` shows the nodes the head knows";
+
+/// Adds what was tried to a drain or undrain error, and a hint when the node is unknown.
+fn node_error(result: Result<(), ClientError>, what: &str, name: &str) -> anyhow::Result<()> {
+    match result {
+        Err(e) if e.kind() == Some(ErrorKind::NotFound) => Err(e)
+            .with_context(|| format!("cannot {what} node `{name}`"))
+            .hint(UNKNOWN_NODE_HINT),
+        other => other.with_context(|| format!("cannot {what} node `{name}`")),
+    }
 }
 
 pub async fn run(global: &GlobalArgs, cmd: NodeCommand) -> anyhow::Result<()> {
@@ -32,6 +59,34 @@ pub async fn run(global: &GlobalArgs, cmd: NodeCommand) -> anyhow::Result<()> {
                 }
             }
         }
+        NodeCommand::Drain { name } => {
+            super::with_client(global, |client| async move {
+                node_error(client.drain_node(&name).await, "drain", &name)?;
+                println!(
+                    "Node {name} is draining: nothing new is placed on it, and its executors \
+                     are released once their sessions let them go."
+                );
+                println!("`flame node list` shows its executors; `flame node undrain {name}` ends the drain.");
+                Ok(())
+            })
+            .await
+        }
+        NodeCommand::Undrain { name } => {
+            super::with_client(global, |client| async move {
+                node_error(client.undrain_node(&name).await, "undrain", &name)?;
+                println!("Node {name} takes new executors again.");
+                Ok(())
+            })
+            .await
+        }
+    }
+}
+
+fn state(state: NodeState) -> &'static str {
+    match state {
+        NodeState::Ready => "Ready",
+        NodeState::NotReady => "NotReady",
+        NodeState::Draining => "Draining",
     }
 }
 
@@ -53,11 +108,7 @@ fn print_list(nodes: &[NodeInfo]) {
         .map(|n| {
             vec![
                 n.name.clone(),
-                match n.state {
-                    NodeState::Ready => "Ready",
-                    NodeState::NotReady => "NotReady",
-                }
-                .to_string(),
+                state(n.state).to_string(),
                 format!(
                     "{}/{}",
                     format_cpus(n.allocated.cpu_millis),

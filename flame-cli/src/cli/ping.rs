@@ -40,6 +40,15 @@ pub struct PingArgs {
     /// Use an ephemeral session: tasks and results are kept in memory only
     #[arg(long)]
     pub ephemeral: bool,
+    /// The session's priority among its owner's sessions (the owner is the global --owner):
+    /// higher is served first and may take executors from lower ones
+    #[arg(
+        long,
+        value_name = "N",
+        default_value_t = 0,
+        allow_negative_numbers = true
+    )]
+    pub priority: i32,
     /// Start a head and a node on this machine first, and stop them afterwards
     #[arg(long)]
     pub local: bool,
@@ -61,7 +70,13 @@ pub async fn run(global: &GlobalArgs, args: PingArgs) -> anyhow::Result<()> {
         started = super::local::start(LocalOptions::default()) => started?,
         signal = signals.recv() => return Err(anyhow!("stopped by {signal} while starting")),
     };
-    let config = cluster.client_config();
+    let mut config = cluster.client_config();
+    // The local head is this run's own; of the client settings only the owner applies.
+    config.owner = global.owner.clone().or_else(|| {
+        std::env::var(flame_client::config::ENV_OWNER)
+            .ok()
+            .filter(|o| !o.is_empty())
+    });
     let outcome = tokio::select! {
         result = ping(&config, &args, inputs, &mut signals) => result,
         exit = cluster.exited() => Err(anyhow!(
@@ -155,6 +170,9 @@ async fn ping_with(
             application: PING_APPLICATION.to_string(),
             common_data: Bytes::new(),
             ephemeral: args.ephemeral,
+            // Empty: the client's owner (--owner, FLAME_OWNER, the config files, the user).
+            owner: String::new(),
+            priority: args.priority,
         })
         .await;
     let session = match session {

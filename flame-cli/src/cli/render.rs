@@ -54,6 +54,11 @@ pub const fn number(header: &'static str) -> Column {
 
 /// Prints rows under borderless, aligned headers, like `ps` or `kubectl get`.
 pub fn print_table(columns: &[Column], rows: Vec<Vec<String>>) {
+    println!("{}", table(columns, rows));
+}
+
+/// The text [`print_table`] prints, without the final newline.
+pub fn table(columns: &[Column], rows: Vec<Vec<String>>) -> String {
     let mut table = Table::new();
     table
         .load_preset(presets::NOTHING)
@@ -76,7 +81,12 @@ pub fn print_table(columns: &[Column], rows: Vec<Vec<String>>) {
             column.set_cell_alignment(CellAlignment::Right);
         }
     }
-    println!("{}", table.trim_fmt());
+    table.trim_fmt()
+}
+
+/// Thousandths as a percentage with one decimal: `250` → `25.0%`.
+pub fn permille(p: u32) -> String {
+    format!("{}.{}%", p / 10, p % 10)
 }
 
 /// Prints `field: value` pairs aligned, for one object.
@@ -171,6 +181,14 @@ mod tests {
         assert_eq!(bytes(512), "512 B");
         assert_eq!(bytes(1536), "1.5 KiB");
         assert_eq!(bytes(16 * 1024 * 1024 * 1024), "16.0 GiB");
+    }
+
+    #[test]
+    fn permille_as_percent() {
+        assert_eq!(permille(0), "0.0%");
+        assert_eq!(permille(250), "25.0%");
+        assert_eq!(permille(333), "33.3%");
+        assert_eq!(permille(1000), "100.0%");
     }
 
     #[test]

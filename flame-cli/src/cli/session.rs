@@ -175,6 +175,8 @@ fn print_list(sessions: &[SessionInfo]) {
         number("ID"),
         text("State"),
         text("App"),
+        text("Owner"),
+        number("Priority"),
         number("Executors"),
         number("Pending"),
         number("Running"),
@@ -190,6 +192,8 @@ fn print_list(sessions: &[SessionInfo]) {
                 s.id.to_string(),
                 state(s).to_string(),
                 s.application.clone(),
+                s.owner.clone(),
+                s.priority.to_string(),
                 render::group(u64::from(s.executors)),
                 render::group(s.counts.pending),
                 render::group(s.counts.running),
@@ -209,6 +213,8 @@ fn print_one(info: &SessionInfo) {
         ("ID", info.id.to_string()),
         ("State", state(info).to_string()),
         ("App", info.application.clone()),
+        ("Owner", info.owner.clone()),
+        ("Priority", info.priority.to_string()),
         (
             "Ephemeral",
             if info.ephemeral { "yes" } else { "no" }.to_string(),
@@ -243,6 +249,7 @@ fn print_usage(info: &SessionInfo) {
     let columns = [
         number("Executor"),
         text("Node"),
+        number("Bound"),
         number("CPU time"),
         number("Peak memory"),
         number("Throttled"),
@@ -255,6 +262,8 @@ fn print_usage(info: &SessionInfo) {
             vec![
                 u.executor.to_string(),
                 u.node.clone(),
+                humantime::format_duration(std::time::Duration::from_millis(u.bound_ms))
+                    .to_string(),
                 humantime::format_duration(std::time::Duration::from_millis(u.cpu_ms)).to_string(),
                 render::bytes(u.memory_peak_bytes),
                 humantime::format_duration(std::time::Duration::from_millis(u.throttled_ms))

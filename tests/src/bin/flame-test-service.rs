@@ -7,6 +7,7 @@
 //! | `echo TEXT`   | returns `TEXT`                                                            |
 //! | `alloc MIB`   | allocates and touches MIB MiB and keeps it until the process exits        |
 //! | `spin MS`     | busy-loops for MS ms of wall-clock time                                   |
+//! | `sleep MS`    | sleeps MS ms: a task whose length does not depend on the cpu it gets      |
 //! | `fork N`      | starts N `sleep 3600` in sessions of their own; returns `pids P1 P2 ...`  |
 //! | `read PATH`   | returns a file's bytes, or a folder's sorted entry names one a line       |
 //! | `whoami`      | `key=value` lines: ids, cwd, NoNewPrivs, inherited fds, env ([`whoami`])   |
@@ -23,11 +24,12 @@ use std::time::{Duration, Instant};
 
 /// Environment variable set on the processes `fork` starts, so they can be told apart.
 const GRANDCHILD_MARKER: &str = "FLAME_TEST_GRANDCHILD";
-/// Most MiB one `alloc` takes, most processes one `fork` starts, longest `spin`: a typo in
-/// a test must not take the machine down.
+/// Most MiB one `alloc` takes, most processes one `fork` starts, longest `spin` or `sleep`:
+/// a typo in a test must not take the machine down.
 const ALLOC_MIB_MAX: usize = 64 * 1024;
 const FORK_MAX: usize = 64;
 const SPIN_MS_MAX: u64 = 10 * 60 * 1000;
+const SLEEP_MS_MAX: u64 = 10 * 60 * 1000;
 const MIB: usize = 1024 * 1024;
 
 #[derive(Debug)]
@@ -63,6 +65,11 @@ impl Service for TestService {
                     }
                 }
                 format!("spun {ms} ms")
+            }
+            "sleep" => {
+                let ms = number(arg, SLEEP_MS_MAX)?;
+                std::thread::sleep(Duration::from_millis(ms));
+                format!("slept {ms} ms")
             }
             "fork" => fork(number(arg, FORK_MAX as u64)? as usize)?,
             "read" => read(arg)?,
