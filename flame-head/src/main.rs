@@ -7,6 +7,8 @@ mod config;
 mod core;
 mod failpoints;
 mod scheduler;
+#[cfg(test)]
+mod scheduler_sim;
 mod server;
 #[cfg(test)]
 mod simulation;

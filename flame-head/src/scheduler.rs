@@ -580,14 +580,23 @@ pub fn plan(snap: &Snapshot) -> Plan {
             waiting.insert(s.id, why);
         }
     }
-    let under: Vec<(&SessionView, u64)> = active
+    let mut under: Vec<(&SessionView, u64, u64)> = active
         .iter()
         .filter_map(|s| {
             let have = held.get(&s.id).map_or(0, Vec::len) as u64;
             let t = target_of.get(&s.id).copied().unwrap_or(0);
-            (have < t).then(|| (*s, t - have))
+            (have < t).then(|| (*s, t - have, t))
         })
         .collect();
+    // The most deprived first (smallest held fraction of its target), so what cannot be
+    // placed this round does not always fall on the same (newest) sessions.
+    under.sort_by(|a, b| {
+        let (have_a, have_b) = (a.2 - a.1, b.2 - b.1);
+        (u128::from(have_a) * u128::from(b.2))
+            .cmp(&(u128::from(have_b) * u128::from(a.2)))
+            .then(a.0.id.cmp(&b.0.id))
+    });
+    let under: Vec<(&SessionView, u64)> = under.into_iter().map(|(s, n, _)| (s, n)).collect();
     let someone_waits = !under.is_empty();
 
     // 3a. Sessions over their target, or with nothing left to do, give executors back.
