@@ -66,6 +66,7 @@ use crate::scheduler::{
     plan, selector_matches, AppView, Decision, ExecutorPhase, ExecutorView, NodeView, Plan,
     SessionView, Snapshot, Totals,
 };
+use crate::simulation::{env_range, env_u64, Rng};
 use flame_protocol::model::Resources;
 use flame_protocol::{ExecutorId, SessionId};
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
@@ -179,41 +180,6 @@ mod rate {
     pub const CLOSE_WHEN_DONE: u64 = 500;
     /// An idle open session submits more tasks, rather than closing.
     pub const SUBMIT_MORE: u64 = 500;
-}
-
-/// SplitMix64, as in `simulation.rs` (whose copy is private to it).
-#[derive(Debug, Clone)]
-struct Rng(u64);
-
-impl Rng {
-    fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        if n == 0 {
-            0
-        } else {
-            self.next_u64() % n
-        }
-    }
-
-    /// Uniform in `lo..=hi`.
-    fn between(&mut self, lo: u64, hi: u64) -> u64 {
-        lo + self.below(hi - lo + 1)
-    }
-
-    fn chance(&mut self, per_mille: u64) -> bool {
-        self.below(1000) < per_mille
-    }
-
-    fn index(&mut self, len: usize) -> usize {
-        self.below(len as u64) as usize
-    }
 }
 
 /// FNV-1a over everything that happened, plus the last lines for a failure report.
@@ -1486,26 +1452,6 @@ fn run_seeds(seeds: &[u64], steps: usize) -> Vec<Result<RunOutcome, String>> {
     });
     outcomes.sort_by_key(|(k, _)| *k);
     outcomes.into_iter().map(|(_, o)| o).collect()
-}
-
-fn env_u64(name: &str) -> Option<u64> {
-    let v = std::env::var(name).ok()?;
-    match v.trim().parse() {
-        Ok(n) => Some(n),
-        Err(_) => panic!("{name}={v:?} is not a number"),
-    }
-}
-
-/// `A..B` from the environment.
-fn env_range(name: &str) -> Option<std::ops::Range<u64>> {
-    let v = std::env::var(name).ok()?;
-    let parsed = v
-        .split_once("..")
-        .and_then(|(a, b)| Some(a.trim().parse().ok()?..b.trim().parse().ok()?));
-    match parsed {
-        Some(r) => Some(r),
-        None => panic!("{name}={v:?} is not a range like 100..200"),
-    }
 }
 
 #[test]

@@ -133,10 +133,10 @@ mod rate {
 
 /// SplitMix64: tiny, fast, and good enough to drive a simulation.
 #[derive(Debug, Clone)]
-struct Rng(u64);
+pub(crate) struct Rng(pub(crate) u64);
 
 impl Rng {
-    fn next_u64(&mut self) -> u64 {
+    pub(crate) fn next_u64(&mut self) -> u64 {
         self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
         let mut z = self.0;
         z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
@@ -144,7 +144,7 @@ impl Rng {
         z ^ (z >> 31)
     }
 
-    fn below(&mut self, n: u64) -> u64 {
+    pub(crate) fn below(&mut self, n: u64) -> u64 {
         if n == 0 {
             0
         } else {
@@ -153,15 +153,15 @@ impl Rng {
     }
 
     /// Uniform in `lo..=hi`.
-    fn between(&mut self, lo: u64, hi: u64) -> u64 {
+    pub(crate) fn between(&mut self, lo: u64, hi: u64) -> u64 {
         lo + self.below(hi - lo + 1)
     }
 
-    fn chance(&mut self, per_mille: u64) -> bool {
+    pub(crate) fn chance(&mut self, per_mille: u64) -> bool {
         self.below(1000) < per_mille
     }
 
-    fn index(&mut self, len: usize) -> usize {
+    pub(crate) fn index(&mut self, len: usize) -> usize {
         self.below(len as u64) as usize
     }
 }
@@ -2432,7 +2432,7 @@ pub fn run_seed(seed: u64, steps: usize) -> RunOutcome {
     }
 }
 
-fn env_u64(name: &str) -> Option<u64> {
+pub(crate) fn env_u64(name: &str) -> Option<u64> {
     let v = std::env::var(name).ok()?;
     match v.trim().parse() {
         Ok(n) => Some(n),
@@ -2441,7 +2441,7 @@ fn env_u64(name: &str) -> Option<u64> {
 }
 
 /// `A..B` from the environment.
-fn env_range(name: &str) -> Option<std::ops::Range<u64>> {
+pub(crate) fn env_range(name: &str) -> Option<std::ops::Range<u64>> {
     let v = std::env::var(name).ok()?;
     let parsed = v
         .split_once("..")
