@@ -339,6 +339,20 @@ struct NodeEntry {
     last_seen_ms: u64,
 }
 
+impl NodeEntry {
+    /// The record the store keeps of it.
+    fn stored(&self) -> crate::store::StoredNode {
+        crate::store::StoredNode {
+            name: self.registration.name.clone(),
+            allocatable: self.registration.allocatable.clone(),
+            labels: self.registration.labels.clone(),
+            isolation: self.registration.isolation.clone(),
+            last_seen_ms: self.last_seen_ms,
+            draining: self.draining,
+        }
+    }
+}
+
 /// What to do once a store request is durable.
 #[derive(Debug)]
 enum AfterCommit {
@@ -754,15 +768,7 @@ impl Core {
             return;
         };
         n.draining = draining;
-        self.batch_ops
-            .push(StoreOp::PutNode(crate::store::StoredNode {
-                name: name.to_string(),
-                allocatable: n.registration.allocatable.clone(),
-                labels: n.registration.labels.clone(),
-                isolation: n.registration.isolation.clone(),
-                last_seen_ms: n.last_seen_ms,
-                draining,
-            }));
+        self.batch_ops.push(StoreOp::PutNode(n.stored()));
         self.batch_after.push(AfterCommit::Respond { reply });
         self.reschedule = true;
     }
@@ -772,38 +778,20 @@ impl Core {
     fn queue_report(&self, now_ms: u64) -> QueueReport {
         let snapshot = self.snapshot(now_ms);
         let plan = scheduler::plan(&snapshot);
-        let totals = scheduler::Totals {
-            cpu_millis: snapshot
-                .nodes
-                .iter()
-                .filter(|n| n.ready && !n.draining)
-                .map(|n| u64::from(n.cpu_millis))
-                .sum(),
-            memory_bytes: snapshot
-                .nodes
-                .iter()
-                .filter(|n| n.ready && !n.draining)
-                .map(|n| n.memory_bytes)
-                .sum(),
-            gpus: snapshot
-                .nodes
-                .iter()
-                .filter(|n| n.ready && !n.draining)
-                .map(|n| u64::from(n.gpus))
-                .sum(),
-        };
+        let totals = scheduler::Totals::schedulable(&snapshot.nodes);
+        // Executors held per session, found in one pass.
+        let mut held_by: HashMap<SessionId, Vec<&ExecutorEntry>> = HashMap::new();
+        for e in self.executors.values() {
+            if let (Some(sid), ExecutorPhase::Binding | ExecutorPhase::Bound) = (e.session, e.phase)
+            {
+                held_by.entry(sid).or_default().push(e);
+            }
+        }
         let mut owners: BTreeMap<String, OwnerQueue> = BTreeMap::new();
         let mut held_share: BTreeMap<String, f64> = BTreeMap::new();
         for s in self.sessions.values().filter(|s| !s.finished) {
             let owner = s.stored.owner.clone();
-            let held: Vec<&ExecutorEntry> = self
-                .executors
-                .values()
-                .filter(|e| {
-                    e.session == Some(s.stored.id)
-                        && matches!(e.phase, ExecutorPhase::Binding | ExecutorPhase::Bound)
-                })
-                .collect();
+            let held = held_by.remove(&s.stored.id).unwrap_or_default();
             let share: f64 = held
                 .iter()
                 .map(|e| totals.dominant_share(&e.resources))
@@ -1473,26 +1461,16 @@ impl Core {
         });
         // A drain outlives reconnections and head restarts.
         let draining = self.nodes.get(&name).is_some_and(|n| n.draining);
-        self.batch_ops
-            .push(StoreOp::PutNode(crate::store::StoredNode {
-                name: name.clone(),
-                allocatable: registration.allocatable.clone(),
-                labels: registration.labels.clone(),
-                isolation: registration.isolation.clone(),
-                last_seen_ms: now_ms,
-                draining,
-            }));
+        let entry = NodeEntry {
+            draining,
+            registration,
+            conn: Some(conn),
+            link: Some(link),
+            last_seen_ms: now_ms,
+        };
+        self.batch_ops.push(StoreOp::PutNode(entry.stored()));
         self.conns.insert(conn, name.clone());
-        self.nodes.insert(
-            name.clone(),
-            NodeEntry {
-                draining,
-                registration,
-                conn: Some(conn),
-                link: Some(link),
-                last_seen_ms: now_ms,
-            },
-        );
+        self.nodes.insert(name.clone(), entry);
         tracing::info!(node = %name, conn, "node registered");
         self.reschedule = true;
     }
@@ -2524,13 +2502,7 @@ mod tests {
             }
             other => panic!("unexpected {other:?}"),
         }
-        let sid = session_id(h.client(ClientRequest::CreateSession(SessionSpec {
-            application: "train".into(),
-            common_data: Bytes::new(),
-            ephemeral: false,
-            owner: Default::default(),
-            priority: 0,
-        })));
+        let sid = session_id(h.client(ClientRequest::CreateSession(SessionSpec::new("train"))));
         let (reply, _ack) = oneshot::channel();
         h.core.handle(
             Event::Submit {
@@ -2677,13 +2649,7 @@ mod tests {
     #[test]
     fn task_runs_end_to_end_and_watcher_sees_it_once() {
         let mut h = Harness::new();
-        let sid = session_id(h.client(ClientRequest::CreateSession(SessionSpec {
-            application: "ping".into(),
-            common_data: Bytes::new(),
-            ephemeral: false,
-            owner: Default::default(),
-            priority: 0,
-        })));
+        let sid = session_id(h.client(ClientRequest::CreateSession(SessionSpec::new("ping"))));
         let (sink, mut watch) = mpsc::unbounded_channel();
         let (reply, _) = oneshot::channel();
         h.core.handle(
@@ -2784,11 +2750,8 @@ mod tests {
     fn lost_node_requeues_running_tasks() {
         let mut h = Harness::new();
         let sid = session_id(h.client(ClientRequest::CreateSession(SessionSpec {
-            application: "ping".into(),
-            common_data: Bytes::new(),
             ephemeral: true,
-            owner: Default::default(),
-            priority: 0,
+            ..SessionSpec::new("ping")
         })));
         let (reply, _) = oneshot::channel();
         h.core.handle(
@@ -2826,11 +2789,8 @@ mod tests {
     fn failing_launches_back_off() {
         let mut h = Harness::new();
         let sid = session_id(h.client(ClientRequest::CreateSession(SessionSpec {
-            application: "ping".into(),
-            common_data: Bytes::new(),
             ephemeral: true,
-            owner: Default::default(),
-            priority: 0,
+            ..SessionSpec::new("ping")
         })));
         let (reply, _) = oneshot::channel();
         h.core.handle(
@@ -2879,13 +2839,7 @@ mod tests {
     #[test]
     fn a_resent_batch_creates_nothing_new() {
         let mut h = Harness::new();
-        let sid = session_id(h.client(ClientRequest::CreateSession(SessionSpec {
-            application: "ping".into(),
-            common_data: Bytes::new(),
-            ephemeral: false,
-            owner: Default::default(),
-            priority: 0,
-        })));
+        let sid = session_id(h.client(ClientRequest::CreateSession(SessionSpec::new("ping"))));
         let submit = |h: &mut Harness, batch_id: u64| {
             let (reply, rx) = oneshot::channel();
             h.core.handle(
@@ -2933,13 +2887,7 @@ mod tests {
     #[test]
     fn a_node_back_after_a_blip_cannot_complete_requeued_tasks() {
         let mut h = Harness::new();
-        let sid = session_id(h.client(ClientRequest::CreateSession(SessionSpec {
-            application: "ping".into(),
-            common_data: Bytes::new(),
-            ephemeral: false,
-            owner: Default::default(),
-            priority: 0,
-        })));
+        let sid = session_id(h.client(ClientRequest::CreateSession(SessionSpec::new("ping"))));
         let (reply, _) = oneshot::channel();
         h.core.handle(
             Event::Submit {
@@ -3212,26 +3160,14 @@ mod tests {
     #[test]
     fn bad_requests_get_named_errors() {
         let mut h = Harness::new();
-        match h.client(ClientRequest::CreateSession(SessionSpec {
-            application: "nope".into(),
-            common_data: Bytes::new(),
-            ephemeral: false,
-            owner: Default::default(),
-            priority: 0,
-        })) {
+        match h.client(ClientRequest::CreateSession(SessionSpec::new("nope"))) {
             ClientResponse::Error(e) => {
                 assert_eq!(e.kind, ErrorKind::NotFound);
                 assert!(e.message.contains("nope"));
             }
             other => panic!("unexpected {other:?}"),
         }
-        let sid = session_id(h.client(ClientRequest::CreateSession(SessionSpec {
-            application: "ping".into(),
-            common_data: Bytes::new(),
-            ephemeral: false,
-            owner: Default::default(),
-            priority: 0,
-        })));
+        let sid = session_id(h.client(ClientRequest::CreateSession(SessionSpec::new("ping"))));
         let (reply, mut rx) = oneshot::channel();
         h.core.handle(
             Event::Submit {

@@ -151,6 +151,17 @@ pub struct Totals {
 }
 
 impl Totals {
+    /// What the nodes that take new work (Ready, not draining) offer in all.
+    pub fn schedulable(nodes: &[NodeView]) -> Totals {
+        let mut t = Totals::default();
+        for n in nodes.iter().filter(|n| n.ready && !n.draining) {
+            t.cpu_millis += u64::from(n.cpu_millis);
+            t.memory_bytes = t.memory_bytes.saturating_add(n.memory_bytes);
+            t.gpus += u64::from(n.gpus);
+        }
+        t
+    }
+
     /// The largest fraction of any total that `r` takes: its dominant share. Infinite when
     /// it needs a resource the cluster has none of.
     pub fn dominant_share(&self, r: &Resources) -> f64 {
@@ -475,11 +486,7 @@ pub fn plan(snap: &Snapshot) -> Plan {
         }
         *live_per_app.entry(e.application.as_str()).or_default() += 1;
     }
-    let totals = Totals {
-        cpu_millis: ready.values().map(|n| u64::from(n.cpu_millis)).sum(),
-        memory_bytes: ready.values().map(|n| n.memory_bytes).sum(),
-        gpus: ready.values().map(|n| u64::from(n.gpus)).sum(),
-    };
+    let totals = Totals::schedulable(&snap.nodes);
 
     // 1. Targets. A session whose application cannot launch now (backing off after
     // failures) claims no more than the executors it could use today, so its share does

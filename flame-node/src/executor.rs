@@ -72,6 +72,8 @@ pub struct Settings {
     pub logs: LogRegistry,
     /// Most tasks the head may have outstanding per executor.
     pub credit: u32,
+    /// Executors ended so far, to pace the pruning of old logs.
+    pub executors_ended: std::sync::atomic::AtomicU64,
 }
 
 /// What one executor is started with.
@@ -207,11 +209,16 @@ impl Prepared {
 
     /// What the executor used since it entered its session, if it is in one.
     fn usage_since_bound(&self) -> Usage {
+        self.usage_since_bound_at(self.usage_now())
+    }
+
+    /// [`Self::usage_since_bound`] from counters already read.
+    fn usage_since_bound_at(&self, now: Option<CgroupUsage>) -> Usage {
         let Some(since) = self.bound_since else {
             return Usage::default();
         };
         let bound_ms = u64::try_from(since.elapsed().as_millis()).unwrap_or(u64::MAX);
-        let (Some(then), Some(now)) = (self.bound_at, self.usage_now()) else {
+        let (Some(then), Some(now)) = (self.bound_at, now) else {
             return Usage {
                 bound_ms,
                 ..Usage::default()
@@ -229,8 +236,10 @@ impl Prepared {
     /// removed, the directories removed. Returns the reason the executor ended, naming an
     /// out-of-memory kill, and what it used since it last entered a session.
     async fn finish(self, reason: String) -> (String, Usage) {
-        let usage = self.usage_since_bound();
-        let oom_kills = self.usage_now().map_or(0, |u| u.oom_kills);
+        // The counters are read once, for the usage and for an OOM kill.
+        let now = self.usage_now();
+        let usage = self.usage_since_bound_at(now);
+        let oom_kills = now.map_or(0, |u| u.oom_kills);
         let Prepared {
             cgroup,
             work_dir,
@@ -275,8 +284,19 @@ impl Prepared {
 /// removed as executors end.
 pub const EXECUTOR_LOGS_KEPT: usize = 1000;
 
-/// Bounds the logs on disk after an executor ended, off the runtime thread.
+/// Old logs are looked for once per this many executors ended, not after every one: each
+/// look lists the log directory.
+pub const EXECUTOR_LOGS_PRUNE_EVERY: u64 = 64;
+
+/// Bounds the logs on disk (to [`EXECUTOR_LOGS_KEPT`] plus at most
+/// [`EXECUTOR_LOGS_PRUNE_EVERY`]) after executors end, off the runtime thread.
 async fn prune_logs(settings: Arc<Settings>) {
+    let ended = settings
+        .executors_ended
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    if ended % EXECUTOR_LOGS_PRUNE_EVERY != 0 {
+        return;
+    }
     let pruned =
         tokio::task::spawn_blocking(move || settings.logs.remove_old(EXECUTOR_LOGS_KEPT)).await;
     match pruned {

@@ -337,6 +337,7 @@ fn run(args: Args) -> Result<(), String> {
         launcher: Box::new(launcher::ProcessLauncher),
         logs,
         credit,
+        executors_ended: Default::default(),
     };
     let config = link::NodeConfig {
         head,

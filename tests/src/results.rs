@@ -17,13 +17,7 @@ pub const SEND_CHUNK_INPUTS: usize = 1_000;
 
 /// A durable session of the built-in `ping` application.
 pub fn ping_spec() -> SessionSpec {
-    SessionSpec {
-        application: "ping".to_string(),
-        common_data: Bytes::new(),
-        ephemeral: false,
-        owner: Default::default(),
-        priority: 0,
-    }
+    SessionSpec::new("ping".to_string())
 }
 
 /// Reads results until the head says the session is finished. Panics on a stream error, on

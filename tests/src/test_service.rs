@@ -67,13 +67,7 @@ impl ServiceSession {
     /// Opens a session of `application` and watches it.
     pub async fn open(client: &Client, application: &str) -> ServiceSession {
         let session = client
-            .create_session(SessionSpec {
-                application: application.to_string(),
-                common_data: Bytes::new(),
-                ephemeral: false,
-                owner: Default::default(),
-                priority: 0,
-            })
+            .create_session(SessionSpec::new(application.to_string()))
             .await
             .unwrap_or_else(|e| panic!("cannot open a session of {application}: {e}"));
         let watch = session

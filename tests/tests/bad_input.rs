@@ -26,13 +26,7 @@ async fn unknown_application_is_not_found() {
     let cluster = Cluster::start(head_only()).await;
     let client = cluster.client().await;
     let err = client
-        .create_session(SessionSpec {
-            application: "nope".into(),
-            common_data: Bytes::new(),
-            ephemeral: false,
-            owner: Default::default(),
-            priority: 0,
-        })
+        .create_session(SessionSpec::new("nope"))
         .await
         .expect_err("a session of an unknown application was created");
     assert_eq!(err.kind(), Some(ErrorKind::NotFound), "{err}");

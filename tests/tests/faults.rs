@@ -48,13 +48,7 @@ fn crashy_app(name: &str, max_attempts: u32) -> ApplicationSpec {
 }
 
 fn durable(app: &str) -> SessionSpec {
-    SessionSpec {
-        application: app.into(),
-        common_data: Bytes::new(),
-        ephemeral: false,
-        owner: Default::default(),
-        priority: 0,
-    }
+    SessionSpec::new(app)
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -90,13 +90,7 @@ async fn logs_show_what_executors_wrote_and_filter_by_executor() {
     let client = cluster.client().await;
     client.register_application(spec("py-logs")).await.unwrap();
     let session = client
-        .create_session(SessionSpec {
-            application: "py-logs".into(),
-            common_data: Bytes::new(),
-            ephemeral: false,
-            owner: Default::default(),
-            priority: 0,
-        })
+        .create_session(SessionSpec::new("py-logs"))
         .await
         .unwrap();
     // Slow enough that both executors get tasks.

@@ -23,13 +23,7 @@ const NO_FIT: &str = "no ready node can fit";
 /// Opens a session of `app` with one task and returns its id.
 async fn session_with_one_task(client: &Client, app: &str) -> SessionId {
     let session = client
-        .create_session(SessionSpec {
-            application: app.to_string(),
-            common_data: Bytes::new(),
-            ephemeral: false,
-            owner: Default::default(),
-            priority: 0,
-        })
+        .create_session(SessionSpec::new(app.to_string()))
         .await
         .unwrap();
     session
