@@ -28,7 +28,15 @@ pub struct Args {
     /// An owner's weight in the fair share, `NAME=WEIGHT` (repeatable; default weight 1).
     #[arg(long = "owner-weight", value_parser = parse_owner_weight)]
     pub owner_weights: Vec<(String, u32)>,
+    /// How long an executor reclaimed for another session may go on with its task before
+    /// it is killed and the task requeued (uncharged), e.g. `30s`. Without it a reclaimed
+    /// executor always finishes its task.
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+    pub preemption_grace: Option<std::time::Duration>,
 }
+
+/// The longest preemption grace period accepted.
+pub const PREEMPTION_GRACE_MAX: std::time::Duration = std::time::Duration::from_secs(7 * 24 * 3600);
 
 /// Largest owner weight accepted.
 pub const OWNER_WEIGHT_MAX: u32 = 1_000_000;
@@ -70,6 +78,8 @@ struct FileConfig {
     /// `[owners]` table: owner name → weight.
     #[serde(default)]
     owners: BTreeMap<String, u32>,
+    /// A duration such as "30s" (see `--preemption-grace`).
+    preemption_grace: Option<String>,
 }
 
 /// Resolved settings.
@@ -81,6 +91,7 @@ pub struct HeadConfig {
     pub task_input_bytes_max: usize,
     /// Fair-share weights; owners not listed weigh 1.
     pub owner_weights: BTreeMap<String, u32>,
+    pub preemption_grace: Option<std::time::Duration>,
 }
 
 impl HeadConfig {
@@ -111,6 +122,22 @@ impl HeadConfig {
             owner_weights.insert(name, weight);
         }
         owner_weights.extend(args.owner_weights);
+        let from_file = match &file.preemption_grace {
+            Some(text) => Some(humantime::parse_duration(text).map_err(|e| {
+                anyhow::anyhow!("preemption_grace: `{text}` is not a duration such as \"30s\": {e}")
+            })?),
+            None => None,
+        };
+        let preemption_grace = args.preemption_grace.or(from_file);
+        if let Some(grace) = preemption_grace {
+            if grace.is_zero() || grace > PREEMPTION_GRACE_MAX {
+                anyhow::bail!(
+                    "preemption_grace must be more than 0 and at most {}, not {}",
+                    humantime::format_duration(PREEMPTION_GRACE_MAX),
+                    humantime::format_duration(grace)
+                );
+            }
+        }
         let mut tls_san = file.tls_san;
         tls_san.extend(args.tls_san);
         Ok(HeadConfig {
@@ -124,6 +151,52 @@ impl HeadConfig {
             tls_san,
             task_input_bytes_max,
             owner_weights,
+            preemption_grace,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn resolve_with(file_text: &str, flags: &[&str]) -> anyhow::Result<HeadConfig> {
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join("head.toml");
+        std::fs::write(&path, file_text)?;
+        let mut argv = vec!["flame-head", "--config"];
+        let path_text = path.display().to_string();
+        argv.push(&path_text);
+        argv.extend_from_slice(flags);
+        HeadConfig::resolve(Args::try_parse_from(argv)?)
+    }
+
+    #[test]
+    fn the_packaged_head_file_parses() {
+        let config = resolve_with(include_str!("../../packaging/head.toml"), &[]).unwrap();
+        assert_eq!(config.preemption_grace, None);
+    }
+
+    #[test]
+    fn preemption_grace_from_file_or_flag_and_bad_values_are_named() {
+        let config = resolve_with("preemption_grace = \"30s\"\n", &[]).unwrap();
+        assert_eq!(
+            config.preemption_grace,
+            Some(std::time::Duration::from_secs(30))
+        );
+        let config = resolve_with(
+            "preemption_grace = \"30s\"\n",
+            &["--preemption-grace", "2m"],
+        )
+        .unwrap();
+        assert_eq!(
+            config.preemption_grace,
+            Some(std::time::Duration::from_secs(120))
+        );
+        let err = resolve_with("preemption_grace = \"soon\"\n", &[]).unwrap_err();
+        assert!(format!("{err:#}").contains("preemption_grace"), "{err:#}");
+        let err = resolve_with("preemption_grace = \"0s\"\n", &[]).unwrap_err();
+        assert!(format!("{err:#}").contains("more than 0"), "{err:#}");
+        assert!(resolve_with("", &["--preemption-grace", "later"]).is_err());
     }
 }

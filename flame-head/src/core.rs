@@ -128,6 +128,10 @@ pub struct CoreConfig {
     pub heartbeat_timeout_ms: u64,
     /// Fair-share weight per owner; owners not listed weigh 1.
     pub owner_weights: BTreeMap<String, u32>,
+    /// How long an executor told to unbind (reclaimed for another session) may keep
+    /// running its task before it is killed and the task goes back to pending, uncharged.
+    /// `None`: never killed, the task always finishes.
+    pub preemption_grace_ms: Option<u64>,
 }
 
 impl Default for CoreConfig {
@@ -137,6 +141,7 @@ impl Default for CoreConfig {
             max_attempts: 3,
             heartbeat_timeout_ms: limits::HEARTBEAT_TIMEOUT.as_millis() as u64,
             owner_weights: BTreeMap::new(),
+            preemption_grace_ms: None,
         }
     }
 }
@@ -327,6 +332,8 @@ struct ExecutorEntry {
     /// running now and the rest wait on the node.
     outstanding: VecDeque<(SessionId, TaskId)>,
     quiet_since_ms: u64,
+    /// When it was told to unbind, while it is Unbinding.
+    unbinding_since_ms: u64,
 }
 
 #[derive(Debug)]
@@ -702,6 +709,9 @@ impl Core {
                     .collect();
                 for name in silent {
                     self.node_lost(&name, &format!("no heartbeat for {timeout} ms"));
+                }
+                if let Some(grace) = self.config.preemption_grace_ms {
+                    self.preempt_overdue(now_ms, grace);
                 }
             }
         }
@@ -1531,6 +1541,7 @@ impl Core {
                 last_result_ms: 0,
                 outstanding,
                 quiet_since_ms: 0,
+                unbinding_since_ms: 0,
             },
         );
         Ok(())
@@ -2005,12 +2016,51 @@ impl Core {
         self.reschedule = true;
     }
 
+    /// Executors told to unbind that still run a task `grace` ms later are killed; their
+    /// tasks go back to pending without being charged an attempt (the scheduler took the
+    /// executor, the task did nothing wrong).
+    fn preempt_overdue(&mut self, now_ms: u64, grace: u64) {
+        let overdue: Vec<ExecutorId> = self
+            .executors
+            .iter()
+            .filter(|(_, e)| {
+                e.phase == ExecutorPhase::Unbinding
+                    && !e.outstanding.is_empty()
+                    && now_ms.saturating_sub(e.unbinding_since_ms) >= grace
+            })
+            .map(|(id, _)| *id)
+            .collect();
+        for id in overdue {
+            let Some(e) = self.executors.get_mut(&id) else {
+                continue;
+            };
+            e.phase = ExecutorPhase::Releasing;
+            let tasks = std::mem::take(&mut e.outstanding);
+            let node = e.node.clone();
+            tracing::info!(executor = %id, tasks = tasks.len(), grace_ms = grace, "preemption grace ran out; killing the executor");
+            self.node_out
+                .entry(node)
+                .or_default()
+                .push(NodeCommand::Kill { executor: id });
+            self.requeue_as(
+                tasks,
+                &format!("executor {id} preempted after a grace period of {grace} ms"),
+                false,
+            );
+        }
+    }
+
     /// Tasks whose executor is gone go back to pending with the next attempt. Only the
     /// task it was running (the front) is charged for the loss: the ones queued behind it
     /// never started. A task charged `max_attempts` times fails with `reason`.
     fn requeue(&mut self, tasks: VecDeque<(SessionId, TaskId)>, reason: &str) {
+        self.requeue_as(tasks, reason, true);
+    }
+
+    /// [`Core::requeue`], charging the running task only when `charge` is set.
+    fn requeue_as(&mut self, tasks: VecDeque<(SessionId, TaskId)>, reason: &str, charge: bool) {
         for (i, (sid, tid)) in tasks.into_iter().enumerate().rev() {
-            let charged = i == 0;
+            let charged = charge && i == 0;
             let Some(s) = self.sessions.get_mut(&sid) else {
                 continue;
             };
@@ -2117,6 +2167,8 @@ impl Core {
                     demand: s.counts.unfinished(),
                     owner: s.stored.owner.clone(),
                     priority: s.stored.priority,
+                    // Sessions are elastic; batch (gang) sessions come with `flame submit`.
+                    gang: None,
                 })
                 .collect(),
             executors: self
@@ -2172,6 +2224,7 @@ impl Core {
                         last_result_ms: now_ms,
                         outstanding: VecDeque::new(),
                         quiet_since_ms: now_ms,
+                        unbinding_since_ms: 0,
                     },
                 );
                 self.node_out
@@ -2210,6 +2263,7 @@ impl Core {
                     return;
                 };
                 e.phase = ExecutorPhase::Unbinding;
+                e.unbinding_since_ms = now_ms;
                 self.node_out
                     .entry(e.node.clone())
                     .or_default()
@@ -2376,8 +2430,12 @@ mod tests {
 
     impl Harness {
         fn new() -> Harness {
+            Harness::with_config(CoreConfig::default())
+        }
+
+        fn with_config(config: CoreConfig) -> Harness {
             let (store_tx, store_rx) = mpsc::unbounded_channel();
-            let mut core = Core::new(CoreConfig::default(), store_tx, Default::default());
+            let mut core = Core::new(config, store_tx, Default::default());
             core.ensure_application(ApplicationSpec {
                 name: "ping".into(),
                 shim: ShimKind::Stdio,
@@ -2783,6 +2841,109 @@ mod tests {
             }
             other => panic!("unexpected {other:?}"),
         }
+    }
+
+    /// Opens a session at `priority`, submits one task and returns the session.
+    fn session_with_a_task(h: &mut Harness, priority: i32, batch_id: u64) -> SessionId {
+        let sid = session_id(h.client(ClientRequest::CreateSession(SessionSpec {
+            ephemeral: true,
+            priority,
+            ..SessionSpec::new("ping")
+        })));
+        let (reply, _) = oneshot::channel();
+        h.core.handle(
+            Event::Submit {
+                session: sid,
+                batch_id,
+                inputs: vec![Bytes::from_static(b"x")],
+                reply,
+            },
+            h.now,
+        );
+        h.step();
+        sid
+    }
+
+    fn counts(h: &mut Harness, id: SessionId) -> flame_protocol::model::TaskCounts {
+        match h.client(ClientRequest::GetSession { id }) {
+            ClientResponse::Session(info) => info.counts,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_reclaimed_executor_is_killed_only_after_the_grace_period() {
+        let mut h = Harness::with_config(CoreConfig {
+            preemption_grace_ms: Some(5_000),
+            ..CoreConfig::default()
+        });
+        // The node has room for one executor: the low-priority session gets it.
+        let low = session_with_a_task(&mut h, 0, 1);
+        let executor = match &h.commands()[..] {
+            [NodeCommand::Launch { executor, .. }] => *executor,
+            other => panic!("{other:?}"),
+        };
+        h.node(NodeToHead::ExecutorEvents(vec![ExecutorEvent::Ready {
+            executor,
+            credit: 1,
+        }]));
+        assert_eq!(h.commands().len(), 2, "bind and run");
+        // A higher priority session of the same owner reclaims it: unbind, no kill.
+        let high = session_with_a_task(&mut h, 5, 1);
+        let commands = h.commands();
+        assert!(
+            matches!(&commands[..], [NodeCommand::Unbind { executor: e }] if *e == executor),
+            "{commands:?}"
+        );
+        // Within the grace period the task keeps running.
+        h.now = 4_000;
+        h.core.handle(Event::Tick, h.now);
+        h.step();
+        assert!(h.commands().is_empty());
+        assert_eq!(counts(&mut h, low).running, 1);
+        // Past it, the executor is killed and the task goes back to pending, uncharged.
+        h.now = 5_000;
+        h.core.handle(Event::Tick, h.now);
+        h.step();
+        let commands = h.commands();
+        assert!(
+            commands
+                .iter()
+                .any(|c| matches!(c, NodeCommand::Kill { executor: e } if *e == executor)),
+            "{commands:?}"
+        );
+        let c = counts(&mut h, low);
+        assert_eq!((c.pending, c.running, c.failed), (1, 0, 0));
+        assert_eq!(counts(&mut h, high).pending, 1);
+    }
+
+    #[test]
+    fn without_a_grace_period_a_reclaimed_executor_finishes_its_task() {
+        // (The node stays known for the hour this test lets pass.)
+        let mut h = Harness::with_config(CoreConfig {
+            heartbeat_timeout_ms: 10 * 3_600_000,
+            ..CoreConfig::default()
+        });
+        let low = session_with_a_task(&mut h, 0, 1);
+        let executor = match &h.commands()[..] {
+            [NodeCommand::Launch { executor, .. }] => *executor,
+            other => panic!("{other:?}"),
+        };
+        h.node(NodeToHead::ExecutorEvents(vec![ExecutorEvent::Ready {
+            executor,
+            credit: 1,
+        }]));
+        h.commands();
+        session_with_a_task(&mut h, 5, 1);
+        h.commands();
+        h.now = 3_600_000;
+        h.core.handle(Event::Tick, h.now);
+        h.step();
+        assert!(!h
+            .commands()
+            .iter()
+            .any(|c| matches!(c, NodeCommand::Kill { .. })));
+        assert_eq!(counts(&mut h, low).running, 1);
     }
 
     #[test]

@@ -92,6 +92,9 @@ async fn run(args: config::Args) -> anyhow::Result<()> {
         core::CoreConfig {
             task_input_bytes_max: config.task_input_bytes_max,
             owner_weights: config.owner_weights.clone(),
+            preemption_grace_ms: config
+                .preemption_grace
+                .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
             ..Default::default()
         },
         store_tx,

@@ -24,6 +24,7 @@
 
 use flame_protocol::model::{format_bytes, format_cpus, Resources};
 use flame_protocol::{ExecutorId, SessionId};
+use rustc_hash::{FxHashMap as HashMap, FxHashSet as HashSet};
 use std::collections::BTreeMap;
 
 /// What the scheduler sees of a node.
@@ -68,6 +69,17 @@ pub struct SessionView {
     pub owner: String,
     /// Served first among its owner's sessions when higher.
     pub priority: i32,
+    /// A batch session whose executors (ranks) are placed all together or not at all.
+    pub gang: Option<Gang>,
+}
+
+/// What a gang (batch) session asks for: `ranks` executors of its application, placed
+/// together or not at all, and kept until the session ends (a rank is never reclaimed).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Gang {
+    pub ranks: u32,
+    /// Exactly this many ranks on each node used, when set.
+    pub ranks_per_node: Option<u32>,
 }
 
 /// Executor lifecycle as the head tracks it.
@@ -140,6 +152,8 @@ pub struct Plan {
     /// Per owner with work: the dominant share its targets add up to, in thousandths of
     /// the cluster.
     pub owner_targets_permille: BTreeMap<String, u32>,
+    /// Gangs waiting for the nodes reserved for them (nothing new goes there).
+    pub reservations: BTreeMap<SessionId, Vec<String>>,
 }
 
 /// The cluster's schedulable totals (Ready nodes that are not draining).
@@ -191,14 +205,17 @@ pub struct ShareRequest {
     pub unit: Resources,
     /// Its application, whose `max_instances` bounds all its sessions together.
     pub application: String,
+    /// All of its demand at once or nothing (a gang).
+    pub atomic: bool,
 }
 
 /// Weighted dominant-resource fair share (DRF) by progressive filling: executors go one at
 /// a time to the owner whose dominant share divided by its weight is lowest, and within
 /// that owner to its highest-priority session with unmet demand, equal priorities taking
-/// turns by the fraction of their demand they have (so each gets one before any gets a
-/// second). An owner whose next executor no longer fits in what is left, or whose
-/// sessions are all served, drops out. Returns executors per request.
+/// turns by the dominant share they have (so each gets one before any gets a second, and
+/// a backlog that grows does not move executors between them). An atomic request (a gang) gets all of its demand in one turn or nothing. An
+/// owner whose next executor no longer fits in what is left, or whose sessions are all
+/// served, drops out. Returns executors per request.
 pub fn fair_shares(
     totals: Totals,
     requests: &[ShareRequest],
@@ -236,12 +253,14 @@ pub fn fair_shares(
         }
     }
     /// A session's claim on its owner's next executor: higher priority first, then the
-    /// smaller fraction of its demand already given (compared without division), then
-    /// the lower index.
+    /// smaller dominant share already given (sessions of one priority share their owner's
+    /// share as owners share the cluster, whatever their backlogs), then the lower index.
     struct Claim {
         priority: i32,
         given: u64,
         demand: u64,
+        /// Dominant share given so far.
+        held: f64,
         index: usize,
     }
     impl PartialEq for Claim {
@@ -259,10 +278,7 @@ pub fn fair_shares(
         fn cmp(&self, other: &Self) -> Ordering {
             self.priority
                 .cmp(&other.priority)
-                .then_with(|| {
-                    (u128::from(other.given) * u128::from(self.demand))
-                        .cmp(&(u128::from(self.given) * u128::from(other.demand)))
-                })
+                .then_with(|| other.held.total_cmp(&self.held))
                 .then_with(|| other.index.cmp(&self.index))
         }
     }
@@ -274,6 +290,7 @@ pub fn fair_shares(
                     priority: requests[i].priority,
                     given: 0,
                     demand: requests[i].demand,
+                    held: 0.0,
                     index: i,
                 })
                 .collect()
@@ -311,6 +328,9 @@ pub fn fair_shares(
             && left.memory_bytes >= u.memory_bytes.unwrap_or(0)
             && left.gpus >= u64::from(u.gpus)
     };
+    let weight_sum: f64 = weight_of.iter().sum();
+    let cap: Vec<f64> = weight_of.iter().map(|w| w / weight_sum).collect();
+    let mut deferred: Vec<Claim> = Vec::new();
     while let Some(Turn(_, owner)) = turns.pop() {
         // The owner's best claim that can still be met. A claim that cannot is dropped for
         // good: what is left only shrinks, and so does an application's room.
@@ -318,33 +338,67 @@ pub fn fair_shares(
         let mut picked = None;
         while let Some(claim) = heap.pop() {
             let i = claim.index;
-            if app_room[app_of[i]] > 0 && fits(&left, &requests[i].unit) {
-                picked = Some(claim);
-                break;
+            let r = &requests[i];
+            let count = if r.atomic { r.demand } else { 1 };
+            let mut all = r.unit;
+            all.cpu_millis =
+                u32::try_from(u64::from(r.unit.cpu_millis) * count).unwrap_or(u32::MAX);
+            all.memory_bytes = r.unit.memory_bytes.map(|m| m.saturating_mul(count));
+            all.gpus = u32::try_from(u64::from(r.unit.gpus) * count).unwrap_or(u32::MAX);
+            if app_room[app_of[i]] < count || !fits(&left, &all) {
+                continue;
             }
+            // A gang goes in one piece: only within its owner's weighted share of the
+            // cluster, or (below) into what nobody else claims.
+            if r.atomic && share[owner] + shares[i] * count as f64 > cap[owner] + 1e-9 {
+                deferred.push(claim);
+                continue;
+            }
+            picked = Some(claim);
+            break;
         }
         let Some(mut claim) = picked else {
             continue; // nothing more fits or is wanted: the owner drops out
         };
         let i = claim.index;
         let r = &requests[i];
-        given[i] += 1;
-        app_room[app_of[i]] -= 1;
-        left.cpu_millis -= u64::from(r.unit.cpu_millis);
-        left.memory_bytes -= r.unit.memory_bytes.unwrap_or(0);
-        left.gpus -= u64::from(r.unit.gpus);
-        claim.given += 1;
+        let count = if r.atomic { r.demand } else { 1 };
+        given[i] += count;
+        app_room[app_of[i]] -= count;
+        left.cpu_millis -= u64::from(r.unit.cpu_millis) * count;
+        left.memory_bytes -= r.unit.memory_bytes.unwrap_or(0) * count;
+        left.gpus -= u64::from(r.unit.gpus) * count;
+        claim.given += count;
+        claim.held += shares[i] * count as f64;
         if claim.given < claim.demand {
             heap.push(claim);
         }
-        share[owner] += shares[i];
+        share[owner] += shares[i] * count as f64;
         turns.push(Turn(share[owner] / weight_of[owner], owner));
+    }
+    // Gangs larger than their owner's share take what is left, if it holds them.
+    deferred.sort_by(|a, b| b.priority.cmp(&a.priority).then(a.index.cmp(&b.index)));
+    for claim in deferred {
+        let i = claim.index;
+        let r = &requests[i];
+        let all = Resources {
+            cpu_millis: u32::try_from(u64::from(r.unit.cpu_millis) * r.demand).unwrap_or(u32::MAX),
+            memory_bytes: r.unit.memory_bytes.map(|m| m.saturating_mul(r.demand)),
+            gpus: u32::try_from(u64::from(r.unit.gpus) * r.demand).unwrap_or(u32::MAX),
+        };
+        if app_room[app_of[i]] >= r.demand && fits(&left, &all) {
+            given[i] = r.demand;
+            app_room[app_of[i]] -= r.demand;
+            left.cpu_millis -= u64::from(all.cpu_millis);
+            left.memory_bytes -= all.memory_bytes.unwrap_or(0);
+            left.gpus -= u64::from(all.gpus);
+        }
     }
     given
 }
 
 /// Free resources of one node while a plan is made.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, Default)]
 struct Free {
     cpu_millis: u64,
     memory_bytes: u64,
@@ -366,6 +420,35 @@ impl Free {
         self.gpus = self.gpus.saturating_sub(r.gpus);
     }
 
+    fn of(r: &Resources) -> Free {
+        Free {
+            cpu_millis: u64::from(r.cpu_millis),
+            memory_bytes: r.memory_bytes.unwrap_or(0),
+            gpus: r.gpus,
+        }
+    }
+
+    fn add(&mut self, o: &Free) {
+        self.cpu_millis += o.cpu_millis;
+        self.memory_bytes = self.memory_bytes.saturating_add(o.memory_bytes);
+        self.gpus += o.gpus;
+    }
+
+    /// Takes as much of `want` as there is; returns what is still wanting.
+    fn take_up_to(&mut self, want: Free) -> Free {
+        let cpu = self.cpu_millis.min(want.cpu_millis);
+        let memory = self.memory_bytes.min(want.memory_bytes);
+        let gpus = self.gpus.min(want.gpus);
+        self.cpu_millis -= cpu;
+        self.memory_bytes -= memory;
+        self.gpus -= gpus;
+        Free {
+            cpu_millis: want.cpu_millis - cpu,
+            memory_bytes: want.memory_bytes - memory,
+            gpus: want.gpus - gpus,
+        }
+    }
+
     fn give(&mut self, r: &Resources) {
         self.cpu_millis += u64::from(r.cpu_millis);
         self.memory_bytes = self
@@ -373,6 +456,471 @@ impl Free {
             .saturating_add(r.memory_bytes.unwrap_or(0));
         self.gpus += r.gpus;
     }
+}
+
+/// Whether `r` fits in `room` on node `n` and, when it needs no GPU, leaves the cpu and
+/// memory that the node's free GPUs come with (its cpus and memory per GPU, times the free
+/// GPUs): work without GPUs may use a GPU node, but never so that its free GPUs cannot be
+/// used.
+fn fits_beside_gpus(n: &NodeView, room: &Free, r: &Resources) -> bool {
+    if !room.fits(r) {
+        return false;
+    }
+    if r.gpus > 0 || n.gpus == 0 {
+        return true;
+    }
+    let free_gpus = u64::from(room.gpus.min(n.gpus));
+    let keep_cpu = u64::from(n.cpu_millis) * free_gpus / u64::from(n.gpus);
+    let keep_memory = (u128::from(n.memory_bytes) * u128::from(free_gpus) / u128::from(n.gpus))
+        .try_into()
+        .unwrap_or(u64::MAX);
+    room.cpu_millis - u64::from(r.cpu_millis) >= keep_cpu
+        && room.memory_bytes - r.memory_bytes.unwrap_or(0) >= keep_memory
+}
+
+/// Most nodes looked at by the make-room searches of one plan: each is a pass over the
+/// node's executors.
+const MAKE_ROOM_NODES_PER_PLAN: usize = 20_000;
+
+/// Most of the cluster's cpus that gang reservations hold at once, in thousandths: the
+/// rest keeps serving elastic work.
+const RESERVE_PERMILLE: u64 = 250;
+
+/// `r` taken `k` times.
+fn times(r: &Resources, k: u32) -> Resources {
+    Resources {
+        cpu_millis: r.cpu_millis.saturating_mul(k),
+        memory_bytes: r.memory_bytes.map(|m| m.saturating_mul(u64::from(k))),
+        gpus: r.gpus.saturating_mul(k),
+    }
+}
+
+/// How many executors of `r` fit in `room` on node `n` (GPU room kept, see
+/// [`fits_beside_gpus`]).
+fn how_many_fit(n: &NodeView, room: &Free, r: &Resources) -> u32 {
+    let per = |have: u64, need: u64| have.checked_div(need).unwrap_or(u64::MAX);
+    let mut k = per(room.cpu_millis, u64::from(r.cpu_millis))
+        .min(per(room.memory_bytes, r.memory_bytes.unwrap_or(0)))
+        .min(per(u64::from(room.gpus), u64::from(r.gpus)))
+        .min(u64::from(u32::MAX)) as u32;
+    if k == u32::MAX {
+        return k; // needs nothing
+    }
+    while k > 0 && !fits_beside_gpus(n, room, &times(r, k)) {
+        k -= 1;
+    }
+    k
+}
+
+/// Where the ranks of a gang go, given the room per node: exactly `ranks_per_node` on each
+/// node used when set, otherwise as many as fit on the roomiest nodes first. `None` when
+/// they do not all fit.
+/// Among nodes that hold as many, those with more room in `prefer` come first.
+fn place_gang(
+    room: &[Free],
+    prefer: &[Free],
+    nodes: &[&NodeView],
+    app: &AppView,
+    gang: Gang,
+    allowed: impl Fn(usize) -> bool,
+) -> Option<Vec<(usize, u32)>> {
+    let mut fit: Vec<(u32, u32, usize)> = (0..nodes.len())
+        .filter(|&n| allowed(n) && selector_matches(&app.selector, &nodes[n].labels))
+        .map(|n| {
+            let k = how_many_fit(nodes[n], &room[n], &app.resources);
+            let now = how_many_fit(nodes[n], &prefer[n], &app.resources).min(k);
+            (k, now, n)
+        })
+        .filter(|(k, _, _)| *k > 0)
+        .collect();
+    // With ranks per node, any node holding that many will do: the ones that need the
+    // least freed first. Otherwise the roomiest first, so the gang spans few nodes.
+    match gang.ranks_per_node {
+        Some(per) => fit.sort_by_key(|&(k, now, n)| (k < per, std::cmp::Reverse(now.min(per)), n)),
+        None => fit.sort_by_key(|&(k, now, n)| (std::cmp::Reverse(k), std::cmp::Reverse(now), n)),
+    }
+    let mut left = gang.ranks;
+    let mut placement = Vec::new();
+    for (k, _, n) in fit {
+        if left == 0 {
+            break;
+        }
+        let take = match gang.ranks_per_node {
+            Some(per) if k >= per => per,
+            Some(_) => break, // sorted: no later node fits `per` either
+            None => k.min(left),
+        };
+        placement.push((n, take));
+        left -= take;
+    }
+    (left == 0).then_some(placement)
+}
+
+/// How much more, relatively, an owner must hold for its weight than another before it
+/// gives that one an executor: small differences are not worth a task's wait and a launch.
+const PREEMPTION_MARGIN: f64 = 0.05;
+
+/// Most make-room searches in one plan: each scans the nodes, and the rounds after it
+/// continue what it started.
+const MAKE_ROOM_PER_PLAN: usize = 4096;
+
+/// Ready nodes by free cpu, in two classes: without GPUs and with them. Work that needs no
+/// GPU goes to the first class first, so GPU nodes keep room for the work that needs them.
+/// Each heap holds one current entry per node, and stale ones (whose cpu differs from the
+/// node's free cpu now) that are skipped; it is never scanned whole.
+struct NodeHeaps {
+    heaps: [std::collections::BinaryHeap<(u64, std::cmp::Reverse<usize>)>; 2],
+    /// Node indexes of each class, in index (name) order.
+    members: [Vec<usize>; 2],
+}
+
+impl NodeHeaps {
+    fn class(n: &NodeView) -> usize {
+        usize::from(n.gpus > 0)
+    }
+
+    fn new(free: &[Free], nodes: &[&NodeView]) -> NodeHeaps {
+        let mut heaps: [std::collections::BinaryHeap<_>; 2] = Default::default();
+        let mut members: [Vec<usize>; 2] = Default::default();
+        for (i, f) in free.iter().enumerate() {
+            let c = Self::class(nodes[i]);
+            heaps[c].push((f.cpu_millis, std::cmp::Reverse(i)));
+            members[c].push(i);
+        }
+        NodeHeaps { heaps, members }
+    }
+
+    /// The classes to look in, in order.
+    fn classes(wants_gpu: bool) -> &'static [usize] {
+        if wants_gpu {
+            &[1]
+        } else {
+            &[0, 1]
+        }
+    }
+
+    /// Node indexes to look through, in the order work of this kind prefers them.
+    fn class_order(&self, wants_gpu: bool) -> Vec<&[usize]> {
+        Self::classes(wants_gpu)
+            .iter()
+            .map(|&c| self.members[c].as_slice())
+            .collect()
+    }
+
+    /// The node that suits with the most free cpu, ties broken by name.
+    fn best(
+        &mut self,
+        free: &[Free],
+        wants_gpu: bool,
+        suits: impl Fn(usize, &Free) -> bool,
+    ) -> Option<usize> {
+        for &c in Self::classes(wants_gpu) {
+            let heap = &mut self.heaps[c];
+            let mut unsuited = Vec::new();
+            let mut found = None;
+            while let Some((cpu, std::cmp::Reverse(n))) = heap.pop() {
+                let Some(f) = free.get(n) else { continue };
+                if f.cpu_millis != cpu {
+                    continue; // stale
+                }
+                unsuited.push((cpu, std::cmp::Reverse(n)));
+                if suits(n, f) {
+                    found = Some(n);
+                    break;
+                }
+            }
+            heap.extend(unsuited);
+            if found.is_some() {
+                return found;
+            }
+        }
+        None
+    }
+
+    /// Records a node's new free cpu.
+    fn update(&mut self, n: usize, free: &Free, nodes: &[&NodeView]) {
+        self.heaps[Self::class(nodes[n])].push((free.cpu_millis, std::cmp::Reverse(n)));
+    }
+}
+
+/// Sessions under their target, handed out one unit (executor) at a time: to the owner
+/// with the smallest dominant share held for its weight, and within it to its session
+/// first in fair-share order (higher priority, then the smaller held fraction of its
+/// target, then the lower id). A session that could not be given a unit is done for the
+/// round.
+struct UnitQueue<'a> {
+    owners: Vec<QueuedOwner<'a>>,
+    turns: std::collections::BinaryHeap<OwnerTurn>,
+    /// The owner and session handed out last, until [`UnitQueue::served`].
+    current: Option<(usize, QueuedSession<'a>)>,
+}
+
+struct QueuedOwner<'a> {
+    weight: f64,
+    used: f64,
+    sessions: std::collections::BinaryHeap<QueuedSession<'a>>,
+}
+
+struct QueuedSession<'a> {
+    session: &'a SessionView,
+    have: u64,
+    target: u64,
+    /// Dominant share of one of its executors.
+    unit: f64,
+}
+
+impl Ord for QueuedSession<'_> {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.session
+            .priority
+            .cmp(&other.session.priority)
+            .then_with(|| {
+                (u128::from(other.have) * u128::from(self.target))
+                    .cmp(&(u128::from(self.have) * u128::from(other.target)))
+            })
+            .then_with(|| other.session.id.cmp(&self.session.id))
+    }
+}
+impl PartialOrd for QueuedSession<'_> {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+impl PartialEq for QueuedSession<'_> {
+    fn eq(&self, other: &Self) -> bool {
+        self.cmp(other) == std::cmp::Ordering::Equal
+    }
+}
+impl Eq for QueuedSession<'_> {}
+
+/// Min-heap entry on (used / weight, owner index).
+struct OwnerTurn(f64, usize);
+impl Ord for OwnerTurn {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        other
+            .0
+            .total_cmp(&self.0)
+            .then_with(|| other.1.cmp(&self.1))
+    }
+}
+impl PartialOrd for OwnerTurn {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+impl PartialEq for OwnerTurn {
+    fn eq(&self, other: &Self) -> bool {
+        self.cmp(other) == std::cmp::Ordering::Equal
+    }
+}
+impl Eq for OwnerTurn {}
+
+impl<'a> UnitQueue<'a> {
+    /// `under` holds each session with its need and target; `used` the dominant share each
+    /// owner holds now.
+    fn new(
+        under: &[(&'a SessionView, u64, u64)],
+        used: &HashMap<&str, f64>,
+        weights: &BTreeMap<String, u32>,
+        unit: impl Fn(&SessionView) -> f64,
+    ) -> UnitQueue<'a> {
+        // Owners by index in name order, so ties between owners go by name.
+        let names: std::collections::BTreeSet<&str> =
+            under.iter().map(|(s, _, _)| s.owner.as_str()).collect();
+        let index: HashMap<&str, usize> = names.iter().enumerate().map(|(i, n)| (*n, i)).collect();
+        let mut owners: Vec<QueuedOwner<'a>> = names
+            .iter()
+            .map(|name| QueuedOwner {
+                weight: f64::from(weights.get(*name).copied().unwrap_or(1).max(1)),
+                used: used.get(name).copied().unwrap_or(0.0),
+                sessions: Default::default(),
+            })
+            .collect();
+        for &(s, need, target) in under {
+            let unit = unit(s);
+            if need == 0 || !unit.is_finite() {
+                continue;
+            }
+            owners[index[s.owner.as_str()]]
+                .sessions
+                .push(QueuedSession {
+                    session: s,
+                    have: target - need,
+                    target,
+                    unit,
+                });
+        }
+        let turns = owners
+            .iter()
+            .enumerate()
+            .filter(|(_, o)| !o.sessions.is_empty())
+            .map(|(i, o)| OwnerTurn(o.used / o.weight, i))
+            .collect();
+        UnitQueue {
+            owners,
+            turns,
+            current: None,
+        }
+    }
+
+    /// The session to give the next unit to.
+    fn next(&mut self) -> Option<&'a SessionView> {
+        while let Some(OwnerTurn(_, o)) = self.turns.pop() {
+            if let Some(q) = self.owners[o].sessions.pop() {
+                let s = q.session;
+                self.current = Some((o, q));
+                return Some(s);
+            }
+        }
+        None
+    }
+
+    /// Whether the session handed out last got its unit.
+    fn served(&mut self, placed: bool) {
+        let Some((o, mut q)) = self.current.take() else {
+            return;
+        };
+        let owner = &mut self.owners[o];
+        if placed {
+            owner.used += q.unit;
+            q.have += 1;
+            if q.have < q.target {
+                owner.sessions.push(q);
+            }
+        }
+        if !owner.sessions.is_empty() {
+            self.turns.push(OwnerTurn(owner.used / owner.weight, o));
+        }
+    }
+}
+
+/// The next reclaimable executor of its application for a session, marked taken.
+/// Looks at the lists of other owners that [`Holdings::may_take`] allows, then the
+/// requester's own owner's. `unit` is the dominant share of one executor of the lists'
+/// application.
+fn take_reclaimable<'a>(
+    lists: Option<&mut BTreeMap<&str, Vec<&'a ExecutorView>>>,
+    owner: &str,
+    holdings: &mut Holdings<'_>,
+    unit: f64,
+    excess: &mut HashMap<SessionId, u64>,
+    taken: &mut HashSet<ExecutorId>,
+) -> Option<&'a ExecutorView> {
+    let lists = lists?;
+    // Other owners over their share first: an owner that gives to itself holds less
+    // until the executor is bound again.
+    let taker = holdings.ix(owner)?;
+    let others: Vec<(&str, usize)> = lists
+        .keys()
+        .copied()
+        .filter(|o| *o != owner)
+        .filter_map(|o| Some((o, holdings.ix(o)?)))
+        .collect();
+    for (o, giver) in others {
+        if !holdings.may_take(giver, unit, taker, unit) {
+            continue;
+        }
+        if let Some(e) = lists
+            .get_mut(o)
+            .and_then(|list| take_from(list, excess, taken, false))
+        {
+            holdings.moved(giver, unit);
+            return Some(e);
+        }
+    }
+    lists
+        .get_mut(owner)
+        .and_then(|list| take_from(list, excess, taken, true))
+}
+
+/// The dominant share each owner holds while a plan is made, for preemption between
+/// owners: an executor goes from one owner to another only while the giver, after giving,
+/// still holds more for its weight than the taker after taking. Levels compare what is
+/// held, not the targets: when not every target can be met at once (room in pieces,
+/// executors in transit), the owners still converge on their weighted shares of what is.
+struct Holdings<'a> {
+    /// Owners by index, for the hot loops.
+    index: HashMap<&'a str, usize>,
+    used: Vec<f64>,
+    weight: Vec<f64>,
+}
+
+impl<'a> Holdings<'a> {
+    /// The owners of `sessions`, holding `used`, weighing `weights` (1 when not listed).
+    fn new(
+        sessions: &'a [SessionView],
+        weights: &BTreeMap<String, u32>,
+        used: &HashMap<&str, f64>,
+    ) -> Holdings<'a> {
+        let mut h = Holdings {
+            index: HashMap::default(),
+            used: Vec::new(),
+            weight: Vec::new(),
+        };
+        for s in sessions {
+            let owner = s.owner.as_str();
+            if h.index.contains_key(owner) {
+                continue;
+            }
+            h.index.insert(owner, h.used.len());
+            h.used.push(used.get(owner).copied().unwrap_or(0.0));
+            h.weight
+                .push(f64::from(weights.get(owner).copied().unwrap_or(1).max(1)));
+        }
+        h
+    }
+
+    fn ix(&self, owner: &str) -> Option<usize> {
+        self.index.get(owner).copied()
+    }
+
+    /// Whether owner `taker` may have an executor of dominant share `share` from owner
+    /// `giver` for one of its own of share `unit`.
+    fn may_take(&self, giver: usize, share: f64, taker: usize, unit: f64) -> bool {
+        giver == taker
+            || (self.used[giver] - share) / self.weight[giver]
+                > (self.used[taker] + unit) / self.weight[taker] * (1.0 + PREEMPTION_MARGIN)
+    }
+
+    /// Whether some other owner may give `taker` an executor of share `unit` now (giving
+    /// one of the same share).
+    fn may_take_from_someone(&self, taker: usize, unit: f64) -> bool {
+        (0..self.used.len()).any(|giver| giver != taker && self.may_take(giver, unit, taker, unit))
+    }
+
+    /// `giver` gives up an executor of dominant share `share`.
+    fn moved(&mut self, giver: usize, share: f64) {
+        self.used[giver] -= share;
+    }
+
+    /// `owner` gets an executor of dominant share `unit`.
+    fn gained(&mut self, owner: usize, unit: f64) {
+        self.used[owner] += unit;
+    }
+}
+
+/// The next executor of a list not taken yet, from a session over its target when
+/// `only_excess`.
+fn take_from<'a>(
+    list: &mut Vec<&'a ExecutorView>,
+    excess: &mut HashMap<SessionId, u64>,
+    taken: &mut HashSet<ExecutorId>,
+    only_excess: bool,
+) -> Option<&'a ExecutorView> {
+    while let Some(e) = list.pop() {
+        if taken.contains(&e.id) {
+            continue;
+        }
+        let left = e.session.and_then(|s| excess.get_mut(&s));
+        match left {
+            Some(left) if *left > 0 => *left -= 1,
+            _ if only_excess => continue,
+            _ => {}
+        }
+        taken.insert(e.id);
+        return Some(e);
+    }
+    None
 }
 
 fn node_total(n: &NodeView) -> Free {
@@ -540,6 +1088,7 @@ pub fn plan(snap: &Snapshot) -> Plan {
                 .get(s.application.as_str())
                 .map_or_else(Resources::default, |a| a.resources),
             application: s.application.clone(),
+            atomic: s.gang.is_some(),
         })
         .collect();
     let app_caps: BTreeMap<String, u64> = apps
@@ -587,12 +1136,34 @@ pub fn plan(snap: &Snapshot) -> Plan {
             waiting.insert(s.id, why);
         }
     }
+    let mut used: HashMap<&str, f64> = HashMap::default();
+    for s in &snap.sessions {
+        for e in held.get(&s.id).into_iter().flatten() {
+            let share = totals.dominant_share(&e.resources);
+            if share.is_finite() {
+                *used.entry(s.owner.as_str()).or_default() += share;
+            }
+        }
+    }
+    // What owners hold beyond the share their targets add up to: only that much of theirs
+    // goes to other owners.
+    let mut holdings = Holdings::new(&snap.sessions, &snap.owner_weights, &used);
+    let owner_of: HashMap<SessionId, &str> = snap
+        .sessions
+        .iter()
+        .map(|s| (s.id, s.owner.as_str()))
+        .collect();
+    let owner_ix_of: HashMap<SessionId, usize> = snap
+        .sessions
+        .iter()
+        .filter_map(|s| Some((s.id, holdings.ix(&s.owner)?)))
+        .collect();
     let mut under: Vec<(&SessionView, u64, u64)> = active
         .iter()
         .filter_map(|s| {
             let have = held.get(&s.id).map_or(0, Vec::len) as u64;
             let t = target_of.get(&s.id).copied().unwrap_or(0);
-            (have < t).then(|| (*s, t - have, t))
+            (have < t && s.gang.is_none()).then(|| (*s, t - have, t))
         })
         .collect();
     // The most deprived first (smallest held fraction of its target), so what cannot be
@@ -603,11 +1174,19 @@ pub fn plan(snap: &Snapshot) -> Plan {
             .cmp(&(u128::from(have_b) * u128::from(a.2)))
             .then(a.0.id.cmp(&b.0.id))
     });
-    let under: Vec<(&SessionView, u64)> = under.into_iter().map(|(s, n, _)| (s, n)).collect();
     let someone_waits = !under.is_empty();
 
-    // 3a. Sessions over their target, or with nothing left to do, give executors back.
+    // Executors decided on this round (each is decided on at most once).
+    let mut taken: HashSet<ExecutorId> = HashSet::default();
+    // 3a. Sessions with nothing left to do give their executors back; sessions with work
+    // give back the executors beyond their target that have run out of tasks. The rest of
+    // an excess is reclaimed only when another session needs it (below), so executors
+    // change hands no faster than they can be used.
+    let mut excess: HashMap<SessionId, u64> = HashMap::default();
     for s in &snap.sessions {
+        if s.gang.is_some() && s.demand > 0 {
+            continue; // a gang keeps its ranks while it runs
+        }
         let Some(list) = held.get(&s.id) else {
             continue;
         };
@@ -622,9 +1201,9 @@ pub fn plan(snap: &Snapshot) -> Plan {
         // Prefer giving back the executors with the least work outstanding.
         let mut order: Vec<&&ExecutorView> = list.iter().collect();
         order.sort_by_key(|e| (e.outstanding, e.id));
-        let mut excess = have - target;
+        let mut over = have - target;
         for e in order {
-            if excess == 0 {
+            if over == 0 {
                 break;
             }
             let quiet_long =
@@ -632,13 +1211,99 @@ pub fn plan(snap: &Snapshot) -> Plan {
             let give_back = if s.demand == 0 {
                 !s.open || someone_waits || quiet_long
             } else {
-                someone_waits
+                quiet_long
             };
             if give_back {
                 decisions.push(Decision::Unbind { executor: e.id });
-                excess -= 1;
+                taken.insert(e.id);
+                over -= 1;
             }
         }
+        if over > 0 && s.demand > 0 {
+            excess.insert(s.id, over);
+        }
+    }
+
+    // What can be reclaimed for sessions under their target: Idle executors, and Bound
+    // ones: of other owners as far as [`Holdings::may_take`] allows, of the session's own
+    // owner from sessions over their target (a higher priority reclaiming). Sessions over
+    // their target give first, then lower priorities, then the executors with the least
+    // work outstanding.
+    let mut reclaim_by_app: BTreeMap<&str, BTreeMap<&str, Vec<&ExecutorView>>> = BTreeMap::new();
+    let mut reclaim_on_node: Vec<Vec<&ExecutorView>> = vec![Vec::new(); ready_list.len()];
+    let mut idle_on_node: Vec<Vec<&ExecutorView>> = vec![Vec::new(); ready_list.len()];
+    // Per node: what executors on their way out will free (Unbinding ones turn Idle and
+    // are then released if nobody of their application needs them), and what Idle and
+    // reclaimable executors hold.
+    let mut incoming: Vec<Free> = vec![Free::default(); ready_list.len()];
+    let mut reclaimable: Vec<Free> = vec![Free::default(); ready_list.len()];
+    let mut idle_room: Vec<Free> = vec![Free::default(); ready_list.len()];
+    let mut unbinding_by_app: BTreeMap<&str, Vec<&ExecutorView>> = BTreeMap::new();
+    // A gang's ranks are never reclaimed.
+    let gang_sessions: HashSet<SessionId> = snap
+        .sessions
+        .iter()
+        .filter(|s| s.gang.is_some())
+        .map(|s| s.id)
+        .collect();
+    for e in &snap.executors {
+        let Some(&i) = node_index.get(e.node.as_str()) else {
+            continue;
+        };
+        match e.phase {
+            ExecutorPhase::Releasing => incoming[i].give(&e.resources),
+            ExecutorPhase::Unbinding => {
+                incoming[i].give(&e.resources);
+                unbinding_by_app
+                    .entry(e.application.as_str())
+                    .or_default()
+                    .push(e);
+            }
+            ExecutorPhase::Idle => {
+                idle_on_node[i].push(e);
+                idle_room[i].give(&e.resources);
+            }
+            ExecutorPhase::Bound | ExecutorPhase::Binding
+                if !taken.contains(&e.id)
+                    && e.session.is_some_and(|s| !gang_sessions.contains(&s)) =>
+            {
+                let owner = e
+                    .session
+                    .and_then(|s| owner_of.get(&s))
+                    .copied()
+                    .unwrap_or("");
+                reclaim_by_app
+                    .entry(e.application.as_str())
+                    .or_default()
+                    .entry(owner)
+                    .or_default()
+                    .push(e);
+                reclaim_on_node[i].push(e);
+                reclaimable[i].give(&e.resources);
+            }
+            _ => {}
+        }
+    }
+    let priority_of: HashMap<SessionId, i32> =
+        snap.sessions.iter().map(|s| (s.id, s.priority)).collect();
+    let give_order = |e: &&ExecutorView| {
+        let session = e.session.unwrap_or(SessionId(0));
+        (
+            !excess.contains_key(&session),
+            priority_of.get(&session).copied().unwrap_or(0),
+            e.outstanding,
+            e.id,
+        )
+    };
+    for list in reclaim_by_app.values_mut().flat_map(|m| m.values_mut()) {
+        // pop() takes the first in giving order.
+        list.sort_by_key(|e| std::cmp::Reverse(give_order(e)));
+    }
+    for list in &mut reclaim_on_node {
+        list.sort_by_key(give_order);
+    }
+    for list in unbinding_by_app.values_mut() {
+        list.sort_by_key(|e| std::cmp::Reverse(e.id));
     }
 
     // 2. Sessions under their target: reuse Idle executors, count launches in flight, launch.
@@ -649,6 +1314,7 @@ pub fn plan(snap: &Snapshot) -> Plan {
             // A draining node keeps nothing idle and takes nothing new.
             if e.phase == ExecutorPhase::Idle {
                 decisions.push(Decision::Release { executor: e.id });
+                taken.insert(e.id);
             }
             continue;
         }
@@ -667,87 +1333,418 @@ pub fn plan(snap: &Snapshot) -> Plan {
         list.sort_by_key(|e| e.id);
         list.reverse(); // pop() takes the lowest id first
     }
-    let mut released: std::collections::BTreeSet<ExecutorId> = Default::default();
-    let mut by_free_cpu: std::collections::BinaryHeap<(u64, std::cmp::Reverse<usize>)> = free
+    // Nodes by free cpu, those without GPUs apart: work that needs no GPU goes there
+    // first, so GPU nodes keep room for the work that needs them.
+    // 2a. Gangs first, higher priority then older first: all ranks are launched in one
+    // plan or none are. One that does not fit now, and whose owner's share holds it,
+    // reserves the nodes that can hold it once their elastic executors are gone (each
+    // finishes its task, so the wait is bounded by the longest task there): nothing new
+    // goes on a reserved node, and elastic work goes on elsewhere (backfill) without
+    // delaying the gang. Reservations cover at most RESERVE_PERMILLE of the cpus. A gang
+    // holds nothing until it is placed whole, so two gangs never deadlock on partial holds.
+    let mut reserved = vec![false; ready_list.len()];
+    let mut reservations: BTreeMap<SessionId, Vec<String>> = BTreeMap::new();
+    let mut reserved_cpu: u64 = 0;
+    let reserve_cap = totals.cpu_millis * RESERVE_PERMILLE / 1000;
+    let mut gangs: Vec<&SessionView> = active
         .iter()
-        .enumerate()
-        .map(|(i, f)| (f.cpu_millis, std::cmp::Reverse(i)))
+        .filter(|s| s.gang.is_some())
+        .copied()
         .collect();
-    for (s, mut need) in under {
-        let app_name = s.application.as_str();
-        let Some(app) = apps.get(app_name) else {
+    gangs.sort_by_key(|s| (std::cmp::Reverse(s.priority), s.id));
+    for g in gangs {
+        let (Some(gang), Some(app)) = (g.gang, apps.get(g.application.as_str())) else {
             continue;
         };
-        while need > 0 {
-            let Some(e) = idle_by_app.get_mut(app_name).and_then(Vec::pop) else {
-                break;
-            };
-            decisions.push(Decision::Bind {
-                executor: e.id,
-                session: s.id,
-            });
-            need -= 1;
+        let app_name = g.application.as_str();
+        let ranks = u64::from(gang.ranks);
+        let have = held.get(&g.id).map_or(0, Vec::len) as u64;
+        let in_flight = launching_by_app.get(app_name).copied().unwrap_or(0);
+        let ready = idle_by_app.get(app_name).map_or(0, Vec::len) as u64;
+        if have + in_flight + ready > 0 {
+            // Placed: bind its ranks as they come up.
+            while let Some(e) = idle_by_app.get_mut(app_name).and_then(Vec::pop) {
+                if taken.insert(e.id) {
+                    decisions.push(Decision::Bind {
+                        executor: e.id,
+                        session: g.id,
+                    });
+                }
+            }
+            continue;
         }
-        let in_flight = launching_by_app.entry(app_name).or_default();
-        let absorbed = need.min(*in_flight);
-        *in_flight -= absorbed;
-        need -= absorbed;
-        if need > 0 && !app.launchable {
-            waiting.entry(s.id).or_insert_with(|| backing_off(app));
-        }
-        let live = live_per_app.entry(app_name).or_default();
-        if need > 0 && app.launchable && *live >= app.max_instances {
-            waiting.entry(s.id).or_insert_with(|| {
+        if let Some(k) = gang
+            .ranks_per_node
+            .filter(|&k| k == 0 || gang.ranks % k != 0)
+        {
+            waiting.insert(
+                g.id,
                 format!(
-                    "application `{app_name}` has reached its max_instances ({})",
-                    app.max_instances
+                    "{} ranks cannot be spread {k} per node: ranks must be a multiple of ranks_per_node",
+                    gang.ranks
+                ),
+            );
+            continue;
+        }
+        if target_of.get(&g.id).copied().unwrap_or(0) < ranks {
+            waiting.insert(
+                g.id,
+                format!(
+                    "waiting for its owner's share to hold all {} ranks of `{app_name}` ({} each)",
+                    gang.ranks, app.resources
+                ),
+            );
+            continue;
+        }
+        if !app.launchable {
+            waiting.entry(g.id).or_insert_with(|| backing_off(app));
+            continue;
+        }
+        let allowed = |n: usize| !reserved[n];
+        if let Some(placement) = place_gang(&free, &free, &ready_list, app, gang, allowed) {
+            for (n, k) in placement {
+                for _ in 0..k {
+                    free[n].take(&app.resources);
+                    decisions.push(Decision::Launch {
+                        node: ready_list[n].name.clone(),
+                        application: app_name.to_string(),
+                    });
+                }
+            }
+            *live_per_app.entry(app_name).or_default() += gang.ranks;
+            continue;
+        }
+        if reserved_cpu >= reserve_cap {
+            waiting.entry(g.id).or_insert_with(|| {
+                "waiting behind the node reservations of other gangs".to_string()
+            });
+            continue;
+        }
+        // What each node would offer once emptied of elastic work.
+        let emptied: Vec<Free> = (0..ready_list.len())
+            .map(|n| {
+                let mut room = free[n];
+                room.add(&incoming[n]);
+                room.add(&idle_room[n]);
+                room.add(&reclaimable[n]);
+                room
+            })
+            .collect();
+        // Nodes already being emptied, or with room now, first: the fewest tasks wait.
+        let soon: Vec<Free> = (0..ready_list.len())
+            .map(|n| {
+                let mut room = free[n];
+                room.add(&incoming[n]);
+                room.add(&idle_room[n]);
+                room
+            })
+            .collect();
+        let Some(placement) = place_gang(&emptied, &soon, &ready_list, app, gang, allowed) else {
+            waiting.entry(g.id).or_insert_with(|| {
+                format!(
+                    "no set of ready nodes can hold its {} ranks of `{app_name}` ({} each{})",
+                    gang.ranks,
+                    app.resources,
+                    gang.ranks_per_node
+                        .map(|k| format!(", {k} per node"))
+                        .unwrap_or_default()
                 )
             });
-        }
-        // Nodes looked at for this session that do not suit it, put back afterwards.
-        let mut unsuited: Vec<(u64, std::cmp::Reverse<usize>)> = Vec::new();
-        while need > 0 && app.launchable && *live < app.max_instances {
-            // The matching node with room and the most free cpu; ties broken by name. The
-            // heap holds one current entry per node (others are stale: their cpu differs
-            // from the node's free cpu now) and is never scanned whole.
-            let mut best = None;
-            while let Some((cpu, std::cmp::Reverse(n))) = by_free_cpu.pop() {
-                let Some(f) = free.get(n) else { continue };
-                if f.cpu_millis != cpu {
-                    continue; // stale
-                }
-                let suits = f.fits(&app.resources)
-                    && selector_matches(&app.selector, &ready_list[n].labels);
-                if suits {
-                    best = Some(n);
+            continue;
+        };
+        let mut names = Vec::new();
+        for (n, k) in placement {
+            reserved[n] = true;
+            reserved_cpu += u64::from(ready_list[n].cpu_millis);
+            names.push(ready_list[n].name.clone());
+            // Free what the ranks need there: Idle executors first, then elastic ones in
+            // giving order (they finish their task first).
+            let need = times(&app.resources, k);
+            let mut room = free[n];
+            room.add(&incoming[n]);
+            for e in idle_on_node[n].iter().chain(&reclaim_on_node[n]) {
+                if fits_beside_gpus(ready_list[n], &room, &need) {
                     break;
                 }
-                unsuited.push((cpu, std::cmp::Reverse(n)));
+                if !taken.insert(e.id) {
+                    continue;
+                }
+                if e.phase == ExecutorPhase::Idle {
+                    decisions.push(Decision::Release { executor: e.id });
+                    idle_room[n].take(&e.resources);
+                } else {
+                    decisions.push(Decision::Unbind { executor: e.id });
+                    reclaimable[n].take(&e.resources);
+                    if let Some(left) = e.session.and_then(|id| excess.get_mut(&id)) {
+                        *left = left.saturating_sub(1);
+                    }
+                }
+                room.give(&e.resources);
             }
-            let node = match best {
-                Some(n) => n,
-                None => {
-                    // No room: release an Idle executor of another application whose
-                    // resources make room on a matching node.
-                    let victim = idle_by_app
-                        .iter_mut()
-                        .filter(|(a, _)| **a != app_name)
-                        .find_map(|(_, list)| {
-                            let pos = list.iter().position(|v| {
-                                let Some(&i) = node_index.get(v.node.as_str()) else {
-                                    return false;
-                                };
-                                let (nv, mut f) = (ready_list[i], free[i]);
-                                f.give(&v.resources);
-                                selector_matches(&app.selector, &nv.labels)
-                                    && f.fits(&app.resources)
-                            })?;
-                            Some(list.remove(pos))
+        }
+        waiting.insert(
+            g.id,
+            format!(
+                "reserved {} for its {} ranks; waiting for the tasks running there to end",
+                names.join(","),
+                gang.ranks
+            ),
+        );
+        reservations.insert(g.id, names);
+    }
+
+    let mut heaps = NodeHeaps::new(&free, &ready_list);
+    let mut make_room_left = MAKE_ROOM_PER_PLAN;
+    let mut soon_cursor: HashMap<&str, usize> = HashMap::default();
+    let mut no_room_for: HashSet<&str> = HashSet::default();
+    // Nodes looked at by make-room searches, in all, in one plan.
+    let mut room_nodes_left = MAKE_ROOM_NODES_PER_PLAN;
+    let owners_with_excess: HashSet<&str> = excess
+        .keys()
+        .filter_map(|id| owner_of.get(id).copied())
+        .collect();
+    let mut room_cursor: HashMap<&str, usize> = HashMap::default();
+    // Units go to the owner that holds the smallest dominant share for its weight, and
+    // within it to the session first in its fair-share order (priority, then the smallest
+    // held fraction of its target): when not every target can be met at once (room in
+    // pieces, executors in transit), what can be placed goes where the fair share wants it.
+    let mut queue = UnitQueue::new(&under, &used, &snap.owner_weights, |s| {
+        apps.get(s.application.as_str())
+            .map_or(0.0, |a| totals.dominant_share(&a.resources))
+    });
+    while let Some(s) = queue.next() {
+        let placed = 'one: {
+            let mut need = 1u64;
+            let app_name = s.application.as_str();
+            let Some(app) = apps.get(app_name) else {
+                break 'one false;
+            };
+            while need > 0 {
+                let Some(e) = idle_by_app.get_mut(app_name).and_then(Vec::pop) else {
+                    break;
+                };
+                if !taken.insert(e.id) {
+                    continue;
+                }
+                decisions.push(Decision::Bind {
+                    executor: e.id,
+                    session: s.id,
+                });
+                if let Some(&i) = node_index.get(e.node.as_str()) {
+                    idle_room[i].take(&e.resources);
+                }
+                need -= 1;
+            }
+            // Launches in flight, and executors of its application being given back by other
+            // sessions, arrive Idle soon: count them as coming.
+            let in_flight = launching_by_app.entry(app_name).or_default();
+            let absorbed = need.min(*in_flight);
+            *in_flight -= absorbed;
+            need -= absorbed;
+            while need > 0 {
+                let Some(e) = unbinding_by_app.get_mut(app_name).and_then(Vec::pop) else {
+                    break;
+                };
+                if let Some(&i) = node_index.get(e.node.as_str()) {
+                    incoming[i].take(&e.resources);
+                }
+                need -= 1;
+            }
+            if need > 0 && !app.launchable {
+                waiting.entry(s.id).or_insert_with(|| backing_off(app));
+            }
+            let live = live_per_app.entry(app_name).or_default();
+            let wants_gpu = app.resources.gpus > 0;
+            let unit_share = totals.dominant_share(&app.resources);
+            while need > 0 {
+                // A new executor where one fits now.
+                if app.launchable && *live < app.max_instances {
+                    let fits = |n: usize, f: &Free| {
+                        !reserved[n]
+                            && fits_beside_gpus(ready_list[n], f, &app.resources)
+                            && selector_matches(&app.selector, &ready_list[n].labels)
+                    };
+                    // Free room only shrinks while a plan is made: an application that found
+                    // none finds none later in the same plan.
+                    let found = if no_room_for.contains(app_name) {
+                        None
+                    } else {
+                        heaps.best(&free, wants_gpu, fits)
+                    };
+                    if found.is_none() {
+                        no_room_for.insert(app_name);
+                    }
+                    if let Some(node) = found {
+                        free[node].take(&app.resources);
+                        heaps.update(node, &free[node], &ready_list);
+                        decisions.push(Decision::Launch {
+                            node: ready_list[node].name.clone(),
+                            application: app_name.to_string(),
                         });
-                    if let Some(v) = victim {
-                        released.insert(v.id);
-                        decisions.push(Decision::Release { executor: v.id });
-                    } else if !unplaceable.get(app_name).is_some_and(Option::is_some) {
+                        *live += 1;
+                        need -= 1;
+                        continue;
+                    }
+                }
+                // An executor of its application that a session over its target gives back.
+                if let Some(e) = take_reclaimable(
+                    reclaim_by_app.get_mut(app_name),
+                    &s.owner,
+                    &mut holdings,
+                    totals.dominant_share(&app.resources),
+                    &mut excess,
+                    &mut taken,
+                ) {
+                    decisions.push(Decision::Unbind { executor: e.id });
+                    if let Some(&i) = node_index.get(e.node.as_str()) {
+                        reclaimable[i].take(&e.resources);
+                    }
+                    need -= 1;
+                    continue;
+                }
+                if !app.launchable {
+                    break;
+                }
+                if *live >= app.max_instances {
+                    waiting.entry(s.id).or_insert_with(|| {
+                        format!(
+                            "application `{app_name}` has reached its max_instances ({})",
+                            app.max_instances
+                        )
+                    });
+                    break;
+                }
+                // Room on a node that is being freed, or that can be freed by releasing Idle
+                // executors of other applications and reclaiming executors of sessions over
+                // their target (for GPU work, also executors that need no GPU: they can run
+                // elsewhere). Free room, what is on its way and what is reclaimable only shrink
+                // while a plan is made, so a node passed over for an application stays passed
+                // over: each application's search resumes where its last one stopped.
+                if make_room_left == 0 {
+                    waiting.entry(s.id).or_insert_with(|| {
+                        format!(
+                            "waiting for room on a node for an executor of `{app_name}` ({})",
+                            app.resources
+                        )
+                    });
+                    break;
+                }
+                make_room_left -= 1;
+                let suits = |n: usize| {
+                    !reserved[n] && selector_matches(&app.selector, &ready_list[n].labels)
+                };
+                let order: Vec<usize> = heaps
+                    .class_order(wants_gpu)
+                    .iter()
+                    .flat_map(|c| c.iter().copied())
+                    .collect();
+                let cursor = soon_cursor.entry(app_name).or_default();
+                while let Some(&n) = order.get(*cursor) {
+                    let mut room = free[n];
+                    room.add(&incoming[n]);
+                    if suits(n) && fits_beside_gpus(ready_list[n], &room, &app.resources) {
+                        break;
+                    }
+                    *cursor += 1;
+                }
+                if let Some(&n) = order.get(*cursor) {
+                    let rest = free[n].take_up_to(Free::of(&app.resources));
+                    incoming[n].take_up_to(rest);
+                    heaps.update(n, &free[n], &ready_list);
+                    waiting.entry(s.id).or_insert_with(|| {
+                        format!(
+                            "waiting for executors of other sessions on {} to finish their tasks \
+                             and make room for `{app_name}` ({})",
+                            ready_list[n].name, app.resources
+                        )
+                    });
+                    need -= 1;
+                    continue;
+                }
+                let cursor = room_cursor.entry(app_name).or_default();
+                let mut victims: Vec<&ExecutorView> = Vec::new();
+                let mut found = None;
+                // Nobody to take Bound executors from: no other owner holds enough more
+                // for its weight, and no session of its own owner is over its target (Idle
+                // executors of other applications can still be released).
+                let taker = holdings.ix(&s.owner).unwrap_or(usize::MAX);
+                let hopeless = !(owners_with_excess.contains(s.owner.as_str())
+                    || taker != usize::MAX && holdings.may_take_from_someone(taker, unit_share));
+                while let Some(&n) = order.get(*cursor) {
+                    if room_nodes_left == 0 {
+                        break;
+                    }
+                    room_nodes_left -= 1;
+                    let mut room = free[n];
+                    room.add(&incoming[n]);
+                    let mut could = room;
+                    could.add(&idle_room[n]);
+                    if !hopeless {
+                        could.add(&reclaimable[n]);
+                    }
+                    if !suits(n) || !fits_beside_gpus(ready_list[n], &could, &app.resources) {
+                        *cursor += 1;
+                        continue;
+                    }
+                    // Pick what it takes: Idle executors of other applications first, then the
+                    // reclaimable executors with the least work outstanding.
+                    victims.clear();
+                    let mut over_left: HashMap<SessionId, u64> = HashMap::default();
+                    let idle = idle_on_node[n]
+                        .iter()
+                        .filter(|e| e.application != app_name && !taken.contains(&e.id));
+                    // Other owners' executors first, as far as `holdings` allows: an owner
+                    // that makes room for itself holds less until the room is used. Its own
+                    // only from its sessions over their target.
+                    let owner_of_executor =
+                        |e: &ExecutorView| e.session.and_then(|id| owner_ix_of.get(&id)).copied();
+                    let mut candidates: Vec<&ExecutorView> = reclaim_on_node[n]
+                        .iter()
+                        .filter(|e| {
+                            !taken.contains(&e.id)
+                                && owner_of_executor(e).is_some_and(|o| {
+                                    holdings.may_take(
+                                        o,
+                                        totals.dominant_share(&e.resources),
+                                        taker,
+                                        unit_share,
+                                    )
+                                })
+                        })
+                        .copied()
+                        .collect();
+                    // Stable: within each part, the giving order of the list stays.
+                    candidates.sort_by_key(|e| owner_of_executor(e) == Some(taker));
+                    let reclaim = candidates.into_iter().filter(|e| {
+                        let Some(id) = e.session else { return false };
+                        let left = over_left
+                            .entry(id)
+                            .or_insert_with(|| excess.get(&id).copied().unwrap_or(0));
+                        if owner_of_executor(e) != Some(taker) {
+                            *left = left.saturating_sub(1);
+                            return true;
+                        }
+                        if *left == 0 {
+                            return false;
+                        }
+                        *left -= 1;
+                        true
+                    });
+                    for e in idle.copied().chain(reclaim) {
+                        if fits_beside_gpus(ready_list[n], &room, &app.resources) {
+                            break;
+                        }
+                        victims.push(e);
+                        room.give(&e.resources);
+                    }
+                    if fits_beside_gpus(ready_list[n], &room, &app.resources) {
+                        found = Some(n);
+                        break;
+                    }
+                    *cursor += 1;
+                }
+                let Some(n) = found else {
+                    if !unplaceable.get(app_name).is_some_and(Option::is_some) {
                         waiting.entry(s.id).or_insert_with(|| {
                             format!(
                                 "waiting for room on a node for an executor of `{app_name}` ({})",
@@ -755,28 +1752,55 @@ pub fn plan(snap: &Snapshot) -> Plan {
                             )
                         });
                     }
-                    // The room frees when the release completes; launch on a later pass.
                     break;
+                };
+                for e in &victims {
+                    taken.insert(e.id);
+                    if e.phase == ExecutorPhase::Idle {
+                        decisions.push(Decision::Release { executor: e.id });
+                        idle_room[n].take(&e.resources);
+                    } else {
+                        decisions.push(Decision::Unbind { executor: e.id });
+                        let owner = e.session.and_then(|id| owner_ix_of.get(&id)).copied();
+                        if let Some(o) = owner.filter(|o| *o != taker) {
+                            holdings.moved(o, totals.dominant_share(&e.resources));
+                        }
+                        if let Some(left) = e.session.and_then(|id| excess.get_mut(&id)) {
+                            *left = left.saturating_sub(1);
+                        }
+                        reclaimable[n].take(&e.resources);
+                    }
                 }
-            };
-            if let Some(f) = free.get_mut(node) {
-                f.take(&app.resources);
-                by_free_cpu.push((f.cpu_millis, std::cmp::Reverse(node)));
+                // What it took from the node's free room and what is on its way; the room
+                // arrives over the next rounds.
+                let rest = free[n].take_up_to(Free::of(&app.resources));
+                incoming[n].take_up_to(rest);
+                heaps.update(n, &free[n], &ready_list);
+                waiting.entry(s.id).or_insert_with(|| {
+                    format!(
+                        "making room on {} for `{app_name}` ({}): executors of sessions over \
+                         their share finish their tasks and are given back",
+                        ready_list[n].name, app.resources
+                    )
+                });
+                need -= 1;
             }
-            decisions.push(Decision::Launch {
-                node: ready_list[node].name.clone(),
-                application: app_name.to_string(),
-            });
-            *live += 1;
-            need -= 1;
+            need == 0
+        };
+        queue.served(placed);
+        if placed {
+            if let Some(a) = apps.get(s.application.as_str()) {
+                if let Some(o) = holdings.ix(&s.owner) {
+                    holdings.gained(o, totals.dominant_share(&a.resources));
+                }
+            }
         }
-        by_free_cpu.extend(unsuited);
     }
 
     // 3b. Idle executors past their application's delay_release are released.
     for list in idle_by_app.values() {
         for e in list {
-            if released.contains(&e.id) {
+            if taken.contains(&e.id) {
                 continue;
             }
             let delay = apps
@@ -792,6 +1816,7 @@ pub fn plan(snap: &Snapshot) -> Plan {
         waiting,
         targets: target_of,
         owner_targets_permille,
+        reservations,
     }
 }
 
@@ -831,6 +1856,7 @@ mod tests {
             demand,
             owner: "default".into(),
             priority: 0,
+            gang: None,
         }
     }
 
@@ -1087,6 +2113,7 @@ mod tests {
                 memory_bytes: None,
                 gpus: 0,
             },
+            atomic: false,
             application: "app".into(),
         }
     }
@@ -1243,6 +2270,110 @@ mod tests {
         );
     }
 
+    fn gang_session(id: u64, app: &str, ranks: u32, per_node: Option<u32>) -> SessionView {
+        let mut s = session(id, app, u64::from(ranks));
+        s.gang = Some(Gang {
+            ranks,
+            ranks_per_node: per_node,
+        });
+        s
+    }
+
+    fn launches_per_node(d: &[Decision]) -> BTreeMap<String, u32> {
+        let mut per = BTreeMap::new();
+        for d in d {
+            if let Decision::Launch { node, .. } = d {
+                *per.entry(node.clone()).or_default() += 1;
+            }
+        }
+        per
+    }
+
+    #[test]
+    fn a_gang_is_launched_whole_with_its_ranks_per_node() {
+        let snap = Snapshot {
+            now_ms: 0,
+            nodes: vec![node("n1", 3), node("n2", 2), node("n3", 1)],
+            applications: vec![app("job", 4)],
+            sessions: vec![gang_session(1, "job", 4, Some(2))],
+            executors: vec![],
+            owner_weights: BTreeMap::new(),
+        };
+        let per = launches_per_node(&schedule(&snap));
+        assert_eq!(per, [("n1".to_string(), 2), ("n2".to_string(), 2)].into());
+    }
+
+    #[test]
+    fn a_gang_that_does_not_fit_launches_nothing_and_reserves_nodes() {
+        // Two nodes of 2 cpus, both full of another session's executors; a gang of 3.
+        let mut execs = Vec::new();
+        for (i, n) in [(1, "n1"), (2, "n1"), (3, "n2"), (4, "n2")] {
+            let mut e = exec(i, "ping", ExecutorPhase::Bound, Some(1));
+            e.node = n.into();
+            e.outstanding = 1;
+            execs.push(e);
+        }
+        let mut elastic = session(1, "ping", 1000);
+        elastic.owner = "other".into();
+        let snap = Snapshot {
+            now_ms: 0,
+            nodes: vec![node("n1", 2), node("n2", 2)],
+            applications: vec![app("ping", 10), app("job", 3)],
+            sessions: vec![elastic, gang_session(2, "job", 3, None)],
+            executors: execs,
+            owner_weights: BTreeMap::new(),
+        };
+        let plan = plan(&snap);
+        assert!(launches_per_node(&plan.decisions).is_empty());
+        // Its owner's share holds 2 of 4 cpus: not the 3 it needs at once.
+        assert!(
+            plan.waiting[&SessionId(2)].contains("share to hold all 3 ranks"),
+            "{:?}",
+            plan.waiting
+        );
+        // With a weight that gives it the share, it reserves what it needs: three of the
+        // four executors are unbound (after their task), none are killed.
+        let mut snap = snap;
+        snap.owner_weights.insert("default".into(), 3);
+        let plan = super::plan(&snap);
+        assert!(launches_per_node(&plan.decisions).is_empty());
+        let unbinds = plan
+            .decisions
+            .iter()
+            .filter(|d| matches!(d, Decision::Unbind { .. }))
+            .count();
+        assert_eq!(unbinds, 3, "{:?}", plan.decisions);
+        assert!(plan.waiting[&SessionId(2)].starts_with("reserved n1,n2"));
+    }
+
+    #[test]
+    fn a_gang_too_big_for_the_cluster_or_badly_shaped_says_why() {
+        let snap = Snapshot {
+            now_ms: 0,
+            nodes: vec![node("n1", 2), node("n2", 2)],
+            applications: vec![app("job", 100), app("odd", 100)],
+            sessions: vec![
+                gang_session(1, "job", 2, Some(2)),
+                gang_session(2, "odd", 3, Some(2)),
+            ],
+            executors: vec![],
+            owner_weights: BTreeMap::new(),
+        };
+        let plan = plan(&snap);
+        assert!(plan.waiting[&SessionId(2)].contains("multiple of ranks_per_node"));
+        // The well-shaped one fits on one node.
+        assert_eq!(launches_per_node(&plan.decisions).values().sum::<u32>(), 2);
+        let mut snap = snap;
+        snap.sessions = vec![gang_session(3, "job", 5, None)];
+        let plan = super::plan(&snap);
+        assert!(plan.decisions.is_empty());
+        assert!(
+            plan.waiting.contains_key(&SessionId(3)),
+            "{:?}",
+            plan.waiting
+        );
+    }
+
     #[test]
     fn full_node_releases_idle_executor_of_other_app() {
         let snap = Snapshot {
@@ -1319,6 +2450,7 @@ mod properties {
                         demand,
                         owner: format!("o{}", i % 2),
                         priority: (i % 3) as i32,
+                        gang: None,
                     })
                     .collect();
                 let phases = [
@@ -1384,8 +2516,8 @@ mod properties {
         fn decisions_respect_capacity_apps_and_states(snap in arb_snapshot()) {
             let decisions = schedule(&snap);
             // (cpu millis, memory, gpus) held per node.
-            let mut used: HashMap<&str, (u64, u64, u32)> = HashMap::new();
-            let mut live: HashMap<&str, u32> = HashMap::new();
+            let mut used: HashMap<&str, (u64, u64, u32)> = HashMap::default();
+            let mut live: HashMap<&str, u32> = HashMap::default();
             for e in &snap.executors {
                 let u = used.entry(e.node.as_str()).or_default();
                 u.0 += u64::from(e.resources.cpu_millis);
@@ -1499,6 +2631,7 @@ mod bench {
                 demand: 1000 + 64,
                 owner: format!("owner-{}", i % 20),
                 priority: (i % 4) as i32,
+                gang: None,
             })
             .collect();
         // 64,000 executors, 64 bound to each session, spread over the nodes.

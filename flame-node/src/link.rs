@@ -358,18 +358,22 @@ impl Agent {
                 return;
             }
         };
-        let delivered = self
-            .executors
-            .get(&id)
-            .is_some_and(|t| t.handle.commands.send(command).is_ok());
-        if !delivered {
-            // The head believes in an executor this node does not have: tell it it is gone.
-            self.executors.remove(&id);
-            let _ = self.reports_tx.send(Report::Event(ExecutorEvent::Exited {
-                executor: id,
-                reason: "unknown on this node".into(),
-                usage: Default::default(),
-            }));
+        match self.executors.get(&id) {
+            Some(t) => {
+                if t.handle.commands.send(command).is_err() {
+                    // It is exiting (cleaning up after its process): its own `Exited`, with
+                    // the real reason, follows. Reporting it unknown now would race that.
+                    tracing::debug!(executor = %id, "command for an exiting executor dropped");
+                }
+            }
+            None => {
+                // The head believes in an executor this node does not have: tell it so.
+                let _ = self.reports_tx.send(Report::Event(ExecutorEvent::Exited {
+                    executor: id,
+                    reason: "unknown on this node".into(),
+                    usage: Default::default(),
+                }));
+            }
         }
     }
 }
