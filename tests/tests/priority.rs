@@ -3,7 +3,9 @@
 //! still has work; the low one loses no task to the reclaim (an executor leaves its
 //! session after the tasks already queued on it, never by a kill). Also where a session's
 //! owner and priority come from: the library's default owner is the user's name, and the
-//! CLI takes `--owner`, `FLAME_OWNER` and `ping --priority`.
+//! CLI takes `--owner`, `FLAME_OWNER` and `ping --priority`. With the head's
+//! `--preemption-grace`, a reclaimed executor still busy when it runs out is killed and its
+//! task requeued, uncharged.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // Test code: a panic is the report.
 
 use flame_protocol::model::{SessionSpec, TaskOutcome};
@@ -111,6 +113,67 @@ async fn a_higher_priority_session_reclaims_executors_without_killing_tasks() {
     let low_info = low.info().await.unwrap();
     assert!(low_info.is_finished(), "{low_info:#?}");
     assert_eq!(low_info.counts.succeeded, LOW_TASKS as u64, "{low_info:#?}");
+    client.close().await;
+}
+
+/// With `--preemption-grace`, a reclaimed executor that is still running its task when the
+/// grace runs out is killed; the task goes back to pending without counting as a failed
+/// attempt, and runs again (attempt 2) once an executor is free.
+#[tokio::test(flavor = "multi_thread")]
+async fn past_the_preemption_grace_a_reclaimed_executor_is_killed_and_its_task_requeued() {
+    /// The low task outlasts the grace many times over.
+    const LONG_TASK_MS: u64 = 6_000;
+    let cluster = Cluster::start(
+        ClusterOptions::default()
+            .cpus(1)
+            .head_args(["--preemption-grace", "500ms"]),
+    )
+    .await;
+    let client = cluster.client().await;
+    client
+        .register_application(test_service::spec(APP))
+        .await
+        .unwrap();
+    let low = client.create_session(spec(LOW_PRIORITY)).await.unwrap();
+    let (collect_low, _) = spawn_collector(&low).await;
+    low.submit(test_service::sleeps(1, LONG_TASK_MS))
+        .await
+        .unwrap();
+    wait_session(&client, low.id(), "running its task", START_TIMEOUT, |i| {
+        i.counts.running == 1
+    })
+    .await;
+
+    let high = client.create_session(spec(HIGH_PRIORITY)).await.unwrap();
+    let mut watch = high.watch().await.unwrap();
+    let ids = high
+        .submit(test_service::sleeps(HIGH_TASKS, HIGH_TASK_MS))
+        .await
+        .unwrap();
+    for result in wait_results(&mut watch, &ids, RECLAIM_TIMEOUT).await {
+        assert!(
+            matches!(result.outcome, TaskOutcome::Succeeded(_)),
+            "{result:?}"
+        );
+    }
+    // The high session was served while the low task had not finished: it was killed and
+    // waits again, uncharged.
+    let low_info = low.info().await.unwrap();
+    assert_eq!(
+        (low_info.counts.succeeded, low_info.counts.failed),
+        (0, 0),
+        "{low_info:#?}"
+    );
+    high.close().await.unwrap();
+
+    low.close().await.unwrap();
+    let results = collect_low.await.unwrap();
+    assert_eq!(results.len(), 1);
+    assert!(
+        matches!(results[0].outcome, TaskOutcome::Succeeded(_)) && results[0].attempt == 2,
+        "the killed task should have run again, as attempt 2: {:?}",
+        results[0]
+    );
     client.close().await;
 }
 
