@@ -1371,6 +1371,17 @@ pub fn plan(snap: &Snapshot) -> Plan {
                     });
                 }
             }
+            if have + in_flight + ready < ranks {
+                // Never topped up: a gang that lost ranks is the batch job's to fail.
+                waiting.insert(
+                    g.id,
+                    format!(
+                        "lost {} of its {} ranks; a gang is not topped up",
+                        ranks - (have + in_flight + ready),
+                        gang.ranks
+                    ),
+                );
+            }
             continue;
         }
         if let Some(k) = gang
