@@ -3,24 +3,29 @@
 //! It performs no I/O and reads no clock: time is the `now_ms` field of the snapshot. The
 //! core applies the decisions; tests assert on them directly.
 //!
-//! Maps are ordered (`BTreeMap`), so the same snapshot always gives the same decisions.
+//! Every map is ordered or hashed with a fixed hasher (`rustc-hash`), so the same snapshot
+//! always gives the same decisions (the simulation checks it).
 //!
 //! Policy, in order:
-//! 1. **Targets.** The cpus of Ready nodes are shared between sessions with work: each
-//!    first gets one executor's worth (its application's `resources.cpus`), then the rest
-//!    in proportion to its pending plus running tasks times that cpu request (so no
-//!    session gets more executors than it has tasks); the shares become executor counts,
-//!    capped by each application's `max_instances`. A session whose executors fit no
-//!    Ready node at all claims nothing and is told why.
-//! 2. **Reuse first.** A session under its target takes Idle executors of its application,
-//!    then executors of its application still starting, and only then launches new ones on
-//!    the matching node (labels ⊇ selector) with room for its cpus, memory and gpus, the
-//!    one with the most free cpu first. Sessions that cannot get what they need are given
+//! 1. **Targets** ([`fair_shares`]): weighted DRF by progressive filling over the cpus,
+//!    memory and GPUs of Ready, non-draining nodes; owners by their dominant share per
+//!    weight, within an owner by priority, then by the dominant share each session holds;
+//!    a gang all at once, within its owner's share. A session whose executors fit no node
+//!    claims nothing and is told why.
+//! 2. **Give back what is not used.** A session with no work unbinds once it is closed,
+//!    once someone else waits, or after `delay_release`; one over its target unbinds the
+//!    executors that ran out of tasks.
+//! 3. **Gangs**, higher priority and older first: all ranks launched at once, or a bounded
+//!    reservation of the nodes that can hold them once emptied.
+//! 4. **Units**, one executor at a time, to the owner holding the least for its weight
+//!    ([`UnitQueue`]): reuse an Idle executor, count one on its way, launch where it fits
+//!    (nodes without GPUs first), take over one from a session over its target, wait for
+//!    room being freed, or make room. Between owners, an executor changes hands only while
+//!    the giver still holds more for its weight than the taker ([`Holdings`]). An unbound
+//!    executor finishes its task first. Sessions that cannot get what they need are given
 //!    a reason (see [`Plan::waiting`]).
-//! 3. **Give back.** A session over its target while another is under its own unbinds the
-//!    excess; a session with no work unbinds once it is closed, once someone else waits, or
-//!    after the application's `delay_release`. An Idle executor is released after
-//!    `delay_release`, or at once when its slot is needed for another application.
+//! 5. **Idle executors** are released after `delay_release`, or at once when their room is
+//!    needed for another application.
 
 use flame_protocol::model::{format_bytes, format_cpus, Resources};
 use flame_protocol::{ExecutorId, SessionId};
