@@ -159,6 +159,9 @@ pub struct Plan {
     pub owner_targets_permille: BTreeMap<String, u32>,
     /// Gangs waiting for the nodes reserved for them (nothing new goes there).
     pub reservations: BTreeMap<SessionId, Vec<String>>,
+    /// Executors unbound for another session, and that session (a reclaim; executors
+    /// given back for want of work are not listed).
+    pub reclaimed_for: BTreeMap<ExecutorId, SessionId>,
 }
 
 /// The cluster's schedulable totals (Ready nodes that are not draining).
@@ -1349,6 +1352,7 @@ pub fn plan(snap: &Snapshot) -> Plan {
     // holds nothing until it is placed whole, so two gangs never deadlock on partial holds.
     let mut reserved = vec![false; ready_list.len()];
     let mut reservations: BTreeMap<SessionId, Vec<String>> = BTreeMap::new();
+    let mut reclaimed_for: BTreeMap<ExecutorId, SessionId> = BTreeMap::new();
     let mut reserved_cpu: u64 = 0;
     let reserve_cap = totals.cpu_millis * RESERVE_PERMILLE / 1000;
     let mut gangs: Vec<&SessionView> = active
@@ -1490,6 +1494,7 @@ pub fn plan(snap: &Snapshot) -> Plan {
                     idle_room[n].take(&e.resources);
                 } else {
                     decisions.push(Decision::Unbind { executor: e.id });
+                    reclaimed_for.insert(e.id, g.id);
                     reclaimable[n].take(&e.resources);
                     if let Some(left) = e.session.and_then(|id| excess.get_mut(&id)) {
                         *left = left.saturating_sub(1);
@@ -1612,6 +1617,7 @@ pub fn plan(snap: &Snapshot) -> Plan {
                     &mut taken,
                 ) {
                     decisions.push(Decision::Unbind { executor: e.id });
+                    reclaimed_for.insert(e.id, s.id);
                     if let Some(&i) = node_index.get(e.node.as_str()) {
                         reclaimable[i].take(&e.resources);
                     }
@@ -1777,6 +1783,7 @@ pub fn plan(snap: &Snapshot) -> Plan {
                         idle_room[n].take(&e.resources);
                     } else {
                         decisions.push(Decision::Unbind { executor: e.id });
+                        reclaimed_for.insert(e.id, s.id);
                         let owner = e.session.and_then(|id| owner_ix_of.get(&id)).copied();
                         if let Some(o) = owner.filter(|o| *o != taker) {
                             holdings.moved(o, totals.dominant_share(&e.resources));
@@ -1833,6 +1840,7 @@ pub fn plan(snap: &Snapshot) -> Plan {
         targets: target_of,
         owner_targets_permille,
         reservations,
+        reclaimed_for,
     }
 }
 

@@ -1197,42 +1197,28 @@ impl World {
     /// that gives much of what it holds to a gang's reservation in one plan: a gang takes
     /// whole nodes, whoever's executors they hold (property 7 bounds the gang's wait).
     fn note_reshuffles(&mut self, plan: &Plan) {
-        let reserved: BTreeSet<usize> = plan
-            .reservations
-            .values()
-            .flatten()
-            .filter_map(|name| self.node_index.get(name).copied())
-            .collect();
-        let mut bound = vec![0u64; self.sessions.len()];
         let mut held = [0u64; OWNERS];
         for e in &self.executors {
-            if let (ExecutorPhase::Bound, Some(id)) = (e.phase, e.session) {
-                bound[id.0 as usize] += 1;
-                if let Some(s) = self.session(id) {
-                    held[s.owner] += 1;
-                }
+            if let (ExecutorPhase::Bound, Some(s)) =
+                (e.phase, e.session.and_then(|id| self.session(id)))
+            {
+                held[s.owner] += 1;
             }
         }
-        // Per owner: the highest priority of its sessions under their target.
-        let mut wanting = [i32::MIN; OWNERS];
-        for s in self.sessions() {
-            if bound[s.id.0 as usize] < plan.targets.get(&s.id).copied().unwrap_or(0) {
-                wanting[s.owner] = wanting[s.owner].max(s.priority);
-            }
-        }
+        // Executors reclaimed for a session of the same owner, or for a gang.
         let mut moved = [0u64; OWNERS];
-        for d in &plan.decisions {
-            let Decision::Unbind { executor } = d else {
-                continue;
-            };
+        for (executor, for_session) in &plan.reclaimed_for {
             let Ok(k) = self.executors.binary_search_by_key(executor, |e| e.id) else {
                 continue;
             };
-            let e = &self.executors[k];
-            if let Some(s) = e.session.and_then(|id| self.session(id)) {
-                if wanting[s.owner] >= s.priority || reserved.contains(&e.node) {
-                    moved[s.owner] += 1;
-                }
+            let (Some(giver), Some(taker)) = (
+                self.executors[k].session.and_then(|id| self.session(id)),
+                self.session(*for_session),
+            ) else {
+                continue;
+            };
+            if giver.owner == taker.owner || taker.gang.is_some() {
+                moved[giver.owner] += 1;
             }
         }
         for o in 0..OWNERS {
