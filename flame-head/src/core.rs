@@ -2864,6 +2864,19 @@ mod tests {
         sid
     }
 
+    /// The executor the last plan launched, now ready (and bound, with its task sent).
+    fn launched_and_ready(h: &mut Harness) -> ExecutorId {
+        let executor = match &h.commands()[..] {
+            [NodeCommand::Launch { executor, .. }] => *executor,
+            other => panic!("{other:?}"),
+        };
+        h.node(NodeToHead::ExecutorEvents(vec![ExecutorEvent::Ready {
+            executor,
+            credit: 1,
+        }]));
+        executor
+    }
+
     fn counts(h: &mut Harness, id: SessionId) -> flame_protocol::model::TaskCounts {
         match h.client(ClientRequest::GetSession { id }) {
             ClientResponse::Session(info) => info.counts,
@@ -2879,14 +2892,7 @@ mod tests {
         });
         // The node has room for one executor: the low-priority session gets it.
         let low = session_with_a_task(&mut h, 0, 1);
-        let executor = match &h.commands()[..] {
-            [NodeCommand::Launch { executor, .. }] => *executor,
-            other => panic!("{other:?}"),
-        };
-        h.node(NodeToHead::ExecutorEvents(vec![ExecutorEvent::Ready {
-            executor,
-            credit: 1,
-        }]));
+        let executor = launched_and_ready(&mut h);
         assert_eq!(h.commands().len(), 2, "bind and run");
         // A higher priority session of the same owner reclaims it: unbind, no kill.
         let high = session_with_a_task(&mut h, 5, 1);
@@ -2925,14 +2931,7 @@ mod tests {
             ..CoreConfig::default()
         });
         let low = session_with_a_task(&mut h, 0, 1);
-        let executor = match &h.commands()[..] {
-            [NodeCommand::Launch { executor, .. }] => *executor,
-            other => panic!("{other:?}"),
-        };
-        h.node(NodeToHead::ExecutorEvents(vec![ExecutorEvent::Ready {
-            executor,
-            credit: 1,
-        }]));
+        launched_and_ready(&mut h);
         h.commands();
         session_with_a_task(&mut h, 5, 1);
         h.commands();

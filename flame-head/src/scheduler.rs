@@ -308,27 +308,6 @@ pub fn fair_shares(
         .keys()
         .map(|o| f64::from(weights.get(*o).copied().unwrap_or(1).max(1)))
         .collect();
-    // Min-heap on (share / weight, owner index).
-    struct Turn(f64, usize);
-    impl PartialEq for Turn {
-        fn eq(&self, other: &Self) -> bool {
-            self.cmp(other) == Ordering::Equal
-        }
-    }
-    impl Eq for Turn {}
-    impl PartialOrd for Turn {
-        fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
-            Some(self.cmp(other))
-        }
-    }
-    impl Ord for Turn {
-        fn cmp(&self, other: &Self) -> Ordering {
-            other
-                .0
-                .total_cmp(&self.0)
-                .then_with(|| other.1.cmp(&self.1))
-        }
-    }
     let mut share = vec![0.0f64; claims.len()];
     let mut turns: BinaryHeap<Turn> = (0..claims.len()).map(|o| Turn(0.0, o)).collect();
     let fits = |left: &Totals, u: &Resources| {
@@ -348,11 +327,7 @@ pub fn fair_shares(
             let i = claim.index;
             let r = &requests[i];
             let count = if r.atomic { r.demand } else { 1 };
-            let mut all = r.unit;
-            all.cpu_millis =
-                u32::try_from(u64::from(r.unit.cpu_millis) * count).unwrap_or(u32::MAX);
-            all.memory_bytes = r.unit.memory_bytes.map(|m| m.saturating_mul(count));
-            all.gpus = u32::try_from(u64::from(r.unit.gpus) * count).unwrap_or(u32::MAX);
+            let all = times(&r.unit, count);
             if app_room[app_of[i]] < count || !fits(&left, &all) {
                 continue;
             }
@@ -389,11 +364,7 @@ pub fn fair_shares(
     for claim in deferred {
         let i = claim.index;
         let r = &requests[i];
-        let all = Resources {
-            cpu_millis: u32::try_from(u64::from(r.unit.cpu_millis) * r.demand).unwrap_or(u32::MAX),
-            memory_bytes: r.unit.memory_bytes.map(|m| m.saturating_mul(r.demand)),
-            gpus: u32::try_from(u64::from(r.unit.gpus) * r.demand).unwrap_or(u32::MAX),
-        };
+        let all = times(&r.unit, r.demand);
         if app_room[app_of[i]] >= r.demand && fits(&left, &all) {
             given[i] = r.demand;
             app_room[app_of[i]] -= r.demand;
@@ -494,12 +465,13 @@ const MAKE_ROOM_NODES_PER_PLAN: usize = 20_000;
 /// rest keeps serving elastic work.
 const RESERVE_PERMILLE: u64 = 250;
 
-/// `r` taken `k` times.
-fn times(r: &Resources, k: u32) -> Resources {
+/// `r` taken `k` times (saturating).
+fn times(r: &Resources, k: u64) -> Resources {
+    let k32 = u32::try_from(k).unwrap_or(u32::MAX);
     Resources {
-        cpu_millis: r.cpu_millis.saturating_mul(k),
-        memory_bytes: r.memory_bytes.map(|m| m.saturating_mul(u64::from(k))),
-        gpus: r.gpus.saturating_mul(k),
+        cpu_millis: r.cpu_millis.saturating_mul(k32),
+        memory_bytes: r.memory_bytes.map(|m| m.saturating_mul(k)),
+        gpus: r.gpus.saturating_mul(k32),
     }
 }
 
@@ -514,7 +486,7 @@ fn how_many_fit(n: &NodeView, room: &Free, r: &Resources) -> u32 {
     if k == u32::MAX {
         return k; // needs nothing
     }
-    while k > 0 && !fits_beside_gpus(n, room, &times(r, k)) {
+    while k > 0 && !fits_beside_gpus(n, room, &times(r, u64::from(k))) {
         k -= 1;
     }
     k
@@ -658,7 +630,7 @@ impl NodeHeaps {
 /// round.
 struct UnitQueue<'a> {
     owners: Vec<QueuedOwner<'a>>,
-    turns: std::collections::BinaryHeap<OwnerTurn>,
+    turns: std::collections::BinaryHeap<Turn>,
     /// The owner and session handed out last, until [`UnitQueue::served`].
     current: Option<(usize, QueuedSession<'a>)>,
 }
@@ -701,9 +673,10 @@ impl PartialEq for QueuedSession<'_> {
 }
 impl Eq for QueuedSession<'_> {}
 
-/// Min-heap entry on (used / weight, owner index).
-struct OwnerTurn(f64, usize);
-impl Ord for OwnerTurn {
+/// An owner's turn in a `BinaryHeap` used as a min-heap: the lowest level (dominant share
+/// per weight) first, ties to the lower owner index.
+struct Turn(f64, usize);
+impl Ord for Turn {
     fn cmp(&self, other: &Self) -> std::cmp::Ordering {
         other
             .0
@@ -711,17 +684,17 @@ impl Ord for OwnerTurn {
             .then_with(|| other.1.cmp(&self.1))
     }
 }
-impl PartialOrd for OwnerTurn {
+impl PartialOrd for Turn {
     fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
         Some(self.cmp(other))
     }
 }
-impl PartialEq for OwnerTurn {
+impl PartialEq for Turn {
     fn eq(&self, other: &Self) -> bool {
         self.cmp(other) == std::cmp::Ordering::Equal
     }
 }
-impl Eq for OwnerTurn {}
+impl Eq for Turn {}
 
 impl<'a> UnitQueue<'a> {
     /// `under` holds each session with its need and target; `used` the dominant share each
@@ -762,7 +735,7 @@ impl<'a> UnitQueue<'a> {
             .iter()
             .enumerate()
             .filter(|(_, o)| !o.sessions.is_empty())
-            .map(|(i, o)| OwnerTurn(o.used / o.weight, i))
+            .map(|(i, o)| Turn(o.used / o.weight, i))
             .collect();
         UnitQueue {
             owners,
@@ -773,7 +746,7 @@ impl<'a> UnitQueue<'a> {
 
     /// The session to give the next unit to.
     fn next(&mut self) -> Option<&'a SessionView> {
-        while let Some(OwnerTurn(_, o)) = self.turns.pop() {
+        while let Some(Turn(_, o)) = self.turns.pop() {
             if let Some(q) = self.owners[o].sessions.pop() {
                 let s = q.session;
                 self.current = Some((o, q));
@@ -797,7 +770,7 @@ impl<'a> UnitQueue<'a> {
             }
         }
         if !owner.sessions.is_empty() {
-            self.turns.push(OwnerTurn(owner.used / owner.weight, o));
+            self.turns.push(Turn(owner.used / owner.weight, o));
         }
     }
 }
@@ -1479,7 +1452,7 @@ pub fn plan(snap: &Snapshot) -> Plan {
             names.push(ready_list[n].name.clone());
             // Free what the ranks need there: Idle executors first, then elastic ones in
             // giving order (they finish their task first).
-            let need = times(&app.resources, k);
+            let need = times(&app.resources, u64::from(k));
             let mut room = free[n];
             room.add(&incoming[n]);
             for e in idle_on_node[n].iter().chain(&reclaim_on_node[n]) {
