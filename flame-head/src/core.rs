@@ -2807,29 +2807,8 @@ mod tests {
     #[test]
     fn lost_node_requeues_running_tasks() {
         let mut h = Harness::new();
-        let sid = session_id(h.client(ClientRequest::CreateSession(SessionSpec {
-            ephemeral: true,
-            ..SessionSpec::new("ping")
-        })));
-        let (reply, _) = oneshot::channel();
-        h.core.handle(
-            Event::Submit {
-                session: sid,
-                batch_id: 1,
-                inputs: vec![Bytes::from_static(b"x")],
-                reply,
-            },
-            0,
-        );
-        h.step();
-        let executor = match &h.commands()[..] {
-            [NodeCommand::Launch { executor, .. }] => *executor,
-            other => panic!("{other:?}"),
-        };
-        h.node(NodeToHead::ExecutorEvents(vec![ExecutorEvent::Ready {
-            executor,
-            credit: 1,
-        }]));
+        let sid = session_with_a_task(&mut h, 0, 1);
+        launched_and_ready(&mut h);
         assert_eq!(h.commands().len(), 2);
         h.now = 60_000;
         h.core.handle(Event::Tick, h.now);

@@ -84,7 +84,7 @@ use crate::scheduler::{
     plan, selector_matches, AppView, Decision, ExecutorPhase, ExecutorView, Gang, NodeView, Plan,
     SessionView, Snapshot, Totals,
 };
-use crate::simulation::{env_range, env_u64, Rng};
+use crate::simulation::{env_range, env_u64, Rng, Tracer};
 use flame_protocol::model::Resources;
 use flame_protocol::{ExecutorId, SessionId};
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
@@ -219,30 +219,12 @@ mod rate {
     pub const GANG: u64 = 400;
 }
 
-/// FNV-1a over everything that happened, plus the last lines for a failure report.
-#[derive(Debug)]
-struct Tracer {
-    hash: u64,
-    recent: VecDeque<String>,
+/// Hashes decisions into the trace.
+trait TraceDecisions {
+    fn decision(&mut self, d: &Decision);
 }
 
-impl Tracer {
-    fn bytes(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            self.hash ^= u64::from(b);
-            self.hash = self.hash.wrapping_mul(0x0000_0100_0000_01B3);
-        }
-    }
-
-    fn line(&mut self, line: String) {
-        self.bytes(line.as_bytes());
-        self.bytes(b"\n");
-        if self.recent.len() == TRACE_LINES_KEPT {
-            self.recent.pop_front();
-        }
-        self.recent.push_back(line);
-    }
-
+impl TraceDecisions for Tracer {
     /// Hashes a decision without formatting it: a step can hold tens of thousands.
     fn decision(&mut self, d: &Decision) {
         match d {
@@ -685,10 +667,7 @@ impl World {
             sessions: vec![None], // no session 0
             executors: Vec::new(),
             next_executor: 1,
-            tracer: Tracer {
-                hash: 0xcbf2_9ce4_8422_2325,
-                recent: VecDeque::new(),
-            },
+            tracer: Tracer::new(TRACE_LINES_KEPT),
             fairness: VecDeque::new(),
             disturbed: vec![0; OWNERS],
             gpu_contested: false,

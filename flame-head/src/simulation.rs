@@ -166,20 +166,36 @@ impl Rng {
     }
 }
 
-/// FNV-1a over the trace, plus the last lines for a failure report.
+/// FNV-1a over the trace, plus the last lines for a failure report (shared with the
+/// scheduler's simulation).
 #[derive(Debug)]
-struct Tracer {
-    hash: u64,
-    recent: VecDeque<String>,
+pub(crate) struct Tracer {
+    pub(crate) hash: u64,
+    pub(crate) recent: VecDeque<String>,
+    /// Lines kept in `recent`.
+    kept: usize,
 }
 
 impl Tracer {
-    fn line(&mut self, line: String) {
-        for b in line.bytes().chain(std::iter::once(b'\n')) {
+    pub(crate) fn new(kept: usize) -> Tracer {
+        Tracer {
+            hash: 0xCBF2_9CE4_8422_2325,
+            recent: VecDeque::new(),
+            kept,
+        }
+    }
+
+    pub(crate) fn bytes(&mut self, bytes: &[u8]) {
+        for &b in bytes {
             self.hash ^= u64::from(b);
             self.hash = self.hash.wrapping_mul(0x0000_0100_0000_01B3);
         }
-        if self.recent.len() == TRACE_LINES_KEPT {
+    }
+
+    pub(crate) fn line(&mut self, line: String) {
+        self.bytes(line.as_bytes());
+        self.bytes(b"\n");
+        if self.recent.len() == self.kept {
             self.recent.pop_front();
         }
         self.recent.push_back(line);
@@ -988,10 +1004,7 @@ impl World {
             launched: BTreeSet::new(),
             honest: HashSet::new(),
             violations: Vec::new(),
-            tracer: Tracer {
-                hash: 0xCBF2_9CE4_8422_2325,
-                recent: VecDeque::new(),
-            },
+            tracer: Tracer::new(TRACE_LINES_KEPT),
             stats: Stats::default(),
         };
         world.core.handle(Event::Tick, now);
