@@ -1,6 +1,8 @@
 //! The command tree and its dispatch.
 
 pub mod app;
+pub mod each;
+pub mod job;
 pub mod local;
 pub mod logs;
 pub mod node;
@@ -9,6 +11,7 @@ pub mod queue;
 pub mod render;
 pub mod session;
 pub mod signals;
+pub mod submit;
 
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
@@ -60,7 +63,18 @@ pub enum Command {
     Queue(render::OutputArgs),
     /// Show the logs (stderr, and stdout under the unix shim) of a session's executors
     Logs(logs::LogsArgs),
+    /// Run a batch job of ranks started together, or a command per line of a file
+    Submit(submit::SubmitArgs),
+    /// List, view, cancel and read the output of batch jobs
+    #[command(subcommand)]
+    Job(job::JobCommand),
 }
+
+/// Ends the `flame` process with this exit code, after whatever was printed; no further
+/// message (e.g. a job's first failed rank exited with it).
+#[derive(Debug, thiserror::Error)]
+#[error("exit code {0}")]
+pub struct Exit(pub u8);
 
 /// Runs one command.
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
@@ -72,6 +86,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Node(cmd) => node::run(&cli.global, cmd).await,
         Command::Queue(out) => queue::run(&cli.global, out).await,
         Command::Logs(args) => logs::run(&cli.global, args).await,
+        Command::Submit(args) => submit::run(&cli.global, args).await,
+        Command::Job(cmd) => job::run(&cli.global, cmd).await,
     }
 }
 

@@ -6,7 +6,7 @@ use crate::session::Session;
 use flame_protocol::endpoint;
 use flame_protocol::frame::{FrameError, FrameReader, FrameWriter};
 use flame_protocol::limits;
-use flame_protocol::messages::{ClientRequest, ClientResponse, LogEvent, Role};
+use flame_protocol::messages::{ClientRequest, ClientResponse, ExecEvent, LogEvent, Role};
 use flame_protocol::model::{
     ApplicationInfo, ApplicationSpec, NodeInfo, QueueReport, SessionInfo, SessionSpec, TaskInfo,
     TaskState,
@@ -333,6 +333,31 @@ impl Client {
         })
     }
 
+    /// Runs `argv` on `node` inside running batch job `job`'s allocation there (the cgroup
+    /// and user of one of its ranks), as Open MPI's launcher does for its daemons. The
+    /// process is killed when the stream is dropped or the job ends.
+    pub async fn job_exec(
+        &self,
+        job: SessionId,
+        node: &str,
+        argv: Vec<String>,
+    ) -> Result<ExecStream, ClientError> {
+        let (_conn, (send, recv)) = self
+            .open_stream(ClientRequest::JobExec {
+                job,
+                node: node.to_string(),
+                argv,
+            })
+            .await?;
+        Ok(ExecStream {
+            client: self.clone(),
+            what: format!("running a command in job {job} on node {node}"),
+            _send: send.into_inner(),
+            recv,
+            done: false,
+        })
+    }
+
     /// Every node the head knows.
     pub async fn list_nodes(&self) -> Result<Vec<NodeInfo>, ClientError> {
         match self.request(ClientRequest::ListNodes).await? {
@@ -618,6 +643,47 @@ impl LogStream {
     }
 }
 
+/// The output and end of a [`Client::job_exec`] command. [`ExecStream::next`] is
+/// cancel-safe; dropping the stream kills the process.
+#[derive(Debug)]
+pub struct ExecStream {
+    client: Client,
+    what: String,
+    // Held open for the life of the stream: finishing it would stop the process.
+    _send: quinn::SendStream,
+    recv: FrameReader<quinn::RecvStream>,
+    done: bool,
+}
+
+impl ExecStream {
+    /// The next piece of output, or the end ([`ExecEvent::Exited`] or
+    /// [`ExecEvent::Failed`], after which `None`). No time bound: a daemon runs as long as
+    /// its job; a lost head is detected by the connection's idle timeout.
+    pub async fn next(&mut self) -> Option<Result<ExecEvent, ClientError>> {
+        if self.done {
+            return None;
+        }
+        let frame = self.recv.read::<ExecEvent>().await;
+        match frame {
+            Ok(Some(event)) => {
+                self.done = matches!(event, ExecEvent::Exited { .. } | ExecEvent::Failed { .. });
+                Some(Ok(event))
+            }
+            Ok(None) => {
+                self.done = true;
+                Some(Err(self.client.protocol_error(
+                    &self.what,
+                    "the stream ended before the process did".to_string(),
+                )))
+            }
+            Err(e) => {
+                self.done = true;
+                Some(Err(self.client.stream_error(&self.what, e)))
+            }
+        }
+    }
+}
+
 /// The owner of sessions whose spec names none: the configured one, else the name of the
 /// effective user, else none (the head's default).
 fn default_owner(config: &ClientConfig) -> String {
@@ -650,6 +716,7 @@ fn request_name(request: &ClientRequest) -> &'static str {
         ClientRequest::RegisterApplication(_) => "RegisterApplication",
         ClientRequest::UpdateApplication(_) => "UpdateApplication",
         ClientRequest::Logs { .. } => "Logs",
+        ClientRequest::JobExec { .. } => "JobExec",
         ClientRequest::ListApplications => "ListApplications",
         ClientRequest::GetApplication { .. } => "GetApplication",
         ClientRequest::RemoveApplication { .. } => "RemoveApplication",

@@ -25,6 +25,7 @@
 //!         owner: String::new(),
 //!         // Among one owner's sessions, higher is served first.
 //!         priority: 0,
+//!         job: None,
 //!     })
 //!     .await?;
 //! // Watch first, so that no result is missed; then submit and close.
@@ -58,7 +59,7 @@ pub mod local;
 pub mod report;
 mod session;
 
-pub use client::{Client, LogStream, CLOSE_TIMEOUT, LOG_SILENCE_MAX};
+pub use client::{Client, ExecStream, LogStream, CLOSE_TIMEOUT, LOG_SILENCE_MAX};
 pub use config::{ClientConfig, ConfigError, ConfigFlags};
 pub use error::ClientError;
 pub use session::{

@@ -23,9 +23,10 @@ use flame_protocol::messages::{
     NodeRegistration, NodeTaskResult, NodeToHead, SubmitReply, Usage,
 };
 use flame_protocol::model::{
-    ApiError, ApplicationInfo, ApplicationSpec, ErrorKind, ExecutorUsage, NodeInfo, NodeState,
-    OwnerQueue, QueueReport, Resources, SessionInfo, SessionQueue, SessionSpec, SessionState,
-    TaskAssignment, TaskCounts, TaskInfo, TaskOutcome, TaskResult, TaskState,
+    ApiError, ApplicationInfo, ApplicationSpec, ErrorKind, ExecutorUsage, JobFailure, JobInfo,
+    JobState, NodeInfo, NodeState, OwnerQueue, QueueReport, RankInfo, RankLaunch, Resources,
+    SessionInfo, SessionQueue, SessionSpec, SessionState, ShimKind, TaskAssignment, TaskCounts,
+    TaskInfo, TaskOutcome, TaskResult, TaskState,
 };
 use flame_protocol::{ExecutorId, SessionId, TaskId};
 use std::collections::{BTreeMap, HashMap, VecDeque};
@@ -62,6 +63,17 @@ pub struct WatchStart {
 /// Node names, each with the executors on it whose logs to read (`Event::LogTargets`).
 pub type NodeExecutors = Vec<(String, Vec<ExecutorId>)>;
 
+/// Where the log targets of a job that has not started go when it does.
+type LogTargetsLater = oneshot::Sender<Result<NodeExecutors, ApiError>>;
+
+/// The answer to `Event::LogTargets`.
+#[derive(Debug)]
+pub enum LogTargets {
+    Now(NodeExecutors),
+    /// A batch job that has not started: its ranks are known when it does (or it ends).
+    WhenStarted(oneshot::Receiver<Result<NodeExecutors, ApiError>>),
+}
+
 /// Everything that drives the core.
 #[derive(Debug)]
 pub enum Event {
@@ -82,6 +94,8 @@ pub enum Event {
     },
     NodeConnected {
         conn: ConnId,
+        /// The address the node connects from: its ranks' `MASTER_ADDR`.
+        address: String,
         registration: NodeRegistration,
         link: mpsc::UnboundedSender<HeadToNode>,
     },
@@ -113,11 +127,28 @@ pub enum Event {
     LogTargets {
         session: SessionId,
         executor: Option<ExecutorId>,
-        reply: oneshot::Sender<Result<NodeExecutors, ApiError>>,
+        reply: oneshot::Sender<Result<LogTargets, ApiError>>,
+    },
+    /// `ClientRequest::JobExec`: the rank of a running job on a node whose allocation a
+    /// command starts in (the one with the lowest executor id there).
+    ExecTarget {
+        job: SessionId,
+        node: String,
+        reply: oneshot::Sender<Result<ExecutorId, ApiError>>,
     },
     /// Periodic: heartbeat timeouts and `delay_release`.
     Tick,
 }
+
+/// When one rank of a job fails, the others get this long to end by themselves before they
+/// are killed.
+pub const JOB_FAIL_GRACE_MS: u64 = 2_000;
+
+/// `MASTER_PORT` of a job is this plus its id modulo [`JOB_MASTER_PORT_SPAN`], so jobs
+/// sharing a node rarely pick the same port.
+pub const JOB_MASTER_PORT_BASE: u64 = 29_500;
+/// See [`JOB_MASTER_PORT_BASE`].
+pub const JOB_MASTER_PORT_SPAN: u64 = 10_000;
 
 /// Settings of the core.
 #[derive(Debug, Clone)]
@@ -227,6 +258,12 @@ struct SessionEntry {
     batches: HashMap<u64, (TaskId, u32)>,
     /// Why its pending tasks get no executor, from the last scheduling pass.
     waiting: Option<String>,
+    /// A job: when its remaining ranks are stopped (a rank failed, or its `mpirun` ended).
+    job_stop_at_ms: Option<u64>,
+    /// A job stopped at its time limit.
+    job_timed_out: bool,
+    /// `flame logs` requests for a job that has not started, answered when it does.
+    job_log_waiters: Vec<(Option<ExecutorId>, LogTargetsLater)>,
 }
 
 impl TaskSlot {
@@ -267,6 +304,7 @@ impl SessionEntry {
                 None
             },
             usage: self.stored.usage.clone(),
+            job: self.stored.job.clone(),
         }
     }
 
@@ -339,6 +377,8 @@ struct ExecutorEntry {
 #[derive(Debug)]
 struct NodeEntry {
     registration: NodeRegistration,
+    /// The address it connects from; empty while it is not connected.
+    address: String,
     /// Drained by an operator (durable): nothing new is placed there.
     draining: bool,
     conn: Option<ConnId>,
@@ -434,6 +474,10 @@ pub struct Core {
     /// next block is durable, so a restarted head never reuses an id.
     executor_ids_reserved: u64,
     reservation_pending: bool,
+    /// The time of the event being handled.
+    now_ms: u64,
+    /// A job ended: its application goes once its executors are gone.
+    job_apps_ended: bool,
 }
 
 /// Executor ids reserved per store write.
@@ -501,6 +545,8 @@ impl Core {
             recovering_until_ms: None,
             executor_ids_reserved: loaded.next_executor.max(1),
             reservation_pending: false,
+            now_ms: 0,
+            job_apps_ended: false,
         };
         for spec in loaded.applications {
             core.apps.insert(spec.name.clone(), spec);
@@ -521,6 +567,9 @@ impl Core {
                     cancelled: false,
                     batches: HashMap::new(),
                     waiting: None,
+                    job_stop_at_ms: None,
+                    job_timed_out: false,
+                    job_log_waiters: Vec::new(),
                 },
             );
         }
@@ -574,6 +623,14 @@ impl Core {
             }
         }
         for s in core.sessions.values_mut() {
+            if let Some(job) = &s.stored.job {
+                // Ranks are started by the job, never from the pending queue.
+                s.pending.clear();
+                if !job.state.is_final() {
+                    let app = job.spec.application(s.stored.id);
+                    core.apps.insert(app.name.clone(), app);
+                }
+            }
             if s.stored.state == SessionState::Closed && s.counts.unfinished() == 0 {
                 s.finished = true;
                 s.tasks = Vec::new();
@@ -591,6 +648,7 @@ impl Core {
                         isolation: n.isolation,
                         executors: Vec::new(),
                     },
+                    address: String::new(),
                     conn: None,
                     link: None,
                     last_seen_ms: n.last_seen_ms,
@@ -647,6 +705,7 @@ impl Core {
 
     /// Applies one event.
     pub fn handle(&mut self, event: Event, now_ms: u64) {
+        self.now_ms = now_ms;
         match event {
             Event::Client { request, reply } => self.on_client(request, reply, now_ms),
             Event::Submit {
@@ -664,9 +723,10 @@ impl Core {
             }
             Event::NodeConnected {
                 conn,
+                address,
                 registration,
                 link,
-            } => self.on_node_connected(conn, registration, link, now_ms),
+            } => self.on_node_connected(conn, address, registration, link, now_ms),
             Event::NodeMessage { conn, message } => self.on_node_message(conn, message, now_ms),
             Event::NodeDisconnected { conn, reason } => {
                 if let Some(name) = self.conns.get(&conn).cloned() {
@@ -687,7 +747,24 @@ impl Core {
                 executor,
                 reply,
             } => {
-                let _ = reply.send(self.log_targets(session, executor));
+                // A job's ranks are not known before it starts: answered when it does.
+                if let Some(s) = self.sessions.get_mut(&session) {
+                    if !s.finished
+                        && s.stored
+                            .job
+                            .as_ref()
+                            .is_some_and(|j| j.state == JobState::Queued)
+                    {
+                        let (tx, rx) = oneshot::channel();
+                        s.job_log_waiters.push((executor, tx));
+                        let _ = reply.send(Ok(LogTargets::WhenStarted(rx)));
+                        return;
+                    }
+                }
+                let _ = reply.send(self.log_targets(session, executor).map(LogTargets::Now));
+            }
+            Event::ExecTarget { job, node, reply } => {
+                let _ = reply.send(self.exec_target(job, &node));
             }
             Event::Committed { tokens, result } => {
                 for token in tokens {
@@ -713,18 +790,21 @@ impl Core {
                 if let Some(grace) = self.config.preemption_grace_ms {
                     self.preempt_overdue(now_ms, grace);
                 }
+                self.enforce_job_deadlines(now_ms);
             }
         }
     }
 
     /// Runs the scheduler and dispatch, then flushes everything collected in the batch.
     pub fn end_batch(&mut self, now_ms: u64) {
+        self.now_ms = now_ms;
         self.check_recovered(now_ms);
         if self.recovering_until_ms.is_none() {
             if self.reschedule {
                 self.reschedule = false;
                 self.schedule(now_ms);
             }
+            self.start_jobs(now_ms);
             self.dispatch(now_ms);
         }
         for (session, results) in std::mem::take(&mut self.batch_finish) {
@@ -925,8 +1005,9 @@ impl Core {
             ClientRequest::ListApplications => {
                 let list = self
                     .apps
-                    .keys()
-                    .filter_map(|n| self.application_info(n))
+                    .values()
+                    .filter(|a| a.shim != ShimKind::Batch)
+                    .filter_map(|a| self.application_info(&a.name))
                     .collect();
                 respond(reply, ClientResponse::Applications(list));
             }
@@ -1028,6 +1109,7 @@ impl Core {
             ClientRequest::OpenSubmitStream { .. }
             | ClientRequest::WatchResults { .. }
             | ClientRequest::Logs { .. }
+            | ClientRequest::JobExec { .. }
             | ClientRequest::ListTasks { .. } => respond(
                 reply,
                 error(
@@ -1054,10 +1136,26 @@ impl Core {
             return;
         }
         s.cancelled = true;
+        self.end_unfinished(id, TaskOutcome::Cancelled, Some(reply), now_ms);
+    }
+
+    /// Closes a session and ends its unfinished tasks with `outcome`, durably; executors
+    /// with its tasks in hand are killed. Answers `reply` once that is durable.
+    fn end_unfinished(
+        &mut self,
+        id: SessionId,
+        outcome: TaskOutcome,
+        reply: Option<oneshot::Sender<ClientResponse>>,
+        now_ms: u64,
+    ) {
+        let Some(s) = self.sessions.get_mut(&id) else {
+            return;
+        };
         if s.stored.state == SessionState::Open {
             s.stored.state = SessionState::Closed;
             s.stored.closed_ms = Some(now_ms);
         }
+        s.job_stop_at_ms = None;
         s.pending.clear();
         let mut cancelled = Vec::new();
         for (i, t) in s.tasks.iter_mut().enumerate() {
@@ -1085,29 +1183,27 @@ impl Core {
                 .or_default()
                 .push(NodeCommand::Kill { executor });
         }
-        tracing::info!(session = %id, tasks = cancelled.len(), "session cancelled");
+        tracing::info!(session = %id, tasks = cancelled.len(), ?outcome, "session's unfinished tasks ended");
         if s.ephemeral {
             for (task, attempt) in cancelled {
                 if let Some(slot) = slot_of(&mut s.tasks, task) {
-                    slot.outcome = Some(TaskOutcome::Cancelled);
+                    slot.outcome = Some(outcome.clone());
                 }
-                Self::finalize(
-                    s,
-                    task,
-                    attempt,
-                    TaskOutcome::Cancelled,
-                    &mut self.watch_out,
-                );
+                Self::finalize(s, task, attempt, outcome.clone(), &mut self.watch_out);
             }
-            let _ = reply.send(ClientResponse::Ok);
+            if let Some(reply) = reply {
+                let _ = reply.send(ClientResponse::Ok);
+            }
         } else {
             self.batch_finish.entry(id).or_default().extend(
                 cancelled
                     .into_iter()
-                    .map(|(task, attempt)| (task, attempt, TaskOutcome::Cancelled)),
+                    .map(|(task, attempt)| (task, attempt, outcome.clone())),
             );
             self.batch_ops.push(StoreOp::PutSession(s.stored.clone()));
-            self.batch_after.push(AfterCommit::Respond { reply });
+            if let Some(reply) = reply {
+                self.batch_after.push(AfterCommit::Respond { reply });
+            }
         }
         self.reschedule = true;
         self.check_finished(id);
@@ -1136,7 +1232,22 @@ impl Core {
         reply: oneshot::Sender<ClientResponse>,
         now_ms: u64,
     ) {
-        if !self.apps.contains_key(&spec.application) {
+        if let Some(job) = &spec.job {
+            if let Err(e) = job.validate() {
+                let _ = reply.send(ClientResponse::Error(api(
+                    ErrorKind::InvalidArgument,
+                    format!("job spec: {e}"),
+                )));
+                return;
+            }
+            if spec.ephemeral {
+                let _ = reply.send(ClientResponse::Error(api(
+                    ErrorKind::InvalidArgument,
+                    "a batch job cannot be ephemeral: its ranks' outcomes are kept durably",
+                )));
+                return;
+            }
+        } else if !self.apps.contains_key(&spec.application) {
             let _ = reply.send(ClientResponse::Error(api(
                 ErrorKind::NotFound,
                 unknown_app(&spec.application),
@@ -1163,18 +1274,24 @@ impl Core {
         }
         let id = SessionId(self.next_session);
         self.next_session += 1;
-        let entry = SessionEntry {
+        let owner = spec.owner_or_default().to_string();
+        let (application, job) = match spec.job {
+            Some(job) => (job.application(id).name, Some(JobInfo::queued(job))),
+            None => (spec.application, None),
+        };
+        let mut entry = SessionEntry {
             stored: StoredSession {
                 id,
-                owner: spec.owner_or_default().to_string(),
+                owner,
                 priority: spec.priority,
-                application: spec.application,
+                application,
                 common_data: spec.common_data,
                 state: SessionState::Open,
                 created_ms: now_ms,
                 closed_ms: None,
                 last_task: 0,
                 usage: Vec::new(),
+                job,
             },
             ephemeral: spec.ephemeral,
             tasks: Vec::new(),
@@ -1186,7 +1303,28 @@ impl Core {
             cancelled: false,
             batches: HashMap::new(),
             waiting: None,
+            job_stop_at_ms: None,
+            job_timed_out: false,
+            job_log_waiters: Vec::new(),
         };
+        // A job's ranks are its tasks, 1 to N (rank = task - 1), made with the session; it
+        // takes no others. They run once its ranks are all placed (`start_jobs`).
+        let ranks = entry.stored.job.as_ref().map_or(0, |j| j.spec.ranks);
+        if ranks > 0 {
+            entry.stored.state = SessionState::Closed;
+            entry.stored.closed_ms = Some(now_ms);
+            entry.stored.last_task = u64::from(ranks);
+            entry.tasks = (0..ranks)
+                .map(|_| TaskSlot {
+                    slot: Slot::Pending,
+                    attempt: 1,
+                    runs_failed: 0,
+                    input: Bytes::new(),
+                    outcome: None,
+                })
+                .collect();
+            entry.counts.pending = u64::from(ranks);
+        }
         self.batch_ops.push(StoreOp::PutCounters {
             next_session: Some(self.next_session),
             next_executor: None,
@@ -1194,6 +1332,14 @@ impl Core {
         if !entry.ephemeral {
             self.batch_ops
                 .push(StoreOp::PutSession(entry.stored.clone()));
+        }
+        if ranks > 0 {
+            self.batch_ops.push(StoreOp::AddTasks {
+                session: id,
+                batch_id: 0,
+                first: TaskId(1),
+                inputs: vec![Bytes::new(); ranks as usize],
+            });
         }
         self.batch_after.push(AfterCommit::AddSession {
             entry: Box::new(entry),
@@ -1443,6 +1589,7 @@ impl Core {
     fn on_node_connected(
         &mut self,
         conn: ConnId,
+        address: String,
         registration: NodeRegistration,
         link: mpsc::UnboundedSender<HeadToNode>,
         now_ms: u64,
@@ -1473,6 +1620,7 @@ impl Core {
         let draining = self.nodes.get(&name).is_some_and(|n| n.draining);
         let entry = NodeEntry {
             draining,
+            address,
             registration,
             conn: Some(conn),
             link: Some(link),
@@ -1685,6 +1833,11 @@ impl Core {
             tracing::debug!(task = %r.task, "stale result dropped");
             return;
         }
+        // A job's rank: how it ended is noted once the result is taken.
+        let rank_end = s.stored.job.is_some().then(|| match &r.outcome {
+            TaskOutcome::Failed(m) => Some(m.clone()),
+            _ => None,
+        });
         // Results come back in dispatch order, so this is the front in practice.
         e.outstanding.remove(pos);
         if e.outstanding.is_empty() {
@@ -1727,6 +1880,16 @@ impl Core {
                 .or_default()
                 .push((r.task, r.attempt, r.outcome));
             crate::failpoints::crash_point!("after-result-before-commit");
+        }
+        if let (Some(failure), Some(s)) = (rank_end, self.sessions.get_mut(&r.session)) {
+            Self::note_rank_end(
+                s,
+                r.task,
+                r.exit_code,
+                failure.as_deref(),
+                now_ms,
+                &mut self.batch_ops,
+            );
         }
     }
 
@@ -1907,6 +2070,11 @@ impl Core {
             AfterCommit::AddSession { entry, reply } => {
                 let r = match result {
                     Ok(()) => {
+                        if let Some(job) = &entry.stored.job {
+                            let app = job.spec.application(entry.stored.id);
+                            self.apps.insert(app.name.clone(), app);
+                            self.reschedule = true;
+                        }
                         let info = entry.info(0);
                         self.sessions.insert(entry.stored.id, *entry);
                         ClientResponse::Session(info)
@@ -1973,6 +2141,23 @@ impl Core {
             return;
         }
         s.finished = true;
+        if let Some(job) = s.stored.job.as_mut() {
+            job.state = if s.cancelled {
+                JobState::Cancelled
+            } else if s.job_timed_out {
+                JobState::TimedOut
+            } else if job.failure.is_some() || s.counts.failed > 0 {
+                JobState::Failed
+            } else {
+                JobState::Succeeded
+            };
+            job.ended_ms = Some(self.now_ms);
+            tracing::info!(job = %session, state = %job.state, "job ended");
+            self.batch_ops.push(StoreOp::PutSession(s.stored.clone()));
+            self.job_apps_ended = true;
+        }
+        // `flame logs` of a job that ended before it started: whatever there is (nothing).
+        let log_waiters = std::mem::take(&mut s.job_log_waiters);
         // Results finalized in this batch must reach watchers before Finished.
         if let Some(results) = self.watch_out.remove(&session) {
             for w in &s.watchers {
@@ -1987,6 +2172,9 @@ impl Core {
         }
         s.pending = VecDeque::new();
         self.reschedule = true;
+        for (executor, reply) in log_waiters {
+            let _ = reply.send(self.log_targets(session, executor));
+        }
     }
 
     fn node_lost(&mut self, name: &str, reason: &str) {
@@ -2074,15 +2262,34 @@ impl Core {
             if !matches!(slot.slot, Slot::Running(_)) {
                 continue;
             }
-            if charged {
+            let is_job = s.stored.job.is_some();
+            if charged || is_job {
+                // A job's rank is never run again: the job fails.
                 slot.runs_failed += 1;
             }
-            if slot.runs_failed >= max {
-                let outcome = TaskOutcome::Failed(format!(
-                    "failed {} time(s), the limit is {max}; last: {reason}",
-                    slot.runs_failed
-                ));
+            if slot.runs_failed >= max || is_job {
+                let outcome = TaskOutcome::Failed(if is_job {
+                    reason.to_string()
+                } else {
+                    format!(
+                        "failed {} time(s), the limit is {max}; last: {reason}",
+                        slot.runs_failed
+                    )
+                });
                 let attempt = slot.attempt;
+                if is_job {
+                    Self::note_rank_end(
+                        s,
+                        tid,
+                        None,
+                        Some(reason),
+                        self.now_ms,
+                        &mut self.batch_ops,
+                    );
+                }
+                let Some(slot) = slot_of(&mut s.tasks, tid) else {
+                    continue;
+                };
                 if s.ephemeral {
                     slot.outcome = Some(outcome.clone());
                     Self::finalize(s, tid, attempt, outcome, &mut self.watch_out);
@@ -2103,6 +2310,308 @@ impl Core {
             }
         }
         self.reschedule = true;
+    }
+
+    /// Records how a job's rank ended: its exit code, the job's first failure, and when the
+    /// other ranks are stopped (a short grace after a failure; at once when an `--mpi`
+    /// job's `mpirun`, rank 0, ends, since the other ranks only hold its daemons' room).
+    fn note_rank_end(
+        s: &mut SessionEntry,
+        task: TaskId,
+        exit_code: Option<i32>,
+        failure: Option<&str>,
+        now_ms: u64,
+        batch_ops: &mut Vec<StoreOp>,
+    ) {
+        let Some(job) = s.stored.job.as_mut() else {
+            return;
+        };
+        let Some(rank) = task.0.checked_sub(1).and_then(|r| u32::try_from(r).ok()) else {
+            return;
+        };
+        if let Some(r) = job.ranks.get_mut(rank as usize) {
+            r.exit_code = exit_code;
+        }
+        if let Some(message) = failure {
+            if job.failure.is_none() && !s.cancelled && !s.job_timed_out {
+                job.failure = Some(JobFailure {
+                    rank,
+                    exit_code,
+                    message: message.to_string(),
+                });
+            }
+            s.job_stop_at_ms.get_or_insert(now_ms + JOB_FAIL_GRACE_MS);
+        }
+        if job.spec.mpi && rank == 0 {
+            s.job_stop_at_ms = Some(now_ms);
+        }
+        batch_ops.push(StoreOp::PutSession(s.stored.clone()));
+    }
+
+    /// Stops jobs whose ranks must go: after a failed rank's grace, at the end of an
+    /// `--mpi` job's `mpirun`, or at the time limit. Forgets the applications of ended
+    /// jobs once their executors are gone.
+    fn enforce_job_deadlines(&mut self, now_ms: u64) {
+        let mut stops = Vec::new();
+        for (id, s) in self.sessions.iter_mut() {
+            let Some(job) = &s.stored.job else { continue };
+            if s.finished || s.cancelled {
+                continue;
+            }
+            if let Some(at) = s.job_stop_at_ms {
+                if now_ms >= at {
+                    let outcome = match &job.failure {
+                        Some(f) => {
+                            TaskOutcome::Failed(format!("stopped because rank {} failed", f.rank))
+                        }
+                        // `mpirun` ended well: the ranks that held its daemons are done.
+                        None => TaskOutcome::Succeeded(Bytes::new()),
+                    };
+                    stops.push((*id, outcome));
+                }
+                continue;
+            }
+            let (Some(limit), Some(started)) = (job.spec.time_limit_ms, job.started_ms) else {
+                continue;
+            };
+            if job.state == JobState::Running && now_ms >= started.saturating_add(limit) {
+                s.job_timed_out = true;
+                stops.push((
+                    *id,
+                    TaskOutcome::Failed(format!(
+                        "stopped at the job's time limit of {}",
+                        humantime::format_duration(std::time::Duration::from_millis(limit))
+                    )),
+                ));
+            }
+        }
+        for (id, outcome) in stops {
+            tracing::info!(job = %id, ?outcome, "stopping a job's ranks");
+            self.end_unfinished(id, outcome, None, now_ms);
+        }
+        if std::mem::take(&mut self.job_apps_ended) {
+            let alive: std::collections::HashSet<&str> = self
+                .executors
+                .values()
+                .map(|e| e.application.as_str())
+                .collect();
+            let sessions = &self.sessions;
+            let before = self.apps.len();
+            let mut kept_any = false;
+            self.apps.retain(|name, a| {
+                if a.shim != ShimKind::Batch || alive.contains(name.as_str()) {
+                    kept_any |= a.shim == ShimKind::Batch;
+                    return true;
+                }
+                let id = name
+                    .strip_prefix("job.")
+                    .and_then(|n| n.parse::<u64>().ok())
+                    .map(SessionId);
+                let keep = id
+                    .and_then(|id| sessions.get(&id))
+                    .is_some_and(|s| !s.finished);
+                kept_any |= keep;
+                keep
+            });
+            if self.apps.len() != before || kept_any {
+                // Check again at the next tick while some are still in use.
+                self.job_apps_ended = kept_any;
+            }
+        }
+    }
+
+    /// Starts each queued job whose ranks are all placed and bound: numbers them (by node,
+    /// then executor id, so a node's ranks are consecutive), and hands every rank its task
+    /// with its environment and the job's hostfile, all in this batch's frames.
+    fn start_jobs(&mut self, now_ms: u64) {
+        let queued: Vec<SessionId> = self
+            .sessions
+            .iter()
+            .filter(|(_, s)| {
+                !s.finished
+                    && !s.cancelled
+                    && s.stored
+                        .job
+                        .as_ref()
+                        .is_some_and(|j| j.state == JobState::Queued)
+            })
+            .map(|(id, _)| *id)
+            .collect();
+        for sid in queued {
+            let Some(s) = self.sessions.get_mut(&sid) else {
+                continue;
+            };
+            let Some(job) = s.stored.job.as_mut() else {
+                continue;
+            };
+            let ranks = job.spec.ranks as usize;
+            let mut bound: Vec<(String, ExecutorId)> = self
+                .executors
+                .iter()
+                .filter(|(_, e)| e.session == Some(sid) && e.phase == ExecutorPhase::Bound)
+                .map(|(id, e)| (e.node.clone(), *id))
+                .collect();
+            if bound.len() < ranks {
+                continue;
+            }
+            bound.sort_unstable();
+            bound.truncate(ranks);
+            let mut per_node: Vec<(&str, u32)> = Vec::new();
+            for (node, _) in &bound {
+                match per_node.last_mut() {
+                    Some((n, k)) if *n == node.as_str() => *k += 1,
+                    _ => per_node.push((node.as_str(), 1)),
+                }
+            }
+            let nodelist = per_node
+                .iter()
+                .map(|(n, _)| *n)
+                .collect::<Vec<_>>()
+                .join(",");
+            let hostfile: String = per_node
+                .iter()
+                .map(|(n, k)| format!("{n} slots={k}\n"))
+                .collect();
+            let first_node = bound[0].0.as_str();
+            let master_addr = self
+                .nodes
+                .get(first_node)
+                .map(|n| n.address.clone())
+                .filter(|a| !a.is_empty())
+                .unwrap_or_else(|| first_node.to_string());
+            let master_port = JOB_MASTER_PORT_BASE + sid.0 % JOB_MASTER_PORT_SPAN;
+            let mut infos = Vec::with_capacity(ranks);
+            let mut node_index = 0;
+            let mut local = 0u32;
+            for (rank, (node, executor)) in bound.iter().enumerate() {
+                if rank > 0 && bound[rank - 1].0 != *node {
+                    node_index += 1;
+                    local = 0;
+                }
+                let local_world = per_node[node_index].1;
+                let mut env = Vec::with_capacity(12);
+                for (keys, value) in [
+                    (&["FLAME_JOB_ID"][..], sid.0.to_string()),
+                    (&["FLAME_RANK", "RANK"], rank.to_string()),
+                    (&["FLAME_WORLD_SIZE", "WORLD_SIZE"], ranks.to_string()),
+                    (&["FLAME_LOCAL_RANK", "LOCAL_RANK"], local.to_string()),
+                    (
+                        &["FLAME_LOCAL_WORLD_SIZE", "LOCAL_WORLD_SIZE"],
+                        local_world.to_string(),
+                    ),
+                    (&["FLAME_NODELIST"], nodelist.clone()),
+                    (&["MASTER_ADDR"], master_addr.clone()),
+                    (&["MASTER_PORT"], master_port.to_string()),
+                ] {
+                    for key in keys {
+                        env.push(((*key).to_string(), value.clone()));
+                    }
+                }
+                let argv = (job.spec.mpi && rank == 0).then(|| {
+                    let mut argv: Vec<String> = vec![
+                        "mpirun".into(),
+                        "-np".into(),
+                        ranks.to_string(),
+                        "--mca".into(),
+                        "plm_rsh_no_tree_spawn".into(),
+                        "1".into(),
+                        job.spec.command.clone(),
+                    ];
+                    argv.extend(job.spec.args.iter().cloned());
+                    argv
+                });
+                let input = RankLaunch {
+                    env,
+                    hostfile: hostfile.clone(),
+                    argv,
+                    hold: job.spec.mpi && rank != 0,
+                }
+                .encode();
+                let task = TaskId(rank as u64 + 1);
+                let Some(slot) = slot_of(&mut s.tasks, task) else {
+                    continue;
+                };
+                if slot.slot != Slot::Pending {
+                    continue;
+                }
+                slot.slot = Slot::Running(*executor);
+                slot.input = input.clone();
+                s.counts.pending = s.counts.pending.saturating_sub(1);
+                s.counts.running += 1;
+                if let Some(e) = self.executors.get_mut(executor) {
+                    e.outstanding.push_back((sid, task));
+                }
+                self.node_out
+                    .entry(node.clone())
+                    .or_default()
+                    .push(NodeCommand::Run(TaskAssignment {
+                        executor: *executor,
+                        session: sid,
+                        task,
+                        attempt: slot.attempt,
+                        input,
+                    }));
+                infos.push(RankInfo {
+                    rank: rank as u32,
+                    node: node.clone(),
+                    executor: *executor,
+                    local_rank: local,
+                    exit_code: None,
+                });
+                local += 1;
+            }
+            job.ranks = infos;
+            job.state = JobState::Running;
+            job.started_ms = Some(now_ms);
+            tracing::info!(job = %sid, ranks, nodes = %nodelist, "job started");
+            self.batch_ops.push(StoreOp::PutSession(s.stored.clone()));
+            for (executor, reply) in std::mem::take(&mut s.job_log_waiters) {
+                let _ = reply.send(self.log_targets(sid, executor));
+            }
+        }
+    }
+
+    /// The rank of running job `job` on `node` whose allocation an exec request starts in:
+    /// one that holds its room for Open MPI's daemon (lowest executor id), else any.
+    fn exec_target(&self, job: SessionId, node: &str) -> Result<ExecutorId, ApiError> {
+        let s = self
+            .sessions
+            .get(&job)
+            .ok_or_else(|| api(ErrorKind::NotFound, unknown_session(job)))?;
+        let info = s.stored.job.as_ref().ok_or_else(|| {
+            api(
+                ErrorKind::InvalidArgument,
+                format!("session {job} is not a batch job"),
+            )
+        })?;
+        if info.state != JobState::Running || s.finished || s.job_stop_at_ms.is_some() {
+            return Err(api(
+                ErrorKind::FailedPrecondition,
+                format!("job {job} is not running (it is {})", info.state),
+            ));
+        }
+        let on_node: Vec<&RankInfo> = info
+            .ranks
+            .iter()
+            .filter(|r| r.node == node && self.executors.contains_key(&r.executor))
+            .collect();
+        let pick = on_node
+            .iter()
+            .filter(|r| !(info.spec.mpi && r.rank == 0))
+            .map(|r| r.executor)
+            .min()
+            .or_else(|| on_node.iter().map(|r| r.executor).min());
+        pick.ok_or_else(|| {
+            let nodes: std::collections::BTreeSet<&str> =
+                info.ranks.iter().map(|r| r.node.as_str()).collect();
+            api(
+                ErrorKind::NotFound,
+                format!(
+                    "job {job} has no live rank on node `{node}`; its nodes: {}",
+                    nodes.into_iter().collect::<Vec<_>>().join(",")
+                ),
+            )
+        })
     }
 
     fn schedule(&mut self, now_ms: u64) {
@@ -2167,8 +2676,10 @@ impl Core {
                     demand: s.counts.unfinished(),
                     owner: s.stored.owner.clone(),
                     priority: s.stored.priority,
-                    // Sessions are elastic; batch (gang) sessions come with `flame submit`.
-                    gang: None,
+                    gang: s.stored.job.as_ref().map(|j| scheduler::Gang {
+                        ranks: j.spec.ranks,
+                        ranks_per_node: j.spec.ranks_per_node,
+                    }),
                 })
                 .collect(),
             executors: self
@@ -2349,6 +2860,9 @@ impl Core {
             let Some(s) = self.sessions.get_mut(&sid) else {
                 continue;
             };
+            if s.stored.job.is_some() {
+                continue; // a job's ranks are started together by `start_jobs`
+            }
             let limit = outstanding_max(e.task_us_avg, e.credit);
             if e.outstanding.is_empty() {
                 // Idle until now: the next gap measures work, not idleness.
@@ -2456,6 +2970,7 @@ mod tests {
             let (link, node_rx) = mpsc::unbounded_channel();
             core.handle(
                 Event::NodeConnected {
+                    address: "127.0.0.1".into(),
                     conn: 1,
                     registration: NodeRegistration {
                         name: "n1".into(),
@@ -2585,6 +3100,7 @@ mod tests {
         let (link, mut g1_rx) = mpsc::unbounded_channel();
         h.core.handle(
             Event::NodeConnected {
+                address: "127.0.0.1".into(),
                 conn: 2,
                 registration: NodeRegistration {
                     name: "g1".into(),
@@ -2756,6 +3272,7 @@ mod tests {
         };
         // A result from a stale attempt is fenced off.
         h.node(NodeToHead::Results(vec![NodeTaskResult {
+            exit_code: None,
             executor,
             session: sid,
             task: a.task,
@@ -2764,6 +3281,7 @@ mod tests {
         }]));
         assert!(watch.try_recv().is_err());
         h.node(NodeToHead::Results(vec![NodeTaskResult {
+            exit_code: None,
             executor,
             session: sid,
             task: a.task,
@@ -2782,6 +3300,7 @@ mod tests {
         }
         // A duplicate of the accepted result changes nothing.
         h.node(NodeToHead::Results(vec![NodeTaskResult {
+            exit_code: None,
             executor,
             session: sid,
             task: a.task,
@@ -3071,6 +3590,7 @@ mod tests {
         h.node_rx = node_rx;
         h.core.handle(
             Event::NodeConnected {
+                address: "127.0.0.1".into(),
                 conn: 2,
                 registration: NodeRegistration {
                     name: "n1".into(),
@@ -3120,6 +3640,7 @@ mod tests {
                 message: NodeToHead::Results(
                     runs.iter()
                         .map(|a| NodeTaskResult {
+                            exit_code: None,
                             executor,
                             session: sid,
                             task: a.task,
@@ -3169,6 +3690,7 @@ mod tests {
                 id: sid,
                 owner: "default".into(),
                 priority: 0,
+                job: None,
                 application: "ping".into(),
                 common_data: Bytes::new(),
                 state: SessionState::Open,
@@ -3217,6 +3739,7 @@ mod tests {
         let (link, mut node_rx) = mpsc::unbounded_channel();
         core.handle(
             Event::NodeConnected {
+                address: "127.0.0.1".into(),
                 conn: 7,
                 registration: NodeRegistration {
                     name: "n1".into(),
@@ -3249,6 +3772,7 @@ mod tests {
             Event::NodeMessage {
                 conn: 7,
                 message: NodeToHead::Results(vec![NodeTaskResult {
+                    exit_code: None,
                     executor: ExecutorId(900),
                     session: sid,
                     task: TaskId(1),

@@ -52,14 +52,26 @@ fn main() -> std::process::ExitCode {
 
 /// The built-in ping application: `flame-ping` next to this binary, else from `PATH`.
 fn ping_application() -> ApplicationSpec {
+    builtin_application("ping", "flame-ping")
+}
+
+/// The built-in shell runner of `flame submit --each`: `flame-shell` next to this binary,
+/// else from `PATH`.
+fn shell_application() -> ApplicationSpec {
+    builtin_application(flame_protocol::shell::APPLICATION, "flame-shell")
+}
+
+/// A built-in application named `name` that runs `binary`, found next to this binary,
+/// else from `PATH`.
+fn builtin_application(name: &str, binary: &str) -> ApplicationSpec {
     let command = std::env::current_exe()
         .ok()
-        .and_then(|exe| exe.parent().map(|d| d.join("flame-ping")))
+        .and_then(|exe| exe.parent().map(|d| d.join(binary)))
         .filter(|p| p.exists())
-        .map_or_else(|| "flame-ping".to_string(), |p| p.display().to_string());
+        .map_or_else(|| binary.to_string(), |p| p.display().to_string());
     ApplicationSpec {
         max_instances: 1024,
-        ..ApplicationSpec::new("ping", command)
+        ..ApplicationSpec::new(name, command)
     }
 }
 
@@ -101,6 +113,7 @@ async fn run(args: config::Args) -> anyhow::Result<()> {
         loaded,
     );
     core.ensure_application(ping_application());
+    core.ensure_application(shell_application());
     // Nodes that knew the previous head get a heartbeat timeout to come back and report
     // the tasks they still run before anything is dispatched again.
     core.start_recovery(

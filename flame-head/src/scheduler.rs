@@ -221,7 +221,9 @@ pub struct ShareRequest {
 /// a time to the owner whose dominant share divided by its weight is lowest, and within
 /// that owner to its highest-priority session with unmet demand, equal priorities taking
 /// turns by the dominant share they have (so each gets one before any gets a second, and
-/// a backlog that grows does not move executors between them). An atomic request (a gang) gets all of its demand in one turn or nothing. An
+/// a backlog that grows does not move executors between them). An atomic request (a gang)
+/// gets all of its demand at once or nothing: first, within its owner's weighted share,
+/// when no elastic session of its owner has a higher priority; else in its turn. An
 /// owner whose next executor no longer fits in what is left, or whose sessions are all
 /// served, drops out. Returns executors per request.
 pub fn fair_shares(
@@ -290,10 +292,63 @@ pub fn fair_shares(
                 .then_with(|| other.index.cmp(&self.index))
         }
     }
+    let weight_of: Vec<f64> = owners
+        .keys()
+        .map(|o| f64::from(weights.get(*o).copied().unwrap_or(1).max(1)))
+        .collect();
+    let weight_sum: f64 = weight_of.iter().sum();
+    let cap: Vec<f64> = weight_of.iter().map(|w| w / weight_sum).collect();
+    let mut share = vec![0.0f64; owners.len()];
+    let fits = |left: &Totals, u: &Resources| {
+        left.cpu_millis >= u64::from(u.cpu_millis)
+            && left.memory_bytes >= u.memory_bytes.unwrap_or(0)
+            && left.gpus >= u64::from(u.gpus)
+    };
+    // Gangs first, each whole, within its owner's weighted share, ahead of that owner's
+    // elastic sessions of no higher priority: a gang cannot grow an executor at a time,
+    // so taking turns with them would starve it behind any busy elastic session.
+    let mut gangs_first: Vec<(usize, usize)> = Vec::new();
+    for (o, list) in owners.values().enumerate() {
+        let top_elastic = list
+            .iter()
+            .filter(|&&i| !requests[i].atomic)
+            .map(|&i| requests[i].priority)
+            .max();
+        for &i in list {
+            if requests[i].atomic && top_elastic.is_none_or(|p| requests[i].priority >= p) {
+                gangs_first.push((o, i));
+            }
+        }
+    }
+    gangs_first.sort_by(|a, b| {
+        requests[b.1]
+            .priority
+            .cmp(&requests[a.1].priority)
+            .then(a.1.cmp(&b.1))
+    });
+    let mut placed_first = vec![false; requests.len()];
+    for (o, i) in gangs_first {
+        let r = &requests[i];
+        let all = times(&r.unit, r.demand);
+        if app_room[app_of[i]] < r.demand
+            || !fits(&left, &all)
+            || share[o] + shares[i] * r.demand as f64 > cap[o] + 1e-9
+        {
+            continue; // left to the turns below, then to what nobody claims
+        }
+        given[i] = r.demand;
+        placed_first[i] = true;
+        app_room[app_of[i]] -= r.demand;
+        left.cpu_millis -= u64::from(all.cpu_millis);
+        left.memory_bytes -= all.memory_bytes.unwrap_or(0);
+        left.gpus -= u64::from(all.gpus);
+        share[o] += shares[i] * r.demand as f64;
+    }
     let mut claims: Vec<BinaryHeap<Claim>> = owners
         .values()
         .map(|list| {
             list.iter()
+                .filter(|&&i| !placed_first[i])
                 .map(|&i| Claim {
                     priority: requests[i].priority,
                     given: 0,
@@ -304,19 +359,9 @@ pub fn fair_shares(
                 .collect()
         })
         .collect();
-    let weight_of: Vec<f64> = owners
-        .keys()
-        .map(|o| f64::from(weights.get(*o).copied().unwrap_or(1).max(1)))
+    let mut turns: BinaryHeap<Turn> = (0..claims.len())
+        .map(|o| Turn(share[o] / weight_of[o], o))
         .collect();
-    let mut share = vec![0.0f64; claims.len()];
-    let mut turns: BinaryHeap<Turn> = (0..claims.len()).map(|o| Turn(0.0, o)).collect();
-    let fits = |left: &Totals, u: &Resources| {
-        left.cpu_millis >= u64::from(u.cpu_millis)
-            && left.memory_bytes >= u.memory_bytes.unwrap_or(0)
-            && left.gpus >= u64::from(u.gpus)
-    };
-    let weight_sum: f64 = weight_of.iter().sum();
-    let cap: Vec<f64> = weight_of.iter().map(|w| w / weight_sum).collect();
     let mut deferred: Vec<Claim> = Vec::new();
     while let Some(Turn(_, owner)) = turns.pop() {
         // The owner's best claim that can still be met. A claim that cannot is dropped for

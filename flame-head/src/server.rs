@@ -1,14 +1,14 @@
 //! The I/O shell around the core: the QUIC server, the core's event loop, and the store
 //! writer. Everything here moves bytes; decisions are the core's.
 
-use crate::core::{Backfill, ConnId, Core, Event, WatchMsg};
+use crate::core::{Backfill, ConnId, Core, Event, LogTargets, WatchMsg};
 use crate::store::{Store, StoreRequest};
 use flame_protocol::endpoint::check_hello;
 use flame_protocol::frame::{FrameError, FrameReader, FrameWriter};
 use flame_protocol::limits;
 use flame_protocol::messages::{
-    ClientRequest, ClientResponse, Hello, HelloReply, LogEvent, NodeLogRequest, NodeToHead, Role,
-    SubmitBatch, SubmitReply, WatchEvent,
+    ClientRequest, ClientResponse, ExecEvent, Hello, HelloReply, LogEvent, NodeExecRequest,
+    NodeLogRequest, NodeStreamRequest, NodeToHead, Role, SubmitBatch, SubmitReply, WatchEvent,
 };
 use flame_protocol::model::{ApiError, ErrorKind, TaskResult};
 use flame_protocol::{ExecutorId, SessionId, TaskId};
@@ -290,6 +290,9 @@ async fn client_stream(
             executor,
             follow,
         } => logs_stream(shared, session, executor, follow, writer).await,
+        ClientRequest::JobExec { job, node, argv } => {
+            exec_stream(shared, job, node, argv, writer).await
+        }
         ClientRequest::ListTasks {
             session,
             states,
@@ -516,6 +519,7 @@ async fn node_connection(
         .events
         .send(Event::NodeConnected {
             conn: conn_id,
+            address: conn.remote_address().ip().to_canonical().to_string(),
             registration,
             link: link_tx,
         })
@@ -600,14 +604,37 @@ async fn logs_stream(
     })
     .await?;
     let targets = match targets {
-        Ok(targets) => targets,
+        Ok(LogTargets::Now(targets)) => {
+            writer.write(&ClientResponse::Ok).await?;
+            targets
+        }
+        Ok(LogTargets::WhenStarted(later)) => {
+            writer.write(&ClientResponse::Ok).await?;
+            // As long as the job waits for room, or until the client goes away.
+            let answer = tokio::select! {
+                answer = later => answer,
+                _ = writer.get_mut().stopped() => return Ok(()),
+            };
+            match answer {
+                Ok(Ok(targets)) => targets,
+                Ok(Err(e)) => {
+                    writer
+                        .write(&LogEvent::Unavailable {
+                            node: String::new(),
+                            reason: e.message,
+                        })
+                        .await?;
+                    Vec::new()
+                }
+                Err(_) => return Err(ConnError::CoreGone),
+            }
+        }
         Err(e) => {
             writer.write(&ClientResponse::Error(e)).await?;
             let _ = writer.get_mut().finish();
             return Ok(());
         }
     };
-    writer.write(&ClientResponse::Ok).await?;
     let (tx, mut rx) = mpsc::channel::<LogEvent>(LOG_EVENTS_BUFFERED_MAX);
     // Dropped on every return: aborts the readers, whose dropped streams stop the nodes.
     let mut readers = JoinSet::new();
@@ -653,7 +680,7 @@ async fn read_node_logs(
     tx: &mpsc::Sender<LogEvent>,
 ) -> Result<(), String> {
     let asked: HashSet<ExecutorId> = executors.iter().copied().collect();
-    let request = NodeLogRequest { executors, follow };
+    let request = NodeStreamRequest::Logs(NodeLogRequest { executors, follow });
     let open = async {
         let (send, recv) = conn.open_bi().await?;
         let mut writer = FrameWriter::new(send, limits::FRAME_BYTES_MAX);
@@ -709,6 +736,117 @@ async fn read_node_logs(
             Err(e) => return Err(format!("reading the node's logs failed: {e}")),
         };
         if tx.send(event).await.is_err() {
+            return Ok(());
+        }
+    }
+}
+
+/// `ClientRequest::JobExec`: finds the rank of the job on the node (the core), opens a
+/// stream to that node with the command, and relays the node's `ExecEvent` frames to the
+/// client until the process ends. When the client goes away the node stream is dropped,
+/// which kills the process on the node.
+async fn exec_stream(
+    shared: Arc<Shared>,
+    job: SessionId,
+    node: String,
+    argv: Vec<String>,
+    mut writer: Writer,
+) -> Result<(), ConnError> {
+    let refuse =
+        |message: String| ClientResponse::Error(ApiError::new(ErrorKind::InvalidArgument, message));
+    if argv.is_empty() || argv.len() > flame_protocol::messages::EXEC_ARGS_MAX {
+        writer
+            .write(&refuse(format!(
+                "the command must have 1 to {} arguments",
+                flame_protocol::messages::EXEC_ARGS_MAX
+            )))
+            .await?;
+        let _ = writer.get_mut().finish();
+        return Ok(());
+    }
+    let target = ask(&shared, |reply| Event::ExecTarget {
+        job,
+        node: node.clone(),
+        reply,
+    })
+    .await?;
+    let executor = match target {
+        Ok(executor) => executor,
+        Err(e) => {
+            writer.write(&ClientResponse::Error(e)).await?;
+            let _ = writer.get_mut().finish();
+            return Ok(());
+        }
+    };
+    let Some(conn) = shared.node_connection(&node) else {
+        writer
+            .write(&ClientResponse::Error(ApiError::new(
+                ErrorKind::Unavailable,
+                format!("node `{node}` is not connected to the head"),
+            )))
+            .await?;
+        let _ = writer.get_mut().finish();
+        return Ok(());
+    };
+    let request = NodeStreamRequest::Exec(NodeExecRequest {
+        executor,
+        argv,
+        env: Vec::new(),
+    });
+    let open = async {
+        let (send, recv) = conn.open_bi().await?;
+        let mut node_writer = FrameWriter::new(send, limits::FRAME_BYTES_MAX);
+        node_writer.write(&request).await?;
+        Ok::<_, ConnError>((node_writer, recv))
+    };
+    let (node_writer, recv) = match tokio::time::timeout(NODE_LOG_OPEN_TIMEOUT, open).await {
+        Ok(Ok(opened)) => opened,
+        Ok(Err(e)) => {
+            writer
+                .write(&ClientResponse::Error(ApiError::new(
+                    ErrorKind::Unavailable,
+                    format!("cannot reach node `{node}`: {e}"),
+                )))
+                .await?;
+            let _ = writer.get_mut().finish();
+            return Ok(());
+        }
+        Err(_) => {
+            writer
+                .write(&ClientResponse::Error(ApiError::new(
+                    ErrorKind::Unavailable,
+                    format!(
+                        "node `{node}` did not take the request within {NODE_LOG_OPEN_TIMEOUT:?}"
+                    ),
+                )))
+                .await?;
+            let _ = writer.get_mut().finish();
+            return Ok(());
+        }
+    };
+    // Kept open (not finished): the node takes a finished or reset stream as a request to
+    // stop; dropped on return.
+    let _node_send = node_writer.into_inner();
+    writer.write(&ClientResponse::Ok).await?;
+    let mut reader = FrameReader::new(recv, limits::FRAME_BYTES_MAX);
+    loop {
+        let frame = tokio::select! {
+            frame = reader.read::<ExecEvent>() => frame,
+            _ = writer.get_mut().stopped() => return Ok(()),
+        };
+        let event = match frame {
+            Ok(Some(event)) => event,
+            Ok(None) => ExecEvent::Failed {
+                reason: format!("node `{node}` ended the stream early"),
+            },
+            Err(e) => ExecEvent::Failed {
+                reason: format!("reading from node `{node}` failed: {e}"),
+            },
+        };
+        let last = matches!(event, ExecEvent::Exited { .. } | ExecEvent::Failed { .. });
+        writer.write(&event).await?;
+        if last {
+            let _ = writer.get_mut().finish();
             return Ok(());
         }
     }

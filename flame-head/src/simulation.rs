@@ -287,6 +287,7 @@ fn describe(event: &Event) -> String {
             ..
         } => format!("submit s{} batch {batch_id} n={}", session.0, inputs.len()),
         Event::Watch { session, .. } => format!("watch s{}", session.0),
+        Event::ExecTarget { job, node, .. } => format!("exec target s{} on {node}", job.0),
         Event::NodeConnected {
             conn, registration, ..
         } => {
@@ -593,6 +594,7 @@ impl SimNode {
                         ctx.honest.insert((a.session, a.task, a.attempt));
                         self.pending.push_back(Report::Result(
                             NodeTaskResult {
+                                exit_code: None,
                                 executor: id,
                                 session: a.session,
                                 task: a.task,
@@ -1422,6 +1424,7 @@ impl World {
                 *next_conn += 1;
                 let (tx, rx) = mpsc::unbounded_channel();
                 out.push_back(Event::NodeConnected {
+                    address: "127.0.0.1".into(),
                     conn,
                     registration: node.registration(),
                     link: tx,
@@ -1615,6 +1618,7 @@ impl World {
                     ephemeral,
                     owner: Default::default(),
                     priority: 0,
+                    job: None,
                 }),
                 reply,
             });
@@ -2381,6 +2385,7 @@ impl World {
 
 fn stale(a: &Assigned, executor: ExecutorId, attempt: u32, outcome: TaskOutcome) -> NodeTaskResult {
     NodeTaskResult {
+        exit_code: None,
         executor,
         session: a.session,
         task: a.task,

@@ -10,8 +10,8 @@
 
 use bytes::Bytes;
 use flame_protocol::model::{
-    ApplicationSpec, ExecutorUsage, NodeResources, SessionState, TaskInfo, TaskOutcome, TaskResult,
-    TaskState,
+    ApplicationSpec, ExecutorUsage, JobInfo, NodeResources, SessionState, TaskInfo, TaskOutcome,
+    TaskResult, TaskState,
 };
 use flame_protocol::{SessionId, TaskId};
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
@@ -24,7 +24,7 @@ use std::sync::Arc;
 /// Version 2: application resources, users, selectors and secret env; node resources and
 /// labels; per-session executor usage. Version 1 stores (pre-release) are refused.
 /// Version 3: session owners and priorities, node drains.
-pub const SCHEMA_VERSION: u64 = 3;
+pub const SCHEMA_VERSION: u64 = 4;
 
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const APPS: TableDefinition<&str, &[u8]> = TableDefinition::new("applications");
@@ -107,6 +107,8 @@ pub struct StoredSession {
     /// What the executors that served it used, one entry per executor, at most
     /// [`USAGE_RECORDS_MAX`].
     pub usage: Vec<ExecutorUsage>,
+    /// A batch job's spec and progress; `None` for an elastic session.
+    pub job: Option<JobInfo>,
 }
 
 /// Most executor usage records kept per session; later executors are added up into the

@@ -17,7 +17,7 @@ use flame_protocol::model::{ApplicationSpec, ShimKind, TaskAssignment, TaskOutco
 use flame_protocol::{limits, ExecutorId, SessionId};
 use flame_shims::node::{Invocation, NodeShim};
 use flame_shims::unix::{connect_when_listening, SocketDir, ENV_SHIM_SOCKET};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -74,6 +74,21 @@ pub struct Settings {
     pub credit: u32,
     /// Executors ended so far, to pace the pruning of old logs.
     pub executors_ended: std::sync::atomic::AtomicU64,
+    /// Ranks of batch jobs that hold their allocation for Open MPI's daemons, by executor:
+    /// where the head's exec requests are started.
+    pub rank_holds: std::sync::Mutex<HashMap<ExecutorId, mpsc::Sender<ExecStart>>>,
+    /// Added to the environment of every rank of a batch job (`FLAME_HEAD`, Open MPI's
+    /// launcher).
+    pub job_env: Vec<(String, String)>,
+}
+
+/// A command to start inside a rank's allocation ([`Settings::rank_holds`]).
+#[derive(Debug)]
+pub struct ExecStart {
+    pub argv: Vec<String>,
+    pub env: Vec<(String, String)>,
+    /// The started process (stdio piped, stdin null), or why it could not start.
+    pub started: oneshot::Sender<Result<tokio::process::Child, String>>,
 }
 
 /// What one executor is started with.
@@ -159,7 +174,7 @@ impl Prepared {
             )
         })?;
         let socket_dir = match app.shim {
-            ShimKind::Stdio => None,
+            ShimKind::Stdio | ShimKind::Batch => None,
             ShimKind::Unix => match SocketDir::create(&settings.runtime_dir, id.0, owner) {
                 Ok(d) => Some(d),
                 Err(e) => {
@@ -430,6 +445,9 @@ async fn drive(
 ) -> String {
     let id = spec.executor;
     let app = &spec.application;
+    if app.shim == ShimKind::Batch {
+        return drive_rank(settings, spec, prepared, commands, kill, reports).await;
+    }
     let unix = app.shim == ShimKind::Unix;
     let process = ProcessSpec {
         program: app.command.clone(),
@@ -597,6 +615,7 @@ async fn drive(
                     task: a.task,
                     attempt: a.attempt,
                     outcome,
+                    exit_code: None,
                 }));
             }
             Command::Unbind => {
@@ -629,4 +648,319 @@ async fn drive(
             }
         }
     }
+}
+
+/// Most exec requests waiting for a holding rank at once.
+const RANK_EXEC_QUEUE: usize = 64;
+
+/// Drives one rank of a batch job: no shim and no process until its task comes. The rank
+/// says ready at once (so the head can start the job once every rank is placed), enters
+/// its session at once, and its one task runs the job's command to completion with the
+/// rank's environment; the process's exit status is the task's result. A holding rank
+/// (`--mpi`, not the first) runs nothing itself and starts Open MPI's daemon when asked.
+async fn drive_rank(
+    settings: &Settings,
+    spec: &LaunchSpec,
+    prepared: &mut Prepared,
+    mut commands: mpsc::UnboundedReceiver<Command>,
+    mut kill: oneshot::Receiver<()>,
+    reports: &mpsc::UnboundedSender<Report>,
+) -> String {
+    let id = spec.executor;
+    let mut phase = Phase::Void.next(Input::AppReady).unwrap_or(Phase::Void);
+    let _ = reports.send(Report::Event(ExecutorEvent::Ready {
+        executor: id,
+        credit: 1,
+    }));
+    let mut ran = false;
+    loop {
+        let command = tokio::select! {
+            c = commands.recv() => match c {
+                Some(c) => c,
+                None => return "the node lost its head connection".to_string(),
+            },
+            _ = &mut kill => return "killed by the node".to_string(),
+        };
+        let input = match &command {
+            Command::Bind { session, .. } => Input::Bind(*session),
+            Command::Run(a) => Input::Run(a.session),
+            Command::Unbind => Input::Unbind,
+            Command::Release => Input::Release,
+        };
+        phase = match phase.next(input) {
+            Ok(p) => p,
+            Err(e) => return format!("protocol error: {e}"),
+        };
+        match command {
+            Command::Bind { session, .. } => {
+                phase = phase.next(Input::Entered).unwrap_or(phase);
+                prepared.bound_at = prepared.usage_now();
+                prepared.bound_since = Some(std::time::Instant::now());
+                let _ = reports.send(Report::Event(ExecutorEvent::Bound {
+                    executor: id,
+                    session,
+                }));
+            }
+            Command::Run(a) => {
+                if ran {
+                    return "protocol error: a rank runs one task".to_string();
+                }
+                ran = true;
+                let (outcome, exit_code) =
+                    match run_rank(settings, spec, prepared, &a, &mut kill).await {
+                        RankEnd::Exited(0) => (TaskOutcome::Succeeded(Bytes::new()), Some(0)),
+                        RankEnd::Exited(code) => (
+                            TaskOutcome::Failed(format!(
+                                "rank exited with status {code}{}",
+                                tail_text(&prepared.log)
+                            )),
+                            Some(code),
+                        ),
+                        RankEnd::NotStarted(why, code) => (TaskOutcome::Failed(why), code),
+                        RankEnd::Killed => return "killed by the node".to_string(),
+                    };
+                let _ = reports.send(Report::Result(NodeTaskResult {
+                    executor: id,
+                    session: a.session,
+                    task: a.task,
+                    attempt: a.attempt,
+                    outcome,
+                    exit_code,
+                }));
+            }
+            Command::Unbind => {
+                phase = phase.next(Input::Left).unwrap_or(phase);
+                let usage = prepared.usage_since_bound();
+                prepared.bound_at = None;
+                prepared.bound_since = None;
+                let _ = reports.send(Report::Event(ExecutorEvent::Unbound {
+                    executor: id,
+                    usage,
+                }));
+            }
+            Command::Release => return "released".to_string(),
+        }
+    }
+}
+
+/// How a rank's task ended.
+enum RankEnd {
+    /// Its process exited with this status (128 + signal when a signal killed it).
+    Exited(i32),
+    /// It could not start: why, and the status a shell would give (127: not found, 126:
+    /// not executable).
+    NotStarted(String, Option<i32>),
+    /// The node killed the executor (the job was cancelled or ended).
+    Killed,
+}
+
+/// A process's exit status as a shell reports it.
+pub fn status_code(status: std::process::ExitStatus) -> i32 {
+    use std::os::unix::process::ExitStatusExt as _;
+    status
+        .code()
+        .or_else(|| status.signal().map(|s| 128 + s))
+        .unwrap_or(1)
+}
+
+/// Runs one rank's process (or, holding, waits and starts Open MPI's daemons) until it ends.
+async fn run_rank(
+    settings: &Settings,
+    spec: &LaunchSpec,
+    prepared: &Prepared,
+    task: &flame_protocol::model::TaskAssignment,
+    kill: &mut oneshot::Receiver<()>,
+) -> RankEnd {
+    let app = &spec.application;
+    let launch = match flame_protocol::model::RankLaunch::decode(&task.input) {
+        Ok(l) => l,
+        Err(e) => return RankEnd::NotStarted(format!("malformed rank launch: {e}"), None),
+    };
+    let hostfile = prepared.work_dir.join("hostfile");
+    if let Err(e) = write_owned(&hostfile, launch.hostfile.as_bytes(), &prepared.credentials) {
+        return RankEnd::NotStarted(
+            format!("cannot write the hostfile {}: {e}", hostfile.display()),
+            None,
+        );
+    }
+    let mut env = environment(settings, spec, prepared);
+    env.extend(settings.job_env.iter().cloned());
+    env.extend(launch.env.iter().cloned());
+    env.push(("FLAME_HOSTFILE".into(), hostfile.display().to_string()));
+    // Open MPI: `mpirun` takes the job's hostfile, and runs as root only when told so
+    // (the node allows root executors only with --allow-root-executors).
+    env.push((
+        "OMPI_MCA_orte_default_hostfile".into(),
+        hostfile.display().to_string(),
+    ));
+    let as_root = match &prepared.credentials {
+        Some(c) => c.uid == 0,
+        None => nix::unistd::geteuid().is_root(),
+    };
+    if as_root {
+        env.push(("OMPI_ALLOW_RUN_AS_ROOT".into(), "1".into()));
+        env.push(("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM".into(), "1".into()));
+    }
+    let working_dir = app
+        .working_dir
+        .as_ref()
+        .map_or_else(|| prepared.work_dir.clone(), PathBuf::from);
+    if launch.hold {
+        return hold_rank(settings, spec.executor, prepared, env, working_dir, kill).await;
+    }
+    let (program, args) = match &launch.argv {
+        Some(argv) => match argv.split_first() {
+            Some((p, rest)) => (p.clone(), rest.to_vec()),
+            None => return RankEnd::NotStarted("an empty command line".into(), None),
+        },
+        None => (app.command.clone(), app.args.clone()),
+    };
+    let mut child = match start_in_rank(settings, prepared, program, args, env, working_dir) {
+        Ok(c) => c,
+        Err(e) => return e,
+    };
+    tokio::select! {
+        status = child.wait() => match status {
+            Ok(status) => {
+                // Give the log copies a moment to take the last lines.
+                tokio::task::yield_now().await;
+                RankEnd::Exited(status_code(status))
+            }
+            Err(e) => RankEnd::NotStarted(format!("waiting for the rank's process failed: {e}"), None),
+        },
+        _ = kill => RankEnd::Killed,
+    }
+}
+
+/// Starts a process in a rank's cgroup, as its user, with its output in the rank's log.
+fn start_in_rank(
+    settings: &Settings,
+    prepared: &Prepared,
+    program: String,
+    args: Vec<String>,
+    env: Vec<(String, String)>,
+    working_dir: PathBuf,
+) -> Result<tokio::process::Child, RankEnd> {
+    let cgroup = match prepared.cgroup.as_ref().map(ExecutorCgroup::procs_files) {
+        None => None,
+        Some(Ok(join)) => Some(join),
+        Some(Err(e)) => {
+            return Err(RankEnd::NotStarted(
+                format!("cannot join the rank's cgroup: {e}"),
+                None,
+            ))
+        }
+    };
+    let process = ProcessSpec {
+        program,
+        args,
+        env,
+        working_dir,
+        credentials: prepared.credentials.clone(),
+        cgroup,
+        stdin: StdioMode::Null,
+        stdout: StdioMode::Piped,
+        stderr: StdioMode::Piped,
+    };
+    match settings.launcher.launch(process) {
+        Ok(mut child) => {
+            if let Some(out) = child.stdout.take() {
+                prepared.log.spawn_copy(out, "stdout");
+            }
+            if let Some(err) = child.stderr.take() {
+                prepared.log.spawn_copy(err, "stderr");
+            }
+            Ok(child)
+        }
+        Err(e) => {
+            let code = match &e {
+                crate::launcher::LaunchError::Spawn { source, .. }
+                    if source.kind() == std::io::ErrorKind::NotFound =>
+                {
+                    Some(127)
+                }
+                crate::launcher::LaunchError::Spawn { .. } => Some(126),
+                _ => None,
+            };
+            Err(RankEnd::NotStarted(e.to_string(), code))
+        }
+    }
+}
+
+/// A holding rank: registers itself so the head's exec requests (Open MPI's daemon) start
+/// in its allocation, and waits until the node kills it at the job's end.
+async fn hold_rank(
+    settings: &Settings,
+    id: ExecutorId,
+    prepared: &Prepared,
+    env: Vec<(String, String)>,
+    working_dir: PathBuf,
+    kill: &mut oneshot::Receiver<()>,
+) -> RankEnd {
+    let (tx, mut rx) = mpsc::channel::<ExecStart>(RANK_EXEC_QUEUE);
+    if let Ok(mut holds) = settings.rank_holds.lock() {
+        holds.insert(id, tx);
+    }
+    let end = loop {
+        tokio::select! {
+            request = rx.recv() => {
+                let Some(request) = request else { break RankEnd::Killed };
+                let Some((program, args)) = request.argv.split_first() else {
+                    let _ = request.started.send(Err("an empty command line".into()));
+                    continue;
+                };
+                let mut all_env = env.clone();
+                all_env.extend(request.env);
+                let started = start_exec(settings, prepared, program.clone(), args.to_vec(), all_env, working_dir.clone());
+                let _ = request.started.send(started);
+            }
+            _ = &mut *kill => break RankEnd::Killed,
+        }
+    };
+    if let Ok(mut holds) = settings.rank_holds.lock() {
+        holds.remove(&id);
+    }
+    end
+}
+
+/// Starts an exec request's process in a rank's cgroup, its stdout and stderr piped back
+/// to the requester.
+fn start_exec(
+    settings: &Settings,
+    prepared: &Prepared,
+    program: String,
+    args: Vec<String>,
+    env: Vec<(String, String)>,
+    working_dir: PathBuf,
+) -> Result<tokio::process::Child, String> {
+    let cgroup = match prepared.cgroup.as_ref().map(ExecutorCgroup::procs_files) {
+        None => None,
+        Some(Ok(join)) => Some(join),
+        Some(Err(e)) => return Err(format!("cannot join the rank's cgroup: {e}")),
+    };
+    let process = ProcessSpec {
+        program,
+        args,
+        env,
+        working_dir,
+        credentials: prepared.credentials.clone(),
+        cgroup,
+        stdin: StdioMode::Null,
+        stdout: StdioMode::Piped,
+        stderr: StdioMode::Piped,
+    };
+    settings.launcher.launch(process).map_err(|e| e.to_string())
+}
+
+/// Writes a small file readable by the rank's user.
+fn write_owned(
+    path: &std::path::Path,
+    bytes: &[u8],
+    credentials: &Option<Credentials>,
+) -> std::io::Result<()> {
+    std::fs::write(path, bytes)?;
+    if let Some(c) = credentials {
+        std::os::unix::fs::chown(path, Some(c.uid), Some(c.gid))?;
+    }
+    Ok(())
 }

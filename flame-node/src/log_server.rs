@@ -1,5 +1,5 @@
 //! The node's side of `flame logs`: the head opens a stream on the node's connection, sends
-//! one [`NodeLogRequest`], and this answers with the executors' logs as [`LogEvent`]
+//! one [`NodeStreamRequest::Logs`] (an `Exec` goes to [`crate::exec_server`]), and this answers with the executors' logs as [`LogEvent`]
 //! frames, then [`LogEvent::End`], and finishes the stream.
 //!
 //! * Without `follow`, the executors' logs go one after the other, in the order asked,
@@ -20,7 +20,7 @@ use crate::executor::Settings;
 use crate::logs::LogError;
 use flame_protocol::frame::{FrameError, FrameReader, FrameWriter};
 use flame_protocol::limits;
-use flame_protocol::messages::{LogEvent, NodeLogRequest};
+use flame_protocol::messages::{LogEvent, NodeStreamRequest};
 use flame_protocol::ExecutorId;
 use std::sync::Arc;
 use std::time::Duration;
@@ -39,7 +39,7 @@ pub const EVENTS_BUFFERED_MAX: usize = 16;
 
 #[derive(Debug, thiserror::Error)]
 enum ServeError {
-    #[error("the head sent no log request within {0:?}")]
+    #[error("the head sent no request within {0:?}")]
     NoRequest(Duration),
     #[error(transparent)]
     Frame(#[from] FrameError),
@@ -58,10 +58,17 @@ async fn serve_stream(
     settings: Arc<Settings>,
 ) -> Result<(), ServeError> {
     let mut reader = FrameReader::new(recv, REQUEST_FRAME_BYTES_MAX);
-    let request = tokio::time::timeout(REQUEST_WAIT, reader.read_required::<NodeLogRequest>())
+    let request = tokio::time::timeout(REQUEST_WAIT, reader.read_required::<NodeStreamRequest>())
         .await
         .map_err(|_| ServeError::NoRequest(REQUEST_WAIT))??;
     let mut writer = FrameWriter::new(send, limits::FRAME_BYTES_MAX);
+    let request = match request {
+        NodeStreamRequest::Logs(request) => request,
+        NodeStreamRequest::Exec(request) => {
+            crate::exec_server::serve(&mut writer, request, &settings).await?;
+            return Ok(());
+        }
+    };
     let (tx, mut rx) = mpsc::channel::<LogEvent>(EVENTS_BUFFERED_MAX);
     // Dropped on every return, which stops the readers.
     let mut readers = JoinSet::new();

@@ -5,6 +5,7 @@
 mod capacity;
 mod cgroup;
 mod config;
+mod exec_server;
 mod executor;
 mod launcher;
 mod lifecycle;
@@ -338,6 +339,8 @@ fn run(args: Args) -> Result<(), String> {
         logs,
         credit,
         executors_ended: Default::default(),
+        rank_holds: Default::default(),
+        job_env: job_environment(&head, &ca_file),
     };
     let config = link::NodeConfig {
         head,
@@ -356,6 +359,25 @@ fn run(args: Args) -> Result<(), String> {
     runtime
         .block_on(link::run(config, shutdown_signal()))
         .map_err(|e| e.to_string())
+}
+
+/// What every rank of a batch job gets besides its own variables: where the head is, for
+/// programs of the job that talk to Flame, and the launcher Open MPI's `mpirun` uses to
+/// start its daemons through Flame (`flame-mpi-agent`, next to this binary).
+fn job_environment(head: &str, ca_file: &std::path::Path) -> Vec<(String, String)> {
+    let agent = std::env::current_exe()
+        .ok()
+        .and_then(|exe| exe.parent().map(|d| d.join("flame-mpi-agent")))
+        .filter(|p| p.exists())
+        .map_or_else(
+            || "flame-mpi-agent".to_string(),
+            |p| p.display().to_string(),
+        );
+    vec![
+        ("FLAME_HEAD".into(), head.to_string()),
+        ("FLAME_CA_FILE".into(), ca_file.display().to_string()),
+        ("OMPI_MCA_plm_rsh_agent".into(), agent),
+    ]
 }
 
 async fn shutdown_signal() {

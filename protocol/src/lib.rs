@@ -16,12 +16,13 @@ pub mod limits;
 pub mod messages;
 pub mod model;
 pub mod ping;
+pub mod shell;
 pub mod shim;
 
 pub use ids::{ExecutorId, SessionId, TaskId};
 
 /// Version of the head/node/client protocol carried in every [`messages::Hello`].
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// The TLS application protocol name every Flame endpoint negotiates.
 pub const ALPN: &[u8] = b"flame/1";

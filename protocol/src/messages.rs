@@ -115,7 +115,54 @@ pub enum ClientRequest {
         executor: Option<ExecutorId>,
         follow: bool,
     },
+    /// Runs a command on one node of a running batch job, inside the job's allocation
+    /// there (the cgroup and user of one of its ranks): how Open MPI's `mpirun` starts its
+    /// daemons without ssh. After a [`ClientResponse::Ok`] the head sends [`ExecEvent`]
+    /// frames, ending with [`ExecEvent::Exited`] or [`ExecEvent::Failed`]. The process is
+    /// killed when the client closes the stream or the job ends.
+    JobExec {
+        job: SessionId,
+        node: String,
+        argv: Vec<String>,
+    },
 }
+
+/// A frame of a [`ClientRequest::JobExec`] stream (and of the node's answer to a
+/// [`NodeExecRequest`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ExecEvent {
+    Stdout(Bytes),
+    Stderr(Bytes),
+    /// The process exited by itself with this status (128 + signal for a signal).
+    Exited {
+        code: i32,
+    },
+    /// It could not be started, or was stopped; nothing more follows.
+    Failed {
+        reason: String,
+    },
+}
+
+/// The first frame on a stream the head opens to a node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum NodeStreamRequest {
+    /// Answered with [`LogEvent`] frames.
+    Logs(NodeLogRequest),
+    /// Answered with [`ExecEvent`] frames.
+    Exec(NodeExecRequest),
+}
+
+/// Start `argv` in the cgroup, as the user, and with the environment of the rank
+/// `executor` (with `env` added), in its working directory.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeExecRequest {
+    pub executor: ExecutorId,
+    pub argv: Vec<String>,
+    pub env: Vec<(String, String)>,
+}
+
+/// Most arguments of a [`ClientRequest::JobExec`].
+pub const EXEC_ARGS_MAX: usize = 4096;
 
 /// A frame of a log stream.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -276,6 +323,9 @@ pub struct NodeTaskResult {
     pub task: TaskId,
     pub attempt: u32,
     pub outcome: TaskOutcome,
+    /// For a rank of a batch job: its process's exit status, when it exited by itself
+    /// (128 + the signal number when a signal killed it).
+    pub exit_code: Option<i32>,
 }
 
 /// A frame from the head to a node.
@@ -342,6 +392,8 @@ mod tests {
             let _ = postcard::from_bytes::<HeadToNode>(&bytes);
             let _ = postcard::from_bytes::<LogEvent>(&bytes);
             let _ = postcard::from_bytes::<NodeLogRequest>(&bytes);
+            let _ = postcard::from_bytes::<NodeStreamRequest>(&bytes);
+            let _ = postcard::from_bytes::<ExecEvent>(&bytes);
         }
     }
 

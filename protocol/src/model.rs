@@ -15,6 +15,11 @@ pub enum ShimKind {
     /// Frames over a Unix stream socket the application listens on, at the path the node
     /// gives it in `FLAME_SHIM_SOCKET`; stdout and stderr go to the executor's log.
     Unix,
+    /// No shim: the executor is one rank of a batch job and runs the job's command once,
+    /// to completion, with the rank's environment; stdout and stderr go to the executor's
+    /// log. Only the head makes such executors (`flame submit`); an application cannot be
+    /// registered with it.
+    Batch,
 }
 
 impl std::fmt::Display for ShimKind {
@@ -22,6 +27,7 @@ impl std::fmt::Display for ShimKind {
         f.write_str(match self {
             ShimKind::Stdio => "stdio",
             ShimKind::Unix => "unix",
+            ShimKind::Batch => "batch",
         })
     }
 }
@@ -338,6 +344,18 @@ impl ApplicationSpec {
     /// Checks every field; the error names the first field that is wrong.
     pub fn validate(&self) -> Result<(), SpecError> {
         validate_name("name", &self.name)?;
+        if self.shim == ShimKind::Batch {
+            return Err(SpecError::new(
+                "shim",
+                "`batch` is reserved for the ranks of batch jobs (`flame submit`); use `stdio` or `unix`",
+            ));
+        }
+        self.validate_process()
+    }
+
+    /// Checks everything but the name and the shim: what a batch job's ranks share with
+    /// applications.
+    fn validate_process(&self) -> Result<(), SpecError> {
         if self.command.trim().is_empty() {
             return Err(SpecError::new("command", "must not be empty"));
         }
@@ -450,6 +468,249 @@ pub struct SessionSpec {
     /// Among one owner's sessions, a higher priority is served first and may reclaim
     /// executors from lower ones.
     pub priority: i32,
+    /// A batch job rather than an elastic session: its executors are ranks running the
+    /// job's command, started together once all are placed. `application` is not used.
+    pub job: Option<JobSpec>,
+}
+
+/// Most ranks one batch job may have.
+pub const JOB_RANKS_MAX: u32 = 65_536;
+/// Longest time limit a job may ask for (30 days).
+pub const JOB_TIME_LIMIT_MS_MAX: u64 = 30 * 24 * 3600 * 1000;
+/// Longest job name.
+pub const JOB_NAME_BYTES_MAX: usize = 128;
+
+/// A batch job (`flame submit`): `ranks` processes of one command, placed all together or
+/// not at all, started together once placed, each running to completion.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobSpec {
+    /// Free text shown by `flame job list`; may be empty.
+    pub name: String,
+    /// Program each rank runs (with `mpi`: the program `mpirun` starts). A bare name is
+    /// looked up in the node's `PATH`.
+    pub command: String,
+    pub args: Vec<String>,
+    /// Added to each rank's environment.
+    pub env: BTreeMap<String, String>,
+    /// Where the ranks start; `None`: a private directory of each rank's own.
+    pub working_dir: Option<String>,
+    pub ranks: u32,
+    /// Exactly this many ranks on each node used, when set.
+    pub ranks_per_node: Option<u32>,
+    /// What each rank needs and is limited to.
+    pub resources: Resources,
+    /// The job is stopped when its ranks run longer than this.
+    pub time_limit_ms: Option<u64>,
+    /// Run `mpirun` on the first node with the job's hostfile; Open MPI starts its
+    /// daemons on the other nodes through Flame (`flame-mpi-agent`), inside the job.
+    pub mpi: bool,
+}
+
+impl JobSpec {
+    /// A job of `ranks` ranks of `command`, 1 cpu each.
+    pub fn new(command: impl Into<String>, ranks: u32) -> Self {
+        JobSpec {
+            name: String::new(),
+            command: command.into(),
+            args: Vec::new(),
+            env: BTreeMap::new(),
+            working_dir: None,
+            ranks,
+            ranks_per_node: None,
+            resources: Resources::default(),
+            time_limit_ms: None,
+            mpi: false,
+        }
+    }
+
+    /// The application its ranks run as: `job.<id>` (a name no registered application can
+    /// have), shim `batch`, one instance per rank, released as soon as the job ends.
+    pub fn application(&self, job: SessionId) -> ApplicationSpec {
+        ApplicationSpec {
+            args: self.args.clone(),
+            env: self
+                .env
+                .iter()
+                .map(|(k, v)| (k.clone(), EnvValue::plain(v.clone())))
+                .collect(),
+            working_dir: self.working_dir.clone(),
+            resources: self.resources,
+            max_instances: self.ranks,
+            delay_release_ms: 0,
+            max_attempts: 1,
+            shim: ShimKind::Batch,
+            ..ApplicationSpec::new(format!("job.{}", job.0), self.command.clone())
+        }
+    }
+
+    /// Checks every field; the error names the first field that is wrong.
+    pub fn validate(&self) -> Result<(), SpecError> {
+        if self.name.len() > JOB_NAME_BYTES_MAX || self.name.chars().any(char::is_control) {
+            return Err(SpecError::new(
+                "name",
+                format!("must be at most {JOB_NAME_BYTES_MAX} bytes without control characters"),
+            ));
+        }
+        if self.ranks == 0 || self.ranks > JOB_RANKS_MAX {
+            return Err(SpecError::new(
+                "ranks",
+                format!(
+                    "is {}; it must be between 1 and {JOB_RANKS_MAX}",
+                    self.ranks
+                ),
+            ));
+        }
+        if let Some(k) = self.ranks_per_node {
+            if k == 0 || self.ranks % k != 0 {
+                return Err(SpecError::new(
+                    "ranks_per_node",
+                    format!(
+                        "is {k}; it must divide the {} ranks (each node used gets exactly that many)",
+                        self.ranks
+                    ),
+                ));
+            }
+        }
+        if let Some(t) = self.time_limit_ms {
+            if t == 0 || t > JOB_TIME_LIMIT_MS_MAX {
+                return Err(SpecError::new(
+                    "time_limit",
+                    "must be more than 0 and at most 30 days",
+                ));
+            }
+        }
+        self.application(SessionId(0)).validate_process()
+    }
+}
+
+/// A batch job's life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum JobState {
+    /// Waiting for room for all its ranks.
+    Queued,
+    /// Its ranks were started.
+    Running,
+    /// Every rank exited with status 0.
+    Succeeded,
+    /// A rank failed (non-zero exit, crash, lost node); the others were stopped.
+    Failed,
+    Cancelled,
+    /// Stopped at its time limit.
+    TimedOut,
+}
+
+impl JobState {
+    /// The job has ended; the state never changes again.
+    pub fn is_final(self) -> bool {
+        !matches!(self, JobState::Queued | JobState::Running)
+    }
+}
+
+impl std::fmt::Display for JobState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            JobState::Queued => "Queued",
+            JobState::Running => "Running",
+            JobState::Succeeded => "Succeeded",
+            JobState::Failed => "Failed",
+            JobState::Cancelled => "Cancelled",
+            JobState::TimedOut => "TimedOut",
+        })
+    }
+}
+
+/// Where one rank of a job runs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RankInfo {
+    pub rank: u32,
+    pub node: String,
+    pub executor: ExecutorId,
+    /// Its index among the job's ranks on its node.
+    pub local_rank: u32,
+    /// Its process's exit status once it exited by itself (128 + the signal number for a
+    /// process killed by a signal, as shells report it).
+    pub exit_code: Option<i32>,
+}
+
+/// The first rank that failed, which decides the job's exit code.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobFailure {
+    pub rank: u32,
+    /// `None` when the rank did not exit by itself (its node was lost, it could not start).
+    pub exit_code: Option<i32>,
+    pub message: String,
+}
+
+/// A batch job as the head reports it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobInfo {
+    pub spec: JobSpec,
+    pub state: JobState,
+    /// Unix time in milliseconds when its ranks were started.
+    pub started_ms: Option<u64>,
+    pub ended_ms: Option<u64>,
+    /// Empty until the job starts; then one per rank, in rank order.
+    pub ranks: Vec<RankInfo>,
+    pub failure: Option<JobFailure>,
+}
+
+impl JobInfo {
+    /// A job that has not started.
+    pub fn queued(spec: JobSpec) -> Self {
+        JobInfo {
+            spec,
+            state: JobState::Queued,
+            started_ms: None,
+            ended_ms: None,
+            ranks: Vec::new(),
+            failure: None,
+        }
+    }
+
+    /// The exit code `flame submit` ends with: 0 for success, the first failed rank's exit
+    /// code (1 when it has none), 124 for a time limit (as `timeout` does), 130 for a
+    /// cancelled job (as for Ctrl-C); `None` while the job runs.
+    pub fn exit_code(&self) -> Option<u8> {
+        match self.state {
+            JobState::Queued | JobState::Running => None,
+            JobState::Succeeded => Some(0),
+            JobState::Failed => {
+                let code = self.failure.as_ref().and_then(|f| f.exit_code).unwrap_or(1);
+                Some(u8::try_from(code).ok().filter(|&c| c != 0).unwrap_or(1))
+            }
+            JobState::TimedOut => Some(124),
+            JobState::Cancelled => Some(130),
+        }
+    }
+}
+
+/// What a rank of a batch job is started with: the task input of its rank task. The node
+/// writes `hostfile` into the rank's working directory and names it in `FLAME_HOSTFILE`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RankLaunch {
+    /// `FLAME_RANK`, `MASTER_ADDR` and the rest, in order.
+    pub env: Vec<(String, String)>,
+    /// Open MPI hostfile: one `NODE slots=K` line per node, in rank order.
+    pub hostfile: String,
+    /// With `--mpi`, rank 0 runs this instead of the job's command (`mpirun ...`), and
+    /// the other ranks run nothing: Open MPI starts its daemons in their allocation.
+    pub argv: Option<Vec<String>>,
+    /// Runs no process: holds the rank's allocation for Open MPI's daemon until the job
+    /// ends.
+    pub hold: bool,
+}
+
+impl RankLaunch {
+    /// The task input carrying it.
+    pub fn encode(&self) -> Bytes {
+        // Serializing plain data into a Vec cannot fail.
+        Bytes::from(postcard::to_allocvec(self).unwrap_or_default())
+    }
+
+    /// Reads a task input; never panics.
+    pub fn decode(bytes: &[u8]) -> Result<Self, postcard::Error> {
+        postcard::from_bytes(bytes)
+    }
 }
 
 /// The owner of sessions that name none.
@@ -464,6 +725,7 @@ impl SessionSpec {
             ephemeral: false,
             owner: String::new(),
             priority: 0,
+            job: None,
         }
     }
 
@@ -526,6 +788,8 @@ pub struct SessionInfo {
     pub waiting: Option<String>,
     /// Every executor that served the session, with what it used while bound to it.
     pub usage: Vec<ExecutorUsage>,
+    /// Set for a batch job.
+    pub job: Option<JobInfo>,
 }
 
 /// What one executor used while bound to one session, as its node's cgroup measured it.

@@ -96,7 +96,7 @@ async fn each_bad_field_is_named() {
         cases.len(),
         failures.join("\n")
     );
-    assert_eq!(app_names(&cluster).await, ["ping"]);
+    assert_eq!(app_names(&cluster).await, ["ping", "shell"]);
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -114,7 +114,7 @@ async fn update_of_an_unknown_application_hints_at_register() {
     assert!(out.stderr.contains("ghost"), "{out}");
     assert!(out.stderr.contains("hint: "), "{out}");
     assert!(out.stderr.contains("flame app register"), "{out}");
-    assert_eq!(app_names(&cluster).await, ["ping"]);
+    assert_eq!(app_names(&cluster).await, ["ping", "shell"]);
 }
 
 #[tokio::test(flavor = "multi_thread")]

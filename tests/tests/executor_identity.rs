@@ -110,7 +110,9 @@ fn check_identity(cluster: &Cluster, who: &Whoami, uid: u32, gid: u32, shim: Shi
         assert!(env.contains(&needed), "{needed} is missing: {who:#?}");
     }
     match shim {
-        ShimKind::Stdio => assert_eq!(who.get("shim_socket"), "unset", "{who:#?}"),
+        ShimKind::Stdio | ShimKind::Batch => {
+            assert_eq!(who.get("shim_socket"), "unset", "{who:#?}")
+        }
         ShimKind::Unix => {
             let dir = cluster.node_run_dir(0).join(format!("exec-{executor}"));
             let socket = Path::new(who.get("shim_socket"));

@@ -75,6 +75,7 @@ async fn python_service_runs_tasks_and_reports_exceptions() {
             ephemeral: false,
             owner: Default::default(),
             priority: 0,
+            job: None,
         })
         .await
         .unwrap();

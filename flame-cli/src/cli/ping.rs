@@ -128,7 +128,7 @@ fn make_inputs(n: u64, size: usize) -> anyhow::Result<Vec<Bytes>> {
 }
 
 /// Aborts the spawned task when dropped, so an early return leaves nothing running.
-struct AbortOnDrop<T>(JoinHandle<T>);
+pub(super) struct AbortOnDrop<T>(pub(super) JoinHandle<T>);
 
 impl<T> Drop for AbortOnDrop<T> {
     fn drop(&mut self) {
@@ -173,6 +173,7 @@ async fn ping_with(
             // Empty: the client's owner (--owner, FLAME_OWNER, the config files, the user).
             owner: String::new(),
             priority: args.priority,
+            job: None,
         })
         .await;
     let session = match session {

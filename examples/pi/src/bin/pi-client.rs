@@ -204,6 +204,7 @@ async fn estimate_with(client: &Client, app: &str, args: &Args) -> anyhow::Resul
             ephemeral: false,
             owner: Default::default(),
             priority: 0,
+            job: None,
         })
         .await;
     let session = match session {
