@@ -793,6 +793,18 @@ async fn run_rank(
         "OMPI_MCA_orte_default_hostfile".into(),
         hostfile.display().to_string(),
     ));
+    // Open MPI names its session directory and shared-memory segments by host name: two
+    // nodes on one machine (or sharing /tmp) would collide. The rank's private directory
+    // keeps them apart, and goes with the rank. Not for `mpirun` itself: it hands its
+    // own settings to every daemon, which would share them again.
+    if launch.argv.is_none() {
+        for key in [
+            "OMPI_MCA_orte_tmpdir_base",
+            "OMPI_MCA_btl_vader_backing_directory",
+        ] {
+            env.push((key.into(), prepared.work_dir.display().to_string()));
+        }
+    }
     let as_root = match &prepared.credentials {
         Some(c) => c.uid == 0,
         None => nix::unistd::geteuid().is_root(),
