@@ -3848,4 +3848,199 @@ mod tests {
             other => panic!("unexpected {other:?}"),
         }
     }
+
+    /// Starts a 2-rank job of half-cpu ranks on the harness's 1-cpu node: returns its id,
+    /// its executors in launch order, and the rank tasks it runs once every rank is bound.
+    fn started_job(
+        h: &mut Harness,
+        time_limit_ms: Option<u64>,
+    ) -> (SessionId, Vec<TaskAssignment>) {
+        use flame_protocol::model::JobSpec;
+        let mut job = JobSpec::new("/bin/work", 2);
+        job.resources.cpu_millis = 500;
+        job.time_limit_ms = time_limit_ms;
+        let id = session_id(h.client(ClientRequest::CreateSession(SessionSpec {
+            job: Some(job),
+            ..SessionSpec::new("")
+        })));
+        let launched: Vec<ExecutorId> = h
+            .commands()
+            .into_iter()
+            .filter_map(|c| match c {
+                NodeCommand::Launch {
+                    executor,
+                    application,
+                    ..
+                } => {
+                    assert_eq!(application.shim, ShimKind::Batch);
+                    assert_eq!(application.name, format!("job.{}", id.0));
+                    Some(executor)
+                }
+                _ => None,
+            })
+            .collect();
+        assert_eq!(launched.len(), 2, "all ranks are launched in one plan");
+        let mut runs = Vec::new();
+        for (i, &executor) in launched.iter().enumerate() {
+            h.node(NodeToHead::ExecutorEvents(vec![ExecutorEvent::Ready {
+                executor,
+                credit: 1,
+            }]));
+            assert!(
+                h.commands()
+                    .iter()
+                    .any(|c| matches!(c, NodeCommand::Bind { executor: e, .. } if *e == executor)),
+                "a ready rank is bound"
+            );
+            h.node(NodeToHead::ExecutorEvents(vec![ExecutorEvent::Bound {
+                executor,
+                session: id,
+            }]));
+            runs = h
+                .commands()
+                .into_iter()
+                .filter_map(|c| match c {
+                    NodeCommand::Run(a) => Some(a),
+                    _ => None,
+                })
+                .collect();
+            if i == 0 {
+                assert!(
+                    runs.is_empty(),
+                    "a rank started before every rank was bound"
+                );
+            }
+        }
+        assert_eq!(runs.len(), 2, "every rank starts once all are bound");
+        (id, runs)
+    }
+
+    fn job_of(h: &mut Harness, id: SessionId) -> JobInfo {
+        match h.client(ClientRequest::GetSession { id }) {
+            ClientResponse::Session(info) => info.job.expect("a job"),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    fn tick(h: &mut Harness) {
+        h.core.handle(Event::Tick, h.now);
+        h.step();
+    }
+
+    fn kills(h: &mut Harness) -> Vec<ExecutorId> {
+        h.commands()
+            .into_iter()
+            .filter_map(|c| match c {
+                NodeCommand::Kill { executor } => Some(executor),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn exited(h: &mut Harness, executor: ExecutorId) {
+        h.node(NodeToHead::ExecutorEvents(vec![ExecutorEvent::Exited {
+            executor,
+            reason: "killed by the node".into(),
+            usage: Usage::default(),
+        }]));
+    }
+
+    #[test]
+    fn a_job_starts_whole_and_its_first_failed_rank_stops_the_rest_after_a_grace() {
+        let mut h = Harness::new();
+        let (id, runs) = started_job(&mut h, None);
+        // Each rank's task carries its rank, the world and the hostfile.
+        for (rank, run) in runs.iter().enumerate() {
+            assert_eq!(run.task, TaskId(rank as u64 + 1));
+            let launch = RankLaunch::decode(&run.input).unwrap();
+            let env: BTreeMap<String, String> = launch.env.into_iter().collect();
+            assert_eq!(env["FLAME_RANK"], rank.to_string());
+            assert_eq!(env["RANK"], rank.to_string());
+            assert_eq!(env["WORLD_SIZE"], "2");
+            assert_eq!(env["FLAME_LOCAL_RANK"], rank.to_string());
+            assert_eq!(env["FLAME_NODELIST"], "n1");
+            assert_eq!(env["MASTER_ADDR"], "127.0.0.1");
+            assert_eq!(launch.hostfile, "n1 slots=2\n");
+            assert!(!launch.hold && launch.argv.is_none());
+        }
+        let job = job_of(&mut h, id);
+        assert_eq!(job.state, JobState::Running);
+        assert_eq!(job.ranks.len(), 2);
+
+        // Rank 1 exits with 3; rank 0 gets the grace, then is killed.
+        h.node(NodeToHead::Results(vec![NodeTaskResult {
+            executor: runs[1].executor,
+            session: id,
+            task: runs[1].task,
+            attempt: runs[1].attempt,
+            outcome: TaskOutcome::Failed("rank exited with status 3".into()),
+            exit_code: Some(3),
+        }]));
+        h.now += JOB_FAIL_GRACE_MS - 1;
+        tick(&mut h);
+        assert!(kills(&mut h).is_empty(), "killed before the grace ran out");
+        h.now += 1;
+        tick(&mut h);
+        assert_eq!(kills(&mut h), vec![runs[0].executor]);
+        exited(&mut h, runs[0].executor);
+
+        let job = job_of(&mut h, id);
+        assert_eq!(job.state, JobState::Failed);
+        let failure = job.failure.clone().unwrap();
+        assert_eq!((failure.rank, failure.exit_code), (1, Some(3)));
+        assert_eq!(job.exit_code(), Some(3));
+        assert_eq!(job.ranks[1].exit_code, Some(3));
+    }
+
+    #[test]
+    fn a_job_past_its_time_limit_is_stopped_and_says_so() {
+        let mut h = Harness::new();
+        let (id, runs) = started_job(&mut h, Some(1_000));
+        h.now += 999;
+        tick(&mut h);
+        assert!(kills(&mut h).is_empty());
+        h.now += 1;
+        tick(&mut h);
+        let mut killed = kills(&mut h);
+        killed.sort();
+        let mut ranks: Vec<ExecutorId> = runs.iter().map(|r| r.executor).collect();
+        ranks.sort();
+        assert_eq!(killed, ranks);
+        for executor in ranks {
+            exited(&mut h, executor);
+        }
+        let job = job_of(&mut h, id);
+        assert_eq!(job.state, JobState::TimedOut);
+        assert_eq!(job.exit_code(), Some(124));
+    }
+
+    #[test]
+    fn a_job_spec_is_checked_and_cannot_be_ephemeral() {
+        use flame_protocol::model::JobSpec;
+        let mut h = Harness::new();
+        let mut job = JobSpec::new("/bin/work", 3);
+        job.ranks_per_node = Some(2);
+        match h.client(ClientRequest::CreateSession(SessionSpec {
+            job: Some(job),
+            ..SessionSpec::new("")
+        })) {
+            ClientResponse::Error(e) => assert!(e.message.contains("ranks_per_node"), "{e}"),
+            other => panic!("unexpected {other:?}"),
+        }
+        match h.client(ClientRequest::CreateSession(SessionSpec {
+            job: Some(JobSpec::new("/bin/work", 1)),
+            ephemeral: true,
+            ..SessionSpec::new("")
+        })) {
+            ClientResponse::Error(e) => assert!(e.message.contains("ephemeral"), "{e}"),
+            other => panic!("unexpected {other:?}"),
+        }
+        // Job applications are not listed.
+        match h.client(ClientRequest::ListApplications) {
+            ClientResponse::Applications(list) => {
+                assert!(list.iter().all(|a| a.spec.shim != ShimKind::Batch))
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
 }

@@ -154,6 +154,8 @@ struct Prepared {
     bound_at: Option<CgroupUsage>,
     /// When the executor last entered a session, if it is in one.
     bound_since: Option<std::time::Instant>,
+    /// The cgroup limits it was created with.
+    resources: Limits,
 }
 
 impl Prepared {
@@ -183,22 +185,20 @@ impl Prepared {
                 }
             },
         };
+        let limits = Limits {
+            cpu_millis: Some(app.resources.cpu_millis),
+            memory_bytes: app.resources.memory_bytes,
+            pids_max: Some(settings.pids_max),
+        };
         let cgroup = match &settings.cgroups {
             None => None,
-            Some(tree) => {
-                let limits = Limits {
-                    cpu_millis: Some(app.resources.cpu_millis),
-                    memory_bytes: app.resources.memory_bytes,
-                    pids_max: Some(settings.pids_max),
-                };
-                match tree.create(&format!("exec-{}", id.0), &limits) {
-                    Ok(c) => Some(c),
-                    Err(e) => {
-                        let _ = std::fs::remove_dir_all(&work_dir);
-                        return Err(format!("cannot create the executor's cgroup: {e}"));
-                    }
+            Some(tree) => match tree.create(&format!("exec-{}", id.0), &limits) {
+                Ok(c) => Some(c),
+                Err(e) => {
+                    let _ = std::fs::remove_dir_all(&work_dir);
+                    return Err(format!("cannot create the executor's cgroup: {e}"));
                 }
-            }
+            },
         };
         Ok(Prepared {
             credentials,
@@ -208,6 +208,7 @@ impl Prepared {
             log,
             bound_at: None,
             bound_since: None,
+            resources: limits,
         })
     }
 
@@ -909,6 +910,21 @@ async fn hold_rank(
     working_dir: PathBuf,
     kill: &mut oneshot::Receiver<()>,
 ) -> RankEnd {
+    // Open MPI's daemon here starts all of this node's MPI processes as its children, in
+    // this rank's cgroup: its limits grow to the node's share of the job (the other ranks
+    // here hold their room but run nothing).
+    let local_ranks = env
+        .iter()
+        .find(|(k, _)| k == "FLAME_LOCAL_WORLD_SIZE")
+        .and_then(|(_, v)| v.parse::<u32>().ok())
+        .unwrap_or(1)
+        .max(1);
+    if let (Some(cgroup), true) = (&prepared.cgroup, local_ranks > 1) {
+        let r = &prepared_resources(prepared, local_ranks);
+        if let Err(e) = cgroup.raise_limits(r) {
+            tracing::warn!(executor = %id, "cannot widen a holding rank's cgroup: {e}");
+        }
+    }
     let (tx, mut rx) = mpsc::channel::<ExecStart>(RANK_EXEC_QUEUE);
     if let Ok(mut holds) = settings.rank_holds.lock() {
         holds.insert(id, tx);
@@ -933,6 +949,21 @@ async fn hold_rank(
         holds.remove(&id);
     }
     end
+}
+
+/// A rank's cgroup limits times `ranks`.
+fn prepared_resources(prepared: &Prepared, ranks: u32) -> Limits {
+    Limits {
+        cpu_millis: prepared
+            .resources
+            .cpu_millis
+            .map(|c| c.saturating_mul(ranks)),
+        memory_bytes: prepared
+            .resources
+            .memory_bytes
+            .map(|m| m.saturating_mul(u64::from(ranks))),
+        pids_max: None,
+    }
 }
 
 /// Starts an exec request's process in a rank's cgroup, its stdout and stderr piped back

@@ -66,6 +66,15 @@ async fn mpi_allreduce_over_two_nodes_without_ssh() {
             .network_namespaces(),
     )
     .await;
+    // Each MPI process first prints the cpu quota of the cgroup it runs in (v1 or v2),
+    // then becomes the program.
+    let script = format!(
+        "awk -F: '$2 ~ /(^|,)cpu(,|$)/ {{ print \"/sys/fs/cgroup/\" $2 $3 \"/cpu.cfs_quota_us\" }} \
+         $1 == \"0\" {{ print \"/sys/fs/cgroup\" $3 \"/cpu.max\" }}' /proc/self/cgroup | \
+         while read -r f; do [ -f \"$f\" ] && echo \"quota $(cut -d' ' -f1 \"$f\")\"; done; \
+         exec {}",
+        program.display()
+    );
     let out = cluster
         .flame(&[
             "submit",
@@ -75,10 +84,23 @@ async fn mpi_allreduce_over_two_nodes_without_ssh() {
             "--ranks-per-node",
             "2",
             "--",
-            program.to_str().unwrap(),
+            "sh",
+            "-c",
+            &script,
         ])
         .await;
     out.assert_success();
+    // A node's MPI processes run under Open MPI's daemon, in one rank's cgroup, which
+    // holds the node's share of the job: 2 ranks of 1 cpu (a 100 ms period).
+    let quotas: Vec<&str> = out
+        .stdout
+        .lines()
+        .filter_map(|l| l.strip_prefix("quota "))
+        .collect();
+    let nodes = cluster.node_list().await;
+    if prerequisites::cgroups(test, &nodes[0]) {
+        assert_eq!(quotas, vec!["200000"; 4], "{out}");
+    }
     let lines: Vec<&str> = out
         .stdout
         .lines()

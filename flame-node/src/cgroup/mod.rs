@@ -543,6 +543,20 @@ impl ExecutorCgroup {
     }
 
     /// Opens the `cgroup.procs` files a child writes `0` into to join this cgroup.
+    /// Raises the cpu and memory limits to `limits`, which must be no lower than the
+    /// ones written at creation (the node widens an MPI daemon's rank to hold its node's
+    /// share of the job).
+    pub fn raise_limits(&self, limits: &Limits) -> Result<(), CgroupError> {
+        let cpu_and_memory = Limits {
+            pids_max: None,
+            ..*limits
+        };
+        match &self.dirs {
+            CgroupDirs::V1(d) => v1::raise_limits(d, &cpu_and_memory),
+            CgroupDirs::V2(d) => v2::write_limits(d, &cpu_and_memory),
+        }
+    }
+
     pub fn procs_files(&self) -> Result<CgroupJoin, CgroupError> {
         let mut files = Vec::new();
         for dir in self.dirs.distinct() {

@@ -32,6 +32,23 @@ pub(super) fn write_limits(d: &V1Dirs, limits: &Limits) -> Result<(), CgroupErro
     Ok(())
 }
 
+/// Raises a cgroup's limits to `limits` (which must not be lower): memory+swap first, since
+/// it must stay >= the memory limit.
+pub(super) fn raise_limits(d: &V1Dirs, limits: &Limits) -> Result<(), CgroupError> {
+    if let Some(quota_us) = limits.cpu_quota_us() {
+        write_value(&d.cpu.join("cpu.cfs_quota_us"), &quota_us.to_string())?;
+    }
+    if let Some(bytes) = limits.memory_bytes {
+        let bytes = bytes.to_string();
+        let memsw = d.memory.join("memory.memsw.limit_in_bytes");
+        if memsw.exists() {
+            write_value(&memsw, &bytes)?;
+        }
+        write_value(&d.memory.join("memory.limit_in_bytes"), &bytes)?;
+    }
+    Ok(())
+}
+
 /// Reads what the cgroup has used.
 pub(super) fn usage(d: &V1Dirs) -> Result<Usage, CgroupError> {
     let cpu_stat = d.cpu.join("cpu.stat");
