@@ -668,6 +668,38 @@ impl Core {
                 nodes = self.nodes.len(),
                 "recovering: waiting for nodes to report"
             );
+        } else {
+            self.fail_orphaned_jobs(now_ms);
+        }
+    }
+
+    /// After a restart: a running job whose rank nobody reported lost it for good (a rank
+    /// never runs twice), so the job fails and its other ranks are stopped.
+    fn fail_orphaned_jobs(&mut self, now_ms: u64) {
+        let mut orphaned = Vec::new();
+        for (id, s) in self.sessions.iter_mut() {
+            let Some(job) = s.stored.job.as_mut() else {
+                continue;
+            };
+            if job.state != JobState::Running || s.finished {
+                continue;
+            }
+            let Some(rank) = s.tasks.iter().position(|t| t.slot == Slot::Pending) else {
+                continue;
+            };
+            let message = "its rank was lost while the head restarted".to_string();
+            if job.failure.is_none() {
+                job.failure = Some(JobFailure {
+                    rank: rank as u32,
+                    exit_code: None,
+                    message: message.clone(),
+                });
+            }
+            orphaned.push((*id, message));
+        }
+        for (id, message) in orphaned {
+            tracing::warn!(job = %id, "a rank of a running job was lost in a head restart");
+            self.end_unfinished(id, TaskOutcome::Failed(message), None, now_ms);
         }
     }
 
@@ -692,6 +724,7 @@ impl Core {
         }
         self.reschedule = true;
         tracing::info!(all_back, pending = bumped, "recovered; dispatching again");
+        self.fail_orphaned_jobs(now_ms);
     }
 
     /// Registers an application at start-up if none of that name exists (the built-in
@@ -4042,5 +4075,70 @@ mod tests {
             }
             other => panic!("unexpected {other:?}"),
         }
+    }
+
+    #[test]
+    fn a_running_job_that_lost_a_rank_in_a_restart_fails() {
+        use crate::store::Loaded;
+        use flame_protocol::model::JobSpec;
+        let id = SessionId(7);
+        let mut job = JobInfo::queued(JobSpec::new("/bin/work", 2));
+        job.state = JobState::Running;
+        job.started_ms = Some(1);
+        let loaded = Loaded {
+            sessions: vec![StoredSession {
+                id,
+                application: "job.7".into(),
+                owner: "o".into(),
+                priority: 0,
+                common_data: Bytes::new(),
+                state: SessionState::Closed,
+                created_ms: 0,
+                closed_ms: Some(0),
+                last_task: 2,
+                usage: Vec::new(),
+                job: Some(job),
+            }],
+            tasks: (1..=2)
+                .map(|t| {
+                    let task = StoredTask::Pending {
+                        attempt: 1,
+                        input: Bytes::new(),
+                    };
+                    (id, TaskId(t), task)
+                })
+                .collect(),
+            ..Default::default()
+        };
+        let (store_tx, mut store_rx) = mpsc::unbounded_channel();
+        let mut core = Core::new(CoreConfig::default(), store_tx, loaded);
+        // No node is known, so nothing can come back to report the ranks.
+        core.start_recovery(5, 10_000);
+        core.end_batch(5);
+        while let Ok(req) = store_rx.try_recv() {
+            core.handle(
+                Event::Committed {
+                    tokens: vec![req.token],
+                    result: Ok(()),
+                },
+                5,
+            );
+            core.end_batch(5);
+        }
+        let (reply, mut rx) = oneshot::channel();
+        core.handle(
+            Event::Client {
+                request: ClientRequest::GetSession { id },
+                reply,
+            },
+            5,
+        );
+        let ClientResponse::Session(info) = rx.try_recv().unwrap() else {
+            panic!("no session")
+        };
+        assert!(info.is_finished(), "{info:#?}");
+        let job = info.job.unwrap();
+        assert_eq!(job.state, JobState::Failed, "{job:#?}");
+        assert!(job.failure.unwrap().message.contains("restarted"));
     }
 }

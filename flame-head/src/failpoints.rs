@@ -11,7 +11,8 @@
 //! The points are compiled into debug builds only: a release build has no call sites and
 //! pays nothing for them.
 
-/// The crash points, for `FLAME_FAILPOINTS`.
+/// The crash points, for `FLAME_FAILPOINTS` (read by debug builds only).
+#[cfg_attr(not(debug_assertions), allow(dead_code))]
 pub const POINTS: [&str; 3] = [
     "after-commit-before-ack",
     "after-result-before-commit",

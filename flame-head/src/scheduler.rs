@@ -1373,6 +1373,9 @@ pub fn plan(snap: &Snapshot) -> Plan {
     let mut reclaimed_for: BTreeMap<ExecutorId, SessionId> = BTreeMap::new();
     let mut reserved_cpu: u64 = 0;
     let reserve_cap = totals.cpu_millis * RESERVE_PERMILLE / 1000;
+    // What each node offers with nothing on it: a gang that does not fit even so waits
+    // for nodes, not for its share.
+    let whole: Vec<Free> = ready_list.iter().map(|n| node_total(n)).collect();
     let mut gangs: Vec<&SessionView> = active
         .iter()
         .filter(|s| s.gang.is_some())
@@ -1420,6 +1423,20 @@ pub fn plan(snap: &Snapshot) -> Plan {
                 format!(
                     "{} ranks cannot be spread {k} per node: ranks must be a multiple of ranks_per_node",
                     gang.ranks
+                ),
+            );
+            continue;
+        }
+        if place_gang(&whole, &whole, &ready_list, app, gang, |_| true).is_none() {
+            waiting.insert(
+                g.id,
+                format!(
+                    "no set of ready nodes can hold its {} ranks of `{app_name}` ({} each{}), even with nothing else running",
+                    gang.ranks,
+                    app.resources,
+                    gang.ranks_per_node
+                        .map(|k| format!(", {k} per node"))
+                        .unwrap_or_default()
                 ),
             );
             continue;
@@ -2410,7 +2427,7 @@ mod tests {
         let plan = super::plan(&snap);
         assert!(plan.decisions.is_empty());
         assert!(
-            plan.waiting.contains_key(&SessionId(3)),
+            plan.waiting[&SessionId(3)].contains("even with nothing else running"),
             "{:?}",
             plan.waiting
         );

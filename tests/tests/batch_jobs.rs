@@ -205,7 +205,8 @@ async fn the_first_failed_rank_decides_the_exit_code_and_no_rank_survives() {
     assert_eq!(job.ranks[2].exit_code, Some(3));
 }
 
-/// A rank whose command does not exist fails the job with 127, as a shell would.
+/// A rank whose command does not exist fails the job with 127, as a shell would; a job
+/// too big for the cluster waits and says so; bad flags are refused.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_missing_command_fails_with_127_and_a_bad_flag_is_refused() {
     let cluster = Cluster::start(ClusterOptions::default()).await;
@@ -220,6 +221,36 @@ async fn a_missing_command_fails_with_127_and_a_bad_flag_is_refused() {
         .await;
     assert_eq!(out.status.code(), Some(127), "{out}");
     assert!(out.stderr.contains("flame-no-such-program"), "{out}");
+
+    // A job that can never fit waits and says why; it holds nothing meanwhile.
+    let out = cluster
+        .flame(&[
+            "submit",
+            "--detach",
+            "-n",
+            "3",
+            "--cpus-per-rank",
+            "2",
+            "--",
+            "true",
+        ])
+        .await;
+    out.assert_success();
+    let big: SessionId = out.stdout.trim().parse().unwrap();
+    let client = cluster.client().await;
+    let info = wait_session(&client, big, "saying why it waits", STATE_TIMEOUT, |i| {
+        i.waiting
+            .as_deref()
+            .is_some_and(|w| w.contains("even with nothing else running"))
+    })
+    .await;
+    assert_eq!(info.executors, 0, "{info:#?}");
+    client.close().await;
+    cluster
+        .flame(&["job", "cancel", &big.to_string()])
+        .await
+        .assert_success();
+    wait_job(&cluster, big, JobState::Cancelled).await;
 
     for (args, needle) in [
         (

@@ -27,6 +27,8 @@ use std::time::Duration;
 pub const OUTPUT_DRAIN_MAX: Duration = Duration::from_secs(10);
 /// After Ctrl-C, how long the job may take to end before `flame submit` gives up waiting.
 pub const CANCEL_WAIT_MAX: Duration = Duration::from_secs(30);
+/// While a job waits for room, why it waits is printed this often when it changes.
+pub const WAITING_REPORT_EVERY: Duration = Duration::from_secs(5);
 /// A line without its newline yet is printed anyway once it is this long.
 pub const PARTIAL_LINE_BYTES_MAX: usize = 64 * 1024;
 
@@ -159,6 +161,13 @@ async fn submit_with(
     let mut cancelled_by: Option<&'static str> = None;
     let cancel_deadline = tokio::time::sleep(Duration::MAX);
     tokio::pin!(cancel_deadline);
+    // Until the job starts: say why it waits, when that changes.
+    let mut waiting_report = tokio::time::interval_at(
+        tokio::time::Instant::now() + Duration::from_secs(2),
+        WAITING_REPORT_EVERY,
+    );
+    let mut queued = true;
+    let mut said_waiting: Option<String> = None;
     // Until the job has ended; its output follows until the ranks' logs close.
     loop {
         tokio::select! {
@@ -176,6 +185,16 @@ async fn submit_with(
                 cancelled_by = Some(signal);
                 client.cancel_session(id).await.context("cannot cancel the job")?;
                 cancel_deadline.as_mut().reset(tokio::time::Instant::now() + CANCEL_WAIT_MAX);
+            }
+            _ = waiting_report.tick(), if queued && cancelled_by.is_none() => {
+                let info = client.get_session(id).await?;
+                queued = info.job.as_ref().is_some_and(|j| j.state == JobState::Queued);
+                if queued && info.waiting.is_some() && info.waiting != said_waiting {
+                    if let Some(why) = &info.waiting {
+                        eprintln!("flame: job {id} is waiting: {why}");
+                    }
+                    said_waiting = info.waiting;
+                }
             }
             () = &mut cancel_deadline => {
                 bail!("job {id} was cancelled but did not end within {CANCEL_WAIT_MAX:?}; `flame job view {id}` shows it");
