@@ -3032,17 +3032,7 @@ mod tests {
 
         /// Ends the batch and makes every store request durable, as the writer would.
         fn step(&mut self) {
-            self.core.end_batch(self.now);
-            while let Ok(req) = self.store_rx.try_recv() {
-                self.core.handle(
-                    Event::Committed {
-                        tokens: vec![req.token],
-                        result: Ok(()),
-                    },
-                    self.now,
-                );
-                self.core.end_batch(self.now);
-            }
+            settle(&mut self.core, &mut self.store_rx, self.now);
         }
 
         fn commands(&mut self) -> Vec<NodeCommand> {
@@ -3066,6 +3056,21 @@ mod tests {
             self.core
                 .handle(Event::NodeMessage { conn: 1, message }, self.now);
             self.step();
+        }
+    }
+
+    /// Ends the core's batch and makes every store request durable, as the writer would.
+    fn settle(core: &mut Core, store_rx: &mut mpsc::UnboundedReceiver<StoreRequest>, now: u64) {
+        core.end_batch(now);
+        while let Ok(req) = store_rx.try_recv() {
+            core.handle(
+                Event::Committed {
+                    tokens: vec![req.token],
+                    result: Ok(()),
+                },
+                now,
+            );
+            core.end_batch(now);
         }
     }
 
@@ -3815,17 +3820,7 @@ mod tests {
             },
             200,
         );
-        core.end_batch(200);
-        while let Ok(req) = store_rx.try_recv() {
-            core.handle(
-                Event::Committed {
-                    tokens: vec![req.token],
-                    result: Ok(()),
-                },
-                200,
-            );
-            core.end_batch(200);
-        }
+        settle(&mut core, &mut store_rx, 200);
         let mut runs = Vec::new();
         while let Ok(msg) = node_rx.try_recv() {
             if let HeadToNode::Commands(c) = msg {
@@ -4114,17 +4109,7 @@ mod tests {
         let mut core = Core::new(CoreConfig::default(), store_tx, loaded);
         // No node is known, so nothing can come back to report the ranks.
         core.start_recovery(5, 10_000);
-        core.end_batch(5);
-        while let Ok(req) = store_rx.try_recv() {
-            core.handle(
-                Event::Committed {
-                    tokens: vec![req.token],
-                    result: Ok(()),
-                },
-                5,
-            );
-            core.end_batch(5);
-        }
+        settle(&mut core, &mut store_rx, 5);
         let (reply, mut rx) = oneshot::channel();
         core.handle(
             Event::Client {

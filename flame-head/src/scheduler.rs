@@ -537,6 +537,19 @@ fn how_many_fit(n: &NodeView, room: &Free, r: &Resources) -> u32 {
     k
 }
 
+/// Why a gang waits when no set of nodes can hold it.
+fn no_nodes_hold(gang: Gang, app: &AppView) -> String {
+    format!(
+        "no set of ready nodes can hold its {} ranks of `{}` ({} each{})",
+        gang.ranks,
+        app.name,
+        app.resources,
+        gang.ranks_per_node
+            .map(|k| format!(", {k} per node"))
+            .unwrap_or_default()
+    )
+}
+
 /// Where the ranks of a gang go, given the room per node: exactly `ranks_per_node` on each
 /// node used when set, otherwise as many as fit on the roomiest nodes first. `None` when
 /// they do not all fit.
@@ -1431,12 +1444,8 @@ pub fn plan(snap: &Snapshot) -> Plan {
             waiting.insert(
                 g.id,
                 format!(
-                    "no set of ready nodes can hold its {} ranks of `{app_name}` ({} each{}), even with nothing else running",
-                    gang.ranks,
-                    app.resources,
-                    gang.ranks_per_node
-                        .map(|k| format!(", {k} per node"))
-                        .unwrap_or_default()
+                    "{}, even with nothing else running",
+                    no_nodes_hold(gang, app)
                 ),
             );
             continue;
@@ -1495,16 +1504,9 @@ pub fn plan(snap: &Snapshot) -> Plan {
             })
             .collect();
         let Some(placement) = place_gang(&emptied, &soon, &ready_list, app, gang, allowed) else {
-            waiting.entry(g.id).or_insert_with(|| {
-                format!(
-                    "no set of ready nodes can hold its {} ranks of `{app_name}` ({} each{})",
-                    gang.ranks,
-                    app.resources,
-                    gang.ranks_per_node
-                        .map(|k| format!(", {k} per node"))
-                        .unwrap_or_default()
-                )
-            });
+            waiting
+                .entry(g.id)
+                .or_insert_with(|| no_nodes_hold(gang, app));
             continue;
         };
         let mut names = Vec::new();

@@ -854,14 +854,63 @@ fn start_in_rank(
     env: Vec<(String, String)>,
     working_dir: PathBuf,
 ) -> Result<tokio::process::Child, RankEnd> {
+    match spawn_in_rank(settings, prepared, program, args, env, working_dir) {
+        Ok(mut child) => {
+            if let Some(out) = child.stdout.take() {
+                prepared.log.spawn_copy(out, "stdout");
+            }
+            if let Some(err) = child.stderr.take() {
+                prepared.log.spawn_copy(err, "stderr");
+            }
+            Ok(child)
+        }
+        Err(SpawnError::Cgroup(why)) => Err(RankEnd::NotStarted(why, None)),
+        Err(SpawnError::Launch(e)) => {
+            let code = match &e {
+                crate::launcher::LaunchError::Spawn { source, .. }
+                    if source.kind() == std::io::ErrorKind::NotFound =>
+                {
+                    Some(127)
+                }
+                crate::launcher::LaunchError::Spawn { .. } => Some(126),
+                _ => None,
+            };
+            Err(RankEnd::NotStarted(e.to_string(), code))
+        }
+    }
+}
+
+/// Why a process could not start in a rank's allocation.
+enum SpawnError {
+    Cgroup(String),
+    Launch(crate::launcher::LaunchError),
+}
+
+impl std::fmt::Display for SpawnError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SpawnError::Cgroup(why) => f.write_str(why),
+            SpawnError::Launch(e) => write!(f, "{e}"),
+        }
+    }
+}
+
+/// Starts a process in a rank's cgroup, as its user, stdin closed, stdout and stderr piped.
+fn spawn_in_rank(
+    settings: &Settings,
+    prepared: &Prepared,
+    program: String,
+    args: Vec<String>,
+    env: Vec<(String, String)>,
+    working_dir: PathBuf,
+) -> Result<tokio::process::Child, SpawnError> {
     let cgroup = match prepared.cgroup.as_ref().map(ExecutorCgroup::procs_files) {
         None => None,
         Some(Ok(join)) => Some(join),
         Some(Err(e)) => {
-            return Err(RankEnd::NotStarted(
-                format!("cannot join the rank's cgroup: {e}"),
-                None,
-            ))
+            return Err(SpawnError::Cgroup(format!(
+                "cannot join the rank's cgroup: {e}"
+            )))
         }
     };
     let process = ProcessSpec {
@@ -875,29 +924,10 @@ fn start_in_rank(
         stdout: StdioMode::Piped,
         stderr: StdioMode::Piped,
     };
-    match settings.launcher.launch(process) {
-        Ok(mut child) => {
-            if let Some(out) = child.stdout.take() {
-                prepared.log.spawn_copy(out, "stdout");
-            }
-            if let Some(err) = child.stderr.take() {
-                prepared.log.spawn_copy(err, "stderr");
-            }
-            Ok(child)
-        }
-        Err(e) => {
-            let code = match &e {
-                crate::launcher::LaunchError::Spawn { source, .. }
-                    if source.kind() == std::io::ErrorKind::NotFound =>
-                {
-                    Some(127)
-                }
-                crate::launcher::LaunchError::Spawn { .. } => Some(126),
-                _ => None,
-            };
-            Err(RankEnd::NotStarted(e.to_string(), code))
-        }
-    }
+    settings
+        .launcher
+        .launch(process)
+        .map_err(SpawnError::Launch)
 }
 
 /// A holding rank: registers itself so the head's exec requests (Open MPI's daemon) start
@@ -939,7 +969,15 @@ async fn hold_rank(
                 };
                 let mut all_env = env.clone();
                 all_env.extend(request.env);
-                let started = start_exec(settings, prepared, program.clone(), args.to_vec(), all_env, working_dir.clone());
+                let started = spawn_in_rank(
+                    settings,
+                    prepared,
+                    program.clone(),
+                    args.to_vec(),
+                    all_env,
+                    working_dir.clone(),
+                )
+                .map_err(|e| e.to_string());
                 let _ = request.started.send(started);
             }
             _ = &mut *kill => break RankEnd::Killed,
@@ -964,35 +1002,6 @@ fn prepared_resources(prepared: &Prepared, ranks: u32) -> Limits {
             .map(|m| m.saturating_mul(u64::from(ranks))),
         pids_max: None,
     }
-}
-
-/// Starts an exec request's process in a rank's cgroup, its stdout and stderr piped back
-/// to the requester.
-fn start_exec(
-    settings: &Settings,
-    prepared: &Prepared,
-    program: String,
-    args: Vec<String>,
-    env: Vec<(String, String)>,
-    working_dir: PathBuf,
-) -> Result<tokio::process::Child, String> {
-    let cgroup = match prepared.cgroup.as_ref().map(ExecutorCgroup::procs_files) {
-        None => None,
-        Some(Ok(join)) => Some(join),
-        Some(Err(e)) => return Err(format!("cannot join the rank's cgroup: {e}")),
-    };
-    let process = ProcessSpec {
-        program,
-        args,
-        env,
-        working_dir,
-        credentials: prepared.credentials.clone(),
-        cgroup,
-        stdin: StdioMode::Null,
-        stdout: StdioMode::Piped,
-        stderr: StdioMode::Piped,
-    };
-    settings.launcher.launch(process).map_err(|e| e.to_string())
 }
 
 /// Writes a small file readable by the rank's user.

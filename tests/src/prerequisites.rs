@@ -44,12 +44,22 @@ pub fn cgroups(test: &str, node: &NodeInfo) -> bool {
     )
 }
 
-/// `python3` on `PATH`.
-pub fn python3(test: &str) -> bool {
+/// `tool` on `PATH`; `package` names what provides it.
+pub fn on_path(test: &str, tool: &str, package: &str) -> bool {
     let path = std::env::var_os("PATH").unwrap_or_default();
-    let found = std::env::split_paths(&path).any(|dir| dir.join("python3").is_file());
+    let found = std::env::split_paths(&path).any(|dir| dir.join(tool).is_file());
     require(
         test,
-        (!found).then(|| format!("python3 is not on PATH ({})", path.to_string_lossy())),
+        (!found).then(|| {
+            format!(
+                "`{tool}` is not on PATH ({}); install {package}",
+                path.to_string_lossy()
+            )
+        }),
     )
+}
+
+/// `python3` on `PATH`.
+pub fn python3(test: &str) -> bool {
+    on_path(test, "python3", "python3")
 }

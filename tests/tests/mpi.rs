@@ -32,19 +32,12 @@ int main(int argc, char **argv) {
 }
 "#;
 
-fn on_path(tool: &str) -> Option<String> {
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    let found = std::env::split_paths(&path).any(|dir| dir.join(tool).is_file());
-    (!found)
-        .then(|| format!("`{tool}` is not on PATH (apt-get install openmpi-bin libopenmpi-dev)"))
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn mpi_allreduce_over_two_nodes_without_ssh() {
     let test = "mpi_allreduce_over_two_nodes_without_ssh";
     if !netns::available(test)
-        || !prerequisites::require(test, on_path("mpicc"))
-        || !prerequisites::require(test, on_path("mpirun"))
+        || !prerequisites::on_path(test, "mpicc", "libopenmpi-dev")
+        || !prerequisites::on_path(test, "mpirun", "openmpi-bin")
     {
         return;
     }
