@@ -235,14 +235,20 @@ fn report_end(id: SessionId, job: &JobInfo) {
     match job.state {
         JobState::Failed => match &job.failure {
             Some(f) => {
-                let code = f
-                    .exit_code
-                    .map_or_else(String::new, |c| format!(" with status {c}"));
                 let first_line = f.message.lines().next().unwrap_or_default();
-                eprintln!(
-                    "flame: job {id} failed: rank {} exited{code} ({first_line})",
-                    f.rank
-                );
+                // The node's own message for a rank that exited says no more than the code.
+                let why = if first_line.starts_with("rank exited with status") {
+                    String::new()
+                } else {
+                    format!(": {first_line}")
+                };
+                match f.exit_code {
+                    Some(code) => eprintln!(
+                        "flame: job {id} failed: rank {} exited with status {code}{why}",
+                        f.rank
+                    ),
+                    None => eprintln!("flame: job {id} failed: rank {}{why}", f.rank),
+                }
             }
             None => eprintln!("flame: job {id} failed"),
         },
