@@ -23,10 +23,11 @@ use flame_protocol::messages::{
     NodeRegistration, NodeTaskResult, NodeToHead, SubmitReply, Usage,
 };
 use flame_protocol::model::{
-    ApiError, ApplicationInfo, ApplicationSpec, ErrorKind, ExecutorUsage, JobFailure, JobInfo,
-    JobState, NodeInfo, NodeState, OwnerQueue, QueueReport, RankInfo, RankLaunch, Resources,
-    SessionInfo, SessionQueue, SessionSpec, SessionState, ShimKind, TaskAssignment, TaskCounts,
-    TaskInfo, TaskOutcome, TaskResult, TaskState,
+    job_of_application, ApiError, ApplicationInfo, ApplicationSpec, ErrorKind, ExecutorUsage,
+    JobFailure, JobInfo, JobState, NodeInfo, NodeState, OwnerQueue, QueueReport, RankInfo,
+    RankLaunch, Resources, SessionInfo, SessionQueue, SessionSpec, SessionState, ShimKind,
+    TaskAssignment, TaskCounts, TaskInfo, TaskOutcome, TaskResult, TaskState,
+    JOB_APPLICATION_PREFIX,
 };
 use flame_protocol::{ExecutorId, SessionId, TaskId};
 use std::collections::{BTreeMap, HashMap, VecDeque};
@@ -478,6 +479,11 @@ pub struct Core {
     now_ms: u64,
     /// A job ended: its application goes once its executors are gone.
     job_apps_ended: bool,
+    /// Sessions whose record changed in this batch: each is written once, at its end, however
+    /// many of its ranks or executors changed it.
+    dirty_sessions: std::collections::BTreeSet<SessionId>,
+    /// An executor of a queued job was bound in this batch: `start_jobs` looks.
+    jobs_may_start: bool,
 }
 
 /// Executor ids reserved per store write.
@@ -547,6 +553,8 @@ impl Core {
             reservation_pending: false,
             now_ms: 0,
             job_apps_ended: false,
+            dirty_sessions: Default::default(),
+            jobs_may_start: true,
         };
         for spec in loaded.applications {
             core.apps.insert(spec.name.clone(), spec);
@@ -634,6 +642,17 @@ impl Core {
             if s.stored.state == SessionState::Closed && s.counts.unfinished() == 0 {
                 s.finished = true;
                 s.tasks = Vec::new();
+                // Its ranks' outcomes were stored, its end was not (a crash between).
+                if let Some(job) = s.stored.job.as_mut().filter(|j| !j.state.is_final()) {
+                    job.state = if job.failure.is_some() || s.counts.failed > 0 {
+                        JobState::Failed
+                    } else if s.counts.cancelled > 0 {
+                        JobState::Cancelled
+                    } else {
+                        JobState::Succeeded
+                    };
+                    core.dirty_sessions.insert(s.stored.id);
+                }
             }
         }
         for n in loaded.nodes {
@@ -673,6 +692,35 @@ impl Core {
         }
     }
 
+    /// An executor of `application` is gone. If it was a rank of a job that has not
+    /// started, the job fails: a gang is never topped up, and the ranks it still holds go
+    /// back.
+    fn job_rank_lost(&mut self, application: &str, why: &str, now_ms: u64) {
+        let Some(id) = job_of_application(application) else {
+            return;
+        };
+        let Some(s) = self.sessions.get_mut(&id) else {
+            return;
+        };
+        if s.finished || s.cancelled {
+            return;
+        }
+        let Some(job) = s.stored.job.as_mut() else {
+            return;
+        };
+        if job.state != JobState::Queued {
+            return;
+        }
+        let message = format!("a rank was lost before the job started: {why}");
+        tracing::warn!(job = %id, %why, "a rank of a job was lost before it started; the job fails");
+        job.failure.get_or_insert(JobFailure {
+            rank: None,
+            exit_code: None,
+            message: message.clone(),
+        });
+        self.end_unfinished(id, TaskOutcome::Failed(message), None, now_ms);
+    }
+
     /// After a restart: a running job whose rank nobody reported lost it for good (a rank
     /// never runs twice), so the job fails and its other ranks are stopped.
     fn fail_orphaned_jobs(&mut self, now_ms: u64) {
@@ -684,13 +732,18 @@ impl Core {
             if job.state != JobState::Running || s.finished {
                 continue;
             }
-            let Some(rank) = s.tasks.iter().position(|t| t.slot == Slot::Pending) else {
+            let lost = s.tasks.iter().position(|t| t.slot == Slot::Pending);
+            let Some(rank) = lost else {
+                // A rank had failed before the restart: the others stop now.
+                if let Some(f) = &job.failure {
+                    orphaned.push((*id, f.message.clone()));
+                }
                 continue;
             };
             let message = "its rank was lost while the head restarted".to_string();
             if job.failure.is_none() {
                 job.failure = Some(JobFailure {
-                    rank: rank as u32,
+                    rank: Some(rank as u32),
                     exit_code: None,
                     message: message.clone(),
                 });
@@ -789,6 +842,7 @@ impl Core {
                             .is_some_and(|j| j.state == JobState::Queued)
                     {
                         let (tx, rx) = oneshot::channel();
+                        s.job_log_waiters.retain(|(_, waiter)| !waiter.is_closed());
                         s.job_log_waiters.push((executor, tx));
                         let _ = reply.send(Ok(LogTargets::WhenStarted(rx)));
                         return;
@@ -839,6 +893,11 @@ impl Core {
             }
             self.start_jobs(now_ms);
             self.dispatch(now_ms);
+        }
+        for id in std::mem::take(&mut self.dirty_sessions) {
+            if let Some(s) = self.sessions.get(&id).filter(|s| !s.ephemeral) {
+                self.batch_ops.push(StoreOp::PutSession(s.stored.clone()));
+            }
         }
         for (session, results) in std::mem::take(&mut self.batch_finish) {
             self.batch_ops.push(StoreOp::FinishTasks {
@@ -1203,8 +1262,13 @@ impl Core {
             }
         }
         let mut killed = Vec::new();
+        // A job's ranks all go, busy or not: none may outlive it.
+        let is_job = s.stored.job.is_some();
         for (eid, e) in self.executors.iter_mut() {
-            if e.session == Some(id) && !e.outstanding.is_empty() {
+            if e.session == Some(id)
+                && (!e.outstanding.is_empty() || is_job)
+                && e.phase != ExecutorPhase::Releasing
+            {
                 e.outstanding.clear();
                 e.phase = ExecutorPhase::Releasing;
                 killed.push((e.node.clone(), *eid));
@@ -1280,6 +1344,19 @@ impl Core {
                 )));
                 return;
             }
+        } else if self
+            .apps
+            .get(&spec.application)
+            .is_some_and(|a| a.shim == ShimKind::Batch)
+        {
+            let _ = reply.send(ClientResponse::Error(api(
+                ErrorKind::InvalidArgument,
+                format!(
+                    "`{}` runs the ranks of a batch job; it takes no other session",
+                    spec.application
+                ),
+            )));
+            return;
         } else if !self.apps.contains_key(&spec.application) {
             let _ = reply.send(ClientResponse::Error(api(
                 ErrorKind::NotFound,
@@ -1701,6 +1778,15 @@ impl Core {
                 outstanding.push_back((sid, tid));
             }
         }
+        let job_started = report
+            .session
+            .and_then(|sid| self.sessions.get(&sid))
+            .and_then(|s| s.stored.job.as_ref())
+            .is_some_and(|j| j.state != JobState::Queued);
+        if job_started && outstanding.is_empty() {
+            // Its rank ended, or was given up meanwhile: it must not outlive its job.
+            return Err("its rank of the job is over");
+        }
         tracing::info!(node, executor = %report.executor, tasks = outstanding.len(), "adopted an executor");
         self.next_executor = self.next_executor.max(report.executor.0 + 1);
         self.executors.insert(
@@ -1784,6 +1870,9 @@ impl Core {
                 if e.phase == ExecutorPhase::Binding && e.session == Some(session) =>
             {
                 e.phase = ExecutorPhase::Bound;
+                if e.application.starts_with(JOB_APPLICATION_PREFIX) {
+                    self.jobs_may_start = true;
+                }
             }
             ExecutorEvent::Unbound { usage, .. } if e.phase == ExecutorPhase::Unbinding => {
                 e.phase = ExecutorPhase::Idle;
@@ -1813,7 +1902,12 @@ impl Core {
                         tracing::warn!(executor = %id, node, app = %e.application, %reason,
                             retry_in_ms = pause, "executor exited");
                     }
-                    self.requeue(e.outstanding, &format!("executor {id} exited: {reason}"));
+                    let why = format!("executor {id} on node {node} exited: {reason}");
+                    self.requeue(e.outstanding, &why);
+                    self.job_rank_lost(&e.application, &why, self.now_ms);
+                    if e.phase != ExecutorPhase::Releasing {
+                        self.job_rank_lost(&e.application, &why, now_ms);
+                    }
                 }
             }
             other => {
@@ -1837,7 +1931,7 @@ impl Core {
         };
         s.record_usage(executor, node, usage, ended);
         if !s.ephemeral {
-            self.batch_ops.push(StoreOp::PutSession(s.stored.clone()));
+            self.dirty_sessions.insert(s.stored.id);
         }
     }
 
@@ -1921,7 +2015,7 @@ impl Core {
                 r.exit_code,
                 failure.as_deref(),
                 now_ms,
-                &mut self.batch_ops,
+                &mut self.dirty_sessions,
             );
         }
     }
@@ -2186,7 +2280,7 @@ impl Core {
             };
             job.ended_ms = Some(self.now_ms);
             tracing::info!(job = %session, state = %job.state, "job ended");
-            self.batch_ops.push(StoreOp::PutSession(s.stored.clone()));
+            self.dirty_sessions.insert(session);
             self.job_apps_ended = true;
         }
         // `flame logs` of a job that ended before it started: whatever there is (nothing).
@@ -2317,7 +2411,7 @@ impl Core {
                         None,
                         Some(reason),
                         self.now_ms,
-                        &mut self.batch_ops,
+                        &mut self.dirty_sessions,
                     );
                 }
                 let Some(slot) = slot_of(&mut s.tasks, tid) else {
@@ -2354,7 +2448,7 @@ impl Core {
         exit_code: Option<i32>,
         failure: Option<&str>,
         now_ms: u64,
-        batch_ops: &mut Vec<StoreOp>,
+        dirty: &mut std::collections::BTreeSet<SessionId>,
     ) {
         let Some(job) = s.stored.job.as_mut() else {
             return;
@@ -2368,7 +2462,7 @@ impl Core {
         if let Some(message) = failure {
             if job.failure.is_none() && !s.cancelled && !s.job_timed_out {
                 job.failure = Some(JobFailure {
-                    rank,
+                    rank: Some(rank),
                     exit_code,
                     message: message.to_string(),
                 });
@@ -2378,7 +2472,7 @@ impl Core {
         if job.spec.mpi && rank == 0 {
             s.job_stop_at_ms = Some(now_ms);
         }
-        batch_ops.push(StoreOp::PutSession(s.stored.clone()));
+        dirty.insert(s.stored.id);
     }
 
     /// Stops jobs whose ranks must go: after a failed rank's grace, at the end of an
@@ -2394,9 +2488,10 @@ impl Core {
             if let Some(at) = s.job_stop_at_ms {
                 if now_ms >= at {
                     let outcome = match &job.failure {
-                        Some(f) => {
-                            TaskOutcome::Failed(format!("stopped because rank {} failed", f.rank))
-                        }
+                        Some(f) => TaskOutcome::Failed(match f.rank {
+                            Some(rank) => format!("stopped because rank {rank} failed"),
+                            None => format!("stopped: {}", f.message),
+                        }),
                         // `mpirun` ended well: the ranks that held its daemons are done.
                         None => TaskOutcome::Succeeded(Bytes::new()),
                     };
@@ -2436,10 +2531,7 @@ impl Core {
                     kept_any |= a.shim == ShimKind::Batch;
                     return true;
                 }
-                let id = name
-                    .strip_prefix("job.")
-                    .and_then(|n| n.parse::<u64>().ok())
-                    .map(SessionId);
+                let id = job_of_application(name);
                 let keep = id
                     .and_then(|id| sessions.get(&id))
                     .is_some_and(|s| !s.finished);
@@ -2457,6 +2549,9 @@ impl Core {
     /// then executor id, so a node's ranks are consecutive), and hands every rank its task
     /// with its environment and the job's hostfile, all in this batch's frames.
     fn start_jobs(&mut self, now_ms: u64) {
+        if !std::mem::take(&mut self.jobs_may_start) {
+            return;
+        }
         let queued: Vec<SessionId> = self
             .sessions
             .iter()
@@ -2506,12 +2601,29 @@ impl Core {
                 .map(|(n, k)| format!("{n} slots={k}\n"))
                 .collect();
             let first_node = bound[0].0.as_str();
-            let master_addr = self
-                .nodes
-                .get(first_node)
-                .map(|n| n.address.clone())
-                .filter(|a| !a.is_empty())
-                .unwrap_or_else(|| first_node.to_string());
+            // Rank 0's node as the head sees it; a loopback address is no use to ranks on
+            // other machines, which get the node's name to resolve instead.
+            let address_of = |name: &str| {
+                self.nodes
+                    .get(name)
+                    .map(|n| n.address.clone())
+                    .filter(|a| !a.is_empty())
+            };
+            let is_loopback = |a: &str| {
+                a.parse::<std::net::IpAddr>()
+                    .is_ok_and(|ip| ip.is_loopback())
+            };
+            let master_addr = match address_of(first_node) {
+                Some(a)
+                    if !is_loopback(&a)
+                        || per_node
+                            .iter()
+                            .all(|(n, _)| address_of(n).is_some_and(|b| is_loopback(&b))) =>
+                {
+                    a
+                }
+                _ => first_node.to_string(),
+            };
             let master_port = JOB_MASTER_PORT_BASE + sid.0 % JOB_MASTER_PORT_SPAN;
             let mut infos = Vec::with_capacity(ranks);
             let mut node_index = 0;
@@ -2561,10 +2673,20 @@ impl Core {
                 }
                 .encode();
                 let task = TaskId(rank as u64 + 1);
+                infos.push(RankInfo {
+                    rank: rank as u32,
+                    node: node.clone(),
+                    executor: *executor,
+                    local_rank: local,
+                    exit_code: None,
+                });
+                local += 1;
                 let Some(slot) = slot_of(&mut s.tasks, task) else {
                     continue;
                 };
                 if slot.slot != Slot::Pending {
+                    // Already running: adopted after a head restart before the start was
+                    // stored. The numbering is the same: the same executors, sorted alike.
                     continue;
                 }
                 slot.slot = Slot::Running(*executor);
@@ -2584,20 +2706,12 @@ impl Core {
                         attempt: slot.attempt,
                         input,
                     }));
-                infos.push(RankInfo {
-                    rank: rank as u32,
-                    node: node.clone(),
-                    executor: *executor,
-                    local_rank: local,
-                    exit_code: None,
-                });
-                local += 1;
             }
             job.ranks = infos;
             job.state = JobState::Running;
             job.started_ms = Some(now_ms);
             tracing::info!(job = %sid, ranks, nodes = %nodelist, "job started");
-            self.batch_ops.push(StoreOp::PutSession(s.stored.clone()));
+            self.dirty_sessions.insert(sid);
             for (executor, reply) in std::mem::take(&mut s.job_log_waiters) {
                 let _ = reply.send(self.log_targets(sid, executor));
             }
@@ -4009,13 +4123,18 @@ mod tests {
         assert!(kills(&mut h).is_empty(), "killed before the grace ran out");
         h.now += 1;
         tick(&mut h);
-        assert_eq!(kills(&mut h), vec![runs[0].executor]);
-        exited(&mut h, runs[0].executor);
+        // Every rank goes, the one still running and the one whose process ended.
+        let mut killed = kills(&mut h);
+        killed.sort();
+        assert_eq!(killed, vec![runs[0].executor, runs[1].executor]);
+        for run in &runs {
+            exited(&mut h, run.executor);
+        }
 
         let job = job_of(&mut h, id);
         assert_eq!(job.state, JobState::Failed);
         let failure = job.failure.clone().unwrap();
-        assert_eq!((failure.rank, failure.exit_code), (1, Some(3)));
+        assert_eq!((failure.rank, failure.exit_code), (Some(1), Some(3)));
         assert_eq!(job.exit_code(), Some(3));
         assert_eq!(job.ranks[1].exit_code, Some(3));
     }
@@ -4125,5 +4244,58 @@ mod tests {
         let job = info.job.unwrap();
         assert_eq!(job.state, JobState::Failed, "{job:#?}");
         assert!(job.failure.unwrap().message.contains("restarted"));
+    }
+
+    #[test]
+    fn a_job_that_loses_a_rank_before_it_starts_fails_and_gives_the_rest_back() {
+        use flame_protocol::model::JobSpec;
+        let mut h = Harness::new();
+        let mut job = JobSpec::new("/bin/work", 2);
+        job.resources.cpu_millis = 500;
+        let id = session_id(h.client(ClientRequest::CreateSession(SessionSpec {
+            job: Some(job),
+            ..SessionSpec::new("")
+        })));
+        let launched: Vec<ExecutorId> = h
+            .commands()
+            .into_iter()
+            .filter_map(|c| match c {
+                NodeCommand::Launch { executor, .. } => Some(executor),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(launched.len(), 2);
+        h.node(NodeToHead::ExecutorEvents(vec![ExecutorEvent::Ready {
+            executor: launched[0],
+            credit: 1,
+        }]));
+        h.node(NodeToHead::ExecutorEvents(vec![ExecutorEvent::Bound {
+            executor: launched[0],
+            session: id,
+        }]));
+        h.commands();
+        // The other rank never comes up.
+        h.node(NodeToHead::ExecutorEvents(vec![ExecutorEvent::Exited {
+            executor: launched[1],
+            reason: "cannot create the executor's cgroup".into(),
+            usage: Usage::default(),
+        }]));
+        assert_eq!(kills(&mut h), vec![launched[0]], "the rank it held goes");
+        exited(&mut h, launched[0]);
+        let job = job_of(&mut h, id);
+        assert_eq!(job.state, JobState::Failed, "{job:#?}");
+        let failure = job.failure.unwrap();
+        assert_eq!(failure.rank, None);
+        assert!(failure.message.contains("cgroup"), "{failure:?}");
+        assert!(job.ranks.is_empty(), "it never started");
+        // Its application is no place for other sessions.
+        match h.client(ClientRequest::CreateSession(SessionSpec::new(format!(
+            "job.{}",
+            id.0
+        )))) {
+            ClientResponse::Error(e) => assert_eq!(e.kind, ErrorKind::InvalidArgument),
+            ClientResponse::Session(_) => panic!("a session on a job's application"),
+            _ => {} // the application may already be forgotten
+        }
     }
 }

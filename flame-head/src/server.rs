@@ -741,6 +741,10 @@ async fn read_node_logs(
     }
 }
 
+/// Longest command line of a `JobExec`, in bytes: within what a node reads as a stream
+/// request (1 MiB), with room for the rest of the request.
+pub const EXEC_ARGV_BYTES_MAX: usize = 512 * 1024;
+
 /// `ClientRequest::JobExec`: finds the rank of the job on the node (the core), opens a
 /// stream to that node with the command, and relays the node's `ExecEvent` frames to the
 /// client until the process ends. When the client goes away the node stream is dropped,
@@ -754,6 +758,16 @@ async fn exec_stream(
 ) -> Result<(), ConnError> {
     let refuse =
         |message: String| ClientResponse::Error(ApiError::new(ErrorKind::InvalidArgument, message));
+    let bytes: usize = argv.iter().map(String::len).sum();
+    if argv.iter().any(|a| a.contains('\0')) || bytes > EXEC_ARGV_BYTES_MAX {
+        writer
+            .write(&refuse(format!(
+                "the command must be at most {EXEC_ARGV_BYTES_MAX} bytes without NUL bytes"
+            )))
+            .await?;
+        let _ = writer.get_mut().finish();
+        return Ok(());
+    }
     if argv.is_empty() || argv.len() > flame_protocol::messages::EXEC_ARGS_MAX {
         writer
             .write(&refuse(format!(

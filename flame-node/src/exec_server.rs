@@ -41,16 +41,26 @@ async fn run(
     request: NodeExecRequest,
     settings: &Settings,
 ) -> Result<Result<i32, String>, FrameError> {
-    let hold = settings
-        .rank_holds
-        .lock()
-        .ok()
-        .and_then(|holds| holds.get(&request.executor).cloned());
-    let Some(hold) = hold else {
-        return Ok(Err(format!(
-            "executor {} holds no rank of a running job on node {}",
-            request.executor, settings.node_name
-        )));
+    // The head may ask before this node has started the rank's task: wait for it.
+    let deadline = tokio::time::Instant::now() + START_WAIT;
+    let hold = loop {
+        let changed = settings.rank_holds_changed.notified();
+        tokio::pin!(changed);
+        changed.as_mut().enable();
+        let hold = settings
+            .rank_holds
+            .lock()
+            .ok()
+            .and_then(|holds| holds.get(&request.executor).cloned());
+        if let Some(hold) = hold {
+            break hold;
+        }
+        if tokio::time::timeout_at(deadline, changed).await.is_err() {
+            return Ok(Err(format!(
+                "executor {} holds no rank of a running job on node {} (waited {START_WAIT:?})",
+                request.executor, settings.node_name
+            )));
+        }
     };
     let (started_tx, started_rx) = oneshot::channel();
     let start = ExecStart {

@@ -77,6 +77,8 @@ pub struct Settings {
     /// Ranks of batch jobs that hold their allocation for Open MPI's daemons, by executor:
     /// where the head's exec requests are started.
     pub rank_holds: std::sync::Mutex<HashMap<ExecutorId, mpsc::Sender<ExecStart>>>,
+    /// Woken when a rank registers in `rank_holds`, for exec requests that came first.
+    pub rank_holds_changed: tokio::sync::Notify,
     /// Added to the environment of every rank of a batch job (`FLAME_HEAD`, Open MPI's
     /// launcher).
     pub job_env: Vec<(String, String)>,
@@ -819,7 +821,16 @@ async fn run_rank(
         .as_ref()
         .map_or_else(|| prepared.work_dir.clone(), PathBuf::from);
     if launch.hold {
-        return hold_rank(settings, spec.executor, prepared, env, working_dir, kill).await;
+        return serve_rank(
+            settings,
+            spec.executor,
+            prepared,
+            env,
+            working_dir,
+            None,
+            kill,
+        )
+        .await;
     }
     let (program, args) = match &launch.argv {
         Some(argv) => match argv.split_first() {
@@ -828,20 +839,47 @@ async fn run_rank(
         },
         None => (app.command.clone(), app.args.clone()),
     };
-    let mut child = match start_in_rank(settings, prepared, program, args, env, working_dir) {
+    let child = match start_in_rank(
+        settings,
+        prepared,
+        program,
+        args,
+        env.clone(),
+        working_dir.clone(),
+    ) {
         Ok(c) => c,
         Err(e) => return e,
     };
+    if launch.argv.is_some() {
+        // `mpirun`: Open MPI may start this node's MPI processes as its children, or ask
+        // for a daemon here too; either way they run in this rank's allocation.
+        return serve_rank(
+            settings,
+            spec.executor,
+            prepared,
+            env,
+            working_dir,
+            Some(child),
+            kill,
+        )
+        .await;
+    }
+    let mut child = child;
     tokio::select! {
-        status = child.wait() => match status {
-            Ok(status) => {
-                // Give the log copies a moment to take the last lines.
-                tokio::task::yield_now().await;
-                RankEnd::Exited(status_code(status))
-            }
-            Err(e) => RankEnd::NotStarted(format!("waiting for the rank's process failed: {e}"), None),
-        },
+        status = child.wait() => rank_exit(status).await,
         _ = kill => RankEnd::Killed,
+    }
+}
+
+/// How a rank ended, from its process's wait.
+async fn rank_exit(status: std::io::Result<std::process::ExitStatus>) -> RankEnd {
+    match status {
+        Ok(status) => {
+            // Give the log copies a moment to take the last lines.
+            tokio::task::yield_now().await;
+            RankEnd::Exited(status_code(status))
+        }
+        Err(e) => RankEnd::NotStarted(format!("waiting for the rank's process failed: {e}"), None),
     }
 }
 
@@ -930,14 +968,17 @@ fn spawn_in_rank(
         .map_err(SpawnError::Launch)
 }
 
-/// A holding rank: registers itself so the head's exec requests (Open MPI's daemon) start
-/// in its allocation, and waits until the node kills it at the job's end.
-async fn hold_rank(
+/// A rank of an `--mpi` job: registers itself so the head's exec requests (Open MPI's
+/// daemon) start in its allocation, widened to its node's share of the job, and serves
+/// them until `mpirun` (`child`, rank 0) exits or, holding (`None`), until the node kills
+/// it at the job's end.
+async fn serve_rank(
     settings: &Settings,
     id: ExecutorId,
     prepared: &Prepared,
     env: Vec<(String, String)>,
     working_dir: PathBuf,
+    mut child: Option<tokio::process::Child>,
     kill: &mut oneshot::Receiver<()>,
 ) -> RankEnd {
     // Open MPI's daemon here starts all of this node's MPI processes as its children, in
@@ -959,8 +1000,10 @@ async fn hold_rank(
     if let Ok(mut holds) = settings.rank_holds.lock() {
         holds.insert(id, tx);
     }
+    settings.rank_holds_changed.notify_waiters();
     let end = loop {
         tokio::select! {
+            status = wait_some(&mut child) => break rank_exit(status).await,
             request = rx.recv() => {
                 let Some(request) = request else { break RankEnd::Killed };
                 let Some((program, args)) = request.argv.split_first() else {
@@ -987,6 +1030,16 @@ async fn hold_rank(
         holds.remove(&id);
     }
     end
+}
+
+/// Waits for the process, if there is one; never ready without.
+async fn wait_some(
+    child: &mut Option<tokio::process::Child>,
+) -> std::io::Result<std::process::ExitStatus> {
+    match child {
+        Some(c) => c.wait().await,
+        None => std::future::pending().await,
+    }
 }
 
 /// A rank's cgroup limits times `ranks`.

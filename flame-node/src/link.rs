@@ -379,6 +379,18 @@ impl Agent {
 }
 
 /// Merges executor reports into batched frames, in arrival order, and heartbeats.
+/// Output bytes of results sent in one frame, at most (a single larger one goes alone).
+pub const RESULTS_FRAME_BYTES_TARGET: usize = 16 * 1024 * 1024;
+
+/// The payload of a result: its output or message.
+fn result_bytes(r: &flame_protocol::messages::NodeTaskResult) -> usize {
+    match &r.outcome {
+        flame_protocol::model::TaskOutcome::Succeeded(b) => b.len(),
+        flame_protocol::model::TaskOutcome::Failed(m) => m.len(),
+        flame_protocol::model::TaskOutcome::Cancelled => 0,
+    }
+}
+
 async fn write_reports(
     mut send: FrameWriter<quinn::SendStream>,
     mut reports: mpsc::UnboundedReceiver<Report>,
@@ -409,11 +421,13 @@ async fn write_reports(
         // Consecutive reports of one kind share a frame; order across kinds is kept.
         let mut events = Vec::new();
         let mut results = Vec::new();
+        let mut results_bytes = 0usize;
         for r in batch {
             match r {
                 Report::Event(e) => {
                     if !results.is_empty() {
                         let frame = NodeToHead::Results(std::mem::take(&mut results));
+                        results_bytes = 0;
                         if send.write(&frame).await.is_err() {
                             return;
                         }
@@ -427,6 +441,17 @@ async fn write_reports(
                             return;
                         }
                     }
+                    // A frame of results stays well under the frame limit however big
+                    // each output is (up to the task output limit).
+                    let size = result_bytes(&r);
+                    if !results.is_empty() && results_bytes + size > RESULTS_FRAME_BYTES_TARGET {
+                        let frame = NodeToHead::Results(std::mem::take(&mut results));
+                        results_bytes = 0;
+                        if send.write(&frame).await.is_err() {
+                            return;
+                        }
+                    }
+                    results_bytes += size;
                     results.push(r);
                 }
             }

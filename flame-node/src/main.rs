@@ -340,6 +340,7 @@ fn run(args: Args) -> Result<(), String> {
         credit,
         executors_ended: Default::default(),
         rank_holds: Default::default(),
+        rank_holds_changed: Default::default(),
         job_env: job_environment(&head, &ca_file),
     };
     let config = link::NodeConfig {

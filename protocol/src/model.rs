@@ -473,6 +473,18 @@ pub struct SessionSpec {
     pub job: Option<JobSpec>,
 }
 
+/// The application of a batch job's ranks is named this plus the job's id (a dot: no
+/// registered application can have such a name).
+pub const JOB_APPLICATION_PREFIX: &str = "job.";
+
+/// The job whose ranks run as application `name`, if it is one.
+pub fn job_of_application(name: &str) -> Option<SessionId> {
+    name.strip_prefix(JOB_APPLICATION_PREFIX)?
+        .parse::<u64>()
+        .ok()
+        .map(SessionId)
+}
+
 /// Most ranks one batch job may have.
 pub const JOB_RANKS_MAX: u32 = 65_536;
 /// Longest time limit a job may ask for (30 days).
@@ -539,7 +551,10 @@ impl JobSpec {
             delay_release_ms: 0,
             max_attempts: 1,
             shim: ShimKind::Batch,
-            ..ApplicationSpec::new(format!("job.{}", job.0), self.command.clone())
+            ..ApplicationSpec::new(
+                format!("{JOB_APPLICATION_PREFIX}{}", job.0),
+                self.command.clone(),
+            )
         }
     }
 
@@ -635,7 +650,8 @@ pub struct RankInfo {
 /// The first rank that failed, which decides the job's exit code.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct JobFailure {
-    pub rank: u32,
+    /// `None` for a rank lost before the job started (ranks are numbered at the start).
+    pub rank: Option<u32>,
     /// `None` when the rank did not exit by itself (its node was lost, it could not start).
     pub exit_code: Option<i32>,
     pub message: String,

@@ -201,7 +201,7 @@ async fn the_first_failed_rank_decides_the_exit_code_and_no_rank_survives() {
     let job = info.job.unwrap();
     assert_eq!(job.state, JobState::Failed);
     let failure = job.failure.unwrap();
-    assert_eq!((failure.rank, failure.exit_code), (2, Some(3)));
+    assert_eq!((failure.rank, failure.exit_code), (Some(2), Some(3)));
     assert_eq!(job.ranks[2].exit_code, Some(3));
 }
 

@@ -133,4 +133,26 @@ async fn mpi_allreduce_over_two_nodes_without_ssh() {
     view.assert_success();
     let info: SessionInfo = serde_json::from_str(&view.stdout).unwrap();
     assert_eq!(info.job.unwrap().state, JobState::Succeeded);
+
+    // One rank per node: the first node's daemon starts in `mpirun`'s own rank.
+    let out = cluster
+        .flame(&[
+            "submit",
+            "--mpi",
+            "-n",
+            "2",
+            "--ranks-per-node",
+            "1",
+            "--",
+            program.to_str().unwrap(),
+        ])
+        .await;
+    out.assert_success();
+    let sums: Vec<&str> = out
+        .stdout
+        .lines()
+        .filter(|l| l.starts_with("rank "))
+        .collect();
+    assert_eq!(sums.len(), 2, "{out}");
+    assert!(sums.iter().all(|l| l.ends_with("sum 3")), "{out}");
 }

@@ -23,8 +23,9 @@ use std::collections::HashMap;
 use std::io::Write as _;
 use std::time::Duration;
 
-/// After the job ended, how long its ranks' last output may take to arrive.
-pub const OUTPUT_DRAIN_MAX: Duration = Duration::from_secs(10);
+/// After the job ended, how long its ranks' last output may take to arrive (the logs of
+/// its ranks close as their executors go, normally within milliseconds).
+pub const OUTPUT_DRAIN_MAX: Duration = Duration::from_secs(3);
 /// After Ctrl-C, how long the job may take to end before `flame submit` gives up waiting.
 pub const CANCEL_WAIT_MAX: Duration = Duration::from_secs(30);
 /// While a job waits for room, why it waits is printed this often when it changes.
@@ -242,12 +243,14 @@ fn report_end(id: SessionId, job: &JobInfo) {
                 } else {
                     format!(": {first_line}")
                 };
+                let who = f
+                    .rank
+                    .map_or_else(|| "a rank".to_string(), |r| format!("rank {r}"));
                 match f.exit_code {
-                    Some(code) => eprintln!(
-                        "flame: job {id} failed: rank {} exited with status {code}{why}",
-                        f.rank
-                    ),
-                    None => eprintln!("flame: job {id} failed: rank {}{why}", f.rank),
+                    Some(code) => {
+                        eprintln!("flame: job {id} failed: {who} exited with status {code}{why}")
+                    }
+                    None => eprintln!("flame: job {id} failed: {who}{why}"),
                 }
             }
             None => eprintln!("flame: job {id} failed"),
@@ -567,8 +570,9 @@ fn print_view(info: &SessionInfo, job: &JobInfo) {
         fields.push((
             "First failure",
             format!(
-                "rank {}: {}",
-                f.rank,
+                "{}: {}",
+                f.rank
+                    .map_or_else(|| "a rank".to_string(), |r| format!("rank {r}")),
                 f.message.lines().next().unwrap_or_default()
             ),
         ));
