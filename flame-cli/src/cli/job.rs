@@ -25,7 +25,7 @@ use std::time::Duration;
 
 /// After the job ended, how long its ranks' last output may take to arrive (the logs of
 /// its ranks close as their executors go, normally within milliseconds).
-pub const OUTPUT_DRAIN_MAX: Duration = Duration::from_secs(3);
+pub const OUTPUT_DRAIN_MAX: Duration = Duration::from_secs(10);
 /// After Ctrl-C, how long the job may take to end before `flame submit` gives up waiting.
 pub const CANCEL_WAIT_MAX: Duration = Duration::from_secs(30);
 /// While a job waits for room, why it waits is printed this often when it changes.
@@ -206,9 +206,12 @@ async fn submit_with(
         }
     }
     // The ranks' last lines: their logs close when their executors have gone.
+    // (The logs may have ended before the job's end was seen: then there is nothing left.)
     let drain = async {
-        while let Some(event) = next_log(&mut logs).await {
-            output.event(event).await?;
+        if let Some(stream) = logs.as_mut() {
+            while let Some(event) = stream.next().await {
+                output.event(event.map_err(anyhow::Error::from)).await?;
+            }
         }
         anyhow::Ok(())
     };
