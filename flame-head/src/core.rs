@@ -484,6 +484,8 @@ pub struct Core {
     dirty_sessions: std::collections::BTreeSet<SessionId>,
     /// An executor of a queued job was bound in this batch: `start_jobs` looks.
     jobs_may_start: bool,
+    /// Outcomes of job ranks whose commit failed, written again at the next tick.
+    finish_retry: BTreeMap<SessionId, Vec<(TaskId, u32, TaskOutcome)>>,
 }
 
 /// Executor ids reserved per store write.
@@ -555,6 +557,7 @@ impl Core {
             job_apps_ended: false,
             dirty_sessions: Default::default(),
             jobs_may_start: true,
+            finish_retry: BTreeMap::new(),
         };
         for spec in loaded.applications {
             core.apps.insert(spec.name.clone(), spec);
@@ -878,6 +881,12 @@ impl Core {
                     self.preempt_overdue(now_ms, grace);
                 }
                 self.enforce_job_deadlines(now_ms);
+                for (session, results) in std::mem::take(&mut self.finish_retry) {
+                    self.batch_finish
+                        .entry(session)
+                        .or_default()
+                        .extend(results);
+                }
             }
         }
     }
@@ -2156,6 +2165,15 @@ impl Core {
                             self.reschedule = true;
                         }
                         self.check_finished(session);
+                    }
+                    Err(e) if s.stored.job.is_some() => {
+                        // A rank never runs again: its outcome is written again at the next
+                        // tick, until the store takes it.
+                        tracing::error!(%session, error = %e, "a job's results could not be persisted; retrying");
+                        self.finish_retry
+                            .entry(session)
+                            .or_default()
+                            .extend(results);
                     }
                     Err(e) => {
                         // Not durable, so not final: run them again.
@@ -4296,6 +4314,54 @@ mod tests {
             ClientResponse::Error(e) => assert_eq!(e.kind, ErrorKind::InvalidArgument),
             ClientResponse::Session(_) => panic!("a session on a job's application"),
             _ => {} // the application may already be forgotten
+        }
+    }
+
+    #[test]
+    fn a_rank_outcome_that_fails_to_persist_is_written_again_never_rerun() {
+        let mut h = Harness::new();
+        let (id, runs) = started_job(&mut h, None);
+        h.core.handle(
+            Event::NodeMessage {
+                conn: 1,
+                message: NodeToHead::Results(vec![NodeTaskResult {
+                    executor: runs[0].executor,
+                    session: id,
+                    task: runs[0].task,
+                    attempt: runs[0].attempt,
+                    outcome: TaskOutcome::Succeeded(Bytes::new()),
+                    exit_code: Some(0),
+                }]),
+            },
+            h.now,
+        );
+        h.core.end_batch(h.now);
+        // The disk is full: that commit fails.
+        while let Ok(req) = h.store_rx.try_recv() {
+            h.core.handle(
+                Event::Committed {
+                    tokens: vec![req.token],
+                    result: Err("no space left on device".into()),
+                },
+                h.now,
+            );
+            h.core.end_batch(h.now);
+        }
+        assert!(
+            !h.commands()
+                .iter()
+                .any(|c| matches!(c, NodeCommand::Run(_))),
+            "a rank was run again"
+        );
+        // The next tick writes it again, and this time it holds.
+        h.now += 200;
+        tick(&mut h);
+        match h.client(ClientRequest::GetSession { id }) {
+            ClientResponse::Session(info) => {
+                assert_eq!(info.counts.succeeded, 1, "{info:#?}");
+                assert_eq!(info.counts.pending, 0, "{info:#?}");
+            }
+            other => panic!("unexpected {other:?}"),
         }
     }
 }

@@ -398,6 +398,7 @@ async fn a_gang_starts_whole_beside_elastic_work_within_the_preemption_grace() {
     assert_eq!(ran.ranks.len(), 4, "{ran:#?}");
     assert!(ran.ranks.iter().all(|r| r.exit_code == Some(0)), "{ran:#?}");
     let waited_ms = ran.started_ms.unwrap() - done.created_ms;
+    eprintln!("the 4-rank job started {waited_ms} ms after it was submitted (grace {GRACE_S} s)");
     // The grace, plus launching 4 executors and a few scheduling ticks on a loaded
     // 2-core machine: generous, since tests do not measure speed; a job that waited for
     // the 30 s tasks to end would take longer.
