@@ -714,7 +714,12 @@ async fn read_node_logs(
             }
         };
         let event = match frame {
-            Ok(Some(LogEvent::Chunk { executor, data, .. })) => {
+            Ok(Some(LogEvent::Chunk {
+                executor,
+                data,
+                stderr,
+                ..
+            })) => {
                 if !asked.contains(&executor) {
                     return Err(format!(
                         "the node sent the log of executor {executor}, which was not asked for"
@@ -725,6 +730,7 @@ async fn read_node_logs(
                     executor,
                     node: node.to_string(),
                     data,
+                    stderr,
                 }
             }
             Ok(Some(LogEvent::Unavailable { reason, .. })) => LogEvent::Unavailable {

@@ -152,6 +152,9 @@ struct Prepared {
     work_dir: PathBuf,
     socket_dir: Option<SocketDir>,
     log: LogSink,
+    /// A batch rank's stderr, kept apart from its stdout (`log`) so the submitter can print
+    /// each where it belongs.
+    err_log: Option<LogSink>,
     /// cgroup counters when the executor last entered a session.
     bound_at: Option<CgroupUsage>,
     /// When the executor last entered a session, if it is in one.
@@ -170,6 +173,15 @@ impl Prepared {
             .logs
             .open_sink(id.0)
             .map_err(|e| format!("cannot open the executor's log: {e}"))?;
+        let err_log = match app.shim {
+            ShimKind::Batch => Some(
+                settings
+                    .logs
+                    .open_sink(crate::logs::stderr_log_id(id.0))
+                    .map_err(|e| format!("cannot open the rank's stderr log: {e}"))?,
+            ),
+            ShimKind::Stdio | ShimKind::Unix => None,
+        };
         let work_dir = settings.work_dir.join(format!("exec-{}", id.0));
         make_private_dir(&work_dir, owner).map_err(|e| {
             format!(
@@ -208,6 +220,7 @@ impl Prepared {
             work_dir,
             socket_dir,
             log,
+            err_log,
             bound_at: None,
             bound_since: None,
             resources: limits,
@@ -715,7 +728,7 @@ async fn drive_rank(
                         RankEnd::Exited(code) => (
                             TaskOutcome::Failed(format!(
                                 "rank exited with status {code}{}",
-                                tail_text(&prepared.log)
+                                tail_text(prepared.err_log.as_ref().unwrap_or(&prepared.log))
                             )),
                             Some(code),
                         ),
@@ -898,7 +911,11 @@ fn start_in_rank(
                 prepared.log.spawn_copy(out, "stdout");
             }
             if let Some(err) = child.stderr.take() {
-                prepared.log.spawn_copy(err, "stderr");
+                prepared
+                    .err_log
+                    .as_ref()
+                    .unwrap_or(&prepared.log)
+                    .spawn_copy(err, "stderr");
             }
             Ok(child)
         }

@@ -74,14 +74,24 @@ async fn serve_stream(
     let mut readers = JoinSet::new();
     if request.follow {
         for executor in request.executors {
-            readers.spawn(send_log(settings.clone(), executor, true, tx.clone()));
+            for stderr in [false, true] {
+                readers.spawn(send_log(
+                    settings.clone(),
+                    executor,
+                    stderr,
+                    true,
+                    tx.clone(),
+                ));
+            }
         }
     } else {
         let tx = tx.clone();
         readers.spawn(async move {
             for executor in request.executors {
-                if !send_log(settings.clone(), executor, false, tx.clone()).await {
-                    break;
+                for stderr in [false, true] {
+                    if !send_log(settings.clone(), executor, stderr, false, tx.clone()).await {
+                        return false;
+                    }
                 }
             }
             true
@@ -95,10 +105,12 @@ async fn serve_stream(
 }
 
 /// Sends one executor's log into `tx`, from its oldest retained byte; with `follow`, until
-/// the log closes. Returns false when nobody reads `tx` any more.
+/// the log closes. With `stderr`, the separate stderr log that only ranks of batch jobs
+/// have (none: nothing is sent). Returns false when nobody reads `tx` any more.
 async fn send_log(
     settings: Arc<Settings>,
     executor: ExecutorId,
+    stderr: bool,
     follow: bool,
     tx: mpsc::Sender<LogEvent>,
 ) -> bool {
@@ -113,8 +125,14 @@ async fn send_log(
             e => format!("cannot read the log of executor {executor}: {e}"),
         },
     };
-    let mut reader = match settings.logs.reader(executor.0, 0) {
+    let id = if stderr {
+        crate::logs::stderr_log_id(executor.0)
+    } else {
+        executor.0
+    };
+    let mut reader = match settings.logs.reader(id, 0) {
         Ok(reader) => reader,
+        Err(LogError::NotFound(_)) if stderr => return true,
         Err(e) => return tx.send(unavailable(e)).await.is_ok(),
     };
     loop {
@@ -123,6 +141,7 @@ async fn send_log(
                 executor,
                 node: node.clone(),
                 data,
+                stderr,
             },
             Ok(None) => return true,
             Err(e) => return tx.send(unavailable(e)).await.is_ok(),

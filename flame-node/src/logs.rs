@@ -58,6 +58,12 @@ use std::time::{Duration, SystemTime};
 use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::sync::watch;
 
+/// The log id of a batch rank's separate stderr log: its executor id with the top bit set
+/// (executor ids never reach it).
+pub fn stderr_log_id(executor: u64) -> u64 {
+    executor | 1 << 63
+}
+
 /// Default bound on one log file: 8 MiB.
 pub const FILE_BYTES_MAX_DEFAULT: u64 = 8 * 1024 * 1024;
 

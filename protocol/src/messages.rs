@@ -172,6 +172,9 @@ pub enum LogEvent {
         executor: ExecutorId,
         node: String,
         data: Bytes,
+        /// The rank of a batch job keeps its stderr apart: these bytes are from it. Other
+        /// executors' logs hold stderr and stdout together, and say `false`.
+        stderr: bool,
     },
     /// A node's logs could not be read (e.g. it is not connected); other nodes' go on.
     Unavailable { node: String, reason: String },

@@ -196,6 +196,9 @@ async fn the_first_failed_rank_decides_the_exit_code_and_no_rank_survives() {
         out.stderr.contains("rank 2 exited with status 3"),
         "the failure is not named:\n{out}"
     );
+    // A rank's stderr comes out on ours, not on stdout.
+    assert!(out.stderr.lines().any(|l| l == "failing"), "{out}");
+    assert!(!out.stdout.contains("failing"), "{out}");
     wait_processes_gone(marker).await;
     let info = job_info(&cluster, announced_job(&out)).await;
     let job = info.job.unwrap();

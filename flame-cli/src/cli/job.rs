@@ -20,7 +20,6 @@ use flame_protocol::model::{
 };
 use flame_protocol::{ExecutorId, SessionId};
 use std::collections::HashMap;
-use std::io::Write as _;
 use std::time::Duration;
 
 /// After the job ended, how long its ranks' last output may take to arrive (the logs of
@@ -284,8 +283,8 @@ struct Output {
     job: SessionId,
     label: bool,
     ranks: HashMap<ExecutorId, u32>,
-    partial: HashMap<ExecutorId, Vec<u8>>,
-    out: std::io::Stdout,
+    /// Unfinished lines per rank and stream (`true`: stderr).
+    partial: HashMap<(ExecutorId, bool), Vec<u8>>,
 }
 
 impl Output {
@@ -296,17 +295,21 @@ impl Output {
             label,
             ranks: HashMap::new(),
             partial: HashMap::new(),
-            out: std::io::stdout(),
         }
     }
 
     async fn event(&mut self, event: anyhow::Result<LogEvent>) -> anyhow::Result<()> {
         match event? {
-            LogEvent::Chunk { executor, data, .. } => {
+            LogEvent::Chunk {
+                executor,
+                data,
+                stderr,
+                ..
+            } => {
                 if self.label && !self.ranks.contains_key(&executor) {
                     self.learn_ranks().await?;
                 }
-                let buf = self.partial.entry(executor).or_default();
+                let buf = self.partial.entry((executor, stderr)).or_default();
                 buf.extend_from_slice(&data);
                 let cut = match buf.iter().rposition(|&b| b == b'\n') {
                     Some(i) => i + 1,
@@ -314,7 +317,7 @@ impl Output {
                     None => return Ok(()),
                 };
                 let lines: Vec<u8> = buf.drain(..cut).collect();
-                self.print(executor, &lines)?;
+                self.print(executor, stderr, &lines)?;
             }
             LogEvent::Unavailable { node, reason } => {
                 eprintln!("flame: warning: output on node {node} is unavailable: {reason}");
@@ -333,8 +336,16 @@ impl Output {
         Ok(())
     }
 
-    fn print(&mut self, executor: ExecutorId, bytes: &[u8]) -> anyhow::Result<()> {
-        let mut out = self.out.lock();
+    /// Prints whole lines of a rank's stdout, or stderr, to ours.
+    fn print(&mut self, executor: ExecutorId, stderr: bool, bytes: &[u8]) -> anyhow::Result<()> {
+        let (mut stdout, mut stderr_out);
+        let out: &mut dyn std::io::Write = if stderr {
+            stderr_out = std::io::stderr().lock();
+            &mut stderr_out
+        } else {
+            stdout = std::io::stdout().lock();
+            &mut stdout
+        };
         if self.label {
             let label = self
                 .ranks
@@ -358,10 +369,10 @@ impl Output {
 
     /// Prints what is left of unfinished lines.
     fn finish(&mut self) -> anyhow::Result<()> {
-        let left: Vec<(ExecutorId, Vec<u8>)> = self.partial.drain().collect();
-        for (executor, bytes) in left {
+        let left: Vec<((ExecutorId, bool), Vec<u8>)> = self.partial.drain().collect();
+        for ((executor, stderr), bytes) in left {
             if !bytes.is_empty() {
-                self.print(executor, &bytes)?;
+                self.print(executor, stderr, &bytes)?;
             }
         }
         Ok(())

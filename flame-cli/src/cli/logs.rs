@@ -53,6 +53,7 @@ pub async fn run(global: &GlobalArgs, args: LogsArgs) -> anyhow::Result<()> {
                     executor,
                     node,
                     data,
+                    ..
                 })) => {
                     seen_any = true;
                     out.chunk(&node, executor, &data)?;
