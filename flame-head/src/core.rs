@@ -4009,12 +4009,9 @@ mod tests {
         }
     }
 
-    /// Starts a 2-rank job of half-cpu ranks on the harness's 1-cpu node: returns its id,
-    /// its executors in launch order, and the rank tasks it runs once every rank is bound.
-    fn started_job(
-        h: &mut Harness,
-        time_limit_ms: Option<u64>,
-    ) -> (SessionId, Vec<TaskAssignment>) {
+    /// Submits a 2-rank job of half-cpu ranks on the harness's 1-cpu node: returns its id
+    /// and its executors, all launched in one plan.
+    fn submit_job(h: &mut Harness, time_limit_ms: Option<u64>) -> (SessionId, Vec<ExecutorId>) {
         use flame_protocol::model::JobSpec;
         let mut job = JobSpec::new("/bin/work", 2);
         job.resources.cpu_millis = 500;
@@ -4040,6 +4037,16 @@ mod tests {
             })
             .collect();
         assert_eq!(launched.len(), 2, "all ranks are launched in one plan");
+        (id, launched)
+    }
+
+    /// Starts a 2-rank job of half-cpu ranks on the harness's 1-cpu node: returns its id,
+    /// its executors in launch order, and the rank tasks it runs once every rank is bound.
+    fn started_job(
+        h: &mut Harness,
+        time_limit_ms: Option<u64>,
+    ) -> (SessionId, Vec<TaskAssignment>) {
+        let (id, launched) = submit_job(h, time_limit_ms);
         let mut runs = Vec::new();
         for (i, &executor) in launched.iter().enumerate() {
             h.node(NodeToHead::ExecutorEvents(vec![ExecutorEvent::Ready {
@@ -4266,23 +4273,8 @@ mod tests {
 
     #[test]
     fn a_job_that_loses_a_rank_before_it_starts_fails_and_gives_the_rest_back() {
-        use flame_protocol::model::JobSpec;
         let mut h = Harness::new();
-        let mut job = JobSpec::new("/bin/work", 2);
-        job.resources.cpu_millis = 500;
-        let id = session_id(h.client(ClientRequest::CreateSession(SessionSpec {
-            job: Some(job),
-            ..SessionSpec::new("")
-        })));
-        let launched: Vec<ExecutorId> = h
-            .commands()
-            .into_iter()
-            .filter_map(|c| match c {
-                NodeCommand::Launch { executor, .. } => Some(executor),
-                _ => None,
-            })
-            .collect();
-        assert_eq!(launched.len(), 2);
+        let (id, launched) = submit_job(&mut h, None);
         h.node(NodeToHead::ExecutorEvents(vec![ExecutorEvent::Ready {
             executor: launched[0],
             credit: 1,

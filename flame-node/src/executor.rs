@@ -42,6 +42,18 @@ pub enum Command {
     Release,
 }
 
+impl Command {
+    /// The lifecycle input it is.
+    fn input(&self) -> Input {
+        match self {
+            Command::Bind { session, .. } => Input::Bind(*session),
+            Command::Run(a) => Input::Run(a.session),
+            Command::Unbind => Input::Unbind,
+            Command::Release => Input::Release,
+        }
+    }
+}
+
 /// What executors report, merged by the link into batched frames.
 #[derive(Debug)]
 pub enum Report {
@@ -571,13 +583,7 @@ async fn drive(
             },
             _ = &mut kill => fail!("killed by the node"),
         };
-        let input = match &command {
-            Command::Bind { session, .. } => Input::Bind(*session),
-            Command::Run(a) => Input::Run(a.session),
-            Command::Unbind => Input::Unbind,
-            Command::Release => Input::Release,
-        };
-        phase = match phase.next(input) {
+        phase = match phase.next(command.input()) {
             Ok(p) => p,
             Err(e) => {
                 // The head and this node disagree; the head re-queues what ran here.
@@ -697,13 +703,7 @@ async fn drive_rank(
             },
             _ = &mut kill => return "killed by the node".to_string(),
         };
-        let input = match &command {
-            Command::Bind { session, .. } => Input::Bind(*session),
-            Command::Run(a) => Input::Run(a.session),
-            Command::Unbind => Input::Unbind,
-            Command::Release => Input::Release,
-        };
-        phase = match phase.next(input) {
+        phase = match phase.next(command.input()) {
             Ok(p) => p,
             Err(e) => return format!("protocol error: {e}"),
         };
