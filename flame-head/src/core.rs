@@ -3735,14 +3735,7 @@ mod tests {
             executor,
             credit: 8,
         }]));
-        let runs: Vec<TaskAssignment> = h
-            .commands()
-            .into_iter()
-            .filter_map(|c| match c {
-                NodeCommand::Run(a) => Some(a),
-                _ => None,
-            })
-            .collect();
+        let runs: Vec<TaskAssignment> = runs_sent(&mut h);
         assert_eq!(runs.len(), 2);
         // The connection drops and the node comes back at once, reporting the executor,
         // still bound and running both tasks, with a new connection.
@@ -3790,14 +3783,7 @@ mod tests {
             0,
         );
         h.step();
-        let rerun: Vec<TaskAssignment> = h
-            .commands()
-            .into_iter()
-            .filter_map(|c| match c {
-                NodeCommand::Run(a) => Some(a),
-                _ => None,
-            })
-            .collect();
+        let rerun: Vec<TaskAssignment> = runs_sent(&mut h);
         assert_eq!(
             rerun.len(),
             2,
@@ -4063,14 +4049,7 @@ mod tests {
                 executor,
                 session: id,
             }]));
-            runs = h
-                .commands()
-                .into_iter()
-                .filter_map(|c| match c {
-                    NodeCommand::Run(a) => Some(a),
-                    _ => None,
-                })
-                .collect();
+            runs = runs_sent(h);
             if i == 0 {
                 assert!(
                     runs.is_empty(),
@@ -4092,6 +4071,17 @@ mod tests {
     fn tick(h: &mut Harness) {
         h.core.handle(Event::Tick, h.now);
         h.step();
+    }
+
+    /// The tasks sent to nodes since the last look.
+    fn runs_sent(h: &mut Harness) -> Vec<TaskAssignment> {
+        h.commands()
+            .into_iter()
+            .filter_map(|c| match c {
+                NodeCommand::Run(a) => Some(a),
+                _ => None,
+            })
+            .collect()
     }
 
     fn kills(h: &mut Harness) -> Vec<ExecutorId> {

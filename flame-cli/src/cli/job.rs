@@ -283,6 +283,9 @@ struct Output {
     job: SessionId,
     label: bool,
     ranks: HashMap<ExecutorId, u32>,
+    /// Executors whose rank was looked up, so an unknown one costs one request, not one
+    /// per chunk.
+    asked: std::collections::HashSet<ExecutorId>,
     /// Unfinished lines per rank and stream (`true`: stderr).
     partial: HashMap<(ExecutorId, bool), Vec<u8>>,
 }
@@ -294,6 +297,7 @@ impl Output {
             job,
             label,
             ranks: HashMap::new(),
+            asked: Default::default(),
             partial: HashMap::new(),
         }
     }
@@ -306,7 +310,9 @@ impl Output {
                 stderr,
                 ..
             } => {
-                if self.label && !self.ranks.contains_key(&executor) {
+                // Asked once per executor: the job's ranks are known once it has started.
+                if self.label && !self.ranks.contains_key(&executor) && self.asked.insert(executor)
+                {
                     self.learn_ranks().await?;
                 }
                 let buf = self.partial.entry((executor, stderr)).or_default();
