@@ -13,6 +13,7 @@
 //! max_attempts = 3            # default 3
 //! retry_on_error = false      # default false
 //! task_timeout = "10m"        # optional, a humantime duration
+//! allow_root = false          # default false; executors run as root only if this and the node allow it
 //!
 //! [env]                       # default {}
 //! RUST_LOG = "info"
@@ -108,6 +109,8 @@ struct AppFile {
     retry_on_error: bool,
     /// A humantime duration such as "30s"; absent means no limit.
     task_timeout: Option<String>,
+    #[serde(default)]
+    allow_root: bool,
 }
 
 /// An `[env]` value: a string, or `{ value = "…", secret = true }`.
@@ -292,6 +295,7 @@ pub fn parse_app_file(text: &str, path: &Path) -> Result<ApplicationSpec, AppFil
         max_attempts: file.max_attempts,
         retry_on_error: file.retry_on_error,
         task_timeout_ms,
+        allow_root: file.allow_root,
     };
     spec.validate().map_err(|source| AppFileError::Invalid {
         path: path.to_path_buf(),

@@ -12,6 +12,7 @@ pub mod render;
 pub mod session;
 pub mod signals;
 pub mod submit;
+pub mod whoami;
 
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
@@ -29,17 +30,29 @@ pub struct Cli {
     pub command: Command,
 }
 
-/// Where the head is and whom sessions are for; each falls back to the environment, then
-/// to the config files.
+/// Where the head is, who this client is there, and whom sessions are for; each falls back
+/// to the environment, then to the config files.
+///
+/// There is no flag taking a token's text: command lines are visible to every user of the
+/// machine (`ps`). Use --token-file, or FLAME_TOKEN_FILE / FLAME_TOKEN.
 #[derive(Debug, Clone, Args)]
 pub struct GlobalArgs {
     /// Head address, host:port [else FLAME_HEAD, else `head` in ~/.config/flame/config.toml or /etc/flame/flame.toml]
     #[arg(long, global = true, value_name = "ADDR")]
     pub head: Option<String>,
-    /// The head's CA certificate (PEM) [else FLAME_CA_FILE, else `ca_file` in the config files]
+    /// The cluster's CA certificate (PEM) [else FLAME_CA_FILE, else `ca_file` in the config files, else the CA fingerprint in the token]
     #[arg(long, global = true, value_name = "PATH")]
     pub ca_file: Option<PathBuf>,
-    /// Owner that new sessions are accounted to [else FLAME_OWNER, else `owner` in the config files, else your user name]
+    /// File holding your token, from `flame-head token create --user NAME` [else FLAME_TOKEN_FILE or FLAME_TOKEN, else `token_file` or `token` in the config files]
+    #[arg(long, global = true, value_name = "PATH")]
+    pub token_file: Option<PathBuf>,
+    /// Your user certificate (PEM), signed by the cluster CA, instead of a token; needs --key [else FLAME_CERT, else `cert_file` in the config files]
+    #[arg(long = "cert", global = true, value_name = "PATH")]
+    pub cert_file: Option<PathBuf>,
+    /// The private key (PEM) of --cert [else FLAME_KEY, else `key_file` in the config files]
+    #[arg(long = "key", global = true, value_name = "PATH")]
+    pub key_file: Option<PathBuf>,
+    /// Admins only: the user that new sessions belong to [else FLAME_OWNER, else `owner` in the config files, else whoever the token or certificate names]
     #[arg(long, global = true, value_name = "NAME")]
     pub owner: Option<String>,
 }
@@ -68,6 +81,8 @@ pub enum Command {
     /// List, view, cancel and read the output of batch jobs
     #[command(subcommand)]
     Job(job::JobCommand),
+    /// Show the user the head takes you for, and whether an admin
+    Whoami(render::OutputArgs),
 }
 
 /// Ends the `flame` process with this exit code, after whatever was printed; no further
@@ -88,6 +103,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Logs(args) => logs::run(&cli.global, args).await,
         Command::Submit(args) => submit::run(&cli.global, args).await,
         Command::Job(cmd) => job::run(&cli.global, cmd).await,
+        Command::Whoami(out) => whoami::run(&cli.global, out).await,
     }
 }
 
@@ -97,6 +113,9 @@ pub fn config(global: &GlobalArgs) -> anyhow::Result<ClientConfig> {
         head: global.head.clone(),
         ca_file: global.ca_file.clone(),
         owner: global.owner.clone(),
+        token_file: global.token_file.clone(),
+        cert_file: global.cert_file.clone(),
+        key_file: global.key_file.clone(),
     };
     Ok(ClientConfig::resolve(&flags)?)
 }
@@ -133,4 +152,33 @@ pub fn check_listen(addr: &str) -> anyhow::Result<()> {
         .map(drop)
         .with_context(|| format!("--listen `{addr}` is not an ip:port address"))
         .hint("for example --listen 127.0.0.1:0 (any free port) or --listen 0.0.0.0:7470")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory as _;
+
+    /// Clap's own checks of the whole command tree (duplicate flags between the global
+    /// ones and a subcommand's, bad defaults), which it otherwise runs only for the
+    /// subcommand being parsed.
+    #[test]
+    fn the_command_tree_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn credential_flags_reach_the_configuration() {
+        let cli = Cli::try_parse_from([
+            "flame", "--head", "h:1", "--cert", "/c.crt", "--key", "/c.key", "whoami", "--output",
+            "json",
+        ]);
+        let Ok(cli) = cli else {
+            panic!("{cli:?}");
+        };
+        assert_eq!(cli.global.cert_file, Some(PathBuf::from("/c.crt")));
+        assert_eq!(cli.global.key_file, Some(PathBuf::from("/c.key")));
+        // No flag takes a token's text.
+        assert!(Cli::try_parse_from(["flame", "--token", "x", "whoami"]).is_err());
+    }
 }

@@ -3,6 +3,7 @@
 use crate::config::ClientConfig;
 use crate::error::ClientError;
 use crate::session::Session;
+use flame_protocol::auth::{ParsedToken, Principal, Secret, TokenInfo, TokenKind};
 use flame_protocol::endpoint;
 use flame_protocol::frame::{FrameError, FrameReader, FrameWriter};
 use flame_protocol::limits;
@@ -44,6 +45,7 @@ struct Inner {
     connection: std::sync::Mutex<quinn::Connection>,
     /// Held while reconnecting, so concurrent callers make one new connection, not many.
     reconnecting: tokio::sync::Mutex<()>,
+    /// Kept for reconnecting; its `Debug` hides the token.
     config: ClientConfig,
     addr: String,
     head_version: String,
@@ -60,16 +62,32 @@ pub const RECONNECT_BACKOFF_MIN: Duration = Duration::from_millis(100);
 pub const RECONNECT_BACKOFF_MAX: Duration = Duration::from_secs(2);
 
 impl Client {
-    /// Connects to the head named by `config`, verifies its certificate against
-    /// `config.ca_file`, and exchanges the hello, all within `config.connect_timeout`.
+    /// Connects to the head named by `config`, verifies its certificate (against
+    /// `config.ca_file`, or the CA fingerprint in `config.token`; see
+    /// [`ClientConfig::trust`]), and exchanges the hello with the configured credentials,
+    /// all within `config.connect_timeout`.
+    ///
+    /// A head that refuses the credentials (unknown, revoked or expired token, none at all)
+    /// gives [`EndpointError::Refused`](flame_protocol::endpoint::EndpointError::Refused)
+    /// with its reason.
     pub async fn connect(config: &ClientConfig) -> Result<Client, ClientError> {
-        let endpoint = endpoint::client(&config.ca_file)?;
-        let agent = format!("flame-cli {}", env!("CARGO_PKG_VERSION"));
+        let trust = config.trust()?;
+        if let Some(token) = &config.token {
+            // Checked here too for a configuration built by hand: a malformed token is
+            // reported without a round trip, and never sent.
+            ParsedToken::parse(token.expose()).map_err(ClientError::Token)?;
+        }
+        let identity = match &config.identity {
+            Some(files) => Some(endpoint::load_identity(&files.cert, &files.key)?),
+            None => None,
+        };
+        let endpoint = endpoint::client(&trust, identity)?;
         let greeted = endpoint::connect(
             &endpoint,
             &config.head,
             Role::Client,
-            &agent,
+            &agent(),
+            config.token.as_ref(),
             config.connect_timeout,
         )
         .await?;
@@ -87,7 +105,7 @@ impl Client {
                 config: config.clone(),
                 addr: config.head.clone(),
                 head_version: greeted.head_version,
-                owner: default_owner(config),
+                owner: config.owner.clone().unwrap_or_default(),
             }),
         })
     }
@@ -114,7 +132,7 @@ impl Client {
             return Ok(());
         }
         let config = &self.inner.config;
-        let agent = format!("flame-cli {}", env!("CARGO_PKG_VERSION"));
+        let agent = agent();
         let deadline = tokio::time::Instant::now() + RECONNECT_TIMEOUT;
         let mut backoff = RECONNECT_BACKOFF_MIN;
         loop {
@@ -123,6 +141,7 @@ impl Client {
                 &config.head,
                 Role::Client,
                 &agent,
+                config.token.as_ref(),
                 config.connect_timeout,
             )
             .await
@@ -136,7 +155,8 @@ impl Client {
                     }
                     return Ok(());
                 }
-                // A head that refuses us will not change its mind.
+                // A head that refuses us (a revoked or expired token) will not change its
+                // mind.
                 Err(e @ endpoint::EndpointError::Refused { .. }) => return Err(e.into()),
                 Err(e) => {
                     if tokio::time::Instant::now() + backoff >= deadline {
@@ -224,15 +244,16 @@ impl Client {
     }
 
     /// The owner [`Client::create_session`] gives a spec that names none:
-    /// [`ClientConfig::owner`] when set, else the name of the user this process runs as
-    /// (its effective user id). Empty when neither is known; the head then uses
-    /// [`DEFAULT_OWNER`](flame_protocol::model::DEFAULT_OWNER).
+    /// [`ClientConfig::owner`], or empty when it is not set. An empty owner lets the head
+    /// decide: the sessions belong to the authenticated user ([`Client::whoami`]).
     pub fn owner(&self) -> &str {
         &self.inner.owner
     }
 
-    /// Opens a session. A spec with an empty `owner` is accounted to [`Client::owner`];
-    /// one that names an owner keeps it.
+    /// Opens a session. A spec with an empty `owner` gets [`Client::owner`], which may be
+    /// empty too: the head then makes the authenticated user the owner. Naming another
+    /// user than oneself takes an admin; others get
+    /// [`ErrorKind::PermissionDenied`](flame_protocol::model::ErrorKind).
     pub async fn create_session(&self, mut spec: SessionSpec) -> Result<Session, ClientError> {
         if spec.owner.is_empty() {
             spec.owner.clone_from(&self.inner.owner);
@@ -393,6 +414,48 @@ impl Client {
         }
     }
 
+    /// Who the head takes this connection to be: the token's or certificate's user, and
+    /// whether an admin.
+    pub async fn whoami(&self) -> Result<Principal, ClientError> {
+        match self.request(ClientRequest::WhoAmI).await? {
+            ClientResponse::Principal(principal) => Ok(principal),
+            other => Err(self.unexpected("request WhoAmI", &other)),
+        }
+    }
+
+    /// Admin only: makes a token of `kind`, valid for `ttl_ms` (`None`: no expiry). The
+    /// answer holds its text, which the head shows this once and keeps only a hash of.
+    pub async fn create_token(
+        &self,
+        kind: TokenKind,
+        ttl_ms: Option<u64>,
+    ) -> Result<(Secret, TokenInfo), ClientError> {
+        match self
+            .request(ClientRequest::CreateToken { kind, ttl_ms })
+            .await?
+        {
+            ClientResponse::TokenCreated { token, info } => Ok((token, info)),
+            other => Err(self.unexpected("request CreateToken", &other)),
+        }
+    }
+
+    /// Admin only: every token the head knows, without secrets.
+    pub async fn list_tokens(&self) -> Result<Vec<TokenInfo>, ClientError> {
+        match self.request(ClientRequest::ListTokens).await? {
+            ClientResponse::Tokens(tokens) => Ok(tokens),
+            other => Err(self.unexpected("request ListTokens", &other)),
+        }
+    }
+
+    /// Admin only: revokes the token `id`; the head closes the connections it opened.
+    pub async fn revoke_token(&self, id: &str) -> Result<(), ClientError> {
+        let request = ClientRequest::RevokeToken { id: id.to_string() };
+        match self.request(request).await? {
+            ClientResponse::Ok => Ok(()),
+            other => Err(self.unexpected("request RevokeToken", &other)),
+        }
+    }
+
     /// How the head shares executors now: per owner, its weight and fair share, and per
     /// session, what it deserves, holds and waits for.
     pub async fn queue(&self) -> Result<QueueReport, ClientError> {
@@ -429,6 +492,7 @@ impl Client {
             ClientRequest::RegisterApplication(_)
                 | ClientRequest::RemoveApplication { .. }
                 | ClientRequest::CreateSession(_)
+                | ClientRequest::CreateToken { .. }
         );
         let conn = self.connection();
         match self.request_on(&conn, request.clone()).await {
@@ -684,26 +748,9 @@ impl ExecStream {
     }
 }
 
-/// The owner of sessions whose spec names none: the configured one, else the name of the
-/// effective user, else none (the head's default).
-fn default_owner(config: &ClientConfig) -> String {
-    if let Some(owner) = config.owner.as_ref().filter(|o| !o.is_empty()) {
-        return owner.clone();
-    }
-    let uid = nix::unistd::geteuid();
-    match nix::unistd::User::from_uid(uid) {
-        Ok(Some(user)) => user.name,
-        Ok(None) => {
-            tracing::debug!("user id {uid} has no name; sessions get the head's default owner");
-            String::new()
-        }
-        Err(e) => {
-            tracing::debug!(
-                "cannot look up user id {uid} ({e}); sessions get the head's default owner"
-            );
-            String::new()
-        }
-    }
+/// How this client names itself in its hello, for the head's logs.
+fn agent() -> String {
+    format!("flame-cli {}", env!("CARGO_PKG_VERSION"))
 }
 
 /// A quinn stream-state error as the I/O error the framing layer reports.
@@ -732,6 +779,10 @@ fn request_name(request: &ClientRequest) -> &'static str {
         ClientRequest::Queue => "Queue",
         ClientRequest::OpenSubmitStream { .. } => "OpenSubmitStream",
         ClientRequest::WatchResults { .. } => "WatchResults",
+        ClientRequest::CreateToken { .. } => "CreateToken",
+        ClientRequest::ListTokens => "ListTokens",
+        ClientRequest::RevokeToken { .. } => "RevokeToken",
+        ClientRequest::WhoAmI => "WhoAmI",
     }
 }
 
@@ -746,5 +797,8 @@ fn response_name(response: &ClientResponse) -> &'static str {
         ClientResponse::Sessions(_) => "Sessions",
         ClientResponse::Nodes(_) => "Nodes",
         ClientResponse::Tasks(_) => "Tasks",
+        ClientResponse::TokenCreated { .. } => "TokenCreated",
+        ClientResponse::Tokens(_) => "Tokens",
+        ClientResponse::Principal(_) => "Principal",
     }
 }

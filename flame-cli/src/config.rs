@@ -1,8 +1,9 @@
-//! Where a client finds its head: flags, then environment, then configuration files.
+//! Where a client finds its head and how it proves who it is: flags, then environment,
+//! then configuration files.
 //!
-//! Each key (`head`, `ca_file`, `owner`) is resolved on its own, so `FLAME_HEAD` in the
-//! environment and a `ca_file` in the user's config file combine. The order, first match
-//! wins:
+//! Each of the keys `head`, `ca_file` and `owner` is resolved on its own, so `FLAME_HEAD`
+//! in the environment and a `ca_file` in the user's config file combine. The order, first
+//! match wins:
 //!
 //! 1. the `--head` / `--ca-file` / `--owner` flags ([`ConfigFlags`]);
 //! 2. the environment variables `FLAME_HEAD` / `FLAME_CA_FILE` / `FLAME_OWNER` (empty
@@ -10,11 +11,48 @@
 //! 3. `$XDG_CONFIG_HOME/flame/config.toml` (or `~/.config/flame/config.toml`);
 //! 4. `/etc/flame/flame.toml`.
 //!
-//! `head` and `ca_file` are required; `owner` is optional (see [`ClientConfig::owner`]).
-//! A relative `ca_file` in a configuration file is taken relative to that file's folder.
+//! `head` is required. `owner` is optional and matters only to admins acting for someone
+//! else (see [`ClientConfig::owner`]). A relative path in a configuration file (`ca_file`,
+//! `token_file`, `cert_file`, `key_file`) is taken relative to that file's folder.
+//!
+//! ## Credentials
+//!
+//! The head accepts no anonymous clients. A client proves who it is with a token, which an
+//! admin makes with `flame-head token create --user NAME`, or with a user certificate signed
+//! by the cluster CA and its key:
+//!
+//! | source        | token                                              | certificate                     |
+//! |---------------|----------------------------------------------------|---------------------------------|
+//! | flags         | `--token-file PATH`                                | `--cert PATH --key PATH`        |
+//! | environment   | `FLAME_TOKEN_FILE`, or `FLAME_TOKEN` (the text)    | `FLAME_CERT`, `FLAME_KEY`       |
+//! | config files  | `token_file`, or `token` (the text, see below)     | `cert_file`, `key_file`         |
+//!
+//! Unlike the other keys, the credential is resolved as one unit: the first source (in the
+//! order above) that names any part of one supplies all of it. A token from the
+//! environment is thus never sent along with a certificate from a file, nor a certificate
+//! paired with another source's key. Within one source, a token and a certificate, or a
+//! token both as a file and as text, are an error rather than a silent choice.
+//!
+//! There is deliberately no flag taking the token's text: a command line is visible to
+//! every user of the machine (`ps`). `FLAME_TOKEN` is visible only to the same user, but
+//! every child process inherits it; `FLAME_TOKEN_FILE` is the better way to hand a token
+//! on. A `token` written in a configuration file is accepted only when the file is not
+//! readable by group or others, as ssh does for private keys.
+//!
+//! A token is read and checked here, so that a malformed one is reported before any
+//! connection. No error message, log line or `Debug` output shows its text ([`Secret`]).
+//!
+//! `ca_file` may be left out when a token is given: the token carries the fingerprint of
+//! the cluster CA's certificate, and the client then trusts that certificate alone
+//! ([`Trust::Pinned`]).
 
+use crate::error::ClientError;
+use flame_protocol::auth::{ParsedToken, Secret, TokenFormatError};
+use flame_protocol::endpoint::Trust;
 use flame_protocol::limits;
 use serde::Deserialize;
+use std::io::Read as _;
+use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -24,34 +62,109 @@ pub const ENV_HEAD: &str = "FLAME_HEAD";
 pub const ENV_CA_FILE: &str = "FLAME_CA_FILE";
 /// Environment variable naming the owner sessions are accounted to.
 pub const ENV_OWNER: &str = "FLAME_OWNER";
+/// Environment variable naming a file that holds the token.
+pub const ENV_TOKEN_FILE: &str = "FLAME_TOKEN_FILE";
+/// Environment variable holding the token's text.
+pub const ENV_TOKEN: &str = "FLAME_TOKEN";
+/// Environment variable naming the user certificate file (PEM).
+pub const ENV_CERT: &str = "FLAME_CERT";
+/// Environment variable naming the user certificate's private key file (PEM).
+pub const ENV_KEY: &str = "FLAME_KEY";
 /// The system-wide configuration file, read after the user's.
 pub const SYSTEM_CONFIG_FILE: &str = "/etc/flame/flame.toml";
 /// Largest configuration file read; anything bigger is not a config file.
 pub const CONFIG_FILE_BYTES_MAX: u64 = 1024 * 1024;
+/// Largest token file read; a token is about 170 bytes, so anything bigger is another file.
+pub const TOKEN_FILE_BYTES_MAX: u64 = 4096;
+/// Permission bits a configuration file holding a `token` must not have: any access by
+/// group or others.
+pub const TOKEN_FILE_MODE_FORBIDDEN: u32 = 0o077;
 
-/// How to reach a head.
+/// A user certificate and its private key, both PEM files.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IdentityFiles {
+    /// The certificate, signed by the cluster CA.
+    pub cert: PathBuf,
+    /// Its private key.
+    pub key: PathBuf,
+}
+
+/// How to reach a head and who to be there. `Debug` never shows the token.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ClientConfig {
     /// `host:port`, `[v6]:port`, or a bare host (port [`flame_protocol::DEFAULT_HEAD_PORT`]).
     pub head: String,
-    /// PEM file with the certificate(s) the head's certificate must chain to.
-    pub ca_file: PathBuf,
+    /// PEM file with the certificate(s) the head's certificate must chain to. `None`: trust
+    /// the CA whose fingerprint [`ClientConfig::token`] carries (see [`ClientConfig::trust`]).
+    pub ca_file: Option<PathBuf>,
     /// Bound on the QUIC + TLS handshake and the hello exchange.
     pub connect_timeout: Duration,
     /// The owner [`Client::create_session`](crate::Client::create_session) gives sessions
-    /// whose spec names none; `None`: the name of the user running the program.
+    /// whose spec names none. `None`: none is sent, and the head makes the authenticated
+    /// user the owner. Only an admin may name another user.
     pub owner: Option<String>,
+    /// The token sent in the hello, in its text form.
+    pub token: Option<Secret>,
+    /// A user certificate presented in the TLS handshake instead of a token.
+    pub identity: Option<IdentityFiles>,
 }
 
 impl ClientConfig {
-    /// The head at `head`, trusted through `ca_file`, with the default connect timeout and
-    /// no configured owner.
+    /// The head at `head`, trusted through `ca_file`, with the default connect timeout, no
+    /// configured owner and no credentials yet (see [`ClientConfig::with_token`]).
     pub fn new(head: impl Into<String>, ca_file: impl Into<PathBuf>) -> Self {
         ClientConfig {
             head: head.into(),
-            ca_file: ca_file.into(),
+            ca_file: Some(ca_file.into()),
             connect_timeout: limits::CONNECT_TIMEOUT,
             owner: None,
+            token: None,
+            identity: None,
+        }
+    }
+
+    /// The head at `head`, as the holder of `token`, trusting the CA whose fingerprint the
+    /// token carries: all a client needs besides the address.
+    pub fn from_token(head: impl Into<String>, token: Secret) -> Self {
+        ClientConfig {
+            head: head.into(),
+            ca_file: None,
+            connect_timeout: limits::CONNECT_TIMEOUT,
+            owner: None,
+            token: Some(token),
+            identity: None,
+        }
+    }
+
+    /// This configuration, authenticating with `token` (its text form, as `flame-head token
+    /// create` prints it). It is checked when connecting.
+    pub fn with_token(mut self, token: Secret) -> Self {
+        self.token = Some(token);
+        self
+    }
+
+    /// This configuration, presenting the user certificate `cert` with its key `key`.
+    pub fn with_identity(mut self, cert: impl Into<PathBuf>, key: impl Into<PathBuf>) -> Self {
+        self.identity = Some(IdentityFiles {
+            cert: cert.into(),
+            key: key.into(),
+        });
+        self
+    }
+
+    /// What the head's certificate is checked against: the CA file when one is configured,
+    /// else the CA fingerprint in the token.
+    pub fn trust(&self) -> Result<Trust, ClientError> {
+        if let Some(ca_file) = &self.ca_file {
+            return Ok(Trust::CaFile(ca_file.clone()));
+        }
+        match &self.token {
+            Some(token) => ParsedToken::parse(token.expose())
+                .map(|t| Trust::Pinned(t.ca_fingerprint))
+                .map_err(ClientError::Token),
+            None => Err(ClientError::NoTrust {
+                addr: self.head.clone(),
+            }),
         }
     }
 }
@@ -65,13 +178,22 @@ pub struct ConfigFlags {
     pub ca_file: Option<PathBuf>,
     /// `--owner`.
     pub owner: Option<String>,
+    /// `--token-file`.
+    pub token_file: Option<PathBuf>,
+    /// `--cert`.
+    pub cert_file: Option<PathBuf>,
+    /// `--key`.
+    pub key_file: Option<PathBuf>,
 }
 
-/// A configuration value that could not be found or read.
+/// A configuration value that could not be found or read. No variant holds a token's text.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     /// No source named the key.
-    #[error("no {what} is configured: pass {flag}, set {env}, or set `{key}` in {files}")]
+    #[error(
+        "no {what} is configured: pass {flag}, set {env}, or set `{key}` in {files}{}",
+        alternative.map(|a| format!("; {a}")).unwrap_or_default()
+    )]
     Missing {
         /// What the key means, for humans.
         what: &'static str,
@@ -83,6 +205,8 @@ pub enum ConfigError {
         env: &'static str,
         /// The files that were searched, joined for display.
         files: String,
+        /// Another way to do without the key, if there is one.
+        alternative: Option<&'static str>,
     },
     /// A configuration file exists but cannot be read.
     #[error("cannot read {}: {source}", path.display())]
@@ -110,6 +234,51 @@ pub enum ConfigError {
         /// The parser's message, with the line and column when known.
         message: String,
     },
+    /// A token file cannot be read, or is too large to be one.
+    #[error("cannot read the token file {} ({setting}): {reason}", path.display())]
+    TokenFile {
+        /// The file.
+        path: PathBuf,
+        /// Where it was named, e.g. `--token-file`.
+        setting: String,
+        /// Why.
+        reason: String,
+    },
+    /// A token is not in the text form `flame-head token create` prints.
+    #[error("{origin} is not a valid token: {source}")]
+    Token {
+        /// Where it came from, e.g. `the token in FLAME_TOKEN`.
+        origin: String,
+        /// What is wrong with it (never its text).
+        source: TokenFormatError,
+    },
+    /// A configuration file holds a `token` but others may read it.
+    #[error(
+        "{} holds a `token` but is readable by group or others (mode 0{mode:03o}): refusing to use it",
+        path.display()
+    )]
+    TooOpen {
+        /// The file.
+        path: PathBuf,
+        /// Its permission bits.
+        mode: u32,
+    },
+    /// One source names two credentials; which to use would be a guess.
+    #[error("{first} and {second} are both set; keep only one")]
+    Conflict {
+        /// One setting, e.g. `FLAME_TOKEN_FILE`.
+        first: String,
+        /// The other, e.g. `FLAME_TOKEN`.
+        second: String,
+    },
+    /// A certificate without its key, or a key without its certificate.
+    #[error("{given} is set but {missing} is not: a client certificate needs its key, and the key its certificate")]
+    HalfIdentity {
+        /// The setting given.
+        given: String,
+        /// The one missing, from the same source.
+        missing: String,
+    },
 }
 
 /// The keys a client reads from a configuration file. Unknown keys are ignored on purpose:
@@ -119,6 +288,185 @@ struct FileConfig {
     head: Option<String>,
     ca_file: Option<PathBuf>,
     owner: Option<String>,
+    token_file: Option<PathBuf>,
+    token: Option<Secret>,
+    cert_file: Option<PathBuf>,
+    key_file: Option<PathBuf>,
+    /// The file's permission bits, from its metadata.
+    #[serde(skip)]
+    mode: u32,
+}
+
+/// A credential, resolved.
+#[derive(Debug)]
+enum Credential {
+    Token(Secret),
+    Identity(IdentityFiles),
+}
+
+/// A value and the setting that gave it, for messages.
+#[derive(Debug)]
+struct Named<T> {
+    value: T,
+    setting: String,
+}
+
+/// What one source names of a credential, before any file is read.
+#[derive(Debug)]
+struct CredentialSource {
+    token_file: Option<Named<PathBuf>>,
+    token: Option<Named<Secret>>,
+    cert: Option<Named<PathBuf>>,
+    key: Option<Named<PathBuf>>,
+    /// The names of the certificate and key settings in this source, for
+    /// [`ConfigError::HalfIdentity`].
+    cert_setting: String,
+    key_setting: String,
+}
+
+fn named<T>(value: Option<T>, setting: impl Into<String>) -> Option<Named<T>> {
+    value.map(|value| Named {
+        value,
+        setting: setting.into(),
+    })
+}
+
+fn non_empty_path(p: Option<PathBuf>) -> Option<PathBuf> {
+    p.filter(|p| !p.as_os_str().is_empty())
+}
+
+impl CredentialSource {
+    fn flags(flags: &ConfigFlags) -> Self {
+        CredentialSource {
+            token_file: named(non_empty_path(flags.token_file.clone()), "--token-file"),
+            token: None,
+            cert: named(non_empty_path(flags.cert_file.clone()), "--cert"),
+            key: named(non_empty_path(flags.key_file.clone()), "--key"),
+            cert_setting: "--cert".into(),
+            key_setting: "--key".into(),
+        }
+    }
+
+    fn env(env: impl Fn(&str) -> Option<String>) -> Self {
+        let value = |name: &str| env(name).filter(|v| !v.is_empty());
+        CredentialSource {
+            token_file: named(value(ENV_TOKEN_FILE).map(PathBuf::from), ENV_TOKEN_FILE),
+            token: named(value(ENV_TOKEN).map(Secret::new), ENV_TOKEN),
+            cert: named(value(ENV_CERT).map(PathBuf::from), ENV_CERT),
+            key: named(value(ENV_KEY).map(PathBuf::from), ENV_KEY),
+            cert_setting: ENV_CERT.into(),
+            key_setting: ENV_KEY.into(),
+        }
+    }
+
+    /// The credential keys of `file`, read from `path`. An inline `token` in a file others
+    /// may read is refused here.
+    fn file(path: &Path, file: &mut FileConfig) -> Result<Self, ConfigError> {
+        let setting = |key: &str| format!("`{key}` in {}", path.display());
+        let file_path = |p: Option<PathBuf>| non_empty_path(p).map(|p| relative_to_file(path, p));
+        let token = file.token.take().filter(|t| !t.expose().is_empty());
+        if token.is_some() && file.mode & TOKEN_FILE_MODE_FORBIDDEN != 0 {
+            return Err(ConfigError::TooOpen {
+                path: path.to_path_buf(),
+                mode: file.mode & 0o777,
+            });
+        }
+        Ok(CredentialSource {
+            token_file: named(file_path(file.token_file.take()), setting("token_file")),
+            token: named(token, setting("token")),
+            cert: named(file_path(file.cert_file.take()), setting("cert_file")),
+            key: named(file_path(file.key_file.take()), setting("key_file")),
+            cert_setting: setting("cert_file"),
+            key_setting: setting("key_file"),
+        })
+    }
+
+    /// The credential this source names, checked and with its token read; `None` when it
+    /// names none.
+    fn resolve(self) -> Result<Option<Credential>, ConfigError> {
+        let conflict = |first: &str, second: &str| ConfigError::Conflict {
+            first: first.to_string(),
+            second: second.to_string(),
+        };
+        if let (Some(file), Some(text)) = (&self.token_file, &self.token) {
+            return Err(conflict(&file.setting, &text.setting));
+        }
+        let token_setting = self
+            .token_file
+            .as_ref()
+            .map(|t| &t.setting)
+            .or(self.token.as_ref().map(|t| &t.setting));
+        let cert_setting = self
+            .cert
+            .as_ref()
+            .map(|c| &c.setting)
+            .or(self.key.as_ref().map(|k| &k.setting));
+        if let (Some(token), Some(cert)) = (token_setting, cert_setting) {
+            return Err(conflict(token, cert));
+        }
+        if let Some(file) = self.token_file {
+            return read_token_file(&file.value, &file.setting).map(|t| Some(Credential::Token(t)));
+        }
+        if let Some(text) = self.token {
+            return check_token(text.value, || format!("the token in {}", text.setting))
+                .map(|t| Some(Credential::Token(t)));
+        }
+        match (self.cert, self.key) {
+            (Some(cert), Some(key)) => Ok(Some(Credential::Identity(IdentityFiles {
+                cert: cert.value,
+                key: key.value,
+            }))),
+            (Some(cert), None) => Err(ConfigError::HalfIdentity {
+                given: cert.setting,
+                missing: self.key_setting,
+            }),
+            (None, Some(key)) => Err(ConfigError::HalfIdentity {
+                given: key.setting,
+                missing: self.cert_setting,
+            }),
+            (None, None) => Ok(None),
+        }
+    }
+}
+
+/// `text` trimmed, when it parses as a token; the error names `origin()`, never the text.
+pub(crate) fn check_token(
+    text: Secret,
+    origin: impl FnOnce() -> String,
+) -> Result<Secret, ConfigError> {
+    let trimmed = text.expose().trim();
+    match ParsedToken::parse(trimmed) {
+        Ok(_) => Ok(Secret::new(trimmed)),
+        Err(source) => Err(ConfigError::Token {
+            origin: origin(),
+            source,
+        }),
+    }
+}
+
+/// Reads and checks the token in `path` (named by `setting`).
+pub(crate) fn read_token_file(path: &Path, setting: &str) -> Result<Secret, ConfigError> {
+    let err = |reason: String| ConfigError::TokenFile {
+        path: path.to_path_buf(),
+        setting: setting.to_string(),
+        reason,
+    };
+    let file = std::fs::File::open(path).map_err(|e| err(e.to_string()))?;
+    let mut bytes = Vec::new();
+    // One byte more than allowed tells an oversized file from one of exactly the limit.
+    file.take(TOKEN_FILE_BYTES_MAX + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| err(e.to_string()))?;
+    if bytes.len() as u64 > TOKEN_FILE_BYTES_MAX {
+        return Err(err(format!(
+            "it is larger than {TOKEN_FILE_BYTES_MAX} bytes, too large for a token"
+        )));
+    }
+    // Not quoted on failure: the bytes may be a token with a stray character.
+    let text = String::from_utf8(bytes).map_err(|_| err("it is not UTF-8 text".into()))?;
+    check_token(Secret::new(text), || {
+        format!("the token in {} ({setting})", path.display())
+    })
 }
 
 impl ClientConfig {
@@ -139,31 +487,37 @@ impl ClientConfig {
         files: &[PathBuf],
     ) -> Result<Self, ConfigError> {
         let env_value = |name: &str| env(name).filter(|v| !v.is_empty());
-        let mut head = flags.head.clone().or_else(|| env_value(ENV_HEAD));
-        let mut ca_file = flags
-            .ca_file
+        let mut head = flags
+            .head
             .clone()
+            .filter(|h| !h.is_empty())
+            .or_else(|| env_value(ENV_HEAD));
+        let mut ca_file = non_empty_path(flags.ca_file.clone())
             .or_else(|| env_value(ENV_CA_FILE).map(PathBuf::from));
         let mut owner = flags
             .owner
             .clone()
             .filter(|o| !o.is_empty())
             .or_else(|| env_value(ENV_OWNER));
+        let mut credential = CredentialSource::flags(flags).resolve()?;
+        if credential.is_none() {
+            credential = CredentialSource::env(&env).resolve()?;
+        }
         for path in files {
-            if head.is_some() && ca_file.is_some() && owner.is_some() {
+            if head.is_some() && ca_file.is_some() && owner.is_some() && credential.is_some() {
                 break;
             }
-            let Some(file) = read_config_file(path)? else {
+            let Some(mut file) = read_config_file(path)? else {
                 continue;
             };
+            if credential.is_none() {
+                credential = CredentialSource::file(path, &mut file)?.resolve()?;
+            }
             if head.is_none() {
                 head = file.head.filter(|h| !h.is_empty());
             }
             if ca_file.is_none() {
-                ca_file = file
-                    .ca_file
-                    .filter(|p| !p.as_os_str().is_empty())
-                    .map(|p| relative_to_file(path, p));
+                ca_file = non_empty_path(file.ca_file).map(|p| relative_to_file(path, p));
             }
             if owner.is_none() {
                 owner = file.owner.filter(|o| !o.is_empty());
@@ -186,19 +540,33 @@ impl ClientConfig {
             flag: "--head",
             env: ENV_HEAD,
             files: files_display(),
+            alternative: None,
         })?;
-        let ca_file = ca_file.ok_or_else(|| ConfigError::Missing {
-            what: "CA certificate file",
-            key: "ca_file",
-            flag: "--ca-file",
-            env: ENV_CA_FILE,
-            files: files_display(),
-        })?;
+        let (token, identity) = match credential {
+            Some(Credential::Token(t)) => (Some(t), None),
+            Some(Credential::Identity(i)) => (None, Some(i)),
+            None => (None, None),
+        };
+        if ca_file.is_none() && token.is_none() {
+            return Err(ConfigError::Missing {
+                what: "CA certificate file",
+                key: "ca_file",
+                flag: "--ca-file",
+                env: ENV_CA_FILE,
+                files: files_display(),
+                alternative: Some(
+                    "or give a token (--token-file, FLAME_TOKEN_FILE, FLAME_TOKEN or `token_file`), \
+                     which carries the CA's fingerprint",
+                ),
+            });
+        }
         Ok(ClientConfig {
             head,
             ca_file,
             connect_timeout: limits::CONNECT_TIMEOUT,
             owner,
+            token,
+            identity,
         })
     }
 }
@@ -241,12 +609,12 @@ fn read_config_file(path: &Path) -> Result<Option<FileConfig>, ConfigError> {
         });
     }
     let text = std::fs::read_to_string(path).map_err(read_err)?;
-    toml::from_str::<FileConfig>(&text)
-        .map(Some)
-        .map_err(|e| ConfigError::Parse {
-            path: path.to_path_buf(),
-            message: crate::app_file::describe_toml_error(&text, &e),
-        })
+    let mut file = toml::from_str::<FileConfig>(&text).map_err(|e| ConfigError::Parse {
+        path: path.to_path_buf(),
+        message: crate::app_file::describe_toml_error(&text, &e),
+    })?;
+    file.mode = meta.permissions().mode();
+    Ok(Some(file))
 }
 
 /// A path from a configuration file, taken relative to the file's folder when relative.
@@ -264,6 +632,7 @@ fn relative_to_file(file: &Path, value: PathBuf) -> PathBuf {
 #[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
+    use flame_protocol::auth::{hex, FINGERPRINT_BYTES, TOKEN_SECRET_BYTES};
     use std::collections::HashMap;
 
     fn env_of(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
@@ -280,6 +649,45 @@ mod tests {
         path
     }
 
+    fn write_private(dir: &Path, name: &str, text: &str) -> PathBuf {
+        let path = write(dir, name, text);
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        path
+    }
+
+    /// A well-formed token whose secret is `fill` repeated and whose CA fingerprint is
+    /// `0x5c` repeated.
+    fn token(fill: u8) -> Secret {
+        ParsedToken {
+            id: hex(&[fill; 8]),
+            secret: [fill; TOKEN_SECRET_BYTES],
+            ca_fingerprint: [0x5c; FINGERPRINT_BYTES],
+        }
+        .to_secret()
+    }
+
+    /// The secret part of `token(fill)`, to check that it shows nowhere.
+    fn secret_hex(fill: u8) -> String {
+        hex(&[fill; TOKEN_SECRET_BYTES])
+    }
+
+    fn resolve(
+        flags: &ConfigFlags,
+        env: &[(&str, &str)],
+        files: &[PathBuf],
+    ) -> Result<ClientConfig, ConfigError> {
+        ClientConfig::resolve_with(flags, env_of(env), files)
+    }
+
+    /// Flags naming a head and a CA, so that a test can look at the credentials alone.
+    fn base_flags() -> ConfigFlags {
+        ConfigFlags {
+            head: Some("h:1".into()),
+            ca_file: Some("/ca.crt".into()),
+            ..ConfigFlags::default()
+        }
+    }
+
     #[test]
     fn flags_win_over_env_and_files() {
         let dir = tempfile::tempdir().unwrap();
@@ -292,6 +700,7 @@ mod tests {
             head: Some("flag:1".into()),
             ca_file: Some("/flag.crt".into()),
             owner: Some("flag-owner".into()),
+            ..ConfigFlags::default()
         };
         let env = env_of(&[
             (ENV_HEAD, "env:1"),
@@ -300,9 +709,11 @@ mod tests {
         ]);
         let c = ClientConfig::resolve_with(&flags, env, &[file]).unwrap();
         assert_eq!(c.head, "flag:1");
-        assert_eq!(c.ca_file, PathBuf::from("/flag.crt"));
+        assert_eq!(c.ca_file, Some(PathBuf::from("/flag.crt")));
         assert_eq!(c.owner.as_deref(), Some("flag-owner"));
         assert_eq!(c.connect_timeout, limits::CONNECT_TIMEOUT);
+        assert_eq!(c.token, None);
+        assert_eq!(c.identity, None);
     }
 
     #[test]
@@ -317,7 +728,7 @@ mod tests {
         let c = ClientConfig::resolve_with(&ConfigFlags::default(), env, &[file]).unwrap();
         assert_eq!(c.head, "env:1");
         // An empty variable counts as unset, so the file supplies the CA.
-        assert_eq!(c.ca_file, PathBuf::from("/file.crt"));
+        assert_eq!(c.ca_file, Some(PathBuf::from("/file.crt")));
     }
 
     #[test]
@@ -338,7 +749,7 @@ mod tests {
         .unwrap();
         assert_eq!(c.head, "user:1");
         // Relative to the system file's folder.
-        assert_eq!(c.ca_file, dir.path().join("certs/ca.crt"));
+        assert_eq!(c.ca_file, Some(dir.path().join("certs/ca.crt")));
         // No source names an owner: that is allowed.
         assert_eq!(c.owner, None);
     }
@@ -427,5 +838,332 @@ mod tests {
         assert_eq!(home_only[0], PathBuf::from("/h/.config/flame/config.toml"));
         let neither = default_config_files(env_of(&[]));
         assert_eq!(neither, vec![PathBuf::from(SYSTEM_CONFIG_FILE)]);
+    }
+
+    #[test]
+    fn token_file_comes_from_the_flag_then_env_then_files_and_is_trimmed() {
+        let dir = tempfile::tempdir().unwrap();
+        let flag_file = write(
+            dir.path(),
+            "flag.token",
+            &format!("{}\n", token(1).expose()),
+        );
+        let env_file = write(dir.path(), "env.token", token(2).expose());
+        write(
+            dir.path(),
+            "file.token",
+            &format!("  {}\n\n", token(3).expose()),
+        );
+        // Relative to the configuration file's folder.
+        let config = write(
+            dir.path(),
+            "c.toml",
+            "head = \"h:1\"\nca_file = \"/ca.crt\"\ntoken_file = \"file.token\"\n",
+        );
+        let env_file_text = env_file.display().to_string();
+        let env = [(ENV_TOKEN_FILE, env_file_text.as_str())];
+        let files = std::slice::from_ref(&config);
+        let from_flag = resolve(
+            &ConfigFlags {
+                token_file: Some(flag_file),
+                ..ConfigFlags::default()
+            },
+            &env,
+            files,
+        )
+        .unwrap();
+        assert_eq!(from_flag.token, Some(token(1)));
+        let from_env = resolve(&ConfigFlags::default(), &env, files).unwrap();
+        assert_eq!(from_env.token, Some(token(2)));
+        let from_file = resolve(&ConfigFlags::default(), &[], files).unwrap();
+        assert_eq!(from_file.token, Some(token(3)));
+        assert_eq!(from_file.identity, None);
+    }
+
+    #[test]
+    fn token_text_from_the_environment_and_its_conflict_with_a_token_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = write(dir.path(), "t", token(2).expose());
+        let text = token(1).expose().to_string();
+        let c = resolve(&base_flags(), &[(ENV_TOKEN, &text)], &[]).unwrap();
+        assert_eq!(c.token, Some(token(1)));
+        let file_text = file.display().to_string();
+        let err = resolve(
+            &base_flags(),
+            &[(ENV_TOKEN, &text), (ENV_TOKEN_FILE, &file_text)],
+            &[],
+        )
+        .unwrap_err();
+        assert!(matches!(err, ConfigError::Conflict { .. }), "{err}");
+        let shown = err.to_string();
+        assert!(
+            shown.contains(ENV_TOKEN_FILE) && shown.contains(ENV_TOKEN),
+            "{shown}"
+        );
+        // The flag is a level above: it wins without a conflict.
+        let c = resolve(
+            &ConfigFlags {
+                token_file: Some(file),
+                ..base_flags()
+            },
+            &[(ENV_TOKEN, &text)],
+            &[],
+        )
+        .unwrap();
+        assert_eq!(c.token, Some(token(2)));
+    }
+
+    #[test]
+    fn the_credential_is_resolved_as_one_unit() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = write(
+            dir.path(),
+            "c.toml",
+            "cert_file = \"me.crt\"\nkey_file = \"/keys/me.key\"\n",
+        );
+        let text = token(1).expose().to_string();
+        let files = std::slice::from_ref(&config);
+        // A token in the environment: the file's certificate is not used with it.
+        let c = resolve(&base_flags(), &[(ENV_TOKEN, &text)], files).unwrap();
+        assert_eq!(c.token, Some(token(1)));
+        assert_eq!(c.identity, None);
+        // Nothing above the file: its certificate, the relative path taken from its folder.
+        let c = resolve(&base_flags(), &[], files).unwrap();
+        assert_eq!(c.token, None);
+        assert_eq!(
+            c.identity,
+            Some(IdentityFiles {
+                cert: dir.path().join("me.crt"),
+                key: PathBuf::from("/keys/me.key"),
+            })
+        );
+        // A certificate on the command line wins over the environment's token.
+        let c = resolve(
+            &ConfigFlags {
+                cert_file: Some("/a.crt".into()),
+                key_file: Some("/a.key".into()),
+                ..base_flags()
+            },
+            &[(ENV_TOKEN, &text)],
+            files,
+        )
+        .unwrap();
+        assert_eq!(c.token, None);
+        assert_eq!(
+            c.identity,
+            Some(IdentityFiles {
+                cert: "/a.crt".into(),
+                key: "/a.key".into(),
+            })
+        );
+    }
+
+    #[test]
+    fn half_a_certificate_or_a_certificate_with_a_token_is_refused() {
+        let err = resolve(&base_flags(), &[(ENV_CERT, "/a.crt")], &[]).unwrap_err();
+        assert!(matches!(err, ConfigError::HalfIdentity { .. }), "{err}");
+        let shown = err.to_string();
+        assert!(
+            shown.contains(ENV_CERT) && shown.contains(ENV_KEY),
+            "{shown}"
+        );
+        // The key from another source does not complete it.
+        let err = resolve(
+            &ConfigFlags {
+                key_file: Some("/a.key".into()),
+                ..base_flags()
+            },
+            &[(ENV_CERT, "/a.crt")],
+            &[],
+        )
+        .unwrap_err();
+        assert!(
+            err.to_string().contains("--key") && err.to_string().contains("--cert"),
+            "{err}"
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let file = write(dir.path(), "t", token(1).expose());
+        let err = resolve(
+            &ConfigFlags {
+                token_file: Some(file),
+                cert_file: Some("/a.crt".into()),
+                key_file: Some("/a.key".into()),
+                ..base_flags()
+            },
+            &[],
+            &[],
+        )
+        .unwrap_err();
+        assert!(matches!(err, ConfigError::Conflict { .. }), "{err}");
+        assert!(err.to_string().contains("--token-file"), "{err}");
+    }
+
+    #[test]
+    fn an_inline_token_needs_a_file_no_one_else_can_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let text = format!(
+            "head = \"h:1\"\nca_file = \"/ca.crt\"\ntoken = \"{}\"\n",
+            token(1).expose()
+        );
+        let open = write(dir.path(), "open.toml", &text);
+        std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o640)).unwrap();
+        let err = resolve(&ConfigFlags::default(), &[], std::slice::from_ref(&open)).unwrap_err();
+        assert!(
+            matches!(err, ConfigError::TooOpen { mode: 0o640, .. }),
+            "{err}"
+        );
+        let shown = err.to_string();
+        assert!(shown.contains("640"), "{shown}");
+        assert!(!shown.contains(&secret_hex(1)), "{shown}");
+        // A higher source's credential means the file's token is not read at all.
+        let other = token(2).expose().to_string();
+        let c = resolve(
+            &ConfigFlags::default(),
+            &[(ENV_TOKEN, &other)],
+            std::slice::from_ref(&open),
+        )
+        .unwrap();
+        assert_eq!(c.token, Some(token(2)));
+
+        let private = write_private(dir.path(), "private.toml", &text);
+        let c = resolve(&ConfigFlags::default(), &[], std::slice::from_ref(&private)).unwrap();
+        assert_eq!(c.token, Some(token(1)));
+    }
+
+    #[test]
+    fn malformed_tokens_are_reported_without_their_text() {
+        let dir = tempfile::tempdir().unwrap();
+        let good = token(7).expose().to_string();
+        let bad = good.replacen("flame1", "flame9", 1);
+        let file = write(dir.path(), "bad.token", &bad);
+        let err = resolve(
+            &ConfigFlags {
+                token_file: Some(file.clone()),
+                ..base_flags()
+            },
+            &[],
+            &[],
+        )
+        .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                ConfigError::Token {
+                    source: TokenFormatError::Prefix,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        let shown = format!("{err} {err:?}");
+        assert!(shown.contains(&file.display().to_string()), "{shown}");
+        assert!(!shown.contains(&secret_hex(7)), "{shown}");
+
+        let truncated = &good[..good.len() - 2];
+        let err = resolve(&base_flags(), &[(ENV_TOKEN, truncated)], &[]).unwrap_err();
+        let shown = format!("{err} {err:?}");
+        assert!(shown.contains(ENV_TOKEN), "{shown}");
+        assert!(!shown.contains(&secret_hex(7)), "{shown}");
+    }
+
+    #[test]
+    fn unreadable_or_oversized_token_files_are_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let absent = dir.path().join("absent.token");
+        let err = resolve(
+            &ConfigFlags {
+                token_file: Some(absent.clone()),
+                ..base_flags()
+            },
+            &[],
+            &[],
+        )
+        .unwrap_err();
+        assert!(matches!(err, ConfigError::TokenFile { .. }), "{err}");
+        assert!(
+            err.to_string().contains(&absent.display().to_string()),
+            "{err}"
+        );
+        let big = write(
+            dir.path(),
+            "big.token",
+            &"x".repeat(TOKEN_FILE_BYTES_MAX as usize + 1),
+        );
+        let err = resolve(
+            &ConfigFlags {
+                token_file: Some(big),
+                ..base_flags()
+            },
+            &[],
+            &[],
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("too large"), "{err}");
+    }
+
+    #[test]
+    fn without_a_ca_file_the_token_pins_the_ca() {
+        let text = token(1).expose().to_string();
+        let c = resolve(
+            &ConfigFlags {
+                head: Some("h:1".into()),
+                ..ConfigFlags::default()
+            },
+            &[(ENV_TOKEN, &text)],
+            &[],
+        )
+        .unwrap();
+        assert_eq!(c.ca_file, None);
+        assert!(
+            matches!(c.trust(), Ok(Trust::Pinned(fp)) if fp == [0x5c; FINGERPRINT_BYTES]),
+            "{c:?}"
+        );
+        // A CA file, when given, is what is trusted.
+        let c = resolve(&base_flags(), &[(ENV_TOKEN, &text)], &[]).unwrap();
+        assert!(
+            matches!(c.trust(), Ok(Trust::CaFile(p)) if p == Path::new("/ca.crt")),
+            "{c:?}"
+        );
+        // Neither: the error says both ways.
+        let err = resolve(
+            &ConfigFlags {
+                head: Some("h:1".into()),
+                ..ConfigFlags::default()
+            },
+            &[],
+            &[],
+        )
+        .unwrap_err();
+        assert!(
+            matches!(err, ConfigError::Missing { key: "ca_file", .. }),
+            "{err}"
+        );
+        let shown = err.to_string();
+        assert!(
+            shown.contains("--ca-file") && shown.contains("--token-file"),
+            "{shown}"
+        );
+        // Built by hand without either, the client reports it too.
+        let mut bare = ClientConfig::new("h:1", "/ca.crt");
+        bare.ca_file = None;
+        assert!(matches!(bare.trust(), Err(ClientError::NoTrust { .. })));
+        let malformed = ClientConfig::from_token("h:1", Secret::new("flame1.x"));
+        assert!(matches!(malformed.trust(), Err(ClientError::Token(_))));
+    }
+
+    #[test]
+    fn debug_output_never_shows_the_token() {
+        let c = ClientConfig::new("h:1", "/ca.crt").with_token(token(9));
+        let shown = format!("{c:?} {c:#?}");
+        assert!(!shown.contains(&secret_hex(9)), "{shown}");
+        assert!(shown.contains("redacted"), "{shown}");
+        let with_identity = ClientConfig::new("h:1", "/ca.crt").with_identity("/c", "/k");
+        assert_eq!(
+            with_identity.identity,
+            Some(IdentityFiles {
+                cert: "/c".into(),
+                key: "/k".into()
+            })
+        );
     }
 }

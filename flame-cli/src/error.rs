@@ -1,5 +1,6 @@
 //! The client library's error type.
 
+use flame_protocol::auth::TokenFormatError;
 use flame_protocol::endpoint::EndpointError;
 use flame_protocol::frame::FrameError;
 use flame_protocol::model::{ApiError, ErrorKind};
@@ -12,6 +13,17 @@ pub enum ClientError {
     /// message names the address tried.
     #[error(transparent)]
     Connect(#[from] EndpointError),
+    /// The configured token is not in the text form `flame-head token create` prints. The
+    /// message never quotes it.
+    #[error("the configured token is not valid: {0}")]
+    Token(TokenFormatError),
+    /// The configuration names neither a CA file nor a token whose CA fingerprint could
+    /// verify the head.
+    #[error("nothing to verify the head at {addr} with: configure its CA file or a token")]
+    NoTrust {
+        /// The head's address as configured.
+        addr: String,
+    },
     /// The established connection was lost.
     #[error("connection to the head at {addr} lost: {source}")]
     Connection {

@@ -11,7 +11,8 @@
 //! use flame_protocol::model::{SessionSpec, TaskOutcome};
 //!
 //! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
-//! // `--head`/`--ca-file` flags, else FLAME_HEAD/FLAME_CA_FILE, else the config files.
+//! // `--head`/`--ca-file`/`--token-file` flags, else FLAME_HEAD/FLAME_CA_FILE/
+//! // FLAME_TOKEN_FILE, else the config files (see the `config` module).
 //! let config = ClientConfig::resolve(&ConfigFlags::default())?;
 //! let client = Client::connect(&config).await?;
 //! let session = client
@@ -19,9 +20,9 @@
 //!         application: "ping".into(),
 //!         common_data: Bytes::new(),
 //!         ephemeral: false,
-//!         // Empty: `--owner`, else FLAME_OWNER, else `owner` in the config files, else the
-//!         // user's name (see `Client::owner`). Executors are shared between owners by
-//!         // the weights the head is given.
+//!         // Empty: the user the token names (an admin may set `--owner`, FLAME_OWNER or
+//!         // `owner` in the config files to act for another). Executors are shared
+//!         // between owners by the weights the head is given.
 //!         owner: String::new(),
 //!         // Among one owner's sessions, higher is served first.
 //!         priority: 0,
@@ -60,7 +61,7 @@ pub mod report;
 mod session;
 
 pub use client::{Client, ExecStream, LogStream, CLOSE_TIMEOUT, LOG_SILENCE_MAX};
-pub use config::{ClientConfig, ConfigError, ConfigFlags};
+pub use config::{ClientConfig, ConfigError, ConfigFlags, IdentityFiles};
 pub use error::ClientError;
 pub use session::{
     BatchAck, ResultStream, Session, Submitter, SUBMIT_WINDOW_BATCHES, WATCH_BUFFER_FRAMES,

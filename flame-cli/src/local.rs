@@ -4,8 +4,28 @@
 //! their own process group (so a Ctrl-C at the terminal reaches only the parent, which then
 //! stops them in order: node, then head) and get `SIGKILL` when the parent dies, whether
 //! it exits, panics or is killed, so none outlives it.
+//!
+//! Starting takes these steps, each bounded by [`LocalOptions::ready_timeout`]:
+//!
+//! 1. `flame-head --data-dir D --listen L init`, unless `D/tls/ca.crt` shows that it ran
+//!    before: the cluster CA (`D/tls/ca.crt`) and an admin token (`D/admin.token`).
+//! 2. `flame-head --data-dir D --listen L`, until it says it listens.
+//! 3. `flame-head --data-dir D --listen ADDR token create --node --ttl 10m`: a join token,
+//!    written to `D/node/join.token` (mode 0600, never on a command line) and removed
+//!    after the next step.
+//! 4. `flame-node join --token-file D/node/join.token --head ADDR --name NAME --tls-dir
+//!    D/node/tls`: the node's certificate, signed by the cluster CA.
+//! 5. `flame-node --head ADDR --ca-file D/tls/ca.crt --name NAME --tls-dir D/node/tls ...`,
+//!    until the head registered it.
+//!
+//! The join token is made with the head's own command rather than through a [`Client`]
+//! so that every step is a child process, and stand-in scripts can play the binaries in
+//! tests. Clients of the cluster act as its admin, with the token in `D/admin.token`.
+//!
+//! [`Client`]: crate::Client
 
-use crate::config::ClientConfig;
+use crate::config::{self, ClientConfig, ConfigError};
+use flame_protocol::auth::Secret;
 use nix::sys::signal::{self, Signal};
 use nix::unistd::Pid;
 use std::ffi::OsString;
@@ -36,6 +56,8 @@ pub const READY_LINE_BYTES_MAX: u64 = 4096;
 pub const LOG_TAIL_BYTES_MAX: u64 = 4096;
 /// Lines of a child's log quoted when it fails to start.
 pub const LOG_TAIL_LINES_MAX: usize = 20;
+/// Lifetime of the node join token `start` makes; it is used at once.
+pub const JOIN_TOKEN_TTL: &str = "10m";
 
 /// How to start a [`LocalCluster`].
 #[derive(Debug, Clone)]
@@ -123,6 +145,29 @@ pub enum LocalError {
         /// The last lines of its log.
         tail: String,
     },
+    /// A one-shot command (`flame-head init`, `flame-head token create`, `flame-node
+    /// join`) failed.
+    #[error("`{command}` failed with {status}; its stderr:\n{stderr}")]
+    Command {
+        /// The command, without its arguments.
+        command: String,
+        /// How it exited.
+        status: String,
+        /// The end of its stderr, indented.
+        stderr: String,
+    },
+    /// A one-shot command did not finish in time; it was killed.
+    #[error("`{command}` did not finish within {}", humantime::format_duration(*timeout))]
+    CommandTimeout {
+        /// The command, without its arguments.
+        command: String,
+        /// The bound.
+        timeout: Duration,
+    },
+    /// The admin token `flame-head init` wrote, or the join token `flame-head token create`
+    /// printed, cannot be used. The message never shows the token.
+    #[error("{0}")]
+    Token(ConfigError),
     /// The head said it was ready but its CA certificate is not where expected.
     #[error("flame-head is ready but its CA certificate {} is missing", path.display())]
     MissingCaFile {
@@ -160,6 +205,9 @@ pub struct LocalCluster {
     head: Managed,
     head_addr: String,
     ca_file: PathBuf,
+    token_file: PathBuf,
+    /// The admin token; `Debug` hides it.
+    token: Secret,
     stop_grace: Duration,
     data_dir: DataDir,
 }
@@ -188,8 +236,9 @@ struct Managed {
 }
 
 impl LocalCluster {
-    /// Starts `flame-head`, waits until it listens, then starts `flame-node` and waits until
-    /// it is registered. Each wait is bounded by `opts.ready_timeout`.
+    /// Initialises the data folder if needed, starts `flame-head` and waits until it
+    /// listens, joins the node, then starts `flame-node` and waits until it is registered
+    /// (see the module notes). Each step is bounded by `opts.ready_timeout`.
     pub async fn start(opts: LocalOptions) -> Result<LocalCluster, LocalError> {
         let head_bin = find_binary(HEAD_BINARY, opts.bin_dir.as_deref())?;
         let node_bin = find_binary(NODE_BINARY, opts.bin_dir.as_deref())?;
@@ -210,6 +259,22 @@ impl LocalCluster {
             ),
         };
         let dir = data_dir.path().to_path_buf();
+        let ca_file = dir.join("tls").join("ca.crt");
+        let token_file = dir.join("admin.token");
+
+        // A kept data folder is initialised once; `init` refuses to run twice.
+        if !ca_file.is_file() {
+            let init_args: Vec<OsString> = vec![
+                "--data-dir".into(),
+                dir.clone().into(),
+                "--listen".into(),
+                opts.listen.clone().into(),
+                "init".into(),
+            ];
+            run_once("flame-head init", &head_bin, &init_args, opts.ready_timeout).await?;
+        }
+        let token = config::read_token_file(&token_file, "the admin token of `flame-head init`")
+            .map_err(LocalError::Token)?;
 
         let head_args: Vec<OsString> = vec![
             "--data-dir".into(),
@@ -226,14 +291,33 @@ impl LocalCluster {
             }
         };
         let head_addr = connectable(&listening);
-        let ca_file = dir.join("tls").join("head.crt");
         if !ca_file.is_file() {
             head.stop(opts.stop_grace).await.ok();
             return Err(LocalError::MissingCaFile { path: ca_file });
         }
 
         let work_dir = dir.join("node");
-        create_dir(&work_dir)?;
+        let tls_dir = work_dir.join("tls");
+        let joined = async {
+            create_dir(&work_dir)?;
+            join_node(
+                &head_bin,
+                &node_bin,
+                &dir,
+                &head_addr,
+                &opts.node_name,
+                &tls_dir,
+                opts.ready_timeout,
+            )
+            .await
+        }
+        .await;
+        if let Err(e) = joined {
+            head.stop(opts.stop_grace).await.ok();
+            return Err(e);
+        }
+
+        // The first six arguments keep their places: stand-in nodes in tests read them.
         let node_args: Vec<OsString> = vec![
             "--head".into(),
             head_addr.clone().into(),
@@ -241,6 +325,8 @@ impl LocalCluster {
             ca_file.clone().into(),
             "--name".into(),
             opts.node_name.clone().into(),
+            "--tls-dir".into(),
+            tls_dir.clone().into(),
             "--work-dir".into(),
             work_dir.clone().into(),
             "--runtime-dir".into(),
@@ -276,6 +362,8 @@ impl LocalCluster {
             head,
             head_addr,
             ca_file,
+            token_file,
+            token,
             stop_grace: opts.stop_grace,
             data_dir,
         })
@@ -286,9 +374,20 @@ impl LocalCluster {
         &self.head_addr
     }
 
-    /// The head's CA certificate, for clients.
+    /// The cluster's CA certificate (`D/tls/ca.crt`), for clients.
     pub fn ca_file(&self) -> &Path {
         &self.ca_file
+    }
+
+    /// The file holding the admin token (`D/admin.token`, mode 0600): what clients of this
+    /// cluster authenticate with.
+    pub fn token_file(&self) -> &Path {
+        &self.token_file
+    }
+
+    /// The admin token. `Debug` and `Display` hide it; [`Secret::expose`] reads it.
+    pub fn token(&self) -> &Secret {
+        &self.token
     }
 
     /// The folder with the cluster's state and the `head.log` and `node.log` files.
@@ -301,19 +400,42 @@ impl LocalCluster {
         matches!(self.data_dir, DataDir::Temporary(_))
     }
 
-    /// A client configuration for this cluster.
+    /// A client configuration for this cluster, as its admin.
     pub fn client_config(&self) -> ClientConfig {
         ClientConfig::new(self.head_addr.clone(), self.ca_file.clone())
+            .with_token(self.token.clone())
     }
 
-    /// The shell line that points another shell's `flame` at this cluster.
+    /// The environment that points a child process's `flame` (or client library) at this
+    /// cluster, as its admin: `FLAME_HEAD`, `FLAME_CA_FILE` and `FLAME_TOKEN_FILE`, and the
+    /// other credential variables set empty (which counts as unset), so that none inherited
+    /// from this process competes with the token file. The token itself is not in it:
+    /// every process could read it there.
+    pub fn env(&self) -> Vec<(&'static str, OsString)> {
+        let mut env = vec![
+            (config::ENV_HEAD, OsString::from(&self.head_addr)),
+            (config::ENV_CA_FILE, self.ca_file.clone().into_os_string()),
+            (
+                config::ENV_TOKEN_FILE,
+                self.token_file.clone().into_os_string(),
+            ),
+        ];
+        env.extend(CREDENTIAL_ENV_CLEARED.iter().map(|v| (*v, OsString::new())));
+        env
+    }
+
+    /// The shell line that points another shell's `flame` at this cluster: the
+    /// [`LocalCluster::env`] variables, exported or unset.
     pub fn exports(&self) -> String {
         format!(
-            "export {}={} {}={}",
-            crate::config::ENV_HEAD,
+            "export {}={} {}={} {}={}; unset {}",
+            config::ENV_HEAD,
             shell_quote(&self.head_addr),
-            crate::config::ENV_CA_FILE,
+            config::ENV_CA_FILE,
             shell_quote(&self.ca_file.to_string_lossy()),
+            config::ENV_TOKEN_FILE,
+            shell_quote(&self.token_file.to_string_lossy()),
+            CREDENTIAL_ENV_CLEARED.join(" "),
         )
     }
 
@@ -354,6 +476,158 @@ impl LocalCluster {
     }
 }
 
+/// Credential variables [`LocalCluster::env`] clears: with `FLAME_TOKEN_FILE` set, any of
+/// them would be a conflicting credential (see [`crate::config`]).
+const CREDENTIAL_ENV_CLEARED: [&str; 3] = [config::ENV_TOKEN, config::ENV_CERT, config::ENV_KEY];
+
+/// A command for a child of the cluster: in a process group of its own, killed when
+/// dropped and when this process dies.
+fn child_command(program: &Path, args: &[OsString]) -> Command {
+    let mut command = Command::new(program);
+    command
+        .args(args)
+        .stdin(Stdio::null())
+        .kill_on_drop(true)
+        // A group of its own: a terminal's Ctrl-C goes to `flame` alone, which stops the
+        // children in order instead of racing them.
+        .process_group(0);
+    let parent = nix::unistd::getpid();
+    // SAFETY: the closure runs in the forked child before exec and only makes two
+    // async-signal-safe system calls (prctl, getppid); it allocates nothing on success.
+    unsafe {
+        command.pre_exec(move || {
+            // Killed when the thread that forked it dies, i.e. a tokio worker, which
+            // lives as long as the runtime and so as the process.
+            nix::sys::prctl::set_pdeathsig(Signal::SIGKILL)?;
+            // The parent may have died between fork and prctl; then nothing would
+            // deliver the signal, so refuse to start.
+            if nix::unistd::getppid() != parent {
+                return Err(std::io::Error::from(nix::errno::Errno::ESRCH));
+            }
+            Ok(())
+        });
+    }
+    command
+}
+
+/// Runs a one-shot child (`what` names it in errors) to its end, bounded by `timeout`,
+/// and returns its stdout. A failure quotes the end of its stderr.
+async fn run_once(
+    what: &str,
+    program: &Path,
+    args: &[OsString],
+    timeout: Duration,
+) -> Result<Vec<u8>, LocalError> {
+    let mut command = child_command(program, args);
+    command.stdout(Stdio::piped()).stderr(Stdio::piped());
+    let child = command.spawn().map_err(|source| LocalError::Spawn {
+        path: program.to_path_buf(),
+        source,
+    })?;
+    // On timeout the future, and with it the child (kill_on_drop), is dropped.
+    let output = tokio::time::timeout(timeout, child.wait_with_output())
+        .await
+        .map_err(|_| LocalError::CommandTimeout {
+            command: what.to_string(),
+            timeout,
+        })?
+        .map_err(|source| LocalError::Spawn {
+            path: program.to_path_buf(),
+            source,
+        })?;
+    if output.status.success() {
+        return Ok(output.stdout);
+    }
+    Err(LocalError::Command {
+        command: what.to_string(),
+        status: describe_status(output.status),
+        stderr: text_tail(&output.stderr),
+    })
+}
+
+/// Gets the node a certificate: a join token from the running head, handed to `flame-node
+/// join` in a 0600 file that is removed afterwards.
+async fn join_node(
+    head_bin: &Path,
+    node_bin: &Path,
+    data_dir: &Path,
+    head_addr: &str,
+    node_name: &str,
+    tls_dir: &Path,
+    timeout: Duration,
+) -> Result<(), LocalError> {
+    let create_args: Vec<OsString> = vec![
+        "--data-dir".into(),
+        data_dir.into(),
+        "--listen".into(),
+        head_addr.into(),
+        "token".into(),
+        "create".into(),
+        "--node".into(),
+        "--ttl".into(),
+        JOIN_TOKEN_TTL.into(),
+    ];
+    let printed = run_once(
+        "flame-head token create --node",
+        head_bin,
+        &create_args,
+        timeout,
+    )
+    .await?;
+    // The token is the one line on stdout; kept in a `Secret` from here on.
+    let printed = Secret::new(String::from_utf8_lossy(&printed).trim());
+    let token = config::check_token(printed, || {
+        "the join token `flame-head token create --node` printed".to_string()
+    })
+    .map_err(LocalError::Token)?;
+    let token_file = data_dir.join("node").join("join.token");
+    write_private(&token_file, format!("{}\n", token.expose()).as_bytes())?;
+    let join_args: Vec<OsString> = vec![
+        "join".into(),
+        "--token-file".into(),
+        token_file.clone().into(),
+        "--head".into(),
+        head_addr.into(),
+        "--name".into(),
+        node_name.into(),
+        "--tls-dir".into(),
+        tls_dir.into(),
+    ];
+    let joined = run_once("flame-node join", node_bin, &join_args, timeout).await;
+    // Used once; a copy left behind would let anyone who can read it join a node until
+    // it expires.
+    if let Err(e) = std::fs::remove_file(&token_file) {
+        tracing::debug!("cannot remove {}: {e}", token_file.display());
+    }
+    joined.map(drop)
+}
+
+/// Writes `bytes` to a new file at `path` that only its owner may read (mode 0600); an
+/// older file there is replaced, since its mode could be wider.
+fn write_private(path: &Path, bytes: &[u8]) -> Result<(), LocalError> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let io_err = |what, source| LocalError::Io {
+        what,
+        path: path.to_path_buf(),
+        source,
+    };
+    match std::fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(io_err("cannot replace", e)),
+    }
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(|e| io_err("cannot create", e))?;
+    file.write_all(bytes)
+        .and_then(|()| file.sync_all())
+        .map_err(|e| io_err("cannot write", e))
+}
+
 impl Managed {
     fn spawn(
         name: &'static str,
@@ -366,32 +640,8 @@ impl Managed {
             path: log.to_path_buf(),
             source,
         })?;
-        let mut command = Command::new(program);
-        command
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::from(log_file))
-            .kill_on_drop(true)
-            // A group of its own: a terminal's Ctrl-C goes to `flame` alone, which stops the
-            // children in order instead of racing them.
-            .process_group(0);
-        let parent = nix::unistd::getpid();
-        // SAFETY: the closure runs in the forked child before exec and only makes two
-        // async-signal-safe system calls (prctl, getppid); it allocates nothing on success.
-        unsafe {
-            command.pre_exec(move || {
-                // Killed when the thread that forked it dies, i.e. a tokio worker, which
-                // lives as long as the runtime and so as the process.
-                nix::sys::prctl::set_pdeathsig(Signal::SIGKILL)?;
-                // The parent may have died between fork and prctl; then nothing would
-                // deliver the signal, so refuse to start.
-                if nix::unistd::getppid() != parent {
-                    return Err(std::io::Error::from(nix::errno::Errno::ESRCH));
-                }
-                Ok(())
-            });
-        }
+        let mut command = child_command(program, args);
+        command.stdout(Stdio::piped()).stderr(Stdio::from(log_file));
         let child = command.spawn().map_err(|source| LocalError::Spawn {
             path: program.to_path_buf(),
             source,
@@ -581,17 +831,31 @@ fn log_tail(log: &Path) -> String {
     };
     match read() {
         Ok(text) if text.trim().is_empty() => "    (the log is empty)".to_string(),
-        Ok(text) => {
-            let lines: Vec<&str> = text.lines().collect();
-            let start = lines.len().saturating_sub(LOG_TAIL_LINES_MAX);
-            lines[start..]
-                .iter()
-                .map(|l| format!("    {l}"))
-                .collect::<Vec<_>>()
-                .join("\n")
-        }
+        Ok(text) => last_lines(&text),
         Err(e) => format!("    (cannot read the log: {e})"),
     }
+}
+
+/// The last [`LOG_TAIL_LINES_MAX`] lines of the last [`LOG_TAIL_BYTES_MAX`] bytes of a
+/// child's captured output, indented.
+fn text_tail(bytes: &[u8]) -> String {
+    let max = usize::try_from(LOG_TAIL_BYTES_MAX).unwrap_or(usize::MAX);
+    let text = String::from_utf8_lossy(&bytes[bytes.len().saturating_sub(max)..]);
+    if text.trim().is_empty() {
+        return "    (nothing)".to_string();
+    }
+    last_lines(&text)
+}
+
+/// The last [`LOG_TAIL_LINES_MAX`] lines of `text`, indented.
+fn last_lines(text: &str) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    let start = lines.len().saturating_sub(LOG_TAIL_LINES_MAX);
+    lines[start..]
+        .iter()
+        .map(|l| format!("    {l}"))
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 /// Finds `name` in `bin_dir` when given; otherwise next to the running executable (and in
@@ -738,5 +1002,180 @@ mod tests {
         let text = err.to_string();
         assert!(text.contains("exit code 3"), "{text}");
         assert!(text.contains("bad config"), "{text}");
+    }
+
+    fn script(path: &Path, body: &str) {
+        std::fs::write(path, format!("#!/bin/sh\n{body}")).unwrap();
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+
+    fn sample_token(fill: u8) -> Secret {
+        use flame_protocol::auth::{hex, ParsedToken, FINGERPRINT_BYTES, TOKEN_SECRET_BYTES};
+        ParsedToken {
+            id: hex(&[fill; 8]),
+            secret: [fill; TOKEN_SECRET_BYTES],
+            ca_fingerprint: [0x5c; FINGERPRINT_BYTES],
+        }
+        .to_secret()
+    }
+
+    /// Stand-ins for the two binaries: the head does `init` (once only, like the real one),
+    /// prints a join token for `token create`, and serves; the node checks the join token
+    /// file (content and mode), makes its certificate, and serves only with it.
+    fn stand_ins(bin: &Path, admin: &Secret, join: &Secret) {
+        script(
+            &bin.join(HEAD_BINARY),
+            &format!(
+                r#"D="$2"
+case "$5" in
+init)
+    [ -f "$D/tls/ca.crt" ] && {{ echo "already initialised" >&2; exit 5; }}
+    mkdir -p "$D/tls" && echo cert > "$D/tls/ca.crt"
+    (umask 077; echo "{admin}" > "$D/admin.token")
+    echo "initialised"; exit 0;;
+token)
+    [ "$4" = "127.0.0.1:7470" ] || {{ echo "bad --listen $4" >&2; exit 9; }}
+    echo "token 0a (joins nodes); it is shown only this once:" >&2
+    echo "{join}"; exit 0;;
+esac
+echo "head starting" >&2
+echo "flame-head listening on 0.0.0.0:7470"
+exec sleep 600
+"#,
+                admin = admin.expose(),
+                join = join.expose()
+            ),
+        );
+        script(
+            &bin.join(NODE_BINARY),
+            &format!(
+                r#"if [ "$1" = join ]; then
+    [ "$(stat -c %a "$3")" = 600 ] || {{ echo "token file mode $(stat -c %a "$3")" >&2; exit 9; }}
+    [ "$(cat "$3")" = "{join}" ] || {{ echo "wrong join token" >&2; exit 9; }}
+    [ "$5" = "127.0.0.1:7470" ] || {{ echo "bad --head $5" >&2; exit 9; }}
+    mkdir -p "$9" && echo crt > "$9/node.crt"; exit 0
+fi
+[ -f "$4" ] || {{ echo "no CA file $4" >&2; exit 9; }}
+[ "$7" = "--tls-dir" ] && [ -f "$8/node.crt" ] || {{ echo "no node certificate" >&2; exit 9; }}
+echo "flame-node registered as $6"
+exec sleep 600
+"#,
+                join = join.expose()
+            ),
+        );
+    }
+
+    fn stand_in_options(bin: &Path, data: &Path) -> LocalOptions {
+        LocalOptions {
+            data_dir: Some(data.to_path_buf()),
+            bin_dir: Some(bin.to_path_buf()),
+            ready_timeout: Duration::from_secs(20),
+            stop_grace: Duration::from_secs(5),
+            ..LocalOptions::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn start_initialises_joins_and_hands_out_the_admin_token() {
+        let bin = tempfile::tempdir().unwrap();
+        let data = tempfile::tempdir().unwrap();
+        let (admin, join) = (sample_token(1), sample_token(2));
+        stand_ins(bin.path(), &admin, &join);
+        let cluster = LocalCluster::start(stand_in_options(bin.path(), data.path()))
+            .await
+            .unwrap();
+        assert_eq!(cluster.head_addr(), "127.0.0.1:7470");
+        assert_eq!(cluster.ca_file(), data.path().join("tls/ca.crt"));
+        assert_eq!(cluster.token_file(), data.path().join("admin.token"));
+        assert_eq!(cluster.token(), &admin);
+        assert_eq!(cluster.client_config().token.as_ref(), Some(&admin));
+        // The join token was used and removed; the node has its certificate.
+        assert!(!data.path().join("node/join.token").exists());
+        assert!(data.path().join("node/tls/node.crt").is_file());
+
+        let exports = cluster.exports();
+        assert!(
+            exports.starts_with("export FLAME_HEAD=127.0.0.1:7470 FLAME_CA_FILE="),
+            "{exports}"
+        );
+        assert!(exports.contains("FLAME_TOKEN_FILE="), "{exports}");
+        assert!(
+            exports.ends_with("; unset FLAME_TOKEN FLAME_CERT FLAME_KEY"),
+            "{exports}"
+        );
+        let env = cluster.env();
+        let value = |name: &str| env.iter().find(|(k, _)| *k == name).map(|(_, v)| v.clone());
+        assert_eq!(
+            value(config::ENV_TOKEN_FILE),
+            Some(data.path().join("admin.token").into_os_string())
+        );
+        assert_eq!(value(config::ENV_TOKEN), Some(OsString::new()));
+        // The token's secret shows nowhere.
+        let secret = flame_protocol::auth::hex(&[1u8; 32]);
+        let shown = format!(
+            "{cluster:?} {exports} {env:?} {:?}",
+            cluster.client_config()
+        );
+        assert!(!shown.contains(&secret), "{shown}");
+        cluster.shutdown().await.unwrap();
+
+        // A kept data folder is not initialised again (the stand-in, like the real head,
+        // would refuse).
+        let again = LocalCluster::start(stand_in_options(bin.path(), data.path()))
+            .await
+            .unwrap();
+        assert_eq!(again.token(), &admin);
+        again.shutdown().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_failing_init_or_join_is_reported_with_its_stderr() {
+        let bin = tempfile::tempdir().unwrap();
+        let data = tempfile::tempdir().unwrap();
+        stand_ins(bin.path(), &sample_token(1), &sample_token(2));
+        script(
+            &bin.path().join(HEAD_BINARY),
+            "echo 'cannot create the CA: disk full' >&2\nexit 4\n",
+        );
+        let err = LocalCluster::start(stand_in_options(bin.path(), data.path()))
+            .await
+            .unwrap_err();
+        let text = err.to_string();
+        assert!(matches!(err, LocalError::Command { .. }), "{text}");
+        assert!(text.contains("flame-head init"), "{text}");
+        assert!(text.contains("exit code 4"), "{text}");
+        assert!(text.contains("disk full"), "{text}");
+
+        // A node without `join` (an older release): reported, and the head stopped.
+        let data = tempfile::tempdir().unwrap();
+        stand_ins(bin.path(), &sample_token(1), &sample_token(2));
+        script(
+            &bin.path().join(NODE_BINARY),
+            "echo \"error: unrecognized subcommand '$1'\" >&2\nexit 2\n",
+        );
+        let err = LocalCluster::start(stand_in_options(bin.path(), data.path()))
+            .await
+            .unwrap_err();
+        let text = err.to_string();
+        assert!(text.contains("flame-node join"), "{text}");
+        assert!(text.contains("unrecognized subcommand 'join'"), "{text}");
+        assert!(!data.path().join("node/join.token").exists());
+        // The secret of the join token is in no message.
+        assert!(
+            !text.contains(&flame_protocol::auth::hex(&[2u8; 32])),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn private_files_are_made_0600_even_over_an_open_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t");
+        std::fs::write(&path, "old").unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        write_private(&path, b"new").unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "new");
     }
 }

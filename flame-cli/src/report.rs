@@ -99,9 +99,28 @@ pub fn hint_for(err: &anyhow::Error) -> Option<String> {
     })
 }
 
+/// How to get a token, for hints.
+const TOKEN_HINT: &str = "get a new token from an admin (`flame-head token create --user NAME`) \
+     and pass it with --token-file PATH or FLAME_TOKEN_FILE";
+
 fn config_hint(e: &ConfigError) -> Option<String> {
     match e {
         ConfigError::Missing { .. } => Some(LOCAL_HINT.to_string()),
+        ConfigError::TooOpen { path, .. } => Some(format!(
+            "chmod 600 {}, or move the token to a file of its own and name it with `token_file`",
+            path.display()
+        )),
+        ConfigError::Token { .. } => Some(format!(
+            "a token is one line as `flame-head token create` prints it; {TOKEN_HINT}"
+        )),
+        ConfigError::TokenFile { .. } => Some(
+            "check the path given with --token-file, FLAME_TOKEN_FILE or `token_file`".to_string(),
+        ),
+        ConfigError::Conflict { .. } | ConfigError::HalfIdentity { .. } => Some(
+            "a client uses a token (--token-file, FLAME_TOKEN_FILE, FLAME_TOKEN) or a certificate \
+             with its key (--cert and --key, FLAME_CERT and FLAME_KEY), from one place"
+                .to_string(),
+        ),
         _ => None,
     }
 }
@@ -109,6 +128,10 @@ fn config_hint(e: &ConfigError) -> Option<String> {
 fn client_hint(e: &ClientError) -> Option<String> {
     match e {
         ClientError::Connect(e) => endpoint_hint(e),
+        ClientError::Token(_) => Some(TOKEN_HINT.to_string()),
+        ClientError::NoTrust { .. } => Some(format!(
+            "pass --ca-file (the cluster CA, DATA_DIR/tls/ca.crt on the head) or a token ({LOCAL_HINT})"
+        )),
         ClientError::Connection { .. } | ClientError::Timeout { .. } => {
             Some("check that flame-head is still running and reachable".to_string())
         }
@@ -117,6 +140,10 @@ fn client_hint(e: &ClientError) -> Option<String> {
         }
         _ => match e.kind() {
             Some(ErrorKind::Unavailable) => Some("try again in a moment".to_string()),
+            Some(ErrorKind::PermissionDenied) => Some(
+                "ask an admin, or use a token of the session's owner; `flame whoami` shows who you are"
+                    .to_string(),
+            ),
             _ => None,
         },
     }
@@ -125,15 +152,42 @@ fn client_hint(e: &ClientError) -> Option<String> {
 fn endpoint_hint(e: &EndpointError) -> Option<String> {
     match e {
         EndpointError::Pem { .. } => Some(format!(
-            "check --ca-file or FLAME_CA_FILE: it must name the head's CA certificate ({LOCAL_HINT})"
+            "check --ca-file or FLAME_CA_FILE (the cluster CA, DATA_DIR/tls/ca.crt on the head), \
+             and --cert/--key if given ({LOCAL_HINT})"
         )),
+        EndpointError::Unreachable { reason, .. } if reason.contains("certificate") => Some(
+            "the head's certificate is not signed by the CA this client trusts: --ca-file, or the \
+             token's CA fingerprint, may belong to another cluster"
+                .to_string(),
+        ),
         EndpointError::Unreachable { .. } | EndpointError::Resolve { .. } => Some(format!(
             "check that flame-head runs at that address, and --head or FLAME_HEAD ({LOCAL_HINT})"
         )),
-        EndpointError::Handshake { .. } | EndpointError::Refused { .. } => Some(
+        EndpointError::Refused { reason, .. } => Some(refusal_hint(reason)),
+        EndpointError::Handshake { .. } => Some(
             "the head and this client may be different versions, or --ca-file names another cluster's CA".to_string(),
         ),
         _ => None,
+    }
+}
+
+/// What to do about the head's refusal of a hello, from its reason.
+fn refusal_hint(reason: &str) -> String {
+    if reason.contains("protocol version") {
+        "use flame binaries of the head's release; compare `flame --version` with the head's"
+            .to_string()
+    } else if reason.contains("no credentials") {
+        format!(
+            "give a token: --token-file PATH or FLAME_TOKEN_FILE (an admin makes one with \
+             `flame-head token create --user NAME`), or a user certificate with --cert and --key; {LOCAL_HINT}"
+        )
+    } else if reason.contains("token") {
+        TOKEN_HINT.to_string()
+    } else if reason.contains("certificate") {
+        "check --cert and --key: they must be a user certificate signed by this cluster's CA, and its key"
+            .to_string()
+    } else {
+        "the head and this client may be different versions".to_string()
     }
 }
 
@@ -145,6 +199,10 @@ fn local_hint(e: &LocalError) -> Option<String> {
         LocalError::Exited { .. } | LocalError::NotReady { .. } => {
             Some("the log above says why; RUST_LOG=debug makes it say more".to_string())
         }
+        LocalError::Command { .. } | LocalError::CommandTimeout { .. } => Some(
+            "flame, flame-head and flame-node must be of one release; build them together: cargo build --release"
+                .to_string(),
+        ),
         _ => None,
     }
 }
@@ -189,6 +247,31 @@ mod tests {
         assert_eq!(group(999), "999");
         assert_eq!(group(1000), "1,000");
         assert_eq!(group(1_234_567), "1,234,567");
+    }
+
+    #[test]
+    fn refusals_get_hints_by_their_reason() {
+        let refused = |reason: &str| {
+            let err = anyhow::Error::new(ClientError::Connect(EndpointError::Refused {
+                addr: "h:1".into(),
+                reason: reason.into(),
+            }));
+            hint_for(&err).unwrap_or_default()
+        };
+        assert!(refused("token 0102 has been revoked").contains("token create --user"));
+        assert!(refused("token 0102 expired 5 s ago").contains("--token-file"));
+        assert!(
+            refused("no credentials: this head accepts no anonymous clients")
+                .contains("--cert and --key")
+        );
+        assert!(refused("protocol version 9 is not supported").contains("release"));
+        let denied = anyhow::Error::new(ClientError::Api(flame_protocol::model::ApiError::new(
+            ErrorKind::PermissionDenied,
+            "session 3 belongs to bob",
+        )));
+        assert!(hint_for(&denied)
+            .unwrap_or_default()
+            .contains("token of the session's owner"));
     }
 
     #[test]

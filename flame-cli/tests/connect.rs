@@ -19,10 +19,8 @@ async fn unreachable_head_fails_within_the_connect_timeout_naming_the_address() 
     let addr = silent.local_addr().unwrap().to_string();
     let timeout = Duration::from_secs(1);
     let config = ClientConfig {
-        head: addr.clone(),
-        ca_file: fixture_ca(),
         connect_timeout: timeout,
-        owner: None,
+        ..ClientConfig::new(addr.clone(), fixture_ca())
     };
     let started = Instant::now();
     let err = Client::connect(&config).await.unwrap_err();
@@ -42,10 +40,8 @@ async fn missing_ca_file_is_reported_with_its_path() {
     let dir = tempfile::tempdir().unwrap();
     let ca_file = dir.path().join("absent.crt");
     let config = ClientConfig {
-        head: "127.0.0.1:9".into(),
-        ca_file: ca_file.clone(),
         connect_timeout: Duration::from_secs(1),
-        owner: None,
+        ..ClientConfig::new("127.0.0.1:9", ca_file.clone())
     };
     let err = Client::connect(&config).await.unwrap_err();
     assert!(
@@ -64,10 +60,8 @@ async fn a_file_without_certificates_is_refused() {
     let ca_file = dir.path().join("empty.crt");
     std::fs::write(&ca_file, "not a certificate\n").unwrap();
     let config = ClientConfig {
-        head: "127.0.0.1:9".into(),
-        ca_file,
         connect_timeout: Duration::from_secs(1),
-        owner: None,
+        ..ClientConfig::new("127.0.0.1:9", ca_file)
     };
     let err = Client::connect(&config).await.unwrap_err();
     assert!(

@@ -10,17 +10,21 @@ use std::path::PathBuf;
 #[derive(Debug, Parser)]
 #[command(name = "flame-head", version, about = "The head of a Flame cluster")]
 pub struct Args {
+    /// What to do; without one, the head serves.
+    #[command(subcommand)]
+    pub command: Option<HeadCommand>,
     /// TOML configuration file (flags given here override it).
-    #[arg(long, env = "FLAME_HEAD_CONFIG")]
+    #[arg(long, env = "FLAME_HEAD_CONFIG", global = true)]
     pub config: Option<PathBuf>,
-    /// Directory holding the state (state.redb) and the TLS identity.
-    #[arg(long, env = "FLAME_HEAD_DATA_DIR")]
+    /// Directory holding the state (state.redb), the cluster CA and the head's identity.
+    #[arg(long, env = "FLAME_HEAD_DATA_DIR", global = true)]
     pub data_dir: Option<PathBuf>,
-    /// Address to listen on (UDP, QUIC).
-    #[arg(long)]
+    /// Address to listen on (UDP, QUIC); `token` commands reach the head there.
+    #[arg(long, global = true)]
     pub listen: Option<SocketAddr>,
-    /// Extra DNS names or IP addresses for the head's certificate (created on first start).
-    #[arg(long = "tls-san")]
+    /// Extra DNS names or IP addresses for the head's certificate (it is re-issued at
+    /// start when one is missing from it).
+    #[arg(long = "tls-san", global = true)]
     pub tls_san: Vec<String>,
     /// Largest task input (and session common data) accepted, in bytes.
     #[arg(long)]
@@ -34,6 +38,70 @@ pub struct Args {
     #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
     pub preemption_grace: Option<std::time::Duration>,
 }
+
+/// `flame-head` commands other than serving.
+#[derive(Debug, clap::Subcommand)]
+pub enum HeadCommand {
+    /// Creates the cluster CA, the head's certificate and a first admin token (written to
+    /// DATA_DIR/admin.token, mode 0600) in the data directory. Run once, before the first
+    /// start; the head refuses to start without it.
+    Init {
+        /// Name of the first admin user.
+        #[arg(long, default_value = "admin")]
+        admin_name: String,
+    },
+    /// Issues a client certificate for a user, signed by the cluster CA: an alternative to
+    /// a token (`flame --cert DIR/NAME.crt --key DIR/NAME.key`). Writes NAME.crt,
+    /// NAME.key (0600) and ca.crt into OUT. A certificate cannot be revoked before it
+    /// expires (one year): prefer tokens where that matters.
+    UserCert {
+        /// The user it names.
+        name: String,
+        /// The user is an admin.
+        #[arg(long)]
+        admin: bool,
+        /// Folder to write the files to (created if missing).
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+    },
+    /// Creates, lists and revokes tokens on the running head, as the admin whose token
+    /// `init` wrote to DATA_DIR/admin.token.
+    #[command(subcommand)]
+    Token(TokenCommand),
+}
+
+/// `flame-head token ...`.
+#[derive(Debug, clap::Subcommand)]
+pub enum TokenCommand {
+    /// Prints a new token once; the head keeps only a hash of it.
+    Create {
+        /// A token that joins nodes (`flame-node join`). Default lifetime 24h.
+        #[arg(long, conflicts_with = "user", required_unless_present = "user")]
+        node: bool,
+        /// A token for the user NAME, who owns the sessions it creates. No expiry unless
+        /// `--ttl` is given.
+        #[arg(long, value_name = "NAME")]
+        user: Option<String>,
+        /// The user is an admin: registers applications, drains nodes, manages tokens, and
+        /// may act on every user's sessions.
+        #[arg(long, requires = "user")]
+        admin: bool,
+        /// How long the token is valid, e.g. `12h`, `30d`.
+        #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+        ttl: Option<std::time::Duration>,
+    },
+    /// Lists tokens (never their secrets).
+    List {
+        /// One JSON object per line instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Revokes a token by its id; connections it opened are closed.
+    Revoke { id: String },
+}
+
+/// Lifetime of a node join token when `--ttl` is not given.
+pub const NODE_TOKEN_TTL_DEFAULT: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
 
 /// The longest preemption grace period accepted.
 pub const PREEMPTION_GRACE_MAX: std::time::Duration = std::time::Duration::from_secs(7 * 24 * 3600);

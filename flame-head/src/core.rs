@@ -137,8 +137,22 @@ pub enum Event {
         node: String,
         reply: oneshot::Sender<Result<ExecutorId, ApiError>>,
     },
+    /// Who owns a session (`None`: no such session), for the server's access checks.
+    SessionOwner {
+        session: SessionId,
+        reply: oneshot::Sender<Option<String>>,
+    },
     /// Periodic: heartbeat timeouts and `delay_release`.
     Tick,
+}
+
+/// An owner as stored, with the default for none.
+pub fn owner_name(owner: &str) -> &str {
+    if owner.is_empty() {
+        flame_protocol::model::DEFAULT_OWNER
+    } else {
+        owner
+    }
 }
 
 /// When one rank of a job fails, the others get this long to end by themselves before they
@@ -164,7 +178,13 @@ pub struct CoreConfig {
     /// running its task before it is killed and the task goes back to pending, uncharged.
     /// `None`: never killed, the task always finishes.
     pub preemption_grace_ms: Option<u64>,
+    /// Makes the credential MPI jobs' ranks get in [`JOB_TOKEN_ENV`]; `None` (unit tests):
+    /// none is given.
+    pub job_credentials: Option<crate::auth::JobCredentials>,
 }
+
+/// The variable that carries an MPI job's credential to its ranks (for `flame-mpi-agent`).
+pub const JOB_TOKEN_ENV: &str = "FLAME_JOB_TOKEN";
 
 impl Default for CoreConfig {
     fn default() -> Self {
@@ -174,6 +194,7 @@ impl Default for CoreConfig {
             heartbeat_timeout_ms: limits::HEARTBEAT_TIMEOUT.as_millis() as u64,
             owner_weights: BTreeMap::new(),
             preemption_grace_ms: None,
+            job_credentials: None,
         }
     }
 }
@@ -853,6 +874,13 @@ impl Core {
                 }
                 let _ = reply.send(self.log_targets(session, executor).map(LogTargets::Now));
             }
+            Event::SessionOwner { session, reply } => {
+                let owner = self
+                    .sessions
+                    .get(&session)
+                    .map(|s| owner_name(&s.stored.owner).to_string());
+                let _ = reply.send(owner);
+            }
             Event::ExecTarget { job, node, reply } => {
                 let _ = reply.send(self.exec_target(job, &node));
             }
@@ -1211,11 +1239,15 @@ impl Core {
             | ClientRequest::WatchResults { .. }
             | ClientRequest::Logs { .. }
             | ClientRequest::JobExec { .. }
-            | ClientRequest::ListTasks { .. } => respond(
+            | ClientRequest::ListTasks { .. }
+            | ClientRequest::CreateToken { .. }
+            | ClientRequest::ListTokens
+            | ClientRequest::RevokeToken { .. }
+            | ClientRequest::WhoAmI => respond(
                 reply,
                 error(
                     ErrorKind::InvalidArgument,
-                    "streaming requests are not handled here".into(),
+                    "streaming, token and identity requests are answered by the server".into(),
                 ),
             ),
         }
@@ -2670,6 +2702,13 @@ impl Core {
                         env.push(((*key).to_string(), value.clone()));
                     }
                 }
+                // `flame-mpi-agent` needs it to ask for Open MPI's daemons on other nodes.
+                if let (true, Some(jobs)) = (job.spec.mpi, &self.config.job_credentials) {
+                    env.push((
+                        JOB_TOKEN_ENV.to_string(),
+                        jobs.for_job(sid).expose().to_string(),
+                    ));
+                }
                 let argv = (job.spec.mpi && rank == 0).then(|| {
                     let mut argv: Vec<String> = vec![
                         "mpirun".into(),
@@ -3084,7 +3123,7 @@ fn unknown_app(name: &str) -> String {
     format!("application `{name}` is not registered (see `flame app list`)")
 }
 
-fn unknown_session(id: SessionId) -> String {
+pub fn unknown_session(id: SessionId) -> String {
     format!("session {id} does not exist (see `flame session list`)")
 }
 
@@ -3131,6 +3170,7 @@ mod tests {
                 max_attempts: 3,
                 retry_on_error: false,
                 task_timeout_ms: None,
+                allow_root: false,
             });
             let (link, node_rx) = mpsc::unbounded_channel();
             core.handle(
@@ -3839,6 +3879,7 @@ mod tests {
             max_attempts: 3,
             retry_on_error: false,
             task_timeout_ms: None,
+            allow_root: false,
         };
         let loaded = Loaded {
             applications: vec![app],

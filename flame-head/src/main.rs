@@ -3,6 +3,8 @@
 //! It keeps the cluster's state in a redb file in its data directory, schedules executors
 //! on nodes, and serves clients and nodes over QUIC with TLS 1.3.
 
+mod admin;
+mod auth;
 mod config;
 mod core;
 mod failpoints;
@@ -71,33 +73,59 @@ fn builtin_application(name: &str, binary: &str) -> ApplicationSpec {
         .map_or_else(|| binary.to_string(), |p| p.display().to_string());
     ApplicationSpec {
         max_instances: 1024,
+        // Flame's own programs: whether they may run as root is the node's call.
+        allow_root: true,
         ..ApplicationSpec::new(name, command)
     }
 }
 
-async fn run(args: config::Args) -> anyhow::Result<()> {
-    let config = config::HeadConfig::resolve(args)?;
-    failpoints::arm_from_env().map_err(anyhow::Error::msg)?;
-    std::fs::create_dir_all(&config.data_dir).with_context(|| {
+/// Makes the data directory, private: the store, the CA key and the tokens are the head's
+/// alone; no executor, whatever user it runs as, may read them.
+pub(crate) fn prepare_data_dir(dir: &std::path::Path) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir)
+        .with_context(|| format!("cannot create the data directory {}", dir.display()))?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).with_context(|| {
         format!(
-            "cannot create the data directory {}",
-            config.data_dir.display()
+            "cannot make the data directory {} private (mode 0700)",
+            dir.display()
         )
-    })?;
-    // The store and the TLS key are the head's alone: no executor, whatever user it runs
-    // as, may read them.
-    std::fs::set_permissions(&config.data_dir, std::fs::Permissions::from_mode(0o700))
-        .with_context(|| {
-            format!(
-                "cannot make the data directory {} private (mode 0700)",
-                config.data_dir.display()
-            )
-        })?;
-    let (store, loaded) = store::Store::open_and_load(&config.data_dir)?;
+    })
+}
+
+/// The names the head's certificate must carry.
+pub(crate) fn sans(config: &config::HeadConfig) -> Vec<String> {
     let mut sans = tls::default_sans();
     sans.extend(config.tls_san.iter().cloned());
-    let (certs, key) = tls::ensure_identity(&config.data_dir, &sans)?;
+    sans
+}
+
+async fn run(mut args: config::Args) -> anyhow::Result<()> {
+    let command = args.command.take();
+    let config = config::HeadConfig::resolve(args)?;
+    match command {
+        None => {}
+        Some(config::HeadCommand::Init { admin_name }) => return admin::init(&config, &admin_name),
+        Some(config::HeadCommand::Token(command)) => return admin::token(&config, command).await,
+        Some(config::HeadCommand::UserCert { name, admin, out }) => {
+            return admin::user_cert(&config, &name, admin, &out)
+        }
+    }
+    failpoints::arm_from_env().map_err(anyhow::Error::msg)?;
+    prepare_data_dir(&config.data_dir)?;
+    // The state first: a damaged store is the more urgent news.
+    let (store, loaded) = store::Store::open_and_load(&config.data_dir)?;
+    if !tls::is_initialized(&config.data_dir) {
+        anyhow::bail!(
+            "{} holds no cluster CA: run `flame-head --data-dir {} init` once first; it \
+             creates the CA, the head's certificate and an admin token",
+            config.data_dir.display(),
+            config.data_dir.display()
+        );
+    }
+    let identity = tls::HeadIdentity::load(&config.data_dir, &sans(&config))?;
     let reset_key = tls::ensure_reset_key(&config.data_dir)?;
+    let job_credentials = auth::JobCredentials::new(&reset_key, identity.fingerprint());
+    let tokens = auth::TokenBook::new(store.load_tokens()?, job_credentials.clone());
 
     let (store_tx, store_rx) = tokio::sync::mpsc::unbounded_channel();
     let mut core = core::Core::new(
@@ -107,6 +135,7 @@ async fn run(args: config::Args) -> anyhow::Result<()> {
             preemption_grace_ms: config
                 .preemption_grace
                 .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
+            job_credentials: Some(job_credentials),
             ..Default::default()
         },
         store_tx,
@@ -123,7 +152,13 @@ async fn run(args: config::Args) -> anyhow::Result<()> {
     let (events, core_task) = server::start_core(core, store.clone(), store_rx)
         .context("cannot start the store writer")?;
 
-    let endpoint = flame_protocol::endpoint::server(config.listen, certs, key, &reset_key)?;
+    let endpoint = flame_protocol::endpoint::server(
+        config.listen,
+        identity.certs(),
+        identity.key(),
+        &reset_key,
+        identity.ca_der(),
+    )?;
     let local = endpoint
         .local_addr()
         .context("cannot read the bound address")?;
@@ -133,10 +168,18 @@ async fn run(args: config::Args) -> anyhow::Result<()> {
     tracing::info!(
         %local,
         data_dir = %config.data_dir.display(),
-        ca_file = %tls::cert_path(&config.data_dir).display(),
+        ca_file = %tls::ca_cert_path(&config.data_dir).display(),
         "flame-head ready"
     );
-    server::serve(endpoint, events, store, shutdown_signal()).await;
+    server::serve(
+        endpoint,
+        events,
+        store,
+        tokens,
+        std::sync::Arc::new(identity),
+        shutdown_signal(),
+    )
+    .await;
     core_task.abort();
     tracing::info!("flame-head stopped");
     Ok(())

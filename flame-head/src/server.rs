@@ -1,16 +1,21 @@
 //! The I/O shell around the core: the QUIC server, the core's event loop, and the store
 //! writer. Everything here moves bytes; decisions are the core's.
 
+use crate::auth::{Authenticated, TokenBook};
 use crate::core::{Backfill, ConnId, Core, Event, LogTargets, WatchMsg};
 use crate::store::{Store, StoreRequest};
-use flame_protocol::endpoint::check_hello;
+use crate::tls::HeadIdentity;
+use flame_protocol::auth::{JoinReply, JoinRequest, Principal, Secret, CSR_PEM_BYTES_MAX};
+use flame_protocol::endpoint::{check_hello, check_version};
 use flame_protocol::frame::{FrameError, FrameReader, FrameWriter};
 use flame_protocol::limits;
 use flame_protocol::messages::{
-    ClientRequest, ClientResponse, ExecEvent, Hello, HelloReply, LogEvent, NodeExecRequest,
-    NodeLogRequest, NodeStreamRequest, NodeToHead, Role, SubmitBatch, SubmitReply, WatchEvent,
+    ClientRequest, ClientResponse, ExecEvent, Hello, HelloReply, HelloVersion, LogEvent,
+    NodeExecRequest, NodeLogRequest, NodeStreamRequest, NodeToHead, Role, SubmitBatch, SubmitReply,
+    WatchEvent,
 };
 use flame_protocol::model::{ApiError, ErrorKind, TaskResult};
+use flame_protocol::pki::{identity_of, PeerIdentity};
 use flame_protocol::{ExecutorId, SessionId, TaskId};
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -39,11 +44,29 @@ pub const NODE_LOG_OPEN_TIMEOUT: Duration = limits::CONNECT_TIMEOUT;
 /// files, so silence this long means it is stuck.
 pub const NODE_LOG_SILENCE_MAX: Duration = limits::REQUEST_TIMEOUT;
 
+/// Largest hello frame: a version, a role, an agent name and a token fit in far less.
+pub const HELLO_BYTES_MAX: usize = 8 * 1024;
+/// Largest frame on a join stream: a CSR of at most `CSR_PEM_BYTES_MAX` and a name.
+pub const JOIN_FRAME_BYTES_MAX: usize = CSR_PEM_BYTES_MAX + 1024;
+/// Connections open at once (clients and nodes together); more are refused at once, before
+/// their handshake, so a flood costs the head no TLS work.
+pub const CONNECTIONS_MAX: usize = 4_096;
+/// Connections between their first packet and their admission (TLS handshake and hello);
+/// more are refused, so a flood of slow handshakes cannot take every slot.
+pub const UNAUTHENTICATED_MAX: usize = 256;
+/// How often connections whose token was revoked or has expired are looked for and closed.
+pub const TOKEN_SWEEP_INTERVAL: Duration = Duration::from_secs(2);
+/// Bytes an authenticated connection may have in flight towards the head (its QUIC
+/// receive window). Until the hello is authenticated, a connection gets only
+/// [`limits::UNAUTHENTICATED_RECEIVE_WINDOW`], and one stream.
+pub const AUTHENTICATED_RECEIVE_WINDOW: u32 = 64 * 1024 * 1024;
+
 /// QUIC application close codes.
 const CLOSE_PROTOCOL_ERROR: u32 = 1;
 const CLOSE_REFUSED: u32 = 2;
 const CLOSE_NODE_LOST: u32 = 3;
 const CLOSE_SHUTDOWN: u32 = 4;
+const CLOSE_REVOKED: u32 = 5;
 
 /// Milliseconds since the Unix epoch.
 pub fn now_ms() -> u64 {
@@ -62,9 +85,34 @@ struct Shared {
     /// them (logs). A node that reconnects replaces its entry; an entry goes when its own
     /// connection ends.
     nodes: Mutex<HashMap<String, (ConnId, quinn::Connection)>>,
+    /// Tokens; changed by admins' requests, read at every hello.
+    tokens: Mutex<TokenBook>,
+    /// The live connections each user token opened, closed when it is revoked.
+    token_conns: Mutex<HashMap<String, Vec<quinn::Connection>>>,
+    /// The head's certificate and the CA key that signs nodes' certificates.
+    identity: Arc<HeadIdentity>,
+}
+
+/// Who a client connection acts for.
+#[derive(Debug, Clone)]
+enum Caller {
+    User(Principal),
+    /// A batch job's ranks (`flame-mpi-agent`): `JobExec` on this job only.
+    Job(SessionId),
 }
 
 impl Shared {
+    fn tokens(&self) -> std::sync::MutexGuard<'_, TokenBook> {
+        // Every holder leaves the book whole.
+        self.tokens.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn token_conns(&self) -> std::sync::MutexGuard<'_, HashMap<String, Vec<quinn::Connection>>> {
+        self.token_conns
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
     fn nodes(&self) -> std::sync::MutexGuard<'_, HashMap<String, (ConnId, quinn::Connection)>> {
         // The map is left whole by every holder of the lock; a panic cannot corrupt it.
         self.nodes.lock().unwrap_or_else(PoisonError::into_inner)
@@ -126,6 +174,8 @@ pub async fn serve(
     endpoint: quinn::Endpoint,
     events: mpsc::Sender<Event>,
     store: Store,
+    tokens: TokenBook,
+    identity: Arc<HeadIdentity>,
     shutdown: impl std::future::Future<Output = ()>,
 ) {
     let shared = Arc::new(Shared {
@@ -134,19 +184,42 @@ pub async fn serve(
         next_conn: AtomicU64::new(1),
         version: format!("flame-head {}", env!("CARGO_PKG_VERSION")),
         nodes: Mutex::new(HashMap::new()),
+        tokens: Mutex::new(tokens),
+        token_conns: Mutex::new(HashMap::new()),
+        identity,
     });
+    let open = Arc::new(tokio::sync::Semaphore::new(CONNECTIONS_MAX));
+    let unauthenticated = Arc::new(tokio::sync::Semaphore::new(UNAUTHENTICATED_MAX));
+    let mut sweep = tokio::time::interval(TOKEN_SWEEP_INTERVAL);
+    sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
             incoming = endpoint.accept() => {
                 let Some(incoming) = incoming else { break };
+                // A peer proves it owns its address (a QUIC Retry round trip) before the
+                // head spends a slot or a TLS handshake on it: spoofed floods cost nothing.
+                if !incoming.remote_address_validated() && incoming.may_retry() {
+                    let _ = incoming.retry();
+                    continue;
+                }
+                let (Ok(permit), Ok(pending)) = (
+                    open.clone().try_acquire_owned(),
+                    unauthenticated.clone().try_acquire_owned(),
+                ) else {
+                    tracing::warn!(remote = %incoming.remote_address(), "refusing a connection: {CONNECTIONS_MAX} open or {UNAUTHENTICATED_MAX} not yet authenticated");
+                    incoming.refuse();
+                    continue;
+                };
                 let shared = shared.clone();
                 tokio::spawn(async move {
-                    if let Err(e) = handle_connection(incoming, shared).await {
+                    if let Err(e) = handle_connection(incoming, shared, pending).await {
                         tracing::debug!(error = %e, "connection ended");
                     }
+                    drop(permit);
                 });
             }
+            _ = sweep.tick() => close_lapsed(&shared),
             _ = &mut shutdown => break,
         }
     }
@@ -174,51 +247,278 @@ enum ConnError {
 async fn handle_connection(
     incoming: quinn::Incoming,
     shared: Arc<Shared>,
+    pending: tokio::sync::OwnedSemaphorePermit,
 ) -> Result<(), ConnError> {
-    let conn = tokio::time::timeout(limits::CONNECT_TIMEOUT, incoming)
+    // The handshake, the hello stream and the hello within one bound: a slow peer is cut
+    // off, whatever it trickles.
+    let deadline = tokio::time::Instant::now() + limits::CONNECT_TIMEOUT;
+    let conn = tokio::time::timeout_at(deadline, incoming)
         .await
         .map_err(|_| ConnError::Timeout("the TLS handshake"))?
         .map_err(|e| ConnError::Handshake(e.to_string()))?;
-    let (send, recv) = tokio::time::timeout(limits::CONNECT_TIMEOUT, conn.accept_bi())
-        .await
-        .map_err(|_| ConnError::Timeout("the hello stream"))??;
-    let mut writer = FrameWriter::new(send, limits::FRAME_BYTES_MAX);
-    let mut reader = FrameReader::new(recv, limits::FRAME_BYTES_MAX);
-    let hello = match tokio::time::timeout(limits::CONNECT_TIMEOUT, reader.read_required::<Hello>())
-        .await
-    {
-        Err(_) => return Err(ConnError::Timeout("the hello")),
+    let greeting = async {
+        let (send, recv) = conn.accept_bi().await?;
+        let writer = FrameWriter::new(send, limits::FRAME_BYTES_MAX);
+        let mut reader = FrameReader::new(recv, HELLO_BYTES_MAX);
+        let bytes = reader.read_bytes_required().await?;
+        Ok::<_, ConnError>((writer, reader, bytes))
+    };
+    let (mut writer, reader, bytes) = match tokio::time::timeout_at(deadline, greeting).await {
+        Err(_) => {
+            close_with(&conn, CLOSE_PROTOCOL_ERROR, "no hello in time");
+            return Err(ConnError::Timeout("the hello"));
+        }
         Ok(Err(e)) => {
             close_with(&conn, CLOSE_PROTOCOL_ERROR, &format!("bad hello: {e}"));
-            return Err(e.into());
+            return Err(e);
         }
-        Ok(Ok(h)) => h,
+        Ok(Ok(greeted)) => greeted,
     };
-    if let Err(reason) = check_hello(&hello, &[Role::Client, Role::Node]) {
-        tracing::warn!(remote = %conn.remote_address(), %reason, "hello refused");
-        let _ = writer
-            .write(&HelloReply::Refused {
-                reason: reason.clone(),
-            })
-            .await;
-        let _ = writer.get_mut().finish();
-        // Give the peer the chance to read the refusal before the connection closes.
-        let _ = tokio::time::timeout(Duration::from_secs(2), conn.closed()).await;
-        close_with(&conn, CLOSE_REFUSED, &reason);
+    // The version first: a peer of another release gets told so, not a decoding error.
+    let refusal = match postcard::take_from_bytes::<HelloVersion>(&bytes) {
+        Ok((v, _)) => check_version(v.protocol_version).err(),
+        Err(_) => None,
+    };
+    if let Some(reason) = refusal {
+        refuse(&conn, &mut writer, &reason).await;
         return Ok(());
     }
+    let hello: Hello = match postcard::from_bytes(&bytes) {
+        Ok(h) => h,
+        Err(e) => {
+            let reason = format!("bad hello: {e}");
+            close_with(&conn, CLOSE_PROTOCOL_ERROR, &reason);
+            return Err(ConnError::Handshake(reason));
+        }
+    };
+    if let Err(reason) = check_hello(&hello, &[Role::Client, Role::Node, Role::Join]) {
+        refuse(&conn, &mut writer, &reason).await;
+        return Ok(());
+    }
+    let peer = flame_protocol::endpoint::peer_certificate(&conn).map(|der| identity_of(&der));
+    let admitted = admit(&shared, &hello, peer);
+    let admitted = match admitted {
+        Ok(a) => a,
+        Err(reason) => {
+            tracing::warn!(remote = %conn.remote_address(), role = ?hello.role, %reason, "connection refused");
+            refuse(&conn, &mut writer, &reason).await;
+            return Ok(());
+        }
+    };
+    // Recorded before the welcome, and checked again once recorded: a revocation that
+    // lands in between still closes this connection.
+    if let Admitted::Client {
+        token: Some(token), ..
+    } = &admitted
+    {
+        shared
+            .token_conns()
+            .entry(token.clone())
+            .or_default()
+            .push(conn.clone());
+        let still = shared.tokens().check_id(token, now_ms());
+        if let Err(e) = still {
+            forget_token_conn(&shared, token, &conn);
+            refuse(&conn, &mut writer, &e.to_string()).await;
+            return Ok(());
+        }
+    }
+    drop(pending);
+    conn.set_receive_window(quinn::VarInt::from_u32(AUTHENTICATED_RECEIVE_WINDOW));
+    conn.set_max_concurrent_bi_streams(quinn::VarInt::from_u32(limits::STREAMS_PER_CONNECTION_MAX));
     writer
         .write(&HelloReply::Welcome {
             head_version: shared.version.clone(),
         })
         .await?;
+    match admitted {
+        Admitted::Client { caller, token } => {
+            let _ = writer.get_mut().finish();
+            let result = client_connection(conn.clone(), shared.clone(), caller).await;
+            if let Some(token) = token {
+                forget_token_conn(&shared, &token, &conn);
+            }
+            result
+        }
+        Admitted::Node { name } => {
+            let reader = FrameReader::new(reader.into_inner(), limits::FRAME_BYTES_MAX);
+            node_connection(conn, shared, writer, reader, name).await
+        }
+        Admitted::Join => {
+            let reader = FrameReader::new(reader.into_inner(), JOIN_FRAME_BYTES_MAX);
+            join_node(conn, shared, writer, reader).await
+        }
+    }
+}
+
+fn forget_token_conn(shared: &Shared, token: &str, conn: &quinn::Connection) {
+    let mut conns = shared.token_conns();
+    if let Some(list) = conns.get_mut(token) {
+        list.retain(|c| c.stable_id() != conn.stable_id());
+        if list.is_empty() {
+            conns.remove(token);
+        }
+    }
+}
+
+/// Closes the connections of tokens revoked or expired since they connected.
+fn close_lapsed(shared: &Shared) {
+    let now = now_ms();
+    let ids: Vec<String> = shared.token_conns().keys().cloned().collect();
+    let lapsed: Vec<(String, String)> = {
+        let book = shared.tokens();
+        ids.into_iter()
+            .filter_map(|id| book.check_id(&id, now).err().map(|e| (id, e.to_string())))
+            .collect()
+    };
+    for (id, reason) in lapsed {
+        let conns = shared.token_conns().remove(&id).unwrap_or_default();
+        for conn in conns {
+            close_with(&conn, CLOSE_REVOKED, &reason);
+        }
+    }
+}
+
+/// What an accepted hello may do.
+#[derive(Debug)]
+enum Admitted {
+    Client {
+        caller: Caller,
+        /// The user token it came with, if any.
+        token: Option<String>,
+    },
+    /// A node, as its certificate names it.
+    Node {
+        name: String,
+    },
+    Join,
+}
+
+/// Authenticates a hello: the reason to refuse it otherwise. The reasons name tokens by id
+/// at most.
+fn admit(
+    shared: &Shared,
+    hello: &Hello,
+    peer: Option<Result<PeerIdentity, flame_protocol::pki::PkiError>>,
+) -> Result<Admitted, String> {
+    let authenticate = |token: &Secret| {
+        shared
+            .tokens()
+            .authenticate(token, now_ms())
+            .map_err(|e| e.to_string())
+    };
     match hello.role {
         Role::Client => {
-            let _ = writer.get_mut().finish();
-            client_connection(conn, shared).await
+            if let Some(token) = &hello.token {
+                return match authenticate(token)? {
+                    Authenticated::User { principal, token } => Ok(Admitted::Client {
+                        caller: Caller::User(principal),
+                        token: Some(token),
+                    }),
+                    Authenticated::Job(job) => Ok(Admitted::Client {
+                        caller: Caller::Job(job),
+                        token: None,
+                    }),
+                    Authenticated::NodeJoin { token } => Err(format!(
+                        "token {token} is a node join token: it can only join nodes \
+                         (flame-node join); clients need a user token"
+                    )),
+                };
+            }
+            match peer {
+                Some(Ok(PeerIdentity::User { name, admin })) => Ok(Admitted::Client {
+                    caller: Caller::User(Principal { name, admin }),
+                    token: None,
+                }),
+                Some(Ok(PeerIdentity::Node(name))) => Err(format!(
+                    "the certificate presented names node `{name}`, not a user; clients need \
+                     a user token or a user certificate"
+                )),
+                Some(Err(e)) => Err(format!("the client certificate is not usable: {e}")),
+                None => Err("no credentials: this head accepts no anonymous clients; give a \
+                     user token (--token-file, FLAME_TOKEN_FILE, FLAME_TOKEN, or `token_file` in the client \
+                     configuration), made by an admin with `flame-head token create --user NAME`"
+                    .to_string()),
+            }
         }
-        Role::Node => node_connection(conn, shared, writer, reader).await,
+        Role::Node => match peer {
+            Some(Ok(PeerIdentity::Node(name))) => Ok(Admitted::Node { name }),
+            Some(Ok(PeerIdentity::User { name, .. })) => Err(format!(
+                "the certificate presented names user `{name}`, not a node"
+            )),
+            Some(Err(e)) => Err(format!("the node certificate is not usable: {e}")),
+            None => Err(
+                "nodes must present a certificate signed by the cluster CA: \
+                 run `flame-node join --token TOKEN --head ADDR` on the node first"
+                    .to_string(),
+            ),
+        },
+        Role::Join => match &hello.token {
+            None => Err("joining needs a node join token (flame-head token create --node)".into()),
+            Some(token) => match authenticate(token)? {
+                Authenticated::NodeJoin { .. } => Ok(Admitted::Join),
+                _ => Err("this token is not a node join token; make one with \
+                     `flame-head token create --node`"
+                    .to_string()),
+            },
+        },
     }
+}
+
+/// Sends a refusal as the hello's answer, gives the peer a moment to read it, and closes.
+async fn refuse(conn: &quinn::Connection, writer: &mut Writer, reason: &str) {
+    let _ = writer
+        .write(&HelloReply::Refused {
+            reason: reason.to_string(),
+        })
+        .await;
+    let _ = writer.get_mut().finish();
+    let _ = tokio::time::timeout(Duration::from_secs(2), conn.closed()).await;
+    close_with(conn, CLOSE_REFUSED, reason);
+}
+
+/// `Role::Join`: reads the node's CSR, signs a certificate naming the node, answers, and
+/// ends the connection.
+async fn join_node(
+    conn: quinn::Connection,
+    shared: Arc<Shared>,
+    mut writer: Writer,
+    mut reader: Reader,
+) -> Result<(), ConnError> {
+    let request = tokio::time::timeout(
+        limits::CONNECT_TIMEOUT,
+        reader.read_required::<JoinRequest>(),
+    )
+    .await
+    .map_err(|_| ConnError::Timeout("the join request"))??;
+    let reply = match flame_protocol::model::validate_node_name(&request.name) {
+        Err(e) => JoinReply::Refused {
+            reason: format!("invalid node name: {e}"),
+        },
+        Ok(()) if shared.node_connection(&request.name).is_some() => JoinReply::Refused {
+            reason: format!(
+                "node `{}` is connected to the head now: a join cannot take a live node's \
+                 name (to renew its certificate, stop that node first)",
+                request.name
+            ),
+        },
+        Ok(()) => match shared.identity.sign_node(&request.name, &request.csr_pem) {
+            Ok(cert_pem) => {
+                tracing::info!(node = %request.name, remote = %conn.remote_address(), "signed a node certificate");
+                JoinReply::Signed {
+                    cert_pem,
+                    ca_pem: shared.identity.ca_pem().to_string(),
+                }
+            }
+            Err(e) => JoinReply::Refused {
+                reason: format!("cannot sign the node's certificate: {e}"),
+            },
+        },
+    };
+    writer.write(&reply).await?;
+    let _ = writer.get_mut().finish();
+    let _ = tokio::time::timeout(Duration::from_secs(2), conn.closed()).await;
+    Ok(())
 }
 
 fn close_with(conn: &quinn::Connection, code: u32, reason: &str) {
@@ -226,15 +526,20 @@ fn close_with(conn: &quinn::Connection, code: u32, reason: &str) {
     conn.close(quinn::VarInt::from_u32(code), reason.as_bytes());
 }
 
-async fn client_connection(conn: quinn::Connection, shared: Arc<Shared>) -> Result<(), ConnError> {
+async fn client_connection(
+    conn: quinn::Connection,
+    shared: Arc<Shared>,
+    caller: Caller,
+) -> Result<(), ConnError> {
     loop {
         let (send, recv) = conn.accept_bi().await?;
         let shared = shared.clone();
         let conn = conn.clone();
+        let caller = caller.clone();
         tokio::spawn(async move {
             let writer = FrameWriter::new(send, limits::FRAME_BYTES_MAX);
             let reader = FrameReader::new(recv, limits::FRAME_BYTES_MAX);
-            if let Err(e) = client_stream(&conn, shared, writer, reader).await {
+            if let Err(e) = client_stream(&conn, shared, &caller, writer, reader).await {
                 if let ConnError::Frame(FrameError::Malformed(_) | FrameError::TooLarge { .. }) = &e
                 {
                     // A malformed frame closes the connection, with the reason, and only it.
@@ -270,6 +575,7 @@ async fn ask<T>(
 async fn client_stream(
     conn: &quinn::Connection,
     shared: Arc<Shared>,
+    caller: &Caller,
     mut writer: Writer,
     mut reader: Reader,
 ) -> Result<(), ConnError> {
@@ -279,6 +585,14 @@ async fn client_stream(
     )
     .await
     .map_err(|_| ConnError::Timeout("a request"))??;
+    let request = match authorize(&shared, caller, request).await? {
+        Ok(request) => request,
+        Err(e) => {
+            writer.write(&ClientResponse::Error(e)).await?;
+            let _ = writer.get_mut().finish();
+            return Ok(());
+        }
+    };
     match request {
         ClientRequest::OpenSubmitStream { session } => {
             writer.write(&ClientResponse::Ok).await?;
@@ -304,12 +618,212 @@ async fn client_stream(
             let _ = writer.get_mut().finish();
             Ok(())
         }
-        request => {
-            let response = ask(&shared, |reply| Event::Client { request, reply }).await?;
+        request @ (ClientRequest::CreateToken { .. }
+        | ClientRequest::ListTokens
+        | ClientRequest::RevokeToken { .. }
+        | ClientRequest::WhoAmI) => {
+            let response = token_request(&shared, caller, request).await;
             writer.write(&response).await?;
             let _ = writer.get_mut().finish();
             Ok(())
         }
+        request => {
+            let mut response = ask(&shared, |reply| Event::Client { request, reply }).await?;
+            // Users see their own sessions; admins see everyone's. Every user sees how the
+            // cluster is shared between owners (`flame queue`), not others' sessions.
+            if let Caller::User(p) = caller {
+                if !p.admin {
+                    match &mut response {
+                        ClientResponse::Sessions(sessions) => {
+                            sessions.retain(|s| crate::core::owner_name(&s.owner) == p.name)
+                        }
+                        ClientResponse::Queue(report) => {
+                            for owner in &mut report.owners {
+                                if owner.owner != p.name {
+                                    owner.sessions.clear();
+                                }
+                            }
+                        }
+                        _ => {}
+                    }
+                }
+            }
+            writer.write(&response).await?;
+            let _ = writer.get_mut().finish();
+            Ok(())
+        }
+    }
+}
+
+fn denied(message: String) -> ApiError {
+    ApiError::new(ErrorKind::PermissionDenied, message)
+}
+
+/// Checks that `caller` may make `request`, and fills in what the caller decides (a new
+/// session's owner). The inner error is the answer to send back.
+async fn authorize(
+    shared: &Shared,
+    caller: &Caller,
+    request: ClientRequest,
+) -> Result<Result<ClientRequest, ApiError>, ConnError> {
+    let principal = match caller {
+        Caller::Job(job) => {
+            return Ok(match &request {
+                ClientRequest::JobExec { job: j, .. } if j == job => Ok(request),
+                _ => Err(denied(format!(
+                    "the credential of job {job} may only start processes of that job"
+                ))),
+            })
+        }
+        Caller::User(p) => p,
+    };
+    let admin_only = match &request {
+        ClientRequest::RegisterApplication(_)
+        | ClientRequest::UpdateApplication(_)
+        | ClientRequest::RemoveApplication { .. } => Some(
+            "registering, changing or removing applications is for admins: an application \
+             is code every node runs",
+        ),
+        ClientRequest::DrainNode { .. } | ClientRequest::UndrainNode { .. } => {
+            Some("draining nodes is for admins")
+        }
+        ClientRequest::CreateToken { .. }
+        | ClientRequest::ListTokens
+        | ClientRequest::RevokeToken { .. } => Some("managing tokens is for admins"),
+        _ => None,
+    };
+    if let Some(what) = admin_only {
+        if !principal.admin {
+            return Ok(Err(denied(format!(
+                "{what}; user `{}` is not an admin",
+                principal.name
+            ))));
+        }
+        return Ok(Ok(request));
+    }
+    let session = match &request {
+        ClientRequest::GetApplication { name } => flame_protocol::model::job_of_application(name),
+        ClientRequest::GetSession { id }
+        | ClientRequest::CloseSession { id }
+        | ClientRequest::CancelSession { id } => Some(*id),
+        ClientRequest::ListTasks { session, .. }
+        | ClientRequest::OpenSubmitStream { session }
+        | ClientRequest::WatchResults { session }
+        | ClientRequest::Logs { session, .. } => Some(*session),
+        ClientRequest::JobExec { job, .. } => Some(*job),
+        _ => None,
+    };
+    if let Some(session) = session {
+        let owner = ask(shared, |reply| Event::SessionOwner { session, reply }).await?;
+        if principal.admin && owner.is_some() {
+            return Ok(Ok(request));
+        }
+        return Ok(match owner {
+            // Answered here, for every request: a submit stream opened on a session that
+            // does not exist yet must not be accepted once another user creates it.
+            None => Err(ApiError::new(
+                ErrorKind::NotFound,
+                crate::core::unknown_session(session),
+            )),
+            Some(owner) if owner == principal.name => Ok(request),
+            Some(_) => Err(denied(format!(
+                "session {session} belongs to another user; only its owner or an admin may \
+                 see its tasks and logs, or close or cancel it"
+            ))),
+        });
+    }
+    if let ClientRequest::CreateSession(mut spec) = request {
+        if !spec.owner.is_empty() && spec.owner != principal.name && !principal.admin {
+            return Ok(Err(denied(format!(
+                "user `{}` cannot create sessions for owner `{}`; only admins act for others",
+                principal.name, spec.owner
+            ))));
+        }
+        if spec.owner.is_empty() {
+            spec.owner = principal.name.clone();
+        }
+        return Ok(Ok(ClientRequest::CreateSession(spec)));
+    }
+    Ok(Ok(request))
+}
+
+/// Token management and `WhoAmI`, answered here: tokens live in the server's book, not the
+/// core. The caller is an admin (checked by [`authorize`]) except for `WhoAmI`.
+async fn token_request(
+    shared: &Arc<Shared>,
+    caller: &Caller,
+    request: ClientRequest,
+) -> ClientResponse {
+    let unavailable = |e: String| ClientResponse::Error(ApiError::new(ErrorKind::Unavailable, e));
+    match request {
+        ClientRequest::WhoAmI => match caller {
+            Caller::User(p) => ClientResponse::Principal(p.clone()),
+            Caller::Job(job) => ClientResponse::Principal(Principal {
+                name: format!("job {job}"),
+                admin: false,
+            }),
+        },
+        ClientRequest::ListTokens => ClientResponse::Tokens(shared.tokens().list()),
+        ClientRequest::CreateToken { kind, ttl_ms } => {
+            let made = shared.tokens().create(kind, ttl_ms, now_ms());
+            let (text, info, stored) = match made {
+                Ok(made) => made,
+                Err(e) => {
+                    return ClientResponse::Error(ApiError::new(
+                        ErrorKind::InvalidArgument,
+                        e.to_string(),
+                    ))
+                }
+            };
+            let store = shared.store.clone();
+            let id = info.id.clone();
+            let written = tokio::task::spawn_blocking(move || store.put_token(&id, &stored)).await;
+            match written {
+                Ok(Ok(())) => {
+                    tracing::info!(token = %info.id, kind = ?info.kind, "token created");
+                    ClientResponse::TokenCreated { token: text, info }
+                }
+                Ok(Err(e)) => {
+                    // Not durable: not usable either.
+                    shared.tokens().revoke(&info.id);
+                    unavailable(format!("cannot store the token: {e}"))
+                }
+                Err(_) => unavailable("the head is shutting down".into()),
+            }
+        }
+        ClientRequest::RevokeToken { id } => {
+            let Some(stored) = shared.tokens().revoke(&id) else {
+                return ClientResponse::Error(ApiError::new(
+                    ErrorKind::NotFound,
+                    format!("no token with id `{id}`; `flame-head token list` shows them"),
+                ));
+            };
+            let store = shared.store.clone();
+            let key = id.clone();
+            let written = tokio::task::spawn_blocking(move || store.put_token(&key, &stored)).await;
+            match written {
+                Ok(Ok(())) => {
+                    let conns = shared.token_conns().remove(&id).unwrap_or_default();
+                    for conn in conns {
+                        close_with(
+                            &conn,
+                            CLOSE_REVOKED,
+                            &format!("token {id} has been revoked"),
+                        );
+                    }
+                    tracing::info!(token = %id, "token revoked");
+                    ClientResponse::Ok
+                }
+                Ok(Err(e)) => unavailable(format!(
+                    "the token is revoked until the head restarts, but storing that failed: {e}"
+                )),
+                Err(_) => unavailable("the head is shutting down".into()),
+            }
+        }
+        other => ClientResponse::Error(ApiError::new(
+            ErrorKind::Internal,
+            format!("not a token request: {other:?}"),
+        )),
     }
 }
 
@@ -479,6 +993,7 @@ async fn node_connection(
     shared: Arc<Shared>,
     mut writer: Writer,
     mut reader: Reader,
+    certified_name: String,
 ) -> Result<(), ConnError> {
     let registration = match tokio::time::timeout(
         limits::CONNECT_TIMEOUT,
@@ -502,13 +1017,25 @@ async fn node_connection(
             return Err(ConnError::Handshake(reason));
         }
     };
-    if let Err(e) = flame_protocol::model::validate_node_name(&registration.name) {
-        let reason = format!("invalid node name: {e}");
+    let invalid = match flame_protocol::model::validate_node_name(&registration.name) {
+        Err(e) => Some(format!("invalid node name: {e}")),
+        Ok(()) if registration.name != certified_name => Some(format!(
+            "this node's certificate names node `{certified_name}`, but it registers as `{}`: \
+             a node can only act as the node its certificate names",
+            registration.name
+        )),
+        Ok(()) => None,
+    };
+    if let Some(reason) = invalid {
+        tracing::warn!(remote = %conn.remote_address(), %reason, "node refused");
         let _ = writer
             .write(&flame_protocol::messages::HeadToNode::Refused {
                 reason: reason.clone(),
             })
             .await;
+        let _ = writer.get_mut().finish();
+        // Give the node the chance to read the refusal before the connection closes.
+        let _ = tokio::time::timeout(Duration::from_secs(2), conn.closed()).await;
         close_with(&conn, CLOSE_REFUSED, &reason);
         return Err(ConnError::Handshake(reason));
     }

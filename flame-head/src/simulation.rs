@@ -240,6 +240,7 @@ fn application(name: &str, max_instances: u32, max_attempts: u32, retry: bool) -
         max_attempts,
         retry_on_error: retry,
         task_timeout_ms: None,
+        allow_root: false,
     }
 }
 
@@ -288,6 +289,7 @@ fn describe(event: &Event) -> String {
         } => format!("submit s{} batch {batch_id} n={}", session.0, inputs.len()),
         Event::Watch { session, .. } => format!("watch s{}", session.0),
         Event::ExecTarget { job, node, .. } => format!("exec target s{} on {node}", job.0),
+        Event::SessionOwner { session, .. } => format!("owner of s{}", session.0),
         Event::NodeConnected {
             conn, registration, ..
         } => {

@@ -23,8 +23,9 @@ use std::sync::Arc;
 /// Version of the table layout below. A mismatch stops the head; there is no silent reset.
 /// Version 2: application resources, users, selectors and secret env; node resources and
 /// labels; per-session executor usage. Version 1 stores (pre-release) are refused.
-/// Version 3: session owners and priorities, node drains.
-pub const SCHEMA_VERSION: u64 = 4;
+/// Version 3: session owners and priorities, node drains. Version 4: batch jobs.
+/// Version 5: applications' `allow_root`.
+pub const SCHEMA_VERSION: u64 = 5;
 
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const APPS: TableDefinition<&str, &[u8]> = TableDefinition::new("applications");
@@ -33,6 +34,9 @@ const TASKS: TableDefinition<(u64, u64), &[u8]> = TableDefinition::new("tasks");
 const NODES: TableDefinition<&str, &[u8]> = TableDefinition::new("nodes");
 /// (session, client batch id) → (first task id, task count).
 const BATCHES: TableDefinition<(u64, u64), (u64, u32)> = TableDefinition::new("batches");
+/// Token id → [`crate::auth::StoredToken`] (the digest of its secret, never the secret).
+/// Added in schema 5.
+const TOKENS: TableDefinition<&str, &[u8]> = TableDefinition::new("tokens");
 
 const META_SCHEMA: &str = "schema_version";
 const META_NEXT_SESSION: &str = "next_session_id";
@@ -245,6 +249,7 @@ impl Store {
             txn.open_table(TASKS)?;
             txn.open_table(NODES)?;
             txn.open_table(BATCHES)?;
+            txn.open_table(TOKENS)?;
         }
         txn.commit()?;
         Ok(Store { db: Arc::new(db) })
@@ -312,6 +317,27 @@ impl Store {
                 .push((SessionId(session), batch, TaskId(first), count));
         }
         Ok(loaded)
+    }
+
+    /// Every token record, by id.
+    pub fn load_tokens(&self) -> Result<Vec<(String, crate::auth::StoredToken)>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let mut out = Vec::new();
+        for row in txn.open_table(TOKENS)?.iter()? {
+            let (k, v) = row?;
+            out.push((k.value().to_string(), decode("tokens", v.value())?));
+        }
+        Ok(out)
+    }
+
+    /// Writes one token record durably, in a transaction of its own (tokens change
+    /// rarely; the group-commit writer is not involved).
+    pub fn put_token(&self, id: &str, token: &crate::auth::StoredToken) -> Result<(), StoreError> {
+        let txn = self.db.begin_write()?;
+        txn.open_table(TOKENS)?
+            .insert(id, encode(token).as_slice())?;
+        txn.commit()?;
+        Ok(())
     }
 
     /// Final results of a session's tasks, in id order, for a watcher that attaches late.

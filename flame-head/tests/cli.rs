@@ -135,3 +135,43 @@ fn a_store_with_a_newer_schema_is_refused() {
     }
     refuses(dir.path(), &["schema version 99", "refusing to start"]);
 }
+
+#[test]
+fn an_uninitialised_data_directory_is_refused_and_init_runs_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("head");
+    refuses(&data, &["holds no cluster CA", "init"]);
+    let init = head()
+        .arg("--data-dir")
+        .arg(&data)
+        .arg("init")
+        .output()
+        .unwrap();
+    assert!(
+        init.status.success(),
+        "{}",
+        String::from_utf8_lossy(&init.stderr)
+    );
+    let printed = String::from_utf8_lossy(&init.stdout);
+    assert!(printed.contains("CA fingerprint: sha256:"), "{printed}");
+    assert!(data.join("tls/ca.crt").is_file() && data.join("admin.token").is_file());
+    // The token file is the admin's alone, and nothing printed holds its secret.
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(data.join("admin.token"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o077, 0, "admin.token is mode {mode:o}");
+    let token = std::fs::read_to_string(data.join("admin.token")).unwrap();
+    let secret = token.trim().split('.').nth(2).unwrap();
+    assert!(!printed.contains(secret), "{printed}");
+    let again = head()
+        .arg("--data-dir")
+        .arg(&data)
+        .arg("init")
+        .output()
+        .unwrap();
+    assert!(!again.status.success());
+    let err = String::from_utf8_lossy(&again.stderr);
+    assert!(err.contains("already initialised"), "{err}");
+}

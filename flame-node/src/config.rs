@@ -2,8 +2,11 @@
 //!
 //! ```toml
 //! head = "head.example.org:7470"
-//! ca_file = "/etc/flame/ca.crt"
-//! name = "gpu-07"
+//! name = "gpu-07"                   # default: the name in the node's certificate
+//! tls_dir = "/var/lib/flame/node-tls"  # node.crt, node.key, ca.crt, from `flame-node join`
+//! # cert = "/etc/flame/node.crt"    # default: TLS_DIR/node.crt
+//! # key = "/etc/flame/node.key"     # default: TLS_DIR/node.key
+//! # ca_file = "/etc/flame/ca.crt"   # default: TLS_DIR/ca.crt
 //! work_dir = "/var/lib/flame/node"
 //! runtime_dir = "/run/flame/node"
 //! log_dir = "/var/log/flame/node"
@@ -35,6 +38,9 @@ pub const CONFIG_BYTES_MAX: u64 = 1024 * 1024;
 pub struct FileConfig {
     pub head: Option<String>,
     pub ca_file: Option<PathBuf>,
+    pub tls_dir: Option<PathBuf>,
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
     pub name: Option<String>,
     pub work_dir: Option<PathBuf>,
     pub runtime_dir: Option<PathBuf>,
@@ -132,10 +138,13 @@ mod tests {
     #[test]
     fn full_file_parses_and_unknown_keys_are_refused() {
         let c: FileConfig = toml::from_str(
-            "head = \"h:1\"\ncpus = 1.5\nmemory = \"2GiB\"\ngpus = [0, 2]\ncgroups = \"off\"\n[labels]\nzone = \"a\"\n",
+            "head = \"h:1\"\ntls_dir = \"/t\"\ncert = \"/t/c\"\nkey = \"/t/k\"\ncpus = 1.5\nmemory = \"2GiB\"\ngpus = [0, 2]\ncgroups = \"off\"\n[labels]\nzone = \"a\"\n",
         )
         .unwrap();
         assert_eq!(c.cpus, Some(1.5));
+        assert_eq!(c.tls_dir, Some(PathBuf::from("/t")));
+        assert_eq!(c.cert, Some(PathBuf::from("/t/c")));
+        assert_eq!(c.key, Some(PathBuf::from("/t/k")));
         assert_eq!(c.memory.unwrap().bytes("memory").unwrap(), 2 << 30);
         assert_eq!(c.gpus, Some(vec![0, 2]));
         assert_eq!(c.cgroups, Some(CgroupMode::Off));

@@ -370,9 +370,15 @@ fn credentials_for(
     }
     let credentials = resolve_credentials(user, app.group.as_deref())
         .map_err(|e| format!("cannot run as the application's user: {e}"))?;
-    if credentials.uid == 0 && !settings.allow_root {
+    if credentials.uid == 0 && !(settings.allow_root && app.allow_root) {
+        let who = match (settings.allow_root, app.allow_root) {
+            (false, false) => "neither the application (allow_root = true) nor this node (--allow-root-executors) allows",
+            (false, true) => "this node does not allow (see --allow-root-executors)",
+            _ => "the application does not allow (allow_root = true in its spec)",
+        };
         return Err(format!(
-            "`{user}` is root, and this node does not run executors as root (see --allow-root-executors)"
+            "`{user}` is root, and executors run as root only when both the application \
+             and the node allow it: {who} it"
         ));
     }
     Ok(Some(credentials))

@@ -2,7 +2,7 @@
 
 use crate::executor::{self, Command, Handle, LaunchSpec, Report};
 use crate::log_server;
-use flame_protocol::endpoint::{self, EndpointError};
+use flame_protocol::endpoint::{self, ClientIdentity, EndpointError, Trust};
 use flame_protocol::frame::{FrameError, FrameWriter};
 use flame_protocol::limits;
 use flame_protocol::messages::{
@@ -24,7 +24,11 @@ pub const RECONNECT_BACKOFF_MAX: Duration = Duration::from_secs(5);
 #[derive(Debug, Clone)]
 pub struct NodeConfig {
     pub head: String,
+    /// The cluster CA, which the head's certificate must chain to.
     pub ca_file: PathBuf,
+    /// The node's certificate and key, presented to the head (mutual TLS); the
+    /// certificate names the node.
+    pub identity: ClientIdentity,
     pub name: String,
     /// What the node offers to executors.
     pub allocatable: NodeResources,
@@ -84,7 +88,10 @@ pub async fn run(
     config: NodeConfig,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), LinkError> {
-    let endpoint = endpoint::client(&config.ca_file)?;
+    let endpoint = endpoint::client(
+        &Trust::CaFile(config.ca_file.clone()),
+        Some(config.identity.clone()),
+    )?;
     let (reports_tx, reports_rx) = mpsc::unbounded_channel();
     let (gone_tx, gone_rx) = mpsc::unbounded_channel();
     let mut agent = Agent {
@@ -213,6 +220,7 @@ impl Agent {
             &config.head,
             Role::Node,
             &agent,
+            None,
             limits::CONNECT_TIMEOUT,
         )
         .await?;

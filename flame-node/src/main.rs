@@ -1,12 +1,16 @@
 //! `flame-node`: the Flame node agent. It registers with the head, reports its capacity,
 //! and runs the executors the head asks for as local processes, each in its own cgroup and
 //! as its application's user.
+//!
+//! A node first gets a certificate with `flame-node join` (see [`join`]); from then on it
+//! connects to the head with mutual TLS, and its certificate names it.
 
 mod capacity;
 mod cgroup;
 mod config;
 mod exec_server;
 mod executor;
+mod join;
 mod launcher;
 mod lifecycle;
 mod link;
@@ -21,18 +25,35 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 #[derive(Debug, Parser)]
-#[command(name = "flame-node", version, about = "The Flame node agent")]
+#[command(
+    name = "flame-node",
+    version,
+    about = "The Flame node agent",
+    args_conflicts_with_subcommands = true
+)]
 struct Args {
+    #[command(subcommand)]
+    command: Option<NodeCommand>,
     /// TOML file with any of these settings (flags win over it)
     #[arg(long, env = "FLAME_NODE_CONFIG")]
     config: Option<PathBuf>,
     /// Address of the head, `host:port`.
     #[arg(long, env = "FLAME_HEAD")]
     head: Option<String>,
-    /// PEM file with the certificate(s) to trust for the head.
+    /// PEM file with the cluster CA certificate to trust for the head [default: TLS_DIR/ca.crt]
     #[arg(long, env = "FLAME_CA_FILE")]
     ca_file: Option<PathBuf>,
-    /// Name of this node (default: the host name, lower-cased).
+    /// Folder with this node's certificate, key and the cluster CA, as `flame-node join`
+    /// wrote them [default: /var/lib/flame/node-tls]
+    #[arg(long)]
+    tls_dir: Option<PathBuf>,
+    /// This node's certificate (PEM) [default: TLS_DIR/node.crt]
+    #[arg(long)]
+    cert: Option<PathBuf>,
+    /// This node's private key (PEM) [default: TLS_DIR/node.key]
+    #[arg(long)]
+    key: Option<PathBuf>,
+    /// Name of this node; it must be the name in its certificate (default: that name).
     #[arg(long, env = "FLAME_NODE_NAME")]
     name: Option<String>,
     /// Cpus to offer, fractions allowed (default: detected, within the agent's own cgroup)
@@ -86,6 +107,16 @@ struct Args {
     print_capacity: bool,
 }
 
+/// `flame-node`'s subcommands; without one, it runs the agent.
+#[derive(Debug, clap::Subcommand)]
+enum NodeCommand {
+    /// Get this node a certificate from the head with a join token, then exit.
+    ///
+    /// Writes TLS_DIR/node.crt, TLS_DIR/node.key (0600) and TLS_DIR/ca.crt. Joining again
+    /// renews the certificate.
+    Join(join::JoinArgs),
+}
+
 /// Most processes in one executor's cgroup, unless the config says otherwise.
 const PIDS_MAX_DEFAULT: u32 = 4096;
 
@@ -99,7 +130,11 @@ fn main() -> std::process::ExitCode {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    match run(args) {
+    let result = match args.command {
+        Some(NodeCommand::Join(join_args)) => join::run(join_args),
+        None => run(args),
+    };
+    match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e}");
@@ -118,19 +153,53 @@ fn run(args: Args) -> Result<(), String> {
         .clone()
         .or(file.head.clone())
         .ok_or("the head's address is needed: --head HOST:PORT (or `head` in --config)")?;
-    let ca_file =
-        args.ca_file.clone().or(file.ca_file.clone()).ok_or(
-            "the head's CA certificate is needed: --ca-file PEM (or `ca_file` in --config)",
-        )?;
-    if !args.print_capacity {
-        // Checked before anything is created on this machine.
-        std::fs::metadata(&ca_file)
-            .map_err(|e| format!("cannot read the CA file {}: {e}", ca_file.display()))?;
+    let tls_dir = args
+        .tls_dir
+        .clone()
+        .or(file.tls_dir.clone())
+        .unwrap_or_else(|| PathBuf::from(join::DEFAULT_TLS_DIR));
+    let ca_file = args
+        .ca_file
+        .clone()
+        .or(file.ca_file.clone())
+        .unwrap_or_else(|| join::ca_path(&tls_dir));
+    let cert_file = args
+        .cert
+        .clone()
+        .or(file.cert.clone())
+        .unwrap_or_else(|| join::cert_path(&tls_dir));
+    let key_file = args
+        .key
+        .clone()
+        .or(file.key.clone())
+        .unwrap_or_else(|| join::key_path(&tls_dir));
+    let asked_name = args.name.clone().or(file.name.clone());
+    // Settings first, then the files they name; all before anything is created here.
+    if let Some(c) = args.cpus.or(file.cpus) {
+        if config::cpu_millis("--cpus", c)? == 0 {
+            return Err("--cpus: a node must offer more than 0 cpus".to_string());
+        }
     }
-    let name = args
-        .name
-        .or(file.name)
-        .unwrap_or_else(|| resources::hostname().to_lowercase());
+    let (name, identity) = if args.print_capacity {
+        let name = asked_name.unwrap_or_else(|| resources::hostname().to_lowercase());
+        (name, None)
+    } else {
+        std::fs::metadata(&ca_file).map_err(|e| {
+            format!(
+                "cannot read the CA file {}: {e}\nhint: `flame-node join` writes it next to the node's certificate",
+                ca_file.display()
+            )
+        })?;
+        let (identity, certified) = join::load_node_identity(&tls_dir, &cert_file, &key_file)?;
+        if let Some(asked) = asked_name.filter(|asked| *asked != certified) {
+            return Err(format!(
+                "this node is called `{asked}` (--name or `name` in --config), but its certificate {} names node `{certified}`\n\
+                 hint: drop --name to run as `{certified}`, or join again with --name {asked}",
+                cert_file.display()
+            ));
+        }
+        (certified, Some(identity))
+    };
     flame_protocol::model::validate_node_name(&name).map_err(|e| format!("--name: {e}"))?;
 
     // Capacity: detected, overridden, less what is reserved.
@@ -240,7 +309,8 @@ fn run(args: Args) -> Result<(), String> {
         None => "none",
     }
     .to_string();
-    if args.print_capacity {
+    // There is an identity unless only the capacity is asked for.
+    let Some(identity) = identity else {
         let report = serde_json::json!({
             "name": name,
             "cpus": flame_protocol::model::format_cpus(allocatable.cpu_millis),
@@ -253,7 +323,7 @@ fn run(args: Args) -> Result<(), String> {
         });
         println!("{report:#}");
         return Ok(());
-    }
+    };
     if let Some(tree) = &cgroups {
         match tree.cleanup_stale() {
             Ok(0) => {}
@@ -346,6 +416,7 @@ fn run(args: Args) -> Result<(), String> {
     let config = link::NodeConfig {
         head,
         ca_file,
+        identity,
         name,
         allocatable,
         labels,

@@ -80,6 +80,25 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
 
     /// The next frame, or `None` when the stream ended cleanly between frames.
     pub async fn read<T: DeserializeOwned>(&mut self) -> Result<Option<T>, FrameError> {
+        let Some(len) = self.fill().await? else {
+            return Ok(None);
+        };
+        let msg = decode(&self.buf[..len]);
+        self.shrink();
+        Ok(Some(msg?))
+    }
+
+    /// The next frame's body undecoded, for a reader that decodes it in parts (the head
+    /// reads a hello's version before the rest). A clean end of stream is an error.
+    pub async fn read_bytes_required(&mut self) -> Result<Vec<u8>, FrameError> {
+        let len = self.fill().await?.ok_or(FrameError::Truncated)?;
+        let body = self.buf[..len].to_vec();
+        self.shrink();
+        Ok(body)
+    }
+
+    /// Reads one whole frame into `buf`; its length, or `None` at a clean end of stream.
+    async fn fill(&mut self) -> Result<Option<usize>, FrameError> {
         let len = loop {
             if let Some(len) = self.body_len {
                 break len;
@@ -89,8 +108,9 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
                 if len > self.max {
                     return Err(FrameError::TooLarge { len, max: self.max });
                 }
+                // The buffer grows as bytes arrive, not to what the prefix claims: a peer
+                // that announces a large frame and sends nothing holds no memory.
                 self.buf.clear();
-                self.buf.resize(len, 0);
                 self.body_len = Some(len);
                 self.body_filled = 0;
                 continue;
@@ -109,9 +129,13 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
             self.len_filled += n;
         };
         while self.body_filled < len {
+            let end = len.min(self.body_filled + READ_CHUNK_BYTES);
+            if self.buf.len() < end {
+                self.buf.resize(end, 0);
+            }
             let n = self
                 .inner
-                .read(&mut self.buf[self.body_filled..len])
+                .read(&mut self.buf[self.body_filled..end])
                 .await?;
             if n == 0 {
                 return Err(FrameError::Truncated);
@@ -121,12 +145,14 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         // The frame is complete: the next read starts a new one, whatever decoding says.
         self.len_filled = 0;
         self.body_len = None;
-        let msg = decode(&self.buf[..len]);
-        // Do not keep a huge buffer alive after one large frame.
+        Ok(Some(len))
+    }
+
+    /// Does not keep a huge buffer alive after one large frame.
+    fn shrink(&mut self) {
         if self.buf.capacity() > 1024 * 1024 {
             self.buf = Vec::new();
         }
-        Ok(Some(msg?))
     }
 
     /// Like [`FrameReader::read`], but a clean end of stream is an error.
@@ -138,6 +164,9 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         self.inner
     }
 }
+
+/// How much more of a frame's body the reader makes room for at a time.
+pub const READ_CHUNK_BYTES: usize = 256 * 1024;
 
 /// Writes frames to one stream, reusing one buffer.
 #[derive(Debug)]

@@ -9,6 +9,7 @@
 //! Message definitions hold no tokio or quinn types: they are plain serde data encoded with
 //! postcard, so they can be fuzzed and tested without a runtime.
 
+pub mod auth;
 pub mod endpoint;
 pub mod frame;
 pub mod ids;
@@ -16,13 +17,14 @@ pub mod limits;
 pub mod messages;
 pub mod model;
 pub mod ping;
+pub mod pki;
 pub mod shell;
 pub mod shim;
 
 pub use ids::{ExecutorId, SessionId, TaskId};
 
 /// Version of the head/node/client protocol carried in every [`messages::Hello`].
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;
 
 /// The TLS application protocol name every Flame endpoint negotiates.
 pub const ALPN: &[u8] = b"flame/1";

@@ -39,3 +39,8 @@ pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(1);
 
 /// A node silent for this long is NotReady and its running tasks are re-queued.
 pub const HEARTBEAT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A server connection's QUIC receive window until its hello is authenticated: room for
+/// the hello, so that a flood of unauthenticated connections holds little memory. The head
+/// raises it once the peer is known.
+pub const UNAUTHENTICATED_RECEIVE_WINDOW: u32 = 64 * 1024;

@@ -19,6 +19,7 @@
 //!   [`NodeToHead`] frames, the head sends [`HeadToNode`] frames, for the life of the
 //!   connection.
 
+use crate::auth::{Principal, Secret, TokenInfo, TokenKind};
 use crate::ids::{ExecutorId, SessionId, TaskId};
 use crate::model::{
     ApiError, ApplicationInfo, ApplicationSpec, NodeInfo, NodeResources, QueueReport, Resources,
@@ -31,17 +32,37 @@ use std::collections::BTreeMap;
 /// Who is on the other end of a connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Role {
+    /// A user's client: authenticated by a user token in the hello, or by a user
+    /// certificate signed by the cluster CA.
     Client,
+    /// A node: authenticated by its certificate, which names it.
     Node,
+    /// A node without a certificate yet, with a join token in the hello: it sends one
+    /// [`crate::auth::JoinRequest`] and gets a certificate in the
+    /// [`crate::auth::JoinReply`].
+    Join,
 }
 
 /// First frame on every connection.
+///
+/// `protocol_version` comes first and stays first in every version: the head reads it
+/// before the rest, so a peer of another version gets a refusal that says so instead of a
+/// decoding error.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Hello {
     pub protocol_version: u32,
     pub role: Role,
     /// Free text naming the peer's software, e.g. `flame-cli 0.1.0`, for logs.
     pub agent: String,
+    /// A user token for [`Role::Client`] (none when the client presents a user
+    /// certificate), a join token for [`Role::Join`], none for [`Role::Node`].
+    pub token: Option<Secret>,
+}
+
+/// The part of a [`Hello`] every protocol version shares.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HelloVersion {
+    pub protocol_version: u32,
 }
 
 /// The head's answer to a [`Hello`].
@@ -125,6 +146,20 @@ pub enum ClientRequest {
         node: String,
         argv: Vec<String>,
     },
+    /// Admin only: makes a token and answers [`ClientResponse::TokenCreated`], the one
+    /// time its text is shown. `ttl_ms`: `None` never expires.
+    CreateToken {
+        kind: TokenKind,
+        ttl_ms: Option<u64>,
+    },
+    /// Admin only: every token, without secrets.
+    ListTokens,
+    /// Admin only: the token can no longer be used; connections it opened are closed.
+    RevokeToken {
+        id: String,
+    },
+    /// Who this connection acts for: [`ClientResponse::Principal`].
+    WhoAmI,
 }
 
 /// A frame of a [`ClientRequest::JobExec`] stream (and of the node's answer to a
@@ -202,6 +237,13 @@ pub enum ClientResponse {
     Nodes(Vec<NodeInfo>),
     Tasks(Vec<TaskInfo>),
     Queue(QueueReport),
+    /// The token's text, shown once, and what `token list` will show of it.
+    TokenCreated {
+        token: Secret,
+        info: TokenInfo,
+    },
+    Tokens(Vec<TokenInfo>),
+    Principal(Principal),
 }
 
 /// A batch of task inputs on a submit stream.
@@ -397,6 +439,7 @@ mod tests {
             let _ = postcard::from_bytes::<NodeLogRequest>(&bytes);
             let _ = postcard::from_bytes::<NodeStreamRequest>(&bytes);
             let _ = postcard::from_bytes::<ExecEvent>(&bytes);
+            let _ = postcard::from_bytes::<HelloVersion>(&bytes);
         }
     }
 
@@ -417,5 +460,23 @@ mod tests {
         };
         let bytes = postcard::to_allocvec(&batch).unwrap();
         assert_eq!(postcard::from_bytes::<SubmitBatch>(&bytes).unwrap(), batch);
+    }
+}
+
+#[cfg(test)]
+mod hello_tests {
+    use super::*;
+
+    #[test]
+    fn every_hello_starts_with_its_version() {
+        let hello = Hello {
+            protocol_version: 77,
+            role: Role::Join,
+            agent: "x".into(),
+            token: Some(Secret::new("t")),
+        };
+        let bytes = postcard::to_allocvec(&hello).unwrap();
+        let (version, _) = postcard::take_from_bytes::<HelloVersion>(&bytes).unwrap();
+        assert_eq!(version.protocol_version, 77);
     }
 }

@@ -158,6 +158,10 @@ pub struct ApplicationSpec {
     /// A task running longer is treated as a hung executor: the node kills it, and the
     /// task is retried like after a crash. `None`: no limit.
     pub task_timeout_ms: Option<u64>,
+    /// The executors may run as root. Both this and the node's configuration
+    /// (`--allow-root-executors`) must allow it; otherwise a node refuses to start an
+    /// executor whose user is root.
+    pub allow_root: bool,
 }
 
 /// Longest `task_timeout` accepted (one week).
@@ -327,6 +331,7 @@ impl ApplicationSpec {
             max_attempts: APP_MAX_ATTEMPTS_DEFAULT,
             retry_on_error: false,
             task_timeout_ms: None,
+            allow_root: false,
         }
     }
 
@@ -551,6 +556,9 @@ impl JobSpec {
             delay_release_ms: 0,
             max_attempts: 1,
             shim: ShimKind::Batch,
+            // A job's command runs as the node's executor user; whether that may be root
+            // is the node's call (`--allow-root-executors`, off by default).
+            allow_root: true,
             ..ApplicationSpec::new(
                 format!("{JOB_APPLICATION_PREFIX}{}", job.0),
                 self.command.clone(),
@@ -998,6 +1006,8 @@ pub enum ErrorKind {
     FailedPrecondition,
     Unavailable,
     Internal,
+    /// The connection's principal may not do this (not the owner, not an admin).
+    PermissionDenied,
 }
 
 /// An error the head returns to a client, with a message meant for humans.

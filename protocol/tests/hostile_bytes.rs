@@ -9,10 +9,11 @@
 #![allow(clippy::unwrap_used)] // Test code: a panic is the report.
 
 use bytes::Bytes;
+use flame_protocol::auth::{JoinReply, JoinRequest, ParsedToken, Secret, TokenKind};
 use flame_protocol::messages::{
-    ClientRequest, ClientResponse, ExecEvent, HeadToNode, Hello, HelloReply, LogEvent, NodeCommand,
-    NodeExecRequest, NodeLogRequest, NodeStreamRequest, NodeToHead, Role, SubmitBatch, SubmitReply,
-    WatchEvent,
+    ClientRequest, ClientResponse, ExecEvent, HeadToNode, Hello, HelloReply, HelloVersion,
+    LogEvent, NodeCommand, NodeExecRequest, NodeLogRequest, NodeStreamRequest, NodeToHead, Role,
+    SubmitBatch, SubmitReply, WatchEvent,
 };
 use flame_protocol::model::{JobSpec, RankLaunch, SessionSpec, TaskAssignment};
 use flame_protocol::shim::{split_frame, AppFrame, NodeFrame};
@@ -24,9 +25,13 @@ const CASES: u32 = 350_000;
 /// Largest frame the shim decoders accept here.
 const SHIM_MAX: usize = 64 * 1024;
 
-/// Tries every wire message type on `bytes` (14 decoders).
+/// Tries every wire message type on `bytes` (17 decoders), and the token parser.
 fn decode_all(bytes: &[u8]) {
+    let _ = postcard::take_from_bytes::<HelloVersion>(bytes);
     let _ = postcard::from_bytes::<Hello>(bytes);
+    let _ = postcard::from_bytes::<JoinRequest>(bytes);
+    let _ = postcard::from_bytes::<JoinReply>(bytes);
+    let _ = ParsedToken::parse(&String::from_utf8_lossy(bytes));
     let _ = postcard::from_bytes::<HelloReply>(bytes);
     let _ = postcard::from_bytes::<ClientRequest>(bytes);
     let _ = postcard::from_bytes::<ClientResponse>(bytes);
@@ -63,6 +68,27 @@ fn samples() -> Vec<Vec<u8>> {
             protocol_version: flame_protocol::PROTOCOL_VERSION,
             role: Role::Client,
             agent: "flame-cli".into(),
+            token: Some(Secret::new(format!(
+                "flame1.{}.{}.{}",
+                "ab".repeat(8),
+                "cd".repeat(32),
+                "ef".repeat(32)
+            ))),
+        })
+        .unwrap(),
+        postcard::to_allocvec(&JoinRequest {
+            name: "node-1".into(),
+            csr_pem:
+                "-----BEGIN CERTIFICATE REQUEST-----\nMIIB\n-----END CERTIFICATE REQUEST-----\n"
+                    .into(),
+        })
+        .unwrap(),
+        postcard::to_allocvec(&ClientRequest::CreateToken {
+            kind: TokenKind::User {
+                name: "alice".into(),
+                admin: true,
+            },
+            ttl_ms: Some(3_600_000),
         })
         .unwrap(),
         postcard::to_allocvec(&ClientRequest::CreateSession(SessionSpec {

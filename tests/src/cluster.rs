@@ -6,8 +6,11 @@
 //! can reach its node's folders):
 //!
 //! ```text
-//! D/head/              the head's data folder (state, and D/head/tls/head.crt, the CA
-//!                      clients trust); the head keeps it private (0700)
+//! D/head/              the head's data folder (state; D/head/tls/ca.crt, the CA clients
+//!                      trust; D/head/admin.token, the admin token `flame-head init` made);
+//!                      the head keeps it private (0700)
+//! D/join.token         a node join token, made when the head first starts
+//! D/node-<i>/tls/      node i's certificate and key (`flame-node join`)
 //! D/head.log           the head's stderr
 //! D/node-<i>/          node i's work folder (executors' folders are exec-<id> in it)
 //! D/node-<i>/run/      its runtime folder (an executor's Unix socket is in exec-<id>/)
@@ -25,6 +28,7 @@ use crate::command::{binary, describe, run_command, CmdOutput, COMMAND_TIMEOUT};
 use crate::netns::{self, Namespace, Network};
 use flame_client::local::{HEAD_READY_PREFIX, NODE_READY_PREFIX};
 use flame_client::{Client, ClientConfig};
+use flame_protocol::auth::Secret;
 use flame_protocol::model::{NodeInfo, NodeState};
 use nix::sys::signal::{self, Signal};
 use nix::unistd::Pid;
@@ -65,6 +69,11 @@ static CLUSTERS_STARTED: AtomicUsize = AtomicUsize::new(0);
 const FOREIGN_ENV: &[&str] = &[
     "FLAME_HEAD",
     "FLAME_CA_FILE",
+    "FLAME_TOKEN",
+    "FLAME_TOKEN_FILE",
+    "FLAME_CERT",
+    "FLAME_KEY",
+    "FLAME_JOIN_TOKEN",
     "FLAME_OWNER",
     "FLAME_NODE_NAME",
     "FLAME_HEAD_CONFIG",
@@ -228,7 +237,7 @@ impl Cluster {
             .expect("cannot create a temporary folder for the cluster");
         std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755))
             .unwrap_or_else(|e| panic!("cannot make {} 0755: {e}", dir.path().display()));
-        let ca_file = dir.path().join("head").join("tls").join("head.crt");
+        let ca_file = dir.path().join("head").join("tls").join("ca.crt");
         let cgroup_base = cgroup_base_name();
         let net = options
             .network_namespaces
@@ -248,7 +257,9 @@ impl Cluster {
             cgroup_base,
             dir,
         };
+        cluster.init_head().await;
         cluster.start_head(&listen).await;
+        cluster.make_join_token().await;
         for i in 0..cluster.options.nodes {
             cluster.start_node(i).await;
         }
@@ -263,6 +274,119 @@ impl Cluster {
     /// The head's CA certificate.
     pub fn ca_file(&self) -> &Path {
         &self.ca_file
+    }
+
+    /// The admin token `flame-head init` wrote (one line).
+    pub fn admin_token_file(&self) -> PathBuf {
+        self.data_dir().join("admin.token")
+    }
+
+    /// The admin token's text.
+    pub fn admin_token(&self) -> Secret {
+        read_token(&self.admin_token_file())
+    }
+
+    /// A node join token's file (made when the cluster started).
+    pub fn join_token_file(&self) -> PathBuf {
+        self.dir.path().join("join.token")
+    }
+
+    /// Node i's TLS folder: its certificate, key and the CA, from `flame-node join`.
+    pub fn node_tls_dir(&self, i: usize) -> PathBuf {
+        self.node_work_dir(i).join("tls")
+    }
+
+    /// Runs `flame-head --data-dir D --listen ADDR ARGS...` (in the head's namespace if it
+    /// has one): `init` and the `token` commands.
+    pub async fn head_command(&self, args: &[&str]) -> CmdOutput {
+        let mut command = Command::new(binary("flame-head"));
+        for var in FOREIGN_ENV {
+            command.env_remove(var);
+        }
+        command.arg("--data-dir").arg(self.data_dir());
+        if !self.head_addr.is_empty() {
+            command.arg("--listen").arg(&self.head_addr);
+        }
+        command.args(args);
+        if let Some(net) = &self.net {
+            net.head().enter_in_child(&mut command);
+        }
+        run_command(command, COMMAND_TIMEOUT).await
+    }
+
+    /// A new token for user `name` (`flame-head token create --user NAME [--admin]`).
+    pub async fn user_token(&self, name: &str, admin: bool) -> Secret {
+        let mut args = vec!["token", "create", "--user", name];
+        if admin {
+            args.push("--admin");
+        }
+        let out = self.head_command(&args).await;
+        out.assert_success();
+        Secret::new(out.stdout.trim())
+    }
+
+    /// A client configuration for this cluster acting as the user of `token`.
+    pub fn client_config_as(&self, token: Secret) -> ClientConfig {
+        ClientConfig::new(self.head_addr.clone(), self.ca_file.clone()).with_token(token)
+    }
+
+    /// `flame-head init` on the data folder, before the first start.
+    async fn init_head(&mut self) {
+        std::fs::create_dir_all(self.data_dir())
+            .unwrap_or_else(|e| panic!("cannot create {}: {e}", self.data_dir().display()));
+        let mut args = vec!["init"];
+        let san = netns::HEAD_ADDR.to_string();
+        if self.net.is_some() {
+            // The certificate must name the address nodes and clients dial.
+            args.extend(["--tls-san", san.as_str()]);
+        }
+        let out = self.head_command(&args).await;
+        out.assert_success();
+        assert!(
+            self.ca_file.is_file() && self.admin_token_file().is_file(),
+            "flame-head init left no CA certificate {} or admin token\n{out}",
+            self.ca_file.display()
+        );
+    }
+
+    /// A node join token in [`Self::join_token_file`], for every node this cluster starts.
+    async fn make_join_token(&mut self) {
+        let out = self
+            .head_command(&["token", "create", "--node", "--ttl", "1d"])
+            .await;
+        out.assert_success();
+        write_private(&self.join_token_file(), out.stdout.trim().as_bytes());
+    }
+
+    /// `flame-node join` for node i, unless it has its certificate already.
+    async fn join_node(&self, i: usize) {
+        let tls = self.node_tls_dir(i);
+        if tls.join("node.crt").is_file() {
+            return;
+        }
+        let mut command = Command::new(binary("flame-node"));
+        for var in FOREIGN_ENV {
+            command.env_remove(var);
+        }
+        command
+            .arg("join")
+            .arg("--token-file")
+            .arg(self.join_token_file())
+            .arg("--head")
+            .arg(&self.head_addr)
+            .arg("--name")
+            .arg(Self::node_name(i))
+            .arg("--tls-dir")
+            .arg(&tls);
+        if let Some(net) = &self.net {
+            net.node(i).enter_in_child(&mut command);
+        }
+        let out = run_command(command, COMMAND_TIMEOUT).await;
+        assert!(
+            out.success(),
+            "node {i} could not join: {out}\n{}",
+            self.logs()
+        );
     }
 
     /// The head's data folder, `D/head`.
@@ -301,6 +425,15 @@ impl Cluster {
     }
 
     /// The process id of node `i`'s agent (the latest one, if it was restarted).
+    /// The running head's process id.
+    pub fn head_pid(&self) -> i32 {
+        self.head
+            .as_ref()
+            .and_then(|h| h.child.id())
+            .and_then(|id| i32::try_from(id).ok())
+            .expect("the head is not running")
+    }
+
     pub fn node_pid(&self, i: usize) -> i32 {
         self.nodes[i].pid
     }
@@ -343,7 +476,7 @@ impl Cluster {
 
     /// A client configuration for this cluster.
     pub fn client_config(&self) -> ClientConfig {
-        ClientConfig::new(self.head_addr.clone(), self.ca_file.clone())
+        self.client_config_as(self.admin_token())
     }
 
     /// A connected client; panics with the logs when it cannot connect. On loopback only:
@@ -368,6 +501,8 @@ impl Cluster {
             .arg(&self.head_addr)
             .arg("--ca-file")
             .arg(&self.ca_file)
+            .arg("--token-file")
+            .arg(self.admin_token_file())
             .args(args);
         if let Some(net) = &self.net {
             net.head().enter_in_child(&mut command);
@@ -580,10 +715,6 @@ impl Cluster {
             "--listen".into(),
             listen.into(),
         ];
-        if self.net.is_some() {
-            // The certificate must name the address nodes and clients dial.
-            args.extend(["--tls-san".into(), netns::HEAD_ADDR.to_string().into()]);
-        }
         args.extend(self.options.head_args.iter().map(OsString::from));
         let env = std::mem::take(&mut self.next_head_env);
         let mut head = Proc::spawn(
@@ -606,14 +737,15 @@ impl Cluster {
     }
 
     async fn start_node(&mut self, i: usize) {
+        self.join_node(i).await;
         let name = Self::node_name(i);
         let dir = self.dir.path();
         let options = &self.options;
         let mut args: Vec<OsString> = vec![
             "--head".into(),
             self.head_addr.clone().into(),
-            "--ca-file".into(),
-            self.ca_file.clone().into(),
+            "--tls-dir".into(),
+            self.node_tls_dir(i).into(),
             "--name".into(),
             name.clone().into(),
             "--work-dir".into(),
@@ -705,6 +837,28 @@ impl Cluster {
             }
         }
     }
+}
+
+/// Reads a token file.
+pub fn read_token(path: &Path) -> Secret {
+    let text = std::fs::read_to_string(path)
+        .unwrap_or_else(|e| panic!("cannot read the token {}: {e}", path.display()));
+    Secret::new(text.trim())
+}
+
+/// Writes `bytes` to a new file only its owner may read.
+pub fn write_private(path: &Path, bytes: &[u8]) {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut file = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .unwrap_or_else(|e| panic!("cannot create {}: {e}", path.display()));
+    file.write_all(bytes)
+        .unwrap_or_else(|e| panic!("cannot write {}: {e}", path.display()));
 }
 
 /// The `flame` command with an environment that cannot point it elsewhere.

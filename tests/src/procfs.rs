@@ -105,6 +105,25 @@ pub fn with_cmdline_containing(marker: &str) -> Vec<(i32, String)> {
         .collect()
 }
 
+/// A process's resident set size and its peak (`VmRSS`, `VmHWM` in /proc/PID/status), in
+/// KiB; `None` when it is gone.
+pub fn rss_kib(pid: i32) -> Option<(u64, u64)> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|rest| {
+                rest.trim()
+                    .trim_end_matches("kB")
+                    .trim()
+                    .parse::<u64>()
+                    .ok()
+            })
+    };
+    Some((field("VmRSS:")?, field("VmHWM:")?))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -27,9 +27,14 @@ pub fn path() -> PathBuf {
     binary(NAME)
 }
 
-/// A spec running `flame-test-service` over stdio, with the spec defaults otherwise.
+/// A spec running `flame-test-service` over stdio, with the spec defaults otherwise, except
+/// that it may run as root: the tests run as root, and so do their executors unless a test
+/// names another user.
 pub fn spec(name: &str) -> ApplicationSpec {
-    ApplicationSpec::new(name, path().display().to_string())
+    ApplicationSpec {
+        allow_root: true,
+        ..ApplicationSpec::new(name, path().display().to_string())
+    }
 }
 
 /// `n` inputs `sleep MS`: tasks whose length is wall time, whatever cpu they get, so that

@@ -122,7 +122,7 @@ async fn secret_env_reaches_the_executor_but_is_never_shown() {
     let cluster = Cluster::start(ClusterOptions::default()).await;
     let files = tempfile::tempdir().unwrap();
     let text = format!(
-        "name = \"secretive\"\ncommand = \"{}\"\ndelay_release = \"0s\"\n\n[env]\nPLAIN_VAR = \"{PLAIN}\"\nAPI_TOKEN = {{ value = \"{SECRET}\", secret = true }}\n",
+        "name = \"secretive\"\ncommand = \"{}\"\ndelay_release = \"0s\"\nallow_root = true\n\n[env]\nPLAIN_VAR = \"{PLAIN}\"\nAPI_TOKEN = {{ value = \"{SECRET}\", secret = true }}\n",
         test_service::path().display()
     );
     let path = write(files.path(), "secretive.toml", &text);

@@ -121,6 +121,7 @@ async fn malformed_application_files_are_refused() {
             max_attempts: 3,
             retry_on_error: false,
             task_timeout_ms: None,
+            allow_root: true,
         })
         .await
         .expect_err("the head registered max_instances = 0");
@@ -153,6 +154,8 @@ async fn unreachable_head_fails_fast_naming_the_address() {
         .arg(&addr)
         .arg("--ca-file")
         .arg(cluster.ca_file())
+        .arg("--token-file")
+        .arg(cluster.admin_token_file())
         .args(["session", "list"]);
     let out = run_command(command, Duration::from_secs(20)).await;
     out.assert_failure();
@@ -164,7 +167,8 @@ async fn unreachable_head_fails_fast_naming_the_address() {
 
 /// A QUIC connection to the cluster's head with no hello sent yet.
 async fn raw_connection(cluster: &Cluster) -> (quinn::Endpoint, quinn::Connection) {
-    let endpoint = endpoint::client(cluster.ca_file()).unwrap();
+    let endpoint =
+        endpoint::client(&endpoint::Trust::CaFile(cluster.ca_file().into()), None).unwrap();
     let addr: SocketAddr = cluster.head_addr().parse().unwrap();
     // The client socket is dual-stack when the host has IPv6: reach IPv4 as mapped.
     let target = match (addr, endpoint.local_addr().unwrap()) {
@@ -193,6 +197,7 @@ async fn hello_with_another_version_is_refused() {
             protocol_version: 999,
             role: Role::Client,
             agent: "flame-tests".into(),
+            token: Some(cluster.admin_token()),
         })
         .await
         .unwrap();
@@ -227,6 +232,7 @@ async fn oversized_frame_closes_that_connection_only() {
                 protocol_version: PROTOCOL_VERSION,
                 role: Role::Client,
                 agent: "flame-tests".into(),
+                token: Some(cluster.admin_token()),
             })
             .await
             .unwrap();

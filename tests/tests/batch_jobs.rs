@@ -290,6 +290,8 @@ async fn cancel_and_the_time_limit_leave_no_process() {
         .arg(cluster.head_addr())
         .arg("--ca-file")
         .arg(cluster.ca_file())
+        .arg("--token-file")
+        .arg(cluster.admin_token_file())
         .args(["submit", "-n", "3", "--", "sleep", marker])
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped());

@@ -152,6 +152,7 @@ async fn executor_runs_as_its_user_without_privileges() {
                 user: Some("nobody".into()),
                 env: BTreeMap::from([(APP_VAR.to_string(), EnvValue::plain("visible"))]),
                 delay_release_ms: KEEP_MS,
+                allow_root: true,
                 ..ApplicationSpec::new(&name, copy.display().to_string())
             })
             .await
@@ -265,6 +266,7 @@ async fn python_service_over_the_unix_socket() {
             // No __pycache__ written into the repository's shims/python.
             env: BTreeMap::from([("PYTHONDONTWRITEBYTECODE".into(), EnvValue::plain("1"))]),
             delay_release_ms: 0,
+            allow_root: true,
             ..ApplicationSpec::new("socket-python", "python3")
         })
         .await

@@ -44,6 +44,7 @@ fn crashy_app(name: &str, max_attempts: u32) -> ApplicationSpec {
         max_attempts,
         retry_on_error: false,
         task_timeout_ms: None,
+        allow_root: true,
     }
 }
 

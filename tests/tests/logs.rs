@@ -60,6 +60,7 @@ fn spec(name: &str) -> ApplicationSpec {
         helper.display()
     );
     let mut spec = ApplicationSpec::new(name, "python3");
+    spec.allow_root = true;
     spec.shim = ShimKind::Stdio;
     spec.args = vec![
         "-c".into(),
@@ -190,6 +191,8 @@ impl Follower {
             .arg(cluster.head_addr())
             .arg("--ca-file")
             .arg(cluster.ca_file())
+            .arg("--token-file")
+            .arg(cluster.admin_token_file())
             .args(["logs", session, "--follow"])
             .stdin(Stdio::null())
             .stdout(Stdio::piped())

@@ -2,7 +2,7 @@
 //! low-priority one holds every executor gets executors, and finishes, while the low one
 //! still has work; the low one loses no task to the reclaim (an executor leaves its
 //! session after the tasks already queued on it, never by a kill). Also where a session's
-//! owner and priority come from: the library's default owner is the user's name, and the
+//! owner and priority come from: the library's default owner is the authenticated user, and the
 //! CLI takes `--owner`, `FLAME_OWNER` and `ping --priority`. With the head's
 //! `--preemption-grace`, a reclaimed executor still busy when it runs out is killed and its
 //! task requeued, uncharged.
@@ -196,18 +196,15 @@ async fn owner_and_priority_from_the_library_and_the_cli() {
     let cluster = Cluster::start(ClusterOptions::default()).await;
     let client = cluster.client().await;
 
-    // The library: no owner in the spec and none configured is the user's name.
-    let user = nix::unistd::User::from_uid(nix::unistd::geteuid())
-        .unwrap()
-        .expect("the test user has a name")
-        .name;
-    assert_eq!(client.owner(), user);
+    // The library: no owner in the spec and none configured is the authenticated user
+    // (the harness's client is the admin `flame-head init` made).
+    assert_eq!(client.owner(), "");
     let session = client
         .create_session(SessionSpec::new("ping"))
         .await
         .unwrap();
     let info = session.info().await.unwrap();
-    assert_eq!((info.owner.as_str(), info.priority), (user.as_str(), 0));
+    assert_eq!((info.owner.as_str(), info.priority), ("admin", 0));
     session.close().await.unwrap();
 
     // `--owner` and `ping --priority`.
@@ -236,6 +233,8 @@ async fn owner_and_priority_from_the_library_and_the_cli() {
         .arg(cluster.head_addr())
         .arg("--ca-file")
         .arg(cluster.ca_file())
+        .arg("--token-file")
+        .arg(cluster.admin_token_file())
         .args(["ping", "-t", "10", "--priority", "-3"]);
     let ping = run_command(command, COMMAND_TIMEOUT).await;
     ping.assert_success();

@@ -66,6 +66,7 @@ async fn python_service_runs_tasks_and_reports_exceptions() {
         max_attempts: 3,
         retry_on_error: false,
         task_timeout_ms: None,
+        allow_root: true,
     };
     client.register_application(spec).await.unwrap();
     let session = client

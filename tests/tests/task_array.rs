@@ -268,6 +268,8 @@ async fn ctrl_c_cancels_the_session_and_its_processes() {
         .arg(cluster.head_addr())
         .arg("--ca-file")
         .arg(cluster.ca_file())
+        .arg("--token-file")
+        .arg(cluster.admin_token_file())
         .args(["submit", "--each"])
         .arg(&file)
         .args(["--", "sh", "-c", &script])

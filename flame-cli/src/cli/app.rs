@@ -235,6 +235,10 @@ fn print_one(info: &ApplicationInfo) {
             "Task timeout",
             spec.task_timeout_ms.map_or_else(|| "-".into(), delay),
         ),
+        (
+            "Allow root",
+            if spec.allow_root { "yes" } else { "no" }.into(),
+        ),
         ("Executors", render::group(u64::from(info.executors))),
         (
             "Open sessions",

@@ -105,7 +105,8 @@ pub async fn run(global: &GlobalArgs, args: SubmitArgs) -> anyhow::Result<()> {
     let spec = SessionSpec {
         application: APPLICATION.to_string(),
         common_data,
-        // Empty: the client's owner (--owner, FLAME_OWNER, the config files, the user).
+        // Empty: the client's owner (--owner, FLAME_OWNER, the config files), else the
+        // authenticated user, as the head decides.
         owner: String::new(),
         priority: args.priority,
         ..SessionSpec::new(APPLICATION)

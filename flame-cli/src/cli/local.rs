@@ -18,7 +18,7 @@ pub struct LocalArgs {
 
 /// Starts a local cluster with `opts`, reporting progress on stderr.
 pub async fn start(opts: LocalOptions) -> anyhow::Result<LocalCluster> {
-    eprintln!("Starting flame-head and flame-node...");
+    eprintln!("Starting flame-head and flame-node (and joining the node)...");
     Ok(LocalCluster::start(opts).await?)
 }
 
@@ -46,6 +46,10 @@ pub async fn run(args: LocalArgs) -> anyhow::Result<()> {
     } else {
         println!("State and logs: {data}");
     }
+    println!(
+        "Clients act as its admin, with the token in {} (keep it private).",
+        cluster.token_file().display()
+    );
     println!("To use it from another shell:");
     println!();
     println!("    {}", cluster.exports());

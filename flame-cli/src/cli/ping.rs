@@ -40,7 +40,7 @@ pub struct PingArgs {
     /// Use an ephemeral session: tasks and results are kept in memory only
     #[arg(long)]
     pub ephemeral: bool,
-    /// The session's priority among its owner's sessions (the owner is the global --owner):
+    /// The session's priority among its owner's sessions (you, or the global --owner):
     /// higher is served first and may take executors from lower ones
     #[arg(
         long,
@@ -71,7 +71,8 @@ pub async fn run(global: &GlobalArgs, args: PingArgs) -> anyhow::Result<()> {
         signal = signals.recv() => return Err(anyhow!("stopped by {signal} while starting")),
     };
     let mut config = cluster.client_config();
-    // The local head is this run's own; of the client settings only the owner applies.
+    // The local head is this run's own, and the client its admin; of the client settings
+    // only the owner applies.
     config.owner = global.owner.clone().or_else(|| {
         std::env::var(flame_client::config::ENV_OWNER)
             .ok()
@@ -170,7 +171,8 @@ async fn ping_with(
             application: PING_APPLICATION.to_string(),
             common_data: Bytes::new(),
             ephemeral: args.ephemeral,
-            // Empty: the client's owner (--owner, FLAME_OWNER, the config files, the user).
+            // Empty: the client's owner (--owner, FLAME_OWNER, the config files), else the
+            // authenticated user, as the head decides.
             owner: String::new(),
             priority: args.priority,
             job: None,

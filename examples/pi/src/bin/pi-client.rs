@@ -97,7 +97,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
         let flags = ConfigFlags {
             head: args.head.clone(),
             ca_file: args.ca_file.clone(),
-            owner: None,
+            // The token and certificate come from FLAME_TOKEN_FILE, FLAME_TOKEN or the
+            // configuration files, as `flame local` prints them.
+            ..ConfigFlags::default()
         };
         let config = ClientConfig::resolve(&flags).hint(
             "`flame local` starts a cluster and prints the exports to use; `pi-client --local` starts its own",
