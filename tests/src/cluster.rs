@@ -314,6 +314,28 @@ impl Cluster {
         run_command(command, COMMAND_TIMEOUT).await
     }
 
+    /// A QUIC connection to the head that trusts the cluster CA and presents `identity` if
+    /// given, with no hello sent yet: for tests that speak the protocol by hand. On
+    /// loopback only.
+    pub async fn raw_connection(
+        &self,
+        identity: Option<flame_protocol::endpoint::ClientIdentity>,
+    ) -> (quinn::Endpoint, quinn::Connection) {
+        use flame_protocol::endpoint::{client, Trust};
+        let endpoint = client(&Trust::CaFile(self.ca_file.clone()), identity)
+            .unwrap_or_else(|e| panic!("cannot make a client endpoint: {e}"));
+        let addr = self.head_addr.parse().unwrap_or_else(|e| {
+            panic!(
+                "the head address {} is no socket address: {e}",
+                self.head_addr
+            )
+        });
+        let connection = dial(&endpoint, addr)
+            .await
+            .unwrap_or_else(|e| panic!("cannot reach the head: {e}\n{}", self.logs()));
+        (endpoint, connection)
+    }
+
     /// A new token for user `name` (`flame-head token create --user NAME [--admin]`).
     pub async fn user_token(&self, name: &str, admin: bool) -> Secret {
         let mut args = vec!["token", "create", "--user", name];
@@ -837,6 +859,30 @@ impl Cluster {
             }
         }
     }
+}
+
+/// A QUIC connection from `endpoint` to `addr`, with no hello sent yet; an IPv4 head is
+/// reached through a dual-stack socket as a mapped address. Bounded by twice the connect
+/// timeout.
+pub async fn dial(
+    endpoint: &quinn::Endpoint,
+    addr: std::net::SocketAddr,
+) -> Result<quinn::Connection, String> {
+    use std::net::SocketAddr;
+    let local = endpoint.local_addr().map_err(|e| e.to_string())?;
+    let target = match (addr, local) {
+        (SocketAddr::V4(v4), SocketAddr::V6(_)) => {
+            SocketAddr::new(v4.ip().to_ipv6_mapped().into(), v4.port())
+        }
+        (other, _) => other,
+    };
+    let connecting = endpoint
+        .connect(target, &addr.ip().to_string())
+        .map_err(|e| e.to_string())?;
+    tokio::time::timeout(flame_protocol::limits::CONNECT_TIMEOUT * 2, connecting)
+        .await
+        .map_err(|_| "the QUIC handshake timed out".to_string())?
+        .map_err(|e| e.to_string())
 }
 
 /// Reads a token file.

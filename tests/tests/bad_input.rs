@@ -3,7 +3,6 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)] // Test code: a panic is the report.
 
 use bytes::Bytes;
-use flame_protocol::endpoint;
 use flame_protocol::frame::{FrameReader, FrameWriter};
 use flame_protocol::limits;
 use flame_protocol::messages::{Hello, HelloReply, Role};
@@ -13,7 +12,6 @@ use flame_tests::command::COMMAND_TIMEOUT;
 use flame_tests::results::{ping_session_id, ping_spec};
 use flame_tests::{binary, run_command, Cluster, ClusterOptions};
 use serde_json::Value;
-use std::net::SocketAddr;
 use std::time::Duration;
 
 /// A head alone: these tests need no node.
@@ -165,30 +163,10 @@ async fn unreachable_head_fails_fast_naming_the_address() {
     );
 }
 
-/// A QUIC connection to the cluster's head with no hello sent yet.
-async fn raw_connection(cluster: &Cluster) -> (quinn::Endpoint, quinn::Connection) {
-    let endpoint =
-        endpoint::client(&endpoint::Trust::CaFile(cluster.ca_file().into()), None).unwrap();
-    let addr: SocketAddr = cluster.head_addr().parse().unwrap();
-    // The client socket is dual-stack when the host has IPv6: reach IPv4 as mapped.
-    let target = match (addr, endpoint.local_addr().unwrap()) {
-        (SocketAddr::V4(v4), SocketAddr::V6(_)) => {
-            SocketAddr::new(v4.ip().to_ipv6_mapped().into(), v4.port())
-        }
-        (other, _) => other,
-    };
-    let connecting = endpoint.connect(target, &addr.ip().to_string()).unwrap();
-    let connection = tokio::time::timeout(limits::CONNECT_TIMEOUT, connecting)
-        .await
-        .expect("the QUIC handshake timed out")
-        .expect("the QUIC handshake failed");
-    (endpoint, connection)
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn hello_with_another_version_is_refused() {
     let cluster = Cluster::start(head_only()).await;
-    let (_endpoint, connection) = raw_connection(&cluster).await;
+    let (_endpoint, connection) = cluster.raw_connection(None).await;
     let (send, recv) = connection.open_bi().await.unwrap();
     let mut writer = FrameWriter::new(send, limits::FRAME_BYTES_MAX);
     let mut reader = FrameReader::new(recv, limits::FRAME_BYTES_MAX);
@@ -222,7 +200,7 @@ async fn oversized_frame_closes_that_connection_only() {
     let cluster = Cluster::start(ClusterOptions::default()).await;
     let bystander = cluster.client().await;
 
-    let (_endpoint, connection) = raw_connection(&cluster).await;
+    let (_endpoint, connection) = cluster.raw_connection(None).await;
     let greeted = {
         let (send, recv) = connection.open_bi().await.unwrap();
         let mut writer = FrameWriter::new(send, limits::FRAME_BYTES_MAX);

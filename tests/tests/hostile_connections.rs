@@ -29,20 +29,6 @@ const CLOSE_WITHIN: Duration = Duration::from_secs(20);
 /// Growth of the head's resident memory the attack may cause, in KiB.
 const RSS_GROWTH_MAX_KIB: u64 = 256 * 1024;
 
-async fn connect(endpoint: &quinn::Endpoint, addr: SocketAddr) -> Option<quinn::Connection> {
-    let target = match (addr, endpoint.local_addr().ok()?) {
-        (SocketAddr::V4(v4), SocketAddr::V6(_)) => {
-            SocketAddr::new(v4.ip().to_ipv6_mapped().into(), v4.port())
-        }
-        (other, _) => other,
-    };
-    let connecting = endpoint.connect(target, &addr.ip().to_string()).ok()?;
-    tokio::time::timeout(limits::CONNECT_TIMEOUT * 2, connecting)
-        .await
-        .ok()?
-        .ok()
-}
-
 fn hello_bytes(token: Option<Secret>) -> Vec<u8> {
     let body = postcard::to_allocvec(&Hello {
         protocol_version: PROTOCOL_VERSION,
@@ -103,7 +89,7 @@ async fn attack(
     token: Secret,
 ) -> Result<String, String> {
     let endpoint = endpoint::client(&Trust::CaFile(ca), None).map_err(|e| e.to_string())?;
-    let Some(conn) = connect(&endpoint, addr).await else {
+    let Ok(conn) = flame_tests::cluster::dial(&endpoint, addr).await else {
         // Refused before the handshake (the connection limit): also a defence.
         return Ok("refused at the handshake".into());
     };

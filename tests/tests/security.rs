@@ -8,7 +8,7 @@
 
 use flame_client::{Client, ClientConfig};
 use flame_protocol::auth::{JoinReply, JoinRequest, Secret};
-use flame_protocol::endpoint::{self, Trust};
+use flame_protocol::endpoint;
 use flame_protocol::frame::{FrameReader, FrameWriter};
 use flame_protocol::messages::{
     ClientRequest, ClientResponse, HeadToNode, Hello, HelloReply, NodeRegistration, NodeToHead,
@@ -18,7 +18,6 @@ use flame_protocol::model::{ApplicationSpec, ErrorKind, NodeResources, SessionSp
 use flame_protocol::{limits, TaskId, PROTOCOL_VERSION};
 use flame_tests::cluster::{Cluster, ClusterOptions};
 use serde::Serialize;
-use std::net::SocketAddr;
 use std::time::Duration;
 
 fn head_only() -> ClusterOptions {
@@ -26,28 +25,6 @@ fn head_only() -> ClusterOptions {
         nodes: 0,
         ..ClusterOptions::default()
     }
-}
-
-/// A QUIC connection to the head, presenting `identity` if given, with no hello yet.
-async fn raw_connection(
-    cluster: &Cluster,
-    identity: Option<endpoint::ClientIdentity>,
-) -> (quinn::Endpoint, quinn::Connection) {
-    let endpoint =
-        endpoint::client(&Trust::CaFile(cluster.ca_file().to_path_buf()), identity).unwrap();
-    let addr: SocketAddr = cluster.head_addr().parse().unwrap();
-    let target = match (addr, endpoint.local_addr().unwrap()) {
-        (SocketAddr::V4(v4), SocketAddr::V6(_)) => {
-            SocketAddr::new(v4.ip().to_ipv6_mapped().into(), v4.port())
-        }
-        (other, _) => other,
-    };
-    let connecting = endpoint.connect(target, &addr.ip().to_string()).unwrap();
-    let connection = tokio::time::timeout(limits::CONNECT_TIMEOUT, connecting)
-        .await
-        .expect("the QUIC handshake timed out")
-        .expect("the QUIC handshake failed");
-    (endpoint, connection)
 }
 
 type Writer = FrameWriter<quinn::SendStream>;
@@ -100,7 +77,7 @@ async fn clients_without_a_valid_token_are_refused_with_the_reason() {
     let cluster = Cluster::start(head_only()).await;
 
     // No token at all.
-    let (_ep, connection) = raw_connection(&cluster, None).await;
+    let (_ep, connection) = cluster.raw_connection(None).await;
     let (reply, _, _) = say_hello(&connection, &hello(Role::Client, None)).await;
     let reason = refusal(reply);
     assert!(reason.contains("no credentials"), "{reason}");
@@ -190,7 +167,7 @@ async fn nodes_need_their_own_certificate() {
     let cluster = Cluster::start(ClusterOptions::default()).await;
 
     // Without a certificate.
-    let (_ep, connection) = raw_connection(&cluster, None).await;
+    let (_ep, connection) = cluster.raw_connection(None).await;
     let (reply, _, _) = say_hello(&connection, &hello(Role::Node, None)).await;
     let reason = refusal(reply);
     assert!(
@@ -202,7 +179,7 @@ async fn nodes_need_their_own_certificate() {
     // With node-0's certificate, registering as another node.
     let tls = cluster.node_tls_dir(0);
     let identity = endpoint::load_identity(&tls.join("node.crt"), &tls.join("node.key")).unwrap();
-    let (_ep, connection) = raw_connection(&cluster, Some(identity)).await;
+    let (_ep, connection) = cluster.raw_connection(Some(identity)).await;
     let (reply, mut writer, mut reader) = say_hello(&connection, &hello(Role::Node, None)).await;
     assert!(matches!(reply, HelloReply::Welcome { .. }), "{reply:?}");
     writer
@@ -234,7 +211,7 @@ async fn nodes_need_their_own_certificate() {
     assert_eq!(nodes[0].name, "node-0");
 
     // A user token cannot join a node.
-    let (_ep, connection) = raw_connection(&cluster, None).await;
+    let (_ep, connection) = cluster.raw_connection(None).await;
     let user = cluster.user_token("erin", false).await;
     let (reply, _, _) = say_hello(&connection, &hello(Role::Join, Some(user))).await;
     let reason = refusal(reply);
@@ -242,7 +219,7 @@ async fn nodes_need_their_own_certificate() {
 
     // A join token cannot take the name of a node that is connected.
     let join = flame_tests::cluster::read_token(&cluster.join_token_file());
-    let (_ep, connection) = raw_connection(&cluster, None).await;
+    let (_ep, connection) = cluster.raw_connection(None).await;
     let (reply, mut writer, mut reader) =
         say_hello(&connection, &hello(Role::Join, Some(join))).await;
     assert!(matches!(reply, HelloReply::Welcome { .. }), "{reply:?}");
@@ -263,7 +240,7 @@ async fn nodes_need_their_own_certificate() {
 
     // A join token gets a certificate that names the node it asked for, and only it.
     let join = flame_tests::cluster::read_token(&cluster.join_token_file());
-    let (_ep, connection) = raw_connection(&cluster, None).await;
+    let (_ep, connection) = cluster.raw_connection(None).await;
     let (reply, mut writer, mut reader) =
         say_hello(&connection, &hello(Role::Join, Some(join))).await;
     assert!(matches!(reply, HelloReply::Welcome { .. }), "{reply:?}");
@@ -361,7 +338,7 @@ async fn users_cannot_reach_into_other_users_sessions() {
 
     // A submit stream for a session that does not exist yet is refused at once: it cannot
     // lie in wait for the next session someone else creates.
-    let (_ep, connection) = raw_connection(&cluster, None).await;
+    let (_ep, connection) = cluster.raw_connection(None).await;
     let (reply, _, _) = say_hello(&connection, &hello(Role::Client, Some(bob_token))).await;
     assert!(matches!(reply, HelloReply::Welcome { .. }), "{reply:?}");
     let (send, recv) = connection.open_bi().await.unwrap();
@@ -415,7 +392,7 @@ async fn a_peer_of_another_protocol_version_is_told_so() {
             postcard_hello_v2(PROTOCOL_VERSION + 1),
         ),
     ] {
-        let (_ep, connection) = raw_connection(&cluster, None).await;
+        let (_ep, connection) = cluster.raw_connection(None).await;
         let (reply, _, _) = say_hello(&connection, &hello).await;
         let reason = refusal(reply);
         assert!(
