@@ -1,6 +1,7 @@
 //! The command tree and its dispatch.
 
 pub mod app;
+pub mod bench;
 pub mod each;
 pub mod job;
 pub mod local;
@@ -83,6 +84,8 @@ pub enum Command {
     Job(job::JobCommand),
     /// Show the user the head takes you for, and whether an admin
     Whoami(render::OutputArgs),
+    /// Measure Flame on a local cluster of its own, checking every result, and compare it with its peers
+    Bench(bench::BenchArgs),
 }
 
 /// Ends the `flame` process with this exit code, after whatever was printed; no further
@@ -104,6 +107,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Submit(args) => submit::run(&cli.global, args).await,
         Command::Job(cmd) => job::run(&cli.global, cmd).await,
         Command::Whoami(out) => whoami::run(&cli.global, out).await,
+        Command::Bench(args) => bench::run(args).await,
     }
 }
 

@@ -77,6 +77,9 @@ pub struct LocalOptions {
     pub ready_timeout: Duration,
     /// Time each child has to exit after `SIGTERM`.
     pub stop_grace: Duration,
+    /// Whole cpus the node offers (`flame-node --cpus`); `None`: what it detects. An
+    /// executor of the built-in `ping` takes one cpu, so this bounds how many run at once.
+    pub node_cpus: Option<u32>,
 }
 
 impl Default for LocalOptions {
@@ -88,6 +91,7 @@ impl Default for LocalOptions {
             node_name: "local".to_string(),
             ready_timeout: READY_TIMEOUT,
             stop_grace: STOP_GRACE,
+            node_cpus: None,
         }
     }
 }
@@ -204,6 +208,7 @@ pub struct LocalCluster {
     node: Managed,
     head: Managed,
     head_addr: String,
+    node_name: String,
     ca_file: PathBuf,
     token_file: PathBuf,
     /// The admin token; `Debug` hides it.
@@ -341,6 +346,10 @@ impl LocalCluster {
             format!("flame-local-{}", std::process::id()).into(),
         ];
         let mut node_args = node_args;
+        if let Some(cpus) = opts.node_cpus {
+            node_args.push("--cpus".into());
+            node_args.push(cpus.to_string().into());
+        }
         if nix::unistd::geteuid().is_root() {
             node_args.push("--allow-root-executors".into());
         }
@@ -361,6 +370,7 @@ impl LocalCluster {
             node,
             head,
             head_addr,
+            node_name: opts.node_name,
             ca_file,
             token_file,
             token,
@@ -393,6 +403,22 @@ impl LocalCluster {
     /// The folder with the cluster's state and the `head.log` and `node.log` files.
     pub fn data_dir(&self) -> &Path {
         self.data_dir.path()
+    }
+
+    /// The process id of `flame-head`, while it runs (e.g. to read its memory use in
+    /// `/proc`); `None` once it has been waited for.
+    pub fn head_pid(&self) -> Option<u32> {
+        self.head.child.id()
+    }
+
+    /// The process id of `flame-node`, while it runs; `None` once it has been waited for.
+    pub fn node_pid(&self) -> Option<u32> {
+        self.node.child.id()
+    }
+
+    /// The node's name, as given in [`LocalOptions::node_name`].
+    pub fn node_name(&self) -> &str {
+        &self.node_name
     }
 
     /// Whether the data folder is removed when the cluster is dropped.

@@ -126,6 +126,43 @@ exec sleep 600
     assert!(!alive(&pid_file));
 }
 
+/// `node_cpus` reaches the node as `--cpus`; the pids and node name are the children's.
+#[tokio::test]
+async fn node_cpus_pids_and_name() {
+    let bin = tempfile::tempdir().unwrap();
+    let data = tempfile::tempdir().unwrap();
+    script(bin.path(), "flame-head", &head());
+    script(
+        bin.path(),
+        "flame-node",
+        &(node_join()
+            + r#"echo $$ > "$(dirname "$4")/../node.pid"
+echo "$@" > "$(dirname "$4")/../node.args"
+echo "flame-node registered as $6"
+exec sleep 600
+"#),
+    );
+    let cluster = LocalCluster::start(LocalOptions {
+        node_cpus: Some(3),
+        ..options(bin.path(), data.path())
+    })
+    .await
+    .unwrap();
+    let pid = |name: &str| -> u32 {
+        std::fs::read_to_string(data.path().join(name))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap()
+    };
+    assert_eq!(cluster.head_pid(), Some(pid("head.pid")));
+    assert_eq!(cluster.node_pid(), Some(pid("node.pid")));
+    assert_eq!(cluster.node_name(), "local");
+    let args = std::fs::read_to_string(data.path().join("node.args")).unwrap();
+    assert!(args.contains(" --cpus 3"), "{args}");
+    cluster.shutdown().await.unwrap();
+}
+
 #[tokio::test]
 async fn a_node_that_exits_early_is_reported_and_the_head_is_stopped() {
     let bin = tempfile::tempdir().unwrap();

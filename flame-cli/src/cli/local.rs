@@ -4,6 +4,7 @@ use super::signals::StopSignals;
 use anyhow::anyhow;
 use clap::Args;
 use flame_client::local::{LocalCluster, LocalOptions};
+use std::future::Future;
 use std::path::PathBuf;
 
 #[derive(Debug, Args)]
@@ -22,6 +23,38 @@ pub async fn start(opts: LocalOptions) -> anyhow::Result<LocalCluster> {
     Ok(LocalCluster::start(opts).await?)
 }
 
+/// [`start`], given up (and whatever already runs killed) at Ctrl-C or `SIGTERM`.
+pub async fn start_unless_stopped(
+    opts: LocalOptions,
+    signals: &mut StopSignals,
+) -> anyhow::Result<LocalCluster> {
+    tokio::select! {
+        started = start(opts) => started,
+        // Dropping the half-started cluster kills whatever was already running.
+        signal = signals.recv() => Err(anyhow!("stopped by {signal} while starting")),
+    }
+}
+
+/// Runs `work` against `cluster`, then stops the cluster whatever the outcome. The head or
+/// the node exiting during the work is the error; the work's own error matters more than a
+/// messy stop.
+pub async fn run_then_stop<T>(
+    mut cluster: LocalCluster,
+    work: impl Future<Output = anyhow::Result<T>>,
+) -> anyhow::Result<T> {
+    let outcome = tokio::select! {
+        result = work => result,
+        exit = cluster.exited() => Err(anyhow!(
+            "{} exited with {} during the run; the end of {}:\n{}",
+            exit.name, exit.status, exit.log.display(), exit.tail
+        )),
+    };
+    let stopped = cluster.shutdown().await;
+    let value = outcome?;
+    stopped?;
+    Ok(value)
+}
+
 pub async fn run(args: LocalArgs) -> anyhow::Result<()> {
     super::check_listen(&args.listen)?;
     // Installed before the children start, so an early Ctrl-C still stops them in order.
@@ -31,11 +64,7 @@ pub async fn run(args: LocalArgs) -> anyhow::Result<()> {
         listen: args.listen,
         ..LocalOptions::default()
     };
-    let mut cluster = tokio::select! {
-        started = start(opts) => started?,
-        // Dropping the half-started cluster kills whatever was already running.
-        signal = signals.recv() => return Err(anyhow!("stopped by {signal} while starting")),
-    };
+    let mut cluster = start_unless_stopped(opts, &mut signals).await?;
     let data = cluster.data_dir().display().to_string();
     println!(
         "Flame is running: head at {}, node `local`.",

@@ -9,12 +9,13 @@ use bytes::{Bytes, BytesMut};
 use clap::Args;
 use flame_client::local::LocalOptions;
 use flame_client::report::HintExt as _;
-use flame_client::{BatchAck, Client, ClientConfig, Session};
+use flame_client::{BatchAck, Client, ClientConfig, ResultStream, Session};
 use flame_protocol::limits;
 use flame_protocol::model::{ErrorKind, SessionSpec, TaskOutcome, TaskResult};
-use flame_protocol::ping::check_reply;
+use flame_protocol::ping::{check_reply, PingReply};
 use indicatif::{ProgressBar, ProgressStyle};
 use std::collections::HashSet;
+use std::future::Future;
 use std::io::IsTerminal as _;
 use std::time::{Duration, Instant};
 use tokio::task::JoinHandle;
@@ -66,10 +67,7 @@ pub async fn run(global: &GlobalArgs, args: PingArgs) -> anyhow::Result<()> {
         let config = super::config(global)?;
         return ping(&config, &args, inputs, &mut signals).await;
     }
-    let mut cluster = tokio::select! {
-        started = super::local::start(LocalOptions::default()) => started?,
-        signal = signals.recv() => return Err(anyhow!("stopped by {signal} while starting")),
-    };
+    let cluster = super::local::start_unless_stopped(LocalOptions::default(), &mut signals).await?;
     let mut config = cluster.client_config();
     // The local head is this run's own, and the client its admin; of the client settings
     // only the owner applies.
@@ -78,21 +76,11 @@ pub async fn run(global: &GlobalArgs, args: PingArgs) -> anyhow::Result<()> {
             .ok()
             .filter(|o| !o.is_empty())
     });
-    let outcome = tokio::select! {
-        result = ping(&config, &args, inputs, &mut signals) => result,
-        exit = cluster.exited() => Err(anyhow!(
-            "{} exited with {} during the run; the end of {}:\n{}",
-            exit.name, exit.status, exit.log.display(), exit.tail
-        )),
-    };
-    // Stopped whatever the outcome; the run's own error matters more than a messy stop.
-    let stopped = cluster.shutdown().await;
-    outcome?;
-    Ok(stopped?)
+    super::local::run_then_stop(cluster, ping(&config, &args, inputs, &mut signals)).await
 }
 
 /// Inputs `0..n` in decimal, zero-padded to `size` bytes, sharing one buffer.
-fn make_inputs(n: u64, size: usize) -> anyhow::Result<Vec<Bytes>> {
+pub(super) fn make_inputs(n: u64, size: usize) -> anyhow::Result<Vec<Bytes>> {
     let digits = (n - 1).to_string().len();
     if size < digits {
         bail!(
@@ -120,7 +108,10 @@ fn make_inputs(n: u64, size: usize) -> anyhow::Result<Vec<Bytes>> {
     let total = usize::try_from(total).context("too many input bytes for this machine")?;
     let mut buf = BytesMut::with_capacity(total);
     for i in 0..n {
-        buf.extend_from_slice(format!("{i:0size$}").as_bytes());
+        // Padded by hand: `format!`'s width stops at 65,535, far below the input limit.
+        let digits = i.to_string();
+        buf.resize(buf.len() + (size - digits.len()), b'0');
+        buf.extend_from_slice(digits.as_bytes());
     }
     let all = buf.freeze();
     Ok((0..count)
@@ -131,6 +122,13 @@ fn make_inputs(n: u64, size: usize) -> anyhow::Result<Vec<Bytes>> {
 /// Aborts the spawned task when dropped, so an early return leaves nothing running.
 pub(super) struct AbortOnDrop<T>(pub(super) JoinHandle<T>);
 
+impl<T> AbortOnDrop<T> {
+    /// Waits for the task to end; the handle still aborts it if this future is dropped.
+    pub(super) async fn join(mut self) -> Result<T, tokio::task::JoinError> {
+        (&mut self.0).await
+    }
+}
+
 impl<T> Drop for AbortOnDrop<T> {
     fn drop(&mut self) {
         self.0.abort();
@@ -138,7 +136,7 @@ impl<T> Drop for AbortOnDrop<T> {
 }
 
 /// Clears the progress bar however the run ends, so that messages are not drawn over it.
-struct ClearOnDrop(ProgressBar);
+pub(super) struct ClearOnDrop(pub(super) ProgressBar);
 
 impl Drop for ClearOnDrop {
     fn drop(&mut self) {
@@ -166,24 +164,7 @@ async fn ping_with(
 ) -> anyhow::Result<()> {
     let n = inputs.len();
     let created_at = Instant::now();
-    let session = client
-        .create_session(SessionSpec {
-            application: PING_APPLICATION.to_string(),
-            common_data: Bytes::new(),
-            ephemeral: args.ephemeral,
-            // Empty: the client's owner (--owner, FLAME_OWNER, the config files), else the
-            // authenticated user, as the head decides.
-            owner: String::new(),
-            priority: args.priority,
-            job: None,
-        })
-        .await;
-    let session = match session {
-        Err(e) if e.kind() == Some(ErrorKind::NotFound) => Err(e).hint(
-            "the head registers `ping` unless told not to; `flame app list` shows what is registered",
-        ),
-        other => other.context("cannot create a ping session"),
-    }?;
+    let session = create_ping_session(client, args.ephemeral, args.priority).await?;
     println!(
         "Session {} was created in {} ms; running {} tasks of {} bytes.",
         session.id(),
@@ -206,54 +187,156 @@ async fn ping_with(
     result
 }
 
+/// Creates a session of the built-in `ping` application for the client's owner.
+pub(super) async fn create_ping_session(
+    client: &Client,
+    ephemeral: bool,
+    priority: i32,
+) -> anyhow::Result<Session> {
+    let session = client
+        .create_session(SessionSpec {
+            application: PING_APPLICATION.to_string(),
+            common_data: Bytes::new(),
+            ephemeral,
+            // Empty: the client's owner (--owner, FLAME_OWNER, the config files), else the
+            // authenticated user, as the head decides.
+            owner: String::new(),
+            priority,
+            job: None,
+        })
+        .await;
+    match session {
+        Err(e) if e.kind() == Some(ErrorKind::NotFound) => Err(e).hint(
+            "the head registers `ping` unless told not to; `flame app list` shows what is registered",
+        ),
+        other => other.context("cannot create a ping session"),
+    }
+}
+
 /// Watches, submits every input, collects every result, and checks every output.
 async fn run_tasks(session: &Session, args: &PingArgs, inputs: Vec<Bytes>) -> anyhow::Result<()> {
     let n = inputs.len();
+    let progress = ClearOnDrop(progress_bar(n as u64));
+    let checked = run_checked(session, inputs, args.stall_timeout, &progress.0).await?;
+    drop(progress);
+    let elapsed = checked.elapsed();
+    let secs = elapsed.as_secs_f64().max(1e-9);
+    println!(
+        "{} tasks completed in {} ms: {} tasks/s (every output checked).",
+        group(n as u64),
+        group(millis(elapsed)),
+        group((n as f64 / secs).round() as u64),
+    );
+    println!(
+        "Outputs came from {} executor{} on {} host{}.",
+        group(checked.executors.len() as u64),
+        plural(checked.executors.len()),
+        group(checked.hosts.len() as u64),
+        plural(checked.hosts.len()),
+    );
+    Ok(())
+}
+
+/// A run of ping tasks whose acks, results and outputs were all checked, and when things
+/// happened.
+#[derive(Debug)]
+pub(super) struct Checked {
+    /// When the clock started: the first submit, or whatever the caller chose.
+    pub started: Instant,
+    /// When the first result arrived; `None` for a run of no tasks.
+    pub first_result: Option<Instant>,
+    /// When the watch said the session finished.
+    pub finished: Instant,
+    /// The executors the outputs name.
+    pub executors: HashSet<String>,
+    /// The hosts the outputs name.
+    pub hosts: HashSet<String>,
+}
+
+impl Checked {
+    /// From the start to the session's end.
+    pub fn elapsed(&self) -> Duration {
+        self.finished.saturating_duration_since(self.started)
+    }
+}
+
+/// Watches `session`, submits every input and closes it, collects every result, and
+/// checks every ack, result and output; a wrong or missing one is the error. No result for
+/// `stall_timeout` is an error too. The clock starts at the first submit, after the watch
+/// opened.
+pub(super) async fn run_checked(
+    session: &Session,
+    inputs: Vec<Bytes>,
+    stall_timeout: Duration,
+    progress: &ProgressBar,
+) -> anyhow::Result<Checked> {
     // The watch opens before any task exists, so even an ephemeral session loses nothing.
     let mut watch = session.watch().await.context("cannot watch the session")?;
     let started = Instant::now();
-    let mut submit = AbortOnDrop(tokio::spawn({
+    let submit = AbortOnDrop(tokio::spawn({
         let session = session.clone();
         let inputs = inputs.clone();
         async move { session.submit_and_close(inputs).await }
     }));
-    let progress = ClearOnDrop(progress_bar(n as u64));
+    let acks = async move {
+        submit
+            .join()
+            .await
+            .context("the submitting task failed")?
+            .context("cannot submit the tasks")
+    };
+    collect_checked(&mut watch, &inputs, acks, started, stall_timeout, progress).await
+}
 
+/// Reads `watch` until the session finishes while `acks` brings the submitter's acks, then
+/// checks that the acks number `inputs` densely from 1, that every task has exactly one
+/// result, and that every output is the ping reply to its input. Times are from `started`.
+pub(super) async fn collect_checked<F>(
+    watch: &mut ResultStream,
+    inputs: &[Bytes],
+    acks: F,
+    started: Instant,
+    stall_timeout: Duration,
+    progress: &ProgressBar,
+) -> anyhow::Result<Checked>
+where
+    F: Future<Output = anyhow::Result<Vec<BatchAck>>>,
+{
+    let n = inputs.len();
+    let mut acks = std::pin::pin!(acks);
     let mut outcomes: Vec<Option<TaskOutcome>> = vec![None; n];
     let mut problems = Problems::default();
-    let mut acks: Option<Vec<BatchAck>> = None;
+    let mut acked: Option<Vec<BatchAck>> = None;
     let mut received = 0usize;
+    let mut first_result = None;
     loop {
         tokio::select! {
-            joined = &mut submit.0, if acks.is_none() => {
-                acks = Some(joined.context("the submitting task failed")?.context("cannot submit the tasks")?);
-            }
-            next = tokio::time::timeout(args.stall_timeout, watch.next()) => match next {
+            joined = &mut acks, if acked.is_none() => acked = Some(joined?),
+            next = tokio::time::timeout(stall_timeout, watch.next()) => match next {
                 Err(_) => bail!(
                     "no result for {}: {} of {} tasks finished",
-                    humantime::format_duration(args.stall_timeout),
+                    humantime::format_duration(stall_timeout),
                     group(received as u64),
                     group(n as u64)
                 ),
                 Ok(None) => break,
                 Ok(Some(batch)) => {
                     let batch = batch.context("watching the results failed")?;
+                    if first_result.is_none() && !batch.is_empty() {
+                        first_result = Some(Instant::now());
+                    }
                     received += batch.len();
-                    progress.0.inc(batch.len() as u64);
+                    progress.inc(batch.len() as u64);
                     record(&mut outcomes, &mut problems, batch);
                 }
             },
         }
     }
-    let elapsed = started.elapsed();
-    drop(progress);
-    let acks = match acks {
-        Some(acks) => acks,
+    let finished = Instant::now();
+    let acked = match acked {
+        Some(acked) => acked,
         // The watch ended first; the submit side is bounded by its own timeouts.
-        None => (&mut submit.0)
-            .await
-            .context("the submitting task failed")?
-            .context("cannot submit the tasks")?,
+        None => acks.await?,
     };
     if !watch.is_finished() {
         bail!(
@@ -262,28 +345,18 @@ async fn run_tasks(session: &Session, args: &PingArgs, inputs: Vec<Bytes>) -> an
             group(n as u64)
         );
     }
-    check_acks(&acks, n)?;
+    check_acks(&acked, n)?;
 
     // Task id `i + 1` is input `i`: `check_acks` proved the ids dense from 1 in input order.
     let mut executors = HashSet::new();
     let mut hosts = HashSet::new();
     for (i, outcome) in outcomes.iter().enumerate() {
-        let task = i + 1;
-        match outcome {
-            None => problems.note(Problem::Missing, format!("task {task}: no result")),
-            Some(TaskOutcome::Failed(message)) => {
-                problems.note(Problem::Failed, format!("task {task} failed: {message}"))
+        match check_outcome(i + 1, &inputs[i], outcome.as_ref()) {
+            Ok(reply) => {
+                executors.insert(reply.executor);
+                hosts.insert(reply.host);
             }
-            Some(TaskOutcome::Cancelled) => {
-                problems.note(Problem::Failed, format!("task {task} was cancelled"))
-            }
-            Some(TaskOutcome::Succeeded(output)) => match check_reply(&inputs[i], output) {
-                Ok(reply) => {
-                    executors.insert(reply.executor);
-                    hosts.insert(reply.host);
-                }
-                Err(e) => problems.note(Problem::Mismatched, format!("task {task}: {e}")),
-            },
+            Err((problem, line)) => problems.note(problem, line),
         }
     }
 
@@ -301,26 +374,38 @@ async fn run_tasks(session: &Session, args: &PingArgs, inputs: Vec<Bytes>) -> an
             group(problems.unexpected as u64),
         );
     }
-    let secs = elapsed.as_secs_f64().max(1e-9);
-    println!(
-        "{} tasks completed in {} ms: {} tasks/s (every output checked).",
-        group(n as u64),
-        group(millis(elapsed)),
-        group((n as f64 / secs).round() as u64),
-    );
-    println!(
-        "Outputs came from {} executor{} on {} host{}.",
-        group(executors.len() as u64),
-        plural(executors.len()),
-        group(hosts.len() as u64),
-        plural(hosts.len()),
-    );
-    Ok(())
+    Ok(Checked {
+        started,
+        first_result,
+        finished,
+        executors,
+        hosts,
+    })
+}
+
+/// Checks the outcome of task `task`, whose input was `input`: it must have succeeded with
+/// the ping reply to that input. The error is the kind of problem and a line describing it.
+pub(super) fn check_outcome(
+    task: usize,
+    input: &[u8],
+    outcome: Option<&TaskOutcome>,
+) -> Result<PingReply, (Problem, String)> {
+    match outcome {
+        None => Err((Problem::Missing, format!("task {task}: no result"))),
+        Some(TaskOutcome::Failed(message)) => {
+            Err((Problem::Failed, format!("task {task} failed: {message}")))
+        }
+        Some(TaskOutcome::Cancelled) => {
+            Err((Problem::Failed, format!("task {task} was cancelled")))
+        }
+        Some(TaskOutcome::Succeeded(output)) => check_reply(input, output)
+            .map_err(|e| (Problem::Mismatched, format!("task {task}: {e}"))),
+    }
 }
 
 /// The acks must give the ids `1..=n` in input order, as the head numbers a fresh
 /// session's tasks; anything else would make outputs unattributable.
-fn check_acks(acks: &[BatchAck], n: usize) -> anyhow::Result<()> {
+pub(super) fn check_acks(acks: &[BatchAck], n: usize) -> anyhow::Result<()> {
     let mut next: u64 = 1;
     for ack in acks {
         if ack.first_task.0 != next {
@@ -344,7 +429,7 @@ fn check_acks(acks: &[BatchAck], n: usize) -> anyhow::Result<()> {
 
 /// What can go wrong with one task.
 #[derive(Debug, Clone, Copy)]
-enum Problem {
+pub(super) enum Problem {
     Failed,
     Mismatched,
     Missing,
@@ -404,7 +489,8 @@ fn record(outcomes: &mut [Option<TaskOutcome>], problems: &mut Problems, batch: 
     }
 }
 
-fn progress_bar(len: u64) -> ProgressBar {
+/// A progress bar of `len` tasks on stderr, hidden unless stderr is a terminal.
+pub(super) fn progress_bar(len: u64) -> ProgressBar {
     if !std::io::stderr().is_terminal() {
         return ProgressBar::hidden();
     }
@@ -445,6 +531,10 @@ mod tests {
         assert!(make_inputs(1001, 3).is_err());
         assert!(make_inputs(1000, 3).is_ok());
         assert!(make_inputs(10, limits::TASK_INPUT_BYTES_MAX + 1).is_err());
+        // Wider than `format!` can pad.
+        let big = make_inputs(3, 1 << 20).unwrap();
+        assert!(big.iter().all(|i| i.len() == 1 << 20));
+        assert!(big[2].ends_with(b"02") && big[2][..(1 << 20) - 1].iter().all(|&b| b == b'0'));
     }
 
     #[test]
