@@ -82,8 +82,7 @@ pub enum CreateError {
 #[derive(Debug)]
 pub struct TokenBook {
     tokens: BTreeMap<String, StoredToken>,
-    /// The cluster CA's fingerprint: what every token of this cluster carries.
-    ca_fingerprint: [u8; FINGERPRINT_BYTES],
+    /// Job credentials, and the cluster CA's fingerprint that every token carries.
     jobs: JobCredentials,
 }
 
@@ -155,7 +154,6 @@ impl TokenBook {
     ) -> TokenBook {
         TokenBook {
             tokens: tokens.into_iter().collect(),
-            ca_fingerprint: jobs.ca_fingerprint,
             jobs,
         }
     }
@@ -200,7 +198,7 @@ impl TokenBook {
         let text = ParsedToken {
             id: id.clone(),
             secret,
-            ca_fingerprint: self.ca_fingerprint,
+            ca_fingerprint: self.jobs.ca_fingerprint,
         }
         .to_secret();
         self.tokens.insert(id.clone(), stored.clone());
@@ -224,7 +222,7 @@ impl TokenBook {
     pub fn authenticate(&self, text: &Secret, now_ms: u64) -> Result<Authenticated, AuthError> {
         let token = ParsedToken::parse(text.expose())?;
         let id = token.id.clone();
-        if !same(&token.ca_fingerprint, &self.ca_fingerprint) {
+        if !same(&token.ca_fingerprint, &self.jobs.ca_fingerprint) {
             return Err(AuthError::OtherCluster { id });
         }
         let Some(stored) = self.tokens.get(&id) else {

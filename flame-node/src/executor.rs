@@ -839,51 +839,46 @@ async fn run_rank(
         .working_dir
         .as_ref()
         .map_or_else(|| prepared.work_dir.clone(), PathBuf::from);
-    if launch.hold {
-        return serve_rank(
+    // A held rank starts nothing until Open MPI asks; the `mpirun` rank starts it, and
+    // Open MPI may start this node's MPI processes as its children or ask for a daemon here
+    // too. Either way they run in this rank's allocation, which serve_rank keeps open.
+    let child = if launch.hold {
+        None
+    } else {
+        let (program, args) = match &launch.argv {
+            Some(argv) => match argv.split_first() {
+                Some((p, rest)) => (p.clone(), rest.to_vec()),
+                None => return RankEnd::NotStarted("an empty command line".into(), None),
+            },
+            None => (app.command.clone(), app.args.clone()),
+        };
+        match start_in_rank(
             settings,
-            spec.executor,
             prepared,
-            env,
-            working_dir,
-            None,
-            kill,
-        )
-        .await;
-    }
-    let (program, args) = match &launch.argv {
-        Some(argv) => match argv.split_first() {
-            Some((p, rest)) => (p.clone(), rest.to_vec()),
-            None => return RankEnd::NotStarted("an empty command line".into(), None),
-        },
-        None => (app.command.clone(), app.args.clone()),
+            program,
+            args,
+            env.clone(),
+            working_dir.clone(),
+        ) {
+            Ok(c) => Some(c),
+            Err(e) => return e,
+        }
     };
-    let child = match start_in_rank(
-        settings,
-        prepared,
-        program,
-        args,
-        env.clone(),
-        working_dir.clone(),
-    ) {
-        Ok(c) => c,
-        Err(e) => return e,
+    let mut child = match child {
+        Some(child) if launch.argv.is_none() => child,
+        child => {
+            return serve_rank(
+                settings,
+                spec.executor,
+                prepared,
+                env,
+                working_dir,
+                child,
+                kill,
+            )
+            .await
+        }
     };
-    if launch.argv.is_some() {
-        // `mpirun`: Open MPI may start this node's MPI processes as its children, or ask
-        // for a daemon here too; either way they run in this rank's allocation.
-        return serve_rank(
-            settings,
-            spec.executor,
-            prepared,
-            env,
-            working_dir,
-            Some(child),
-            kill,
-        )
-        .await;
-    }
-    let mut child = child;
     tokio::select! {
         status = child.wait() => rank_exit(status).await,
         _ = kill => RankEnd::Killed,
