@@ -15,12 +15,12 @@ use bytes::Bytes;
 use flame_protocol::messages::{ExecutorEvent, NodeTaskResult, Usage};
 use flame_protocol::model::{ApplicationSpec, ShimKind, TaskAssignment, TaskOutcome};
 use flame_protocol::{limits, ExecutorId, SessionId};
-use flame_shims::node::{Invocation, NodeShim};
+use flame_shims::node::{AppMessage, Invocation, NodeShim};
 use flame_shims::unix::{connect_when_listening, SocketDir, ENV_SHIM_SOCKET};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot};
 
 /// How long an application may take to say ready after it starts.
@@ -29,6 +29,20 @@ pub const START_TIMEOUT: Duration = Duration::from_secs(30);
 pub const ENTER_LEAVE_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long a released application has to exit after its stdin closes.
 pub const EXIT_GRACE: Duration = Duration::from_secs(5);
+
+/// Most tasks written to an application ahead of their results (the shim's pipelining
+/// window). The head's credit bounds what waits on the node; this bounds what the
+/// application's input holds.
+pub const PIPELINE_TASKS_MAX: usize = 64;
+/// Input bytes after which no further task joins the window; one task of any size always
+/// may.
+pub const PIPELINE_BYTES_MAX: usize = 4 * 1024 * 1024;
+
+/// What ended one wait of an executor's loop.
+enum Event {
+    Command(Command),
+    Message(Result<AppMessage, flame_shims::ShimError>),
+}
 
 /// A command for one executor, in head order.
 #[derive(Debug)]
@@ -581,19 +595,102 @@ async fn drive(
         credit: settings.credit,
     }));
 
+    // Tasks written to the application and not answered yet, oldest first; the oldest is
+    // the one running, and its timeout counts from when it became the oldest.
+    let mut in_flight: VecDeque<TaskAssignment> = VecDeque::new();
+    let mut in_flight_bytes: usize = 0;
+    let mut oldest_since = Instant::now();
+    // A bind, unbind or release that waits for every task sent before it to be answered.
+    let mut held: Option<Command> = None;
+
     loop {
-        let command = tokio::select! {
-            c = commands.recv() => match c {
-                Some(c) => c,
-                None => fail!("the node lost its head connection"),
-            },
-            _ = &mut kill => fail!("killed by the node"),
-        };
-        phase = match phase.next(command.input()) {
-            Ok(p) => p,
-            Err(e) => {
-                // The head and this node disagree; the head re-queues what ran here.
-                fail!("protocol error: {e}")
+        let command = match held.take() {
+            Some(c) if in_flight.is_empty() => c,
+            held_back => {
+                held = held_back;
+                let room = held.is_none()
+                    && in_flight.len() < PIPELINE_TASKS_MAX
+                    && in_flight_bytes < PIPELINE_BYTES_MAX;
+                let deadline = async {
+                    match task_timeout {
+                        Some(t) if !in_flight.is_empty() => {
+                            tokio::time::sleep_until((oldest_since + t).into()).await
+                        }
+                        _ => std::future::pending().await,
+                    }
+                };
+                // Commands first: every task that is ready joins the window before the
+                // shim writes, so a window goes out in one write.
+                let event = tokio::select! {
+                    biased;
+                    _ = &mut kill => fail!("killed by the node"),
+                    c = commands.recv(), if room => match c {
+                        Some(c) => Event::Command(c),
+                        None => fail!("the node lost its head connection"),
+                    },
+                    m = shim.next_message(), if !in_flight.is_empty() => Event::Message(m),
+                    () = deadline => {
+                        let task = in_flight.front().map_or_else(String::new, |a| {
+                            format!("task {} of session {} ", a.task, a.session)
+                        });
+                        fail!(
+                            "{task}ran past its timeout of {:?}",
+                            task_timeout.unwrap_or_default()
+                        )
+                    }
+                };
+                match event {
+                    Event::Command(c) => {
+                        phase = match phase.next(c.input()) {
+                            Ok(p) => p,
+                            // The head and this node disagree; the head re-queues what ran
+                            // here.
+                            Err(e) => fail!("protocol error: {e}"),
+                        };
+                        match c {
+                            Command::Run(a) => {
+                                if let Err(e) = shim.queue_invoke(a.task.0, &a.input) {
+                                    fail!(
+                                        "task {} of session {} broke the executor: {e}",
+                                        a.task,
+                                        a.session
+                                    )
+                                }
+                                if in_flight.is_empty() {
+                                    oldest_since = Instant::now();
+                                }
+                                in_flight_bytes += a.input.len();
+                                in_flight.push_back(a);
+                            }
+                            other => held = Some(other),
+                        }
+                    }
+                    Event::Message(m) => {
+                        let Some(a) = in_flight.pop_front() else {
+                            continue;
+                        };
+                        in_flight_bytes -= a.input.len();
+                        oldest_since = Instant::now();
+                        let outcome = match m.and_then(|m| shim.expect_result(a.task.0, m)) {
+                            Ok(Invocation::Succeeded(out)) => TaskOutcome::Succeeded(out),
+                            Ok(Invocation::Failed(msg)) => TaskOutcome::Failed(msg),
+                            Err(e) => fail!(
+                                "task {} of session {} broke the executor: {e}",
+                                a.task,
+                                a.session
+                            ),
+                        };
+                        let _ = reports.send(Report::Result(NodeTaskResult {
+                            executor: id,
+                            session: a.session,
+                            task: a.task,
+                            attempt: a.attempt,
+                            outcome,
+                            exit_code: None,
+                        }));
+                    }
+                }
+                continue;
             }
         };
         match command {
@@ -616,36 +713,8 @@ async fn drive(
                     session,
                 }));
             }
-            Command::Run(a) => {
-                // A task past the application's timeout means a hung executor: killed, and
-                // the head retries the task like after a crash.
-                let deadline = async {
-                    match task_timeout {
-                        Some(t) => tokio::time::sleep(t).await,
-                        None => std::future::pending().await,
-                    }
-                };
-                let outcome = tokio::select! {
-                    r = shim.invoke(a.task.0, &a.input) => match r {
-                        Ok(Invocation::Succeeded(out)) => TaskOutcome::Succeeded(out),
-                        Ok(Invocation::Failed(msg)) => TaskOutcome::Failed(msg),
-                        Err(e) => fail!("task {} of session {} broke the executor: {e}", a.task, a.session),
-                    },
-                    _ = &mut kill => fail!("killed by the node"),
-                    () = deadline => fail!(
-                        "task {} of session {} ran past its timeout of {:?}",
-                        a.task, a.session, task_timeout.unwrap_or_default()
-                    ),
-                };
-                let _ = reports.send(Report::Result(NodeTaskResult {
-                    executor: id,
-                    session: a.session,
-                    task: a.task,
-                    attempt: a.attempt,
-                    outcome,
-                    exit_code: None,
-                }));
-            }
+            // Runs joined the window above and never wait here.
+            Command::Run(a) => fail!("internal error: task {} was held back", a.task),
             Command::Unbind => {
                 match tokio::time::timeout(ENTER_LEAVE_TIMEOUT, shim.leave()).await {
                     Ok(Ok(())) => {}

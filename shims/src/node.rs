@@ -1,30 +1,45 @@
 //! The node's side of the stdio shim: drives one application process over its stdout (read)
 //! and stdin (write).
 //!
-//! A [`NodeShim`] is a thin async shell around the pure codec in [`flame_protocol::shim`]: it
-//! reads one whole frame at a time through a buffered reader, and writes each frame with one
-//! `write_all` and one `flush`.
+//! A [`NodeShim`] is a thin async shell around the pure codec in [`flame_protocol::shim`]. It
+//! keeps its own read buffer and parses whole frames out of it, and it keeps the encoded
+//! frames it has not written yet; [`NodeShim::next_message`] writes those and reads at the
+//! same time, so neither side can block the other however large the frames are.
 //!
-//! # Timeouts
+//! # Pipelining
 //!
-//! No method here has a timeout: how long an application may take to start, to enter a
-//! session or to run a task is the node's policy, not the protocol's. Wrap each call in
-//! `tokio::time::timeout`. A call cancelled that way may leave a frame half read or half
-//! written, so the shim marks itself out of step and every later call returns
-//! [`ShimError::Broken`]; the only thing left to do is [`NodeShim::shutdown`] and stop the
-//! process.
+//! The protocol lets the node send further `TaskInvoke` frames before earlier results have
+//! come back; the application answers them in the order they came (see
+//! `docs/shim-protocol.md`, "Sequence"). [`NodeShim::queue_invoke`] adds one to the frames
+//! waiting to be written and returns at once; [`NodeShim::next_message`] returns the
+//! application's frames one by one. A window of tasks in flight turns a write, a read and two
+//! context switches per task on each side into a few per window. The request-and-answer
+//! calls ([`NodeShim::enter`], [`NodeShim::invoke`], [`NodeShim::leave`]) are the same
+//! primitives with a window of one.
+//!
+//! # Cancellation and timeouts
+//!
+//! [`NodeShim::next_message`] is cancel-safe: bytes read stay in the read buffer and bytes
+//! not yet written stay queued, so it can sit in a `tokio::select!` next to other events
+//! and be called again. No method here has a timeout: how long an application may take to
+//! start, to enter a session or to run a task is the node's policy, not the protocol's.
+//! A request-and-answer call cancelled half-way leaves its answer unread, so the shim marks
+//! itself out of step until that call completes, and later calls return
+//! [`ShimError::Broken`]; the only thing left to do then is [`NodeShim::shutdown`] and stop
+//! the process.
 
 use crate::ShimError;
-use bytes::Bytes;
-use flame_protocol::shim::{
-    parse_length, AppFrame, NodeFrame, ResultStatus, ShimFrameError, LENGTH_PREFIX_BYTES,
-};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
+use bytes::{Bytes, BytesMut};
+use flame_protocol::shim::{split_frame, AppFrame, NodeFrame, ResultStatus, ShimFrameError};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 /// Capacity kept in the read and write buffers between frames. One large frame may grow a
-/// buffer up to the frame limit; past this size it is released afterwards, so an idle
+/// buffer up to the frame limit; past this size it is released once empty, so an idle
 /// executor does not pin tens of MiB.
 const BUFFER_KEEP_BYTES_MAX: usize = 1024 * 1024;
+
+/// Bytes asked of each read: a window of small results arrives in one read.
+const READ_CHUNK_BYTES: usize = 64 * 1024;
 
 /// The outcome of one task, as the application reported it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -35,25 +50,58 @@ pub enum Invocation {
     Failed(String),
 }
 
-/// The node's end of one application's stdio shim.
+/// One frame from the application, owned.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AppMessage {
+    /// `Ready`: at start-up, or after a session enter or leave.
+    Ready,
+    /// `TaskResult`: the outcome of the task with this id.
+    Result {
+        /// The task it answers.
+        task_id: u64,
+        /// Its outcome.
+        invocation: Invocation,
+    },
+    /// `Error`: a session enter or leave failed, with the application's reason.
+    Error(String),
+}
+
+impl AppMessage {
+    fn name(&self) -> &'static str {
+        match self {
+            AppMessage::Ready => "Ready",
+            AppMessage::Result { .. } => "TaskResult",
+            AppMessage::Error(_) => "Error",
+        }
+    }
+}
+
+/// The node's end of one application's shim stream.
 ///
 /// Calls must follow the protocol's order: [`wait_ready`](Self::wait_ready) once, then for
-/// each session [`enter`](Self::enter), any number of [`invoke`](Self::invoke),
-/// [`leave`](Self::leave); finally [`shutdown`](Self::shutdown). After any error the stream
-/// cannot be trusted: stop the executor.
+/// each session [`enter`](Self::enter), any number of tasks ([`invoke`](Self::invoke), or
+/// [`queue_invoke`](Self::queue_invoke) and [`next_message`](Self::next_message) for a
+/// window of them), [`leave`](Self::leave) once every result is in; finally
+/// [`shutdown`](Self::shutdown). After any error the stream cannot be trusted: stop the
+/// executor.
+///
+/// The writer is written to directly (pipes and sockets do not buffer); a writer that
+/// buffers is flushed only by [`shutdown`](Self::shutdown).
 #[derive(Debug)]
 pub struct NodeShim<R, W> {
     /// The application's stdout.
-    reader: BufReader<R>,
+    reader: R,
     /// The application's stdin.
     writer: W,
     /// Bound on type byte + body, in both directions.
     frame_bytes_max: usize,
-    /// Reused encode buffer.
+    /// Bytes read and not yet parsed into frames.
+    inbuf: BytesMut,
+    /// Encoded frames not yet written; `written` bytes of it are.
     out: Vec<u8>,
-    /// Reused read buffer: type byte + body of the last frame.
-    frame: Vec<u8>,
-    /// Set while a call is in progress and left set if it fails or is cancelled.
+    written: usize,
+    /// Set while a request-and-answer call is in progress and left set if it fails or is
+    /// cancelled; set for good by a broken stream.
     broken: bool,
 }
 
@@ -64,11 +112,12 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> NodeShim<R, W> {
     /// default every implementation accepts.
     pub fn new(app_stdout: R, app_stdin: W, frame_bytes_max: usize) -> Self {
         NodeShim {
-            reader: BufReader::new(app_stdout),
+            reader: app_stdout,
             writer: app_stdin,
             frame_bytes_max,
+            inbuf: BytesMut::new(),
             out: Vec::new(),
-            frame: Vec::new(),
+            written: 0,
             broken: false,
         }
     }
@@ -96,7 +145,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> NodeShim<R, W> {
         };
         self.check_size(&frame)?;
         self.begin()?;
-        self.send(&frame).await?;
+        self.queue(&frame)?;
         self.recv_ready("Ready or Error after SessionEnter").await?;
         self.broken = false;
         Ok(())
@@ -114,41 +163,86 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> NodeShim<R, W> {
         let frame = NodeFrame::TaskInvoke { task_id, input };
         self.check_size(&frame)?;
         self.begin()?;
-        self.send(&frame).await?;
-        let invocation = match self.recv().await? {
-            AppFrame::TaskResult {
-                task_id: got,
-                status,
-                payload,
-            } => {
-                if got != task_id {
-                    return Err(ShimError::TaskIdMismatch {
-                        expected: task_id,
-                        got,
-                    });
-                }
-                match status {
-                    ResultStatus::Ok => Invocation::Succeeded(Bytes::copy_from_slice(payload)),
-                    ResultStatus::Error => {
-                        Invocation::Failed(String::from_utf8_lossy(payload).into_owned())
-                    }
-                }
-            }
-            AppFrame::Error { message } => {
-                return Err(ShimError::App(
-                    String::from_utf8_lossy(message).into_owned(),
-                ))
-            }
-            other @ AppFrame::Ready => {
-                return Err(ShimError::Unexpected {
-                    expected: "TaskResult",
-                    got: other.name(),
-                })
-            }
-        };
-        self.release_buffers();
+        self.queue(&frame)?;
+        let message = self.next_message().await?;
+        let invocation = self.expect_result(task_id, message)?;
         self.broken = false;
         Ok(invocation)
+    }
+
+    /// Queues a `TaskInvoke` to be written by the next calls of
+    /// [`next_message`](Self::next_message), without waiting for anything. Its
+    /// `TaskResult` comes after those of the tasks queued before it.
+    ///
+    /// An input too large for the frame limit fails with [`ShimError::Frame`] and queues
+    /// nothing, leaving the shim usable.
+    pub fn queue_invoke(&mut self, task_id: u64, input: &[u8]) -> Result<(), ShimError> {
+        let frame = NodeFrame::TaskInvoke { task_id, input };
+        self.check_size(&frame)?;
+        if self.broken {
+            return Err(ShimError::Broken);
+        }
+        self.queue(&frame)
+    }
+
+    /// Checks that `message` is the result of `task_id`, the task whose result is due, and
+    /// returns it. Anything else breaks the shim: the stream is out of step.
+    pub fn expect_result(
+        &mut self,
+        task_id: u64,
+        message: AppMessage,
+    ) -> Result<Invocation, ShimError> {
+        let error = match message {
+            AppMessage::Result {
+                task_id: got,
+                invocation,
+            } => {
+                if got == task_id {
+                    return Ok(invocation);
+                }
+                ShimError::TaskIdMismatch {
+                    expected: task_id,
+                    got,
+                }
+            }
+            AppMessage::Error(message) => ShimError::App(message),
+            other @ AppMessage::Ready => ShimError::Unexpected {
+                expected: "TaskResult",
+                got: other.name(),
+            },
+        };
+        self.broken = true;
+        Err(error)
+    }
+
+    /// Writes what is queued and returns the application's next frame. Cancel-safe; see
+    /// the module's documentation.
+    ///
+    /// End of the application's stream (at a frame boundary or not) is
+    /// [`ShimError::Exited`]; so is a closed pipe on write.
+    pub async fn next_message(&mut self) -> Result<AppMessage, ShimError> {
+        loop {
+            if let Some(message) = self.parse()? {
+                return Ok(message);
+            }
+            if self.inbuf.capacity() - self.inbuf.len() < READ_CHUNK_BYTES {
+                self.inbuf.reserve(READ_CHUNK_BYTES);
+            }
+            let pending = &self.out[self.written..];
+            // Writing first: what is queued goes out before anything else is waited for.
+            let step = tokio::select! {
+                biased;
+                wrote = self.writer.write(pending), if !pending.is_empty() => Step::Wrote(wrote),
+                read = self.reader.read_buf(&mut self.inbuf) => Step::Read(read),
+            };
+            match step {
+                Step::Wrote(Ok(0)) | Step::Read(Ok(0)) => return Err(self.fail(ShimError::Exited)),
+                Step::Wrote(Ok(n)) => self.wrote(n),
+                Step::Read(Ok(_)) => {}
+                Step::Wrote(Err(e)) => return Err(self.fail(write_error(e))),
+                Step::Read(Err(e)) => return Err(self.fail(ShimError::Io(e))),
+            }
+        }
     }
 
     /// Unbinds the application from its session: sends `SessionLeave` and waits for `Ready`.
@@ -156,7 +250,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> NodeShim<R, W> {
     /// An `Error` frame in reply becomes [`ShimError::App`].
     pub async fn leave(&mut self) -> Result<(), ShimError> {
         self.begin()?;
-        self.send(&NodeFrame::SessionLeave).await?;
+        self.queue(&NodeFrame::SessionLeave)?;
         self.recv_ready("Ready or Error after SessionLeave").await?;
         self.broken = false;
         Ok(())
@@ -168,9 +262,9 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> NodeShim<R, W> {
     /// Nothing is reported because nothing can usefully be done about a failure here: the
     /// pipe is closed when the writer is dropped at the end of this call either way.
     pub async fn shutdown(mut self) {
-        // Flush anything a cancelled call left behind and shut the writer down so that
-        // wrappers that buffer or signal EOF explicitly (e.g. a duplex stream) see it; the
-        // errors are moot because the drop below closes the pipe regardless.
+        // Frames still queued were never answered and are moot; flush and shut the writer
+        // down so that wrappers that buffer or signal EOF explicitly (e.g. a duplex stream)
+        // see it; the errors are moot because the drop below closes the pipe regardless.
         let _ = self.writer.flush().await;
         let _ = self.writer.shutdown().await;
     }
@@ -197,67 +291,81 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> NodeShim<R, W> {
         Ok(())
     }
 
-    async fn send(&mut self, frame: &NodeFrame<'_>) -> Result<(), ShimError> {
-        self.out.clear();
+    /// A broken stream stays broken.
+    fn fail(&mut self, error: ShimError) -> ShimError {
+        self.broken = true;
+        error
+    }
+
+    fn queue(&mut self, frame: &NodeFrame<'_>) -> Result<(), ShimError> {
         frame.encode(&mut self.out)?;
-        self.writer
-            .write_all(&self.out)
-            .await
-            .map_err(write_error)?;
-        self.writer.flush().await.map_err(write_error)?;
-        if self.out.capacity() > BUFFER_KEEP_BYTES_MAX {
-            self.out = Vec::new();
-        }
         Ok(())
     }
 
-    /// Reads the next frame; it borrows the read buffer until the next read.
-    async fn recv(&mut self) -> Result<AppFrame<'_>, ShimError> {
-        let mut prefix = [0u8; LENGTH_PREFIX_BYTES];
-        read_exact(&mut self.reader, &mut prefix).await?;
-        let len = parse_length(prefix, self.frame_bytes_max)?;
-        self.frame.clear();
-        self.frame.resize(len, 0);
-        read_exact(&mut self.reader, &mut self.frame).await?;
-        let Some((&frame_type, body)) = self.frame.split_first() else {
-            return Err(ShimFrameError::Empty.into());
+    fn wrote(&mut self, n: usize) {
+        self.written += n;
+        if self.written >= self.out.len() {
+            self.out.clear();
+            self.written = 0;
+            if self.out.capacity() > BUFFER_KEEP_BYTES_MAX {
+                self.out = Vec::new();
+            }
+        }
+    }
+
+    /// The first whole frame in the read buffer, taken out of it. The payload of a result
+    /// shares the read buffer's memory instead of being copied.
+    fn parse(&mut self) -> Result<Option<AppMessage>, ShimError> {
+        let (frame_type, body_at, consumed) = match split_frame(&self.inbuf, self.frame_bytes_max) {
+            Ok(Some(raw)) => (raw.frame_type, raw.consumed - raw.body.len(), raw.consumed),
+            Ok(None) => return Ok(None),
+            Err(e) => return Err(self.fail(e.into())),
         };
-        Ok(AppFrame::decode(frame_type, body, self.frame_bytes_max)?)
+        let frame = self.inbuf.split_to(consumed).freeze();
+        if self.inbuf.is_empty() && self.inbuf.capacity() > BUFFER_KEEP_BYTES_MAX {
+            self.inbuf = BytesMut::new();
+        }
+        let body = frame.slice(body_at..);
+        let message = match AppFrame::decode(frame_type, &body, self.frame_bytes_max) {
+            Ok(AppFrame::Ready) => AppMessage::Ready,
+            Ok(AppFrame::Error { message }) => {
+                AppMessage::Error(String::from_utf8_lossy(message).into_owned())
+            }
+            Ok(AppFrame::TaskResult {
+                task_id,
+                status,
+                payload,
+            }) => AppMessage::Result {
+                task_id,
+                invocation: match status {
+                    ResultStatus::Ok => Invocation::Succeeded(body.slice_ref(payload)),
+                    ResultStatus::Error => {
+                        Invocation::Failed(String::from_utf8_lossy(payload).into_owned())
+                    }
+                },
+            },
+            Err(e) => return Err(self.fail(e.into())),
+        };
+        Ok(Some(message))
     }
 
     /// Reads the next frame, which must be `Ready` or an `Error` carrying the app's reason.
     async fn recv_ready(&mut self, expected: &'static str) -> Result<(), ShimError> {
-        let result = match self.recv().await? {
-            AppFrame::Ready => Ok(()),
-            AppFrame::Error { message } => Err(ShimError::App(
-                String::from_utf8_lossy(message).into_owned(),
-            )),
-            other @ AppFrame::TaskResult { .. } => Err(ShimError::Unexpected {
+        match self.next_message().await? {
+            AppMessage::Ready => Ok(()),
+            AppMessage::Error(message) => Err(ShimError::App(message)),
+            other @ AppMessage::Result { .. } => Err(ShimError::Unexpected {
                 expected,
                 got: other.name(),
             }),
-        };
-        self.release_buffers();
-        result
-    }
-
-    fn release_buffers(&mut self) {
-        if self.frame.capacity() > BUFFER_KEEP_BYTES_MAX {
-            self.frame = Vec::new();
         }
     }
 }
 
-/// `read_exact` where running out of input means the application is gone.
-async fn read_exact<R: AsyncRead + Unpin>(
-    reader: &mut BufReader<R>,
-    buf: &mut [u8],
-) -> Result<(), ShimError> {
-    match reader.read_exact(buf).await {
-        Ok(_) => Ok(()),
-        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => Err(ShimError::Exited),
-        Err(e) => Err(ShimError::Io(e)),
-    }
+/// What one turn of [`NodeShim::next_message`] did.
+enum Step {
+    Wrote(std::io::Result<usize>),
+    Read(std::io::Result<usize>),
 }
 
 /// A closed pipe on write means the application is gone, the same as EOF on read.
@@ -355,6 +463,125 @@ mod tests {
         shim.leave().await.unwrap();
         shim.shutdown().await;
         assert_eq!(stdin, [1, 0, 0, 0, 0x03]);
+    }
+
+    #[tokio::test]
+    async fn a_window_of_invokes_is_answered_in_order() {
+        let stdout = frames(&[
+            AppFrame::TaskResult {
+                task_id: 1,
+                status: ResultStatus::Ok,
+                payload: b"one",
+            },
+            AppFrame::TaskResult {
+                task_id: 2,
+                status: ResultStatus::Error,
+                payload: b"two",
+            },
+            AppFrame::TaskResult {
+                task_id: 3,
+                status: ResultStatus::Ok,
+                payload: b"",
+            },
+        ]);
+        let mut stdin = Vec::new();
+        let mut shim = NodeShim::new(&stdout[..], &mut stdin, SHIM_FRAME_BYTES_MAX);
+        for task in 1..=3 {
+            shim.queue_invoke(task, b"in").unwrap();
+        }
+        let mut got = Vec::new();
+        for task in 1..=3 {
+            let message = shim.next_message().await.unwrap();
+            got.push(shim.expect_result(task, message).unwrap());
+        }
+        assert_eq!(
+            got,
+            [
+                Invocation::Succeeded(Bytes::from_static(b"one")),
+                Invocation::Failed("two".into()),
+                Invocation::Succeeded(Bytes::new()),
+            ]
+        );
+        shim.shutdown().await;
+        let mut expected = Vec::new();
+        for task in 1..=3 {
+            NodeFrame::TaskInvoke {
+                task_id: task,
+                input: b"in",
+            }
+            .encode(&mut expected)
+            .unwrap();
+        }
+        assert_eq!(stdin, expected);
+    }
+
+    #[tokio::test]
+    async fn a_result_out_of_order_breaks_the_shim() {
+        let stdout = frames(&[AppFrame::TaskResult {
+            task_id: 2,
+            status: ResultStatus::Ok,
+            payload: b"",
+        }]);
+        let mut shim = NodeShim::new(&stdout[..], Vec::new(), SHIM_FRAME_BYTES_MAX);
+        shim.queue_invoke(1, b"").unwrap();
+        shim.queue_invoke(2, b"").unwrap();
+        let message = shim.next_message().await.unwrap();
+        assert!(matches!(
+            shim.expect_result(1, message),
+            Err(ShimError::TaskIdMismatch {
+                expected: 1,
+                got: 2
+            })
+        ));
+        assert!(matches!(shim.queue_invoke(3, b""), Err(ShimError::Broken)));
+    }
+
+    /// A slow reader on both sides: the node must keep reading results while its window of
+    /// large inputs is still being written, or both pipes fill and neither side moves.
+    #[tokio::test]
+    async fn large_frames_both_ways_do_not_deadlock() {
+        let (node_end, app_end) = tokio::io::duplex(4096);
+        let (app_read, mut app_write) = tokio::io::split(app_end);
+        let (node_read, node_write) = tokio::io::split(node_end);
+        let tasks = 8u64;
+        let size = 256 * 1024;
+        let app = tokio::spawn(async move {
+            let mut reader = tokio::io::BufReader::new(app_read);
+            let mut out = Vec::new();
+            for _ in 0..tasks {
+                let mut prefix = [0u8; 4];
+                reader.read_exact(&mut prefix).await.unwrap();
+                let mut frame = vec![0u8; u32::from_le_bytes(prefix) as usize];
+                reader.read_exact(&mut frame).await.unwrap();
+                let NodeFrame::TaskInvoke { task_id, input } =
+                    NodeFrame::decode(frame[0], &frame[1..], SHIM_FRAME_BYTES_MAX).unwrap()
+                else {
+                    panic!("not an invoke");
+                };
+                out.clear();
+                AppFrame::TaskResult {
+                    task_id,
+                    status: ResultStatus::Ok,
+                    payload: input,
+                }
+                .encode(&mut out)
+                .unwrap();
+                app_write.write_all(&out).await.unwrap();
+            }
+        });
+        let mut shim = NodeShim::new(node_read, node_write, SHIM_FRAME_BYTES_MAX);
+        let input = vec![7u8; size];
+        for task in 1..=tasks {
+            shim.queue_invoke(task, &input).unwrap();
+        }
+        for task in 1..=tasks {
+            let message = shim.next_message().await.unwrap();
+            match shim.expect_result(task, message).unwrap() {
+                Invocation::Succeeded(out) => assert_eq!(out.len(), size),
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        app.await.unwrap();
     }
 
     #[tokio::test]

@@ -25,7 +25,9 @@
 //! [`ENV_SHIM_SOCKET`] when it is set ([`run_unix`]), else stdin and stdout ([`run_stdio`]).
 //!
 //! Everything here is synchronous std I/O: the application needs no async runtime, and one
-//! task runs at a time, which is the protocol's model (one executor, one task in flight).
+//! task runs at a time. The node may send a window of tasks ahead (pipelining, see
+//! `docs/shim-protocol.md`); they wait in the read buffer, are run in order, and each answer
+//! is flushed as soon as it is made, so a quick task's result never waits behind a slow one.
 //! Once connected there is no timeout either: the application waits for the node for as
 //! long as the node keeps the stream open, and the node bounds how long it waits for the
 //! application. The one bounded wait is [`run_unix`]'s accept ([`ACCEPT_TIMEOUT`]).

@@ -43,6 +43,9 @@ const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
 const LARGE_INPUT_BYTES: usize = 1024 * 1024;
 
 /// Common data of the first session; binary on purpose, so text-only handling shows up.
+/// Tasks in the pipelined check's window.
+const PIPELINED_TASKS: usize = 4;
+
 const COMMON_DATA: &[u8] = b"flame-shim-check common data \x00\x01\xfe\xff";
 
 /// Input of the small-input check; binary for the same reason.
@@ -168,11 +171,16 @@ impl Checker {
         R: AsyncRead + Unpin,
         W: AsyncWrite + Unpin,
     {
-        match shim
+        let invocation = shim
             .invoke(task_id, input)
             .await
-            .map_err(|e| e.to_string())?
-        {
+            .map_err(|e| e.to_string())?;
+        self.judge(input, invocation)
+    }
+
+    /// A task's outcome as a line, or why it fails the check.
+    fn judge(&self, input: &[u8], invocation: Invocation) -> Result<String, String> {
+        match invocation {
             Invocation::Succeeded(output) if self.ping => {
                 let reply = check_reply(input, &output)
                     .map_err(|e| format!("not the ping reply to its input: {e}"))?;
@@ -189,6 +197,37 @@ impl Checker {
             }
             Invocation::Failed(message) => Ok(format!("task failed: {message}")),
         }
+    }
+
+    /// A window of tasks written at once, as the node sends them: one result each, in
+    /// order (NodeShim checks the ids), each checked like a single task's.
+    async fn pipelined<R, W>(
+        &self,
+        shim: &mut NodeShim<R, W>,
+        first_task: u64,
+        large: &[u8],
+    ) -> Result<String, String>
+    where
+        R: AsyncRead + Unpin,
+        W: AsyncWrite + Unpin,
+    {
+        let inputs: [&[u8]; PIPELINED_TASKS] = [SMALL_INPUT, b"", large, SMALL_INPUT];
+        let tasks = (first_task..).zip(inputs);
+        for (task, input) in tasks.clone() {
+            shim.queue_invoke(task, input).map_err(|e| e.to_string())?;
+        }
+        let mut answers = Vec::new();
+        for (task, input) in tasks {
+            let message = shim.next_message().await.map_err(|e| e.to_string())?;
+            let invocation = shim
+                .expect_result(task, message)
+                .map_err(|e| e.to_string())?;
+            answers.push(self.judge(input, invocation)?);
+        }
+        Ok(format!(
+            "{PIPELINED_TASKS} results in order: {}",
+            answers.join("; ")
+        ))
     }
 
     /// Everything between start-up and closing the stream.
@@ -212,6 +251,8 @@ impl Checker {
         self.check("invoke-small", self.invoke(shim, 2, SMALL_INPUT))
             .await?;
         self.check("invoke-1mib", self.invoke(shim, 3, &large))
+            .await?;
+        self.check("invoke-pipelined", self.pipelined(shim, 4, &large))
             .await?;
         self.check("leave-session-1", async { text(shim.leave().await) })
             .await?;
