@@ -20,7 +20,9 @@ const ALL_LINES: &[&str] = &[
     "throughput_ephemeral",
     "latency_durable",
     "latency_ephemeral",
+    "fsync",
     "payload_1MiB",
+    "payload_1MiB_ephemeral",
     "sessions",
     "queue_enqueue",
     "queue_drain",
@@ -113,7 +115,7 @@ async fn every_case_prints_a_checked_line() {
         assert!(line.tasks > 0, "{line:?}");
         assert_eq!(
             line.has_percentiles,
-            line.case.starts_with("latency_"),
+            line.case.starts_with("latency_") || line.case == "fsync",
             "{line:?}"
         );
     }
@@ -123,23 +125,31 @@ async fn every_case_prints_a_checked_line() {
     assert_eq!(tasks("throughput"), 100, "{out}");
     assert_eq!(tasks("sessions"), 100, "{out}");
     assert_eq!(tasks("payload_1MiB"), 1, "{out}");
+    assert_eq!(tasks("payload_1MiB_ephemeral"), 1, "{out}");
     assert_eq!(tasks("queue_drain"), 1_000, "{out}");
     // Nothing but measurements on stdout.
     assert_eq!(out.stdout.lines().count(), ALL_LINES.len(), "{out}");
 }
 
 /// `--repeat 2` prints both runs and a median; `--peers-script` runs a stand-in for the
-/// peers' script, passes its result lines through, and compares the matching case.
+/// peers' script twice (as many passes as runs), passes its result lines through, prints
+/// the median of each peer figure, and compares the matching case with that median.
 #[tokio::test(flavor = "multi_thread")]
 async fn repeats_and_compares_with_a_stand_in_peer() {
     let dir = tempfile::tempdir().unwrap();
     let script = dir.path().join("bench_peers.sh");
+    // Pass 1 says 100 s to start, pass 2 says 300 s: their median is 200 s.
+    let count = dir.path().join("passes");
     write_script(
         &script,
-        "echo '# versions: stand-in'\n\
-         echo 'peer=fake case=startup tasks=0 seconds=100.0 tasks_per_s=0.0'\n\
-         echo 'peer=fake case=throughput tasks=10000 seconds=1.0 tasks_per_s=10000.0'\n\
-         echo 'peer=fake case=latency TIMEOUT after 90s'\n",
+        &format!(
+            "n=$(cat {count} 2>/dev/null || echo 0); n=$((n + 1)); echo $n > {count}\n\
+             echo '# versions: stand-in'\n\
+             echo \"peer=fake case=startup tasks=0 seconds=$((n * 200 - 100)).0 tasks_per_s=0.0\"\n\
+             echo 'peer=fake case=throughput tasks=10000 seconds=1.0 tasks_per_s=10000.0'\n\
+             echo 'peer=fake case=latency TIMEOUT after 90s'\n",
+            count = count.display()
+        ),
     );
     let out = bench(&[
         "--case",
@@ -161,12 +171,24 @@ async fn repeats_and_compares_with_a_stand_in_peer() {
         .stdout
         .lines()
         .filter_map(|l| l.strip_prefix("stat=median "))
+        .filter(|l| l.starts_with("case="))
         .collect();
     assert_eq!(median.len(), 1, "{out}");
     assert_eq!(parse_line(median[0]).case, "cold_start", "{out}");
+    // Both passes' lines pass through, then the peer's medians.
+    for seconds in ["100.0", "300.0"] {
+        assert!(
+            out.stdout.contains(&format!(
+                "peer=fake case=startup tasks=0 seconds={seconds} tasks_per_s=0.0"
+            )),
+            "{out}"
+        );
+    }
+    assert_eq!(std::fs::read_to_string(&count).unwrap().trim(), "2");
     assert!(
         out.stdout
-            .contains("peer=fake case=startup tasks=0 seconds=100.0 tasks_per_s=0.0"),
+            .lines()
+            .any(|l| l == "stat=median peer=fake case=startup seconds=200 tasks=0 tasks_per_s=0"),
         "{out}"
     );
     let ratios: Vec<&str> = out
@@ -174,13 +196,14 @@ async fn repeats_and_compares_with_a_stand_in_peer() {
         .lines()
         .filter(|l| l.starts_with("ratio "))
         .collect();
-    // Only cold_start ran, so only the peer's startup is compared.
+    // Only cold_start ran, so only the peer's startup is compared, with its median.
     assert_eq!(ratios.len(), 1, "{out}");
     assert!(
         ratios[0]
             .starts_with("ratio case=cold_start peer=fake peer_case=startup metric=seconds flame="),
         "{out}"
     );
+    assert!(ratios[0].contains(" peer_value=200.0 "), "{out}");
 }
 
 /// `--output json`: one document with the runs and their medians.

@@ -72,6 +72,11 @@ const LATENCY_ROUND_TRIPS: u64 = 2_000;
 /// Round trips before the measured ones, so that the executor is up and the paths are warm
 /// (the peers warm up with 50 sequential calls too).
 const LATENCY_WARMUP_ROUND_TRIPS: u64 = 50;
+/// Syncs of the `fsync` line of the `latency` case.
+const FSYNC_PROBES: u64 = 200;
+/// Bytes each sync of the `fsync` line makes durable: one page, as a small commit does.
+const FSYNC_PROBE_BYTES: usize = 4096;
+
 /// Tasks of the `payload_1MiB` case.
 const PAYLOAD_TASKS: u64 = 200;
 /// Bytes of each input of the `payload_1MiB` case; the ping reply carries them back.
@@ -92,10 +97,11 @@ pub enum Case {
     /// The same in an ephemeral session (tasks and results kept in memory only)
     #[value(name = "throughput_ephemeral")]
     ThroughputEphemeral,
-    /// 2,000 sequential submit-and-wait round trips, durable then ephemeral (two lines)
+    /// 2,000 sequential submit-and-wait round trips, durable then ephemeral, and what one
+    /// fsync costs (three lines: latency_durable, latency_ephemeral, fsync)
     #[value(name = "latency")]
     Latency,
-    /// 200 tasks of 1 MiB in and 1 MiB out
+    /// 200 tasks of 1 MiB in and 1 MiB out, durable then ephemeral (two lines)
     #[value(name = "payload_1MiB", alias = "payload_1mib")]
     Payload1Mib,
     /// 100 concurrent sessions of 1,000 tasks each
@@ -342,16 +348,41 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         report.medians.extend(medians);
     }
     if let Some(script) = peers_script {
-        let peers = tokio::select! {
-            peers = run_peers(&script, text) => peers,
-            signal = signals.recv() => Err((
-                PeersOutput::default(),
-                anyhow!("stopped by {signal} while the peers ran"),
-            )),
-        };
-        let (peers, failure) = match peers {
-            Ok(peers) => (peers, None),
-            Err((peers, e)) => (peers, Some(e)),
+        // As many passes as our runs, so both sides' figures are medians of the same count.
+        let mut passes: Vec<Vec<PeerResult>> = Vec::new();
+        let mut notes = Vec::new();
+        let mut failure = None;
+        for k in 1..=args.repeat {
+            if std::io::stderr().is_terminal() {
+                eprintln!("bench: the peers' script (pass {k} of {})", args.repeat);
+            }
+            let pass = tokio::select! {
+                pass = run_peers(&script, text) => pass,
+                signal = signals.recv() => Err((
+                    PeersOutput::default(),
+                    anyhow!("stopped by {signal} while the peers ran"),
+                )),
+            };
+            let (pass, e) = match pass {
+                Ok(pass) => (pass, None),
+                Err((pass, e)) => (pass, Some(e)),
+            };
+            passes.push(pass.results);
+            notes.extend(pass.notes);
+            if let Some(e) = e {
+                failure = Some(e.context(format!("peers' pass {k} of {}", args.repeat)));
+                break;
+            }
+        }
+        let medians = peer_medians(&passes);
+        if text && passes.len() > 1 {
+            for m in &medians {
+                println!("stat=median {m}");
+            }
+        }
+        let peers = PeersOutput {
+            results: medians,
+            notes,
         };
         let ratios = ratios(&report.medians, &peers.results);
         if text {
@@ -368,7 +399,8 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         }
         report.peers = Some(PeersReport {
             script: script.display().to_string(),
-            results: peers.results,
+            passes,
+            medians: peers.results,
             notes: peers.notes,
             ratios,
         });
@@ -420,6 +452,8 @@ struct Target {
     head_pid: Option<u32>,
     node_pid: Option<u32>,
     node_name: String,
+    /// The head's data folder, where the `fsync` line syncs its probe file.
+    data_dir: PathBuf,
 }
 
 impl Target {
@@ -429,6 +463,7 @@ impl Target {
             head_pid: cluster.head_pid(),
             node_pid: cluster.node_pid(),
             node_name: cluster.node_name().to_string(),
+            data_dir: cluster.data_dir().to_path_buf(),
         }
     }
 
@@ -479,11 +514,17 @@ async fn measure(
     started: Instant,
 ) -> anyhow::Result<Vec<Measurement>> {
     match case {
-        Case::Throughput | Case::ThroughputEphemeral | Case::Payload1Mib => {
-            let (n, size) = match case {
-                Case::Payload1Mib => (plan.tasks(PAYLOAD_TASKS), PAYLOAD_BYTES),
-                _ => (plan.tasks(THROUGHPUT_TASKS), TINY_INPUT_BYTES),
-            };
+        Case::Payload1Mib => {
+            let n = plan.tasks(PAYLOAD_TASKS);
+            let mut lines = Vec::new();
+            for (name, ephemeral) in [("payload_1MiB", false), ("payload_1MiB_ephemeral", true)] {
+                let checked = session_run(client, plan, n, PAYLOAD_BYTES, ephemeral).await?;
+                lines.push(Measurement::new(name, n, checked.elapsed(), target.rss()));
+            }
+            Ok(lines)
+        }
+        Case::Throughput | Case::ThroughputEphemeral => {
+            let (n, size) = (plan.tasks(THROUGHPUT_TASKS), TINY_INPUT_BYTES);
             let ephemeral = case == Case::ThroughputEphemeral;
             let checked = session_run(client, plan, n, size, ephemeral).await?;
             Ok(vec![Measurement::new(
@@ -514,6 +555,17 @@ async fn measure(
                 m.latency = Some(percentiles(&mut samples));
                 lines.push(m);
             }
+            // What one durable commit costs on this disk right now, next to which
+            // latency_durable is judged (its target is one fsync plus 150 µs).
+            let dir = target.data_dir.clone();
+            let syncs = plan.tasks(FSYNC_PROBES);
+            let (elapsed, mut samples) =
+                tokio::task::spawn_blocking(move || fsync_probe(&dir, syncs))
+                    .await
+                    .context("the fsync probe stopped")??;
+            let mut m = Measurement::new("fsync", syncs, elapsed, None);
+            m.latency = Some(percentiles(&mut samples));
+            lines.push(m);
             Ok(lines)
         }
         Case::Sessions => {
@@ -641,6 +693,39 @@ async fn sole_result(
             ids.join(", ")
         );
     }
+}
+
+/// Writes one page and `fdatasync`s it (what redb's durable commit ends with), `syncs`
+/// times, in a probe file of `dir` that is removed afterwards; each sync is timed.
+fn fsync_probe(dir: &Path, syncs: u64) -> anyhow::Result<(Duration, Vec<Duration>)> {
+    use std::os::unix::fs::FileExt;
+    let path = dir.join("fsync-probe");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("cannot create {}", path.display()))?;
+    let page = vec![0x5a_u8; FSYNC_PROBE_BYTES];
+    let probe = || -> std::io::Result<(Duration, Vec<Duration>)> {
+        // Allocated and synced once first, so the timed syncs do not grow the file.
+        for slot in 0..16u64 {
+            file.write_all_at(&page, slot * FSYNC_PROBE_BYTES as u64)?;
+        }
+        file.sync_all()?;
+        let mut samples = Vec::new();
+        let started = Instant::now();
+        for i in 0..syncs {
+            file.write_all_at(&page, (i % 16) * FSYNC_PROBE_BYTES as u64)?;
+            let t = Instant::now();
+            file.sync_data()?;
+            samples.push(t.elapsed());
+        }
+        Ok((started.elapsed(), samples))
+    };
+    let result = probe().with_context(|| format!("cannot write and sync {}", path.display()));
+    let _ = std::fs::remove_file(&path);
+    result
 }
 
 /// Nearest-rank percentiles of `samples` (as the peers compute theirs), in microseconds;
@@ -855,6 +940,49 @@ impl PeerResult {
     }
 }
 
+impl std::fmt::Display for PeerResult {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "peer={} case={}", self.peer, self.case)?;
+        for (name, value) in &self.figures {
+            write!(f, " {name}={value}")?;
+        }
+        Ok(())
+    }
+}
+
+/// Per peer and case (in first-seen order), the median of each figure over the passes
+/// that gave it.
+fn peer_medians(passes: &[Vec<PeerResult>]) -> Vec<PeerResult> {
+    let mut order: Vec<(String, String)> = Vec::new();
+    let mut values: BTreeMap<(String, String), BTreeMap<String, Vec<f64>>> = BTreeMap::new();
+    for result in passes.iter().flatten() {
+        let key = (result.peer.clone(), result.case.clone());
+        if !order.contains(&key) {
+            order.push(key.clone());
+        }
+        let figures = values.entry(key).or_default();
+        for (name, value) in &result.figures {
+            figures.entry(name.clone()).or_default().push(*value);
+        }
+    }
+    order
+        .into_iter()
+        .map(|key| {
+            let figures = values
+                .remove(&key)
+                .unwrap_or_default()
+                .into_iter()
+                .map(|(name, v)| (name, median(v.into_iter())))
+                .collect();
+            PeerResult {
+                peer: key.0,
+                case: key.1,
+                figures,
+            }
+        })
+        .collect()
+}
+
 /// The peers' script's output: its results, and every other line.
 #[derive(Debug, Default)]
 struct PeersOutput {
@@ -866,7 +994,11 @@ struct PeersOutput {
 #[derive(Debug, Serialize)]
 struct PeersReport {
     script: String,
-    results: Vec<PeerResult>,
+    /// Each pass's results.
+    passes: Vec<Vec<PeerResult>>,
+    /// Per peer and case, the median of each figure over the passes that gave it; the
+    /// ratios compare these.
+    medians: Vec<PeerResult>,
     notes: Vec<String>,
     ratios: Vec<Ratio>,
 }
@@ -984,6 +1116,12 @@ const COMPARED: &[(&str, &str, &str, Better)] = &[
     ("latency_ephemeral", "latency", "p99_us", Better::Lower),
     (
         "payload_1MiB",
+        "payload_1MiB",
+        "tasks_per_s",
+        Better::Higher,
+    ),
+    (
+        "payload_1MiB_ephemeral",
         "payload_1MiB",
         "tasks_per_s",
         Better::Higher,
@@ -1117,6 +1255,35 @@ mod tests {
         assert_eq!((p.p50_us, p.p99_us, p.p999_us), (500.0, 990.0, 999.0));
         let mut one = vec![Duration::from_micros(7)];
         assert_eq!(percentiles(&mut one).p999_us, 7.0);
+    }
+
+    #[test]
+    fn peer_medians_per_peer_case_and_figure() {
+        let pass = |rate: f64, p50: Option<f64>| {
+            let mut v = vec![PeerResult::parse(&format!(
+                "peer=ray case=throughput tasks=10 seconds=1 tasks_per_s={rate}"
+            ))
+            .unwrap()];
+            if let Some(p50) = p50 {
+                v.push(PeerResult::parse(&format!("peer=dask case=latency p50_us={p50}")).unwrap());
+            }
+            v
+        };
+        let medians = peer_medians(&[
+            pass(100.0, Some(5.0)),
+            pass(300.0, None),
+            pass(200.0, Some(9.0)),
+        ]);
+        assert_eq!(medians.len(), 2);
+        assert_eq!(medians[0].peer, "ray");
+        assert_eq!(medians[0].figure("tasks_per_s"), Some(200.0));
+        assert_eq!(medians[0].figure("tasks"), Some(10.0));
+        // Two passes gave it: the mean of the middle two.
+        assert_eq!(medians[1].figure("p50_us"), Some(7.0));
+        assert_eq!(
+            medians[0].to_string(),
+            "peer=ray case=throughput seconds=1 tasks=10 tasks_per_s=200"
+        );
     }
 
     #[test]
