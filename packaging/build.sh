@@ -26,7 +26,7 @@ while (($# > 0)); do
     --profile) profile=${2:?--profile needs a name}; shift 2 ;;
     --no-build) build=0; shift ;;
     --out) out=${2:?--out needs a folder}; shift 2 ;;
-    -h|--help) sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "error: unknown argument '$1'" >&2; echo "hint: packaging/build.sh --help" >&2; exit 2 ;;
   esac
 done
