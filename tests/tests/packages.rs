@@ -106,10 +106,11 @@ async fn packages_install_run_and_purge() {
     rpms_list_the_expected_files(&out).await;
 
     let mut guard = Installation::new(work.path());
+    // Before dpkg runs: a half-done install is purged too.
+    guard.installed = true;
     let mut dpkg = Command::new("dpkg");
     dpkg.arg("-i").args(&debs);
     tool(dpkg).await;
-    guard.installed = true;
     let files = installed_files().await;
     assert!(
         nix::unistd::User::from_name("flame").unwrap().is_some(),
@@ -143,6 +144,38 @@ async fn packages_install_run_and_purge() {
         verified.stderr.trim().is_empty() && verified.stdout.trim().is_empty(),
         "systemd-analyze verify has something to say:\n{verified}"
     );
+    // What the issue asks of the units: restarts, the journal, the head's hardening.
+    for (unit, settings) in [
+        (
+            &head_unit,
+            &[
+                ("User", "flame"),
+                ("Restart", "on-failure"),
+                ("StandardError", "journal"),
+                ("NoNewPrivileges", "yes"),
+                ("ProtectSystem", "strict"),
+                ("ProtectHome", "yes"),
+            ][..],
+        ),
+        (
+            &node_unit,
+            &[
+                ("User", "root"),
+                ("Restart", "on-failure"),
+                ("StandardError", "journal"),
+                ("Delegate", "yes"),
+            ][..],
+        ),
+    ] {
+        for (key, value) in settings {
+            assert_eq!(
+                unit.service(key),
+                Some(*value),
+                "{}: {key}=",
+                unit.path.display()
+            );
+        }
+    }
 
     // An admin's edits: the head on a loopback port of its own, the node pointed at it.
     let port = free_udp_port();
