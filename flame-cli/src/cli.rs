@@ -2,6 +2,7 @@
 
 pub mod app;
 pub mod bench;
+pub mod docs;
 pub mod each;
 pub mod job;
 pub mod local;
@@ -64,6 +65,11 @@ pub enum Command {
     Ping(ping::PingArgs),
     /// Run a head and a node on this machine until Ctrl-C
     Local(local::LocalArgs),
+    /// Print a shell completion script, e.g. `flame completions bash > ~/.local/share/bash-completion/completions/flame`
+    Completions(docs::CompletionsArgs),
+    /// Write the man pages and completion scripts of `flame` (for packaging)
+    #[command(hide = true)]
+    GenerateDocs(docs::GenerateDocsArgs),
     /// Register, list, show and remove applications
     #[command(subcommand)]
     App(app::AppCommand),
@@ -99,6 +105,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Ping(args) => ping::run(&cli.global, args).await,
         Command::Local(args) => local::run(args).await,
+        Command::Completions(args) => docs::completions(args),
+        Command::GenerateDocs(args) => docs::generate(args),
         Command::App(cmd) => app::run(&cli.global, cmd).await,
         Command::Session(cmd) => session::run(&cli.global, cmd).await,
         Command::Node(cmd) => node::run(&cli.global, cmd).await,

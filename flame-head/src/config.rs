@@ -68,6 +68,12 @@ pub enum HeadCommand {
     /// `init` wrote to DATA_DIR/admin.token.
     #[command(subcommand)]
     Token(TokenCommand),
+    /// Writes the man pages and shell completions of `flame-head` to OUT (for packaging).
+    #[command(hide = true)]
+    GenerateDocs {
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+    },
 }
 
 /// `flame-head token ...`.

@@ -25,6 +25,19 @@ use std::os::unix::fs::PermissionsExt;
 
 fn main() -> std::process::ExitCode {
     let args = config::Args::parse();
+    if let Some(config::HeadCommand::GenerateDocs { out }) = &args.command {
+        return match flame_manuals::write_all(
+            <config::Args as clap::CommandFactory>::command(),
+            flame_manuals::Section::Admin,
+            out,
+        ) {
+            Ok(_) => std::process::ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("error: {e}");
+                std::process::ExitCode::FAILURE
+            }
+        };
+    }
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("FLAME_LOG")
@@ -109,6 +122,8 @@ async fn run(mut args: config::Args) -> anyhow::Result<()> {
         Some(config::HeadCommand::UserCert { name, admin, out }) => {
             return admin::user_cert(&config, &name, admin, &out)
         }
+        // Handled in `main`, before anything else starts.
+        Some(config::HeadCommand::GenerateDocs { .. }) => return Ok(()),
     }
     failpoints::arm_from_env().map_err(anyhow::Error::msg)?;
     prepare_data_dir(&config.data_dir)?;

@@ -115,6 +115,12 @@ enum NodeCommand {
     /// Writes TLS_DIR/node.crt, TLS_DIR/node.key (0600) and TLS_DIR/ca.crt. Joining again
     /// renews the certificate.
     Join(join::JoinArgs),
+    /// Writes the man pages and shell completions of `flame-node` to OUT (for packaging).
+    #[command(hide = true)]
+    GenerateDocs {
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+    },
 }
 
 /// Most processes in one executor's cgroup, unless the config says otherwise.
@@ -132,6 +138,13 @@ fn main() -> std::process::ExitCode {
         .init();
     let result = match args.command {
         Some(NodeCommand::Join(join_args)) => join::run(join_args),
+        Some(NodeCommand::GenerateDocs { out }) => flame_manuals::write_all(
+            <Args as clap::CommandFactory>::command(),
+            flame_manuals::Section::Admin,
+            &out,
+        )
+        .map(|_| ())
+        .map_err(|e| e.to_string()),
         None => run(args),
     };
     match result {

@@ -930,9 +930,10 @@ struct Stdout {
     closed: bool,
 }
 
-/// One child process: its stderr goes to a log file, its stdout lines are kept.
+/// One child process: its stderr goes to a log file, its stdout lines are kept. Killed
+/// when dropped, and when the test process dies.
 #[derive(Debug)]
-struct Proc {
+pub struct Proc {
     name: String,
     command: String,
     child: Child,
@@ -950,19 +951,29 @@ impl Proc {
         log: &Path,
         netns: Option<&Namespace>,
     ) -> Proc {
+        let mut command = Command::new(program);
+        for var in FOREIGN_ENV {
+            command.env_remove(var);
+        }
+        command.args(args).envs(env.iter().map(|(k, v)| (k, v)));
+        Proc::start(name, command, log, netns)
+    }
+
+    /// Starts `command` as it is set up (program, arguments, environment, user), inside
+    /// `netns` when given, with its stderr appended to `log`.
+    pub fn start(
+        name: String,
+        mut command: Command,
+        log: &Path,
+        netns: Option<&Namespace>,
+    ) -> Proc {
         // Appended to, so a restarted head's log follows the first one's.
         let log_file = OpenOptions::new()
             .create(true)
             .append(true)
             .open(log)
             .unwrap_or_else(|e| panic!("cannot open {}: {e}", log.display()));
-        let mut command = Command::new(program);
-        for var in FOREIGN_ENV {
-            command.env_remove(var);
-        }
         command
-            .args(args)
-            .envs(env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::from(log_file))
@@ -1023,7 +1034,7 @@ impl Proc {
 
     /// Waits for the line starting with `prefix` that comes after `skip` such lines;
     /// returns its index and the rest of the line, or why it did not come.
-    async fn wait_line(
+    pub async fn wait_line(
         &mut self,
         prefix: &str,
         skip: usize,
@@ -1061,7 +1072,7 @@ impl Proc {
     }
 
     /// `SIGTERM`, then waits for the exit; panics with the log when it does not come.
-    async fn terminate(&mut self, timeout: Duration) -> ExitStatus {
+    pub async fn terminate(&mut self, timeout: Duration) -> ExitStatus {
         if let Some(pid) = self.child.id().and_then(|id| i32::try_from(id).ok()) {
             signal::kill(Pid::from_raw(pid), Signal::SIGTERM)
                 .unwrap_or_else(|e| panic!("cannot send SIGTERM to {}: {e}", self.name));
@@ -1080,14 +1091,19 @@ impl Proc {
         }
     }
 
-    fn kill(&mut self) {
+    /// Its process id, while it runs.
+    pub fn pid(&self) -> Option<i32> {
+        self.child.id().and_then(|id| i32::try_from(id).ok())
+    }
+
+    pub fn kill(&mut self) {
         // Fails only when it already exited, which is what we want.
         let _already_gone = self.child.start_kill();
     }
 }
 
 /// The end of a log file, headed by its name.
-fn log_section(name: &str, log: &Path) -> String {
+pub fn log_section(name: &str, log: &Path) -> String {
     let read = || -> std::io::Result<String> {
         let mut file = std::fs::File::open(log)?;
         let len = file.metadata()?.len();
