@@ -630,7 +630,7 @@ async fn join_node(
 
 /// Writes `bytes` to a new file at `path` that only its owner may read (mode 0600); an
 /// older file there is replaced, since its mode could be wider.
-fn write_private(path: &Path, bytes: &[u8]) -> Result<(), LocalError> {
+pub fn write_private(path: &Path, bytes: &[u8]) -> Result<(), LocalError> {
     use std::io::Write as _;
     use std::os::unix::fs::OpenOptionsExt as _;
     let io_err = |what, source| LocalError::Io {
