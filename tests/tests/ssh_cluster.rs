@@ -1,0 +1,264 @@
+//! `flame cluster up | status | down` over real SSH to three hosts, each a network
+//! namespace running a real sshd on port 22 of its own address (`flame_tests::sshd`), with
+//! keys made for the test. `flame` itself runs in a fourth namespace, the operator's
+//! machine, and so does the `flame ping` that uses the cluster.
+//!
+//! The hosts share this machine's file system, so each has its own install, data and log
+//! folders in the cluster file; the test finds what they run by those folders.
+//!
+//! 1. `up` starts a head and two nodes; `flame ping -t 10000` from outside uses both.
+//! 2. `up` again changes nothing; `status` shows both nodes Ready.
+//! 3. With one host's sshd stopped, `up` (after a `down`) brings up the rest, names that
+//!    host and the step, and exits with 3; once its sshd is back, `up` starts it alone.
+//! 4. `down` leaves no process of the cluster on any host.
+//!
+//! Needs root, `ip`, `nft` and openssh-server; under CI=true their absence fails the test.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // Test code: a panic is the report.
+
+use flame_tests::netns::{self, Network};
+use flame_tests::sshd::{self, processes_under, SshKeys, Sshd};
+use flame_tests::{binary, prerequisites, run_command, CmdOutput};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+const TEST: &str = "ssh_cluster_up_ping_repeat_unreachable_down";
+/// The namespace `flame` runs in: node 2 of the network (the hosts are the head's
+/// namespace and nodes 0 and 1).
+const OPERATOR: usize = 2;
+/// Bound on one `flame` command.
+const FLAME_TIMEOUT: Duration = Duration::from_secs(240);
+
+/// Three SSH hosts and the operator's namespace, in a folder of the test's own. Dropping it
+/// kills whatever still runs from the hosts' folders (a failed test's daemons), then the
+/// sshds, then the namespaces.
+struct Hosts {
+    sshds: Vec<Sshd>,
+    network: Network,
+    root: tempfile::TempDir,
+    file: PathBuf,
+}
+
+impl Hosts {
+    fn create() -> Hosts {
+        let network = Network::create(3);
+        let root = tempfile::Builder::new()
+            .prefix("flame-ssh-")
+            .tempdir()
+            .unwrap();
+        let keys = SshKeys::create(&root.path().join("ssh"));
+        let sshds = vec![
+            Sshd::start(&keys, network.head()),
+            Sshd::start(&keys, network.node(0)),
+            Sshd::start(&keys, network.node(1)),
+        ];
+        let file = root.path().join("cluster.toml");
+        std::fs::write(&file, cluster_file(root.path(), &keys, &sshds)).unwrap();
+        Hosts {
+            sshds,
+            network,
+            root,
+            file,
+        }
+    }
+
+    /// Runs `flame ARGS` in the operator's namespace, with `env` and no FLAME_* variable
+    /// of the test's own environment.
+    async fn flame(&self, args: &[&str], env: &[(String, String)]) -> CmdOutput {
+        let mut command = tokio::process::Command::new(binary("flame"));
+        command.args(args);
+        for var in [
+            "FLAME_HEAD",
+            "FLAME_CA_FILE",
+            "FLAME_TOKEN",
+            "FLAME_TOKEN_FILE",
+            "FLAME_CERT",
+            "FLAME_KEY",
+            "FLAME_OWNER",
+        ] {
+            command.env_remove(var);
+        }
+        command.envs(env.iter().map(|(k, v)| (k, v)));
+        self.network.node(OPERATOR).enter_in_child(&mut command);
+        run_command(command, FLAME_TIMEOUT).await
+    }
+
+    async fn cluster(&self, verb: &str) -> CmdOutput {
+        let file = self.file.to_string_lossy().into_owned();
+        self.flame(&["cluster", verb, "-f", &file], &[]).await
+    }
+
+    /// The processes running one of the hosts' binaries.
+    fn processes(&self) -> Vec<(i32, PathBuf)> {
+        processes_under(&self.root.path().join("hosts"))
+    }
+
+    fn logs(&self) -> String {
+        let mut text = String::new();
+        for host in ["head", "node-a", "node-b"] {
+            for role in ["head", "node"] {
+                let log = self
+                    .root
+                    .path()
+                    .join(format!("hosts/{host}/log/flame-{role}.log"));
+                if let Ok(t) = std::fs::read_to_string(&log) {
+                    let tail: Vec<&str> = t.lines().rev().take(30).collect();
+                    text.push_str(&format!("--- {} ---\n", log.display()));
+                    for l in tail.iter().rev() {
+                        text.push_str(l);
+                        text.push('\n');
+                    }
+                }
+            }
+        }
+        text
+    }
+}
+
+impl Drop for Hosts {
+    fn drop(&mut self) {
+        sshd::kill_under(&self.root.path().join("hosts"));
+    }
+}
+
+fn cluster_file(root: &Path, keys: &SshKeys, sshds: &[Sshd]) -> String {
+    let dirs = |host: &str| {
+        let base = root.join("hosts").join(host);
+        format!(
+            "install_dir = \"{b}/bin\"\ndata_dir = \"{b}/data\"\nlog_dir = \"{b}/log\"\n",
+            b = base.display()
+        )
+    };
+    let node = |i: usize, name: &str| {
+        format!(
+            "[[nodes]]\nhost = \"{addr}\"\nname = \"{name}\"\ncpus = 1\n\
+             labels = {{ rack = \"r{i}\" }}\n\
+             args = [\"--executor-user\", \"root\", \"--allow-root-executors\", \"--cgroup-root\", \"flame-ssh-{pid}-{name}\"]\n{dirs}",
+            addr = sshds[i + 1].addr(),
+            pid = std::process::id(),
+            dirs = dirs(name),
+        )
+    };
+    format!(
+        "name = \"e2e\"\nstate_dir = \"{state}\"\n\n[ssh]\nuser = \"root\"\nidentity_file = \"{key}\"\n\
+         known_hosts_file = \"{known}\"\nconnect_timeout = \"5s\"\ncommand_timeout = \"60s\"\n\n\
+         [head]\nhost = \"{head}\"\n{head_dirs}\n{a}\n{b}",
+        state = root.join("client").display(),
+        key = keys.client_key.display(),
+        known = keys.known_hosts.display(),
+        head = sshds[0].addr(),
+        head_dirs = dirs("head"),
+        a = node(0, "node-a"),
+        b = node(1, "node-b"),
+    )
+}
+
+/// The `export A=x B=y ...; unset ...` line `up` prints, as variables.
+fn exports(stdout: &str) -> Vec<(String, String)> {
+    let line = stdout
+        .lines()
+        .find(|l| l.starts_with("export FLAME_HEAD="))
+        .unwrap_or_else(|| panic!("no export line in:\n{stdout}"));
+    let assignments = line
+        .trim_start_matches("export ")
+        .split(';')
+        .next()
+        .unwrap();
+    assignments
+        .split_whitespace()
+        .map(|a| {
+            let (k, v) = a.split_once('=').unwrap();
+            (k.to_string(), v.trim_matches('\'').to_string())
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn ssh_cluster_up_ping_repeat_unreachable_down() {
+    if !netns::available(TEST) || !prerequisites::require(TEST, sshd::missing_prerequisite()) {
+        return;
+    }
+    let mut hosts = Hosts::create();
+
+    // 1. Up, and work from outside.
+    let up = hosts.cluster("up").await;
+    assert!(up.success(), "{up}\n{}", hosts.logs());
+    assert!(
+        up.stdout
+            .contains("3 hosts: 3 started, 0 restarted, 0 unchanged, 0 failed"),
+        "{up}"
+    );
+    eprintln!("first `flame cluster up` of 3 hosts: {:?}", up.elapsed);
+    let env = exports(&up.stdout);
+    let ping = hosts.flame(&["ping", "-t", "10000"], &env).await;
+    assert!(ping.success(), "{ping}\n{}", hosts.logs());
+    assert!(
+        ping.stdout.contains("10,000 tasks completed") && ping.stdout.contains("on 2 hosts"),
+        "{ping}"
+    );
+
+    // 2. Again: nothing changes.
+    let again = hosts.cluster("up").await;
+    again.assert_success();
+    assert!(
+        again
+            .stdout
+            .contains("3 hosts: 0 started, 0 restarted, 3 unchanged, 0 failed"),
+        "{again}"
+    );
+    eprintln!("repeated `flame cluster up`: {:?}", again.elapsed);
+    let status = hosts.cluster("status").await;
+    status.assert_success();
+    assert_eq!(status.stdout.matches("Ready").count(), 2, "{status}");
+
+    // 3. One host unreachable: the rest come up, the host and the step are named.
+    hosts.cluster("down").await.assert_success();
+    assert!(hosts.processes().is_empty(), "{:?}", hosts.processes());
+    let unreachable = hosts.sshds[2].addr();
+    hosts.sshds[2].stop();
+    let partial = hosts.cluster("up").await;
+    assert_eq!(
+        partial.status.code(),
+        Some(3),
+        "{partial}\n{}",
+        hosts.logs()
+    );
+    assert!(
+        partial
+            .stdout
+            .contains("3 hosts: 2 started, 0 restarted, 0 unchanged, 1 failed"),
+        "{partial}"
+    );
+    let named = format!("error: node-b ({unreachable}): connect: ssh: connect to host {unreachable} port 22: Connection refused");
+    assert!(partial.stderr.contains(&named), "{partial}");
+    let status = hosts.cluster("status").await;
+    assert_eq!(status.status.code(), Some(3), "{status}");
+    assert_eq!(status.stdout.matches("Ready").count(), 1, "{status}");
+    // Back: it alone is started.
+    hosts.sshds[2].restart();
+    let back = hosts.cluster("up").await;
+    back.assert_success();
+    assert!(
+        back.stdout
+            .contains("3 hosts: 1 started, 0 restarted, 2 unchanged, 0 failed"),
+        "{back}"
+    );
+
+    // 4. Down: nothing of the cluster runs anywhere.
+    let down = hosts.cluster("down").await;
+    down.assert_success();
+    assert!(
+        down.stdout
+            .contains("3 members: 3 stopped, 0 not running, 0 failed"),
+        "{down}"
+    );
+    let left = hosts.processes();
+    assert!(left.is_empty(), "still running after down: {left:?}");
+    for host in ["head", "node-a", "node-b"] {
+        let role = if host == "head" { "head" } else { "node" };
+        let pid_file = hosts
+            .root
+            .path()
+            .join(format!("hosts/{host}/data/{role}/supervisor.pid"));
+        assert!(!pid_file.exists(), "{} is left", pid_file.display());
+    }
+}
