@@ -27,6 +27,8 @@ const TEST: &str = "ssh_cluster_up_ping_repeat_unreachable_down";
 const OPERATOR: usize = 2;
 /// Bound on one `flame` command.
 const FLAME_TIMEOUT: Duration = Duration::from_secs(240);
+/// Bound on a supervisor starting its killed daemon again (its first backoff is 1 s).
+const RESTART_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// Three SSH hosts and the operator's namespace, in a folder of the test's own. Dropping it
 /// kills whatever still runs from the hosts' folders (a failed test's daemons), then the
@@ -62,9 +64,11 @@ impl Hosts {
     }
 
     /// Runs `flame ARGS` in the operator's namespace, with `env` and no FLAME_* variable
-    /// of the test's own environment.
+    /// of the test's own environment. The `flame` of [`bench_bin_dir`] when set, else the
+    /// workspace's.
     async fn flame(&self, args: &[&str], env: &[(String, String)]) -> CmdOutput {
-        let mut command = tokio::process::Command::new(binary("flame"));
+        let flame = bench_bin_dir().map_or_else(|| binary("flame"), |d| d.join("flame"));
+        let mut command = tokio::process::Command::new(flame);
         command.args(args);
         for var in [
             "FLAME_HEAD",
@@ -152,6 +156,14 @@ fn cluster_file(root: &Path, keys: &SshKeys, sshds: &[Sshd]) -> String {
     )
 }
 
+/// `FLAME_SSH_BENCH_BIN_DIR`: the folder of the `flame` (and so of the binaries copied)
+/// that the measurement runs, e.g. `target/release`.
+fn bench_bin_dir() -> Option<PathBuf> {
+    std::env::var_os("FLAME_SSH_BENCH_BIN_DIR")
+        .filter(|d| !d.is_empty())
+        .map(PathBuf::from)
+}
+
 /// The `export A=x B=y ...; unset ...` line `up` prints, as variables.
 fn exports(stdout: &str) -> Vec<(String, String)> {
     let line = stdout
@@ -187,7 +199,10 @@ async fn ssh_cluster_up_ping_repeat_unreachable_down() {
             .contains("3 hosts: 3 started, 0 restarted, 0 unchanged, 0 failed"),
         "{up}"
     );
-    eprintln!("first `flame cluster up` of 3 hosts: {:?}", up.elapsed);
+    eprintln!(
+        "first `flame cluster up` of 3 hosts: {:?}\n{up}",
+        up.elapsed
+    );
     let env = exports(&up.stdout);
     let ping = hosts.flame(&["ping", "-t", "10000"], &env).await;
     assert!(ping.success(), "{ping}\n{}", hosts.logs());
@@ -210,8 +225,59 @@ async fn ssh_cluster_up_ping_repeat_unreachable_down() {
     status.assert_success();
     assert_eq!(status.stdout.matches("Ready").count(), 2, "{status}");
 
+    // Supervision: a node agent killed with SIGKILL is started again by its supervisor,
+    // registers again, and `up` still finds everything as it should be.
+    let agent = hosts.root.path().join("hosts/node-a/bin/flame-node");
+    let pid_of = |exe: &Path| {
+        hosts
+            .processes()
+            .into_iter()
+            .find(|(_, e)| e == exe)
+            .map(|(pid, _)| pid)
+    };
+    let killed = pid_of(&agent).unwrap_or_else(|| panic!("no {} runs", agent.display()));
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(killed),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let deadline = std::time::Instant::now() + RESTART_TIMEOUT;
+    let restarted = loop {
+        match pid_of(&agent) {
+            Some(pid) if pid != killed => break pid,
+            _ if std::time::Instant::now() > deadline => {
+                panic!(
+                    "node-a's agent was not restarted within {RESTART_TIMEOUT:?}\n{}",
+                    hosts.logs()
+                )
+            }
+            _ => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    };
+    eprintln!("node-a's agent {killed} was killed; its supervisor started {restarted}");
+    let after_restart = hosts.cluster("up").await;
+    assert!(after_restart.success(), "{after_restart}\n{}", hosts.logs());
+    assert!(
+        after_restart
+            .stdout
+            .contains("3 hosts: 0 started, 0 restarted, 3 unchanged, 0 failed"),
+        "{after_restart}"
+    );
+
     // 3. One host unreachable: the rest come up, the host and the step are named.
     hosts.cluster("down").await.assert_success();
+    assert!(hosts.processes().is_empty(), "{:?}", hosts.processes());
+    // A dry run says what would be done, and does nothing.
+    let file = hosts.file.to_string_lossy().into_owned();
+    let dry = hosts
+        .flame(&["cluster", "up", "--dry-run", "-f", &file], &[])
+        .await;
+    dry.assert_success();
+    assert_eq!(
+        dry.stdout.matches("start (supervised process)").count(),
+        3,
+        "{dry}"
+    );
     assert!(hosts.processes().is_empty(), "{:?}", hosts.processes());
     let unreachable = hosts.sshds[2].addr();
     hosts.sshds[2].stop();
@@ -230,6 +296,7 @@ async fn ssh_cluster_up_ping_repeat_unreachable_down() {
     );
     let named = format!("error: node-b ({unreachable}): connect: ssh: connect to host {unreachable} port 22: Connection refused");
     assert!(partial.stderr.contains(&named), "{partial}");
+    eprintln!("{partial}");
     let status = hosts.cluster("status").await;
     assert_eq!(status.status.code(), Some(3), "{status}");
     assert_eq!(status.stdout.matches("Ready").count(), 1, "{status}");
@@ -243,9 +310,12 @@ async fn ssh_cluster_up_ping_repeat_unreachable_down() {
         "{back}"
     );
 
-    // 4. Down: nothing of the cluster runs anywhere.
-    let down = hosts.cluster("down").await;
+    // 4. Down, draining the nodes first: nothing of the cluster runs anywhere.
+    let down = hosts
+        .flame(&["cluster", "down", "--drain", "-f", &file], &[])
+        .await;
     down.assert_success();
+    eprintln!("{down}");
     assert!(
         down.stdout
             .contains("3 members: 3 stopped, 0 not running, 0 failed"),
@@ -261,4 +331,39 @@ async fn ssh_cluster_up_ping_repeat_unreachable_down() {
             .join(format!("hosts/{host}/data/{role}/supervisor.pid"));
         assert!(!pid_file.exists(), "{} is left", pid_file.display());
     }
+}
+
+/// How long `flame cluster up` takes for three fresh hosts (binaries copied, the head
+/// initialised and started, two nodes joined, started and Ready), three times, each on new
+/// hosts; prints the times and their median for BENCHMARKS.md. A measurement, not a check:
+///
+/// ```sh
+/// CI=true FLAME_SSH_BENCH_BIN_DIR=$PWD/target/release \
+///   cargo test -p flame-tests --test ssh_cluster -- --ignored --nocapture
+/// ```
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "a measurement for BENCHMARKS.md: run with --ignored"]
+async fn ssh_cluster_up_wall_time() {
+    const TEST: &str = "ssh_cluster_up_wall_time";
+    if !netns::available(TEST) || !prerequisites::require(TEST, sshd::missing_prerequisite()) {
+        return;
+    }
+    let mut times = Vec::new();
+    for _ in 0..3 {
+        let hosts = Hosts::create();
+        let up = hosts.cluster("up").await;
+        assert!(up.success(), "{up}\n{}", hosts.logs());
+        assert!(up.stdout.contains("3 hosts: 3 started"), "{up}");
+        times.push(up.elapsed);
+        hosts.cluster("down").await.assert_success();
+    }
+    let mut sorted = times.clone();
+    sorted.sort();
+    eprintln!(
+        "{TEST}: binaries from {}; runs {times:?}; median {:?}",
+        bench_bin_dir()
+            .map_or_else(|| binary("flame"), |d| d.join("flame"))
+            .display(),
+        sorted[1]
+    );
 }

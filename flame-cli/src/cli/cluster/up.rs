@@ -201,6 +201,7 @@ pub async fn run(spec: ClusterSpec, options: UpOptions, home: Option<&Path>) -> 
     ctx.progress.clear();
 
     // The report.
+    conns[0] = head;
     let mut rows = Vec::with_capacity(n);
     for (i, member) in ctx.spec.members.iter().enumerate() {
         let version = conns[i]
@@ -221,7 +222,6 @@ pub async fn run(spec: ClusterSpec, options: UpOptions, home: Option<&Path>) -> 
             change: changes[i].clone(),
         });
     }
-    conns[0] = head;
     ops::close_all(conns).await;
     print_rows(&rows);
     println!("{}", summary(&rows));
