@@ -194,3 +194,52 @@ pub fn print_failures(rows: &[Row]) {
         }
     }
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+    use spec::{Role, SshTarget};
+
+    fn row(host: &str, role: Role, change: Result<Change, StepError>) -> Row {
+        Row {
+            member: Member {
+                role,
+                name: format!("{host}-{}", role.as_str()),
+                ssh: SshTarget {
+                    host: host.to_string(),
+                    user: None,
+                    port: None,
+                    identity_file: None,
+                },
+                install_dir: "/b".to_string(),
+                data_dir: "/d".to_string(),
+                log_dir: "/l".to_string(),
+                args: Vec::new(),
+            },
+            version: "-".to_string(),
+            state: "-".to_string(),
+            change,
+        }
+    }
+
+    /// Hosts are counted once, by what happened to the most affected of their members.
+    #[test]
+    fn the_summary_counts_hosts() {
+        let rows = [
+            row("a", Role::Head, Ok(Change::Unchanged)),
+            row("a", Role::Node, Ok(Change::Started)),
+            row("b", Role::Node, Ok(Change::Unchanged)),
+            row("c", Role::Node, Err(ops::fail("connect", "refused"))),
+            row("d", Role::Node, Ok(Change::Restarted)),
+        ];
+        assert_eq!(
+            summary(&rows),
+            "4 hosts: 1 started, 1 restarted, 1 unchanged, 1 failed"
+        );
+        assert_eq!(
+            summary(&rows[2..3]),
+            "1 host: 0 started, 0 restarted, 1 unchanged, 0 failed"
+        );
+    }
+}

@@ -116,7 +116,21 @@ pub async fn down(
             Err(e) => results[i] = Err(fail("stop", format!("the task failed: {e}"))),
         }
     }
-    // 3. The head, last.
+    // 3. The head, last; not while a node it should drain is left running, so that a
+    // second `down --drain` can finish the drain.
+    let undrained: Vec<&str> = (1..n)
+        .filter(|i| drain && matches!(&results[*i], Err(e) if e.step == "drain"))
+        .map(|i| ctx.spec.members[i].name.as_str())
+        .collect();
+    if !undrained.is_empty() && results[0].is_ok() {
+        results[0] = Err(fail(
+            "stop",
+            format!(
+                "left running, since {} did not finish draining",
+                undrained.join(", ")
+            ),
+        ));
+    }
     if let (Some(head), Ok(_)) = (&conns[0], &results[0]) {
         if let Err(e) = stop(&ctx, 0, head).await {
             results[0] = Err(e);
