@@ -7,7 +7,9 @@
 //! folders in the cluster file; the test finds what they run by those folders.
 //!
 //! 1. `up` starts a head and two nodes; `flame ping -t 10000` from outside uses both.
-//! 2. `up` again changes nothing; `status` shows both nodes Ready.
+//! 2. `up` again changes nothing and copies nothing; `status` shows both nodes Ready. A
+//!    node agent killed with SIGKILL is restarted by its supervisor. A binary changed on
+//!    one host is copied there again and only that host's daemon restarts.
 //! 3. With one host's sshd stopped, `up` (after a `down`) brings up the rest, names that
 //!    host and the step, and exits with 3; once its sshd is back, `up` starts it alone.
 //! 4. `down` leaves no process of the cluster on any host.
@@ -211,7 +213,9 @@ async fn ssh_cluster_up_ping_repeat_unreachable_down() {
         "{ping}"
     );
 
-    // 2. Again: nothing changes.
+    // 2. Again: nothing changes, nothing is copied.
+    let head_binary = hosts.root.path().join("hosts/head/bin/flame-head");
+    let copied_at = std::fs::metadata(&head_binary).unwrap().modified().unwrap();
     let again = hosts.cluster("up").await;
     again.assert_success();
     assert!(
@@ -221,6 +225,12 @@ async fn ssh_cluster_up_ping_repeat_unreachable_down() {
         "{again}"
     );
     eprintln!("repeated `flame cluster up`: {:?}", again.elapsed);
+    assert_eq!(
+        std::fs::metadata(&head_binary).unwrap().modified().unwrap(),
+        copied_at,
+        "{} was copied again",
+        head_binary.display()
+    );
     let status = hosts.cluster("status").await;
     status.assert_success();
     assert_eq!(status.stdout.matches("Ready").count(), 2, "{status}");
@@ -262,6 +272,27 @@ async fn ssh_cluster_up_ping_repeat_unreachable_down() {
             .stdout
             .contains("3 hosts: 0 started, 0 restarted, 3 unchanged, 0 failed"),
         "{after_restart}"
+    );
+
+    // A binary that differs on one host (by checksum) is copied again there, and that
+    // host's daemon alone is restarted on it.
+    let shell = hosts.root.path().join("hosts/node-b/bin/flame-shell");
+    let mut bytes = std::fs::read(&shell).unwrap();
+    bytes.push(0);
+    std::fs::write(&shell, &bytes).unwrap();
+    let recopied = hosts.cluster("up").await;
+    assert!(recopied.success(), "{recopied}\n{}", hosts.logs());
+    assert!(
+        recopied
+            .stdout
+            .contains("3 hosts: 0 started, 1 restarted, 2 unchanged, 0 failed"),
+        "{recopied}"
+    );
+    assert_eq!(
+        std::fs::read(&shell).unwrap(),
+        std::fs::read(binary("flame-shell")).unwrap(),
+        "{} was not copied again",
+        shell.display()
     );
 
     // 3. One host unreachable: the rest come up, the host and the step are named.

@@ -236,6 +236,17 @@ pub async fn run(spec: ClusterSpec, options: UpOptions, home: Option<&Path>) -> 
         );
     }
     print_failures(&rows);
+    let versions: std::collections::BTreeSet<&str> = rows
+        .iter()
+        .filter(|r| r.change.is_ok())
+        .map(|r| r.version.as_str())
+        .collect();
+    if versions.len() > 1 {
+        eprintln!(
+            "warning: the hosts run different versions ({}); `flame cluster status` shows which",
+            versions.into_iter().collect::<Vec<_>>().join(", ")
+        );
+    }
     if !head_up {
         anyhow::bail!(
             "the head ({}) did not come up, so the cluster is not up",
