@@ -6,7 +6,8 @@
 //! The hosts share this machine's file system, so each has its own install, data and log
 //! folders in the cluster file; the test finds what they run by those folders.
 //!
-//! 1. `up` starts a head and two nodes; `flame ping -t 10000` from outside uses both.
+//! 1. `up` starts a head and a node; with a second node added to the file, `up` starts
+//!    (and joins) it alone; `flame ping -t 10000` from outside uses both nodes.
 //! 2. `up` again changes nothing and copies nothing; `status` shows both nodes Ready. A
 //!    node agent killed with SIGKILL is restarted by its supervisor. A binary changed on
 //!    one host is copied there again and only that host's daemon restarts.
@@ -40,6 +41,7 @@ struct Hosts {
     network: Network,
     root: tempfile::TempDir,
     file: PathBuf,
+    keys: SshKeys,
 }
 
 impl Hosts {
@@ -56,13 +58,21 @@ impl Hosts {
             Sshd::start(&keys, network.node(1)),
         ];
         let file = root.path().join("cluster.toml");
-        std::fs::write(&file, cluster_file(root.path(), &keys, &sshds)).unwrap();
-        Hosts {
+        let hosts = Hosts {
             sshds,
             network,
             root,
             file,
-        }
+            keys,
+        };
+        hosts.write_file(3);
+        hosts
+    }
+
+    /// Writes the cluster file with the head and the first `hosts - 1` nodes.
+    fn write_file(&self, hosts: usize) {
+        let text = cluster_file(self.root.path(), &self.keys, &self.sshds[..hosts]);
+        std::fs::write(&self.file, text).unwrap();
     }
 
     /// Runs `flame ARGS` in the operator's namespace, with `env` and no FLAME_* variable
@@ -144,17 +154,21 @@ fn cluster_file(root: &Path, keys: &SshKeys, sshds: &[Sshd]) -> String {
             dirs = dirs(name),
         )
     };
+    let nodes: Vec<String> = [(0, "node-a"), (1, "node-b")]
+        .into_iter()
+        .filter(|(i, _)| i + 1 < sshds.len())
+        .map(|(i, name)| node(i, name))
+        .collect();
     format!(
         "name = \"e2e\"\nstate_dir = \"{state}\"\n\n[ssh]\nuser = \"root\"\nidentity_file = \"{key}\"\n\
          known_hosts_file = \"{known}\"\nconnect_timeout = \"5s\"\ncommand_timeout = \"60s\"\n\n\
-         [head]\nhost = \"{head}\"\n{head_dirs}\n{a}\n{b}",
+         [head]\nhost = \"{head}\"\n{head_dirs}\n{nodes}",
         state = root.join("client").display(),
         key = keys.client_key.display(),
         known = keys.known_hosts.display(),
         head = sshds[0].addr(),
         head_dirs = dirs("head"),
-        a = node(0, "node-a"),
-        b = node(1, "node-b"),
+        nodes = nodes.join("\n"),
     )
 }
 
@@ -193,16 +207,28 @@ async fn ssh_cluster_up_ping_repeat_unreachable_down() {
     }
     let mut hosts = Hosts::create();
 
-    // 1. Up, and work from outside.
+    // 1. Up with the head and one node; then a node added to the file is the only host
+    //    started (and joined); then work from outside uses both nodes.
+    hosts.write_file(2);
+    let first = hosts.cluster("up").await;
+    assert!(first.success(), "{first}\n{}", hosts.logs());
+    assert!(
+        first
+            .stdout
+            .contains("2 hosts: 2 started, 0 restarted, 0 unchanged, 0 failed"),
+        "{first}"
+    );
+    eprintln!("first `flame cluster up` of 2 hosts: {:?}", first.elapsed);
+    hosts.write_file(3);
     let up = hosts.cluster("up").await;
     assert!(up.success(), "{up}\n{}", hosts.logs());
     assert!(
         up.stdout
-            .contains("3 hosts: 3 started, 0 restarted, 0 unchanged, 0 failed"),
+            .contains("3 hosts: 1 started, 0 restarted, 2 unchanged, 0 failed"),
         "{up}"
     );
     eprintln!(
-        "first `flame cluster up` of 3 hosts: {:?}\n{up}",
+        "`flame cluster up` with a host added: {:?}\n{up}",
         up.elapsed
     );
     let env = exports(&up.stdout);
