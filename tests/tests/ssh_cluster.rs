@@ -82,15 +82,7 @@ impl Hosts {
         let flame = bench_bin_dir().map_or_else(|| binary("flame"), |d| d.join("flame"));
         let mut command = tokio::process::Command::new(flame);
         command.args(args);
-        for var in [
-            "FLAME_HEAD",
-            "FLAME_CA_FILE",
-            "FLAME_TOKEN",
-            "FLAME_TOKEN_FILE",
-            "FLAME_CERT",
-            "FLAME_KEY",
-            "FLAME_OWNER",
-        ] {
+        for var in flame_tests::cluster::FOREIGN_ENV {
             command.env_remove(var);
         }
         command.envs(env.iter().map(|(k, v)| (k, v)));

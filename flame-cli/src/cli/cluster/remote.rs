@@ -314,16 +314,7 @@ fn sh_c(script: &str) -> String {
 }
 
 /// Single-quotes `s` for a POSIX shell when it holds anything but safe characters.
-pub fn quote(s: &str) -> String {
-    let safe = !s.is_empty()
-        && s.chars()
-            .all(|c| c.is_ascii_alphanumeric() || "-_./:@%+=,".contains(c));
-    if safe {
-        s.to_string()
-    } else {
-        format!("'{}'", s.replace('\'', r"'\''"))
-    }
-}
+pub use flame_client::local::shell_quote as quote;
 
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::expect_used)]

@@ -238,18 +238,7 @@ fn spawn(command: &[OsString]) -> std::io::Result<tokio::process::Child> {
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit());
-    let parent = nix::unistd::getpid();
-    // SAFETY: runs in the forked child before exec and makes only async-signal-safe calls
-    // (prctl, getppid); it allocates nothing on success.
-    unsafe {
-        cmd.pre_exec(move || {
-            nix::sys::prctl::set_pdeathsig(Signal::SIGKILL)?;
-            if nix::unistd::getppid() != parent {
-                return Err(std::io::Error::from(nix::errno::Errno::ESRCH));
-            }
-            Ok(())
-        });
-    }
+    flame_client::local::die_with_parent(&mut cmd);
     cmd.spawn()
 }
 
