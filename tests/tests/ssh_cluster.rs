@@ -153,15 +153,37 @@ fn cluster_file(root: &Path, keys: &SshKeys, sshds: &[Sshd]) -> String {
         .collect();
     format!(
         "name = \"e2e\"\nstate_dir = \"{state}\"\n\n[ssh]\nuser = \"root\"\nidentity_file = \"{key}\"\n\
-         known_hosts_file = \"{known}\"\nconnect_timeout = \"5s\"\ncommand_timeout = \"60s\"\n\n\
+         known_hosts_file = \"{known}\"\nconnect_timeout = \"5s\"\ncommand_timeout = \"60s\"\n\
+         options = [{options}]\n\n\
          [head]\nhost = \"{head}\"\n{head_dirs}\n{nodes}",
         state = root.join("client").display(),
+        options = ssh_options(),
         key = keys.client_key.display(),
         known = keys.known_hosts.display(),
         head = sshds[0].addr(),
         head_dirs = dirs("head"),
         nodes = nodes.join("\n"),
     )
+}
+
+/// `ssh.options` of the cluster file: one that changes nothing (so that the generated ssh
+/// configuration, which includes the user's, is used), and `FLAME_SSH_BENCH_OPTIONS`
+/// (comma-separated `Key=Value`) for the measurement.
+fn ssh_options() -> String {
+    let mut options = vec!["ServerAliveCountMax=3".to_string()];
+    if let Ok(extra) = std::env::var("FLAME_SSH_BENCH_OPTIONS") {
+        options.extend(
+            extra
+                .split(',')
+                .filter(|o| !o.is_empty())
+                .map(str::to_string),
+        );
+    }
+    options
+        .iter()
+        .map(|o| format!("\"{o}\""))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// `FLAME_SSH_BENCH_BIN_DIR`: the folder of the `flame` (and so of the binaries copied)

@@ -214,13 +214,23 @@ impl Ctx {
         }
     }
 
-    /// The binaries whose checksum on the host differs from the local build's.
-    pub fn differing(&self, local: &LocalBinaries, c: &Connected) -> Vec<&'static str> {
-        local
-            .files
+    /// The binaries `member` needs whose checksum on the host differs from the local
+    /// build's.
+    pub fn differing(
+        &self,
+        member: &Member,
+        local: &LocalBinaries,
+        c: &Connected,
+    ) -> Vec<&'static str> {
+        scripts::binaries(member.role)
             .iter()
-            .filter(|(name, (_, hex, _))| c.probe.checksums.get(**name) != Some(hex))
-            .map(|(name, _)| *name)
+            .copied()
+            .filter(|name| {
+                local
+                    .files
+                    .get(name)
+                    .is_some_and(|(_, hex, _)| c.probe.checksums.get(*name) != Some(hex))
+            })
             .collect()
     }
 

@@ -17,7 +17,7 @@ use super::spec::{Member, Role};
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-/// The binaries copied to every host from a local build.
+/// Every binary of a cluster, as copied from a local build.
 pub const BINARIES: [&str; 6] = [
     "flame",
     "flame-head",
@@ -26,6 +26,23 @@ pub const BINARIES: [&str; 6] = [
     "flame-shell",
     "flame-mpi-agent",
 ];
+
+/// The binaries a role needs on its host: `flame` (the supervisor, and the admin client on
+/// the head), its daemon, and the built-in applications, whose command is their path next
+/// to `flame-head` on the head's host, which nodes run (so hosts should share one
+/// `install_dir`); nodes also run `flame-mpi-agent` for `flame submit --mpi`.
+pub fn binaries(role: Role) -> &'static [&'static str] {
+    match role {
+        Role::Head => &["flame", "flame-head", "flame-ping", "flame-shell"],
+        Role::Node => &[
+            "flame",
+            "flame-node",
+            "flame-ping",
+            "flame-shell",
+            "flame-mpi-agent",
+        ],
+    }
+}
 
 /// How a member's service runs on its host.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -273,7 +273,7 @@ async fn prepare(
         let Some(local) = local else {
             return Ok(Vec::new());
         };
-        let differing = ctx.differing(local, &conn);
+        let differing = ctx.differing(member, local, &conn);
         if !dry_run && !differing.is_empty() {
             ctx.install(i, local, &conn, &differing).await?;
         }
