@@ -426,6 +426,8 @@ async fn ssh_cluster_up_wall_time() {
         assert!(up.success(), "{up}\n{}", hosts.logs());
         assert!(up.stdout.contains("3 hosts: 3 started"), "{up}");
         times.push(up.elapsed);
+        // Empty, unless RUST_LOG asks `flame` for its step timings (`flame=debug`).
+        eprint!("{}", up.stderr);
         hosts.cluster("down").await.assert_success();
     }
     let mut sorted = times.clone();

@@ -321,19 +321,31 @@ pub async fn close_all(conns: Vec<Option<Connected>>) {
     }
 }
 
-/// One spinner per member on stderr, only when stderr is a terminal.
+/// One spinner per member on stderr, only when stderr is a terminal; and, at debug level
+/// (`RUST_LOG=debug`), a log line with the time each member's step took.
 #[derive(Debug)]
 pub struct Progress {
     bars: Vec<ProgressBar>,
     _multi: Option<MultiProgress>,
+    labels: Vec<String>,
+    /// Each member's current step and when it began.
+    steps: std::sync::Mutex<Vec<(String, std::time::Instant)>>,
 }
 
 impl Progress {
     fn new(members: &[Member]) -> Progress {
+        let labels: Vec<String> = members
+            .iter()
+            .map(|m| format!("{} {}", m.label(), m.role.as_str()))
+            .collect();
+        let now = std::time::Instant::now();
+        let steps = std::sync::Mutex::new(vec![("waiting".to_string(), now); members.len()]);
         if !std::io::stderr().is_terminal() {
             return Progress {
                 bars: members.iter().map(|_| ProgressBar::hidden()).collect(),
                 _multi: None,
+                labels,
+                steps,
             };
         }
         let multi = MultiProgress::new();
@@ -351,11 +363,14 @@ impl Progress {
         Progress {
             bars,
             _multi: Some(multi),
+            labels,
+            steps,
         }
     }
 
     /// Shows what member `i` is doing.
     pub fn step(&self, i: usize, what: &str) {
+        self.timed(i, what);
         if let Some(bar) = self.bars.get(i) {
             bar.set_message(what.to_string());
         }
@@ -363,8 +378,24 @@ impl Progress {
 
     /// Member `i` is done.
     pub fn done(&self, i: usize, what: &str) {
+        self.timed(i, what);
         if let Some(bar) = self.bars.get(i) {
             bar.finish_with_message(what.to_string());
+        }
+    }
+
+    /// Logs how long member `i`'s previous step took, and starts timing `what`.
+    fn timed(&self, i: usize, what: &str) {
+        let Ok(mut steps) = self.steps.lock() else {
+            return;
+        };
+        if let (Some((previous, began)), Some(label)) = (steps.get_mut(i), self.labels.get(i)) {
+            tracing::debug!(
+                "{label}: {previous} took {} ms",
+                began.elapsed().as_millis()
+            );
+            *previous = what.to_string();
+            *began = std::time::Instant::now();
         }
     }
 

@@ -43,10 +43,15 @@ struct Prepared {
 
 /// Runs `up`.
 pub async fn run(spec: ClusterSpec, options: UpOptions, home: Option<&Path>) -> anyhow::Result<()> {
+    let hashing = Instant::now();
     let local = match &spec.binaries {
         BinarySource::Local(dir) => Some(Arc::new(LocalBinaries::hash(dir.clone()).await?)),
         BinarySource::Installed(_) => None,
     };
+    tracing::debug!(
+        "hashing the local binaries took {} ms",
+        hashing.elapsed().as_millis()
+    );
     let ctx = Arc::new(Ctx::new(spec, home)?);
     let n = ctx.spec.members.len();
 
@@ -171,7 +176,13 @@ pub async fn run(spec: ClusterSpec, options: UpOptions, home: Option<&Path>) -> 
             .filter(|i| changes[*i].is_ok())
             .map(|i| ctx.spec.members[i].name.clone())
             .collect();
-        match wait_ready(&ctx, head, &waiting, options.ready_timeout).await {
+        let waited = Instant::now();
+        let ready = wait_ready(&ctx, head, &waiting, options.ready_timeout).await;
+        tracing::debug!(
+            "waiting for the nodes to be Ready took {} ms",
+            waited.elapsed().as_millis()
+        );
+        match ready {
             Ok(states) => node_states = states,
             Err(e) => {
                 for change in changes.iter_mut().skip(1).filter(|c| c.is_ok()) {
