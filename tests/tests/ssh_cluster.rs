@@ -274,6 +274,31 @@ async fn ssh_cluster_up_ping_repeat_unreachable_down() {
     let status = hosts.cluster("status").await;
     status.assert_success();
     assert_eq!(status.stdout.matches("Ready").count(), 2, "{status}");
+    let file = hosts.file.to_string_lossy().into_owned();
+    let json = hosts
+        .flame(&["cluster", "status", "-f", &file, "--output", "json"], &[])
+        .await;
+    json.assert_success();
+    let members: Vec<serde_json::Value> = serde_json::from_str(&json.stdout).unwrap();
+    let summary: Vec<(&str, &str, bool)> = members
+        .iter()
+        .map(|m| {
+            (
+                m["name"].as_str().unwrap(),
+                m["state"].as_str().unwrap(),
+                m["running"].is_string(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        summary,
+        [
+            ("head", "serving", true),
+            ("node-a", "Ready", true),
+            ("node-b", "Ready", true)
+        ],
+        "{json}"
+    );
 
     // Supervision: a node agent killed with SIGKILL is started again by its supervisor,
     // registers again, and `up` still finds everything as it should be.

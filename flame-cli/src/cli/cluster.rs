@@ -45,7 +45,7 @@ pub enum ClusterCommand {
     /// Stop the nodes (draining them first with --drain), then the head
     Down(DownArgs),
     /// Per host: reachable or not, the version, whether the daemon runs, the node's state
-    Status(FileArgs),
+    Status(StatusArgs),
     /// Run a daemon, restarting it when it dies (used by `up` on hosts without systemd)
     #[command(hide = true)]
     Supervise(supervise::SuperviseArgs),
@@ -61,6 +61,14 @@ pub struct FileArgs {
         default_value = "cluster.toml"
     )]
     pub file: PathBuf,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct StatusArgs {
+    #[command(flatten)]
+    pub file: FileArgs,
+    #[command(flatten)]
+    pub output: crate::cli::render::OutputArgs,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -111,7 +119,10 @@ pub async fn run(cmd: ClusterCommand) -> anyhow::Result<()> {
             let spec = load(&args.file.file, home)?;
             down::down(spec, args.drain, args.drain_timeout, home).await
         }
-        ClusterCommand::Status(args) => down::status(load(&args.file, home)?, home).await,
+        ClusterCommand::Status(args) => {
+            let spec = load(&args.file.file, home)?;
+            down::status(spec, args.output.output, home).await
+        }
         ClusterCommand::Supervise(args) => Ok(supervise::run(args).await?),
     }
 }

@@ -9,7 +9,7 @@ use super::ops::{self, at, fail, Connected, Ctx, StepError};
 use super::scripts;
 use super::spec::{ClusterSpec, Role};
 use super::EXIT_PARTIAL;
-use crate::cli::render::{self, text};
+use crate::cli::render::{self, text, OutputFormat};
 use crate::cli::Exit;
 use flame_protocol::model::{NodeInfo, NodeState};
 use std::collections::BTreeMap;
@@ -270,8 +270,39 @@ async fn wait_drained(
     }
 }
 
+/// One member in `status`'s report (`--output json` prints a list of these).
+#[derive(Debug, serde::Serialize)]
+pub struct MemberStatus {
+    pub host: String,
+    pub role: &'static str,
+    pub name: String,
+    pub reachable: bool,
+    /// The role's binary's version, when it runs there.
+    pub version: Option<String>,
+    /// The supervisor's pid, or `systemd`, when the daemon runs.
+    pub running: Option<String>,
+    /// `serving` for a running head; the head's state of a node (`Ready`, `NotReady`,
+    /// `Draining`), or `not registered`.
+    pub state: Option<String>,
+    /// Why the host could not be looked at.
+    pub error: Option<String>,
+}
+
+impl MemberStatus {
+    /// Reachable, running, and for a node Ready.
+    fn healthy(&self) -> bool {
+        self.reachable
+            && self.running.is_some()
+            && (self.role == "head" || self.state.as_deref() == Some("Ready"))
+    }
+}
+
 /// Runs `status`.
-pub async fn status(spec: ClusterSpec, home: Option<&Path>) -> anyhow::Result<()> {
+pub async fn status(
+    spec: ClusterSpec,
+    output: OutputFormat,
+    home: Option<&Path>,
+) -> anyhow::Result<()> {
     let ctx = Arc::new(Ctx::new(spec, home)?);
     let connected = ops::connect_all(&ctx).await;
     let head_nodes = match connected.first() {
@@ -284,71 +315,83 @@ pub async fn status(spec: ClusterSpec, home: Option<&Path>) -> anyhow::Result<()
         .into_iter()
         .map(|n| (n.name, n.state))
         .collect();
-    let mut healthy = true;
-    let mut rows = Vec::new();
-    let mut errors = Vec::new();
-    for (m, c) in ctx.spec.members.iter().zip(&connected) {
-        let (reachable, version, process, state) = match c {
-            Err(e) => {
-                errors.push(format!("{}: {e}", m.label()));
-                (
-                    "no".to_string(),
-                    "-".to_string(),
-                    "-".to_string(),
-                    "-".to_string(),
-                )
+    let report: Vec<MemberStatus> = ctx
+        .spec
+        .members
+        .iter()
+        .zip(&connected)
+        .map(|(m, c)| {
+            let mut s = MemberStatus {
+                host: m.ssh.host.clone(),
+                role: m.role.as_str(),
+                name: m.name.clone(),
+                reachable: c.is_ok(),
+                version: None,
+                running: None,
+                state: None,
+                error: None,
+            };
+            match c {
+                Err(e) => s.error = Some(e.to_string()),
+                Ok(c) => {
+                    s.version = c.probe.version.clone();
+                    s.running = c.probe.running.clone();
+                    s.state = match m.role {
+                        Role::Head => c.probe.running.is_some().then(|| "serving".to_string()),
+                        Role::Node => Some(
+                            states
+                                .get(&m.name)
+                                .map_or("not registered".to_string(), |s| format!("{s:?}")),
+                        ),
+                    };
+                }
             }
-            Ok(c) => {
-                let process = match c.probe.running.as_deref() {
-                    Some("systemd") => "running (systemd)".to_string(),
-                    Some(pid) => format!("running (pid {pid})"),
-                    None => "stopped".to_string(),
-                };
-                let state = match m.role {
-                    Role::Head if c.probe.running.is_some() => "serving".to_string(),
-                    Role::Head => "-".to_string(),
-                    Role::Node => states
-                        .get(&m.name)
-                        .map_or("not registered".to_string(), |s| format!("{s:?}")),
-                };
-                (
-                    "yes".to_string(),
-                    ops::short_version(c.probe.version.as_deref()),
-                    process,
-                    state,
-                )
-            }
-        };
-        healthy &= reachable == "yes"
-            && process.starts_with("running")
-            && (m.role == Role::Head || state == "Ready");
-        rows.push(vec![
-            m.ssh.host.clone(),
-            m.role.as_str().to_string(),
-            m.name.clone(),
-            reachable,
-            version,
-            process,
-            state,
-        ]);
-    }
+            s
+        })
+        .collect();
     ops::close_all(connected.into_iter().map(Result::ok).collect()).await;
-    render::print_table(
-        &[
-            text("Host"),
-            text("Role"),
-            text("Name"),
-            text("Reachable"),
-            text("Version"),
-            text("Process"),
-            text("State"),
-        ],
-        rows,
-    );
-    for e in errors {
-        eprintln!("error: {e}");
+    match output {
+        OutputFormat::Json => render::print_json(&report)?,
+        OutputFormat::Table => {
+            let rows = report
+                .iter()
+                .map(|s| {
+                    vec![
+                        s.host.clone(),
+                        s.role.to_string(),
+                        s.name.clone(),
+                        if s.reachable { "yes" } else { "no" }.to_string(),
+                        ops::short_version(s.version.as_deref()),
+                        match s.running.as_deref() {
+                            None if !s.reachable => "-".to_string(),
+                            None => "stopped".to_string(),
+                            Some("systemd") => "running (systemd)".to_string(),
+                            Some(pid) => format!("running (pid {pid})"),
+                        },
+                        s.state.clone().unwrap_or_else(|| "-".to_string()),
+                    ]
+                })
+                .collect();
+            render::print_table(
+                &[
+                    text("Host"),
+                    text("Role"),
+                    text("Name"),
+                    text("Reachable"),
+                    text("Version"),
+                    text("Process"),
+                    text("State"),
+                ],
+                rows,
+            );
+        }
     }
-    if !healthy {
+    for (m, s) in ctx.spec.members.iter().zip(&report) {
+        if let Some(e) = &s.error {
+            eprintln!("error: {}: {e}", m.label());
+        }
+    }
+    if !report.iter().all(MemberStatus::healthy) {
         return Err(Exit(EXIT_PARTIAL).into());
     }
     Ok(())
