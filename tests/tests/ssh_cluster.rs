@@ -245,6 +245,8 @@ async fn ssh_cluster_up_ping_repeat_unreachable_down() {
         "`flame cluster up` with a host added: {:?}\n{up}",
         up.elapsed
     );
+    // Its join token was revoked once used.
+    assert!(!up.stderr.contains("could not be revoked"), "{up}");
     let env = exports(&up.stdout);
     let ping = hosts.flame(&["ping", "-t", "10000"], &env).await;
     assert!(ping.success(), "{ping}\n{}", hosts.logs());

@@ -214,6 +214,17 @@ pub fn node_token(member: &Member, bin_dir: &str, head_address: &str, ttl: &str)
     )
 }
 
+/// Revokes the token `id` (the join token, once the nodes have joined).
+pub fn token_revoke(member: &Member, bin_dir: &str, head_address: &str, id: &str) -> String {
+    format!(
+        "{head} --data-dir {r} --listen {a} token revoke {id}\n",
+        head = quote(&format!("{bin_dir}/flame-head")),
+        r = quote(&member.role_dir()),
+        a = quote(head_address),
+        id = quote(id),
+    )
+}
+
 /// `flame-node join` with the token read from stdin into a file of mode 0600, removed after.
 pub fn node_join(member: &Member, bin_dir: &str, head_address: &str) -> String {
     format!(

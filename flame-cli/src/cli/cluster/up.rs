@@ -52,6 +52,7 @@ pub async fn run(spec: ClusterSpec, options: UpOptions, home: Option<&Path>) -> 
         "hashing the local binaries took {} ms",
         hashing.elapsed().as_millis()
     );
+    warn_on_install_dirs(&spec);
     let ctx = Arc::new(Ctx::new(spec, home)?);
     let n = ctx.spec.members.len();
 
@@ -171,6 +172,21 @@ pub async fn run(spec: ClusterSpec, options: UpOptions, home: Option<&Path>) -> 
             }
         }
 
+        // The join token is not needed any more: revoked rather than left to expire.
+        if let Some(id) = token.as_deref().and_then(|t| t.split('.').nth(1)) {
+            let script =
+                scripts::token_revoke(ctx.spec.head(), &head.bin_dir, &ctx.spec.head_address, id);
+            if let Err(e) = head
+                .remote
+                .run(&script, None, ctx.spec.ssh.command_timeout)
+                .await
+            {
+                eprintln!(
+                    "warning: the join token {id} could not be revoked ({e}); it expires within {JOIN_TOKEN_TTL}"
+                );
+            }
+        }
+
         // 4. Every node that came up, Ready at the head.
         let waiting: Vec<String> = (1..n)
             .filter(|i| changes[*i].is_ok())
@@ -268,6 +284,27 @@ pub async fn run(spec: ClusterSpec, options: UpOptions, home: Option<&Path>) -> 
         return Err(Exit(EXIT_PARTIAL).into());
     }
     Ok(())
+}
+
+/// The head registers the built-in applications (`ping`, `shell`) with their path next to
+/// `flame-head` on its host, and every node runs that path: a node with another
+/// `install_dir` would not find them.
+fn warn_on_install_dirs(spec: &ClusterSpec) {
+    let head_dir = &spec.head().install_dir;
+    let others: Vec<&str> = spec.members[1..]
+        .iter()
+        .filter(|m| &m.install_dir != head_dir)
+        .map(|m| m.name.as_str())
+        .collect();
+    if !others.is_empty() {
+        eprintln!(
+            "warning: {} {} another install_dir than the head's ({head_dir}); the built-in \
+             applications (ping, shell) run from the head's path on every node, so they \
+             work there only if that path holds them too",
+            others.join(", "),
+            if others.len() == 1 { "has" } else { "have" },
+        );
+    }
 }
 
 /// Connect, probe, check, and copy the binaries that differ (not when `dry_run`).
