@@ -2,6 +2,7 @@
 
 pub mod app;
 pub mod bench;
+pub mod cluster;
 pub mod docs;
 pub mod each;
 pub mod job;
@@ -92,6 +93,9 @@ pub enum Command {
     Whoami(render::OutputArgs),
     /// Measure Flame on a local cluster of its own, checking every result, and compare it with its peers
     Bench(bench::BenchArgs),
+    /// Start, stop and inspect a cluster on hosts reachable by SSH, from a cluster file
+    #[command(subcommand)]
+    Cluster(cluster::ClusterCommand),
 }
 
 /// Ends the `flame` process with this exit code, after whatever was printed; no further
@@ -116,6 +120,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Job(cmd) => job::run(&cli.global, cmd).await,
         Command::Whoami(out) => whoami::run(&cli.global, out).await,
         Command::Bench(args) => bench::run(args).await,
+        Command::Cluster(cmd) => cluster::run(cmd).await,
     }
 }
 

@@ -517,13 +517,19 @@ fn child_command(program: &Path, args: &[OsString]) -> Command {
         // A group of its own: a terminal's Ctrl-C goes to `flame` alone, which stops the
         // children in order instead of racing them.
         .process_group(0);
+    die_with_parent(&mut command);
+    command
+}
+
+/// Makes the child of `command` get `SIGKILL` when the thread that forked it dies, i.e. a
+/// tokio worker, which lives as long as the runtime and so as the process; a child whose
+/// parent died before this took effect refuses to start.
+pub fn die_with_parent(command: &mut Command) {
     let parent = nix::unistd::getpid();
     // SAFETY: the closure runs in the forked child before exec and only makes two
     // async-signal-safe system calls (prctl, getppid); it allocates nothing on success.
     unsafe {
         command.pre_exec(move || {
-            // Killed when the thread that forked it dies, i.e. a tokio worker, which
-            // lives as long as the runtime and so as the process.
             nix::sys::prctl::set_pdeathsig(Signal::SIGKILL)?;
             // The parent may have died between fork and prctl; then nothing would
             // deliver the signal, so refuse to start.
@@ -533,7 +539,6 @@ fn child_command(program: &Path, args: &[OsString]) -> Command {
             Ok(())
         });
     }
-    command
 }
 
 /// Runs a one-shot child (`what` names it in errors) to its end, bounded by `timeout`,
@@ -630,7 +635,7 @@ async fn join_node(
 
 /// Writes `bytes` to a new file at `path` that only its owner may read (mode 0600); an
 /// older file there is replaced, since its mode could be wider.
-fn write_private(path: &Path, bytes: &[u8]) -> Result<(), LocalError> {
+pub fn write_private(path: &Path, bytes: &[u8]) -> Result<(), LocalError> {
     use std::io::Write as _;
     use std::os::unix::fs::OpenOptionsExt as _;
     let io_err = |what, source| LocalError::Io {
@@ -923,11 +928,12 @@ fn is_executable(path: &Path) -> bool {
     std::fs::metadata(path).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
 }
 
-/// Single-quotes `s` for a POSIX shell when it holds anything but safe characters.
-fn shell_quote(s: &str) -> String {
+/// Single-quotes `s` for a POSIX shell when it holds anything but safe characters (not
+/// `[` or `]`, which a shell would take for a pattern).
+pub fn shell_quote(s: &str) -> String {
     let safe = !s.is_empty()
         && s.chars()
-            .all(|c| c.is_ascii_alphanumeric() || "-_./:[]@%+=,".contains(c));
+            .all(|c| c.is_ascii_alphanumeric() || "-_./:@%+=,".contains(c));
     if safe {
         s.to_string()
     } else {
@@ -962,6 +968,7 @@ mod tests {
         assert_eq!(shell_quote("127.0.0.1:7470"), "127.0.0.1:7470");
         assert_eq!(shell_quote("/tmp/a b/c"), "'/tmp/a b/c'");
         assert_eq!(shell_quote("it's"), r"'it'\''s'");
+        assert_eq!(shell_quote("[::1]:7470"), "'[::1]:7470'");
     }
 
     #[test]

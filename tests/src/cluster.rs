@@ -66,7 +66,7 @@ pub const CGROUP_CLEANUP_MAX: Duration = Duration::from_secs(5);
 static CLUSTERS_STARTED: AtomicUsize = AtomicUsize::new(0);
 
 /// Environment variables that would make a child read settings from outside the test.
-const FOREIGN_ENV: &[&str] = &[
+pub const FOREIGN_ENV: &[&str] = &[
     "FLAME_HEAD",
     "FLAME_CA_FILE",
     "FLAME_TOKEN",

@@ -11,6 +11,8 @@
 //! * [`cgroup`] finds a node's executor cgroups on disk; [`procfs`] looks at processes.
 //! * [`test_service`] runs `flame-test-service` (`src/bin`), the application the executor
 //!   tests drive with text commands.
+//! * [`sshd`] runs a real sshd in each namespace, with keys made for the test, for the
+//!   `flame cluster` tests.
 //! * [`prerequisites`] fails a test under CI, or skips it loudly elsewhere, when the
 //!   machine lacks what it needs (root, cgroups, python3).
 //!
@@ -31,6 +33,7 @@ pub mod netns;
 pub mod prerequisites;
 pub mod procfs;
 pub mod results;
+pub mod sshd;
 pub mod test_service;
 
 pub use cluster::{Cluster, ClusterOptions};
