@@ -41,6 +41,13 @@ const BUFFER_KEEP_BYTES_MAX: usize = 1024 * 1024;
 /// Bytes asked of each read: a window of small results arrives in one read.
 const READ_CHUNK_BYTES: usize = 64 * 1024;
 
+/// How long an application whose input closed may still write results before it counts
+/// as gone, when it does not end its output itself.
+const WRITE_CLOSED_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Outputs at least this large share the read buffer's memory; smaller ones are copied.
+const SHARE_PAYLOAD_BYTES_MIN: usize = 16 * 1024;
+
 /// The outcome of one task, as the application reported it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Invocation {
@@ -100,6 +107,9 @@ pub struct NodeShim<R, W> {
     /// Encoded frames not yet written; `written` bytes of it are.
     out: Vec<u8>,
     written: usize,
+    /// The application's input is closed (a write failed with a broken pipe): nothing more
+    /// is written, and its output is read to the end.
+    write_closed: bool,
     /// Set while a request-and-answer call is in progress and left set if it fails or is
     /// cancelled; set for good by a broken stream.
     broken: bool,
@@ -118,6 +128,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> NodeShim<R, W> {
             inbuf: BytesMut::new(),
             out: Vec::new(),
             written: 0,
+            write_closed: false,
             broken: false,
         }
     }
@@ -219,7 +230,10 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> NodeShim<R, W> {
     /// the module's documentation.
     ///
     /// End of the application's stream (at a frame boundary or not) is
-    /// [`ShimError::Exited`]; so is a closed pipe on write.
+    /// [`ShimError::Exited`]. A closed pipe on write is not an error by itself: the results
+    /// the application wrote before it stopped reading are returned first, then
+    /// [`ShimError::Exited`] at the end of its output (or after [`WRITE_CLOSED_GRACE`] of
+    /// silence).
     pub async fn next_message(&mut self) -> Result<AppMessage, ShimError> {
         loop {
             if let Some(message) = self.parse()? {
@@ -232,15 +246,28 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> NodeShim<R, W> {
             // Writing first: what is queued goes out before anything else is waited for.
             let step = tokio::select! {
                 biased;
-                wrote = self.writer.write(pending), if !pending.is_empty() => Step::Wrote(wrote),
+                wrote = self.writer.write(pending), if !pending.is_empty() && !self.write_closed => {
+                    Step::Wrote(wrote)
+                }
                 read = self.reader.read_buf(&mut self.inbuf) => Step::Read(read),
+                () = tokio::time::sleep(WRITE_CLOSED_GRACE), if self.write_closed => {
+                    Step::Read(Ok(0))
+                }
             };
             match step {
-                Step::Wrote(Ok(0)) | Step::Read(Ok(0)) => return Err(self.fail(ShimError::Exited)),
-                Step::Wrote(Ok(n)) => self.wrote(n),
+                Step::Read(Ok(0)) => return Err(self.fail(ShimError::Exited)),
                 Step::Read(Ok(_)) => {}
-                Step::Wrote(Err(e)) => return Err(self.fail(write_error(e))),
                 Step::Read(Err(e)) => return Err(self.fail(ShimError::Io(e))),
+                Step::Wrote(Ok(n)) if n > 0 => self.wrote(n),
+                // The application stopped reading (it exited, or closed its input): what
+                // is queued can never be delivered, but the results it wrote before are
+                // still in its output. They are read and returned first; its end of
+                // output then says it has gone.
+                Step::Wrote(Ok(_)) => self.close_writes(),
+                Step::Wrote(Err(e)) if e.kind() == std::io::ErrorKind::BrokenPipe => {
+                    self.close_writes()
+                }
+                Step::Wrote(Err(e)) => return Err(self.fail(ShimError::Io(e))),
             }
         }
     }
@@ -302,6 +329,13 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> NodeShim<R, W> {
         Ok(())
     }
 
+    /// Drops what is queued and writes nothing more; reading goes on.
+    fn close_writes(&mut self) {
+        self.write_closed = true;
+        self.out = Vec::new();
+        self.written = 0;
+    }
+
     fn wrote(&mut self, n: usize) {
         self.written += n;
         if self.written >= self.out.len() {
@@ -338,7 +372,12 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> NodeShim<R, W> {
             }) => AppMessage::Result {
                 task_id,
                 invocation: match status {
-                    ResultStatus::Ok => Invocation::Succeeded(body.slice_ref(payload)),
+                    // A large output shares the read buffer; a small one is copied, so it
+                    // does not keep a whole read chunk alive while it waits to be sent.
+                    ResultStatus::Ok if payload.len() >= SHARE_PAYLOAD_BYTES_MIN => {
+                        Invocation::Succeeded(body.slice_ref(payload))
+                    }
+                    ResultStatus::Ok => Invocation::Succeeded(Bytes::copy_from_slice(payload)),
                     ResultStatus::Error => {
                         Invocation::Failed(String::from_utf8_lossy(payload).into_owned())
                     }
@@ -366,15 +405,6 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> NodeShim<R, W> {
 enum Step {
     Wrote(std::io::Result<usize>),
     Read(std::io::Result<usize>),
-}
-
-/// A closed pipe on write means the application is gone, the same as EOF on read.
-fn write_error(e: std::io::Error) -> ShimError {
-    if e.kind() == std::io::ErrorKind::BrokenPipe {
-        ShimError::Exited
-    } else {
-        ShimError::Io(e)
-    }
 }
 
 #[cfg(test)]
@@ -581,6 +611,45 @@ mod tests {
                 other => panic!("unexpected {other:?}"),
             }
         }
+        app.await.unwrap();
+    }
+
+    /// The application answers the first task and exits while the node is still writing the
+    /// rest of its window: the answer it gave is returned, then Exited, never a lost result
+    /// blamed on the wrong task.
+    #[tokio::test]
+    async fn results_written_before_the_app_stopped_reading_are_kept() {
+        let (node_end, app_end) = tokio::io::duplex(4096);
+        let (app_read, mut app_write) = tokio::io::split(app_end);
+        let (node_read, node_write) = tokio::io::split(node_end);
+        let app = tokio::spawn(async move {
+            let mut reader = tokio::io::BufReader::new(app_read);
+            let mut prefix = [0u8; 4];
+            reader.read_exact(&mut prefix).await.unwrap();
+            let mut frame = vec![0u8; u32::from_le_bytes(prefix) as usize];
+            reader.read_exact(&mut frame).await.unwrap();
+            let mut out = Vec::new();
+            AppFrame::TaskResult {
+                task_id: 1,
+                status: ResultStatus::Ok,
+                payload: b"done",
+            }
+            .encode(&mut out)
+            .unwrap();
+            app_write.write_all(&out).await.unwrap();
+            // Exits: both directions close.
+        });
+        let mut shim = NodeShim::new(node_read, node_write, SHIM_FRAME_BYTES_MAX);
+        let input = vec![1u8; 256 * 1024];
+        for task in 1..=3 {
+            shim.queue_invoke(task, &input).unwrap();
+        }
+        let message = shim.next_message().await.unwrap();
+        assert_eq!(
+            shim.expect_result(1, message).unwrap(),
+            Invocation::Succeeded(Bytes::from_static(b"done"))
+        );
+        assert!(matches!(shim.next_message().await, Err(ShimError::Exited)));
         app.await.unwrap();
     }
 

@@ -42,10 +42,10 @@ const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Size of the large-input check: big enough to need many pipe buffers in each direction.
 const LARGE_INPUT_BYTES: usize = 1024 * 1024;
 
-/// Common data of the first session; binary on purpose, so text-only handling shows up.
 /// Tasks in the pipelined check's window.
 const PIPELINED_TASKS: usize = 4;
 
+/// Common data of the first session; binary on purpose, so text-only handling shows up.
 const COMMON_DATA: &[u8] = b"flame-shim-check common data \x00\x01\xfe\xff";
 
 /// Input of the small-input check; binary for the same reason.

@@ -145,7 +145,7 @@ pub async fn down(
             continue;
         }
         ctx.progress.step(i, "checking for leftovers");
-        let script = scripts::leftovers(&conn.bin_dir, true);
+        let script = scripts::leftovers(&conn.bin_dir, &ctx.spec.members[i].role_dir(), true);
         match conn
             .remote
             .run(&script, None, ctx.spec.ssh.command_timeout)

@@ -239,8 +239,31 @@ pub fn node_join(member: &Member, bin_dir: &str, head_address: &str) -> String {
 }
 
 /// The command line of the supervised daemon: `flame cluster supervise ... -- flame-ROLE
-/// ARGS`; what `R/launch` holds in supervised mode.
+/// ARGS`, quoted for `sh`; what `R/launch` holds in supervised mode.
 pub fn supervise_line(member: &Member, bin_dir: &str, restart: bool) -> String {
+    join_quoted(&supervise_words(member, bin_dir, restart))
+}
+
+/// One word of a unit file's command line, as systemd reads it: in double quotes, with `\`
+/// and `"` escaped, `%` (a specifier) as `%%` and `$` (a variable) as `$$`.
+fn systemd_word(word: &str) -> String {
+    let mut out = String::with_capacity(word.len() + 2);
+    out.push('"');
+    for c in word.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '"' => out.push_str("\\\""),
+            '%' => out.push_str("%%"),
+            '$' => out.push_str("$$"),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
+/// The supervisor's command line, word by word.
+fn supervise_words(member: &Member, bin_dir: &str, restart: bool) -> Vec<String> {
     let r = member.role_dir();
     let mut words = vec![
         format!("{bin_dir}/flame"),
@@ -259,7 +282,7 @@ pub fn supervise_line(member: &Member, bin_dir: &str, restart: bool) -> String {
     words.push("--".to_string());
     words.push(format!("{bin_dir}/{}", member.role.binary()));
     words.extend(member.args.iter().cloned());
-    join_quoted(&words)
+    words
 }
 
 /// The systemd unit that runs the supervisor without its own restarts: systemd restarts.
@@ -272,8 +295,13 @@ pub fn unit_file(member: &Member, bin_dir: &str, cluster: &str) -> String {
          Restart=on-failure\nRestartSec=2\nKillMode=mixed\nTimeoutStopSec=15\n\n\
          [Install]\nWantedBy=multi-user.target\n",
         role = member.role.as_str(),
-        line = supervise_line(member, bin_dir, false),
-        log = log_file(member),
+        line = supervise_words(member, bin_dir, false)
+            .iter()
+            .map(|w| systemd_word(w))
+            .collect::<Vec<_>>()
+            .join(" "),
+        // The rest of the line is the path: only its specifiers need escaping.
+        log = log_file(member).replace('%', "%%"),
     )
 }
 
@@ -398,26 +426,44 @@ pub fn stop(member: &Member, manager: Manager, cluster: &str) -> String {
     s
 }
 
-/// Prints `PID PATH` for every process whose executable is one of the cluster's binaries
-/// in `bin_dir` (also after they were replaced: ` (deleted)`); with `kill`, sends them
-/// `SIGKILL` first and lists what is left after.
-pub fn leftovers(bin_dir: &str, kill: bool) -> String {
+/// Prints `PID PATH` for every process of this member: its executable is one of the
+/// cluster's binaries in `bin_dir` (also after they were replaced: ` (deleted)`), and its
+/// command line, or an ancestor's, names the member's folder `role_dir` (the daemon and its
+/// supervisor name it in their arguments; executors are the node's children). Another
+/// cluster's daemons, a packaged service and anyone's `flame` client are left alone, and so
+/// are this script's own ancestors. With `kill`, sends them `SIGKILL` first and lists what
+/// is left after.
+pub fn leftovers(bin_dir: &str, role_dir: &str, kill: bool) -> String {
     let names = BINARIES
         .iter()
         .map(|b| format!("\"$D/{b}\""))
         .collect::<Vec<_>>()
         .join("|");
     let scan = format!(
-        r#"scan() {{
+        r#"ours() {{
+  p=$1; n=0
+  while [ "$p" -gt 1 ] && [ $n -lt 64 ]; do
+    [ "$p" = "$$" ] && return 1
+    # One argument a line; the folder itself, or a path under it (not a sibling).
+    c=$(tr '\0' '\n' < "/proc/$p/cmdline" 2>/dev/null; echo .)
+    case "$c" in *"$R/"*|*"$R"'
+'*) return 0;; esac
+    p=$(sed 's/.*) //' "/proc/$p/stat" 2>/dev/null | cut -d' ' -f2)
+    [ -n "$p" ] || return 1
+    n=$((n + 1))
+  done
+  return 1
+}}
+scan() {{
   for p in /proc/[0-9]*; do
     e=$(readlink "$p/exe" 2>/dev/null) || continue
     e=${{e% (deleted)}}
-    case "$e" in {names}) echo "${{p#/proc/}} $e";; esac
+    case "$e" in {names}) ours "${{p#/proc/}}" && echo "${{p#/proc/}} $e";; esac
   done
 }}
 "#
     );
-    let mut s = format!("D={}\n{scan}", quote(bin_dir));
+    let mut s = format!("D={}\nR={}\n{scan}", quote(bin_dir), quote(role_dir));
     if kill {
         s.push_str(
             "scan | while read -r pid exe; do kill -KILL \"$pid\" 2>/dev/null; done\nsleep 0.2\n",
@@ -559,12 +605,17 @@ mod tests {
         let m = member(root.path(), Role::Head);
         let unit = unit_file(&m, "/opt/flame/bin", "lab");
         assert!(
-            unit.contains("ExecStart=/opt/flame/bin/flame cluster supervise --pid-file"),
+            unit.contains(r#"ExecStart="/opt/flame/bin/flame" "cluster" "supervise" "--pid-file""#),
             "{unit}"
         );
         assert!(
-            unit.contains("--no-restart -- /opt/flame/bin/flame-head --x 'a b'"),
+            unit.contains(r#""--no-restart" "--" "/opt/flame/bin/flame-head" "--x" "a b""#),
             "{unit}"
+        );
+        // systemd's specifiers, variables and escapes are taken literally.
+        assert_eq!(
+            systemd_word(r#"fe80::1%eth0 $HOME a"b\c"#),
+            r#""fe80::1%%eth0 $$HOME a\"b\\c""#
         );
         assert!(unit.contains("Restart=on-failure"), "{unit}");
         assert_eq!(unit_name("lab", Role::Head), "flame-lab-head");
@@ -577,25 +628,65 @@ mod tests {
     }
 
     #[test]
-    fn leftovers_finds_processes_by_their_executable() {
+    fn leftovers_finds_this_members_processes_by_their_executable() {
         let root = tempfile::tempdir().unwrap();
         let bin = root.path().join("bin");
         std::fs::create_dir_all(&bin).unwrap();
-        // A copy of `sleep` named like a cluster binary.
+        let role_dir = root.path().join("data/node").display().to_string();
+        let other_dir = root.path().join("other/node").display().to_string();
+        // Copies of `sh` and `sleep` named like cluster binaries: one started for this
+        // member (its folder in its arguments), one for another cluster's member sharing the
+        // binaries, and one child of a process of this member (as an executor is the node's
+        // child). `; :` keeps `sh` from replacing itself with the `sleep`.
         let fake = bin.join("flame-node");
-        std::fs::copy("/bin/sleep", &fake).unwrap();
-        let mut child = Command::new(&fake).arg("30").spawn().unwrap();
+        std::fs::copy("/bin/sh", &fake).unwrap();
+        let ping = bin.join("flame-ping");
+        std::fs::copy("/bin/sleep", &ping).unwrap();
+        let mut ours = Command::new(&fake)
+            .args(["-c", "sleep 30; :", &format!("{role_dir}/work")])
+            .spawn()
+            .unwrap();
+        let mut theirs = Command::new(&fake)
+            .args(["-c", "sleep 30; :", &format!("{other_dir}/work")])
+            .spawn()
+            .unwrap();
+        let mut parent = Command::new("sh")
+            .args([
+                "-c",
+                &format!("{} 30; : {role_dir}", quote(&ping.display().to_string())),
+            ])
+            .spawn()
+            .unwrap();
         let dir = bin.display().to_string();
-        let (ok, out, err) = sh(&leftovers(&dir, false), b"");
-        assert!(ok, "{err}");
+        // The child of `sh` may take a moment to exist.
+        let child_line = |out: &str| {
+            out.lines()
+                .any(|l| l.ends_with(&ping.display().to_string()))
+        };
+        let mut out = String::new();
+        for _ in 0..50 {
+            let (ok, o, err) = sh(&leftovers(&dir, &role_dir, false), b"");
+            assert!(ok, "{err}");
+            out = o;
+            if child_line(&out) {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
         assert!(
-            out.contains(&format!("{} {}", child.id(), fake.display())),
+            out.contains(&format!("{} {}", ours.id(), fake.display())),
             "{out}"
         );
-        let (ok, out, err) = sh(&leftovers(&dir, true), b"");
+        assert!(child_line(&out), "{out}");
+        assert!(!out.contains(&format!("{} ", theirs.id())), "{out}");
+        let (ok, out, err) = sh(&leftovers(&dir, &role_dir, true), b"");
         assert!(ok, "{err}");
-        assert!(!out.contains(&child.id().to_string()), "{out}");
-        let status = child.wait().unwrap();
-        assert!(!status.success());
+        assert!(!out.contains(&ours.id().to_string()), "{out}");
+        assert!(!ours.wait().unwrap().success());
+        // The other cluster's process is still there.
+        assert!(theirs.try_wait().unwrap().is_none());
+        theirs.kill().unwrap();
+        let _ = theirs.wait();
+        let _ = parent.wait();
     }
 }

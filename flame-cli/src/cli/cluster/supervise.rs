@@ -23,10 +23,11 @@ use nix::unistd::Pid;
 use std::collections::VecDeque;
 use std::ffi::OsString;
 use std::io::Write as _;
+use std::os::unix::fs::MetadataExt as _;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant, SystemTime};
-use tokio::io::{AsyncBufReadExt as _, BufReader};
+use tokio::io::{AsyncBufReadExt as _, AsyncReadExt as _, BufReader};
 use tokio::process::Command;
 use tokio::signal::unix::{signal as unix_signal, SignalKind};
 
@@ -115,9 +116,21 @@ pub async fn run(args: SuperviseArgs) -> Result<(), SuperviseError> {
             let prefix = args.ready_prefix.clone();
             let state = args.state_file.clone();
             tokio::spawn(async move {
-                let mut lines = BufReader::new(stdout).lines();
+                // Bytes, not text: output that is not UTF-8 is passed on, not a reason
+                // to stop reading (the daemon would then die of a closed pipe). A line is
+                // cut at LINE_BYTES_MAX so a missing newline cannot grow it without bound.
+                let mut reader = BufReader::new(stdout);
+                let mut buf = Vec::new();
                 let mut ready = false;
-                while let Ok(Some(line)) = lines.next_line().await {
+                loop {
+                    buf.clear();
+                    let mut limited = (&mut reader).take(LINE_BYTES_MAX);
+                    match limited.read_until(b'\n', &mut buf).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(_) => {}
+                    }
+                    let text = String::from_utf8_lossy(&buf);
+                    let line = text.trim_end_matches(['\n', '\r']);
                     let mut out = std::io::stdout().lock();
                     // The log is what we write to; nowhere else to report a failure.
                     let _ = writeln!(out, "{line}");
@@ -157,6 +170,7 @@ pub async fn run(args: SuperviseArgs) -> Result<(), SuperviseError> {
                     break Err(SuperviseError::Ended(format!("{program} {message}")));
                 }
                 if args.no_restart {
+                    write_state(&args.state_file, &format!("failed exited with {how}"));
                     break Err(SuperviseError::Ended(format!(
                         "{program} exited with {how}"
                     )));
@@ -193,11 +207,21 @@ pub async fn run(args: SuperviseArgs) -> Result<(), SuperviseError> {
             }
         }
     };
-    remove(&args.state_file);
+    // A failure stays in the state file, for `up` (which waits on it) and `status`; a
+    // stop asked for by a signal leaves nothing behind.
+    if result.is_ok() {
+        remove(&args.state_file);
+    }
     remove(&args.pid_file);
     drop(lock);
     result
 }
+
+/// Longest line of the daemon's output passed on as one; longer ones are split.
+const LINE_BYTES_MAX: u64 = 64 * 1024;
+
+/// Times [`lock_pid_file`] opens the pid file again when it was replaced while locking.
+const PID_FILE_ATTEMPTS: u32 = 5;
 
 /// Opens, locks and fills the pid file; refuses when another supervisor holds it.
 fn lock_pid_file(path: &Path) -> Result<Flock<std::fs::File>, SuperviseError> {
@@ -209,21 +233,40 @@ fn lock_pid_file(path: &Path) -> Result<Flock<std::fs::File>, SuperviseError> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).map_err(|e| io("cannot create the folder of", e))?;
     }
-    let file = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .read(true)
-        .write(true)
-        .open(path)
-        .map_err(|e| io("cannot open", e))?;
-    let mut lock = match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
-        Ok(lock) => lock,
-        Err((_, _errno)) => {
-            let pid = std::fs::read_to_string(path).unwrap_or_default();
-            return Err(SuperviseError::AlreadyRunning {
-                path: path.to_path_buf(),
-                pid: pid.trim().to_string(),
-            });
+    // A supervisor that is ending removes its pid file before it unlocks it; one that
+    // opened the file just before then would lock a file no longer there. So the file
+    // locked must still be the one at the path, or it is opened again.
+    let mut attempts = 0;
+    let mut lock = loop {
+        attempts += 1;
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .read(true)
+            .write(true)
+            .open(path)
+            .map_err(|e| io("cannot open", e))?;
+        let lock = match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+            Ok(lock) => lock,
+            Err((_, _errno)) => {
+                let pid = std::fs::read_to_string(path).unwrap_or_default();
+                return Err(SuperviseError::AlreadyRunning {
+                    path: path.to_path_buf(),
+                    pid: pid.trim().to_string(),
+                });
+            }
+        };
+        let locked = lock.metadata().map_err(|e| io("cannot stat", e))?;
+        let same = std::fs::metadata(path)
+            .is_ok_and(|now| (now.dev(), now.ino()) == (locked.dev(), locked.ino()));
+        if same {
+            break lock;
+        }
+        if attempts >= PID_FILE_ATTEMPTS {
+            return Err(io(
+                "cannot lock (it keeps being replaced)",
+                std::io::Error::other("the pid file was removed while it was being locked"),
+            ));
         }
     };
     lock.set_len(0).map_err(|e| io("cannot truncate", e))?;
@@ -324,7 +367,9 @@ mod tests {
             .await
             .unwrap_err();
         assert!(err.to_string().contains("before it was ready"), "{err}");
-        // The state file is removed at the end; the pid file too.
+        // The failure stays in the state file for `up` and `status`; the pid file goes.
+        let state = std::fs::read_to_string(dir.path().join("state")).unwrap();
+        assert!(state.starts_with("failed exited with"), "{state}");
         assert!(!dir.path().join("s.pid").exists());
     }
 
