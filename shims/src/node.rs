@@ -243,6 +243,16 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> NodeShim<R, W> {
                 self.inbuf.reserve(READ_CHUNK_BYTES);
             }
             let pending = &self.out[self.written..];
+            let write_closed = self.write_closed;
+            // Built only when its input closed: select! evaluates every branch's future,
+            // and a timer needs a runtime with time enabled.
+            let grace = async move {
+                if write_closed {
+                    tokio::time::sleep(WRITE_CLOSED_GRACE).await;
+                } else {
+                    std::future::pending::<()>().await;
+                }
+            };
             // Writing first: what is queued goes out before anything else is waited for.
             let step = tokio::select! {
                 biased;
@@ -250,9 +260,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> NodeShim<R, W> {
                     Step::Wrote(wrote)
                 }
                 read = self.reader.read_buf(&mut self.inbuf) => Step::Read(read),
-                () = tokio::time::sleep(WRITE_CLOSED_GRACE), if self.write_closed => {
-                    Step::Read(Ok(0))
-                }
+                () = grace, if write_closed => Step::Read(Ok(0)),
             };
             match step {
                 Step::Read(Ok(0)) => return Err(self.fail(ShimError::Exited)),
