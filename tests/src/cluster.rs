@@ -76,6 +76,7 @@ pub const FOREIGN_ENV: &[&str] = &[
     "FLAME_JOIN_TOKEN",
     "FLAME_OWNER",
     "FLAME_NODE_NAME",
+    "FLAME_NODE_CONFIG",
     "FLAME_HEAD_CONFIG",
     "FLAME_HEAD_DATA_DIR",
 ];
@@ -978,20 +979,9 @@ impl Proc {
             .stdout(Stdio::piped())
             .stderr(Stdio::from(log_file))
             .kill_on_drop(true);
-        let parent = nix::unistd::getpid();
-        // SAFETY: the closure runs in the forked child before exec and makes only two
-        // async-signal-safe system calls (prctl, getppid); it allocates nothing on success.
-        unsafe {
-            command.pre_exec(move || {
-                // Killed when the thread that forked it ends, so nothing outlives a test
-                // process that is itself killed.
-                nix::sys::prctl::set_pdeathsig(Signal::SIGKILL)?;
-                if nix::unistd::getppid() != parent {
-                    return Err(std::io::Error::from(nix::errno::Errno::ESRCH));
-                }
-                Ok(())
-            });
-        }
+        // Killed when the thread that forked it ends, so nothing outlives a test process
+        // that is itself killed.
+        flame_client::local::die_with_parent(&mut command);
         let mut line = describe(&command);
         if let Some(ns) = netns {
             ns.enter_in_child(&mut command);

@@ -24,7 +24,7 @@
 
 use flame_client::local::{HEAD_READY_PREFIX, NODE_READY_PREFIX};
 use flame_tests::cgroup::NodeCgroups;
-use flame_tests::cluster::{log_section, Proc, READY_TIMEOUT, STOP_TIMEOUT};
+use flame_tests::cluster::{log_section, Proc, FOREIGN_ENV, READY_TIMEOUT, STOP_TIMEOUT};
 use flame_tests::command::bin_dir;
 use flame_tests::{prerequisites, run_command, CmdOutput};
 use std::collections::BTreeSet;
@@ -619,30 +619,14 @@ fn free_udp_port() -> u16 {
         .port()
 }
 
-/// The variables a flame command reads, that would point it elsewhere.
-const FLAME_ENV: [&str; 11] = [
-    "FLAME_HEAD",
-    "FLAME_CA_FILE",
-    "FLAME_TOKEN",
-    "FLAME_TOKEN_FILE",
-    "FLAME_CERT",
-    "FLAME_KEY",
-    "FLAME_JOIN_TOKEN",
-    "FLAME_OWNER",
-    "FLAME_NODE_NAME",
-    "FLAME_NODE_CONFIG",
-    "FLAME_HEAD_CONFIG",
-];
-
 fn clean_env(command: Command) -> Command {
     clean_env_but(command, &[])
 }
 
 fn clean_env_but(mut command: Command, keep: &[&str]) -> Command {
-    for var in FLAME_ENV.iter().filter(|v| !keep.contains(v)) {
+    for var in FOREIGN_ENV.iter().filter(|v| !keep.contains(v)) {
         command.env_remove(var);
     }
-    command.env_remove("FLAME_HEAD_DATA_DIR");
     command
 }
 
