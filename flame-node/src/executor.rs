@@ -680,14 +680,7 @@ async fn drive(
                                 a.session
                             ),
                         };
-                        let _ = reports.send(Report::Result(NodeTaskResult {
-                            executor: id,
-                            session: a.session,
-                            task: a.task,
-                            attempt: a.attempt,
-                            outcome,
-                            exit_code: None,
-                        }));
+                        report_result(reports, id, &a, outcome, None);
                     }
                 }
                 continue;
@@ -745,6 +738,25 @@ async fn drive(
             }
         }
     }
+}
+
+/// Reports how task `a` ended on executor `id`; a closed channel means the node is going
+/// away, and the head re-queues what it had sent.
+fn report_result(
+    reports: &mpsc::UnboundedSender<Report>,
+    id: ExecutorId,
+    a: &TaskAssignment,
+    outcome: TaskOutcome,
+    exit_code: Option<i32>,
+) {
+    let _ = reports.send(Report::Result(NodeTaskResult {
+        executor: id,
+        session: a.session,
+        task: a.task,
+        attempt: a.attempt,
+        outcome,
+        exit_code,
+    }));
 }
 
 /// Most exec requests waiting for a holding rank at once.
@@ -810,14 +822,7 @@ async fn drive_rank(
                         RankEnd::NotStarted(why, code) => (TaskOutcome::Failed(why), code),
                         RankEnd::Killed => return "killed by the node".to_string(),
                     };
-                let _ = reports.send(Report::Result(NodeTaskResult {
-                    executor: id,
-                    session: a.session,
-                    task: a.task,
-                    attempt: a.attempt,
-                    outcome,
-                    exit_code,
-                }));
+                report_result(reports, id, &a, outcome, exit_code);
             }
             Command::Unbind => {
                 phase = phase.next(Input::Left).unwrap_or(phase);

@@ -886,6 +886,38 @@ pub async fn dial(
         .map_err(|e| e.to_string())
 }
 
+/// Sends `hello` (any serialisable shape, so also old or malformed ones) on a new stream of
+/// `connection` and reads the head's answer, within [`flame_protocol::limits::CONNECT_TIMEOUT`]; returns the
+/// stream's two halves for what follows the hello.
+pub async fn say_hello(
+    connection: &quinn::Connection,
+    hello: &impl serde::Serialize,
+) -> (
+    flame_protocol::messages::HelloReply,
+    flame_protocol::frame::FrameWriter<quinn::SendStream>,
+    flame_protocol::frame::FrameReader<quinn::RecvStream>,
+) {
+    use flame_protocol::frame::{FrameReader, FrameWriter};
+    let (send, recv) = connection
+        .open_bi()
+        .await
+        .unwrap_or_else(|e| panic!("cannot open a stream to the head: {e}"));
+    let mut writer = FrameWriter::new(send, flame_protocol::limits::FRAME_BYTES_MAX);
+    let mut reader = FrameReader::new(recv, flame_protocol::limits::FRAME_BYTES_MAX);
+    writer
+        .write(hello)
+        .await
+        .unwrap_or_else(|e| panic!("cannot send the hello: {e}"));
+    let reply = tokio::time::timeout(
+        flame_protocol::limits::CONNECT_TIMEOUT,
+        reader.read_required::<flame_protocol::messages::HelloReply>(),
+    )
+    .await
+    .unwrap_or_else(|_| panic!("no hello reply in time"))
+    .unwrap_or_else(|e| panic!("cannot read the hello reply: {e}"));
+    (reply, writer, reader)
+}
+
 /// Reads a token file.
 pub fn read_token(path: &Path) -> Secret {
     let text = std::fs::read_to_string(path)

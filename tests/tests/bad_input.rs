@@ -8,6 +8,7 @@ use flame_protocol::limits;
 use flame_protocol::messages::{Hello, HelloReply, Role};
 use flame_protocol::model::{ApplicationSpec, ErrorKind, SessionSpec, ShimKind};
 use flame_protocol::PROTOCOL_VERSION;
+use flame_tests::cluster::say_hello;
 use flame_tests::command::COMMAND_TIMEOUT;
 use flame_tests::results::{ping_session_id, ping_spec};
 use flame_tests::{binary, run_command, Cluster, ClusterOptions};
@@ -167,25 +168,16 @@ async fn unreachable_head_fails_fast_naming_the_address() {
 async fn hello_with_another_version_is_refused() {
     let cluster = Cluster::start(head_only()).await;
     let (_endpoint, connection) = cluster.raw_connection(None).await;
-    let (send, recv) = connection.open_bi().await.unwrap();
-    let mut writer = FrameWriter::new(send, limits::FRAME_BYTES_MAX);
-    let mut reader = FrameReader::new(recv, limits::FRAME_BYTES_MAX);
-    writer
-        .write(&Hello {
+    let (reply, _, _) = say_hello(
+        &connection,
+        &Hello {
             protocol_version: 999,
             role: Role::Client,
             agent: "flame-tests".into(),
             token: Some(cluster.admin_token()),
-        })
-        .await
-        .unwrap();
-    let reply = tokio::time::timeout(
-        limits::CONNECT_TIMEOUT,
-        reader.read_required::<HelloReply>(),
+        },
     )
-    .await
-    .expect("no hello reply in time")
-    .expect("cannot read the hello reply");
+    .await;
     match reply {
         HelloReply::Refused { reason } => {
             assert!(reason.contains("version 999"), "{reason}");

@@ -16,7 +16,7 @@ use flame_protocol::messages::{
 };
 use flame_protocol::model::{ApplicationSpec, ErrorKind, NodeResources, SessionSpec};
 use flame_protocol::{limits, TaskId, PROTOCOL_VERSION};
-use flame_tests::cluster::{Cluster, ClusterOptions};
+use flame_tests::cluster::{say_hello, Cluster, ClusterOptions};
 use serde::Serialize;
 use std::time::Duration;
 
@@ -25,28 +25,6 @@ fn head_only() -> ClusterOptions {
         nodes: 0,
         ..ClusterOptions::default()
     }
-}
-
-type Writer = FrameWriter<quinn::SendStream>;
-type Reader = FrameReader<quinn::RecvStream>;
-
-/// Sends `hello` (any serialisable shape) on a new stream and reads the head's answer.
-async fn say_hello(
-    connection: &quinn::Connection,
-    hello: &impl Serialize,
-) -> (HelloReply, Writer, Reader) {
-    let (send, recv) = connection.open_bi().await.unwrap();
-    let mut writer = FrameWriter::new(send, limits::FRAME_BYTES_MAX);
-    let mut reader = FrameReader::new(recv, limits::FRAME_BYTES_MAX);
-    writer.write(hello).await.unwrap();
-    let reply = tokio::time::timeout(
-        limits::CONNECT_TIMEOUT,
-        reader.read_required::<HelloReply>(),
-    )
-    .await
-    .expect("no hello reply in time")
-    .expect("cannot read the hello reply");
-    (reply, writer, reader)
 }
 
 fn refusal(reply: HelloReply) -> String {
