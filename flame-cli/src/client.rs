@@ -430,8 +430,15 @@ impl Client {
         kind: TokenKind,
         ttl_ms: Option<u64>,
     ) -> Result<(Secret, TokenInfo), ClientError> {
+        // Node join tokens are single-use unless told otherwise, as on the command line.
+        let uses_max = (kind == TokenKind::Node).then_some(1);
         match self
-            .request(ClientRequest::CreateToken { kind, ttl_ms })
+            .request(ClientRequest::CreateToken {
+                kind,
+                ttl_ms,
+                uses_max,
+                replace: None,
+            })
             .await?
         {
             ClientResponse::TokenCreated { token, info } => Ok((token, info)),
@@ -782,6 +789,8 @@ fn request_name(request: &ClientRequest) -> &'static str {
         ClientRequest::CreateToken { .. } => "CreateToken",
         ClientRequest::ListTokens => "ListTokens",
         ClientRequest::RevokeToken { .. } => "RevokeToken",
+        ClientRequest::RevokeCert { .. } => "RevokeCert",
+        ClientRequest::ListCerts => "ListCerts",
         ClientRequest::WhoAmI => "WhoAmI",
     }
 }
@@ -799,6 +808,7 @@ fn response_name(response: &ClientResponse) -> &'static str {
         ClientResponse::Tasks(_) => "Tasks",
         ClientResponse::TokenCreated { .. } => "TokenCreated",
         ClientResponse::Tokens(_) => "Tokens",
+        ClientResponse::Certs(_) => "Certs",
         ClientResponse::Principal(_) => "Principal",
     }
 }

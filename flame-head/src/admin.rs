@@ -6,10 +6,12 @@
 //! `init` wrote to `DATA_DIR/admin.token`: the head owns the redb file while it runs, and a
 //! token made behind its back would not be known to it anyway.
 
-use crate::auth::{JobCredentials, TokenBook};
-use crate::config::{HeadConfig, TokenCommand, NODE_TOKEN_TTL_DEFAULT};
+use crate::auth::{JobCredentials, TokenBook, TokenLimits};
+use crate::config::{
+    CertCommand, HeadConfig, TokenCommand, NODE_TOKEN_TTL_DEFAULT, NODE_TOKEN_USES_DEFAULT,
+};
 use anyhow::Context;
-use flame_protocol::auth::{Secret, TokenInfo, TokenKind};
+use flame_protocol::auth::{CertRecord, CertTarget, Secret, TokenInfo, TokenKind};
 use flame_protocol::frame::{FrameReader, FrameWriter};
 use flame_protocol::limits;
 use flame_protocol::messages::{ClientRequest, ClientResponse, Role};
@@ -45,7 +47,7 @@ pub fn init(config: &HeadConfig, admin_name: &str) -> anyhow::Result<()> {
         admin: true,
     };
     let (text, info, stored) = book
-        .create(kind, None, crate::server::now_ms())
+        .create(kind, TokenLimits::default(), crate::server::now_ms())
         .map_err(anyhow::Error::msg)?;
     store.put_token(&info.id, &stored)?;
     let path = admin_token_path(&config.data_dir);
@@ -65,9 +67,31 @@ pub fn init(config: &HeadConfig, admin_name: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `flame-head user-cert NAME [--admin] --out DIR`.
-pub fn user_cert(config: &HeadConfig, name: &str, admin: bool, out: &Path) -> anyhow::Result<()> {
+/// `flame-head user-cert NAME [--admin] --out DIR [--ttl DURATION]`.
+pub fn user_cert(
+    config: &HeadConfig,
+    name: &str,
+    admin: bool,
+    out: &Path,
+    ttl: Option<std::time::Duration>,
+) -> anyhow::Result<()> {
     flame_protocol::auth::validate_user_name(name).map_err(anyhow::Error::msg)?;
+    let days = match ttl {
+        None => crate::tls::USER_CERT_VALIDITY_DAYS,
+        Some(ttl) => {
+            let days = ttl.as_secs() / 86_400;
+            if ttl.as_secs() % 86_400 != 0
+                || days == 0
+                || days > u64::from(crate::tls::USER_CERT_VALIDITY_DAYS_MAX)
+            {
+                anyhow::bail!(
+                    "--ttl must be whole days, from 1 to {} (e.g. `30d`)",
+                    crate::tls::USER_CERT_VALIDITY_DAYS_MAX
+                );
+            }
+            days as u32
+        }
+    };
     if !crate::tls::is_initialized(&config.data_dir) {
         anyhow::bail!(
             "{} holds no cluster CA: run `flame-head init` first",
@@ -75,7 +99,7 @@ pub fn user_cert(config: &HeadConfig, name: &str, admin: bool, out: &Path) -> an
         );
     }
     let identity = crate::tls::HeadIdentity::load(&config.data_dir, &crate::sans(config))?;
-    let (cert_pem, key_pem) = identity.sign_user(name, admin)?;
+    let (cert_pem, key_pem) = identity.sign_user(name, admin, days)?;
     std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
     let key_path = out.join(format!("{name}.key"));
     let cert_path = out.join(format!("{name}.crt"));
@@ -86,18 +110,149 @@ pub fn user_cert(config: &HeadConfig, name: &str, admin: bool, out: &Path) -> an
             key_path.display()
         )
     })?;
-    std::fs::write(&cert_path, cert_pem)
+    std::fs::write(&cert_path, &cert_pem)
         .with_context(|| format!("cannot write {}", cert_path.display()))?;
     std::fs::write(&ca_path, identity.ca_pem())
         .with_context(|| format!("cannot write {}", ca_path.display()))?;
+    let der = cert_der(&cert_pem)?;
     println!(
-        "certificate for {}user `{name}`: {} (key {}, CA {})",
+        "certificate for {}user `{name}`: {} (key {}, CA {})\n\
+         valid {days} days; serial {} (`flame-head cert revoke SERIAL` withdraws it)",
         if admin { "admin " } else { "" },
         cert_path.display(),
         key_path.display(),
-        ca_path.display()
+        ca_path.display(),
+        flame_protocol::pki::serial_of(&der)?,
     );
     Ok(())
+}
+
+/// The DER of the first certificate in a PEM text.
+fn cert_der(pem: &str) -> anyhow::Result<Vec<u8>> {
+    use rustls::pki_types::pem::PemObject;
+    let der = rustls::pki_types::CertificateDer::from_pem_slice(pem.as_bytes())
+        .map_err(|e| anyhow::anyhow!("not a PEM certificate: {e}"))?;
+    Ok(der.to_vec())
+}
+
+/// `flame-head cert ...`.
+pub async fn cert(config: &HeadConfig, command: CertCommand) -> anyhow::Result<()> {
+    let request = match &command {
+        CertCommand::Revoke {
+            serial: Some(serial),
+            ..
+        } => ClientRequest::RevokeCert {
+            target: CertTarget::Serial(serial.clone()),
+        },
+        CertCommand::Revoke {
+            node: Some(node), ..
+        } => ClientRequest::RevokeCert {
+            target: CertTarget::Node(node.clone()),
+        },
+        CertCommand::Revoke {
+            file: Some(file), ..
+        } => {
+            let pem = std::fs::read_to_string(file)
+                .with_context(|| format!("cannot read {}", file.display()))?;
+            let der = cert_der(&pem).with_context(|| format!("{}", file.display()))?;
+            let holder = flame_protocol::pki::identity_of(&der)
+                .map(|who| who.to_string())
+                .with_context(|| format!("{} is not a Flame certificate", file.display()))?;
+            ClientRequest::RevokeCert {
+                target: CertTarget::Certificate {
+                    fingerprint: flame_protocol::auth::hex(&flame_protocol::pki::fingerprint(
+                        &der,
+                    )),
+                    serial: flame_protocol::pki::serial_of(&der)?,
+                    holder,
+                },
+            }
+        }
+        CertCommand::Revoke { .. } => anyhow::bail!("say SERIAL, --file CERT or --node NAME"),
+        CertCommand::List { .. } => ClientRequest::ListCerts,
+    };
+    let what = match &request {
+        ClientRequest::RevokeCert {
+            target: CertTarget::Serial(s),
+        } => format!("the certificate with serial {s}"),
+        ClientRequest::RevokeCert {
+            target: CertTarget::Node(n),
+        } => format!("every certificate of node `{n}`"),
+        ClientRequest::RevokeCert {
+            target: CertTarget::Certificate { serial, holder, .. },
+        } => format!("the certificate of {holder} (serial {serial})"),
+        _ => String::new(),
+    };
+    match (command, ask_head(config, request).await?) {
+        (_, ClientResponse::Error(e)) => anyhow::bail!("{e}"),
+        (CertCommand::Revoke { .. }, ClientResponse::Ok) => {
+            println!("revoked {what}; connections made with it were closed")
+        }
+        (CertCommand::List { json }, ClientResponse::Certs(records)) => {
+            print_certs(&records, json)
+        }
+        (_, other) => anyhow::bail!("unexpected answer from the head: {other:?}"),
+    }
+    Ok(())
+}
+
+fn print_certs(records: &[CertRecord], json: bool) {
+    for record in records {
+        let line = match record {
+            CertRecord::Revoked {
+                serial,
+                fingerprint,
+                holder,
+                revoked_ms,
+            } if json => serde_json::json!({
+                "kind": "revoked",
+                "serial": serial,
+                "fingerprint": fingerprint,
+                "holder": holder,
+                "revoked_ms": revoked_ms,
+            })
+            .to_string(),
+            CertRecord::Node {
+                name,
+                fingerprint,
+                issued_ms,
+                revoked_ms,
+            } if json => serde_json::json!({
+                "kind": "node",
+                "node": name,
+                "fingerprint": fingerprint,
+                "issued_ms": issued_ms,
+                "revoked_ms": revoked_ms,
+            })
+            .to_string(),
+            CertRecord::Revoked {
+                serial,
+                fingerprint,
+                holder,
+                revoked_ms,
+            } => format!(
+                "revoked  {}  serial {}  sha256 {}  since {}",
+                holder.as_deref().unwrap_or("-"),
+                serial.as_deref().unwrap_or("-"),
+                fingerprint.as_deref().unwrap_or("-"),
+                when(*revoked_ms)
+            ),
+            CertRecord::Node {
+                name,
+                fingerprint,
+                issued_ms,
+                revoked_ms,
+            } => format!(
+                "node     {name}  sha256 {}  {}",
+                if fingerprint.is_empty() { "-" } else { fingerprint },
+                match revoked_ms {
+                    Some(at) => format!("revoked since {}", when(*at)),
+                    None => format!("joined {}", when(*issued_ms)),
+                }
+            ),
+        };
+        println!("{line}");
+    }
 }
 
 /// Writes a new file only its owner can read.
@@ -131,6 +286,8 @@ pub async fn token(config: &HeadConfig, command: TokenCommand) -> anyhow::Result
             user,
             admin,
             ttl,
+            uses,
+            replace,
         } => {
             let kind = match (node, user) {
                 (true, _) => TokenKind::Node,
@@ -141,9 +298,12 @@ pub async fn token(config: &HeadConfig, command: TokenCommand) -> anyhow::Result
                 (false, None) => anyhow::bail!("say --node or --user NAME"),
             };
             let ttl = ttl.or((kind == TokenKind::Node).then_some(NODE_TOKEN_TTL_DEFAULT));
+            let uses_max = uses.or((kind == TokenKind::Node).then_some(NODE_TOKEN_USES_DEFAULT));
             ClientRequest::CreateToken {
                 kind,
                 ttl_ms: ttl.map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
+                uses_max,
+                replace: replace.clone(),
             }
         }
         TokenCommand::List { .. } => ClientRequest::ListTokens,
@@ -154,11 +314,14 @@ pub async fn token(config: &HeadConfig, command: TokenCommand) -> anyhow::Result
         (_, ClientResponse::Error(e)) => anyhow::bail!("{e}"),
         (TokenCommand::Create { .. }, ClientResponse::TokenCreated { token, info }) => {
             eprintln!(
-                "token {} ({}{}); it is shown only this once:",
+                "token {} ({}{}{}); it is shown only this once:",
                 info.id,
-                describe(&info.kind),
+                describe(&info),
                 info.expires_ms
                     .map(|e| format!(", expires {}", when(e)))
+                    .unwrap_or_default(),
+                info.uses_max
+                    .map(|n| format!(", good for {n} use(s)"))
                     .unwrap_or_default()
             );
             println!("{}", token.expose());
@@ -172,9 +335,12 @@ pub async fn token(config: &HeadConfig, command: TokenCommand) -> anyhow::Result
     Ok(())
 }
 
-fn describe(kind: &TokenKind) -> String {
-    match kind {
-        TokenKind::Node => "joins nodes".into(),
+fn describe(info: &TokenInfo) -> String {
+    match &info.kind {
+        TokenKind::Node => match &info.replace {
+            Some(name) => format!("joins nodes, may replace `{name}`"),
+            None => "joins nodes".into(),
+        },
         TokenKind::User { name, admin: true } => format!("admin user `{name}`"),
         TokenKind::User { name, admin: false } => format!("user `{name}`"),
     }
@@ -200,6 +366,9 @@ fn print_tokens(tokens: &[TokenInfo], json: bool) {
                 "created_ms": t.created_ms,
                 "expires_ms": t.expires_ms,
                 "revoked": t.revoked,
+                "uses_max": t.uses_max,
+                "uses": t.uses,
+                "replace": t.replace,
             });
             println!("{line}");
         }
@@ -214,13 +383,15 @@ fn print_tokens(tokens: &[TokenInfo], json: bool) {
             "revoked"
         } else if t.expires_ms.is_some_and(|e| e <= crate::server::now_ms()) {
             "expired"
+        } else if t.uses_max.is_some_and(|max| t.uses >= max) {
+            "used up"
         } else {
             "valid"
         };
         println!(
             "{:<16}  {:<28}  {:<20}  {:<20}  {state}",
             t.id,
-            describe(&t.kind),
+            describe(t),
             when(t.created_ms),
             t.expires_ms.map_or_else(|| "never".to_string(), when),
         );

@@ -16,7 +16,7 @@
 
 use flame_protocol::auth::{
     hex, validate_user_name, ParsedToken, Principal, Secret, TokenInfo, TokenKind,
-    FINGERPRINT_BYTES, TOKEN_ID_BYTES, TOKEN_SECRET_BYTES, TOKEN_TTL_MS_MAX,
+    FINGERPRINT_BYTES, TOKEN_ID_BYTES, TOKEN_SECRET_BYTES, TOKEN_TTL_MS_MAX, TOKEN_USES_MAX,
 };
 use flame_protocol::SessionId;
 use serde::{Deserialize, Serialize};
@@ -30,6 +30,21 @@ pub struct StoredToken {
     pub created_ms: u64,
     pub expires_ms: Option<u64>,
     pub revoked: bool,
+    /// How many times it may be used; `None`: without limit. Added in schema 6.
+    pub uses_max: Option<u32>,
+    /// How many times it has been used (joins, for node join tokens).
+    pub uses: u32,
+    /// A node join token that may take this existing node's name.
+    pub replace: Option<String>,
+}
+
+/// How a new token may be used: its lifetime (`None`: no expiry), its uses (`None`:
+/// without limit), and the node name a join token may replace.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TokenLimits {
+    pub ttl_ms: Option<u64>,
+    pub uses_max: Option<u32>,
+    pub replace: Option<String>,
 }
 
 /// Most tokens the head keeps, revoked ones included (their records stay, so that a
@@ -63,6 +78,11 @@ pub enum AuthError {
     Revoked { id: String },
     #[error("token {id} expired {ago_s} s ago")]
     Expired { id: String, ago_s: u64 },
+    #[error(
+        "token {id} has been used up: it was good for {uses_max} join(s); make a new one with \
+         `flame-head token create --node` (`--uses N` for several nodes)"
+    )]
+    UsedUp { id: String, uses_max: u32 },
 }
 
 /// Why a token could not be made.
@@ -72,6 +92,10 @@ pub enum CreateError {
     Name(String),
     #[error("a time to live must be between 1 ms and {} days", TOKEN_TTL_MS_MAX / 86_400_000)]
     Ttl,
+    #[error("a number of uses must be between 1 and {TOKEN_USES_MAX}")]
+    Uses,
+    #[error("only node join tokens can replace a node: {0}")]
+    Replace(String),
     #[error("the head holds {TOKENS_MAX} tokens already; revoke some or remove old ones")]
     Full,
     #[error("the system random source failed")]
@@ -163,14 +187,31 @@ impl TokenBook {
     pub fn create(
         &mut self,
         kind: TokenKind,
-        ttl_ms: Option<u64>,
+        limits: TokenLimits,
         now_ms: u64,
     ) -> Result<(Secret, TokenInfo, StoredToken), CreateError> {
+        let TokenLimits {
+            ttl_ms,
+            uses_max,
+            replace,
+        } = limits;
         if let TokenKind::User { name, .. } = &kind {
             validate_user_name(name).map_err(CreateError::Name)?;
         }
         if ttl_ms.is_some_and(|t| t == 0 || t > TOKEN_TTL_MS_MAX) {
             return Err(CreateError::Ttl);
+        }
+        if uses_max.is_some_and(|u| u == 0 || u > TOKEN_USES_MAX) {
+            return Err(CreateError::Uses);
+        }
+        if let Some(name) = &replace {
+            if kind != TokenKind::Node {
+                return Err(CreateError::Replace(format!(
+                    "`--replace {name}` needs `--node`"
+                )));
+            }
+            flame_protocol::model::validate_node_name(name)
+                .map_err(|e| CreateError::Replace(format!("invalid node name: {e}")))?;
         }
         if self.tokens.len() >= TOKENS_MAX {
             return Err(CreateError::Full);
@@ -194,6 +235,9 @@ impl TokenBook {
             created_ms: now_ms,
             expires_ms: ttl_ms.map(|t| now_ms.saturating_add(t)),
             revoked: false,
+            uses_max,
+            uses: 0,
+            replace,
         };
         let text = ParsedToken {
             id: id.clone(),
@@ -242,6 +286,9 @@ impl TokenBook {
                 });
             }
         }
+        if let Some(uses_max) = stored.uses_max.filter(|max| stored.uses >= *max) {
+            return Err(AuthError::UsedUp { id, uses_max });
+        }
         Ok(match &stored.kind {
             TokenKind::Node => Authenticated::NodeJoin { token: id },
             TokenKind::User { name, admin } => Authenticated::User {
@@ -252,6 +299,36 @@ impl TokenBook {
                 token: id,
             },
         })
+    }
+
+    /// Spends one use of the join token `id` (once the join is sure to go ahead); returns
+    /// the record to store. Checked again here: two joins with a single-use token may both
+    /// have passed the hello, and only the first gets a certificate.
+    pub fn spend(&mut self, id: &str, now_ms: u64) -> Result<StoredToken, AuthError> {
+        self.check_id(id, now_ms)?;
+        let Some(stored) = self.tokens.get_mut(id) else {
+            return Err(AuthError::Unknown { id: id.to_string() });
+        };
+        if let Some(uses_max) = stored.uses_max.filter(|max| stored.uses >= *max) {
+            return Err(AuthError::UsedUp {
+                id: id.to_string(),
+                uses_max,
+            });
+        }
+        stored.uses += 1;
+        Ok(stored.clone())
+    }
+
+    /// Gives back a use spent by [`Self::spend`] for a join that then failed.
+    pub fn unspend(&mut self, id: &str) -> Option<StoredToken> {
+        let stored = self.tokens.get_mut(id)?;
+        stored.uses = stored.uses.saturating_sub(1);
+        Some(stored.clone())
+    }
+
+    /// The node name the token `id` may replace (`--replace`), if any.
+    pub fn replaces(&self, id: &str) -> Option<String> {
+        self.tokens.get(id).and_then(|t| t.replace.clone())
     }
 
     /// Whether the token `id` may still be used (not revoked, not expired); job
@@ -292,6 +369,9 @@ fn info(id: &str, t: &StoredToken) -> TokenInfo {
         created_ms: t.created_ms,
         expires_ms: t.expires_ms,
         revoked: t.revoked,
+        uses_max: t.uses_max,
+        uses: t.uses,
+        replace: t.replace.clone(),
     }
 }
 
@@ -301,6 +381,13 @@ mod tests {
 
     fn book() -> TokenBook {
         TokenBook::new([], JobCredentials::new(b"head secret", [7; 32]))
+    }
+
+    fn ttl(ms: u64) -> TokenLimits {
+        TokenLimits {
+            ttl_ms: Some(ms),
+            ..TokenLimits::default()
+        }
     }
 
     fn user(name: &str, admin: bool) -> TokenKind {
@@ -313,7 +400,7 @@ mod tests {
     #[test]
     fn a_created_token_authenticates_as_its_kind() {
         let mut book = book();
-        let (text, info, stored) = book.create(user("alice", false), None, 1_000).unwrap();
+        let (text, info, stored) = book.create(user("alice", false), TokenLimits::default(), 1_000).unwrap();
         assert_ne!(stored.secret_sha256, [0; 32]);
         match book.authenticate(&text, 2_000).unwrap() {
             Authenticated::User { principal, token } => {
@@ -323,7 +410,7 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
-        let (node, _, _) = book.create(TokenKind::Node, None, 1_000).unwrap();
+        let (node, _, _) = book.create(TokenKind::Node, TokenLimits::default(), 1_000).unwrap();
         assert!(matches!(
             book.authenticate(&node, 2_000).unwrap(),
             Authenticated::NodeJoin { .. }
@@ -333,7 +420,7 @@ mod tests {
     #[test]
     fn revoked_expired_forged_and_foreign_tokens_are_refused_by_id_only() {
         let mut book = book();
-        let (text, info, _) = book.create(user("bob", true), Some(10_000), 0).unwrap();
+        let (text, info, _) = book.create(user("bob", true), ttl(10_000), 0).unwrap();
         let expired = book.authenticate(&text, 15_000).unwrap_err();
         assert_eq!(
             expired.to_string(),
@@ -393,12 +480,75 @@ mod tests {
     fn bad_names_and_lifetimes_are_refused() {
         let mut book = book();
         assert!(matches!(
-            book.create(user("", false), None, 0),
+            book.create(user("", false), TokenLimits::default(), 0),
             Err(CreateError::Name(_))
         ));
         assert_eq!(
-            book.create(user("a", false), Some(0), 0).unwrap_err(),
+            book.create(user("a", false), ttl(0), 0).unwrap_err(),
             CreateError::Ttl
+        );
+    }
+
+    #[test]
+    fn a_join_token_is_used_up_after_its_uses() {
+        let mut book = book();
+        let limits = TokenLimits {
+            uses_max: Some(2),
+            ..TokenLimits::default()
+        };
+        let (text, info, _) = book.create(TokenKind::Node, limits, 0).unwrap();
+        for _ in 0..2 {
+            assert!(matches!(
+                book.authenticate(&text, 1).unwrap(),
+                Authenticated::NodeJoin { .. }
+            ));
+            book.spend(&info.id, 1).unwrap();
+        }
+        let used = book.authenticate(&text, 1).unwrap_err();
+        assert_eq!(
+            used,
+            AuthError::UsedUp {
+                id: info.id.clone(),
+                uses_max: 2
+            }
+        );
+        assert!(used.to_string().contains("used up"), "{used}");
+        assert!(book.spend(&info.id, 1).is_err());
+        // A join that failed after spending gives its use back.
+        book.unspend(&info.id).unwrap();
+        assert!(book.authenticate(&text, 1).is_ok());
+        assert_eq!(book.list()[0].uses, 1);
+    }
+
+    #[test]
+    fn only_node_tokens_replace_and_uses_are_bounded() {
+        let mut book = book();
+        let replace = |name: &str| TokenLimits {
+            replace: Some(name.into()),
+            ..TokenLimits::default()
+        };
+        assert!(matches!(
+            book.create(user("a", false), replace("n1"), 0),
+            Err(CreateError::Replace(_))
+        ));
+        assert!(matches!(
+            book.create(TokenKind::Node, replace("Not A Name"), 0),
+            Err(CreateError::Replace(_))
+        ));
+        let (_, info, _) = book.create(TokenKind::Node, replace("n1"), 0).unwrap();
+        assert_eq!(book.replaces(&info.id).as_deref(), Some("n1"));
+        let uses = |n| TokenLimits {
+            uses_max: Some(n),
+            ..TokenLimits::default()
+        };
+        assert_eq!(
+            book.create(TokenKind::Node, uses(0), 0).unwrap_err(),
+            CreateError::Uses
+        );
+        assert_eq!(
+            book.create(TokenKind::Node, uses(TOKEN_USES_MAX + 1), 0)
+                .unwrap_err(),
+            CreateError::Uses
         );
     }
 }

@@ -52,8 +52,8 @@ pub enum HeadCommand {
     },
     /// Issues a client certificate for a user, signed by the cluster CA: an alternative to
     /// a token (`flame --cert DIR/NAME.crt --key DIR/NAME.key`). Writes NAME.crt,
-    /// NAME.key (0600) and ca.crt into OUT. A certificate cannot be revoked before it
-    /// expires (one year): prefer tokens where that matters.
+    /// NAME.key (0600) and ca.crt into OUT, and prints its serial number, by which
+    /// `flame-head cert revoke` withdraws it.
     UserCert {
         /// The user it names.
         name: String,
@@ -63,7 +63,15 @@ pub enum HeadCommand {
         /// Folder to write the files to (created if missing).
         #[arg(long, value_name = "DIR")]
         out: PathBuf,
+        /// How long the certificate is valid, in whole days (e.g. `30d`, `90d`; at most a
+        /// year). Default 30 days.
+        #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+        ttl: Option<std::time::Duration>,
     },
+    /// Revokes user, admin and node certificates and lists the revocations, on the running
+    /// head, as the admin of DATA_DIR/admin.token.
+    #[command(subcommand)]
+    Cert(CertCommand),
     /// Creates, lists and revokes tokens on the running head, as the admin whose token
     /// `init` wrote to DATA_DIR/admin.token.
     #[command(subcommand)]
@@ -95,6 +103,13 @@ pub enum TokenCommand {
         /// How long the token is valid, e.g. `12h`, `30d`.
         #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
         ttl: Option<std::time::Duration>,
+        /// How many nodes may join with it (default 1: a join token is single-use).
+        #[arg(long, value_name = "N", requires = "node")]
+        uses: Option<u32>,
+        /// A join with this token may take the name NAME of an existing node, joined or
+        /// connected; that node's certificate stops working and its connection is closed.
+        #[arg(long, value_name = "NAME", requires = "node")]
+        replace: Option<String>,
     },
     /// Lists tokens (never their secrets).
     List {
@@ -105,6 +120,35 @@ pub enum TokenCommand {
     /// Revokes a token by its id; connections it opened are closed.
     Revoke { id: String },
 }
+
+/// `flame-head cert ...`.
+#[derive(Debug, clap::Subcommand)]
+pub enum CertCommand {
+    /// Revokes certificates: connections made with them are closed at once, and they are
+    /// refused from then on.
+    Revoke {
+        /// The serial number of the certificate (hex, as `flame-head user-cert` or
+        /// `openssl x509 -noout -serial` prints it).
+        #[arg(required_unless_present_any = ["file", "node"], conflicts_with_all = ["file", "node"])]
+        serial: Option<String>,
+        /// The certificate file (PEM) to revoke.
+        #[arg(long, value_name = "CERT", conflicts_with = "node")]
+        file: Option<PathBuf>,
+        /// Every certificate of the node NAME; it may join again only with a token made
+        /// by `flame-head token create --node --replace NAME`.
+        #[arg(long, value_name = "NAME")]
+        node: Option<String>,
+    },
+    /// Lists revoked certificates and the certificate each node joined with.
+    List {
+        /// One JSON object per line instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// How many nodes a join token admits when `--uses` is not given.
+pub const NODE_TOKEN_USES_DEFAULT: u32 = 1;
 
 /// Lifetime of a node join token when `--ttl` is not given.
 pub const NODE_TOKEN_TTL_DEFAULT: std::time::Duration = std::time::Duration::from_secs(24 * 3600);

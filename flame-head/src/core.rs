@@ -1243,6 +1243,8 @@ impl Core {
             | ClientRequest::CreateToken { .. }
             | ClientRequest::ListTokens
             | ClientRequest::RevokeToken { .. }
+            | ClientRequest::RevokeCert { .. }
+            | ClientRequest::ListCerts
             | ClientRequest::WhoAmI => respond(
                 reply,
                 error(

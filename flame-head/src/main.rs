@@ -5,6 +5,7 @@
 
 mod admin;
 mod auth;
+mod certs;
 mod config;
 mod core;
 mod failpoints;
@@ -119,8 +120,14 @@ async fn run(mut args: config::Args) -> anyhow::Result<()> {
         None => {}
         Some(config::HeadCommand::Init { admin_name }) => return admin::init(&config, &admin_name),
         Some(config::HeadCommand::Token(command)) => return admin::token(&config, command).await,
-        Some(config::HeadCommand::UserCert { name, admin, out }) => {
-            return admin::user_cert(&config, &name, admin, &out)
+        Some(config::HeadCommand::Cert(command)) => return admin::cert(&config, command).await,
+        Some(config::HeadCommand::UserCert {
+            name,
+            admin,
+            out,
+            ttl,
+        }) => {
+            return admin::user_cert(&config, &name, admin, &out, ttl)
         }
         // Handled in `main`, before anything else starts.
         Some(config::HeadCommand::GenerateDocs { .. }) => return Ok(()),
@@ -141,6 +148,7 @@ async fn run(mut args: config::Args) -> anyhow::Result<()> {
     let reset_key = tls::ensure_reset_key(&config.data_dir)?;
     let job_credentials = auth::JobCredentials::new(&reset_key, identity.fingerprint());
     let tokens = auth::TokenBook::new(store.load_tokens()?, job_credentials.clone());
+    let certs = certs::CertBook::new(store.load_certs()?);
 
     let (store_tx, store_rx) = tokio::sync::mpsc::unbounded_channel();
     let mut core = core::Core::new(
@@ -191,6 +199,7 @@ async fn run(mut args: config::Args) -> anyhow::Result<()> {
         events,
         store,
         tokens,
+        certs,
         std::sync::Arc::new(identity),
         shutdown_signal(),
     )

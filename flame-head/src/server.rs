@@ -1,11 +1,14 @@
 //! The I/O shell around the core: the QUIC server, the core's event loop, and the store
 //! writer. Everything here moves bytes; decisions are the core's.
 
-use crate::auth::{Authenticated, TokenBook};
+use crate::auth::{Authenticated, TokenBook, TokenLimits};
+use crate::certs::{CertBook, Presented};
 use crate::core::{Backfill, ConnId, Core, Event, LogTargets, WatchMsg};
 use crate::store::{Store, StoreRequest};
 use crate::tls::HeadIdentity;
-use flame_protocol::auth::{JoinReply, JoinRequest, Principal, Secret, CSR_PEM_BYTES_MAX};
+use flame_protocol::auth::{
+    CertTarget, JoinReply, JoinRequest, Principal, Secret, CSR_PEM_BYTES_MAX,
+};
 use flame_protocol::endpoint::{check_hello, check_version};
 use flame_protocol::frame::{FrameError, FrameReader, FrameWriter};
 use flame_protocol::limits;
@@ -89,6 +92,11 @@ struct Shared {
     tokens: Mutex<TokenBook>,
     /// The live connections each user token opened, closed when it is revoked.
     token_conns: Mutex<HashMap<String, Vec<quinn::Connection>>>,
+    /// Revoked certificates and nodes' certificates; read at every hello with one.
+    certs: Mutex<CertBook>,
+    /// The live connections made with a certificate (clients and nodes), by connection id,
+    /// closed when their certificate is revoked or replaced.
+    cert_conns: Mutex<HashMap<usize, (quinn::Connection, Presented)>>,
     /// The head's certificate and the CA key that signs nodes' certificates.
     identity: Arc<HeadIdentity>,
 }
@@ -111,6 +119,38 @@ impl Shared {
         self.token_conns
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn certs(&self) -> std::sync::MutexGuard<'_, CertBook> {
+        // Every holder leaves the book whole.
+        self.certs.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn cert_conns(
+        &self,
+    ) -> std::sync::MutexGuard<'_, HashMap<usize, (quinn::Connection, Presented)>> {
+        self.cert_conns
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Closes the connections whose certificate is no longer accepted.
+    fn close_revoked_certs(&self) {
+        let lapsed: Vec<(quinn::Connection, String)> = {
+            let book = self.certs();
+            let mut conns = self.cert_conns();
+            let refused: Vec<(usize, String)> = conns
+                .iter()
+                .filter_map(|(id, (_, cert))| book.check(cert).err().map(|e| (*id, e.to_string())))
+                .collect();
+            refused
+                .into_iter()
+                .filter_map(|(id, reason)| conns.remove(&id).map(|(conn, _)| (conn, reason)))
+                .collect()
+        };
+        for (conn, reason) in lapsed {
+            close_with(&conn, CLOSE_REVOKED, &reason);
+        }
     }
 
     fn nodes(&self) -> std::sync::MutexGuard<'_, HashMap<String, (ConnId, quinn::Connection)>> {
@@ -175,6 +215,7 @@ pub async fn serve(
     events: mpsc::Sender<Event>,
     store: Store,
     tokens: TokenBook,
+    certs: CertBook,
     identity: Arc<HeadIdentity>,
     shutdown: impl std::future::Future<Output = ()>,
 ) {
@@ -186,6 +227,8 @@ pub async fn serve(
         nodes: Mutex::new(HashMap::new()),
         tokens: Mutex::new(tokens),
         token_conns: Mutex::new(HashMap::new()),
+        certs: Mutex::new(certs),
+        cert_conns: Mutex::new(HashMap::new()),
         identity,
     });
     let open = Arc::new(tokio::sync::Semaphore::new(CONNECTIONS_MAX));
@@ -295,7 +338,8 @@ async fn handle_connection(
         refuse(&conn, &mut writer, &reason).await;
         return Ok(());
     }
-    let peer = flame_protocol::endpoint::peer_certificate(&conn).map(|der| identity_of(&der));
+    let peer_der = flame_protocol::endpoint::peer_certificate(&conn);
+    let peer = peer_der.as_ref().map(|der| identity_of(der));
     let admitted = admit(&shared, &hello, peer);
     let admitted = match admitted {
         Ok(a) => a,
@@ -304,6 +348,28 @@ async fn handle_connection(
             refuse(&conn, &mut writer, &reason).await;
             return Ok(());
         }
+    };
+    // A connection admitted on its certificate: that certificate must not be revoked (or,
+    // for a node, replaced). Recorded before the welcome and checked once recorded, as
+    // tokens are below; the guard forgets it when this connection's handling ends.
+    let by_cert = matches!(
+        &admitted,
+        Admitted::Node { .. }
+            | Admitted::Client {
+                token: None,
+                caller: Caller::User(_)
+            }
+    );
+    let _cert_conn = match peer_der.filter(|_| by_cert) {
+        None => None,
+        Some(der) => match track_cert_conn(&shared, &conn, &der) {
+            Ok(guard) => Some(guard),
+            Err(reason) => {
+                tracing::warn!(remote = %conn.remote_address(), role = ?hello.role, %reason, "connection refused");
+                refuse(&conn, &mut writer, &reason).await;
+                return Ok(());
+            }
+        },
     };
     // Recorded before the welcome, and checked again once recorded: a revocation that
     // lands in between still closes this connection.
@@ -344,11 +410,45 @@ async fn handle_connection(
             let reader = FrameReader::new(reader.into_inner(), limits::FRAME_BYTES_MAX);
             node_connection(conn, shared, writer, reader, name).await
         }
-        Admitted::Join => {
+        Admitted::Join { token } => {
             let reader = FrameReader::new(reader.into_inner(), JOIN_FRAME_BYTES_MAX);
-            join_node(conn, shared, writer, reader).await
+            join_node(conn, shared, writer, reader, token).await
         }
     }
+}
+
+/// Forgets a connection made with a certificate when its handling ends.
+struct CertConn {
+    shared: Arc<Shared>,
+    id: usize,
+}
+
+impl Drop for CertConn {
+    fn drop(&mut self) {
+        self.shared.cert_conns().remove(&self.id);
+    }
+}
+
+/// Checks the certificate a connection was made with against the revocations, and
+/// records the connection so that a later revocation closes it. The error is the reason
+/// to refuse it.
+fn track_cert_conn(
+    shared: &Arc<Shared>,
+    conn: &quinn::Connection,
+    der: &[u8],
+) -> Result<CertConn, String> {
+    let cert =
+        Presented::of(der).map_err(|e| format!("the certificate presented is not usable: {e}"))?;
+    shared.certs().check(&cert).map_err(|e| e.to_string())?;
+    let id = conn.stable_id();
+    shared.cert_conns().insert(id, (conn.clone(), cert.clone()));
+    let guard = CertConn {
+        shared: shared.clone(),
+        id,
+    };
+    // A revocation between the check and the record would have missed this connection.
+    shared.certs().check(&cert).map_err(|e| e.to_string())?;
+    Ok(guard)
 }
 
 fn forget_token_conn(shared: &Shared, token: &str, conn: &quinn::Connection) {
@@ -391,7 +491,10 @@ enum Admitted {
     Node {
         name: String,
     },
-    Join,
+    /// A node joining with the join token of this id.
+    Join {
+        token: String,
+    },
 }
 
 /// Authenticates a hello: the reason to refuse it otherwise. The reasons name tokens by id
@@ -456,7 +559,7 @@ fn admit(
         Role::Join => match &hello.token {
             None => Err("joining needs a node join token (flame-head token create --node)".into()),
             Some(token) => match authenticate(token)? {
-                Authenticated::NodeJoin { .. } => Ok(Admitted::Join),
+                Authenticated::NodeJoin { token } => Ok(Admitted::Join { token }),
                 _ => Err("this token is not a node join token; make one with \
                      `flame-head token create --node`"
                     .to_string()),
@@ -484,6 +587,7 @@ async fn join_node(
     shared: Arc<Shared>,
     mut writer: Writer,
     mut reader: Reader,
+    token: String,
 ) -> Result<(), ConnError> {
     let request = tokio::time::timeout(
         limits::CONNECT_TIMEOUT,
@@ -491,34 +595,100 @@ async fn join_node(
     )
     .await
     .map_err(|_| ConnError::Timeout("the join request"))??;
-    let reply = match flame_protocol::model::validate_node_name(&request.name) {
-        Err(e) => JoinReply::Refused {
-            reason: format!("invalid node name: {e}"),
-        },
-        Ok(()) if shared.node_connection(&request.name).is_some() => JoinReply::Refused {
-            reason: format!(
-                "node `{}` is connected to the head now: a join cannot take a live node's \
-                 name (to renew its certificate, stop that node first)",
-                request.name
-            ),
-        },
-        Ok(()) => match shared.identity.sign_node(&request.name, &request.csr_pem) {
-            Ok(cert_pem) => {
-                tracing::info!(node = %request.name, remote = %conn.remote_address(), "signed a node certificate");
-                JoinReply::Signed {
-                    cert_pem,
-                    ca_pem: shared.identity.ca_pem().to_string(),
-                }
+    let reply = match sign_joining_node(&shared, &request, &token).await {
+        Ok(cert_pem) => {
+            tracing::info!(node = %request.name, remote = %conn.remote_address(), %token, "signed a node certificate");
+            JoinReply::Signed {
+                cert_pem,
+                ca_pem: shared.identity.ca_pem().to_string(),
             }
-            Err(e) => JoinReply::Refused {
-                reason: format!("cannot sign the node's certificate: {e}"),
-            },
-        },
+        }
+        Err(reason) => {
+            tracing::warn!(node = %request.name, remote = %conn.remote_address(), %token, %reason, "join refused");
+            JoinReply::Refused { reason }
+        }
     };
     writer.write(&reply).await?;
     let _ = writer.get_mut().finish();
     let _ = tokio::time::timeout(Duration::from_secs(2), conn.closed()).await;
     Ok(())
+}
+
+/// The checks and records of a join: the name is valid and free (or the token may replace
+/// it), the token has a use left (spent here, durably), and the certificate issued becomes
+/// the only one that node connects with; a node it replaces is disconnected. The error is
+/// the reason to refuse the join.
+async fn sign_joining_node(
+    shared: &Arc<Shared>,
+    request: &JoinRequest,
+    token: &str,
+) -> Result<String, String> {
+    let name = request.name.clone();
+    flame_protocol::model::validate_node_name(&name)
+        .map_err(|e| format!("invalid node name: {e}"))?;
+    let replacing = shared.tokens().replaces(token).as_deref() == Some(name.as_str());
+    if !replacing {
+        let store = shared.store.clone();
+        let key = name.clone();
+        let registered = tokio::task::spawn_blocking(move || store.node_registered(&key))
+            .await
+            .map_err(|_| "the head is shutting down".to_string())?
+            .map_err(|e| format!("cannot read the node records: {e}"))?;
+        if registered || shared.certs().has_node(&name) || shared.node_connection(&name).is_some()
+        {
+            return Err(format!(
+                "a node named `{name}` exists already: a join cannot take an existing node's \
+                 name. Choose another name, or, to replace that node (its certificate stops \
+                 working), join with a token made by `flame-head token create --node \
+                 --replace {name}`"
+            ));
+        }
+    }
+    let spent = shared
+        .tokens()
+        .spend(token, now_ms())
+        .map_err(|e| e.to_string())?;
+    let give_back = |shared: &Arc<Shared>, reason: String| {
+        if let Some(stored) = shared.tokens().unspend(token) {
+            let store = shared.store.clone();
+            let id = token.to_string();
+            // Best effort: the use stays spent in the store if this fails too.
+            tokio::task::spawn_blocking(move || store.put_token(&id, &stored));
+        }
+        reason
+    };
+    let store = shared.store.clone();
+    let id = token.to_string();
+    let written = tokio::task::spawn_blocking(move || store.put_token(&id, &spent)).await;
+    match written {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => return Err(give_back(shared, format!("cannot record the join: {e}"))),
+        Err(_) => return Err(give_back(shared, "the head is shutting down".into())),
+    }
+    let (cert_pem, fingerprint) = shared
+        .identity
+        .sign_node(&name, &request.csr_pem)
+        .map_err(|e| give_back(shared, format!("cannot sign the node's certificate: {e}")))?;
+    let previous = shared.certs().node(&name);
+    let recorded = shared
+        .certs()
+        .issue_node(&name, flame_protocol::auth::hex(&fingerprint), now_ms());
+    let (key, record) = recorded.map_err(|e| give_back(shared, e.to_string()))?;
+    let store = shared.store.clone();
+    let written = tokio::task::spawn_blocking(move || store.put_cert_record(&key, &record)).await;
+    if !matches!(written, Ok(Ok(()))) {
+        shared.certs().restore_node(&name, previous);
+        let why = match written {
+            Ok(Err(e)) => format!("cannot record the node's certificate: {e}"),
+            _ => "the head is shutting down".to_string(),
+        };
+        return Err(give_back(shared, why));
+    }
+    if replacing {
+        tracing::warn!(node = %name, "a join replaced the node; its old certificate no longer connects");
+        shared.close_revoked_certs();
+    }
+    Ok(cert_pem)
 }
 
 fn close_with(conn: &quinn::Connection, code: u32, reason: &str) {
@@ -621,6 +791,8 @@ async fn client_stream(
         request @ (ClientRequest::CreateToken { .. }
         | ClientRequest::ListTokens
         | ClientRequest::RevokeToken { .. }
+        | ClientRequest::RevokeCert { .. }
+        | ClientRequest::ListCerts
         | ClientRequest::WhoAmI) => {
             let response = token_request(&shared, caller, request).await;
             writer.write(&response).await?;
@@ -690,6 +862,9 @@ async fn authorize(
         ClientRequest::CreateToken { .. }
         | ClientRequest::ListTokens
         | ClientRequest::RevokeToken { .. } => Some("managing tokens is for admins"),
+        ClientRequest::RevokeCert { .. } | ClientRequest::ListCerts => {
+            Some("managing certificates is for admins")
+        }
         _ => None,
     };
     if let Some(what) = admin_only {
@@ -764,8 +939,18 @@ async fn token_request(
             }),
         },
         ClientRequest::ListTokens => ClientResponse::Tokens(shared.tokens().list()),
-        ClientRequest::CreateToken { kind, ttl_ms } => {
-            let made = shared.tokens().create(kind, ttl_ms, now_ms());
+        ClientRequest::CreateToken {
+            kind,
+            ttl_ms,
+            uses_max,
+            replace,
+        } => {
+            let limits = TokenLimits {
+                ttl_ms,
+                uses_max,
+                replace,
+            };
+            let made = shared.tokens().create(kind, limits, now_ms());
             let (text, info, stored) = match made {
                 Ok(made) => made,
                 Err(e) => {
@@ -820,10 +1005,68 @@ async fn token_request(
                 Err(_) => unavailable("the head is shutting down".into()),
             }
         }
+        ClientRequest::ListCerts => ClientResponse::Certs(shared.certs().list()),
+        ClientRequest::RevokeCert { target } => revoke_cert(shared, target).await,
         other => ClientResponse::Error(ApiError::new(
             ErrorKind::Internal,
             format!("not a token request: {other:?}"),
         )),
+    }
+}
+
+/// `flame-head cert revoke`: records the revocation durably, then closes the connections
+/// made with what it revokes.
+async fn revoke_cert(shared: &Arc<Shared>, target: CertTarget) -> ClientResponse {
+    let unavailable = |e: String| ClientResponse::Error(ApiError::new(ErrorKind::Unavailable, e));
+    let known_node = match &target {
+        CertTarget::Node(name) if !shared.certs().has_node(name) => {
+            let store = shared.store.clone();
+            let key = name.clone();
+            let registered = tokio::task::spawn_blocking(move || store.node_registered(&key)).await;
+            match registered {
+                Ok(Ok(registered)) => registered || shared.node_connection(name).is_some(),
+                Ok(Err(e)) => return unavailable(format!("cannot read the node records: {e}")),
+                Err(_) => return unavailable("the head is shutting down".into()),
+            }
+        }
+        _ => false,
+    };
+    let what = format!("{target:?}");
+    let previous = match &target {
+        CertTarget::Node(name) => shared.certs().node(name),
+        _ => None,
+    };
+    let node = match &target {
+        CertTarget::Node(name) => Some(name.clone()),
+        _ => None,
+    };
+    let revoked = shared.certs().revoke(target, known_node, now_ms());
+    let (key, record) = match revoked {
+        Ok(r) => r,
+        Err(e @ crate::certs::CertError::UnknownNode(_)) => {
+            return ClientResponse::Error(ApiError::new(ErrorKind::NotFound, e.to_string()))
+        }
+        Err(e) => {
+            return ClientResponse::Error(ApiError::new(ErrorKind::InvalidArgument, e.to_string()))
+        }
+    };
+    let store = shared.store.clone();
+    let written = tokio::task::spawn_blocking(move || store.put_cert_record(&key, &record)).await;
+    match written {
+        Ok(Ok(())) => {
+            shared.close_revoked_certs();
+            tracing::warn!(revoked = %what, "certificate revoked");
+            ClientResponse::Ok
+        }
+        Ok(Err(e)) => {
+            // Not durable: a node record goes back as it was, so that the head's memory
+            // and the store agree; a revoked serial stays refused until the restart.
+            if let Some(name) = node {
+                shared.certs().restore_node(&name, previous);
+            }
+            unavailable(format!("storing the revocation failed: {e}"))
+        }
+        Err(_) => unavailable("the head is shutting down".into()),
     }
 }
 

@@ -24,8 +24,9 @@ use std::sync::Arc;
 /// Version 2: application resources, users, selectors and secret env; node resources and
 /// labels; per-session executor usage. Version 1 stores (pre-release) are refused.
 /// Version 3: session owners and priorities, node drains. Version 4: batch jobs.
-/// Version 5: applications' `allow_root`.
-pub const SCHEMA_VERSION: u64 = 5;
+/// Version 5: applications' `allow_root`. Version 6: token uses and `replace`; the
+/// certificates table (revocations and nodes' certificates).
+pub const SCHEMA_VERSION: u64 = 6;
 
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const APPS: TableDefinition<&str, &[u8]> = TableDefinition::new("applications");
@@ -37,6 +38,9 @@ const BATCHES: TableDefinition<(u64, u64), (u64, u32)> = TableDefinition::new("b
 /// Token id → [`crate::auth::StoredToken`] (the digest of its secret, never the secret).
 /// Added in schema 5.
 const TOKENS: TableDefinition<&str, &[u8]> = TableDefinition::new("tokens");
+/// `serial:<hex>`, `sha256:<hex>` or `node:<name>` → [`crate::certs::StoredCert`]: revoked
+/// certificates, and the certificate each joined node connects with. Added in schema 6.
+const CERTS: TableDefinition<&str, &[u8]> = TableDefinition::new("certificates");
 
 const META_SCHEMA: &str = "schema_version";
 const META_NEXT_SESSION: &str = "next_session_id";
@@ -250,6 +254,7 @@ impl Store {
             txn.open_table(NODES)?;
             txn.open_table(BATCHES)?;
             txn.open_table(TOKENS)?;
+            txn.open_table(CERTS)?;
         }
         txn.commit()?;
         Ok(Store { db: Arc::new(db) })
@@ -338,6 +343,36 @@ impl Store {
             .insert(id, encode(token).as_slice())?;
         txn.commit()?;
         Ok(())
+    }
+
+    /// Every certificate record, by key (see [`crate::certs`]).
+    pub fn load_certs(&self) -> Result<Vec<(String, crate::certs::StoredCert)>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let mut out = Vec::new();
+        for row in txn.open_table(CERTS)?.iter()? {
+            let (k, v) = row?;
+            out.push((k.value().to_string(), decode("certificates", v.value())?));
+        }
+        Ok(out)
+    }
+
+    /// Writes one certificate record durably, in a transaction of its own.
+    pub fn put_cert_record(
+        &self,
+        key: &str,
+        record: &crate::certs::StoredCert,
+    ) -> Result<(), StoreError> {
+        let txn = self.db.begin_write()?;
+        txn.open_table(CERTS)?
+            .insert(key, encode(record).as_slice())?;
+        txn.commit()?;
+        Ok(())
+    }
+
+    /// Whether a node of this name ever registered with the head.
+    pub fn node_registered(&self, name: &str) -> Result<bool, StoreError> {
+        let txn = self.db.begin_read()?;
+        Ok(txn.open_table(NODES)?.get(name)?.is_some())
     }
 
     /// Final results of a session's tasks, in id order, for a watcher that attaches late.

@@ -36,8 +36,14 @@ pub const CA_VALIDITY_DAYS: i64 = 10 * 365;
 pub const HEAD_CERT_VALIDITY_DAYS: i64 = 10 * 365;
 /// A head certificate with less than this left is replaced at start.
 pub const HEAD_CERT_RENEW_DAYS: i64 = 30;
-/// Validity of a user certificate from [`HeadIdentity::sign_user`].
-pub const USER_CERT_VALIDITY_DAYS: u32 = 365;
+/// Default validity of a user or admin certificate from [`HeadIdentity::sign_user`]
+/// (`flame-head user-cert --ttl`): 30 days. A certificate that leaks is good until it
+/// expires unless an admin revokes it (`flame-head cert revoke`); a month bounds that
+/// window for a revocation that is forgotten, and renewing monthly is a small chore for a
+/// person (services should use tokens, which are revoked by id).
+pub const USER_CERT_VALIDITY_DAYS: u32 = 30;
+/// The longest `--ttl` a user certificate may be given: one year.
+pub const USER_CERT_VALIDITY_DAYS_MAX: u32 = 365;
 /// Certificates start this long before they are made, so that a peer whose clock is a
 /// little behind the head's accepts them.
 pub const CLOCK_SKEW_ALLOWANCE_SECS: i64 = 3600;
@@ -355,8 +361,12 @@ impl HeadIdentity {
     /// authentication, whose subject common name and identity URI
     /// (`urn:flame:node:<name>`) name the node `name`. Whatever names or extensions the
     /// request asked for are ignored; its signature must verify (proof that the node holds
-    /// the key). Returns the certificate as PEM.
-    pub fn sign_node(&self, name: &str, csr_pem: &str) -> Result<String, TlsError> {
+    /// the key). Returns the certificate as PEM, and its fingerprint.
+    pub fn sign_node(
+        &self,
+        name: &str,
+        csr_pem: &str,
+    ) -> Result<(String, [u8; FINGERPRINT_BYTES]), TlsError> {
         if csr_pem.len() > CSR_PEM_BYTES_MAX {
             return Err(TlsError::CsrTooLarge {
                 bytes: csr_pem.len(),
@@ -372,15 +382,22 @@ impl HeadIdentity {
         let cert = params
             .signed_by(&csr.public_key, &self.issuer)
             .map_err(generate("node certificate"))?;
-        Ok(cert.pem())
+        Ok((cert.pem(), pki::fingerprint(cert.der())))
     }
 
     /// A new key and a client certificate for the user `name` (an admin when `admin`),
-    /// valid [`USER_CERT_VALIDITY_DAYS`] days. Returns `(cert_pem, key_pem)`.
-    pub fn sign_user(&self, name: &str, admin: bool) -> Result<(String, Secret), TlsError> {
+    /// valid `days` days (at most [`USER_CERT_VALIDITY_DAYS_MAX`]). Returns
+    /// `(cert_pem, key_pem)`.
+    pub fn sign_user(
+        &self,
+        name: &str,
+        admin: bool,
+        days: u32,
+    ) -> Result<(String, Secret), TlsError> {
         let uri = pki::user_uri(name, admin)?;
         let key = KeyPair::generate_for(pki::KEY_ALGORITHM).map_err(generate("user key"))?;
-        let params = self.client_params(name, uri, i64::from(USER_CERT_VALIDITY_DAYS))?;
+        let days = days.clamp(1, USER_CERT_VALIDITY_DAYS_MAX);
+        let params = self.client_params(name, uri, i64::from(days))?;
         let cert = params
             .signed_by(&key, &self.issuer)
             .map_err(generate("user certificate"))?;
@@ -766,7 +783,7 @@ mod tests {
         init(dir.path(), &sans()).unwrap();
         let identity = HeadIdentity::load(dir.path(), &sans()).unwrap();
         let (csr, _key) = pki::node_csr("impostor").unwrap();
-        let cert_pem = identity.sign_node("gpu-07", &csr).unwrap();
+        let (cert_pem, fingerprint) = identity.sign_node("gpu-07", &csr).unwrap();
         verify_client(&identity, &cert_pem).unwrap();
         use rustls::pki_types::pem::PemObject;
         let der = CertificateDer::from_pem_slice(cert_pem.as_bytes()).unwrap();
@@ -774,6 +791,7 @@ mod tests {
             pki::identity_of(&der).unwrap(),
             PeerIdentity::Node("gpu-07".into())
         );
+        assert_eq!(fingerprint, pki::fingerprint(&der));
         let (_, cert) = x509_parser::parse_x509_certificate(&der).unwrap();
         let cn: Vec<_> = cert
             .subject()
@@ -849,11 +867,14 @@ mod tests {
         init(dir.path(), &sans()).unwrap();
         let identity = HeadIdentity::load(dir.path(), &sans()).unwrap();
         for admin in [false, true] {
-            let (cert_pem, key) = identity.sign_user("alice", admin).unwrap();
+            let (cert_pem, key) = identity.sign_user("alice", admin, 30).unwrap();
             assert!(key.expose().contains("PRIVATE KEY"));
             verify_client(&identity, &cert_pem).unwrap();
             use rustls::pki_types::pem::PemObject;
             let der = CertificateDer::from_pem_slice(cert_pem.as_bytes()).unwrap();
+            let (not_before, not_after) = pki::validity_unix(&der).unwrap();
+            let days = (not_after - not_before - CLOCK_SKEW_ALLOWANCE_SECS) / 86_400;
+            assert_eq!(days, 30, "a user certificate lasts its --ttl");
             assert_eq!(
                 pki::identity_of(&der).unwrap(),
                 PeerIdentity::User {

@@ -178,6 +178,72 @@ pub struct TokenInfo {
     /// `None`: never expires.
     pub expires_ms: Option<u64>,
     pub revoked: bool,
+    /// How many times it may be used (node join tokens: each join is one use); `None`:
+    /// without limit.
+    pub uses_max: Option<u32>,
+    /// How many times it has been used.
+    pub uses: u32,
+    /// A node join token made with `--replace NAME`: a join with it may take the name
+    /// `NAME` of an existing node, whose certificates stop working.
+    pub replace: Option<String>,
+}
+
+/// What `flame-head cert revoke` withdraws.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum CertTarget {
+    /// Every certificate with this serial number (hex, as `openssl x509 -serial` prints
+    /// it; colons, case and leading zeros do not matter).
+    Serial(String),
+    /// One certificate, by the SHA-256 fingerprint of its DER (hex); its serial and holder
+    /// are recorded with it.
+    Certificate {
+        fingerprint: String,
+        serial: String,
+        holder: String,
+    },
+    /// Every certificate of the node `NAME`, until a join made with
+    /// `flame-head token create --node --replace NAME` gives it a new one.
+    Node(String),
+}
+
+/// One entry of `flame-head cert list`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum CertRecord {
+    /// A withdrawn user, admin or node certificate, by serial number and/or fingerprint.
+    Revoked {
+        serial: Option<String>,
+        fingerprint: Option<String>,
+        holder: Option<String>,
+        revoked_ms: u64,
+    },
+    /// The certificate the head last issued to a node at join: the only one that node
+    /// may connect with. `revoked_ms` is set when an admin revoked the node.
+    Node {
+        name: String,
+        fingerprint: String,
+        issued_ms: u64,
+        revoked_ms: Option<u64>,
+    },
+}
+
+/// Normalises a certificate serial number written in hex: lower case, without colons,
+/// spaces or leading zeros. `None` when it is not hex or is longer than 20 bytes allow.
+pub fn normalize_serial(text: &str) -> Option<String> {
+    let digits: String = text
+        .trim()
+        .trim_start_matches("0x")
+        .chars()
+        .filter(|c| *c != ':' && *c != ' ')
+        .collect();
+    if digits.is_empty() || !digits.chars().all(|c| c.is_ascii_hexdigit()) {
+        return None;
+    }
+    let trimmed = digits.trim_start_matches('0').to_ascii_lowercase();
+    match trimmed.len() {
+        0 => Some("0".into()),
+        1..=40 => Some(trimmed),
+        _ => None,
+    }
 }
 
 /// Who a client connection acts for, as the head established it.
@@ -240,6 +306,9 @@ pub const CSR_PEM_BYTES_MAX: usize = 16 * 1024;
 
 /// Validity of a node certificate signed at join (one year); a node joins again to renew.
 pub const NODE_CERT_VALIDITY_DAYS: u32 = 365;
+
+/// Most uses a node join token may be given (`--uses`).
+pub const TOKEN_USES_MAX: u32 = 100_000;
 
 /// Longest lifetime a token may be given (ten years); `None` means no expiry.
 pub const TOKEN_TTL_MS_MAX: u64 = 10 * 365 * 24 * 3600 * 1000;

@@ -19,7 +19,7 @@
 //!   [`NodeToHead`] frames, the head sends [`HeadToNode`] frames, for the life of the
 //!   connection.
 
-use crate::auth::{Principal, Secret, TokenInfo, TokenKind};
+use crate::auth::{CertRecord, CertTarget, Principal, Secret, TokenInfo, TokenKind};
 use crate::ids::{ExecutorId, SessionId, TaskId};
 use crate::model::{
     ApiError, ApplicationInfo, ApplicationSpec, NodeInfo, NodeResources, QueueReport, Resources,
@@ -147,10 +147,13 @@ pub enum ClientRequest {
         argv: Vec<String>,
     },
     /// Admin only: makes a token and answers [`ClientResponse::TokenCreated`], the one
-    /// time its text is shown. `ttl_ms`: `None` never expires.
+    /// time its text is shown. `ttl_ms`: `None` never expires. `uses_max`: `None`
+    /// without limit. `replace`: a node join token that may take that existing node's name.
     CreateToken {
         kind: TokenKind,
         ttl_ms: Option<u64>,
+        uses_max: Option<u32>,
+        replace: Option<String>,
     },
     /// Admin only: every token, without secrets.
     ListTokens,
@@ -160,6 +163,13 @@ pub enum ClientRequest {
     },
     /// Who this connection acts for: [`ClientResponse::Principal`].
     WhoAmI,
+    /// Admin only: withdraws certificates; connections made with them are closed.
+    RevokeCert {
+        target: CertTarget,
+    },
+    /// Admin only: revoked certificates and the nodes' certificates,
+    /// [`ClientResponse::Certs`].
+    ListCerts,
 }
 
 /// A frame of a [`ClientRequest::JobExec`] stream (and of the node's answer to a
@@ -243,6 +253,7 @@ pub enum ClientResponse {
         info: TokenInfo,
     },
     Tokens(Vec<TokenInfo>),
+    Certs(Vec<CertRecord>),
     Principal(Principal),
 }
 

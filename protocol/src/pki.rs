@@ -205,6 +205,16 @@ pub fn identity_of(cert_der: &[u8]) -> Result<PeerIdentity, PkiError> {
     }
 }
 
+/// A certificate's serial number, as [`crate::auth::normalize_serial`] writes it.
+pub fn serial_of(cert_der: &[u8]) -> Result<String, PkiError> {
+    let (_, cert) = x509_parser::parse_x509_certificate(cert_der).map_err(|e| PkiError::Parse {
+        reason: e.to_string(),
+    })?;
+    crate::auth::normalize_serial(&hex(cert.raw_serial())).ok_or_else(|| PkiError::Parse {
+        reason: "its serial number is longer than 20 bytes".to_string(),
+    })
+}
+
 /// A certificate's validity period, as Unix seconds: `(not_before, not_after)`.
 pub fn validity_unix(cert_der: &[u8]) -> Result<(i64, i64), PkiError> {
     let (_, cert) = x509_parser::parse_x509_certificate(cert_der).map_err(|e| PkiError::Parse {

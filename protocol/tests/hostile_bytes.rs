@@ -89,6 +89,8 @@ fn samples() -> Vec<Vec<u8>> {
                 admin: true,
             },
             ttl_ms: Some(3_600_000),
+            uses_max: Some(1),
+            replace: None,
         })
         .unwrap(),
         postcard::to_allocvec(&ClientRequest::CreateSession(SessionSpec {

@@ -55,6 +55,8 @@ pub const EXIT_WAIT: Duration = Duration::from_secs(5);
 pub const STDOUT_LINES_MAX: usize = 10_000;
 /// Bytes of a log quoted in a failure message.
 pub const LOG_TAIL_BYTES_MAX: u64 = 8 * 1024;
+/// Joins the cluster's join token allows beyond its nodes, for tests that join more.
+pub const JOIN_TOKEN_SPARE_USES: usize = 8;
 /// Pause between two looks at the node list while waiting for a node's state. The head
 /// announces no state change, so waiting for one means asking again.
 pub const NODE_STATE_POLL_PAUSE: Duration = Duration::from_millis(250);
@@ -372,10 +374,12 @@ impl Cluster {
         );
     }
 
-    /// A node join token in [`Self::join_token_file`], for every node this cluster starts.
+    /// A node join token in [`Self::join_token_file`], for every node this cluster starts,
+    /// with [`JOIN_TOKEN_SPARE_USES`] more for tests that join nodes themselves.
     async fn make_join_token(&mut self) {
+        let uses = (self.options.nodes + JOIN_TOKEN_SPARE_USES).to_string();
         let out = self
-            .head_command(&["token", "create", "--node", "--ttl", "1d"])
+            .head_command(&["token", "create", "--node", "--ttl", "1d", "--uses", &uses])
             .await;
         out.assert_success();
         write_private(&self.join_token_file(), out.stdout.trim().as_bytes());

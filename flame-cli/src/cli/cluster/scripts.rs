@@ -204,10 +204,16 @@ pub fn head_init(member: &Member, bin_dir: &str) -> String {
     )
 }
 
-/// A node join token on stdout, valid for `ttl`.
-pub fn node_token(member: &Member, bin_dir: &str, head_address: &str, ttl: &str) -> String {
+/// A node join token on stdout, valid for `ttl` and `uses` joins.
+pub fn node_token(
+    member: &Member,
+    bin_dir: &str,
+    head_address: &str,
+    ttl: &str,
+    uses: usize,
+) -> String {
     format!(
-        "{head} --data-dir {r} --listen {a} token create --node --ttl {ttl}\n",
+        "{head} --data-dir {r} --listen {a} token create --node --ttl {ttl} --uses {uses}\n",
         head = quote(&format!("{bin_dir}/flame-head")),
         r = quote(&member.role_dir()),
         a = quote(head_address),

@@ -119,11 +119,12 @@ pub async fn run(spec: ClusterSpec, options: UpOptions, home: Option<&Path>) -> 
     // 3. The nodes: a join token when one needs it, then join once and start, at once.
     let mut node_states: BTreeMap<String, NodeState> = BTreeMap::new();
     if let Some(head) = head_up {
-        let needs_join = (1..n)
-            .any(|i| changes[i].is_ok() && conns[i].as_ref().is_some_and(|c| !c.probe.joined));
-        let token = if needs_join {
+        let joining = (1..n)
+            .filter(|&i| changes[i].is_ok() && conns[i].as_ref().is_some_and(|c| !c.probe.joined))
+            .count();
+        let token = if joining > 0 {
             ctx.progress.step(0, "making a join token");
-            make_token(&ctx, head).await.map(Some)
+            make_token(&ctx, head, joining).await.map(Some)
         } else {
             Ok(None)
         };
@@ -461,13 +462,14 @@ async fn fetch_credentials(ctx: &Ctx, head: &Connected) -> Result<(), StepError>
     Ok(())
 }
 
-/// A node join token from the head (step `token`).
-async fn make_token(ctx: &Ctx, head: &Connected) -> Result<String, StepError> {
+/// A node join token from the head (step `token`), good for `joining` joins.
+async fn make_token(ctx: &Ctx, head: &Connected, joining: usize) -> Result<String, StepError> {
     let script = scripts::node_token(
         ctx.spec.head(),
         &head.bin_dir,
         &ctx.spec.head_address,
         JOIN_TOKEN_TTL,
+        joining,
     );
     let out = head
         .remote
