@@ -693,7 +693,7 @@ impl Cluster {
     }
 
     /// Starts a head on the same data folder and address as the last one, and waits until
-    /// every node has registered with it again.
+    /// every node still running (not killed by the test) has registered with it again.
     pub async fn start_head_again(&mut self) {
         assert!(self.head.is_none(), "the head is still running");
         let registered: Vec<usize> = self
@@ -705,6 +705,10 @@ impl Cluster {
         self.start_head(&addr).await;
         let mut failures = Vec::new();
         for (node, before) in self.nodes.iter_mut().zip(registered) {
+            // A node a test killed (and reaped) is not waited for.
+            if node.proc.pid().is_none() {
+                continue;
+            }
             let found = node
                 .proc
                 .wait_line(NODE_READY_PREFIX, before, READY_TIMEOUT)

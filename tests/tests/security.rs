@@ -211,7 +211,7 @@ async fn nodes_need_their_own_certificate() {
         .unwrap();
     match reader.read_required::<JoinReply>().await.unwrap() {
         JoinReply::Refused { reason } => {
-            assert!(reason.contains("node `node-0` is connected"), "{reason}")
+            assert!(reason.contains("`node-0` exists already"), "{reason}")
         }
         JoinReply::Signed { .. } => panic!("a join took the name of a live node"),
     }
