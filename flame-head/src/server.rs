@@ -1410,7 +1410,12 @@ async fn logs_stream(
     let mut readers = JoinSet::new();
     for (node, executors) in targets {
         let conn = shared.node_connection(&node);
-        readers.spawn(node_logs(node, conn, executors, follow, tx.clone()));
+        let request = NodeLogRequest {
+            session,
+            executors,
+            follow,
+        };
+        readers.spawn(node_logs(node, conn, request, tx.clone()));
     }
     drop(tx);
     // Until every reader is done, or the other side stops reading; dropping `readers`
@@ -1424,13 +1429,12 @@ async fn logs_stream(
 async fn node_logs(
     node: String,
     conn: Option<quinn::Connection>,
-    executors: Vec<ExecutorId>,
-    follow: bool,
+    request: NodeLogRequest,
     tx: mpsc::Sender<LogEvent>,
 ) {
     let reason = match conn {
         None => "the node is not connected to the head".to_string(),
-        Some(conn) => match read_node_logs(&node, &conn, executors, follow, &tx).await {
+        Some(conn) => match read_node_logs(&node, &conn, request, &tx).await {
             Ok(()) => return,
             Err(reason) => reason,
         },
@@ -1445,12 +1449,12 @@ async fn node_logs(
 async fn read_node_logs(
     node: &str,
     conn: &quinn::Connection,
-    executors: Vec<ExecutorId>,
-    follow: bool,
+    request: NodeLogRequest,
     tx: &mpsc::Sender<LogEvent>,
 ) -> Result<(), String> {
-    let asked: HashSet<ExecutorId> = executors.iter().copied().collect();
-    let request = NodeStreamRequest::Logs(NodeLogRequest { executors, follow });
+    let asked: HashSet<ExecutorId> = request.executors.iter().copied().collect();
+    let follow = request.follow;
+    let request = NodeStreamRequest::Logs(request);
     let open = async {
         let (send, recv) = conn.open_bi().await?;
         let mut writer = FrameWriter::new(send, limits::FRAME_BYTES_MAX);

@@ -691,6 +691,8 @@ async fn drive(
                 session,
                 common_data,
             } => {
+                // What it writes from here on is this session's (`flame logs`).
+                log.enter(session.0).await;
                 match tokio::time::timeout(ENTER_LEAVE_TIMEOUT, shim.enter(session.0, &common_data))
                     .await
                 {
@@ -714,6 +716,8 @@ async fn drive(
                     Ok(Err(e)) => fail!("leaving the session failed: {e}"),
                     Err(_) => fail!("leaving the session took over {ENTER_LEAVE_TIMEOUT:?}"),
                 }
+                // Its output until the next session is nobody's.
+                log.leave().await;
                 phase = phase.next(Input::Left).unwrap_or(phase);
                 let usage = prepared.usage_since_bound();
                 prepared.bound_at = None;
@@ -796,6 +800,10 @@ async fn drive_rank(
         };
         match command {
             Command::Bind { session, .. } => {
+                // A rank is its own session: everything its processes write is the job's.
+                for log in std::iter::once(&prepared.log).chain(prepared.err_log.as_ref()) {
+                    log.enter(session.0).await;
+                }
                 phase = phase.next(Input::Entered).unwrap_or(phase);
                 prepared.bound_at = prepared.usage_now();
                 prepared.bound_since = Some(std::time::Instant::now());
@@ -825,6 +833,9 @@ async fn drive_rank(
                 report_result(reports, id, &a, outcome, exit_code);
             }
             Command::Unbind => {
+                for log in std::iter::once(&prepared.log).chain(prepared.err_log.as_ref()) {
+                    log.leave().await;
+                }
                 phase = phase.next(Input::Left).unwrap_or(phase);
                 let usage = prepared.usage_since_bound();
                 prepared.bound_at = None;

@@ -2,10 +2,13 @@
 //! one [`NodeStreamRequest::Logs`] (an `Exec` goes to [`crate::exec_server`]), and this answers with the executors' logs as [`LogEvent`]
 //! frames, then [`LogEvent::End`], and finishes the stream.
 //!
+//! * Only what each executor wrote while bound to the request's session is sent
+//!   ([`crate::logs::SessionReader`]): never its output for another session, between
+//!   sessions, or while launching.
 //! * Without `follow`, the executors' logs go one after the other, in the order asked,
-//!   each from its oldest retained byte to its end now.
-//! * With `follow`, they are read at once, each until its log closes (the executor is gone
-//!   and its pipes drained); chunks of different executors interleave, each executor's in
+//!   each from its oldest retained byte of the session to its end now.
+//! * With `follow`, they are read at once, each until the executor leaves the session (or
+//!   its log closes); chunks of different executors interleave, each executor's in
 //!   order.
 //! * An executor with no log on this node (it never ran here, or its log was removed) is
 //!   one [`LogEvent::Unavailable`] naming it, and the others go on; so is a log that fails
@@ -21,7 +24,7 @@ use crate::logs::LogError;
 use flame_protocol::frame::{FrameError, FrameReader, FrameWriter};
 use flame_protocol::limits;
 use flame_protocol::messages::{LogEvent, NodeStreamRequest};
-use flame_protocol::ExecutorId;
+use flame_protocol::{ExecutorId, SessionId};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::mpsc;
@@ -72,16 +75,16 @@ async fn serve_stream(
     let (tx, mut rx) = mpsc::channel::<LogEvent>(EVENTS_BUFFERED_MAX);
     // Dropped on every return, which stops the readers.
     let mut readers = JoinSet::new();
+    let session = request.session;
     if request.follow {
         for executor in request.executors {
             for stderr in [false, true] {
-                readers.spawn(send_log(
-                    settings.clone(),
+                let target = LogTarget {
+                    session,
                     executor,
                     stderr,
-                    true,
-                    tx.clone(),
-                ));
+                };
+                readers.spawn(send_log(settings.clone(), target, true, tx.clone()));
             }
         }
     } else {
@@ -89,7 +92,12 @@ async fn serve_stream(
         readers.spawn(async move {
             for executor in request.executors {
                 for stderr in [false, true] {
-                    if !send_log(settings.clone(), executor, stderr, false, tx.clone()).await {
+                    let target = LogTarget {
+                        session,
+                        executor,
+                        stderr,
+                    };
+                    if !send_log(settings.clone(), target, false, tx.clone()).await {
                         return false;
                     }
                 }
@@ -104,16 +112,28 @@ async fn serve_stream(
     Ok(())
 }
 
-/// Sends one executor's log into `tx`, from its oldest retained byte; with `follow`, until
-/// the log closes. With `stderr`, the separate stderr log that only ranks of batch jobs
-/// have (none: nothing is sent). Returns false when nobody reads `tx` any more.
-async fn send_log(
-    settings: Arc<Settings>,
+/// Which log to send: an executor's (or with `stderr`, its separate stderr log, which only
+/// ranks of batch jobs have), as far as it was bound to `session`.
+struct LogTarget {
+    session: SessionId,
     executor: ExecutorId,
     stderr: bool,
+}
+
+/// Sends one executor's output for the session into `tx`, from its oldest retained byte;
+/// with `follow`, until the executor leaves the session or its log closes. A missing
+/// stderr log sends nothing. Returns false when nobody reads `tx` any more.
+async fn send_log(
+    settings: Arc<Settings>,
+    target: LogTarget,
     follow: bool,
     tx: mpsc::Sender<LogEvent>,
 ) -> bool {
+    let LogTarget {
+        session,
+        executor,
+        stderr,
+    } = target;
     let node = &settings.node_name;
     let unavailable = |e: LogError| LogEvent::Unavailable {
         node: node.clone(),
@@ -130,7 +150,7 @@ async fn send_log(
     } else {
         executor.0
     };
-    let mut reader = match settings.logs.reader(id, 0) {
+    let mut reader = match settings.logs.session_reader(id, session.0) {
         Ok(reader) => reader,
         Err(LogError::NotFound(_)) if stderr => return true,
         Err(e) => return tx.send(unavailable(e)).await.is_ok(),

@@ -34,6 +34,18 @@
 //! disk slows the copy (the pipe fills and the application waits on it, as with any pipe)
 //! but never stalls the runtime.
 //!
+//! # Sessions
+//!
+//! An executor serves one session after another, and its log is one stream, so the log
+//! also records **spans**: for each time the executor was bound to a session, the session
+//! and the offsets where the binding began and ended ([`LogSink::enter`],
+//! [`LogSink::leave`]), kept in `executor-<id>.spans` beside the log. `flame logs SESSION`
+//! reads only those ranges ([`LogRegistry::session_reader`]): what the executor wrote
+//! while launching, between sessions, or for another session is never shown. At each
+//! boundary the copy tasks first write what the pipes hold ([`SETTLE_TIMEOUT`]), so bytes
+//! the application wrote before it answered the enter or leave land on the right side; the
+//! tail kept for failure messages starts afresh at each boundary too.
+//!
 //! # Followers
 //!
 //! The reader runs in the same process as the sink, so each live sink carries a
@@ -56,7 +68,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 use std::time::{Duration, SystemTime};
 use tokio::io::{AsyncRead, AsyncReadExt};
-use tokio::sync::watch;
+use tokio::sync::{mpsc, oneshot, watch};
 
 /// The log id of a batch rank's separate stderr log: its executor id with the top bit set
 /// (executor ids never reach it).
@@ -90,6 +102,22 @@ pub const CHUNK_BYTES_MAX: usize = 1024 * 1024;
 
 /// Bytes asked of a source pipe per read.
 const READ_BYTES: usize = 64 * 1024;
+
+/// Most session spans kept per log; the oldest are forgotten first (their bytes are
+/// rotated away long before, unless the sessions wrote nothing).
+pub const SPANS_MAX: usize = 4096;
+
+/// How long a session boundary waits for the copy tasks to write what the pipes hold.
+pub const SETTLE_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// One binding of the executor to a session, as offsets of its log: `end` is `None` while
+/// it lasts (or when the executor ended bound).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Span {
+    pub session: u64,
+    pub start: u64,
+    pub end: Option<u64>,
+}
 
 /// Where executor logs go and how much of each is kept.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -131,6 +159,11 @@ impl LogConfig {
     /// The file holding the offset of the oldest retained byte.
     fn base_path(&self, executor: u64) -> PathBuf {
         self.dir.join(format!("executor-{executor}.base"))
+    }
+
+    /// The file holding the log's session spans.
+    fn spans_path(&self, executor: u64) -> PathBuf {
+        self.dir.join(format!("executor-{executor}.spans"))
     }
 
     fn validate(&self) -> Result<(), LogError> {
@@ -247,6 +280,54 @@ fn write_base(cfg: &LogConfig, executor: u64, base: u64) -> io::Result<()> {
     let path = cfg.base_path(executor);
     let tmp = path.with_extension("base.tmp");
     std::fs::write(&tmp, format!("{base}\n"))?;
+    std::fs::rename(&tmp, &path)
+}
+
+/// The spans recorded for a log; none when it has no spans file. A file that cannot be
+/// read or parsed gives none (and a warning): nothing of that log is then shown to anyone.
+fn read_spans(cfg: &LogConfig, executor: u64) -> Vec<Span> {
+    let path = cfg.spans_path(executor);
+    let text = match std::fs::read_to_string(&path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Vec::new(),
+        Err(e) => {
+            tracing::warn!(path = %path.display(), "cannot read the log's session spans: {e}");
+            return Vec::new();
+        }
+    };
+    let parse = |line: &str| -> Option<Span> {
+        let mut fields = line.split(' ');
+        let session = fields.next()?.parse().ok()?;
+        let start = fields.next()?.parse().ok()?;
+        let end = match fields.next()? {
+            "-" => None,
+            end => Some(end.parse().ok()?),
+        };
+        fields.next().is_none().then_some(Span {
+            session,
+            start,
+            end,
+        })
+    };
+    match text.lines().map(parse).collect::<Option<Vec<Span>>>() {
+        Some(spans) => spans,
+        None => {
+            tracing::warn!(path = %path.display(), "the log's session spans are damaged; none of it is shown");
+            Vec::new()
+        }
+    }
+}
+
+/// Records a log's session spans, atomically (write, then rename).
+fn write_spans(cfg: &LogConfig, executor: u64, spans: &[Span]) -> io::Result<()> {
+    let path = cfg.spans_path(executor);
+    let tmp = path.with_extension("spans.tmp");
+    let mut text = String::with_capacity(spans.len() * 32);
+    for span in spans {
+        let end = span.end.map_or_else(|| "-".to_string(), |e| e.to_string());
+        text.push_str(&format!("{} {} {end}\n", span.session, span.start));
+    }
+    std::fs::write(&tmp, text)?;
     std::fs::rename(&tmp, &path)
 }
 
@@ -457,6 +538,12 @@ struct Shared {
     written: watch::Sender<u64>,
     /// Ids for copy tasks, so that the mid-line newline knows who wrote last.
     next_source: AtomicU32,
+    /// The session spans; session readers wait on it. Changed under the state lock, so a
+    /// byte at or past a recorded end was written after the end was published.
+    spans: watch::Sender<Vec<Span>>,
+    /// One channel per copy task, on which [`LogSink::settle`] asks it to write what its
+    /// pipe holds now and to say when it has.
+    flushers: Mutex<Vec<mpsc::UnboundedSender<oneshot::Sender<()>>>>,
 }
 
 impl std::fmt::Debug for Shared {
@@ -491,6 +578,35 @@ impl Shared {
             let mut state = lock(&self.state);
             state.drop_bytes(&self.cfg, self.executor, len, &io::Error::other(e));
         }
+    }
+
+    /// Closes the open span at the log's end now and, with `session`, opens one there;
+    /// starts the tail afresh. Runs on the blocking pool (it writes the spans file).
+    fn mark(&self, session: Option<u64>) {
+        let mut state = lock(&self.state);
+        let end = state.end();
+        let mut spans = self.spans.borrow().clone();
+        if let Some(open) = spans.last_mut().filter(|s| s.end.is_none()) {
+            open.end = Some(end);
+        }
+        if let Some(session) = session {
+            spans.push(Span {
+                session,
+                start: end,
+                end: None,
+            });
+        }
+        let excess = spans.len().saturating_sub(SPANS_MAX);
+        spans.drain(..excess);
+        if let Err(e) = write_spans(&self.cfg, self.executor, &spans) {
+            // The spans still hold in memory while the log is live. A stale file could
+            // stretch an old span over later sessions once the log is finished, so it goes:
+            // a finished log without spans shows nothing.
+            let _ = std::fs::remove_file(self.cfg.spans_path(self.executor));
+            state.warn_once(&self.cfg, self.executor, &e);
+        }
+        self.spans.send_replace(spans);
+        lock(&self.tail).clear();
     }
 
     fn push_tail(&self, lines: impl IntoIterator<Item = String>) {
@@ -531,7 +647,8 @@ impl TailLine {
         }
     }
 
-    fn finish(mut self, shared: &Shared) {
+    /// Ends the line being gathered as it is: at a session boundary, and at the end.
+    fn flush(&mut self, shared: &Shared) {
         if !self.line.is_empty() {
             shared.push_tail([self.take()]);
         }
@@ -545,60 +662,117 @@ impl TailLine {
     }
 }
 
+/// What a copy task does next.
+enum Next {
+    Read(io::Result<usize>),
+    /// Write what the pipe holds now, then answer.
+    Flush(oneshot::Sender<()>),
+    /// A partial line waited [`PARTIAL_LINE_FLUSH`] without more output.
+    Quiet,
+}
+
 /// Copies one source into the sink until it ends; see the module docs for the line rules.
 async fn copy<R: AsyncRead + Unpin>(
     shared: Arc<Shared>,
     mut source: R,
     id: u32,
     stream_name: &'static str,
+    mut flushes: mpsc::UnboundedReceiver<oneshot::Sender<()>>,
 ) {
     let mut buf = vec![0u8; READ_BYTES];
     let mut pending: Vec<u8> = Vec::new();
     let mut tail = TailLine::default();
+    let warn = |e: &io::Error| {
+        tracing::warn!(
+            executor = shared.executor,
+            stream = stream_name,
+            "cannot read the executor's {stream_name}: {e}"
+        )
+    };
     loop {
-        let read = if pending.is_empty() {
-            source.read(&mut buf).await
-        } else {
-            // `read` is cancel-safe: a timeout loses no bytes.
-            match tokio::time::timeout(PARTIAL_LINE_FLUSH, source.read(&mut buf)).await {
-                Ok(read) => read,
-                Err(_) => {
-                    shared.write(id, std::mem::take(&mut pending)).await;
-                    continue;
-                }
+        let partial = !pending.is_empty();
+        let quiet = async {
+            if partial {
+                tokio::time::sleep(PARTIAL_LINE_FLUSH).await
+            } else {
+                std::future::pending().await
             }
         };
-        let n = match read {
-            Ok(0) => break,
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => {
-                tracing::warn!(
-                    executor = shared.executor,
-                    stream = stream_name,
-                    "cannot read the executor's {stream_name}: {e}"
-                );
+        // `read` is cancel-safe: a flush or the quiet timer loses no bytes.
+        let next = tokio::select! {
+            biased;
+            Some(ack) = flushes.recv() => Next::Flush(ack),
+            read = source.read(&mut buf) => Next::Read(read),
+            () = quiet => Next::Quiet,
+        };
+        match next {
+            Next::Quiet => shared.write(id, std::mem::take(&mut pending)).await,
+            Next::Read(Ok(0)) => break,
+            Next::Read(Ok(n)) => take_lines(&shared, id, &mut tail, &mut pending, &buf[..n]).await,
+            Next::Read(Err(e)) if e.kind() == io::ErrorKind::Interrupted => {}
+            Next::Read(Err(e)) => {
+                warn(&e);
                 break;
             }
-        };
-        let data = &buf[..n];
-        tail.feed(&shared, data);
-        pending.extend_from_slice(data);
-        if let Some(newline) = pending.iter().rposition(|&b| b == b'\n') {
-            let rest = pending.split_off(newline + 1);
-            let lines = std::mem::replace(&mut pending, rest);
-            shared.write(id, lines).await;
-        }
-        while pending.len() >= LINE_BYTES_MAX {
-            let rest = pending.split_off(LINE_BYTES_MAX);
-            let piece = std::mem::replace(&mut pending, rest);
-            shared.write(id, piece).await;
+            Next::Flush(ack) => {
+                // Whatever the pipe holds now, without waiting for more.
+                let mut ended = false;
+                loop {
+                    match tokio::time::timeout(Duration::ZERO, source.read(&mut buf)).await {
+                        Ok(Ok(0)) => {
+                            ended = true;
+                            break;
+                        }
+                        Ok(Ok(n)) => {
+                            take_lines(&shared, id, &mut tail, &mut pending, &buf[..n]).await
+                        }
+                        Ok(Err(e)) if e.kind() == io::ErrorKind::Interrupted => {}
+                        Ok(Err(e)) => {
+                            warn(&e);
+                            ended = true;
+                            break;
+                        }
+                        Err(_) => break,
+                    }
+                }
+                if !pending.is_empty() {
+                    shared.write(id, std::mem::take(&mut pending)).await;
+                }
+                tail.flush(&shared);
+                let _ = ack.send(());
+                if ended {
+                    break;
+                }
+            }
         }
     }
     if !pending.is_empty() {
         shared.write(id, pending).await;
     }
-    tail.finish(&shared);
+    tail.flush(&shared);
+}
+
+/// Takes `data` read from a source: into the tail, and whole lines (or pieces of
+/// [`LINE_BYTES_MAX`]) into the log; a partial line stays in `pending`.
+async fn take_lines(
+    shared: &Arc<Shared>,
+    id: u32,
+    tail: &mut TailLine,
+    pending: &mut Vec<u8>,
+    data: &[u8],
+) {
+    tail.feed(shared, data);
+    pending.extend_from_slice(data);
+    if let Some(newline) = pending.iter().rposition(|&b| b == b'\n') {
+        let rest = pending.split_off(newline + 1);
+        let lines = std::mem::replace(pending, rest);
+        shared.write(id, lines).await;
+    }
+    while pending.len() >= LINE_BYTES_MAX {
+        let rest = pending.split_off(LINE_BYTES_MAX);
+        let piece = std::mem::replace(pending, rest);
+        shared.write(id, piece).await;
+    }
 }
 
 /// One executor's log, being written. Clones share it; the log closes when every clone and
@@ -642,6 +816,8 @@ impl LogSink {
                 tail: Mutex::new(VecDeque::with_capacity(TAIL_LINES)),
                 written: watch::Sender::new(end),
                 next_source: AtomicU32::new(0),
+                spans: watch::Sender::new(read_spans(cfg, executor)),
+                flushers: Mutex::new(Vec::new()),
             }),
         })
     }
@@ -660,7 +836,68 @@ impl LogSink {
         stream_name: &'static str,
     ) -> tokio::task::JoinHandle<()> {
         let id = self.shared.next_source.fetch_add(1, Ordering::Relaxed);
-        tokio::spawn(copy(Arc::clone(&self.shared), source, id, stream_name))
+        let (flush_tx, flush_rx) = mpsc::unbounded_channel();
+        {
+            let mut flushers = lock(&self.shared.flushers);
+            flushers.retain(|tx| !tx.is_closed());
+            flushers.push(flush_tx);
+        }
+        tokio::spawn(copy(
+            Arc::clone(&self.shared),
+            source,
+            id,
+            stream_name,
+            flush_rx,
+        ))
+    }
+
+    /// Waits (at most [`SETTLE_TIMEOUT`]) until every copy task has written what its pipe
+    /// holds now: what the application wrote before this call is in the log after it.
+    pub async fn settle(&self) {
+        let answers: Vec<oneshot::Receiver<()>> = lock(&self.shared.flushers)
+            .iter()
+            .filter_map(|tx| {
+                let (ack, answer) = oneshot::channel();
+                tx.send(ack).ok().map(|()| answer)
+            })
+            .collect();
+        let all = async {
+            for answer in answers {
+                // An error: that copy task ended, having written all it had.
+                let _ = answer.await;
+            }
+        };
+        if tokio::time::timeout(SETTLE_TIMEOUT, all).await.is_err() {
+            tracing::warn!(
+                executor = self.shared.executor,
+                "the executor's output was not all written within {SETTLE_TIMEOUT:?} of a \
+                 session boundary; some may count on the other side of it"
+            );
+        }
+    }
+
+    /// The executor is about to enter `session`: what it writes from here on (until
+    /// [`Self::leave`]) is that session's.
+    pub async fn enter(&self, session: u64) {
+        self.mark(Some(session)).await;
+    }
+
+    /// The executor left its session: what it writes from here on is no session's.
+    pub async fn leave(&self) {
+        self.mark(None).await;
+    }
+
+    async fn mark(&self, session: Option<u64>) {
+        self.settle().await;
+        let shared = Arc::clone(&self.shared);
+        if let Err(e) = tokio::task::spawn_blocking(move || shared.mark(session)).await {
+            tracing::warn!(executor = self.shared.executor, "cannot record a session boundary in the log: {e}");
+        }
+    }
+
+    /// The session spans so far.
+    pub fn spans(&self) -> Vec<Span> {
+        self.shared.spans.borrow().clone()
     }
 
     /// The last [`TAIL_LINES`] lines seen from every source, oldest first, each cut to
@@ -918,6 +1155,11 @@ impl LogReader {
         }
     }
 
+    /// Moves the reader to `offset`.
+    pub fn seek(&mut self, offset: u64) {
+        self.position = offset;
+    }
+
     /// The offset of the next byte to read.
     pub fn position(&self) -> u64 {
         self.position
@@ -933,6 +1175,125 @@ impl LogReader {
             self.skipped_bytes += at - self.position;
         }
         self.position = at;
+    }
+}
+
+/// Where a session reader finds the spans: the live sink's, which change, or the spans
+/// file of a finished log.
+#[derive(Debug)]
+enum Spans {
+    Live(watch::Receiver<Vec<Span>>),
+    Finished(Vec<Span>),
+}
+
+/// Reads what an executor wrote while bound to one session: the ranges of that session's
+/// spans, in order, and nothing else (see the module docs).
+#[derive(Debug)]
+pub struct SessionReader {
+    reader: LogReader,
+    session: u64,
+    spans: Spans,
+    /// The offset of the next byte to read.
+    position: u64,
+}
+
+impl SessionReader {
+    /// This session's spans as they are now.
+    fn mine(&self) -> Vec<Span> {
+        let all = match &self.spans {
+            Spans::Live(rx) => rx.borrow().clone(),
+            Spans::Finished(spans) => spans.clone(),
+        };
+        all.into_iter()
+            .filter(|s| s.session == self.session)
+            .collect()
+    }
+
+    /// Waits until the spans change; false when they never will again (the log closed).
+    async fn spans_changed(spans: &mut Spans) -> bool {
+        let Spans::Live(rx) = spans else {
+            return false;
+        };
+        if rx.changed().await.is_ok() {
+            return true;
+        }
+        let last = rx.borrow().clone();
+        *spans = Spans::Finished(last);
+        false
+    }
+
+    /// The next chunk of at most `max` bytes of the session's output (at most
+    /// [`CHUNK_BYTES_MAX`]). `Ok(None)` is the end: of what there is now without `follow`;
+    /// with `follow`, once the executor has left the session (or ended) and everything it
+    /// wrote for it was read. Without a span yet, a follower waits for the executor to
+    /// enter the session. Cancel-safe, like [`LogReader::read_chunk`].
+    pub async fn read_chunk(
+        &mut self,
+        max: usize,
+        follow: bool,
+    ) -> Result<Option<Bytes>, LogError> {
+        loop {
+            let mine = self.mine();
+            let Some(span) = mine
+                .iter()
+                .copied()
+                .find(|s| s.end.is_none_or(|end| end > self.position))
+            else {
+                // Nothing (more) of this session: a follower waits for a first entry only.
+                if follow && mine.is_empty() && Self::spans_changed(&mut self.spans).await {
+                    continue;
+                }
+                return Ok(None);
+            };
+            self.position = self.position.max(span.start);
+            self.reader.seek(self.position);
+            let room = span.end.map_or(max, |end| {
+                usize::try_from(end - self.position)
+                    .unwrap_or(usize::MAX)
+                    .min(max)
+            });
+            let following = follow && span.end.is_none() && matches!(self.spans, Spans::Live(_));
+            let chunk = if following {
+                let SessionReader { reader, spans, .. } = self;
+                tokio::select! {
+                    chunk = reader.read_chunk(room, true) => chunk?,
+                    // The span may have closed: look again.
+                    _ = Self::spans_changed(spans) => continue,
+                }
+            } else {
+                self.reader.read_chunk(room, false).await?
+            };
+            let Some(mut bytes) = chunk else {
+                match span.end {
+                    // Bytes of the span that are not there (dropped, or removed): on to
+                    // the next span.
+                    Some(end) => {
+                        self.position = end;
+                        continue;
+                    }
+                    None => return Ok(None),
+                }
+            };
+            // Rotation may have moved the reader past bytes; and the span may have closed
+            // while the bytes were read, with bytes past its end written since.
+            let from = self.reader.position() - bytes.len() as u64;
+            let end = self
+                .mine()
+                .iter()
+                .find(|s| s.start == span.start)
+                .and_then(|s| s.end);
+            if let Some(end) = end {
+                if from >= end {
+                    self.position = end;
+                    continue;
+                }
+                bytes.truncate(usize::try_from(end - from).unwrap_or(usize::MAX));
+            }
+            self.position = from + bytes.len() as u64;
+            if !bytes.is_empty() {
+                return Ok(Some(bytes));
+            }
+        }
     }
 }
 
@@ -990,6 +1351,24 @@ impl LogRegistry {
         }
     }
 
+    /// A reader of what the executor wrote while bound to `session` (see
+    /// [`SessionReader`]).
+    pub fn session_reader(&self, executor: u64, session: u64) -> Result<SessionReader, LogError> {
+        let (reader, spans) = match self.live_sink(executor) {
+            Some(sink) => (sink.reader(0), Spans::Live(sink.shared.spans.subscribe())),
+            None => (
+                LogReader::open(&self.cfg, executor, 0)?,
+                Spans::Finished(read_spans(&self.cfg, executor)),
+            ),
+        };
+        Ok(SessionReader {
+            reader,
+            session,
+            spans,
+            position: 0,
+        })
+    }
+
     /// The retained part of the executor's log, for choosing an offset (say, the last
     /// 64 KiB: `end.saturating_sub(64 << 10)`).
     pub fn extent(&self, executor: u64) -> Result<LogExtent, LogError> {
@@ -1028,13 +1407,16 @@ pub fn remove_old(cfg: &LogConfig, keep_newest: usize) -> Result<usize, LogError
 }
 
 /// The executor id a log directory entry belongs to: `executor-<id>.log`,
-/// `executor-<id>.log.<n>`, `executor-<id>.base` or its temporary file.
+/// `executor-<id>.log.<n>`, `executor-<id>.base`, `executor-<id>.spans` or their
+/// temporary files.
 fn log_file_executor(name: &str) -> Option<u64> {
     let rest = name.strip_prefix("executor-")?;
     let (id, suffix) = rest.split_once('.')?;
     let known = suffix == "log"
         || suffix == "base"
         || suffix == "base.tmp"
+        || suffix == "spans"
+        || suffix == "spans.tmp"
         || suffix
             .strip_prefix("log.")
             .is_some_and(|n| n.parse::<u32>().is_ok());
@@ -1293,6 +1675,103 @@ mod tests {
         .unwrap();
         let expected: Vec<String> = (30..50).map(|i| format!("l{i}")).collect();
         assert_eq!(sink.tail_lines(), expected);
+    }
+
+    /// Everything a session reader gives without following.
+    async fn session_all(registry: &LogRegistry, executor: u64, session: u64) -> Vec<u8> {
+        let mut reader = registry.session_reader(executor, session).unwrap();
+        let mut out = Vec::new();
+        while let Some(chunk) = within("read", reader.read_chunk(4, false)).await.unwrap() {
+            out.extend_from_slice(&chunk);
+        }
+        out
+    }
+
+    #[tokio::test]
+    async fn a_session_reader_sees_only_what_was_written_for_its_session() {
+        let dir = tempfile::tempdir().unwrap();
+        // Small files: the spans hold across rotations.
+        let registry = LogRegistry::new(small(dir.path(), 16, 20)).unwrap();
+        let sink = registry.open_sink(7).unwrap();
+        let (mut app, pipe) = tokio::io::duplex(1024);
+        let copy = sink.spawn_copy(pipe, "stderr");
+
+        app.write_all(b"launching\n").await.unwrap();
+        sink.enter(1).await;
+        // A partial line is the session's too: the boundary writes what the pipe holds.
+        app.write_all(b"s1 a\ns1 partial").await.unwrap();
+        sink.leave().await;
+        assert_eq!(sink.tail_lines(), Vec::<String>::new());
+        app.write_all(b"idle\n").await.unwrap();
+        sink.enter(2).await;
+        app.write_all(b"secret of s2\n").await.unwrap();
+        sink.settle().await;
+        // The tail of failure messages holds the current session's lines only.
+        assert_eq!(sink.tail_lines(), vec!["secret of s2".to_string()]);
+        sink.leave().await;
+        sink.enter(1).await;
+        app.write_all(b"s1 b\n").await.unwrap();
+        sink.leave().await;
+        app.write_all(b"after\n").await.unwrap();
+        sink.settle().await;
+
+        let s1 = b"s1 a\ns1 partials1 b\n".to_vec();
+        assert_eq!(session_all(&registry, 7, 1).await, s1);
+        assert_eq!(session_all(&registry, 7, 2).await, b"secret of s2\n".to_vec());
+        assert_eq!(session_all(&registry, 7, 3).await, Vec::<u8>::new());
+        assert_eq!(sink.spans().len(), 3);
+
+        // Once the log is finished, the files say the same.
+        drop(app);
+        within("copy", copy).await.unwrap();
+        drop(sink);
+        assert!(!registry.is_live(7));
+        assert_eq!(session_all(&registry, 7, 1).await, s1);
+        assert_eq!(session_all(&registry, 7, 2).await, b"secret of s2\n".to_vec());
+        // The spans file goes with the log.
+        assert!(dir.path().join("executor-7.spans").is_file());
+        assert_eq!(log_file_executor("executor-7.spans"), Some(7));
+        assert_eq!(registry.remove_old(0).unwrap(), 1);
+        assert!(!dir.path().join("executor-7.spans").exists());
+    }
+
+    #[tokio::test]
+    async fn a_session_follower_ends_when_the_executor_leaves_the_session() {
+        let dir = tempfile::tempdir().unwrap();
+        let registry = LogRegistry::new(small(dir.path(), 1024, 1)).unwrap();
+        let sink = registry.open_sink(8).unwrap();
+        let (mut app, pipe) = tokio::io::duplex(1024);
+        let _copy = sink.spawn_copy(pipe, "stderr");
+        let follow = |session: u64| {
+            let mut reader = registry.session_reader(8, session).unwrap();
+            tokio::spawn(async move {
+                let mut got = Vec::new();
+                while let Some(chunk) = reader.read_chunk(1024, true).await.unwrap() {
+                    got.extend_from_slice(&chunk);
+                }
+                got
+            })
+        };
+        app.write_all(b"idle before\n").await.unwrap();
+        // A follower of a session not entered yet waits for it.
+        let later = follow(2);
+        sink.enter(1).await;
+        app.write_all(b"one\n").await.unwrap();
+        let first = follow(1);
+        sink.settle().await;
+        app.write_all(b"two\n").await.unwrap();
+        sink.leave().await;
+        app.write_all(b"idle\n").await.unwrap();
+        sink.enter(2).await;
+        app.write_all(b"other owner\n").await.unwrap();
+        // The log is still open: the first follower ended because the executor left.
+        assert_eq!(within("follower of 1", first).await.unwrap(), b"one\ntwo\n");
+        assert!(!later.is_finished());
+        sink.leave().await;
+        assert_eq!(
+            within("follower of 2", later).await.unwrap(),
+            b"other owner\n"
+        );
     }
 
     #[tokio::test]

@@ -229,8 +229,11 @@ pub enum LogEvent {
 
 /// The head's request on a stream it opens to a node, to read executors' logs. The node
 /// answers with [`LogEvent`] frames and finishes the stream after [`LogEvent::End`].
+/// Only what the executors wrote while bound to `session` is sent; with `follow`, each
+/// executor's part ends when it leaves the session.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NodeLogRequest {
+    pub session: SessionId,
     pub executors: Vec<ExecutorId>,
     pub follow: bool,
 }
