@@ -8,6 +8,7 @@
 //! * [`client_thread`] runs client code on a thread that can reach a head in a namespace.
 //! * [`command`] runs a binary of the workspace with a bound and captures its output.
 //! * [`results`] drains a session's results and checks them.
+//! * [`logging_service`] is the application of the `flame logs` tests, and a follower.
 //! * [`cgroup`] finds a node's executor cgroups on disk; [`procfs`] looks at processes.
 //! * [`test_service`] runs `flame-test-service` (`src/bin`), the application the executor
 //!   tests drive with text commands.
@@ -29,6 +30,7 @@ pub mod cgroup;
 pub mod client_thread;
 pub mod cluster;
 pub mod command;
+pub mod logging_service;
 pub mod netns;
 pub mod prerequisites;
 pub mod procfs;

@@ -1,86 +1,17 @@
 //! `flame logs`: executors' stderr, captured on the node, read back through the head by the
 //! `flame` command: a finished session's whole logs, one executor's alone, following a
-//! running session until its executors are released, and the errors for an unknown session
-//! or executor.
+//! running session until its executors leave it, only the session's own part of an
+//! executor that served several, and the errors for an unknown session or executor.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // Test code: a panic is the report.
 
 use bytes::Bytes;
-use flame_protocol::model::{
-    ApplicationSpec, EnvValue, NodeState, SessionSpec, ShimKind, TaskOutcome,
-};
+use flame_protocol::model::{NodeState, SessionSpec, TaskOutcome};
 use flame_protocol::ExecutorId;
-use flame_tests::cluster::flame_command;
-use flame_tests::command::describe;
+use flame_tests::logging_service::{executor_of, spec, Follower, LOST_NODE_TIMEOUT};
 use flame_tests::results::run_tasks;
 use flame_tests::test_service::{wait_session, ServiceSession};
 use flame_tests::{prerequisites, Cluster, ClusterOptions};
-use nix::sys::signal::{self, Signal};
-use nix::unistd::Pid;
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::Path;
-use std::process::Stdio;
-use std::time::Duration;
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
-use tokio::sync::mpsc;
-
-/// A Python service whose task `log:TEXT` writes `TEXT from EXECUTOR` to stderr (after
-/// `sleep:SECONDS`, if the input starts with it) and returns the same line. `argv[1]` is
-/// the folder of the one-file helper.
-const SERVICE: &str = r#"
-import os, sys, time
-sys.path.insert(0, sys.argv[1])
-import flame_service
-
-class Logging(flame_service.Service):
-    def invoke(self, session_id, task_id, input):
-        text = input.decode("utf-8")
-        if text.startswith("sleep:"):
-            seconds, text = text[len("sleep:"):].split(" ", 1)
-            time.sleep(float(seconds))
-        line = text[len("log:"):] + " from " + os.environ["FLAME_EXECUTOR_ID"]
-        sys.stderr.write(line + "\n")
-        sys.stderr.flush()
-        return line.encode("utf-8")
-
-flame_service.run(Logging())
-"#;
-
-/// Bound on a line showing up in `flame logs --follow`.
-const LINE_TIMEOUT: Duration = Duration::from_secs(30);
-/// Bound on `flame logs --follow` ending once the session's executors are released.
-const FOLLOW_END_TIMEOUT: Duration = Duration::from_secs(60);
-/// Bound on the head noticing a killed node (its heartbeat timeout is 10 s).
-const LOST_NODE_TIMEOUT: Duration = Duration::from_secs(30);
-
-fn spec(name: &str) -> ApplicationSpec {
-    let helper = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shims/python");
-    assert!(
-        helper.join("flame_service.py").is_file(),
-        "{} is missing",
-        helper.display()
-    );
-    let mut spec = ApplicationSpec::new(name, "python3");
-    spec.allow_root = true;
-    spec.shim = ShimKind::Stdio;
-    spec.args = vec![
-        "-c".into(),
-        SERVICE.into(),
-        helper.canonicalize().unwrap().display().to_string(),
-    ];
-    spec.env = BTreeMap::from([("PYTHONDONTWRITEBYTECODE".into(), EnvValue::plain("1"))]);
-    spec.max_instances = 2;
-    // Released soon after their session ends, so that a follow ends soon too.
-    spec.delay_release_ms = 200;
-    spec
-}
-
-/// The executor a task's output names (`TEXT from ID`).
-fn executor_of(output: &str) -> ExecutorId {
-    output
-        .rsplit_once(" from ")
-        .and_then(|(_, id)| id.parse().ok())
-        .unwrap_or_else(|| panic!("no executor id in `{output}`"))
-}
 
 #[tokio::test(flavor = "multi_thread")]
 async fn logs_show_what_executors_wrote_and_filter_by_executor() {
@@ -175,107 +106,6 @@ async fn logs_show_what_executors_wrote_and_filter_by_executor() {
     client.close().await;
 }
 
-/// `flame logs --follow` running as a child, its stdout lines passed on as they come.
-struct Follower {
-    child: tokio::process::Child,
-    command: String,
-    lines: mpsc::UnboundedReceiver<String>,
-    seen: Vec<String>,
-}
-
-impl Follower {
-    fn start(cluster: &Cluster, session: &str) -> Follower {
-        let mut command = flame_command();
-        command
-            .arg("--head")
-            .arg(cluster.head_addr())
-            .arg("--ca-file")
-            .arg(cluster.ca_file())
-            .arg("--token-file")
-            .arg(cluster.admin_token_file())
-            .args(["logs", session, "--follow"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true);
-        let line = describe(&command);
-        let mut child = command
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start `{line}`: {e}"));
-        let stdout = child.stdout.take().unwrap();
-        let (tx, lines) = mpsc::unbounded_channel();
-        tokio::spawn(async move {
-            let mut reader = BufReader::new(stdout).lines();
-            while let Ok(Some(line)) = reader.next_line().await {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        Follower {
-            child,
-            command: line,
-            lines,
-            seen: Vec::new(),
-        }
-    }
-
-    /// Waits, at most [`LINE_TIMEOUT`], for a line ending with `suffix`; returns it.
-    async fn wait_line(&mut self, suffix: &str, cluster: &Cluster) -> String {
-        let deadline = tokio::time::Instant::now() + LINE_TIMEOUT;
-        loop {
-            match tokio::time::timeout_at(deadline, self.lines.recv()).await {
-                Ok(Some(line)) => {
-                    self.seen.push(line.clone());
-                    if line.ends_with(suffix) {
-                        return line;
-                    }
-                }
-                Ok(None) => panic!(
-                    "`{}` ended before printing `…{suffix}`; it printed {:?}\n{}",
-                    self.command,
-                    self.seen,
-                    cluster.logs()
-                ),
-                Err(_) => panic!(
-                    "`{}` did not print `…{suffix}` within {LINE_TIMEOUT:?}; it printed {:?}\n{}",
-                    self.command,
-                    self.seen,
-                    cluster.logs()
-                ),
-            }
-        }
-    }
-
-    /// Sends the command `SIGINT`, as Ctrl-C does.
-    fn interrupt(&self) {
-        let pid = self.child.id().expect("the follower already exited");
-        signal::kill(Pid::from_raw(pid as i32), Signal::SIGINT).unwrap();
-    }
-
-    /// Waits, at most [`FOLLOW_END_TIMEOUT`], for the command to exit 0.
-    async fn wait_success(mut self, cluster: &Cluster) {
-        let status = match tokio::time::timeout(FOLLOW_END_TIMEOUT, self.child.wait()).await {
-            Ok(status) => status.unwrap(),
-            Err(_) => panic!(
-                "`{}` still follows {FOLLOW_END_TIMEOUT:?} after the session ended; it printed {:?}\n{}",
-                self.command,
-                self.seen,
-                cluster.logs()
-            ),
-        };
-        let mut stderr = String::new();
-        if let Some(mut pipe) = self.child.stderr.take() {
-            let _ = pipe.read_to_string(&mut stderr).await;
-        }
-        assert!(
-            status.success(),
-            "`{}` exited with {status}; stderr:\n{stderr}",
-            self.command
-        );
-    }
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn follow_streams_new_lines_and_ends_with_the_executors() {
     if !prerequisites::python3("follow_streams_new_lines_and_ends_with_the_executors") {
@@ -355,5 +185,77 @@ async fn a_lost_node_is_a_warning_not_a_failure() {
             .contains(&format!("warning: logs on node {node} are unavailable")),
         "{out}"
     );
+    client.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_rebound_executor_shows_each_session_only_its_own_lines() {
+    if !prerequisites::python3("a_rebound_executor_shows_each_session_only_its_own_lines") {
+        return;
+    }
+    let cluster = Cluster::start(ClusterOptions::default()).await;
+    let client = cluster.client().await;
+    let mut spec = spec("py-rebind");
+    // One executor: it must serve the second session after the first.
+    spec.max_instances = 1;
+    client.register_application(spec).await.unwrap();
+    let mut first = ServiceSession::open(&client, "py-rebind").await;
+    let executor = executor_of(&first.output("log:first-session").await);
+    let first_id = first.session.id().to_string();
+    let mut follower = Follower::start(&cluster, &first_id);
+    follower
+        .wait_line(&format!("first-session from {executor}"), &cluster)
+        .await;
+
+    // The second session waits for the one executor; the first ends and hands it over.
+    let mut second = ServiceSession::open(&client, "py-rebind").await;
+    let waiting = second.submit(&["log:second-session"]).await;
+    first.finish().await;
+    let done = second.wait(&waiting).await;
+    let line = match &done[0].outcome {
+        TaskOutcome::Succeeded(out) => String::from_utf8_lossy(out).into_owned(),
+        other => panic!("the second session's task did not succeed: {other:?}"),
+    };
+    assert_eq!(
+        executor_of(&line),
+        executor,
+        "the second session got another executor, so no rebind was tested\n{}",
+        cluster.logs()
+    );
+    // The follow of the first session ended when the executor left it, and showed
+    // nothing of the second.
+    let seen = follower.wait_success(&cluster).await;
+    assert!(
+        !seen.iter().any(|l| l.contains("second-session")),
+        "the first session's follow showed the second's output: {seen:?}"
+    );
+
+    // Followed across more work: only the second session's lines.
+    let second_id = second.session.id().to_string();
+    let mut follower = Follower::start(&cluster, &second_id);
+    follower
+        .wait_line(&format!("second-session from {executor}"), &cluster)
+        .await;
+    second.output("log:second-again").await;
+    follower
+        .wait_line(&format!("second-again from {executor}"), &cluster)
+        .await;
+    second.finish().await;
+    let seen = follower.wait_success(&cluster).await;
+    assert!(
+        !seen.iter().any(|l| l.contains("first-session")),
+        "the second session's follow showed the first's output: {seen:?}"
+    );
+
+    // And without following.
+    let one = cluster.flame(&["logs", &first_id]).await;
+    one.assert_success();
+    assert!(one.stdout.contains("first-session from"), "{one}");
+    assert!(!one.stdout.contains("second-"), "{one}");
+    let two = cluster.flame(&["logs", &second_id]).await;
+    two.assert_success();
+    assert!(two.stdout.contains("second-session from"), "{two}");
+    assert!(two.stdout.contains("second-again from"), "{two}");
+    assert!(!two.stdout.contains("first-session"), "{two}");
     client.close().await;
 }
