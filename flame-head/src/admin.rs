@@ -160,9 +160,7 @@ pub async fn cert(config: &HeadConfig, command: CertCommand) -> anyhow::Result<(
                 .with_context(|| format!("{} is not a Flame certificate", file.display()))?;
             ClientRequest::RevokeCert {
                 target: CertTarget::Certificate {
-                    fingerprint: flame_protocol::auth::hex(&flame_protocol::pki::fingerprint(
-                        &der,
-                    )),
+                    fingerprint: flame_protocol::auth::hex(&flame_protocol::pki::fingerprint(&der)),
                     serial: flame_protocol::pki::serial_of(&der)?,
                     holder,
                 },
@@ -188,9 +186,7 @@ pub async fn cert(config: &HeadConfig, command: CertCommand) -> anyhow::Result<(
         (CertCommand::Revoke { .. }, ClientResponse::Ok) => {
             println!("revoked {what}; connections made with it were closed")
         }
-        (CertCommand::List { json }, ClientResponse::Certs(records)) => {
-            print_certs(&records, json)
-        }
+        (CertCommand::List { json }, ClientResponse::Certs(records)) => print_certs(&records, json),
         (_, other) => anyhow::bail!("unexpected answer from the head: {other:?}"),
     }
     Ok(())
@@ -244,7 +240,11 @@ fn print_certs(records: &[CertRecord], json: bool) {
                 revoked_ms,
             } => format!(
                 "node     {name}  sha256 {}  {}",
-                if fingerprint.is_empty() { "-" } else { fingerprint },
+                if fingerprint.is_empty() {
+                    "-"
+                } else {
+                    fingerprint
+                },
                 match revoked_ms {
                     Some(at) => format!("revoked since {}", when(*at)),
                     None => format!("joined {}", when(*issued_ms)),

@@ -400,7 +400,9 @@ mod tests {
     #[test]
     fn a_created_token_authenticates_as_its_kind() {
         let mut book = book();
-        let (text, info, stored) = book.create(user("alice", false), TokenLimits::default(), 1_000).unwrap();
+        let (text, info, stored) = book
+            .create(user("alice", false), TokenLimits::default(), 1_000)
+            .unwrap();
         assert_ne!(stored.secret_sha256, [0; 32]);
         match book.authenticate(&text, 2_000).unwrap() {
             Authenticated::User { principal, token } => {
@@ -410,7 +412,9 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
-        let (node, _, _) = book.create(TokenKind::Node, TokenLimits::default(), 1_000).unwrap();
+        let (node, _, _) = book
+            .create(TokenKind::Node, TokenLimits::default(), 1_000)
+            .unwrap();
         assert!(matches!(
             book.authenticate(&node, 2_000).unwrap(),
             Authenticated::NodeJoin { .. }

@@ -219,7 +219,7 @@ impl CertBook {
             }
             CertTarget::Serial(serial) => StoredCert::Revoked {
                 serial: Some(
-                    normalize_serial(&serial).ok_or_else(|| CertError::BadSerial(serial))?,
+                    normalize_serial(&serial).ok_or(CertError::BadSerial(serial))?,
                 ),
                 fingerprint: None,
                 holder: None,
@@ -231,7 +231,7 @@ impl CertBook {
                 holder,
             } => StoredCert::Revoked {
                 serial: Some(
-                    normalize_serial(&serial).ok_or_else(|| CertError::BadSerial(serial))?,
+                    normalize_serial(&serial).ok_or(CertError::BadSerial(serial))?,
                 ),
                 fingerprint: Some(fingerprint.to_ascii_lowercase()),
                 holder: Some(holder),
@@ -357,7 +357,10 @@ mod tests {
         let reloaded = CertBook::new([(k1, r1), (k2, r2)]);
         for book in [&book, &reloaded] {
             let err = book.check(&user_cert("abc", "f1")).unwrap_err();
-            assert!(err.to_string().contains("serial abc has been revoked"), "{err}");
+            assert!(
+                err.to_string().contains("serial abc has been revoked"),
+                "{err}"
+            );
             assert!(book.check(&user_cert("999", "f2")).is_err());
             assert!(book.check(&user_cert("999", "f3")).is_ok());
             assert_eq!(book.list().len(), 2);
@@ -383,7 +386,9 @@ mod tests {
         assert_eq!(err, CertError::Superseded { name: "n1".into() });
         assert!(book.check(&node_cert("n1", "b")).is_ok());
 
-        let (key, record) = book.revoke(CertTarget::Node("n1".into()), false, 3).unwrap();
+        let (key, record) = book
+            .revoke(CertTarget::Node("n1".into()), false, 3)
+            .unwrap();
         assert_eq!(key, "node:n1");
         let reloaded = CertBook::new([(key, record)]);
         for book in [&book, &reloaded] {

@@ -126,9 +126,7 @@ async fn run(mut args: config::Args) -> anyhow::Result<()> {
             admin,
             out,
             ttl,
-        }) => {
-            return admin::user_cert(&config, &name, admin, &out, ttl)
-        }
+        }) => return admin::user_cert(&config, &name, admin, &out, ttl),
         // Handled in `main`, before anything else starts.
         Some(config::HeadCommand::GenerateDocs { .. }) => return Ok(()),
     }

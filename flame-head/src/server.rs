@@ -488,13 +488,9 @@ enum Admitted {
         token: Option<String>,
     },
     /// A node, as its certificate names it.
-    Node {
-        name: String,
-    },
+    Node { name: String },
     /// A node joining with the join token of this id.
-    Join {
-        token: String,
-    },
+    Join { token: String },
 }
 
 /// Authenticates a hello: the reason to refuse it otherwise. The reasons name tokens by id
@@ -634,8 +630,7 @@ async fn sign_joining_node(
             .await
             .map_err(|_| "the head is shutting down".to_string())?
             .map_err(|e| format!("cannot read the node records: {e}"))?;
-        if registered || shared.certs().has_node(&name) || shared.node_connection(&name).is_some()
-        {
+        if registered || shared.certs().has_node(&name) || shared.node_connection(&name).is_some() {
             return Err(format!(
                 "a node named `{name}` exists already: a join cannot take an existing node's \
                  name. Choose another name, or, to replace that node (its certificate stops \
@@ -670,9 +665,10 @@ async fn sign_joining_node(
         .sign_node(&name, &request.csr_pem)
         .map_err(|e| give_back(shared, format!("cannot sign the node's certificate: {e}")))?;
     let previous = shared.certs().node(&name);
-    let recorded = shared
-        .certs()
-        .issue_node(&name, flame_protocol::auth::hex(&fingerprint), now_ms());
+    let recorded =
+        shared
+            .certs()
+            .issue_node(&name, flame_protocol::auth::hex(&fingerprint), now_ms());
     let (key, record) = recorded.map_err(|e| give_back(shared, e.to_string()))?;
     let store = shared.store.clone();
     let written = tokio::task::spawn_blocking(move || store.put_cert_record(&key, &record)).await;

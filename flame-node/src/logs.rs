@@ -891,7 +891,10 @@ impl LogSink {
         self.settle().await;
         let shared = Arc::clone(&self.shared);
         if let Err(e) = tokio::task::spawn_blocking(move || shared.mark(session)).await {
-            tracing::warn!(executor = self.shared.executor, "cannot record a session boundary in the log: {e}");
+            tracing::warn!(
+                executor = self.shared.executor,
+                "cannot record a session boundary in the log: {e}"
+            );
         }
     }
 
@@ -1717,7 +1720,10 @@ mod tests {
 
         let s1 = b"s1 a\ns1 partials1 b\n".to_vec();
         assert_eq!(session_all(&registry, 7, 1).await, s1);
-        assert_eq!(session_all(&registry, 7, 2).await, b"secret of s2\n".to_vec());
+        assert_eq!(
+            session_all(&registry, 7, 2).await,
+            b"secret of s2\n".to_vec()
+        );
         assert_eq!(session_all(&registry, 7, 3).await, Vec::<u8>::new());
         assert_eq!(sink.spans().len(), 3);
 
@@ -1727,7 +1733,10 @@ mod tests {
         drop(sink);
         assert!(!registry.is_live(7));
         assert_eq!(session_all(&registry, 7, 1).await, s1);
-        assert_eq!(session_all(&registry, 7, 2).await, b"secret of s2\n".to_vec());
+        assert_eq!(
+            session_all(&registry, 7, 2).await,
+            b"secret of s2\n".to_vec()
+        );
         // The spans file goes with the log.
         assert!(dir.path().join("executor-7.spans").is_file());
         assert_eq!(log_file_executor("executor-7.spans"), Some(7));

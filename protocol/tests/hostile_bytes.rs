@@ -126,6 +126,7 @@ fn samples() -> Vec<Vec<u8>> {
         }))
         .unwrap(),
         postcard::to_allocvec(&NodeStreamRequest::Logs(NodeLogRequest {
+            session: SessionId(7),
             executors: vec![ExecutorId(1), ExecutorId(2)],
             follow: true,
         }))

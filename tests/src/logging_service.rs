@@ -189,4 +189,3 @@ impl Follower {
         self.seen
     }
 }
-

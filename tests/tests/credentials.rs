@@ -54,8 +54,10 @@ async fn user_cert(cluster: &Cluster, name: &str, admin: bool, out: &Path) -> St
 }
 
 fn cert_config(cluster: &Cluster, dir: &Path, name: &str) -> ClientConfig {
-    ClientConfig::new(cluster.head_addr(), cluster.ca_file())
-        .with_identity(dir.join(format!("{name}.crt")), dir.join(format!("{name}.key")))
+    ClientConfig::new(cluster.head_addr(), cluster.ca_file()).with_identity(
+        dir.join(format!("{name}.crt")),
+        dir.join(format!("{name}.key")),
+    )
 }
 
 /// The certificate of a connection the head closed no longer answers requests.

@@ -101,7 +101,10 @@ async fn bob_never_reads_alices_logs_even_from_an_executor_she_used() {
     .await;
     if her_executor == his_executor {
         by_her_executor.assert_success();
-        assert!(by_her_executor.stdout.contains("bob-line from"), "{by_her_executor}");
+        assert!(
+            by_her_executor.stdout.contains("bob-line from"),
+            "{by_her_executor}"
+        );
     } else {
         // Executors per owner: hers never served him, and the head says so.
         by_her_executor.assert_failure();
