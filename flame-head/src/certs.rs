@@ -218,9 +218,7 @@ impl CertBook {
                 return Ok((key, record));
             }
             CertTarget::Serial(serial) => StoredCert::Revoked {
-                serial: Some(
-                    normalize_serial(&serial).ok_or(CertError::BadSerial(serial))?,
-                ),
+                serial: Some(normalize_serial(&serial).ok_or(CertError::BadSerial(serial))?),
                 fingerprint: None,
                 holder: None,
                 revoked_ms: now_ms,
@@ -230,9 +228,7 @@ impl CertBook {
                 serial,
                 holder,
             } => StoredCert::Revoked {
-                serial: Some(
-                    normalize_serial(&serial).ok_or(CertError::BadSerial(serial))?,
-                ),
+                serial: Some(normalize_serial(&serial).ok_or(CertError::BadSerial(serial))?),
                 fingerprint: Some(fingerprint.to_ascii_lowercase()),
                 holder: Some(holder),
                 revoked_ms: now_ms,

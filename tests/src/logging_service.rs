@@ -17,8 +17,9 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
 use tokio::sync::mpsc;
 
 /// A Python service whose task `log:TEXT` writes `TEXT from EXECUTOR` to stderr (after
-/// `sleep:SECONDS`, if the input starts with it) and returns the same line. `argv[1]` is
-/// the folder of the one-file helper.
+/// `sleep:SECONDS`, if the input starts with it) and returns the same line; `crash:TEXT`
+/// writes `TEXT` to stderr and exits with status 3. `argv[1]` is the folder of the
+/// one-file helper.
 pub const SERVICE: &str = r#"
 import os, sys, time
 sys.path.insert(0, sys.argv[1])
@@ -27,6 +28,10 @@ import flame_service
 class Logging(flame_service.Service):
     def invoke(self, session_id, task_id, input):
         text = input.decode("utf-8")
+        if text.startswith("crash:"):
+            sys.stderr.write(text[len("crash:"):] + "\n")
+            sys.stderr.flush()
+            os._exit(3)
         if text.startswith("sleep:"):
             seconds, text = text[len("sleep:"):].split(" ", 1)
             time.sleep(float(seconds))

@@ -196,8 +196,10 @@ async fn a_rebound_executor_shows_each_session_only_its_own_lines() {
     let cluster = Cluster::start(ClusterOptions::default()).await;
     let client = cluster.client().await;
     let mut spec = spec("py-rebind");
-    // One executor: it must serve the second session after the first.
+    // One executor: it must serve the second session after the first. One attempt: a
+    // crash is reported from the executor it happened on.
     spec.max_instances = 1;
+    spec.max_attempts = 1;
     client.register_application(spec).await.unwrap();
     let mut first = ServiceSession::open(&client, "py-rebind").await;
     let executor = executor_of(&first.output("log:first-session").await);
@@ -240,6 +242,11 @@ async fn a_rebound_executor_shows_each_session_only_its_own_lines() {
     follower
         .wait_line(&format!("second-again from {executor}"), &cluster)
         .await;
+    // A crash's message carries the end of the executor's output: this session's only.
+    let crash = second.failure("crash:second-crash").await;
+    assert!(crash.contains("second-crash"), "{crash}");
+    assert!(crash.contains("second-again from"), "{crash}");
+    assert!(!crash.contains("first-session"), "{crash}");
     second.finish().await;
     let seen = follower.wait_success(&cluster).await;
     assert!(

@@ -1,7 +1,7 @@
 //! Bob never reads alice's logs: not of her session (refused), and not through his own
 //! session, even when the executor that served her serves him next (today's scheduler may
 //! rebind it; with executors per owner it never does, and this still holds), nor with
-//! `--follow` across that rebind.
+//! `--follow` across that rebind, nor in the output a crash of his task reports.
 
 use flame_client::Client;
 use flame_protocol::auth::Secret;
@@ -47,8 +47,10 @@ async fn bob_never_reads_alices_logs_even_from_an_executor_she_used() {
     let cluster = Cluster::start(ClusterOptions::default()).await;
     let admin = cluster.client().await;
     let mut spec = spec("py-tenancy-logs");
-    // One executor at a time: bob's session can only run once alice's lets go of it.
+    // One executor at a time: bob's session can only run once alice's lets go of it. One
+    // attempt: a crash is reported from the executor it happened on.
     spec.max_instances = 1;
+    spec.max_attempts = 1;
     admin.register_application(spec).await.unwrap();
     let (alice_token, _alice_file) = user(&cluster, "alice").await;
     let (bob_token, bob_file) = user(&cluster, "bob").await;
@@ -81,6 +83,10 @@ async fn bob_never_reads_alices_logs_even_from_an_executor_she_used() {
     follower
         .wait_line(&format!("bob-again from {his_executor}"), &cluster)
         .await;
+    // The end of the output a crash's message carries is his own.
+    let crash = his.failure("crash:bob-crash").await;
+    assert!(crash.contains("bob-crash"), "{crash}");
+    assert!(!crash.contains("alice-secret"), "{crash}");
     his.finish().await;
     let seen = follower.wait_success(&cluster).await;
     assert!(
