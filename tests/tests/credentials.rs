@@ -7,10 +7,12 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)] // Test code: a panic is the report.
 
 use flame_client::{Client, ClientConfig};
-use flame_protocol::auth::{JoinReply, JoinRequest, Secret};
+use flame_protocol::auth::{CertTarget, JoinReply, JoinRequest, Secret};
 use flame_protocol::endpoint;
-use flame_protocol::messages::{Hello, HelloReply, Role};
-use flame_protocol::PROTOCOL_VERSION;
+use flame_protocol::frame::{FrameReader, FrameWriter};
+use flame_protocol::messages::{ClientRequest, ClientResponse, Hello, HelloReply, Role};
+use flame_protocol::model::ErrorKind;
+use flame_protocol::{limits, PROTOCOL_VERSION};
 use flame_tests::cluster::{say_hello, Cluster, ClusterOptions};
 use std::path::Path;
 use std::time::Duration;
@@ -87,6 +89,34 @@ async fn revoked_user_and_admin_certificates_are_refused_and_disconnected() {
         .await
         .unwrap();
     assert!(ops.whoami().await.unwrap().admin);
+
+    // A user may neither revoke certificates nor list them.
+    let bob = cluster.user_token("bob", false).await;
+    for request in [
+        ClientRequest::RevokeCert {
+            target: CertTarget::Serial(alice_serial.clone()),
+        },
+        ClientRequest::ListCerts,
+    ] {
+        let (_ep, connection) = cluster.raw_connection(None).await;
+        let (reply, _, _) = say_hello(&connection, &hello(Role::Client, Some(bob.clone()))).await;
+        assert!(matches!(reply, HelloReply::Welcome { .. }), "{reply:?}");
+        let (send, recv) = connection.open_bi().await.unwrap();
+        let mut writer = FrameWriter::new(send, limits::FRAME_BYTES_MAX);
+        let mut reader = FrameReader::new(recv, limits::FRAME_BYTES_MAX);
+        writer.write(&request).await.unwrap();
+        match reader.read_required::<ClientResponse>().await.unwrap() {
+            ClientResponse::Error(e) => {
+                assert_eq!(e.kind, ErrorKind::PermissionDenied, "{e}");
+                assert!(
+                    e.message.contains("managing certificates is for admins"),
+                    "{e}"
+                );
+            }
+            other => panic!("a user managed certificates: {other:?}"),
+        }
+    }
+    assert_eq!(alice.whoami().await.unwrap().name, "alice");
 
     // By serial number, written as openssl does (upper case, colons).
     let openssl_style: String = alice_serial
