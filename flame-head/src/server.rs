@@ -97,6 +97,9 @@ struct Shared {
     /// The live connections made with a certificate (clients and nodes), by connection id,
     /// closed when their certificate is revoked or replaced.
     cert_conns: Mutex<HashMap<usize, (quinn::Connection, Presented)>>,
+    /// Held by a join from its name check to its record, so that two joins cannot both
+    /// take a free name.
+    joins: tokio::sync::Mutex<()>,
     /// The head's certificate and the CA key that signs nodes' certificates.
     identity: Arc<HeadIdentity>,
 }
@@ -229,6 +232,7 @@ pub async fn serve(
         token_conns: Mutex::new(HashMap::new()),
         certs: Mutex::new(certs),
         cert_conns: Mutex::new(HashMap::new()),
+        joins: tokio::sync::Mutex::new(()),
         identity,
     });
     let open = Arc::new(tokio::sync::Semaphore::new(CONNECTIONS_MAX));
@@ -622,6 +626,15 @@ async fn sign_joining_node(
     let name = request.name.clone();
     flame_protocol::model::validate_node_name(&name)
         .map_err(|e| format!("invalid node name: {e}"))?;
+    // Joins are rare: one at a time.
+    let _one_join = tokio::time::timeout(limits::REQUEST_TIMEOUT, shared.joins.lock())
+        .await
+        .map_err(|_| {
+            format!(
+                "another join held the head for {:?}; try again",
+                limits::REQUEST_TIMEOUT
+            )
+        })?;
     let replacing = shared.tokens().replaces(token).as_deref() == Some(name.as_str());
     if !replacing {
         let store = shared.store.clone();
