@@ -289,6 +289,9 @@ pub async fn token(config: &HeadConfig, command: TokenCommand) -> anyhow::Result
             uses,
             replace,
         } => {
+            if !*node && (uses.is_some() || replace.is_some()) {
+                anyhow::bail!("--uses and --replace are for node join tokens (--node)");
+            }
             let kind = match (node, user) {
                 (true, _) => TokenKind::Node,
                 (false, Some(name)) => TokenKind::User {

@@ -126,6 +126,7 @@ pub enum TokenCommand {
 pub enum CertCommand {
     /// Revokes certificates: connections made with them are closed at once, and they are
     /// refused from then on.
+    #[command(override_usage = "flame-head cert revoke <SERIAL | --file CERT | --node NAME>")]
     Revoke {
         /// The serial number of the certificate (hex, as `flame-head user-cert` or
         /// `openssl x509 -noout -serial` prints it).
