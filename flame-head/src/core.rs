@@ -144,6 +144,11 @@ pub enum Event {
     },
     /// Periodic: heartbeat timeouts and `delay_release`.
     Tick,
+    /// The head itself did not run for `stalled_ms` (stopped by a signal, a frozen VM, a
+    /// starved host, or a wall clock stepped forward): the event loop measured that gap
+    /// against its own cadence. Silence during it is the head's, not the nodes', so every
+    /// connected node gets a fresh heartbeat window and recovery its lost time back.
+    Stalled { stalled_ms: u64 },
 }
 
 /// An owner as stored, with the default for none.
@@ -780,6 +785,26 @@ impl Core {
         }
     }
 
+    /// After the head was not running for `stalled_ms`: only silence that happened while
+    /// the head ran counts against a node, so every connected node's heartbeat window
+    /// starts again now, and a recovery in progress is extended by the stall.
+    fn on_stalled(&mut self, stalled_ms: u64, now_ms: u64) {
+        let mut refreshed = 0usize;
+        for n in self.nodes.values_mut().filter(|n| n.conn.is_some()) {
+            n.last_seen_ms = n.last_seen_ms.max(now_ms);
+            refreshed += 1;
+        }
+        if let Some(until) = self.recovering_until_ms.as_mut() {
+            *until = until.saturating_add(stalled_ms);
+        }
+        tracing::warn!(
+            stalled_ms,
+            nodes = refreshed,
+            "the head did not run for {stalled_ms} ms (stopped, frozen or starved); \
+             every node gets a fresh heartbeat window"
+        );
+    }
+
     /// Ends recovery when every known node is back or the grace has passed. Tasks no
     /// node reported move to their next attempt, so a late result of the run before the
     /// restart is refused.
@@ -891,6 +916,7 @@ impl Core {
                     }
                 }
             }
+            Event::Stalled { stalled_ms } => self.on_stalled(stalled_ms, now_ms),
             Event::Tick => {
                 self.reschedule = true;
                 let timeout = self.config.heartbeat_timeout_ms;
@@ -3629,6 +3655,44 @@ mod tests {
         let c = counts(&mut h, low);
         assert_eq!((c.pending, c.running, c.failed), (1, 0, 0));
         assert_eq!(counts(&mut h, high).pending, 1);
+    }
+
+    /// The node's state as `ListNodes` shows it.
+    fn node_state(h: &mut Harness) -> NodeState {
+        match h.client(ClientRequest::ListNodes) {
+            ClientResponse::Nodes(nodes) => nodes[0].state,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_stalled_head_gives_nodes_a_fresh_heartbeat_window() {
+        let mut h = Harness::new();
+        let timeout = h.core.config.heartbeat_timeout_ms;
+        let session = session_with_a_task(&mut h, 0, 1);
+        launched_and_ready(&mut h);
+        h.commands();
+        assert_eq!(counts(&mut h, session).running, 1);
+        // The head did not run for longer than the heartbeat timeout; the node's last
+        // heartbeat is that old when it wakes, but the silence was the head's.
+        h.now += timeout + 5_000;
+        h.core.handle(
+            Event::Stalled {
+                stalled_ms: timeout + 5_000,
+            },
+            h.now,
+        );
+        h.core.handle(Event::Tick, h.now);
+        h.step();
+        assert_eq!(node_state(&mut h), NodeState::Ready);
+        assert_eq!(counts(&mut h, session).running, 1, "no task went back");
+        // Silence while the head runs still counts: a node that stays silent for a whole
+        // heartbeat timeout after the stall is lost, and its task goes to a second attempt.
+        h.now += timeout + 1;
+        h.core.handle(Event::Tick, h.now);
+        h.step();
+        assert_ne!(node_state(&mut h), NodeState::Ready);
+        assert_eq!(counts(&mut h, session).running, 0);
     }
 
     #[test]

@@ -18,8 +18,9 @@
 //! Faults, while the chaos phase runs: commit failures; executors that fail to start or
 //! crash with tasks unanswered; node connections dropped (the server's `NodeDisconnected`
 //! may arrive after the node is back); node agents killed with all their executors;
-//! partitions longer or shorter than the heartbeat timeout; the head's clock jumping past
-//! the timeout; clients losing their submit replies and sending the batch again; nodes
+//! partitions longer or shorter than the heartbeat timeout; the head pausing past the
+//! timeout (its clock jumps, and the server's `Event::Stalled` reaches the core first, as
+//! `server::StallMeter` sends it); clients losing their submit replies and sending the batch again; nodes
 //! sending stale results (duplicates, earlier attempts, another executor's or another
 //! node's task, with corrupted bytes); and head restarts, which drop the core and the
 //! uncommitted writes and rebuild the core from `Store::load` as `flame-head`'s `main` does.
@@ -90,6 +91,9 @@ const TICK_MS: u64 = 200;
 const HEARTBEAT_MS: u64 = 1_000;
 /// `limits::HEARTBEAT_TIMEOUT` in milliseconds.
 const HEARTBEAT_TIMEOUT_MS: u64 = limits::HEARTBEAT_TIMEOUT.as_millis() as u64;
+/// `limits::HEAD_SILENCE_MAX` in milliseconds: a node that hears nothing from the head
+/// this long drops its connection.
+const HEAD_SILENCE_MAX_MS: u64 = limits::HEAD_SILENCE_MAX.as_millis() as u64;
 /// How long a node keeps its executors while the head is away (flame-node's default is
 /// 60 s; shorter here so that the simulation reaches it after long partitions).
 const HEAD_LOSS_GRACE_MS: u64 = 20_000;
@@ -342,6 +346,7 @@ fn describe(event: &Event) -> String {
         Event::ListTasks { session, .. } => format!("list tasks s{}", session.0),
         Event::LogTargets { session, .. } => format!("log targets s{}", session.0),
         Event::Tick => "tick".into(),
+        Event::Stalled { stalled_ms } => format!("head stalled {stalled_ms} ms"),
     }
 }
 
@@ -917,6 +922,9 @@ struct World {
     /// Head lives: bumped by each restart.
     epoch: u64,
     next_tick_ms: u64,
+    /// The head did not run for this long before this step: the server's loop tells the
+    /// core (`Event::Stalled`) before anything else it handles.
+    stalled_ms: Option<u64>,
     next_conn: ConnId,
     next_batch: u64,
     next_input: u64,
@@ -997,6 +1005,7 @@ impl World {
             writer_done: VecDeque::new(),
             epoch: 1,
             next_tick_ms: now,
+            stalled_ms: None,
             next_conn: 1,
             next_batch: 1,
             next_input: 1,
@@ -1112,6 +1121,11 @@ impl World {
             sources.push(VecDeque::from([Event::Tick]));
         }
         self.check_violations();
+        if let Some(stalled_ms) = self.stalled_ms.take() {
+            let event = Event::Stalled { stalled_ms };
+            self.trace(describe(&event));
+            self.core.handle(event, self.now);
+        }
         loop {
             let open: Vec<usize> = (0..sources.len())
                 .filter(|&i| !sources[i].is_empty())
@@ -1189,6 +1203,7 @@ impl World {
             self.trace(format!("FAULT the head pauses for {pause} ms"));
             self.now += pause;
             self.next_tick_ms = self.now;
+            self.stalled_ms = Some(pause);
         }
         if self.rng.chance(rate::STALE_RESULT) {
             let i = self.rng.index(self.nodes.len());
@@ -1443,7 +1458,7 @@ impl World {
         }
         node.run_executors(&mut ctx);
         let deaf = node.link.as_ref().is_some_and(|l| {
-            l.registered && now.saturating_sub(l.last_heard_ms) > HEARTBEAT_TIMEOUT_MS
+            l.registered && now.saturating_sub(l.last_heard_ms) > HEAD_SILENCE_MAX_MS
         });
         if deaf {
             // The head has been silent too long (a partition, most likely): the node drops

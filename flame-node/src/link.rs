@@ -255,8 +255,9 @@ impl Agent {
         let (out_tx, out_rx) = mpsc::unbounded_channel::<Report>();
         let writer = tokio::spawn(write_reports(send, out_rx, heartbeat));
         // The head answers every heartbeat; silence this long means a dead head or a cut
-        // link, however long QUIC would go on retransmitting.
-        let silence_max = limits::HEARTBEAT_TIMEOUT;
+        // link, however long QUIC would go on retransmitting. It is longer than the head's
+        // heartbeat timeout, so a head that was only paused finds the node still here.
+        let silence_max = limits::HEAD_SILENCE_MAX;
         let mut heard = tokio::time::Instant::now();
         let result = loop {
             tokio::select! {
