@@ -187,9 +187,8 @@ pub struct HeadConfig {
 /// A duration of the configuration file, named by its key in errors.
 fn file_duration(key: &str, text: Option<&String>) -> anyhow::Result<Option<std::time::Duration>> {
     text.map(|text| {
-        humantime::parse_duration(text).map_err(|e| {
-            anyhow::anyhow!("{key}: `{text}` is not a duration such as \"30s\": {e}")
-        })
+        humantime::parse_duration(text)
+            .map_err(|e| anyhow::anyhow!("{key}: `{text}` is not a duration such as \"30s\": {e}"))
     })
     .transpose()
 }
@@ -295,8 +294,11 @@ mod tests {
         );
         let config = resolve_with("heartbeat_timeout = \"30s\"\n", &[]).unwrap();
         assert_eq!(config.heartbeat_timeout, std::time::Duration::from_secs(30));
-        let config =
-            resolve_with("heartbeat_timeout = \"30s\"\n", &["--heartbeat-timeout", "5s"]).unwrap();
+        let config = resolve_with(
+            "heartbeat_timeout = \"30s\"\n",
+            &["--heartbeat-timeout", "5s"],
+        )
+        .unwrap();
         assert_eq!(config.heartbeat_timeout, std::time::Duration::from_secs(5));
         for bad in ["1s", "11m", "often"] {
             let err = resolve_with(&format!("heartbeat_timeout = \"{bad}\"\n"), &[]).unwrap_err();

@@ -148,7 +148,9 @@ pub enum Event {
     /// starved host, or a wall clock stepped forward): the event loop measured that gap
     /// against its own cadence. Silence during it is the head's, not the nodes', so every
     /// connected node gets a fresh heartbeat window and recovery its lost time back.
-    Stalled { stalled_ms: u64 },
+    Stalled {
+        stalled_ms: u64,
+    },
 }
 
 /// An owner as stored, with the default for none.
