@@ -7,7 +7,8 @@
 //! * [`netns`] makes the namespaces and links, and the firewall drops of a partition.
 //! * [`client_thread`] runs client code on a thread that can reach a head in a namespace.
 //! * [`command`] runs a binary of the workspace with a bound and captures its output.
-//! * [`results`] drains a session's results and checks them.
+//! * [`results`] drains a session's results and checks them; [`recorder`] records every
+//!   result frame the head sends, across reconnections, to find any sent twice.
 //! * [`cgroup`] finds a node's executor cgroups on disk; [`procfs`] looks at processes.
 //! * [`test_service`] runs `flame-test-service` (`src/bin`), the application the executor
 //!   tests drive with text commands.
@@ -32,6 +33,7 @@ pub mod command;
 pub mod netns;
 pub mod prerequisites;
 pub mod procfs;
+pub mod recorder;
 pub mod results;
 pub mod sshd;
 pub mod test_service;
