@@ -43,6 +43,10 @@ pub struct Args {
     /// head itself was stopped or frozen does not count.
     #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
     pub heartbeat_timeout: Option<std::time::Duration>,
+    /// Free space of the data directory, in bytes, below which the head warns in its log
+    /// (checked every 5 s) [default: 1 GiB].
+    #[arg(long, value_name = "BYTES")]
+    pub low_space_bytes: Option<u64>,
 }
 
 /// `flame-head` commands other than serving.
@@ -168,6 +172,8 @@ struct FileConfig {
     preemption_grace: Option<String>,
     /// A duration such as "10s" (see `--heartbeat-timeout`).
     heartbeat_timeout: Option<String>,
+    /// See `--low-space-bytes`.
+    low_space_bytes: Option<u64>,
 }
 
 /// Resolved settings.
@@ -182,6 +188,8 @@ pub struct HeadConfig {
     pub preemption_grace: Option<std::time::Duration>,
     /// A node silent this long is lost.
     pub heartbeat_timeout: std::time::Duration,
+    /// Free space of the data directory below which the head warns.
+    pub low_space_bytes: u64,
 }
 
 /// A duration of the configuration file, named by its key in errors.
@@ -260,6 +268,10 @@ impl HeadConfig {
             owner_weights,
             preemption_grace,
             heartbeat_timeout,
+            low_space_bytes: args
+                .low_space_bytes
+                .or(file.low_space_bytes)
+                .unwrap_or(crate::storage_fault::LOW_SPACE_BYTES_DEFAULT),
         })
     }
 }

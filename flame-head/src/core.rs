@@ -33,6 +33,9 @@ use flame_protocol::{ExecutorId, SessionId, TaskId};
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use tokio::sync::{mpsc, oneshot};
 
+#[path = "core_storage.rs"]
+mod storage;
+
 /// Identifies one node connection, so messages from a replaced connection are ignored.
 pub type ConnId = u64;
 
@@ -151,6 +154,15 @@ pub enum Event {
     Stalled {
         stalled_ms: u64,
     },
+    /// The store writer's commit or probe failed: the head takes no writes until
+    /// `StorageRecovered` (see `storage_fault`).
+    StorageFaulted {
+        fault: crate::storage_fault::StorageFault,
+    },
+    /// A probe write succeeded after a fault.
+    StorageRecovered,
+    /// The data directory's free space, measured periodically.
+    DiskSpace(crate::storage_fault::DiskSpace),
 }
 
 /// An owner as stored, with the default for none.
@@ -278,6 +290,8 @@ struct SessionEntry {
     counts: TaskCounts,
     /// Batches assigned ids but not yet durable; the session cannot finish meanwhile.
     unacked_batches: u32,
+    /// Closes written but not yet durable; the session cannot finish meanwhile.
+    unacked_closes: u32,
     watchers: Vec<mpsc::UnboundedSender<WatchMsg>>,
     finished: bool,
     /// Cancelled: batches acked from now on end as Cancelled at once.
@@ -459,6 +473,13 @@ enum AfterCommit {
     ReserveExecutorIds {
         upto: u64,
     },
+    /// A durable session's close: it takes effect (the session may finish) once durable.
+    CloseSession {
+        session: SessionId,
+        /// It was open before: a close that fails leaves it open.
+        was_open: bool,
+        reply: oneshot::Sender<ClientResponse>,
+    },
     /// A resent batch whose first copy was committing: acked once that commit is known.
     AckDuplicate {
         session: SessionId,
@@ -512,8 +533,11 @@ pub struct Core {
     dirty_sessions: std::collections::BTreeSet<SessionId>,
     /// An executor of a queued job was bound in this batch: `start_jobs` looks.
     jobs_may_start: bool,
-    /// Outcomes of job ranks whose commit failed, written again at the next tick.
+    /// Outcomes whose commit failed, held (never shown, never run again) and written
+    /// again at the next tick, or once a storage fault has cleared.
     finish_retry: BTreeMap<SessionId, Vec<(TaskId, u32, TaskOutcome)>>,
+    /// Whether the store takes writes, and the data directory's free space.
+    storage: crate::storage_fault::StorageHealth,
 }
 
 /// Executor ids reserved per store write.
@@ -586,6 +610,7 @@ impl Core {
             dirty_sessions: Default::default(),
             jobs_may_start: true,
             finish_retry: BTreeMap::new(),
+            storage: Default::default(),
         };
         for spec in loaded.applications {
             core.apps.insert(spec.name.clone(), spec);
@@ -601,6 +626,7 @@ impl Core {
                     pending: VecDeque::new(),
                     counts: TaskCounts::default(),
                     unacked_batches: 0,
+                    unacked_closes: 0,
                     watchers: Vec::new(),
                     finished: false,
                     cancelled: false,
@@ -844,7 +870,13 @@ impl Core {
     pub fn handle(&mut self, event: Event, now_ms: u64) {
         self.now_ms = now_ms;
         match event {
-            Event::Client { request, reply } => self.on_client(request, reply, now_ms),
+            Event::Client { request, reply } => {
+                if let Some(error) = self.storage_refusal(&request) {
+                    let _ = reply.send(ClientResponse::Error(error));
+                    return;
+                }
+                self.on_client(request, reply, now_ms)
+            }
             Event::Submit {
                 session,
                 batch_id,
@@ -937,13 +969,15 @@ impl Core {
                     self.preempt_overdue(now_ms, grace);
                 }
                 self.enforce_job_deadlines(now_ms);
-                for (session, results) in std::mem::take(&mut self.finish_retry) {
-                    self.batch_finish
-                        .entry(session)
-                        .or_default()
-                        .extend(results);
+                let held = self.finish_retry.values().map(Vec::len).sum();
+                self.storage.tick(held, now_ms);
+                if !self.storage.is_faulted() {
+                    self.write_held_results();
                 }
             }
+            Event::StorageFaulted { fault } => self.storage.enter(fault, now_ms),
+            Event::StorageRecovered => self.on_storage_recovered(now_ms),
+            Event::DiskSpace(space) => self.storage.measured(space),
         }
     }
 
@@ -951,7 +985,17 @@ impl Core {
     pub fn end_batch(&mut self, now_ms: u64) {
         self.now_ms = now_ms;
         self.check_recovered(now_ms);
-        if self.recovering_until_ms.is_none() {
+        // A faulted store: nothing new starts (its results could not be kept), and results
+        // that came in are held until the store takes writes again.
+        if self.storage.is_faulted() {
+            for (session, results) in std::mem::take(&mut self.batch_finish) {
+                self.finish_retry
+                    .entry(session)
+                    .or_default()
+                    .extend(results);
+            }
+        }
+        if self.recovering_until_ms.is_none() && !self.storage.is_faulted() {
             if self.reschedule {
                 self.reschedule = false;
                 self.schedule(now_ms);
@@ -1084,6 +1128,7 @@ impl Core {
                 gpus: u32::try_from(totals.gpus).unwrap_or(u32::MAX),
             },
             owners: owners.into_values().collect(),
+            head: self.storage.report(),
         }
     }
 
@@ -1218,13 +1263,20 @@ impl Core {
                 }
                 // A durable session's close is written (again) even when it looks closed:
                 // a close whose commit failed must not be answered Ok by the next try.
+                let was_open = s.stored.state == SessionState::Open;
                 s.stored.state = SessionState::Closed;
                 s.stored.closed_ms.get_or_insert(now_ms);
                 if s.ephemeral {
                     respond(reply, ClientResponse::Ok);
                 } else {
+                    // Finished only once the close is durable: see `after_close`.
+                    s.unacked_closes += 1;
                     self.batch_ops.push(StoreOp::PutSession(s.stored.clone()));
-                    self.batch_after.push(AfterCommit::Respond { reply });
+                    self.batch_after.push(AfterCommit::CloseSession {
+                        session: id,
+                        was_open,
+                        reply,
+                    });
                 }
                 self.reschedule = true;
                 self.check_finished(id);
@@ -1477,6 +1529,7 @@ impl Core {
             pending: VecDeque::new(),
             counts: TaskCounts::default(),
             unacked_batches: 0,
+            unacked_closes: 0,
             watchers: Vec::new(),
             finished: false,
             cancelled: false,
@@ -1561,6 +1614,10 @@ impl Core {
                     count,
                 });
             }
+            return;
+        }
+        if let Some(error) = self.storage.refusal() {
+            let _ = reply.send(SubmitReply::Rejected { batch_id, error });
             return;
         }
         if s.stored.state != SessionState::Open {
@@ -2226,28 +2283,17 @@ impl Core {
                         }
                         self.check_finished(session);
                     }
-                    Err(e) if s.stored.job.is_some() => {
-                        // A rank never runs again: its outcome is written again at the next
-                        // tick, until the store takes it.
-                        tracing::error!(%session, error = %e, "a job's results could not be persisted; retrying");
+                    Err(e) => {
+                        // Computed, accepted, not durable: never shown and never run again.
+                        // Held and written again at the next tick, or once a storage fault
+                        // has cleared (the fault itself is logged, once).
+                        if !self.storage.is_faulted() {
+                            tracing::error!(%session, error = %e, "results could not be persisted; holding them to write again");
+                        }
                         self.finish_retry
                             .entry(session)
                             .or_default()
                             .extend(results);
-                    }
-                    Err(e) => {
-                        // Not durable, so not final: run them again.
-                        tracing::error!(%session, error = %e, "results could not be persisted; re-queuing");
-                        for (task, _, _) in results {
-                            if let Some(slot) = slot_of(&mut s.tasks, task) {
-                                slot.slot = Slot::Pending;
-                                slot.attempt += 1;
-                                s.counts.running = s.counts.running.saturating_sub(1);
-                                s.counts.pending += 1;
-                                s.pending.push_front(task);
-                            }
-                        }
-                        self.reschedule = true;
                     }
                 }
             }
@@ -2322,6 +2368,13 @@ impl Core {
                     self.reschedule = true;
                 }
             }
+            AfterCommit::CloseSession {
+                session,
+                was_open,
+                reply,
+            } => {
+                self.after_close(session, was_open, reply, result.as_ref().err());
+            }
             AfterCommit::Respond { reply } => {
                 let _ = reply.send(match result {
                     Ok(()) => ClientResponse::Ok,
@@ -2342,6 +2395,7 @@ impl Core {
             || s.stored.state != SessionState::Closed
             || s.counts.unfinished() > 0
             || s.unacked_batches > 0
+            || s.unacked_closes > 0
         {
             return;
         }

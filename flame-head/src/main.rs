@@ -14,6 +14,7 @@ mod scheduler_sim;
 mod server;
 #[cfg(test)]
 mod simulation;
+mod storage_fault;
 mod store;
 mod tls;
 
@@ -164,8 +165,9 @@ async fn run(mut args: config::Args) -> anyhow::Result<()> {
     // Nodes that knew the previous head get a heartbeat timeout to come back and report
     // the tasks they still run before anything is dispatched again.
     core.start_recovery(server::now_ms(), heartbeat_timeout_ms);
-    let (events, core_task) = server::start_core(core, store.clone(), store_rx)
-        .context("cannot start the store writer")?;
+    let (events, core_task) =
+        server::start_core(core, store.clone(), store_rx, config.low_space_bytes)
+            .context("cannot start the store writer")?;
 
     let endpoint = flame_protocol::endpoint::server(
         config.listen,

@@ -3,7 +3,7 @@
 
 use crate::auth::{Authenticated, TokenBook};
 use crate::core::{Backfill, ConnId, Core, Event, LogTargets, WatchMsg};
-use crate::store::{Store, StoreRequest};
+use crate::store::{Store, StoreRequest, WriterEvent};
 use crate::tls::HeadIdentity;
 use flame_protocol::auth::{JoinReply, JoinRequest, Principal, Secret, CSR_PEM_BYTES_MAX};
 use flame_protocol::endpoint::{check_hello, check_version};
@@ -134,13 +134,24 @@ pub fn start_core(
     mut core: Core,
     store: Store,
     store_rx: mpsc::UnboundedReceiver<StoreRequest>,
+    low_space_bytes: u64,
 ) -> std::io::Result<(mpsc::Sender<Event>, tokio::task::JoinHandle<()>)> {
     let (tx, mut rx) = mpsc::channel::<Event>(CORE_EVENTS_QUEUE_MAX);
+    tokio::spawn(measure_free_space(
+        store.dir().to_path_buf(),
+        low_space_bytes,
+        tx.clone(),
+    ));
     let commit_tx = tx.clone();
-    crate::store::spawn_writer(store, store_rx, move |tokens, result| {
+    crate::store::spawn_writer(store, store_rx, move |report| {
+        let event = match report {
+            WriterEvent::Committed { tokens, result } => Event::Committed { tokens, result },
+            WriterEvent::Faulted(fault) => Event::StorageFaulted { fault },
+            WriterEvent::Recovered => Event::StorageRecovered,
+        };
         // The core drains its queue continuously, so this wait is short; if the core is
         // gone the head is shutting down and there is nobody left to tell.
-        let _ = commit_tx.blocking_send(Event::Committed { tokens, result });
+        let _ = commit_tx.blocking_send(event);
     })?;
     let handle = tokio::spawn(async move {
         let mut tick = tokio::time::interval(TICK);
@@ -203,6 +214,40 @@ impl StallMeter {
         let cadence_ms = TICK.as_millis() as u64;
         let stalled_ms = gap_ms.saturating_sub(cadence_ms);
         (stalled_ms >= HEAD_STALL_MIN.as_millis() as u64).then_some(stalled_ms)
+    }
+}
+
+/// Reads the data directory's free space every
+/// [`crate::storage_fault::FREE_SPACE_CHECK_INTERVAL_MS`] and tells the core, until the
+/// core is gone.
+async fn measure_free_space(dir: std::path::PathBuf, low_bytes: u64, events: mpsc::Sender<Event>) {
+    use crate::storage_fault::{free_space, DiskSpace, FREE_SPACE_CHECK_INTERVAL_MS};
+    let mut every = tokio::time::interval(std::time::Duration::from_millis(
+        FREE_SPACE_CHECK_INTERVAL_MS,
+    ));
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut failed = false;
+    loop {
+        every.tick().await;
+        match free_space(&dir) {
+            Ok((free_bytes, total_bytes)) => {
+                failed = false;
+                let space = DiskSpace {
+                    free_bytes,
+                    total_bytes,
+                    low_bytes,
+                };
+                if events.send(Event::DiskSpace(space)).await.is_err() {
+                    return;
+                }
+            }
+            Err(e) => {
+                if !failed {
+                    tracing::warn!(dir = %dir.display(), error = %e, "cannot read the data directory's free space");
+                }
+                failed = true;
+            }
+        }
     }
 }
 
