@@ -4507,4 +4507,182 @@ mod tests {
             other => panic!("unexpected {other:?}"),
         }
     }
+
+    #[test]
+    fn a_storage_fault_refuses_writes_at_once_and_holds_results_until_it_clears() {
+        let mut h = Harness::new();
+        let sid = session_id(h.client(ClientRequest::CreateSession(SessionSpec::new("ping"))));
+        let (sink, mut watch) = mpsc::unbounded_channel();
+        let (reply, _) = oneshot::channel();
+        h.core.handle(
+            Event::Watch {
+                session: sid,
+                sink,
+                reply,
+            },
+            h.now,
+        );
+        let (reply, mut ack) = oneshot::channel();
+        let inputs = vec![Bytes::from_static(b"x")];
+        h.core.handle(
+            Event::Submit {
+                session: sid,
+                batch_id: 1,
+                inputs,
+                reply,
+            },
+            h.now,
+        );
+        h.step();
+        assert!(matches!(ack.try_recv(), Ok(SubmitReply::Accepted { .. })));
+        let executor = match &h.commands()[..] {
+            [NodeCommand::Launch { executor, .. }] => *executor,
+            other => panic!("expected one launch, got {other:?}"),
+        };
+        h.node(NodeToHead::ExecutorEvents(vec![ExecutorEvent::Ready {
+            executor,
+            credit: 2,
+        }]));
+        let cmds = h.commands();
+        let Some(NodeCommand::Run(run)) = cmds.get(1).cloned() else {
+            panic!("expected a run, got {cmds:?}")
+        };
+
+        let fault = crate::storage_fault::StorageFault {
+            kind: crate::storage_fault::FaultKind::DiskFull,
+            detail: "No space left on device (os error 28)".into(),
+            data_dir: "/var/lib/flame".into(),
+        };
+        h.core.handle(Event::StorageFaulted { fault }, h.now);
+        // Writes are answered at once, with the cause and what to do.
+        for request in [
+            ClientRequest::CreateSession(SessionSpec::new("ping")),
+            ClientRequest::CloseSession { id: sid },
+            ClientRequest::DrainNode { name: "n1".into() },
+        ] {
+            match h.client(request) {
+                ClientResponse::Error(e) => {
+                    assert_eq!(e.kind, ErrorKind::Unavailable);
+                    assert!(e.message.contains("disk is full"), "{}", e.message);
+                    assert!(e.message.contains("/var/lib/flame"), "{}", e.message);
+                }
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        let (reply, mut refused) = oneshot::channel();
+        let inputs = vec![Bytes::from_static(b"y")];
+        h.core.handle(
+            Event::Submit {
+                session: sid,
+                batch_id: 2,
+                inputs,
+                reply,
+            },
+            h.now,
+        );
+        assert!(
+            matches!(refused.try_recv(), Ok(SubmitReply::Rejected { error, .. }) if error.message.contains("disk is full"))
+        );
+        // Reads still work, and the refused close left the session open.
+        match h.client(ClientRequest::GetSession { id: sid }) {
+            ClientResponse::Session(info) => assert_eq!(info.state, SessionState::Open),
+            other => panic!("unexpected {other:?}"),
+        }
+        // The running task's result is held: not shown, not written, not run again.
+        h.node(NodeToHead::Results(vec![NodeTaskResult {
+            exit_code: Some(0),
+            executor,
+            session: sid,
+            task: run.task,
+            attempt: run.attempt,
+            outcome: TaskOutcome::Succeeded(Bytes::from_static(b"X")),
+        }]));
+        for _ in 0..5 {
+            h.now += 200;
+            tick(&mut h);
+        }
+        assert!(
+            watch.try_recv().is_err(),
+            "a result was shown before it was durable"
+        );
+        assert!(
+            !h.commands()
+                .iter()
+                .any(|c| matches!(c, NodeCommand::Run(_))),
+            "a task was run again"
+        );
+        assert_eq!(counts(&mut h, sid).running, 1);
+
+        // The probe succeeded: the held result is written, then shown once, attempt 1.
+        h.core.handle(Event::StorageRecovered, h.now);
+        h.step();
+        match watch.try_recv() {
+            Ok(WatchMsg::Results(r)) => {
+                assert_eq!(r.len(), 1);
+                assert_eq!(r[0].attempt, run.attempt);
+                assert_eq!(
+                    r[0].outcome,
+                    TaskOutcome::Succeeded(Bytes::from_static(b"X"))
+                );
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+        assert!(matches!(
+            h.client(ClientRequest::CloseSession { id: sid }),
+            ClientResponse::Ok
+        ));
+        assert!(matches!(watch.try_recv(), Ok(WatchMsg::Finished)));
+    }
+
+    #[test]
+    fn a_close_that_fails_to_persist_leaves_the_session_open_never_finished() {
+        let mut h = Harness::new();
+        let sid = session_id(h.client(ClientRequest::CreateSession(SessionSpec::new("ping"))));
+        let (sink, mut watch) = mpsc::unbounded_channel();
+        let (reply, _) = oneshot::channel();
+        h.core.handle(
+            Event::Watch {
+                session: sid,
+                sink,
+                reply,
+            },
+            h.now,
+        );
+        let (reply, mut closed) = oneshot::channel();
+        h.core.handle(
+            Event::Client {
+                request: ClientRequest::CloseSession { id: sid },
+                reply,
+            },
+            h.now,
+        );
+        h.core.end_batch(h.now);
+        // Not finished before the close is durable, and not after it failed.
+        assert!(watch.try_recv().is_err());
+        while let Ok(req) = h.store_rx.try_recv() {
+            h.core.handle(
+                Event::Committed {
+                    tokens: vec![req.token],
+                    result: Err("injected".into()),
+                },
+                h.now,
+            );
+            h.core.end_batch(h.now);
+        }
+        assert!(matches!(closed.try_recv(), Ok(ClientResponse::Error(_))));
+        assert!(
+            watch.try_recv().is_err(),
+            "Finished shown for a close that failed"
+        );
+        match h.client(ClientRequest::GetSession { id: sid }) {
+            ClientResponse::Session(info) => assert_eq!(info.state, SessionState::Open),
+            other => panic!("unexpected {other:?}"),
+        }
+        // Sent again, it holds.
+        assert!(matches!(
+            h.client(ClientRequest::CloseSession { id: sid }),
+            ClientResponse::Ok
+        ));
+        assert!(matches!(watch.try_recv(), Ok(WatchMsg::Finished)));
+    }
 }
