@@ -15,6 +15,9 @@ use std::path::{Path, PathBuf};
 pub const PROBE_BACKOFF_MIN_MS: u64 = 200;
 /// Longest pause between two probes of a faulted store.
 pub const PROBE_BACKOFF_MAX_MS: u64 = 5_000;
+/// Free space the data directory needs before the store writer probes it: on a disk with
+/// less, a write into the state file's free pages may succeed and the next fail again.
+pub const PROBE_FREE_BYTES_MIN: u64 = 1 << 20;
 /// While a fault lasts, the core says it still does at most this often.
 pub const FAULT_LOG_INTERVAL_MS: u64 = 30_000;
 /// How often the head reads its data directory's free space.

@@ -9,7 +9,8 @@
 //! that arrived meanwhile. The group size is set by arrival, not by a timer.
 
 use crate::storage_fault::{
-    classify, free_space, next_backoff_ms, StorageFault, PROBE_BACKOFF_MIN_MS,
+    classify, free_space, next_backoff_ms, FaultKind, StorageFault, PROBE_BACKOFF_MIN_MS,
+    PROBE_FREE_BYTES_MIN,
 };
 use bytes::Bytes;
 use flame_protocol::model::{
@@ -599,7 +600,9 @@ fn writer_loop(
     loop {
         let first = if fault.is_some() {
             let wait = next_probe.saturating_duration_since(std::time::Instant::now());
-            match timer.block_on(tokio::time::timeout(wait, requests.recv())) {
+            // The timer is made inside the runtime: it needs the runtime's clock.
+            let next = timer.block_on(async { tokio::time::timeout(wait, requests.recv()).await });
+            match next {
                 Ok(Some(first)) => Some(first),
                 Ok(None) => return,
                 Err(_) => None,
@@ -611,16 +614,24 @@ fn writer_loop(
             }
         };
         let Some(first) = first else {
-            // Time to probe.
-            match store.probe() {
+            // Time to probe; not while the disk has no room to speak of, where a write
+            // inside the file's free pages could succeed and the next fail again.
+            let probed = match free_space(store.dir()) {
+                Ok((free, _)) if free < PROBE_FREE_BYTES_MIN => Err(StorageFault {
+                    kind: FaultKind::DiskFull,
+                    detail: format!("{free} bytes free, a probe needs {PROBE_FREE_BYTES_MIN}"),
+                    data_dir: store.dir().to_path_buf(),
+                }),
+                _ => store.probe().map_err(|e| classify_now(store, &e)),
+            };
+            match probed {
                 Ok(()) => {
                     fault = None;
                     backoff_ms = PROBE_BACKOFF_MIN_MS;
                     report(WriterEvent::Recovered);
                 }
-                Err(e) => {
-                    let now = classify_now(store, &e);
-                    tracing::debug!(error = %e, backoff_ms, "storage probe failed");
+                Err(now) => {
+                    tracing::debug!(error = %now.detail, backoff_ms, "storage probe failed");
                     if fault.as_ref().is_none_or(|f| f.kind != now.kind) {
                         report(WriterEvent::Faulted(now.clone()));
                         fault = Some(now);
