@@ -2569,6 +2569,13 @@ fn simulation_keeps_every_acked_task_exactly_once() {
         started.elapsed()
     );
     assert!(total.acked > 0, "the simulation acked no task at all");
+    if seeds.len() > 1 {
+        assert!(
+            total.storage_faults > 0,
+            "no storage-fault period in {} seeds: the rate is too low to test anything",
+            seeds.len()
+        );
+    }
 }
 
 #[test]

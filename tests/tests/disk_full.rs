@@ -219,7 +219,8 @@ async fn a_full_disk_refuses_writes_at_once_then_recovers_without_a_restart() {
         message.contains("disk is full") && message.contains(&data.display().to_string()),
         "the refusal does not name the disk and its directory: {message}"
     );
-    assert!(filled_at.elapsed() < DISK_NAMED_WITHIN);
+    let named_after = filled_at.elapsed();
+    assert!(named_after < DISK_NAMED_WITHIN);
 
     // The fault lasts: measure the log, and see that nothing new is shown.
     let lines_before = log_lines(&head_log);
@@ -281,6 +282,7 @@ async fn a_full_disk_refuses_writes_at_once_then_recovers_without_a_restart() {
         }
         tokio::time::sleep(RETRY_PAUSE).await;
     };
+    let recovered_after = freed_at.elapsed();
     inputs.extend(ids.into_iter().zip(big.iter().cloned()));
     session.close().await.unwrap();
     loop {
@@ -322,6 +324,13 @@ async fn a_full_disk_refuses_writes_at_once_then_recovers_without_a_restart() {
     for task in &running_ids {
         assert_eq!(seen[task].attempt, 1, "task {task} was run again");
     }
+    eprintln!(
+        "disk_full: the disk was named {named_after:?} after it filled; the head's log grew \
+         {grown} lines in {:?} of fault; writes were taken again {recovered_after:?} after \
+         space returned; {} tasks, each once",
+        FAULT_HOLD,
+        seen.len()
+    );
     drop(tmpfs);
     drop(cluster);
 }
