@@ -298,6 +298,20 @@ mod tests {
     }
 
     #[test]
+    fn low_space_threshold_from_file_or_flag() {
+        let config = resolve_with("", &[]).unwrap();
+        assert_eq!(
+            config.low_space_bytes,
+            crate::storage_fault::LOW_SPACE_BYTES_DEFAULT
+        );
+        let config = resolve_with("low_space_bytes = 5000\n", &[]).unwrap();
+        assert_eq!(config.low_space_bytes, 5000);
+        let config = resolve_with("low_space_bytes = 5000\n", &["--low-space-bytes", "7"]).unwrap();
+        assert_eq!(config.low_space_bytes, 7);
+        assert!(resolve_with("low_space_bytes = \"lots\"\n", &[]).is_err());
+    }
+
+    #[test]
     fn heartbeat_timeout_from_file_or_flag_within_bounds() {
         let config = resolve_with("", &[]).unwrap();
         assert_eq!(

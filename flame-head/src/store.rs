@@ -726,6 +726,57 @@ mod tests {
     }
 
     #[test]
+    fn a_store_reopens_in_place_while_other_handles_exist_and_probes() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let reader = store.clone();
+        store
+            .commit(&[StoreOp::AddTasks {
+                session: SessionId(1),
+                batch_id: 1,
+                first: TaskId(1),
+                inputs: vec![Bytes::from_static(b"a")],
+            }])
+            .unwrap();
+        store.reopen().unwrap();
+        // The other handle reads the reopened file; writes go on.
+        assert_eq!(reader.load().unwrap().tasks.len(), 1);
+        store.probe().unwrap();
+        store.probe().unwrap();
+        store
+            .commit(&[StoreOp::FinishTasks {
+                session: SessionId(1),
+                results: vec![(TaskId(1), 1, TaskOutcome::Succeeded(Bytes::new()))],
+            }])
+            .unwrap();
+        assert_eq!(reader.final_results(SessionId(1)).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn a_reopen_checks_the_schema_again_and_a_failed_one_closes_the_store() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        // Another schema appears under it (as a restored backup of another version would).
+        {
+            let txn = store.write_txn().unwrap();
+            txn.open_table(META)
+                .unwrap()
+                .insert(META_SCHEMA, 99)
+                .unwrap();
+            txn.commit().unwrap();
+        }
+        assert!(matches!(
+            store.reopen(),
+            Err(StoreError::SchemaMismatch { found: 99, .. })
+        ));
+        assert!(matches!(store.load(), Err(StoreError::Closed { .. })));
+        assert!(matches!(
+            store.probe(),
+            Err(StoreError::SchemaMismatch { .. })
+        ));
+    }
+
+    #[test]
     fn schema_mismatch_is_refused() {
         let dir = tempfile::tempdir().unwrap();
         {
