@@ -15,7 +15,7 @@ use flame_protocol::model::{
     ApplicationSpec, EnvValue, SessionSpec, SessionState, ShimKind, TaskOutcome, TaskResult,
 };
 use flame_protocol::TaskId;
-use flame_tests::{prerequisites, Cluster, ClusterOptions};
+use flame_tests::{prerequisites, procfs, Cluster, ClusterOptions};
 use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -38,6 +38,9 @@ const FAULT_HOLD: Duration = Duration::from_secs(8);
 /// (the fault's first report and the client requests it refused).
 const LOG_LINES_PER_SEC_MAX: u64 = 3;
 const LOG_LINES_SLACK: u64 = 20;
+/// The head's CPU use while the fault lasts, in percent of one core, at most: a head that
+/// re-ran tasks in a loop used about 40 %, an idle one about 1 %.
+const FAULT_CPU_PERCENT_MAX: u64 = 20;
 /// After the filler is deleted, the head takes writes again within this (its probe backs
 /// off to 5 s at most).
 const RECOVERY_WITHIN: Duration = Duration::from_secs(30);
@@ -224,6 +227,8 @@ async fn a_full_disk_refuses_writes_at_once_then_recovers_without_a_restart() {
 
     // The fault lasts: measure the log, and see that nothing new is shown.
     let lines_before = log_lines(&head_log);
+    let head_pid = cluster.head_pid();
+    let cpu_before = procfs::cpu_ticks(head_pid).expect("the head's /proc/PID/stat");
     let fault_start = Instant::now();
     let shown_before = drain_ready(&mut watch, &mut results).await;
     // The CLI says what is wrong and what to do, and fails; the close is not made.
@@ -251,6 +256,16 @@ async fn a_full_disk_refuses_writes_at_once_then_recovers_without_a_restart() {
         info.state,
         SessionState::Open,
         "a close that was refused shows: {info:?}"
+    );
+    let cpu_ticks = procfs::cpu_ticks(head_pid)
+        .expect("the head's /proc/PID/stat")
+        .saturating_sub(cpu_before);
+    let held_ms = fault_start.elapsed().as_millis() as u64;
+    let cpu_percent = cpu_ticks * 1000 / procfs::USER_HZ * 100 / held_ms.max(1);
+    assert!(
+        cpu_percent <= FAULT_CPU_PERCENT_MAX,
+        "the head used {cpu_percent}% of a core while its disk was full (at most {FAULT_CPU_PERCENT_MAX}%)\n{}",
+        cluster.logs()
     );
     let grown = log_lines(&head_log).saturating_sub(lines_before);
     let allowed = LOG_LINES_PER_SEC_MAX * fault_start.elapsed().as_secs() + LOG_LINES_SLACK;
@@ -326,7 +341,7 @@ async fn a_full_disk_refuses_writes_at_once_then_recovers_without_a_restart() {
     }
     eprintln!(
         "disk_full: the disk was named {named_after:?} after it filled; the head's log grew \
-         {grown} lines in {:?} of fault; writes were taken again {recovered_after:?} after \
+         {grown} lines and the head used {cpu_percent}% of a core in {:?} of fault; writes were taken again {recovered_after:?} after \
          space returned; {} tasks, each once",
         FAULT_HOLD,
         seen.len()
