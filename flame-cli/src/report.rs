@@ -7,7 +7,7 @@
 use crate::local::LocalError;
 use crate::{ClientError, ConfigError};
 use flame_protocol::endpoint::EndpointError;
-use flame_protocol::model::ErrorKind;
+use flame_protocol::model::{ErrorKind, STORAGE_FAULT_MARK};
 use std::fmt;
 
 /// An error with advice for the user. Displays as the wrapped error, so the message is
@@ -139,6 +139,11 @@ fn client_hint(e: &ClientError) -> Option<String> {
             Some("the head and this client may be different versions; compare `flame --version` with the head's".to_string())
         }
         _ => match e.kind() {
+            Some(ErrorKind::Unavailable) if e.to_string().contains(STORAGE_FAULT_MARK) => Some(
+                "nothing was changed; the head's operator must fix its storage as the message \
+                 says, then send the same request again (the head resumes by itself)"
+                    .to_string(),
+            ),
             Some(ErrorKind::Unavailable) => Some("try again in a moment".to_string()),
             Some(ErrorKind::PermissionDenied) => Some(
                 "ask an admin, or use a token of the session's owner; `flame whoami` shows who you are"

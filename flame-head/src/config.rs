@@ -37,6 +37,16 @@ pub struct Args {
     /// executor always finishes its task.
     #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
     pub preemption_grace: Option<std::time::Duration>,
+    /// How long a connected node may stay silent (nodes send a heartbeat every second)
+    /// before it is declared lost and its tasks go to their next attempt; also how long a
+    /// restarted head waits for known nodes to come back [default: 10s]. Silence while the
+    /// head itself was stopped or frozen does not count.
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+    pub heartbeat_timeout: Option<std::time::Duration>,
+    /// Free space of the data directory, in bytes, below which the head warns in its log
+    /// (checked every 5 s) [default: 1 GiB].
+    #[arg(long, value_name = "BYTES")]
+    pub low_space_bytes: Option<u64>,
 }
 
 /// `flame-head` commands other than serving.
@@ -157,6 +167,12 @@ pub const NODE_TOKEN_TTL_DEFAULT: std::time::Duration = std::time::Duration::fro
 /// The longest preemption grace period accepted.
 pub const PREEMPTION_GRACE_MAX: std::time::Duration = std::time::Duration::from_secs(7 * 24 * 3600);
 
+/// The shortest heartbeat timeout accepted: three heartbeat intervals, so one late or
+/// lost heartbeat never loses a node.
+pub const HEARTBEAT_TIMEOUT_MIN: std::time::Duration = std::time::Duration::from_secs(3);
+/// The longest heartbeat timeout accepted.
+pub const HEARTBEAT_TIMEOUT_MAX: std::time::Duration = std::time::Duration::from_secs(600);
+
 /// Largest owner weight accepted.
 pub const OWNER_WEIGHT_MAX: u32 = 1_000_000;
 
@@ -199,6 +215,10 @@ struct FileConfig {
     owners: BTreeMap<String, u32>,
     /// A duration such as "30s" (see `--preemption-grace`).
     preemption_grace: Option<String>,
+    /// A duration such as "10s" (see `--heartbeat-timeout`).
+    heartbeat_timeout: Option<String>,
+    /// See `--low-space-bytes`.
+    low_space_bytes: Option<u64>,
 }
 
 /// Resolved settings.
@@ -211,6 +231,19 @@ pub struct HeadConfig {
     /// Fair-share weights; owners not listed weigh 1.
     pub owner_weights: BTreeMap<String, u32>,
     pub preemption_grace: Option<std::time::Duration>,
+    /// A node silent this long is lost.
+    pub heartbeat_timeout: std::time::Duration,
+    /// Free space of the data directory below which the head warns.
+    pub low_space_bytes: u64,
+}
+
+/// A duration of the configuration file, named by its key in errors.
+fn file_duration(key: &str, text: Option<&String>) -> anyhow::Result<Option<std::time::Duration>> {
+    text.map(|text| {
+        humantime::parse_duration(text)
+            .map_err(|e| anyhow::anyhow!("{key}: `{text}` is not a duration such as \"30s\": {e}"))
+    })
+    .transpose()
 }
 
 impl HeadConfig {
@@ -241,12 +274,7 @@ impl HeadConfig {
             owner_weights.insert(name, weight);
         }
         owner_weights.extend(args.owner_weights);
-        let from_file = match &file.preemption_grace {
-            Some(text) => Some(humantime::parse_duration(text).map_err(|e| {
-                anyhow::anyhow!("preemption_grace: `{text}` is not a duration such as \"30s\": {e}")
-            })?),
-            None => None,
-        };
+        let from_file = file_duration("preemption_grace", file.preemption_grace.as_ref())?;
         let preemption_grace = args.preemption_grace.or(from_file);
         if let Some(grace) = preemption_grace {
             if grace.is_zero() || grace > PREEMPTION_GRACE_MAX {
@@ -256,6 +284,19 @@ impl HeadConfig {
                     humantime::format_duration(grace)
                 );
             }
+        }
+        let from_file = file_duration("heartbeat_timeout", file.heartbeat_timeout.as_ref())?;
+        let heartbeat_timeout = args
+            .heartbeat_timeout
+            .or(from_file)
+            .unwrap_or(flame_protocol::limits::HEARTBEAT_TIMEOUT);
+        if !(HEARTBEAT_TIMEOUT_MIN..=HEARTBEAT_TIMEOUT_MAX).contains(&heartbeat_timeout) {
+            anyhow::bail!(
+                "heartbeat_timeout must be between {} and {}, not {}",
+                humantime::format_duration(HEARTBEAT_TIMEOUT_MIN),
+                humantime::format_duration(HEARTBEAT_TIMEOUT_MAX),
+                humantime::format_duration(heartbeat_timeout)
+            );
         }
         let mut tls_san = file.tls_san;
         tls_san.extend(args.tls_san);
@@ -271,6 +312,11 @@ impl HeadConfig {
             task_input_bytes_max,
             owner_weights,
             preemption_grace,
+            heartbeat_timeout,
+            low_space_bytes: args
+                .low_space_bytes
+                .or(file.low_space_bytes)
+                .unwrap_or(crate::storage_fault::LOW_SPACE_BYTES_DEFAULT),
         })
     }
 }
@@ -294,6 +340,41 @@ mod tests {
     fn the_packaged_head_file_parses() {
         let config = resolve_with(include_str!("../../packaging/head.toml"), &[]).unwrap();
         assert_eq!(config.preemption_grace, None);
+    }
+
+    #[test]
+    fn low_space_threshold_from_file_or_flag() {
+        let config = resolve_with("", &[]).unwrap();
+        assert_eq!(
+            config.low_space_bytes,
+            crate::storage_fault::LOW_SPACE_BYTES_DEFAULT
+        );
+        let config = resolve_with("low_space_bytes = 5000\n", &[]).unwrap();
+        assert_eq!(config.low_space_bytes, 5000);
+        let config = resolve_with("low_space_bytes = 5000\n", &["--low-space-bytes", "7"]).unwrap();
+        assert_eq!(config.low_space_bytes, 7);
+        assert!(resolve_with("low_space_bytes = \"lots\"\n", &[]).is_err());
+    }
+
+    #[test]
+    fn heartbeat_timeout_from_file_or_flag_within_bounds() {
+        let config = resolve_with("", &[]).unwrap();
+        assert_eq!(
+            config.heartbeat_timeout,
+            flame_protocol::limits::HEARTBEAT_TIMEOUT
+        );
+        let config = resolve_with("heartbeat_timeout = \"30s\"\n", &[]).unwrap();
+        assert_eq!(config.heartbeat_timeout, std::time::Duration::from_secs(30));
+        let config = resolve_with(
+            "heartbeat_timeout = \"30s\"\n",
+            &["--heartbeat-timeout", "5s"],
+        )
+        .unwrap();
+        assert_eq!(config.heartbeat_timeout, std::time::Duration::from_secs(5));
+        for bad in ["1s", "11m", "often"] {
+            let err = resolve_with(&format!("heartbeat_timeout = \"{bad}\"\n"), &[]).unwrap_err();
+            assert!(format!("{err:#}").contains("heartbeat_timeout"), "{err:#}");
+        }
     }
 
     #[test]

@@ -33,6 +33,9 @@ use flame_protocol::{ExecutorId, SessionId, TaskId};
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use tokio::sync::{mpsc, oneshot};
 
+#[path = "core_storage.rs"]
+mod storage;
+
 /// Identifies one node connection, so messages from a replaced connection are ignored.
 pub type ConnId = u64;
 
@@ -144,6 +147,22 @@ pub enum Event {
     },
     /// Periodic: heartbeat timeouts and `delay_release`.
     Tick,
+    /// The head itself did not run for `stalled_ms` (stopped by a signal, a frozen VM, a
+    /// starved host, or a wall clock stepped forward): the event loop measured that gap
+    /// against its own cadence. Silence during it is the head's, not the nodes', so every
+    /// connected node gets a fresh heartbeat window and recovery its lost time back.
+    Stalled {
+        stalled_ms: u64,
+    },
+    /// The store writer's commit or probe failed: the head takes no writes until
+    /// `StorageRecovered` (see `storage_fault`).
+    StorageFaulted {
+        fault: crate::storage_fault::StorageFault,
+    },
+    /// A probe write succeeded after a fault.
+    StorageRecovered,
+    /// The data directory's free space, measured periodically.
+    DiskSpace(crate::storage_fault::DiskSpace),
 }
 
 /// An owner as stored, with the default for none.
@@ -271,6 +290,8 @@ struct SessionEntry {
     counts: TaskCounts,
     /// Batches assigned ids but not yet durable; the session cannot finish meanwhile.
     unacked_batches: u32,
+    /// Closes written but not yet durable; the session cannot finish meanwhile.
+    unacked_closes: u32,
     watchers: Vec<mpsc::UnboundedSender<WatchMsg>>,
     finished: bool,
     /// Cancelled: batches acked from now on end as Cancelled at once.
@@ -452,6 +473,13 @@ enum AfterCommit {
     ReserveExecutorIds {
         upto: u64,
     },
+    /// A durable session's close: it takes effect (the session may finish) once durable.
+    CloseSession {
+        session: SessionId,
+        /// It was open before: a close that fails leaves it open.
+        was_open: bool,
+        reply: oneshot::Sender<ClientResponse>,
+    },
     /// A resent batch whose first copy was committing: acked once that commit is known.
     AckDuplicate {
         session: SessionId,
@@ -505,8 +533,11 @@ pub struct Core {
     dirty_sessions: std::collections::BTreeSet<SessionId>,
     /// An executor of a queued job was bound in this batch: `start_jobs` looks.
     jobs_may_start: bool,
-    /// Outcomes of job ranks whose commit failed, written again at the next tick.
+    /// Outcomes whose commit failed, held (never shown, never run again) and written
+    /// again at the next tick, or once a storage fault has cleared.
     finish_retry: BTreeMap<SessionId, Vec<(TaskId, u32, TaskOutcome)>>,
+    /// Whether the store takes writes, and the data directory's free space.
+    storage: crate::storage_fault::StorageHealth,
 }
 
 /// Executor ids reserved per store write.
@@ -579,6 +610,7 @@ impl Core {
             dirty_sessions: Default::default(),
             jobs_may_start: true,
             finish_retry: BTreeMap::new(),
+            storage: Default::default(),
         };
         for spec in loaded.applications {
             core.apps.insert(spec.name.clone(), spec);
@@ -594,6 +626,7 @@ impl Core {
                     pending: VecDeque::new(),
                     counts: TaskCounts::default(),
                     unacked_batches: 0,
+                    unacked_closes: 0,
                     watchers: Vec::new(),
                     finished: false,
                     cancelled: false,
@@ -780,6 +813,26 @@ impl Core {
         }
     }
 
+    /// After the head was not running for `stalled_ms`: only silence that happened while
+    /// the head ran counts against a node, so every connected node's heartbeat window
+    /// starts again now, and a recovery in progress is extended by the stall.
+    fn on_stalled(&mut self, stalled_ms: u64, now_ms: u64) {
+        let mut refreshed = 0usize;
+        for n in self.nodes.values_mut().filter(|n| n.conn.is_some()) {
+            n.last_seen_ms = n.last_seen_ms.max(now_ms);
+            refreshed += 1;
+        }
+        if let Some(until) = self.recovering_until_ms.as_mut() {
+            *until = until.saturating_add(stalled_ms);
+        }
+        tracing::warn!(
+            stalled_ms,
+            nodes = refreshed,
+            "the head did not run for {stalled_ms} ms (stopped, frozen or starved); \
+             every node gets a fresh heartbeat window"
+        );
+    }
+
     /// Ends recovery when every known node is back or the grace has passed. Tasks no
     /// node reported move to their next attempt, so a late result of the run before the
     /// restart is refused.
@@ -817,7 +870,13 @@ impl Core {
     pub fn handle(&mut self, event: Event, now_ms: u64) {
         self.now_ms = now_ms;
         match event {
-            Event::Client { request, reply } => self.on_client(request, reply, now_ms),
+            Event::Client { request, reply } => {
+                if let Some(error) = self.storage_refusal(&request) {
+                    let _ = reply.send(ClientResponse::Error(error));
+                    return;
+                }
+                self.on_client(request, reply, now_ms)
+            }
             Event::Submit {
                 session,
                 batch_id,
@@ -891,6 +950,7 @@ impl Core {
                     }
                 }
             }
+            Event::Stalled { stalled_ms } => self.on_stalled(stalled_ms, now_ms),
             Event::Tick => {
                 self.reschedule = true;
                 let timeout = self.config.heartbeat_timeout_ms;
@@ -909,13 +969,15 @@ impl Core {
                     self.preempt_overdue(now_ms, grace);
                 }
                 self.enforce_job_deadlines(now_ms);
-                for (session, results) in std::mem::take(&mut self.finish_retry) {
-                    self.batch_finish
-                        .entry(session)
-                        .or_default()
-                        .extend(results);
+                let held = self.finish_retry.values().map(Vec::len).sum();
+                self.storage.tick(held, now_ms);
+                if !self.storage.is_faulted() {
+                    self.write_held_results();
                 }
             }
+            Event::StorageFaulted { fault } => self.storage.enter(fault, now_ms),
+            Event::StorageRecovered => self.on_storage_recovered(now_ms),
+            Event::DiskSpace(space) => self.storage.measured(space),
         }
     }
 
@@ -923,7 +985,17 @@ impl Core {
     pub fn end_batch(&mut self, now_ms: u64) {
         self.now_ms = now_ms;
         self.check_recovered(now_ms);
-        if self.recovering_until_ms.is_none() {
+        // A faulted store: nothing new starts (its results could not be kept), and results
+        // that came in are held until the store takes writes again.
+        if self.storage.is_faulted() {
+            for (session, results) in std::mem::take(&mut self.batch_finish) {
+                self.finish_retry
+                    .entry(session)
+                    .or_default()
+                    .extend(results);
+            }
+        }
+        if self.recovering_until_ms.is_none() && !self.storage.is_faulted() {
             if self.reschedule {
                 self.reschedule = false;
                 self.schedule(now_ms);
@@ -1056,6 +1128,7 @@ impl Core {
                 gpus: u32::try_from(totals.gpus).unwrap_or(u32::MAX),
             },
             owners: owners.into_values().collect(),
+            head: self.storage.report(),
         }
     }
 
@@ -1190,13 +1263,20 @@ impl Core {
                 }
                 // A durable session's close is written (again) even when it looks closed:
                 // a close whose commit failed must not be answered Ok by the next try.
+                let was_open = s.stored.state == SessionState::Open;
                 s.stored.state = SessionState::Closed;
                 s.stored.closed_ms.get_or_insert(now_ms);
                 if s.ephemeral {
                     respond(reply, ClientResponse::Ok);
                 } else {
+                    // Finished only once the close is durable: see `after_close`.
+                    s.unacked_closes += 1;
                     self.batch_ops.push(StoreOp::PutSession(s.stored.clone()));
-                    self.batch_after.push(AfterCommit::Respond { reply });
+                    self.batch_after.push(AfterCommit::CloseSession {
+                        session: id,
+                        was_open,
+                        reply,
+                    });
                 }
                 self.reschedule = true;
                 self.check_finished(id);
@@ -1451,6 +1531,7 @@ impl Core {
             pending: VecDeque::new(),
             counts: TaskCounts::default(),
             unacked_batches: 0,
+            unacked_closes: 0,
             watchers: Vec::new(),
             finished: false,
             cancelled: false,
@@ -1535,6 +1616,10 @@ impl Core {
                     count,
                 });
             }
+            return;
+        }
+        if let Some(error) = self.storage.refusal() {
+            let _ = reply.send(SubmitReply::Rejected { batch_id, error });
             return;
         }
         if s.stored.state != SessionState::Open {
@@ -2200,28 +2285,17 @@ impl Core {
                         }
                         self.check_finished(session);
                     }
-                    Err(e) if s.stored.job.is_some() => {
-                        // A rank never runs again: its outcome is written again at the next
-                        // tick, until the store takes it.
-                        tracing::error!(%session, error = %e, "a job's results could not be persisted; retrying");
+                    Err(e) => {
+                        // Computed, accepted, not durable: never shown and never run again.
+                        // Held and written again at the next tick, or once a storage fault
+                        // has cleared (the fault itself is logged, once).
+                        if !self.storage.is_faulted() {
+                            tracing::error!(%session, error = %e, "results could not be persisted; holding them to write again");
+                        }
                         self.finish_retry
                             .entry(session)
                             .or_default()
                             .extend(results);
-                    }
-                    Err(e) => {
-                        // Not durable, so not final: run them again.
-                        tracing::error!(%session, error = %e, "results could not be persisted; re-queuing");
-                        for (task, _, _) in results {
-                            if let Some(slot) = slot_of(&mut s.tasks, task) {
-                                slot.slot = Slot::Pending;
-                                slot.attempt += 1;
-                                s.counts.running = s.counts.running.saturating_sub(1);
-                                s.counts.pending += 1;
-                                s.pending.push_front(task);
-                            }
-                        }
-                        self.reschedule = true;
                     }
                 }
             }
@@ -2296,6 +2370,13 @@ impl Core {
                     self.reschedule = true;
                 }
             }
+            AfterCommit::CloseSession {
+                session,
+                was_open,
+                reply,
+            } => {
+                self.after_close(session, was_open, reply, result.as_ref().err());
+            }
             AfterCommit::Respond { reply } => {
                 let _ = reply.send(match result {
                     Ok(()) => ClientResponse::Ok,
@@ -2316,6 +2397,7 @@ impl Core {
             || s.stored.state != SessionState::Closed
             || s.counts.unfinished() > 0
             || s.unacked_batches > 0
+            || s.unacked_closes > 0
         {
             return;
         }
@@ -3633,6 +3715,44 @@ mod tests {
         assert_eq!(counts(&mut h, high).pending, 1);
     }
 
+    /// The node's state as `ListNodes` shows it.
+    fn node_state(h: &mut Harness) -> NodeState {
+        match h.client(ClientRequest::ListNodes) {
+            ClientResponse::Nodes(nodes) => nodes[0].state,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_stalled_head_gives_nodes_a_fresh_heartbeat_window() {
+        let mut h = Harness::new();
+        let timeout = h.core.config.heartbeat_timeout_ms;
+        let session = session_with_a_task(&mut h, 0, 1);
+        launched_and_ready(&mut h);
+        h.commands();
+        assert_eq!(counts(&mut h, session).running, 1);
+        // The head did not run for longer than the heartbeat timeout; the node's last
+        // heartbeat is that old when it wakes, but the silence was the head's.
+        h.now += timeout + 5_000;
+        h.core.handle(
+            Event::Stalled {
+                stalled_ms: timeout + 5_000,
+            },
+            h.now,
+        );
+        h.core.handle(Event::Tick, h.now);
+        h.step();
+        assert_eq!(node_state(&mut h), NodeState::Ready);
+        assert_eq!(counts(&mut h, session).running, 1, "no task went back");
+        // Silence while the head runs still counts: a node that stays silent for a whole
+        // heartbeat timeout after the stall is lost, and its task goes to a second attempt.
+        h.now += timeout + 1;
+        h.core.handle(Event::Tick, h.now);
+        h.step();
+        assert_ne!(node_state(&mut h), NodeState::Ready);
+        assert_eq!(counts(&mut h, session).running, 0);
+    }
+
     #[test]
     fn without_a_grace_period_a_reclaimed_executor_finishes_its_task() {
         // (The node stays known for the hour this test lets pass.)
@@ -4388,5 +4508,183 @@ mod tests {
             }
             other => panic!("unexpected {other:?}"),
         }
+    }
+
+    #[test]
+    fn a_storage_fault_refuses_writes_at_once_and_holds_results_until_it_clears() {
+        let mut h = Harness::new();
+        let sid = session_id(h.client(ClientRequest::CreateSession(SessionSpec::new("ping"))));
+        let (sink, mut watch) = mpsc::unbounded_channel();
+        let (reply, _) = oneshot::channel();
+        h.core.handle(
+            Event::Watch {
+                session: sid,
+                sink,
+                reply,
+            },
+            h.now,
+        );
+        let (reply, mut ack) = oneshot::channel();
+        let inputs = vec![Bytes::from_static(b"x")];
+        h.core.handle(
+            Event::Submit {
+                session: sid,
+                batch_id: 1,
+                inputs,
+                reply,
+            },
+            h.now,
+        );
+        h.step();
+        assert!(matches!(ack.try_recv(), Ok(SubmitReply::Accepted { .. })));
+        let executor = match &h.commands()[..] {
+            [NodeCommand::Launch { executor, .. }] => *executor,
+            other => panic!("expected one launch, got {other:?}"),
+        };
+        h.node(NodeToHead::ExecutorEvents(vec![ExecutorEvent::Ready {
+            executor,
+            credit: 2,
+        }]));
+        let cmds = h.commands();
+        let Some(NodeCommand::Run(run)) = cmds.get(1).cloned() else {
+            panic!("expected a run, got {cmds:?}")
+        };
+
+        let fault = crate::storage_fault::StorageFault {
+            kind: crate::storage_fault::FaultKind::DiskFull,
+            detail: "No space left on device (os error 28)".into(),
+            data_dir: "/var/lib/flame".into(),
+        };
+        h.core.handle(Event::StorageFaulted { fault }, h.now);
+        // Writes are answered at once, with the cause and what to do.
+        for request in [
+            ClientRequest::CreateSession(SessionSpec::new("ping")),
+            ClientRequest::CloseSession { id: sid },
+            ClientRequest::DrainNode { name: "n1".into() },
+        ] {
+            match h.client(request) {
+                ClientResponse::Error(e) => {
+                    assert_eq!(e.kind, ErrorKind::Unavailable);
+                    assert!(e.message.contains("disk is full"), "{}", e.message);
+                    assert!(e.message.contains("/var/lib/flame"), "{}", e.message);
+                }
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        let (reply, mut refused) = oneshot::channel();
+        let inputs = vec![Bytes::from_static(b"y")];
+        h.core.handle(
+            Event::Submit {
+                session: sid,
+                batch_id: 2,
+                inputs,
+                reply,
+            },
+            h.now,
+        );
+        assert!(
+            matches!(refused.try_recv(), Ok(SubmitReply::Rejected { error, .. }) if error.message.contains("disk is full"))
+        );
+        // Reads still work, and the refused close left the session open.
+        match h.client(ClientRequest::GetSession { id: sid }) {
+            ClientResponse::Session(info) => assert_eq!(info.state, SessionState::Open),
+            other => panic!("unexpected {other:?}"),
+        }
+        // The running task's result is held: not shown, not written, not run again.
+        h.node(NodeToHead::Results(vec![NodeTaskResult {
+            exit_code: Some(0),
+            executor,
+            session: sid,
+            task: run.task,
+            attempt: run.attempt,
+            outcome: TaskOutcome::Succeeded(Bytes::from_static(b"X")),
+        }]));
+        for _ in 0..5 {
+            h.now += 200;
+            tick(&mut h);
+        }
+        assert!(
+            watch.try_recv().is_err(),
+            "a result was shown before it was durable"
+        );
+        assert!(
+            !h.commands()
+                .iter()
+                .any(|c| matches!(c, NodeCommand::Run(_))),
+            "a task was run again"
+        );
+        assert_eq!(counts(&mut h, sid).running, 1);
+
+        // The probe succeeded: the held result is written, then shown once, attempt 1.
+        h.core.handle(Event::StorageRecovered, h.now);
+        h.step();
+        match watch.try_recv() {
+            Ok(WatchMsg::Results(r)) => {
+                assert_eq!(r.len(), 1);
+                assert_eq!(r[0].attempt, run.attempt);
+                assert_eq!(
+                    r[0].outcome,
+                    TaskOutcome::Succeeded(Bytes::from_static(b"X"))
+                );
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+        assert!(matches!(
+            h.client(ClientRequest::CloseSession { id: sid }),
+            ClientResponse::Ok
+        ));
+        assert!(matches!(watch.try_recv(), Ok(WatchMsg::Finished)));
+    }
+
+    #[test]
+    fn a_close_that_fails_to_persist_leaves_the_session_open_never_finished() {
+        let mut h = Harness::new();
+        let sid = session_id(h.client(ClientRequest::CreateSession(SessionSpec::new("ping"))));
+        let (sink, mut watch) = mpsc::unbounded_channel();
+        let (reply, _) = oneshot::channel();
+        h.core.handle(
+            Event::Watch {
+                session: sid,
+                sink,
+                reply,
+            },
+            h.now,
+        );
+        let (reply, mut closed) = oneshot::channel();
+        h.core.handle(
+            Event::Client {
+                request: ClientRequest::CloseSession { id: sid },
+                reply,
+            },
+            h.now,
+        );
+        h.core.end_batch(h.now);
+        // Not finished before the close is durable, and not after it failed.
+        assert!(watch.try_recv().is_err());
+        while let Ok(req) = h.store_rx.try_recv() {
+            h.core.handle(
+                Event::Committed {
+                    tokens: vec![req.token],
+                    result: Err("injected".into()),
+                },
+                h.now,
+            );
+            h.core.end_batch(h.now);
+        }
+        assert!(matches!(closed.try_recv(), Ok(ClientResponse::Error(_))));
+        assert!(
+            watch.try_recv().is_err(),
+            "Finished shown for a close that failed"
+        );
+        match h.client(ClientRequest::GetSession { id: sid }) {
+            ClientResponse::Session(info) => assert_eq!(info.state, SessionState::Open),
+            other => panic!("unexpected {other:?}"),
+        }
+        // Sent again, it holds.
+        assert!(matches!(
+            h.client(ClientRequest::CloseSession { id: sid }),
+            ClientResponse::Ok
+        ));
+        assert!(matches!(watch.try_recv(), Ok(WatchMsg::Finished)));
     }
 }

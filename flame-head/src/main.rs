@@ -15,6 +15,7 @@ mod scheduler_sim;
 mod server;
 #[cfg(test)]
 mod simulation;
+mod storage_fault;
 mod store;
 mod tls;
 
@@ -149,6 +150,8 @@ async fn run(mut args: config::Args) -> anyhow::Result<()> {
     let certs = certs::CertBook::new(store.load_certs()?);
 
     let (store_tx, store_rx) = tokio::sync::mpsc::unbounded_channel();
+    // At most 600 s (config::HEARTBEAT_TIMEOUT_MAX), so it fits.
+    let heartbeat_timeout_ms = config.heartbeat_timeout.as_millis() as u64;
     let mut core = core::Core::new(
         core::CoreConfig {
             task_input_bytes_max: config.task_input_bytes_max,
@@ -157,6 +160,7 @@ async fn run(mut args: config::Args) -> anyhow::Result<()> {
                 .preemption_grace
                 .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
             job_credentials: Some(job_credentials),
+            heartbeat_timeout_ms,
             ..Default::default()
         },
         store_tx,
@@ -166,12 +170,10 @@ async fn run(mut args: config::Args) -> anyhow::Result<()> {
     core.ensure_application(shell_application());
     // Nodes that knew the previous head get a heartbeat timeout to come back and report
     // the tasks they still run before anything is dispatched again.
-    core.start_recovery(
-        server::now_ms(),
-        flame_protocol::limits::HEARTBEAT_TIMEOUT.as_millis() as u64,
-    );
-    let (events, core_task) = server::start_core(core, store.clone(), store_rx)
-        .context("cannot start the store writer")?;
+    core.start_recovery(server::now_ms(), heartbeat_timeout_ms);
+    let (events, core_task) =
+        server::start_core(core, store.clone(), store_rx, config.low_space_bytes)
+            .context("cannot start the store writer")?;
 
     let endpoint = flame_protocol::endpoint::server(
         config.listen,

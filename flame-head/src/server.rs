@@ -4,7 +4,7 @@
 use crate::auth::{Authenticated, TokenBook, TokenLimits};
 use crate::certs::{CertBook, Presented};
 use crate::core::{Backfill, ConnId, Core, Event, LogTargets, WatchMsg};
-use crate::store::{Store, StoreRequest};
+use crate::store::{Store, StoreRequest, WriterEvent};
 use crate::tls::HeadIdentity;
 use flame_protocol::auth::{
     CertTarget, JoinReply, JoinRequest, Principal, Secret, CSR_PEM_BYTES_MAX,
@@ -35,6 +35,12 @@ pub const CORE_EVENTS_PER_BATCH_MAX: usize = 4_096;
 pub const SUBMIT_BATCHES_IN_FLIGHT_MAX: usize = 256;
 /// Period of the core's tick (heartbeat timeouts, `delay_release`).
 pub const TICK: Duration = Duration::from_millis(200);
+/// A gap between two turns of the core's loop this much longer than [`TICK`] means the
+/// head itself did not run (a stop signal, a frozen VM, a starved host): the core is told
+/// (`Event::Stalled`) and does not blame the nodes for the silence. Well above a busy
+/// turn (a batch of at most [`CORE_EVENTS_PER_BATCH_MAX`] events takes milliseconds) and
+/// well below the shortest heartbeat timeout accepted.
+pub const HEAD_STALL_MIN: Duration = Duration::from_secs(1);
 /// Log frames buffered between the node streams of one `flame logs` and its client; past
 /// this, the node streams wait (and QUIC flow control holds the nodes back).
 pub const LOG_EVENTS_BUFFERED_MAX: usize = 16;
@@ -171,17 +177,29 @@ pub fn start_core(
     mut core: Core,
     store: Store,
     store_rx: mpsc::UnboundedReceiver<StoreRequest>,
+    low_space_bytes: u64,
 ) -> std::io::Result<(mpsc::Sender<Event>, tokio::task::JoinHandle<()>)> {
     let (tx, mut rx) = mpsc::channel::<Event>(CORE_EVENTS_QUEUE_MAX);
+    tokio::spawn(measure_free_space(
+        store.dir().to_path_buf(),
+        low_space_bytes,
+        tx.clone(),
+    ));
     let commit_tx = tx.clone();
-    crate::store::spawn_writer(store, store_rx, move |tokens, result| {
+    crate::store::spawn_writer(store, store_rx, move |report| {
+        let event = match report {
+            WriterEvent::Committed { tokens, result } => Event::Committed { tokens, result },
+            WriterEvent::Faulted(fault) => Event::StorageFaulted { fault },
+            WriterEvent::Recovered => Event::StorageRecovered,
+        };
         // The core drains its queue continuously, so this wait is short; if the core is
         // gone the head is shutting down and there is nobody left to tell.
-        let _ = commit_tx.blocking_send(Event::Committed { tokens, result });
+        let _ = commit_tx.blocking_send(event);
     })?;
     let handle = tokio::spawn(async move {
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut cadence = StallMeter::new(std::time::Instant::now(), now_ms());
         loop {
             let first = tokio::select! {
                 ev = rx.recv() => match ev {
@@ -191,6 +209,9 @@ pub fn start_core(
                 _ = tick.tick() => Event::Tick,
             };
             let now = now_ms();
+            if let Some(stalled_ms) = cadence.turn(std::time::Instant::now(), now) {
+                core.handle(Event::Stalled { stalled_ms }, now);
+            }
             core.handle(first, now);
             let mut n = 1;
             while n < CORE_EVENTS_PER_BATCH_MAX {
@@ -205,6 +226,72 @@ pub fn start_core(
     });
     core_flush_initial(&tx);
     Ok((tx, handle))
+}
+
+/// Measures the gaps between turns of the core's loop, which turns at least every
+/// [`TICK`] while the head runs. Both clocks are read: the monotonic one sees a stop
+/// signal or a starved process, the wall clock (which the core's deadlines use) also a
+/// frozen VM, whose monotonic clock stands still, and a clock stepped forward.
+#[derive(Debug)]
+struct StallMeter {
+    last: std::time::Instant,
+    last_wall_ms: u64,
+}
+
+impl StallMeter {
+    fn new(now: std::time::Instant, now_wall_ms: u64) -> StallMeter {
+        StallMeter {
+            last: now,
+            last_wall_ms: now_wall_ms,
+        }
+    }
+
+    /// A turn of the loop at `now`: how long the head did not run before it, in ms, when
+    /// that is at least [`HEAD_STALL_MIN`] beyond the loop's cadence.
+    fn turn(&mut self, now: std::time::Instant, now_wall_ms: u64) -> Option<u64> {
+        let mono_ms = now.saturating_duration_since(self.last).as_millis() as u64;
+        let wall_ms = now_wall_ms.saturating_sub(self.last_wall_ms);
+        self.last = now;
+        self.last_wall_ms = now_wall_ms;
+        let gap_ms = mono_ms.max(wall_ms);
+        let cadence_ms = TICK.as_millis() as u64;
+        let stalled_ms = gap_ms.saturating_sub(cadence_ms);
+        (stalled_ms >= HEAD_STALL_MIN.as_millis() as u64).then_some(stalled_ms)
+    }
+}
+
+/// Reads the data directory's free space every
+/// [`crate::storage_fault::FREE_SPACE_CHECK_INTERVAL_MS`] and tells the core, until the
+/// core is gone.
+async fn measure_free_space(dir: std::path::PathBuf, low_bytes: u64, events: mpsc::Sender<Event>) {
+    use crate::storage_fault::{free_space, DiskSpace, FREE_SPACE_CHECK_INTERVAL_MS};
+    let mut every = tokio::time::interval(std::time::Duration::from_millis(
+        FREE_SPACE_CHECK_INTERVAL_MS,
+    ));
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut failed = false;
+    loop {
+        every.tick().await;
+        match free_space(&dir) {
+            Ok((free_bytes, total_bytes)) => {
+                failed = false;
+                let space = DiskSpace {
+                    free_bytes,
+                    total_bytes,
+                    low_bytes,
+                };
+                if events.send(Event::DiskSpace(space)).await.is_err() {
+                    return;
+                }
+            }
+            Err(e) => {
+                if !failed {
+                    tracing::warn!(dir = %dir.display(), error = %e, "cannot read the data directory's free space");
+                }
+                failed = true;
+            }
+        }
+    }
 }
 
 fn core_flush_initial(tx: &mpsc::Sender<Event>) {
@@ -1652,5 +1739,26 @@ async fn exec_stream(
             let _ = writer.get_mut().finish();
             return Ok(());
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stall_meter_tells_a_stall_from_the_loop_cadence() {
+        let start = std::time::Instant::now();
+        let mut meter = StallMeter::new(start, 1_000_000);
+        // Ordinary turns: a tick period apart, or faster while busy.
+        assert_eq!(meter.turn(start + TICK, 1_000_200), None);
+        assert_eq!(meter.turn(start + TICK * 2, 1_000_400), None);
+        // Stopped for 15 s: both clocks moved.
+        let woke = start + TICK * 2 + Duration::from_secs(15);
+        assert_eq!(meter.turn(woke, 1_015_400), Some(15_000 - 200));
+        // A frozen VM: the monotonic clock stood still, the wall clock moved 20 s.
+        assert_eq!(meter.turn(woke, 1_035_400), Some(20_000 - 200));
+        // A wall clock stepped back is no stall.
+        assert_eq!(meter.turn(woke + TICK, 1_000_000), None);
     }
 }

@@ -15,11 +15,13 @@
 //! its node is away from the head and is reported when the node registers again. The
 //! application computes `output = input reversed`, and refuses inputs that start with `!`.
 //!
-//! Faults, while the chaos phase runs: commit failures; executors that fail to start or
+//! Faults, while the chaos phase runs: commit failures; storage-fault periods (a full disk:
+//! every commit fails until the writer's probe succeeds); executors that fail to start or
 //! crash with tasks unanswered; node connections dropped (the server's `NodeDisconnected`
 //! may arrive after the node is back); node agents killed with all their executors;
-//! partitions longer or shorter than the heartbeat timeout; the head's clock jumping past
-//! the timeout; clients losing their submit replies and sending the batch again; nodes
+//! partitions longer or shorter than the heartbeat timeout; the head pausing past the
+//! timeout (its clock jumps, and the server's `Event::Stalled` reaches the core first, as
+//! `server::StallMeter` sends it); clients losing their submit replies and sending the batch again; nodes
 //! sending stale results (duplicates, earlier attempts, another executor's or another
 //! node's task, with corrupted bytes); and head restarts, which drop the core and the
 //! uncommitted writes and rebuild the core from `Store::load` as `flame-head`'s `main` does.
@@ -90,6 +92,9 @@ const TICK_MS: u64 = 200;
 const HEARTBEAT_MS: u64 = 1_000;
 /// `limits::HEARTBEAT_TIMEOUT` in milliseconds.
 const HEARTBEAT_TIMEOUT_MS: u64 = limits::HEARTBEAT_TIMEOUT.as_millis() as u64;
+/// `limits::HEAD_SILENCE_MAX` in milliseconds: a node that hears nothing from the head
+/// this long drops its connection.
+const HEAD_SILENCE_MAX_MS: u64 = limits::HEAD_SILENCE_MAX.as_millis() as u64;
 /// How long a node keeps its executors while the head is away (flame-node's default is
 /// 60 s; shorter here so that the simulation reaches it after long partitions).
 const HEAD_LOSS_GRACE_MS: u64 = 20_000;
@@ -125,6 +130,9 @@ mod rate {
     pub const HEAD_RESTART: u64 = 4;
     /// Per group commit.
     pub const COMMIT_FAILURE: u64 = 50;
+    /// Per step with commits waiting: a storage-fault period (a full disk) starts, in
+    /// which every commit fails until it ends and the writer's probe succeeds.
+    pub const STORAGE_FAULT: u64 = 4;
     /// Per launch.
     pub const LAUNCH_FAILURE: u64 = 40;
     /// Per task input.
@@ -342,6 +350,10 @@ fn describe(event: &Event) -> String {
         Event::ListTasks { session, .. } => format!("list tasks s{}", session.0),
         Event::LogTargets { session, .. } => format!("log targets s{}", session.0),
         Event::Tick => "tick".into(),
+        Event::Stalled { stalled_ms } => format!("head stalled {stalled_ms} ms"),
+        Event::StorageFaulted { fault } => format!("storage faulted: {:?}", fault.kind),
+        Event::StorageRecovered => "storage recovered".into(),
+        Event::DiskSpace(space) => format!("disk space {} free", space.free_bytes),
     }
 }
 
@@ -870,6 +882,7 @@ pub struct Stats {
     pub rejected_batches: u64,
     pub restarts: u64,
     pub commit_failures: u64,
+    pub storage_faults: u64,
     pub crashes: u64,
     pub disconnects: u64,
     pub partitions: u64,
@@ -889,6 +902,7 @@ impl Stats {
         self.rejected_batches += o.rejected_batches;
         self.restarts += o.restarts;
         self.commit_failures += o.commit_failures;
+        self.storage_faults += o.storage_faults;
         self.crashes += o.crashes;
         self.disconnects += o.disconnects;
         self.partitions += o.partitions;
@@ -912,11 +926,20 @@ struct World {
     store_rx: mpsc::UnboundedReceiver<StoreRequest>,
     /// Requests the writer has not committed yet (FIFO), lost with the head.
     writer_queue: VecDeque<StoreRequest>,
-    /// Commits done whose `Committed` event has not reached the core yet.
-    writer_done: VecDeque<(Vec<u64>, Result<(), String>)>,
+    /// What the writer reported (commits done, storage faults and recoveries) that has
+    /// not reached the core yet, in order.
+    writer_done: VecDeque<Event>,
+    /// A storage-fault period: until then every commit fails (`Event::StorageFaulted`
+    /// first, as `store::spawn_writer` reports it), then `Event::StorageRecovered`.
+    fault_until_ms: Option<u64>,
+    /// The current head was told of the fault period.
+    fault_reported: bool,
     /// Head lives: bumped by each restart.
     epoch: u64,
     next_tick_ms: u64,
+    /// The head did not run for this long before this step: the server's loop tells the
+    /// core (`Event::Stalled`) before anything else it handles.
+    stalled_ms: Option<u64>,
     next_conn: ConnId,
     next_batch: u64,
     next_input: u64,
@@ -995,8 +1018,11 @@ impl World {
             store_rx,
             writer_queue: VecDeque::new(),
             writer_done: VecDeque::new(),
+            fault_until_ms: None,
+            fault_reported: false,
             epoch: 1,
             next_tick_ms: now,
+            stalled_ms: None,
             next_conn: 1,
             next_batch: 1,
             next_input: 1,
@@ -1112,6 +1138,11 @@ impl World {
             sources.push(VecDeque::from([Event::Tick]));
         }
         self.check_violations();
+        if let Some(stalled_ms) = self.stalled_ms.take() {
+            let event = Event::Stalled { stalled_ms };
+            self.trace(describe(&event));
+            self.core.handle(event, self.now);
+        }
         loop {
             let open: Vec<usize> = (0..sources.len())
                 .filter(|&i| !sources[i].is_empty())
@@ -1189,6 +1220,7 @@ impl World {
             self.trace(format!("FAULT the head pauses for {pause} ms"));
             self.now += pause;
             self.next_tick_ms = self.now;
+            self.stalled_ms = Some(pause);
         }
         if self.rng.chance(rate::STALE_RESULT) {
             let i = self.rng.index(self.nodes.len());
@@ -1322,6 +1354,7 @@ impl World {
         // are never reported.
         self.writer_queue.clear();
         self.writer_done.clear();
+        self.fault_reported = false;
         self.late_disconnects.clear();
         let now = self.now;
         for i in 0..self.nodes.len() {
@@ -1357,6 +1390,24 @@ impl World {
 
     fn writer_step(&mut self) -> VecDeque<Event> {
         let mut out = VecDeque::new();
+        if self.fault_until_ms.is_some_and(|until| self.now >= until) {
+            // The probe write succeeds.
+            self.fault_until_ms = None;
+            if std::mem::take(&mut self.fault_reported) {
+                self.trace("storage recovered".into());
+                self.writer_done.push_back(Event::StorageRecovered);
+            }
+        }
+        if self.chaos
+            && self.fault_until_ms.is_none()
+            && !self.writer_queue.is_empty()
+            && self.rng.chance(rate::STORAGE_FAULT)
+        {
+            let until = self.now + self.rng.between(200, 5_000);
+            self.trace(format!("FAULT storage until {until}"));
+            self.stats.storage_faults += 1;
+            self.fault_until_ms = Some(until);
+        }
         if !self.writer_queue.is_empty() && self.rng.chance(500) {
             let mut ops = Vec::new();
             let mut tokens = Vec::new();
@@ -1364,7 +1415,18 @@ impl World {
                 ops.extend(req.ops);
                 tokens.push(req.token);
             }
-            let result = if self.chaos && self.rng.chance(rate::COMMIT_FAILURE) {
+            let result = if self.fault_until_ms.is_some() {
+                let fault = crate::storage_fault::StorageFault {
+                    kind: crate::storage_fault::FaultKind::DiskFull,
+                    detail: "injected: no space left on device".into(),
+                    data_dir: self.dir.path().to_path_buf(),
+                };
+                let message = fault.message();
+                if !std::mem::replace(&mut self.fault_reported, true) {
+                    self.writer_done.push_back(Event::StorageFaulted { fault });
+                }
+                Err(message)
+            } else if self.chaos && self.rng.chance(rate::COMMIT_FAILURE) {
                 self.stats.commit_failures += 1;
                 Err("injected: no space left on device".to_string())
             } else {
@@ -1373,11 +1435,12 @@ impl World {
                     Err(e) => self.fail(&format!("a real commit failed: {e}")),
                 }
             };
-            self.writer_done.push_back((tokens, result));
+            self.writer_done
+                .push_back(Event::Committed { tokens, result });
         }
         while !self.writer_done.is_empty() && self.rng.chance(700) {
-            if let Some((tokens, result)) = self.writer_done.pop_front() {
-                out.push_back(Event::Committed { tokens, result });
+            if let Some(event) = self.writer_done.pop_front() {
+                out.push_back(event);
             }
         }
         out
@@ -1443,7 +1506,7 @@ impl World {
         }
         node.run_executors(&mut ctx);
         let deaf = node.link.as_ref().is_some_and(|l| {
-            l.registered && now.saturating_sub(l.last_heard_ms) > HEARTBEAT_TIMEOUT_MS
+            l.registered && now.saturating_sub(l.last_heard_ms) > HEAD_SILENCE_MAX_MS
         });
         if deaf {
             // The head has been silent too long (a partition, most likely): the node drops
@@ -1986,6 +2049,21 @@ impl World {
             ));
         }
         self.check_final(s, r.task, r.attempt, &r.outcome, "watch stream", problems);
+        // Nothing is shown that was not committed.
+        if !s.ephemeral {
+            let after = TaskId(r.task.0.saturating_sub(1));
+            let durable = self.store().list_tasks(s.id, &[], after, 1);
+            let final_there = durable.as_ref().is_ok_and(|t| {
+                t.first()
+                    .is_some_and(|t| t.task == r.task && t.state.is_final())
+            });
+            if !final_there {
+                problems.push(format!(
+                    "the watch stream showed task {} before its result was durable ({durable:?})",
+                    r.task.0
+                ));
+            }
+        }
     }
 
     /// A final result, wherever it was seen: it must be what the application computes for
@@ -2491,6 +2569,13 @@ fn simulation_keeps_every_acked_task_exactly_once() {
         started.elapsed()
     );
     assert!(total.acked > 0, "the simulation acked no task at all");
+    if seeds.len() > 1 {
+        assert!(
+            total.storage_faults > 0,
+            "no storage-fault period in {} seeds: the rate is too low to test anything",
+            seeds.len()
+        );
+    }
 }
 
 #[test]

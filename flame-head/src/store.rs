@@ -8,6 +8,10 @@
 //! transaction with `Durability::Immediate`, so the cost of an fsync is shared by everything
 //! that arrived meanwhile. The group size is set by arrival, not by a timer.
 
+use crate::storage_fault::{
+    classify, free_space, next_backoff_ms, FaultKind, StorageFault, PROBE_BACKOFF_MIN_MS,
+    PROBE_FREE_BYTES_MIN,
+};
 use bytes::Bytes;
 use flame_protocol::model::{
     ApplicationSpec, ExecutorUsage, JobInfo, NodeResources, SessionState, TaskInfo, TaskOutcome,
@@ -18,7 +22,7 @@ use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, PoisonError, RwLock};
 
 /// Version of the table layout below. A mismatch stops the head; there is no silent reset.
 /// Version 2: application resources, users, selectors and secret env; node resources and
@@ -45,6 +49,8 @@ const CERTS: TableDefinition<&str, &[u8]> = TableDefinition::new("certificates")
 const META_SCHEMA: &str = "schema_version";
 const META_NEXT_SESSION: &str = "next_session_id";
 const META_NEXT_EXECUTOR: &str = "next_executor_id";
+/// Probe writes made after storage faults (a count, so each probe changes a record).
+const META_PROBES: &str = "storage_probes";
 
 /// Most requests one group commit takes; more wait for the next commit.
 pub const GROUP_COMMIT_REQUESTS_MAX: usize = 4096;
@@ -81,6 +87,11 @@ pub enum StoreError {
     Damaged { path: PathBuf, detail: String },
     #[error("corrupt record in table {table}: {reason}")]
     Corrupt { table: &'static str, reason: String },
+    #[error(
+        "the state file in {dir} is closed after a storage fault; the head reopens it once \
+         its disk works"
+    )]
+    Closed { dir: PathBuf },
 }
 
 macro_rules! from_redb {
@@ -200,10 +211,13 @@ pub struct Loaded {
     pub next_executor: u64,
 }
 
-/// The redb database.
+/// The redb database. It sits behind a lock so that the store writer can reopen it in
+/// place after a storage fault (redb refuses every operation after an I/O error until
+/// then) while other threads hold the same `Store`; `None` while a reopen failed.
 #[derive(Debug, Clone)]
 pub struct Store {
-    db: Arc<Database>,
+    db: Arc<RwLock<Option<Database>>>,
+    dir: PathBuf,
 }
 
 fn encode<T: Serialize>(v: &T) -> Vec<u8> {
@@ -221,6 +235,58 @@ fn decode<T: for<'a> Deserialize<'a>>(table: &'static str, bytes: &[u8]) -> Resu
 impl Store {
     /// Opens (or creates) `dir/state.redb` and checks the schema version.
     pub fn open(dir: &Path) -> Result<Store, StoreError> {
+        Ok(Store {
+            db: Arc::new(RwLock::new(Some(Store::open_db(dir)?))),
+            dir: dir.to_path_buf(),
+        })
+    }
+
+    /// The data directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Closes the database and opens it again, with the checks of [`Store::open`]: what
+    /// redb needs after an I/O error. Readers wait for the reopen; a transaction begun
+    /// before it keeps the old file open, and the reopen then fails and is tried again.
+    pub fn reopen(&self) -> Result<(), StoreError> {
+        let mut db = self.db.write().unwrap_or_else(PoisonError::into_inner);
+        *db = None;
+        *db = Some(Store::open_db(&self.dir)?);
+        Ok(())
+    }
+
+    /// After a storage fault: reopens the database and writes a probe record durably.
+    /// Ok means the store takes writes again.
+    pub fn probe(&self) -> Result<(), StoreError> {
+        self.reopen()?;
+        let txn = self.write_txn()?;
+        {
+            let mut meta = txn.open_table(META)?;
+            let probes = meta.get(META_PROBES)?.map_or(0, |v| v.value());
+            meta.insert(META_PROBES, probes.wrapping_add(1))?;
+        }
+        txn.commit()?;
+        Ok(())
+    }
+
+    fn read_txn(&self) -> Result<redb::ReadTransaction, StoreError> {
+        let db = self.db.read().unwrap_or_else(PoisonError::into_inner);
+        let db = db.as_ref().ok_or_else(|| StoreError::Closed {
+            dir: self.dir.clone(),
+        })?;
+        Ok(db.begin_read()?)
+    }
+
+    fn write_txn(&self) -> Result<redb::WriteTransaction, StoreError> {
+        let db = self.db.read().unwrap_or_else(PoisonError::into_inner);
+        let db = db.as_ref().ok_or_else(|| StoreError::Closed {
+            dir: self.dir.clone(),
+        })?;
+        Ok(db.begin_write()?)
+    }
+
+    fn open_db(dir: &Path) -> Result<Database, StoreError> {
         let path = dir.join("state.redb");
         let db = match Database::create(&path) {
             Ok(db) => db,
@@ -257,7 +323,7 @@ impl Store {
             txn.open_table(CERTS)?;
         }
         txn.commit()?;
-        Ok(Store { db: Arc::new(db) })
+        Ok(db)
     }
 
     /// Opens the store and reads the whole state. redb panics on some kinds of damage
@@ -289,7 +355,7 @@ impl Store {
 
     /// Reads the whole state.
     pub fn load(&self) -> Result<Loaded, StoreError> {
-        let txn = self.db.begin_read()?;
+        let txn = self.read_txn()?;
         let mut loaded = Loaded::default();
         let meta = txn.open_table(META)?;
         loaded.next_session = meta.get(META_NEXT_SESSION)?.map_or(1, |v| v.value());
@@ -326,7 +392,7 @@ impl Store {
 
     /// Every token record, by id.
     pub fn load_tokens(&self) -> Result<Vec<(String, crate::auth::StoredToken)>, StoreError> {
-        let txn = self.db.begin_read()?;
+        let txn = self.read_txn()?;
         let mut out = Vec::new();
         for row in txn.open_table(TOKENS)?.iter()? {
             let (k, v) = row?;
@@ -338,7 +404,7 @@ impl Store {
     /// Writes one token record durably, in a transaction of its own (tokens change
     /// rarely; the group-commit writer is not involved).
     pub fn put_token(&self, id: &str, token: &crate::auth::StoredToken) -> Result<(), StoreError> {
-        let txn = self.db.begin_write()?;
+        let txn = self.write_txn()?;
         txn.open_table(TOKENS)?
             .insert(id, encode(token).as_slice())?;
         txn.commit()?;
@@ -377,7 +443,7 @@ impl Store {
 
     /// Final results of a session's tasks, in id order, for a watcher that attaches late.
     pub fn final_results(&self, session: SessionId) -> Result<Vec<TaskResult>, StoreError> {
-        let txn = self.db.begin_read()?;
+        let txn = self.read_txn()?;
         let tasks = txn.open_table(TASKS)?;
         let mut out = Vec::new();
         for row in tasks.range((session.0, 0)..=(session.0, u64::MAX))? {
@@ -402,7 +468,7 @@ impl Store {
         after: TaskId,
         limit: usize,
     ) -> Result<Vec<TaskInfo>, StoreError> {
-        let txn = self.db.begin_read()?;
+        let txn = self.read_txn()?;
         let tasks = txn.open_table(TASKS)?;
         let mut out = Vec::new();
         let start = after.0.saturating_add(1);
@@ -433,7 +499,7 @@ impl Store {
 
     /// Applies `ops` in one durable write transaction.
     pub fn commit(&self, ops: &[StoreOp]) -> Result<(), StoreError> {
-        let txn = self.db.begin_write()?;
+        let txn = self.write_txn()?;
         {
             let mut apps = txn.open_table(APPS)?;
             let mut sessions = txn.open_table(SESSIONS)?;
@@ -520,37 +586,140 @@ pub struct StoreRequest {
     pub token: u64,
 }
 
-/// Runs the group-commit loop on its own thread until `requests` closes. After each commit
-/// it calls `on_commit` with the tokens it covered and the outcome.
+/// What the store writer reports to the core.
+#[derive(Debug)]
+pub enum WriterEvent {
+    /// A group commit ended: the tokens it covered and its outcome.
+    Committed {
+        tokens: Vec<u64>,
+        result: Result<(), String>,
+    },
+    /// A commit or a probe failed: the store takes no writes until a probe succeeds. Sent
+    /// when the fault starts and when its kind changes, before the failed commit's
+    /// `Committed`.
+    Faulted(StorageFault),
+    /// A probe write succeeded after a fault: the store takes writes again.
+    Recovered,
+}
+
+/// Runs the group-commit loop on its own thread until `requests` closes, reporting each
+/// commit and each change of the store's health to `report`.
+///
+/// After a failed commit the store is faulted: requests that arrive are failed at once
+/// with the fault (the disk is not touched for them), and the writer probes the store
+/// ([`Store::probe`]: reopen, then a durable write) after [`PROBE_BACKOFF_MIN_MS`],
+/// doubling to [`crate::storage_fault::PROBE_BACKOFF_MAX_MS`], until one succeeds.
 pub fn spawn_writer(
     store: Store,
-    mut requests: tokio::sync::mpsc::UnboundedReceiver<StoreRequest>,
-    on_commit: impl Fn(Vec<u64>, Result<(), String>) + Send + 'static,
+    requests: tokio::sync::mpsc::UnboundedReceiver<StoreRequest>,
+    report: impl Fn(WriterEvent) + Send + 'static,
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
+    // Only for the probe's timer while a fault lasts.
+    let timer = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()?;
     std::thread::Builder::new()
         .name("store-writer".into())
-        .spawn(move || {
-            while let Some(first) = requests.blocking_recv() {
-                let mut bytes: usize = first.ops.iter().map(StoreOp::payload_bytes).sum();
-                let mut ops = first.ops;
-                let mut tokens = vec![first.token];
-                while tokens.len() < GROUP_COMMIT_REQUESTS_MAX && bytes < GROUP_COMMIT_BYTES_MAX {
-                    match requests.try_recv() {
-                        Ok(next) => {
-                            bytes += next.ops.iter().map(StoreOp::payload_bytes).sum::<usize>();
-                            ops.extend(next.ops);
-                            tokens.push(next.token);
-                        }
-                        Err(_) => break,
-                    }
-                }
-                let result = store.commit(&ops).map_err(|e| e.to_string());
-                if let Err(e) = &result {
-                    tracing::error!(error = %e, ops = ops.len(), "group commit failed");
-                }
-                on_commit(tokens, result);
+        .spawn(move || writer_loop(&store, requests, &timer, &report))
+}
+
+fn writer_loop(
+    store: &Store,
+    mut requests: tokio::sync::mpsc::UnboundedReceiver<StoreRequest>,
+    timer: &tokio::runtime::Runtime,
+    report: &dyn Fn(WriterEvent),
+) {
+    let mut fault: Option<StorageFault> = None;
+    let mut backoff_ms = PROBE_BACKOFF_MIN_MS;
+    let mut next_probe = std::time::Instant::now();
+    loop {
+        let first = if fault.is_some() {
+            let wait = next_probe.saturating_duration_since(std::time::Instant::now());
+            // The timer is made inside the runtime: it needs the runtime's clock.
+            let next = timer.block_on(async { tokio::time::timeout(wait, requests.recv()).await });
+            match next {
+                Ok(Some(first)) => Some(first),
+                Ok(None) => return,
+                Err(_) => None,
             }
-        })
+        } else {
+            match requests.blocking_recv() {
+                Some(first) => Some(first),
+                None => return,
+            }
+        };
+        let Some(first) = first else {
+            // Time to probe; not while the disk has no room to speak of, where a write
+            // inside the file's free pages could succeed and the next fail again.
+            let probed = match free_space(store.dir()) {
+                Ok((free, _)) if free < PROBE_FREE_BYTES_MIN => Err(StorageFault {
+                    kind: FaultKind::DiskFull,
+                    detail: format!("{free} bytes free, a probe needs {PROBE_FREE_BYTES_MIN}"),
+                    data_dir: store.dir().to_path_buf(),
+                }),
+                _ => store.probe().map_err(|e| classify_now(store, &e)),
+            };
+            match probed {
+                Ok(()) => {
+                    fault = None;
+                    backoff_ms = PROBE_BACKOFF_MIN_MS;
+                    report(WriterEvent::Recovered);
+                }
+                Err(now) => {
+                    tracing::debug!(error = %now.detail, backoff_ms, "storage probe failed");
+                    if fault.as_ref().is_none_or(|f| f.kind != now.kind) {
+                        report(WriterEvent::Faulted(now.clone()));
+                        fault = Some(now);
+                    }
+                    backoff_ms = next_backoff_ms(backoff_ms);
+                    next_probe =
+                        std::time::Instant::now() + std::time::Duration::from_millis(backoff_ms);
+                }
+            }
+            continue;
+        };
+        let mut bytes: usize = first.ops.iter().map(StoreOp::payload_bytes).sum();
+        let mut ops = first.ops;
+        let mut tokens = vec![first.token];
+        while tokens.len() < GROUP_COMMIT_REQUESTS_MAX && bytes < GROUP_COMMIT_BYTES_MAX {
+            match requests.try_recv() {
+                Ok(next) => {
+                    bytes += next.ops.iter().map(StoreOp::payload_bytes).sum::<usize>();
+                    ops.extend(next.ops);
+                    tokens.push(next.token);
+                }
+                Err(_) => break,
+            }
+        }
+        if let Some(f) = &fault {
+            report(WriterEvent::Committed {
+                tokens,
+                result: Err(f.message()),
+            });
+            continue;
+        }
+        let result = match store.commit(&ops) {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                let f = classify_now(store, &e);
+                tracing::error!(error = %e, ops = ops.len(), "group commit failed");
+                report(WriterEvent::Faulted(f.clone()));
+                backoff_ms = PROBE_BACKOFF_MIN_MS;
+                next_probe =
+                    std::time::Instant::now() + std::time::Duration::from_millis(backoff_ms);
+                let message = f.message();
+                fault = Some(f);
+                Err(message)
+            }
+        };
+        report(WriterEvent::Committed { tokens, result });
+    }
+}
+
+/// Classifies `e` with the data directory's free space as it is now.
+fn classify_now(store: &Store, e: &StoreError) -> StorageFault {
+    let free = free_space(store.dir()).ok().map(|(free, _)| free);
+    classify(e, store.dir(), free)
 }
 
 #[cfg(test)]
@@ -589,6 +758,57 @@ mod tests {
         assert_eq!(loaded.tasks.len(), 2);
         assert!(matches!(loaded.tasks[0].2, StoredTask::Pending { .. }));
         assert_eq!(store.final_results(SessionId(1)).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn a_store_reopens_in_place_while_other_handles_exist_and_probes() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let reader = store.clone();
+        store
+            .commit(&[StoreOp::AddTasks {
+                session: SessionId(1),
+                batch_id: 1,
+                first: TaskId(1),
+                inputs: vec![Bytes::from_static(b"a")],
+            }])
+            .unwrap();
+        store.reopen().unwrap();
+        // The other handle reads the reopened file; writes go on.
+        assert_eq!(reader.load().unwrap().tasks.len(), 1);
+        store.probe().unwrap();
+        store.probe().unwrap();
+        store
+            .commit(&[StoreOp::FinishTasks {
+                session: SessionId(1),
+                results: vec![(TaskId(1), 1, TaskOutcome::Succeeded(Bytes::new()))],
+            }])
+            .unwrap();
+        assert_eq!(reader.final_results(SessionId(1)).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn a_reopen_checks_the_schema_again_and_a_failed_one_closes_the_store() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        // Another schema appears under it (as a restored backup of another version would).
+        {
+            let txn = store.write_txn().unwrap();
+            txn.open_table(META)
+                .unwrap()
+                .insert(META_SCHEMA, 99)
+                .unwrap();
+            txn.commit().unwrap();
+        }
+        assert!(matches!(
+            store.reopen(),
+            Err(StoreError::SchemaMismatch { found: 99, .. })
+        ));
+        assert!(matches!(store.load(), Err(StoreError::Closed { .. })));
+        assert!(matches!(
+            store.probe(),
+            Err(StoreError::SchemaMismatch { .. })
+        ));
     }
 
     #[test]

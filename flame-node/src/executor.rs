@@ -42,6 +42,9 @@ pub const PIPELINE_BYTES_MAX: usize = 4 * 1024 * 1024;
 enum Event {
     Command(Command),
     Message(Result<AppMessage, flame_shims::ShimError>),
+    /// The application's process ended while it had no task in flight (idle, or bound
+    /// between tasks): noticed at once, so its capacity is freed and no task is sent to it.
+    Exited(std::io::Result<std::process::ExitStatus>),
 }
 
 /// A command for one executor, in head order.
@@ -629,6 +632,9 @@ async fn drive(
                         None => fail!("the node lost its head connection"),
                     },
                     m = shim.next_message(), if !in_flight.is_empty() => Event::Message(m),
+                    // With tasks in flight, the shim's read sees the end first and the
+                    // results already written are kept; without, nothing else would notice.
+                    status = child.wait(), if in_flight.is_empty() => Event::Exited(status),
                     () = deadline => {
                         let task = in_flight.front().map_or_else(String::new, |a| {
                             format!("task {} of session {} ", a.task, a.session)
@@ -664,6 +670,22 @@ async fn drive(
                             }
                             other => held = Some(other),
                         }
+                    }
+                    Event::Exited(status) => {
+                        // Give the stderr reader a moment to take the last lines.
+                        tokio::task::yield_now().await;
+                        let status = match status {
+                            Ok(s) => s.to_string(),
+                            Err(e) => format!("its status could not be read: {e}"),
+                        };
+                        let when = match phase {
+                            Phase::Bound(_) => "between tasks",
+                            _ => "while idle",
+                        };
+                        return format!(
+                            "the application exited {when} ({status}){}",
+                            tail_text(&log)
+                        );
                     }
                     Event::Message(m) => {
                         let Some(a) = in_flight.pop_front() else {

@@ -19,6 +19,9 @@ use tokio::sync::mpsc;
 /// First wait before reconnecting; doubles up to [`RECONNECT_BACKOFF_MAX`].
 pub const RECONNECT_BACKOFF_MIN: Duration = Duration::from_millis(200);
 pub const RECONNECT_BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// At a clean shutdown, how long the agent waits for its executors to kill their processes
+/// and remove their cgroups and folders (each kill is bounded on its own).
+pub const SHUTDOWN_EXECUTORS_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// Settings of the agent.
 #[derive(Debug, Clone)]
@@ -80,6 +83,9 @@ struct Agent {
     gone_rx: mpsc::UnboundedReceiver<ExecutorId>,
     /// Successful registrations so far.
     registrations: u64,
+    /// Executor tasks started and not yet gone (whatever they held is removed only then):
+    /// a clean shutdown waits for them, also for those `stop_all` forgot.
+    live: usize,
 }
 
 /// Serves the head until `shutdown` resolves, reconnecting with backoff after a loss.
@@ -102,6 +108,7 @@ pub async fn run(
         gone_tx,
         gone_rx,
         registrations: 0,
+        live: 0,
     };
     tokio::pin!(shutdown);
     let mut backoff = RECONNECT_BACKOFF_MIN;
@@ -120,6 +127,7 @@ pub async fn run(
             },
             _ = &mut shutdown => {
                 endpoint.close(quinn::VarInt::from_u32(0), b"node shutting down");
+                agent.stop_for_shutdown().await;
                 return Ok(());
             }
         }
@@ -139,7 +147,10 @@ pub async fn run(
         }
         tokio::select! {
             _ = tokio::time::sleep(backoff) => {}
-            _ = &mut shutdown => return Ok(()),
+            _ = &mut shutdown => {
+                agent.stop_for_shutdown().await;
+                return Ok(());
+            }
         }
         backoff = (backoff * 2).min(RECONNECT_BACKOFF_MAX);
     }
@@ -175,6 +186,31 @@ impl Agent {
     fn stop_all(&mut self) {
         self.executors.clear();
         while self.reports_rx.try_recv().is_ok() {}
+    }
+
+    /// At a clean shutdown: stops every executor and waits, up to
+    /// [`SHUTDOWN_EXECUTORS_TIMEOUT`], until each has removed its processes, cgroup and
+    /// folders, so the node leaves nothing behind (its cgroup root goes after this).
+    async fn stop_for_shutdown(&mut self) {
+        self.stop_all();
+        let deadline = tokio::time::sleep(SHUTDOWN_EXECUTORS_TIMEOUT);
+        tokio::pin!(deadline);
+        while self.live > 0 {
+            tokio::select! {
+                gone = self.gone_rx.recv() => match gone {
+                    Some(_) => self.live -= 1,
+                    None => break,
+                },
+                () = &mut deadline => {
+                    tracing::warn!(
+                        left = self.live,
+                        timeout = ?SHUTDOWN_EXECUTORS_TIMEOUT,
+                        "executors did not finish cleaning up before the shutdown; the next start removes what they left"
+                    );
+                    break;
+                }
+            }
+        }
     }
 
     /// Updates what the agent knows from a report on its way to the head.
@@ -255,8 +291,9 @@ impl Agent {
         let (out_tx, out_rx) = mpsc::unbounded_channel::<Report>();
         let writer = tokio::spawn(write_reports(send, out_rx, heartbeat));
         // The head answers every heartbeat; silence this long means a dead head or a cut
-        // link, however long QUIC would go on retransmitting.
-        let silence_max = limits::HEARTBEAT_TIMEOUT;
+        // link, however long QUIC would go on retransmitting. It is longer than the head's
+        // heartbeat timeout, so a head that was only paused finds the node still here.
+        let silence_max = limits::HEAD_SILENCE_MAX;
         let mut heard = tokio::time::Instant::now();
         let result = loop {
             tokio::select! {
@@ -279,6 +316,7 @@ impl Agent {
                     }
                 }
                 Some(id) = self.gone_rx.recv() => {
+                    self.live = self.live.saturating_sub(1);
                     self.executors.remove(&id);
                 }
                 incoming = conn.accept_bi() => match incoming {
@@ -321,6 +359,7 @@ impl Agent {
                     self.reports_tx.clone(),
                     self.gone_tx.clone(),
                 );
+                self.live += 1;
                 self.executors.insert(
                     executor,
                     Tracked {

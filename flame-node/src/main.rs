@@ -437,13 +437,24 @@ fn run(args: Args) -> Result<(), String> {
         head_loss_grace,
         executors: Arc::new(settings),
     };
+    let executors = config.executors.clone();
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .map_err(|e| format!("cannot start the async runtime: {e}"))?;
-    runtime
+    let served = runtime
         .block_on(link::run(config, shutdown_signal()))
-        .map_err(|e| e.to_string())
+        .map_err(|e| e.to_string());
+    // A clean stop (or a final refusal) leaves no cgroup behind: the executors removed
+    // theirs before `run` returned, and the node's root goes now. After a crash the next
+    // start removes what is left.
+    if let Some(tree) = &executors.cgroups {
+        match tree.destroy() {
+            Ok(()) => tracing::info!("removed the node's cgroups"),
+            Err(e) => tracing::warn!("cannot remove the node's cgroups: {e}"),
+        }
+    }
+    served
 }
 
 /// What every rank of a batch job gets besides its own variables: where the head is, for

@@ -37,8 +37,16 @@ pub const STREAMS_PER_CONNECTION_MAX: u32 = 256;
 /// Interval between node heartbeats.
 pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(1);
 
-/// A node silent for this long is NotReady and its running tasks are re-queued.
+/// A node silent for this long is NotReady and its running tasks are re-queued (the
+/// head's default; `flame-head --heartbeat-timeout` sets it).
 pub const HEARTBEAT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A node that hears nothing from the head for this long (the head answers every
+/// heartbeat) drops the connection and connects again. Three default heartbeat timeouts:
+/// a head that was stopped or frozen for less finds its nodes still connected and gives
+/// them a fresh heartbeat window, so their tasks keep running (a reconnect would send them
+/// to a second attempt).
+pub const HEAD_SILENCE_MAX: Duration = Duration::from_secs(30);
 
 /// A server connection's QUIC receive window until its hello is authenticated: room for
 /// the hello, so that a flood of unauthenticated connections holds little memory. The head

@@ -883,6 +883,19 @@ pub struct QueueReport {
     /// What Ready nodes offer in all.
     pub capacity: Resources,
     pub owners: Vec<OwnerQueue>,
+    /// The head's own storage, once measured.
+    pub head: Option<HeadStorage>,
+}
+
+/// The head's data directory: its free space and whether the head can write its state.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HeadStorage {
+    pub free_bytes: u64,
+    pub total_bytes: u64,
+    /// Below this the head warns (`--low-space-bytes`).
+    pub low_bytes: u64,
+    /// Why the head takes no writes now, and what to do; `None` while it does.
+    pub fault: Option<String>,
 }
 
 /// One owner's part of the cluster.
@@ -1009,6 +1022,10 @@ pub enum ErrorKind {
     /// The connection's principal may not do this (not the owner, not an admin).
     PermissionDenied,
 }
+
+/// How every message about a storage fault of the head begins (a full or failing disk):
+/// the head takes no writes until it is fixed; clients name it in their hint.
+pub const STORAGE_FAULT_MARK: &str = "the head cannot write its state";
 
 /// An error the head returns to a client, with a message meant for humans.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]

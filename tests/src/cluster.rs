@@ -618,6 +618,12 @@ impl Cluster {
         }
     }
 
+    /// Stops node `i`'s agent with `SIGTERM`, as its service manager would, and waits for
+    /// it to exit; returns how it exited.
+    pub async fn stop_node(&mut self, i: usize) -> ExitStatus {
+        self.nodes[i].proc.terminate(STOP_TIMEOUT).await
+    }
+
     /// Waits until node `i` prints its ready line once more than it had when it printed
     /// `registered` of them: it lost the head and registered afresh.
     pub async fn wait_node_registered(&mut self, i: usize, registered: usize, timeout: Duration) {

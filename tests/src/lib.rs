@@ -7,7 +7,8 @@
 //! * [`netns`] makes the namespaces and links, and the firewall drops of a partition.
 //! * [`client_thread`] runs client code on a thread that can reach a head in a namespace.
 //! * [`command`] runs a binary of the workspace with a bound and captures its output.
-//! * [`results`] drains a session's results and checks them.
+//! * [`results`] drains a session's results and checks them; [`recorder`] records every
+//!   result frame the head sends, across reconnections, to find any sent twice.
 //! * [`logging_service`] is the application of the `flame logs` tests, and a follower.
 //! * [`cgroup`] finds a node's executor cgroups on disk; [`procfs`] looks at processes.
 //! * [`test_service`] runs `flame-test-service` (`src/bin`), the application the executor
@@ -34,6 +35,7 @@ pub mod logging_service;
 pub mod netns;
 pub mod prerequisites;
 pub mod procfs;
+pub mod recorder;
 pub mod results;
 pub mod sshd;
 pub mod test_service;

@@ -28,6 +28,22 @@ pub fn parse_stat(text: &str) -> Option<Stat> {
     Some(Stat { state, ppid })
 }
 
+/// Clock ticks per second in `/proc/<pid>/stat`'s times: Linux's `USER_HZ`, 100 on
+/// every architecture's user ABI.
+pub const USER_HZ: u64 = 100;
+
+/// The CPU time `pid` has used, user and system, in [`USER_HZ`] ticks; `None` when there
+/// is no such process.
+pub fn cpu_ticks(pid: i32) -> Option<u64> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let (_, after) = text.rsplit_once(')')?;
+    // After the comm: state is field 3, utime 14 and stime 15.
+    let mut fields = after.split_whitespace().skip(11);
+    let utime: u64 = fields.next()?.parse().ok()?;
+    let stime: u64 = fields.next()?.parse().ok()?;
+    Some(utime + stime)
+}
+
 /// Whether `pid` is a process that still runs: it exists and is neither a zombie nor dead.
 pub fn is_alive(pid: i32) -> bool {
     stat(pid).is_some_and(|s| !matches!(s.state, 'Z' | 'X' | 'x'))

@@ -285,7 +285,28 @@ pub(super) async fn run_checked(
             .context("the submitting task failed")?
             .context("cannot submit the tasks")
     };
-    collect_checked(&mut watch, &inputs, acks, started, stall_timeout, progress).await
+    let checked =
+        collect_checked(&mut watch, &inputs, acks, started, stall_timeout, progress).await;
+    match checked {
+        Err(e) => Err(match head_storage_fault(session.client()).await {
+            Some(fault) => e.context(fault),
+            None => e,
+        }),
+        ok => ok,
+    }
+}
+
+/// How long a failed run waits for the head to say whether its storage is faulted.
+const HEAD_STATUS_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Why the head takes no writes, when that is so: a run that failed (results stopped
+/// coming, say) names a full disk on the head instead of only the symptom.
+async fn head_storage_fault(client: &Client) -> Option<String> {
+    let report = tokio::time::timeout(HEAD_STATUS_TIMEOUT, client.queue())
+        .await
+        .ok()?
+        .ok()?;
+    report.head?.fault
 }
 
 /// Reads `watch` until the session finishes while `acks` brings the submitter's acks, then

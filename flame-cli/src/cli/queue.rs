@@ -3,7 +3,7 @@
 
 use super::render::{self, number, text, OutputArgs, OutputFormat};
 use super::GlobalArgs;
-use flame_protocol::model::{OwnerQueue, QueueReport, SessionQueue};
+use flame_protocol::model::{HeadStorage, OwnerQueue, QueueReport, SessionQueue};
 use std::fmt::Write as _;
 
 pub async fn run(global: &GlobalArgs, out: OutputArgs) -> anyhow::Result<()> {
@@ -25,6 +25,10 @@ const SESSION_INDENT: &str = "  ";
 /// its sessions.
 pub fn report_text(report: &QueueReport) -> String {
     let mut out = format!("Capacity of the Ready nodes: {}.", report.capacity);
+    if let Some(head) = &report.head {
+        out.push('\n');
+        out.push_str(&head_line(head));
+    }
     if report.owners.is_empty() {
         out.push_str("\n\nNo unfinished sessions.");
         return out;
@@ -41,6 +45,26 @@ pub fn report_text(report: &QueueReport) -> String {
         }
     }
     out
+}
+
+/// The head's storage in one line, with a warning when space is low or writes stop.
+fn head_line(head: &HeadStorage) -> String {
+    let mut line = format!(
+        "Head storage: {} free of {}",
+        render::bytes(head.free_bytes),
+        render::bytes(head.total_bytes)
+    );
+    if let Some(fault) = &head.fault {
+        let _ = write!(line, "; WRITES STOPPED: {fault}");
+    } else if head.free_bytes < head.low_bytes {
+        let _ = write!(
+            line,
+            "; LOW (below {}): free space in the head's data directory",
+            render::bytes(head.low_bytes)
+        );
+    }
+    line.push('.');
+    line
 }
 
 fn owner_table(owner: &OwnerQueue) -> String {
@@ -152,6 +176,7 @@ mod tests {
                     sessions: Vec::new(),
                 },
             ],
+            head: None,
         }
     }
 
@@ -217,6 +242,34 @@ mod tests {
         assert_eq!(
             text.lines().nth(position("carol") + 1).unwrap().trim(),
             "No sessions."
+        );
+    }
+
+    #[test]
+    fn the_head_line_warns_of_low_space_and_stopped_writes() {
+        let mut head = HeadStorage {
+            free_bytes: 5 << 30,
+            total_bytes: 10 << 30,
+            low_bytes: 1 << 30,
+            fault: None,
+        };
+        let with = |head: &HeadStorage| {
+            report_text(&QueueReport {
+                head: Some(head.clone()),
+                ..QueueReport::default()
+            })
+        };
+        let text = with(&head);
+        let line = text.lines().nth(1).unwrap();
+        assert!(line.starts_with("Head storage: "), "{text}");
+        assert!(!line.contains("LOW") && !line.contains("STOPPED"), "{text}");
+        head.free_bytes = 1 << 20;
+        assert!(with(&head).contains("LOW (below "), "{}", with(&head));
+        head.fault = Some("the head's disk is full".into());
+        let text = with(&head);
+        assert!(
+            text.contains("WRITES STOPPED: the head's disk is full"),
+            "{text}"
         );
     }
 

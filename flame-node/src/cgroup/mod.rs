@@ -499,9 +499,8 @@ impl CgroupTree {
     }
 
     /// Removes every executor cgroup ([`CgroupTree::cleanup_stale`]) and then the root
-    /// itself, e.g. at a clean shutdown.
-    #[cfg_attr(not(test), allow(dead_code))] // for tests and shutdown; unused by the node yet
-    pub fn destroy(self) -> Result<(), CgroupError> {
+    /// itself: at a clean shutdown, once the executors are gone.
+    pub fn destroy(&self) -> Result<(), CgroupError> {
         self.cleanup_stale()?;
         for dir in self.root.distinct() {
             remove_dir_bounded(&dir)?;
