@@ -413,7 +413,7 @@ impl Store {
 
     /// Every certificate record, by key (see [`crate::certs`]).
     pub fn load_certs(&self) -> Result<Vec<(String, crate::certs::StoredCert)>, StoreError> {
-        let txn = self.db.begin_read()?;
+        let txn = self.read_txn()?;
         let mut out = Vec::new();
         for row in txn.open_table(CERTS)?.iter()? {
             let (k, v) = row?;
@@ -428,7 +428,7 @@ impl Store {
         key: &str,
         record: &crate::certs::StoredCert,
     ) -> Result<(), StoreError> {
-        let txn = self.db.begin_write()?;
+        let txn = self.write_txn()?;
         txn.open_table(CERTS)?
             .insert(key, encode(record).as_slice())?;
         txn.commit()?;
@@ -437,7 +437,7 @@ impl Store {
 
     /// Whether a node of this name ever registered with the head.
     pub fn node_registered(&self, name: &str) -> Result<bool, StoreError> {
-        let txn = self.db.begin_read()?;
+        let txn = self.read_txn()?;
         Ok(txn.open_table(NODES)?.get(name)?.is_some())
     }
 
