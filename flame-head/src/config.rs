@@ -37,6 +37,15 @@ pub struct Args {
     /// executor always finishes its task.
     #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
     pub preemption_grace: Option<std::time::Duration>,
+    /// A per-user quota for every owner, `KEY=VALUE` (repeatable; over head.toml's
+    /// `[quotas]`): open_sessions, pending_tasks, input_bytes, connections,
+    /// streams_per_connection, submit_bytes_in_flight.
+    #[arg(long = "quota", value_name = "KEY=VALUE", value_parser = crate::quotas::parse_quota_flag)]
+    pub quotas: Vec<(String, u64)>,
+    /// A quota for one owner, `OWNER.KEY=VALUE` (repeatable; over head.toml's
+    /// `[quotas.owners.OWNER]`).
+    #[arg(long = "owner-quota", value_name = "OWNER.KEY=VALUE", value_parser = crate::quotas::parse_owner_quota_flag)]
+    pub owner_quotas: Vec<(String, String, u64)>,
 }
 
 /// `flame-head` commands other than serving.
@@ -154,6 +163,9 @@ struct FileConfig {
     owners: BTreeMap<String, u32>,
     /// A duration such as "30s" (see `--preemption-grace`).
     preemption_grace: Option<String>,
+    /// `[quotas]`: per-user quotas, and `[quotas.owners.NAME]` for owners that differ.
+    #[serde(default)]
+    quotas: crate::quotas::FileQuotas,
 }
 
 /// Resolved settings.
@@ -166,6 +178,8 @@ pub struct HeadConfig {
     /// Fair-share weights; owners not listed weigh 1.
     pub owner_weights: BTreeMap<String, u32>,
     pub preemption_grace: Option<std::time::Duration>,
+    /// Per-user quotas.
+    pub quotas: crate::quotas::QuotaBook,
 }
 
 impl HeadConfig {
@@ -212,6 +226,9 @@ impl HeadConfig {
                 );
             }
         }
+        let quotas =
+            crate::quotas::QuotaBook::resolve(&file.quotas, &args.quotas, &args.owner_quotas)
+                .map_err(anyhow::Error::msg)?;
         let mut tls_san = file.tls_san;
         tls_san.extend(args.tls_san);
         Ok(HeadConfig {
@@ -226,6 +243,7 @@ impl HeadConfig {
             task_input_bytes_max,
             owner_weights,
             preemption_grace,
+            quotas,
         })
     }
 }
@@ -272,5 +290,31 @@ mod tests {
         let err = resolve_with("preemption_grace = \"0s\"\n", &[]).unwrap_err();
         assert!(format!("{err:#}").contains("more than 0"), "{err:#}");
         assert!(resolve_with("", &["--preemption-grace", "later"]).is_err());
+    }
+
+    #[test]
+    fn quotas_from_file_and_flags_per_owner() {
+        let config = resolve_with(
+            "[quotas]\nopen_sessions = 8\n[quotas.owners.bob]\npending_tasks = 10\n",
+            &[
+                "--owner-quota",
+                "carol.connections=2",
+                "--quota",
+                "input_bytes=4096",
+            ],
+        )
+        .unwrap();
+        assert_eq!(config.quotas.of("alice").open_sessions, 8);
+        assert_eq!(config.quotas.of("alice").input_bytes, 4096);
+        assert_eq!(config.quotas.of("bob").pending_tasks, 10);
+        assert_eq!(config.quotas.of("bob").open_sessions, 8);
+        assert_eq!(config.quotas.of("carol").connections, 2);
+        let err = resolve_with("[quotas]\nsessions = 8\n", &[]).unwrap_err();
+        assert!(
+            format!("{err:#}").contains("unknown quota `sessions`"),
+            "{err:#}"
+        );
+        let err = resolve_with("", &["--quota", "connections=0"]).unwrap_err();
+        assert!(format!("{err:#}").contains("between 1 and"), "{err:#}");
     }
 }

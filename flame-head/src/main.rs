@@ -8,6 +8,7 @@ mod auth;
 mod config;
 mod core;
 mod failpoints;
+mod quotas;
 mod scheduler;
 #[cfg(test)]
 mod scheduler_sim;
@@ -16,6 +17,7 @@ mod server;
 mod simulation;
 mod store;
 mod tls;
+mod watch;
 
 use anyhow::Context;
 use clap::Parser;
@@ -151,6 +153,7 @@ async fn run(mut args: config::Args) -> anyhow::Result<()> {
                 .preemption_grace
                 .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
             job_credentials: Some(job_credentials),
+            quotas: config.quotas.clone(),
             ..Default::default()
         },
         store_tx,
@@ -192,6 +195,7 @@ async fn run(mut args: config::Args) -> anyhow::Result<()> {
         store,
         tokens,
         std::sync::Arc::new(identity),
+        config.quotas.clone(),
         shutdown_signal(),
     )
     .await;

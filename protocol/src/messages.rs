@@ -273,6 +273,13 @@ pub enum WatchEvent {
     Results(Vec<TaskResult>),
     /// The session is closed and every task is final; the stream ends after this.
     Finished,
+    /// The head stopped this watch because its reader fell behind (the head keeps a bounded
+    /// queue per watcher); the stream ends after this. Watch again: the new watch sends
+    /// every final result from the store, and a reader that drops the ids it already has
+    /// (as `flame_client::ResultStream` does) misses none and sees none twice.
+    Lagged {
+        reason: String,
+    },
 }
 
 /// A frame from a node to the head on its control stream.

@@ -1008,6 +1008,10 @@ pub enum ErrorKind {
     Internal,
     /// The connection's principal may not do this (not the owner, not an admin).
     PermissionDenied,
+    /// The owner holds as much of a per-user quota as the head allows (open sessions, tasks
+    /// or bytes held, connections, streams); the message names the quota, its limit and
+    /// what the owner holds.
+    QuotaExceeded,
 }
 
 /// An error the head returns to a client, with a message meant for humans.
