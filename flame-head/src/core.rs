@@ -4709,4 +4709,298 @@ mod tests {
             other => panic!("unexpected {other:?}"),
         }
     }
+
+    fn spec_of(owner: &str, ephemeral: bool, common: &'static [u8]) -> SessionSpec {
+        SessionSpec {
+            owner: owner.into(),
+            ephemeral,
+            common_data: Bytes::from_static(common),
+            ..SessionSpec::new("ping")
+        }
+    }
+
+    fn submit(
+        h: &mut Harness,
+        session: SessionId,
+        batch_id: u64,
+        inputs: &[&'static [u8]],
+    ) -> SubmitReply {
+        let (reply, mut rx) = oneshot::channel();
+        h.core.handle(
+            Event::Submit {
+                session,
+                batch_id,
+                inputs: inputs.iter().map(|b| Bytes::from_static(b)).collect(),
+                reply,
+            },
+            h.now,
+        );
+        h.step();
+        rx.try_recv().expect("a submit reply")
+    }
+
+    fn quota_error(r: ClientResponse) -> ApiError {
+        match r {
+            ClientResponse::Error(e) if e.kind == ErrorKind::QuotaExceeded => e,
+            other => panic!("expected a quota refusal, got {other:?}"),
+        }
+    }
+
+    fn rejected_for_quota(r: SubmitReply) -> ApiError {
+        match r {
+            SubmitReply::Rejected { error, .. } if error.kind == ErrorKind::QuotaExceeded => error,
+            other => panic!("expected a quota refusal, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn quotas_refuse_sessions_tasks_and_bytes_by_name_and_come_back_when_released() {
+        let quotas = crate::quotas::Quotas {
+            open_sessions: 2,
+            pending_tasks: 3,
+            input_bytes: 100,
+            ..Default::default()
+        };
+        let mut h = Harness::with_config(CoreConfig {
+            quotas: QuotaBook::uniform(quotas),
+            ..CoreConfig::default()
+        });
+        let bob1 = session_id(h.client(ClientRequest::CreateSession(spec_of("bob", false, b"c"))));
+        let _bob2 = session_id(h.client(ClientRequest::CreateSession(spec_of("bob", false, b""))));
+        let e = quota_error(h.client(ClientRequest::CreateSession(spec_of("bob", false, b""))));
+        assert!(
+            e.message
+                .starts_with("quota exceeded: open sessions 2 of 2 for owner bob;")
+                && e.message.ends_with("quotas.open_sessions"),
+            "{e}"
+        );
+        // Another owner is not held back by bob.
+        let alice =
+            session_id(h.client(ClientRequest::CreateSession(spec_of("alice", false, b""))));
+        // Tasks: three fit, a fourth does not, and a refused batch holds nothing.
+        assert!(matches!(
+            submit(&mut h, bob1, 1, &[b"aa", b"bb", b"cc"]),
+            SubmitReply::Accepted { count: 3, .. }
+        ));
+        let e = rejected_for_quota(submit(&mut h, bob1, 2, &[b"dd"]));
+        assert!(
+            e.message.contains("pending tasks 3 of 3 for owner bob"),
+            "{e}"
+        );
+        assert_eq!(
+            h.core.held("bob"),
+            crate::quotas::Held {
+                sessions: 2,
+                tasks: 3,
+                bytes: 7
+            }
+        );
+        // Bytes: alice's one task of 101 bytes is over her 100.
+        let e = rejected_for_quota(submit(&mut h, alice, 1, &[&[b'x'; 101]]));
+        assert!(
+            e.message.contains(
+                "bytes held in the head's memory 0 of 100 for owner alice (this request adds 101)"
+            ),
+            "{e}"
+        );
+        assert_eq!(h.core.ledger_mismatch(), None);
+        // Cancelled, bob's session finishes, leaves memory, and gives everything back.
+        assert!(matches!(
+            h.client(ClientRequest::CancelSession { id: bob1 }),
+            ClientResponse::Ok
+        ));
+        h.step();
+        assert!(!h.core.holds_session(bob1));
+        assert_eq!(
+            h.core.held("bob"),
+            crate::quotas::Held {
+                sessions: 1,
+                tasks: 0,
+                bytes: 0
+            }
+        );
+        session_id(h.client(ClientRequest::CreateSession(spec_of("bob", false, b""))));
+        assert_eq!(h.core.ledger_mismatch(), None);
+    }
+
+    #[test]
+    fn an_ephemeral_session_holds_its_tasks_until_it_leaves_memory() {
+        let quotas = crate::quotas::Quotas {
+            pending_tasks: 2,
+            ..Default::default()
+        };
+        let mut h = Harness::with_config(CoreConfig {
+            quotas: QuotaBook::uniform(quotas),
+            ..CoreConfig::default()
+        });
+        let eph = session_id(h.client(ClientRequest::CreateSession(spec_of("eve", true, b""))));
+        assert!(matches!(
+            submit(&mut h, eph, 1, &[b"a", b"b"]),
+            SubmitReply::Accepted { count: 2, .. }
+        ));
+        let e = rejected_for_quota(submit(&mut h, eph, 2, &[b"c"]));
+        assert!(
+            e.message.contains("pending tasks 2 of 2 for owner eve"),
+            "{e}"
+        );
+        // Final, its results stay in memory with it (it has no store), so they still count.
+        assert!(matches!(
+            h.client(ClientRequest::CancelSession { id: eph }),
+            ClientResponse::Ok
+        ));
+        h.step();
+        assert!(h.core.holds_session(eph));
+        assert_eq!(h.core.held("eve").tasks, 2);
+        let eph2 = session_id(h.client(ClientRequest::CreateSession(spec_of("eve", true, b""))));
+        let e = rejected_for_quota(submit(&mut h, eph2, 1, &[b"c"]));
+        assert!(
+            e.message.contains("pending tasks 2 of 2 for owner eve"),
+            "{e}"
+        );
+        // `EPHEMERAL_KEPT_MS` later it is gone, and so is what it held.
+        h.now += EPHEMERAL_KEPT_MS + 1;
+        h.core.handle(Event::Tick, h.now);
+        h.step();
+        assert!(!h.core.holds_session(eph));
+        // Only the second, open and empty, is left.
+        assert_eq!(
+            h.core.held("eve"),
+            crate::quotas::Held {
+                sessions: 1,
+                tasks: 0,
+                bytes: 0
+            }
+        );
+        assert_eq!(h.core.ledger_mismatch(), None);
+    }
+
+    #[test]
+    fn a_finished_session_leaves_memory_and_is_served_from_the_store() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = crate::store::Store::open(dir.path()).unwrap();
+        let (store_tx, mut store_rx) = mpsc::unbounded_channel();
+        let mut core = Core::new(CoreConfig::default(), store_tx, store.load().unwrap());
+        core.ensure_application(ApplicationSpec::new("ping", "flame-ping"));
+        // The writer, for real: every request committed to redb, then reported.
+        let mut commit = |core: &mut Core| {
+            core.end_batch(1);
+            while let Ok(req) = store_rx.try_recv() {
+                let result = store.commit(&req.ops).map_err(|e| e.to_string());
+                core.handle(
+                    Event::Committed {
+                        tokens: vec![req.token],
+                        result,
+                    },
+                    1,
+                );
+                core.end_batch(1);
+            }
+        };
+        let ask = |core: &mut Core, request: ClientRequest| {
+            let (reply, rx) = oneshot::channel();
+            core.handle(Event::Client { request, reply }, 1);
+            rx
+        };
+        let mut created = ask(
+            &mut core,
+            ClientRequest::CreateSession(spec_of("bob", false, b"common")),
+        );
+        commit(&mut core);
+        let id = session_id(created.try_recv().unwrap());
+        let (reply, mut acked) = oneshot::channel();
+        let inputs = (0..20_000)
+            .map(|i| Bytes::from(format!("task {i}")))
+            .collect();
+        core.handle(
+            Event::Submit {
+                session: id,
+                batch_id: 1,
+                inputs,
+                reply,
+            },
+            1,
+        );
+        commit(&mut core);
+        assert!(matches!(
+            acked.try_recv(),
+            Ok(SubmitReply::Accepted { count: 20_000, .. })
+        ));
+        let before = core.sessions.len();
+        assert_eq!(core.held("bob").tasks, 20_000);
+        let mut cancelled = ask(&mut core, ClientRequest::CancelSession { id });
+        commit(&mut core);
+        assert!(matches!(cancelled.try_recv(), Ok(ClientResponse::Ok)));
+        // Out of memory: the session table shrank, and the owner holds nothing.
+        assert!(!core.holds_session(id));
+        assert_eq!(core.sessions.len(), before - 1);
+        assert!(core.held("bob").is_zero());
+        // Its view, owner, tasks and results are served from the store.
+        let info = store.finished_session(id).unwrap().expect("its final view");
+        assert!(info.is_finished(), "{info:?}");
+        assert_eq!(info.owner, "bob");
+        assert_eq!(info.counts.cancelled, 20_000);
+        let page = store
+            .final_results_page(id, TaskId(0), 8_192, usize::MAX)
+            .unwrap();
+        assert_eq!(page.len(), 8_192);
+        assert_eq!(page[0].task, TaskId(1));
+        let next = store
+            .final_results_page(id, TaskId(8_192), 8_192, 64)
+            .unwrap();
+        assert_eq!(next.first().map(|r| r.task), Some(TaskId(8_193)));
+        assert!(next.len() < 8_192, "a page stops at its byte bound");
+        // The core sends the server to the store for it, and refuses nothing it should not.
+        let (reply, mut rx) = oneshot::channel();
+        core.handle(
+            Event::ListTasks {
+                session: id,
+                states: vec![],
+                after: TaskId(0),
+                limit: 10,
+                reply,
+            },
+            1,
+        );
+        assert!(matches!(rx.try_recv(), Ok(Ok(None))));
+        let (sink, _source) = crate::watch::watch_queue();
+        let (reply, mut rx) = oneshot::channel();
+        core.handle(
+            Event::Watch {
+                session: id,
+                sink,
+                reply,
+            },
+            1,
+        );
+        assert!(matches!(
+            rx.try_recv(),
+            Ok(Ok(WatchStart {
+                backfill: Backfill::Store,
+                finished: true
+            }))
+        ));
+        let mut closed = ask(&mut core, ClientRequest::CloseSession { id });
+        assert!(matches!(closed.try_recv(), Ok(ClientResponse::Ok)));
+        // A resend of its batch is acked from the store, as it was.
+        let (reply, mut resent) = oneshot::channel();
+        core.handle(
+            Event::Submit {
+                session: id,
+                batch_id: 1,
+                inputs: vec![Bytes::from_static(b"task 0")],
+                reply,
+            },
+            1,
+        );
+        let resent = store.settle_refused(id, resent.try_recv().unwrap());
+        assert!(
+            matches!(resent, SubmitReply::Accepted { count: 20_000, .. }),
+            "{resent:?}"
+        );
+        // After a restart the finished session is not loaded again.
+        drop(core);
+        let loaded = store.load().unwrap();
+        assert!(loaded.sessions.iter().all(|s| s.id != id));
+        assert!(loaded.tasks.is_empty());
+    }
 }
