@@ -14,9 +14,10 @@
 //! + `pending_tasks` × ~100 bytes (the core's per-task bookkeeping)
 //! + `connections` × `server::CLIENT_RECEIVE_WINDOW` (QUIC buffers)
 //! + `submit_bytes_in_flight` (submit batches read and not yet acked)
-//! + `connections` × `streams_per_connection` × `watch::WATCH_QUEUE_BYTES_MAX` (watch queues),
 //!
-//! about 1.2 GiB with the defaults, most of it only with bytes really sent.
+//! about 0.75 GiB with the defaults, only with the bytes really sent; plus the watch queues,
+//! `watch::WATCH_QUEUE_BYTES_MAX` each at most, whose result bytes are shared by every
+//! watcher of a session.
 
 use flame_protocol::model::{ApiError, ErrorKind};
 use serde::Deserialize;

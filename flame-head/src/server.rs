@@ -1445,8 +1445,9 @@ async fn node_connection(
         );
     });
     let reason = loop {
-        // A node heartbeats every second: silence past the heartbeat timeout is a lost node.
-        match read_bounded::<NodeToHead>(&mut reader, Some(limits::HEARTBEAT_TIMEOUT)).await {
+        // A silent node is the core's to declare lost (heartbeat timeout); one stalled in
+        // the middle of a frame is cut off here.
+        match read_bounded::<NodeToHead>(&mut reader, None).await {
             Ok(Some(message)) => {
                 if shared
                     .events
@@ -1465,9 +1466,10 @@ async fn node_connection(
                 if matches!(
                     e,
                     ConnError::Frame(FrameError::Malformed(_) | FrameError::TooLarge { .. })
-                        | ConnError::Timeout(_)
                 ) {
                     close_with(&conn, CLOSE_PROTOCOL_ERROR, &e.to_string());
+                } else if let ConnError::Timeout(_) = e {
+                    close_with(&conn, CLOSE_NODE_LOST, &e.to_string());
                 }
                 break e.to_string();
             }

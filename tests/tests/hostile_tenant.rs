@@ -258,6 +258,27 @@ async fn one_tenant_cannot_exhaust_the_head_and_another_completes_meanwhile() {
             OPEN_SESSIONS + 1
         ),
     }
+    // The CLI says the same, with a hint, and fails.
+    let token_file = dir.path().join("mallory.token");
+    flame_tests::cluster::write_private(&token_file, mallory_token.expose().as_bytes());
+    let mut command = flame_tests::cluster::flame_command();
+    command
+        .arg("--head")
+        .arg(cluster.head_addr())
+        .arg("--ca-file")
+        .arg(&ca)
+        .arg("--token-file")
+        .arg(&token_file)
+        .args(["ping", "-t", "1"]);
+    let out =
+        flame_tests::command::run_command(command, flame_tests::command::COMMAND_TIMEOUT).await;
+    out.assert_failure();
+    assert!(
+        out.stderr
+            .contains("error: quota exceeded: open sessions 8 of 8 for owner mallory")
+            && out.stderr.contains("hint: "),
+        "{out}"
+    );
 
     // Results that flow while watchers stop reading: raw watchers that never read, and a
     // slow consumer through the client library.
