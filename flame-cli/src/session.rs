@@ -405,6 +405,11 @@ enum WatchItem {
 /// timeout. There is no per-result bound by design: a live head with slow tasks may send
 /// nothing for hours, while a dead head or link is detected by the connection's idle timeout
 /// ([`flame_protocol::limits::IDLE_TIMEOUT`]). Dropping the stream stops the watch.
+///
+/// A reader slower than the session's results does not make the head hold them: the head
+/// drops a watch that falls behind its bound and says so (`WatchEvent::Lagged`); the stream
+/// then watches again, gets the results from the store, and drops those already handed on,
+/// so a slow reader still sees every result exactly once.
 #[derive(Debug)]
 pub struct ResultStream {
     session: SessionId,

@@ -48,6 +48,9 @@ const META_SCHEMA: &str = "schema_version";
 const META_NEXT_SESSION: &str = "next_session_id";
 const META_NEXT_EXECUTOR: &str = "next_executor_id";
 
+/// Finished sessions a listing looks through, newest first.
+pub const FINISHED_SCANNED_MAX: usize = 100_000;
+
 /// Most requests one group commit takes; more wait for the next commit.
 pub const GROUP_COMMIT_REQUESTS_MAX: usize = 4096;
 /// Payload bytes after which a group commit stops taking more requests.
@@ -372,7 +375,8 @@ impl Store {
     }
 
     /// Finished sessions that left memory, newest first, at most `max`, only `owner`'s
-    /// when given.
+    /// when given; among the newest [`FINISHED_SCANNED_MAX`] only, so that one listing
+    /// costs the head a bounded read however many sessions others finished.
     pub fn finished_sessions(
         &self,
         owner: Option<&str>,
@@ -381,7 +385,7 @@ impl Store {
         let txn = self.db.begin_read()?;
         let table = txn.open_table(FINISHED)?;
         let mut out = Vec::new();
-        for row in table.iter()?.rev() {
+        for row in table.iter()?.rev().take(FINISHED_SCANNED_MAX) {
             if out.len() >= max {
                 break;
             }

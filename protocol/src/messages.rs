@@ -14,7 +14,8 @@
 //!   * [`ClientRequest::WatchResults`]: after a [`ClientResponse::Ok`], the head sends
 //!     [`WatchEvent`] frames: every result of the session exactly once on that stream,
 //!     including results finished before the watch began, then [`WatchEvent::Finished`]
-//!     once the session is closed and has no unfinished task.
+//!     once the session is closed and has no unfinished task, or [`WatchEvent::Lagged`]
+//!     when the reader fell too far behind (the client watches again).
 //! * **Nodes** keep the hello stream as their control stream: the node sends
 //!   [`NodeToHead`] frames, the head sends [`HeadToNode`] frames, for the life of the
 //!   connection.

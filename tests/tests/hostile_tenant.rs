@@ -275,7 +275,8 @@ async fn one_tenant_cannot_exhaust_the_head_and_another_completes_meanwhile() {
     out.assert_failure();
     assert!(
         out.stderr
-            .contains("error: quota exceeded: open sessions 8 of 8 for owner mallory")
+            .contains("quota exceeded: open sessions 8 of 8 for owner mallory")
+            && out.stderr.starts_with("error: ")
             && out.stderr.contains("hint: "),
         "{out}"
     );
