@@ -16,7 +16,7 @@ use flame_protocol::messages::{
     NodeExecRequest, NodeLogRequest, NodeStreamRequest, NodeToHead, Role, SubmitBatch, SubmitReply,
     WatchEvent,
 };
-use flame_protocol::model::{ApiError, ErrorKind};
+use flame_protocol::model::{ApiError, ErrorKind, TaskResult};
 use flame_protocol::pki::{identity_of, PeerIdentity};
 use flame_protocol::{ExecutorId, SessionId, TaskId, TaskIdSet};
 use std::collections::{HashMap, HashSet};
@@ -1288,6 +1288,9 @@ async fn watch_stream(
     writer.write(&ClientResponse::Ok).await?;
     // Results that were already durable may also arrive live; each goes out once.
     let mut sent = TaskIdSet::default();
+    // How the live queue ended, if it did during the backfill: `Some(true)` Finished,
+    // `Some(false)` dropped for lagging.
+    let mut ended = None;
     match start.backfill {
         Backfill::Memory(backfill) => {
             for r in &backfill {
@@ -1309,7 +1312,7 @@ async fn watch_stream(
                     )
                 })
                 .await?;
-                let page = match page {
+                let mut page = match page {
                     Ok(page) => page,
                     Err(e) => {
                         tracing::error!(%session, error = %e, "cannot read results for a watcher");
@@ -1318,14 +1321,19 @@ async fn watch_stream(
                 };
                 let Some(last) = page.last() else { break };
                 after = last.task;
-                for r in &page {
-                    sent.insert(r.task);
+                page.retain(|r| sent.insert(r.task));
+                if !page.is_empty() {
+                    writer.write(&WatchEvent::Results(page)).await?;
                 }
-                writer.write(&WatchEvent::Results(page)).await?;
+                // Live results go out between pages, so that a long backfill of a busy
+                // session does not make its own watch lag.
+                if ended.is_none() && !start.finished {
+                    ended = forward_queued(&mut live, &mut sent, &mut writer).await?;
+                }
             }
         }
     }
-    if !start.finished {
+    if ended.is_none() && !start.finished {
         loop {
             let msg = tokio::select! {
                 msg = live.recv() => msg,
@@ -1333,35 +1341,65 @@ async fn watch_stream(
                 _ = writer.get_mut().stopped() => return Ok(()),
             };
             match msg {
-                Some(WatchMsg::Results(mut results)) => {
-                    results.retain(|r| sent.insert(r.task));
-                    for chunk in results.chunks(limits::MESSAGE_BATCH_MAX) {
-                        writer.write(&WatchEvent::Results(chunk.to_vec())).await?;
-                    }
+                Some(WatchMsg::Results(results)) => {
+                    write_new_results(results, &mut sent, &mut writer).await?;
                 }
                 Some(WatchMsg::Finished) => break,
                 None => {
-                    // The core dropped this watcher without `Finished`: it fell behind.
-                    writer
-                        .write(&WatchEvent::Lagged {
-                            reason: format!(
-                                "this watch fell more than {} messages or {} bytes behind \
-                                 the session's results; watch again to get the rest from \
-                                 the store",
-                                crate::watch::WATCH_QUEUE_MESSAGES_MAX,
-                                crate::watch::WATCH_QUEUE_BYTES_MAX
-                            ),
-                        })
-                        .await?;
-                    let _ = writer.get_mut().finish();
-                    return Ok(());
+                    ended = Some(false);
+                    break;
                 }
             }
         }
     }
+    if ended == Some(false) {
+        // The core dropped this watcher without `Finished`: it fell behind.
+        writer
+            .write(&WatchEvent::Lagged {
+                reason: format!(
+                    "this watch fell more than {} messages or {} bytes behind the \
+                     session's results; watch again to get the rest from the store",
+                    crate::watch::WATCH_QUEUE_MESSAGES_MAX,
+                    crate::watch::WATCH_QUEUE_BYTES_MAX
+                ),
+            })
+            .await?;
+        let _ = writer.get_mut().finish();
+        return Ok(());
+    }
     writer.write(&WatchEvent::Finished).await?;
     let _ = writer.get_mut().finish();
     Ok(())
+}
+
+/// Writes the results not sent yet on this watch.
+async fn write_new_results(
+    mut results: Vec<TaskResult>,
+    sent: &mut TaskIdSet,
+    writer: &mut Writer,
+) -> Result<(), ConnError> {
+    results.retain(|r| sent.insert(r.task));
+    for chunk in results.chunks(limits::MESSAGE_BATCH_MAX) {
+        writer.write(&WatchEvent::Results(chunk.to_vec())).await?;
+    }
+    Ok(())
+}
+
+/// Forwards what the watcher's queue holds now, without waiting; how the queue ended, if
+/// it did (`Some(true)`: Finished, `Some(false)`: dropped for lagging).
+async fn forward_queued(
+    live: &mut WatchSource,
+    sent: &mut TaskIdSet,
+    writer: &mut Writer,
+) -> Result<Option<bool>, ConnError> {
+    loop {
+        match live.try_recv() {
+            Ok(WatchMsg::Results(results)) => write_new_results(results, sent, writer).await?,
+            Ok(WatchMsg::Finished) => return Ok(Some(true)),
+            Err(mpsc::error::TryRecvError::Empty) => return Ok(None),
+            Err(mpsc::error::TryRecvError::Disconnected) => return Ok(Some(false)),
+        }
+    }
 }
 
 async fn node_connection(

@@ -93,8 +93,7 @@ impl WatchSource {
         Some(msg)
     }
 
-    /// [`WatchSource::recv`] without waiting, for the simulation.
-    #[cfg(test)]
+    /// [`WatchSource::recv`] without waiting.
     pub fn try_recv(&mut self) -> Result<WatchMsg, mpsc::error::TryRecvError> {
         let msg = self.rx.try_recv()?;
         self.taken(&msg);

@@ -465,22 +465,33 @@ async fn one_tenant_cannot_exhaust_the_head_and_another_completes_meanwhile() {
     // fell behind no further than QUIC's windows hold) or, once the head dropped it, with
     // `Lagged` and the reason; with 25 MiB of results against windows of 16 MiB per stream
     // and 64 MiB per connection, some must have lagged.
-    let mut lagged = 0;
+    // They share a connection, whose flow-control window unread streams fill: read them all
+    // at once, as a client must.
+    let mut readers = tokio::task::JoinSet::new();
     for (_, mut reader) in deaf.drain(..) {
-        let mut end = None;
-        let mut results = 0;
-        loop {
-            let event =
-                tokio::time::timeout(Duration::from_secs(30), reader.read::<WatchEvent>()).await;
-            match event {
-                Ok(Ok(Some(WatchEvent::Results(r)))) => results += r.len(),
-                Ok(Ok(Some(WatchEvent::Finished))) => end = Some("finished".to_string()),
-                Ok(Ok(Some(WatchEvent::Lagged { reason }))) => end = Some(reason),
-                Ok(Ok(None)) => break,
-                other => panic!("a deaf watcher's stream broke after {results} results: {other:?}"),
+        readers.spawn(async move {
+            let mut end = None;
+            let mut results = 0;
+            loop {
+                let event =
+                    tokio::time::timeout(Duration::from_secs(30), reader.read::<WatchEvent>())
+                        .await;
+                match event {
+                    Ok(Ok(Some(WatchEvent::Results(r)))) => results += r.len(),
+                    Ok(Ok(Some(WatchEvent::Finished))) => end = Some("finished".to_string()),
+                    Ok(Ok(Some(WatchEvent::Lagged { reason }))) => end = Some(reason),
+                    Ok(Ok(None)) => break,
+                    other => {
+                        panic!("a deaf watcher's stream broke after {results} results: {other:?}")
+                    }
+                }
             }
-        }
-        match end {
+            end
+        });
+    }
+    let mut lagged = 0;
+    while let Some(end) = readers.join_next().await {
+        match end.unwrap() {
             Some(reason) if reason == "finished" => {}
             Some(reason) => {
                 assert!(reason.contains("behind"), "{reason}");
