@@ -528,6 +528,22 @@ async fn one_tenant_cannot_exhaust_the_head_and_another_completes_meanwhile() {
     let again = mallory.session(running.id()).await.unwrap();
     let again = collect_results(&mut again.watch().await.unwrap(), RESULT_STALL_TIMEOUT).await;
     assert_eq!(again.len(), RUNNING_TASKS);
+    // Finished sessions left the head's memory; their owners still see them, and only they.
+    let info = mallory.get_session(running.id()).await.unwrap();
+    assert!(info.is_finished(), "{info:?}");
+    assert_eq!(info.counts.succeeded, RUNNING_TASKS as u64);
+    let listed = mallory.list_sessions().await.unwrap();
+    assert!(listed.iter().any(|s| s.id == running.id()), "{listed:?}");
+    assert!(listed.iter().all(|s| s.owner == "mallory"), "{listed:?}");
+    match alice.get_session(running.id()).await {
+        Err(e) => assert_eq!(e.kind(), Some(ErrorKind::PermissionDenied), "{e}"),
+        Ok(info) => panic!("alice sees mallory's finished session: {info:?}"),
+    }
+    let alice_list = alice.list_sessions().await.unwrap();
+    assert!(
+        alice_list.iter().all(|s| s.owner == "alice"),
+        "{alice_list:?}"
+    );
     alice.close().await;
     admin.close().await;
 }
