@@ -1124,12 +1124,21 @@ async fn read_bounded<T: serde::de::DeserializeOwned>(
     reader: &mut Reader,
     idle: Option<Duration>,
 ) -> Result<Option<T>, ConnError> {
+    read_within(reader, idle, FRAME_STALL_TIMEOUT).await
+}
+
+/// [`read_bounded`] over any byte stream, with the stall bound given.
+async fn read_within<T: serde::de::DeserializeOwned, R: tokio::io::AsyncRead + Unpin>(
+    reader: &mut FrameReader<R>,
+    idle: Option<Duration>,
+    stall: Duration,
+) -> Result<Option<T>, ConnError> {
     let mut progress = reader.progress();
     let mut idle_left = idle;
     loop {
         let wait = match (progress, idle_left) {
-            (0, Some(left)) => left.min(FRAME_STALL_TIMEOUT),
-            _ => FRAME_STALL_TIMEOUT,
+            (0, Some(left)) => left.min(stall),
+            _ => stall,
         };
         match tokio::time::timeout(wait, reader.read::<T>()).await {
             Ok(frame) => return Ok(frame?),
@@ -1832,5 +1841,66 @@ async fn exec_stream(
             let _ = writer.get_mut().finish();
             return Ok(());
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncWriteExt;
+
+    const STALL: Duration = Duration::from_millis(200);
+
+    fn framed(body: &[u8]) -> Vec<u8> {
+        let mut out = (body.len() as u32).to_le_bytes().to_vec();
+        out.extend_from_slice(body);
+        out
+    }
+
+    #[tokio::test]
+    async fn a_peer_stalled_mid_frame_is_cut_off_and_a_slow_or_idle_one_is_not() {
+        // Half a frame, then nothing: cut off after the stall bound.
+        let (mut peer, head) = tokio::io::duplex(1024);
+        let mut reader = FrameReader::new(head, 1024);
+        let frame = framed(&postcard::to_allocvec(&"hello").unwrap());
+        peer.write_all(&frame[..frame.len() - 2]).await.unwrap();
+        let started = tokio::time::Instant::now();
+        let got = read_within::<String, _>(&mut reader, None, STALL).await;
+        assert!(
+            matches!(got, Err(ConnError::Timeout(what)) if what.contains("stalled")),
+            "{got:?}"
+        );
+        assert!(started.elapsed() >= STALL);
+
+        // A frame trickled a byte at a time, each within the bound: read whole.
+        let (mut peer, head) = tokio::io::duplex(1024);
+        let mut reader = FrameReader::new(head, 1024);
+        let body = postcard::to_allocvec(&"a slow but steady frame").unwrap();
+        let frame = framed(&body);
+        let trickle = tokio::spawn(async move {
+            for b in frame {
+                peer.write_all(&[b]).await.unwrap();
+                tokio::time::sleep(STALL / 4).await;
+            }
+            peer
+        });
+        let got = read_within::<String, _>(&mut reader, None, STALL).await;
+        assert_eq!(got.unwrap().as_deref(), Some("a slow but steady frame"));
+        let _peer = trickle.await.unwrap();
+
+        // Silence between frames: allowed without an idle bound, refused past one.
+        let (_peer, head) = tokio::io::duplex(1024);
+        let mut reader = FrameReader::new(head, 1024);
+        let waited = tokio::time::timeout(
+            STALL * 3,
+            read_within::<String, _>(&mut reader, None, STALL),
+        )
+        .await;
+        assert!(waited.is_err(), "an idle stream was cut off: {waited:?}");
+        let got = read_within::<String, _>(&mut reader, Some(STALL * 2), STALL).await;
+        assert!(
+            matches!(got, Err(ConnError::Timeout("the next frame"))),
+            "{got:?}"
+        );
     }
 }
