@@ -468,6 +468,34 @@ mod tests {
     }
 
     #[test]
+    fn the_packaged_head_toml_shows_the_defaults() {
+        // Its `[quotas]` section lists every quota, commented out, with its default.
+        let text = include_str!("../../packaging/head.toml");
+        let section = text
+            .split_once("\n[quotas]\n")
+            .map(|(_, rest)| rest)
+            .expect("head.toml has a [quotas] section");
+        let mut shown = BTreeMap::new();
+        for line in section
+            .lines()
+            .take_while(|l| !l.contains("[quotas.owners."))
+        {
+            if let Some((key, value)) = line.trim_start_matches("# ").split_once(" = ") {
+                shown.insert(key.to_string(), value.parse::<u64>().unwrap());
+            }
+        }
+        assert_eq!(shown.len(), Quota::ALL.len(), "{shown:?}");
+        let file = FileQuotas {
+            owners: BTreeMap::new(),
+            defaults: shown,
+        };
+        assert_eq!(
+            QuotaBook::resolve(&file, &[], &[]).unwrap(),
+            QuotaBook::uniform(Quotas::default())
+        );
+    }
+
+    #[test]
     fn the_book_takes_defaults_owners_and_flags_in_that_order() {
         let file: FileQuotas = toml::from_str(
             "open_sessions = 10\npending_tasks = 500\n[owners.bob]\nopen_sessions = 3\n",
