@@ -145,6 +145,12 @@ fn client_hint(e: &ClientError) -> Option<String> {
                     .to_string(),
             ),
             Some(ErrorKind::Unavailable) => Some("try again in a moment".to_string()),
+            Some(ErrorKind::QuotaExceeded) => Some(
+                "finish, close or cancel some of your sessions (`flame session list`), or ask an \
+                 admin to raise the quota named above (head.toml `[quotas]`, per owner \
+                 `[quotas.owners.NAME]`)"
+                    .to_string(),
+            ),
             Some(ErrorKind::PermissionDenied) => Some(
                 "ask an admin, or use a token of the session's owner; `flame whoami` shows who you are"
                     .to_string(),
@@ -180,6 +186,10 @@ fn endpoint_hint(e: &EndpointError) -> Option<String> {
 fn refusal_hint(reason: &str) -> String {
     if reason.contains("protocol version") {
         "use flame binaries of the head's release; compare `flame --version` with the head's"
+            .to_string()
+    } else if reason.starts_with("quota exceeded") {
+        "close some of your other flame connections (running `flame` commands and programs), \
+         or ask an admin to raise the quota named above"
             .to_string()
     } else if reason.contains("no credentials") {
         format!(
@@ -270,6 +280,18 @@ mod tests {
                 .contains("--cert and --key")
         );
         assert!(refused("protocol version 9 is not supported").contains("release"));
+        assert!(refused(
+            "quota exceeded: connections 16 of 16 for owner bob; close connections or ask an \
+             admin to raise quotas.connections"
+        )
+        .contains("close some of your other flame connections"));
+        let quota = anyhow::Error::new(ClientError::Api(flame_protocol::model::ApiError::new(
+            ErrorKind::QuotaExceeded,
+            "quota exceeded: open sessions 64 of 64 for owner bob",
+        )));
+        assert!(hint_for(&quota)
+            .unwrap_or_default()
+            .contains("raise the quota"));
         let denied = anyhow::Error::new(ClientError::Api(flame_protocol::model::ApiError::new(
             ErrorKind::PermissionDenied,
             "session 3 belongs to bob",

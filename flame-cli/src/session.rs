@@ -405,6 +405,11 @@ enum WatchItem {
 /// timeout. There is no per-result bound by design: a live head with slow tasks may send
 /// nothing for hours, while a dead head or link is detected by the connection's idle timeout
 /// ([`flame_protocol::limits::IDLE_TIMEOUT`]). Dropping the stream stops the watch.
+///
+/// A reader slower than the session's results does not make the head hold them: the head
+/// drops a watch that falls behind its bound and says so (`WatchEvent::Lagged`); the stream
+/// then watches again, gets the results from the store, and drops those already handed on,
+/// so a slow reader still sees every result exactly once.
 #[derive(Debug)]
 pub struct ResultStream {
     session: SessionId,
@@ -437,29 +442,6 @@ impl ResultStream {
     }
 }
 
-/// Task ids already handed to the reader, as a bit set: ids are dense from 1 within a
-/// session, so this costs one bit per task.
-#[derive(Debug, Default)]
-struct Seen {
-    words: Vec<u64>,
-}
-
-impl Seen {
-    /// Marks `task`; false if it was marked already.
-    fn insert(&mut self, task: TaskId) -> bool {
-        let Ok(i) = usize::try_from(task.0) else {
-            return true;
-        };
-        let (word, bit) = (i / 64, 1u64 << (i % 64));
-        if word >= self.words.len() {
-            self.words.resize(word + 1, 0);
-        }
-        let fresh = self.words[word] & bit == 0;
-        self.words[word] |= bit;
-        fresh
-    }
-}
-
 /// Reads watch frames into `tx` until the session finishes, the stream ends or fails, or
 /// the [`ResultStream`] is dropped. When the head is lost it reconnects and watches again:
 /// the head then sends every final result from the start, and those already handed on are
@@ -474,7 +456,7 @@ async fn pump_watch(
     tx: mpsc::Sender<WatchItem>,
 ) {
     let what = format!("watching session {session}");
-    let mut seen = Seen::default();
+    let mut seen = flame_protocol::TaskIdSet::default();
     let mut recoveries = 0;
     loop {
         let event = tokio::select! {
@@ -492,6 +474,32 @@ async fn pump_watch(
                 WatchItem::Results(results)
             }
             Ok(Some(WatchEvent::Finished)) => WatchItem::Finished,
+            // The head dropped this watch because the reader fell behind: watch again. The
+            // new watch sends every final result from the store, in pages; those already
+            // handed on are dropped above, so each result still comes once. `recoveries`
+            // resets on every fresh result, so a reader that keeps lagging but keeps
+            // receiving goes on, and one that gets nothing new between lags gives up.
+            Ok(Some(WatchEvent::Lagged { reason })) if recoveries < RECOVERIES_MAX => {
+                recoveries += 1;
+                tracing::info!(%session, %reason, "the watch lagged; watching again");
+                match client
+                    .open_stream(ClientRequest::WatchResults { session })
+                    .await
+                {
+                    Ok((c, (s, r))) => {
+                        conn = c;
+                        send = s.into_inner();
+                        recv = r;
+                        continue;
+                    }
+                    Err(e) => WatchItem::Failed(e),
+                }
+            }
+            Ok(Some(WatchEvent::Lagged { reason })) => WatchItem::Failed(ClientError::Protocol {
+                addr: client.head_addr().to_string(),
+                what: what.clone(),
+                detail: format!("the head stopped the watch {RECOVERIES_MAX} times in a row without a new result: {reason}"),
+            }),
             Ok(None) | Err(_) if Client::is_lost(&conn) && recoveries < RECOVERIES_MAX => {
                 recoveries += 1;
                 tracing::info!(%session, attempt = recoveries, "the head was lost; watching again");

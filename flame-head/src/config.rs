@@ -47,6 +47,15 @@ pub struct Args {
     /// (checked every 5 s) [default: 1 GiB].
     #[arg(long, value_name = "BYTES")]
     pub low_space_bytes: Option<u64>,
+    /// A per-user quota for every owner, `KEY=VALUE` (repeatable; over head.toml's
+    /// `[quotas]`): open_sessions, pending_tasks, input_bytes, connections,
+    /// streams_per_connection, submit_bytes_in_flight.
+    #[arg(long = "quota", value_name = "KEY=VALUE", value_parser = crate::quotas::parse_quota_flag)]
+    pub quotas: Vec<(String, u64)>,
+    /// A quota for one owner, `OWNER.KEY=VALUE` (repeatable; over head.toml's
+    /// `[quotas.owners.OWNER]`).
+    #[arg(long = "owner-quota", value_name = "OWNER.KEY=VALUE", value_parser = crate::quotas::parse_owner_quota_flag)]
+    pub owner_quotas: Vec<(String, String, u64)>,
 }
 
 /// `flame-head` commands other than serving.
@@ -219,6 +228,9 @@ struct FileConfig {
     heartbeat_timeout: Option<String>,
     /// See `--low-space-bytes`.
     low_space_bytes: Option<u64>,
+    /// `[quotas]`: per-user quotas, and `[quotas.owners.NAME]` for owners that differ.
+    #[serde(default)]
+    quotas: crate::quotas::FileQuotas,
 }
 
 /// Resolved settings.
@@ -235,6 +247,8 @@ pub struct HeadConfig {
     pub heartbeat_timeout: std::time::Duration,
     /// Free space of the data directory below which the head warns.
     pub low_space_bytes: u64,
+    /// Per-user quotas.
+    pub quotas: crate::quotas::QuotaBook,
 }
 
 /// A duration of the configuration file, named by its key in errors.
@@ -298,6 +312,9 @@ impl HeadConfig {
                 humantime::format_duration(heartbeat_timeout)
             );
         }
+        let quotas =
+            crate::quotas::QuotaBook::resolve(&file.quotas, &args.quotas, &args.owner_quotas)
+                .map_err(anyhow::Error::msg)?;
         let mut tls_san = file.tls_san;
         tls_san.extend(args.tls_san);
         Ok(HeadConfig {
@@ -317,6 +334,7 @@ impl HeadConfig {
                 .low_space_bytes
                 .or(file.low_space_bytes)
                 .unwrap_or(crate::storage_fault::LOW_SPACE_BYTES_DEFAULT),
+            quotas,
         })
     }
 }
@@ -398,5 +416,31 @@ mod tests {
         let err = resolve_with("preemption_grace = \"0s\"\n", &[]).unwrap_err();
         assert!(format!("{err:#}").contains("more than 0"), "{err:#}");
         assert!(resolve_with("", &["--preemption-grace", "later"]).is_err());
+    }
+
+    #[test]
+    fn quotas_from_file_and_flags_per_owner() {
+        let config = resolve_with(
+            "[quotas]\nopen_sessions = 8\n[quotas.owners.bob]\npending_tasks = 10\n",
+            &[
+                "--owner-quota",
+                "carol.connections=2",
+                "--quota",
+                "input_bytes=4096",
+            ],
+        )
+        .unwrap();
+        assert_eq!(config.quotas.of("alice").open_sessions, 8);
+        assert_eq!(config.quotas.of("alice").input_bytes, 4096);
+        assert_eq!(config.quotas.of("bob").pending_tasks, 10);
+        assert_eq!(config.quotas.of("bob").open_sessions, 8);
+        assert_eq!(config.quotas.of("carol").connections, 2);
+        let err = resolve_with("[quotas]\nsessions = 8\n", &[]).unwrap_err();
+        assert!(
+            format!("{err:#}").contains("unknown quota `sessions`"),
+            "{err:#}"
+        );
+        let err = resolve_with("", &["--quota", "connections=0"]).unwrap_err();
+        assert!(format!("{err:#}").contains("between 1 and"), "{err:#}");
     }
 }

@@ -14,8 +14,10 @@
 //! * a result becomes final, and reaches watchers, only after it is durable;
 //! * every acked task ends in exactly one final state.
 
+use crate::quotas::{Held, Ledger, QuotaBook};
 use crate::scheduler::{self, Decision, ExecutorPhase, Snapshot};
 use crate::store::{StoreOp, StoreRequest, StoredSession, StoredTask, USAGE_RECORDS_MAX};
+use crate::watch::WatchSink;
 use bytes::Bytes;
 use flame_protocol::limits;
 use flame_protocol::messages::{
@@ -93,7 +95,7 @@ pub enum Event {
     },
     Watch {
         session: SessionId,
-        sink: mpsc::UnboundedSender<WatchMsg>,
+        sink: WatchSink,
         reply: oneshot::Sender<Result<WatchStart, ApiError>>,
     },
     NodeConnected {
@@ -200,7 +202,14 @@ pub struct CoreConfig {
     /// Makes the credential MPI jobs' ranks get in [`JOB_TOKEN_ENV`]; `None` (unit tests):
     /// none is given.
     pub job_credentials: Option<crate::auth::JobCredentials>,
+    /// Per-owner quotas on what the core holds (sessions, tasks, bytes).
+    pub quotas: QuotaBook,
 }
+
+/// How long a finished ephemeral session stays in memory (and counts against its owner's
+/// quotas) before it goes: it has no store, so a watcher that reconnects within the client
+/// library's reconnect window still gets its results.
+pub const EPHEMERAL_KEPT_MS: u64 = 60_000;
 
 /// The variable that carries an MPI job's credential to its ranks (for `flame-mpi-agent`).
 pub const JOB_TOKEN_ENV: &str = "FLAME_JOB_TOKEN";
@@ -214,6 +223,7 @@ impl Default for CoreConfig {
             owner_weights: BTreeMap::new(),
             preemption_grace_ms: None,
             job_credentials: None,
+            quotas: QuotaBook::default(),
         }
     }
 }
@@ -292,7 +302,7 @@ struct SessionEntry {
     unacked_batches: u32,
     /// Closes written but not yet durable; the session cannot finish meanwhile.
     unacked_closes: u32,
-    watchers: Vec<mpsc::UnboundedSender<WatchMsg>>,
+    watchers: Vec<WatchSink>,
     finished: bool,
     /// Cancelled: batches acked from now on end as Cancelled at once.
     cancelled: bool,
@@ -326,6 +336,62 @@ impl TaskSlot {
 fn slot_of(tasks: &mut [TaskSlot], task: TaskId) -> Option<&mut TaskSlot> {
     let idx = usize::try_from(task.0.checked_sub(1)?).ok()?;
     tasks.get_mut(idx)
+}
+
+/// Bytes of an outcome's payload.
+fn outcome_bytes(o: &TaskOutcome) -> u64 {
+    match o {
+        TaskOutcome::Succeeded(b) => b.len() as u64,
+        TaskOutcome::Failed(m) => m.len() as u64,
+        TaskOutcome::Cancelled => 0,
+    }
+}
+
+/// What a task slot holds against its owner's quotas: whether it counts as a task (not
+/// final, or kept by an ephemeral session, which has no store), and its bytes in memory.
+fn slot_held(t: &TaskSlot, ephemeral: bool) -> (u64, u64) {
+    let task = match t.slot {
+        Slot::Rejected => false,
+        slot if slot.is_final() => ephemeral,
+        _ => true,
+    };
+    let bytes = t.input.len() as u64 + t.outcome.as_ref().map_or(0, outcome_bytes);
+    (u64::from(task), bytes)
+}
+
+/// Moves `owner`'s holdings from what a slot held (`before`) to what it holds (`after`).
+fn reheld(ledger: &mut Ledger, owner: &str, before: (u64, u64), after: (u64, u64)) {
+    ledger.release(
+        owner,
+        Held {
+            sessions: 0,
+            tasks: before.0.saturating_sub(after.0),
+            bytes: before.1.saturating_sub(after.1),
+        },
+    );
+    ledger.charge(
+        owner,
+        Held {
+            sessions: 0,
+            tasks: after.0.saturating_sub(before.0),
+            bytes: after.1.saturating_sub(before.1),
+        },
+    );
+}
+
+/// Everything a session holds against its owner's quotas, recomputed from its state.
+fn held_of(s: &SessionEntry) -> Held {
+    let mut held = Held {
+        sessions: 1,
+        tasks: 0,
+        bytes: s.stored.common_data.len() as u64,
+    };
+    for t in &s.tasks {
+        let (task, bytes) = slot_held(t, s.ephemeral);
+        held.tasks += task;
+        held.bytes += bytes;
+    }
+    held
 }
 
 impl SessionEntry {
@@ -480,6 +546,10 @@ enum AfterCommit {
         was_open: bool,
         reply: oneshot::Sender<ClientResponse>,
     },
+    /// A finished session's final record is durable: it leaves memory.
+    Evict {
+        session: SessionId,
+    },
     /// A resent batch whose first copy was committing: acked once that commit is known.
     AckDuplicate {
         session: SessionId,
@@ -538,6 +608,14 @@ pub struct Core {
     finish_retry: BTreeMap<SessionId, Vec<(TaskId, u32, TaskOutcome)>>,
     /// Whether the store takes writes, and the data directory's free space.
     storage: crate::storage_fault::StorageHealth,
+    /// What each owner holds against its quotas.
+    ledger: Ledger,
+    /// Finished sessions to take out of memory, each not before the time given: durable
+    /// ones once their final record is durable and no executor is bound to them (its usage
+    /// must be in that record), ephemeral ones after [`EPHEMERAL_KEPT_MS`].
+    evict_pending: BTreeMap<SessionId, u64>,
+    /// Set when `evict_pending` may have a session due: checked at the end of the batch.
+    evict_due: bool,
 }
 
 /// Executor ids reserved per store write.
@@ -611,6 +689,9 @@ impl Core {
             jobs_may_start: true,
             finish_retry: BTreeMap::new(),
             storage: Default::default(),
+            ledger: Ledger::default(),
+            evict_pending: BTreeMap::new(),
+            evict_due: false,
         };
         for spec in loaded.applications {
             core.apps.insert(spec.name.clone(), spec);
@@ -730,6 +811,14 @@ impl Core {
                     last_seen_ms: n.last_seen_ms,
                 },
             );
+        }
+        for s in core.sessions.values() {
+            core.ledger.charge(owner_name(&s.stored.owner), held_of(s));
+            if s.finished {
+                // Finished before the store kept finished sessions apart: it goes now.
+                core.evict_pending.insert(s.stored.id, 0);
+                core.evict_due = true;
+            }
         }
         core
     }
@@ -953,6 +1042,7 @@ impl Core {
             Event::Stalled { stalled_ms } => self.on_stalled(stalled_ms, now_ms),
             Event::Tick => {
                 self.reschedule = true;
+                self.evict_due |= !self.evict_pending.is_empty();
                 let timeout = self.config.heartbeat_timeout_ms;
                 let silent: Vec<String> = self
                     .nodes
@@ -1003,6 +1093,9 @@ impl Core {
             self.start_jobs(now_ms);
             self.dispatch(now_ms);
         }
+        if std::mem::take(&mut self.evict_due) {
+            self.evict_finished(now_ms);
+        }
         for id in std::mem::take(&mut self.dirty_sessions) {
             if let Some(s) = self.sessions.get(&id).filter(|s| !s.ephemeral) {
                 self.batch_ops.push(StoreOp::PutSession(s.stored.clone()));
@@ -1029,8 +1122,9 @@ impl Core {
         }
         for (session, results) in std::mem::take(&mut self.watch_out) {
             if let Some(s) = self.sessions.get_mut(&session) {
+                // A watcher that cannot take it is lagging: dropping it ends its watch.
                 s.watchers
-                    .retain(|w| w.send(WatchMsg::Results(results.clone())).is_ok());
+                    .retain(|w| w.offer(WatchMsg::Results(results.clone())));
             }
         }
         if !self.batch_ops.is_empty() || !self.batch_after.is_empty() {
@@ -1255,6 +1349,10 @@ impl Core {
                 None => respond(reply, error(ErrorKind::NotFound, unknown_session(id))),
             },
             ClientRequest::CloseSession { id } => {
+                if self.left_memory(id) {
+                    // Finished: closed durably before it left.
+                    return respond(reply, ClientResponse::Ok);
+                }
                 let Some(s) = self.sessions.get_mut(&id) else {
                     return respond(reply, error(ErrorKind::NotFound, unknown_session(id)));
                 };
@@ -1282,6 +1380,9 @@ impl Core {
                 self.check_finished(id);
             }
             ClientRequest::CancelSession { id } => {
+                if self.left_memory(id) {
+                    return respond(reply, ClientResponse::Ok);
+                }
                 if !self.sessions.contains_key(&id) {
                     return respond(reply, error(ErrorKind::NotFound, unknown_session(id)));
                 }
@@ -1406,10 +1507,14 @@ impl Core {
         tracing::info!(session = %id, tasks = cancelled.len(), ?outcome, "session's unfinished tasks ended");
         if s.ephemeral {
             for (task, attempt) in cancelled {
-                if let Some(slot) = slot_of(&mut s.tasks, task) {
-                    slot.outcome = Some(outcome.clone());
-                }
-                Self::finalize(s, task, attempt, outcome.clone(), &mut self.watch_out);
+                Self::finalize(
+                    s,
+                    task,
+                    attempt,
+                    outcome.clone(),
+                    &mut self.watch_out,
+                    &mut self.ledger,
+                );
             }
             if let Some(reply) = reply {
                 let _ = reply.send(ClientResponse::Ok);
@@ -1559,6 +1664,19 @@ impl Core {
                 .collect();
             entry.counts.pending = u64::from(ranks);
         }
+        // Held from now: sessions being created count, so a burst of creates cannot pass
+        // the quota before the first commit.
+        let held = held_of(&entry);
+        let owner = owner_name(&entry.stored.owner).to_string();
+        if let Err(e) = self
+            .ledger
+            .check(self.config.quotas.of(&owner), &owner, held)
+        {
+            self.next_session -= 1;
+            let _ = reply.send(ClientResponse::Error(e.into()));
+            return;
+        }
+        self.ledger.charge(&owner, held);
         self.batch_ops.push(StoreOp::PutCounters {
             next_session: Some(self.next_session),
             next_executor: None,
@@ -1594,7 +1712,14 @@ impl Core {
         };
         let limit = self.config.task_input_bytes_max;
         let Some(s) = self.sessions.get_mut(&session) else {
-            let _ = reply.send(reject(ErrorKind::NotFound, unknown_session(session)));
+            let _ = reply.send(if session.0 < self.next_session {
+                reject(
+                    ErrorKind::FailedPrecondition,
+                    format!("session {session} has finished and accepts no more tasks"),
+                )
+            } else {
+                reject(ErrorKind::NotFound, unknown_session(session))
+            });
             return;
         };
         if let Some(&(first, count)) = s.batches.get(&batch_id) {
@@ -1658,6 +1783,23 @@ impl Core {
             });
             return;
         }
+        let adding = Held {
+            sessions: 0,
+            tasks: inputs.len() as u64,
+            bytes: inputs.iter().map(|b| b.len() as u64).sum(),
+        };
+        let owner = owner_name(&s.stored.owner);
+        if let Err(e) = self
+            .ledger
+            .check(self.config.quotas.of(owner), owner, adding)
+        {
+            let _ = reply.send(SubmitReply::Rejected {
+                batch_id,
+                error: e.into(),
+            });
+            return;
+        }
+        self.ledger.charge(owner, adding);
         let first = TaskId(s.stored.last_task + 1);
         let count = inputs.len() as u32;
         s.stored.last_task += u64::from(count);
@@ -1714,6 +1856,9 @@ impl Core {
         after: TaskId,
         limit: u32,
     ) -> Result<Option<Vec<TaskInfo>>, ApiError> {
+        if self.left_memory(session) {
+            return Ok(None);
+        }
         let s = self
             .sessions
             .get(&session)
@@ -1767,33 +1912,16 @@ impl Core {
                 served.insert(*id, e.node.as_str());
             }
         }
-        if let Some(wanted) = executor {
-            served.retain(|id, _| *id == wanted);
-            if served.is_empty() {
-                return Err(api(
-                    ErrorKind::NotFound,
-                    format!(
-                        "executor {wanted} did not serve session {session} \
-                         (`flame session view {session}` lists its executors)"
-                    ),
-                ));
-            }
-        }
-        let mut by_node: BTreeMap<&str, Vec<ExecutorId>> = BTreeMap::new();
-        for (id, node) in served {
-            by_node.entry(node).or_default().push(id);
-        }
-        Ok(by_node
-            .into_iter()
-            .map(|(node, ids)| (node.to_string(), ids))
-            .collect())
+        served_targets(session, served, executor)
     }
 
-    fn on_watch(
-        &mut self,
-        session: SessionId,
-        sink: mpsc::UnboundedSender<WatchMsg>,
-    ) -> Result<WatchStart, ApiError> {
+    fn on_watch(&mut self, session: SessionId, sink: WatchSink) -> Result<WatchStart, ApiError> {
+        if self.left_memory(session) {
+            return Ok(WatchStart {
+                backfill: Backfill::Store,
+                finished: true,
+            });
+        }
         let s = self
             .sessions
             .get_mut(&session)
@@ -2122,8 +2250,14 @@ impl Core {
             self.launch_backoff.remove(&e.application);
         }
         if s.ephemeral {
-            slot.outcome = Some(r.outcome.clone());
-            Self::finalize(s, r.task, r.attempt, r.outcome, &mut self.watch_out);
+            Self::finalize(
+                s,
+                r.task,
+                r.attempt,
+                r.outcome,
+                &mut self.watch_out,
+                &mut self.ledger,
+            );
             if s.counts.unfinished() == 0 {
                 self.reschedule = true;
             }
@@ -2164,12 +2298,16 @@ impl Core {
     }
 
     /// Moves a task from running to its final state and queues it for the watchers.
+    /// Makes a task final: counters, the slot (its input dropped; its outcome kept for an
+    /// ephemeral session, or when it failed), the owner's quota holdings, and the
+    /// session's watchers.
     fn finalize(
         s: &mut SessionEntry,
         task: TaskId,
         attempt: u32,
         outcome: TaskOutcome,
         watch_out: &mut BTreeMap<SessionId, Vec<TaskResult>>,
+        ledger: &mut Ledger,
     ) {
         let Some(slot) = slot_of(&mut s.tasks, task) else {
             return;
@@ -2177,6 +2315,7 @@ impl Core {
         if slot.slot.is_final() {
             return;
         }
+        let before = slot_held(slot, s.ephemeral);
         if slot.slot == Slot::Pending {
             s.counts.pending = s.counts.pending.saturating_sub(1);
         } else {
@@ -2185,9 +2324,11 @@ impl Core {
         slot.slot = final_slot(&outcome);
         slot.input = Bytes::new();
         count_final(&mut s.counts, &outcome);
-        if matches!(outcome, TaskOutcome::Failed(_)) {
+        if s.ephemeral || matches!(outcome, TaskOutcome::Failed(_)) {
             slot.outcome = Some(outcome.clone());
         }
+        let after = slot_held(slot, s.ephemeral);
+        reheld(ledger, owner_name(&s.stored.owner), before, after);
         if !s.watchers.is_empty() {
             watch_out.entry(s.stored.id).or_default().push(TaskResult {
                 task,
@@ -2220,8 +2361,11 @@ impl Core {
                         if ok {
                             slot.slot = Slot::Pending;
                         } else {
+                            let before = slot_held(slot, s.ephemeral);
                             slot.slot = Slot::Rejected;
                             slot.input = Bytes::new();
+                            let after = slot_held(slot, s.ephemeral);
+                            reheld(&mut self.ledger, owner_name(&s.stored.owner), before, after);
                         }
                     }
                     if ok {
@@ -2278,7 +2422,14 @@ impl Core {
                 match result {
                     Ok(()) => {
                         for (task, attempt, outcome) in results {
-                            Self::finalize(s, task, attempt, outcome, &mut self.watch_out);
+                            Self::finalize(
+                                s,
+                                task,
+                                attempt,
+                                outcome,
+                                &mut self.watch_out,
+                                &mut self.ledger,
+                            );
                         }
                         if s.counts.unfinished() == 0 {
                             self.reschedule = true;
@@ -2332,7 +2483,11 @@ impl Core {
                         self.sessions.insert(entry.stored.id, *entry);
                         ClientResponse::Session(info)
                     }
-                    Err(e) => persist_error(e),
+                    Err(e) => {
+                        self.ledger
+                            .release(owner_name(&entry.stored.owner), held_of(&entry));
+                        persist_error(e)
+                    }
                 };
                 let _ = reply.send(r);
             }
@@ -2363,6 +2518,17 @@ impl Core {
                     }
                 });
             }
+            AfterCommit::Evict { session } => match result {
+                Ok(()) => {
+                    if self.sessions.get(&session).is_some_and(|s| s.finished) {
+                        self.evict(session);
+                    }
+                }
+                // Kept, and tried again at the next tick.
+                Err(_) => {
+                    self.evict_pending.insert(session, now_ms);
+                }
+            },
             AfterCommit::ReserveExecutorIds { upto } => {
                 self.reservation_pending = false;
                 if result.is_ok() {
@@ -2385,6 +2551,99 @@ impl Core {
             }
         }
         let _ = now_ms;
+    }
+
+    /// Takes the finished sessions that are due out of memory: an ephemeral one at once, a
+    /// durable one once its final record (and its view, in the store's `finished` table) is
+    /// durable. A session still bound to an executor waits: that executor's usage goes in
+    /// its record when it unbinds.
+    fn evict_finished(&mut self, now_ms: u64) {
+        if self.evict_pending.is_empty() {
+            return;
+        }
+        let bound: std::collections::HashSet<SessionId> =
+            self.executors.values().filter_map(|e| e.session).collect();
+        let due: Vec<SessionId> = self
+            .evict_pending
+            .iter()
+            .filter(|(id, at)| **at <= now_ms && !bound.contains(id))
+            .map(|(id, _)| *id)
+            .collect();
+        for id in due {
+            self.evict_pending.remove(&id);
+            let Some(s) = self.sessions.get(&id).filter(|s| s.finished) else {
+                continue;
+            };
+            if s.ephemeral {
+                self.evict(id);
+                continue;
+            }
+            self.dirty_sessions.remove(&id);
+            self.batch_ops.push(StoreOp::PutSession(s.stored.clone()));
+            self.batch_ops
+                .push(StoreOp::PutFinished(Box::new(s.info(0))));
+            self.batch_after.push(AfterCommit::Evict { session: id });
+        }
+    }
+
+    /// A finished session leaves memory; what it held goes back to its owner's quotas.
+    fn evict(&mut self, id: SessionId) {
+        if let Some(s) = self.sessions.remove(&id) {
+            self.ledger
+                .release(owner_name(&s.stored.owner), held_of(&s));
+            tracing::debug!(session = %id, "a finished session left the head's memory");
+        }
+    }
+
+    /// A session id that was handed out but is not in memory: a finished session that
+    /// left it (the server checks the store before asking about one).
+    fn left_memory(&self, id: SessionId) -> bool {
+        !self.sessions.contains_key(&id) && id.0 < self.next_session
+    }
+
+    /// Whether a session is in the head's memory (tests: eviction).
+    #[cfg(test)]
+    pub(crate) fn holds_session(&self, id: SessionId) -> bool {
+        self.sessions.contains_key(&id)
+    }
+
+    /// Finished sessions still in memory (tests: eviction).
+    #[cfg(test)]
+    pub(crate) fn finished_in_memory(&self) -> Vec<SessionId> {
+        self.sessions
+            .values()
+            .filter(|s| s.finished)
+            .map(|s| s.stored.id)
+            .collect()
+    }
+
+    /// What `owner` holds against its quotas.
+    #[cfg(test)]
+    pub(crate) fn held(&self, owner: &str) -> Held {
+        self.ledger.held(owner)
+    }
+
+    /// The quota ledger against what the sessions in memory (and those being created)
+    /// hold, recomputed: a description of the difference, if any (tests: the simulation
+    /// checks it after every step).
+    #[cfg(test)]
+    pub(crate) fn ledger_mismatch(&self) -> Option<String> {
+        let mut expect = Ledger::default();
+        for s in self.sessions.values() {
+            expect.charge(owner_name(&s.stored.owner), held_of(s));
+        }
+        for after in self.commits.values().flatten().chain(&self.batch_after) {
+            if let AfterCommit::AddSession { entry, .. } = after {
+                expect.charge(owner_name(&entry.stored.owner), held_of(entry));
+            }
+        }
+        (expect != self.ledger).then(|| {
+            format!(
+                "the quota ledger says {:?}, the sessions hold {:?}",
+                self.ledger.all(),
+                expect.all()
+            )
+        })
     }
 
     /// A closed session whose tasks are all final is finished: watchers are told, and its
@@ -2421,17 +2680,31 @@ impl Core {
         let log_waiters = std::mem::take(&mut s.job_log_waiters);
         // Results finalized in this batch must reach watchers before Finished.
         if let Some(results) = self.watch_out.remove(&session) {
-            for w in &s.watchers {
-                let _ = w.send(WatchMsg::Results(results.clone()));
-            }
+            s.watchers
+                .retain(|w| w.offer(WatchMsg::Results(results.clone())));
         }
         for w in s.watchers.drain(..) {
-            let _ = w.send(WatchMsg::Finished);
+            // A watcher that cannot take it lags, and learns the end from the store.
+            w.offer(WatchMsg::Finished);
         }
         if !s.ephemeral {
+            // Only final tasks are left; what they hold (failure messages) goes with them.
+            let bytes: u64 = s.tasks.iter().map(|t| slot_held(t, false).1).sum();
+            self.ledger.release(
+                owner_name(&s.stored.owner),
+                Held {
+                    sessions: 0,
+                    tasks: 0,
+                    bytes,
+                },
+            );
             s.tasks = Vec::new();
         }
         s.pending = VecDeque::new();
+        let keep_ms = if s.ephemeral { EPHEMERAL_KEPT_MS } else { 0 };
+        self.evict_pending
+            .insert(session, self.now_ms.saturating_add(keep_ms));
+        self.evict_due = true;
         self.reschedule = true;
         for (executor, reply) in log_waiters {
             let _ = reply.send(self.log_targets(session, executor));
@@ -2552,8 +2825,14 @@ impl Core {
                     continue;
                 };
                 if s.ephemeral {
-                    slot.outcome = Some(outcome.clone());
-                    Self::finalize(s, tid, attempt, outcome, &mut self.watch_out);
+                    Self::finalize(
+                        s,
+                        tid,
+                        attempt,
+                        outcome,
+                        &mut self.watch_out,
+                        &mut self.ledger,
+                    );
                     self.check_finished(sid);
                 } else {
                     slot.slot = Slot::Completing;
@@ -2831,7 +3110,10 @@ impl Core {
                     continue;
                 }
                 slot.slot = Slot::Running(*executor);
+                let before = slot_held(slot, false);
                 slot.input = input.clone();
+                let after = slot_held(slot, false);
+                reheld(&mut self.ledger, owner_name(&s.stored.owner), before, after);
                 s.counts.pending = s.counts.pending.saturating_sub(1);
                 s.counts.running += 1;
                 if let Some(e) = self.executors.get_mut(executor) {
@@ -3187,6 +3469,36 @@ impl Core {
 }
 
 /// An owner is empty (the default) or a name of at most 64 printable bytes without spaces.
+/// The executors that served `session` (id → node), or only `executor` among them,
+/// grouped by node, each group in id order. Also used for finished sessions, from the
+/// usage in their stored view.
+pub fn served_targets(
+    session: SessionId,
+    mut served: BTreeMap<ExecutorId, &str>,
+    executor: Option<ExecutorId>,
+) -> Result<NodeExecutors, ApiError> {
+    if let Some(wanted) = executor {
+        served.retain(|id, _| *id == wanted);
+        if served.is_empty() {
+            return Err(api(
+                ErrorKind::NotFound,
+                format!(
+                    "executor {wanted} did not serve session {session} \
+                     (`flame session view {session}` lists its executors)"
+                ),
+            ));
+        }
+    }
+    let mut by_node: BTreeMap<&str, Vec<ExecutorId>> = BTreeMap::new();
+    for (id, node) in served {
+        by_node.entry(node).or_default().push(id);
+    }
+    Ok(by_node
+        .into_iter()
+        .map(|(node, ids)| (node.to_string(), ids))
+        .collect())
+}
+
 fn validate_owner(owner: &str) -> Result<(), flame_protocol::model::SpecError> {
     let ok = owner.len() <= flame_protocol::model::APP_NAME_BYTES_MAX
         && owner.chars().all(|c| !c.is_whitespace() && !c.is_control());
@@ -3317,8 +3629,19 @@ mod tests {
 
     /// Ends the core's batch and makes every store request durable, as the writer would.
     fn settle(core: &mut Core, store_rx: &mut mpsc::UnboundedReceiver<StoreRequest>, now: u64) {
+        settle_ops(core, store_rx, now);
+    }
+
+    /// [`settle`], returning every op committed.
+    fn settle_ops(
+        core: &mut Core,
+        store_rx: &mut mpsc::UnboundedReceiver<StoreRequest>,
+        now: u64,
+    ) -> Vec<StoreOp> {
+        let mut ops = Vec::new();
         core.end_batch(now);
         while let Ok(req) = store_rx.try_recv() {
+            ops.extend(req.ops);
             core.handle(
                 Event::Committed {
                     tokens: vec![req.token],
@@ -3328,6 +3651,7 @@ mod tests {
             );
             core.end_batch(now);
         }
+        ops
     }
 
     fn session_id(r: ClientResponse) -> SessionId {
@@ -3518,7 +3842,7 @@ mod tests {
     fn task_runs_end_to_end_and_watcher_sees_it_once() {
         let mut h = Harness::new();
         let sid = session_id(h.client(ClientRequest::CreateSession(SessionSpec::new("ping"))));
-        let (sink, mut watch) = mpsc::unbounded_channel();
+        let (sink, mut watch) = crate::watch::watch_queue();
         let (reply, _) = oneshot::channel();
         h.core.handle(
             Event::Watch {
@@ -4406,18 +4730,16 @@ mod tests {
         let mut core = Core::new(CoreConfig::default(), store_tx, loaded);
         // No node is known, so nothing can come back to report the ranks.
         core.start_recovery(5, 10_000);
-        settle(&mut core, &mut store_rx, 5);
-        let (reply, mut rx) = oneshot::channel();
-        core.handle(
-            Event::Client {
-                request: ClientRequest::GetSession { id },
-                reply,
-            },
-            5,
-        );
-        let ClientResponse::Session(info) = rx.try_recv().unwrap() else {
-            panic!("no session")
-        };
+        let ops = settle_ops(&mut core, &mut store_rx, 5);
+        // It finished and left memory; its view is what the store serves from now on.
+        assert!(!core.holds_session(id));
+        let info = ops
+            .into_iter()
+            .find_map(|op| match op {
+                StoreOp::PutFinished(info) if info.id == id => Some(info),
+                _ => None,
+            })
+            .expect("the finished job's view is stored as it leaves memory");
         assert!(info.is_finished(), "{info:#?}");
         let job = info.job.unwrap();
         assert_eq!(job.state, JobState::Failed, "{job:#?}");
@@ -4514,7 +4836,7 @@ mod tests {
     fn a_storage_fault_refuses_writes_at_once_and_holds_results_until_it_clears() {
         let mut h = Harness::new();
         let sid = session_id(h.client(ClientRequest::CreateSession(SessionSpec::new("ping"))));
-        let (sink, mut watch) = mpsc::unbounded_channel();
+        let (sink, mut watch) = crate::watch::watch_queue();
         let (reply, _) = oneshot::channel();
         h.core.handle(
             Event::Watch {
@@ -4640,7 +4962,7 @@ mod tests {
     fn a_close_that_fails_to_persist_leaves_the_session_open_never_finished() {
         let mut h = Harness::new();
         let sid = session_id(h.client(ClientRequest::CreateSession(SessionSpec::new("ping"))));
-        let (sink, mut watch) = mpsc::unbounded_channel();
+        let (sink, mut watch) = crate::watch::watch_queue();
         let (reply, _) = oneshot::channel();
         h.core.handle(
             Event::Watch {
@@ -4686,5 +5008,299 @@ mod tests {
             ClientResponse::Ok
         ));
         assert!(matches!(watch.try_recv(), Ok(WatchMsg::Finished)));
+    }
+
+    fn spec_of(owner: &str, ephemeral: bool, common: &'static [u8]) -> SessionSpec {
+        SessionSpec {
+            owner: owner.into(),
+            ephemeral,
+            common_data: Bytes::from_static(common),
+            ..SessionSpec::new("ping")
+        }
+    }
+
+    fn submit(
+        h: &mut Harness,
+        session: SessionId,
+        batch_id: u64,
+        inputs: &[&'static [u8]],
+    ) -> SubmitReply {
+        let (reply, mut rx) = oneshot::channel();
+        h.core.handle(
+            Event::Submit {
+                session,
+                batch_id,
+                inputs: inputs.iter().map(|b| Bytes::from_static(b)).collect(),
+                reply,
+            },
+            h.now,
+        );
+        h.step();
+        rx.try_recv().expect("a submit reply")
+    }
+
+    fn quota_error(r: ClientResponse) -> ApiError {
+        match r {
+            ClientResponse::Error(e) if e.kind == ErrorKind::QuotaExceeded => e,
+            other => panic!("expected a quota refusal, got {other:?}"),
+        }
+    }
+
+    fn rejected_for_quota(r: SubmitReply) -> ApiError {
+        match r {
+            SubmitReply::Rejected { error, .. } if error.kind == ErrorKind::QuotaExceeded => error,
+            other => panic!("expected a quota refusal, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn quotas_refuse_sessions_tasks_and_bytes_by_name_and_come_back_when_released() {
+        let quotas = crate::quotas::Quotas {
+            open_sessions: 2,
+            pending_tasks: 3,
+            input_bytes: 100,
+            ..Default::default()
+        };
+        let mut h = Harness::with_config(CoreConfig {
+            quotas: QuotaBook::uniform(quotas),
+            ..CoreConfig::default()
+        });
+        let bob1 = session_id(h.client(ClientRequest::CreateSession(spec_of("bob", false, b"c"))));
+        let _bob2 = session_id(h.client(ClientRequest::CreateSession(spec_of("bob", false, b""))));
+        let e = quota_error(h.client(ClientRequest::CreateSession(spec_of("bob", false, b""))));
+        assert!(
+            e.message
+                .starts_with("quota exceeded: open sessions 2 of 2 for owner bob;")
+                && e.message.ends_with("quotas.open_sessions"),
+            "{e}"
+        );
+        // Another owner is not held back by bob.
+        let alice =
+            session_id(h.client(ClientRequest::CreateSession(spec_of("alice", false, b""))));
+        // Tasks: three fit, a fourth does not, and a refused batch holds nothing.
+        assert!(matches!(
+            submit(&mut h, bob1, 1, &[b"aa", b"bb", b"cc"]),
+            SubmitReply::Accepted { count: 3, .. }
+        ));
+        let e = rejected_for_quota(submit(&mut h, bob1, 2, &[b"dd"]));
+        assert!(
+            e.message.contains("pending tasks 3 of 3 for owner bob"),
+            "{e}"
+        );
+        assert_eq!(
+            h.core.held("bob"),
+            crate::quotas::Held {
+                sessions: 2,
+                tasks: 3,
+                bytes: 7
+            }
+        );
+        // Bytes: alice's one task of 101 bytes is over her 100.
+        let e = rejected_for_quota(submit(&mut h, alice, 1, &[&[b'x'; 101]]));
+        assert!(
+            e.message.contains(
+                "bytes held in the head's memory 0 of 100 for owner alice (this request adds 101)"
+            ),
+            "{e}"
+        );
+        assert_eq!(h.core.ledger_mismatch(), None);
+        // Cancelled, bob's session finishes, leaves memory, and gives everything back.
+        assert!(matches!(
+            h.client(ClientRequest::CancelSession { id: bob1 }),
+            ClientResponse::Ok
+        ));
+        h.step();
+        assert!(!h.core.holds_session(bob1));
+        assert_eq!(
+            h.core.held("bob"),
+            crate::quotas::Held {
+                sessions: 1,
+                tasks: 0,
+                bytes: 0
+            }
+        );
+        session_id(h.client(ClientRequest::CreateSession(spec_of("bob", false, b""))));
+        assert_eq!(h.core.ledger_mismatch(), None);
+    }
+
+    #[test]
+    fn an_ephemeral_session_holds_its_tasks_until_it_leaves_memory() {
+        let quotas = crate::quotas::Quotas {
+            pending_tasks: 2,
+            ..Default::default()
+        };
+        let mut h = Harness::with_config(CoreConfig {
+            quotas: QuotaBook::uniform(quotas),
+            ..CoreConfig::default()
+        });
+        let eph = session_id(h.client(ClientRequest::CreateSession(spec_of("eve", true, b""))));
+        assert!(matches!(
+            submit(&mut h, eph, 1, &[b"a", b"b"]),
+            SubmitReply::Accepted { count: 2, .. }
+        ));
+        let e = rejected_for_quota(submit(&mut h, eph, 2, &[b"c"]));
+        assert!(
+            e.message.contains("pending tasks 2 of 2 for owner eve"),
+            "{e}"
+        );
+        // Final, its results stay in memory with it (it has no store), so they still count.
+        assert!(matches!(
+            h.client(ClientRequest::CancelSession { id: eph }),
+            ClientResponse::Ok
+        ));
+        h.step();
+        assert!(h.core.holds_session(eph));
+        assert_eq!(h.core.held("eve").tasks, 2);
+        let eph2 = session_id(h.client(ClientRequest::CreateSession(spec_of("eve", true, b""))));
+        let e = rejected_for_quota(submit(&mut h, eph2, 1, &[b"c"]));
+        assert!(
+            e.message.contains("pending tasks 2 of 2 for owner eve"),
+            "{e}"
+        );
+        // `EPHEMERAL_KEPT_MS` later it is gone, and so is what it held.
+        h.now += EPHEMERAL_KEPT_MS + 1;
+        h.core.handle(Event::Tick, h.now);
+        h.step();
+        assert!(!h.core.holds_session(eph));
+        // Only the second, open and empty, is left.
+        assert_eq!(
+            h.core.held("eve"),
+            crate::quotas::Held {
+                sessions: 1,
+                tasks: 0,
+                bytes: 0
+            }
+        );
+        assert_eq!(h.core.ledger_mismatch(), None);
+    }
+
+    #[test]
+    fn a_finished_session_leaves_memory_and_is_served_from_the_store() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = crate::store::Store::open(dir.path()).unwrap();
+        let (store_tx, mut store_rx) = mpsc::unbounded_channel();
+        let mut core = Core::new(CoreConfig::default(), store_tx, store.load().unwrap());
+        core.ensure_application(ApplicationSpec::new("ping", "flame-ping"));
+        // The writer, for real: every request committed to redb, then reported.
+        let mut commit = |core: &mut Core| {
+            core.end_batch(1);
+            while let Ok(req) = store_rx.try_recv() {
+                let result = store.commit(&req.ops).map_err(|e| e.to_string());
+                core.handle(
+                    Event::Committed {
+                        tokens: vec![req.token],
+                        result,
+                    },
+                    1,
+                );
+                core.end_batch(1);
+            }
+        };
+        let ask = |core: &mut Core, request: ClientRequest| {
+            let (reply, rx) = oneshot::channel();
+            core.handle(Event::Client { request, reply }, 1);
+            rx
+        };
+        let mut created = ask(
+            &mut core,
+            ClientRequest::CreateSession(spec_of("bob", false, b"common")),
+        );
+        commit(&mut core);
+        let id = session_id(created.try_recv().unwrap());
+        let (reply, mut acked) = oneshot::channel();
+        let inputs = (0..20_000)
+            .map(|i| Bytes::from(format!("task {i}")))
+            .collect();
+        core.handle(
+            Event::Submit {
+                session: id,
+                batch_id: 1,
+                inputs,
+                reply,
+            },
+            1,
+        );
+        commit(&mut core);
+        assert!(matches!(
+            acked.try_recv(),
+            Ok(SubmitReply::Accepted { count: 20_000, .. })
+        ));
+        let before = core.sessions.len();
+        assert_eq!(core.held("bob").tasks, 20_000);
+        let mut cancelled = ask(&mut core, ClientRequest::CancelSession { id });
+        commit(&mut core);
+        assert!(matches!(cancelled.try_recv(), Ok(ClientResponse::Ok)));
+        // Out of memory: the session table shrank, and the owner holds nothing.
+        assert!(!core.holds_session(id));
+        assert_eq!(core.sessions.len(), before - 1);
+        assert!(core.held("bob").is_zero());
+        // Its view, owner, tasks and results are served from the store.
+        let info = store.finished_session(id).unwrap().expect("its final view");
+        assert!(info.is_finished(), "{info:?}");
+        assert_eq!(info.owner, "bob");
+        assert_eq!(info.counts.cancelled, 20_000);
+        let page = store
+            .final_results_page(id, TaskId(0), 8_192, usize::MAX)
+            .unwrap();
+        assert_eq!(page.len(), 8_192);
+        assert_eq!(page[0].task, TaskId(1));
+        let next = store
+            .final_results_page(id, TaskId(8_192), 8_192, 64)
+            .unwrap();
+        assert_eq!(next.first().map(|r| r.task), Some(TaskId(8_193)));
+        assert!(next.len() < 8_192, "a page stops at its byte bound");
+        // The core sends the server to the store for it, and refuses nothing it should not.
+        let (reply, mut rx) = oneshot::channel();
+        core.handle(
+            Event::ListTasks {
+                session: id,
+                states: vec![],
+                after: TaskId(0),
+                limit: 10,
+                reply,
+            },
+            1,
+        );
+        assert!(matches!(rx.try_recv(), Ok(Ok(None))));
+        let (sink, _source) = crate::watch::watch_queue();
+        let (reply, mut rx) = oneshot::channel();
+        core.handle(
+            Event::Watch {
+                session: id,
+                sink,
+                reply,
+            },
+            1,
+        );
+        assert!(matches!(
+            rx.try_recv(),
+            Ok(Ok(WatchStart {
+                backfill: Backfill::Store,
+                finished: true
+            }))
+        ));
+        let mut closed = ask(&mut core, ClientRequest::CloseSession { id });
+        assert!(matches!(closed.try_recv(), Ok(ClientResponse::Ok)));
+        // A resend of its batch is acked from the store, as it was.
+        let (reply, mut resent) = oneshot::channel();
+        core.handle(
+            Event::Submit {
+                session: id,
+                batch_id: 1,
+                inputs: vec![Bytes::from_static(b"task 0")],
+                reply,
+            },
+            1,
+        );
+        let resent = store.settle_refused(id, resent.try_recv().unwrap());
+        assert!(
+            matches!(resent, SubmitReply::Accepted { count: 20_000, .. }),
+            "{resent:?}"
+        );
+        // After a restart the finished session is not loaded again.
+        drop(core);
+        let loaded = store.load().unwrap();
+        assert!(loaded.sessions.iter().all(|s| s.id != id));
+        assert!(loaded.tasks.is_empty());
     }
 }

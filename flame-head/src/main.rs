@@ -9,6 +9,7 @@ mod certs;
 mod config;
 mod core;
 mod failpoints;
+mod quotas;
 mod scheduler;
 #[cfg(test)]
 mod scheduler_sim;
@@ -18,6 +19,7 @@ mod simulation;
 mod storage_fault;
 mod store;
 mod tls;
+mod watch;
 
 use anyhow::Context;
 use clap::Parser;
@@ -161,6 +163,7 @@ async fn run(mut args: config::Args) -> anyhow::Result<()> {
                 .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
             job_credentials: Some(job_credentials),
             heartbeat_timeout_ms,
+            quotas: config.quotas.clone(),
             ..Default::default()
         },
         store_tx,
@@ -201,6 +204,7 @@ async fn run(mut args: config::Args) -> anyhow::Result<()> {
         tokens,
         certs,
         std::sync::Arc::new(identity),
+        config.quotas.clone(),
         shutdown_signal(),
     )
     .await;

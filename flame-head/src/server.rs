@@ -4,8 +4,10 @@
 use crate::auth::{Authenticated, TokenBook, TokenLimits};
 use crate::certs::{CertBook, Presented};
 use crate::core::{Backfill, ConnId, Core, Event, LogTargets, WatchMsg};
+use crate::quotas::{Quota, QuotaBook, QuotaExceeded};
 use crate::store::{Store, StoreRequest, WriterEvent};
 use crate::tls::HeadIdentity;
+use crate::watch::{watch_queue, WatchSource};
 use flame_protocol::auth::{
     CertTarget, JoinReply, JoinRequest, Principal, Secret, CSR_PEM_BYTES_MAX,
 };
@@ -19,7 +21,7 @@ use flame_protocol::messages::{
 };
 use flame_protocol::model::{ApiError, ErrorKind, TaskResult};
 use flame_protocol::pki::{identity_of, PeerIdentity};
-use flame_protocol::{ExecutorId, SessionId, TaskId};
+use flame_protocol::{ExecutorId, SessionId, TaskId, TaskIdSet};
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -69,6 +71,24 @@ pub const TOKEN_SWEEP_INTERVAL: Duration = Duration::from_secs(2);
 /// receive window). Until the hello is authenticated, a connection gets only
 /// [`limits::UNAUTHENTICATED_RECEIVE_WINDOW`], and one stream.
 pub const AUTHENTICATED_RECEIVE_WINDOW: u32 = 64 * 1024 * 1024;
+/// The receive window of a client connection once authenticated: what a client's
+/// connection may make the head buffer (a user's `connections` quota times this bounds
+/// it). Four of the client library's 4 MiB submit batches fit; a larger frame still flows,
+/// at the pace the head reads it.
+pub const CLIENT_RECEIVE_WINDOW: u32 = 16 * 1024 * 1024;
+/// Streams a connection may open past its owner's `streams_per_connection` quota, each
+/// answered at once with the quota's error: a client over its quota gets told so instead
+/// of waiting for QUIC flow control. Beyond these QUIC holds the peer back.
+pub const STREAMS_REFUSED_AT_ONCE_MAX: u32 = 8;
+/// A frame begun on any stream must make progress at least this often: a peer stalled
+/// mid-frame holds memory, and its stream (a submit stream: its connection) is dropped.
+pub const FRAME_STALL_TIMEOUT: Duration = limits::REQUEST_TIMEOUT;
+/// Results per page of a watch's backfill from the store.
+pub const WATCH_BACKFILL_PAGE_RESULTS: usize = limits::MESSAGE_BATCH_MAX;
+/// Bytes of outputs per page of a watch's backfill from the store.
+pub const WATCH_BACKFILL_PAGE_BYTES: usize = 4 * 1024 * 1024;
+/// Finished sessions (read from the store) that `flame session list` shows, newest first.
+pub const FINISHED_LISTED_MAX: usize = 1_000;
 
 /// QUIC application close codes.
 const CLOSE_PROTOCOL_ERROR: u32 = 1;
@@ -108,6 +128,64 @@ struct Shared {
     joins: tokio::sync::Mutex<()>,
     /// The head's certificate and the CA key that signs nodes' certificates.
     identity: Arc<HeadIdentity>,
+    /// Per-user quotas; connections and streams are counted here, the rest in the core.
+    quotas: QuotaBook,
+    /// Per user with a connection open: its connections and its submit budget.
+    users: Mutex<HashMap<String, UserEntry>>,
+}
+
+/// What the server counts for one user.
+#[derive(Debug)]
+struct UserEntry {
+    connections: u64,
+    /// Bytes of submit batches read and not yet acked, over all the user's submit streams
+    /// (`Quotas::submit_bytes_in_flight`, in KiB permits).
+    submit_budget: Arc<tokio::sync::Semaphore>,
+}
+
+/// One of a user's connections; released when dropped.
+#[derive(Debug)]
+struct UserSlot {
+    shared: Arc<Shared>,
+    user: String,
+    submit_budget: Arc<tokio::sync::Semaphore>,
+}
+
+impl Drop for UserSlot {
+    fn drop(&mut self) {
+        let mut users = self.shared.users();
+        if let Some(entry) = users.get_mut(&self.user) {
+            entry.connections = entry.connections.saturating_sub(1);
+            if entry.connections == 0 {
+                users.remove(&self.user);
+            }
+        }
+    }
+}
+
+/// Bytes per permit of a submit budget.
+const SUBMIT_BUDGET_UNIT_BYTES: u64 = 1024;
+
+/// Takes one of `user`'s connections, within its quota.
+fn take_user_slot(shared: &Arc<Shared>, user: &str) -> Result<UserSlot, QuotaExceeded> {
+    let quotas = shared.quotas.of(user);
+    let mut users = shared.users();
+    let held = users.get(user).map_or(0, |e| e.connections);
+    crate::quotas::check(quotas, Quota::Connections, user, held, 1)?;
+    let entry = users.entry(user.to_string()).or_insert_with(|| UserEntry {
+        connections: 0,
+        submit_budget: Arc::new(tokio::sync::Semaphore::new(
+            usize::try_from(quotas.submit_bytes_in_flight / SUBMIT_BUDGET_UNIT_BYTES)
+                .unwrap_or(usize::MAX)
+                .clamp(1, tokio::sync::Semaphore::MAX_PERMITS),
+        )),
+    });
+    entry.connections += 1;
+    Ok(UserSlot {
+        shared: shared.clone(),
+        user: user.to_string(),
+        submit_budget: entry.submit_budget.clone(),
+    })
 }
 
 /// Who a client connection acts for.
@@ -116,6 +194,16 @@ enum Caller {
     User(Principal),
     /// A batch job's ranks (`flame-mpi-agent`): `JobExec` on this job only.
     Job(SessionId),
+}
+
+impl Caller {
+    /// Whose quotas it uses.
+    fn quota_name(&self) -> String {
+        match self {
+            Caller::User(p) => p.name.clone(),
+            Caller::Job(job) => format!("job {job}"),
+        }
+    }
 }
 
 impl Shared {
@@ -160,6 +248,11 @@ impl Shared {
         for (conn, reason) in lapsed {
             close_with(&conn, CLOSE_REVOKED, &reason);
         }
+    }
+
+    fn users(&self) -> std::sync::MutexGuard<'_, HashMap<String, UserEntry>> {
+        // Every holder leaves the map whole.
+        self.users.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     fn nodes(&self) -> std::sync::MutexGuard<'_, HashMap<String, (ConnId, quinn::Connection)>> {
@@ -307,6 +400,7 @@ pub async fn serve(
     tokens: TokenBook,
     certs: CertBook,
     identity: Arc<HeadIdentity>,
+    quotas: QuotaBook,
     shutdown: impl std::future::Future<Output = ()>,
 ) {
     let shared = Arc::new(Shared {
@@ -321,6 +415,8 @@ pub async fn serve(
         cert_conns: Mutex::new(HashMap::new()),
         joins: tokio::sync::Mutex::new(()),
         identity,
+        quotas,
+        users: Mutex::new(HashMap::new()),
     });
     let open = Arc::new(tokio::sync::Semaphore::new(CONNECTIONS_MAX));
     let unauthenticated = Arc::new(tokio::sync::Semaphore::new(UNAUTHENTICATED_MAX));
@@ -480,9 +576,43 @@ async fn handle_connection(
             return Ok(());
         }
     }
+    // A user's connections count against its quota (a job's credential counts as its own
+    // user, `job N`).
+    let slot = match &admitted {
+        Admitted::Client { caller, .. } => match take_user_slot(&shared, &caller.quota_name()) {
+            Ok(slot) => Some(slot),
+            Err(e) => {
+                if let Admitted::Client {
+                    token: Some(token), ..
+                } = &admitted
+                {
+                    forget_token_conn(&shared, token, &conn);
+                }
+                tracing::warn!(remote = %conn.remote_address(), reason = %e, "connection refused");
+                refuse(&conn, &mut writer, &e.to_string()).await;
+                return Ok(());
+            }
+        },
+        _ => None,
+    };
     drop(pending);
-    conn.set_receive_window(quinn::VarInt::from_u32(AUTHENTICATED_RECEIVE_WINDOW));
-    conn.set_max_concurrent_bi_streams(quinn::VarInt::from_u32(limits::STREAMS_PER_CONNECTION_MAX));
+    match &slot {
+        Some(slot) => {
+            let streams = shared.quotas.of(&slot.user).streams_per_connection;
+            let streams = u32::try_from(streams)
+                .unwrap_or(u32::MAX)
+                .saturating_add(STREAMS_REFUSED_AT_ONCE_MAX)
+                .min(limits::STREAMS_PER_CONNECTION_MAX);
+            conn.set_receive_window(quinn::VarInt::from_u32(CLIENT_RECEIVE_WINDOW));
+            conn.set_max_concurrent_bi_streams(quinn::VarInt::from_u32(streams));
+        }
+        None => {
+            conn.set_receive_window(quinn::VarInt::from_u32(AUTHENTICATED_RECEIVE_WINDOW));
+            conn.set_max_concurrent_bi_streams(quinn::VarInt::from_u32(
+                limits::STREAMS_PER_CONNECTION_MAX,
+            ));
+        }
+    }
     writer
         .write(&HelloReply::Welcome {
             head_version: shared.version.clone(),
@@ -491,7 +621,10 @@ async fn handle_connection(
     match admitted {
         Admitted::Client { caller, token } => {
             let _ = writer.get_mut().finish();
-            let result = client_connection(conn.clone(), shared.clone(), caller).await;
+            let Some(slot) = slot else {
+                return Err(ConnError::Handshake("a client without a user slot".into()));
+            };
+            let result = client_connection(conn.clone(), shared.clone(), caller, slot).await;
             if let Some(token) = token {
                 forget_token_conn(&shared, &token, &conn);
             }
@@ -792,20 +925,52 @@ fn close_with(conn: &quinn::Connection, code: u32, reason: &str) {
     conn.close(quinn::VarInt::from_u32(code), reason.as_bytes());
 }
 
+/// One stream of a connection, counted while it lives.
+struct StreamSlot(Arc<std::sync::atomic::AtomicU64>);
+
+impl Drop for StreamSlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 async fn client_connection(
     conn: quinn::Connection,
     shared: Arc<Shared>,
     caller: Caller,
+    slot: UserSlot,
 ) -> Result<(), ConnError> {
+    let slot = Arc::new(slot);
+    let open = Arc::new(std::sync::atomic::AtomicU64::new(0));
     loop {
         let (send, recv) = conn.accept_bi().await?;
+        let held = open.fetch_add(1, Ordering::Relaxed);
+        let stream_slot = StreamSlot(open.clone());
         let shared = shared.clone();
         let conn = conn.clone();
         let caller = caller.clone();
+        let slot = slot.clone();
         tokio::spawn(async move {
-            let writer = FrameWriter::new(send, limits::FRAME_BYTES_MAX);
+            let _stream_slot = stream_slot;
+            let mut writer = FrameWriter::new(send, limits::FRAME_BYTES_MAX);
+            if let Err(e) = crate::quotas::check(
+                shared.quotas.of(&slot.user),
+                Quota::StreamsPerConnection,
+                &slot.user,
+                held,
+                1,
+            ) {
+                // Answered without reading the request: the client reads a response first.
+                let _ = tokio::time::timeout(
+                    limits::REQUEST_TIMEOUT,
+                    writer.write(&ClientResponse::Error(e.into())),
+                )
+                .await;
+                let _ = writer.get_mut().finish();
+                return;
+            }
             let reader = FrameReader::new(recv, limits::FRAME_BYTES_MAX);
-            if let Err(e) = client_stream(&conn, shared, &caller, writer, reader).await {
+            if let Err(e) = client_stream(&conn, shared, &caller, &slot, writer, reader).await {
                 if let ConnError::Frame(FrameError::Malformed(_) | FrameError::TooLarge { .. }) = &e
                 {
                     // A malformed frame closes the connection, with the reason, and only it.
@@ -842,6 +1007,7 @@ async fn client_stream(
     conn: &quinn::Connection,
     shared: Arc<Shared>,
     caller: &Caller,
+    slot: &UserSlot,
     mut writer: Writer,
     mut reader: Reader,
 ) -> Result<(), ConnError> {
@@ -862,7 +1028,67 @@ async fn client_stream(
     match request {
         ClientRequest::OpenSubmitStream { session } => {
             writer.write(&ClientResponse::Ok).await?;
-            submit_stream(conn, shared, session, writer, reader).await
+            submit_stream(conn, shared, session, slot, writer, reader).await
+        }
+        ClientRequest::GetSession { id } => {
+            let response = ask(&shared, |reply| Event::Client {
+                request: ClientRequest::GetSession { id },
+                reply,
+            })
+            .await?;
+            let response = match response {
+                ClientResponse::Error(e) if e.kind == ErrorKind::NotFound => {
+                    match read_store(&shared, move |store| store.finished_session(id)).await? {
+                        Ok(Some(info)) => ClientResponse::Session(info),
+                        Ok(None) => ClientResponse::Error(e),
+                        Err(e) => ClientResponse::Error(e),
+                    }
+                }
+                other => other,
+            };
+            writer.write(&response).await?;
+            let _ = writer.get_mut().finish();
+            Ok(())
+        }
+        ClientRequest::ListSessions => {
+            let response = ask(&shared, |reply| Event::Client {
+                request: ClientRequest::ListSessions,
+                reply,
+            })
+            .await?;
+            // Users see their own sessions; admins see everyone's.
+            let only = match caller {
+                Caller::User(p) if p.admin => None,
+                Caller::User(p) => Some(p.name.clone()),
+                Caller::Job(job) => Some(format!("job {job}")),
+            };
+            let response = match response {
+                ClientResponse::Sessions(mut live) => {
+                    if let Some(name) = &only {
+                        live.retain(|s| crate::core::owner_name(&s.owner) == name);
+                    }
+                    let owner = only.clone();
+                    let done = read_store(&shared, move |store| {
+                        store.finished_sessions(owner.as_deref(), FINISHED_LISTED_MAX)
+                    })
+                    .await?;
+                    match done {
+                        Ok(mut done) => {
+                            done.reverse();
+                            // Finished ones first (by id), then the live ones.
+                            done.retain(|d| !live.iter().any(|l| l.id == d.id));
+                            done.extend(live);
+                            done.sort_by_key(|s| s.id);
+                            ClientResponse::Sessions(done)
+                        }
+                        Err(e) => ClientResponse::Error(e),
+                    }
+                }
+                other => other,
+            };
+            writer.write(&response).await?;
+            let _ = writer.get_mut().finish();
+            Ok(())
         }
         ClientRequest::WatchResults { session } => watch_stream(shared, session, writer).await,
         ClientRequest::Logs {
@@ -985,7 +1211,14 @@ async fn authorize(
         _ => None,
     };
     if let Some(session) = session {
-        let owner = ask(shared, |reply| Event::SessionOwner { session, reply }).await?;
+        let mut owner = ask(shared, |reply| Event::SessionOwner { session, reply }).await?;
+        if owner.is_none() {
+            // A finished session that left memory is in the store's finished table.
+            owner = match read_store(shared, move |store| store.finished_session(session)).await? {
+                Ok(info) => info.map(|i| crate::core::owner_name(&i.owner).to_string()),
+                Err(e) => return Ok(Err(e)),
+            };
+        }
         if principal.admin && owner.is_some() {
             return Ok(Ok(request));
         }
@@ -1204,34 +1437,153 @@ async fn list_tasks(
     })
 }
 
+/// Runs a read of the store on a blocking thread; a store error becomes the answer
+/// `Unavailable`.
+async fn read_store<T: Send + 'static>(
+    shared: &Shared,
+    read: impl FnOnce(&Store) -> Result<T, crate::store::StoreError> + Send + 'static,
+) -> Result<Result<T, ApiError>, ConnError> {
+    let store = shared.store.clone();
+    let out = tokio::task::spawn_blocking(move || read(&store))
+        .await
+        .map_err(|_| ConnError::CoreGone)?;
+    Ok(out.map_err(|e| {
+        ApiError::new(
+            ErrorKind::Unavailable,
+            format!("cannot read the head's store: {e}"),
+        )
+    }))
+}
+
+/// Reads the next frame of a stream. Between frames the peer may stay silent for `idle`
+/// (`None`: as long as it likes; the connection's keep-alives tell a dead peer); once a
+/// frame has begun, a peer that sends nothing more of it for [`FRAME_STALL_TIMEOUT`] is
+/// cut off, so a stalled peer cannot hold a half-read frame. Cancel-safe.
+async fn read_bounded<T: serde::de::DeserializeOwned>(
+    reader: &mut Reader,
+    idle: Option<Duration>,
+) -> Result<Option<T>, ConnError> {
+    read_within(reader, idle, FRAME_STALL_TIMEOUT).await
+}
+
+/// [`read_bounded`] over any byte stream, with the stall bound given.
+async fn read_within<T: serde::de::DeserializeOwned, R: tokio::io::AsyncRead + Unpin>(
+    reader: &mut FrameReader<R>,
+    idle: Option<Duration>,
+    stall: Duration,
+) -> Result<Option<T>, ConnError> {
+    let mut progress = reader.progress();
+    let mut idle_left = idle;
+    loop {
+        let wait = match (progress, idle_left) {
+            (0, Some(left)) => left.min(stall),
+            _ => stall,
+        };
+        match tokio::time::timeout(wait, reader.read::<T>()).await {
+            Ok(frame) => return Ok(frame?),
+            Err(_) => {
+                let now = reader.progress();
+                if now == 0 {
+                    if let Some(left) = idle_left.as_mut() {
+                        *left = left.saturating_sub(wait);
+                        if left.is_zero() {
+                            return Err(ConnError::Timeout("the next frame"));
+                        }
+                    }
+                } else if now == progress {
+                    return Err(ConnError::Timeout(
+                        "the rest of a frame (the peer stalled in the middle of one)",
+                    ));
+                }
+                progress = now;
+            }
+        }
+    }
+}
+
+/// The length of the next frame, like [`read_bounded`] but without its body.
+async fn next_len_bounded(reader: &mut Reader) -> Result<Option<usize>, ConnError> {
+    loop {
+        match tokio::time::timeout(FRAME_STALL_TIMEOUT, reader.next_len()).await {
+            Ok(len) => return Ok(len?),
+            // Silence between frames is allowed; a stall inside the length prefix is not.
+            Err(_) if reader.progress() == 0 => continue,
+            Err(_) => return Err(ConnError::Timeout("the rest of a frame's length")),
+        }
+    }
+}
+
+/// [`Store::settle_refused`] on a blocking thread.
+async fn settle_refused(store: &Store, session: SessionId, reply: SubmitReply) -> SubmitReply {
+    if !matches!(&reply, SubmitReply::Rejected { error, .. } if error.kind == ErrorKind::FailedPrecondition)
+    {
+        return reply;
+    }
+    let store = store.clone();
+    let fallback = reply.clone();
+    tokio::task::spawn_blocking(move || store.settle_refused(session, reply))
+        .await
+        .unwrap_or(fallback)
+}
+
+/// A submit stream: batches in, replies out in batch order from a second task, so many
+/// batches can be in flight and the reader never waits for a commit. What the stream holds
+/// is bounded by what the head admits: before taking a batch's body it takes that many
+/// bytes of its owner's `submit_bytes_in_flight` budget, given back once the core has
+/// answered (the tasks are then in the core's quota ledger, or refused); while the budget
+/// is spent the stream is not read, and QUIC flow control holds the peer back.
 async fn submit_stream(
     _conn: &quinn::Connection,
     shared: Arc<Shared>,
     session: flame_protocol::SessionId,
+    slot: &UserSlot,
     mut writer: Writer,
     mut reader: Reader,
 ) -> Result<(), ConnError> {
-    // Replies go out in batch order from a separate task, so many batches can be in
-    // flight: the reader never waits for a commit.
-    let (acks_tx, mut acks_rx) =
-        mpsc::channel::<(u64, oneshot::Receiver<SubmitReply>)>(SUBMIT_BATCHES_IN_FLIGHT_MAX);
+    type Pending = (
+        u64,
+        oneshot::Receiver<SubmitReply>,
+        tokio::sync::OwnedSemaphorePermit,
+    );
+    let (acks_tx, mut acks_rx) = mpsc::channel::<Pending>(SUBMIT_BATCHES_IN_FLIGHT_MAX);
+    let store = shared.store.clone();
     let replier = tokio::spawn(async move {
-        while let Some((batch_id, rx)) = acks_rx.recv().await {
+        while let Some((batch_id, rx, permit)) = acks_rx.recv().await {
             let reply = rx.await.unwrap_or(SubmitReply::Rejected {
                 batch_id,
                 error: ApiError::new(ErrorKind::Unavailable, "the head is shutting down"),
             });
+            drop(permit);
+            let reply = settle_refused(&store, session, reply).await;
             if writer.write(&reply).await.is_err() {
                 break;
             }
         }
         let _ = writer.get_mut().finish();
     });
+    let budget = slot.submit_budget.clone();
+    let budget_units =
+        shared.quotas.of(&slot.user).submit_bytes_in_flight / SUBMIT_BUDGET_UNIT_BYTES;
     let result = loop {
-        let batch = match reader.read::<SubmitBatch>().await {
+        let len = match next_len_bounded(&mut reader).await {
+            Ok(Some(len)) => len,
+            Ok(None) => break Ok(()),
+            Err(e) => break Err(e),
+        };
+        // A frame larger than the whole budget takes all of it, and goes alone.
+        let units = (len as u64 / SUBMIT_BUDGET_UNIT_BYTES + 1).clamp(1, budget_units.max(1));
+        let permit = match budget
+            .clone()
+            .acquire_many_owned(u32::try_from(units).unwrap_or(u32::MAX))
+            .await
+        {
+            Ok(permit) => permit,
+            Err(_) => break Err(ConnError::CoreGone),
+        };
+        let batch = match read_bounded::<SubmitBatch>(&mut reader, None).await {
             Ok(Some(b)) => b,
             Ok(None) => break Ok(()),
-            Err(e) => break Err(e.into()),
+            Err(e) => break Err(e),
         };
         let (tx, rx) = oneshot::channel();
         let batch_id = batch.batch_id;
@@ -1248,7 +1600,7 @@ async fn submit_stream(
         {
             break Err(ConnError::CoreGone);
         }
-        if acks_tx.send((batch_id, rx)).await.is_err() {
+        if acks_tx.send((batch_id, rx, permit)).await.is_err() {
             break Ok(());
         }
     };
@@ -1257,12 +1609,16 @@ async fn submit_stream(
     result
 }
 
+/// A watch: the results already final (from the core's memory for an ephemeral session,
+/// else from the store, a page at a time), then the live ones from the core's bounded
+/// queue, each task once, then `Finished`. A watcher that falls behind is dropped by the
+/// core and told `Lagged`; the client watches again.
 async fn watch_stream(
     shared: Arc<Shared>,
     session: flame_protocol::SessionId,
     mut writer: Writer,
 ) -> Result<(), ConnError> {
-    let (sink, mut live) = mpsc::unbounded_channel::<WatchMsg>();
+    let (sink, mut live): (_, WatchSource) = watch_queue();
     let start = ask(&shared, |reply| Event::Watch {
         session,
         sink,
@@ -1278,53 +1634,120 @@ async fn watch_stream(
         }
     };
     writer.write(&ClientResponse::Ok).await?;
-    let backfill: Vec<TaskResult> = match start.backfill {
-        Backfill::Memory(v) => v,
+    // Results that were already durable may also arrive live; each goes out once.
+    let mut sent = TaskIdSet::default();
+    // How the live queue ended, if it did during the backfill: `Some(true)` Finished,
+    // `Some(false)` dropped for lagging.
+    let mut ended = None;
+    match start.backfill {
+        Backfill::Memory(backfill) => {
+            for r in &backfill {
+                sent.insert(r.task);
+            }
+            for chunk in backfill.chunks(limits::MESSAGE_BATCH_MAX) {
+                writer.write(&WatchEvent::Results(chunk.to_vec())).await?;
+            }
+        }
         Backfill::Store => {
-            let store = shared.store.clone();
-            let rows = tokio::task::spawn_blocking(move || store.final_results(session))
-                .await
-                .map_err(|_| ConnError::CoreGone)?;
-            match rows {
-                Ok(rows) => rows,
-                Err(e) => {
-                    tracing::error!(%session, error = %e, "cannot read results for a watcher");
-                    return Ok(());
+            let mut after = TaskId(0);
+            loop {
+                let page = read_store(&shared, move |store| {
+                    store.final_results_page(
+                        session,
+                        after,
+                        WATCH_BACKFILL_PAGE_RESULTS,
+                        WATCH_BACKFILL_PAGE_BYTES,
+                    )
+                })
+                .await?;
+                let mut page = match page {
+                    Ok(page) => page,
+                    Err(e) => {
+                        tracing::error!(%session, error = %e, "cannot read results for a watcher");
+                        return Ok(());
+                    }
+                };
+                let Some(last) = page.last() else { break };
+                after = last.task;
+                page.retain(|r| sent.insert(r.task));
+                if !page.is_empty() {
+                    writer.write(&WatchEvent::Results(page)).await?;
+                }
+                // Live results go out between pages, so that a long backfill of a busy
+                // session does not make its own watch lag.
+                if ended.is_none() && !start.finished {
+                    ended = forward_queued(&mut live, &mut sent, &mut writer).await?;
                 }
             }
         }
-    };
-    // Results that were already durable may also arrive live; each goes out once.
-    let sent: HashSet<TaskId> = backfill.iter().map(|r| r.task).collect();
-    for chunk in backfill.chunks(limits::MESSAGE_BATCH_MAX) {
-        writer.write(&WatchEvent::Results(chunk.to_vec())).await?;
     }
-    if !start.finished {
+    if ended.is_none() && !start.finished {
         loop {
             let msg = tokio::select! {
-                msg = live.recv() => match msg {
-                    Some(m) => m,
-                    None => break,
-                },
+                msg = live.recv() => msg,
                 // The client went away: stop watching instead of waiting for results.
                 _ = writer.get_mut().stopped() => return Ok(()),
             };
             match msg {
-                WatchMsg::Results(mut results) => {
-                    if !sent.is_empty() {
-                        results.retain(|r| !sent.contains(&r.task));
-                    }
-                    for chunk in results.chunks(limits::MESSAGE_BATCH_MAX) {
-                        writer.write(&WatchEvent::Results(chunk.to_vec())).await?;
-                    }
+                Some(WatchMsg::Results(results)) => {
+                    write_new_results(results, &mut sent, &mut writer).await?;
                 }
-                WatchMsg::Finished => break,
+                Some(WatchMsg::Finished) => break,
+                None => {
+                    ended = Some(false);
+                    break;
+                }
             }
         }
+    }
+    if ended == Some(false) {
+        // The core dropped this watcher without `Finished`: it fell behind.
+        writer
+            .write(&WatchEvent::Lagged {
+                reason: format!(
+                    "this watch fell more than {} messages or {} bytes behind the \
+                     session's results; watch again to get the rest from the store",
+                    crate::watch::WATCH_QUEUE_MESSAGES_MAX,
+                    crate::watch::WATCH_QUEUE_BYTES_MAX
+                ),
+            })
+            .await?;
+        let _ = writer.get_mut().finish();
+        return Ok(());
     }
     writer.write(&WatchEvent::Finished).await?;
     let _ = writer.get_mut().finish();
     Ok(())
+}
+
+/// Writes the results not sent yet on this watch.
+async fn write_new_results(
+    mut results: Vec<TaskResult>,
+    sent: &mut TaskIdSet,
+    writer: &mut Writer,
+) -> Result<(), ConnError> {
+    results.retain(|r| sent.insert(r.task));
+    for chunk in results.chunks(limits::MESSAGE_BATCH_MAX) {
+        writer.write(&WatchEvent::Results(chunk.to_vec())).await?;
+    }
+    Ok(())
+}
+
+/// Forwards what the watcher's queue holds now, without waiting; how the queue ended, if
+/// it did (`Some(true)`: Finished, `Some(false)`: dropped for lagging).
+async fn forward_queued(
+    live: &mut WatchSource,
+    sent: &mut TaskIdSet,
+    writer: &mut Writer,
+) -> Result<Option<bool>, ConnError> {
+    loop {
+        match live.try_recv() {
+            Ok(WatchMsg::Results(results)) => write_new_results(results, sent, writer).await?,
+            Ok(WatchMsg::Finished) => return Ok(Some(true)),
+            Err(mpsc::error::TryRecvError::Empty) => return Ok(None),
+            Err(mpsc::error::TryRecvError::Disconnected) => return Ok(Some(false)),
+        }
+    }
 }
 
 async fn node_connection(
@@ -1408,7 +1831,9 @@ async fn node_connection(
         );
     });
     let reason = loop {
-        match reader.read::<NodeToHead>().await {
+        // A silent node is the core's to declare lost (heartbeat timeout); one stalled in
+        // the middle of a frame is cut off here.
+        match read_bounded::<NodeToHead>(&mut reader, None).await {
             Ok(Some(message)) => {
                 if shared
                     .events
@@ -1424,8 +1849,13 @@ async fn node_connection(
             }
             Ok(None) => break "the node closed its control stream".to_string(),
             Err(e) => {
-                if matches!(e, FrameError::Malformed(_) | FrameError::TooLarge { .. }) {
+                if matches!(
+                    e,
+                    ConnError::Frame(FrameError::Malformed(_) | FrameError::TooLarge { .. })
+                ) {
                     close_with(&conn, CLOSE_PROTOCOL_ERROR, &e.to_string());
+                } else if let ConnError::Timeout(_) = e {
+                    close_with(&conn, CLOSE_NODE_LOST, &e.to_string());
                 }
                 break e.to_string();
             }
@@ -1469,6 +1899,25 @@ async fn logs_stream(
         reply,
     })
     .await?;
+    // A finished session that left memory: the executors its stored view names.
+    let targets = match targets {
+        Err(e) if e.kind == ErrorKind::NotFound => {
+            match read_store(&shared, move |store| store.finished_session(session)).await? {
+                Ok(Some(info)) => crate::core::served_targets(
+                    session,
+                    info.usage
+                        .iter()
+                        .map(|u| (u.executor, u.node.as_str()))
+                        .collect(),
+                    executor,
+                )
+                .map(LogTargets::Now),
+                Ok(None) => Err(e),
+                Err(e) => Err(e),
+            }
+        }
+        other => other,
+    };
     let targets = match targets {
         Ok(LogTargets::Now(targets)) => {
             writer.write(&ClientResponse::Ok).await?;
@@ -1571,18 +2020,9 @@ async fn read_node_logs(
     let _ = writer.into_inner().finish();
     let mut reader = FrameReader::new(recv, NODE_LOG_FRAME_BYTES_MAX);
     loop {
-        let frame = if follow {
-            reader.read::<LogEvent>().await
-        } else {
-            match tokio::time::timeout(NODE_LOG_SILENCE_MAX, reader.read::<LogEvent>()).await {
-                Ok(frame) => frame,
-                Err(_) => {
-                    return Err(format!(
-                        "the node sent nothing for {NODE_LOG_SILENCE_MAX:?}"
-                    ))
-                }
-            }
-        };
+        // Following, a log may stay quiet for as long as its executor does.
+        let idle = (!follow).then_some(NODE_LOG_SILENCE_MAX);
+        let frame = read_bounded::<LogEvent>(&mut reader, idle).await;
         let event = match frame {
             Ok(Some(LogEvent::Chunk {
                 executor,
@@ -1609,6 +2049,11 @@ async fn read_node_logs(
             },
             Ok(Some(LogEvent::End)) => return Ok(()),
             Ok(None) => return Err("the node ended its log stream early".to_string()),
+            Err(ConnError::Timeout("the next frame")) => {
+                return Err(format!(
+                    "the node sent nothing for {NODE_LOG_SILENCE_MAX:?}"
+                ))
+            }
             Err(e) => return Err(format!("reading the node's logs failed: {e}")),
         };
         if tx.send(event).await.is_err() {
@@ -1721,7 +2166,7 @@ async fn exec_stream(
     let mut reader = FrameReader::new(recv, limits::FRAME_BYTES_MAX);
     loop {
         let frame = tokio::select! {
-            frame = reader.read::<ExecEvent>() => frame,
+            frame = read_bounded::<ExecEvent>(&mut reader, None) => frame,
             _ = writer.get_mut().stopped() => return Ok(()),
         };
         let event = match frame {
@@ -1745,6 +2190,16 @@ async fn exec_stream(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio::io::AsyncWriteExt;
+
+    const STALL: Duration = Duration::from_millis(200);
+
+    fn framed(body: &[u8]) -> Vec<u8> {
+        let mut out = (body.len() as u32).to_le_bytes().to_vec();
+        out.extend_from_slice(body);
+        out
+    }
+
 
     #[test]
     fn stall_meter_tells_a_stall_from_the_loop_cadence() {
@@ -1760,5 +2215,52 @@ mod tests {
         assert_eq!(meter.turn(woke, 1_035_400), Some(20_000 - 200));
         // A wall clock stepped back is no stall.
         assert_eq!(meter.turn(woke + TICK, 1_000_000), None);
+    }
+
+    #[tokio::test]
+    async fn a_peer_stalled_mid_frame_is_cut_off_and_a_slow_or_idle_one_is_not() {
+        // Half a frame, then nothing: cut off after the stall bound.
+        let (mut peer, head) = tokio::io::duplex(1024);
+        let mut reader = FrameReader::new(head, 1024);
+        let frame = framed(&postcard::to_allocvec(&"hello").unwrap());
+        peer.write_all(&frame[..frame.len() - 2]).await.unwrap();
+        let started = tokio::time::Instant::now();
+        let got = read_within::<String, _>(&mut reader, None, STALL).await;
+        assert!(
+            matches!(got, Err(ConnError::Timeout(what)) if what.contains("stalled")),
+            "{got:?}"
+        );
+        assert!(started.elapsed() >= STALL);
+
+        // A frame trickled a byte at a time, each within the bound: read whole.
+        let (mut peer, head) = tokio::io::duplex(1024);
+        let mut reader = FrameReader::new(head, 1024);
+        let body = postcard::to_allocvec(&"a slow but steady frame").unwrap();
+        let frame = framed(&body);
+        let trickle = tokio::spawn(async move {
+            for b in frame {
+                peer.write_all(&[b]).await.unwrap();
+                tokio::time::sleep(STALL / 4).await;
+            }
+            peer
+        });
+        let got = read_within::<String, _>(&mut reader, None, STALL).await;
+        assert_eq!(got.unwrap().as_deref(), Some("a slow but steady frame"));
+        let _peer = trickle.await.unwrap();
+
+        // Silence between frames: allowed without an idle bound, refused past one.
+        let (_peer, head) = tokio::io::duplex(1024);
+        let mut reader = FrameReader::new(head, 1024);
+        let waited = tokio::time::timeout(
+            STALL * 3,
+            read_within::<String, _>(&mut reader, None, STALL),
+        )
+        .await;
+        assert!(waited.is_err(), "an idle stream was cut off: {waited:?}");
+        let got = read_within::<String, _>(&mut reader, Some(STALL * 2), STALL).await;
+        assert!(
+            matches!(got, Err(ConnError::Timeout("the next frame"))),
+            "{got:?}"
+        );
     }
 }

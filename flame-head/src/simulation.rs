@@ -104,6 +104,9 @@ const DRAIN_MS_MAX: u64 = 900_000;
 const TRACE_LINES_KEPT: usize = 150;
 /// Steps between two checks of every session's task list against its counters.
 const LIST_CHECK_EVERY_STEPS: u64 = 4;
+/// Simulated time past the drain (and `EPHEMERAL_KEPT_MS`) within which every finished
+/// session must have left the head's memory.
+const EVICTION_MS_MAX: u64 = 120_000;
 /// Results remembered per node for stale resends.
 const SPENT_KEPT: usize = 64;
 
@@ -814,7 +817,7 @@ struct Batch {
 #[derive(Debug)]
 struct Watcher {
     start: Option<oneshot::Receiver<Result<WatchStart, ApiError>>>,
-    live: mpsc::UnboundedReceiver<WatchMsg>,
+    live: crate::watch::WatchSource,
     from_start: bool,
     /// Tasks of the backfill: live duplicates of them are dropped, as `server::watch_stream`
     /// does.
@@ -1096,6 +1099,7 @@ impl World {
         }
         self.drain();
         self.final_checks();
+        self.check_eviction();
     }
 
     fn step(&mut self) {
@@ -1159,6 +1163,7 @@ impl World {
             self.core.handle(event, self.now);
         }
         self.core.end_batch(self.now);
+        self.check_ledger();
         self.drain_store_requests();
         self.poll_clients();
         self.check_sessions();
@@ -1597,7 +1602,7 @@ impl World {
             .map(|s| s.id)
             .collect();
         for id in ids {
-            let (sink, live) = mpsc::unbounded_channel();
+            let (sink, live) = crate::watch::watch_queue();
             let (reply, start) = oneshot::channel();
             let s = self.sessions.get_mut(&id).expect("a session");
             let from_start = s.watcher.is_none() && !s.restarted;
@@ -1853,6 +1858,7 @@ impl World {
     }
 
     fn poll_session(&mut self, id: SessionId, epoch: u64) {
+        let store = self.store().clone();
         let mut s = self.sessions.remove(&id).expect("a session");
         let mut problems = Vec::new();
         // Submit replies.
@@ -1861,7 +1867,8 @@ impl World {
             let Some(rx) = b.reply.as_mut() else {
                 continue;
             };
-            match rx.try_recv() {
+            // As the server does: a refused resend of a batch the store has is acked.
+            match rx.try_recv().map(|r| store.settle_refused(id, r)) {
                 Ok(SubmitReply::Accepted {
                     batch_id,
                     first_task,
@@ -2183,10 +2190,86 @@ impl World {
         rx.try_recv().expect("ListTasks is answered at once")
     }
 
-    fn session_info(&mut self, id: SessionId) -> SessionInfo {
+    /// A session's view as the server serves it: from the core, or from the store once
+    /// it finished and left memory. `None` for a finished ephemeral session that left
+    /// memory (it has no store), which only a session seen finished may do.
+    fn session_info(&mut self, id: SessionId) -> Option<SessionInfo> {
         match self.ask(ClientRequest::GetSession { id }) {
-            ClientResponse::Session(info) => info,
+            ClientResponse::Session(info) => Some(info),
+            ClientResponse::Error(e) if e.kind == flame_protocol::model::ErrorKind::NotFound => {
+                match self.store().finished_session(id) {
+                    Ok(Some(info)) => Some(info),
+                    Ok(None)
+                        if self
+                            .sessions
+                            .get(&id)
+                            .is_some_and(|s| s.ephemeral && s.finished) =>
+                    {
+                        None
+                    }
+                    Ok(None) => self.fail(&format!(
+                        "s{} is neither in the head's memory nor finished in the store: {e}",
+                        id.0
+                    )),
+                    Err(e) => self.fail(&format!("the store cannot read s{}: {e}", id.0)),
+                }
+            }
             other => self.fail(&format!("GetSession s{} answered {other:?}", id.0)),
+        }
+    }
+
+    /// The core's quota ledger must always equal what its sessions hold.
+    fn check_ledger(&mut self) {
+        if let Some(problem) = self.core.ledger_mismatch() {
+            self.fail(&problem);
+        }
+    }
+
+    /// After the drain: every finished session leaves the head's memory (durable ones at
+    /// once their record is durable and no executor is bound to them, ephemeral ones after
+    /// `EPHEMERAL_KEPT_MS`), what they held goes back to the quota ledger, and the views of
+    /// durable ones are still served (from the store).
+    fn check_eviction(&mut self) {
+        let start = self.now;
+        loop {
+            // Sessions the clients lost track of count too: finished ones must go as well.
+            let held = self.core.finished_in_memory();
+            if held.is_empty() {
+                break;
+            }
+            if self.now - start > crate::core::EPHEMERAL_KEPT_MS + EVICTION_MS_MAX {
+                self.fail(&format!(
+                    "finished sessions {:?} are still in the head's memory {} ms after the drain",
+                    held.iter().map(|id| id.0).collect::<Vec<_>>(),
+                    self.now - start
+                ));
+            }
+            self.step();
+        }
+        // What is left in the ledger is what unfinished sessions (ones a client lost
+        // before it could close them) hold: `check_ledger` compared them after every step.
+        self.check_ledger();
+        let ids: Vec<SessionId> = self
+            .sessions
+            .values()
+            .filter(|s| !s.lost && !s.ephemeral)
+            .map(|s| s.id)
+            .collect();
+        for id in ids {
+            match self.session_info(id) {
+                Some(info) if info.is_finished() => {}
+                other => self.fail(&format!(
+                    "s{} left memory but its view is not served finished: {other:?}",
+                    id.0
+                )),
+            }
+            match self.list_tasks(id) {
+                Ok(None) => {}
+                other => self.fail(&format!(
+                    "s{} left memory but ListTasks does not send to the store: {other:?}",
+                    id.0
+                )),
+            }
         }
     }
 
@@ -2200,7 +2283,9 @@ impl World {
             .map(|s| s.id)
             .collect();
         for id in ids {
-            let info = self.session_info(id);
+            let Some(info) = self.session_info(id) else {
+                continue;
+            };
             // The task list costs a walk over all tasks: every few steps is enough. A
             // finished session changes no more: its counters are checked, its list was.
             let listed = if !full || self.sessions[&id].finished && info.is_finished() {
@@ -2331,7 +2416,7 @@ impl World {
                     }
                     let (view, in_flight, resend) = (s.view, s.in_flight.len(), s.resend.len());
                     let watch = s.watcher.as_ref().map(|w| (w.finished, w.dead));
-                    let info = self.session_info(id);
+                    let info = self.session_info(id).map(|i| (i.state, i.counts));
                     let states: Vec<(u64, TaskState)> = match self.list_tasks(id) {
                         Ok(Some(list)) => list
                             .iter()
@@ -2349,7 +2434,7 @@ impl World {
                         report,
                         "\n  s{}: {:?} {:?} client {view:?}, {in_flight} batches in flight, \
                          {resend} to resend, watcher (finished, dead) {watch:?}, unfinished {states:?}",
-                        id.0, info.state, info.counts
+                        id.0, info.map(|i| i.0), info.map(|i| i.1)
                     );
                 }
                 self.fail(&report);
@@ -2366,7 +2451,9 @@ impl World {
             .map(|s| s.id)
             .collect();
         for id in ids {
-            let info = self.session_info(id);
+            let Some(info) = self.session_info(id) else {
+                continue;
+            };
             let mut s = self.sessions.remove(&id).expect("a session");
             let mut problems = Vec::new();
             if !info.is_finished() {

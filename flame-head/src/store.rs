@@ -14,8 +14,8 @@ use crate::storage_fault::{
 };
 use bytes::Bytes;
 use flame_protocol::model::{
-    ApplicationSpec, ExecutorUsage, JobInfo, NodeResources, SessionState, TaskInfo, TaskOutcome,
-    TaskResult, TaskState,
+    ApplicationSpec, ExecutorUsage, JobInfo, NodeResources, SessionInfo, SessionState, TaskInfo,
+    TaskOutcome, TaskResult, TaskState,
 };
 use flame_protocol::{SessionId, TaskId};
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
@@ -45,12 +45,21 @@ const TOKENS: TableDefinition<&str, &[u8]> = TableDefinition::new("tokens");
 /// `serial:<hex>`, `sha256:<hex>` or `node:<name>` → [`crate::certs::StoredCert`]: revoked
 /// certificates, and the certificate each joined node connects with. Added in schema 6.
 const CERTS: TableDefinition<&str, &[u8]> = TableDefinition::new("certificates");
+/// Session id → its final [`SessionInfo`], written when a finished session leaves the
+/// head's memory. Views, owners and log targets of finished sessions are read here, and
+/// start-up does not load them. Added without a schema change: a store of an earlier
+/// release gets the table at open, and its finished sessions are moved out at the first
+/// start (`Core::new` evicts them).
+const FINISHED: TableDefinition<u64, &[u8]> = TableDefinition::new("finished");
 
 const META_SCHEMA: &str = "schema_version";
 const META_NEXT_SESSION: &str = "next_session_id";
 const META_NEXT_EXECUTOR: &str = "next_executor_id";
 /// Probe writes made after storage faults (a count, so each probe changes a record).
 const META_PROBES: &str = "storage_probes";
+
+/// Finished sessions a listing looks through, newest first.
+pub const FINISHED_SCANNED_MAX: usize = 100_000;
 
 /// Most requests one group commit takes; more wait for the next commit.
 pub const GROUP_COMMIT_REQUESTS_MAX: usize = 4096;
@@ -173,6 +182,8 @@ pub enum StoreOp {
         results: Vec<(TaskId, u32, TaskOutcome)>,
     },
     PutNode(StoredNode),
+    /// A finished session's final view (the `finished` table).
+    PutFinished(Box<SessionInfo>),
     /// Id counters, so ids are never reused after a restart. `None` leaves one as it is.
     PutCounters {
         next_session: Option<u64>,
@@ -321,6 +332,7 @@ impl Store {
             txn.open_table(BATCHES)?;
             txn.open_table(TOKENS)?;
             txn.open_table(CERTS)?;
+            txn.open_table(FINISHED)?;
         }
         txn.commit()?;
         Ok(db)
@@ -364,16 +376,27 @@ impl Store {
             let (_, v) = row?;
             loaded.applications.push(decode("applications", v.value())?);
         }
-        for row in txn.open_table(SESSIONS)?.iter()? {
-            let (_, v) = row?;
-            loaded.sessions.push(decode("sessions", v.value())?);
+        // Finished sessions stay in the store: neither they nor their tasks are loaded.
+        let mut finished = std::collections::HashSet::new();
+        for row in txn.open_table(FINISHED)?.iter()? {
+            finished.insert(row?.0.value());
         }
-        for row in txn.open_table(TASKS)?.iter()? {
+        for row in txn.open_table(SESSIONS)?.iter()? {
             let (k, v) = row?;
-            let (s, t) = k.value();
-            loaded
-                .tasks
-                .push((SessionId(s), TaskId(t), decode("tasks", v.value())?));
+            if !finished.contains(&k.value()) {
+                loaded.sessions.push(decode("sessions", v.value())?);
+            }
+        }
+        let tasks = txn.open_table(TASKS)?;
+        for session in &loaded.sessions {
+            let id = session.id.0;
+            for row in tasks.range((id, 0)..=(id, u64::MAX))? {
+                let (k, v) = row?;
+                let (s, t) = k.value();
+                loaded
+                    .tasks
+                    .push((SessionId(s), TaskId(t), decode("tasks", v.value())?));
+            }
         }
         for row in txn.open_table(NODES)?.iter()? {
             let (_, v) = row?;
@@ -382,6 +405,9 @@ impl Store {
         for row in txn.open_table(BATCHES)?.iter()? {
             let (k, v) = row?;
             let (session, batch) = k.value();
+            if finished.contains(&session) {
+                continue;
+            }
             let (first, count) = v.value();
             loaded
                 .batches
@@ -422,6 +448,37 @@ impl Store {
         Ok(out)
     }
 
+    /// A finished session's final view, if it has left the head's memory.
+    pub fn finished_session(&self, session: SessionId) -> Result<Option<SessionInfo>, StoreError> {
+        let txn = self.read_txn()?;
+        let table = txn.open_table(FINISHED)?;
+        let row = table.get(session.0)?;
+        row.map(|v| decode("finished", v.value())).transpose()
+    }
+
+    /// Finished sessions that left memory, newest first, at most `max`, only `owner`'s
+    /// when given; among the newest [`FINISHED_SCANNED_MAX`] only, so that one listing
+    /// costs the head a bounded read however many sessions others finished.
+    pub fn finished_sessions(
+        &self,
+        owner: Option<&str>,
+        max: usize,
+    ) -> Result<Vec<SessionInfo>, StoreError> {
+        let txn = self.read_txn()?;
+        let table = txn.open_table(FINISHED)?;
+        let mut out = Vec::new();
+        for row in table.iter()?.rev().take(FINISHED_SCANNED_MAX) {
+            if out.len() >= max {
+                break;
+            }
+            let info: SessionInfo = decode("finished", row?.1.value())?;
+            if owner.is_none_or(|o| crate::core::owner_name(&info.owner) == o) {
+                out.push(info);
+            }
+        }
+        Ok(out)
+    }
+
     /// Writes one certificate record durably, in a transaction of its own.
     pub fn put_cert_record(
         &self,
@@ -441,7 +498,82 @@ impl Store {
         Ok(txn.open_table(NODES)?.get(name)?.is_some())
     }
 
-    /// Final results of a session's tasks, in id order, for a watcher that attaches late.
+    /// The tasks a client batch created, if the store has it (`(first task, count)`): a
+    /// batch sent again after its session finished is acked from here.
+    pub fn batch(
+        &self,
+        session: SessionId,
+        batch_id: u64,
+    ) -> Result<Option<(TaskId, u32)>, StoreError> {
+        let txn = self.read_txn()?;
+        let table = txn.open_table(BATCHES)?;
+        let row = table.get((session.0, batch_id))?;
+        Ok(row.map(|v| {
+            let (first, count) = v.value();
+            (TaskId(first), count)
+        }))
+    }
+
+    /// A batch the core refused as submitted to a closed or finished session may be a
+    /// resend of one the store already has (its ack was lost, and the session finished
+    /// meanwhile): then it is acked as it was, else the refusal stands.
+    pub fn settle_refused(
+        &self,
+        session: SessionId,
+        reply: flame_protocol::messages::SubmitReply,
+    ) -> flame_protocol::messages::SubmitReply {
+        use flame_protocol::messages::SubmitReply;
+        match reply {
+            SubmitReply::Rejected { batch_id, error }
+                if error.kind == flame_protocol::model::ErrorKind::FailedPrecondition =>
+            {
+                match self.batch(session, batch_id) {
+                    Ok(Some((first_task, count))) => SubmitReply::Accepted {
+                        batch_id,
+                        first_task,
+                        count,
+                    },
+                    _ => SubmitReply::Rejected { batch_id, error },
+                }
+            }
+            other => other,
+        }
+    }
+
+    /// One page of a session's final results, after task `after`, in id order: at most
+    /// `max_results`, and no more once `max_bytes` of outputs are in (at least one).
+    pub fn final_results_page(
+        &self,
+        session: SessionId,
+        after: TaskId,
+        max_results: usize,
+        max_bytes: usize,
+    ) -> Result<Vec<TaskResult>, StoreError> {
+        let txn = self.read_txn()?;
+        let tasks = txn.open_table(TASKS)?;
+        let mut out = Vec::new();
+        let mut bytes = 0usize;
+        let start = after.0.saturating_add(1);
+        for row in tasks.range((session.0, start)..=(session.0, u64::MAX))? {
+            if out.len() >= max_results || bytes >= max_bytes {
+                break;
+            }
+            let (k, v) = row?;
+            if let StoredTask::Final { attempt, outcome } = decode("tasks", v.value())? {
+                bytes += v.value().len();
+                out.push(TaskResult {
+                    task: TaskId(k.value().1),
+                    attempt,
+                    outcome,
+                });
+            }
+        }
+        Ok(out)
+    }
+
+    /// Final results of a session's tasks, in id order (tests; the server reads them a page
+    /// at a time, [`Store::final_results_page`]).
+    #[cfg(test)]
     pub fn final_results(&self, session: SessionId) -> Result<Vec<TaskResult>, StoreError> {
         let txn = self.read_txn()?;
         let tasks = txn.open_table(TASKS)?;
@@ -507,6 +639,7 @@ impl Store {
             let mut nodes = txn.open_table(NODES)?;
             let mut batches = txn.open_table(BATCHES)?;
             let mut meta = txn.open_table(META)?;
+            let mut finished = txn.open_table(FINISHED)?;
             let mut buf = Vec::new();
             for (i, op) in ops.iter().enumerate() {
                 if i == ops.len() / 2 {
@@ -554,6 +687,9 @@ impl Store {
                     }
                     StoreOp::PutNode(n) => {
                         nodes.insert(n.name.as_str(), encode(n).as_slice())?;
+                    }
+                    StoreOp::PutFinished(info) => {
+                        finished.insert(info.id.0, encode(info.as_ref()).as_slice())?;
                     }
                     StoreOp::PutCounters {
                         next_session,
@@ -736,6 +872,19 @@ mod tests {
         ));
         store
             .commit(&[
+                StoreOp::PutSession(StoredSession {
+                    id: SessionId(1),
+                    application: "a".into(),
+                    owner: "o".into(),
+                    priority: 0,
+                    common_data: Bytes::new(),
+                    state: SessionState::Open,
+                    created_ms: 0,
+                    closed_ms: None,
+                    last_task: 2,
+                    usage: Vec::new(),
+                    job: None,
+                }),
                 StoreOp::AddTasks {
                     session: SessionId(1),
                     batch_id: 7,

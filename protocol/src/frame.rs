@@ -97,11 +97,13 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         Ok(body)
     }
 
-    /// Reads one whole frame into `buf`; its length, or `None` at a clean end of stream.
-    async fn fill(&mut self) -> Result<Option<usize>, FrameError> {
-        let len = loop {
+    /// Reads the next frame's length prefix, not its body: the body's length, or `None` at
+    /// a clean end of stream. Cancel-safe like [`FrameReader::read`]; the next `read`
+    /// returns that frame. Lets a reader wait for room before it takes a large body.
+    pub async fn next_len(&mut self) -> Result<Option<usize>, FrameError> {
+        loop {
             if let Some(len) = self.body_len {
-                break len;
+                return Ok(Some(len));
             }
             if self.len_filled == LENGTH_PREFIX_BYTES {
                 let len = u32::from_le_bytes(self.len_bytes) as usize;
@@ -127,6 +129,13 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
                 };
             }
             self.len_filled += n;
+        }
+    }
+
+    /// Reads one whole frame into `buf`; its length, or `None` at a clean end of stream.
+    async fn fill(&mut self) -> Result<Option<usize>, FrameError> {
+        let Some(len) = self.next_len().await? else {
+            return Ok(None);
         };
         while self.body_filled < len {
             let end = len.min(self.body_filled + READ_CHUNK_BYTES);
@@ -152,6 +161,15 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
     fn shrink(&mut self) {
         if self.buf.capacity() > 1024 * 1024 {
             self.buf = Vec::new();
+        }
+    }
+
+    /// Bytes of the frame being read so far (its length prefix included); 0 between frames.
+    /// A reader that gives up on a peer stalled mid-frame compares it across waits.
+    pub fn progress(&self) -> usize {
+        match self.body_len {
+            Some(_) => LENGTH_PREFIX_BYTES + self.body_filled,
+            None => self.len_filled,
         }
     }
 

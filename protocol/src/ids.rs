@@ -37,3 +37,53 @@ id_type!(
     /// An executor, unique for the life of a head's data directory.
     ExecutorId
 );
+
+/// A set of task ids of one session, as bits: ids are dense from 1 within a session, so
+/// this costs one bit per task. Used to drop results already delivered when a watch starts
+/// over (a watch sends every final result again).
+#[derive(Debug, Default, Clone)]
+pub struct TaskIdSet {
+    words: Vec<u64>,
+}
+
+impl TaskIdSet {
+    /// Marks `task`; false if it was marked already.
+    pub fn insert(&mut self, task: TaskId) -> bool {
+        let Ok(i) = usize::try_from(task.0) else {
+            return true;
+        };
+        let (word, bit) = (i / 64, 1u64 << (i % 64));
+        if word >= self.words.len() {
+            self.words.resize(word + 1, 0);
+        }
+        let fresh = self.words[word] & bit == 0;
+        self.words[word] |= bit;
+        fresh
+    }
+
+    /// Whether `task` is marked.
+    pub fn contains(&self, task: TaskId) -> bool {
+        let Ok(i) = usize::try_from(task.0) else {
+            return false;
+        };
+        self.words
+            .get(i / 64)
+            .is_some_and(|w| w & (1u64 << (i % 64)) != 0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn task_id_set_marks_each_id_once() {
+        let mut set = TaskIdSet::default();
+        assert!(!set.contains(TaskId(70)));
+        assert!(set.insert(TaskId(70)));
+        assert!(!set.insert(TaskId(70)));
+        assert!(set.contains(TaskId(70)));
+        assert!(!set.contains(TaskId(69)));
+        assert!(set.insert(TaskId(1)));
+    }
+}

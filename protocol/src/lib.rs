@@ -21,7 +21,7 @@ pub mod pki;
 pub mod shell;
 pub mod shim;
 
-pub use ids::{ExecutorId, SessionId, TaskId};
+pub use ids::{ExecutorId, SessionId, TaskId, TaskIdSet};
 
 /// Version of the head/node/client protocol carried in every [`messages::Hello`].
 pub const PROTOCOL_VERSION: u32 = 4;

@@ -14,7 +14,8 @@
 //!   * [`ClientRequest::WatchResults`]: after a [`ClientResponse::Ok`], the head sends
 //!     [`WatchEvent`] frames: every result of the session exactly once on that stream,
 //!     including results finished before the watch began, then [`WatchEvent::Finished`]
-//!     once the session is closed and has no unfinished task.
+//!     once the session is closed and has no unfinished task, or [`WatchEvent::Lagged`]
+//!     when the reader fell too far behind (the client watches again).
 //! * **Nodes** keep the hello stream as their control stream: the node sends
 //!   [`NodeToHead`] frames, the head sends [`HeadToNode`] frames, for the life of the
 //!   connection.
@@ -287,6 +288,13 @@ pub enum WatchEvent {
     Results(Vec<TaskResult>),
     /// The session is closed and every task is final; the stream ends after this.
     Finished,
+    /// The head stopped this watch because its reader fell behind (the head keeps a bounded
+    /// queue per watcher); the stream ends after this. Watch again: the new watch sends
+    /// every final result from the store, and a reader that drops the ids it already has
+    /// (as `flame_client::ResultStream` does) misses none and sees none twice.
+    Lagged {
+        reason: String,
+    },
 }
 
 /// A frame from a node to the head on its control stream.

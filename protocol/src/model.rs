@@ -1021,6 +1021,10 @@ pub enum ErrorKind {
     Internal,
     /// The connection's principal may not do this (not the owner, not an admin).
     PermissionDenied,
+    /// The owner holds as much of a per-user quota as the head allows (open sessions, tasks
+    /// or bytes held, connections, streams); the message names the quota, its limit and
+    /// what the owner holds.
+    QuotaExceeded,
 }
 
 /// How every message about a storage fault of the head begins (a full or failing disk):

@@ -199,7 +199,15 @@ async fn attack(
 
 #[tokio::test(flavor = "multi_thread")]
 async fn hostile_connections_leave_the_head_serving_with_bounded_memory() {
-    let cluster = Cluster::start(ClusterOptions::default()).await;
+    // Malformed frames are what this test is about: mallory may hold all these connections
+    // and streams at once (her quotas' refusals are `hostile_tenant.rs`'s subject).
+    let cluster = Cluster::start(ClusterOptions::default().head_args([
+        "--owner-quota",
+        "mallory.connections=1000",
+        "--owner-quota",
+        "mallory.streams_per_connection=256",
+    ]))
+    .await;
     let head = cluster.head_pid();
     let (rss_before, _) =
         flame_tests::procfs::rss_kib(head).expect("cannot read the head's memory");
