@@ -192,6 +192,9 @@ async fn watch_once(
                 }
             }
             Ok(Some(WatchEvent::Finished)) => return Ok(true),
+            // The head dropped this watch for falling behind: watch again, as the client
+            // library does.
+            Ok(Some(WatchEvent::Lagged { .. })) => return Ok(false),
             Ok(None) | Err(_) => return Ok(false),
         }
     }
