@@ -338,10 +338,9 @@ impl LocalCluster {
             work_dir.join("run").into(),
             "--log-dir".into(),
             work_dir.join("logs").into(),
-            // A one-machine cluster runs executors as the user who started it: it is a
-            // development tool, and its binaries may sit where no other user can read.
-            "--executor-user".into(),
-            current_user_name().into(),
+            // The node's default identity: started by a user, it runs executors as that
+            // user (an unprivileged agent cannot do otherwise); started by root, as each
+            // owner's own uid, never as root.
             "--cgroup-root".into(),
             format!("flame-local-{}", std::process::id()).into(),
         ];
@@ -349,9 +348,6 @@ impl LocalCluster {
         if let Some(cpus) = opts.node_cpus {
             node_args.push("--cpus".into());
             node_args.push(cpus.to_string().into());
-        }
-        if nix::unistd::geteuid().is_root() {
-            node_args.push("--allow-root-executors".into());
         }
         let node = Managed::spawn(NODE_BINARY, &node_bin, &node_args, &dir.join("node.log"));
         let mut node = match node {
@@ -939,15 +935,6 @@ pub fn shell_quote(s: &str) -> String {
     } else {
         format!("'{}'", s.replace('\'', r"'\''"))
     }
-}
-
-/// The name of the user running this process (its uid as text if it has no name).
-fn current_user_name() -> String {
-    let uid = nix::unistd::geteuid();
-    nix::unistd::User::from_uid(uid)
-        .ok()
-        .flatten()
-        .map_or_else(|| uid.to_string(), |u| u.name)
 }
 
 #[cfg(test)]

@@ -37,6 +37,10 @@ pub struct Args {
     /// executor always finishes its task.
     #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
     pub preemption_grace: Option<std::time::Duration>,
+    /// The uids owners' executors run as on nodes in owner-uid mode, `FIRST-LAST`; each
+    /// owner gets one, once, kept in the state. Default 1900000000-1900999999.
+    #[arg(long, value_name = "FIRST-LAST")]
+    pub owner_uid_range: Option<crate::owner_uids::UidRange>,
 }
 
 /// `flame-head` commands other than serving.
@@ -154,6 +158,12 @@ struct FileConfig {
     owners: BTreeMap<String, u32>,
     /// A duration such as "30s" (see `--preemption-grace`).
     preemption_grace: Option<String>,
+    /// "FIRST-LAST" (see `--owner-uid-range`).
+    owner_uid_range: Option<String>,
+    /// `[groups]` table: group name → its members (Flame user names), for applications'
+    /// `groups` lists.
+    #[serde(default)]
+    groups: BTreeMap<String, Vec<String>>,
 }
 
 /// Resolved settings.
@@ -166,7 +176,13 @@ pub struct HeadConfig {
     /// Fair-share weights; owners not listed weigh 1.
     pub owner_weights: BTreeMap<String, u32>,
     pub preemption_grace: Option<std::time::Duration>,
+    pub owner_uid_range: crate::owner_uids::UidRange,
+    /// Group name → members, for applications' `groups`.
+    pub groups: BTreeMap<String, Vec<String>>,
 }
+
+/// Most groups in `[groups]`, and most members of one.
+pub const GROUPS_MAX: usize = 4096;
 
 impl HeadConfig {
     pub fn resolve(args: Args) -> anyhow::Result<HeadConfig> {
@@ -214,6 +230,27 @@ impl HeadConfig {
         }
         let mut tls_san = file.tls_san;
         tls_san.extend(args.tls_san);
+        let owner_uid_range = match (args.owner_uid_range, &file.owner_uid_range) {
+            (Some(r), _) => r,
+            (None, Some(text)) => text
+                .parse()
+                .map_err(|e| anyhow::anyhow!("owner_uid_range: {e}"))?,
+            (None, None) => crate::owner_uids::UID_RANGE_DEFAULT,
+        };
+        if file.groups.len() > GROUPS_MAX {
+            anyhow::bail!("[groups] names more than {GROUPS_MAX} groups");
+        }
+        for (group, members) in &file.groups {
+            flame_protocol::model::validate_principal_name("groups", group)
+                .map_err(|e| anyhow::anyhow!("[groups]: {e}"))?;
+            if members.len() > GROUPS_MAX {
+                anyhow::bail!("[groups] {group}: more than {GROUPS_MAX} members");
+            }
+            for m in members {
+                flame_protocol::model::validate_principal_name("groups", m)
+                    .map_err(|e| anyhow::anyhow!("[groups] {group}: {e}"))?;
+            }
+        }
         Ok(HeadConfig {
             data_dir: args
                 .data_dir
@@ -226,6 +263,8 @@ impl HeadConfig {
             task_input_bytes_max,
             owner_weights,
             preemption_grace,
+            owner_uid_range,
+            groups: file.groups,
         })
     }
 }
@@ -272,5 +311,28 @@ mod tests {
         let err = resolve_with("preemption_grace = \"0s\"\n", &[]).unwrap_err();
         assert!(format!("{err:#}").contains("more than 0"), "{err:#}");
         assert!(resolve_with("", &["--preemption-grace", "later"]).is_err());
+    }
+
+    #[test]
+    fn owner_uid_range_and_groups_resolve_and_bad_ones_are_named() {
+        let config = resolve_with("", &[]).unwrap();
+        assert_eq!(config.owner_uid_range, crate::owner_uids::UID_RANGE_DEFAULT);
+        let config = resolve_with(
+            "owner_uid_range = \"70000-70100\"\n[groups]\nlab = [\"alice\", \"carol\"]\n",
+            &[],
+        )
+        .unwrap();
+        assert_eq!(config.owner_uid_range.to_string(), "70000-70100");
+        assert_eq!(config.groups["lab"], vec!["alice", "carol"]);
+        let config = resolve_with(
+            "owner_uid_range = \"70000-70100\"\n",
+            &["--owner-uid-range", "80000-80001"],
+        )
+        .unwrap();
+        assert_eq!(config.owner_uid_range.first, 80_000);
+        let err = resolve_with("owner_uid_range = \"0-100\"\n", &[]).unwrap_err();
+        assert!(format!("{err:#}").contains("owner_uid_range"), "{err:#}");
+        let err = resolve_with("[groups]\nlab = [\"a b\"]\n", &[]).unwrap_err();
+        assert!(format!("{err:#}").contains("[groups] lab"), "{err:#}");
     }
 }

@@ -24,7 +24,7 @@ use flame_protocol::messages::{
 };
 use flame_protocol::model::{
     job_of_application, ApiError, ApplicationInfo, ApplicationSpec, ErrorKind, ExecutorUsage,
-    JobFailure, JobInfo, JobState, NodeInfo, NodeState, OwnerQueue, QueueReport, RankInfo,
+    ExecutorIdentity, ExecutorOwner, JobFailure, JobInfo, JobState, NodeInfo, NodeState, OwnerQueue, QueueReport, RankInfo,
     RankLaunch, Resources, SessionInfo, SessionQueue, SessionSpec, SessionState, ShimKind,
     TaskAssignment, TaskCounts, TaskInfo, TaskOutcome, TaskResult, TaskState,
     JOB_APPLICATION_PREFIX,
@@ -181,6 +181,10 @@ pub struct CoreConfig {
     /// Makes the credential MPI jobs' ranks get in [`JOB_TOKEN_ENV`]; `None` (unit tests):
     /// none is given.
     pub job_credentials: Option<crate::auth::JobCredentials>,
+    /// The uids owners get (see `owner_uids.rs`).
+    pub owner_uid_range: crate::owner_uids::UidRange,
+    /// Group name → members, for applications' `groups`.
+    pub groups: BTreeMap<String, Vec<String>>,
 }
 
 /// The variable that carries an MPI job's credential to its ranks (for `flame-mpi-agent`).
@@ -195,6 +199,8 @@ impl Default for CoreConfig {
             owner_weights: BTreeMap::new(),
             preemption_grace_ms: None,
             job_credentials: None,
+            owner_uid_range: crate::owner_uids::UID_RANGE_DEFAULT,
+            groups: BTreeMap::new(),
         }
     }
 }
@@ -373,6 +379,8 @@ impl SessionEntry {
 struct ExecutorEntry {
     node: String,
     application: String,
+    /// The owner it was launched for: it serves only that owner's sessions.
+    owner: String,
     phase: ExecutorPhase,
     session: Option<SessionId>,
     /// What it holds on its node.
@@ -406,6 +414,9 @@ struct NodeEntry {
     conn: Option<ConnId>,
     link: Option<mpsc::UnboundedSender<HeadToNode>>,
     last_seen_ms: u64,
+    /// Who it runs executors as, from its registration; `None` until it registers with
+    /// this head process.
+    identity: Option<ExecutorIdentity>,
 }
 
 impl NodeEntry {
@@ -451,6 +462,10 @@ enum AfterCommit {
     },
     ReserveExecutorIds {
         upto: u64,
+    },
+    /// An owner's new uid: usable by launches once durable.
+    OwnerUid {
+        owner: String,
     },
     /// A resent batch whose first copy was committing: acked once that commit is known.
     AckDuplicate {
@@ -507,6 +522,8 @@ pub struct Core {
     jobs_may_start: bool,
     /// Outcomes of job ranks whose commit failed, written again at the next tick.
     finish_retry: BTreeMap<SessionId, Vec<(TaskId, u32, TaskOutcome)>>,
+    /// Owners' uids, durable before any launch uses one.
+    owner_uids: crate::owner_uids::OwnerUids,
 }
 
 /// Executor ids reserved per store write.
@@ -549,8 +566,12 @@ impl Core {
     pub fn new(
         config: CoreConfig,
         store: mpsc::UnboundedSender<StoreRequest>,
-        loaded: crate::store::Loaded,
+        mut loaded: crate::store::Loaded,
     ) -> Core {
+        let owner_uids = crate::owner_uids::OwnerUids::new(
+            config.owner_uid_range,
+            std::mem::take(&mut loaded.owner_uids),
+        );
         let mut core = Core {
             config,
             store,
@@ -579,6 +600,7 @@ impl Core {
             dirty_sessions: Default::default(),
             jobs_may_start: true,
             finish_retry: BTreeMap::new(),
+            owner_uids,
         };
         for spec in loaded.applications {
             core.apps.insert(spec.name.clone(), spec);
@@ -689,12 +711,15 @@ impl Core {
                         allocatable: n.allocatable,
                         labels: n.labels,
                         isolation: n.isolation,
+                        // Not read: `identity` below is `None` until the node registers.
+                        identity: ExecutorIdentity::OwnerUid,
                         executors: Vec::new(),
                     },
                     address: String::new(),
                     conn: None,
                     link: None,
                     last_seen_ms: n.last_seen_ms,
+                    identity: None,
                 },
             );
         }
@@ -807,9 +832,18 @@ impl Core {
     /// Registers an application at start-up if none of that name exists (the built-in
     /// ping application). Durable like any other registration.
     pub fn ensure_application(&mut self, spec: ApplicationSpec) {
-        if !self.apps.contains_key(&spec.name) {
-            self.batch_ops.push(StoreOp::PutApplication(spec.clone()));
-            self.apps.insert(spec.name.clone(), spec);
+        match self.apps.get_mut(&spec.name) {
+            None => {
+                self.batch_ops.push(StoreOp::PutApplication(spec.clone()));
+                self.apps.insert(spec.name.clone(), spec);
+            }
+            // A built-in stored by an older head with `allow_root`: built-ins never run as
+            // root.
+            Some(stored) if stored.allow_root && !spec.allow_root => {
+                stored.allow_root = false;
+                self.batch_ops.push(StoreOp::PutApplication(stored.clone()));
+            }
+            Some(_) => {}
         }
     }
 
@@ -1222,6 +1256,7 @@ impl Core {
                         allocated: self.allocated_on(name),
                         labels: n.registration.labels.clone(),
                         isolation: n.registration.isolation.clone(),
+                        identity: n.identity.clone(),
                         executors: self.executors.values().filter(|e| &e.node == name).count()
                             as u32,
                         last_seen_ms: n.last_seen_ms,
@@ -1411,6 +1446,22 @@ impl Core {
                 e.to_string(),
             )));
             return;
+        }
+        if let Some(app) = self.apps.get(&spec.application).filter(|_| spec.job.is_none()) {
+            let owner = spec.owner_or_default();
+            let groups = &self.config.groups;
+            let in_group = |g: &str| groups.get(g).is_some_and(|m| m.iter().any(|u| u == owner));
+            if !app.allows(owner, in_group) {
+                let _ = reply.send(ClientResponse::Error(api(
+                    ErrorKind::PermissionDenied,
+                    format!(
+                        "user `{owner}` may not use application `{}`: it is restricted to {}",
+                        app.name,
+                        describe_access(app)
+                    ),
+                )));
+                return;
+            }
         }
         if spec.common_data.len() > self.config.task_input_bytes_max {
             let _ = reply.send(ClientResponse::Error(api(
@@ -1751,6 +1802,7 @@ impl Core {
             self.node_lost(&name, "replaced by a new connection from the same node");
         }
         let mut registration = registration;
+        let identity = Some(registration.identity.clone());
         let reports = std::mem::take(&mut registration.executors);
         let mut kill = Vec::new();
         for report in reports {
@@ -1776,6 +1828,7 @@ impl Core {
             conn: Some(conn),
             link: Some(link),
             last_seen_ms: now_ms,
+            identity,
         };
         self.batch_ops.push(StoreOp::PutNode(entry.stored()));
         self.conns.insert(conn, name.clone());
@@ -1802,6 +1855,16 @@ impl Core {
             if !usable {
                 return Err("its session is gone, finished or cancelled");
             }
+            let same_owner = self
+                .sessions
+                .get(&sid)
+                .is_some_and(|s| owner_name(&s.stored.owner) == report.owner);
+            if !same_owner {
+                return Err("it was launched for another owner than its session's");
+            }
+        }
+        if self.owner_uids.durable(&report.owner).is_none() {
+            return Err("its owner has no uid in this head's state");
         }
         let mut outstanding = VecDeque::new();
         for (sid, tid, attempt) in report.tasks {
@@ -1835,6 +1898,7 @@ impl Core {
             ExecutorEntry {
                 node: node.to_string(),
                 application: report.application,
+                owner: report.owner,
                 phase: match (report.session, report.ready) {
                     (Some(_), _) => ExecutorPhase::Bound,
                     (None, true) => ExecutorPhase::Idle,
@@ -2286,6 +2350,10 @@ impl Core {
                         ),
                     }
                 });
+            }
+            AfterCommit::OwnerUid { owner } => {
+                self.owner_uids.committed(&owner, result.is_ok());
+                self.reschedule = true;
             }
             AfterCommit::ReserveExecutorIds { upto } => {
                 self.reservation_pending = false;
@@ -2878,7 +2946,7 @@ impl Core {
                     application: s.stored.application.clone(),
                     open: s.stored.state == SessionState::Open,
                     demand: s.counts.unfinished(),
-                    owner: s.stored.owner.clone(),
+                    owner: owner_name(&s.stored.owner).to_string(),
                     priority: s.stored.priority,
                     gang: s.stored.job.as_ref().map(|j| scheduler::Gang {
                         ranks: j.spec.ranks,
@@ -2893,6 +2961,7 @@ impl Core {
                     id: *id,
                     node: e.node.clone(),
                     application: e.application.clone(),
+                    owner: e.owner.clone(),
                     phase: e.phase,
                     session: e.session,
                     quiet_since_ms: e.quiet_since_ms,
@@ -2906,8 +2975,16 @@ impl Core {
 
     fn apply(&mut self, decision: Decision, now_ms: u64) {
         match decision {
-            Decision::Launch { node, application } => {
+            Decision::Launch {
+                node,
+                application,
+                owner,
+            } => {
                 let Some(spec) = self.apps.get(&application).cloned() else {
+                    return;
+                };
+                // The owner's uid must be durable before a launch uses it.
+                let Some(uid) = self.owner_uid(&owner) else {
                     return;
                 };
                 if self.next_executor + EXECUTOR_ID_BLOCK / 2 >= self.executor_ids_reserved {
@@ -2929,6 +3006,7 @@ impl Core {
                     ExecutorEntry {
                         node: node.clone(),
                         application,
+                        owner: owner.clone(),
                         phase: ExecutorPhase::Launching,
                         session: None,
                         resources: spec.resources,
@@ -2948,6 +3026,7 @@ impl Core {
                     .push(NodeCommand::Launch {
                         executor: id,
                         application: Box::new(spec),
+                        owner: ExecutorOwner { name: owner, uid },
                         gpus,
                     });
             }
@@ -2993,6 +3072,37 @@ impl Core {
                     .entry(e.node.clone())
                     .or_default()
                     .push(NodeCommand::Release { executor });
+            }
+        }
+    }
+
+    /// `owner`'s durable uid; `None` while a new one is being written (its commit
+    /// reschedules), or when the range has none left (its sessions are told why).
+    fn owner_uid(&mut self, owner: &str) -> Option<u32> {
+        use crate::owner_uids::UidLookup;
+        match self.owner_uids.uid(owner) {
+            Ok(UidLookup::Ready(uid)) => Some(uid),
+            Ok(UidLookup::Pending) => None,
+            Ok(UidLookup::Reserved(uid)) => {
+                tracing::info!(owner, uid, "assigning a uid to a new owner");
+                self.batch_ops.push(StoreOp::PutOwnerUid {
+                    owner: owner.to_string(),
+                    uid,
+                });
+                self.batch_after.push(AfterCommit::OwnerUid {
+                    owner: owner.to_string(),
+                });
+                None
+            }
+            Err(e) => {
+                tracing::error!("{e}");
+                let why = e.to_string();
+                for s in self.sessions.values_mut() {
+                    if owner_name(&s.stored.owner) == owner {
+                        s.waiting = Some(why.clone());
+                    }
+                }
+                None
             }
         }
     }
@@ -3119,6 +3229,18 @@ fn validate_owner(owner: &str) -> Result<(), flame_protocol::model::SpecError> {
     }
 }
 
+/// Who an application is restricted to, for the error a refused user sees.
+fn describe_access(app: &ApplicationSpec) -> String {
+    let mut parts = Vec::new();
+    if !app.users.is_empty() {
+        parts.push(format!("users {}", app.users.join(", ")));
+    }
+    if !app.groups.is_empty() {
+        parts.push(format!("groups {}", app.groups.join(", ")));
+    }
+    parts.join(" and ")
+}
+
 fn unknown_app(name: &str) -> String {
     format!("application `{name}` is not registered (see `flame app list`)")
 }
@@ -3163,6 +3285,8 @@ mod tests {
                 working_dir: None,
                 user: None,
                 group: None,
+                users: Vec::new(),
+                groups: Vec::new(),
                 resources: Default::default(),
                 selector: Default::default(),
                 max_instances: 10,
@@ -3186,6 +3310,7 @@ mod tests {
                         },
                         labels: Default::default(),
                         isolation: "none".into(),
+                        identity: flame_protocol::model::ExecutorIdentity::OwnerUid,
                         executors: vec![],
                     },
                     link,
@@ -3328,6 +3453,7 @@ mod tests {
                     },
                     labels: [("kind".to_string(), "gpu".to_string())].into(),
                     isolation: "cgroup v2".into(),
+                    identity: flame_protocol::model::ExecutorIdentity::OwnerUid,
                     executors: vec![],
                 },
                 link,
@@ -3804,11 +3930,13 @@ mod tests {
                     },
                     labels: Default::default(),
                     isolation: "none".into(),
+                    identity: flame_protocol::model::ExecutorIdentity::OwnerUid,
                     executors: vec![ExecutorReport {
                         resources: Default::default(),
                         gpus: Vec::new(),
                         executor,
                         application: "ping".into(),
+                        owner: "default".into(),
                         ready: true,
                         session: Some(sid),
                         tasks: runs
@@ -3872,6 +4000,8 @@ mod tests {
             working_dir: None,
             user: None,
             group: None,
+            users: Vec::new(),
+            groups: Vec::new(),
             resources: Default::default(),
             selector: Default::default(),
             max_instances: 10,
@@ -3929,6 +4059,7 @@ mod tests {
             batches: vec![],
             next_session: 4,
             next_executor: 1024,
+            owner_uids: vec![("default".into(), 1_900_000_000)],
         };
         let mut core = Core::new(CoreConfig::default(), store_tx, loaded);
         core.start_recovery(0, 10_000);
@@ -3947,11 +4078,13 @@ mod tests {
                     },
                     labels: Default::default(),
                     isolation: "none".into(),
+                    identity: flame_protocol::model::ExecutorIdentity::OwnerUid,
                     executors: vec![ExecutorReport {
                         resources: Default::default(),
                         gpus: Vec::new(),
                         executor: ExecutorId(900),
                         application: "ping".into(),
+                        owner: "default".into(),
                         ready: true,
                         session: Some(sid),
                         tasks: vec![(sid, TaskId(1), 1)],

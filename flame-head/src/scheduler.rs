@@ -18,10 +18,12 @@
 //! 3. **Gangs**, higher priority and older first: all ranks launched at once, or a bounded
 //!    reservation of the nodes that can hold them once emptied.
 //! 4. **Units**, one executor at a time, to the owner holding the least for its weight
-//!    ([`UnitQueue`]): reuse an Idle executor, count one on its way, launch where it fits
-//!    (nodes without GPUs first), take over one from a session over its target, wait for
-//!    room being freed, or make room. Between owners, an executor changes hands only while
-//!    the giver still holds more for its weight than the taker ([`Holdings`]). An unbound
+//!    ([`UnitQueue`]): reuse an Idle executor of its pool, count one on its way, launch
+//!    where it fits (nodes without GPUs first), take over one from a session of the same
+//!    owner over its target, wait for room being freed, or make room. Executors are pooled
+//!    per (application, owner) and never serve another owner's session: they run as their
+//!    owner's Unix identity. Between owners, room (not an executor) changes hands, and only
+//!    while the giver still holds more for its weight than the taker ([`Holdings`]). An unbound
 //!    executor finishes its task first. Sessions that cannot get what they need are given
 //!    a reason (see [`Plan::waiting`]).
 //! 5. **Idle executors** are released after `delay_release`, or at once when their room is
@@ -105,6 +107,9 @@ pub struct ExecutorView {
     pub id: ExecutorId,
     pub node: String,
     pub application: String,
+    /// The owner it was launched for: it serves only that owner's sessions (it runs as that
+    /// owner's Unix identity on its node).
+    pub owner: String,
     pub phase: ExecutorPhase,
     pub session: Option<SessionId>,
     /// When it last became Idle, or last finished a task while bound with none outstanding.
@@ -130,9 +135,11 @@ pub struct Snapshot {
 /// One thing to do.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Decision {
+    /// A new executor of `application` for sessions of `owner`.
     Launch {
         node: String,
         application: String,
+        owner: String,
     },
     Bind {
         executor: ExecutorId,
@@ -833,43 +840,31 @@ impl<'a> UnitQueue<'a> {
     }
 }
 
-/// The next reclaimable executor of its application for a session, marked taken.
-/// Looks at the lists of other owners that [`Holdings::may_take`] allows, then the
-/// requester's own owner's. `unit` is the dominant share of one executor of the lists'
-/// application.
+/// The next reclaimable executor of its application for a session, marked taken: one
+/// bound to a session of the same owner over its target (a higher priority reclaiming).
+/// Executors never pass between owners (each runs as its owner's identity); another
+/// owner's share is reclaimed by making room (unbind, release, launch anew).
 fn take_reclaimable<'a>(
     lists: Option<&mut BTreeMap<&str, Vec<&'a ExecutorView>>>,
     owner: &str,
-    holdings: &mut Holdings<'_>,
-    unit: f64,
     excess: &mut HashMap<SessionId, u64>,
     taken: &mut HashSet<ExecutorId>,
 ) -> Option<&'a ExecutorView> {
-    let lists = lists?;
-    // Other owners over their share first: an owner that gives to itself holds less
-    // until the executor is bound again.
-    let taker = holdings.ix(owner)?;
-    let others: Vec<(&str, usize)> = lists
-        .keys()
-        .copied()
-        .filter(|o| *o != owner)
-        .filter_map(|o| Some((o, holdings.ix(o)?)))
-        .collect();
-    for (o, giver) in others {
-        if !holdings.may_take(giver, unit, taker, unit) {
-            continue;
-        }
-        if let Some(e) = lists
-            .get_mut(o)
-            .and_then(|list| take_from(list, excess, taken, false))
-        {
-            holdings.moved(giver, unit);
-            return Some(e);
-        }
-    }
-    lists
+    lists?
         .get_mut(owner)
         .and_then(|list| take_from(list, excess, taken, true))
+}
+
+/// Executors are pooled per (application, owner): an executor serves only sessions of
+/// the owner it was launched for.
+type Pool<'a> = (&'a str, &'a str);
+
+fn pool_of(e: &ExecutorView) -> Pool<'_> {
+    (e.application.as_str(), e.owner.as_str())
+}
+
+fn session_pool(s: &SessionView) -> Pool<'_> {
+    (s.application.as_str(), s.owner.as_str())
 }
 
 /// The dominant share each owner holds while a plan is made, for preemption between
@@ -1078,7 +1073,9 @@ pub fn plan(snap: &Snapshot) -> Plan {
     // 1. Targets. A session whose application cannot launch now (backing off after
     // failures) claims no more than the executors it could use today, so its share does
     // not sit idle while others wait; one whose executors fit no node claims nothing.
-    let mut usable_per_app: BTreeMap<&str, u64> = BTreeMap::new();
+    // Executors serve only their owner's sessions: they are pooled per (application,
+    // owner), and a session uses only its own pool's.
+    let mut usable_per_pool: BTreeMap<Pool, u64> = BTreeMap::new();
     for e in &snap.executors {
         if matches!(
             e.phase,
@@ -1087,7 +1084,7 @@ pub fn plan(snap: &Snapshot) -> Plan {
                 | ExecutorPhase::Bound
                 | ExecutorPhase::Launching
         ) {
-            *usable_per_app.entry(e.application.as_str()).or_default() += 1;
+            *usable_per_pool.entry(pool_of(e)).or_default() += 1;
         }
     }
     let mut unplaceable: BTreeMap<&str, Option<String>> = BTreeMap::new();
@@ -1098,8 +1095,8 @@ pub fn plan(snap: &Snapshot) -> Plan {
     let demands: Vec<u64> = active
         .iter()
         .map(|s| {
-            let usable = usable_per_app
-                .get(s.application.as_str())
+            let usable = usable_per_pool
+                .get(&session_pool(s))
                 .copied()
                 .unwrap_or(0);
             match apps.get(s.application.as_str()) {
@@ -1277,7 +1274,7 @@ pub fn plan(snap: &Snapshot) -> Plan {
     let mut incoming: Vec<Free> = vec![Free::default(); ready_list.len()];
     let mut reclaimable: Vec<Free> = vec![Free::default(); ready_list.len()];
     let mut idle_room: Vec<Free> = vec![Free::default(); ready_list.len()];
-    let mut unbinding_by_app: BTreeMap<&str, Vec<&ExecutorView>> = BTreeMap::new();
+    let mut unbinding_by_pool: BTreeMap<Pool, Vec<&ExecutorView>> = BTreeMap::new();
     // A gang's ranks are never reclaimed.
     let gang_sessions: HashSet<SessionId> = snap
         .sessions
@@ -1293,10 +1290,7 @@ pub fn plan(snap: &Snapshot) -> Plan {
             ExecutorPhase::Releasing => incoming[i].give(&e.resources),
             ExecutorPhase::Unbinding => {
                 incoming[i].give(&e.resources);
-                unbinding_by_app
-                    .entry(e.application.as_str())
-                    .or_default()
-                    .push(e);
+                unbinding_by_pool.entry(pool_of(e)).or_default().push(e);
             }
             ExecutorPhase::Idle => {
                 idle_on_node[i].push(e);
@@ -1341,13 +1335,13 @@ pub fn plan(snap: &Snapshot) -> Plan {
     for list in &mut reclaim_on_node {
         list.sort_by_key(give_order);
     }
-    for list in unbinding_by_app.values_mut() {
+    for list in unbinding_by_pool.values_mut() {
         list.sort_by_key(|e| std::cmp::Reverse(e.id));
     }
 
     // 2. Sessions under their target: reuse Idle executors, count launches in flight, launch.
-    let mut idle_by_app: BTreeMap<&str, Vec<&ExecutorView>> = BTreeMap::new();
-    let mut launching_by_app: BTreeMap<&str, u64> = BTreeMap::new();
+    let mut idle_by_pool: BTreeMap<Pool, Vec<&ExecutorView>> = BTreeMap::new();
+    let mut launching_by_pool: BTreeMap<Pool, u64> = BTreeMap::new();
     for e in &snap.executors {
         if draining.contains(e.node.as_str()) {
             // A draining node keeps nothing idle and takes nothing new.
@@ -1358,17 +1352,12 @@ pub fn plan(snap: &Snapshot) -> Plan {
             continue;
         }
         match e.phase {
-            ExecutorPhase::Idle => idle_by_app
-                .entry(e.application.as_str())
-                .or_default()
-                .push(e),
-            ExecutorPhase::Launching => {
-                *launching_by_app.entry(e.application.as_str()).or_default() += 1
-            }
+            ExecutorPhase::Idle => idle_by_pool.entry(pool_of(e)).or_default().push(e),
+            ExecutorPhase::Launching => *launching_by_pool.entry(pool_of(e)).or_default() += 1,
             _ => {}
         }
     }
-    for list in idle_by_app.values_mut() {
+    for list in idle_by_pool.values_mut() {
         list.sort_by_key(|e| e.id);
         list.reverse(); // pop() takes the lowest id first
     }
@@ -1400,13 +1389,14 @@ pub fn plan(snap: &Snapshot) -> Plan {
             continue;
         };
         let app_name = g.application.as_str();
+        let pool = session_pool(g);
         let ranks = u64::from(gang.ranks);
         let have = held.get(&g.id).map_or(0, Vec::len) as u64;
-        let in_flight = launching_by_app.get(app_name).copied().unwrap_or(0);
-        let ready = idle_by_app.get(app_name).map_or(0, Vec::len) as u64;
+        let in_flight = launching_by_pool.get(&pool).copied().unwrap_or(0);
+        let ready = idle_by_pool.get(&pool).map_or(0, Vec::len) as u64;
         if have + in_flight + ready > 0 {
             // Placed: bind its ranks as they come up.
-            while let Some(e) = idle_by_app.get_mut(app_name).and_then(Vec::pop) {
+            while let Some(e) = idle_by_pool.get_mut(&pool).and_then(Vec::pop) {
                 if taken.insert(e.id) {
                     decisions.push(Decision::Bind {
                         executor: e.id,
@@ -1472,6 +1462,7 @@ pub fn plan(snap: &Snapshot) -> Plan {
                     decisions.push(Decision::Launch {
                         node: ready_list[n].name.clone(),
                         application: app_name.to_string(),
+                        owner: g.owner.clone(),
                     });
                 }
             }
@@ -1574,11 +1565,12 @@ pub fn plan(snap: &Snapshot) -> Plan {
         let placed = 'one: {
             let mut need = 1u64;
             let app_name = s.application.as_str();
+            let pool = session_pool(s);
             let Some(app) = apps.get(app_name) else {
                 break 'one false;
             };
             while need > 0 {
-                let Some(e) = idle_by_app.get_mut(app_name).and_then(Vec::pop) else {
+                let Some(e) = idle_by_pool.get_mut(&pool).and_then(Vec::pop) else {
                     break;
                 };
                 if !taken.insert(e.id) {
@@ -1593,14 +1585,14 @@ pub fn plan(snap: &Snapshot) -> Plan {
                 }
                 need -= 1;
             }
-            // Launches in flight, and executors of its application being given back by other
-            // sessions, arrive Idle soon: count them as coming.
-            let in_flight = launching_by_app.entry(app_name).or_default();
+            // Launches in flight, and executors of its pool being given back by other
+            // sessions of its owner, arrive Idle soon: count them as coming.
+            let in_flight = launching_by_pool.entry(pool).or_default();
             let absorbed = need.min(*in_flight);
             *in_flight -= absorbed;
             need -= absorbed;
             while need > 0 {
-                let Some(e) = unbinding_by_app.get_mut(app_name).and_then(Vec::pop) else {
+                let Some(e) = unbinding_by_pool.get_mut(&pool).and_then(Vec::pop) else {
                     break;
                 };
                 if let Some(&i) = node_index.get(e.node.as_str()) {
@@ -1638,18 +1630,18 @@ pub fn plan(snap: &Snapshot) -> Plan {
                         decisions.push(Decision::Launch {
                             node: ready_list[node].name.clone(),
                             application: app_name.to_string(),
+                            owner: s.owner.clone(),
                         });
                         *live += 1;
                         need -= 1;
                         continue;
                     }
                 }
-                // An executor of its application that a session over its target gives back.
+                // An executor of its pool that a session of its owner over its target gives
+                // back. Another owner's executors never change hands: they make room below.
                 if let Some(e) = take_reclaimable(
                     reclaim_by_app.get_mut(app_name),
                     &s.owner,
-                    &mut holdings,
-                    totals.dominant_share(&app.resources),
                     &mut excess,
                     &mut taken,
                 ) {
@@ -1745,13 +1737,14 @@ pub fn plan(snap: &Snapshot) -> Plan {
                         *cursor += 1;
                         continue;
                     }
-                    // Pick what it takes: Idle executors of other applications first, then the
-                    // reclaimable executors with the least work outstanding.
+                    // Pick what it takes: Idle executors of other pools (other applications, or
+                    // other owners' executors of this one) first, then the reclaimable
+                    // executors with the least work outstanding.
                     victims.clear();
                     let mut over_left: HashMap<SessionId, u64> = HashMap::default();
                     let idle = idle_on_node[n]
                         .iter()
-                        .filter(|e| e.application != app_name && !taken.contains(&e.id));
+                        .filter(|e| pool_of(e) != pool && !taken.contains(&e.id));
                     // Other owners' executors first, as far as `holdings` allows: an owner
                     // that makes room for itself holds less until the room is used. Its own
                     // only from its sessions over their target.
@@ -1858,7 +1851,7 @@ pub fn plan(snap: &Snapshot) -> Plan {
     }
 
     // 3b. Idle executors past their application's delay_release are released.
-    for list in idle_by_app.values() {
+    for list in idle_by_pool.values() {
         for e in list {
             if taken.contains(&e.id) {
                 continue;
@@ -1926,6 +1919,7 @@ mod tests {
             id: ExecutorId(id),
             node: "n1".into(),
             application: app.into(),
+            owner: "default".into(),
             phase,
             session: session.map(SessionId),
             quiet_since_ms: 0,
@@ -1984,7 +1978,8 @@ mod tests {
             schedule(&snap),
             vec![Decision::Launch {
                 node: "n1".into(),
-                application: "ping".into()
+                application: "ping".into(),
+                owner: "default".into()
             }]
         );
     }
@@ -2148,7 +2143,8 @@ mod tests {
             p.decisions,
             vec![Decision::Launch {
                 node: "gpu1".into(),
-                application: "train".into()
+                application: "train".into(),
+                owner: "default".into()
             }]
         );
         // The one GPU bounds its share: it holds what it deserves and is not waiting.
@@ -2291,7 +2287,8 @@ mod tests {
         }));
         assert!(d.contains(&Decision::Launch {
             node: "n2".into(),
-            application: "ping".into()
+            application: "ping".into(),
+            owner: "default".into()
         }));
         assert!(!d
             .iter()
@@ -2535,14 +2532,15 @@ mod properties {
                         )
                         .then(|| sessions.get(sess).map(|s| s.id))
                         .flatten();
-                        let app = session
-                            .and_then(|id| sessions.iter().find(|s| s.id == id))
-                            .map_or(apps[app].to_string(), |s| s.application.clone());
+                        let bound_to = session.and_then(|id| sessions.iter().find(|s| s.id == id));
+                        let app = bound_to.map_or(apps[app].to_string(), |s| s.application.clone());
+                        let owner = bound_to.map_or(format!("o{}", i % 2), |s| s.owner.clone());
                         ExecutorView {
                             id: ExecutorId(i as u64 + 1),
                             node: format!("n{}", node % nodes.len()),
                             resources: resources_of(&app),
                             application: app,
+                            owner,
                             phase,
                             session,
                             quiet_since_ms: 0,
@@ -2589,7 +2587,7 @@ mod properties {
             let mut touched = std::collections::HashSet::new();
             for d in &decisions {
                 match d {
-                    Decision::Launch { node, application } => {
+                    Decision::Launch { node, application, .. } => {
                         let n = snap.nodes.iter().find(|n| &n.name == node).unwrap();
                         prop_assert!(n.ready, "launch on a node that is not ready");
                         let r = resources_of(application);
@@ -2617,6 +2615,7 @@ mod properties {
                         let s = snap.sessions.iter().find(|s| s.id == *session).unwrap();
                         prop_assert_eq!(e.phase, ExecutorPhase::Idle);
                         prop_assert_eq!(&e.application, &s.application);
+                        prop_assert_eq!(&e.owner, &s.owner, "an executor bound to another owner's session");
                         prop_assert!(s.demand > 0);
                         prop_assert!(touched.insert(*executor), "executor decided twice");
                     }
@@ -2704,6 +2703,7 @@ mod bench {
                 id: ExecutorId(i + 1),
                 node: nodes[(i % 1000) as usize].name.clone(),
                 application: app.name.clone(),
+                owner: s.owner.clone(),
                 phase: ExecutorPhase::Bound,
                 session: Some(s.id),
                 quiet_since_ms: 0,

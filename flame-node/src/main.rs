@@ -83,7 +83,12 @@ struct Args {
     /// Where executor logs are kept [default: /var/log/flame/node]
     #[arg(long)]
     log_dir: Option<PathBuf>,
-    /// User of applications that name none [default: nobody]
+    /// Who executors run as: `owner-uid` (each owner's uid from the head's range, the
+    /// default), `site-user` (the Unix user named like the owner), or `fixed` (every owner
+    /// as --executor-user: owners are not isolated)
+    #[arg(long, value_enum)]
+    executor_identity: Option<config::IdentityChoice>,
+    /// With `--executor-identity fixed`: the one user every executor runs as
     #[arg(long)]
     executor_user: Option<String>,
     /// Let executors run as root (off by default)
@@ -344,28 +349,13 @@ fn run(args: Args) -> Result<(), String> {
             Err(e) => tracing::warn!("cannot clean up executor cgroups of an earlier run: {e}"),
         }
     }
-    let executor_user = args
-        .executor_user
-        .or(file.executor_user)
-        .unwrap_or_else(|| "nobody".to_string());
     let allow_root = args.allow_root_executors || file.allow_root_executors.unwrap_or(false);
-    if executor_user == "root" && !allow_root {
-        return Err(
-            "--executor-user root needs --allow-root-executors (executors run unprivileged by default)"
-                .to_string(),
-        );
-    }
-    if root {
-        let user = launcher::resolve_credentials(&executor_user, None)
-            .map_err(|e| format!("--executor-user: {e}"))?;
-        if user.uid == 0 && !allow_root {
-            return Err(format!(
-                "--executor-user `{executor_user}` is root; that needs --allow-root-executors"
-            ));
-        }
-    } else {
-        tracing::warn!("flame-node is not root: executors run as its own user, whatever their application names");
-    }
+    let executor_identity = identity_mode(
+        args.executor_identity.or(file.executor_identity),
+        args.executor_user.or(file.executor_user),
+        allow_root,
+        root,
+    )?;
     let work_dir = args
         .work_dir
         .or(file.work_dir)
@@ -413,7 +403,7 @@ fn run(args: Args) -> Result<(), String> {
         node_name: name.clone(),
         work_dir,
         runtime_dir,
-        executor_user,
+        identity: executor_identity,
         allow_root,
         node_is_root: root,
         cgroups,
@@ -478,5 +468,58 @@ async fn shutdown_signal() {
             }
         }
         _ => std::future::pending::<()>().await,
+    }
+}
+
+/// Who executors run as, from `--executor-identity` and `--executor-user`; the fixed user
+/// only by explicit choice, and a user given without it is an error, not ignored.
+fn identity_mode(
+    choice: Option<config::IdentityChoice>,
+    executor_user: Option<String>,
+    allow_root: bool,
+    root: bool,
+) -> Result<executor::IdentityMode, String> {
+    use config::IdentityChoice;
+    use executor::IdentityMode;
+    if !root {
+        let me = nix::unistd::User::from_uid(nix::unistd::geteuid())
+            .ok()
+            .flatten()
+            .map_or_else(|| nix::unistd::geteuid().to_string(), |u| u.name);
+        tracing::warn!(
+            "flame-node is not root: every executor runs as its own user `{me}`, whatever its \
+             owner; owners are not isolated from each other (flame node list says so)"
+        );
+        return Ok(IdentityMode::Unprivileged(me));
+    }
+    match (choice.unwrap_or(IdentityChoice::OwnerUid), executor_user) {
+        (IdentityChoice::Fixed, None) => Err(
+            "--executor-identity fixed needs --executor-user USER (executor_user in the config)"
+                .to_string(),
+        ),
+        (IdentityChoice::Fixed, Some(user)) => {
+            let found = launcher::resolve_credentials(&user, None)
+                .map_err(|e| format!("--executor-user: {e}"))?;
+            if found.uid == 0 && !allow_root {
+                return Err(format!(
+                    "--executor-user `{user}` is root; that needs --allow-root-executors"
+                ));
+            }
+            tracing::warn!(
+                "--executor-identity fixed: every owner's executors run as `{user}`; owners are \
+                 not isolated from each other on this node (flame node list says so)"
+            );
+            Ok(IdentityMode::Fixed(user))
+        }
+        (choice, Some(user)) => Err(format!(
+            "--executor-user `{user}` applies only with --executor-identity fixed (this node is \
+             {}); leave it out, or choose fixed to run every owner as one user",
+            match choice {
+                IdentityChoice::SiteUser => "site-user",
+                _ => "owner-uid",
+            }
+        )),
+        (IdentityChoice::OwnerUid, None) => Ok(IdentityMode::OwnerUid),
+        (IdentityChoice::SiteUser, None) => Ok(IdentityMode::SiteUser),
     }
 }
