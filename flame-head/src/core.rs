@@ -500,10 +500,10 @@ pub struct Core {
     reschedule: bool,
     /// Per application: executors in a row that died before saying ready, and the time
     /// before which no new one is launched. Keeps a broken command from a hot loop.
-    launch_backoff: HashMap<String, (u32, u64)>,
+    launch_backoff: HashMap<(String, String), (u32, u64)>,
     /// Per application: why its last executor failed to start, until one starts; shown to
     /// users as the reason their session waits.
-    launch_errors: HashMap<String, String>,
+    launch_errors: HashMap<(String, String), String>,
     /// After a restart, the time until which nothing is dispatched or launched, so that
     /// reconnecting nodes can report the tasks they still run; `None` once recovered.
     recovering_until_ms: Option<u64>,
@@ -1965,8 +1965,9 @@ impl Core {
         }
         match event {
             ExecutorEvent::Ready { credit, .. } if e.phase == ExecutorPhase::Launching => {
-                self.launch_backoff.remove(&e.application);
-                self.launch_errors.remove(&e.application);
+                let pool = (e.application.clone(), e.owner.clone());
+                self.launch_backoff.remove(&pool);
+                self.launch_errors.remove(&pool);
                 e.phase = ExecutorPhase::Idle;
                 e.credit = credit.clamp(1, 1024);
                 e.quiet_since_ms = now_ms;
@@ -1995,17 +1996,19 @@ impl Core {
                 self.record_usage(session, id, node, usage, ended);
                 if let Some(e) = self.executors.remove(&id) {
                     if e.phase == ExecutorPhase::Launching {
-                        let pause = self.back_off(&e.application, now_ms);
-                        tracing::warn!(executor = %id, node, app = %e.application, %reason,
-                            retry_in_ms = pause, "executor failed to start");
-                        self.launch_errors
-                            .insert(e.application.clone(), format!("on node {node}: {reason}"));
+                        let pause = self.back_off(&e.application, &e.owner, now_ms);
+                        tracing::warn!(executor = %id, node, app = %e.application, owner = %e.owner,
+                            %reason, retry_in_ms = pause, "executor failed to start");
+                        self.launch_errors.insert(
+                            (e.application.clone(), e.owner.clone()),
+                            format!("on node {node}: {reason}"),
+                        );
                     } else if e.phase != ExecutorPhase::Releasing {
                         // A crash: relaunches of this application back off too, so a
                         // crashing application never runs in a hot loop.
-                        let pause = self.back_off(&e.application, now_ms);
-                        tracing::warn!(executor = %id, node, app = %e.application, %reason,
-                            retry_in_ms = pause, "executor exited");
+                        let pause = self.back_off(&e.application, &e.owner, now_ms);
+                        tracing::warn!(executor = %id, node, app = %e.application, owner = %e.owner,
+                            %reason, retry_in_ms = pause, "executor exited");
                     }
                     let why = format!("executor {id} on node {node} exited: {reason}");
                     self.requeue(e.outstanding, &why);
@@ -2095,8 +2098,9 @@ impl Core {
                 return;
             }
         } else if !self.launch_backoff.is_empty() {
-            // The application works again: forget its crashes.
-            self.launch_backoff.remove(&e.application);
+            // The application works again for this owner: forget its crashes.
+            self.launch_backoff
+                .remove(&(e.application.clone(), e.owner.clone()));
         }
         if s.ephemeral {
             slot.outcome = Some(r.outcome.clone());
@@ -2125,12 +2129,12 @@ impl Core {
         }
     }
 
-    /// Records one more failure in a row of `application`'s executors and returns the
-    /// pause, in ms, before the next launch.
-    fn back_off(&mut self, application: &str, now_ms: u64) -> u64 {
+    /// Records one more failure in a row of `application`'s executors of `owner` and
+    /// returns the pause, in ms, before the next launch for that owner.
+    fn back_off(&mut self, application: &str, owner: &str, now_ms: u64) -> u64 {
         let (failures, not_before) = self
             .launch_backoff
-            .entry(application.to_string())
+            .entry((application.to_string(), owner.to_string()))
             .or_default();
         *failures += 1;
         let pause = LAUNCH_BACKOFF_MIN_MS
@@ -2906,6 +2910,16 @@ impl Core {
             .filter(|e| matches!(e.phase, ExecutorPhase::Binding | ExecutorPhase::Bound))
             .filter_map(|e| e.session)
             .collect();
+        // Per application, the owners whose launches of it back off now, and why.
+        let mut backing_off: BTreeMap<&str, BTreeMap<String, Option<String>>> = BTreeMap::new();
+        for (pool, &(_, not_before)) in &self.launch_backoff {
+            if now_ms < not_before {
+                backing_off
+                    .entry(pool.0.as_str())
+                    .or_default()
+                    .insert(pool.1.clone(), self.launch_errors.get(pool).cloned());
+            }
+        }
         Snapshot {
             now_ms,
             nodes: self
@@ -2928,13 +2942,9 @@ impl Core {
                     name: a.name.clone(),
                     max_instances: a.max_instances,
                     delay_release_ms: a.delay_release_ms,
-                    launchable: self
-                        .launch_backoff
-                        .get(&a.name)
-                        .is_none_or(|&(_, not_before)| now_ms >= not_before),
                     resources: a.resources,
                     selector: a.selector.clone(),
-                    launch_error: self.launch_errors.get(&a.name).cloned(),
+                    backing_off: backing_off.remove(a.name.as_str()).unwrap_or_default(),
                 })
                 .collect(),
             sessions: self
@@ -3369,6 +3379,82 @@ mod tests {
             );
             core.end_batch(now);
         }
+    }
+
+    #[test]
+    fn executors_are_launched_per_owner_with_a_durable_uid_and_apps_admit_their_users() {
+        let mut h = Harness::with_config(CoreConfig {
+            owner_uid_range: crate::owner_uids::UidRange::new(70_000, 70_009).unwrap(),
+            groups: BTreeMap::from([("lab".to_string(), vec!["carol".to_string()])]),
+            ..CoreConfig::default()
+        });
+        let restricted = ApplicationSpec {
+            users: vec!["alice".into()],
+            groups: vec!["lab".into()],
+            ..ApplicationSpec::new("lab-only", "flame-ping")
+        };
+        assert!(matches!(
+            h.client(ClientRequest::RegisterApplication(restricted)),
+            ClientResponse::Application(_)
+        ));
+        let open_as = |h: &mut Harness, owner: &str, app: &str| {
+            h.client(ClientRequest::CreateSession(SessionSpec {
+                owner: owner.into(),
+                ..SessionSpec::new(app)
+            }))
+        };
+        match open_as(&mut h, "bob", "lab-only") {
+            ClientResponse::Error(e) => {
+                assert_eq!(e.kind, ErrorKind::PermissionDenied);
+                assert!(
+                    e.message.contains("user `bob` may not use application `lab-only`")
+                        && e.message.contains("users alice and groups lab"),
+                    "{e}"
+                );
+            }
+            other => panic!("bob was let in: {other:?}"),
+        }
+        session_id(open_as(&mut h, "alice", "lab-only"));
+        session_id(open_as(&mut h, "carol", "lab-only"));
+
+        // A session of a new owner: its uid is written before its executor is launched.
+        let sid = session_id(open_as(&mut h, "dave", "ping"));
+        let (reply, _rx) = oneshot::channel();
+        h.core.handle(
+            Event::Submit {
+                session: sid,
+                batch_id: 1,
+                inputs: vec![Bytes::from_static(b"x")],
+                reply,
+            },
+            h.now,
+        );
+        h.core.end_batch(h.now);
+        let mut uid_written = false;
+        let mut launched = None;
+        while let Ok(req) = h.store_rx.try_recv() {
+            if req.ops.iter().any(|op| matches!(op, StoreOp::PutOwnerUid { owner, .. } if owner == "dave")) {
+                uid_written = true;
+                assert!(h.commands().is_empty(), "launched before the uid was durable");
+            }
+            h.core.handle(
+                Event::Committed {
+                    tokens: vec![req.token],
+                    result: Ok(()),
+                },
+                h.now,
+            );
+            h.core.end_batch(h.now);
+            for c in h.commands() {
+                if let NodeCommand::Launch { owner, .. } = c {
+                    launched = Some(owner);
+                }
+            }
+        }
+        assert!(uid_written);
+        let owner = launched.expect("no launch for dave");
+        assert_eq!(owner.name, "dave");
+        assert!((70_000..=70_009).contains(&owner.uid), "{owner:?}");
     }
 
     fn session_id(r: ClientResponse) -> SessionId {

@@ -54,14 +54,22 @@ pub struct AppView {
     pub name: String,
     pub max_instances: u32,
     pub delay_release_ms: u64,
-    /// False while launches of this application back off after failures.
-    pub launchable: bool,
     /// What one executor needs.
     pub resources: Resources,
     /// Labels a node must carry.
     pub selector: BTreeMap<String, String>,
-    /// Why its last executor failed to start, if none has started since.
-    pub launch_error: Option<String>,
+    /// Owners whose launches of it back off after failures (each owner's executors are
+    /// its own, and may fail for reasons of its own: a missing account, its tasks
+    /// crashing the application), with why their last executor failed to start, if none
+    /// has started since.
+    pub backing_off: BTreeMap<String, Option<String>>,
+}
+
+impl AppView {
+    /// Whether executors of it may be launched for `owner` now.
+    pub fn launchable(&self, owner: &str) -> bool {
+        !self.backing_off.contains_key(owner)
+    }
 }
 
 /// What the scheduler sees of a session.
@@ -982,8 +990,8 @@ fn describe_selector(selector: &BTreeMap<String, String>) -> String {
 }
 
 /// The waiting reason of a session whose application's launches back off.
-fn backing_off(app: &AppView) -> String {
-    match &app.launch_error {
+fn backing_off(app: &AppView, owner: &str) -> String {
+    match app.backing_off.get(owner).and_then(Option::as_ref) {
         Some(why) => format!(
             "executors of `{}` fail to start, so launches back off; the last one {why}",
             app.name
@@ -1101,7 +1109,7 @@ pub fn plan(snap: &Snapshot) -> Plan {
                 .unwrap_or(0);
             match apps.get(s.application.as_str()) {
                 None => 0,
-                Some(a) if !a.launchable => s.demand.min(usable),
+                Some(a) if !a.launchable(&s.owner) => s.demand.min(usable),
                 Some(a)
                     if unplaceable
                         .get(a.name.as_str())
@@ -1164,7 +1172,7 @@ pub fn plan(snap: &Snapshot) -> Plan {
                 None => format!("application `{}` is not registered", s.application),
                 Some(a) => match unplaceable.get(a.name.as_str()).cloned().flatten() {
                     Some(why) => why,
-                    None if !a.launchable => backing_off(a),
+                    None if !a.launchable(&s.owner) => backing_off(a, &s.owner),
                     None => "every cpu is shared out to other sessions; waiting for its share"
                         .to_string(),
                 },
@@ -1450,8 +1458,8 @@ pub fn plan(snap: &Snapshot) -> Plan {
             );
             continue;
         }
-        if !app.launchable {
-            waiting.entry(g.id).or_insert_with(|| backing_off(app));
+        if !app.launchable(&g.owner) {
+            waiting.entry(g.id).or_insert_with(|| backing_off(app, &g.owner));
             continue;
         }
         let allowed = |n: usize| !reserved[n];
@@ -1600,15 +1608,16 @@ pub fn plan(snap: &Snapshot) -> Plan {
                 }
                 need -= 1;
             }
-            if need > 0 && !app.launchable {
-                waiting.entry(s.id).or_insert_with(|| backing_off(app));
+            let launchable = app.launchable(&s.owner);
+            if need > 0 && !launchable {
+                waiting.entry(s.id).or_insert_with(|| backing_off(app, &s.owner));
             }
             let live = live_per_app.entry(app_name).or_default();
             let wants_gpu = app.resources.gpus > 0;
             let unit_share = totals.dominant_share(&app.resources);
             while need > 0 {
                 // A new executor where one fits now.
-                if app.launchable && *live < app.max_instances {
+                if launchable && *live < app.max_instances {
                     let fits = |n: usize, f: &Free| {
                         !reserved[n]
                             && fits_beside_gpus(ready_list[n], f, &app.resources)
@@ -1653,7 +1662,7 @@ pub fn plan(snap: &Snapshot) -> Plan {
                     need -= 1;
                     continue;
                 }
-                if !app.launchable {
+                if !launchable {
                     break;
                 }
                 if *live >= app.max_instances {
@@ -1895,10 +1904,9 @@ mod tests {
             name: name.into(),
             max_instances: max,
             delay_release_ms: 1000,
-            launchable: true,
+            backing_off: BTreeMap::new(),
             resources: Resources::default(),
             selector: BTreeMap::new(),
-            launch_error: None,
         }
     }
 
@@ -1950,7 +1958,7 @@ mod tests {
     #[test]
     fn no_launch_while_backing_off() {
         let mut a = app("ping", 3);
-        a.launchable = false;
+        a.backing_off.insert("default".into(), None);
         let snap = Snapshot {
             now_ms: 0,
             nodes: vec![node("n1", 4)],
@@ -1965,7 +1973,7 @@ mod tests {
     #[test]
     fn backing_off_app_does_not_starve_others() {
         let mut broken = app("broken", 3);
-        broken.launchable = false;
+        broken.backing_off.insert("default".into(), None);
         let snap = Snapshot {
             now_ms: 0,
             nodes: vec![node("n1", 1)],
@@ -2000,6 +2008,81 @@ mod tests {
                 executor: ExecutorId(7),
                 session: SessionId(1)
             }]
+        );
+    }
+
+    #[test]
+    fn an_executor_serves_only_its_owners_sessions() {
+        let bobs = SessionView {
+            owner: "bob".into(),
+            ..session(1, "ping", 1)
+        };
+        let alices_idle = ExecutorView {
+            owner: "alice".into(),
+            ..exec(7, "ping", ExecutorPhase::Idle, None)
+        };
+        let alices_launching = ExecutorView {
+            owner: "alice".into(),
+            ..exec(8, "ping", ExecutorPhase::Launching, None)
+        };
+        let snap = Snapshot {
+            now_ms: 0,
+            nodes: vec![node("n1", 3)],
+            applications: vec![app("ping", 10)],
+            sessions: vec![bobs.clone()],
+            executors: vec![alices_idle.clone(), alices_launching],
+            owner_weights: BTreeMap::new(),
+        };
+        // Neither alice's idle executor nor her launch in flight serves bob: a launch of
+        // his own does.
+        assert_eq!(
+            schedule(&snap),
+            vec![Decision::Launch {
+                node: "n1".into(),
+                application: "ping".into(),
+                owner: "bob".into()
+            }]
+        );
+        // On a full node, alice's idle executor is released to make room for bob's.
+        let full = Snapshot {
+            nodes: vec![node("n1", 1)],
+            executors: vec![alices_idle],
+            ..snap.clone()
+        };
+        assert_eq!(
+            schedule(&full),
+            vec![Decision::Release {
+                executor: ExecutorId(7)
+            }]
+        );
+        // Launches backing off for alice do not hold bob's back.
+        let mut apps = vec![app("ping", 10)];
+        apps[0].backing_off.insert("alice".into(), Some("no account".into()));
+        let snap = Snapshot {
+            applications: apps,
+            executors: vec![],
+            sessions: vec![
+                bobs,
+                SessionView {
+                    owner: "alice".into(),
+                    ..session(2, "ping", 1)
+                },
+            ],
+            ..snap
+        };
+        let plan = plan(&snap);
+        assert_eq!(
+            plan.decisions,
+            vec![Decision::Launch {
+                node: "n1".into(),
+                application: "ping".into(),
+                owner: "bob".into()
+            }]
+        );
+        assert!(
+            plan.waiting[&SessionId(2)].contains("no account"),
+            "{:?}",
+            plan.waiting
         );
     }
 
@@ -2557,10 +2640,9 @@ mod properties {
                             name: (*a).into(),
                             max_instances,
                             delay_release_ms: 1000,
-                            launchable: true,
+                            backing_off: BTreeMap::new(),
                             resources: resources_of(a),
                             selector: BTreeMap::new(),
-                            launch_error: None,
                         })
                         .collect(),
                     sessions,
@@ -2672,14 +2754,13 @@ mod bench {
                 name: format!("app-{i}"),
                 max_instances: 100_000,
                 delay_release_ms: 60_000,
-                launchable: true,
+                backing_off: BTreeMap::new(),
                 resources: Resources {
                     cpu_millis: 500 + (i % 4) * 250,
                     memory_bytes: Some(1 << 30),
                     gpus: 0,
                 },
                 selector: BTreeMap::new(),
-                launch_error: None,
             })
             .collect();
         // 1,000 sessions from 20 owners: 1,000 pending tasks each, plus what runs.

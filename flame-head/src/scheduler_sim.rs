@@ -593,14 +593,13 @@ impl World {
                         INSTANCES_UNLIMITED
                     },
                     delay_release_ms: rng.between(DELAY_RELEASE_MS_MIN, DELAY_RELEASE_MS_MAX),
-                    launchable: true,
+                    backing_off: BTreeMap::new(),
                     resources: Resources {
                         cpu_millis,
                         memory_bytes,
                         gpus: 0,
                     },
                     selector,
-                    launch_error: None,
                 },
                 AppKind::Cpu,
             );
@@ -614,14 +613,13 @@ impl World {
                     name: format!("mem{i}"),
                     max_instances: INSTANCES_UNLIMITED,
                     delay_release_ms: rng.between(DELAY_RELEASE_MS_MIN, DELAY_RELEASE_MS_MAX),
-                    launchable: true,
+                    backing_off: BTreeMap::new(),
                     resources: Resources {
                         cpu_millis,
                         memory_bytes: Some(memory_bytes),
                         gpus: 0,
                     },
                     selector: BTreeMap::new(),
-                    launch_error: None,
                 },
                 AppKind::MemoryHeavy,
             );
@@ -634,14 +632,13 @@ impl World {
                     name: format!("gpu{i}"),
                     max_instances: INSTANCES_UNLIMITED,
                     delay_release_ms: rng.between(DELAY_RELEASE_MS_MIN, DELAY_RELEASE_MS_MAX),
-                    launchable: true,
+                    backing_off: BTreeMap::new(),
                     resources: Resources {
                         cpu_millis,
                         memory_bytes: Some(u64::from(cpu_millis) * 4 * GIB / 1000),
                         gpus: 1 + i,
                     },
                     selector: [("accelerator".to_string(), "gpu".to_string())].into(),
-                    launch_error: None,
                 },
                 AppKind::Gpu,
             );
@@ -1110,14 +1107,13 @@ impl World {
             name: name.clone(),
             max_instances: ranks,
             delay_release_ms: DELAY_RELEASE_MS_MIN,
-            launchable: true,
+            backing_off: BTreeMap::new(),
             resources: Resources {
                 cpu_millis,
                 memory_bytes: Some(u64::from(cpu_millis) * self.rng.between(1, 3) * GIB / 1000),
                 gpus: 0,
             },
             selector: BTreeMap::new(),
-            launch_error: None,
         });
         self.kinds.push(AppKind::Gang);
         self.app_index.insert(name, app);
