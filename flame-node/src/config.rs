@@ -173,7 +173,12 @@ mod tests {
     #[test]
     fn the_packaged_example_parses() {
         let c: FileConfig = toml::from_str(include_str!("../../packaging/node.toml")).unwrap();
-        assert_eq!(c.executor_user.as_deref(), Some("nobody"));
+        assert_eq!(c.executor_identity, Some(IdentityChoice::OwnerUid));
+        assert_eq!(c.executor_user, None);
+        let fixed: FileConfig =
+            toml::from_str("executor_identity = \"fixed\"\nexecutor_user = \"nobody\"\n").unwrap();
+        assert_eq!(fixed.executor_identity, Some(IdentityChoice::Fixed));
+        assert!(toml::from_str::<FileConfig>("executor_identity = \"shared\"\n").is_err());
         assert_eq!(c.reserve_cpus, Some(0.0));
         assert_eq!(
             c.reserve_memory.unwrap().bytes("reserve_memory").unwrap(),

@@ -523,3 +523,35 @@ fn identity_mode(
         (IdentityChoice::SiteUser, None) => Ok(IdentityMode::SiteUser),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use config::IdentityChoice;
+    use executor::IdentityMode;
+
+    #[test]
+    fn the_fixed_user_only_by_explicit_choice_and_root_only_when_allowed() {
+        assert_eq!(identity_mode(None, None, false, true), Ok(IdentityMode::OwnerUid));
+        assert_eq!(
+            identity_mode(Some(IdentityChoice::SiteUser), None, false, true),
+            Ok(IdentityMode::SiteUser)
+        );
+        let err = identity_mode(None, Some("nobody".into()), false, true).unwrap_err();
+        assert!(err.contains("applies only with --executor-identity fixed"), "{err}");
+        let err = identity_mode(Some(IdentityChoice::Fixed), None, false, true).unwrap_err();
+        assert!(err.contains("needs --executor-user"), "{err}");
+        assert_eq!(
+            identity_mode(Some(IdentityChoice::Fixed), Some("nobody".into()), false, true),
+            Ok(IdentityMode::Fixed("nobody".into()))
+        );
+        let err =
+            identity_mode(Some(IdentityChoice::Fixed), Some("root".into()), false, true).unwrap_err();
+        assert!(err.contains("needs --allow-root-executors"), "{err}");
+        // An agent that is not root runs executors as itself, whatever was asked.
+        assert!(matches!(
+            identity_mode(Some(IdentityChoice::OwnerUid), None, false, false),
+            Ok(IdentityMode::Unprivileged(_))
+        ));
+    }
+}

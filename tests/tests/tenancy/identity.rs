@@ -2,7 +2,9 @@
 //! out of alice's: every probe below runs inside bob's executor, as bob's uid, against
 //! alice's live executor on the same node, and fails with the error the kernel gives bob.
 //! Also: an application restricted to alice refuses bob with the head's error; owners keep
-//! their uid across a head restart; a site-user node names a missing account.
+//! their uid across a head restart; a site-user node names a missing account; a node that
+//! puts every owner in one identity is flagged by `flame node list`; the built-in
+//! applications never run as root, even on a node that allows root.
 
 use super::user_client;
 use flame_protocol::model::{ApplicationSpec, ErrorKind, ShimKind};
@@ -91,6 +93,9 @@ async fn bob_cannot_reach_alices_executors_or_her_application() {
     const EPERM: &str = "Operation not permitted (os error 1)";
     refused(&mut bob_session, &format!("read /proc/{pid}/environ"), EACCES).await;
     refused(&mut bob_session, &format!("signal {pid}"), EPERM).await;
+    // Nor write into her pipes through /proc.
+    refused(&mut bob_session, &format!("write /proc/{pid}/fd/0"), EACCES).await;
+    refused(&mut bob_session, &format!("read /proc/{pid}/fd"), EACCES).await;
     refused(&mut bob_session, &format!("read {folder}"), EACCES).await;
     refused(&mut bob_session, &format!("write {folder}/planted"), EACCES).await;
     refused(&mut bob_session, &format!("read {socket_dir}"), EACCES).await;
@@ -227,4 +232,53 @@ async fn a_site_user_node_runs_owners_as_their_accounts_and_names_a_missing_one(
     client.cancel_session(session.id()).await.unwrap();
     client.close().await;
     admin.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_shared_identity_is_flagged_and_built_ins_never_run_as_root() {
+    if !prerequisites::root("a_shared_identity_is_flagged_and_built_ins_never_run_as_root") {
+        return;
+    }
+    // The old way, chosen explicitly: every owner as root, root allowed on the node.
+    let cluster = Cluster::start(ClusterOptions::default().executor_user("root")).await;
+    let out = cluster.flame(&["node", "list"]).await;
+    out.assert_success();
+    assert!(out.stdout.contains("fixed:root (SHARED)"), "{}", out.stdout);
+    assert!(
+        out.stderr
+            .contains("warning: node node-0: it runs every owner's executors as `root`"),
+        "{}",
+        out.stderr
+    );
+
+    // Even so, the built-in ping application never runs as root: its launch fails, and
+    // the session says why.
+    let client = user_client(&cluster, "bob").await;
+    let session = client
+        .create_session(flame_protocol::model::SessionSpec::new("ping"))
+        .await
+        .unwrap();
+    session
+        .submit(vec![bytes::Bytes::from_static(b"ping")])
+        .await
+        .unwrap();
+    let deadline = Instant::now() + WAITING_TIMEOUT;
+    let why = loop {
+        let info = session.info().await.unwrap();
+        if let Some(why) = info.waiting.clone().filter(|w| w.contains("is root")) {
+            break why;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the session never said why it waits: {info:#?}\n{}",
+            cluster.logs()
+        );
+        tokio::time::sleep(SESSION_POLL_PAUSE).await;
+    };
+    assert!(
+        why.contains("the application does not allow (allow_root = true in its spec)"),
+        "{why}"
+    );
+    client.cancel_session(session.id()).await.unwrap();
+    client.close().await;
 }
