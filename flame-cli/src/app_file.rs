@@ -468,7 +468,10 @@ zone = "a"
             // A fixed identity would be shared by every user who may use it.
             ("user = \"nobody\"\n", "user"),
             ("user = \"nobody\"\nusers = [\"a\", \"b\"]\n", "user"),
-            ("group = \"nogroup\"\nusers = [\"a\"]\ngroups = [\"lab\"]\n", "group"),
+            (
+                "group = \"nogroup\"\nusers = [\"a\"]\ngroups = [\"lab\"]\n",
+                "group",
+            ),
             ("users = [\"a b\"]\n", "users"),
             ("groups = [\"\"]\n", "groups"),
             ("working_dir = \"rel\"\n", "working_dir"),

@@ -23,11 +23,11 @@ use flame_protocol::messages::{
     NodeRegistration, NodeTaskResult, NodeToHead, SubmitReply, Usage,
 };
 use flame_protocol::model::{
-    job_of_application, ApiError, ApplicationInfo, ApplicationSpec, ErrorKind, ExecutorUsage,
-    ExecutorIdentity, ExecutorOwner, JobFailure, JobInfo, JobState, NodeInfo, NodeState, OwnerQueue, QueueReport, RankInfo,
-    RankLaunch, Resources, SessionInfo, SessionQueue, SessionSpec, SessionState, ShimKind,
-    TaskAssignment, TaskCounts, TaskInfo, TaskOutcome, TaskResult, TaskState,
-    JOB_APPLICATION_PREFIX,
+    job_of_application, ApiError, ApplicationInfo, ApplicationSpec, ErrorKind, ExecutorIdentity,
+    ExecutorOwner, ExecutorUsage, JobFailure, JobInfo, JobState, NodeInfo, NodeState, OwnerQueue,
+    QueueReport, RankInfo, RankLaunch, Resources, SessionInfo, SessionQueue, SessionSpec,
+    SessionState, ShimKind, TaskAssignment, TaskCounts, TaskInfo, TaskOutcome, TaskResult,
+    TaskState, JOB_APPLICATION_PREFIX,
 };
 use flame_protocol::{ExecutorId, SessionId, TaskId};
 use std::collections::{BTreeMap, HashMap, VecDeque};
@@ -1447,7 +1447,11 @@ impl Core {
             )));
             return;
         }
-        if let Some(app) = self.apps.get(&spec.application).filter(|_| spec.job.is_none()) {
+        if let Some(app) = self
+            .apps
+            .get(&spec.application)
+            .filter(|_| spec.job.is_none())
+        {
             let owner = spec.owner_or_default();
             let groups = &self.config.groups;
             let in_group = |g: &str| groups.get(g).is_some_and(|m| m.iter().any(|u| u == owner));
@@ -3407,7 +3411,8 @@ mod tests {
             ClientResponse::Error(e) => {
                 assert_eq!(e.kind, ErrorKind::PermissionDenied);
                 assert!(
-                    e.message.contains("user `bob` may not use application `lab-only`")
+                    e.message
+                        .contains("user `bob` may not use application `lab-only`")
                         && e.message.contains("users alice and groups lab"),
                     "{e}"
                 );
@@ -3433,9 +3438,16 @@ mod tests {
         let mut uid_written = false;
         let mut launched = None;
         while let Ok(req) = h.store_rx.try_recv() {
-            if req.ops.iter().any(|op| matches!(op, StoreOp::PutOwnerUid { owner, .. } if owner == "dave")) {
+            if req
+                .ops
+                .iter()
+                .any(|op| matches!(op, StoreOp::PutOwnerUid { owner, .. } if owner == "dave"))
+            {
                 uid_written = true;
-                assert!(h.commands().is_empty(), "launched before the uid was durable");
+                assert!(
+                    h.commands().is_empty(),
+                    "launched before the uid was durable"
+                );
             }
             h.core.handle(
                 Event::Committed {

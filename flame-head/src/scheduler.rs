@@ -1103,10 +1103,7 @@ pub fn plan(snap: &Snapshot) -> Plan {
     let demands: Vec<u64> = active
         .iter()
         .map(|s| {
-            let usable = usable_per_pool
-                .get(&session_pool(s))
-                .copied()
-                .unwrap_or(0);
+            let usable = usable_per_pool.get(&session_pool(s)).copied().unwrap_or(0);
             match apps.get(s.application.as_str()) {
                 None => 0,
                 Some(a) if !a.launchable(&s.owner) => s.demand.min(usable),
@@ -1459,7 +1456,9 @@ pub fn plan(snap: &Snapshot) -> Plan {
             continue;
         }
         if !app.launchable(&g.owner) {
-            waiting.entry(g.id).or_insert_with(|| backing_off(app, &g.owner));
+            waiting
+                .entry(g.id)
+                .or_insert_with(|| backing_off(app, &g.owner));
             continue;
         }
         let allowed = |n: usize| !reserved[n];
@@ -1610,7 +1609,9 @@ pub fn plan(snap: &Snapshot) -> Plan {
             }
             let launchable = app.launchable(&s.owner);
             if need > 0 && !launchable {
-                waiting.entry(s.id).or_insert_with(|| backing_off(app, &s.owner));
+                waiting
+                    .entry(s.id)
+                    .or_insert_with(|| backing_off(app, &s.owner));
             }
             let live = live_per_app.entry(app_name).or_default();
             let wants_gpu = app.resources.gpus > 0;
@@ -2057,7 +2058,9 @@ mod tests {
         );
         // Launches backing off for alice do not hold bob's back.
         let mut apps = vec![app("ping", 10)];
-        apps[0].backing_off.insert("alice".into(), Some("no account".into()));
+        apps[0]
+            .backing_off
+            .insert("alice".into(), Some("no account".into()));
         let snap = Snapshot {
             applications: apps,
             executors: vec![],

@@ -163,7 +163,10 @@ pub enum StoreOp {
     },
     PutNode(StoredNode),
     /// An owner's uid, assigned once (see `owner_uids.rs`).
-    PutOwnerUid { owner: String, uid: u32 },
+    PutOwnerUid {
+        owner: String,
+        uid: u32,
+    },
     /// Id counters, so ids are never reused after a restart. `None` leaves one as it is.
     PutCounters {
         next_session: Option<u64>,
@@ -700,7 +703,10 @@ mod tests {
         {
             let db = Database::create(dir.path().join("state.redb")).unwrap();
             let txn = db.begin_write().unwrap();
-            txn.open_table(META).unwrap().insert(META_SCHEMA, 5).unwrap();
+            txn.open_table(META)
+                .unwrap()
+                .insert(META_SCHEMA, 5)
+                .unwrap();
             let mut apps = txn.open_table(APPS).unwrap();
             for app in [old("open", None), old("svc", Some("nobody"))] {
                 apps.insert(app.name.as_str(), encode(&app).as_slice())
@@ -711,11 +717,19 @@ mod tests {
         }
         let store = Store::open(dir.path()).unwrap();
         let loaded = store.load().unwrap();
-        let open = loaded.applications.iter().find(|a| a.name == "open").unwrap();
+        let open = loaded
+            .applications
+            .iter()
+            .find(|a| a.name == "open")
+            .unwrap();
         assert!(open.users.is_empty() && open.groups.is_empty());
         assert_eq!((open.max_instances, open.task_timeout_ms), (7, Some(9)));
         assert_eq!(open.args, vec!["-u".to_string()]);
-        let svc = loaded.applications.iter().find(|a| a.name == "svc").unwrap();
+        let svc = loaded
+            .applications
+            .iter()
+            .find(|a| a.name == "svc")
+            .unwrap();
         assert_eq!(svc.user.as_deref(), Some("nobody"));
         assert_eq!(svc.users, vec![MIGRATED_FIXED_IDENTITY_USER.to_string()]);
         assert!(!svc.allows("alice", |_| true));
@@ -727,6 +741,9 @@ mod tests {
             .unwrap();
         drop(store);
         let loaded = Store::open(dir.path()).unwrap().load().unwrap();
-        assert_eq!(loaded.owner_uids, vec![("alice".to_string(), 1_900_000_000)]);
+        assert_eq!(
+            loaded.owner_uids,
+            vec![("alice".to_string(), 1_900_000_000)]
+        );
     }
 }

@@ -142,7 +142,9 @@ impl IdentityMode {
             IdentityMode::OwnerUid => ExecutorIdentity::OwnerUid,
             IdentityMode::SiteUser => ExecutorIdentity::SiteUser,
             IdentityMode::Fixed(user) => ExecutorIdentity::Fixed { user: user.clone() },
-            IdentityMode::Unprivileged(user) => ExecutorIdentity::Unprivileged { user: user.clone() },
+            IdentityMode::Unprivileged(user) => {
+                ExecutorIdentity::Unprivileged { user: user.clone() }
+            }
         }
     }
 }
@@ -475,7 +477,10 @@ fn owner_uid_credentials(
 ) -> Result<Credentials, String> {
     let uid = owner.uid;
     if uid == 0 {
-        return Err(format!("the head gave owner `{}` uid 0; refusing", owner.name));
+        return Err(format!(
+            "the head gave owner `{}` uid 0; refusing",
+            owner.name
+        ));
     }
     match nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid)) {
         Ok(None) => {}
@@ -486,7 +491,11 @@ fn owner_uid_credentials(
                 owner.name, local.name, settings.node_name
             ))
         }
-        Err(e) => return Err(format!("cannot look up uid {uid} in the user database: {e}")),
+        Err(e) => {
+            return Err(format!(
+                "cannot look up uid {uid} in the user database: {e}"
+            ))
+        }
     }
     let gid = match &app.group {
         None => uid,

@@ -383,6 +383,7 @@ fn run(args: Args) -> Result<(), String> {
             )
         })?;
     }
+    let public_ca = publish_ca(&ca_file, &runtime_dir)?;
     let mut log_config = logs::LogConfig::new(&log_dir);
     if let Some(size) = &file.log_file_bytes_max {
         log_config.file_bytes_max = size.bytes("log_file_bytes_max")?;
@@ -414,7 +415,7 @@ fn run(args: Args) -> Result<(), String> {
         executors_ended: Default::default(),
         rank_holds: Default::default(),
         rank_holds_changed: Default::default(),
-        job_env: job_environment(&head, &ca_file),
+        job_env: job_environment(&head, &public_ca),
     };
     let config = link::NodeConfig {
         head,
@@ -439,6 +440,38 @@ fn run(args: Args) -> Result<(), String> {
 /// What every rank of a batch job gets besides its own variables: where the head is, for
 /// programs of the job that talk to Flame, and the launcher Open MPI's `mpirun` uses to
 /// start its daemons through Flame (`flame-mpi-agent`, next to this binary).
+/// A copy of the cluster CA certificate (public) that every executor may read, for the
+/// ranks' `flame-mpi-agent` (`FLAME_CA_FILE`): executors run as their owners' identities,
+/// which cannot enter the node's private TLS folder. Written to a temporary file in the
+/// runtime folder (root's, mode 0755: no executor can plant a link there) and renamed.
+fn publish_ca(
+    ca_file: &std::path::Path,
+    runtime_dir: &std::path::Path,
+) -> Result<std::path::PathBuf, String> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let bytes = std::fs::read(ca_file)
+        .map_err(|e| format!("cannot read the cluster CA {}: {e}", ca_file.display()))?;
+    let public = runtime_dir.join("ca.crt");
+    let temp = runtime_dir.join(format!(".ca.crt.{}", std::process::id()));
+    let write = || -> std::io::Result<()> {
+        let _ = std::fs::remove_file(&temp);
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o644)
+            .open(&temp)?;
+        file.write_all(&bytes)?;
+        file.sync_all()?;
+        std::fs::rename(&temp, &public)
+    };
+    write().map_err(|e| {
+        let _ = std::fs::remove_file(&temp);
+        format!("cannot publish the cluster CA as {}: {e}", public.display())
+    })?;
+    Ok(public)
+}
+
 fn job_environment(head: &str, ca_file: &std::path::Path) -> Vec<(String, String)> {
     let agent = std::env::current_exe()
         .ok()
@@ -532,21 +565,37 @@ mod tests {
 
     #[test]
     fn the_fixed_user_only_by_explicit_choice_and_root_only_when_allowed() {
-        assert_eq!(identity_mode(None, None, false, true), Ok(IdentityMode::OwnerUid));
+        assert_eq!(
+            identity_mode(None, None, false, true),
+            Ok(IdentityMode::OwnerUid)
+        );
         assert_eq!(
             identity_mode(Some(IdentityChoice::SiteUser), None, false, true),
             Ok(IdentityMode::SiteUser)
         );
         let err = identity_mode(None, Some("nobody".into()), false, true).unwrap_err();
-        assert!(err.contains("applies only with --executor-identity fixed"), "{err}");
+        assert!(
+            err.contains("applies only with --executor-identity fixed"),
+            "{err}"
+        );
         let err = identity_mode(Some(IdentityChoice::Fixed), None, false, true).unwrap_err();
         assert!(err.contains("needs --executor-user"), "{err}");
         assert_eq!(
-            identity_mode(Some(IdentityChoice::Fixed), Some("nobody".into()), false, true),
+            identity_mode(
+                Some(IdentityChoice::Fixed),
+                Some("nobody".into()),
+                false,
+                true
+            ),
             Ok(IdentityMode::Fixed("nobody".into()))
         );
-        let err =
-            identity_mode(Some(IdentityChoice::Fixed), Some("root".into()), false, true).unwrap_err();
+        let err = identity_mode(
+            Some(IdentityChoice::Fixed),
+            Some("root".into()),
+            false,
+            true,
+        )
+        .unwrap_err();
         assert!(err.contains("needs --allow-root-executors"), "{err}");
         // An agent that is not root runs executors as itself, whatever was asked.
         assert!(matches!(

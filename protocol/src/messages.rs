@@ -22,8 +22,9 @@
 use crate::auth::{Principal, Secret, TokenInfo, TokenKind};
 use crate::ids::{ExecutorId, SessionId, TaskId};
 use crate::model::{
-    ApiError, ApplicationInfo, ApplicationSpec, ExecutorIdentity, ExecutorOwner, NodeInfo, NodeResources, QueueReport, Resources,
-    SessionInfo, SessionSpec, TaskAssignment, TaskInfo, TaskOutcome, TaskResult, TaskState,
+    ApiError, ApplicationInfo, ApplicationSpec, ExecutorIdentity, ExecutorOwner, NodeInfo,
+    NodeResources, QueueReport, Resources, SessionInfo, SessionSpec, TaskAssignment, TaskInfo,
+    TaskOutcome, TaskResult, TaskState,
 };
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};

@@ -252,8 +252,8 @@ mod tests {
         );
         // A NUL byte in an argument cannot be passed to exec.
         let out = run_line(&command(&["echo", "{}"]), b"a\0b").unwrap();
-        assert_eq!(out.exit, ShellExit::Code(EXIT_CANNOT_EXECUTE));        // Refused while searching a PATH folder this user cannot enter: not found, as a
-        // shell of that user would say; a path, or a name it can see, stays refused.
+        assert_eq!(out.exit, ShellExit::Code(EXIT_CANNOT_EXECUTE)); // Refused while searching a PATH folder this user cannot enter: not found, as a
+                                                                    // shell of that user would say; a path, or a name it can see, stays refused.
         let denied = io::Error::from(ErrorKind::PermissionDenied);
         let out = not_started(b"flame-no-such-program", &denied);
         assert_eq!(out.exit, ShellExit::Code(EXIT_NOT_FOUND));

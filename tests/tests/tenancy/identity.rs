@@ -28,6 +28,28 @@ async fn whoami(client: &flame_client::Client, app: &str) -> (ServiceSession, Wh
     (session, who)
 }
 
+/// Why `session` waits, once that names `needle`; polled (the head announces no change of
+/// it), for at most [`WAITING_TIMEOUT`].
+async fn waiting_reason(
+    cluster: &Cluster,
+    session: &flame_client::Session,
+    needle: &str,
+) -> String {
+    let deadline = Instant::now() + WAITING_TIMEOUT;
+    loop {
+        let info = session.info().await.unwrap();
+        if let Some(why) = info.waiting.clone().filter(|w| w.contains(needle)) {
+            return why;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the session never said why it waits ({needle}): {info:#?}\n{}",
+            cluster.logs()
+        );
+        tokio::time::sleep(SESSION_POLL_PAUSE).await;
+    }
+}
+
 /// Runs `probe` in bob's executor; it must fail with `errno_text`.
 async fn refused(bob: &mut ServiceSession, probe: &str, errno_text: &str) {
     let message = bob.failure(probe).await;
@@ -71,10 +93,14 @@ async fn bob_cannot_reach_alices_executors_or_her_application() {
     // Two owners' executors on one node: distinct executors, distinct uids from the
     // head's range, each its own gid and no other group, HOME its private folder.
     assert_ne!(a.get("executor_id"), b.get("executor_id"), "{a:#?}\n{b:#?}");
-    let (alice_uid, bob_uid): (u32, u32) = (a.get("uid").parse().unwrap(), b.get("uid").parse().unwrap());
+    let (alice_uid, bob_uid): (u32, u32) =
+        (a.get("uid").parse().unwrap(), b.get("uid").parse().unwrap());
     assert_ne!(alice_uid, bob_uid, "alice and bob share uid {alice_uid}");
     for (who, uid, name) in [(&a, alice_uid, "alice"), (&b, bob_uid, "bob")] {
-        assert!(OWNER_UIDS.contains(&uid), "{name}'s uid {uid} is outside the owner range");
+        assert!(
+            OWNER_UIDS.contains(&uid),
+            "{name}'s uid {uid} is outside the owner range"
+        );
         assert_eq!(who.get("gid"), uid.to_string(), "{who:#?}");
         assert_eq!(who.get("groups"), uid.to_string(), "{who:#?}");
         assert_eq!(who.get("home"), who.get("cwd"), "{who:#?}");
@@ -91,7 +117,12 @@ async fn bob_cannot_reach_alices_executors_or_her_application() {
     let socket_dir = Path::new(socket).parent().unwrap().display().to_string();
     const EACCES: &str = "Permission denied (os error 13)";
     const EPERM: &str = "Operation not permitted (os error 1)";
-    refused(&mut bob_session, &format!("read /proc/{pid}/environ"), EACCES).await;
+    refused(
+        &mut bob_session,
+        &format!("read /proc/{pid}/environ"),
+        EACCES,
+    )
+    .await;
     refused(&mut bob_session, &format!("signal {pid}"), EPERM).await;
     // Nor write into her pipes through /proc.
     refused(&mut bob_session, &format!("write /proc/{pid}/fd/0"), EACCES).await;
@@ -151,7 +182,11 @@ async fn bob_cannot_reach_alices_executors_or_her_application() {
     let carol = user_client(&cluster, "carol").await;
     let (session, again) = whoami(&alice, "after-restart").await;
     assert_ne!(again.get("executor_id"), a.get("executor_id"));
-    assert_eq!(again.get("uid"), alice_uid.to_string(), "alice's uid changed across a restart");
+    assert_eq!(
+        again.get("uid"),
+        alice_uid.to_string(),
+        "alice's uid changed across a restart"
+    );
     session.finish().await;
     let (session, c) = whoami(&carol, "after-restart").await;
     let carol_uid: u32 = c.get("uid").parse().unwrap();
@@ -167,8 +202,9 @@ async fn bob_cannot_reach_alices_executors_or_her_application() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_site_user_node_runs_owners_as_their_accounts_and_names_a_missing_one() {
-    if !prerequisites::root("a_site_user_node_runs_owners_as_their_accounts_and_names_a_missing_one")
-    {
+    if !prerequisites::root(
+        "a_site_user_node_runs_owners_as_their_accounts_and_names_a_missing_one",
+    ) {
         return;
     }
     let cluster = Cluster::start(ClusterOptions::default().executor_identity("site-user")).await;
@@ -211,19 +247,7 @@ async fn a_site_user_node_runs_owners_as_their_accounts_and_names_a_missing_one(
         .submit(vec![bytes::Bytes::from_static(b"echo never")])
         .await
         .unwrap();
-    let deadline = Instant::now() + WAITING_TIMEOUT;
-    let why = loop {
-        let info = session.info().await.unwrap();
-        if let Some(why) = info.waiting.clone().filter(|w| w.contains(ghost)) {
-            break why;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the session never said why it waits: {info:#?}\n{}",
-            cluster.logs()
-        );
-        tokio::time::sleep(SESSION_POLL_PAUSE).await;
-    };
+    let why = waiting_reason(&cluster, &session, ghost).await;
     assert!(
         why.contains("--executor-identity site-user")
             && why.contains(&format!("create the account `{ghost}`")),
@@ -262,19 +286,7 @@ async fn a_shared_identity_is_flagged_and_built_ins_never_run_as_root() {
         .submit(vec![bytes::Bytes::from_static(b"ping")])
         .await
         .unwrap();
-    let deadline = Instant::now() + WAITING_TIMEOUT;
-    let why = loop {
-        let info = session.info().await.unwrap();
-        if let Some(why) = info.waiting.clone().filter(|w| w.contains("is root")) {
-            break why;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the session never said why it waits: {info:#?}\n{}",
-            cluster.logs()
-        );
-        tokio::time::sleep(SESSION_POLL_PAUSE).await;
-    };
+    let why = waiting_reason(&cluster, &session, "is root").await;
     assert!(
         why.contains("the application does not allow (allow_root = true in its spec)"),
         "{why}"
