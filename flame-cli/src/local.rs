@@ -215,6 +215,10 @@ pub struct LocalCluster {
     token: Secret,
     stop_grace: Duration,
     data_dir: DataDir,
+    /// The executors' work and socket folders, outside the head's private data folder:
+    /// executors may run as other uids (each owner's own, when started as root), which
+    /// must reach them. Removed with the cluster.
+    _exec_dir: tempfile::TempDir,
 }
 
 #[derive(Debug)]
@@ -281,6 +285,23 @@ impl LocalCluster {
         let token = config::read_token_file(&token_file, "the admin token of `flame-head init`")
             .map_err(LocalError::Token)?;
 
+        let exec_dir = tempfile::Builder::new()
+            .prefix("flame-local-exec-")
+            .tempdir()
+            .map_err(|source| LocalError::Io {
+                what: "cannot create a temporary folder in",
+                path: std::env::temp_dir(),
+                source,
+            })?;
+        std::fs::set_permissions(
+            exec_dir.path(),
+            std::os::unix::fs::PermissionsExt::from_mode(0o755),
+        )
+        .map_err(|source| LocalError::Io {
+            what: "cannot open to executors the folder",
+            path: exec_dir.path().to_path_buf(),
+            source,
+        })?;
         let head_args: Vec<OsString> = vec![
             "--data-dir".into(),
             dir.clone().into(),
@@ -333,9 +354,9 @@ impl LocalCluster {
             "--tls-dir".into(),
             tls_dir.clone().into(),
             "--work-dir".into(),
-            work_dir.clone().into(),
+            exec_dir.path().join("work").into(),
             "--runtime-dir".into(),
-            work_dir.join("run").into(),
+            exec_dir.path().join("run").into(),
             "--log-dir".into(),
             work_dir.join("logs").into(),
             // The node's default identity: started by a user, it runs executors as that
@@ -372,6 +393,7 @@ impl LocalCluster {
             token,
             stop_grace: opts.stop_grace,
             data_dir,
+            _exec_dir: exec_dir,
         })
     }
 

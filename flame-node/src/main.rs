@@ -383,6 +383,13 @@ fn run(args: Args) -> Result<(), String> {
             )
         })?;
     }
+    if matches!(
+        executor_identity,
+        executor::IdentityMode::OwnerUid | executor::IdentityMode::SiteUser
+    ) {
+        reachable_by_executors("work", &work_dir)?;
+        reachable_by_executors("runtime", &runtime_dir)?;
+    }
     let public_ca = publish_ca(&ca_file, &runtime_dir)?;
     let mut log_config = logs::LogConfig::new(&log_dir);
     if let Some(size) = &file.log_file_bytes_max {
@@ -440,6 +447,28 @@ fn run(args: Args) -> Result<(), String> {
 /// What every rank of a batch job gets besides its own variables: where the head is, for
 /// programs of the job that talk to Flame, and the launcher Open MPI's `mpirun` uses to
 /// start its daemons through Flame (`flame-mpi-agent`, next to this binary).
+/// Executors run as their owners' own uids: every folder above their work and runtime
+/// folders must let others pass, or every launch fails at its `chdir` with a bare EACCES.
+fn reachable_by_executors(what: &str, dir: &std::path::Path) -> Result<(), String> {
+    use std::os::unix::fs::PermissionsExt as _;
+    for folder in dir.ancestors() {
+        let meta = std::fs::metadata(folder)
+            .map_err(|e| format!("cannot read {}: {e}", folder.display()))?;
+        let mode = meta.permissions().mode() & 0o7777;
+        if mode & 0o001 == 0 {
+            return Err(format!(
+                "executors could not reach the {what} folder {}: {} has mode {mode:04o}\n\
+                 hint: executors run as their owners' own uids (--executor-identity), so every \
+                 folder above it must let others pass: chmod o+x {}",
+                dir.display(),
+                folder.display(),
+                folder.display()
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// A copy of the cluster CA certificate (public) that every executor may read, for the
 /// ranks' `flame-mpi-agent` (`FLAME_CA_FILE`): executors run as their owners' identities,
 /// which cannot enter the node's private TLS folder. Written to a temporary file in the
