@@ -6,8 +6,11 @@
 //! shim = "stdio"              # "stdio" (default) or "unix"
 //! args = ["--fast"]           # default []
 //! working_dir = "/srv/pi"     # optional, absolute
-//! user = "svc-pi"             # optional; default: the node's unprivileged executor user
-//! group = "svc"               # optional; default: the user's primary group
+//! users = ["alice"]           # who may open sessions of it; default: everyone
+//! groups = ["lab"]            # and members of these groups (the head's [groups]); default: none
+//! user = "svc-pi"             # optional, only with `users` naming one user and no `groups`;
+//!                             # default: each owner's own identity on the node (its mode)
+//! group = "svc"               # optional, same rule; default: the user's primary group
 //! max_instances = 100         # default 100
 //! delay_release = "60s"       # default "60s", a humantime duration
 //! max_attempts = 3            # default 3
@@ -95,6 +98,10 @@ struct AppFile {
     working_dir: Option<String>,
     user: Option<String>,
     group: Option<String>,
+    #[serde(default)]
+    users: Vec<String>,
+    #[serde(default)]
+    groups: Vec<String>,
     #[serde(default)]
     resources: ResourcesFile,
     #[serde(default)]
@@ -288,6 +295,8 @@ pub fn parse_app_file(text: &str, path: &Path) -> Result<ApplicationSpec, AppFil
         working_dir: file.working_dir,
         user: file.user,
         group: file.group,
+        users: file.users,
+        groups: file.groups,
         resources,
         selector: file.selector,
         max_instances: file.max_instances,
@@ -418,6 +427,7 @@ command = "/bin/hog"
 shim = "unix"
 user = "nobody"
 group = "nogroup"
+users = ["alice"]
 [env]
 PLAIN = "shown"
 TOKEN = { value = "s3cret", secret = true }
@@ -433,6 +443,8 @@ zone = "a"
         assert_eq!(spec.shim, ShimKind::Unix);
         assert_eq!(spec.user.as_deref(), Some("nobody"));
         assert_eq!(spec.group.as_deref(), Some("nogroup"));
+        assert_eq!(spec.users, vec!["alice".to_string()]);
+        assert!(spec.groups.is_empty());
         assert_eq!(spec.resources.cpu_millis, 500);
         assert_eq!(spec.resources.memory_bytes, Some(64 << 20));
         assert_eq!(spec.resources.gpus, 1);
@@ -451,8 +463,17 @@ zone = "a"
         let base = "name = \"a\"\ncommand = \"x\"\n";
         let cases = [
             ("shim = \"tcp\"\n", "shim"),
-            ("user = \"Bad User\"\n", "user"),
-            ("group = \"\"\n", "group"),
+            ("user = \"Bad User\"\nusers = [\"a\"]\n", "user"),
+            ("group = \"\"\nusers = [\"a\"]\n", "group"),
+            // A fixed identity would be shared by every user who may use it.
+            ("user = \"nobody\"\n", "user"),
+            ("user = \"nobody\"\nusers = [\"a\", \"b\"]\n", "user"),
+            (
+                "group = \"nogroup\"\nusers = [\"a\"]\ngroups = [\"lab\"]\n",
+                "group",
+            ),
+            ("users = [\"a b\"]\n", "users"),
+            ("groups = [\"\"]\n", "groups"),
             ("working_dir = \"rel\"\n", "working_dir"),
             ("max_instances = 0\n", "max_instances"),
             ("max_attempts = 0\n", "max_attempts"),

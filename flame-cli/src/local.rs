@@ -215,6 +215,10 @@ pub struct LocalCluster {
     token: Secret,
     stop_grace: Duration,
     data_dir: DataDir,
+    /// The executors' work and socket folders, outside the head's private data folder:
+    /// executors may run as other uids (each owner's own, when started as root), which
+    /// must reach them. Removed with the cluster.
+    _exec_dir: tempfile::TempDir,
 }
 
 #[derive(Debug)]
@@ -281,6 +285,23 @@ impl LocalCluster {
         let token = config::read_token_file(&token_file, "the admin token of `flame-head init`")
             .map_err(LocalError::Token)?;
 
+        let exec_dir = tempfile::Builder::new()
+            .prefix("flame-local-exec-")
+            .tempdir()
+            .map_err(|source| LocalError::Io {
+                what: "cannot create a temporary folder in",
+                path: std::env::temp_dir(),
+                source,
+            })?;
+        std::fs::set_permissions(
+            exec_dir.path(),
+            std::os::unix::fs::PermissionsExt::from_mode(0o755),
+        )
+        .map_err(|source| LocalError::Io {
+            what: "cannot open to executors the folder",
+            path: exec_dir.path().to_path_buf(),
+            source,
+        })?;
         let head_args: Vec<OsString> = vec![
             "--data-dir".into(),
             dir.clone().into(),
@@ -333,15 +354,14 @@ impl LocalCluster {
             "--tls-dir".into(),
             tls_dir.clone().into(),
             "--work-dir".into(),
-            work_dir.clone().into(),
+            exec_dir.path().join("work").into(),
             "--runtime-dir".into(),
-            work_dir.join("run").into(),
+            exec_dir.path().join("run").into(),
             "--log-dir".into(),
             work_dir.join("logs").into(),
-            // A one-machine cluster runs executors as the user who started it: it is a
-            // development tool, and its binaries may sit where no other user can read.
-            "--executor-user".into(),
-            current_user_name().into(),
+            // The node's default identity: started by a user, it runs executors as that
+            // user (an unprivileged agent cannot do otherwise); started by root, as each
+            // owner's own uid, never as root.
             "--cgroup-root".into(),
             format!("flame-local-{}", std::process::id()).into(),
         ];
@@ -349,9 +369,6 @@ impl LocalCluster {
         if let Some(cpus) = opts.node_cpus {
             node_args.push("--cpus".into());
             node_args.push(cpus.to_string().into());
-        }
-        if nix::unistd::geteuid().is_root() {
-            node_args.push("--allow-root-executors".into());
         }
         let node = Managed::spawn(NODE_BINARY, &node_bin, &node_args, &dir.join("node.log"));
         let mut node = match node {
@@ -376,6 +393,7 @@ impl LocalCluster {
             token,
             stop_grace: opts.stop_grace,
             data_dir,
+            _exec_dir: exec_dir,
         })
     }
 
@@ -939,15 +957,6 @@ pub fn shell_quote(s: &str) -> String {
     } else {
         format!("'{}'", s.replace('\'', r"'\''"))
     }
-}
-
-/// The name of the user running this process (its uid as text if it has no name).
-fn current_user_name() -> String {
-    let uid = nix::unistd::geteuid();
-    nix::unistd::User::from_uid(uid)
-        .ok()
-        .flatten()
-        .map_or_else(|| uid.to_string(), |u| u.name)
 }
 
 #[cfg(test)]

@@ -56,6 +56,10 @@ pub struct Args {
     /// `[quotas.owners.OWNER]`).
     #[arg(long = "owner-quota", value_name = "OWNER.KEY=VALUE", value_parser = crate::quotas::parse_owner_quota_flag)]
     pub owner_quotas: Vec<(String, String, u64)>,
+    /// The uids owners' executors run as on nodes in owner-uid mode, `FIRST-LAST`; each
+    /// owner gets one, once, kept in the state. Default 1900000000-1900999999.
+    #[arg(long, value_name = "FIRST-LAST")]
+    pub owner_uid_range: Option<crate::owner_uids::UidRange>,
 }
 
 /// `flame-head` commands other than serving.
@@ -231,6 +235,12 @@ struct FileConfig {
     /// `[quotas]`: per-user quotas, and `[quotas.owners.NAME]` for owners that differ.
     #[serde(default)]
     quotas: crate::quotas::FileQuotas,
+    /// "FIRST-LAST" (see `--owner-uid-range`).
+    owner_uid_range: Option<String>,
+    /// `[groups]` table: group name → its members (Flame user names), for applications'
+    /// `groups` lists.
+    #[serde(default)]
+    groups: BTreeMap<String, Vec<String>>,
 }
 
 /// Resolved settings.
@@ -249,6 +259,10 @@ pub struct HeadConfig {
     pub low_space_bytes: u64,
     /// Per-user quotas.
     pub quotas: crate::quotas::QuotaBook,
+    /// The uids executors run as on nodes in owner-uid mode, one per owner.
+    pub owner_uid_range: crate::owner_uids::UidRange,
+    /// Group name → members, for applications' `groups`.
+    pub groups: BTreeMap<String, Vec<String>>,
 }
 
 /// A duration of the configuration file, named by its key in errors.
@@ -259,6 +273,9 @@ fn file_duration(key: &str, text: Option<&String>) -> anyhow::Result<Option<std:
     })
     .transpose()
 }
+
+/// Most groups in `[groups]`, and most members of one.
+pub const GROUPS_MAX: usize = 4096;
 
 impl HeadConfig {
     pub fn resolve(args: Args) -> anyhow::Result<HeadConfig> {
@@ -317,6 +334,27 @@ impl HeadConfig {
                 .map_err(anyhow::Error::msg)?;
         let mut tls_san = file.tls_san;
         tls_san.extend(args.tls_san);
+        let owner_uid_range = match (args.owner_uid_range, &file.owner_uid_range) {
+            (Some(r), _) => r,
+            (None, Some(text)) => text
+                .parse()
+                .map_err(|e| anyhow::anyhow!("owner_uid_range: {e}"))?,
+            (None, None) => crate::owner_uids::UID_RANGE_DEFAULT,
+        };
+        if file.groups.len() > GROUPS_MAX {
+            anyhow::bail!("[groups] names more than {GROUPS_MAX} groups");
+        }
+        for (group, members) in &file.groups {
+            flame_protocol::model::validate_principal_name("groups", group)
+                .map_err(|e| anyhow::anyhow!("[groups]: {e}"))?;
+            if members.len() > GROUPS_MAX {
+                anyhow::bail!("[groups] {group}: more than {GROUPS_MAX} members");
+            }
+            for m in members {
+                flame_protocol::model::validate_principal_name("groups", m)
+                    .map_err(|e| anyhow::anyhow!("[groups] {group}: {e}"))?;
+            }
+        }
         Ok(HeadConfig {
             data_dir: args
                 .data_dir
@@ -335,6 +373,8 @@ impl HeadConfig {
                 .or(file.low_space_bytes)
                 .unwrap_or(crate::storage_fault::LOW_SPACE_BYTES_DEFAULT),
             quotas,
+            owner_uid_range,
+            groups: file.groups,
         })
     }
 }
@@ -442,5 +482,28 @@ mod tests {
         );
         let err = resolve_with("", &["--quota", "connections=0"]).unwrap_err();
         assert!(format!("{err:#}").contains("between 1 and"), "{err:#}");
+    }
+
+    #[test]
+    fn owner_uid_range_and_groups_resolve_and_bad_ones_are_named() {
+        let config = resolve_with("", &[]).unwrap();
+        assert_eq!(config.owner_uid_range, crate::owner_uids::UID_RANGE_DEFAULT);
+        let config = resolve_with(
+            "owner_uid_range = \"70000-70100\"\n[groups]\nlab = [\"alice\", \"carol\"]\n",
+            &[],
+        )
+        .unwrap();
+        assert_eq!(config.owner_uid_range.to_string(), "70000-70100");
+        assert_eq!(config.groups["lab"], vec!["alice", "carol"]);
+        let config = resolve_with(
+            "owner_uid_range = \"70000-70100\"\n",
+            &["--owner-uid-range", "80000-80001"],
+        )
+        .unwrap();
+        assert_eq!(config.owner_uid_range.first, 80_000);
+        let err = resolve_with("owner_uid_range = \"0-100\"\n", &[]).unwrap_err();
+        assert!(format!("{err:#}").contains("owner_uid_range"), "{err:#}");
+        let err = resolve_with("[groups]\nlab = [\"a b\"]\n", &[]).unwrap_err();
+        assert!(format!("{err:#}").contains("[groups] lab"), "{err:#}");
     }
 }

@@ -25,11 +25,11 @@ use flame_protocol::messages::{
     NodeRegistration, NodeTaskResult, NodeToHead, SubmitReply, Usage,
 };
 use flame_protocol::model::{
-    job_of_application, ApiError, ApplicationInfo, ApplicationSpec, ErrorKind, ExecutorUsage,
-    JobFailure, JobInfo, JobState, NodeInfo, NodeState, OwnerQueue, QueueReport, RankInfo,
-    RankLaunch, Resources, SessionInfo, SessionQueue, SessionSpec, SessionState, ShimKind,
-    TaskAssignment, TaskCounts, TaskInfo, TaskOutcome, TaskResult, TaskState,
-    JOB_APPLICATION_PREFIX,
+    job_of_application, ApiError, ApplicationInfo, ApplicationSpec, ErrorKind, ExecutorIdentity,
+    ExecutorOwner, ExecutorUsage, JobFailure, JobInfo, JobState, NodeInfo, NodeState, OwnerQueue,
+    QueueReport, RankInfo, RankLaunch, Resources, SessionInfo, SessionQueue, SessionSpec,
+    SessionState, ShimKind, TaskAssignment, TaskCounts, TaskInfo, TaskOutcome, TaskResult,
+    TaskState, JOB_APPLICATION_PREFIX,
 };
 use flame_protocol::{ExecutorId, SessionId, TaskId};
 use std::collections::{BTreeMap, HashMap, VecDeque};
@@ -204,6 +204,10 @@ pub struct CoreConfig {
     pub job_credentials: Option<crate::auth::JobCredentials>,
     /// Per-owner quotas on what the core holds (sessions, tasks, bytes).
     pub quotas: QuotaBook,
+    /// The uids owners get (see `owner_uids.rs`).
+    pub owner_uid_range: crate::owner_uids::UidRange,
+    /// Group name → members, for applications' `groups`.
+    pub groups: BTreeMap<String, Vec<String>>,
 }
 
 /// How long a finished ephemeral session stays in memory (and counts against its owner's
@@ -224,6 +228,8 @@ impl Default for CoreConfig {
             preemption_grace_ms: None,
             job_credentials: None,
             quotas: QuotaBook::default(),
+            owner_uid_range: crate::owner_uids::UID_RANGE_DEFAULT,
+            groups: BTreeMap::new(),
         }
     }
 }
@@ -460,6 +466,8 @@ impl SessionEntry {
 struct ExecutorEntry {
     node: String,
     application: String,
+    /// The owner it was launched for: it serves only that owner's sessions.
+    owner: String,
     phase: ExecutorPhase,
     session: Option<SessionId>,
     /// What it holds on its node.
@@ -493,6 +501,9 @@ struct NodeEntry {
     conn: Option<ConnId>,
     link: Option<mpsc::UnboundedSender<HeadToNode>>,
     last_seen_ms: u64,
+    /// Who it runs executors as, from its registration; `None` until it registers with
+    /// this head process.
+    identity: Option<ExecutorIdentity>,
 }
 
 impl NodeEntry {
@@ -550,6 +561,10 @@ enum AfterCommit {
     Evict {
         session: SessionId,
     },
+    /// An owner's new uid: usable by launches once durable.
+    OwnerUid {
+        owner: String,
+    },
     /// A resent batch whose first copy was committing: acked once that commit is known.
     AckDuplicate {
         session: SessionId,
@@ -583,10 +598,10 @@ pub struct Core {
     reschedule: bool,
     /// Per application: executors in a row that died before saying ready, and the time
     /// before which no new one is launched. Keeps a broken command from a hot loop.
-    launch_backoff: HashMap<String, (u32, u64)>,
+    launch_backoff: HashMap<(String, String), (u32, u64)>,
     /// Per application: why its last executor failed to start, until one starts; shown to
     /// users as the reason their session waits.
-    launch_errors: HashMap<String, String>,
+    launch_errors: HashMap<(String, String), String>,
     /// After a restart, the time until which nothing is dispatched or launched, so that
     /// reconnecting nodes can report the tasks they still run; `None` once recovered.
     recovering_until_ms: Option<u64>,
@@ -616,6 +631,8 @@ pub struct Core {
     evict_pending: BTreeMap<SessionId, u64>,
     /// Set when `evict_pending` may have a session due: checked at the end of the batch.
     evict_due: bool,
+    /// Owners' uids, durable before any launch uses one.
+    owner_uids: crate::owner_uids::OwnerUids,
 }
 
 /// Executor ids reserved per store write.
@@ -658,8 +675,12 @@ impl Core {
     pub fn new(
         config: CoreConfig,
         store: mpsc::UnboundedSender<StoreRequest>,
-        loaded: crate::store::Loaded,
+        mut loaded: crate::store::Loaded,
     ) -> Core {
+        let owner_uids = crate::owner_uids::OwnerUids::new(
+            config.owner_uid_range,
+            std::mem::take(&mut loaded.owner_uids),
+        );
         let mut core = Core {
             config,
             store,
@@ -692,6 +713,7 @@ impl Core {
             ledger: Ledger::default(),
             evict_pending: BTreeMap::new(),
             evict_due: false,
+            owner_uids,
         };
         for spec in loaded.applications {
             core.apps.insert(spec.name.clone(), spec);
@@ -803,12 +825,15 @@ impl Core {
                         allocatable: n.allocatable,
                         labels: n.labels,
                         isolation: n.isolation,
+                        // Not read: `identity` below is `None` until the node registers.
+                        identity: ExecutorIdentity::OwnerUid,
                         executors: Vec::new(),
                     },
                     address: String::new(),
                     conn: None,
                     link: None,
                     last_seen_ms: n.last_seen_ms,
+                    identity: None,
                 },
             );
         }
@@ -949,9 +974,18 @@ impl Core {
     /// Registers an application at start-up if none of that name exists (the built-in
     /// ping application). Durable like any other registration.
     pub fn ensure_application(&mut self, spec: ApplicationSpec) {
-        if !self.apps.contains_key(&spec.name) {
-            self.batch_ops.push(StoreOp::PutApplication(spec.clone()));
-            self.apps.insert(spec.name.clone(), spec);
+        match self.apps.get_mut(&spec.name) {
+            None => {
+                self.batch_ops.push(StoreOp::PutApplication(spec.clone()));
+                self.apps.insert(spec.name.clone(), spec);
+            }
+            // A built-in stored by an older head with `allow_root`: built-ins never run as
+            // root.
+            Some(stored) if stored.allow_root && !spec.allow_root => {
+                stored.allow_root = false;
+                self.batch_ops.push(StoreOp::PutApplication(stored.clone()));
+            }
+            Some(_) => {}
         }
     }
 
@@ -1403,6 +1437,7 @@ impl Core {
                         allocated: self.allocated_on(name),
                         labels: n.registration.labels.clone(),
                         isolation: n.registration.isolation.clone(),
+                        identity: n.identity.clone(),
                         executors: self.executors.values().filter(|e| &e.node == name).count()
                             as u32,
                         last_seen_ms: n.last_seen_ms,
@@ -1598,6 +1633,26 @@ impl Core {
                 e.to_string(),
             )));
             return;
+        }
+        if let Some(app) = self
+            .apps
+            .get(&spec.application)
+            .filter(|_| spec.job.is_none())
+        {
+            let owner = spec.owner_or_default();
+            let groups = &self.config.groups;
+            let in_group = |g: &str| groups.get(g).is_some_and(|m| m.iter().any(|u| u == owner));
+            if !app.allows(owner, in_group) {
+                let _ = reply.send(ClientResponse::Error(api(
+                    ErrorKind::PermissionDenied,
+                    format!(
+                        "user `{owner}` may not use application `{}`: it is restricted to {}",
+                        app.name,
+                        describe_access(app)
+                    ),
+                )));
+                return;
+            }
         }
         if spec.common_data.len() > self.config.task_input_bytes_max {
             let _ = reply.send(ClientResponse::Error(api(
@@ -1966,6 +2021,7 @@ impl Core {
             self.node_lost(&name, "replaced by a new connection from the same node");
         }
         let mut registration = registration;
+        let identity = Some(registration.identity.clone());
         let reports = std::mem::take(&mut registration.executors);
         let mut kill = Vec::new();
         for report in reports {
@@ -1991,6 +2047,7 @@ impl Core {
             conn: Some(conn),
             link: Some(link),
             last_seen_ms: now_ms,
+            identity,
         };
         self.batch_ops.push(StoreOp::PutNode(entry.stored()));
         self.conns.insert(conn, name.clone());
@@ -2017,6 +2074,16 @@ impl Core {
             if !usable {
                 return Err("its session is gone, finished or cancelled");
             }
+            let same_owner = self
+                .sessions
+                .get(&sid)
+                .is_some_and(|s| owner_name(&s.stored.owner) == report.owner);
+            if !same_owner {
+                return Err("it was launched for another owner than its session's");
+            }
+        }
+        if self.owner_uids.durable(&report.owner).is_none() {
+            return Err("its owner has no uid in this head's state");
         }
         let mut outstanding = VecDeque::new();
         for (sid, tid, attempt) in report.tasks {
@@ -2050,6 +2117,7 @@ impl Core {
             ExecutorEntry {
                 node: node.to_string(),
                 application: report.application,
+                owner: report.owner,
                 phase: match (report.session, report.ready) {
                     (Some(_), _) => ExecutorPhase::Bound,
                     (None, true) => ExecutorPhase::Idle,
@@ -2116,8 +2184,9 @@ impl Core {
         }
         match event {
             ExecutorEvent::Ready { credit, .. } if e.phase == ExecutorPhase::Launching => {
-                self.launch_backoff.remove(&e.application);
-                self.launch_errors.remove(&e.application);
+                let pool = (e.application.clone(), e.owner.clone());
+                self.launch_backoff.remove(&pool);
+                self.launch_errors.remove(&pool);
                 e.phase = ExecutorPhase::Idle;
                 e.credit = credit.clamp(1, 1024);
                 e.quiet_since_ms = now_ms;
@@ -2146,17 +2215,19 @@ impl Core {
                 self.record_usage(session, id, node, usage, ended);
                 if let Some(e) = self.executors.remove(&id) {
                     if e.phase == ExecutorPhase::Launching {
-                        let pause = self.back_off(&e.application, now_ms);
-                        tracing::warn!(executor = %id, node, app = %e.application, %reason,
-                            retry_in_ms = pause, "executor failed to start");
-                        self.launch_errors
-                            .insert(e.application.clone(), format!("on node {node}: {reason}"));
+                        let pause = self.back_off(&e.application, &e.owner, now_ms);
+                        tracing::warn!(executor = %id, node, app = %e.application, owner = %e.owner,
+                            %reason, retry_in_ms = pause, "executor failed to start");
+                        self.launch_errors.insert(
+                            (e.application.clone(), e.owner.clone()),
+                            format!("on node {node}: {reason}"),
+                        );
                     } else if e.phase != ExecutorPhase::Releasing {
                         // A crash: relaunches of this application back off too, so a
                         // crashing application never runs in a hot loop.
-                        let pause = self.back_off(&e.application, now_ms);
-                        tracing::warn!(executor = %id, node, app = %e.application, %reason,
-                            retry_in_ms = pause, "executor exited");
+                        let pause = self.back_off(&e.application, &e.owner, now_ms);
+                        tracing::warn!(executor = %id, node, app = %e.application, owner = %e.owner,
+                            %reason, retry_in_ms = pause, "executor exited");
                     }
                     let why = format!("executor {id} on node {node} exited: {reason}");
                     self.requeue(e.outstanding, &why);
@@ -2246,8 +2317,9 @@ impl Core {
                 return;
             }
         } else if !self.launch_backoff.is_empty() {
-            // The application works again: forget its crashes.
-            self.launch_backoff.remove(&e.application);
+            // The application works again for this owner: forget its crashes.
+            self.launch_backoff
+                .remove(&(e.application.clone(), e.owner.clone()));
         }
         if s.ephemeral {
             Self::finalize(
@@ -2282,12 +2354,12 @@ impl Core {
         }
     }
 
-    /// Records one more failure in a row of `application`'s executors and returns the
-    /// pause, in ms, before the next launch.
-    fn back_off(&mut self, application: &str, now_ms: u64) -> u64 {
+    /// Records one more failure in a row of `application`'s executors of `owner` and
+    /// returns the pause, in ms, before the next launch for that owner.
+    fn back_off(&mut self, application: &str, owner: &str, now_ms: u64) -> u64 {
         let (failures, not_before) = self
             .launch_backoff
-            .entry(application.to_string())
+            .entry((application.to_string(), owner.to_string()))
             .or_default();
         *failures += 1;
         let pause = LAUNCH_BACKOFF_MIN_MS
@@ -2529,6 +2601,10 @@ impl Core {
                     self.evict_pending.insert(session, now_ms);
                 }
             },
+            AfterCommit::OwnerUid { owner } => {
+                self.owner_uids.committed(&owner, result.is_ok());
+                self.reschedule = true;
+            }
             AfterCommit::ReserveExecutorIds { upto } => {
                 self.reservation_pending = false;
                 if result.is_ok() {
@@ -3204,6 +3280,16 @@ impl Core {
             .filter(|e| matches!(e.phase, ExecutorPhase::Binding | ExecutorPhase::Bound))
             .filter_map(|e| e.session)
             .collect();
+        // Per application, the owners whose launches of it back off now, and why.
+        let mut backing_off: BTreeMap<&str, BTreeMap<String, Option<String>>> = BTreeMap::new();
+        for (pool, &(_, not_before)) in &self.launch_backoff {
+            if now_ms < not_before {
+                backing_off
+                    .entry(pool.0.as_str())
+                    .or_default()
+                    .insert(pool.1.clone(), self.launch_errors.get(pool).cloned());
+            }
+        }
         Snapshot {
             now_ms,
             nodes: self
@@ -3226,13 +3312,9 @@ impl Core {
                     name: a.name.clone(),
                     max_instances: a.max_instances,
                     delay_release_ms: a.delay_release_ms,
-                    launchable: self
-                        .launch_backoff
-                        .get(&a.name)
-                        .is_none_or(|&(_, not_before)| now_ms >= not_before),
                     resources: a.resources,
                     selector: a.selector.clone(),
-                    launch_error: self.launch_errors.get(&a.name).cloned(),
+                    backing_off: backing_off.remove(a.name.as_str()).unwrap_or_default(),
                 })
                 .collect(),
             sessions: self
@@ -3244,7 +3326,7 @@ impl Core {
                     application: s.stored.application.clone(),
                     open: s.stored.state == SessionState::Open,
                     demand: s.counts.unfinished(),
-                    owner: s.stored.owner.clone(),
+                    owner: owner_name(&s.stored.owner).to_string(),
                     priority: s.stored.priority,
                     gang: s.stored.job.as_ref().map(|j| scheduler::Gang {
                         ranks: j.spec.ranks,
@@ -3259,6 +3341,7 @@ impl Core {
                     id: *id,
                     node: e.node.clone(),
                     application: e.application.clone(),
+                    owner: e.owner.clone(),
                     phase: e.phase,
                     session: e.session,
                     quiet_since_ms: e.quiet_since_ms,
@@ -3272,8 +3355,16 @@ impl Core {
 
     fn apply(&mut self, decision: Decision, now_ms: u64) {
         match decision {
-            Decision::Launch { node, application } => {
+            Decision::Launch {
+                node,
+                application,
+                owner,
+            } => {
                 let Some(spec) = self.apps.get(&application).cloned() else {
+                    return;
+                };
+                // The owner's uid must be durable before a launch uses it.
+                let Some(uid) = self.owner_uid(&owner) else {
                     return;
                 };
                 if self.next_executor + EXECUTOR_ID_BLOCK / 2 >= self.executor_ids_reserved {
@@ -3295,6 +3386,7 @@ impl Core {
                     ExecutorEntry {
                         node: node.clone(),
                         application,
+                        owner: owner.clone(),
                         phase: ExecutorPhase::Launching,
                         session: None,
                         resources: spec.resources,
@@ -3314,6 +3406,7 @@ impl Core {
                     .push(NodeCommand::Launch {
                         executor: id,
                         application: Box::new(spec),
+                        owner: ExecutorOwner { name: owner, uid },
                         gpus,
                     });
             }
@@ -3359,6 +3452,37 @@ impl Core {
                     .entry(e.node.clone())
                     .or_default()
                     .push(NodeCommand::Release { executor });
+            }
+        }
+    }
+
+    /// `owner`'s durable uid; `None` while a new one is being written (its commit
+    /// reschedules), or when the range has none left (its sessions are told why).
+    fn owner_uid(&mut self, owner: &str) -> Option<u32> {
+        use crate::owner_uids::UidLookup;
+        match self.owner_uids.uid(owner) {
+            Ok(UidLookup::Ready(uid)) => Some(uid),
+            Ok(UidLookup::Pending) => None,
+            Ok(UidLookup::Reserved(uid)) => {
+                tracing::info!(owner, uid, "assigning a uid to a new owner");
+                self.batch_ops.push(StoreOp::PutOwnerUid {
+                    owner: owner.to_string(),
+                    uid,
+                });
+                self.batch_after.push(AfterCommit::OwnerUid {
+                    owner: owner.to_string(),
+                });
+                None
+            }
+            Err(e) => {
+                tracing::error!("{e}");
+                let why = e.to_string();
+                for s in self.sessions.values_mut() {
+                    if owner_name(&s.stored.owner) == owner {
+                        s.waiting = Some(why.clone());
+                    }
+                }
+                None
             }
         }
     }
@@ -3515,6 +3639,18 @@ fn validate_owner(owner: &str) -> Result<(), flame_protocol::model::SpecError> {
     }
 }
 
+/// Who an application is restricted to, for the error a refused user sees.
+fn describe_access(app: &ApplicationSpec) -> String {
+    let mut parts = Vec::new();
+    if !app.users.is_empty() {
+        parts.push(format!("users {}", app.users.join(", ")));
+    }
+    if !app.groups.is_empty() {
+        parts.push(format!("groups {}", app.groups.join(", ")));
+    }
+    parts.join(" and ")
+}
+
 fn unknown_app(name: &str) -> String {
     format!("application `{name}` is not registered (see `flame app list`)")
 }
@@ -3559,6 +3695,8 @@ mod tests {
                 working_dir: None,
                 user: None,
                 group: None,
+                users: Vec::new(),
+                groups: Vec::new(),
                 resources: Default::default(),
                 selector: Default::default(),
                 max_instances: 10,
@@ -3582,6 +3720,7 @@ mod tests {
                         },
                         labels: Default::default(),
                         isolation: "none".into(),
+                        identity: flame_protocol::model::ExecutorIdentity::OwnerUid,
                         executors: vec![],
                     },
                     link,
@@ -3652,6 +3791,90 @@ mod tests {
             core.end_batch(now);
         }
         ops
+    }
+
+    #[test]
+    fn executors_are_launched_per_owner_with_a_durable_uid_and_apps_admit_their_users() {
+        let mut h = Harness::with_config(CoreConfig {
+            owner_uid_range: crate::owner_uids::UidRange::new(70_000, 70_009).unwrap(),
+            groups: BTreeMap::from([("lab".to_string(), vec!["carol".to_string()])]),
+            ..CoreConfig::default()
+        });
+        let restricted = ApplicationSpec {
+            users: vec!["alice".into()],
+            groups: vec!["lab".into()],
+            ..ApplicationSpec::new("lab-only", "flame-ping")
+        };
+        assert!(matches!(
+            h.client(ClientRequest::RegisterApplication(restricted)),
+            ClientResponse::Application(_)
+        ));
+        let open_as = |h: &mut Harness, owner: &str, app: &str| {
+            h.client(ClientRequest::CreateSession(SessionSpec {
+                owner: owner.into(),
+                ..SessionSpec::new(app)
+            }))
+        };
+        match open_as(&mut h, "bob", "lab-only") {
+            ClientResponse::Error(e) => {
+                assert_eq!(e.kind, ErrorKind::PermissionDenied);
+                assert!(
+                    e.message
+                        .contains("user `bob` may not use application `lab-only`")
+                        && e.message.contains("users alice and groups lab"),
+                    "{e}"
+                );
+            }
+            other => panic!("bob was let in: {other:?}"),
+        }
+        session_id(open_as(&mut h, "alice", "lab-only"));
+        session_id(open_as(&mut h, "carol", "lab-only"));
+
+        // A session of a new owner: its uid is written before its executor is launched.
+        let sid = session_id(open_as(&mut h, "dave", "ping"));
+        let (reply, _rx) = oneshot::channel();
+        h.core.handle(
+            Event::Submit {
+                session: sid,
+                batch_id: 1,
+                inputs: vec![Bytes::from_static(b"x")],
+                reply,
+            },
+            h.now,
+        );
+        h.core.end_batch(h.now);
+        let mut uid_written = false;
+        let mut launched = None;
+        while let Ok(req) = h.store_rx.try_recv() {
+            if req
+                .ops
+                .iter()
+                .any(|op| matches!(op, StoreOp::PutOwnerUid { owner, .. } if owner == "dave"))
+            {
+                uid_written = true;
+                assert!(
+                    h.commands().is_empty(),
+                    "launched before the uid was durable"
+                );
+            }
+            h.core.handle(
+                Event::Committed {
+                    tokens: vec![req.token],
+                    result: Ok(()),
+                },
+                h.now,
+            );
+            h.core.end_batch(h.now);
+            for c in h.commands() {
+                if let NodeCommand::Launch { owner, .. } = c {
+                    launched = Some(owner);
+                }
+            }
+        }
+        assert!(uid_written);
+        let owner = launched.expect("no launch for dave");
+        assert_eq!(owner.name, "dave");
+        assert!((70_000..=70_009).contains(&owner.uid), "{owner:?}");
     }
 
     fn session_id(r: ClientResponse) -> SessionId {
@@ -3736,6 +3959,7 @@ mod tests {
                     },
                     labels: [("kind".to_string(), "gpu".to_string())].into(),
                     isolation: "cgroup v2".into(),
+                    identity: flame_protocol::model::ExecutorIdentity::OwnerUid,
                     executors: vec![],
                 },
                 link,
@@ -4250,11 +4474,13 @@ mod tests {
                     },
                     labels: Default::default(),
                     isolation: "none".into(),
+                    identity: flame_protocol::model::ExecutorIdentity::OwnerUid,
                     executors: vec![ExecutorReport {
                         resources: Default::default(),
                         gpus: Vec::new(),
                         executor,
                         application: "ping".into(),
+                        owner: "default".into(),
                         ready: true,
                         session: Some(sid),
                         tasks: runs
@@ -4318,6 +4544,8 @@ mod tests {
             working_dir: None,
             user: None,
             group: None,
+            users: Vec::new(),
+            groups: Vec::new(),
             resources: Default::default(),
             selector: Default::default(),
             max_instances: 10,
@@ -4375,6 +4603,7 @@ mod tests {
             batches: vec![],
             next_session: 4,
             next_executor: 1024,
+            owner_uids: vec![("default".into(), 1_900_000_000)],
         };
         let mut core = Core::new(CoreConfig::default(), store_tx, loaded);
         core.start_recovery(0, 10_000);
@@ -4393,11 +4622,13 @@ mod tests {
                     },
                     labels: Default::default(),
                     isolation: "none".into(),
+                    identity: flame_protocol::model::ExecutorIdentity::OwnerUid,
                     executors: vec![ExecutorReport {
                         resources: Default::default(),
                         gpus: Vec::new(),
                         executor: ExecutorId(900),
                         application: "ping".into(),
+                        owner: "default".into(),
                         ready: true,
                         session: Some(sid),
                         tasks: vec![(sid, TaskId(1), 1)],

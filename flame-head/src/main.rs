@@ -10,6 +10,7 @@ mod config;
 mod core;
 mod failpoints;
 mod quotas;
+mod owner_uids;
 mod scheduler;
 #[cfg(test)]
 mod scheduler_sim;
@@ -88,10 +89,9 @@ fn builtin_application(name: &str, binary: &str) -> ApplicationSpec {
         .and_then(|exe| exe.parent().map(|d| d.join(binary)))
         .filter(|p| p.exists())
         .map_or_else(|| binary.to_string(), |p| p.display().to_string());
+    // Never root (`allow_root` stays false): every user may run them, as themselves.
     ApplicationSpec {
         max_instances: 1024,
-        // Flame's own programs: whether they may run as root is the node's call.
-        allow_root: true,
         ..ApplicationSpec::new(name, command)
     }
 }
@@ -164,6 +164,8 @@ async fn run(mut args: config::Args) -> anyhow::Result<()> {
             job_credentials: Some(job_credentials),
             heartbeat_timeout_ms,
             quotas: config.quotas.clone(),
+            owner_uid_range: config.owner_uid_range,
+            groups: config.groups.clone(),
             ..Default::default()
         },
         store_tx,

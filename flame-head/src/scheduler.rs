@@ -18,10 +18,12 @@
 //! 3. **Gangs**, higher priority and older first: all ranks launched at once, or a bounded
 //!    reservation of the nodes that can hold them once emptied.
 //! 4. **Units**, one executor at a time, to the owner holding the least for its weight
-//!    ([`UnitQueue`]): reuse an Idle executor, count one on its way, launch where it fits
-//!    (nodes without GPUs first), take over one from a session over its target, wait for
-//!    room being freed, or make room. Between owners, an executor changes hands only while
-//!    the giver still holds more for its weight than the taker ([`Holdings`]). An unbound
+//!    ([`UnitQueue`]): reuse an Idle executor of its pool, count one on its way, launch
+//!    where it fits (nodes without GPUs first), take over one from a session of the same
+//!    owner over its target, wait for room being freed, or make room. Executors are pooled
+//!    per (application, owner) and never serve another owner's session: they run as their
+//!    owner's Unix identity. Between owners, room (not an executor) changes hands, and only
+//!    while the giver still holds more for its weight than the taker ([`Holdings`]). An unbound
 //!    executor finishes its task first. Sessions that cannot get what they need are given
 //!    a reason (see [`Plan::waiting`]).
 //! 5. **Idle executors** are released after `delay_release`, or at once when their room is
@@ -52,14 +54,22 @@ pub struct AppView {
     pub name: String,
     pub max_instances: u32,
     pub delay_release_ms: u64,
-    /// False while launches of this application back off after failures.
-    pub launchable: bool,
     /// What one executor needs.
     pub resources: Resources,
     /// Labels a node must carry.
     pub selector: BTreeMap<String, String>,
-    /// Why its last executor failed to start, if none has started since.
-    pub launch_error: Option<String>,
+    /// Owners whose launches of it back off after failures (each owner's executors are
+    /// its own, and may fail for reasons of its own: a missing account, its tasks
+    /// crashing the application), with why their last executor failed to start, if none
+    /// has started since.
+    pub backing_off: BTreeMap<String, Option<String>>,
+}
+
+impl AppView {
+    /// Whether executors of it may be launched for `owner` now.
+    pub fn launchable(&self, owner: &str) -> bool {
+        !self.backing_off.contains_key(owner)
+    }
 }
 
 /// What the scheduler sees of a session.
@@ -105,6 +115,9 @@ pub struct ExecutorView {
     pub id: ExecutorId,
     pub node: String,
     pub application: String,
+    /// The owner it was launched for: it serves only that owner's sessions (it runs as that
+    /// owner's Unix identity on its node).
+    pub owner: String,
     pub phase: ExecutorPhase,
     pub session: Option<SessionId>,
     /// When it last became Idle, or last finished a task while bound with none outstanding.
@@ -130,9 +143,11 @@ pub struct Snapshot {
 /// One thing to do.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Decision {
+    /// A new executor of `application` for sessions of `owner`.
     Launch {
         node: String,
         application: String,
+        owner: String,
     },
     Bind {
         executor: ExecutorId,
@@ -833,43 +848,31 @@ impl<'a> UnitQueue<'a> {
     }
 }
 
-/// The next reclaimable executor of its application for a session, marked taken.
-/// Looks at the lists of other owners that [`Holdings::may_take`] allows, then the
-/// requester's own owner's. `unit` is the dominant share of one executor of the lists'
-/// application.
+/// The next reclaimable executor of its application for a session, marked taken: one
+/// bound to a session of the same owner over its target (a higher priority reclaiming).
+/// Executors never pass between owners (each runs as its owner's identity); another
+/// owner's share is reclaimed by making room (unbind, release, launch anew).
 fn take_reclaimable<'a>(
     lists: Option<&mut BTreeMap<&str, Vec<&'a ExecutorView>>>,
     owner: &str,
-    holdings: &mut Holdings<'_>,
-    unit: f64,
     excess: &mut HashMap<SessionId, u64>,
     taken: &mut HashSet<ExecutorId>,
 ) -> Option<&'a ExecutorView> {
-    let lists = lists?;
-    // Other owners over their share first: an owner that gives to itself holds less
-    // until the executor is bound again.
-    let taker = holdings.ix(owner)?;
-    let others: Vec<(&str, usize)> = lists
-        .keys()
-        .copied()
-        .filter(|o| *o != owner)
-        .filter_map(|o| Some((o, holdings.ix(o)?)))
-        .collect();
-    for (o, giver) in others {
-        if !holdings.may_take(giver, unit, taker, unit) {
-            continue;
-        }
-        if let Some(e) = lists
-            .get_mut(o)
-            .and_then(|list| take_from(list, excess, taken, false))
-        {
-            holdings.moved(giver, unit);
-            return Some(e);
-        }
-    }
-    lists
+    lists?
         .get_mut(owner)
         .and_then(|list| take_from(list, excess, taken, true))
+}
+
+/// Executors are pooled per (application, owner): an executor serves only sessions of
+/// the owner it was launched for.
+type Pool<'a> = (&'a str, &'a str);
+
+fn pool_of(e: &ExecutorView) -> Pool<'_> {
+    (e.application.as_str(), e.owner.as_str())
+}
+
+fn session_pool(s: &SessionView) -> Pool<'_> {
+    (s.application.as_str(), s.owner.as_str())
 }
 
 /// The dominant share each owner holds while a plan is made, for preemption between
@@ -987,8 +990,8 @@ fn describe_selector(selector: &BTreeMap<String, String>) -> String {
 }
 
 /// The waiting reason of a session whose application's launches back off.
-fn backing_off(app: &AppView) -> String {
-    match &app.launch_error {
+fn backing_off(app: &AppView, owner: &str) -> String {
+    match app.backing_off.get(owner).and_then(Option::as_ref) {
         Some(why) => format!(
             "executors of `{}` fail to start, so launches back off; the last one {why}",
             app.name
@@ -1078,7 +1081,9 @@ pub fn plan(snap: &Snapshot) -> Plan {
     // 1. Targets. A session whose application cannot launch now (backing off after
     // failures) claims no more than the executors it could use today, so its share does
     // not sit idle while others wait; one whose executors fit no node claims nothing.
-    let mut usable_per_app: BTreeMap<&str, u64> = BTreeMap::new();
+    // Executors serve only their owner's sessions: they are pooled per (application,
+    // owner), and a session uses only its own pool's.
+    let mut usable_per_pool: BTreeMap<Pool, u64> = BTreeMap::new();
     for e in &snap.executors {
         if matches!(
             e.phase,
@@ -1087,7 +1092,7 @@ pub fn plan(snap: &Snapshot) -> Plan {
                 | ExecutorPhase::Bound
                 | ExecutorPhase::Launching
         ) {
-            *usable_per_app.entry(e.application.as_str()).or_default() += 1;
+            *usable_per_pool.entry(pool_of(e)).or_default() += 1;
         }
     }
     let mut unplaceable: BTreeMap<&str, Option<String>> = BTreeMap::new();
@@ -1098,13 +1103,10 @@ pub fn plan(snap: &Snapshot) -> Plan {
     let demands: Vec<u64> = active
         .iter()
         .map(|s| {
-            let usable = usable_per_app
-                .get(s.application.as_str())
-                .copied()
-                .unwrap_or(0);
+            let usable = usable_per_pool.get(&session_pool(s)).copied().unwrap_or(0);
             match apps.get(s.application.as_str()) {
                 None => 0,
-                Some(a) if !a.launchable => s.demand.min(usable),
+                Some(a) if !a.launchable(&s.owner) => s.demand.min(usable),
                 Some(a)
                     if unplaceable
                         .get(a.name.as_str())
@@ -1167,7 +1169,7 @@ pub fn plan(snap: &Snapshot) -> Plan {
                 None => format!("application `{}` is not registered", s.application),
                 Some(a) => match unplaceable.get(a.name.as_str()).cloned().flatten() {
                     Some(why) => why,
-                    None if !a.launchable => backing_off(a),
+                    None if !a.launchable(&s.owner) => backing_off(a, &s.owner),
                     None => "every cpu is shared out to other sessions; waiting for its share"
                         .to_string(),
                 },
@@ -1277,7 +1279,7 @@ pub fn plan(snap: &Snapshot) -> Plan {
     let mut incoming: Vec<Free> = vec![Free::default(); ready_list.len()];
     let mut reclaimable: Vec<Free> = vec![Free::default(); ready_list.len()];
     let mut idle_room: Vec<Free> = vec![Free::default(); ready_list.len()];
-    let mut unbinding_by_app: BTreeMap<&str, Vec<&ExecutorView>> = BTreeMap::new();
+    let mut unbinding_by_pool: BTreeMap<Pool, Vec<&ExecutorView>> = BTreeMap::new();
     // A gang's ranks are never reclaimed.
     let gang_sessions: HashSet<SessionId> = snap
         .sessions
@@ -1293,10 +1295,7 @@ pub fn plan(snap: &Snapshot) -> Plan {
             ExecutorPhase::Releasing => incoming[i].give(&e.resources),
             ExecutorPhase::Unbinding => {
                 incoming[i].give(&e.resources);
-                unbinding_by_app
-                    .entry(e.application.as_str())
-                    .or_default()
-                    .push(e);
+                unbinding_by_pool.entry(pool_of(e)).or_default().push(e);
             }
             ExecutorPhase::Idle => {
                 idle_on_node[i].push(e);
@@ -1341,13 +1340,13 @@ pub fn plan(snap: &Snapshot) -> Plan {
     for list in &mut reclaim_on_node {
         list.sort_by_key(give_order);
     }
-    for list in unbinding_by_app.values_mut() {
+    for list in unbinding_by_pool.values_mut() {
         list.sort_by_key(|e| std::cmp::Reverse(e.id));
     }
 
     // 2. Sessions under their target: reuse Idle executors, count launches in flight, launch.
-    let mut idle_by_app: BTreeMap<&str, Vec<&ExecutorView>> = BTreeMap::new();
-    let mut launching_by_app: BTreeMap<&str, u64> = BTreeMap::new();
+    let mut idle_by_pool: BTreeMap<Pool, Vec<&ExecutorView>> = BTreeMap::new();
+    let mut launching_by_pool: BTreeMap<Pool, u64> = BTreeMap::new();
     for e in &snap.executors {
         if draining.contains(e.node.as_str()) {
             // A draining node keeps nothing idle and takes nothing new.
@@ -1358,17 +1357,12 @@ pub fn plan(snap: &Snapshot) -> Plan {
             continue;
         }
         match e.phase {
-            ExecutorPhase::Idle => idle_by_app
-                .entry(e.application.as_str())
-                .or_default()
-                .push(e),
-            ExecutorPhase::Launching => {
-                *launching_by_app.entry(e.application.as_str()).or_default() += 1
-            }
+            ExecutorPhase::Idle => idle_by_pool.entry(pool_of(e)).or_default().push(e),
+            ExecutorPhase::Launching => *launching_by_pool.entry(pool_of(e)).or_default() += 1,
             _ => {}
         }
     }
-    for list in idle_by_app.values_mut() {
+    for list in idle_by_pool.values_mut() {
         list.sort_by_key(|e| e.id);
         list.reverse(); // pop() takes the lowest id first
     }
@@ -1400,13 +1394,14 @@ pub fn plan(snap: &Snapshot) -> Plan {
             continue;
         };
         let app_name = g.application.as_str();
+        let pool = session_pool(g);
         let ranks = u64::from(gang.ranks);
         let have = held.get(&g.id).map_or(0, Vec::len) as u64;
-        let in_flight = launching_by_app.get(app_name).copied().unwrap_or(0);
-        let ready = idle_by_app.get(app_name).map_or(0, Vec::len) as u64;
+        let in_flight = launching_by_pool.get(&pool).copied().unwrap_or(0);
+        let ready = idle_by_pool.get(&pool).map_or(0, Vec::len) as u64;
         if have + in_flight + ready > 0 {
             // Placed: bind its ranks as they come up.
-            while let Some(e) = idle_by_app.get_mut(app_name).and_then(Vec::pop) {
+            while let Some(e) = idle_by_pool.get_mut(&pool).and_then(Vec::pop) {
                 if taken.insert(e.id) {
                     decisions.push(Decision::Bind {
                         executor: e.id,
@@ -1460,8 +1455,10 @@ pub fn plan(snap: &Snapshot) -> Plan {
             );
             continue;
         }
-        if !app.launchable {
-            waiting.entry(g.id).or_insert_with(|| backing_off(app));
+        if !app.launchable(&g.owner) {
+            waiting
+                .entry(g.id)
+                .or_insert_with(|| backing_off(app, &g.owner));
             continue;
         }
         let allowed = |n: usize| !reserved[n];
@@ -1472,6 +1469,7 @@ pub fn plan(snap: &Snapshot) -> Plan {
                     decisions.push(Decision::Launch {
                         node: ready_list[n].name.clone(),
                         application: app_name.to_string(),
+                        owner: g.owner.clone(),
                     });
                 }
             }
@@ -1574,11 +1572,12 @@ pub fn plan(snap: &Snapshot) -> Plan {
         let placed = 'one: {
             let mut need = 1u64;
             let app_name = s.application.as_str();
+            let pool = session_pool(s);
             let Some(app) = apps.get(app_name) else {
                 break 'one false;
             };
             while need > 0 {
-                let Some(e) = idle_by_app.get_mut(app_name).and_then(Vec::pop) else {
+                let Some(e) = idle_by_pool.get_mut(&pool).and_then(Vec::pop) else {
                     break;
                 };
                 if !taken.insert(e.id) {
@@ -1593,14 +1592,14 @@ pub fn plan(snap: &Snapshot) -> Plan {
                 }
                 need -= 1;
             }
-            // Launches in flight, and executors of its application being given back by other
-            // sessions, arrive Idle soon: count them as coming.
-            let in_flight = launching_by_app.entry(app_name).or_default();
+            // Launches in flight, and executors of its pool being given back by other
+            // sessions of its owner, arrive Idle soon: count them as coming.
+            let in_flight = launching_by_pool.entry(pool).or_default();
             let absorbed = need.min(*in_flight);
             *in_flight -= absorbed;
             need -= absorbed;
             while need > 0 {
-                let Some(e) = unbinding_by_app.get_mut(app_name).and_then(Vec::pop) else {
+                let Some(e) = unbinding_by_pool.get_mut(&pool).and_then(Vec::pop) else {
                     break;
                 };
                 if let Some(&i) = node_index.get(e.node.as_str()) {
@@ -1608,15 +1607,18 @@ pub fn plan(snap: &Snapshot) -> Plan {
                 }
                 need -= 1;
             }
-            if need > 0 && !app.launchable {
-                waiting.entry(s.id).or_insert_with(|| backing_off(app));
+            let launchable = app.launchable(&s.owner);
+            if need > 0 && !launchable {
+                waiting
+                    .entry(s.id)
+                    .or_insert_with(|| backing_off(app, &s.owner));
             }
             let live = live_per_app.entry(app_name).or_default();
             let wants_gpu = app.resources.gpus > 0;
             let unit_share = totals.dominant_share(&app.resources);
             while need > 0 {
                 // A new executor where one fits now.
-                if app.launchable && *live < app.max_instances {
+                if launchable && *live < app.max_instances {
                     let fits = |n: usize, f: &Free| {
                         !reserved[n]
                             && fits_beside_gpus(ready_list[n], f, &app.resources)
@@ -1638,18 +1640,18 @@ pub fn plan(snap: &Snapshot) -> Plan {
                         decisions.push(Decision::Launch {
                             node: ready_list[node].name.clone(),
                             application: app_name.to_string(),
+                            owner: s.owner.clone(),
                         });
                         *live += 1;
                         need -= 1;
                         continue;
                     }
                 }
-                // An executor of its application that a session over its target gives back.
+                // An executor of its pool that a session of its owner over its target gives
+                // back. Another owner's executors never change hands: they make room below.
                 if let Some(e) = take_reclaimable(
                     reclaim_by_app.get_mut(app_name),
                     &s.owner,
-                    &mut holdings,
-                    totals.dominant_share(&app.resources),
                     &mut excess,
                     &mut taken,
                 ) {
@@ -1661,7 +1663,7 @@ pub fn plan(snap: &Snapshot) -> Plan {
                     need -= 1;
                     continue;
                 }
-                if !app.launchable {
+                if !launchable {
                     break;
                 }
                 if *live >= app.max_instances {
@@ -1745,13 +1747,14 @@ pub fn plan(snap: &Snapshot) -> Plan {
                         *cursor += 1;
                         continue;
                     }
-                    // Pick what it takes: Idle executors of other applications first, then the
-                    // reclaimable executors with the least work outstanding.
+                    // Pick what it takes: Idle executors of other pools (other applications, or
+                    // other owners' executors of this one) first, then the reclaimable
+                    // executors with the least work outstanding.
                     victims.clear();
                     let mut over_left: HashMap<SessionId, u64> = HashMap::default();
                     let idle = idle_on_node[n]
                         .iter()
-                        .filter(|e| e.application != app_name && !taken.contains(&e.id));
+                        .filter(|e| pool_of(e) != pool && !taken.contains(&e.id));
                     // Other owners' executors first, as far as `holdings` allows: an owner
                     // that makes room for itself holds less until the room is used. Its own
                     // only from its sessions over their target.
@@ -1858,7 +1861,7 @@ pub fn plan(snap: &Snapshot) -> Plan {
     }
 
     // 3b. Idle executors past their application's delay_release are released.
-    for list in idle_by_app.values() {
+    for list in idle_by_pool.values() {
         for e in list {
             if taken.contains(&e.id) {
                 continue;
@@ -1902,10 +1905,9 @@ mod tests {
             name: name.into(),
             max_instances: max,
             delay_release_ms: 1000,
-            launchable: true,
+            backing_off: BTreeMap::new(),
             resources: Resources::default(),
             selector: BTreeMap::new(),
-            launch_error: None,
         }
     }
 
@@ -1926,6 +1928,7 @@ mod tests {
             id: ExecutorId(id),
             node: "n1".into(),
             application: app.into(),
+            owner: "default".into(),
             phase,
             session: session.map(SessionId),
             quiet_since_ms: 0,
@@ -1956,7 +1959,7 @@ mod tests {
     #[test]
     fn no_launch_while_backing_off() {
         let mut a = app("ping", 3);
-        a.launchable = false;
+        a.backing_off.insert("default".into(), None);
         let snap = Snapshot {
             now_ms: 0,
             nodes: vec![node("n1", 4)],
@@ -1971,7 +1974,7 @@ mod tests {
     #[test]
     fn backing_off_app_does_not_starve_others() {
         let mut broken = app("broken", 3);
-        broken.launchable = false;
+        broken.backing_off.insert("default".into(), None);
         let snap = Snapshot {
             now_ms: 0,
             nodes: vec![node("n1", 1)],
@@ -1984,7 +1987,8 @@ mod tests {
             schedule(&snap),
             vec![Decision::Launch {
                 node: "n1".into(),
-                application: "ping".into()
+                application: "ping".into(),
+                owner: "default".into()
             }]
         );
     }
@@ -2005,6 +2009,83 @@ mod tests {
                 executor: ExecutorId(7),
                 session: SessionId(1)
             }]
+        );
+    }
+
+    #[test]
+    fn an_executor_serves_only_its_owners_sessions() {
+        let bobs = SessionView {
+            owner: "bob".into(),
+            ..session(1, "ping", 1)
+        };
+        let alices_idle = ExecutorView {
+            owner: "alice".into(),
+            ..exec(7, "ping", ExecutorPhase::Idle, None)
+        };
+        let alices_launching = ExecutorView {
+            owner: "alice".into(),
+            ..exec(8, "ping", ExecutorPhase::Launching, None)
+        };
+        let snap = Snapshot {
+            now_ms: 0,
+            nodes: vec![node("n1", 3)],
+            applications: vec![app("ping", 10)],
+            sessions: vec![bobs.clone()],
+            executors: vec![alices_idle.clone(), alices_launching],
+            owner_weights: BTreeMap::new(),
+        };
+        // Neither alice's idle executor nor her launch in flight serves bob: a launch of
+        // his own does.
+        assert_eq!(
+            schedule(&snap),
+            vec![Decision::Launch {
+                node: "n1".into(),
+                application: "ping".into(),
+                owner: "bob".into()
+            }]
+        );
+        // On a full node, alice's idle executor is released to make room for bob's.
+        let full = Snapshot {
+            nodes: vec![node("n1", 1)],
+            executors: vec![alices_idle],
+            ..snap.clone()
+        };
+        assert_eq!(
+            schedule(&full),
+            vec![Decision::Release {
+                executor: ExecutorId(7)
+            }]
+        );
+        // Launches backing off for alice do not hold bob's back.
+        let mut apps = vec![app("ping", 10)];
+        apps[0]
+            .backing_off
+            .insert("alice".into(), Some("no account".into()));
+        let snap = Snapshot {
+            applications: apps,
+            executors: vec![],
+            sessions: vec![
+                bobs,
+                SessionView {
+                    owner: "alice".into(),
+                    ..session(2, "ping", 1)
+                },
+            ],
+            ..snap
+        };
+        let plan = plan(&snap);
+        assert_eq!(
+            plan.decisions,
+            vec![Decision::Launch {
+                node: "n1".into(),
+                application: "ping".into(),
+                owner: "bob".into()
+            }]
+        );
+        assert!(
+            plan.waiting[&SessionId(2)].contains("no account"),
+            "{:?}",
+            plan.waiting
         );
     }
 
@@ -2148,7 +2229,8 @@ mod tests {
             p.decisions,
             vec![Decision::Launch {
                 node: "gpu1".into(),
-                application: "train".into()
+                application: "train".into(),
+                owner: "default".into()
             }]
         );
         // The one GPU bounds its share: it holds what it deserves and is not waiting.
@@ -2291,7 +2373,8 @@ mod tests {
         }));
         assert!(d.contains(&Decision::Launch {
             node: "n2".into(),
-            application: "ping".into()
+            application: "ping".into(),
+            owner: "default".into()
         }));
         assert!(!d
             .iter()
@@ -2535,14 +2618,15 @@ mod properties {
                         )
                         .then(|| sessions.get(sess).map(|s| s.id))
                         .flatten();
-                        let app = session
-                            .and_then(|id| sessions.iter().find(|s| s.id == id))
-                            .map_or(apps[app].to_string(), |s| s.application.clone());
+                        let bound_to = session.and_then(|id| sessions.iter().find(|s| s.id == id));
+                        let app = bound_to.map_or(apps[app].to_string(), |s| s.application.clone());
+                        let owner = bound_to.map_or(format!("o{}", i % 2), |s| s.owner.clone());
                         ExecutorView {
                             id: ExecutorId(i as u64 + 1),
                             node: format!("n{}", node % nodes.len()),
                             resources: resources_of(&app),
                             application: app,
+                            owner,
                             phase,
                             session,
                             quiet_since_ms: 0,
@@ -2559,10 +2643,9 @@ mod properties {
                             name: (*a).into(),
                             max_instances,
                             delay_release_ms: 1000,
-                            launchable: true,
+                            backing_off: BTreeMap::new(),
                             resources: resources_of(a),
                             selector: BTreeMap::new(),
-                            launch_error: None,
                         })
                         .collect(),
                     sessions,
@@ -2589,7 +2672,7 @@ mod properties {
             let mut touched = std::collections::HashSet::new();
             for d in &decisions {
                 match d {
-                    Decision::Launch { node, application } => {
+                    Decision::Launch { node, application, .. } => {
                         let n = snap.nodes.iter().find(|n| &n.name == node).unwrap();
                         prop_assert!(n.ready, "launch on a node that is not ready");
                         let r = resources_of(application);
@@ -2617,6 +2700,7 @@ mod properties {
                         let s = snap.sessions.iter().find(|s| s.id == *session).unwrap();
                         prop_assert_eq!(e.phase, ExecutorPhase::Idle);
                         prop_assert_eq!(&e.application, &s.application);
+                        prop_assert_eq!(&e.owner, &s.owner, "an executor bound to another owner's session");
                         prop_assert!(s.demand > 0);
                         prop_assert!(touched.insert(*executor), "executor decided twice");
                     }
@@ -2673,14 +2757,13 @@ mod bench {
                 name: format!("app-{i}"),
                 max_instances: 100_000,
                 delay_release_ms: 60_000,
-                launchable: true,
+                backing_off: BTreeMap::new(),
                 resources: Resources {
                     cpu_millis: 500 + (i % 4) * 250,
                     memory_bytes: Some(1 << 30),
                     gpus: 0,
                 },
                 selector: BTreeMap::new(),
-                launch_error: None,
             })
             .collect();
         // 1,000 sessions from 20 owners: 1,000 pending tasks each, plus what runs.
@@ -2704,6 +2787,7 @@ mod bench {
                 id: ExecutorId(i + 1),
                 node: nodes[(i % 1000) as usize].name.clone(),
                 application: app.name.clone(),
+                owner: s.owner.clone(),
                 phase: ExecutorPhase::Bound,
                 session: Some(s.id),
                 quiet_since_ms: 0,

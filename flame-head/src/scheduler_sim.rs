@@ -68,6 +68,10 @@
 //! 7. **Gangs do not starve.** A gang whose owner's fair share of the cluster holds all of
 //!    its ranks on top of what the owner holds is placed within
 //!    [`GANG_STARVATION_STEPS_MAX`] steps, however much small work keeps arriving.
+//! 8. **An executor only ever serves sessions of its owner** (it runs as its owner's Unix
+//!    identity): every launch names an owner with work for its application, every bind
+//!    joins an executor to a session of the owner it was launched for, and after every
+//!    step each bound executor's session is its owner's.
 //!
 //! Running it:
 //! * `cargo test -p flame-head scheduler_sim` runs seeds [`SEEDS`] of [`STEPS`] steps (on
@@ -228,11 +232,17 @@ impl TraceDecisions for Tracer {
     /// Hashes a decision without formatting it: a step can hold tens of thousands.
     fn decision(&mut self, d: &Decision) {
         match d {
-            Decision::Launch { node, application } => {
+            Decision::Launch {
+                node,
+                application,
+                owner,
+            } => {
                 self.bytes(b"L");
                 self.bytes(node.as_bytes());
                 self.bytes(b"/");
                 self.bytes(application.as_bytes());
+                self.bytes(b"/");
+                self.bytes(owner.as_bytes());
             }
             Decision::Bind { executor, session } => {
                 self.bytes(b"B");
@@ -253,7 +263,11 @@ impl TraceDecisions for Tracer {
 
 fn describe(d: &Decision) -> String {
     match d {
-        Decision::Launch { node, application } => format!("launch {application} on {node}"),
+        Decision::Launch {
+            node,
+            application,
+            owner,
+        } => format!("launch {application} for {owner} on {node}"),
         Decision::Bind { executor, session } => format!("bind e{executor} to s{session}"),
         Decision::Unbind { executor } => format!("unbind e{executor}"),
         Decision::Release { executor } => format!("release e{executor}"),
@@ -315,6 +329,8 @@ struct SimExecutor {
     id: ExecutorId,
     node: usize,
     app: usize,
+    /// The owner it was launched for.
+    owner: usize,
     phase: ExecutorPhase,
     session: Option<SessionId>,
     quiet_since_ms: u64,
@@ -577,14 +593,13 @@ impl World {
                         INSTANCES_UNLIMITED
                     },
                     delay_release_ms: rng.between(DELAY_RELEASE_MS_MIN, DELAY_RELEASE_MS_MAX),
-                    launchable: true,
+                    backing_off: BTreeMap::new(),
                     resources: Resources {
                         cpu_millis,
                         memory_bytes,
                         gpus: 0,
                     },
                     selector,
-                    launch_error: None,
                 },
                 AppKind::Cpu,
             );
@@ -598,14 +613,13 @@ impl World {
                     name: format!("mem{i}"),
                     max_instances: INSTANCES_UNLIMITED,
                     delay_release_ms: rng.between(DELAY_RELEASE_MS_MIN, DELAY_RELEASE_MS_MAX),
-                    launchable: true,
+                    backing_off: BTreeMap::new(),
                     resources: Resources {
                         cpu_millis,
                         memory_bytes: Some(memory_bytes),
                         gpus: 0,
                     },
                     selector: BTreeMap::new(),
-                    launch_error: None,
                 },
                 AppKind::MemoryHeavy,
             );
@@ -618,14 +632,13 @@ impl World {
                     name: format!("gpu{i}"),
                     max_instances: INSTANCES_UNLIMITED,
                     delay_release_ms: rng.between(DELAY_RELEASE_MS_MIN, DELAY_RELEASE_MS_MAX),
-                    launchable: true,
+                    backing_off: BTreeMap::new(),
                     resources: Resources {
                         cpu_millis,
                         memory_bytes: Some(u64::from(cpu_millis) * 4 * GIB / 1000),
                         gpus: 1 + i,
                     },
                     selector: [("accelerator".to_string(), "gpu".to_string())].into(),
-                    launch_error: None,
                 },
                 AppKind::Gpu,
             );
@@ -734,6 +747,7 @@ impl World {
         self.apply(&plan);
         self.start_tasks();
         self.check_capacity();
+        self.check_owners();
         self.observe(&plan);
         self.stats.executors_max = self.stats.executors_max.max(self.executors.len());
     }
@@ -1093,14 +1107,13 @@ impl World {
             name: name.clone(),
             max_instances: ranks,
             delay_release_ms: DELAY_RELEASE_MS_MIN,
-            launchable: true,
+            backing_off: BTreeMap::new(),
             resources: Resources {
                 cpu_millis,
                 memory_bytes: Some(u64::from(cpu_millis) * self.rng.between(1, 3) * GIB / 1000),
                 gpus: 0,
             },
             selector: BTreeMap::new(),
-            launch_error: None,
         });
         self.kinds.push(AppKind::Gang);
         self.app_index.insert(name, app);
@@ -1158,6 +1171,7 @@ impl World {
                     id: e.id,
                     node: self.nodes[e.node].view.name.clone(),
                     application: self.apps[e.app].name.clone(),
+                    owner: self.owner_names[e.owner].clone(),
                     phase: e.phase,
                     session: e.session,
                     quiet_since_ms: e.quiet_since_ms,
@@ -1227,7 +1241,11 @@ impl World {
         let mut touched = Vec::new();
         for d in &plan.decisions {
             let executor = match d {
-                Decision::Launch { node, application } => {
+                Decision::Launch {
+                    node,
+                    application,
+                    owner,
+                } => {
                     let n = node_of(node);
                     if !n.ready || n.draining {
                         self.fail(&format!(
@@ -1236,8 +1254,18 @@ impl World {
                             if n.ready { "draining" } else { "not ready" }
                         ));
                     }
-                    if !self.app_index.contains_key(application) {
+                    let Some(&app) = self.app_index.get(application) else {
                         self.fail(&format!("{}: no such application", describe(d)));
+                    };
+                    // Property 8: a launch is for an owner whose session needs one.
+                    let wanted = self.sessions().any(|s| {
+                        s.app == app && self.owner_names[s.owner] == *owner && s.demand() > 0
+                    });
+                    if !wanted {
+                        self.fail(&format!(
+                            "{}: no session of that owner has work for it",
+                            describe(d)
+                        ));
                     }
                     continue;
                 }
@@ -1259,6 +1287,14 @@ impl World {
                     }
                     if s.demand() == 0 {
                         self.fail(&format!("{}: the session has no work", describe(d)));
+                    }
+                    if e.owner != s.owner {
+                        self.fail(&format!(
+                            "{}: the executor was launched for {} but the session is {}'s",
+                            describe(d),
+                            self.owner_names[e.owner],
+                            self.owner_names[s.owner]
+                        ));
                     }
                     let n = &self.nodes[e.node].view;
                     if !n.ready || n.draining {
@@ -1301,7 +1337,9 @@ impl World {
         let mut launches: BTreeMap<usize, BTreeMap<&str, u32>> = BTreeMap::new();
         for d in &plan.decisions {
             match d {
-                Decision::Launch { node, application } => {
+                Decision::Launch {
+                    node, application, ..
+                } => {
                     let app = self.app_index[application];
                     if self.kinds[app] == AppKind::Gang {
                         *launches.entry(app).or_default().entry(node).or_default() += 1;
@@ -1365,14 +1403,22 @@ impl World {
                 self.trace(describe(d));
             }
             match d {
-                Decision::Launch { node, application } => {
+                Decision::Launch {
+                    node,
+                    application,
+                    owner,
+                } => {
                     let id = ExecutorId(self.next_executor);
                     self.next_executor += 1;
                     let ready_at_ms = now + self.rng.between(LAUNCH_MS_MIN, LAUNCH_MS_MAX);
+                    let Some(owner) = self.owner_names.iter().position(|o| o == owner) else {
+                        self.fail(&format!("{}: no such owner", describe(d)));
+                    };
                     self.executors.push(SimExecutor {
                         id,
                         node: self.node_index[node],
                         app: self.app_index[application],
+                        owner,
                         phase: ExecutorPhase::Launching,
                         session: None,
                         quiet_since_ms: now,
@@ -1421,6 +1467,22 @@ impl World {
 
     /// Property 1 on what nodes hold, and the max_instances half of property 2, on the
     /// executors as they are after the plan.
+    /// Property 8 on the state after a step: every executor in a session is in one of the
+    /// owner it was launched for.
+    fn check_owners(&self) {
+        for e in &self.executors {
+            let Some(s) = e.session.and_then(|id| self.session(id)) else {
+                continue;
+            };
+            if s.owner != e.owner {
+                self.fail(&format!(
+                    "executor e{} of {} serves s{}, a session of {}",
+                    e.id, self.owner_names[e.owner], s.id, self.owner_names[s.owner]
+                ));
+            }
+        }
+    }
+
     fn check_capacity(&self) {
         let mut used = vec![(0u64, 0u64, 0u32); self.nodes.len()];
         let mut per_app = vec![0u64; self.apps.len()];

@@ -41,6 +41,9 @@
 //!   restarted during the session's life;
 //! * a close or cancel the head answered `Ok` is durable; session and executor ids are
 //!   never handed out twice, across restarts too;
+//! * an executor only ever serves sessions of its owner: sessions belong to two owners in
+//!   turn, and every executor a node holds in a session was launched for that session's
+//!   owner (checked on the nodes' side, after every step);
 //! * everything finishes once faults stop.
 //!
 //! Running it:
@@ -244,6 +247,8 @@ fn application(name: &str, max_instances: u32, max_attempts: u32, retry: bool) -
         working_dir: None,
         user: None,
         group: None,
+        users: Vec::new(),
+        groups: Vec::new(),
         resources: Default::default(),
         selector: Default::default(),
         max_instances,
@@ -256,6 +261,9 @@ fn application(name: &str, max_instances: u32, max_attempts: u32, retry: bool) -
 }
 
 const APPS: [&str; 2] = ["rev", "rev-retry"];
+
+/// The owners sessions belong to, in turn.
+const OWNERS: [&str; 2] = ["alice", "bob"];
 
 fn applications() -> [ApplicationSpec; 2] {
     [
@@ -393,6 +401,8 @@ enum Phase {
 #[derive(Debug)]
 struct SimExec {
     application: String,
+    /// The owner the head launched it for.
+    owner: String,
     phase: Phase,
     /// Commands applied in order, one at a time.
     queue: VecDeque<ExecCmd>,
@@ -511,6 +521,7 @@ impl SimNode {
             NodeCommand::Launch {
                 executor,
                 application,
+                owner,
                 ..
             } => {
                 if !ctx.launched.insert(executor) {
@@ -527,6 +538,7 @@ impl SimNode {
                     executor,
                     SimExec {
                         application: application.name,
+                        owner: owner.name,
                         phase: Phase::Void,
                         queue: VecDeque::new(),
                         next_at: ctx.now + ctx.rng.between(5, 300),
@@ -753,6 +765,7 @@ impl SimNode {
             },
             labels: Default::default(),
             isolation: "none".into(),
+            identity: flame_protocol::model::ExecutorIdentity::OwnerUid,
             executors: self
                 .executors
                 .iter()
@@ -761,6 +774,7 @@ impl SimNode {
                     gpus: Vec::new(),
                     executor: *id,
                     application: e.application.clone(),
+                    owner: e.owner.clone(),
                     ready: e.told_ready,
                     session: e.told_session,
                     tasks: e.held.iter().copied().collect(),
@@ -952,6 +966,10 @@ struct World {
     creating: Vec<Creating>,
     sessions: BTreeMap<SessionId, SimSession>,
     session_ids: BTreeSet<SessionId>,
+    /// The owner of each session a client learnt of.
+    session_owners: BTreeMap<SessionId, String>,
+    /// Sessions asked for so far: they go to [`OWNERS`] in turn.
+    creates: usize,
     launched: BTreeSet<ExecutorId>,
     /// `(session, task, attempt)` that some executor computed.
     honest: HashSet<(SessionId, TaskId, u32)>,
@@ -1034,6 +1052,8 @@ impl World {
             creating: Vec::new(),
             sessions: BTreeMap::new(),
             session_ids: BTreeSet::new(),
+            session_owners: BTreeMap::new(),
+            creates: 0,
             launched: BTreeSet::new(),
             honest: HashSet::new(),
             violations: Vec::new(),
@@ -1167,7 +1187,26 @@ impl World {
         self.drain_store_requests();
         self.poll_clients();
         self.check_sessions();
+        self.check_owners();
         self.check_violations();
+    }
+
+    /// Every executor a node holds in a session was launched for that session's owner.
+    fn check_owners(&mut self) {
+        for n in &self.nodes {
+            for (id, e) in &n.executors {
+                let Phase::Bound(session) = e.phase else {
+                    continue;
+                };
+                match self.session_owners.get(&session) {
+                    Some(owner) if *owner != e.owner => self.violations.push(format!(
+                        "executor e{} of {} on {} serves s{}, a session of {owner}",
+                        id.0, e.owner, n.name, session.0
+                    )),
+                    _ => {}
+                }
+            }
+        }
     }
 
     // --- faults ----------------------------------------------------------------------
@@ -1681,12 +1720,14 @@ impl World {
                 ephemeral,
                 watch,
             });
+            let owner = OWNERS[self.creates % OWNERS.len()];
+            self.creates += 1;
             out.push_back(Event::Client {
                 request: ClientRequest::CreateSession(SessionSpec {
                     application: app.into(),
                     common_data: Bytes::from_static(b"common"),
                     ephemeral,
-                    owner: Default::default(),
+                    owner: owner.into(),
                     priority: 0,
                     job: None,
                 }),
@@ -1832,6 +1873,7 @@ impl World {
             ));
         }
         self.trace(format!("client: session s{} created", info.id.0));
+        self.session_owners.insert(info.id, info.owner.clone());
         self.stats.sessions += 1;
         self.sessions.insert(
             info.id,

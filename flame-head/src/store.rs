@@ -28,8 +28,10 @@ use std::sync::{Arc, PoisonError, RwLock};
 /// Version 2: application resources, users, selectors and secret env; node resources and
 /// labels; per-session executor usage. Version 1 stores (pre-release) are refused.
 /// Version 3: session owners and priorities, node drains. Version 4: batch jobs.
-/// Version 5: applications' `allow_root`. Version 6: token uses and `replace`; the
-/// certificates table (revocations and nodes' certificates).
+/// Version 5: applications' `allow_root`. Version 6: applications' `users` and `groups`,
+/// the `owner_uids` table, token uses and `replace`, and the certificates table
+/// (revocations and nodes' certificates); a version 5 store is migrated at open
+/// ([`migrate_5_to_6`]).
 pub const SCHEMA_VERSION: u64 = 6;
 
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
@@ -51,6 +53,9 @@ const CERTS: TableDefinition<&str, &[u8]> = TableDefinition::new("certificates")
 /// release gets the table at open, and its finished sessions are moved out at the first
 /// start (`Core::new` evicts them).
 const FINISHED: TableDefinition<u64, &[u8]> = TableDefinition::new("finished");
+/// Owner → the Unix uid its executors run as on nodes in owner-uid mode, assigned once.
+/// Added in schema 6.
+const OWNER_UIDS: TableDefinition<&str, u32> = TableDefinition::new("owner_uids");
 
 const META_SCHEMA: &str = "schema_version";
 const META_NEXT_SESSION: &str = "next_session_id";
@@ -184,6 +189,11 @@ pub enum StoreOp {
     PutNode(StoredNode),
     /// A finished session's final view (the `finished` table).
     PutFinished(Box<SessionInfo>),
+    /// An owner's uid, assigned once (see `owner_uids.rs`).
+    PutOwnerUid {
+        owner: String,
+        uid: u32,
+    },
     /// Id counters, so ids are never reused after a restart. `None` leaves one as it is.
     PutCounters {
         next_session: Option<u64>,
@@ -220,6 +230,8 @@ pub struct Loaded {
     pub batches: Vec<(SessionId, u64, TaskId, u32)>,
     pub next_session: u64,
     pub next_executor: u64,
+    /// Owner → uid.
+    pub owner_uids: Vec<(String, u32)>,
 }
 
 /// The redb database. It sits behind a lock so that the store writer can reopen it in
@@ -317,6 +329,10 @@ impl Store {
                     meta.insert(META_SCHEMA, SCHEMA_VERSION)?;
                 }
                 Some(v) if v == SCHEMA_VERSION => {}
+                Some(5) => {
+                    migrate_5_to_6(&txn)?;
+                    meta.insert(META_SCHEMA, SCHEMA_VERSION)?;
+                }
                 Some(found) => {
                     return Err(StoreError::SchemaMismatch {
                         path,
@@ -333,6 +349,7 @@ impl Store {
             txn.open_table(TOKENS)?;
             txn.open_table(CERTS)?;
             txn.open_table(FINISHED)?;
+            txn.open_table(OWNER_UIDS)?;
         }
         txn.commit()?;
         Ok(db)
@@ -412,6 +429,10 @@ impl Store {
             loaded
                 .batches
                 .push((SessionId(session), batch, TaskId(first), count));
+        }
+        for row in txn.open_table(OWNER_UIDS)?.iter()? {
+            let (k, v) = row?;
+            loaded.owner_uids.push((k.value().to_string(), v.value()));
         }
         Ok(loaded)
     }
@@ -638,6 +659,7 @@ impl Store {
             let mut tasks = txn.open_table(TASKS)?;
             let mut nodes = txn.open_table(NODES)?;
             let mut batches = txn.open_table(BATCHES)?;
+            let mut owner_uids = txn.open_table(OWNER_UIDS)?;
             let mut meta = txn.open_table(META)?;
             let mut finished = txn.open_table(FINISHED)?;
             let mut buf = Vec::new();
@@ -690,6 +712,8 @@ impl Store {
                     }
                     StoreOp::PutFinished(info) => {
                         finished.insert(info.id.0, encode(info.as_ref()).as_slice())?;
+                    StoreOp::PutOwnerUid { owner, uid } => {
+                        owner_uids.insert(owner.as_str(), *uid)?;
                     }
                     StoreOp::PutCounters {
                         next_session,
@@ -709,6 +733,120 @@ impl Store {
         Ok(())
     }
 }
+
+/// An application as schema 5 stored it: without `users` and `groups`.
+#[derive(Deserialize)]
+#[cfg_attr(test, derive(Serialize))]
+struct ApplicationSpecV5 {
+    name: String,
+    shim: flame_protocol::model::ShimKind,
+    command: String,
+    args: Vec<String>,
+    env: BTreeMap<String, flame_protocol::model::EnvValue>,
+    working_dir: Option<String>,
+    user: Option<String>,
+    group: Option<String>,
+    resources: flame_protocol::model::Resources,
+    selector: BTreeMap<String, String>,
+    max_instances: u32,
+    delay_release_ms: u64,
+    max_attempts: u32,
+    retry_on_error: bool,
+    task_timeout_ms: Option<u64>,
+    allow_root: bool,
+}
+
+/// Schema 5 → 6, inside the open transaction: applications gain empty `users` and
+/// `groups` (everyone may use them, as before), except that one with a fixed `user` or
+/// `group` is kept as it was only for the owner it can serve: none, so it is restricted
+/// to nobody's sessions until an admin names its one user (the fixed identity would
+/// otherwise be shared between owners). The `owner_uids` table starts empty; owners get
+/// their uid at their next launch.
+fn migrate_5_to_6(txn: &redb::WriteTransaction) -> Result<(), StoreError> {
+    let mut apps = txn.open_table(APPS)?;
+    let mut rewritten = Vec::new();
+    for row in apps.iter()? {
+        let (k, v) = row?;
+        let old: ApplicationSpecV5 = decode("applications", v.value())?;
+        let fixed = old.user.is_some() || old.group.is_some();
+        let spec = ApplicationSpec {
+            name: old.name,
+            shim: old.shim,
+            command: old.command,
+            args: old.args,
+            env: old.env,
+            working_dir: old.working_dir,
+            user: old.user,
+            group: old.group,
+            // A fixed identity serves one owner only (`ApplicationSpec::validate`): until
+            // an admin says which, no one's sessions are let in.
+            users: if fixed {
+                vec![MIGRATED_FIXED_IDENTITY_USER.to_string()]
+            } else {
+                Vec::new()
+            },
+            groups: Vec::new(),
+            resources: old.resources,
+            selector: old.selector,
+            max_instances: old.max_instances,
+            delay_release_ms: old.delay_release_ms,
+            max_attempts: old.max_attempts,
+            retry_on_error: old.retry_on_error,
+            task_timeout_ms: old.task_timeout_ms,
+            allow_root: old.allow_root,
+        };
+        if fixed {
+            tracing::warn!(
+                app = %spec.name,
+                "application with a fixed user or group: restricted to no one until an admin \
+                 names its one user (`users = [\"NAME\"]`, flame app update)"
+            );
+        }
+        rewritten.push((k.value().to_string(), encode(&spec)));
+    }
+    for (name, bytes) in rewritten {
+        apps.insert(name.as_str(), bytes.as_slice())?;
+    }
+    txn.open_table(OWNER_UIDS)?;
+    // Tokens gained their uses and the name a join may replace: existing ones keep what
+    // they allowed (no limit on uses, no name to replace).
+    let mut tokens = txn.open_table(TOKENS)?;
+    let mut rewritten = Vec::new();
+    for row in tokens.iter()? {
+        let (k, v) = row?;
+        let old: StoredTokenV5 = decode("tokens", v.value())?;
+        let token = crate::auth::StoredToken {
+            kind: old.kind,
+            secret_sha256: old.secret_sha256,
+            created_ms: old.created_ms,
+            expires_ms: old.expires_ms,
+            revoked: old.revoked,
+            uses_max: None,
+            uses: 0,
+            replace: None,
+        };
+        rewritten.push((k.value().to_string(), encode(&token)));
+    }
+    for (id, bytes) in rewritten {
+        tokens.insert(id.as_str(), bytes.as_slice())?;
+    }
+    txn.open_table(CERTS)?;
+    Ok(())
+}
+
+/// A token record as schema 5 stored it.
+#[derive(Debug, Deserialize)]
+struct StoredTokenV5 {
+    kind: flame_protocol::auth::TokenKind,
+    secret_sha256: [u8; 32],
+    created_ms: u64,
+    expires_ms: Option<u64>,
+    revoked: bool,
+}
+
+/// The `users` a schema 5 application with a fixed identity gets: a name no session owner
+/// can have (owners have no spaces), so it admits no one until an admin updates it.
+pub const MIGRATED_FIXED_IDENTITY_USER: &str = "(migrated: name its one user)";
 
 /// Half-way through applying a group commit's ops, before the commit.
 fn crash_mid_batch() {
@@ -976,5 +1114,73 @@ mod tests {
             Store::open(dir.path()),
             Err(StoreError::SchemaMismatch { found: 99, .. })
         ));
+    }
+
+    #[test]
+    fn a_schema_5_store_is_migrated_and_owner_uids_survive_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let old = |name: &str, user: Option<&str>| ApplicationSpecV5 {
+            name: name.into(),
+            shim: flame_protocol::model::ShimKind::Stdio,
+            command: "/bin/cat".into(),
+            args: vec!["-u".into()],
+            env: BTreeMap::new(),
+            working_dir: None,
+            user: user.map(str::to_string),
+            group: None,
+            resources: flame_protocol::model::Resources::default(),
+            selector: BTreeMap::new(),
+            max_instances: 7,
+            delay_release_ms: 5,
+            max_attempts: 2,
+            retry_on_error: true,
+            task_timeout_ms: Some(9),
+            allow_root: false,
+        };
+        {
+            let db = Database::create(dir.path().join("state.redb")).unwrap();
+            let txn = db.begin_write().unwrap();
+            txn.open_table(META)
+                .unwrap()
+                .insert(META_SCHEMA, 5)
+                .unwrap();
+            let mut apps = txn.open_table(APPS).unwrap();
+            for app in [old("open", None), old("svc", Some("nobody"))] {
+                apps.insert(app.name.as_str(), encode(&app).as_slice())
+                    .unwrap();
+            }
+            drop(apps);
+            txn.commit().unwrap();
+        }
+        let store = Store::open(dir.path()).unwrap();
+        let loaded = store.load().unwrap();
+        let open = loaded
+            .applications
+            .iter()
+            .find(|a| a.name == "open")
+            .unwrap();
+        assert!(open.users.is_empty() && open.groups.is_empty());
+        assert_eq!((open.max_instances, open.task_timeout_ms), (7, Some(9)));
+        assert_eq!(open.args, vec!["-u".to_string()]);
+        let svc = loaded
+            .applications
+            .iter()
+            .find(|a| a.name == "svc")
+            .unwrap();
+        assert_eq!(svc.user.as_deref(), Some("nobody"));
+        assert_eq!(svc.users, vec![MIGRATED_FIXED_IDENTITY_USER.to_string()]);
+        assert!(!svc.allows("alice", |_| true));
+        store
+            .commit(&[StoreOp::PutOwnerUid {
+                owner: "alice".into(),
+                uid: 1_900_000_000,
+            }])
+            .unwrap();
+        drop(store);
+        let loaded = Store::open(dir.path()).unwrap().load().unwrap();
+        assert_eq!(
+            loaded.owner_uids,
+            vec![("alice".to_string(), 1_900_000_000)]
+        );
     }
 }

@@ -10,7 +10,8 @@
 //! work_dir = "/var/lib/flame/node"
 //! runtime_dir = "/run/flame/node"
 //! log_dir = "/var/log/flame/node"
-//! executor_user = "flame-exec"      # user of applications that name none
+//! executor_identity = "owner-uid"  # or "site-user", or "fixed" (needs executor_user)
+//! # executor_user = "flame-exec"    # with "fixed" only: every owner's executors run as it
 //! allow_root_executors = false
 //! cgroups = "auto"                  # or "off": no limits, no accounting
 //! cpus = 30.5                       # override what is detected
@@ -45,6 +46,7 @@ pub struct FileConfig {
     pub work_dir: Option<PathBuf>,
     pub runtime_dir: Option<PathBuf>,
     pub log_dir: Option<PathBuf>,
+    pub executor_identity: Option<IdentityChoice>,
     pub executor_user: Option<String>,
     pub allow_root_executors: Option<bool>,
     pub cgroups: Option<CgroupMode>,
@@ -61,6 +63,21 @@ pub struct FileConfig {
     pub log_files_kept: Option<u32>,
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
+}
+
+/// Who executors run as (`--executor-identity`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum IdentityChoice {
+    /// Each owner's executors run as the owner's uid from the head's reserved range, the
+    /// same on every node, without a passwd entry (the default).
+    OwnerUid,
+    /// Each owner's executors run as the Unix user of the owner's name; a launch for an
+    /// owner without an account fails, saying so.
+    SiteUser,
+    /// Every owner's executors run as `--executor-user`: owners are NOT isolated from
+    /// each other. `flame node list` warns.
+    Fixed,
 }
 
 /// Whether executors get cgroups.
@@ -156,7 +173,12 @@ mod tests {
     #[test]
     fn the_packaged_example_parses() {
         let c: FileConfig = toml::from_str(include_str!("../../packaging/node.toml")).unwrap();
-        assert_eq!(c.executor_user.as_deref(), Some("nobody"));
+        assert_eq!(c.executor_identity, Some(IdentityChoice::OwnerUid));
+        assert_eq!(c.executor_user, None);
+        let fixed: FileConfig =
+            toml::from_str("executor_identity = \"fixed\"\nexecutor_user = \"nobody\"\n").unwrap();
+        assert_eq!(fixed.executor_identity, Some(IdentityChoice::Fixed));
+        assert!(toml::from_str::<FileConfig>("executor_identity = \"shared\"\n").is_err());
         assert_eq!(c.reserve_cpus, Some(0.0));
         assert_eq!(
             c.reserve_memory.unwrap().bytes("reserve_memory").unwrap(),

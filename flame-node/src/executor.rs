@@ -13,7 +13,9 @@ use crate::lifecycle::{Input, Phase};
 use crate::logs::{LogRegistry, LogSink};
 use bytes::Bytes;
 use flame_protocol::messages::{ExecutorEvent, NodeTaskResult, Usage};
-use flame_protocol::model::{ApplicationSpec, ShimKind, TaskAssignment, TaskOutcome};
+use flame_protocol::model::{
+    ApplicationSpec, ExecutorIdentity, ExecutorOwner, ShimKind, TaskAssignment, TaskOutcome,
+};
 use flame_protocol::{limits, ExecutorId, SessionId};
 use flame_shims::node::{AppMessage, Invocation, NodeShim};
 use flame_shims::unix::{connect_when_listening, SocketDir, ENV_SHIM_SOCKET};
@@ -87,8 +89,8 @@ pub struct Settings {
     pub work_dir: PathBuf,
     /// Parent of each executor's private socket directory `exec-<id>` (unix shim).
     pub runtime_dir: PathBuf,
-    /// User of applications that name none.
-    pub executor_user: String,
+    /// Who executors of applications that name no `user` run as.
+    pub identity: IdentityMode,
     /// Executors may run as root.
     pub allow_root: bool,
     /// The agent runs as root, so it can run executors as other users.
@@ -122,11 +124,41 @@ pub struct ExecStart {
     pub started: oneshot::Sender<Result<tokio::process::Child, String>>,
 }
 
+/// How a node picks the Unix identity of an owner's executors (`--executor-identity`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum IdentityMode {
+    /// The owner's uid from the head's reserved range, gid the same number, no
+    /// supplementary groups (the default).
+    OwnerUid,
+    /// The Unix user named like the owner (site accounts, as Slurm does).
+    SiteUser,
+    /// One user for every owner (`--executor-user`): owners are not isolated.
+    Fixed(String),
+    /// The agent is not root: every executor runs as the agent's own user.
+    Unprivileged(String),
+}
+
+impl IdentityMode {
+    /// What the node tells the head at registration (`flame node list` shows it).
+    pub fn reported(&self) -> ExecutorIdentity {
+        match self {
+            IdentityMode::OwnerUid => ExecutorIdentity::OwnerUid,
+            IdentityMode::SiteUser => ExecutorIdentity::SiteUser,
+            IdentityMode::Fixed(user) => ExecutorIdentity::Fixed { user: user.clone() },
+            IdentityMode::Unprivileged(user) => {
+                ExecutorIdentity::Unprivileged { user: user.clone() }
+            }
+        }
+    }
+}
+
 /// What one executor is started with.
 #[derive(Debug, Clone)]
 pub struct LaunchSpec {
     pub executor: ExecutorId,
     pub application: ApplicationSpec,
+    /// The owner whose sessions it serves, and the uid the head gave that owner.
+    pub owner: ExecutorOwner,
     /// GPU indices given to it.
     pub gpus: Vec<u32>,
 }
@@ -196,7 +228,8 @@ impl Prepared {
     fn new(settings: &Settings, spec: &LaunchSpec) -> Result<Prepared, String> {
         let app = &spec.application;
         let id = spec.executor;
-        let credentials = credentials_for(settings, app)?;
+        let work_dir = settings.work_dir.join(format!("exec-{}", id.0));
+        let credentials = credentials_for(settings, app, &spec.owner, &work_dir)?;
         let owner = credentials.as_ref().map(|c| (c.uid, c.gid));
         let log = settings
             .logs
@@ -211,7 +244,6 @@ impl Prepared {
             ),
             ShimKind::Stdio | ShimKind::Unix => None,
         };
-        let work_dir = settings.work_dir.join(format!("exec-{}", id.0));
         make_private_dir(&work_dir, owner).map_err(|e| {
             format!(
                 "cannot create the working directory {}: {e}",
@@ -366,12 +398,16 @@ async fn prune_logs(settings: Arc<Settings>) {
     }
 }
 
-/// Who an application's executors run as on this node.
+/// Who an executor of `owner` runs as on this node: the application's `user` when it
+/// names one (the head accepts that only for an application restricted to one owner),
+/// else the identity the node's mode gives the owner. `work_dir` is its private working
+/// directory, the `HOME` of an owner uid that has no passwd entry.
 fn credentials_for(
     settings: &Settings,
     app: &ApplicationSpec,
+    owner: &ExecutorOwner,
+    work_dir: &std::path::Path,
 ) -> Result<Option<Credentials>, String> {
-    let user = app.user.as_deref().unwrap_or(&settings.executor_user);
     if !settings.node_is_root {
         // An unprivileged agent runs executors as itself.
         let me = nix::unistd::User::from_uid(nix::unistd::geteuid())
@@ -385,8 +421,40 @@ fn credentials_for(
             _ => Ok(None),
         };
     }
-    let credentials = resolve_credentials(user, app.group.as_deref())
-        .map_err(|e| format!("cannot run as the application's user: {e}"))?;
+    let (user, credentials) = match (&app.user, &settings.identity) {
+        (Some(user), _) => (
+            user.clone(),
+            resolve_credentials(user, app.group.as_deref())
+                .map_err(|e| format!("cannot run as the application's user: {e}"))?,
+        ),
+        (None, IdentityMode::Fixed(user)) => (
+            user.clone(),
+            resolve_credentials(user, app.group.as_deref())
+                .map_err(|e| format!("cannot run as this node's --executor-user: {e}"))?,
+        ),
+        (None, IdentityMode::SiteUser) => (
+            owner.name.clone(),
+            resolve_credentials(&owner.name, app.group.as_deref()).map_err(|e| {
+                format!(
+                    "this node runs each user's executors as the Unix user of the same name \
+                     (--executor-identity site-user), and cannot for `{}`: {e}\n\
+                     hint: create the account `{}` on node {}, or run the node with \
+                     --executor-identity owner-uid",
+                    owner.name, owner.name, settings.node_name
+                )
+            })?,
+        ),
+        (None, IdentityMode::OwnerUid) => (
+            format!("flame-{}", owner.name),
+            owner_uid_credentials(settings, app, owner, work_dir)?,
+        ),
+        // Handled above: an unprivileged agent runs executors as itself.
+        (None, IdentityMode::Unprivileged(user)) => {
+            return Err(format!(
+                "this node runs as `{user}`, not root; it cannot change identity"
+            ))
+        }
+    };
     if credentials.uid == 0 && !(settings.allow_root && app.allow_root) {
         let who = match (settings.allow_root, app.allow_root) {
             (false, false) => "neither the application (allow_root = true) nor this node (--allow-root-executors) allows",
@@ -399,6 +467,54 @@ fn credentials_for(
         ));
     }
     Ok(Some(credentials))
+}
+
+/// The owner's head-assigned uid, with the gid of the same number (or the application's
+/// `group`) and no other group. A uid that is a local account's, or 0, is refused: the
+/// head's range must be free on every node.
+fn owner_uid_credentials(
+    settings: &Settings,
+    app: &ApplicationSpec,
+    owner: &ExecutorOwner,
+    work_dir: &std::path::Path,
+) -> Result<Credentials, String> {
+    let uid = owner.uid;
+    if uid == 0 {
+        return Err(format!(
+            "the head gave owner `{}` uid 0; refusing",
+            owner.name
+        ));
+    }
+    match nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid)) {
+        Ok(None) => {}
+        Ok(Some(local)) => {
+            return Err(format!(
+                "uid {uid} of owner `{}` is the local account `{}` on node {}\n\
+                 hint: give the head an --owner-uid-range that no account on the nodes uses",
+                owner.name, local.name, settings.node_name
+            ))
+        }
+        Err(e) => {
+            return Err(format!(
+                "cannot look up uid {uid} in the user database: {e}"
+            ))
+        }
+    }
+    let gid = match &app.group {
+        None => uid,
+        Some(g) => nix::unistd::Group::from_name(g)
+            .map_err(|e| format!("cannot look up group `{g}`: {e}"))?
+            .ok_or_else(|| format!("the application's group `{g}` does not exist on this node"))?
+            .gid
+            .as_raw(),
+    };
+    Ok(Credentials {
+        uid,
+        gid,
+        groups: vec![gid],
+        user: format!("flame-{}", owner.name),
+        home: work_dir.to_path_buf(),
+    })
 }
 
 /// A directory only `owner` (and root) may enter, emptied of an earlier executor's files.

@@ -62,6 +62,8 @@ pub enum LinkError {
 struct Tracked {
     handle: Handle,
     application: String,
+    /// The owner it was launched for.
+    owner: String,
     resources: Resources,
     gpus: Vec<u32>,
     ready: bool,
@@ -164,6 +166,7 @@ impl Agent {
             allocatable: self.config.allocatable.clone(),
             labels: self.config.labels.clone(),
             isolation: self.config.isolation.clone(),
+            identity: self.config.executors.identity.reported(),
             executors: self
                 .executors
                 .iter()
@@ -172,6 +175,7 @@ impl Agent {
                     gpus: t.gpus.clone(),
                     executor: *id,
                     application: t.application.clone(),
+                    owner: t.owner.clone(),
                     ready: t.ready,
                     session: t.session,
                     tasks: t.tasks.iter().copied().collect(),
@@ -340,6 +344,7 @@ impl Agent {
             NodeCommand::Launch {
                 executor,
                 application,
+                owner,
                 gpus,
             } => {
                 if self.executors.contains_key(&executor) {
@@ -348,12 +353,14 @@ impl Agent {
                 }
                 tracing::debug!(%executor, app = %application.name, "launching executor");
                 let name = application.name.clone();
+                let owner_name = owner.name.clone();
                 let resources = application.resources;
                 let handle = executor::spawn(
                     self.config.executors.clone(),
                     LaunchSpec {
                         executor,
                         application: *application,
+                        owner,
                         gpus: gpus.clone(),
                     },
                     self.reports_tx.clone(),
@@ -365,6 +372,7 @@ impl Agent {
                     Tracked {
                         handle,
                         application: name,
+                        owner: owner_name,
                         resources,
                         gpus,
                         ready: false,

@@ -83,7 +83,12 @@ struct Args {
     /// Where executor logs are kept [default: /var/log/flame/node]
     #[arg(long)]
     log_dir: Option<PathBuf>,
-    /// User of applications that name none [default: nobody]
+    /// Who executors run as: `owner-uid` (each owner's uid from the head's range, the
+    /// default), `site-user` (the Unix user named like the owner), or `fixed` (every owner
+    /// as --executor-user: owners are not isolated)
+    #[arg(long, value_enum)]
+    executor_identity: Option<config::IdentityChoice>,
+    /// With `--executor-identity fixed`: the one user every executor runs as
     #[arg(long)]
     executor_user: Option<String>,
     /// Let executors run as root (off by default)
@@ -344,28 +349,13 @@ fn run(args: Args) -> Result<(), String> {
             Err(e) => tracing::warn!("cannot clean up executor cgroups of an earlier run: {e}"),
         }
     }
-    let executor_user = args
-        .executor_user
-        .or(file.executor_user)
-        .unwrap_or_else(|| "nobody".to_string());
     let allow_root = args.allow_root_executors || file.allow_root_executors.unwrap_or(false);
-    if executor_user == "root" && !allow_root {
-        return Err(
-            "--executor-user root needs --allow-root-executors (executors run unprivileged by default)"
-                .to_string(),
-        );
-    }
-    if root {
-        let user = launcher::resolve_credentials(&executor_user, None)
-            .map_err(|e| format!("--executor-user: {e}"))?;
-        if user.uid == 0 && !allow_root {
-            return Err(format!(
-                "--executor-user `{executor_user}` is root; that needs --allow-root-executors"
-            ));
-        }
-    } else {
-        tracing::warn!("flame-node is not root: executors run as its own user, whatever their application names");
-    }
+    let executor_identity = identity_mode(
+        args.executor_identity.or(file.executor_identity),
+        args.executor_user.or(file.executor_user),
+        allow_root,
+        root,
+    )?;
     let work_dir = args
         .work_dir
         .or(file.work_dir)
@@ -393,6 +383,14 @@ fn run(args: Args) -> Result<(), String> {
             )
         })?;
     }
+    if matches!(
+        executor_identity,
+        executor::IdentityMode::OwnerUid | executor::IdentityMode::SiteUser
+    ) {
+        reachable_by_executors("work", &work_dir)?;
+        reachable_by_executors("runtime", &runtime_dir)?;
+    }
+    let public_ca = publish_ca(&ca_file, &runtime_dir)?;
     let mut log_config = logs::LogConfig::new(&log_dir);
     if let Some(size) = &file.log_file_bytes_max {
         log_config.file_bytes_max = size.bytes("log_file_bytes_max")?;
@@ -413,7 +411,7 @@ fn run(args: Args) -> Result<(), String> {
         node_name: name.clone(),
         work_dir,
         runtime_dir,
-        executor_user,
+        identity: executor_identity,
         allow_root,
         node_is_root: root,
         cgroups,
@@ -424,7 +422,7 @@ fn run(args: Args) -> Result<(), String> {
         executors_ended: Default::default(),
         rank_holds: Default::default(),
         rank_holds_changed: Default::default(),
-        job_env: job_environment(&head, &ca_file),
+        job_env: job_environment(&head, &public_ca),
     };
     let config = link::NodeConfig {
         head,
@@ -460,6 +458,60 @@ fn run(args: Args) -> Result<(), String> {
 /// What every rank of a batch job gets besides its own variables: where the head is, for
 /// programs of the job that talk to Flame, and the launcher Open MPI's `mpirun` uses to
 /// start its daemons through Flame (`flame-mpi-agent`, next to this binary).
+/// Executors run as their owners' own uids: every folder above their work and runtime
+/// folders must let others pass, or every launch fails at its `chdir` with a bare EACCES.
+fn reachable_by_executors(what: &str, dir: &std::path::Path) -> Result<(), String> {
+    use std::os::unix::fs::PermissionsExt as _;
+    for folder in dir.ancestors() {
+        let meta = std::fs::metadata(folder)
+            .map_err(|e| format!("cannot read {}: {e}", folder.display()))?;
+        let mode = meta.permissions().mode() & 0o7777;
+        if mode & 0o001 == 0 {
+            return Err(format!(
+                "executors could not reach the {what} folder {}: {} has mode {mode:04o}\n\
+                 hint: executors run as their owners' own uids (--executor-identity), so every \
+                 folder above it must let others pass: chmod o+x {}",
+                dir.display(),
+                folder.display(),
+                folder.display()
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// A copy of the cluster CA certificate (public) that every executor may read, for the
+/// ranks' `flame-mpi-agent` (`FLAME_CA_FILE`): executors run as their owners' identities,
+/// which cannot enter the node's private TLS folder. Written to a temporary file in the
+/// runtime folder (root's, mode 0755: no executor can plant a link there) and renamed.
+fn publish_ca(
+    ca_file: &std::path::Path,
+    runtime_dir: &std::path::Path,
+) -> Result<std::path::PathBuf, String> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let bytes = std::fs::read(ca_file)
+        .map_err(|e| format!("cannot read the cluster CA {}: {e}", ca_file.display()))?;
+    let public = runtime_dir.join("ca.crt");
+    let temp = runtime_dir.join(format!(".ca.crt.{}", std::process::id()));
+    let write = || -> std::io::Result<()> {
+        let _ = std::fs::remove_file(&temp);
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o644)
+            .open(&temp)?;
+        file.write_all(&bytes)?;
+        file.sync_all()?;
+        std::fs::rename(&temp, &public)
+    };
+    write().map_err(|e| {
+        let _ = std::fs::remove_file(&temp);
+        format!("cannot publish the cluster CA as {}: {e}", public.display())
+    })?;
+    Ok(public)
+}
+
 fn job_environment(head: &str, ca_file: &std::path::Path) -> Vec<(String, String)> {
     let agent = std::env::current_exe()
         .ok()
@@ -489,5 +541,106 @@ async fn shutdown_signal() {
             }
         }
         _ => std::future::pending::<()>().await,
+    }
+}
+
+/// Who executors run as, from `--executor-identity` and `--executor-user`; the fixed user
+/// only by explicit choice, and a user given without it is an error, not ignored.
+fn identity_mode(
+    choice: Option<config::IdentityChoice>,
+    executor_user: Option<String>,
+    allow_root: bool,
+    root: bool,
+) -> Result<executor::IdentityMode, String> {
+    use config::IdentityChoice;
+    use executor::IdentityMode;
+    if !root {
+        let me = nix::unistd::User::from_uid(nix::unistd::geteuid())
+            .ok()
+            .flatten()
+            .map_or_else(|| nix::unistd::geteuid().to_string(), |u| u.name);
+        tracing::warn!(
+            "flame-node is not root: every executor runs as its own user `{me}`, whatever its \
+             owner; owners are not isolated from each other (flame node list says so)"
+        );
+        return Ok(IdentityMode::Unprivileged(me));
+    }
+    match (choice.unwrap_or(IdentityChoice::OwnerUid), executor_user) {
+        (IdentityChoice::Fixed, None) => Err(
+            "--executor-identity fixed needs --executor-user USER (executor_user in the config)"
+                .to_string(),
+        ),
+        (IdentityChoice::Fixed, Some(user)) => {
+            let found = launcher::resolve_credentials(&user, None)
+                .map_err(|e| format!("--executor-user: {e}"))?;
+            if found.uid == 0 && !allow_root {
+                return Err(format!(
+                    "--executor-user `{user}` is root; that needs --allow-root-executors"
+                ));
+            }
+            tracing::warn!(
+                "--executor-identity fixed: every owner's executors run as `{user}`; owners are \
+                 not isolated from each other on this node (flame node list says so)"
+            );
+            Ok(IdentityMode::Fixed(user))
+        }
+        (choice, Some(user)) => Err(format!(
+            "--executor-user `{user}` applies only with --executor-identity fixed (this node is \
+             {}); leave it out, or choose fixed to run every owner as one user",
+            match choice {
+                IdentityChoice::SiteUser => "site-user",
+                _ => "owner-uid",
+            }
+        )),
+        (IdentityChoice::OwnerUid, None) => Ok(IdentityMode::OwnerUid),
+        (IdentityChoice::SiteUser, None) => Ok(IdentityMode::SiteUser),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use config::IdentityChoice;
+    use executor::IdentityMode;
+
+    #[test]
+    fn the_fixed_user_only_by_explicit_choice_and_root_only_when_allowed() {
+        assert_eq!(
+            identity_mode(None, None, false, true),
+            Ok(IdentityMode::OwnerUid)
+        );
+        assert_eq!(
+            identity_mode(Some(IdentityChoice::SiteUser), None, false, true),
+            Ok(IdentityMode::SiteUser)
+        );
+        let err = identity_mode(None, Some("nobody".into()), false, true).unwrap_err();
+        assert!(
+            err.contains("applies only with --executor-identity fixed"),
+            "{err}"
+        );
+        let err = identity_mode(Some(IdentityChoice::Fixed), None, false, true).unwrap_err();
+        assert!(err.contains("needs --executor-user"), "{err}");
+        assert_eq!(
+            identity_mode(
+                Some(IdentityChoice::Fixed),
+                Some("nobody".into()),
+                false,
+                true
+            ),
+            Ok(IdentityMode::Fixed("nobody".into()))
+        );
+        let err = identity_mode(
+            Some(IdentityChoice::Fixed),
+            Some("root".into()),
+            false,
+            true,
+        )
+        .unwrap_err();
+        assert!(err.contains("needs --allow-root-executors"), "{err}");
+        // An agent that is not root runs executors as itself, whatever was asked.
+        assert!(matches!(
+            identity_mode(Some(IdentityChoice::OwnerUid), None, false, false),
+            Ok(IdentityMode::Unprivileged(_))
+        ));
     }
 }

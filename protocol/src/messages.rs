@@ -23,8 +23,9 @@
 use crate::auth::{CertRecord, CertTarget, Principal, Secret, TokenInfo, TokenKind};
 use crate::ids::{ExecutorId, SessionId, TaskId};
 use crate::model::{
-    ApiError, ApplicationInfo, ApplicationSpec, NodeInfo, NodeResources, QueueReport, Resources,
-    SessionInfo, SessionSpec, TaskAssignment, TaskInfo, TaskOutcome, TaskResult, TaskState,
+    ApiError, ApplicationInfo, ApplicationSpec, ExecutorIdentity, ExecutorOwner, NodeInfo,
+    NodeResources, QueueReport, Resources, SessionInfo, SessionSpec, TaskAssignment, TaskInfo,
+    TaskOutcome, TaskResult, TaskState,
 };
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
@@ -319,6 +320,8 @@ pub struct NodeRegistration {
     pub labels: BTreeMap<String, String>,
     /// How it enforces executor limits: `cgroup v1`, `cgroup v2` or `none`.
     pub isolation: String,
+    /// Who it runs executors as.
+    pub identity: ExecutorIdentity,
     /// Executors the node still runs from an earlier connection (it keeps them for a
     /// grace period when it loses the head). The head adopts those it can use, so a task
     /// running on a live executor keeps running across a head restart, and kills the
@@ -331,6 +334,8 @@ pub struct NodeRegistration {
 pub struct ExecutorReport {
     pub executor: ExecutorId,
     pub application: String,
+    /// The owner it was launched for; it serves no other owner's session.
+    pub owner: String,
     /// What it was launched with, so the head accounts for it on this node.
     pub resources: Resources,
     /// GPU indices it was given.
@@ -412,10 +417,13 @@ pub enum HeadToNode {
 /// One instruction to a node.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum NodeCommand {
-    /// Start a new executor process: Void → Idle once the application says ready.
+    /// Start a new executor process: Void → Idle once the application says ready. It
+    /// serves only sessions of `owner`, and runs as the identity the node's mode gives
+    /// that owner.
     Launch {
         executor: ExecutorId,
         application: Box<ApplicationSpec>,
+        owner: ExecutorOwner,
         /// GPU indices given to it (its `CUDA_VISIBLE_DEVICES`).
         gpus: Vec<u32>,
     },

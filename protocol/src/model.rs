@@ -137,11 +137,16 @@ pub struct ApplicationSpec {
     pub args: Vec<String>,
     pub env: BTreeMap<String, EnvValue>,
     pub working_dir: Option<String>,
-    /// Unix user the executor runs as; `None`: the node's configured default (an
-    /// unprivileged user).
+    /// Unix user the executor runs as; `None`: the identity the node's mode gives the
+    /// session's owner (see [`ExecutorIdentity`]). Accepted only with `users` naming exactly
+    /// one owner and no `groups`, so that two owners never share a Unix identity through it.
     pub user: Option<String>,
-    /// Unix group; `None`: the user's primary group.
+    /// Unix group; `None`: the user's primary group. Same rule as `user`.
     pub group: Option<String>,
+    /// Flame users who may open sessions of it; with `groups`, empty for everyone.
+    pub users: Vec<String>,
+    /// Groups (the head's `[groups]` table) whose members may open sessions of it.
+    pub groups: Vec<String>,
     /// What each executor needs and is limited to.
     pub resources: Resources,
     /// Only nodes carrying all these labels run executors of this application.
@@ -162,6 +167,71 @@ pub struct ApplicationSpec {
     /// (`--allow-root-executors`) must allow it; otherwise a node refuses to start an
     /// executor whose user is root.
     pub allow_root: bool,
+}
+
+/// Most names in an application's `users`, and in its `groups`.
+pub const APP_ACCESS_NAMES_MAX: usize = 1024;
+
+/// A user or group name in an access list: what a session owner may be (at most
+/// [`APP_NAME_BYTES_MAX`] printable bytes without spaces).
+pub fn validate_principal_name(field: &'static str, name: &str) -> Result<(), SpecError> {
+    if name.is_empty()
+        || name.len() > APP_NAME_BYTES_MAX
+        || name.chars().any(|c| c.is_whitespace() || c.is_control())
+    {
+        return Err(SpecError::new(
+            field,
+            format!("`{name}` must be 1 to {APP_NAME_BYTES_MAX} printable bytes without spaces"),
+        ));
+    }
+    Ok(())
+}
+
+/// Who a node runs its executors as, as it reports at registration and `flame node list`
+/// shows.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ExecutorIdentity {
+    /// Each owner's executors run as the owner's uid (and gid) from the head's reserved
+    /// range, the same on every node, with no passwd entry (the default).
+    OwnerUid,
+    /// Each owner's executors run as the Unix user of the owner's name; a launch fails
+    /// when there is none.
+    SiteUser,
+    /// Every owner's executors run as this one user: owners are not isolated from each
+    /// other on the node. Chosen explicitly by the node's admin.
+    Fixed { user: String },
+    /// The agent is not root, so every executor runs as the agent's user: owners are not
+    /// isolated from each other (nor from the agent's key).
+    Unprivileged { user: String },
+}
+
+impl ExecutorIdentity {
+    /// Whether executors of different owners share one Unix identity on the node.
+    pub fn shared(&self) -> bool {
+        matches!(
+            self,
+            ExecutorIdentity::Fixed { .. } | ExecutorIdentity::Unprivileged { .. }
+        )
+    }
+}
+
+impl std::fmt::Display for ExecutorIdentity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ExecutorIdentity::OwnerUid => f.write_str("owner-uid"),
+            ExecutorIdentity::SiteUser => f.write_str("site-user"),
+            ExecutorIdentity::Fixed { user } => write!(f, "fixed:{user}"),
+            ExecutorIdentity::Unprivileged { user } => write!(f, "unprivileged:{user}"),
+        }
+    }
+}
+
+/// Whose executor a launch is, and the uid the head assigned that owner (for nodes in
+/// [`ExecutorIdentity::OwnerUid`] mode).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExecutorOwner {
+    pub name: String,
+    pub uid: u32,
 }
 
 /// Longest `task_timeout` accepted (one week).
@@ -324,6 +394,8 @@ impl ApplicationSpec {
             working_dir: None,
             user: None,
             group: None,
+            users: Vec::new(),
+            groups: Vec::new(),
             resources: Resources::default(),
             selector: BTreeMap::new(),
             max_instances: APP_INSTANCES_DEFAULT,
@@ -355,7 +427,48 @@ impl ApplicationSpec {
                 "`batch` is reserved for the ranks of batch jobs (`flame submit`); use `stdio` or `unix`",
             ));
         }
+        self.validate_access()?;
         self.validate_process()
+    }
+
+    /// `users` and `groups` are lists of names; a fixed `user` or `group` serves one owner
+    /// only, since executors of two owners must never share a Unix identity.
+    fn validate_access(&self) -> Result<(), SpecError> {
+        for (field, list) in [("users", &self.users), ("groups", &self.groups)] {
+            if list.len() > APP_ACCESS_NAMES_MAX {
+                return Err(SpecError::new(
+                    field,
+                    format!("names more than {APP_ACCESS_NAMES_MAX} entries"),
+                ));
+            }
+            for name in list {
+                validate_principal_name(field, name)?;
+            }
+        }
+        let fixed = match (&self.user, &self.group) {
+            (Some(_), _) => Some("user"),
+            (None, Some(_)) => Some("group"),
+            (None, None) => None,
+        };
+        if let Some(field) = fixed {
+            if self.users.len() != 1 || !self.groups.is_empty() {
+                return Err(SpecError::new(
+                    field,
+                    "a fixed Unix identity is allowed only for an application restricted to one                      Flame user (`users = [\"NAME\"]`, no `groups`): executors of two users never                      share an identity; leave it out to run each user's executors as their own",
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether `owner` may open sessions of it: `users` and `groups` both empty, or `owner`
+    /// named in `users`, or in a group of `groups` (`in_group(group)` says whether `owner`
+    /// is a member).
+    pub fn allows(&self, owner: &str, in_group: impl Fn(&str) -> bool) -> bool {
+        if self.users.is_empty() && self.groups.is_empty() {
+            return true;
+        }
+        self.users.iter().any(|u| u == owner) || self.groups.iter().any(|g| in_group(g))
     }
 
     /// Checks everything but the name and the shim: what a batch job's ranks share with
@@ -556,9 +669,8 @@ impl JobSpec {
             delay_release_ms: 0,
             max_attempts: 1,
             shim: ShimKind::Batch,
-            // A job's command runs as the node's executor user; whether that may be root
-            // is the node's call (`--allow-root-executors`, off by default).
-            allow_root: true,
+            // A job's command runs as its owner's identity on the node, never as root.
+            allow_root: false,
             ..ApplicationSpec::new(
                 format!("{JOB_APPLICATION_PREFIX}{}", job.0),
                 self.command.clone(),
@@ -871,6 +983,8 @@ pub struct NodeInfo {
     pub labels: BTreeMap<String, String>,
     /// How the node enforces executor limits: `cgroup v1`, `cgroup v2` or `none`.
     pub isolation: String,
+    /// Who it runs executors as; `None` until it registers with this head process.
+    pub identity: Option<ExecutorIdentity>,
     /// Executors alive on the node.
     pub executors: u32,
     /// Unix time in milliseconds of the last message from the node.

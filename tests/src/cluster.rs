@@ -92,12 +92,13 @@ pub struct ClusterOptions {
     pub cpus: u32,
     /// Extra `flame-head` arguments, e.g. `--task-input-bytes-max 1024`.
     pub head_args: Vec<String>,
-    /// Each node's `--executor-user`, the user of applications that name none. Default:
-    /// the user running the tests, so that services under its home or the checkout run
-    /// as before.
-    pub executor_user: String,
-    /// Pass `--allow-root-executors`. Default: when the tests run as root, since the
-    /// default executor user is then root.
+    /// Each node's `--executor-identity` (`owner-uid`, `site-user`, `fixed`); `None`: the
+    /// node's default, `owner-uid` (each owner's executors as its own uid from the head's
+    /// range; a node not run as root runs them as itself).
+    pub executor_identity: Option<String>,
+    /// Each node's `--executor-user`, with `executor_identity` `fixed`.
+    pub executor_user: Option<String>,
+    /// Pass `--allow-root-executors`. Default: no.
     pub allow_root_executors: bool,
     /// Each node's `--cgroups` (`auto` or `off`); `None` leaves the node's default.
     pub cgroups: Option<String>,
@@ -116,8 +117,9 @@ impl Default for ClusterOptions {
             nodes: 1,
             cpus: 2,
             head_args: Vec::new(),
-            executor_user: current_user(),
-            allow_root_executors: nix::unistd::geteuid().is_root(),
+            executor_identity: None,
+            executor_user: None,
+            allow_root_executors: false,
             cgroups: None,
             node_args: Vec::new(),
             network_namespaces: false,
@@ -140,18 +142,6 @@ fn cgroup_base_name() -> String {
     format!("flame-test-{pid}-{n}-{:08x}", random as u32)
 }
 
-/// The name of the user the tests run as.
-fn current_user() -> String {
-    let uid = nix::unistd::geteuid();
-    match nix::unistd::User::from_uid(uid) {
-        Ok(Some(user)) => user.name,
-        Ok(None) => panic!(
-            "user id {uid} has no name in the user database; nodes need one for --executor-user"
-        ),
-        Err(e) => panic!("cannot look up user id {uid}: {e}"),
-    }
-}
-
 impl ClusterOptions {
     pub fn nodes(mut self, nodes: usize) -> Self {
         self.nodes = nodes;
@@ -168,11 +158,19 @@ impl ClusterOptions {
         self
     }
 
-    /// See [`ClusterOptions::executor_user`]; also allows root executors exactly when
-    /// `user` is `root`.
+    /// Every owner's executors as `user` (`--executor-identity fixed`); also allows root
+    /// executors exactly when `user` is `root`.
     pub fn executor_user(mut self, user: impl Into<String>) -> Self {
-        self.executor_user = user.into();
-        self.allow_root_executors = self.executor_user == "root";
+        let user = user.into();
+        self.allow_root_executors = user == "root";
+        self.executor_identity = Some("fixed".into());
+        self.executor_user = Some(user);
+        self
+    }
+
+    /// See [`ClusterOptions::executor_identity`].
+    pub fn executor_identity(mut self, mode: impl Into<String>) -> Self {
+        self.executor_identity = Some(mode.into());
         self
     }
 
@@ -793,11 +791,15 @@ impl Cluster {
             self.node_log_dir(i).into(),
             "--cpus".into(),
             options.cpus.to_string().into(),
-            "--executor-user".into(),
-            options.executor_user.clone().into(),
             "--cgroup-root".into(),
             self.node_cgroup_root(i).into(),
         ];
+        if let Some(mode) = &options.executor_identity {
+            args.extend(["--executor-identity".into(), mode.into()]);
+        }
+        if let Some(user) = &options.executor_user {
+            args.extend(["--executor-user".into(), user.into()]);
+        }
         if options.allow_root_executors {
             args.push("--allow-root-executors".into());
         }

@@ -58,7 +58,6 @@ pub fn spec(name: &str) -> ApplicationSpec {
         helper.display()
     );
     let mut spec = ApplicationSpec::new(name, "python3");
-    spec.allow_root = true;
     spec.shim = ShimKind::Stdio;
     spec.args = vec![
         "-c".into(),

@@ -27,14 +27,10 @@ pub fn path() -> PathBuf {
     binary(NAME)
 }
 
-/// A spec running `flame-test-service` over stdio, with the spec defaults otherwise, except
-/// that it may run as root: the tests run as root, and so do their executors unless a test
-/// names another user.
+/// A spec running `flame-test-service` over stdio, with the spec defaults: its executors
+/// run as their owner's identity on the node, never as root.
 pub fn spec(name: &str) -> ApplicationSpec {
-    ApplicationSpec {
-        allow_root: true,
-        ..ApplicationSpec::new(name, path().display().to_string())
-    }
+    ApplicationSpec::new(name, path().display().to_string())
 }
 
 /// `n` inputs `sleep MS`: tasks whose length is wall time, whatever cpu they get, so that

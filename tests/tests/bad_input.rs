@@ -113,6 +113,8 @@ async fn malformed_application_files_are_refused() {
             working_dir: None,
             user: None,
             group: None,
+            users: Vec::new(),
+            groups: Vec::new(),
             resources: Default::default(),
             selector: Default::default(),
             max_instances: 0,

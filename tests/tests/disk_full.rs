@@ -107,7 +107,9 @@ fn sleepy_app() -> ApplicationSpec {
         max_attempts: 3,
         retry_on_error: false,
         task_timeout_ms: None,
-        allow_root: true,
+        users: Vec::new(),
+        groups: Vec::new(),
+        allow_root: false,
     }
 }
 

@@ -59,7 +59,9 @@ fn idle_keeper() -> ApplicationSpec {
         max_attempts: 3,
         retry_on_error: false,
         task_timeout_ms: None,
-        allow_root: true,
+        users: Vec::new(),
+        groups: Vec::new(),
+        allow_root: false,
     }
 }
 

@@ -149,10 +149,11 @@ async fn executor_runs_as_its_user_without_privileges() {
         client
             .register_application(ApplicationSpec {
                 shim,
+                // A fixed user serves one Flame user only: the admin, who opens the session.
                 user: Some("nobody".into()),
+                users: vec!["admin".into()],
                 env: BTreeMap::from([(APP_VAR.to_string(), EnvValue::plain("visible"))]),
                 delay_release_ms: KEEP_MS,
-                allow_root: true,
                 ..ApplicationSpec::new(&name, copy.display().to_string())
             })
             .await
@@ -192,11 +193,15 @@ async fn rust_service_over_the_unix_socket() {
     client.register_application(spec.clone()).await.unwrap();
     let mut session = ServiceSession::open(&client, "socket-rust").await;
     let who = Whoami::parse(&session.output("whoami").await);
-    let uid = nix::unistd::geteuid().as_raw();
-    let gid = nix::unistd::getegid().as_raw();
-    if uid == 0 {
-        // Root's supplementary groups are root's own: check_identity's `groups` holds.
-        check_identity(&cluster, &who, uid, gid, ShimKind::Unix);
+    if nix::unistd::geteuid().is_root() {
+        // A root node runs the admin's executors as the admin's own uid from the head's
+        // range (owner-uid mode), gid the same number, no other group.
+        let uid: u32 = who.get("uid").parse().unwrap();
+        assert!(
+            (1_900_000_000..=1_900_999_999).contains(&uid),
+            "not an owner uid: {who:#?}"
+        );
+        check_identity(&cluster, &who, uid, uid, ShimKind::Unix);
     }
     assert_eq!(who.inherited_fds(), [0, 1, 2], "{who:#?}");
     let socket = PathBuf::from(who.get("shim_socket"));
@@ -266,7 +271,6 @@ async fn python_service_over_the_unix_socket() {
             // No __pycache__ written into the repository's shims/python.
             env: BTreeMap::from([("PYTHONDONTWRITEBYTECODE".into(), EnvValue::plain("1"))]),
             delay_release_ms: 0,
-            allow_root: true,
             ..ApplicationSpec::new("socket-python", "python3")
         })
         .await

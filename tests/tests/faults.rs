@@ -37,6 +37,8 @@ fn crashy_app(name: &str, max_attempts: u32) -> ApplicationSpec {
         working_dir: None,
         user: None,
         group: None,
+        users: Vec::new(),
+        groups: Vec::new(),
         resources: Default::default(),
         selector: Default::default(),
         max_instances: 2,
@@ -44,7 +46,7 @@ fn crashy_app(name: &str, max_attempts: u32) -> ApplicationSpec {
         max_attempts,
         retry_on_error: false,
         task_timeout_ms: None,
-        allow_root: true,
+        allow_root: false,
     }
 }
 

@@ -59,6 +59,8 @@ async fn python_service_runs_tasks_and_reports_exceptions() {
         working_dir: None,
         user: None,
         group: None,
+        users: Vec::new(),
+        groups: Vec::new(),
         resources: Default::default(),
         selector: Default::default(),
         max_instances: 2,
@@ -66,7 +68,7 @@ async fn python_service_runs_tasks_and_reports_exceptions() {
         max_attempts: 3,
         retry_on_error: false,
         task_timeout_ms: None,
-        allow_root: true,
+        allow_root: false,
     };
     client.register_application(spec).await.unwrap();
     let session = client

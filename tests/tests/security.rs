@@ -166,6 +166,7 @@ async fn nodes_need_their_own_certificate() {
             allocatable: NodeResources::default(),
             labels: Default::default(),
             isolation: "none".into(),
+            identity: flame_protocol::model::ExecutorIdentity::OwnerUid,
             executors: Vec::new(),
         }))
         .await

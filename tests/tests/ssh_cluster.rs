@@ -51,6 +51,13 @@ impl Hosts {
             .prefix("flame-ssh-")
             .tempdir()
             .unwrap();
+        // The nodes run executors as each owner's own uid, which must reach the installed
+        // binaries (flame-ping) below this folder.
+        std::fs::set_permissions(
+            root.path(),
+            std::os::unix::fs::PermissionsExt::from_mode(0o755),
+        )
+        .unwrap();
         let keys = SshKeys::create(&root.path().join("ssh"));
         let sshds = vec![
             Sshd::start(&keys, network.head()),
@@ -140,7 +147,7 @@ fn cluster_file(root: &Path, keys: &SshKeys, sshds: &[Sshd]) -> String {
         format!(
             "[[nodes]]\nhost = \"{addr}\"\nname = \"{name}\"\ncpus = 1\n\
              labels = {{ rack = \"r{i}\" }}\n\
-             args = [\"--executor-user\", \"root\", \"--allow-root-executors\", \"--cgroup-root\", \"flame-ssh-{pid}-{name}\"]\n{dirs}",
+             args = [\"--cgroup-root\", \"flame-ssh-{pid}-{name}\"]\n{dirs}",
             addr = sshds[i + 1].addr(),
             pid = std::process::id(),
             dirs = dirs(name),

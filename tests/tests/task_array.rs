@@ -161,9 +161,10 @@ async fn a_failed_line_is_named_with_its_exit_code() {
 #[tokio::test(flavor = "multi_thread")]
 async fn jobs_bound_the_lines_running_at_once() {
     let cluster = Cluster::start(ClusterOptions::default().cpus(8)).await;
-    let dir = tempfile::tempdir().unwrap();
+    let dir = shared_dir();
     let running = dir.path().join("running");
     std::fs::create_dir(&running).unwrap();
+    open_to_all(&running);
     let seen = dir.path().join("seen");
     let file = write_lines(dir.path(), "lines", (0..40).map(|i| i.to_string()));
     // Each line marks itself running, records how many are, and unmarks itself.
@@ -255,9 +256,10 @@ async fn bad_input_is_refused_before_anything_runs() {
 #[tokio::test(flavor = "multi_thread")]
 async fn ctrl_c_cancels_the_session_and_its_processes() {
     let cluster = Cluster::start(ClusterOptions::default()).await;
-    let dir = tempfile::tempdir().unwrap();
+    let dir = shared_dir();
     let started = dir.path().join("started");
     std::fs::create_dir(&started).unwrap();
+    open_to_all(&started);
     let file = write_lines(dir.path(), "lines", (1..=2).map(|i| i.to_string()));
     // A sleep whose command line is unique to this test, to find its processes.
     let marker = format!("31415.{}", std::process::id());
@@ -325,6 +327,19 @@ async fn ctrl_c_cancels_the_session_and_its_processes() {
         "{counts:?}"
     );
     client.close().await;
+}
+
+/// A folder the lines' commands may write in: they run as the submitter's own uid on the
+/// node, not as the user running the tests.
+fn shared_dir() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    open_to_all(dir.path());
+    dir
+}
+
+fn open_to_all(dir: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o777)).unwrap();
 }
 
 /// Waits, at most [`EVENT_TIMEOUT`], until `done` holds.

@@ -204,8 +204,26 @@ fn print_one(info: &ApplicationInfo) {
             match (&spec.user, &spec.group) {
                 (Some(u), Some(g)) => format!("{u}:{g}"),
                 (Some(u), None) => u.clone(),
-                (None, Some(g)) => format!("(node default):{g}"),
-                (None, None) => "(node default)".into(),
+                (None, Some(g)) => format!("(each owner's own):{g}"),
+                (None, None) => "(each owner's own)".into(),
+            },
+        ),
+        (
+            "Users",
+            if spec.users.is_empty() && spec.groups.is_empty() {
+                "everyone".into()
+            } else if spec.users.is_empty() {
+                "-".into()
+            } else {
+                spec.users.join(",")
+            },
+        ),
+        (
+            "Groups",
+            if spec.groups.is_empty() {
+                "-".into()
+            } else {
+                spec.groups.join(",")
             },
         ),
         ("Resources", spec.resources.to_string()),

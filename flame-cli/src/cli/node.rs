@@ -6,7 +6,7 @@ use anyhow::Context as _;
 use clap::Subcommand;
 use flame_client::report::HintExt as _;
 use flame_client::ClientError;
-use flame_protocol::model::{format_cpus, ErrorKind, NodeInfo, NodeState};
+use flame_protocol::model::{format_cpus, ErrorKind, ExecutorIdentity, NodeInfo, NodeState};
 
 #[derive(Debug, Subcommand)]
 pub enum NodeCommand {
@@ -100,6 +100,7 @@ fn print_list(nodes: &[NodeInfo]) {
         text("GPUs"),
         text("Labels"),
         text("Isolation"),
+        text("Identity"),
         number("Executors"),
         text("Last seen"),
     ];
@@ -130,10 +131,37 @@ fn print_list(nodes: &[NodeInfo]) {
                         .join(",")
                 },
                 n.isolation.clone(),
+                match &n.identity {
+                    None => "-".to_string(),
+                    Some(i) if i.shared() => format!("{i} (SHARED)"),
+                    Some(i) => i.to_string(),
+                },
                 render::group(u64::from(n.executors)),
                 render::ago(n.last_seen_ms, now),
             ]
         })
         .collect();
     render::print_table(&columns, rows);
+    for n in nodes {
+        if let Some(i) = n.identity.as_ref().filter(|i| i.shared()) {
+            eprintln!("{}", shared_identity_warning(&n.name, i));
+        }
+    }
+}
+
+/// What `flame node list` says of a node whose executors of every owner share one user.
+fn shared_identity_warning(node: &str, identity: &ExecutorIdentity) -> String {
+    let why = match identity {
+        ExecutorIdentity::Unprivileged { user } => {
+            format!("its agent is not root, so every executor runs as `{user}`")
+        }
+        ExecutorIdentity::Fixed { user } => {
+            format!("it runs every owner's executors as `{user}` (--executor-identity fixed)")
+        }
+        ExecutorIdentity::OwnerUid | ExecutorIdentity::SiteUser => return String::new(),
+    };
+    format!(
+        "warning: node {node}: {why}: users' executors there can read and signal each other's\n\
+         hint: run flame-node as root with --executor-identity owner-uid (the default) or site-user"
+    )
 }

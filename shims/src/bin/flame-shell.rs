@@ -174,10 +174,23 @@ fn drain<R: Read>(pipe: Option<R>, budget: &AtomicUsize) -> (Vec<u8>, bool) {
     (kept, dropped)
 }
 
+/// Whether `name` is a file this process can see in a folder of its `PATH`.
+fn visible_in_path(name: &OsStr) -> bool {
+    std::env::var_os("PATH").is_some_and(|path| {
+        std::env::split_paths(&path).any(|dir| std::fs::metadata(dir.join(name)).is_ok())
+    })
+}
+
 /// The output of a command that could not be started, in a shell's words and codes.
 fn not_started(program: &[u8], error: &io::Error) -> ShellOutput {
     let name = String::from_utf8_lossy(program);
+    // A bare name refused while searching PATH may lie only in folders this user cannot
+    // search (the node's PATH is not this user's): for it, the command is not there.
+    let unseen = error.kind() == ErrorKind::PermissionDenied
+        && !program.contains(&b'/')
+        && !visible_in_path(OsStr::from_bytes(program));
     let (code, message) = match error.kind() {
+        _ if unseen => (EXIT_NOT_FOUND, format!("{name}: command not found")),
         ErrorKind::NotFound => (EXIT_NOT_FOUND, format!("{name}: command not found")),
         ErrorKind::PermissionDenied => (EXIT_CANNOT_EXECUTE, format!("{name}: permission denied")),
         _ => (
@@ -239,6 +252,14 @@ mod tests {
         );
         // A NUL byte in an argument cannot be passed to exec.
         let out = run_line(&command(&["echo", "{}"]), b"a\0b").unwrap();
+        assert_eq!(out.exit, ShellExit::Code(EXIT_CANNOT_EXECUTE)); // Refused while searching a PATH folder this user cannot enter: not found, as a
+                                                                    // shell of that user would say; a path, or a name it can see, stays refused.
+        let denied = io::Error::from(ErrorKind::PermissionDenied);
+        let out = not_started(b"flame-no-such-program", &denied);
+        assert_eq!(out.exit, ShellExit::Code(EXIT_NOT_FOUND));
+        let out = not_started(b"/no/such/dir/prog", &denied);
+        assert_eq!(out.exit, ShellExit::Code(EXIT_CANNOT_EXECUTE));
+        let out = not_started(b"sh", &denied);
         assert_eq!(out.exit, ShellExit::Code(EXIT_CANNOT_EXECUTE));
     }
 

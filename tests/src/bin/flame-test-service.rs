@@ -10,7 +10,15 @@
 //! | `sleep MS`    | sleeps MS ms: a task whose length does not depend on the cpu it gets      |
 //! | `fork N`      | starts N `sleep 3600` in sessions of their own; returns `pids P1 P2 ...`  |
 //! | `read PATH`   | returns a file's bytes, or a folder's sorted entry names one a line       |
+//! | `write PATH`  | creates PATH (or truncates it) and writes `probe` into it                 |
+//! | `unlink PATH` | removes the file (or socket) PATH                                         |
+//! | `connect PATH`| connects to the Unix socket PATH and closes the connection                |
+//! | `signal PID`  | sends SIGTERM to process PID                                              |
 //! | `whoami`      | `key=value` lines: ids, cwd, NoNewPrivs, inherited fds, env ([`whoami`])   |
+//!
+//! The probes (`read`, `write`, `unlink`, `connect`, `signal`) fail with the system's
+//! error text (`Permission denied (os error 13)`, `Operation not permitted (os error 1)`),
+//! which the tenancy tests look for.
 //!
 //! It serves over whichever shim the node chose ([`flame_shims::service::run`]): stdio, or
 //! the Unix socket named by `FLAME_SHIM_SOCKET`. Arguments are ignored, so a test can tag
@@ -73,6 +81,24 @@ impl Service for TestService {
             }
             "fork" => fork(number(arg, FORK_MAX as u64)? as usize)?,
             "read" => read(arg)?,
+            "write" => std::fs::write(arg, b"probe")
+                .map(|()| format!("wrote {arg}"))
+                .map_err(|e| format!("cannot write {arg}: {e}"))?,
+            "unlink" => std::fs::remove_file(arg)
+                .map(|()| format!("removed {arg}"))
+                .map_err(|e| format!("cannot remove {arg}: {e}"))?,
+            "connect" => std::os::unix::net::UnixStream::connect(arg)
+                .map(|_| format!("connected to {arg}"))
+                .map_err(|e| format!("cannot connect to {arg}: {e}"))?,
+            "signal" => {
+                let pid = number(arg, i32::MAX as u64)? as i32;
+                nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGTERM,
+                )
+                .map(|()| format!("signalled {pid}"))
+                .map_err(|e| format!("cannot signal {pid}: {}", std::io::Error::from(e)))?
+            }
             "whoami" => whoami(&self.inherited_fds)?,
             other => return Err(format!("unknown command `{other}`")),
         };
@@ -193,6 +219,7 @@ fn whoami(inherited_fds: &[String]) -> Result<String, String> {
         // Writing to a String cannot fail.
         let _ = writeln!(out, "{key}={value}");
     };
+    line("pid", &std::process::id().to_string());
     line("uid", &nix::unistd::getuid().to_string());
     line("gid", &nix::unistd::getgid().to_string());
     line("groups", &groups);
@@ -203,6 +230,9 @@ fn whoami(inherited_fds: &[String]) -> Result<String, String> {
     line("executor_id", &var("FLAME_EXECUTOR_ID"));
     line("cuda_visible_devices", &var("CUDA_VISIBLE_DEVICES"));
     line("shim_socket", &var("FLAME_SHIM_SOCKET"));
+    line("home", &var("HOME"));
+    line("user", &var("USER"));
+    line("logname", &var("LOGNAME"));
     line("env", &env.join(","));
     Ok(out)
 }

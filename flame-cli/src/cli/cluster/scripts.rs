@@ -180,10 +180,12 @@ pub fn probe(member: &Member, cluster: &str) -> String {
 }
 
 /// Writes stdin to `D/NAME` through a temporary file, checks its SHA-256 there, then
-/// renames it into place (a running program keeps its old file).
+/// renames it into place (a running program keeps its old file). The folders it makes
+/// are 0755 whatever the login's umask: executors run as their owners' own uids and must
+/// reach the built-in programs (`flame-ping`, `flame-shell`) installed there.
 pub fn install(dir: &str, name: &str, sha256: &str) -> String {
     format!(
-        "set -e\nD={d}\nmkdir -p \"$D\"\nt=\"$D/.{n}.tmp.$$\"\ntrap 'rm -f \"$t\"' EXIT\ncat > \"$t\"\nchmod 0755 \"$t\"\n\
+        "set -e\nD={d}\n(umask 022 && mkdir -p \"$D\")\nt=\"$D/.{n}.tmp.$$\"\ntrap 'rm -f \"$t\"' EXIT\ncat > \"$t\"\nchmod 0755 \"$t\"\n\
          got=$(sha256sum < \"$t\" | cut -d' ' -f1)\n\
          [ \"$got\" = {h} ] || {{ echo \"{n}: checksum $got after the copy, expected {h}\" >&2; exit 1; }}\n\
          mv -f \"$t\" \"$D/{n}\"\ntrap - EXIT\n",
@@ -232,9 +234,13 @@ pub fn token_revoke(member: &Member, bin_dir: &str, head_address: &str, id: &str
 }
 
 /// `flame-node join` with the token read from stdin into a file of mode 0600, removed after.
+/// The node's folder lets others pass (0711, its parents 0755 when made here): executors
+/// run as their owners' uids and must reach their work and runtime folders inside it; the
+/// TLS folder in it stays the node's alone.
 pub fn node_join(member: &Member, bin_dir: &str, head_address: &str) -> String {
     format!(
-        "R={r}\numask 077\nmkdir -p \"$R\" || exit 1\ncat > \"$R/join.token\" || exit 1\n\
+        "R={r}\n(umask 022 && mkdir -p \"$R\") || exit 1\nchmod 0711 \"$R\" || exit 1\n\
+         umask 077\ncat > \"$R/join.token\" || exit 1\n\
          {node} join --token-file \"$R/join.token\" --head {a} --name {n} --tls-dir \"$R/tls\"\n\
          rc=$?\nrm -f \"$R/join.token\"\nexit $rc\n",
         r = quote(&member.role_dir()),
