@@ -712,6 +712,7 @@ impl Store {
                     }
                     StoreOp::PutFinished(info) => {
                         finished.insert(info.id.0, encode(info.as_ref()).as_slice())?;
+                    }
                     StoreOp::PutOwnerUid { owner, uid } => {
                         owner_uids.insert(owner.as_str(), *uid)?;
                     }
