@@ -16,6 +16,7 @@ use flame_protocol::messages::{ExecutorEvent, NodeTaskResult, Usage};
 use flame_protocol::model::{ApplicationSpec, ShimKind, TaskAssignment, TaskOutcome};
 use flame_protocol::{limits, ExecutorId, SessionId};
 use flame_shims::node::{AppMessage, Invocation, NodeShim};
+use flame_shims::private_dir::PrivateDir;
 use flame_shims::unix::{connect_when_listening, SocketDir, ENV_SHIM_SOCKET};
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::path::PathBuf;
@@ -37,6 +38,13 @@ pub const PIPELINE_TASKS_MAX: usize = 64;
 /// Input bytes after which no further task joins the window; one task of any size always
 /// may.
 pub const PIPELINE_BYTES_MAX: usize = 4 * 1024 * 1024;
+
+/// Mode of an executor's working folder `exec-<id>`: only its user (and root) may enter.
+pub const WORK_DIR_MODE: u32 = 0o700;
+/// A batch rank's Open MPI hostfile in its working folder (`FLAME_HOSTFILE`).
+pub const HOSTFILE_NAME: &str = "hostfile";
+/// Mode of the hostfile, which belongs to the rank's user.
+pub const HOSTFILE_MODE: u32 = 0o600;
 
 /// What ended one wait of an executor's loop.
 enum Event {
@@ -175,7 +183,8 @@ pub fn spawn(
 struct Prepared {
     credentials: Option<Credentials>,
     cgroup: Option<ExecutorCgroup>,
-    work_dir: PathBuf,
+    /// `exec-<id>`, the executor user's: root reaches inside only through its handle.
+    work_dir: PrivateDir,
     socket_dir: Option<SocketDir>,
     log: LogSink,
     /// A batch rank's stderr, kept apart from its stdout (`log`) so the submitter can print
@@ -208,19 +217,19 @@ impl Prepared {
             ),
             ShimKind::Stdio | ShimKind::Unix => None,
         };
-        let work_dir = settings.work_dir.join(format!("exec-{}", id.0));
-        make_private_dir(&work_dir, owner).map_err(|e| {
-            format!(
-                "cannot create the working directory {}: {e}",
-                work_dir.display()
-            )
-        })?;
+        let work_dir = PrivateDir::create(
+            &settings.work_dir,
+            &format!("exec-{}", id.0),
+            WORK_DIR_MODE,
+            owner,
+        )
+        .map_err(|e| format!("cannot create the working directory: {e}"))?;
         let socket_dir = match app.shim {
             ShimKind::Stdio | ShimKind::Batch => None,
             ShimKind::Unix => match SocketDir::create(&settings.runtime_dir, id.0, owner) {
                 Ok(d) => Some(d),
                 Err(e) => {
-                    let _ = std::fs::remove_dir_all(&work_dir);
+                    let _ = work_dir.remove();
                     return Err(format!("cannot prepare the shim socket: {e}"));
                 }
             },
@@ -235,7 +244,7 @@ impl Prepared {
             Some(tree) => match tree.create(&format!("exec-{}", id.0), &limits) {
                 Ok(c) => Some(c),
                 Err(e) => {
-                    let _ = std::fs::remove_dir_all(&work_dir);
+                    let _ = work_dir.remove();
                     return Err(format!("cannot create the executor's cgroup: {e}"));
                 }
             },
@@ -327,10 +336,8 @@ impl Prepared {
                 tracing::warn!("cannot remove an executor's socket directory: {e}");
             }
         }
-        if let Err(e) = std::fs::remove_dir_all(&work_dir) {
-            if e.kind() != std::io::ErrorKind::NotFound {
-                tracing::warn!(dir = %work_dir.display(), "cannot remove an executor's working directory: {e}");
-            }
+        if let Err(e) = work_dir.remove() {
+            tracing::warn!(dir = %work_dir.path().display(), "cannot remove an executor's working directory: {e}");
         }
         drop(log);
         (reason, usage)
@@ -396,22 +403,6 @@ fn credentials_for(
         ));
     }
     Ok(Some(credentials))
-}
-
-/// A directory only `owner` (and root) may enter, emptied of an earlier executor's files.
-fn make_private_dir(dir: &std::path::Path, owner: Option<(u32, u32)>) -> std::io::Result<()> {
-    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
-    match std::fs::remove_dir_all(dir) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(e),
-    }
-    std::fs::DirBuilder::new().mode(0o700).create(dir)?;
-    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
-    if let Some((uid, gid)) = owner {
-        std::os::unix::fs::chown(dir, Some(uid), Some(gid))?;
-    }
-    Ok(())
 }
 
 /// The executor's whole environment: a few basics from the node, the application's
@@ -504,7 +495,7 @@ async fn drive(
         working_dir: app
             .working_dir
             .as_ref()
-            .map_or_else(|| prepared.work_dir.clone(), PathBuf::from),
+            .map_or_else(|| prepared.work_dir.path().to_path_buf(), PathBuf::from),
         credentials: prepared.credentials.clone(),
         cgroup: match prepared.cgroup.as_ref().map(ExecutorCgroup::procs_files) {
             None => None,
@@ -872,12 +863,17 @@ async fn run_rank(
         Ok(l) => l,
         Err(e) => return RankEnd::NotStarted(format!("malformed rank launch: {e}"), None),
     };
-    let hostfile = prepared.work_dir.join("hostfile");
-    if let Err(e) = write_owned(&hostfile, launch.hostfile.as_bytes(), &prepared.credentials) {
-        return RankEnd::NotStarted(
-            format!("cannot write the hostfile {}: {e}", hostfile.display()),
-            None,
-        );
+    // Into the rank's folder, which its user may have filled already: written only as a
+    // new file, through the folder's handle, never through a name found there.
+    let hostfile = prepared.work_dir.path().join(HOSTFILE_NAME);
+    let owner = prepared.credentials.as_ref().map(|c| (c.uid, c.gid));
+    if let Err(e) = prepared.work_dir.write_new(
+        HOSTFILE_NAME,
+        launch.hostfile.as_bytes(),
+        HOSTFILE_MODE,
+        owner,
+    ) {
+        return RankEnd::NotStarted(format!("cannot write the job's hostfile: {e}"), None);
     }
     let mut env = environment(settings, spec, prepared);
     env.extend(settings.job_env.iter().cloned());
@@ -898,7 +894,7 @@ async fn run_rank(
             "OMPI_MCA_orte_tmpdir_base",
             "OMPI_MCA_btl_vader_backing_directory",
         ] {
-            env.push((key.into(), prepared.work_dir.display().to_string()));
+            env.push((key.into(), prepared.work_dir.path().display().to_string()));
         }
     }
     let as_root = match &prepared.credentials {
@@ -912,7 +908,7 @@ async fn run_rank(
     let working_dir = app
         .working_dir
         .as_ref()
-        .map_or_else(|| prepared.work_dir.clone(), PathBuf::from);
+        .map_or_else(|| prepared.work_dir.path().to_path_buf(), PathBuf::from);
     // A held rank starts nothing until Open MPI asks; the `mpirun` rank starts it, and
     // Open MPI may start this node's MPI processes as its children or ask for a daemon here
     // too. Either way they run in this rank's allocation, which serve_rank keeps open.
@@ -1147,17 +1143,4 @@ fn prepared_resources(prepared: &Prepared, ranks: u32) -> Limits {
             .map(|m| m.saturating_mul(u64::from(ranks))),
         pids_max: None,
     }
-}
-
-/// Writes a small file readable by the rank's user.
-fn write_owned(
-    path: &std::path::Path,
-    bytes: &[u8],
-    credentials: &Option<Credentials>,
-) -> std::io::Result<()> {
-    std::fs::write(path, bytes)?;
-    if let Some(c) = credentials {
-        std::os::unix::fs::chown(path, Some(c.uid), Some(c.gid))?;
-    }
-    Ok(())
 }
