@@ -875,16 +875,20 @@ async fn run_rank(
     ) {
         return RankEnd::NotStarted(format!("cannot write the job's hostfile: {e}"), None);
     }
-    let mut env = environment(settings, spec, prepared);
+    // One value per name, the later source winning: the job's own variables (the
+    // submitter's, in `environment`) give way to the node's and then to the head's, so a
+    // user-set FLAME_LOCAL_WORLD_SIZE or FLAME_RANK is replaced, not shadowing them.
+    let mut env: BTreeMap<String, String> =
+        environment(settings, spec, prepared).into_iter().collect();
     env.extend(settings.job_env.iter().cloned());
     env.extend(launch.env.iter().cloned());
-    env.push(("FLAME_HOSTFILE".into(), hostfile.display().to_string()));
+    env.insert("FLAME_HOSTFILE".into(), hostfile.display().to_string());
     // Open MPI: `mpirun` takes the job's hostfile, and runs as root only when told so
     // (the node allows root executors only with --allow-root-executors).
-    env.push((
+    env.insert(
         "OMPI_MCA_orte_default_hostfile".into(),
         hostfile.display().to_string(),
-    ));
+    );
     // Open MPI names its session directory and shared-memory segments by host name: two
     // nodes on one machine (or sharing /tmp) would collide. The rank's private directory
     // keeps them apart, and goes with the rank. Not for `mpirun` itself: it hands its
@@ -894,7 +898,7 @@ async fn run_rank(
             "OMPI_MCA_orte_tmpdir_base",
             "OMPI_MCA_btl_vader_backing_directory",
         ] {
-            env.push((key.into(), prepared.work_dir.path().display().to_string()));
+            env.insert(key.into(), prepared.work_dir.path().display().to_string());
         }
     }
     let as_root = match &prepared.credentials {
@@ -902,16 +906,22 @@ async fn run_rank(
         None => nix::unistd::geteuid().is_root(),
     };
     if as_root {
-        env.push(("OMPI_ALLOW_RUN_AS_ROOT".into(), "1".into()));
-        env.push(("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM".into(), "1".into()));
+        env.insert("OMPI_ALLOW_RUN_AS_ROOT".into(), "1".into());
+        env.insert("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM".into(), "1".into());
     }
+    let env: Vec<(String, String)> = env.into_iter().collect();
     let working_dir = app
         .working_dir
         .as_ref()
         .map_or_else(|| prepared.work_dir.path().to_path_buf(), PathBuf::from);
     // A held rank starts nothing until Open MPI asks; the `mpirun` rank starts it, and
     // Open MPI may start this node's MPI processes as its children or ask for a daemon here
-    // too. Either way they run in this rank's allocation, which serve_rank keeps open.
+    // too. Either way they run in this rank's allocation, which serve_rank keeps open, and
+    // which grows to the node's share of the job before anything starts in it.
+    let mpi = launch.hold || launch.argv.is_some();
+    if mpi {
+        widen_to_local_ranks(prepared, spec.executor, local_ranks(&launch));
+    }
     let child = if launch.hold {
         None
     } else {
@@ -941,7 +951,10 @@ async fn run_rank(
                 settings,
                 spec.executor,
                 prepared,
-                env,
+                RankEnv {
+                    rank: env,
+                    head: &launch.env,
+                },
                 working_dir,
                 child,
                 kill,
@@ -1056,34 +1069,51 @@ fn spawn_in_rank(
         .map_err(SpawnError::Launch)
 }
 
-/// A rank of an `--mpi` job: registers itself so the head's exec requests (Open MPI's
-/// daemon) start in its allocation, widened to its node's share of the job, and serves
-/// them until `mpirun` (`child`, rank 0) exits or, holding (`None`), until the node kills
-/// it at the job's end.
-async fn serve_rank(
-    settings: &Settings,
-    id: ExecutorId,
-    prepared: &Prepared,
-    env: Vec<(String, String)>,
-    working_dir: PathBuf,
-    mut child: Option<tokio::process::Child>,
-    kill: &mut oneshot::Receiver<()>,
-) -> RankEnd {
-    // Open MPI's daemon here starts all of this node's MPI processes as its children, in
-    // this rank's cgroup: its limits grow to the node's share of the job (the other ranks
-    // here hold their room but run nothing).
-    let local_ranks = env
+/// Ranks of its job on this node, as the head counted them (`FLAME_LOCAL_WORLD_SIZE` of
+/// the rank's launch, which the head alone writes; never the environment, where the
+/// submitter may have set the same name), at least 1.
+fn local_ranks(launch: &flame_protocol::model::RankLaunch) -> u32 {
+    launch
+        .env
         .iter()
         .find(|(k, _)| k == "FLAME_LOCAL_WORLD_SIZE")
         .and_then(|(_, v)| v.parse::<u32>().ok())
         .unwrap_or(1)
-        .max(1);
+        .max(1)
+}
+
+/// Open MPI's daemon on a node starts all of that node's MPI processes as its children, in
+/// one rank's cgroup: that rank's limits grow to the node's share of the job (the other
+/// ranks here hold their room but run nothing).
+fn widen_to_local_ranks(prepared: &Prepared, id: ExecutorId, local_ranks: u32) {
     if let (Some(cgroup), true) = (&prepared.cgroup, local_ranks > 1) {
         let r = &prepared_resources(prepared, local_ranks);
         if let Err(e) = cgroup.raise_limits(r) {
-            tracing::warn!(executor = %id, "cannot widen a holding rank's cgroup: {e}");
+            tracing::warn!(executor = %id, "cannot widen an MPI rank's cgroup: {e}");
         }
     }
+}
+
+/// A rank's environment: all of it, and the head's part, which wins over what an exec
+/// request brings.
+struct RankEnv<'a> {
+    rank: Vec<(String, String)>,
+    head: &'a [(String, String)],
+}
+
+/// A rank of an `--mpi` job: registers itself so the head's exec requests (Open MPI's
+/// daemon) start in its allocation (already widened to its node's share of the job), and
+/// serves them until `mpirun` (`child`, rank 0) exits or, holding (`None`), until the node
+/// kills it at the job's end.
+async fn serve_rank(
+    settings: &Settings,
+    id: ExecutorId,
+    prepared: &Prepared,
+    env: RankEnv<'_>,
+    working_dir: PathBuf,
+    mut child: Option<tokio::process::Child>,
+    kill: &mut oneshot::Receiver<()>,
+) -> RankEnd {
     let (tx, mut rx) = mpsc::channel::<ExecStart>(RANK_EXEC_QUEUE);
     if let Ok(mut holds) = settings.rank_holds.lock() {
         holds.insert(id, tx);
@@ -1098,8 +1128,11 @@ async fn serve_rank(
                     let _ = request.started.send(Err("an empty command line".into()));
                     continue;
                 };
-                let mut all_env = env.clone();
+                // The request's variables (Open MPI's, from `mpirun`) over the rank's, and
+                // the head's over both: for a name given twice, the last one is used.
+                let mut all_env = env.rank.clone();
                 all_env.extend(request.env);
+                all_env.extend(env.head.iter().cloned());
                 let started = spawn_in_rank(
                     settings,
                     prepared,
