@@ -8,6 +8,7 @@ mod auth;
 mod config;
 mod core;
 mod failpoints;
+mod node_streams;
 mod scheduler;
 #[cfg(test)]
 mod scheduler_sim;

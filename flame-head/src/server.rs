@@ -91,6 +91,8 @@ struct Shared {
     token_conns: Mutex<HashMap<String, Vec<quinn::Connection>>>,
     /// The head's certificate and the CA key that signs nodes' certificates.
     identity: Arc<HeadIdentity>,
+    /// Log and exec streams each user holds to each node.
+    node_streams: Arc<crate::node_streams::NodeStreams>,
 }
 
 /// Who a client connection acts for.
@@ -187,6 +189,7 @@ pub async fn serve(
         tokens: Mutex::new(tokens),
         token_conns: Mutex::new(HashMap::new()),
         identity,
+        node_streams: crate::node_streams::NodeStreams::new(),
     });
     let open = Arc::new(tokio::sync::Semaphore::new(CONNECTIONS_MAX));
     let unauthenticated = Arc::new(tokio::sync::Semaphore::new(UNAUTHENTICATED_MAX));
@@ -603,9 +606,13 @@ async fn client_stream(
             session,
             executor,
             follow,
-        } => logs_stream(shared, session, executor, follow, writer).await,
+        } => {
+            let user = stream_user(&shared, caller).await?;
+            logs_stream(shared, &user, session, executor, follow, writer).await
+        }
         ClientRequest::JobExec { job, node, argv } => {
-            exec_stream(shared, job, node, argv, writer).await
+            let user = stream_user(&shared, caller).await?;
+            exec_stream(shared, &user, job, node, argv, writer).await
         }
         ClientRequest::ListTasks {
             session,
@@ -1109,6 +1116,23 @@ async fn node_connection(
     Ok(())
 }
 
+/// Whom the streams a caller opens to nodes count against: its user, or for a job's
+/// credential the job's owner.
+async fn stream_user(shared: &Shared, caller: &Caller) -> Result<String, ConnError> {
+    Ok(match caller {
+        Caller::User(p) => p.name.clone(),
+        Caller::Job(job) => {
+            let job = *job;
+            ask(shared, |reply| Event::SessionOwner {
+                session: job,
+                reply,
+            })
+            .await?
+            .unwrap_or_else(|| format!("job {job}"))
+        }
+    })
+}
+
 /// `ClientRequest::Logs`: asks each node involved for its executors' logs on a stream of
 /// its own and forwards their frames as they come, several nodes at once; then `End`.
 /// A node that is not connected, or whose stream fails, becomes one
@@ -1119,6 +1143,7 @@ async fn node_connection(
 /// `follow`, one bound to it later is not added.
 async fn logs_stream(
     shared: Arc<Shared>,
+    user: &str,
     session: SessionId,
     executor: Option<ExecutorId>,
     follow: bool,
@@ -1130,8 +1155,22 @@ async fn logs_stream(
         reply,
     })
     .await?;
+    // One per target node, in order, once granted.
+    let mut permits = Vec::new();
     let targets = match targets {
         Ok(LogTargets::Now(targets)) => {
+            // Refused whole, before anything is opened, when a node is at the user's bound.
+            match shared
+                .node_streams
+                .acquire_all(user, targets.iter().map(|(node, _)| node.as_str()))
+            {
+                Ok(all) => permits = all,
+                Err(e) => {
+                    writer.write(&ClientResponse::Error(e)).await?;
+                    let _ = writer.get_mut().finish();
+                    return Ok(());
+                }
+            }
             writer.write(&ClientResponse::Ok).await?;
             targets
         }
@@ -1165,9 +1204,31 @@ async fn logs_stream(
     let (tx, mut rx) = mpsc::channel::<LogEvent>(LOG_EVENTS_BUFFERED_MAX);
     // Dropped on every return: aborts the readers, whose dropped streams stop the nodes.
     let mut readers = JoinSet::new();
+    let mut permits = permits.into_iter();
     for (node, executors) in targets {
+        // Each reader holds its node's permit until it ends. A node at the user's bound
+        // (possible for a job that started meanwhile) is unavailable, saying why.
+        let permit = match permits
+            .next()
+            .map_or_else(|| shared.node_streams.acquire(user, &node), Ok)
+        {
+            Ok(permit) => permit,
+            Err(e) => {
+                writer
+                    .write(&LogEvent::Unavailable {
+                        node,
+                        reason: e.message,
+                    })
+                    .await?;
+                continue;
+            }
+        };
         let conn = shared.node_connection(&node);
-        readers.spawn(node_logs(node, conn, executors, follow, tx.clone()));
+        let tx = tx.clone();
+        readers.spawn(async move {
+            node_logs(node, conn, executors, follow, tx).await;
+            drop(permit);
+        });
     }
     drop(tx);
     // Until every reader is done, or the other side stops reading; dropping `readers`
@@ -1284,6 +1345,7 @@ pub const EXEC_ARGV_BYTES_MAX: usize = 512 * 1024;
 /// which kills the process on the node.
 async fn exec_stream(
     shared: Arc<Shared>,
+    user: &str,
     job: SessionId,
     node: String,
     argv: Vec<String>,
@@ -1334,6 +1396,15 @@ async fn exec_stream(
             .await?;
         let _ = writer.get_mut().finish();
         return Ok(());
+    };
+    // Held until the process ends or the client leaves (dropped on return).
+    let _permit = match shared.node_streams.acquire(user, &node) {
+        Ok(permit) => permit,
+        Err(e) => {
+            writer.write(&ClientResponse::Error(e)).await?;
+            let _ = writer.get_mut().finish();
+            return Ok(());
+        }
     };
     let request = NodeStreamRequest::Exec(NodeExecRequest {
         executor,

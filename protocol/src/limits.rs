@@ -44,3 +44,9 @@ pub const HEARTBEAT_TIMEOUT: Duration = Duration::from_secs(10);
 /// the hello, so that a flood of unauthenticated connections holds little memory. The head
 /// raises it once the peer is known.
 pub const UNAUTHENTICATED_RECEIVE_WINDOW: u32 = 64 * 1024;
+
+/// Streams one user may hold open from the head to one node at once: `flame logs` (one
+/// per node it reads) and `JobExec` (one per process it runs). A node takes at most
+/// [`STREAMS_PER_CONNECTION_MAX`] from the head for everyone, so no one user may take
+/// them all; more are refused, naming this bound.
+pub const NODE_STREAMS_PER_USER_MAX: u32 = 16;
