@@ -7,6 +7,7 @@ mod admin;
 mod auth;
 mod config;
 mod core;
+mod counted;
 mod failpoints;
 mod node_streams;
 mod scheduler;

@@ -9,29 +9,21 @@
 //! is refused at once with an error that names the bound, and nothing is opened.
 //!
 //! A stream counts from the moment it is granted until its [`NodeStreamPermit`] is dropped
-//! (the relay ended: the client left, the node finished, or the process exited). The
-//! book is a plain map behind a mutex: each request takes it once per node, briefly.
+//! (the relay ended: the client left, the node finished, or the process exited).
 
+use crate::counted::{Counted, Permit};
 use flame_protocol::limits;
 use flame_protocol::model::{ApiError, ErrorKind};
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::Arc;
 
-/// The streams each user holds open to each node.
+/// The streams each user holds open to each node, by (user, node).
 #[derive(Debug)]
 pub struct NodeStreams {
-    /// By (user, node): streams held now; an entry goes when its count reaches 0.
-    held: Mutex<HashMap<(String, String), u32>>,
-    /// Most streams one user may hold to one node.
-    per_user_max: u32,
+    held: Arc<Counted<(String, String)>>,
 }
 
 /// One granted stream to a node; given back when dropped.
-#[derive(Debug)]
-pub struct NodeStreamPermit {
-    book: Arc<NodeStreams>,
-    key: (String, String),
-}
+pub type NodeStreamPermit = Permit<(String, String)>;
 
 impl NodeStreams {
     /// A book with [`limits::NODE_STREAMS_PER_USER_MAX`] per user and node.
@@ -41,42 +33,30 @@ impl NodeStreams {
 
     fn with_max(per_user_max: u32) -> Arc<NodeStreams> {
         Arc::new(NodeStreams {
-            held: Mutex::new(HashMap::new()),
-            per_user_max,
+            held: Counted::new(per_user_max),
         })
-    }
-
-    fn held(&self) -> std::sync::MutexGuard<'_, HashMap<(String, String), u32>> {
-        // Every holder leaves the map whole: one insert or one counter change.
-        self.held.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// A stream for `user` to `node`, or the refusal (`LimitExceeded`) naming the bound.
-    pub fn acquire(self: &Arc<Self>, user: &str, node: &str) -> Result<NodeStreamPermit, ApiError> {
-        let key = (user.to_string(), node.to_string());
-        let mut held = self.held();
-        let count = held.entry(key.clone()).or_insert(0);
-        if *count >= self.per_user_max {
-            return Err(ApiError::new(
-                ErrorKind::LimitExceeded,
-                format!(
-                    "user `{user}` already holds {} log and exec streams to node `{node}`, \
-                     the most one user may (NODE_STREAMS_PER_USER_MAX = {}); end one (a \
-                     `flame logs --follow`, say) and ask again",
-                    count, self.per_user_max
-                ),
-            ));
-        }
-        *count += 1;
-        Ok(NodeStreamPermit {
-            book: self.clone(),
-            key,
-        })
+    pub fn acquire(&self, user: &str, node: &str) -> Result<NodeStreamPermit, ApiError> {
+        self.held
+            .try_acquire(&(user.to_string(), node.to_string()))
+            .map_err(|count| {
+                ApiError::new(
+                    ErrorKind::LimitExceeded,
+                    format!(
+                        "user `{user}` already holds {count} log and exec streams to node \
+                         `{node}`, the most one user may (NODE_STREAMS_PER_USER_MAX = {}); end \
+                         one (a `flame logs --follow`, say) and ask again",
+                        self.held.max()
+                    ),
+                )
+            })
     }
 
     /// Permits for `user` to each of `nodes`, all or none.
     pub fn acquire_all<'a>(
-        self: &Arc<Self>,
+        &self,
         user: &str,
         nodes: impl IntoIterator<Item = &'a str>,
     ) -> Result<Vec<NodeStreamPermit>, ApiError> {
@@ -89,22 +69,7 @@ impl NodeStreams {
     /// Streams `user` holds to `node` now.
     #[cfg(test)]
     fn count(&self, user: &str, node: &str) -> u32 {
-        self.held()
-            .get(&(user.to_string(), node.to_string()))
-            .copied()
-            .unwrap_or(0)
-    }
-}
-
-impl Drop for NodeStreamPermit {
-    fn drop(&mut self) {
-        let mut held = self.book.held();
-        if let Some(count) = held.get_mut(&self.key) {
-            *count = count.saturating_sub(1);
-            if *count == 0 {
-                held.remove(&self.key);
-            }
-        }
+        self.held.count(&(user.to_string(), node.to_string()))
     }
 }
 
@@ -132,7 +97,6 @@ mod tests {
         // A stream that ends gives its room back.
         drop(held);
         assert_eq!(book.count("bob", "n1"), 0);
-        assert!(book.held().get(&("bob".into(), "n1".into())).is_none());
         let _again = book.acquire("bob", "n1").unwrap();
     }
 

@@ -3,6 +3,7 @@
 
 use crate::auth::{Authenticated, TokenBook};
 use crate::core::{Backfill, ConnId, Core, Event, LogTargets, WatchMsg};
+use crate::counted::{Counted, Permit};
 use crate::store::{Store, StoreRequest};
 use crate::tls::HeadIdentity;
 use flame_protocol::auth::{JoinReply, JoinRequest, Principal, Secret, CSR_PEM_BYTES_MAX};
@@ -193,6 +194,7 @@ pub async fn serve(
     });
     let open = Arc::new(tokio::sync::Semaphore::new(CONNECTIONS_MAX));
     let unauthenticated = Arc::new(tokio::sync::Semaphore::new(UNAUTHENTICATED_MAX));
+    let per_address = Counted::<std::net::IpAddr>::new(limits::HANDSHAKES_PER_ADDRESS_MAX);
     let mut sweep = tokio::time::interval(TOKEN_SWEEP_INTERVAL);
     sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tokio::pin!(shutdown);
@@ -206,14 +208,23 @@ pub async fn serve(
                     let _ = incoming.retry();
                     continue;
                 }
+                // One address gets a share of the slots for connections being set up,
+                // never all of them; the address is validated, so it is the peer's own.
+                let remote = incoming.remote_address().ip().to_canonical();
+                let Ok(from_address) = per_address.try_acquire(&remote) else {
+                    tracing::debug!(%remote, "refusing a connection: {} from this address being set up", limits::HANDSHAKES_PER_ADDRESS_MAX);
+                    incoming.refuse();
+                    continue;
+                };
                 let (Ok(permit), Ok(pending)) = (
                     open.clone().try_acquire_owned(),
                     unauthenticated.clone().try_acquire_owned(),
                 ) else {
-                    tracing::warn!(remote = %incoming.remote_address(), "refusing a connection: {CONNECTIONS_MAX} open or {UNAUTHENTICATED_MAX} not yet authenticated");
+                    tracing::warn!(%remote, "refusing a connection: {CONNECTIONS_MAX} open or {UNAUTHENTICATED_MAX} not yet authenticated");
                     incoming.refuse();
                     continue;
                 };
+                let pending = Pending { _all: pending, _from_address: from_address };
                 let shared = shared.clone();
                 tokio::spawn(async move {
                     if let Err(e) = handle_connection(incoming, shared, pending).await {
@@ -247,10 +258,17 @@ enum ConnError {
     CoreGone,
 }
 
+/// A connection's place among those being set up, in all and from its address; given
+/// back when it is admitted or fails.
+struct Pending {
+    _all: tokio::sync::OwnedSemaphorePermit,
+    _from_address: Permit<std::net::IpAddr>,
+}
+
 async fn handle_connection(
     incoming: quinn::Incoming,
     shared: Arc<Shared>,
-    pending: tokio::sync::OwnedSemaphorePermit,
+    pending: Pending,
 ) -> Result<(), ConnError> {
     // The handshake, the hello stream and the hello within one bound: a slow peer is cut
     // off, whatever it trickles.

@@ -50,3 +50,10 @@ pub const UNAUTHENTICATED_RECEIVE_WINDOW: u32 = 64 * 1024;
 /// [`STREAMS_PER_CONNECTION_MAX`] from the head for everyone, so no one user may take
 /// them all; more are refused, naming this bound.
 pub const NODE_STREAMS_PER_USER_MAX: u32 = 16;
+
+/// Connections from one source address that the head sets up at once (between their
+/// address validation and their admission: TLS handshake and hello). More from that
+/// address are refused before any TLS work, so one address cannot take the head's slots
+/// for connections being set up (256) from everyone else; refused clients try again
+/// within their connect timeout.
+pub const HANDSHAKES_PER_ADDRESS_MAX: u32 = 32;
