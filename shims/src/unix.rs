@@ -364,7 +364,11 @@ mod tests {
         .await
         .unwrap_err();
         assert!(
-            matches!(&e, ShimError::Socket { path, .. } if path == &runtime.path().join("absent")),
+            matches!(
+                &e,
+                ShimError::PrivateDir(crate::private_dir::PrivateDirError::Io { path, .. })
+                    if path == &runtime.path().join("absent")
+            ),
             "{e:?}"
         );
     }
