@@ -833,6 +833,99 @@ mod tests {
         assert!(handshake(&pki, &trust, Some(stranger)).await.is_err());
     }
 
+    /// A server that refuses its first `refusals` connections (as the head does when it
+    /// is at its limit of connections being set up), then welcomes the next hello.
+    fn refusing_server(
+        pki: &TestPki,
+        refusals: usize,
+    ) -> (SocketAddr, tokio::task::JoinHandle<()>) {
+        let server = server(
+            ([127, 0, 0, 1], 0).into(),
+            pki.server_chain.clone(),
+            pki.server_key.clone_key(),
+            &[7; RESET_KEY_BYTES],
+            pki.ca.clone(),
+        )
+        .unwrap();
+        let addr = server.local_addr().unwrap();
+        let task = tokio::spawn(async move {
+            let mut refused = 0;
+            while let Some(incoming) = server.accept().await {
+                if refused < refusals {
+                    refused += 1;
+                    incoming.refuse();
+                    continue;
+                }
+                let Ok(conn) = incoming.await else { continue };
+                let Ok((send, recv)) = conn.accept_bi().await else {
+                    continue;
+                };
+                let mut reader = FrameReader::new(recv, limits::FRAME_BYTES_MAX);
+                let mut writer = FrameWriter::new(send, limits::FRAME_BYTES_MAX);
+                if reader.read_required::<Hello>().await.is_ok() {
+                    let welcome = HelloReply::Welcome {
+                        head_version: "test".into(),
+                    };
+                    let _ = writer.write(&welcome).await;
+                }
+                // Keeps the connection until the client is done with it.
+                conn.closed().await;
+            }
+        });
+        (addr, task)
+    }
+
+    #[tokio::test]
+    async fn a_refused_connection_is_tried_again_within_the_timeout() {
+        let pki = test_pki();
+        let dir = tempfile::tempdir().unwrap();
+        let ca_file = dir.path().join("ca.crt");
+        std::fs::write(&ca_file, &pki.ca_pem).unwrap();
+        let trust = Trust::CaFile(ca_file);
+        let endpoint = client(&trust, None).unwrap();
+
+        // Refused three times, then welcomed: the fourth attempt gets through.
+        let (addr, server) = refusing_server(&pki, 3);
+        let head = format!("localhost:{}", addr.port());
+        let greeted = connect(
+            &endpoint,
+            &head,
+            Role::Client,
+            "test",
+            None,
+            Duration::from_secs(10),
+        )
+        .await
+        .unwrap();
+        assert_eq!(greeted.head_version, "test");
+        greeted
+            .connection
+            .close(quinn::VarInt::from_u32(0), b"done");
+        server.abort();
+
+        // Refused every time: the error comes at the timeout and says what happened.
+        let (addr, server) = refusing_server(&pki, usize::MAX);
+        let head = format!("localhost:{}", addr.port());
+        let timeout = Duration::from_secs(1);
+        let err = connect(&endpoint, &head, Role::Client, "test", None, timeout)
+            .await
+            .unwrap_err();
+        let text = err.to_string();
+        assert!(
+            matches!(err, EndpointError::Unreachable { .. }) && text.contains("busy"),
+            "{text}"
+        );
+        // More than the first attempt was made.
+        let attempts: u32 = text
+            .split("the head refused all ")
+            .nth(1)
+            .and_then(|rest| rest.split(' ').next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("no count of attempts: {text}"));
+        assert!(attempts >= 2, "{text}");
+        server.abort();
+    }
+
     #[test]
     fn a_key_of_another_certificate_is_refused_with_both_paths() {
         let pki = test_pki();
