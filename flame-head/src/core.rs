@@ -4719,6 +4719,8 @@ mod tests {
         use flame_protocol::model::JobSpec;
         let mut job = JobSpec::new("/bin/work", 2);
         job.resources.cpu_millis = 500;
+        // Within the node's 1 GiB: a job's default is a GiB per rank.
+        job.resources.memory_bytes = Some(256 << 20);
         job.time_limit_ms = time_limit_ms;
         let id = session_id(h.client(ClientRequest::CreateSession(SessionSpec {
             job: Some(job),

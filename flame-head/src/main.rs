@@ -8,9 +8,11 @@ mod auth;
 mod certs;
 mod config;
 mod core;
+mod counted;
 mod failpoints;
 mod quotas;
 mod owner_uids;
+mod node_streams;
 mod scheduler;
 #[cfg(test)]
 mod scheduler_sim;
@@ -78,7 +80,9 @@ fn ping_application() -> ApplicationSpec {
 /// The built-in shell runner of `flame submit --each`: `flame-shell` next to this binary,
 /// else from `PATH`.
 fn shell_application() -> ApplicationSpec {
-    builtin_application(flame_protocol::shell::APPLICATION, "flame-shell")
+    let mut spec = builtin_application(flame_protocol::shell::APPLICATION, "flame-shell");
+    spec.resources.memory_bytes = Some(flame_protocol::shell::MEMORY_DEFAULT_BYTES);
+    spec
 }
 
 /// A built-in application named `name` that runs `binary`, found next to this binary,

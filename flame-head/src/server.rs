@@ -4,6 +4,7 @@
 use crate::auth::{Authenticated, TokenBook, TokenLimits};
 use crate::certs::{CertBook, Presented};
 use crate::core::{Backfill, ConnId, Core, Event, LogTargets, WatchMsg};
+use crate::counted::{Counted, Permit};
 use crate::quotas::{Quota, QuotaBook, QuotaExceeded};
 use crate::store::{Store, StoreRequest, WriterEvent};
 use crate::tls::HeadIdentity;
@@ -132,6 +133,8 @@ struct Shared {
     quotas: QuotaBook,
     /// Per user with a connection open: its connections and its submit budget.
     users: Mutex<HashMap<String, UserEntry>>,
+    /// Log and exec streams each user holds to each node.
+    node_streams: Arc<crate::node_streams::NodeStreams>,
 }
 
 /// What the server counts for one user.
@@ -417,9 +420,11 @@ pub async fn serve(
         identity,
         quotas,
         users: Mutex::new(HashMap::new()),
+        node_streams: crate::node_streams::NodeStreams::new(),
     });
     let open = Arc::new(tokio::sync::Semaphore::new(CONNECTIONS_MAX));
     let unauthenticated = Arc::new(tokio::sync::Semaphore::new(UNAUTHENTICATED_MAX));
+    let per_address = Counted::<std::net::IpAddr>::new(limits::HANDSHAKES_PER_ADDRESS_MAX);
     let mut sweep = tokio::time::interval(TOKEN_SWEEP_INTERVAL);
     sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tokio::pin!(shutdown);
@@ -433,14 +438,23 @@ pub async fn serve(
                     let _ = incoming.retry();
                     continue;
                 }
+                // One address gets a share of the slots for connections being set up,
+                // never all of them; the address is validated, so it is the peer's own.
+                let remote = incoming.remote_address().ip().to_canonical();
+                let Ok(from_address) = per_address.try_acquire(&remote) else {
+                    tracing::debug!(%remote, "refusing a connection: {} from this address being set up", limits::HANDSHAKES_PER_ADDRESS_MAX);
+                    incoming.refuse();
+                    continue;
+                };
                 let (Ok(permit), Ok(pending)) = (
                     open.clone().try_acquire_owned(),
                     unauthenticated.clone().try_acquire_owned(),
                 ) else {
-                    tracing::warn!(remote = %incoming.remote_address(), "refusing a connection: {CONNECTIONS_MAX} open or {UNAUTHENTICATED_MAX} not yet authenticated");
+                    tracing::warn!(%remote, "refusing a connection: {CONNECTIONS_MAX} open or {UNAUTHENTICATED_MAX} not yet authenticated");
                     incoming.refuse();
                     continue;
                 };
+                let pending = Pending { _all: pending, _from_address: from_address };
                 let shared = shared.clone();
                 tokio::spawn(async move {
                     if let Err(e) = handle_connection(incoming, shared, pending).await {
@@ -474,10 +488,17 @@ enum ConnError {
     CoreGone,
 }
 
+/// A connection's place among those being set up, in all and from its address; given
+/// back when it is admitted or fails.
+struct Pending {
+    _all: tokio::sync::OwnedSemaphorePermit,
+    _from_address: Permit<std::net::IpAddr>,
+}
+
 async fn handle_connection(
     incoming: quinn::Incoming,
     shared: Arc<Shared>,
-    pending: tokio::sync::OwnedSemaphorePermit,
+    pending: Pending,
 ) -> Result<(), ConnError> {
     // The handshake, the hello stream and the hello within one bound: a slow peer is cut
     // off, whatever it trickles.
@@ -1095,9 +1116,13 @@ async fn client_stream(
             session,
             executor,
             follow,
-        } => logs_stream(shared, session, executor, follow, writer).await,
+        } => {
+            let user = stream_user(&shared, caller).await?;
+            logs_stream(shared, &user, session, executor, follow, writer).await
+        }
         ClientRequest::JobExec { job, node, argv } => {
-            exec_stream(shared, job, node, argv, writer).await
+            let user = stream_user(&shared, caller).await?;
+            exec_stream(shared, &user, job, node, argv, writer).await
         }
         ClientRequest::ListTasks {
             session,
@@ -1878,6 +1903,23 @@ async fn node_connection(
     Ok(())
 }
 
+/// Whom the streams a caller opens to nodes count against: its user, or for a job's
+/// credential the job's owner.
+async fn stream_user(shared: &Shared, caller: &Caller) -> Result<String, ConnError> {
+    Ok(match caller {
+        Caller::User(p) => p.name.clone(),
+        Caller::Job(job) => {
+            let job = *job;
+            ask(shared, |reply| Event::SessionOwner {
+                session: job,
+                reply,
+            })
+            .await?
+            .unwrap_or_else(|| format!("job {job}"))
+        }
+    })
+}
+
 /// `ClientRequest::Logs`: asks each node involved for its executors' logs on a stream of
 /// its own and forwards their frames as they come, several nodes at once; then `End`.
 /// A node that is not connected, or whose stream fails, becomes one
@@ -1888,6 +1930,7 @@ async fn node_connection(
 /// `follow`, one bound to it later is not added.
 async fn logs_stream(
     shared: Arc<Shared>,
+    user: &str,
     session: SessionId,
     executor: Option<ExecutorId>,
     follow: bool,
@@ -1918,8 +1961,22 @@ async fn logs_stream(
         }
         other => other,
     };
+    // One per target node, in order, once granted.
+    let mut permits = Vec::new();
     let targets = match targets {
         Ok(LogTargets::Now(targets)) => {
+            // Refused whole, before anything is opened, when a node is at the user's bound.
+            match shared
+                .node_streams
+                .acquire_all(user, targets.iter().map(|(node, _)| node.as_str()))
+            {
+                Ok(all) => permits = all,
+                Err(e) => {
+                    writer.write(&ClientResponse::Error(e)).await?;
+                    let _ = writer.get_mut().finish();
+                    return Ok(());
+                }
+            }
             writer.write(&ClientResponse::Ok).await?;
             targets
         }
@@ -1953,14 +2010,36 @@ async fn logs_stream(
     let (tx, mut rx) = mpsc::channel::<LogEvent>(LOG_EVENTS_BUFFERED_MAX);
     // Dropped on every return: aborts the readers, whose dropped streams stop the nodes.
     let mut readers = JoinSet::new();
+    let mut permits = permits.into_iter();
     for (node, executors) in targets {
+        // Each reader holds its node's permit until it ends. A node at the user's bound
+        // (possible for a job that started meanwhile) is unavailable, saying why.
+        let permit = match permits
+            .next()
+            .map_or_else(|| shared.node_streams.acquire(user, &node), Ok)
+        {
+            Ok(permit) => permit,
+            Err(e) => {
+                writer
+                    .write(&LogEvent::Unavailable {
+                        node,
+                        reason: e.message,
+                    })
+                    .await?;
+                continue;
+            }
+        };
         let conn = shared.node_connection(&node);
         let request = NodeLogRequest {
             session,
             executors,
             follow,
         };
-        readers.spawn(node_logs(node, conn, request, tx.clone()));
+        let tx = tx.clone();
+        readers.spawn(async move {
+            node_logs(node, conn, request, tx).await;
+            drop(permit);
+        });
     }
     drop(tx);
     // Until every reader is done, or the other side stops reading; dropping `readers`
@@ -2072,6 +2151,7 @@ pub const EXEC_ARGV_BYTES_MAX: usize = 512 * 1024;
 /// which kills the process on the node.
 async fn exec_stream(
     shared: Arc<Shared>,
+    user: &str,
     job: SessionId,
     node: String,
     argv: Vec<String>,
@@ -2122,6 +2202,15 @@ async fn exec_stream(
             .await?;
         let _ = writer.get_mut().finish();
         return Ok(());
+    };
+    // Held until the process ends or the client leaves (dropped on return).
+    let _permit = match shared.node_streams.acquire(user, &node) {
+        Ok(permit) => permit,
+        Err(e) => {
+            writer.write(&ClientResponse::Error(e)).await?;
+            let _ = writer.get_mut().finish();
+            return Ok(());
+        }
     };
     let request = NodeStreamRequest::Exec(NodeExecRequest {
         executor,

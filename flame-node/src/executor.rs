@@ -18,6 +18,7 @@ use flame_protocol::model::{
 };
 use flame_protocol::{limits, ExecutorId, SessionId};
 use flame_shims::node::{AppMessage, Invocation, NodeShim};
+use flame_shims::private_dir::PrivateDir;
 use flame_shims::unix::{connect_when_listening, SocketDir, ENV_SHIM_SOCKET};
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::path::PathBuf;
@@ -39,6 +40,13 @@ pub const PIPELINE_TASKS_MAX: usize = 64;
 /// Input bytes after which no further task joins the window; one task of any size always
 /// may.
 pub const PIPELINE_BYTES_MAX: usize = 4 * 1024 * 1024;
+
+/// Mode of an executor's working folder `exec-<id>`: only its user (and root) may enter.
+pub const WORK_DIR_MODE: u32 = 0o700;
+/// A batch rank's Open MPI hostfile in its working folder (`FLAME_HOSTFILE`).
+pub const HOSTFILE_NAME: &str = "hostfile";
+/// Mode of the hostfile, which belongs to the rank's user.
+pub const HOSTFILE_MODE: u32 = 0o600;
 
 /// What ended one wait of an executor's loop.
 enum Event {
@@ -210,7 +218,8 @@ pub fn spawn(
 struct Prepared {
     credentials: Option<Credentials>,
     cgroup: Option<ExecutorCgroup>,
-    work_dir: PathBuf,
+    /// `exec-<id>`, the executor user's: root reaches inside only through its handle.
+    work_dir: PrivateDir,
     socket_dir: Option<SocketDir>,
     log: LogSink,
     /// A batch rank's stderr, kept apart from its stdout (`log`) so the submitter can print
@@ -244,18 +253,19 @@ impl Prepared {
             ),
             ShimKind::Stdio | ShimKind::Unix => None,
         };
-        make_private_dir(&work_dir, owner).map_err(|e| {
-            format!(
-                "cannot create the working directory {}: {e}",
-                work_dir.display()
-            )
-        })?;
+        let work_dir = PrivateDir::create(
+            &settings.work_dir,
+            &format!("exec-{}", id.0),
+            WORK_DIR_MODE,
+            owner,
+        )
+        .map_err(|e| format!("cannot create the working directory: {e}"))?;
         let socket_dir = match app.shim {
             ShimKind::Stdio | ShimKind::Batch => None,
             ShimKind::Unix => match SocketDir::create(&settings.runtime_dir, id.0, owner) {
                 Ok(d) => Some(d),
                 Err(e) => {
-                    let _ = std::fs::remove_dir_all(&work_dir);
+                    let _ = work_dir.remove();
                     return Err(format!("cannot prepare the shim socket: {e}"));
                 }
             },
@@ -270,7 +280,7 @@ impl Prepared {
             Some(tree) => match tree.create(&format!("exec-{}", id.0), &limits) {
                 Ok(c) => Some(c),
                 Err(e) => {
-                    let _ = std::fs::remove_dir_all(&work_dir);
+                    let _ = work_dir.remove();
                     return Err(format!("cannot create the executor's cgroup: {e}"));
                 }
             },
@@ -362,10 +372,8 @@ impl Prepared {
                 tracing::warn!("cannot remove an executor's socket directory: {e}");
             }
         }
-        if let Err(e) = std::fs::remove_dir_all(&work_dir) {
-            if e.kind() != std::io::ErrorKind::NotFound {
-                tracing::warn!(dir = %work_dir.display(), "cannot remove an executor's working directory: {e}");
-            }
+        if let Err(e) = work_dir.remove() {
+            tracing::warn!(dir = %work_dir.path().display(), "cannot remove an executor's working directory: {e}");
         }
         drop(log);
         (reason, usage)
@@ -517,22 +525,6 @@ fn owner_uid_credentials(
     })
 }
 
-/// A directory only `owner` (and root) may enter, emptied of an earlier executor's files.
-fn make_private_dir(dir: &std::path::Path, owner: Option<(u32, u32)>) -> std::io::Result<()> {
-    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
-    match std::fs::remove_dir_all(dir) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(e),
-    }
-    std::fs::DirBuilder::new().mode(0o700).create(dir)?;
-    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
-    if let Some((uid, gid)) = owner {
-        std::os::unix::fs::chown(dir, Some(uid), Some(gid))?;
-    }
-    Ok(())
-}
-
 /// The executor's whole environment: a few basics from the node, the application's
 /// variables, then Flame's own (which the application cannot override).
 fn environment(
@@ -623,7 +615,7 @@ async fn drive(
         working_dir: app
             .working_dir
             .as_ref()
-            .map_or_else(|| prepared.work_dir.clone(), PathBuf::from),
+            .map_or_else(|| prepared.work_dir.path().to_path_buf(), PathBuf::from),
         credentials: prepared.credentials.clone(),
         cgroup: match prepared.cgroup.as_ref().map(ExecutorCgroup::procs_files) {
             None => None,
@@ -1021,23 +1013,32 @@ async fn run_rank(
         Ok(l) => l,
         Err(e) => return RankEnd::NotStarted(format!("malformed rank launch: {e}"), None),
     };
-    let hostfile = prepared.work_dir.join("hostfile");
-    if let Err(e) = write_owned(&hostfile, launch.hostfile.as_bytes(), &prepared.credentials) {
-        return RankEnd::NotStarted(
-            format!("cannot write the hostfile {}: {e}", hostfile.display()),
-            None,
-        );
+    // Into the rank's folder, which its user may have filled already: written only as a
+    // new file, through the folder's handle, never through a name found there.
+    let hostfile = prepared.work_dir.path().join(HOSTFILE_NAME);
+    let owner = prepared.credentials.as_ref().map(|c| (c.uid, c.gid));
+    if let Err(e) = prepared.work_dir.write_new(
+        HOSTFILE_NAME,
+        launch.hostfile.as_bytes(),
+        HOSTFILE_MODE,
+        owner,
+    ) {
+        return RankEnd::NotStarted(format!("cannot write the job's hostfile: {e}"), None);
     }
-    let mut env = environment(settings, spec, prepared);
+    // One value per name, the later source winning: the job's own variables (the
+    // submitter's, in `environment`) give way to the node's and then to the head's, so a
+    // user-set FLAME_LOCAL_WORLD_SIZE or FLAME_RANK is replaced, not shadowing them.
+    let mut env: BTreeMap<String, String> =
+        environment(settings, spec, prepared).into_iter().collect();
     env.extend(settings.job_env.iter().cloned());
     env.extend(launch.env.iter().cloned());
-    env.push(("FLAME_HOSTFILE".into(), hostfile.display().to_string()));
+    env.insert("FLAME_HOSTFILE".into(), hostfile.display().to_string());
     // Open MPI: `mpirun` takes the job's hostfile, and runs as root only when told so
     // (the node allows root executors only with --allow-root-executors).
-    env.push((
+    env.insert(
         "OMPI_MCA_orte_default_hostfile".into(),
         hostfile.display().to_string(),
-    ));
+    );
     // Open MPI names its session directory and shared-memory segments by host name: two
     // nodes on one machine (or sharing /tmp) would collide. The rank's private directory
     // keeps them apart, and goes with the rank. Not for `mpirun` itself: it hands its
@@ -1047,7 +1048,7 @@ async fn run_rank(
             "OMPI_MCA_orte_tmpdir_base",
             "OMPI_MCA_btl_vader_backing_directory",
         ] {
-            env.push((key.into(), prepared.work_dir.display().to_string()));
+            env.insert(key.into(), prepared.work_dir.path().display().to_string());
         }
     }
     let as_root = match &prepared.credentials {
@@ -1055,16 +1056,22 @@ async fn run_rank(
         None => nix::unistd::geteuid().is_root(),
     };
     if as_root {
-        env.push(("OMPI_ALLOW_RUN_AS_ROOT".into(), "1".into()));
-        env.push(("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM".into(), "1".into()));
+        env.insert("OMPI_ALLOW_RUN_AS_ROOT".into(), "1".into());
+        env.insert("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM".into(), "1".into());
     }
+    let env: Vec<(String, String)> = env.into_iter().collect();
     let working_dir = app
         .working_dir
         .as_ref()
-        .map_or_else(|| prepared.work_dir.clone(), PathBuf::from);
+        .map_or_else(|| prepared.work_dir.path().to_path_buf(), PathBuf::from);
     // A held rank starts nothing until Open MPI asks; the `mpirun` rank starts it, and
     // Open MPI may start this node's MPI processes as its children or ask for a daemon here
-    // too. Either way they run in this rank's allocation, which serve_rank keeps open.
+    // too. Either way they run in this rank's allocation, which serve_rank keeps open, and
+    // which grows to the node's share of the job before anything starts in it.
+    let mpi = launch.hold || launch.argv.is_some();
+    if mpi {
+        widen_to_local_ranks(prepared, spec.executor, local_ranks(&launch));
+    }
     let child = if launch.hold {
         None
     } else {
@@ -1094,7 +1101,10 @@ async fn run_rank(
                 settings,
                 spec.executor,
                 prepared,
-                env,
+                RankEnv {
+                    rank: env,
+                    head: &launch.env,
+                },
                 working_dir,
                 child,
                 kill,
@@ -1209,34 +1219,51 @@ fn spawn_in_rank(
         .map_err(SpawnError::Launch)
 }
 
-/// A rank of an `--mpi` job: registers itself so the head's exec requests (Open MPI's
-/// daemon) start in its allocation, widened to its node's share of the job, and serves
-/// them until `mpirun` (`child`, rank 0) exits or, holding (`None`), until the node kills
-/// it at the job's end.
-async fn serve_rank(
-    settings: &Settings,
-    id: ExecutorId,
-    prepared: &Prepared,
-    env: Vec<(String, String)>,
-    working_dir: PathBuf,
-    mut child: Option<tokio::process::Child>,
-    kill: &mut oneshot::Receiver<()>,
-) -> RankEnd {
-    // Open MPI's daemon here starts all of this node's MPI processes as its children, in
-    // this rank's cgroup: its limits grow to the node's share of the job (the other ranks
-    // here hold their room but run nothing).
-    let local_ranks = env
+/// Ranks of its job on this node, as the head counted them (`FLAME_LOCAL_WORLD_SIZE` of
+/// the rank's launch, which the head alone writes; never the environment, where the
+/// submitter may have set the same name), at least 1.
+fn local_ranks(launch: &flame_protocol::model::RankLaunch) -> u32 {
+    launch
+        .env
         .iter()
         .find(|(k, _)| k == "FLAME_LOCAL_WORLD_SIZE")
         .and_then(|(_, v)| v.parse::<u32>().ok())
         .unwrap_or(1)
-        .max(1);
+        .max(1)
+}
+
+/// Open MPI's daemon on a node starts all of that node's MPI processes as its children, in
+/// one rank's cgroup: that rank's limits grow to the node's share of the job (the other
+/// ranks here hold their room but run nothing).
+fn widen_to_local_ranks(prepared: &Prepared, id: ExecutorId, local_ranks: u32) {
     if let (Some(cgroup), true) = (&prepared.cgroup, local_ranks > 1) {
         let r = &prepared_resources(prepared, local_ranks);
         if let Err(e) = cgroup.raise_limits(r) {
-            tracing::warn!(executor = %id, "cannot widen a holding rank's cgroup: {e}");
+            tracing::warn!(executor = %id, "cannot widen an MPI rank's cgroup: {e}");
         }
     }
+}
+
+/// A rank's environment: all of it, and the head's part, which wins over what an exec
+/// request brings.
+struct RankEnv<'a> {
+    rank: Vec<(String, String)>,
+    head: &'a [(String, String)],
+}
+
+/// A rank of an `--mpi` job: registers itself so the head's exec requests (Open MPI's
+/// daemon) start in its allocation (already widened to its node's share of the job), and
+/// serves them until `mpirun` (`child`, rank 0) exits or, holding (`None`), until the node
+/// kills it at the job's end.
+async fn serve_rank(
+    settings: &Settings,
+    id: ExecutorId,
+    prepared: &Prepared,
+    env: RankEnv<'_>,
+    working_dir: PathBuf,
+    mut child: Option<tokio::process::Child>,
+    kill: &mut oneshot::Receiver<()>,
+) -> RankEnd {
     let (tx, mut rx) = mpsc::channel::<ExecStart>(RANK_EXEC_QUEUE);
     if let Ok(mut holds) = settings.rank_holds.lock() {
         holds.insert(id, tx);
@@ -1251,8 +1278,11 @@ async fn serve_rank(
                     let _ = request.started.send(Err("an empty command line".into()));
                     continue;
                 };
-                let mut all_env = env.clone();
+                // The request's variables (Open MPI's, from `mpirun`) over the rank's, and
+                // the head's over both: for a name given twice, the last one is used.
+                let mut all_env = env.rank.clone();
                 all_env.extend(request.env);
+                all_env.extend(env.head.iter().cloned());
                 let started = spawn_in_rank(
                     settings,
                     prepared,
@@ -1296,17 +1326,4 @@ fn prepared_resources(prepared: &Prepared, ranks: u32) -> Limits {
             .map(|m| m.saturating_mul(u64::from(ranks))),
         pids_max: None,
     }
-}
-
-/// Writes a small file readable by the rank's user.
-fn write_owned(
-    path: &std::path::Path,
-    bytes: &[u8],
-    credentials: &Option<Credentials>,
-) -> std::io::Result<()> {
-    std::fs::write(path, bytes)?;
-    if let Some(c) = credentials {
-        std::os::unix::fs::chown(path, Some(c.uid), Some(c.gid))?;
-    }
-    Ok(())
 }

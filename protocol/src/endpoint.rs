@@ -257,6 +257,27 @@ pub fn client(
     trust: &Trust,
     identity: Option<ClientIdentity>,
 ) -> Result<quinn::Endpoint, EndpointError> {
+    let config = client_config(trust, identity)?;
+    let bind: SocketAddr = ([0, 0, 0, 0, 0, 0, 0, 0], 0).into();
+    let mut endpoint = match quinn::Endpoint::client(bind) {
+        Ok(e) => e,
+        // Hosts without IPv6 fall back to an IPv4 socket.
+        Err(_) => {
+            let bind4: SocketAddr = ([0, 0, 0, 0], 0).into();
+            quinn::Endpoint::client(bind4)
+                .map_err(|cause| EndpointError::Bind { addr: bind4, cause })?
+        }
+    };
+    endpoint.set_default_client_config(config);
+    Ok(endpoint)
+}
+
+/// The QUIC client configuration of [`client`]: TLS 1.3 verifying the server by `trust`,
+/// presenting `identity` when given, Flame's ALPN and transport settings.
+pub fn client_config(
+    trust: &Trust,
+    identity: Option<ClientIdentity>,
+) -> Result<quinn::ClientConfig, EndpointError> {
     let builder = rustls::ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?;
     let builder = match trust {
@@ -284,18 +305,7 @@ pub fn client(
     let crypto = QuicClientConfig::try_from(tls).map_err(|e| EndpointError::Quic(e.to_string()))?;
     let mut config = quinn::ClientConfig::new(Arc::new(crypto));
     config.transport_config(transport());
-    let bind: SocketAddr = ([0, 0, 0, 0, 0, 0, 0, 0], 0).into();
-    let mut endpoint = match quinn::Endpoint::client(bind) {
-        Ok(e) => e,
-        // Hosts without IPv6 fall back to an IPv4 socket.
-        Err(_) => {
-            let bind4: SocketAddr = ([0, 0, 0, 0], 0).into();
-            quinn::Endpoint::client(bind4)
-                .map_err(|cause| EndpointError::Bind { addr: bind4, cause })?
-        }
-    };
-    endpoint.set_default_client_config(config);
-    Ok(endpoint)
+    Ok(config)
 }
 
 /// The certificate the peer presented, which TLS verified against the CA the endpoint
@@ -450,8 +460,22 @@ pub struct Greeted {
     pub head_version: String,
 }
 
+/// First pause before connecting again after the head refused a connection for lack of
+/// room (QUIC `CONNECTION_REFUSED`: too many connections being set up, from everyone or
+/// from one address); the pause doubles up to [`CONNECT_REFUSED_PAUSE_MAX`].
+pub const CONNECT_REFUSED_PAUSE_MIN: Duration = Duration::from_millis(50);
+/// Longest pause between two attempts after refusals.
+pub const CONNECT_REFUSED_PAUSE_MAX: Duration = Duration::from_millis(800);
+
 /// Connects to the head at `addr`, verifies it against the endpoint's CA, and exchanges the
 /// hello. Everything, name resolution included, is bounded by `timeout`.
+///
+/// A head at its limit of connections being set up refuses new ones before any TLS work
+/// (QUIC `CONNECTION_REFUSED`): such a refusal is tried again, after pauses from
+/// [`CONNECT_REFUSED_PAUSE_MIN`] doubling to [`CONNECT_REFUSED_PAUSE_MAX`], until
+/// `timeout` has passed; the error then says how many attempts were refused. Every other
+/// failure is final at once. A refusal of the hello ([`EndpointError::Refused`]: the
+/// credentials) is not retried either.
 ///
 /// `token` goes in the hello: a user token for [`Role::Client`], a join token for
 /// [`Role::Join`], none for a node (its certificate speaks for it).
@@ -463,19 +487,63 @@ pub async fn connect(
     token: Option<&Secret>,
     timeout: Duration,
 ) -> Result<Greeted, EndpointError> {
-    match tokio::time::timeout(
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut pause = CONNECT_REFUSED_PAUSE_MIN;
+    let mut refused = 0u32;
+    let unreachable = |reason: String| EndpointError::Unreachable {
+        addr: addr.to_string(),
         timeout,
-        connect_inner(endpoint, addr, role, agent, token, timeout),
-    )
-    .await
-    {
-        Ok(r) => r,
-        Err(_) => Err(EndpointError::Unreachable {
-            addr: addr.to_string(),
-            timeout,
-            reason: "timed out".into(),
-        }),
+        reason,
+    };
+    let busy = |refused: u32| {
+        unreachable(format!(
+            "the head refused all {refused} attempts: it is busy setting up other \
+             connections (at its limit in all, or for this address)"
+        ))
+    };
+    loop {
+        let attempt = tokio::time::timeout_at(
+            deadline,
+            connect_inner(endpoint, addr, role, agent, token, timeout),
+        )
+        .await;
+        match attempt {
+            Ok(Ok(greeted)) => return Ok(greeted),
+            Ok(Err(Attempt::Failed(e))) => return Err(e),
+            Ok(Err(Attempt::Refused)) => {
+                refused += 1;
+                if tokio::time::Instant::now() + pause >= deadline {
+                    return Err(busy(refused));
+                }
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(CONNECT_REFUSED_PAUSE_MAX);
+            }
+            Err(_) if refused > 0 => return Err(busy(refused)),
+            Err(_) => return Err(unreachable("timed out".into())),
+        }
     }
+}
+
+/// How one connection attempt failed.
+enum Attempt {
+    /// The head refused the connection before its handshake (no room): worth another try.
+    Refused,
+    Failed(EndpointError),
+}
+
+impl From<EndpointError> for Attempt {
+    fn from(e: EndpointError) -> Self {
+        Attempt::Failed(e)
+    }
+}
+
+/// Whether the head refused a connection for lack of room (its accept loop's `refuse`).
+fn is_refusal(e: &quinn::ConnectionError) -> bool {
+    matches!(
+        e,
+        quinn::ConnectionError::ConnectionClosed(close)
+            if close.error_code == quinn::TransportErrorCode::CONNECTION_REFUSED
+    )
 }
 
 async fn connect_inner(
@@ -485,7 +553,7 @@ async fn connect_inner(
     agent: &str,
     token: Option<&Secret>,
     timeout: Duration,
-) -> Result<Greeted, EndpointError> {
+) -> Result<Greeted, Attempt> {
     let (host, port) = split_host_port(addr)?;
     let unreachable = |reason: String| EndpointError::Unreachable {
         addr: addr.to_string(),
@@ -522,7 +590,13 @@ async fn connect_inner(
         .connect(target, &server_name)
         .map_err(|e| unreachable(e.to_string()))?
         .await
-        .map_err(|e| unreachable(e.to_string()))?;
+        .map_err(|e| {
+            if is_refusal(&e) {
+                Attempt::Refused
+            } else {
+                Attempt::Failed(unreachable(e.to_string()))
+            }
+        })?;
     let handshake = |cause: FrameError| EndpointError::Handshake {
         addr: addr.to_string(),
         cause,
@@ -552,10 +626,10 @@ async fn connect_inner(
             recv,
             head_version,
         }),
-        HelloReply::Refused { reason } => Err(EndpointError::Refused {
+        HelloReply::Refused { reason } => Err(Attempt::Failed(EndpointError::Refused {
             addr: addr.to_string(),
             reason,
-        }),
+        })),
     }
 }
 
@@ -757,6 +831,99 @@ mod tests {
         std::fs::write(&key, &other.client_key_pem).unwrap();
         let stranger = load_identity(&cert, &key).unwrap();
         assert!(handshake(&pki, &trust, Some(stranger)).await.is_err());
+    }
+
+    /// A server that refuses its first `refusals` connections (as the head does when it
+    /// is at its limit of connections being set up), then welcomes the next hello.
+    fn refusing_server(
+        pki: &TestPki,
+        refusals: usize,
+    ) -> (SocketAddr, tokio::task::JoinHandle<()>) {
+        let server = server(
+            ([127, 0, 0, 1], 0).into(),
+            pki.server_chain.clone(),
+            pki.server_key.clone_key(),
+            &[7; RESET_KEY_BYTES],
+            pki.ca.clone(),
+        )
+        .unwrap();
+        let addr = server.local_addr().unwrap();
+        let task = tokio::spawn(async move {
+            let mut refused = 0;
+            while let Some(incoming) = server.accept().await {
+                if refused < refusals {
+                    refused += 1;
+                    incoming.refuse();
+                    continue;
+                }
+                let Ok(conn) = incoming.await else { continue };
+                let Ok((send, recv)) = conn.accept_bi().await else {
+                    continue;
+                };
+                let mut reader = FrameReader::new(recv, limits::FRAME_BYTES_MAX);
+                let mut writer = FrameWriter::new(send, limits::FRAME_BYTES_MAX);
+                if reader.read_required::<Hello>().await.is_ok() {
+                    let welcome = HelloReply::Welcome {
+                        head_version: "test".into(),
+                    };
+                    let _ = writer.write(&welcome).await;
+                }
+                // Keeps the connection until the client is done with it.
+                conn.closed().await;
+            }
+        });
+        (addr, task)
+    }
+
+    #[tokio::test]
+    async fn a_refused_connection_is_tried_again_within_the_timeout() {
+        let pki = test_pki();
+        let dir = tempfile::tempdir().unwrap();
+        let ca_file = dir.path().join("ca.crt");
+        std::fs::write(&ca_file, &pki.ca_pem).unwrap();
+        let trust = Trust::CaFile(ca_file);
+        let endpoint = client(&trust, None).unwrap();
+
+        // Refused three times, then welcomed: the fourth attempt gets through.
+        let (addr, server) = refusing_server(&pki, 3);
+        let head = format!("localhost:{}", addr.port());
+        let greeted = connect(
+            &endpoint,
+            &head,
+            Role::Client,
+            "test",
+            None,
+            Duration::from_secs(10),
+        )
+        .await
+        .unwrap();
+        assert_eq!(greeted.head_version, "test");
+        greeted
+            .connection
+            .close(quinn::VarInt::from_u32(0), b"done");
+        server.abort();
+
+        // Refused every time: the error comes at the timeout and says what happened.
+        let (addr, server) = refusing_server(&pki, usize::MAX);
+        let head = format!("localhost:{}", addr.port());
+        let timeout = Duration::from_secs(1);
+        let err = connect(&endpoint, &head, Role::Client, "test", None, timeout)
+            .await
+            .unwrap_err();
+        let text = err.to_string();
+        assert!(
+            matches!(err, EndpointError::Unreachable { .. }) && text.contains("busy"),
+            "{text}"
+        );
+        // More than the first attempt was made.
+        let attempts: u32 = text
+            .split("the head refused all ")
+            .nth(1)
+            .and_then(|rest| rest.split(' ').next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("no count of attempts: {text}"));
+        assert!(attempts >= 2, "{text}");
+        server.abort();
     }
 
     #[test]

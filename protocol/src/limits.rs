@@ -52,3 +52,16 @@ pub const HEAD_SILENCE_MAX: Duration = Duration::from_secs(30);
 /// the hello, so that a flood of unauthenticated connections holds little memory. The head
 /// raises it once the peer is known.
 pub const UNAUTHENTICATED_RECEIVE_WINDOW: u32 = 64 * 1024;
+
+/// Streams one user may hold open from the head to one node at once: `flame logs` (one
+/// per node it reads) and `JobExec` (one per process it runs). A node takes at most
+/// [`STREAMS_PER_CONNECTION_MAX`] from the head for everyone, so no one user may take
+/// them all; more are refused, naming this bound.
+pub const NODE_STREAMS_PER_USER_MAX: u32 = 16;
+
+/// Connections from one source address that the head sets up at once (between their
+/// address validation and their admission: TLS handshake and hello). More from that
+/// address are refused before any TLS work, so one address cannot take the head's slots
+/// for connections being set up (256) from everyone else; refused clients try again
+/// within their connect timeout.
+pub const HANDSHAKES_PER_ADDRESS_MAX: u32 = 32;

@@ -603,6 +603,11 @@ pub fn job_of_application(name: &str) -> Option<SessionId> {
         .map(SessionId)
 }
 
+/// Memory limit of each rank of a job that names none (`flame submit --mem-per-rank`
+/// raises or lowers it): a rank is never without a memory limit, and its node's memory
+/// is booked for it.
+pub const JOB_MEMORY_PER_RANK_DEFAULT_BYTES: u64 = 1 << 30;
+
 /// Most ranks one batch job may have.
 pub const JOB_RANKS_MAX: u32 = 65_536;
 /// Longest time limit a job may ask for (30 days).
@@ -627,7 +632,8 @@ pub struct JobSpec {
     pub ranks: u32,
     /// Exactly this many ranks on each node used, when set.
     pub ranks_per_node: Option<u32>,
-    /// What each rank needs and is limited to.
+    /// What each rank needs and is limited to; memory, when not given, is
+    /// [`JOB_MEMORY_PER_RANK_DEFAULT_BYTES`].
     pub resources: Resources,
     /// The job is stopped when its ranks run longer than this.
     pub time_limit_ms: Option<u64>,
@@ -664,7 +670,14 @@ impl JobSpec {
                 .map(|(k, v)| (k.clone(), EnvValue::plain(v.clone())))
                 .collect(),
             working_dir: self.working_dir.clone(),
-            resources: self.resources,
+            resources: Resources {
+                memory_bytes: Some(
+                    self.resources
+                        .memory_bytes
+                        .unwrap_or(JOB_MEMORY_PER_RANK_DEFAULT_BYTES),
+                ),
+                ..self.resources
+            },
             max_instances: self.ranks,
             delay_release_ms: 0,
             max_attempts: 1,

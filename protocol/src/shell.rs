@@ -23,6 +23,11 @@ use std::fmt;
 /// The name under which the head registers `flame-shell`.
 pub const APPLICATION: &str = "shell";
 
+/// Memory limit of each executor of the built-in [`APPLICATION`] as the head registers
+/// it: a line's command is never without one. An admin raises it by registering
+/// `shell` again with more (`flame app register`).
+pub const MEMORY_DEFAULT_BYTES: u64 = 1 << 30;
+
 /// Version of the encoding of [`ShellCommand`] and [`ShellOutput`].
 pub const FORMAT_VERSION: u32 = 1;
 

@@ -22,6 +22,7 @@
 //! application to listen, and the application waiting for the node to connect.
 
 pub mod node;
+pub mod private_dir;
 pub mod service;
 pub mod unix;
 
@@ -78,6 +79,11 @@ pub enum ShimError {
         /// What the operating system said.
         source: std::io::Error,
     },
+    /// The executor's private socket folder, or the socket in it, is not what the node
+    /// made or expects (a link planted in its place, a socket of someone else), or a step
+    /// on it failed; nothing outside the folder was touched.
+    #[error("shim socket folder: {0}")]
+    PrivateDir(#[from] private_dir::PrivateDirError),
     /// A socket path does not fit in `sockaddr_un` (see
     /// [`unix::SOCKET_PATH_BYTES_MAX`]).
     #[error("shim socket path {} is {len} bytes, over the limit of {max}", path.display())]

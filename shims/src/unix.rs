@@ -27,13 +27,14 @@
 //! The application's side is [`crate::service::run`] (Rust) and
 //! `shims/python/flame_service.py` (Python); `docs/shim-protocol.md` is normative.
 
+use crate::private_dir::{proc_path, PrivateDir};
 use crate::ShimError;
 use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify};
 use std::future::Future;
 use std::io::ErrorKind;
 use std::os::fd::{AsFd, AsRawFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 use tokio::io::unix::AsyncFd;
@@ -66,11 +67,11 @@ const CONNECT_RETRY_FIRST: Duration = Duration::from_millis(2);
 const CONNECT_RETRY_MAX: Duration = Duration::from_millis(100);
 
 /// A private directory for one executor's socket, `<runtime>/exec-<id>/`, mode 0700 and
-/// owned by the application's user. Removed with its contents when dropped (or by
-/// [`remove`](Self::remove), which reports failures).
+/// owned by the application's user (a [`PrivateDir`]). Removed with its contents when
+/// dropped (or by [`remove`](Self::remove), which reports failures).
 #[derive(Debug)]
 pub struct SocketDir {
-    dir: PathBuf,
+    dir: PrivateDir,
     socket: PathBuf,
     /// False once removed, so that drop does nothing more.
     armed: bool,
@@ -80,7 +81,7 @@ impl SocketDir {
     /// Creates `<runtime_dir>/exec-<executor_id>/` (and `runtime_dir` if missing) with mode
     /// 0700, and gives it to `owner` (`(uid, gid)`) when one is given: the node runs as root
     /// and the application as someone else. A directory left by an earlier executor of the
-    /// same id is removed first.
+    /// same id is removed first. No step follows a link (see [`PrivateDir::create`]).
     ///
     /// Fails with [`ShimError::SocketPathTooLong`] when the socket path would not fit in a
     /// socket address, so that the mistake shows here and not as a bind error in the
@@ -90,8 +91,8 @@ impl SocketDir {
         executor_id: u64,
         owner: Option<(u32, u32)>,
     ) -> Result<Self, ShimError> {
-        let dir = runtime_dir.join(format!("exec-{executor_id}"));
-        let socket = dir.join(SOCKET_FILE_NAME);
+        let name = format!("exec-{executor_id}");
+        let socket = runtime_dir.join(&name).join(SOCKET_FILE_NAME);
         let len = socket.as_os_str().as_bytes().len();
         if len > SOCKET_PATH_BYTES_MAX {
             return Err(ShimError::SocketPathTooLong {
@@ -100,37 +101,21 @@ impl SocketDir {
                 max: SOCKET_PATH_BYTES_MAX,
             });
         }
-        let at = |path: &Path| {
-            let path = path.to_path_buf();
-            move |source| ShimError::Socket { path, source }
-        };
-        std::fs::create_dir_all(runtime_dir).map_err(at(runtime_dir))?;
-        match std::fs::remove_dir_all(&dir) {
-            Ok(()) => {}
-            Err(e) if e.kind() == ErrorKind::NotFound => {}
-            Err(e) => return Err(at(&dir)(e)),
-        }
-        std::fs::DirBuilder::new()
-            .mode(SOCKET_DIR_MODE)
-            .create(&dir)
-            .map_err(at(&dir))?;
-        let made = SocketDir {
+        std::fs::create_dir_all(runtime_dir).map_err(|source| ShimError::Socket {
+            path: runtime_dir.to_path_buf(),
+            source,
+        })?;
+        let dir = PrivateDir::create(runtime_dir, &name, SOCKET_DIR_MODE, owner)?;
+        Ok(SocketDir {
             dir,
             socket,
             armed: true,
-        };
-        // The mode given to mkdir is filtered by the umask; set it exactly.
-        std::fs::set_permissions(&made.dir, std::fs::Permissions::from_mode(SOCKET_DIR_MODE))
-            .map_err(at(&made.dir))?;
-        if let Some((uid, gid)) = owner {
-            std::os::unix::fs::chown(&made.dir, Some(uid), Some(gid)).map_err(at(&made.dir))?;
-        }
-        Ok(made)
+        })
     }
 
     /// The private directory.
     pub fn dir(&self) -> &Path {
-        &self.dir
+        self.dir.path()
     }
 
     /// The socket path to hand the application in [`ENV_SHIM_SOCKET`].
@@ -142,14 +127,10 @@ impl SocketDir {
     /// silently).
     pub fn remove(mut self) -> Result<(), ShimError> {
         self.armed = false;
-        match std::fs::remove_dir_all(&self.dir) {
-            Ok(()) => Ok(()),
-            Err(e) if e.kind() == ErrorKind::NotFound => Ok(()),
-            Err(source) => Err(ShimError::Socket {
-                path: self.dir.clone(),
-                source,
-            }),
-        }
+        self.dir.remove().map_err(|source| ShimError::Socket {
+            path: self.dir.path().to_path_buf(),
+            source,
+        })
     }
 }
 
@@ -157,13 +138,20 @@ impl Drop for SocketDir {
     fn drop(&mut self) {
         if self.armed {
             // Best effort: a leftover directory holds nothing but a dead socket.
-            let _ = std::fs::remove_dir_all(&self.dir);
+            let _ = self.dir.remove();
         }
     }
 }
 
 /// Waits until the application listens on `socket`, connects, and restricts the socket file
 /// to its owner (mode 0600).
+///
+/// The node runs as root and the socket's folder belongs to the application's user, who
+/// may put anything under the socket's name: a link to a root daemon's socket, say. So the
+/// name is opened without following it ([`PrivateDir::open_socket`]), accepted only as a
+/// socket owned by the folder's owner, and both the connection and the mode change go to
+/// that inode through `/proc/self/fd/N`. Anything else there fails the wait with
+/// [`ShimError::PrivateDir`], naming what was found.
 ///
 /// The wait is event-driven: an inotify watch on the socket's directory wakes it when the
 /// file appears, with no polling. A connection refused (`ECONNREFUSED`: the file exists but
@@ -193,15 +181,28 @@ pub async fn connect_when_listening<F: Future>(
         Some(dir) if !dir.as_os_str().is_empty() => dir,
         _ => Path::new("."),
     };
+    let name = socket
+        .file_name()
+        .and_then(|n| n.to_str())
+        .ok_or_else(|| socket_err(std::io::Error::from(ErrorKind::InvalidInput)))?;
+    let folder = PrivateDir::open_existing(dir)?;
     // The watch is in place before the first attempt, so a socket created in between
     // still wakes the wait below.
     let mut watch = DirWatch::new(dir)?;
     let attempts = async {
         let mut pause = CONNECT_RETRY_FIRST;
         loop {
-            match UnixStream::connect(socket).await {
-                Ok(stream) => return Ok(stream),
-                Err(e) if e.kind() == ErrorKind::NotFound => watch.changed().await?,
+            let inode = match folder.open_socket(name) {
+                Ok(fd) => fd,
+                Err(e) if e.is_not_found() => {
+                    watch.changed().await?;
+                    continue;
+                }
+                Err(e) => return Err(ShimError::from(e)),
+            };
+            let at = proc_path(inode.as_fd());
+            match UnixStream::connect(&at).await {
+                Ok(stream) => return Ok((stream, inode)),
                 // Not listening yet (or its backlog is full): a short pause, not a watch,
                 // because no file event marks the moment `listen` is called.
                 Err(e)
@@ -215,7 +216,7 @@ pub async fn connect_when_listening<F: Future>(
             }
         }
     };
-    let stream = tokio::select! {
+    let (stream, inode) = tokio::select! {
         biased;
         connected = tokio::time::timeout_at(deadline, attempts) => match connected {
             Ok(connected) => connected?,
@@ -233,13 +234,13 @@ pub async fn connect_when_listening<F: Future>(
         }
     };
     // The directory is private already; this keeps the socket private should the directory
-    // ever be opened up. An application that removed the file after accepting leaves nothing
-    // to protect.
-    match std::fs::set_permissions(socket, std::fs::Permissions::from_mode(SOCKET_FILE_MODE)) {
-        Ok(()) => {}
-        Err(e) if e.kind() == ErrorKind::NotFound => {}
-        Err(e) => return Err(socket_err(e)),
-    }
+    // ever be opened up. Through the descriptor: the inode checked above, whatever the
+    // name points to by now.
+    std::fs::set_permissions(
+        proc_path(inode.as_fd()),
+        std::fs::Permissions::from_mode(SOCKET_FILE_MODE),
+    )
+    .map_err(socket_err)?;
     Ok(stream)
 }
 
@@ -363,7 +364,11 @@ mod tests {
         .await
         .unwrap_err();
         assert!(
-            matches!(&e, ShimError::Socket { path, .. } if path == &runtime.path().join("absent")),
+            matches!(
+                &e,
+                ShimError::PrivateDir(crate::private_dir::PrivateDirError::Io { path, .. })
+                    if path == &runtime.path().join("absent")
+            ),
             "{e:?}"
         );
     }

@@ -653,6 +653,12 @@ impl Cluster {
         self.network_mut().heal(i).await;
     }
 
+    /// A host of its own on the cluster's subnet (see [`Network::add_host`]); needs a
+    /// cluster started with `network_namespaces()`.
+    pub fn add_network_host(&mut self, what: &str) -> &Namespace {
+        self.network_mut().add_host(what)
+    }
+
     fn network_mut(&mut self) -> &mut Network {
         self.net
             .as_mut()

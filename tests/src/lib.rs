@@ -5,6 +5,8 @@
 //!   is ready (a stdout line, never a sleep), and kills them all when dropped. It can kill
 //!   a node, and (in namespaces) partition one from the head and heal it.
 //! * [`netns`] makes the namespaces and links, and the firewall drops of a partition.
+//! * [`half_open`] floods a head with QUIC handshakes that pass its address validation and
+//!   then go silent.
 //! * [`client_thread`] runs client code on a thread that can reach a head in a namespace.
 //! * [`command`] runs a binary of the workspace with a bound and captures its output.
 //! * [`results`] drains a session's results and checks them; [`recorder`] records every
@@ -32,6 +34,7 @@ pub mod client_thread;
 pub mod cluster;
 pub mod command;
 pub mod logging_service;
+pub mod half_open;
 pub mod netns;
 pub mod prerequisites;
 pub mod procfs;

@@ -42,6 +42,11 @@ const NAME_PREFIX: &str = "flame-e2e-";
 pub const HEAD_ADDR: Ipv4Addr = Ipv4Addr::new(10, 47, 0, 1);
 /// The host part of node 0's address.
 const NODE_HOST_FIRST: u8 = 10;
+/// The host part of the first extra host's address ([`Network::add_host`]), above the
+/// nodes' range.
+const EXTRA_HOST_FIRST: u8 = 230;
+/// Most extra hosts one network holds.
+pub const EXTRA_HOSTS_MAX: usize = 20;
 /// Prefix length of the cluster's subnet.
 const PREFIX_LEN: u8 = 24;
 /// Most nodes one network holds: their addresses must stay in the /24.
@@ -142,6 +147,8 @@ pub fn enter_thread(handle: impl AsFd) -> nix::Result<()> {
 pub struct Network {
     nodes: Vec<Namespace>,
     head: Option<Namespace>,
+    /// Hosts that are neither head nor node: another client, a flooder.
+    extra: Vec<Namespace>,
     /// `partitioned[i]`: node i's namespace holds the partition table.
     partitioned: Vec<bool>,
 }
@@ -161,6 +168,7 @@ impl Network {
         let mut network = Network {
             nodes: Vec::with_capacity(nodes),
             head: None,
+            extra: Vec::new(),
             partitioned: vec![false; nodes],
         };
         let head = add_namespace(format!("{base}head"), HEAD_ADDR);
@@ -173,20 +181,26 @@ impl Network {
         for i in 0..nodes {
             let host = NODE_HOST_FIRST + u8::try_from(i).expect("NODES_MAX bounds i");
             let node = add_namespace(format!("{base}node{i}"), Ipv4Addr::new(10, 47, 0, host));
-            let (name, addr) = (node.name.clone(), node.addr);
+            join_bridge(&h, &node, &format!("n{i}"));
             network.nodes.push(node);
-            let port = format!("n{i}");
-            ip(&["-n", &name, "link", "set", "lo", "up"]);
-            // Made in the head's namespace with its peer put straight into the node's.
-            ip(&[
-                "-n", &h, "link", "add", &port, "type", "veth", "peer", "name", "eth0", "netns",
-                &name,
-            ]);
-            ip(&["-n", &h, "link", "set", &port, "master", "br0", "up"]);
-            ip(&["-n", &name, "addr", "add", &cidr(addr), "dev", "eth0"]);
-            ip(&["-n", &name, "link", "set", "eth0", "up"]);
         }
         network
+    }
+
+    /// Adds a host on the cluster's subnet that is neither head nor node (another client,
+    /// a flooder): a namespace of its own named `...-<what>`, joined to the bridge, with
+    /// the next address from 10.47.0.230.
+    pub fn add_host(&mut self, what: &str) -> &Namespace {
+        let k = self.extra.len();
+        assert!(k < EXTRA_HOSTS_MAX, "at most {EXTRA_HOSTS_MAX} extra hosts");
+        let host = EXTRA_HOST_FIRST + u8::try_from(k).expect("EXTRA_HOSTS_MAX bounds k");
+        let head = self.head().name.clone();
+        let base = head.strip_suffix("head").unwrap_or(&head).to_string();
+        let ns = add_namespace(format!("{base}{what}"), Ipv4Addr::new(10, 47, 0, host));
+        self.extra.push(ns);
+        let ns = &self.extra[k];
+        join_bridge(&head, ns, &format!("x{k}"));
+        ns
     }
 
     pub fn head(&self) -> &Namespace {
@@ -250,10 +264,29 @@ impl Network {
 
 impl Drop for Network {
     fn drop(&mut self) {
-        for ns in self.nodes.iter().chain(self.head.as_ref()) {
+        for ns in self
+            .nodes
+            .iter()
+            .chain(&self.extra)
+            .chain(self.head.as_ref())
+        {
             delete_namespace(&ns.name);
         }
     }
+}
+
+/// Joins `ns` to the bridge in the head's namespace `head` through a veth pair whose end
+/// in the head's namespace is `port`; brings its loopback and `eth0` up with its address.
+fn join_bridge(head: &str, ns: &Namespace, port: &str) {
+    let name = ns.name.as_str();
+    ip(&["-n", name, "link", "set", "lo", "up"]);
+    // Made in the head's namespace with its peer put straight into the other one.
+    ip(&[
+        "-n", head, "link", "add", port, "type", "veth", "peer", "name", "eth0", "netns", name,
+    ]);
+    ip(&["-n", head, "link", "set", port, "master", "br0", "up"]);
+    ip(&["-n", name, "addr", "add", &cidr(ns.addr), "dev", "eth0"]);
+    ip(&["-n", name, "link", "set", "eth0", "up"]);
 }
 
 fn cidr(addr: Ipv4Addr) -> String {

@@ -23,7 +23,7 @@ pub struct SubmitArgs {
     /// cpus per rank (e.g. 0.5) [default: 1]
     #[arg(long, value_name = "C", conflicts_with = "each")]
     pub cpus_per_rank: Option<String>,
-    /// Memory limit per rank (e.g. 512MiB) [default: none]
+    /// Memory limit per rank, also booked on its node (e.g. 512MiB, 8GiB) [default: 1GiB]
     #[arg(long, value_name = "M", conflicts_with = "each")]
     pub mem_per_rank: Option<String>,
     /// GPUs per rank

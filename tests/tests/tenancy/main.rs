@@ -5,6 +5,7 @@
 
 mod identity;
 mod logs;
+mod rank_limits;
 
 use flame_client::Client;
 use flame_tests::Cluster;
