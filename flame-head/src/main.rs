@@ -10,9 +10,9 @@ mod config;
 mod core;
 mod counted;
 mod failpoints;
-mod quotas;
-mod owner_uids;
 mod node_streams;
+mod owner_uids;
+mod quotas;
 mod scheduler;
 #[cfg(test)]
 mod scheduler_sim;

@@ -23,8 +23,11 @@ use flame_protocol::model::{ApiError, ErrorKind};
 use serde::Deserialize;
 use std::collections::{BTreeMap, HashMap};
 
-/// Default of [`Quotas::open_sessions`].
-pub const OPEN_SESSIONS_DEFAULT: u64 = 64;
+/// Default of [`Quotas::open_sessions`]. An open session without tasks costs the head a
+/// few KiB (its tasks and bytes count against their own quotas), and real workloads open
+/// many at once (`flame bench`'s `sessions` case opens 100), so this bounds the count, not
+/// the memory.
+pub const OPEN_SESSIONS_DEFAULT: u64 = 1_024;
 /// Default of [`Quotas::pending_tasks`]: ~100 MB of the core's bookkeeping at most.
 pub const PENDING_TASKS_DEFAULT: u64 = 1_000_000;
 /// Default of [`Quotas::input_bytes`].

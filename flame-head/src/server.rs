@@ -2289,7 +2289,6 @@ mod tests {
         out
     }
 
-
     #[test]
     fn stall_meter_tells_a_stall_from_the_loop_cadence() {
         let start = std::time::Instant::now();

@@ -1063,10 +1063,7 @@ mod tests {
             .unwrap();
         store.reopen().unwrap();
         // The other handle reads the reopened file; writes go on.
-        assert_eq!(
-            reader.batch(SessionId(1), 1).unwrap(),
-            Some((TaskId(1), 1))
-        );
+        assert_eq!(reader.batch(SessionId(1), 1).unwrap(), Some((TaskId(1), 1)));
         store.probe().unwrap();
         store.probe().unwrap();
         store

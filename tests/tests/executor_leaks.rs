@@ -75,7 +75,8 @@ fn footprint(cluster: &Cluster, cgroups: Option<&NodeCgroups>, marker: &str) -> 
             })
             .unwrap_or_default(),
         fds: procfs::fds(pid).unwrap(),
-        run_entries: entries(&cluster.node_run_dir(0), ""),
+        // The node's own public copy of the cluster CA (for ranks) lives there too.
+        run_entries: entries(&cluster.node_run_dir(0), "exec-"),
         work_entries: entries(&cluster.node_work_dir(0), "exec-"),
         zombies: procfs::zombie_children(pid),
         services: procfs::with_cmdline_containing(marker),
