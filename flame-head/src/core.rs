@@ -3363,6 +3363,16 @@ impl Core {
                 let Some(spec) = self.apps.get(&application).cloned() else {
                     return;
                 };
+                // Sessions are checked against the application's users and groups when
+                // they open; an admin may have narrowed them since (or a store upgrade did):
+                // no executor is launched for an owner the application no longer allows.
+                let groups = &self.config.groups;
+                let in_group =
+                    |g: &str| groups.get(g).is_some_and(|m| m.iter().any(|u| *u == owner));
+                if !spec.allows(&owner, in_group) {
+                    tracing::warn!(app = %spec.name, %owner, "launch skipped: the application no longer allows this owner");
+                    return;
+                }
                 // The owner's uid must be durable before a launch uses it.
                 let Some(uid) = self.owner_uid(&owner) else {
                     return;
@@ -3411,16 +3421,24 @@ impl Core {
                     });
             }
             Decision::Bind { executor, session } => {
-                let Some(common_data) = self
+                let Some((common_data, owner)) = self
                     .sessions
                     .get(&session)
-                    .map(|s| s.stored.common_data.clone())
+                    .map(|s| (s.stored.common_data.clone(), owner_name(&s.stored.owner)))
                 else {
                     return;
                 };
                 let Some(e) = self.executors.get_mut(&executor) else {
                     return;
                 };
+                // The scheduler pools executors per owner; this holds it where it matters,
+                // whatever a future planner does: an executor never enters another owner's
+                // session.
+                if e.owner != owner {
+                    tracing::error!(%executor, %session, executor_owner = %e.owner, %owner, "refused a bind across owners");
+                    debug_assert!(false, "the planner bound an executor across owners");
+                    return;
+                }
                 e.phase = ExecutorPhase::Binding;
                 e.session = Some(session);
                 self.node_out

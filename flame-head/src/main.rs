@@ -203,17 +203,14 @@ async fn run(mut args: config::Args) -> anyhow::Result<()> {
         ca_file = %tls::ca_cert_path(&config.data_dir).display(),
         "flame-head ready"
     );
-    server::serve(
-        endpoint,
-        events,
+    let state = server::ServerState {
         store,
         tokens,
         certs,
-        std::sync::Arc::new(identity),
-        config.quotas.clone(),
-        shutdown_signal(),
-    )
-    .await;
+        identity: std::sync::Arc::new(identity),
+        quotas: config.quotas.clone(),
+    };
+    server::serve(endpoint, events, state, shutdown_signal()).await;
     core_task.abort();
     tracing::info!("flame-head stopped");
     Ok(())

@@ -169,9 +169,20 @@ impl Drop for UserSlot {
 /// Bytes per permit of a submit budget.
 const SUBMIT_BUDGET_UNIT_BYTES: u64 = 1024;
 
-/// Takes one of `user`'s connections, within its quota.
-fn take_user_slot(shared: &Arc<Shared>, user: &str) -> Result<UserSlot, QuotaExceeded> {
-    let quotas = shared.quotas.of(user);
+/// Connections a batch job's credential may hold at once: Open MPI's `mpirun` keeps one
+/// (through `flame-mpi-agent`) per remote node of the job for the life of its daemon, so the
+/// owners' `connections` quota would cap jobs at 16 nodes. The credential is good only for
+/// `JobExec` on its own job, and only while the job runs.
+pub const JOB_CONNECTIONS_MAX: u64 = 1_024;
+
+/// Takes one of `caller`'s connections, within its quota.
+fn take_user_slot(shared: &Arc<Shared>, caller: &Caller) -> Result<UserSlot, QuotaExceeded> {
+    let user = &caller.quota_name();
+    let mut quotas = *shared.quotas.of(user);
+    if let Caller::Job(_) = caller {
+        quotas.connections = JOB_CONNECTIONS_MAX;
+    }
+    let quotas = &quotas;
     let mut users = shared.users();
     let held = users.get(user).map_or(0, |e| e.connections);
     crate::quotas::check(quotas, Quota::Connections, user, held, 1)?;
@@ -395,17 +406,44 @@ fn core_flush_initial(tx: &mpsc::Sender<Event>) {
     let _ = tx.try_send(Event::Tick);
 }
 
+/// Whose share of the handshake slots a connection takes: its IPv4 address, or the /64
+/// prefix of its IPv6 address (a host commonly holds a whole /64, and could otherwise
+/// take every slot from addresses of its own).
+fn handshake_source(ip: std::net::IpAddr) -> std::net::IpAddr {
+    match ip.to_canonical() {
+        std::net::IpAddr::V6(v6) => {
+            let prefix = u128::from(v6) & !((1u128 << 64) - 1);
+            std::net::IpAddr::V6(std::net::Ipv6Addr::from(prefix))
+        }
+        v4 => v4,
+    }
+}
+
+/// What the server keeps for its connections: the state it checks credentials and quotas
+/// against, loaded at start.
+#[derive(Debug)]
+pub struct ServerState {
+    pub store: Store,
+    pub tokens: TokenBook,
+    pub certs: CertBook,
+    pub identity: Arc<HeadIdentity>,
+    pub quotas: QuotaBook,
+}
+
 /// Accepts connections until `shutdown` resolves.
 pub async fn serve(
     endpoint: quinn::Endpoint,
     events: mpsc::Sender<Event>,
-    store: Store,
-    tokens: TokenBook,
-    certs: CertBook,
-    identity: Arc<HeadIdentity>,
-    quotas: QuotaBook,
+    state: ServerState,
     shutdown: impl std::future::Future<Output = ()>,
 ) {
+    let ServerState {
+        store,
+        tokens,
+        certs,
+        identity,
+        quotas,
+    } = state;
     let shared = Arc::new(Shared {
         events,
         store,
@@ -440,7 +478,7 @@ pub async fn serve(
                 }
                 // One address gets a share of the slots for connections being set up,
                 // never all of them; the address is validated, so it is the peer's own.
-                let remote = incoming.remote_address().ip().to_canonical();
+                let remote = handshake_source(incoming.remote_address().ip());
                 let Ok(from_address) = per_address.try_acquire(&remote) else {
                     tracing::debug!(%remote, "refusing a connection: {} from this address being set up", limits::HANDSHAKES_PER_ADDRESS_MAX);
                     incoming.refuse();
@@ -600,7 +638,7 @@ async fn handle_connection(
     // A user's connections count against its quota (a job's credential counts as its own
     // user, `job N`).
     let slot = match &admitted {
-        Admitted::Client { caller, .. } => match take_user_slot(&shared, &caller.quota_name()) {
+        Admitted::Client { caller, .. } => match take_user_slot(&shared, caller) {
             Ok(slot) => Some(slot),
             Err(e) => {
                 if let Admitted::Client {
@@ -708,6 +746,9 @@ fn forget_token_conn(shared: &Shared, token: &str, conn: &quinn::Connection) {
 
 /// Closes the connections of tokens revoked or expired since they connected.
 fn close_lapsed(shared: &Shared) {
+    // Certificates too: a revocation whose write failed is held in memory only, and the
+    // sweep keeps its connections closed.
+    shared.close_revoked_certs();
     let now = now_ms();
     let ids: Vec<String> = shared.token_conns().keys().cloned().collect();
     let lapsed: Vec<(String, String)> = {
@@ -1418,6 +1459,8 @@ async fn revoke_cert(shared: &Arc<Shared>, target: CertTarget) -> ClientResponse
             if let Some(name) = node {
                 shared.certs().restore_node(&name, previous);
             }
+            // What is still refused in memory is refused on the open connections too.
+            shared.close_revoked_certs();
             unavailable(format!("storing the revocation failed: {e}"))
         }
         Err(_) => unavailable("the head is shutting down".into()),
@@ -2287,6 +2330,19 @@ mod tests {
         let mut out = (body.len() as u32).to_le_bytes().to_vec();
         out.extend_from_slice(body);
         out
+    }
+
+    #[test]
+    fn handshakes_are_counted_per_ipv4_address_and_per_ipv6_64() {
+        let a: std::net::IpAddr = "2001:db8:1:2:aaaa::1".parse().unwrap();
+        let b: std::net::IpAddr = "2001:db8:1:2:bbbb::9".parse().unwrap();
+        let c: std::net::IpAddr = "2001:db8:1:3::1".parse().unwrap();
+        assert_eq!(handshake_source(a), handshake_source(b));
+        assert_ne!(handshake_source(a), handshake_source(c));
+        let v4: std::net::IpAddr = "10.1.2.3".parse().unwrap();
+        let mapped: std::net::IpAddr = "::ffff:10.1.2.3".parse().unwrap();
+        assert_eq!(handshake_source(v4), v4);
+        assert_eq!(handshake_source(mapped), v4);
     }
 
     #[test]

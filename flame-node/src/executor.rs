@@ -429,6 +429,21 @@ fn credentials_for(
             _ => Ok(None),
         };
     }
+    if app.user.is_some() || app.group.is_some() {
+        // A fixed identity may serve one owner only, or every owner on a node that shares
+        // one identity by choice: the head checks this at registration and launch, and the
+        // node holds it too, since it is what keeps two owners apart here.
+        let one_owner = app.users.len() == 1 && app.users[0] == owner.name && app.groups.is_empty();
+        if !one_owner && !matches!(settings.identity, IdentityMode::Fixed(_)) {
+            return Err(format!(
+                "application `{}` names a fixed user or group but is not restricted to `{}` \
+                 alone; refusing to run two owners' executors as one identity\n\
+                 hint: an admin sets `users = [\"{}\"]` (and no `groups`) on it, or leaves \
+                 out `user` and `group`",
+                app.name, owner.name, owner.name
+            ));
+        }
+    }
     let (user, credentials) = match (&app.user, &settings.identity) {
         (Some(user), _) => (
             user.clone(),
@@ -463,6 +478,17 @@ fn credentials_for(
             ))
         }
     };
+    if matches!(settings.identity, IdentityMode::SiteUser)
+        && app.user.is_none()
+        && credentials.uid != 0
+        && credentials.uid < SITE_USER_UID_MIN
+    {
+        return Err(format!(
+            "`{user}` is a system account (uid {} below {SITE_USER_UID_MIN}); site-user mode \
+             runs only people's accounts\nhint: give the Flame user another name",
+            credentials.uid
+        ));
+    }
     if credentials.uid == 0 && !(settings.allow_root && app.allow_root) {
         let who = match (settings.allow_root, app.allow_root) {
             (false, false) => "neither the application (allow_root = true) nor this node (--allow-root-executors) allows",
@@ -476,6 +502,11 @@ fn credentials_for(
     }
     Ok(Some(credentials))
 }
+
+/// In site-user mode, the lowest uid an owner's account may have: below it are system
+/// accounts (`bin`, `daemon`, ...), which a Flame user of that name must not become
+/// (Debian's and most distributions' `UID_MIN`).
+pub const SITE_USER_UID_MIN: u32 = 1000;
 
 /// The owner's head-assigned uid, with the gid of the same number (or the application's
 /// `group`) and no other group. A uid that is a local account's, or 0, is refused: the

@@ -382,6 +382,7 @@ fn run(args: Args) -> Result<(), String> {
                 dir.display()
             )
         })?;
+        owned_by_node(what, dir)?;
     }
     if matches!(
         executor_identity,
@@ -460,6 +461,33 @@ fn run(args: Args) -> Result<(), String> {
 /// start its daemons through Flame (`flame-mpi-agent`, next to this binary).
 /// Executors run as their owners' own uids: every folder above their work and runtime
 /// folders must let others pass, or every launch fails at its `chdir` with a bare EACCES.
+/// The node's own folders must be real folders of the node's user: executors' private
+/// folders are made inside them through handles (`flame_shims::private_dir`), which is
+/// safe only while no executor user can replace or write the folder above.
+fn owned_by_node(what: &str, dir: &std::path::Path) -> Result<(), String> {
+    use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
+    let meta = std::fs::symlink_metadata(dir)
+        .map_err(|e| format!("cannot read the {what} directory {}: {e}", dir.display()))?;
+    let me = nix::unistd::geteuid().as_raw();
+    if !meta.is_dir() {
+        return Err(format!(
+            "the {what} directory {} is not a directory (a link?)\nhint: give the node a \
+             real folder of its own",
+            dir.display()
+        ));
+    }
+    if meta.uid() != me || meta.permissions().mode() & 0o022 != 0 {
+        return Err(format!(
+            "the {what} directory {} belongs to uid {} with mode {:04o}; the node (uid {me}) \
+             needs it to be its own and writable by no one else",
+            dir.display(),
+            meta.uid(),
+            meta.permissions().mode() & 0o7777
+        ));
+    }
+    Ok(())
+}
+
 fn reachable_by_executors(what: &str, dir: &std::path::Path) -> Result<(), String> {
     use std::os::unix::fs::PermissionsExt as _;
     for folder in dir.ancestors() {
