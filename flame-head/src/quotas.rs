@@ -36,8 +36,10 @@ pub const INPUT_BYTES_DEFAULT: u64 = 256 * 1024 * 1024;
 pub const CONNECTIONS_DEFAULT: u64 = 16;
 /// Default of [`Quotas::streams_per_connection`]: a `flame` command uses a handful; a
 /// program of the client library one per session it submits to or watches, plus one per
-/// request in flight.
-pub const STREAMS_PER_CONNECTION_DEFAULT: u64 = 128;
+/// request in flight (`flame bench`'s `sessions` case holds 200 on one connection: a
+/// submit stream and a watch for each of 100 sessions). The connection's 16 MiB receive
+/// window bounds what they hold.
+pub const STREAMS_PER_CONNECTION_DEFAULT: u64 = 512;
 /// Default of [`Quotas::submit_bytes_in_flight`]: two of the largest frames.
 pub const SUBMIT_BYTES_IN_FLIGHT_DEFAULT: u64 = 128 * 1024 * 1024;
 

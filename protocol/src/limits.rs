@@ -31,8 +31,11 @@ pub const KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(1);
 /// How long one request/response exchange may take before the caller gives up.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// Concurrent bidirectional streams a peer may open on one connection.
-pub const STREAMS_PER_CONNECTION_MAX: u32 = 256;
+/// Concurrent bidirectional streams a peer may open on one connection: a node's from the
+/// head (log follows and exec streams of every user), and the most a client's quota may
+/// allow. Streams cost little until data arrives, and the connection's receive window
+/// bounds that.
+pub const STREAMS_PER_CONNECTION_MAX: u32 = 1_024;
 
 /// Interval between node heartbeats.
 pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(1);
