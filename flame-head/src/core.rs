@@ -3367,8 +3367,7 @@ impl Core {
                 // they open; an admin may have narrowed them since (or a store upgrade did):
                 // no executor is launched for an owner the application no longer allows.
                 let groups = &self.config.groups;
-                let in_group =
-                    |g: &str| groups.get(g).is_some_and(|m| m.iter().any(|u| *u == owner));
+                let in_group = |g: &str| groups.get(g).is_some_and(|m| m.contains(&owner));
                 if !spec.allows(&owner, in_group) {
                     tracing::warn!(app = %spec.name, %owner, "launch skipped: the application no longer allows this owner");
                     return;
