@@ -5,6 +5,7 @@
 //! | input         | does                                                                      |
 //! |---------------|---------------------------------------------------------------------------|
 //! | `echo TEXT`   | returns `TEXT`                                                            |
+//! | `log TEXT`    | writes `TEXT` and a newline to stderr (the executor's log), returns `TEXT` |
 //! | `alloc MIB`   | allocates and touches MIB MiB and keeps it until the process exits        |
 //! | `spin MS`     | busy-loops for MS ms of wall-clock time                                   |
 //! | `sleep MS`    | sleeps MS ms: a task whose length does not depend on the cpu it gets      |
@@ -55,6 +56,14 @@ impl Service for TestService {
         let (command, arg) = input.split_once(' ').unwrap_or((input, ""));
         let output = match command {
             "echo" => arg.to_string(),
+            "log" => {
+                use std::io::Write as _;
+                let mut stderr = std::io::stderr().lock();
+                writeln!(stderr, "{arg}")
+                    .and_then(|()| stderr.flush())
+                    .map_err(|e| format!("cannot write to stderr: {e}"))?;
+                arg.to_string()
+            }
             "alloc" => {
                 let mib = number(arg, ALLOC_MIB_MAX as u64)? as usize;
                 for _ in 0..mib {
