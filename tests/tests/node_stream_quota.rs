@@ -17,6 +17,8 @@ use std::time::Duration;
 /// Follows mallory asks for on each of her two connections: far more than her share of a
 /// node's streams.
 const FOLLOWS_PER_CONNECTION: usize = 150;
+/// How long mallory's second task sleeps: longer than the test, so her follows stay open.
+const HOLD_MS: u64 = 600_000;
 /// Bound on the head giving back the streams of follows the client dropped; the client
 /// sees no event for it, so it asks again after a pause.
 const GIVE_BACK_TIMEOUT: Duration = Duration::from_secs(30);
@@ -34,24 +36,28 @@ fn spec() -> ApplicationSpec {
         ],
         // Kept while their sessions are open, so that a follow stays open.
         delay_release_ms: 600_000,
-        max_instances: 2,
+        // Mallory's two tasks may take two executors; bob's session still gets one.
+        max_instances: 3,
         allow_root: true,
         ..ApplicationSpec::new("svc", "sh")
     }
 }
 
-/// An open session of `client`'s user whose one task wrote [`STARTED_LINE`] to the log
-/// of the executor that stays bound to it (so a follow of it stays open).
-async fn session_with_a_log(client: &Client) -> flame_client::Session {
+/// An open session of `client`'s user whose first task wrote [`STARTED_LINE`] to its
+/// executor's log. With `hold`, a second task sleeps far longer than the test, so an
+/// executor stays bound to the session and a follow of it stays open (a follow ends when
+/// its executors leave the session).
+async fn session_with_a_log(client: &Client, hold: bool) -> flame_client::Session {
     let session = client
         .create_session(SessionSpec::new("svc"))
         .await
         .unwrap();
     let mut watch = session.watch().await.unwrap();
-    session
-        .submit(vec![Bytes::from(format!("log {STARTED_LINE}"))])
-        .await
-        .unwrap();
+    let mut inputs = vec![Bytes::from(format!("log {STARTED_LINE}"))];
+    if hold {
+        inputs.push(Bytes::from(format!("sleep {HOLD_MS}")));
+    }
+    session.submit(inputs).await.unwrap();
     let results = collect_first(&mut watch).await;
     assert!(
         matches!(&results.outcome, TaskOutcome::Succeeded(out) if out.as_ref() == STARTED_LINE.as_bytes()),
@@ -72,7 +78,8 @@ async fn collect_first(
 
 #[tokio::test(flavor = "multi_thread")]
 async fn one_user_holding_log_follows_leaves_the_node_to_others() {
-    let cluster = Cluster::start(ClusterOptions::default()).await;
+    // Room for mallory's two executors and bob's one.
+    let cluster = Cluster::start(ClusterOptions::default().cpus(4)).await;
     cluster
         .client()
         .await
@@ -91,8 +98,8 @@ async fn one_user_holding_log_follows_leaves_the_node_to_others() {
     let bob = Client::connect(&cluster.client_config_as(cluster.user_token("bob", false).await))
         .await
         .unwrap();
-    let hers = session_with_a_log(&mallory[0]).await;
-    let his = session_with_a_log(&bob).await;
+    let hers = session_with_a_log(&mallory[0], true).await;
+    let his = session_with_a_log(&bob, false).await;
 
     let mut held: Vec<LogStream> = Vec::new();
     let mut refused = 0;
