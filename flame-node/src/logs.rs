@@ -60,6 +60,7 @@
 #![allow(dead_code)]
 
 use bytes::Bytes;
+use flame_protocol::limits;
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom, Write};
@@ -543,7 +544,7 @@ struct Shared {
     spans: watch::Sender<Vec<Span>>,
     /// One channel per copy task, on which [`LogSink::settle`] asks it to write what its
     /// pipe holds now and to say when it has.
-    flushers: Mutex<Vec<mpsc::UnboundedSender<oneshot::Sender<()>>>>,
+    flushers: Mutex<Vec<mpsc::Sender<oneshot::Sender<()>>>>,
 }
 
 impl std::fmt::Debug for Shared {
@@ -677,7 +678,7 @@ async fn copy<R: AsyncRead + Unpin>(
     mut source: R,
     id: u32,
     stream_name: &'static str,
-    mut flushes: mpsc::UnboundedReceiver<oneshot::Sender<()>>,
+    mut flushes: mpsc::Receiver<oneshot::Sender<()>>,
 ) {
     let mut buf = vec![0u8; READ_BYTES];
     let mut pending: Vec<u8> = Vec::new();
@@ -836,7 +837,7 @@ impl LogSink {
         stream_name: &'static str,
     ) -> tokio::task::JoinHandle<()> {
         let id = self.shared.next_source.fetch_add(1, Ordering::Relaxed);
-        let (flush_tx, flush_rx) = mpsc::unbounded_channel();
+        let (flush_tx, flush_rx) = mpsc::channel(limits::LOG_FLUSH_REQUESTS_MAX);
         {
             let mut flushers = lock(&self.shared.flushers);
             flushers.retain(|tx| !tx.is_closed());
@@ -858,7 +859,9 @@ impl LogSink {
             .iter()
             .filter_map(|tx| {
                 let (ack, answer) = oneshot::channel();
-                tx.send(ack).ok().map(|()| answer)
+                // Full: that many settles wait on this copy task already, and this one
+                // goes on without it (as for a copy task that ended).
+                tx.try_send(ack).ok().map(|()| answer)
             })
             .collect();
         let all = async {

@@ -68,3 +68,8 @@ pub const NODE_STREAMS_PER_USER_MAX: u32 = 16;
 /// for connections being set up (256) from everyone else; refused clients try again
 /// within their connect timeout.
 pub const HANDSHAKES_PER_ADDRESS_MAX: u32 = 32;
+
+/// Flush requests (`LogSink::settle`, at each enter and leave of a session) queued for one
+/// log copy task: one is usual, since an executor enters or leaves one session at a time.
+/// Past it a settle does not wait for that copy task.
+pub const LOG_FLUSH_REQUESTS_MAX: usize = 8;

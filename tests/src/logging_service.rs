@@ -43,6 +43,9 @@ class Logging(flame_service.Service):
 flame_service.run(Logging())
 "#;
 
+/// Lines of `flame logs --follow` read ahead of the test; past it the reader waits (and the
+/// pipe holds `flame` back).
+pub const FOLLOW_LINES_BUFFERED_MAX: usize = 1024;
 /// Bound on a line showing up in `flame logs --follow`.
 pub const LINE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Bound on `flame logs --follow` ending once the session's executors are released.
@@ -84,7 +87,7 @@ pub fn executor_of(output: &str) -> ExecutorId {
 pub struct Follower {
     child: tokio::process::Child,
     command: String,
-    lines: mpsc::UnboundedReceiver<String>,
+    lines: mpsc::Receiver<String>,
     /// Every line it printed so far.
     pub seen: Vec<String>,
 }
@@ -115,11 +118,11 @@ impl Follower {
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start `{line}`: {e}"));
         let stdout = child.stdout.take().unwrap();
-        let (tx, lines) = mpsc::unbounded_channel();
+        let (tx, lines) = mpsc::channel(FOLLOW_LINES_BUFFERED_MAX);
         tokio::spawn(async move {
             let mut reader = BufReader::new(stdout).lines();
             while let Ok(Some(line)) = reader.next_line().await {
-                if tx.send(line).is_err() {
+                if tx.send(line).await.is_err() {
                     break;
                 }
             }

@@ -203,6 +203,27 @@ pub fn ping_session_id(stdout: &str) -> SessionId {
         .unwrap_or_else(|| panic!("no `Session N was created` line in:\n{stdout}"))
 }
 
+/// The fault tests' Python application (`tests/python/crashy_service.py`: reverses its
+/// input; `sleep:S` sleeps first, `crash:T` dies), named `name`, over the stdio shim, with
+/// up to 2 executors and 3 attempts; tests change what they need with struct update.
+pub fn crashy_service(name: &str) -> flame_protocol::model::ApplicationSpec {
+    use flame_protocol::model::{ApplicationSpec, EnvValue, ShimKind};
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("python/crashy_service.py");
+    assert!(script.is_file(), "{} is missing", script.display());
+    ApplicationSpec {
+        shim: ShimKind::Stdio,
+        args: vec![script.display().to_string()],
+        env: std::collections::BTreeMap::from([(
+            "PYTHONDONTWRITEBYTECODE".into(),
+            EnvValue::plain("1"),
+        )]),
+        max_instances: 2,
+        delay_release_ms: 1_000,
+        max_attempts: 3,
+        ..ApplicationSpec::new(name, "python3")
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

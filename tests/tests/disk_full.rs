@@ -11,12 +11,10 @@
 
 use bytes::Bytes;
 use flame_client::ClientError;
-use flame_protocol::model::{
-    ApplicationSpec, EnvValue, SessionSpec, SessionState, ShimKind, TaskOutcome, TaskResult,
-};
+use flame_protocol::model::{ApplicationSpec, SessionSpec, SessionState, TaskOutcome, TaskResult};
 use flame_protocol::TaskId;
 use flame_tests::{prerequisites, procfs, Cluster, ClusterOptions};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -89,27 +87,9 @@ impl Drop for Tmpfs {
 }
 
 fn sleepy_app() -> ApplicationSpec {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("python/crashy_service.py");
-    assert!(script.is_file(), "{} is missing", script.display());
     ApplicationSpec {
-        name: "sleepy".into(),
-        shim: ShimKind::Stdio,
-        command: "python3".into(),
-        args: vec![script.display().to_string()],
-        env: BTreeMap::from([("PYTHONDONTWRITEBYTECODE".into(), EnvValue::plain("1"))]),
-        working_dir: None,
-        user: None,
-        group: None,
-        resources: Default::default(),
-        selector: Default::default(),
-        max_instances: 2,
         delay_release_ms: 60_000,
-        max_attempts: 3,
-        retry_on_error: false,
-        task_timeout_ms: None,
-        users: Vec::new(),
-        groups: Vec::new(),
-        allow_root: false,
+        ..flame_tests::results::crashy_service("sleepy")
     }
 }
 

@@ -11,16 +11,12 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)] // Test code: a panic is the report.
 
 use bytes::Bytes;
-use flame_protocol::model::{
-    ApplicationSpec, EnvValue, Resources, SessionSpec, ShimKind, TaskOutcome,
-};
+use flame_protocol::model::{ApplicationSpec, Resources, SessionSpec, TaskOutcome};
 use flame_tests::procfs;
 use flame_tests::results::run_tasks;
 use flame_tests::{Cluster, ClusterOptions};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
-use std::collections::BTreeMap;
-use std::path::Path;
 use std::time::{Duration, Instant};
 
 /// How long the idle executor is kept: far longer than the test, so only its death can
@@ -38,30 +34,14 @@ const POLL_PAUSE: Duration = Duration::from_millis(20);
 const CPU_MILLIS: u32 = 1_000;
 
 fn idle_keeper() -> ApplicationSpec {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("python/crashy_service.py");
-    assert!(script.is_file(), "{} is missing", script.display());
     ApplicationSpec {
-        name: "keeper".into(),
-        shim: ShimKind::Stdio,
-        command: "python3".into(),
-        args: vec![script.display().to_string()],
-        env: BTreeMap::from([("PYTHONDONTWRITEBYTECODE".into(), EnvValue::plain("1"))]),
-        working_dir: None,
-        user: None,
-        group: None,
         resources: Resources {
             cpu_millis: CPU_MILLIS,
             ..Default::default()
         },
-        selector: Default::default(),
         max_instances: 1,
         delay_release_ms: KEEP_MS,
-        max_attempts: 3,
-        retry_on_error: false,
-        task_timeout_ms: None,
-        users: Vec::new(),
-        groups: Vec::new(),
-        allow_root: false,
+        ..flame_tests::results::crashy_service("keeper")
     }
 }
 

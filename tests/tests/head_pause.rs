@@ -6,13 +6,11 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)] // Test code: a panic is the report.
 
 use bytes::Bytes;
-use flame_protocol::model::{ApplicationSpec, EnvValue, SessionSpec, ShimKind, TaskOutcome};
+use flame_protocol::model::{ApplicationSpec, SessionSpec, TaskOutcome};
 use flame_tests::results::run_tasks;
 use flame_tests::{Cluster, ClusterOptions};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
-use std::collections::BTreeMap;
-use std::path::Path;
 use std::time::{Duration, Instant};
 
 /// The head's heartbeat timeout in this test (`--heartbeat-timeout`).
@@ -32,28 +30,7 @@ const START_TIMEOUT: Duration = Duration::from_secs(60);
 const POLL_PAUSE: Duration = Duration::from_millis(50);
 
 fn sleepy_app() -> ApplicationSpec {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("python/crashy_service.py");
-    assert!(script.is_file(), "{} is missing", script.display());
-    ApplicationSpec {
-        name: "sleepy".into(),
-        shim: ShimKind::Stdio,
-        command: "python3".into(),
-        args: vec![script.display().to_string()],
-        env: BTreeMap::from([("PYTHONDONTWRITEBYTECODE".into(), EnvValue::plain("1"))]),
-        working_dir: None,
-        user: None,
-        group: None,
-        resources: Default::default(),
-        selector: Default::default(),
-        max_instances: 2,
-        delay_release_ms: 1_000,
-        max_attempts: 3,
-        retry_on_error: false,
-        task_timeout_ms: None,
-        users: Vec::new(),
-        groups: Vec::new(),
-        allow_root: false,
-    }
+    flame_tests::results::crashy_service("sleepy")
 }
 
 #[tokio::test(flavor = "multi_thread")]
