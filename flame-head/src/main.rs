@@ -18,6 +18,8 @@ mod scheduler;
 mod scheduler_sim;
 mod server;
 #[cfg(test)]
+mod sim_traces;
+#[cfg(test)]
 mod simulation;
 mod storage_fault;
 mod store;

@@ -1948,15 +1948,25 @@ fn scheduler_simulation_holds_for_seeds() {
         (None, Some(range)) => range.collect(),
         (None, None) => SEEDS.collect(),
     };
+    let pinned = env_u64("FLAME_SIM_STEPS").is_none()
+        && env_u64("FLAME_SIM_SEED").is_none()
+        && env_range("FLAME_SIM_SEEDS").is_none();
     let started = std::time::Instant::now();
     let mut total = Stats::default();
+    let mut hashes = Vec::with_capacity(seeds.len());
     for (seed, outcome) in seeds.iter().zip(run_seeds(&seeds, steps)) {
         match outcome {
-            Ok(outcome) => total.add(&outcome.stats),
+            Ok(outcome) => {
+                total.add(&outcome.stats);
+                hashes.push((*seed, outcome.trace_hash));
+            }
             Err(report) => {
                 panic!("scheduler simulation seed {seed} failed ({steps} steps):\n{report}")
             }
         }
+    }
+    if pinned {
+        crate::sim_traces::check(crate::sim_traces::SCHEDULER, steps, &hashes);
     }
     eprintln!(
         "scheduler simulation: {} seeds x {steps} steps in {:.1?}: {total:?}",

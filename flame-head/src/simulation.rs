@@ -2687,10 +2687,19 @@ fn simulation_keeps_every_acked_task_exactly_once() {
         (None, Some(range)) => range.collect(),
         (None, None) => REGRESSION_SEEDS.iter().copied().chain(0..SEEDS).collect(),
     };
+    let pinned = env_u64("FLAME_SIM_STEPS").is_none()
+        && env_u64("FLAME_SIM_SEED").is_none()
+        && env_range("FLAME_SIM_SEEDS").is_none();
     let started = std::time::Instant::now();
     let mut total = Stats::default();
+    let mut hashes = Vec::with_capacity(seeds.len());
     for &seed in &seeds {
-        total.add(&run_seed(seed, steps).stats);
+        let outcome = run_seed(seed, steps);
+        total.add(&outcome.stats);
+        hashes.push((seed, outcome.trace_hash));
+    }
+    if pinned {
+        crate::sim_traces::check(crate::sim_traces::CORE, steps, &hashes);
     }
     eprintln!(
         "simulation: {} seeds x {steps} steps in {:.1?}: {total:?}",
