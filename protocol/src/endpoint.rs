@@ -5,6 +5,9 @@
 //! token pins by fingerprint ([`Trust`]). Nodes, and users who have one, present a client
 //! certificate signed by the cluster CA ([`ClientIdentity`]); the head reads who it names
 //! with [`peer_certificate`] and [`crate::pki::identity_of`].
+//!
+//! Built with the crate's `net` feature only: this is where quinn and rustls come in (see
+//! the crate doc).
 
 use crate::auth::{Secret, FINGERPRINT_BYTES};
 use crate::frame::{FrameError, FrameReader, FrameWriter};

@@ -14,6 +14,9 @@
 //! The subject's common name repeats the name for people reading the certificate; only the
 //! URI counts. This module makes node signing requests and reads identities; issuing is
 //! the head's (`flame-head/src/tls.rs`), and the TLS setup is in [`crate::endpoint`].
+//!
+//! Built with the crate's `net` feature only (rcgen, ring and x509-parser; see the crate
+//! doc).
 
 use crate::auth::{hex, Secret, FINGERPRINT_BYTES};
 
