@@ -16,6 +16,7 @@ mod lifecycle;
 mod link;
 mod log_server;
 mod logs;
+mod pipeline;
 mod resources;
 
 use clap::Parser;
