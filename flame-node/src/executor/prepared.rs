@@ -26,9 +26,9 @@ pub(super) struct Prepared {
     /// each where it belongs.
     pub(super) err_log: Option<LogSink>,
     /// cgroup counters when the executor last entered a session.
-    pub(super) bound_at: Option<CgroupUsage>,
+    bound_at: Option<CgroupUsage>,
     /// When the executor last entered a session, if it is in one.
-    pub(super) bound_since: Option<std::time::Instant>,
+    bound_since: Option<std::time::Instant>,
     /// The cgroup limits it was created with.
     pub(super) resources: Limits,
 }
@@ -111,19 +111,22 @@ impl Prepared {
 
     /// The executor entered a session: its usage counts from now.
     pub(super) fn enter_session(&mut self) {
+        // The lifecycle lets a bind in only from Idle: never twice without a leave.
+        debug_assert!(self.bound_since.is_none(), "entered a session while in one");
         self.bound_at = self.usage_now();
         self.bound_since = Some(std::time::Instant::now());
     }
 
     /// The executor left its session: what it used there.
     pub(super) fn leave_session(&mut self) -> Usage {
+        debug_assert!(self.bound_since.is_some(), "left a session while in none");
         let usage = self.usage_since_bound_at(self.usage_now());
         self.bound_at = None;
         self.bound_since = None;
         usage
     }
 
-    /// [`Self::usage_since_bound`] from counters already read.
+    /// What the executor used since it entered its session, from counters already read.
     fn usage_since_bound_at(&self, now: Option<CgroupUsage>) -> Usage {
         let Some(since) = self.bound_since else {
             return Usage::default();
