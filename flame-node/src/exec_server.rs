@@ -1,7 +1,7 @@
 //! The node's side of `flame-mpi-agent`: the head opens a stream with a
 //! [`NodeStreamRequest::Exec`](flame_protocol::messages::NodeStreamRequest) naming a rank
 //! of a running batch job on this node; the command starts in that rank's cgroup, as its
-//! user, with its environment (see `executor::hold_rank`), and its stdout and stderr come
+//! user, with its environment (see `executor::rank`), and its stdout and stderr come
 //! back as [`ExecEvent`] frames, then its exit status.
 //!
 //! The process is killed when the head stops reading (the requester went away), and with

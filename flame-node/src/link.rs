@@ -55,6 +55,10 @@ pub enum LinkError {
     Lost(String),
     #[error("frame error: {0}")]
     Frame(#[from] FrameError),
+    /// The head broke the protocol in a way that needs a fresh start: the node drops the
+    /// connection and registers again, telling the head what it really holds.
+    #[error("protocol error: {0}")]
+    Protocol(String),
 }
 
 /// What the agent knows of one executor, enough to tell a new head about it.
@@ -79,10 +83,20 @@ struct Tracked {
 struct Agent {
     config: NodeConfig,
     executors: HashMap<ExecutorId, Tracked>,
-    reports_tx: mpsc::UnboundedSender<Report>,
-    reports_rx: mpsc::UnboundedReceiver<Report>,
-    gone_tx: mpsc::UnboundedSender<ExecutorId>,
-    gone_rx: mpsc::UnboundedReceiver<ExecutorId>,
+    /// Executors' reports, [`limits::NODE_REPORTS_MAX`] at most (see `executor::Reports`
+    /// for what a full queue does). The agent reads it while connected and while shutting
+    /// down, and never waits to send on it: its own reports go through `own_reports`.
+    reports_tx: mpsc::Sender<Report>,
+    reports_rx: mpsc::Receiver<Report>,
+    /// The agent's own reports (executors the head named that are not here) that found the
+    /// reports queue full, in order, each moved into it as room appears; at most
+    /// [`limits::NODE_OWN_REPORTS_MAX`] (more is the head's protocol error).
+    own_reports: VecDeque<Report>,
+    /// Ids of executors that ended and hold nothing any more, for `live`; at most
+    /// [`limits::NODE_EXECUTORS_GONE_MAX`], and an ended executor's empty task waits for
+    /// room.
+    gone_tx: mpsc::Sender<ExecutorId>,
+    gone_rx: mpsc::Receiver<ExecutorId>,
     /// Successful registrations so far.
     registrations: u64,
     /// Executor tasks started and not yet gone (whatever they held is removed only then):
@@ -100,13 +114,14 @@ pub async fn run(
         &Trust::CaFile(config.ca_file.clone()),
         Some(config.identity.clone()),
     )?;
-    let (reports_tx, reports_rx) = mpsc::unbounded_channel();
-    let (gone_tx, gone_rx) = mpsc::unbounded_channel();
+    let (reports_tx, reports_rx) = mpsc::channel(limits::NODE_REPORTS_MAX);
+    let (gone_tx, gone_rx) = mpsc::channel(limits::NODE_EXECUTORS_GONE_MAX);
     let mut agent = Agent {
         config,
         executors: HashMap::new(),
         reports_tx,
         reports_rx,
+        own_reports: VecDeque::new(),
         gone_tx,
         gone_rx,
         registrations: 0,
@@ -190,6 +205,7 @@ impl Agent {
     fn stop_all(&mut self) {
         self.executors.clear();
         while self.reports_rx.try_recv().is_ok() {}
+        self.own_reports.clear();
     }
 
     /// At a clean shutdown: stops every executor and waits, up to
@@ -205,6 +221,9 @@ impl Agent {
                     Some(_) => self.live -= 1,
                     None => break,
                 },
+                // Nobody reads them now; taken so that no executor waits to report while
+                // it should be cleaning up.
+                Some(_) = self.reports_rx.recv() => {}
                 () = &mut deadline => {
                     tracing::warn!(
                         left = self.live,
@@ -218,6 +237,18 @@ impl Agent {
     }
 
     /// Updates what the agent knows from a report on its way to the head.
+    ///
+    /// Why the agent keeps this copy of state the executors hold, instead of asking them at
+    /// registration: a registration must describe the node exactly as of the reports
+    /// handed to the head before it, and only the one place every report passes through,
+    /// in order, sees that cut. An executor's own state runs ahead of it (results it has
+    /// queued but the head has not been sent: reported as held, the head would count them
+    /// twice; left out, it would run them again) and behind the commands (runs still in
+    /// its queue, which `apply` counts here as they are handed over). Asking would also
+    /// wait on executors that are busy for up to a minute (entering a session) or gone
+    /// (cleaning up), and reports made while the head is away must wait somewhere until a
+    /// connection exists, which is this queue. So reports go through the agent, and the
+    /// copy is what that cut is made of.
     fn track(&mut self, report: &Report) {
         match report {
             Report::Event(ExecutorEvent::Ready { executor, .. }) => {
@@ -292,7 +323,10 @@ impl Agent {
         println!("flame-node registered as {}", self.config.name);
         tracing::info!(name = %self.config.name, head = %self.config.head, executors_kept = kept, "registered with the head");
 
-        let (out_tx, out_rx) = mpsc::unbounded_channel::<Report>();
+        // The writer's queue: while it is full the agent takes no reports (they wait in
+        // `reports_rx`, and executors behind them) but goes on reading the head, so a
+        // slow connection never stops the commands and heartbeats from the head.
+        let (out_tx, out_rx) = mpsc::channel::<Report>(limits::NODE_REPORTS_WRITER_MAX);
         let writer = tokio::spawn(write_reports(send, out_rx, heartbeat));
         // The head answers every heartbeat; silence this long means a dead head or a cut
         // link, however long QUIC would go on retransmitting. It is longer than the head's
@@ -304,8 +338,8 @@ impl Agent {
                 frame = recv.read::<HeadToNode>() => match frame {
                     Ok(Some(HeadToNode::Commands(commands))) => {
                         heard = tokio::time::Instant::now();
-                        for c in commands {
-                            self.apply(c);
+                        if let Err(e) = commands.into_iter().try_for_each(|c| self.apply(c)) {
+                            break Err(e);
                         }
                     }
                     Ok(Some(HeadToNode::Heartbeat)) => heard = tokio::time::Instant::now(),
@@ -313,12 +347,14 @@ impl Agent {
                     Ok(None) => break Ok(()),
                     Err(e) => break Err(LinkError::Frame(e)),
                 },
-                Some(report) = self.reports_rx.recv() => {
+                Some((room, report)) = next_report(&out_tx, &mut self.reports_rx) => {
                     self.track(&report);
-                    if out_tx.send(report).is_err() {
+                    let Some(room) = room else {
                         break Err(LinkError::Lost("the report writer stopped".into()));
-                    }
+                    };
+                    room.send(report);
                 }
+                () = queue_own(&self.reports_tx, &mut self.own_reports), if !self.own_reports.is_empty() => {}
                 Some(id) = self.gone_rx.recv() => {
                     self.live = self.live.saturating_sub(1);
                     self.executors.remove(&id);
@@ -339,7 +375,9 @@ impl Agent {
         result
     }
 
-    fn apply(&mut self, command: NodeCommand) {
+    /// Applies one command of the head; `Err`: the head broke the protocol, and the link
+    /// is dropped (the commands after it in its frame are not applied).
+    fn apply(&mut self, command: NodeCommand) -> Result<(), LinkError> {
         let (id, command) = match command {
             NodeCommand::Launch {
                 executor,
@@ -349,7 +387,7 @@ impl Agent {
             } => {
                 if self.executors.contains_key(&executor) {
                     tracing::warn!(%executor, "launch of an existing executor ignored");
-                    return;
+                    return Ok(());
                 }
                 tracing::debug!(%executor, app = %application.name, "launching executor");
                 let name = application.name.clone();
@@ -380,7 +418,7 @@ impl Agent {
                         tasks: VecDeque::new(),
                     },
                 );
-                return;
+                return Ok(());
             }
             NodeCommand::Bind {
                 executor,
@@ -393,43 +431,69 @@ impl Agent {
                     common_data,
                 },
             ),
-            NodeCommand::Run(a) => {
-                if let Some(t) = self.executors.get_mut(&a.executor) {
-                    t.tasks.push_back((a.session, a.task, a.attempt));
-                }
-                (a.executor, Command::Run(a))
-            }
+            NodeCommand::Run(a) => (a.executor, Command::Run(a)),
             NodeCommand::Unbind { executor } => (executor, Command::Unbind),
             NodeCommand::Release { executor } => (executor, Command::Release),
             NodeCommand::Kill { executor } => {
                 // Dropping the handle fires its kill switch; the executor reports Exited.
                 if self.executors.remove(&executor).is_none() {
-                    let _ = self.reports_tx.send(Report::Event(ExecutorEvent::Exited {
-                        executor,
-                        reason: "unknown on this node".into(),
-                        usage: Default::default(),
-                    }));
+                    return self.report_unknown(executor);
                 }
-                return;
+                return Ok(());
             }
         };
-        match self.executors.get(&id) {
-            Some(t) => {
-                if t.handle.commands.send(command).is_err() {
-                    // It is exiting (cleaning up after its process): its own `Exited`, with
-                    // the real reason, follows. Reporting it unknown now would race that.
-                    tracing::debug!(executor = %id, "command for an exiting executor dropped");
-                }
+        let Some(t) = self.executors.get_mut(&id) else {
+            // The head believes in an executor this node does not have: tell it so.
+            return self.report_unknown(id);
+        };
+        let task = match &command {
+            Command::Run(a) => Some((a.session, a.task, a.attempt)),
+            _ => None,
+        };
+        match t.handle.commands.try_send(command) {
+            Ok(()) => t.tasks.extend(task),
+            // It is exiting (cleaning up after its process): its own `Exited`, with the real
+            // reason, follows. Reporting it unknown now would race that.
+            Err(mpsc::error::TrySendError::Closed(_)) => {
+                t.tasks.extend(task);
+                tracing::debug!(executor = %id, "command for an exiting executor dropped");
             }
-            None => {
-                // The head believes in an executor this node does not have: tell it so.
-                let _ = self.reports_tx.send(Report::Event(ExecutorEvent::Exited {
-                    executor: id,
-                    reason: "unknown on this node".into(),
-                    usage: Default::default(),
-                }));
+            // See `executor::spawn`: a head that keeps its credit never gets here.
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                return Err(LinkError::Protocol(format!(
+                    "the head sent executor {id} more than its {} queued commands (its credit \
+                     and {} more)",
+                    executor::commands_max(&self.config.executors),
+                    limits::NODE_EXECUTOR_COMMANDS_SLACK
+                )));
             }
         }
+        Ok(())
+    }
+
+    /// Tells the head that `executor` is not on this node, after the reports queued before.
+    fn report_unknown(&mut self, executor: ExecutorId) -> Result<(), LinkError> {
+        let mut report = Report::Event(ExecutorEvent::Exited {
+            executor,
+            reason: "unknown on this node".into(),
+            usage: Default::default(),
+        });
+        if self.own_reports.is_empty() {
+            match self.reports_tx.try_send(report) {
+                // Closed cannot be: the agent holds the receiver.
+                Ok(()) | Err(mpsc::error::TrySendError::Closed(_)) => return Ok(()),
+                Err(mpsc::error::TrySendError::Full(r)) => report = r,
+            }
+        }
+        if self.own_reports.len() >= limits::NODE_OWN_REPORTS_MAX {
+            return Err(LinkError::Protocol(format!(
+                "the head named more than {} executors this node does not have while not \
+                 reading its reports",
+                limits::NODE_OWN_REPORTS_MAX
+            )));
+        }
+        self.own_reports.push_back(report);
+        Ok(())
     }
 }
 
@@ -446,9 +510,32 @@ fn result_bytes(r: &flame_protocol::messages::NodeTaskResult) -> usize {
     }
 }
 
+/// Room in the writer's queue and the next report to fill it; `None` for the room when the
+/// writer stopped. Cancel-safe: a reservation dropped unused frees its room, and a report
+/// not received stays queued.
+async fn next_report<'a>(
+    out: &'a mpsc::Sender<Report>,
+    reports: &mut mpsc::Receiver<Report>,
+) -> Option<(Option<mpsc::Permit<'a, Report>>, Report)> {
+    let room = out.reserve().await.ok();
+    let report = reports.recv().await?;
+    Some((room, report))
+}
+
+/// Moves the oldest of the agent's own reports into the reports queue once it has room.
+/// Cancel-safe: the report leaves `own` only with the room to put it in. (The queue is
+/// never closed: the agent holds its receiver.)
+async fn queue_own(reports: &mpsc::Sender<Report>, own: &mut VecDeque<Report>) {
+    if let Ok(room) = reports.reserve().await {
+        if let Some(report) = own.pop_front() {
+            room.send(report);
+        }
+    }
+}
+
 async fn write_reports(
     mut send: FrameWriter<quinn::SendStream>,
-    mut reports: mpsc::UnboundedReceiver<Report>,
+    mut reports: mpsc::Receiver<Report>,
     heartbeat: Duration,
 ) {
     let mut ticker = tokio::time::interval(heartbeat);

@@ -16,6 +16,7 @@ mod lifecycle;
 mod link;
 mod log_server;
 mod logs;
+mod pipeline;
 mod resources;
 
 use clap::Parser;
@@ -171,26 +172,7 @@ fn run(args: Args) -> Result<(), String> {
         .clone()
         .or(file.head.clone())
         .ok_or("the head's address is needed: --head HOST:PORT (or `head` in --config)")?;
-    let tls_dir = args
-        .tls_dir
-        .clone()
-        .or(file.tls_dir.clone())
-        .unwrap_or_else(|| PathBuf::from(join::DEFAULT_TLS_DIR));
-    let ca_file = args
-        .ca_file
-        .clone()
-        .or(file.ca_file.clone())
-        .unwrap_or_else(|| join::ca_path(&tls_dir));
-    let cert_file = args
-        .cert
-        .clone()
-        .or(file.cert.clone())
-        .unwrap_or_else(|| join::cert_path(&tls_dir));
-    let key_file = args
-        .key
-        .clone()
-        .or(file.key.clone())
-        .unwrap_or_else(|| join::key_path(&tls_dir));
+    let tls = TlsFiles::new(&args, &file);
     let asked_name = args.name.clone().or(file.name.clone());
     // Settings first, then the files they name; all before anything is created here.
     if let Some(c) = args.cpus.or(file.cpus) {
@@ -202,125 +184,18 @@ fn run(args: Args) -> Result<(), String> {
         let name = asked_name.unwrap_or_else(|| resources::hostname().to_lowercase());
         (name, None)
     } else {
-        std::fs::metadata(&ca_file).map_err(|e| {
-            format!(
-                "cannot read the CA file {}: {e}\nhint: `flame-node join` writes it next to the node's certificate",
-                ca_file.display()
-            )
-        })?;
-        let (identity, certified) = join::load_node_identity(&tls_dir, &cert_file, &key_file)?;
-        if let Some(asked) = asked_name.filter(|asked| *asked != certified) {
-            return Err(format!(
-                "this node is called `{asked}` (--name or `name` in --config), but its certificate {} names node `{certified}`\n\
-                 hint: drop --name to run as `{certified}`, or join again with --name {asked}",
-                cert_file.display()
-            ));
-        }
-        (certified, Some(identity))
+        let (name, identity) = tls.load(asked_name)?;
+        (name, Some(identity))
     };
     flame_protocol::model::validate_node_name(&name).map_err(|e| format!("--name: {e}"))?;
-
-    // Capacity: detected, overridden, less what is reserved.
-    let detected = capacity::detect();
-    let cpu_millis = match args.cpus.or(file.cpus) {
-        Some(c) => config::cpu_millis("--cpus", c)?,
-        None => detected.cpu_millis,
-    };
-    if cpu_millis == 0 {
-        return Err("--cpus: a node must offer more than 0 cpus".to_string());
-    }
-    let memory_bytes = match (&args.memory, &file.memory) {
-        (Some(m), _) => config::parse_size("memory", m)?,
-        (None, Some(m)) => m.bytes("memory")?,
-        (None, None) => detected.memory_bytes,
-    };
-    let gpu_override: Option<Vec<u32>> = match &args.gpus {
-        Some(list) if list == "none" || list.is_empty() => Some(Vec::new()),
-        Some(list) => Some(
-            list.split(',')
-                .map(|g| {
-                    g.trim()
-                        .parse::<u32>()
-                        .map_err(|_| format!("--gpus: `{g}` is not a GPU index"))
-                })
-                .collect::<Result<_, _>>()?,
-        ),
-        None => file.gpus.clone(),
-    };
-    let gpus: Vec<GpuInfo> = match gpu_override {
-        Some(indices) => indices
-            .into_iter()
-            .map(|index| {
-                let found = detected.gpus.iter().find(|g| g.index == index);
-                GpuInfo {
-                    index,
-                    name: found.map_or_else(|| "configured".to_string(), |g| g.name.clone()),
-                    uuid: found.map_or_else(String::new, |g| g.uuid.clone()),
-                    memory_bytes: found.map_or(0, |g| g.memory_bytes),
-                }
-            })
-            .collect(),
-        None => detected
-            .gpus
-            .iter()
-            .map(|g| GpuInfo {
-                index: g.index,
-                name: g.name.clone(),
-                uuid: g.uuid.clone(),
-                memory_bytes: g.memory_bytes,
-            })
-            .collect(),
-    };
-    let reserve_cpu = match args.reserve_cpus.or(file.reserve_cpus) {
-        Some(c) => config::cpu_millis("reserve_cpus", c)?,
-        None => 0,
-    };
-    let reserve_memory = match (&args.reserve_memory, &file.reserve_memory) {
-        (Some(m), _) => config::parse_size("reserve_memory", m)?,
-        (None, Some(m)) => m.bytes("reserve_memory")?,
-        (None, None) => 0,
-    };
-    if reserve_cpu >= cpu_millis {
-        return Err(format!(
-            "reserve_cpus ({}) leaves nothing of the {} cpus for executors",
-            flame_protocol::model::format_cpus(reserve_cpu),
-            flame_protocol::model::format_cpus(cpu_millis)
-        ));
-    }
-    if reserve_memory >= memory_bytes && memory_bytes > 0 {
-        return Err("reserve_memory leaves no memory for executors".to_string());
-    }
-    let allocatable = NodeResources {
-        cpu_millis: cpu_millis - reserve_cpu,
-        memory_bytes: memory_bytes.saturating_sub(reserve_memory),
-        gpus,
-    };
+    let allocatable = allocatable(&args, &file)?;
     let mut labels = file.labels.clone();
     labels.extend(args.labels.iter().cloned());
     validate_labels("label", &labels).map_err(|e| e.to_string())?;
 
     // Executors: cgroups, users, directories, logs.
     let root = nix::unistd::geteuid().is_root();
-    let mode = args.cgroups.or(file.cgroups).unwrap_or(CgroupMode::Auto);
-    let cgroup_root = args
-        .cgroup_root
-        .or(file.cgroup_root)
-        .unwrap_or_else(|| format!("flame-node-{name}"));
-    let cgroups = match mode {
-        CgroupMode::Off => None,
-        CgroupMode::Auto => match cgroup::CgroupTree::detect(&cgroup_root) {
-            Ok(tree) => Some(tree),
-            Err(e) if root => {
-                return Err(format!(
-                    "cannot set up executor cgroups: {e}\nhint: run with `--cgroups off` to run executors without limits or accounting"
-                ))
-            }
-            Err(e) => {
-                tracing::warn!("running executors without cgroups (no limits, no accounting): {e}");
-                None
-            }
-        },
-    };
+    let cgroups = executor_cgroups(&args, &file, &name, root)?;
     let isolation = match cgroups.as_ref().map(cgroup::CgroupTree::version) {
         Some(cgroup::Version::V1) => "cgroup v1",
         Some(cgroup::Version::V2) => "cgroup v2",
@@ -352,47 +227,13 @@ fn run(args: Args) -> Result<(), String> {
     let allow_root = args.allow_root_executors || file.allow_root_executors.unwrap_or(false);
     let executor_identity = identity_mode(
         args.executor_identity.or(file.executor_identity),
-        args.executor_user.or(file.executor_user),
+        args.executor_user.clone().or(file.executor_user.clone()),
         allow_root,
         root,
     )?;
-    let work_dir = args
-        .work_dir
-        .or(file.work_dir)
-        .unwrap_or_else(|| PathBuf::from("/var/lib/flame/node"));
-    let runtime_dir = args
-        .runtime_dir
-        .or(file.runtime_dir)
-        .unwrap_or_else(|| PathBuf::from("/run/flame/node"));
-    let log_dir = args
-        .log_dir
-        .or(file.log_dir)
-        .unwrap_or_else(|| PathBuf::from("/var/log/flame/node"));
-    for (what, dir, mode) in [
-        ("work", &work_dir, 0o755),
-        ("runtime", &runtime_dir, 0o755),
-        ("log", &log_dir, 0o700),
-    ] {
-        std::fs::create_dir_all(dir)
-            .map_err(|e| format!("cannot create the {what} directory {}: {e}", dir.display()))?;
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode)).map_err(|e| {
-            format!(
-                "cannot set the mode of the {what} directory {}: {e}",
-                dir.display()
-            )
-        })?;
-        owned_by_node(what, dir)?;
-    }
-    if matches!(
-        executor_identity,
-        executor::IdentityMode::OwnerUid | executor::IdentityMode::SiteUser
-    ) {
-        reachable_by_executors("work", &work_dir)?;
-        reachable_by_executors("runtime", &runtime_dir)?;
-    }
-    let public_ca = publish_ca(&ca_file, &runtime_dir)?;
-    let mut log_config = logs::LogConfig::new(&log_dir);
+    let dirs = NodeDirs::create(&args, &file, &executor_identity)?;
+    let public_ca = publish_ca(&tls.ca_file, &dirs.runtime)?;
+    let mut log_config = logs::LogConfig::new(&dirs.log);
     if let Some(size) = &file.log_file_bytes_max {
         log_config.file_bytes_max = size.bytes("log_file_bytes_max")?;
     }
@@ -400,7 +241,7 @@ fn run(args: Args) -> Result<(), String> {
         log_config.files_kept = kept;
     }
     let logs = logs::LogRegistry::new(log_config)
-        .map_err(|e| format!("cannot set up executor logs in {}: {e}", log_dir.display()))?;
+        .map_err(|e| format!("cannot set up executor logs in {}: {e}", dirs.log.display()))?;
     let head_loss_grace = match (args.head_loss_grace, &file.head_loss_grace) {
         (Some(d), _) => d,
         (None, Some(text)) => humantime::parse_duration(text)
@@ -410,8 +251,8 @@ fn run(args: Args) -> Result<(), String> {
     let credit = args.credit.or(file.credit).unwrap_or(256).clamp(1, 1024);
     let settings = executor::Settings {
         node_name: name.clone(),
-        work_dir,
-        runtime_dir,
+        work_dir: dirs.work,
+        runtime_dir: dirs.runtime,
         identity: executor_identity,
         allow_root,
         node_is_root: root,
@@ -427,7 +268,7 @@ fn run(args: Args) -> Result<(), String> {
     };
     let config = link::NodeConfig {
         head,
-        ca_file,
+        ca_file: tls.ca_file,
         identity,
         name,
         allocatable,
@@ -436,6 +277,11 @@ fn run(args: Args) -> Result<(), String> {
         head_loss_grace,
         executors: Arc::new(settings),
     };
+    serve(config)
+}
+
+/// Serves the head until a signal or a final refusal, then removes the node's cgroups.
+fn serve(config: link::NodeConfig) -> Result<(), String> {
     let executors = config.executors.clone();
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -456,11 +302,242 @@ fn run(args: Args) -> Result<(), String> {
     served
 }
 
-/// What every rank of a batch job gets besides its own variables: where the head is, for
-/// programs of the job that talk to Flame, and the launcher Open MPI's `mpirun` uses to
-/// start its daemons through Flame (`flame-mpi-agent`, next to this binary).
-/// Executors run as their owners' own uids: every folder above their work and runtime
-/// folders must let others pass, or every launch fails at its `chdir` with a bare EACCES.
+/// The node's TLS files, from flags, the config file and the defaults beside `tls_dir`.
+struct TlsFiles {
+    dir: PathBuf,
+    ca_file: PathBuf,
+    cert_file: PathBuf,
+    key_file: PathBuf,
+}
+
+impl TlsFiles {
+    fn new(args: &Args, file: &config::FileConfig) -> TlsFiles {
+        let dir = args
+            .tls_dir
+            .clone()
+            .or(file.tls_dir.clone())
+            .unwrap_or_else(|| PathBuf::from(join::DEFAULT_TLS_DIR));
+        TlsFiles {
+            ca_file: args
+                .ca_file
+                .clone()
+                .or(file.ca_file.clone())
+                .unwrap_or_else(|| join::ca_path(&dir)),
+            cert_file: args
+                .cert
+                .clone()
+                .or(file.cert.clone())
+                .unwrap_or_else(|| join::cert_path(&dir)),
+            key_file: args
+                .key
+                .clone()
+                .or(file.key.clone())
+                .unwrap_or_else(|| join::key_path(&dir)),
+            dir,
+        }
+    }
+
+    /// The node's name and identity from its certificate, which a name asked for must
+    /// match.
+    fn load(
+        &self,
+        asked_name: Option<String>,
+    ) -> Result<(String, flame_protocol::endpoint::ClientIdentity), String> {
+        std::fs::metadata(&self.ca_file).map_err(|e| {
+            format!(
+                "cannot read the CA file {}: {e}\nhint: `flame-node join` writes it next to the node's certificate",
+                self.ca_file.display()
+            )
+        })?;
+        let (identity, certified) =
+            join::load_node_identity(&self.dir, &self.cert_file, &self.key_file)?;
+        if let Some(asked) = asked_name.filter(|asked| *asked != certified) {
+            return Err(format!(
+                "this node is called `{asked}` (--name or `name` in --config), but its certificate {} names node `{certified}`\n\
+                 hint: drop --name to run as `{certified}`, or join again with --name {asked}",
+                self.cert_file.display()
+            ));
+        }
+        Ok((certified, identity))
+    }
+}
+
+/// What the node offers: detected, overridden, less what is reserved.
+fn allocatable(args: &Args, file: &config::FileConfig) -> Result<NodeResources, String> {
+    let detected = capacity::detect();
+    let cpu_millis = match args.cpus.or(file.cpus) {
+        Some(c) => config::cpu_millis("--cpus", c)?,
+        None => detected.cpu_millis,
+    };
+    if cpu_millis == 0 {
+        return Err("--cpus: a node must offer more than 0 cpus".to_string());
+    }
+    let memory_bytes = match (&args.memory, &file.memory) {
+        (Some(m), _) => config::parse_size("memory", m)?,
+        (None, Some(m)) => m.bytes("memory")?,
+        (None, None) => detected.memory_bytes,
+    };
+    let gpus = gpus(args, file, &detected)?;
+    let reserve_cpu = match args.reserve_cpus.or(file.reserve_cpus) {
+        Some(c) => config::cpu_millis("reserve_cpus", c)?,
+        None => 0,
+    };
+    let reserve_memory = match (&args.reserve_memory, &file.reserve_memory) {
+        (Some(m), _) => config::parse_size("reserve_memory", m)?,
+        (None, Some(m)) => m.bytes("reserve_memory")?,
+        (None, None) => 0,
+    };
+    if reserve_cpu >= cpu_millis {
+        return Err(format!(
+            "reserve_cpus ({}) leaves nothing of the {} cpus for executors",
+            flame_protocol::model::format_cpus(reserve_cpu),
+            flame_protocol::model::format_cpus(cpu_millis)
+        ));
+    }
+    if reserve_memory >= memory_bytes && memory_bytes > 0 {
+        return Err("reserve_memory leaves no memory for executors".to_string());
+    }
+    Ok(NodeResources {
+        cpu_millis: cpu_millis - reserve_cpu,
+        memory_bytes: memory_bytes.saturating_sub(reserve_memory),
+        gpus,
+    })
+}
+
+/// The GPUs offered: those `--gpus` (or the config) names, as detected where they were,
+/// else every one detected.
+fn gpus(
+    args: &Args,
+    file: &config::FileConfig,
+    detected: &capacity::Capacity,
+) -> Result<Vec<GpuInfo>, String> {
+    let gpu_override: Option<Vec<u32>> = match &args.gpus {
+        Some(list) if list == "none" || list.is_empty() => Some(Vec::new()),
+        Some(list) => Some(
+            list.split(',')
+                .map(|g| {
+                    g.trim()
+                        .parse::<u32>()
+                        .map_err(|_| format!("--gpus: `{g}` is not a GPU index"))
+                })
+                .collect::<Result<_, _>>()?,
+        ),
+        None => file.gpus.clone(),
+    };
+    Ok(match gpu_override {
+        Some(indices) => indices
+            .into_iter()
+            .map(|index| {
+                let found = detected.gpus.iter().find(|g| g.index == index);
+                GpuInfo {
+                    index,
+                    name: found.map_or_else(|| "configured".to_string(), |g| g.name.clone()),
+                    uuid: found.map_or_else(String::new, |g| g.uuid.clone()),
+                    memory_bytes: found.map_or(0, |g| g.memory_bytes),
+                }
+            })
+            .collect(),
+        None => detected
+            .gpus
+            .iter()
+            .map(|g| GpuInfo {
+                index: g.index,
+                name: g.name.clone(),
+                uuid: g.uuid.clone(),
+                memory_bytes: g.memory_bytes,
+            })
+            .collect(),
+    })
+}
+
+/// The executors' cgroup tree, if cgroups are on and can be had (required as root).
+fn executor_cgroups(
+    args: &Args,
+    file: &config::FileConfig,
+    name: &str,
+    root: bool,
+) -> Result<Option<cgroup::CgroupTree>, String> {
+    let mode = args.cgroups.or(file.cgroups).unwrap_or(CgroupMode::Auto);
+    let cgroup_root = args
+        .cgroup_root
+        .clone()
+        .or(file.cgroup_root.clone())
+        .unwrap_or_else(|| format!("flame-node-{name}"));
+    Ok(match mode {
+        CgroupMode::Off => None,
+        CgroupMode::Auto => match cgroup::CgroupTree::detect(&cgroup_root) {
+            Ok(tree) => Some(tree),
+            Err(e) if root => {
+                return Err(format!(
+                    "cannot set up executor cgroups: {e}\nhint: run with `--cgroups off` to run executors without limits or accounting"
+                ))
+            }
+            Err(e) => {
+                tracing::warn!("running executors without cgroups (no limits, no accounting): {e}");
+                None
+            }
+        },
+    })
+}
+
+/// The node's folders: the executors' working and runtime folders' parents and the logs.
+struct NodeDirs {
+    work: PathBuf,
+    runtime: PathBuf,
+    log: PathBuf,
+}
+
+impl NodeDirs {
+    /// Creates them (mode 0755, the log folder 0700), checks that they are the node's own,
+    /// and, where executors run as their owners, that those can reach them.
+    fn create(
+        args: &Args,
+        file: &config::FileConfig,
+        identity: &executor::IdentityMode,
+    ) -> Result<NodeDirs, String> {
+        let work = args
+            .work_dir
+            .clone()
+            .or(file.work_dir.clone())
+            .unwrap_or_else(|| PathBuf::from("/var/lib/flame/node"));
+        let runtime = args
+            .runtime_dir
+            .clone()
+            .or(file.runtime_dir.clone())
+            .unwrap_or_else(|| PathBuf::from("/run/flame/node"));
+        let log = args
+            .log_dir
+            .clone()
+            .or(file.log_dir.clone())
+            .unwrap_or_else(|| PathBuf::from("/var/log/flame/node"));
+        for (what, dir, mode) in [
+            ("work", &work, 0o755),
+            ("runtime", &runtime, 0o755),
+            ("log", &log, 0o700),
+        ] {
+            std::fs::create_dir_all(dir).map_err(|e| {
+                format!("cannot create the {what} directory {}: {e}", dir.display())
+            })?;
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode)).map_err(|e| {
+                format!(
+                    "cannot set the mode of the {what} directory {}: {e}",
+                    dir.display()
+                )
+            })?;
+            owned_by_node(what, dir)?;
+        }
+        if matches!(
+            identity,
+            executor::IdentityMode::OwnerUid | executor::IdentityMode::SiteUser
+        ) {
+            reachable_by_executors("work", &work)?;
+            reachable_by_executors("runtime", &runtime)?;
+        }
+        Ok(NodeDirs { work, runtime, log })
+    }
+}
+
 /// The node's own folders must be real folders of the node's user: executors' private
 /// folders are made inside them through handles (`flame_shims::private_dir`), which is
 /// safe only while no executor user can replace or write the folder above.
@@ -488,6 +565,8 @@ fn owned_by_node(what: &str, dir: &std::path::Path) -> Result<(), String> {
     Ok(())
 }
 
+/// Executors run as their owners' own uids: every folder above their work and runtime
+/// folders must let others pass, or every launch fails at its `chdir` with a bare EACCES.
 fn reachable_by_executors(what: &str, dir: &std::path::Path) -> Result<(), String> {
     use std::os::unix::fs::PermissionsExt as _;
     for folder in dir.ancestors() {
@@ -540,6 +619,9 @@ fn publish_ca(
     Ok(public)
 }
 
+/// What every rank of a batch job gets besides its own variables: where the head is, for
+/// programs of the job that talk to Flame, and the launcher Open MPI's `mpirun` uses to
+/// start its daemons through Flame (`flame-mpi-agent`, next to this binary).
 fn job_environment(head: &str, ca_file: &std::path::Path) -> Vec<(String, String)> {
     let agent = std::env::current_exe()
         .ok()

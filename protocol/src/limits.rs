@@ -73,3 +73,34 @@ pub const HANDSHAKES_PER_ADDRESS_MAX: u32 = 32;
 /// log copy task: one is usual, since an executor enters or leaves one session at a time.
 /// Past it a settle does not wait for that copy task.
 pub const LOG_FLUSH_REQUESTS_MAX: usize = 8;
+
+// Node channels (issue 19)
+
+/// Commands an executor's queue on a node holds beyond the node's credit (the runs a head
+/// may have outstanding per executor): a bind and an unbind, and the few a reconnect may
+/// leave queued. A head that keeps its credit never fills the queue; one that does drops
+/// its link (a protocol error), and the node registers again.
+pub const NODE_EXECUTOR_COMMANDS_SLACK: usize = 16;
+
+/// Reports (results and executor events) queued from a node's executors to its link. Past
+/// it an executor waits at its next report, holding its application's answers in the
+/// application's pipe: backpressure that reaches the head through its credit.
+pub const NODE_REPORTS_MAX: usize = 4 * MESSAGE_BATCH_MAX;
+
+/// Reports a node's link hands its connection's writer ahead of the wire: one full frame's
+/// worth. Past it the link takes no more reports (they wait in [`NODE_REPORTS_MAX`]) but
+/// goes on reading the head.
+pub const NODE_REPORTS_WRITER_MAX: usize = MESSAGE_BATCH_MAX;
+
+/// Reports a node's link makes itself (an executor the head named is not on this node)
+/// waiting for room in [`NODE_REPORTS_MAX`]. More means the head keeps naming executors
+/// this node does not have while not reading its reports: a protocol error that drops the
+/// link.
+pub const NODE_OWN_REPORTS_MAX: usize = MESSAGE_BATCH_MAX;
+
+/// Executors ended on a node and not yet counted by its agent. Past it an ended executor's
+/// task (which holds nothing any more) waits to be counted.
+pub const NODE_EXECUTORS_GONE_MAX: usize = 1_024;
+
+/// Exec requests (Open MPI's daemons) waiting for one holding rank of a batch job.
+pub const RANK_EXEC_REQUESTS_MAX: usize = 64;
