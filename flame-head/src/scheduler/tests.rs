@@ -649,3 +649,48 @@ fn full_node_releases_idle_executor_of_other_app() {
         }]
     );
 }
+
+/// The check every plan passes in debug builds is not vacuous: it refuses a plan that
+/// over-commits a node, decides on an executor twice, or binds another owner's executor.
+#[test]
+fn the_plan_check_refuses_what_no_plan_may_do() {
+    let snap = Snapshot {
+        nodes: vec![node("n1", 1)],
+        applications: vec![app("a", 10)],
+        sessions: vec![session(1, "a", 1)],
+        executors: vec![
+            exec(1, "a", ExecutorPhase::Bound, Some(1)),
+            ExecutorView {
+                owner: "other".into(),
+                ..exec(2, "a", ExecutorPhase::Idle, None)
+            },
+        ],
+        ..Default::default()
+    };
+    let refused = |decisions: Vec<Decision>| {
+        let plan = Plan {
+            decisions,
+            ..Default::default()
+        };
+        std::panic::catch_unwind(|| planner::check_plan(&snap, &plan)).is_err()
+    };
+    let launch = Decision::Launch {
+        node: "n1".into(),
+        application: "a".into(),
+        owner: "default".into(),
+    };
+    let unbind = Decision::Unbind {
+        executor: ExecutorId(1),
+    };
+    let bind_other = Decision::Bind {
+        executor: ExecutorId(2),
+        session: SessionId(1),
+    };
+    assert!(!refused(vec![unbind.clone()]));
+    assert!(
+        refused(vec![launch]),
+        "the executor there holds its only cpu"
+    );
+    assert!(refused(vec![unbind.clone(), unbind]));
+    assert!(refused(vec![bind_other]));
+}
