@@ -9,7 +9,8 @@
 //! [`plan`] makes a [`Planner`] and runs its phases, one method each, in this order; each
 //! method's doc states what holds on entry and on exit, and the plan's invariants (no
 //! executor decided on twice, executors only for their own pool, no node over-committed,
-//! a gang launched whole or not at all) are asserted as it is made:
+//! a gang launched whole or not at all) are asserted as it is made (the O(n) checks in
+//! debug builds only):
 //! 1. **Index** the snapshot: applications by name, Ready non-draining nodes by index in
 //!    name order, the room free on each, and the executors each session holds.
 //! 2. **Targets** ([`fair_shares`]): weighted DRF by progressive filling over the cpus,

@@ -13,9 +13,10 @@
 //!
 //! [`Planner::finish`] then checks the plan's invariants (in debug builds) and returns it.
 //!
-//! What holds through all phases: free room, room on its way and reclaimable room per node
-//! only shrink; each executor is decided on at most once (`taken`); decisions are only
-//! appended, so their order is the order the phases run in.
+//! What holds through all phases: free room per node only shrinks (and, once phase 5 has
+//! filled them, so do room on its way, Idle room and reclaimable room); each executor is
+//! decided on at most once (`taken`); decisions are only appended, so their order is the
+//! order the phases run in.
 
 use super::owners::{pool_of, session_pool, Holdings, Pool};
 use super::reasons::{backing_off, never_fits};
