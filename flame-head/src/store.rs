@@ -1050,6 +1050,33 @@ mod tests {
         ));
     }
 
+    /// A value serde cannot write.
+    struct Unencodable;
+
+    impl Serialize for Unencodable {
+        fn serialize<S: serde::Serializer>(&self, _: S) -> Result<S::Ok, S::Error> {
+            Err(serde::ser::Error::custom("not this one"))
+        }
+    }
+
+    #[test]
+    fn a_record_that_cannot_be_encoded_is_an_error_not_empty_bytes() {
+        let e = encode("tasks", &Unencodable).unwrap_err();
+        assert!(
+            matches!(e, StoreError::Encode { table: "tasks", .. }),
+            "{e:?}"
+        );
+        assert!(
+            e.to_string().contains("nothing of this write was stored"),
+            "{e}"
+        );
+        let mut buf = vec![1, 2, 3];
+        assert!(matches!(
+            encode_into("nodes", &Unencodable, &mut buf),
+            Err(StoreError::Encode { table: "nodes", .. })
+        ));
+    }
+
     #[test]
     fn schema_mismatch_is_refused() {
         let dir = tempfile::tempdir().unwrap();
