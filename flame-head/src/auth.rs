@@ -1,4 +1,5 @@
-//! Who is connecting: tokens (kept hashed), job credentials, and the checks on them.
+//! Who is connecting: tokens (kept hashed), job credentials, and the checks on them; and
+//! who may make which request ([`access`]).
 //!
 //! Pure code over an in-memory book; the server persists what changes through
 //! [`crate::store::Store::put_token`] and loads the book at start.
@@ -13,17 +14,27 @@
 //! `FLAME_JOB_TOKEN`. It is good only for [`flame_protocol::messages::ClientRequest::JobExec`]
 //! on that job, and for nothing once the job has ended. Nothing about it is stored: the key
 //! is derived from the head's persistent secret, so it survives restarts.
+//!
+//! **Access.** [`access`] says, for every [`ClientRequest`], who may make it: admins only,
+//! the owner of a session (or an admin), the owner a new session names, or any user. It
+//! lists every request and has no catch-all arm, so a request added to the protocol does not
+//! compile until someone decides who may make it. The server applies the answer
+//! (`server::authorize`), looking up the session's owner where it needs one.
 
 use flame_protocol::auth::{
     hex, validate_user_name, ParsedToken, Principal, Secret, TokenInfo, TokenKind,
     FINGERPRINT_BYTES, TOKEN_ID_BYTES, TOKEN_SECRET_BYTES, TOKEN_TTL_MS_MAX, TOKEN_USES_MAX,
 };
+use flame_protocol::messages::ClientRequest;
+use flame_protocol::model::SpecError;
 use flame_protocol::SessionId;
-use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
-/// A token as the store keeps it: the digest of its secret, never the secret.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// A token as the store keeps it: the digest of its secret, never the secret. Written as a
+/// [`crate::store::records::TokenRecord`]. (Tests serialize it directly: that is the layout
+/// schema 6 stored before the records existed, which the record reproduces.)
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[cfg_attr(test, derive(serde::Serialize, serde::Deserialize))]
 pub struct StoredToken {
     pub kind: TokenKind,
     pub secret_sha256: [u8; 32],
@@ -94,8 +105,10 @@ pub enum CreateError {
     Ttl,
     #[error("a number of uses must be between 1 and {TOKEN_USES_MAX}")]
     Uses,
-    #[error("only node join tokens can replace a node: {0}")]
-    Replace(String),
+    #[error("only node join tokens can replace a node: `--replace {name}` needs `--node`")]
+    ReplaceNeedsNode { name: String },
+    #[error("only node join tokens can replace a node: invalid node name: {0}")]
+    ReplaceName(#[source] SpecError),
     #[error("the head holds {TOKENS_MAX} tokens already; revoke some or remove old ones")]
     Full,
     #[error("the system random source failed")]
@@ -206,12 +219,9 @@ impl TokenBook {
         }
         if let Some(name) = &replace {
             if kind != TokenKind::Node {
-                return Err(CreateError::Replace(format!(
-                    "`--replace {name}` needs `--node`"
-                )));
+                return Err(CreateError::ReplaceNeedsNode { name: name.clone() });
             }
-            flame_protocol::model::validate_node_name(name)
-                .map_err(|e| CreateError::Replace(format!("invalid node name: {e}")))?;
+            flame_protocol::model::validate_node_name(name).map_err(CreateError::ReplaceName)?;
         }
         if self.tokens.len() >= TOKENS_MAX {
             return Err(CreateError::Full);
@@ -359,6 +369,66 @@ impl TokenBook {
             return Err(unknown());
         }
         Ok(Authenticated::Job(job))
+    }
+}
+
+/// Who may make a request (see [`access`]). A job credential may make `JobExec` on its
+/// own job only, whatever this says (`server::authorize`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    /// Admins only. `why` begins the refusal a user who is not an admin gets.
+    Admin { why: &'static str },
+    /// The owner of this session (a batch job is a session), or an admin. Anyone asking
+    /// about a session that does not exist is told so, admins included.
+    SessionOwner(SessionId),
+    /// A new session, for the owner it names: a user for itself (an empty owner is the
+    /// caller), an admin for anyone.
+    NamedOwner,
+    /// Any user. What some answers show is trimmed to the caller's own (the server filters
+    /// session lists and the queue's sessions for users who are not admins).
+    Anyone,
+}
+
+/// Who may make `request`. Every request is listed: no catch-all arm, so a new request
+/// is not open to everyone by default.
+pub fn access(request: &ClientRequest) -> Access {
+    const APPLICATIONS: &str = "registering, changing or removing applications is for \
+                                admins: an application is code every node runs";
+    const NODES: &str = "draining nodes is for admins";
+    const TOKENS: &str = "managing tokens is for admins";
+    const CERTS: &str = "managing certificates is for admins";
+    match request {
+        ClientRequest::RegisterApplication(_)
+        | ClientRequest::UpdateApplication(_)
+        | ClientRequest::RemoveApplication { .. } => Access::Admin { why: APPLICATIONS },
+        ClientRequest::DrainNode { .. } | ClientRequest::UndrainNode { .. } => {
+            Access::Admin { why: NODES }
+        }
+        ClientRequest::CreateToken { .. }
+        | ClientRequest::ListTokens
+        | ClientRequest::RevokeToken { .. } => Access::Admin { why: TOKENS },
+        ClientRequest::RevokeCert { .. } | ClientRequest::ListCerts => Access::Admin { why: CERTS },
+        // A batch job's ranks run as application `job.<id>`: its spec is the job owner's.
+        ClientRequest::GetApplication { name } => {
+            match flame_protocol::model::job_of_application(name) {
+                Some(job) => Access::SessionOwner(job),
+                None => Access::Anyone,
+            }
+        }
+        ClientRequest::GetSession { id }
+        | ClientRequest::CloseSession { id }
+        | ClientRequest::CancelSession { id } => Access::SessionOwner(*id),
+        ClientRequest::ListTasks { session, .. }
+        | ClientRequest::OpenSubmitStream { session }
+        | ClientRequest::WatchResults { session }
+        | ClientRequest::Logs { session, .. } => Access::SessionOwner(*session),
+        ClientRequest::JobExec { job, .. } => Access::SessionOwner(*job),
+        ClientRequest::CreateSession(_) => Access::NamedOwner,
+        ClientRequest::ListApplications
+        | ClientRequest::ListSessions
+        | ClientRequest::ListNodes
+        | ClientRequest::Queue
+        | ClientRequest::WhoAmI => Access::Anyone,
     }
 }
 
@@ -525,20 +595,92 @@ mod tests {
     }
 
     #[test]
+    fn access_names_who_may_make_each_request() {
+        use flame_protocol::model::{ApplicationSpec, SessionSpec};
+        let app = ApplicationSpec::new("web", "/bin/cat");
+        match access(&ClientRequest::RegisterApplication(app)) {
+            Access::Admin { why } => assert_eq!(
+                why,
+                "registering, changing or removing applications is for admins: an application \
+                 is code every node runs"
+            ),
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            access(&ClientRequest::ListTokens),
+            Access::Admin {
+                why: "managing tokens is for admins"
+            }
+        ));
+        assert!(matches!(
+            access(&ClientRequest::DrainNode { name: "n1".into() }),
+            Access::Admin {
+                why: "draining nodes is for admins"
+            }
+        ));
+        assert!(matches!(
+            access(&ClientRequest::ListCerts),
+            Access::Admin {
+                why: "managing certificates is for admins"
+            }
+        ));
+        let s = SessionId(7);
+        for request in [
+            ClientRequest::GetSession { id: s },
+            ClientRequest::CancelSession { id: s },
+            ClientRequest::OpenSubmitStream { session: s },
+            ClientRequest::Logs {
+                session: s,
+                executor: None,
+                follow: true,
+            },
+            ClientRequest::JobExec {
+                job: s,
+                node: "n1".into(),
+                argv: Vec::new(),
+            },
+            ClientRequest::GetApplication {
+                name: "job.7".into(),
+            },
+        ] {
+            assert_eq!(access(&request), Access::SessionOwner(s), "{request:?}");
+        }
+        assert_eq!(
+            access(&ClientRequest::GetApplication { name: "web".into() }),
+            Access::Anyone
+        );
+        assert_eq!(
+            access(&ClientRequest::CreateSession(SessionSpec::new("web"))),
+            Access::NamedOwner
+        );
+        for request in [
+            ClientRequest::ListSessions,
+            ClientRequest::Queue,
+            ClientRequest::WhoAmI,
+        ] {
+            assert_eq!(access(&request), Access::Anyone, "{request:?}");
+        }
+    }
+
+    #[test]
     fn only_node_tokens_replace_and_uses_are_bounded() {
         let mut book = book();
         let replace = |name: &str| TokenLimits {
             replace: Some(name.into()),
             ..TokenLimits::default()
         };
-        assert!(matches!(
-            book.create(user("a", false), replace("n1"), 0),
-            Err(CreateError::Replace(_))
-        ));
-        assert!(matches!(
-            book.create(TokenKind::Node, replace("Not A Name"), 0),
-            Err(CreateError::Replace(_))
-        ));
+        let needs_node = book.create(user("a", false), replace("n1"), 0).unwrap_err();
+        assert_eq!(
+            needs_node.to_string(),
+            "only node join tokens can replace a node: `--replace n1` needs `--node`"
+        );
+        let bad_name = book
+            .create(TokenKind::Node, replace("Not A Name"), 0)
+            .unwrap_err();
+        assert!(matches!(bad_name, CreateError::ReplaceName(_)));
+        assert!(bad_name
+            .to_string()
+            .starts_with("only node join tokens can replace a node: invalid node name: "));
         let (_, info, _) = book.create(TokenKind::Node, replace("n1"), 0).unwrap();
         assert_eq!(book.replaces(&info.id).as_deref(), Some("n1"));
         let uses = |n| TokenLimits {

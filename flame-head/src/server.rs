@@ -1219,8 +1219,9 @@ fn denied(message: String) -> ApiError {
     ApiError::new(ErrorKind::PermissionDenied, message)
 }
 
-/// Checks that `caller` may make `request`, and fills in what the caller decides (a new
-/// session's owner). The inner error is the answer to send back.
+/// Checks that `caller` may make `request` (who may make which: [`crate::auth::access`]),
+/// and fills in what the caller decides (a new session's owner). The inner error is the
+/// answer to send back.
 async fn authorize(
     shared: &Shared,
     caller: &Caller,
@@ -1237,44 +1238,20 @@ async fn authorize(
         }
         Caller::User(p) => p,
     };
-    let admin_only = match &request {
-        ClientRequest::RegisterApplication(_)
-        | ClientRequest::UpdateApplication(_)
-        | ClientRequest::RemoveApplication { .. } => Some(
-            "registering, changing or removing applications is for admins: an application \
-             is code every node runs",
-        ),
-        ClientRequest::DrainNode { .. } | ClientRequest::UndrainNode { .. } => {
-            Some("draining nodes is for admins")
+    use crate::auth::{access, Access};
+    let session = match access(&request) {
+        Access::Admin { why } => {
+            if !principal.admin {
+                return Ok(Err(denied(format!(
+                    "{why}; user `{}` is not an admin",
+                    principal.name
+                ))));
+            }
+            return Ok(Ok(request));
         }
-        ClientRequest::CreateToken { .. }
-        | ClientRequest::ListTokens
-        | ClientRequest::RevokeToken { .. } => Some("managing tokens is for admins"),
-        ClientRequest::RevokeCert { .. } | ClientRequest::ListCerts => {
-            Some("managing certificates is for admins")
-        }
-        _ => None,
-    };
-    if let Some(what) = admin_only {
-        if !principal.admin {
-            return Ok(Err(denied(format!(
-                "{what}; user `{}` is not an admin",
-                principal.name
-            ))));
-        }
-        return Ok(Ok(request));
-    }
-    let session = match &request {
-        ClientRequest::GetApplication { name } => flame_protocol::model::job_of_application(name),
-        ClientRequest::GetSession { id }
-        | ClientRequest::CloseSession { id }
-        | ClientRequest::CancelSession { id } => Some(*id),
-        ClientRequest::ListTasks { session, .. }
-        | ClientRequest::OpenSubmitStream { session }
-        | ClientRequest::WatchResults { session }
-        | ClientRequest::Logs { session, .. } => Some(*session),
-        ClientRequest::JobExec { job, .. } => Some(*job),
-        _ => None,
+        Access::SessionOwner(session) => Some(session),
+        Access::NamedOwner => None,
+        Access::Anyone => return Ok(Ok(request)),
     };
     if let Some(session) = session {
         let mut owner = ask(shared, |reply| Event::SessionOwner { session, reply }).await?;
@@ -1314,7 +1291,11 @@ async fn authorize(
         }
         return Ok(Ok(ClientRequest::CreateSession(spec)));
     }
-    Ok(Ok(request))
+    // `access` names an owner to check for session creations only: anything else that
+    // gets here is refused, not let through.
+    Ok(Err(denied(
+        "this request names no owner to check".to_string(),
+    )))
 }
 
 /// Token management and `WhoAmI`, answered here: tokens live in the server's book, not the

@@ -306,7 +306,7 @@ mod tests {
             .contains("must be reopened"));
         let other = StoreError::Corrupt {
             table: "tasks",
-            reason: "x".into(),
+            cause: postcard::Error::DeserializeUnexpectedEnd,
         };
         assert_eq!(classify(&other, dir, Some(1)).kind, FaultKind::Other);
     }

@@ -7,6 +7,16 @@
 //! arrived while the previous commit was running and applies them all in one write
 //! transaction with `Durability::Immediate`, so the cost of an fsync is shared by everything
 //! that arrived meanwhile. The group size is set by arrival, not by a timer.
+//!
+//! What the tables hold are **records** ([`records`]), the on-disk format, apart from the
+//! wire types: the store's API takes and returns the head's own types ([`ApplicationSpec`],
+//! [`StoredSession`], [`SessionInfo`], …) and converts them on the way in and out, so a
+//! change to the wire format is not a change to the file. Older schemas' records and their
+//! migrations are in [`migrate`]. A record that cannot be encoded fails its whole write
+//! transaction ([`StoreError::Encode`]); nothing is written for it.
+
+mod migrate;
+pub mod records;
 
 use crate::storage_fault::{
     classify, free_space, next_backoff_ms, FaultKind, StorageFault, PROBE_BACKOFF_MIN_MS,
@@ -18,6 +28,10 @@ use flame_protocol::model::{
     TaskOutcome, TaskResult, TaskState,
 };
 use flame_protocol::{SessionId, TaskId};
+use records::{
+    ApplicationRecord, CertificateRecord, FinishedRecord, NodeRecord, OutcomeRecord, SessionRecord,
+    TaskRecord, TokenRecord,
+};
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -31,7 +45,8 @@ use std::sync::{Arc, PoisonError, RwLock};
 /// Version 5: applications' `allow_root`. Version 6: applications' `users` and `groups`,
 /// the `owner_uids` table, token uses and `replace`, and the certificates table
 /// (revocations and nodes' certificates); a version 5 store is migrated at open
-/// ([`migrate_5_to_6`]).
+/// ([`migrate::migrate_5_to_6`]). The records of each table are in [`records`]: changing
+/// one changes the schema.
 pub const SCHEMA_VERSION: u64 = 6;
 
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
@@ -41,13 +56,13 @@ const TASKS: TableDefinition<(u64, u64), &[u8]> = TableDefinition::new("tasks");
 const NODES: TableDefinition<&str, &[u8]> = TableDefinition::new("nodes");
 /// (session, client batch id) → (first task id, task count).
 const BATCHES: TableDefinition<(u64, u64), (u64, u32)> = TableDefinition::new("batches");
-/// Token id → [`crate::auth::StoredToken`] (the digest of its secret, never the secret).
-/// Added in schema 5.
+/// Token id → [`TokenRecord`] (the digest of its secret, never the secret). Added in
+/// schema 5.
 const TOKENS: TableDefinition<&str, &[u8]> = TableDefinition::new("tokens");
-/// `serial:<hex>`, `sha256:<hex>` or `node:<name>` → [`crate::certs::StoredCert`]: revoked
+/// `serial:<hex>`, `sha256:<hex>` or `node:<name>` → [`CertificateRecord`]: revoked
 /// certificates, and the certificate each joined node connects with. Added in schema 6.
 const CERTS: TableDefinition<&str, &[u8]> = TableDefinition::new("certificates");
-/// Session id → its final [`SessionInfo`], written when a finished session leaves the
+/// Session id → its final view ([`FinishedRecord`], from [`SessionInfo`]), written when a finished session leaves the
 /// head's memory. Views, owners and log targets of finished sessions are read here, and
 /// start-up does not load them. Added without a schema change: a store of an earlier
 /// release gets the table at open, and its finished sessions are moved out at the first
@@ -99,8 +114,23 @@ pub enum StoreError {
          hint: restore the data directory from a backup, or move it aside to start with an empty state"
     )]
     Damaged { path: PathBuf, detail: String },
-    #[error("corrupt record in table {table}: {reason}")]
-    Corrupt { table: &'static str, reason: String },
+    #[error("corrupt record in table {table}: {cause}")]
+    Corrupt {
+        table: &'static str,
+        #[source]
+        cause: postcard::Error,
+    },
+    /// A record could not be encoded: its write transaction is abandoned, nothing of it is
+    /// written. Not a fault of the disk.
+    #[error(
+        "a record for table {table} could not be encoded ({cause}); nothing of this write was \
+         stored"
+    )]
+    Encode {
+        table: &'static str,
+        #[source]
+        cause: postcard::Error,
+    },
     #[error(
         "the state file in {dir} is closed after a storage fault; the head reopens it once \
          its disk works"
@@ -124,8 +154,11 @@ from_redb!(
     redb::CommitError
 );
 
-/// A session as stored.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// A session as the store keeps it, as the core holds it; written as a
+/// [`records::SessionRecord`]. (Tests serialize it directly: that is the layout schema 6
+/// stored before the records existed, which the records reproduce.)
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[cfg_attr(test, derive(Serialize, Deserialize))]
 pub struct StoredSession {
     pub id: SessionId,
     pub application: String,
@@ -149,15 +182,18 @@ pub struct StoredSession {
 pub const USAGE_RECORDS_MAX: usize = 1024;
 
 /// A task as stored. Pending tasks hold their input; final ones hold their outcome and drop
-/// the input, which is no longer needed to run them.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// the input, which is no longer needed to run them. Written as a [`records::TaskRecord`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[cfg_attr(test, derive(Serialize, Deserialize))]
 pub enum StoredTask {
     Pending { attempt: u32, input: Bytes },
     Final { attempt: u32, outcome: TaskOutcome },
 }
 
 /// A node as stored: what it registered with, so `flame node list` knows it after a restart.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// Written as a [`records::NodeRecord`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[cfg_attr(test, derive(Serialize, Deserialize))]
 pub struct StoredNode {
     pub name: String,
     pub allocatable: NodeResources,
@@ -243,16 +279,27 @@ pub struct Store {
     dir: PathBuf,
 }
 
-fn encode<T: Serialize>(v: &T) -> Vec<u8> {
-    // postcard into a Vec only fails for types serde cannot describe; ours are plain data.
-    postcard::to_allocvec(v).unwrap_or_default()
+/// A record of `table` as its bytes. Postcard into a Vec fails only for what serde cannot
+/// describe (a sequence of unknown length); the records are plain data, but a failure is
+/// still an error of the write, never an empty record.
+fn encode<T: Serialize>(table: &'static str, record: &T) -> Result<Vec<u8>, StoreError> {
+    postcard::to_allocvec(record).map_err(|cause| StoreError::Encode { table, cause })
+}
+
+/// Like [`encode`], into `buf` (cleared first), so a batch of records reuses one buffer.
+fn encode_into<T: Serialize>(
+    table: &'static str,
+    record: &T,
+    buf: &mut Vec<u8>,
+) -> Result<(), StoreError> {
+    buf.clear();
+    *buf = postcard::to_extend(record, std::mem::take(buf))
+        .map_err(|cause| StoreError::Encode { table, cause })?;
+    Ok(())
 }
 
 fn decode<T: for<'a> Deserialize<'a>>(table: &'static str, bytes: &[u8]) -> Result<T, StoreError> {
-    postcard::from_bytes(bytes).map_err(|e| StoreError::Corrupt {
-        table,
-        reason: e.to_string(),
-    })
+    postcard::from_bytes(bytes).map_err(|cause| StoreError::Corrupt { table, cause })
 }
 
 impl Store {
@@ -330,7 +377,7 @@ impl Store {
                 }
                 Some(v) if v == SCHEMA_VERSION => {}
                 Some(5) => {
-                    migrate_5_to_6(&txn)?;
+                    migrate::migrate_5_to_6(&txn)?;
                     meta.insert(META_SCHEMA, SCHEMA_VERSION)?;
                 }
                 Some(found) => {
@@ -377,7 +424,11 @@ impl Store {
             Ok(r) => r,
             Err(_) => Err(StoreError::Damaged {
                 path: dir.join("state.redb"),
-                detail: message.lock().map(|m| m.clone()).unwrap_or_default(),
+                // The hook only stores the text: a poisoned lock still holds it.
+                detail: message
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .clone(),
             }),
         }
     }
@@ -391,7 +442,8 @@ impl Store {
         loaded.next_executor = meta.get(META_NEXT_EXECUTOR)?.map_or(1, |v| v.value());
         for row in txn.open_table(APPS)?.iter()? {
             let (_, v) = row?;
-            loaded.applications.push(decode("applications", v.value())?);
+            let app: ApplicationRecord = decode("applications", v.value())?;
+            loaded.applications.push(app.into());
         }
         // Finished sessions stay in the store: neither they nor their tasks are loaded.
         let mut finished = std::collections::HashSet::new();
@@ -401,7 +453,8 @@ impl Store {
         for row in txn.open_table(SESSIONS)?.iter()? {
             let (k, v) = row?;
             if !finished.contains(&k.value()) {
-                loaded.sessions.push(decode("sessions", v.value())?);
+                let session: SessionRecord = decode("sessions", v.value())?;
+                loaded.sessions.push(session.into());
             }
         }
         let tasks = txn.open_table(TASKS)?;
@@ -410,14 +463,14 @@ impl Store {
             for row in tasks.range((id, 0)..=(id, u64::MAX))? {
                 let (k, v) = row?;
                 let (s, t) = k.value();
-                loaded
-                    .tasks
-                    .push((SessionId(s), TaskId(t), decode("tasks", v.value())?));
+                let task: TaskRecord = decode("tasks", v.value())?;
+                loaded.tasks.push((SessionId(s), TaskId(t), task.into()));
             }
         }
         for row in txn.open_table(NODES)?.iter()? {
             let (_, v) = row?;
-            loaded.nodes.push(decode("nodes", v.value())?);
+            let node: NodeRecord = decode("nodes", v.value())?;
+            loaded.nodes.push(node.into());
         }
         for row in txn.open_table(BATCHES)?.iter()? {
             let (k, v) = row?;
@@ -443,7 +496,8 @@ impl Store {
         let mut out = Vec::new();
         for row in txn.open_table(TOKENS)?.iter()? {
             let (k, v) = row?;
-            out.push((k.value().to_string(), decode("tokens", v.value())?));
+            let token: TokenRecord = decode("tokens", v.value())?;
+            out.push((k.value().to_string(), token.into()));
         }
         Ok(out)
     }
@@ -452,8 +506,8 @@ impl Store {
     /// rarely; the group-commit writer is not involved).
     pub fn put_token(&self, id: &str, token: &crate::auth::StoredToken) -> Result<(), StoreError> {
         let txn = self.write_txn()?;
-        txn.open_table(TOKENS)?
-            .insert(id, encode(token).as_slice())?;
+        let bytes = encode("tokens", &TokenRecord::from(token))?;
+        txn.open_table(TOKENS)?.insert(id, bytes.as_slice())?;
         txn.commit()?;
         Ok(())
     }
@@ -464,7 +518,8 @@ impl Store {
         let mut out = Vec::new();
         for row in txn.open_table(CERTS)?.iter()? {
             let (k, v) = row?;
-            out.push((k.value().to_string(), decode("certificates", v.value())?));
+            let cert: CertificateRecord = decode("certificates", v.value())?;
+            out.push((k.value().to_string(), cert.into()));
         }
         Ok(out)
     }
@@ -473,8 +528,11 @@ impl Store {
     pub fn finished_session(&self, session: SessionId) -> Result<Option<SessionInfo>, StoreError> {
         let txn = self.read_txn()?;
         let table = txn.open_table(FINISHED)?;
-        let row = table.get(session.0)?;
-        row.map(|v| decode("finished", v.value())).transpose()
+        let Some(row) = table.get(session.0)? else {
+            return Ok(None);
+        };
+        let info: FinishedRecord = decode("finished", row.value())?;
+        Ok(Some(info.into()))
     }
 
     /// Finished sessions that left memory, newest first, at most `max`, only `owner`'s
@@ -492,9 +550,9 @@ impl Store {
             if out.len() >= max {
                 break;
             }
-            let info: SessionInfo = decode("finished", row?.1.value())?;
+            let info: FinishedRecord = decode("finished", row?.1.value())?;
             if owner.is_none_or(|o| crate::core::owner_name(&info.owner) == o) {
-                out.push(info);
+                out.push(info.into());
             }
         }
         Ok(out)
@@ -507,8 +565,8 @@ impl Store {
         record: &crate::certs::StoredCert,
     ) -> Result<(), StoreError> {
         let txn = self.write_txn()?;
-        txn.open_table(CERTS)?
-            .insert(key, encode(record).as_slice())?;
+        let bytes = encode("certificates", &CertificateRecord::from(record))?;
+        txn.open_table(CERTS)?.insert(key, bytes.as_slice())?;
         txn.commit()?;
         Ok(())
     }
@@ -580,12 +638,12 @@ impl Store {
                 break;
             }
             let (k, v) = row?;
-            if let StoredTask::Final { attempt, outcome } = decode("tasks", v.value())? {
+            if let TaskRecord::Final { attempt, outcome } = decode("tasks", v.value())? {
                 bytes += v.value().len();
                 out.push(TaskResult {
                     task: TaskId(k.value().1),
                     attempt,
-                    outcome,
+                    outcome: outcome.into(),
                 });
             }
         }
@@ -601,11 +659,11 @@ impl Store {
         let mut out = Vec::new();
         for row in tasks.range((session.0, 0)..=(session.0, u64::MAX))? {
             let (k, v) = row?;
-            if let StoredTask::Final { attempt, outcome } = decode("tasks", v.value())? {
+            if let TaskRecord::Final { attempt, outcome } = decode("tasks", v.value())? {
                 out.push(TaskResult {
                     task: TaskId(k.value().1),
                     attempt,
-                    outcome,
+                    outcome: outcome.into(),
                 });
             }
         }
@@ -631,11 +689,11 @@ impl Store {
             }
             let (k, v) = row?;
             let (state, attempt, message) = match decode("tasks", v.value())? {
-                StoredTask::Pending { attempt, .. } => (TaskState::Pending, attempt, None),
-                StoredTask::Final { attempt, outcome } => match outcome {
-                    TaskOutcome::Succeeded(_) => (TaskState::Succeeded, attempt, None),
-                    TaskOutcome::Failed(m) => (TaskState::Failed, attempt, Some(m)),
-                    TaskOutcome::Cancelled => (TaskState::Cancelled, attempt, None),
+                TaskRecord::Pending { attempt, .. } => (TaskState::Pending, attempt, None),
+                TaskRecord::Final { attempt, outcome } => match outcome {
+                    OutcomeRecord::Succeeded(_) => (TaskState::Succeeded, attempt, None),
+                    OutcomeRecord::Failed(m) => (TaskState::Failed, attempt, Some(m)),
+                    OutcomeRecord::Cancelled => (TaskState::Cancelled, attempt, None),
                 },
             };
             if states.is_empty() || states.contains(&state) {
@@ -650,7 +708,8 @@ impl Store {
         Ok(out)
     }
 
-    /// Applies `ops` in one durable write transaction.
+    /// Applies `ops` in one durable write transaction. A record that cannot be encoded
+    /// abandons the whole transaction ([`StoreError::Encode`]).
     pub fn commit(&self, ops: &[StoreOp]) -> Result<(), StoreError> {
         let txn = self.write_txn()?;
         {
@@ -669,13 +728,15 @@ impl Store {
                 }
                 match op {
                     StoreOp::PutApplication(spec) => {
-                        apps.insert(spec.name.as_str(), encode(spec).as_slice())?;
+                        encode_into("applications", &ApplicationRecord::from(spec), &mut buf)?;
+                        apps.insert(spec.name.as_str(), buf.as_slice())?;
                     }
                     StoreOp::RemoveApplication(name) => {
                         apps.remove(name.as_str())?;
                     }
                     StoreOp::PutSession(s) => {
-                        sessions.insert(s.id.0, encode(s).as_slice())?;
+                        encode_into("sessions", &SessionRecord::from(s), &mut buf)?;
+                        sessions.insert(s.id.0, buf.as_slice())?;
                     }
                     StoreOp::AddTasks {
                         session,
@@ -685,33 +746,31 @@ impl Store {
                     } => {
                         batches.insert((session.0, *batch_id), (first.0, inputs.len() as u32))?;
                         for (i, input) in inputs.iter().enumerate() {
-                            buf.clear();
-                            let rec = StoredTask::Pending {
+                            let rec = TaskRecord::Pending {
                                 attempt: 1,
                                 input: input.clone(),
                             };
-                            buf = postcard::to_extend(&rec, std::mem::take(&mut buf))
-                                .unwrap_or_default();
+                            encode_into("tasks", &rec, &mut buf)?;
                             tasks.insert((session.0, first.0 + i as u64), buf.as_slice())?;
                         }
                     }
                     StoreOp::FinishTasks { session, results } => {
                         for (task, attempt, outcome) in results {
-                            buf.clear();
-                            let rec = StoredTask::Final {
+                            let rec = TaskRecord::Final {
                                 attempt: *attempt,
-                                outcome: outcome.clone(),
+                                outcome: outcome.into(),
                             };
-                            buf = postcard::to_extend(&rec, std::mem::take(&mut buf))
-                                .unwrap_or_default();
+                            encode_into("tasks", &rec, &mut buf)?;
                             tasks.insert((session.0, task.0), buf.as_slice())?;
                         }
                     }
                     StoreOp::PutNode(n) => {
-                        nodes.insert(n.name.as_str(), encode(n).as_slice())?;
+                        encode_into("nodes", &NodeRecord::from(n), &mut buf)?;
+                        nodes.insert(n.name.as_str(), buf.as_slice())?;
                     }
                     StoreOp::PutFinished(info) => {
-                        finished.insert(info.id.0, encode(info.as_ref()).as_slice())?;
+                        encode_into("finished", &FinishedRecord::from(info.as_ref()), &mut buf)?;
+                        finished.insert(info.id.0, buf.as_slice())?;
                     }
                     StoreOp::PutOwnerUid { owner, uid } => {
                         owner_uids.insert(owner.as_str(), *uid)?;
@@ -734,120 +793,6 @@ impl Store {
         Ok(())
     }
 }
-
-/// An application as schema 5 stored it: without `users` and `groups`.
-#[derive(Deserialize)]
-#[cfg_attr(test, derive(Serialize))]
-struct ApplicationSpecV5 {
-    name: String,
-    shim: flame_protocol::model::ShimKind,
-    command: String,
-    args: Vec<String>,
-    env: BTreeMap<String, flame_protocol::model::EnvValue>,
-    working_dir: Option<String>,
-    user: Option<String>,
-    group: Option<String>,
-    resources: flame_protocol::model::Resources,
-    selector: BTreeMap<String, String>,
-    max_instances: u32,
-    delay_release_ms: u64,
-    max_attempts: u32,
-    retry_on_error: bool,
-    task_timeout_ms: Option<u64>,
-    allow_root: bool,
-}
-
-/// Schema 5 → 6, inside the open transaction: applications gain empty `users` and
-/// `groups` (everyone may use them, as before), except that one with a fixed `user` or
-/// `group` is kept as it was only for the owner it can serve: none, so it is restricted
-/// to nobody's sessions until an admin names its one user (the fixed identity would
-/// otherwise be shared between owners). The `owner_uids` table starts empty; owners get
-/// their uid at their next launch.
-fn migrate_5_to_6(txn: &redb::WriteTransaction) -> Result<(), StoreError> {
-    let mut apps = txn.open_table(APPS)?;
-    let mut rewritten = Vec::new();
-    for row in apps.iter()? {
-        let (k, v) = row?;
-        let old: ApplicationSpecV5 = decode("applications", v.value())?;
-        let fixed = old.user.is_some() || old.group.is_some();
-        let spec = ApplicationSpec {
-            name: old.name,
-            shim: old.shim,
-            command: old.command,
-            args: old.args,
-            env: old.env,
-            working_dir: old.working_dir,
-            user: old.user,
-            group: old.group,
-            // A fixed identity serves one owner only (`ApplicationSpec::validate`): until
-            // an admin says which, no one's sessions are let in.
-            users: if fixed {
-                vec![MIGRATED_FIXED_IDENTITY_USER.to_string()]
-            } else {
-                Vec::new()
-            },
-            groups: Vec::new(),
-            resources: old.resources,
-            selector: old.selector,
-            max_instances: old.max_instances,
-            delay_release_ms: old.delay_release_ms,
-            max_attempts: old.max_attempts,
-            retry_on_error: old.retry_on_error,
-            task_timeout_ms: old.task_timeout_ms,
-            allow_root: old.allow_root,
-        };
-        if fixed {
-            tracing::warn!(
-                app = %spec.name,
-                "application with a fixed user or group: restricted to no one until an admin \
-                 names its one user (`users = [\"NAME\"]`, flame app update)"
-            );
-        }
-        rewritten.push((k.value().to_string(), encode(&spec)));
-    }
-    for (name, bytes) in rewritten {
-        apps.insert(name.as_str(), bytes.as_slice())?;
-    }
-    txn.open_table(OWNER_UIDS)?;
-    // Tokens gained their uses and the name a join may replace: existing ones keep what
-    // they allowed (no limit on uses, no name to replace).
-    let mut tokens = txn.open_table(TOKENS)?;
-    let mut rewritten = Vec::new();
-    for row in tokens.iter()? {
-        let (k, v) = row?;
-        let old: StoredTokenV5 = decode("tokens", v.value())?;
-        let token = crate::auth::StoredToken {
-            kind: old.kind,
-            secret_sha256: old.secret_sha256,
-            created_ms: old.created_ms,
-            expires_ms: old.expires_ms,
-            revoked: old.revoked,
-            uses_max: None,
-            uses: 0,
-            replace: None,
-        };
-        rewritten.push((k.value().to_string(), encode(&token)));
-    }
-    for (id, bytes) in rewritten {
-        tokens.insert(id.as_str(), bytes.as_slice())?;
-    }
-    txn.open_table(CERTS)?;
-    Ok(())
-}
-
-/// A token record as schema 5 stored it.
-#[derive(Debug, Deserialize)]
-struct StoredTokenV5 {
-    kind: flame_protocol::auth::TokenKind,
-    secret_sha256: [u8; 32],
-    created_ms: u64,
-    expires_ms: Option<u64>,
-    revoked: bool,
-}
-
-/// The `users` a schema 5 application with a fixed identity gets: a name no session owner
-/// can have (owners have no spaces), so it admits no one until an admin updates it.
-pub const MIGRATED_FIXED_IDENTITY_USER: &str = "(migrated: name its one user)";
 
 /// Half-way through applying a group commit's ops, before the commit.
 fn crash_mid_batch() {
@@ -975,6 +920,12 @@ fn writer_loop(
         }
         let result = match store.commit(&ops) {
             Ok(()) => Ok(()),
+            // The transaction was abandoned before anything reached the disk, which works:
+            // this commit fails, and the store is not faulted.
+            Err(e @ StoreError::Encode { .. }) => {
+                tracing::error!(error = %e, ops = ops.len(), "group commit refused");
+                Err(e.to_string())
+            }
             Err(e) => {
                 let f = classify_now(store, &e);
                 tracing::error!(error = %e, ops = ops.len(), "group commit failed");
@@ -1099,6 +1050,33 @@ mod tests {
         ));
     }
 
+    /// A value serde cannot write.
+    struct Unencodable;
+
+    impl Serialize for Unencodable {
+        fn serialize<S: serde::Serializer>(&self, _: S) -> Result<S::Ok, S::Error> {
+            Err(serde::ser::Error::custom("not this one"))
+        }
+    }
+
+    #[test]
+    fn a_record_that_cannot_be_encoded_is_an_error_not_empty_bytes() {
+        let e = encode("tasks", &Unencodable).unwrap_err();
+        assert!(
+            matches!(e, StoreError::Encode { table: "tasks", .. }),
+            "{e:?}"
+        );
+        assert!(
+            e.to_string().contains("nothing of this write was stored"),
+            "{e}"
+        );
+        let mut buf = vec![1, 2, 3];
+        assert!(matches!(
+            encode_into("nodes", &Unencodable, &mut buf),
+            Err(StoreError::Encode { table: "nodes", .. })
+        ));
+    }
+
     #[test]
     fn schema_mismatch_is_refused() {
         let dir = tempfile::tempdir().unwrap();
@@ -1120,16 +1098,16 @@ mod tests {
     #[test]
     fn a_schema_5_store_is_migrated_and_owner_uids_survive_reopen() {
         let dir = tempfile::tempdir().unwrap();
-        let old = |name: &str, user: Option<&str>| ApplicationSpecV5 {
+        let old = |name: &str, user: Option<&str>| migrate::ApplicationRecordV5 {
             name: name.into(),
-            shim: flame_protocol::model::ShimKind::Stdio,
+            shim: records::ShimRecord::Stdio,
             command: "/bin/cat".into(),
             args: vec!["-u".into()],
             env: BTreeMap::new(),
             working_dir: None,
             user: user.map(str::to_string),
             group: None,
-            resources: flame_protocol::model::Resources::default(),
+            resources: flame_protocol::model::Resources::default().into(),
             selector: BTreeMap::new(),
             max_instances: 7,
             delay_release_ms: 5,
@@ -1147,13 +1125,42 @@ mod tests {
                 .unwrap();
             let mut apps = txn.open_table(APPS).unwrap();
             for app in [old("open", None), old("svc", Some("nobody"))] {
-                apps.insert(app.name.as_str(), encode(&app).as_slice())
-                    .unwrap();
+                apps.insert(
+                    app.name.as_str(),
+                    encode("applications", &app).unwrap().as_slice(),
+                )
+                .unwrap();
             }
             drop(apps);
+            let token = migrate::TokenRecordV5 {
+                kind: records::TokenKindRecord::User {
+                    name: "bob".into(),
+                    admin: false,
+                },
+                secret_sha256: [9; 32],
+                created_ms: 1,
+                expires_ms: Some(2),
+                revoked: true,
+            };
+            txn.open_table(TOKENS)
+                .unwrap()
+                .insert("t1", encode("tokens", &token).unwrap().as_slice())
+                .unwrap();
             txn.commit().unwrap();
         }
         let store = Store::open(dir.path()).unwrap();
+        let tokens = store.load_tokens().unwrap();
+        assert_eq!(tokens.len(), 1);
+        let (id, token) = &tokens[0];
+        assert_eq!(id, "t1");
+        assert_eq!(
+            (token.secret_sha256, token.expires_ms, token.revoked),
+            ([9; 32], Some(2), true)
+        );
+        assert_eq!(
+            (token.uses_max, token.uses, &token.replace),
+            (None, 0, &None)
+        );
         let loaded = store.load().unwrap();
         let open = loaded
             .applications
@@ -1169,7 +1176,10 @@ mod tests {
             .find(|a| a.name == "svc")
             .unwrap();
         assert_eq!(svc.user.as_deref(), Some("nobody"));
-        assert_eq!(svc.users, vec![MIGRATED_FIXED_IDENTITY_USER.to_string()]);
+        assert_eq!(
+            svc.users,
+            vec![migrate::MIGRATED_FIXED_IDENTITY_USER.to_string()]
+        );
         assert!(!svc.allows("alice", |_| true));
         store
             .commit(&[StoreOp::PutOwnerUid {

@@ -1,0 +1,131 @@
+//! Migrations of older stores, run at open inside the open's write transaction, and the
+//! records of older schemas that they read.
+//!
+//! Each older record keeps its schema in its name (`…V5`) and is never changed again: it
+//! describes bytes already on disks. Where an older schema shares a part with the current
+//! one (a shim, an environment variable, resources, a token's kind), the current record
+//! ([`super::records`]) is used; a schema that changes such a part copies the old one
+//! here first.
+
+use super::records::{
+    ApplicationRecord, EnvRecord, ResourcesRecord, ShimRecord, TokenKindRecord, TokenRecord,
+};
+use super::{decode, encode, StoreError, APPS, CERTS, OWNER_UIDS, TOKENS};
+use redb::ReadableTable;
+use serde::Deserialize;
+use std::collections::BTreeMap;
+
+/// The `users` a schema 5 application with a fixed identity gets: a name no session owner
+/// can have (owners have no spaces), so it admits no one until an admin updates it.
+pub const MIGRATED_FIXED_IDENTITY_USER: &str = "(migrated: name its one user)";
+
+/// An application as schema 5 stored it: without `users` and `groups`.
+#[derive(Deserialize)]
+#[cfg_attr(test, derive(serde::Serialize))]
+pub(super) struct ApplicationRecordV5 {
+    pub(super) name: String,
+    pub(super) shim: ShimRecord,
+    pub(super) command: String,
+    pub(super) args: Vec<String>,
+    pub(super) env: BTreeMap<String, EnvRecord>,
+    pub(super) working_dir: Option<String>,
+    pub(super) user: Option<String>,
+    pub(super) group: Option<String>,
+    pub(super) resources: ResourcesRecord,
+    pub(super) selector: BTreeMap<String, String>,
+    pub(super) max_instances: u32,
+    pub(super) delay_release_ms: u64,
+    pub(super) max_attempts: u32,
+    pub(super) retry_on_error: bool,
+    pub(super) task_timeout_ms: Option<u64>,
+    pub(super) allow_root: bool,
+}
+
+/// A token record as schema 5 stored it.
+#[derive(Debug, Deserialize)]
+#[cfg_attr(test, derive(serde::Serialize))]
+pub(super) struct TokenRecordV5 {
+    pub(super) kind: TokenKindRecord,
+    pub(super) secret_sha256: [u8; 32],
+    pub(super) created_ms: u64,
+    pub(super) expires_ms: Option<u64>,
+    pub(super) revoked: bool,
+}
+
+/// Schema 5 → 6, inside the open transaction: applications gain empty `users` and
+/// `groups` (everyone may use them, as before), except that one with a fixed `user` or
+/// `group` is kept as it was only for the owner it can serve: none, so it is restricted
+/// to nobody's sessions until an admin names its one user (the fixed identity would
+/// otherwise be shared between owners). The `owner_uids` table starts empty; owners get
+/// their uid at their next launch.
+pub(super) fn migrate_5_to_6(txn: &redb::WriteTransaction) -> Result<(), StoreError> {
+    let mut apps = txn.open_table(APPS)?;
+    let mut rewritten = Vec::new();
+    for row in apps.iter()? {
+        let (k, v) = row?;
+        let old: ApplicationRecordV5 = decode("applications", v.value())?;
+        let fixed = old.user.is_some() || old.group.is_some();
+        let app = ApplicationRecord {
+            name: old.name,
+            shim: old.shim,
+            command: old.command,
+            args: old.args,
+            env: old.env,
+            working_dir: old.working_dir,
+            user: old.user,
+            group: old.group,
+            // A fixed identity serves one owner only (`ApplicationSpec::validate`): until
+            // an admin says which, no one's sessions are let in.
+            users: if fixed {
+                vec![MIGRATED_FIXED_IDENTITY_USER.to_string()]
+            } else {
+                Vec::new()
+            },
+            groups: Vec::new(),
+            resources: old.resources,
+            selector: old.selector,
+            max_instances: old.max_instances,
+            delay_release_ms: old.delay_release_ms,
+            max_attempts: old.max_attempts,
+            retry_on_error: old.retry_on_error,
+            task_timeout_ms: old.task_timeout_ms,
+            allow_root: old.allow_root,
+        };
+        if fixed {
+            tracing::warn!(
+                app = %app.name,
+                "application with a fixed user or group: restricted to no one until an admin \
+                 names its one user (`users = [\"NAME\"]`, flame app update)"
+            );
+        }
+        rewritten.push((k.value().to_string(), encode("applications", &app)?));
+    }
+    for (name, bytes) in rewritten {
+        apps.insert(name.as_str(), bytes.as_slice())?;
+    }
+    txn.open_table(OWNER_UIDS)?;
+    // Tokens gained their uses and the name a join may replace: existing ones keep what
+    // they allowed (no limit on uses, no name to replace).
+    let mut tokens = txn.open_table(TOKENS)?;
+    let mut rewritten = Vec::new();
+    for row in tokens.iter()? {
+        let (k, v) = row?;
+        let old: TokenRecordV5 = decode("tokens", v.value())?;
+        let token = TokenRecord {
+            kind: old.kind,
+            secret_sha256: old.secret_sha256,
+            created_ms: old.created_ms,
+            expires_ms: old.expires_ms,
+            revoked: old.revoked,
+            uses_max: None,
+            uses: 0,
+            replace: None,
+        };
+        rewritten.push((k.value().to_string(), encode("tokens", &token)?));
+    }
+    for (id, bytes) in rewritten {
+        tokens.insert(id.as_str(), bytes.as_slice())?;
+    }
+    txn.open_table(CERTS)?;
+    Ok(())
+}
