@@ -1,4 +1,6 @@
-//! The Flame client library, used by the `flame` command and by user programs.
+//! The Flame client library, used by user programs and by the `flame` command (crate
+//! `flame-cli`, the binary over this library). It has no command-line parsing, SSH,
+//! progress-bar or table dependencies: those stay in `flame-cli`.
 //!
 //! A [`Client`] is one QUIC connection to the head; every call opens its own stream, so a
 //! client may be cloned and used from many tasks at once. A [`Session`] submits task inputs
