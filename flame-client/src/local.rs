@@ -9,14 +9,15 @@
 //!
 //! 1. `flame-head --data-dir D --listen L init`, unless `D/tls/ca.crt` shows that it ran
 //!    before: the cluster CA (`D/tls/ca.crt`) and an admin token (`D/admin.token`).
-//! 2. `flame-head --data-dir D --listen L`, until it says it listens.
+//! 2. `flame-head --data-dir D --listen L`, until its ready line says where it listens
+//!    ([`flame_protocol::ready`]).
 //! 3. `flame-head --data-dir D --listen ADDR token create --node --ttl 10m`: a join token,
 //!    written to `D/node/join.token` (mode 0600, never on a command line) and removed
 //!    after the next step.
 //! 4. `flame-node join --token-file D/node/join.token --head ADDR --name NAME --tls-dir
 //!    D/node/tls`: the node's certificate, signed by the cluster CA.
 //! 5. `flame-node --head ADDR --ca-file D/tls/ca.crt --name NAME --tls-dir D/node/tls ...`,
-//!    until the head registered it.
+//!    until its ready line says the head registered it.
 //!
 //! The join token is made with the head's own command rather than through a [`Client`]
 //! so that every step is a child process, and stand-in scripts can play the binaries in
@@ -26,6 +27,7 @@
 
 use crate::config::{self, ClientConfig, ConfigError};
 use flame_protocol::auth::Secret;
+use flame_protocol::ready::Daemon;
 use nix::sys::signal::{self, Signal};
 use nix::unistd::Pid;
 use std::ffi::OsString;
@@ -42,10 +44,6 @@ use tokio::process::{Child, ChildStdout, Command};
 pub const HEAD_BINARY: &str = "flame-head";
 /// The node binary's name.
 pub const NODE_BINARY: &str = "flame-node";
-/// What `flame-head` prints on stdout, followed by `ip:port`, once it accepts connections.
-pub const HEAD_READY_PREFIX: &str = "flame-head listening on ";
-/// What `flame-node` prints on stdout, followed by its name, once the head registered it.
-pub const NODE_READY_PREFIX: &str = "flame-node registered as ";
 /// Default bound on each child's start-up.
 pub const READY_TIMEOUT: Duration = Duration::from_secs(20);
 /// Default time a child has to exit after `SIGTERM` before it gets `SIGKILL`.
@@ -309,7 +307,7 @@ impl LocalCluster {
             opts.listen.clone().into(),
         ];
         let mut head = Managed::spawn(HEAD_BINARY, &head_bin, &head_args, &dir.join("head.log"))?;
-        let listening = match head.wait_ready(HEAD_READY_PREFIX, opts.ready_timeout).await {
+        let listening = match head.wait_ready(Daemon::Head, opts.ready_timeout).await {
             Ok(rest) => rest,
             Err(e) => {
                 head.stop(opts.stop_grace).await.ok();
@@ -378,7 +376,7 @@ impl LocalCluster {
                 return Err(e);
             }
         };
-        if let Err(e) = node.wait_ready(NODE_READY_PREFIX, opts.ready_timeout).await {
+        if let Err(e) = node.wait_ready(Daemon::Node, opts.ready_timeout).await {
             node.stop(opts.stop_grace).await.ok();
             head.stop(opts.stop_grace).await.ok();
             return Err(e);
@@ -702,10 +700,14 @@ impl Managed {
         })
     }
 
-    /// Reads stdout until a line starting with `prefix` and returns the rest of that line.
-    /// Stdout after the ready line is appended to the log, so the child never blocks on a
-    /// full pipe.
-    async fn wait_ready(&mut self, prefix: &str, timeout: Duration) -> Result<String, LocalError> {
+    /// Reads stdout until `daemon`'s ready line (see [`flame_protocol::ready`]) and returns
+    /// its detail. Stdout after the ready line is appended to the log, so the child never
+    /// blocks on a full pipe.
+    async fn wait_ready(
+        &mut self,
+        daemon: Daemon,
+        timeout: Duration,
+    ) -> Result<String, LocalError> {
         let Some(stdout) = self.child.stdout.take() else {
             return Err(LocalError::Io {
                 what: "no stdout pipe for",
@@ -714,7 +716,7 @@ impl Managed {
             });
         };
         let mut reader = BufReader::new(stdout);
-        let found = tokio::time::timeout(timeout, read_ready_line(&mut reader, prefix)).await;
+        let found = tokio::time::timeout(timeout, read_ready_line(&mut reader, daemon)).await;
         match found {
             Ok(Ok(Some(rest))) => {
                 self.forward_stdout(reader);
@@ -809,7 +811,7 @@ impl Managed {
 
 async fn read_ready_line(
     reader: &mut BufReader<ChildStdout>,
-    prefix: &str,
+    daemon: Daemon,
 ) -> std::io::Result<Option<String>> {
     let mut line = Vec::new();
     loop {
@@ -822,8 +824,8 @@ async fn read_ready_line(
             return Ok(None);
         }
         let text = String::from_utf8_lossy(&line);
-        if let Some(rest) = text.trim_end().strip_prefix(prefix) {
-            return Ok(Some(rest.trim().to_string()));
+        if let Some(detail) = daemon.parse_ready(&text) {
+            return Ok(Some(detail.to_string()));
         }
     }
 }
@@ -1027,7 +1029,7 @@ mod tests {
         let log = dir.path().join("head.log");
         let mut m = Managed::spawn(HEAD_BINARY, &script, &[], &log).unwrap();
         let rest = m
-            .wait_ready(HEAD_READY_PREFIX, Duration::from_secs(10))
+            .wait_ready(Daemon::Head, Duration::from_secs(10))
             .await
             .unwrap();
         assert_eq!(rest, "127.0.0.1:9");
@@ -1038,7 +1040,7 @@ mod tests {
         std::fs::set_permissions(&failing, std::fs::Permissions::from_mode(0o755)).unwrap();
         let mut m = Managed::spawn(HEAD_BINARY, &failing, &[], &log).unwrap();
         let err = m
-            .wait_ready(HEAD_READY_PREFIX, Duration::from_secs(10))
+            .wait_ready(Daemon::Head, Duration::from_secs(10))
             .await
             .unwrap_err();
         let text = err.to_string();

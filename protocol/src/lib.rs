@@ -18,6 +18,7 @@ pub mod messages;
 pub mod model;
 pub mod ping;
 pub mod pki;
+pub mod ready;
 pub mod shell;
 pub mod shim;
 

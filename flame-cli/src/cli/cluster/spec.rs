@@ -7,6 +7,7 @@
 //! `local`) is taken relative to the file's folder, and `~/` is the user's home. Remote
 //! paths (`install_dir`, `data_dir`, `log_dir`) must be absolute.
 
+use flame_protocol::ready::Daemon;
 use serde::Deserialize;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -249,12 +250,17 @@ impl Role {
         }
     }
 
-    /// What the daemon prints on stdout once it serves (see [`crate::local`]).
-    pub fn ready_prefix(self) -> &'static str {
+    /// The daemon, as the ready-line contract names it.
+    pub fn daemon(self) -> Daemon {
         match self {
-            Role::Head => flame_client::local::HEAD_READY_PREFIX,
-            Role::Node => flame_client::local::NODE_READY_PREFIX,
+            Role::Head => Daemon::Head,
+            Role::Node => Daemon::Node,
         }
+    }
+
+    /// What the daemon prints on stdout once it serves (see [`flame_protocol::ready`]).
+    pub fn ready_prefix(self) -> &'static str {
+        self.daemon().ready_prefix()
     }
 }
 
