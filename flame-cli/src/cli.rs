@@ -116,7 +116,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Node(cmd) => node::run(&cli.global, cmd).await,
         Command::Queue(out) => queue::run(&cli.global, out).await,
         Command::Logs(args) => logs::run(&cli.global, args).await,
-        Command::Submit(args) => submit::run(&cli.global, args).await,
+        // `submit` holds the flags only; `each` and `job` read them (no cycle between them).
+        Command::Submit(args) if args.each.is_some() => each::run(&cli.global, args).await,
+        Command::Submit(args) => job::submit(&cli.global, args).await,
         Command::Job(cmd) => job::run(&cli.global, cmd).await,
         Command::Whoami(out) => whoami::run(&cli.global, out).await,
         Command::Bench(args) => bench::run(args).await,

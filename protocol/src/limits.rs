@@ -73,3 +73,12 @@ pub const HANDSHAKES_PER_ADDRESS_MAX: u32 = 32;
 /// log copy task: one is usual, since an executor enters or leaves one session at a time.
 /// Past it a settle does not wait for that copy task.
 pub const LOG_FLUSH_REQUESTS_MAX: usize = 8;
+
+// Client channels (issue 19)
+
+/// Messages queued from `flame submit --each`'s driver to its submitting task, each a run
+/// of admitted lines. The driver never waits on this queue: lines admitted while it is full
+/// are held and go in the next message once there is room, so it keeps reading results
+/// (the lines themselves are bounded by the window of unfinished lines, not by this). The
+/// submitting task takes every queued message into one send, so a few keep it busy.
+pub const EACH_SUBMIT_QUEUE_MAX: usize = 16;
