@@ -4,6 +4,8 @@
 //! `hint: <what to do>`; the exit code is 1 for errors and 2 for usage errors.
 
 mod cli;
+mod deploy;
+mod render;
 
 use anyhow::Context as _;
 use clap::Parser;
