@@ -50,6 +50,13 @@
 //!
 //! [`local::LocalCluster`] starts a head and a node on this machine, for tests, examples and
 //! `flame local`.
+//!
+//! Modules and their arrows, which all go one way (no module uses one that uses it):
+//! `session` (sessions, submitters, watchers; it also defines the [`Client`] calls that
+//! hand out a [`Session`]) → `client` (the connection and its request calls) → `config` →
+//! `app_file` (the application file format, whose TOML error text `config` reuses);
+//! `session` → `batch`; `local` (the local cluster) → `config`; `report` (`error:` and
+//! `hint:` output) → the errors of `local`, `config` and `error`, which all of them use.
 
 #![warn(missing_docs)]
 

@@ -22,6 +22,9 @@
 //! With `--peers`, the peers' script (`../shared/peers/bench_peers.sh` from the current
 //! folder, or `--peers-script PATH`) runs afterwards; its `peer=...` lines are passed
 //! through and each of our measurements that has a counterpart gets a `ratio ...` line.
+//!
+//! Here: the flags, the cases and their measuring; `figures.rs`: the output lines and their
+//! medians; `peers.rs`: the peers' script, its lines and the ratios.
 
 mod figures;
 mod peers;
