@@ -11,7 +11,6 @@ pub mod logs;
 pub mod node;
 pub mod ping;
 pub mod queue;
-pub mod render;
 pub mod session;
 pub mod signals;
 pub mod submit;
@@ -81,7 +80,7 @@ pub enum Command {
     #[command(subcommand)]
     Node(node::NodeCommand),
     /// Show how executors are shared between owners and sessions, and why work waits
-    Queue(render::OutputArgs),
+    Queue(crate::render::OutputArgs),
     /// Show the logs (stderr, and stdout under the unix shim) of a session's executors
     Logs(logs::LogsArgs),
     /// Run a batch job of ranks started together, or a command per line of a file
@@ -90,7 +89,7 @@ pub enum Command {
     #[command(subcommand)]
     Job(job::JobCommand),
     /// Show the user the head takes you for, and whether an admin
-    Whoami(render::OutputArgs),
+    Whoami(crate::render::OutputArgs),
     /// Measure Flame on a local cluster of its own, checking every result, and compare it with its peers
     Bench(bench::BenchArgs),
     /// Start, stop and inspect a cluster on hosts reachable by SSH, from a cluster file
@@ -116,7 +115,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Node(cmd) => node::run(&cli.global, cmd).await,
         Command::Queue(out) => queue::run(&cli.global, out).await,
         Command::Logs(args) => logs::run(&cli.global, args).await,
-        Command::Submit(args) => submit::run(&cli.global, args).await,
+        // `submit` holds the flags only; `each` and `job` read them (no cycle between them).
+        Command::Submit(args) if args.each.is_some() => each::run(&cli.global, args).await,
+        Command::Submit(args) => job::submit(&cli.global, args).await,
         Command::Job(cmd) => job::run(&cli.global, cmd).await,
         Command::Whoami(out) => whoami::run(&cli.global, out).await,
         Command::Bench(args) => bench::run(args).await,

@@ -1,9 +1,20 @@
 //! `flame`: run and inspect work on a Flame cluster.
 //!
+//! The binary over the client library `flame_client` (crate `flame-client`), in three rooms:
+//!
+//! - `cli`: the command tree (clap) and one module per command; it parses, calls the
+//!   library or `deploy`, and prints.
+//! - `deploy`: the SSH deployer and supervisor behind `flame cluster` (no clap).
+//! - `render`: tables, JSON and the number formats, used by both.
+//!
+//! Arrows go one way: `cli` → `deploy` → `render`, and `cli` → `render`.
+//!
 //! Errors go to stderr as `error: <what>` and, where there is something to do about them,
 //! `hint: <what to do>`; the exit code is 1 for errors and 2 for usage errors.
 
 mod cli;
+mod deploy;
+mod render;
 
 use anyhow::Context as _;
 use clap::Parser;

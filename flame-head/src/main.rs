@@ -197,7 +197,7 @@ async fn run(mut args: config::Args) -> anyhow::Result<()> {
         .local_addr()
         .context("cannot read the bound address")?;
     // The one line on stdout: launchers (`flame local`, tests) wait for it.
-    println!("flame-head listening on {local}");
+    println!("{}", flame_protocol::ready::Daemon::Head.ready_line(local));
     std::io::stdout().flush().ok();
     tracing::info!(
         %local,

@@ -320,7 +320,10 @@ impl Agent {
             };
         self.registrations += 1;
         // Launchers (`flame local`, tests) wait for this line.
-        println!("flame-node registered as {}", self.config.name);
+        println!(
+            "{}",
+            flame_protocol::ready::Daemon::Node.ready_line(&self.config.name)
+        );
         tracing::info!(name = %self.config.name, head = %self.config.head, executors_kept = kept, "registered with the head");
 
         // The writer's queue: while it is full the agent takes no reports (they wait in

@@ -37,6 +37,7 @@ pub mod model;
 pub mod ping;
 #[cfg(feature = "net")]
 pub mod pki;
+pub mod ready;
 pub mod shell;
 pub mod shim;
 

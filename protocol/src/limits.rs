@@ -104,3 +104,12 @@ pub const NODE_EXECUTORS_GONE_MAX: usize = 1_024;
 
 /// Exec requests (Open MPI's daemons) waiting for one holding rank of a batch job.
 pub const RANK_EXEC_REQUESTS_MAX: usize = 64;
+
+// Client channels (issue 19)
+
+/// Messages queued from `flame submit --each`'s driver to its submitting task, each a run
+/// of admitted lines. The driver never waits on this queue: lines admitted while it is full
+/// are held and go in the next message once there is room, so it keeps reading results
+/// (the lines themselves are bounded by the window of unfinished lines, not by this). The
+/// submitting task takes every queued message into one send, so a few keep it busy.
+pub const EACH_SUBMIT_QUEUE_MAX: usize = 16;

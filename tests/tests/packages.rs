@@ -22,7 +22,7 @@
 //! not meet other tests' or people's heads.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // Test code: a panic is the report.
 
-use flame_client::local::{HEAD_READY_PREFIX, NODE_READY_PREFIX};
+use flame_protocol::ready::{HEAD_READY_PREFIX, NODE_READY_PREFIX};
 use flame_tests::cgroup::NodeCgroups;
 use flame_tests::cluster::{log_section, Proc, FOREIGN_ENV, READY_TIMEOUT, STOP_TIMEOUT};
 use flame_tests::command::bin_dir;

@@ -1,7 +1,7 @@
 //! `flame app ...`
 
-use super::render::{self, number, text, OutputArgs, OutputFormat};
 use super::GlobalArgs;
+use crate::render::{self, number, text, OutputArgs, OutputFormat};
 use anyhow::Context as _;
 use clap::Subcommand;
 use flame_client::app_file::load_app_file;

@@ -1,34 +1,17 @@
-//! `flame cluster up | down | status`: a Flame cluster on hosts reachable by SSH, from a
-//! cluster file (see `packaging/cluster.example.toml`), and the hidden `flame cluster
-//! supervise` that runs a daemon on a host without systemd.
-//!
-//! | module      | what                                                                    |
-//! |-------------|-------------------------------------------------------------------------|
-//! | `spec`      | the cluster file, resolved into members (a role on a host)              |
-//! | `remote`    | one SSH connection (the system's OpenSSH, through `openssh`), bounded   |
-//! | `scripts`   | the `sh` scripts run on the hosts and the reading of their output       |
-//! | `ops`       | connect and probe every member at once, copy binaries, progress         |
-//! | `up`/`down` | the commands                                                            |
-//! | `supervise` | the supervisor of a daemon without systemd                              |
+//! `flame cluster up | down | status` and the hidden `flame cluster supervise`: their flags,
+//! and the call into the SSH deployer ([`crate::deploy`]), which does the work.
 //!
 //! Exit codes: 0 when every member is as asked; [`EXIT_PARTIAL`] (3) when some member
 //! failed and the others are up (or stopped); 1 when the cluster is not up at all (the head
 //! failed, or the file is unusable); 2 for usage errors.
 
-pub mod down;
-pub mod ops;
-pub mod remote;
-pub mod scripts;
-pub mod spec;
-pub mod supervise;
-pub mod up;
-
+use super::Exit;
+use crate::deploy::spec::ClusterSpec;
+use crate::deploy::{down, supervise, up, Outcome};
 use anyhow::Context as _;
 use clap::{Args, Subcommand};
 use flame_client::report::HintExt as _;
-use ops::StepError;
-use spec::{ClusterSpec, Member};
-use std::collections::BTreeMap;
+use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -48,7 +31,7 @@ pub enum ClusterCommand {
     Status(StatusArgs),
     /// Run a daemon, restarting it when it dies (used by `up` on hosts without systemd)
     #[command(hide = true)]
-    Supervise(supervise::SuperviseArgs),
+    Supervise(SuperviseArgs),
 }
 
 #[derive(Debug, Clone, Args)]
@@ -68,7 +51,7 @@ pub struct StatusArgs {
     #[command(flatten)]
     pub file: FileArgs,
     #[command(flatten)]
-    pub output: crate::cli::render::OutputArgs,
+    pub output: crate::render::OutputArgs,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -99,13 +82,58 @@ pub struct DownArgs {
     pub drain_timeout: Duration,
 }
 
+/// Runs a daemon, restarting it when it dies (hidden: `flame cluster up` uses it, with
+/// the command line `deploy::scripts::supervise_line` writes).
+#[derive(Debug, Args)]
+pub struct SuperviseArgs {
+    /// The pid file, locked while this supervisor runs
+    #[arg(long, value_name = "PATH")]
+    pub pid_file: PathBuf,
+    /// Where `ready LINE` or `failed HOW` is written
+    #[arg(long, value_name = "PATH")]
+    pub state_file: PathBuf,
+    /// The start of the daemon's stdout line that says it serves
+    #[arg(long, value_name = "TEXT")]
+    pub ready_prefix: String,
+    /// Exit when the daemon exits, rather than restarting it (systemd restarts)
+    #[arg(long)]
+    pub no_restart: bool,
+    /// Most restarts within --restart-window before giving up
+    #[arg(long, default_value_t = 5)]
+    pub restarts_max: usize,
+    /// The window --restarts-max counts in
+    #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
+    pub restart_window: Duration,
+    /// How long the daemon has to exit after SIGTERM before SIGKILL
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    pub stop_grace: Duration,
+    /// The daemon and its arguments
+    #[arg(last = true, required = true, value_name = "COMMAND")]
+    pub command: Vec<OsString>,
+}
+
+impl From<SuperviseArgs> for supervise::Supervision {
+    fn from(args: SuperviseArgs) -> Self {
+        supervise::Supervision {
+            pid_file: args.pid_file,
+            state_file: args.state_file,
+            ready_prefix: args.ready_prefix,
+            no_restart: args.no_restart,
+            restarts_max: args.restarts_max,
+            restart_window: args.restart_window,
+            stop_grace: args.stop_grace,
+            command: args.command,
+        }
+    }
+}
+
 /// Runs a `flame cluster` command.
 pub async fn run(cmd: ClusterCommand) -> anyhow::Result<()> {
     let home = std::env::var_os("HOME")
         .filter(|h| !h.is_empty())
         .map(PathBuf::from);
     let home = home.as_deref();
-    match cmd {
+    let outcome = match cmd {
         ClusterCommand::Up(args) => {
             let spec = load(&args.file.file, home)?;
             let options = up::UpOptions {
@@ -113,17 +141,21 @@ pub async fn run(cmd: ClusterCommand) -> anyhow::Result<()> {
                 start_timeout: args.start_timeout,
                 ready_timeout: args.ready_timeout,
             };
-            up::run(spec, options, home).await
+            up::run(spec, options, home).await?
         }
         ClusterCommand::Down(args) => {
             let spec = load(&args.file.file, home)?;
-            down::down(spec, args.drain, args.drain_timeout, home).await
+            down::down(spec, args.drain, args.drain_timeout, home).await?
         }
         ClusterCommand::Status(args) => {
             let spec = load(&args.file.file, home)?;
-            down::status(spec, args.output.output, home).await
+            down::status(spec, args.output.output, home).await?
         }
-        ClusterCommand::Supervise(args) => Ok(supervise::run(args).await?),
+        ClusterCommand::Supervise(args) => return Ok(supervise::run(args.into()).await?),
+    };
+    match outcome {
+        Outcome::Complete => Ok(()),
+        Outcome::Partial => Err(Exit(EXIT_PARTIAL).into()),
     }
 }
 
@@ -134,123 +166,4 @@ fn load(file: &Path, home: Option<&Path>) -> anyhow::Result<ClusterSpec> {
     ClusterSpec::load(file, bin_dir.as_deref(), home)
         .context("cannot use the cluster file")
         .hint("see packaging/cluster.example.toml for every field")
-}
-
-/// What `up` did to a member.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Change {
-    Started,
-    Restarted,
-    Unchanged,
-}
-
-impl Change {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Change::Started => "started",
-            Change::Restarted => "restarted",
-            Change::Unchanged => "unchanged",
-        }
-    }
-}
-
-/// A member's line in `up`'s table.
-#[derive(Debug, Clone)]
-pub struct Row {
-    pub member: Member,
-    pub version: String,
-    pub state: String,
-    pub change: Result<Change, StepError>,
-}
-
-/// `N hosts: S started, R restarted, U unchanged, F failed`, counting hosts: a host is
-/// failed if any of its members failed, else started (restarted) if any was, else
-/// unchanged.
-pub fn summary(rows: &[Row]) -> String {
-    #[derive(PartialEq, Eq, PartialOrd, Ord, Clone, Copy)]
-    enum Worst {
-        Unchanged,
-        Restarted,
-        Started,
-        Failed,
-    }
-    let mut hosts: BTreeMap<&str, Worst> = BTreeMap::new();
-    for r in rows {
-        let w = match &r.change {
-            Err(_) => Worst::Failed,
-            Ok(Change::Started) => Worst::Started,
-            Ok(Change::Restarted) => Worst::Restarted,
-            Ok(Change::Unchanged) => Worst::Unchanged,
-        };
-        let e = hosts.entry(r.member.ssh.host.as_str()).or_insert(w);
-        *e = (*e).max(w);
-    }
-    let count = |w| hosts.values().filter(|v| **v == w).count();
-    format!(
-        "{} host{}: {} started, {} restarted, {} unchanged, {} failed",
-        hosts.len(),
-        if hosts.len() == 1 { "" } else { "s" },
-        count(Worst::Started),
-        count(Worst::Restarted),
-        count(Worst::Unchanged),
-        count(Worst::Failed),
-    )
-}
-
-/// `error: NAME (HOST): STEP: WHY` on stderr for each failed member.
-pub fn print_failures(rows: &[Row]) {
-    for r in rows {
-        if let Err(e) = &r.change {
-            eprintln!("error: {}: {e}", r.member.label());
-        }
-    }
-}
-
-#[cfg(test)]
-#[allow(clippy::unwrap_used, clippy::expect_used)]
-mod tests {
-    use super::*;
-    use spec::{Role, SshTarget};
-
-    fn row(host: &str, role: Role, change: Result<Change, StepError>) -> Row {
-        Row {
-            member: Member {
-                role,
-                name: format!("{host}-{}", role.as_str()),
-                ssh: SshTarget {
-                    host: host.to_string(),
-                    user: None,
-                    port: None,
-                    identity_file: None,
-                },
-                install_dir: "/b".to_string(),
-                data_dir: "/d".to_string(),
-                log_dir: "/l".to_string(),
-                args: Vec::new(),
-            },
-            version: "-".to_string(),
-            state: "-".to_string(),
-            change,
-        }
-    }
-
-    /// Hosts are counted once, by what happened to the most affected of their members.
-    #[test]
-    fn the_summary_counts_hosts() {
-        let rows = [
-            row("a", Role::Head, Ok(Change::Unchanged)),
-            row("a", Role::Node, Ok(Change::Started)),
-            row("b", Role::Node, Ok(Change::Unchanged)),
-            row("c", Role::Node, Err(ops::fail("connect", "refused"))),
-            row("d", Role::Node, Ok(Change::Restarted)),
-        ];
-        assert_eq!(
-            summary(&rows),
-            "4 hosts: 1 started, 1 restarted, 1 unchanged, 1 failed"
-        );
-        assert_eq!(
-            summary(&rows[2..3]),
-            "1 host: 0 started, 0 restarted, 1 unchanged, 0 failed"
-        );
-    }
 }

@@ -30,7 +30,7 @@ use flame_protocol::shell::{ShellCommand, ShellOutput, APPLICATION, CAPTURE_BYTE
 use std::collections::{BTreeMap, VecDeque};
 use std::io::{self, BufRead, BufReader, Read, Seek as _, Write};
 use std::path::Path;
-use tokio::sync::mpsc;
+use tokio::sync::mpsc::{self, error::TrySendError};
 
 /// Lines read and not yet printed, at most, unless `-j` asks for more to run at once; also
 /// the lines unfinished at once without `-j`.
@@ -200,28 +200,39 @@ async fn drive(
 ) -> anyhow::Result<Tally> {
     // The watch opens before any task exists, so no result is missed.
     let mut watch = session.watch().await.context("cannot watch the session")?;
-    let (submit_tx, submit_rx) = mpsc::unbounded_channel();
+    let (submit_tx, submit_rx) = mpsc::channel(limits::EACH_SUBMIT_QUEUE_MAX);
     let mut submit = AbortOnDrop(tokio::spawn(submit_lines(session.clone(), submit_rx)));
     // Dropped once every line is handed on: the submitter then closes the session.
     let mut submit_tx = Some(submit_tx);
     let mut submit_done = false;
     let mut input_open = true;
     let mut waiting: VecDeque<Bytes> = first.into();
+    // Admitted lines not yet queued for the submitter (its queue was full): they go in
+    // the next message, so this loop never waits on the queue and keeps reading results.
+    let mut unsent: Vec<Bytes> = Vec::new();
     let mut array = Array::new(options, Printer::new());
 
     loop {
-        // Lines go out as the window allows; the unbounded channel holds at most a window.
-        let admitted = array.admit(&mut waiting);
-        if !admitted.is_empty() {
+        // Lines go out as the window allows: what is queued or unsent is at most a window.
+        unsent.extend(array.admit(&mut waiting));
+        if !unsent.is_empty() {
             if let Some(tx) = &submit_tx {
-                tx.send(admitted)
-                    .map_err(|_| anyhow!("the submitting task stopped"))?;
+                match tx.try_send(std::mem::take(&mut unsent)) {
+                    Ok(()) => {}
+                    Err(TrySendError::Full(back)) => unsent = back,
+                    Err(TrySendError::Closed(_)) => bail!("the submitting task stopped"),
+                }
             }
         }
-        if !input_open && waiting.is_empty() {
+        if !input_open && waiting.is_empty() && unsent.is_empty() {
             submit_tx = None;
         }
         tokio::select! {
+            permit = reserve(submit_tx.as_ref()), if !unsent.is_empty() => {
+                permit
+                    .ok_or_else(|| anyhow!("the submitting task stopped"))?
+                    .send(std::mem::take(&mut unsent));
+            }
             chunk = chunks.recv(), if input_open && waiting.is_empty() => match chunk {
                 Some(chunk) => waiting.extend(chunk?),
                 None => input_open = false,
@@ -272,7 +283,7 @@ async fn drive(
 /// densely from 1, and closes the session after the last.
 async fn submit_lines(
     session: Session,
-    mut lines: mpsc::UnboundedReceiver<Vec<Bytes>>,
+    mut lines: mpsc::Receiver<Vec<Bytes>>,
 ) -> anyhow::Result<()> {
     let mut submitter = session
         .submitter()
@@ -303,6 +314,12 @@ async fn submit_lines(
         .await
         .context("cannot close the session after the last line")?;
     Ok(())
+}
+
+/// Room for one message on the submitter's queue; `None` when there is no queue or the
+/// submitting task has gone.
+async fn reserve(tx: Option<&mpsc::Sender<Vec<Bytes>>>) -> Option<mpsc::Permit<'_, Vec<Bytes>>> {
+    tx?.reserve().await.ok()
 }
 
 /// Checks that `acks` number their tasks on from `next_task`; returns the id after them.

@@ -6,10 +6,10 @@
 //! logged them) as it comes, and exits with the job's exit code: 0, the code of the first
 //! rank that failed, 124 at the time limit, 130 when cancelled. Ctrl-C cancels the job.
 
-use super::render::{self, number, text, OutputArgs, OutputFormat};
 use super::signals::StopSignals;
 use super::submit::SubmitArgs;
 use super::{Exit, GlobalArgs};
+use crate::render::{self, number, text, OutputArgs, OutputFormat};
 use anyhow::{anyhow, bail, Context as _};
 use clap::{Args, Subcommand};
 use flame_client::report::HintExt as _;

@@ -1,9 +1,9 @@
 //! `flame ping`: stream many tiny tasks through the built-in `ping` application and check
 //! every output, like Flame's `flmping`.
 
-use super::render::group;
 use super::signals::StopSignals;
 use super::GlobalArgs;
+use crate::render::group;
 use anyhow::{anyhow, bail, Context as _};
 use bytes::{Bytes, BytesMut};
 use clap::Args;

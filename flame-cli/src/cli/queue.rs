@@ -1,8 +1,8 @@
 //! `flame queue`: how the head shares executors between owners, and within each owner
 //! between its sessions, and why work waits.
 
-use super::render::{self, number, text, OutputArgs, OutputFormat};
 use super::GlobalArgs;
+use crate::render::{self, number, text, OutputArgs, OutputFormat};
 use flame_protocol::model::{HeadStorage, OwnerQueue, QueueReport, SessionQueue};
 use std::fmt::Write as _;
 

@@ -1,7 +1,7 @@
 //! `flame session ...`
 
-use super::render::{self, number, text, OutputArgs, OutputFormat};
 use super::GlobalArgs;
+use crate::render::{self, number, text, OutputArgs, OutputFormat};
 use clap::Subcommand;
 use flame_protocol::model::{SessionInfo, SessionState, TaskInfo, TaskState};
 use flame_protocol::{SessionId, TaskId};

@@ -1,7 +1,9 @@
-//! `flame submit`: a batch job of ranks started together (`-n`), or a task array over the
-//! lines of a file (`--each`).
+//! `flame submit`'s flags: a batch job of ranks started together (`-n`, run by `job.rs`),
+//! or a task array over the lines of a file (`--each`, run by `each.rs`).
+//!
+//! Module arrows go one way: `each` and `job` read these flags, and this module imports
+//! neither; `cli::run` picks between them.
 
-use super::GlobalArgs;
 use clap::Args;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -67,12 +69,4 @@ pub struct SubmitArgs {
     /// The command and its arguments
     #[arg(last = true, required = true, value_name = "COMMAND")]
     pub command: Vec<String>,
-}
-
-pub async fn run(global: &GlobalArgs, args: SubmitArgs) -> anyhow::Result<()> {
-    if args.each.is_some() {
-        super::each::run(global, args).await
-    } else {
-        super::job::submit(global, args).await
-    }
 }

@@ -1,7 +1,7 @@
 //! `flame whoami`: the user the head takes this client for.
 
-use super::render::{self, OutputArgs, OutputFormat};
 use super::GlobalArgs;
+use crate::render::{self, OutputArgs, OutputFormat};
 
 pub async fn run(global: &GlobalArgs, out: OutputArgs) -> anyhow::Result<()> {
     let (principal, head) = super::with_client(global, |client| async move {

@@ -91,3 +91,8 @@ impl ClientError {
         }
     }
 }
+
+/// A quinn stream-state error as the I/O error the framing layer reports.
+pub(crate) fn io_error(e: quinn::ClosedStream) -> FrameError {
+    FrameError::Io(std::io::Error::new(std::io::ErrorKind::BrokenPipe, e))
+}

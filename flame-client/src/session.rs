@@ -1,12 +1,17 @@
 //! Sessions: submitting tasks and watching their results.
+//!
+//! This module builds on `client` and not the reverse: the [`Client`] calls that hand out a
+//! [`Session`] ([`Client::create_session`], [`Client::session`]) are defined here.
 
 use crate::batch::{split_batches, BatchLimits};
-use crate::client::{io_error, Client};
-use crate::error::ClientError;
+use crate::client::Client;
+use crate::error::{io_error, ClientError};
 use bytes::Bytes;
 use flame_protocol::frame::{FrameReader, FrameWriter};
-use flame_protocol::messages::{task_range, ClientRequest, SubmitBatch, SubmitReply, WatchEvent};
-use flame_protocol::model::{SessionInfo, TaskResult};
+use flame_protocol::messages::{
+    task_range, ClientRequest, ClientResponse, SubmitBatch, SubmitReply, WatchEvent,
+};
+use flame_protocol::model::{SessionInfo, SessionSpec, TaskResult};
 use flame_protocol::{SessionId, TaskId};
 use std::collections::VecDeque;
 use tokio::sync::mpsc;
@@ -38,6 +43,29 @@ fn batch_id_base() -> u64 {
     let n = SUBMITTERS.fetch_add(1, Ordering::Relaxed);
     // Leave room below 2^64 for the submitter's own sequence.
     state.hash_one((std::process::id(), now, n)) >> 1
+}
+
+/// The calls of [`Client`] that hand out a [`Session`].
+impl Client {
+    /// Opens a session. A spec with an empty `owner` gets [`Client::owner`], which may be
+    /// empty too: the head then makes the authenticated user the owner. Naming another
+    /// user than oneself takes an admin; others get
+    /// [`ErrorKind::PermissionDenied`](flame_protocol::model::ErrorKind).
+    pub async fn create_session(&self, mut spec: SessionSpec) -> Result<Session, ClientError> {
+        if spec.owner.is_empty() {
+            spec.owner = self.owner().to_string();
+        }
+        match self.request(ClientRequest::CreateSession(spec)).await? {
+            ClientResponse::Session(info) => Ok(Session::new(self.clone(), info)),
+            other => Err(self.unexpected("request CreateSession", &other)),
+        }
+    }
+
+    /// A handle on an existing session.
+    pub async fn session(&self, id: SessionId) -> Result<Session, ClientError> {
+        let info = self.get_session(id).await?;
+        Ok(Session::new(self.clone(), info))
+    }
 }
 
 /// A handle on one session. Cheap to clone.

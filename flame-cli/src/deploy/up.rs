@@ -9,9 +9,8 @@
 use super::ops::{self, at, fail, Connected, Ctx, LocalBinaries, StepError};
 use super::scripts;
 use super::spec::{BinarySource, ClusterSpec, Role};
-use super::{print_failures, summary, Change, Row, EXIT_PARTIAL};
-use crate::cli::render::{self, text};
-use crate::cli::Exit;
+use super::{print_failures, summary, Change, Outcome, Row};
+use crate::render::{self, text};
 use flame_protocol::model::NodeState;
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -41,8 +40,13 @@ struct Prepared {
     copied: Vec<&'static str>,
 }
 
-/// Runs `up`.
-pub async fn run(spec: ClusterSpec, options: UpOptions, home: Option<&Path>) -> anyhow::Result<()> {
+/// Runs `up`. Its phases follow; each hands the next the members still in good standing
+/// (a failed member keeps its failure and takes no further step).
+pub async fn run(
+    spec: ClusterSpec,
+    options: UpOptions,
+    home: Option<&Path>,
+) -> anyhow::Result<Outcome> {
     let hashing = Instant::now();
     let local = match &spec.binaries {
         BinarySource::Local(dir) => Some(Arc::new(LocalBinaries::hash(dir.clone()).await?)),
@@ -54,14 +58,88 @@ pub async fn run(spec: ClusterSpec, options: UpOptions, home: Option<&Path>) -> 
     );
     warn_on_install_dirs(&spec);
     let ctx = Arc::new(Ctx::new(spec, home)?);
-    let n = ctx.spec.members.len();
 
     // 1. Every member: connect, probe, check, copy what differs.
+    let prepared = prepare_all(&ctx, local, options.dry_run).await;
+    if options.dry_run {
+        return dry_run(&ctx, prepared).await;
+    }
+    let mut m = Members::new(prepared);
+
+    // 2. The head: init once, start (or leave running), fetch the client's credentials.
+    let head = start_head_member(&ctx, &mut m, &options).await;
+
+    // 3. The nodes: a join token when one needs it, then join once and start, at once.
+    // 4. Every node that came up, Ready at the head.
+    let mut node_states: BTreeMap<String, NodeState> = BTreeMap::new();
+    if let Some(head) = head.as_ref().filter(|_| m.changes[0].is_ok()) {
+        let token = make_join_token(&ctx, head, &mut m).await;
+        start_nodes(&ctx, &mut m, &token, &options).await;
+        revoke_join_token(&ctx, head, &token).await;
+        node_states = await_ready(&ctx, head, &mut m, &options).await;
+    } else {
+        for change in m.changes.iter_mut().skip(1).filter(|c| c.is_ok()) {
+            *change = Err(fail("join", "the head is not up"));
+        }
+    }
+    ctx.progress.clear();
+
+    // The report.
+    m.conns[0] = head;
+    report(&ctx, m, &node_states).await
+}
+
+/// Every member's standing between the phases of `up`, by member index (0 is the head).
+#[derive(Debug)]
+struct Members {
+    /// What was done to it so far, or the step it failed at.
+    changes: Vec<Result<Change, StepError>>,
+    /// Its connection, while it has one and it is not lent to a phase's task.
+    conns: Vec<Option<Connected>>,
+    /// Whether binaries were copied to it (a running service is then restarted).
+    copied: Vec<bool>,
+}
+
+impl Members {
+    fn new(prepared: Vec<Result<Prepared, StepError>>) -> Members {
+        let n = prepared.len();
+        let mut changes: Vec<Result<Change, StepError>> = Vec::with_capacity(n);
+        let mut conns: Vec<Option<Connected>> = Vec::with_capacity(n);
+        let mut copied: Vec<bool> = Vec::with_capacity(n);
+        for p in prepared {
+            match p {
+                Ok(p) => {
+                    changes.push(Ok(Change::Unchanged));
+                    copied.push(!p.copied.is_empty());
+                    conns.push(Some(p.conn));
+                }
+                Err(e) => {
+                    changes.push(Err(e));
+                    copied.push(false);
+                    conns.push(None);
+                }
+            }
+        }
+        Members {
+            changes,
+            conns,
+            copied,
+        }
+    }
+}
+
+/// Phase 1: connects to, probes and (unless `dry_run`) copies binaries to every member at
+/// once, bounded by the connection limit.
+async fn prepare_all(
+    ctx: &Arc<Ctx>,
+    local: Option<Arc<LocalBinaries>>,
+    dry_run: bool,
+) -> Vec<Result<Prepared, StepError>> {
+    let n = ctx.spec.members.len();
     let tasks: Vec<_> = (0..n)
         .map(|i| {
-            let ctx = Arc::clone(&ctx);
+            let ctx = Arc::clone(ctx);
             let local = local.clone();
-            let dry_run = options.dry_run;
             tokio::spawn(async move {
                 let _permit = ctx.limit.acquire().await;
                 prepare(&ctx, i, local.as_deref(), dry_run).await
@@ -75,38 +153,20 @@ pub async fn run(spec: ClusterSpec, options: UpOptions, home: Option<&Path>) -> 
                 .unwrap_or_else(|e| Err(fail("connect", format!("the task failed: {e}")))),
         );
     }
+    prepared
+}
 
-    if options.dry_run {
-        return dry_run(&ctx, prepared).await;
-    }
-
-    let mut changes: Vec<Result<Change, StepError>> = Vec::with_capacity(n);
-    let mut conns: Vec<Option<Connected>> = Vec::with_capacity(n);
-    let mut copied: Vec<bool> = Vec::with_capacity(n);
-    for p in prepared {
-        match p {
-            Ok(p) => {
-                changes.push(Ok(Change::Unchanged));
-                copied.push(!p.copied.is_empty());
-                conns.push(Some(p.conn));
-            }
-            Err(e) => {
-                changes.push(Err(e));
-                copied.push(false);
-                conns.push(None);
-            }
-        }
-    }
-
-    // 2. The head: init once, start (or leave running), fetch the client's credentials.
-    let head = conns[0].take();
-    if let (Some(h), Ok(_)) = (&head, &changes[0]) {
-        changes[0] = match start_head(&ctx, h, copied[0], &options).await {
-            Ok(change) => fetch_credentials(&ctx, h).await.map(|()| change),
+/// Phase 2: initialises (once) and starts the head, and fetches the client's credentials.
+/// Returns the head's connection, taken out of `m.conns`.
+async fn start_head_member(ctx: &Ctx, m: &mut Members, options: &UpOptions) -> Option<Connected> {
+    let head = m.conns[0].take();
+    if let (Some(h), Ok(_)) = (&head, &m.changes[0]) {
+        m.changes[0] = match start_head(ctx, h, m.copied[0], options).await {
+            Ok(change) => fetch_credentials(ctx, h).await.map(|()| change),
             Err(e) => Err(e),
         };
     }
-    let head_up = head.as_ref().filter(|_| changes[0].is_ok());
+    let head_up = head.as_ref().filter(|_| m.changes[0].is_ok());
     ctx.progress.done(
         0,
         if head_up.is_some() {
@@ -115,121 +175,149 @@ pub async fn run(spec: ClusterSpec, options: UpOptions, home: Option<&Path>) -> 
             "failed"
         },
     );
+    head
+}
 
-    // 3. The nodes: a join token when one needs it, then join once and start, at once.
-    let mut node_states: BTreeMap<String, NodeState> = BTreeMap::new();
-    if let Some(head) = head_up {
-        let joining = (1..n)
-            .filter(|&i| changes[i].is_ok() && conns[i].as_ref().is_some_and(|c| !c.probe.joined))
-            .count();
-        let token = if joining > 0 {
-            ctx.progress.step(0, "making a join token");
-            make_token(&ctx, head, joining).await.map(Some)
-        } else {
-            Ok(None)
-        };
-        let token = match token {
-            Ok(t) => t,
-            Err(e) => {
-                for i in 1..n {
-                    if changes[i].is_ok() && conns[i].as_ref().is_some_and(|c| !c.probe.joined) {
-                        changes[i] = Err(e.clone());
-                    }
-                }
-                None
-            }
-        };
-        let token = Arc::new(token);
-        let mut nodes = Vec::new();
-        for i in 1..n {
-            if changes[i].is_err() {
-                continue;
-            }
-            let Some(conn) = conns[i].take() else {
-                continue;
-            };
-            let ctx = Arc::clone(&ctx);
-            let token = Arc::clone(&token);
-            let options = options.clone();
-            let copied = copied[i];
-            nodes.push((
-                i,
-                tokio::spawn(async move {
-                    let _permit = ctx.limit.acquire().await;
-                    let result =
-                        start_node(&ctx, i, &conn, token.as_ref().as_deref(), copied, &options)
-                            .await;
-                    (conn, result)
-                }),
-            ));
-        }
-        for (i, task) in nodes {
-            match task.await {
-                Ok((conn, result)) => {
-                    conns[i] = Some(conn);
-                    changes[i] = result;
-                }
-                Err(e) => changes[i] = Err(fail("start", format!("the task failed: {e}"))),
-            }
-        }
-
-        // The join token is not needed any more: revoked rather than left to expire.
-        if let Some(id) = token.as_deref().and_then(|t| t.split('.').nth(1)) {
-            let script =
-                scripts::token_revoke(ctx.spec.head(), &head.bin_dir, &ctx.spec.head_address, id);
-            if let Err(e) = head
-                .remote
-                .run(&script, None, ctx.spec.ssh.command_timeout)
-                .await
-            {
-                eprintln!(
-                    "warning: the join token {id} could not be revoked ({e}); it expires within {JOIN_TOKEN_TTL}"
-                );
-            }
-        }
-
-        // 4. Every node that came up, Ready at the head.
-        let waiting: Vec<String> = (1..n)
-            .filter(|i| changes[*i].is_ok())
-            .map(|i| ctx.spec.members[i].name.clone())
-            .collect();
-        let waited = Instant::now();
-        let ready = wait_ready(&ctx, head, &waiting, options.ready_timeout).await;
-        tracing::debug!(
-            "waiting for the nodes to be Ready took {} ms",
-            waited.elapsed().as_millis()
-        );
-        match ready {
-            Ok(states) => node_states = states,
-            Err(e) => {
-                for change in changes.iter_mut().skip(1).filter(|c| c.is_ok()) {
-                    *change = Err(e.clone());
-                }
-            }
-        }
-        for (change, member) in changes.iter_mut().zip(&ctx.spec.members).skip(1) {
-            if change.is_ok() && node_states.get(&member.name) != Some(&NodeState::Ready) {
-                let state = node_states
-                    .get(&member.name)
-                    .map_or("not registered".to_string(), |s| format!("{s:?}"));
-                *change = Err(fail(
-                    "ready",
-                    format!(
-                        "the head lists the node as {state} after {}",
-                        humantime::format_duration(options.ready_timeout)
-                    ),
-                ));
-            }
-        }
+/// Phase 3a: a join token for the nodes that have not joined, when there are some. When it
+/// cannot be made, those nodes fail with its error.
+async fn make_join_token(ctx: &Ctx, head: &Connected, m: &mut Members) -> Arc<Option<String>> {
+    let n = ctx.spec.members.len();
+    let joining = (1..n)
+        .filter(|&i| m.changes[i].is_ok() && m.conns[i].as_ref().is_some_and(|c| !c.probe.joined))
+        .count();
+    let token = if joining > 0 {
+        ctx.progress.step(0, "making a join token");
+        make_token(ctx, head, joining).await.map(Some)
     } else {
-        for change in changes.iter_mut().skip(1).filter(|c| c.is_ok()) {
-            *change = Err(fail("join", "the head is not up"));
+        Ok(None)
+    };
+    let token = match token {
+        Ok(t) => t,
+        Err(e) => {
+            for i in 1..n {
+                if m.changes[i].is_ok() && m.conns[i].as_ref().is_some_and(|c| !c.probe.joined) {
+                    m.changes[i] = Err(e.clone());
+                }
+            }
+            None
+        }
+    };
+    Arc::new(token)
+}
+
+/// Phase 3b: joins (once) and starts every node in good standing, at once, bounded by the
+/// connection limit.
+async fn start_nodes(
+    ctx: &Arc<Ctx>,
+    m: &mut Members,
+    token: &Arc<Option<String>>,
+    options: &UpOptions,
+) {
+    let n = ctx.spec.members.len();
+    let mut nodes = Vec::new();
+    for i in 1..n {
+        if m.changes[i].is_err() {
+            continue;
+        }
+        let Some(conn) = m.conns[i].take() else {
+            continue;
+        };
+        let ctx = Arc::clone(ctx);
+        let token = Arc::clone(token);
+        let options = options.clone();
+        let copied = m.copied[i];
+        nodes.push((
+            i,
+            tokio::spawn(async move {
+                let _permit = ctx.limit.acquire().await;
+                let result =
+                    start_node(&ctx, i, &conn, token.as_ref().as_deref(), copied, &options).await;
+                (conn, result)
+            }),
+        ));
+    }
+    for (i, task) in nodes {
+        match task.await {
+            Ok((conn, result)) => {
+                m.conns[i] = Some(conn);
+                m.changes[i] = result;
+            }
+            Err(e) => m.changes[i] = Err(fail("start", format!("the task failed: {e}"))),
         }
     }
-    ctx.progress.clear();
+}
 
-    // The report.
-    conns[0] = head;
+/// Phase 3c: the join token is not needed any more: revoked rather than left to expire.
+async fn revoke_join_token(ctx: &Ctx, head: &Connected, token: &Option<String>) {
+    if let Some(id) = token.as_deref().and_then(|t| t.split('.').nth(1)) {
+        let script =
+            scripts::token_revoke(ctx.spec.head(), &head.bin_dir, &ctx.spec.head_address, id);
+        if let Err(e) = head
+            .remote
+            .run(&script, None, ctx.spec.ssh.command_timeout)
+            .await
+        {
+            eprintln!(
+                "warning: the join token {id} could not be revoked ({e}); it expires within {JOIN_TOKEN_TTL}"
+            );
+        }
+    }
+}
+
+/// Phase 4: waits, at most `options.ready_timeout`, until every node in good standing is
+/// Ready at the head; one that is not fails at step `ready`. Returns the nodes' states.
+async fn await_ready(
+    ctx: &Ctx,
+    head: &Connected,
+    m: &mut Members,
+    options: &UpOptions,
+) -> BTreeMap<String, NodeState> {
+    let n = ctx.spec.members.len();
+    let mut node_states: BTreeMap<String, NodeState> = BTreeMap::new();
+    let waiting: Vec<String> = (1..n)
+        .filter(|i| m.changes[*i].is_ok())
+        .map(|i| ctx.spec.members[i].name.clone())
+        .collect();
+    let waited = Instant::now();
+    let ready = wait_ready(ctx, head, &waiting, options.ready_timeout).await;
+    tracing::debug!(
+        "waiting for the nodes to be Ready took {} ms",
+        waited.elapsed().as_millis()
+    );
+    match ready {
+        Ok(states) => node_states = states,
+        Err(e) => {
+            for change in m.changes.iter_mut().skip(1).filter(|c| c.is_ok()) {
+                *change = Err(e.clone());
+            }
+        }
+    }
+    for (change, member) in m.changes.iter_mut().zip(&ctx.spec.members).skip(1) {
+        if change.is_ok() && node_states.get(&member.name) != Some(&NodeState::Ready) {
+            let state = node_states
+                .get(&member.name)
+                .map_or("not registered".to_string(), |s| format!("{s:?}"));
+            *change = Err(fail(
+                "ready",
+                format!(
+                    "the head lists the node as {state} after {}",
+                    humantime::format_duration(options.ready_timeout)
+                ),
+            ));
+        }
+    }
+    node_states
+}
+
+/// Prints `up`'s table, summary, the client's environment and each failure, and closes the
+/// connections; [`Outcome::Partial`] when a member failed. An error when the head is not up.
+async fn report(
+    ctx: &Ctx,
+    m: Members,
+    node_states: &BTreeMap<String, NodeState>,
+) -> anyhow::Result<Outcome> {
+    let n = ctx.spec.members.len();
+    let Members { changes, conns, .. } = m;
     let mut rows = Vec::with_capacity(n);
     for (i, member) in ctx.spec.members.iter().enumerate() {
         let version = conns[i]
@@ -282,9 +370,9 @@ pub async fn run(spec: ClusterSpec, options: UpOptions, home: Option<&Path>) -> 
         );
     }
     if rows.iter().any(|r| r.change.is_err()) {
-        return Err(Exit(EXIT_PARTIAL).into());
+        return Ok(Outcome::Partial);
     }
-    Ok(())
+    Ok(Outcome::Complete)
 }
 
 /// The head registers the built-in applications (`ping`, `shell`) with their path next to
@@ -540,7 +628,7 @@ async fn wait_ready(
 }
 
 /// `--dry-run`: what each member would get, from the probe alone.
-async fn dry_run(ctx: &Ctx, prepared: Vec<Result<Prepared, StepError>>) -> anyhow::Result<()> {
+async fn dry_run(ctx: &Ctx, prepared: Vec<Result<Prepared, StepError>>) -> anyhow::Result<Outcome> {
     ctx.progress.clear();
     let mut rows = Vec::new();
     let mut failed = false;
@@ -592,9 +680,9 @@ async fn dry_run(ctx: &Ctx, prepared: Vec<Result<Prepared, StepError>>) -> anyho
         rows,
     );
     if failed {
-        return Err(Exit(EXIT_PARTIAL).into());
+        return Ok(Outcome::Partial);
     }
-    Ok(())
+    Ok(Outcome::Complete)
 }
 
 fn print_rows(rows: &[Row]) {

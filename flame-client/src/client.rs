@@ -1,16 +1,21 @@
 //! The connection to the head and its request/response calls.
+//!
+//! Module arrows go one way: `session` builds on `client` (a [`Session`] holds a [`Client`]
+//! and opens its streams through it), never the reverse. The calls that hand out a
+//! [`Session`] ([`Client::create_session`], [`Client::session`]) are therefore defined in
+//! `session.rs`, in an `impl Client` block of their own; both modules share `error`.
+//!
+//! [`Session`]: crate::Session
 
 use crate::config::ClientConfig;
-use crate::error::ClientError;
-use crate::session::Session;
+use crate::error::{io_error, ClientError};
 use flame_protocol::auth::{ParsedToken, Principal, Secret, TokenInfo, TokenKind};
 use flame_protocol::endpoint;
 use flame_protocol::frame::{FrameError, FrameReader, FrameWriter};
 use flame_protocol::limits;
 use flame_protocol::messages::{ClientRequest, ClientResponse, ExecEvent, LogEvent, Role};
 use flame_protocol::model::{
-    ApplicationInfo, ApplicationSpec, NodeInfo, QueueReport, SessionInfo, SessionSpec, TaskInfo,
-    TaskState,
+    ApplicationInfo, ApplicationSpec, NodeInfo, QueueReport, SessionInfo, TaskInfo, TaskState,
 };
 use flame_protocol::{ExecutorId, SessionId, TaskId};
 use std::future::Future;
@@ -248,26 +253,6 @@ impl Client {
     /// decide: the sessions belong to the authenticated user ([`Client::whoami`]).
     pub fn owner(&self) -> &str {
         &self.inner.owner
-    }
-
-    /// Opens a session. A spec with an empty `owner` gets [`Client::owner`], which may be
-    /// empty too: the head then makes the authenticated user the owner. Naming another
-    /// user than oneself takes an admin; others get
-    /// [`ErrorKind::PermissionDenied`](flame_protocol::model::ErrorKind).
-    pub async fn create_session(&self, mut spec: SessionSpec) -> Result<Session, ClientError> {
-        if spec.owner.is_empty() {
-            spec.owner.clone_from(&self.inner.owner);
-        }
-        match self.request(ClientRequest::CreateSession(spec)).await? {
-            ClientResponse::Session(info) => Ok(Session::new(self.clone(), info)),
-            other => Err(self.unexpected("request CreateSession", &other)),
-        }
-    }
-
-    /// A handle on an existing session.
-    pub async fn session(&self, id: SessionId) -> Result<Session, ClientError> {
-        let info = self.get_session(id).await?;
-        Ok(Session::new(self.clone(), info))
     }
 
     /// The current state of a session.
@@ -641,7 +626,7 @@ impl Client {
         }
     }
 
-    fn unexpected(&self, what: &str, response: &ClientResponse) -> ClientError {
+    pub(crate) fn unexpected(&self, what: &str, response: &ClientResponse) -> ClientError {
         self.protocol_error(
             what,
             format!("unexpected answer {}", response_name(response)),
@@ -758,11 +743,6 @@ impl ExecStream {
 /// How this client names itself in its hello, for the head's logs.
 fn agent() -> String {
     format!("flame-cli {}", env!("CARGO_PKG_VERSION"))
-}
-
-/// A quinn stream-state error as the I/O error the framing layer reports.
-pub(crate) fn io_error(e: quinn::ClosedStream) -> FrameError {
-    FrameError::Io(std::io::Error::new(std::io::ErrorKind::BrokenPipe, e))
 }
 
 fn request_name(request: &ClientRequest) -> &'static str {

@@ -1,4 +1,6 @@
-//! The Flame client library, used by the `flame` command and by user programs.
+//! The Flame client library, used by user programs and by the `flame` command (crate
+//! `flame-cli`, the binary over this library). It has no command-line parsing, SSH,
+//! progress-bar or table dependencies: those stay in `flame-cli`.
 //!
 //! A [`Client`] is one QUIC connection to the head; every call opens its own stream, so a
 //! client may be cloned and used from many tasks at once. A [`Session`] submits task inputs
@@ -48,6 +50,13 @@
 //!
 //! [`local::LocalCluster`] starts a head and a node on this machine, for tests, examples and
 //! `flame local`.
+//!
+//! Modules and their arrows, which all go one way (no module uses one that uses it):
+//! `session` (sessions, submitters, watchers; it also defines the [`Client`] calls that
+//! hand out a [`Session`]) → `client` (the connection and its request calls) → `config` →
+//! `app_file` (the application file format, whose TOML error text `config` reuses);
+//! `session` → `batch`; `local` (the local cluster) → `config`; `report` (`error:` and
+//! `hint:` output) → the errors of `local`, `config` and `error`, which all of them use.
 
 #![warn(missing_docs)]
 

@@ -8,9 +8,8 @@
 use super::ops::{self, at, fail, Connected, Ctx, StepError};
 use super::scripts;
 use super::spec::{ClusterSpec, Role};
-use super::EXIT_PARTIAL;
-use crate::cli::render::{self, text, OutputFormat};
-use crate::cli::Exit;
+use super::Outcome;
+use crate::render::{self, text, OutputFormat};
 use flame_protocol::model::{NodeInfo, NodeState};
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -26,11 +25,11 @@ pub async fn down(
     drain: bool,
     drain_timeout: Duration,
     home: Option<&Path>,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<Outcome> {
     let ctx = Arc::new(Ctx::new(spec, home)?);
     let n = ctx.spec.members.len();
     let connected = ops::connect_all(&ctx).await;
-    let mut results: Vec<Result<&'static str, StepError>> = Vec::with_capacity(n);
+    let mut results: Vec<MemberResult> = Vec::with_capacity(n);
     let mut conns: Vec<Option<Connected>> = Vec::with_capacity(n);
     for c in connected {
         match c {
@@ -51,42 +50,70 @@ pub async fn down(
 
     // 1. Drain, through the head, every running node; wait until their executors are gone.
     if drain {
-        let running: Vec<usize> = (1..n)
-            .filter(|i| {
-                conns[*i]
-                    .as_ref()
-                    .is_some_and(|c| c.probe.running.is_some())
-            })
-            .collect();
-        match conns[0].as_ref().filter(|h| h.probe.running.is_some()) {
-            None if !running.is_empty() => {
-                for i in &running {
-                    results[*i] = Err(fail("drain", "the head is not reachable or not running"));
+        drain_nodes(&ctx, &conns, &mut results, drain_timeout).await;
+    }
+    // 2. Stop the nodes, at once (a node that failed to drain is left running).
+    stop_nodes(&ctx, &mut conns, &mut results).await;
+    // 3. The head, last; not while a node it should drain is left running, so that a
+    // second `down --drain` can finish the drain.
+    stop_head(&ctx, &conns, &mut results, drain).await;
+    // 4. Nothing of the cluster's may be left running on any host.
+    check_leftovers(&ctx, &conns, &mut results).await;
+    ctx.progress.clear();
+    ops::close_all(conns).await;
+    Ok(report_down(&ctx, &results))
+}
+
+/// What `down` did to a member: `stopped` or `not running`, or the step it failed at.
+type MemberResult = Result<&'static str, StepError>;
+
+/// Step 1: drains every running node through the head and waits, at most `timeout`, until
+/// their executors are gone. A node that could not be drained gets its failure.
+async fn drain_nodes(
+    ctx: &Ctx,
+    conns: &[Option<Connected>],
+    results: &mut [MemberResult],
+    timeout: Duration,
+) {
+    let n = ctx.spec.members.len();
+    let running: Vec<usize> = (1..n)
+        .filter(|i| {
+            conns[*i]
+                .as_ref()
+                .is_some_and(|c| c.probe.running.is_some())
+        })
+        .collect();
+    match conns[0].as_ref().filter(|h| h.probe.running.is_some()) {
+        None if !running.is_empty() => {
+            for i in &running {
+                results[*i] = Err(fail("drain", "the head is not reachable or not running"));
+            }
+        }
+        None => {}
+        Some(head) => {
+            for i in &running {
+                ctx.progress.step(*i, "draining");
+                let name = super::remote::quote(&ctx.spec.members[*i].name);
+                if let Err(e) = ctx.head_client(head, &format!("node drain {name}")).await {
+                    results[*i] = Err(at("drain")(e));
                 }
             }
-            None => {}
-            Some(head) => {
-                for i in &running {
-                    ctx.progress.step(*i, "draining");
-                    let name = super::remote::quote(&ctx.spec.members[*i].name);
-                    if let Err(e) = ctx.head_client(head, &format!("node drain {name}")).await {
-                        results[*i] = Err(at("drain")(e));
-                    }
-                }
-                let draining: Vec<usize> = running
-                    .into_iter()
-                    .filter(|i| results[*i].is_ok())
-                    .collect();
-                if let Err((e, busy)) = wait_drained(&ctx, head, &draining, drain_timeout).await {
-                    for i in busy {
-                        results[i] = Err(e.clone());
-                    }
+            let draining: Vec<usize> = running
+                .into_iter()
+                .filter(|i| results[*i].is_ok())
+                .collect();
+            if let Err((e, busy)) = wait_drained(ctx, head, &draining, timeout).await {
+                for i in busy {
+                    results[i] = Err(e.clone());
                 }
             }
         }
     }
+}
 
-    // 2. Stop the nodes, at once (a node that failed to drain is left running).
+/// Step 2: stops every node not failed so far, at once (bounded by the connection limit).
+async fn stop_nodes(ctx: &Arc<Ctx>, conns: &mut [Option<Connected>], results: &mut [MemberResult]) {
+    let n = ctx.spec.members.len();
     let mut tasks = Vec::new();
     for i in 1..n {
         if results[i].is_err() {
@@ -95,7 +122,7 @@ pub async fn down(
         let Some(conn) = conns[i].take() else {
             continue;
         };
-        let ctx = Arc::clone(&ctx);
+        let ctx = Arc::clone(ctx);
         tasks.push((
             i,
             tokio::spawn(async move {
@@ -116,8 +143,17 @@ pub async fn down(
             Err(e) => results[i] = Err(fail("stop", format!("the task failed: {e}"))),
         }
     }
-    // 3. The head, last; not while a node it should drain is left running, so that a
-    // second `down --drain` can finish the drain.
+}
+
+/// Step 3: stops the head, unless it failed already or a node it should drain was left
+/// running.
+async fn stop_head(
+    ctx: &Ctx,
+    conns: &[Option<Connected>],
+    results: &mut [MemberResult],
+    drain: bool,
+) {
+    let n = ctx.spec.members.len();
     let undrained: Vec<&str> = (1..n)
         .filter(|i| drain && matches!(&results[*i], Err(e) if e.step == "drain"))
         .map(|i| ctx.spec.members[i].name.as_str())
@@ -132,11 +168,16 @@ pub async fn down(
         ));
     }
     if let (Some(head), Ok(_)) = (&conns[0], &results[0]) {
-        if let Err(e) = stop(&ctx, 0, head).await {
+        if let Err(e) = stop(ctx, 0, head).await {
             results[0] = Err(e);
         }
     }
-    // 4. Nothing of the cluster's may be left running on any host.
+}
+
+/// Step 4: on every host still in good standing, kills and reports whatever of the
+/// cluster's binaries still runs.
+async fn check_leftovers(ctx: &Ctx, conns: &[Option<Connected>], results: &mut [MemberResult]) {
+    let n = ctx.spec.members.len();
     for i in 0..n {
         let Some(conn) = conns[i].as_ref() else {
             continue;
@@ -161,14 +202,17 @@ pub async fn down(
             Err(e) => results[i] = Err(at("verify")(e)),
         }
     }
-    ctx.progress.clear();
-    ops::close_all(conns).await;
+}
 
+/// Prints `down`'s table, its summary and each failure; [`Outcome::Partial`] when a member
+/// failed.
+fn report_down(ctx: &Ctx, results: &[MemberResult]) -> Outcome {
+    let n = ctx.spec.members.len();
     let rows: Vec<Vec<String>> = ctx
         .spec
         .members
         .iter()
-        .zip(&results)
+        .zip(results)
         .map(|(m, r)| {
             vec![
                 m.ssh.host.clone(),
@@ -198,15 +242,15 @@ pub async fn down(
             .filter(|r| matches!(r, Ok("not running")))
             .count(),
     );
-    for (m, r) in ctx.spec.members.iter().zip(&results) {
+    for (m, r) in ctx.spec.members.iter().zip(results) {
         if let Err(e) = r {
             eprintln!("error: {}: {e}", m.label());
         }
     }
     if failed > 0 {
-        return Err(Exit(EXIT_PARTIAL).into());
+        return Outcome::Partial;
     }
-    Ok(())
+    Outcome::Complete
 }
 
 /// Stops member `i`'s service (step `stop`).
@@ -302,7 +346,7 @@ pub async fn status(
     spec: ClusterSpec,
     output: OutputFormat,
     home: Option<&Path>,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<Outcome> {
     let ctx = Arc::new(Ctx::new(spec, home)?);
     let connected = ops::connect_all(&ctx).await;
     let head_nodes = match connected.first() {
@@ -392,7 +436,7 @@ pub async fn status(
         }
     }
     if !report.iter().all(MemberStatus::healthy) {
-        return Err(Exit(EXIT_PARTIAL).into());
+        return Ok(Outcome::Partial);
     }
-    Ok(())
+    Ok(Outcome::Complete)
 }

@@ -16,7 +16,6 @@
 //! - `SIGTERM` or `SIGINT` stops it: the daemon gets `SIGTERM`, then `SIGKILL` after
 //!   `--stop-grace`; the pid and state files are removed.
 
-use clap::Args;
 use nix::fcntl::{Flock, FlockArg};
 use nix::sys::signal::{self, Signal};
 use nix::unistd::Pid;
@@ -37,32 +36,26 @@ pub const BACKOFF_MAX: Duration = Duration::from_secs(30);
 /// its stdout open).
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(1);
 
-/// Runs a daemon, restarting it when it dies (hidden: `flame cluster up` uses it).
-#[derive(Debug, Args)]
-pub struct SuperviseArgs {
-    /// The pid file, locked while this supervisor runs
-    #[arg(long, value_name = "PATH")]
+/// What to supervise and how (the flags of `flame cluster supervise`, which
+/// `scripts::supervise_line` writes).
+#[derive(Debug)]
+pub struct Supervision {
+    /// The pid file, locked while this supervisor runs.
     pub pid_file: PathBuf,
-    /// Where `ready LINE` or `failed HOW` is written
-    #[arg(long, value_name = "PATH")]
+    /// Where `ready LINE` or `failed HOW` is written.
     pub state_file: PathBuf,
-    /// The start of the daemon's stdout line that says it serves
-    #[arg(long, value_name = "TEXT")]
+    /// The start of the daemon's stdout line that says it serves (its ready prefix, see
+    /// `flame_protocol::ready`, without the trailing space).
     pub ready_prefix: String,
-    /// Exit when the daemon exits, rather than restarting it (systemd restarts)
-    #[arg(long)]
+    /// Exit when the daemon exits, rather than restarting it (systemd restarts).
     pub no_restart: bool,
-    /// Most restarts within --restart-window before giving up
-    #[arg(long, default_value_t = 5)]
+    /// Most restarts within `restart_window` before giving up.
     pub restarts_max: usize,
-    /// The window --restarts-max counts in
-    #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
+    /// The window `restarts_max` counts in.
     pub restart_window: Duration,
-    /// How long the daemon has to exit after SIGTERM before SIGKILL
-    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    /// How long the daemon has to exit after SIGTERM before SIGKILL.
     pub stop_grace: Duration,
-    /// The daemon and its arguments
-    #[arg(last = true, required = true, value_name = "COMMAND")]
+    /// The daemon and its arguments.
     pub command: Vec<OsString>,
 }
 
@@ -90,7 +83,7 @@ pub enum SuperviseError {
 }
 
 /// Runs the supervisor until it is told to stop (`Ok`) or gives up (`Err`).
-pub async fn run(args: SuperviseArgs) -> Result<(), SuperviseError> {
+pub async fn run(args: Supervision) -> Result<(), SuperviseError> {
     let lock = lock_pid_file(&args.pid_file)?;
     let mut term = unix_signal(SignalKind::terminate()).map_err(SuperviseError::Signals)?;
     let mut int = unix_signal(SignalKind::interrupt()).map_err(SuperviseError::Signals)?;
@@ -347,8 +340,8 @@ fn say(message: &str) {
 mod tests {
     use super::*;
 
-    fn args(dir: &Path, script: &str) -> SuperviseArgs {
-        SuperviseArgs {
+    fn args(dir: &Path, script: &str) -> Supervision {
+        Supervision {
             pid_file: dir.join("s.pid"),
             state_file: dir.join("state"),
             ready_prefix: "serving on".to_string(),

@@ -7,6 +7,7 @@
 //! `local`) is taken relative to the file's folder, and `~/` is the user's home. Remote
 //! paths (`install_dir`, `data_dir`, `log_dir`) must be absolute.
 
+use flame_protocol::ready::Daemon;
 use serde::Deserialize;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -249,12 +250,17 @@ impl Role {
         }
     }
 
-    /// What the daemon prints on stdout once it serves (see [`crate::local`]).
-    pub fn ready_prefix(self) -> &'static str {
+    /// The daemon, as the ready-line contract names it.
+    pub fn daemon(self) -> Daemon {
         match self {
-            Role::Head => flame_client::local::HEAD_READY_PREFIX,
-            Role::Node => flame_client::local::NODE_READY_PREFIX,
+            Role::Head => Daemon::Head,
+            Role::Node => Daemon::Node,
         }
+    }
+
+    /// What the daemon prints on stdout once it serves (see [`flame_protocol::ready`]).
+    pub fn ready_prefix(self) -> &'static str {
+        self.daemon().ready_prefix()
     }
 }
 
@@ -384,115 +390,27 @@ pub fn resolve(
     local_bin_dir: Option<&Path>,
     home: Option<&Path>,
 ) -> Result<ClusterSpec, SpecError> {
-    let invalid = |field: &str, message: String| SpecError::Invalid {
-        path: path.to_path_buf(),
-        field: field.to_string(),
-        message,
+    let r = Resolver {
+        file: &file,
+        path,
+        base: path.parent().unwrap_or(Path::new(".")),
+        home,
     };
-    let base = path.parent().unwrap_or(Path::new("."));
-    let local = |p: &Path| local_path(base, home, p);
-
-    check_name(&file.name).map_err(|m| invalid("name", m))?;
+    check_name(&file.name).map_err(|m| r.invalid("name", m))?;
     if file.nodes.len() + 1 > MEMBERS_MAX {
-        return Err(invalid(
+        return Err(r.invalid(
             "nodes",
             format!("{} nodes: at most {}", file.nodes.len(), MEMBERS_MAX - 1),
         ));
     }
 
-    let duration = |field: &str, value: &Option<String>, default: Duration| match value {
-        None => Ok(default),
-        Some(text) => humantime::parse_duration(text)
-            .map_err(|e| invalid(field, format!("`{text}` is not a duration like 10s: {e}"))),
-    };
-    let strict = file
-        .ssh
-        .strict_host_key_checking
-        .clone()
-        .unwrap_or_else(|| "accept-new".to_string());
-    if !["yes", "accept-new", "no"].contains(&strict.as_str()) {
-        return Err(invalid(
-            "ssh.strict_host_key_checking",
-            format!("`{strict}`: expected yes, accept-new or no"),
-        ));
-    }
-    for (i, option) in file.ssh.options.iter().enumerate() {
-        let well_formed = option
-            .split_once('=')
-            .is_some_and(|(k, _)| !k.is_empty() && k.chars().all(|c| c.is_ascii_alphanumeric()));
-        if !well_formed || option.contains('\n') {
-            return Err(invalid(
-                &format!("ssh.options[{i}]"),
-                format!("`{option}` is not `Key=Value`"),
-            ));
-        }
-    }
-    let parallel = file.ssh.parallel.unwrap_or(DEFAULT_PARALLEL);
-    if parallel == 0 || parallel > PARALLEL_MAX {
-        return Err(invalid(
-            "ssh.parallel",
-            format!("{parallel}: expected 1 to {PARALLEL_MAX}"),
-        ));
-    }
-    let ssh = SshSettings {
-        config_file: file.ssh.config_file.as_deref().map(local),
-        known_hosts_file: file.ssh.known_hosts_file.as_deref().map(local),
-        strict_host_key_checking: strict,
-        connect_timeout: duration(
-            "ssh.connect_timeout",
-            &file.ssh.connect_timeout,
-            DEFAULT_CONNECT_TIMEOUT,
-        )?,
-        command_timeout: duration(
-            "ssh.command_timeout",
-            &file.ssh.command_timeout,
-            DEFAULT_COMMAND_TIMEOUT,
-        )?,
-        options: file.ssh.options.clone(),
-        parallel,
-    };
-
-    let binaries = match file.binaries.source.as_deref().unwrap_or("local") {
-        "local" => match (&file.binaries.dir, local_bin_dir) {
-            (Some(dir), _) => BinarySource::Local(local(dir)),
-            (None, Some(dir)) => BinarySource::Local(dir.to_path_buf()),
-            (None, None) => {
-                return Err(invalid(
-                    "binaries.dir",
-                    "the folder of the running flame is unknown; name one".to_string(),
-                ))
-            }
-        },
-        "installed" => BinarySource::Installed(match &file.binaries.dir {
-            None => None,
-            Some(dir) => {
-                Some(remote_dir(&dir.to_string_lossy()).map_err(|m| invalid("binaries.dir", m))?)
-            }
-        }),
-        other => {
-            return Err(invalid(
-                "binaries.source",
-                format!("`{other}`: expected local or installed"),
-            ))
-        }
-    };
-
-    let state_dir = match &file.state_dir {
-        Some(dir) => local(dir),
-        None => home
-            .map(|h| h.join(".flame/clusters").join(&file.name))
-            .ok_or_else(|| {
-                invalid(
-                    "state_dir",
-                    "HOME is unset, so the default ~/.flame/clusters/NAME is unknown; name one"
-                        .to_string(),
-                )
-            })?,
-    };
+    let ssh = r.ssh()?;
+    let binaries = r.binaries(local_bin_dir)?;
+    let state_dir = r.state_dir()?;
 
     // The head.
     let head = &file.head;
-    check_host(&head.host).map_err(|m| invalid("head.host", m))?;
+    check_host(&head.host).map_err(|m| r.invalid("head.host", m))?;
     let port = head.port.unwrap_or(DEFAULT_HEAD_PORT);
     let listen = head
         .listen
@@ -503,39 +421,10 @@ pub fn resolve(
         .clone()
         .unwrap_or_else(|| format!("{}:{port}", bracket_v6(&head.host)));
     let address_host = host_of(&head_address)
-        .ok_or_else(|| invalid("head.address", format!("`{head_address}` is not host:port")))?;
-
-    let settings = |field: &str, s: &HostSettings| -> Result<Settings, SpecError> {
-        let dir = |key: &str, value: &Option<String>, global: &Option<String>, default: &str| {
-            let text = value.as_deref().or(global.as_deref()).unwrap_or(default);
-            remote_dir(text).map_err(|m| invalid(&format!("{field}.{key}"), m))
-        };
-        Ok(Settings {
-            user: s.user.clone().or_else(|| file.ssh.user.clone()),
-            port: s.ssh_port.or(file.ssh.port),
-            identity_file: s
-                .identity_file
-                .as_deref()
-                .or(file.ssh.identity_file.as_deref())
-                .map(local),
-            install_dir: dir(
-                "install_dir",
-                &s.install_dir,
-                &file.paths.install_dir,
-                DEFAULT_INSTALL_DIR,
-            )?,
-            data_dir: dir(
-                "data_dir",
-                &s.data_dir,
-                &file.paths.data_dir,
-                DEFAULT_DATA_DIR,
-            )?,
-            log_dir: dir("log_dir", &s.log_dir, &file.paths.log_dir, DEFAULT_LOG_DIR)?,
-        })
-    };
+        .ok_or_else(|| r.invalid("head.address", format!("`{head_address}` is not host:port")))?;
 
     let mut members = Vec::with_capacity(file.nodes.len() + 1);
-    let hs = settings("head", &head.host_settings)?;
+    let hs = r.settings("head", &head.host_settings)?;
     let install_dir = installed_dir(&binaries, &hs.install_dir);
     let mut head_args = vec![
         "--data-dir".to_string(),
@@ -553,24 +442,224 @@ pub fn resolve(
 
     let mut names = BTreeSet::new();
     for (i, node) in file.nodes.iter().enumerate() {
+        members.push(r.node(i, node, &head_address, &binaries, &mut names)?);
+    }
+
+    Ok(ClusterSpec {
+        name: file.name,
+        state_dir,
+        manager: file.service_manager,
+        ssh,
+        binaries,
+        head_address,
+        members,
+    })
+}
+
+/// What resolving a file needs besides the file: where it is (relative local paths and
+/// errors) and the user's home (`~/`).
+struct Resolver<'a> {
+    file: &'a ClusterFile,
+    path: &'a Path,
+    base: &'a Path,
+    home: Option<&'a Path>,
+}
+
+impl Resolver<'_> {
+    fn invalid(&self, field: &str, message: String) -> SpecError {
+        SpecError::Invalid {
+            path: self.path.to_path_buf(),
+            field: field.to_string(),
+            message,
+        }
+    }
+
+    /// A path on this machine, relative to the file's folder, `~/` the user's home.
+    fn local(&self, p: &Path) -> PathBuf {
+        local_path(self.base, self.home, p)
+    }
+
+    fn duration(
+        &self,
+        field: &str,
+        value: &Option<String>,
+        default: Duration,
+    ) -> Result<Duration, SpecError> {
+        match value {
+            None => Ok(default),
+            Some(text) => humantime::parse_duration(text).map_err(|e| {
+                self.invalid(field, format!("`{text}` is not a duration like 10s: {e}"))
+            }),
+        }
+    }
+
+    /// The `[ssh]` table.
+    fn ssh(&self) -> Result<SshSettings, SpecError> {
+        let strict = self
+            .file
+            .ssh
+            .strict_host_key_checking
+            .clone()
+            .unwrap_or_else(|| "accept-new".to_string());
+        if !["yes", "accept-new", "no"].contains(&strict.as_str()) {
+            return Err(self.invalid(
+                "ssh.strict_host_key_checking",
+                format!("`{strict}`: expected yes, accept-new or no"),
+            ));
+        }
+        for (i, option) in self.file.ssh.options.iter().enumerate() {
+            let well_formed = option.split_once('=').is_some_and(|(k, _)| {
+                !k.is_empty() && k.chars().all(|c| c.is_ascii_alphanumeric())
+            });
+            if !well_formed || option.contains('\n') {
+                return Err(self.invalid(
+                    &format!("ssh.options[{i}]"),
+                    format!("`{option}` is not `Key=Value`"),
+                ));
+            }
+        }
+        let parallel = self.file.ssh.parallel.unwrap_or(DEFAULT_PARALLEL);
+        if parallel == 0 || parallel > PARALLEL_MAX {
+            return Err(self.invalid(
+                "ssh.parallel",
+                format!("{parallel}: expected 1 to {PARALLEL_MAX}"),
+            ));
+        }
+        Ok(SshSettings {
+            config_file: self.file.ssh.config_file.as_deref().map(|p| self.local(p)),
+            known_hosts_file: self
+                .file
+                .ssh
+                .known_hosts_file
+                .as_deref()
+                .map(|p| self.local(p)),
+            strict_host_key_checking: strict,
+            connect_timeout: self.duration(
+                "ssh.connect_timeout",
+                &self.file.ssh.connect_timeout,
+                DEFAULT_CONNECT_TIMEOUT,
+            )?,
+            command_timeout: self.duration(
+                "ssh.command_timeout",
+                &self.file.ssh.command_timeout,
+                DEFAULT_COMMAND_TIMEOUT,
+            )?,
+            options: self.file.ssh.options.clone(),
+            parallel,
+        })
+    }
+
+    /// Where the binaries come from (`[binaries]`); `local_bin_dir` is the running
+    /// `flame`'s folder, the default for `local`.
+    fn binaries(&self, local_bin_dir: Option<&Path>) -> Result<BinarySource, SpecError> {
+        let binaries = match self.file.binaries.source.as_deref().unwrap_or("local") {
+            "local" => match (&self.file.binaries.dir, local_bin_dir) {
+                (Some(dir), _) => BinarySource::Local(self.local(dir)),
+                (None, Some(dir)) => BinarySource::Local(dir.to_path_buf()),
+                (None, None) => {
+                    return Err(self.invalid(
+                        "binaries.dir",
+                        "the folder of the running flame is unknown; name one".to_string(),
+                    ))
+                }
+            },
+            "installed" => BinarySource::Installed(match &self.file.binaries.dir {
+                None => None,
+                Some(dir) => Some(
+                    remote_dir(&dir.to_string_lossy())
+                        .map_err(|m| self.invalid("binaries.dir", m))?,
+                ),
+            }),
+            other => {
+                return Err(self.invalid(
+                    "binaries.source",
+                    format!("`{other}`: expected local or installed"),
+                ))
+            }
+        };
+        Ok(binaries)
+    }
+
+    /// The local folder for the client's credentials.
+    fn state_dir(&self) -> Result<PathBuf, SpecError> {
+        let state_dir = match &self.file.state_dir {
+            Some(dir) => self.local(dir),
+            None => self
+                .home
+                .map(|h| h.join(".flame/clusters").join(&self.file.name))
+                .ok_or_else(|| {
+                    self.invalid(
+                        "state_dir",
+                        "HOME is unset, so the default ~/.flame/clusters/NAME is unknown; name one"
+                            .to_string(),
+                    )
+                })?,
+        };
+        Ok(state_dir)
+    }
+
+    /// One host's settings (`field` names its table in errors), over the global ones.
+    fn settings(&self, field: &str, s: &HostSettings) -> Result<Settings, SpecError> {
+        let dir = |key: &str, value: &Option<String>, global: &Option<String>, default: &str| {
+            let text = value.as_deref().or(global.as_deref()).unwrap_or(default);
+            remote_dir(text).map_err(|m| self.invalid(&format!("{field}.{key}"), m))
+        };
+        Ok(Settings {
+            user: s.user.clone().or_else(|| self.file.ssh.user.clone()),
+            port: s.ssh_port.or(self.file.ssh.port),
+            identity_file: s
+                .identity_file
+                .as_deref()
+                .or(self.file.ssh.identity_file.as_deref())
+                .map(|p| self.local(p)),
+            install_dir: dir(
+                "install_dir",
+                &s.install_dir,
+                &self.file.paths.install_dir,
+                DEFAULT_INSTALL_DIR,
+            )?,
+            data_dir: dir(
+                "data_dir",
+                &s.data_dir,
+                &self.file.paths.data_dir,
+                DEFAULT_DATA_DIR,
+            )?,
+            log_dir: dir(
+                "log_dir",
+                &s.log_dir,
+                &self.file.paths.log_dir,
+                DEFAULT_LOG_DIR,
+            )?,
+        })
+    }
+
+    /// Node `i` of the file, as a member; `names` holds the names taken so far.
+    fn node(
+        &self,
+        i: usize,
+        node: &NodeFile,
+        head_address: &str,
+        binaries: &BinarySource,
+        names: &mut BTreeSet<String>,
+    ) -> Result<Member, SpecError> {
         let field = format!("nodes[{i}]");
-        check_host(&node.host).map_err(|m| invalid(&format!("{field}.host"), m))?;
+        check_host(&node.host).map_err(|m| self.invalid(&format!("{field}.host"), m))?;
         let name = node
             .name
             .clone()
             .unwrap_or_else(|| unbracket(&node.host).to_lowercase());
-        check_name(&name).map_err(|m| invalid(&format!("{field}.name"), m))?;
+        check_name(&name).map_err(|m| self.invalid(&format!("{field}.name"), m))?;
         if !names.insert(name.clone()) {
-            return Err(invalid(
+            return Err(self.invalid(
                 &format!("{field}.name"),
                 format!("`{name}` names two nodes"),
             ));
         }
-        let ns = settings(&field, &node.host_settings)?;
+        let ns = self.settings(&field, &node.host_settings)?;
         let role_dir = format!("{}/node", ns.data_dir);
         let mut args = vec![
             "--head".to_string(),
-            head_address.clone(),
+            head_address.to_string(),
             "--name".to_string(),
             name.clone(),
             "--tls-dir".to_string(),
@@ -584,7 +673,7 @@ pub fn resolve(
         ];
         if let Some(cpus) = node.cpus {
             if !(cpus > 0.0 && cpus.is_finite()) {
-                return Err(invalid(
+                return Err(self.invalid(
                     &format!("{field}.cpus"),
                     format!("{cpus}: expected more than 0"),
                 ));
@@ -601,19 +690,9 @@ pub fn resolve(
             args.extend(["--label".to_string(), format!("{k}={v}")]);
         }
         args.extend(node.args.iter().cloned());
-        let install_dir = installed_dir(&binaries, &ns.install_dir);
-        members.push(ns.member(Role::Node, &name, &node.host, install_dir, args));
+        let install_dir = installed_dir(binaries, &ns.install_dir);
+        Ok(ns.member(Role::Node, &name, &node.host, install_dir, args))
     }
-
-    Ok(ClusterSpec {
-        name: file.name,
-        state_dir,
-        manager: file.service_manager,
-        ssh,
-        binaries,
-        head_address,
-        members,
-    })
 }
 
 /// A host's settings, resolved.
