@@ -764,7 +764,7 @@ impl SimNode {
                 gpus: Vec::new(),
             },
             labels: Default::default(),
-            isolation: "none".into(),
+            isolation: flame_protocol::model::Isolation::None,
             identity: flame_protocol::model::ExecutorIdentity::OwnerUid,
             executors: self
                 .executors

@@ -198,7 +198,7 @@ pub struct StoredNode {
     pub name: String,
     pub allocatable: NodeResources,
     pub labels: BTreeMap<String, String>,
-    pub isolation: String,
+    pub isolation: flame_protocol::model::Isolation,
     pub last_seen_ms: u64,
     /// Drained by an operator: nothing new is placed there.
     pub draining: bool,

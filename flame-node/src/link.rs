@@ -37,7 +37,7 @@ pub struct NodeConfig {
     pub allocatable: NodeResources,
     pub labels: BTreeMap<String, String>,
     /// `cgroup v1`, `cgroup v2` or `none`.
-    pub isolation: String,
+    pub isolation: flame_protocol::model::Isolation,
     /// How long executors keep running while the head is away, so that a restarted head
     /// can adopt them and the tasks they run.
     pub head_loss_grace: Duration,
@@ -180,7 +180,7 @@ impl Agent {
             name: self.config.name.clone(),
             allocatable: self.config.allocatable.clone(),
             labels: self.config.labels.clone(),
-            isolation: self.config.isolation.clone(),
+            isolation: self.config.isolation,
             identity: self.config.executors.identity.reported(),
             executors: self
                 .executors

@@ -21,7 +21,7 @@ mod resources;
 
 use clap::Parser;
 use config::CgroupMode;
-use flame_protocol::model::{validate_labels, GpuInfo, NodeResources};
+use flame_protocol::model::{validate_labels, GpuInfo, Isolation, NodeResources};
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -197,11 +197,10 @@ fn run(args: Args) -> Result<(), String> {
     let root = nix::unistd::geteuid().is_root();
     let cgroups = executor_cgroups(&args, &file, &name, root)?;
     let isolation = match cgroups.as_ref().map(cgroup::CgroupTree::version) {
-        Some(cgroup::Version::V1) => "cgroup v1",
-        Some(cgroup::Version::V2) => "cgroup v2",
-        None => "none",
-    }
-    .to_string();
+        Some(cgroup::Version::V1) => Isolation::CgroupV1,
+        Some(cgroup::Version::V2) => Isolation::CgroupV2,
+        None => Isolation::None,
+    };
     // There is an identity unless only the capacity is asked for.
     let Some(identity) = identity else {
         let report = serde_json::json!({

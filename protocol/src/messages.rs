@@ -318,8 +318,8 @@ pub struct NodeRegistration {
     pub allocatable: NodeResources,
     /// Labels from its config, matched by application selectors.
     pub labels: BTreeMap<String, String>,
-    /// How it enforces executor limits: `cgroup v1`, `cgroup v2` or `none`.
-    pub isolation: String,
+    /// How it enforces executor limits.
+    pub isolation: crate::model::Isolation,
     /// Who it runs executors as.
     pub identity: ExecutorIdentity,
     /// Executors the node still runs from an earlier connection (it keeps them for a

@@ -975,6 +975,68 @@ pub struct ApplicationInfo {
     pub open_sessions: u32,
 }
 
+/// How a node enforces executor limits. On the wire and on disk it is the text
+/// [`Isolation::as_str`] gives (`cgroup v1`, `cgroup v2`, `none`), as it was when this was a
+/// bare string, so older peers and stores read it unchanged; any other text is refused
+/// when decoded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(into = "String", try_from = "String")]
+pub enum Isolation {
+    /// cgroup v1 hierarchies (cpu, memory, pids) hold each executor.
+    CgroupV1,
+    /// A cgroup v2 subtree holds each executor.
+    CgroupV2,
+    /// No cgroups: no limits and no accounting.
+    None,
+}
+
+impl Isolation {
+    /// The text shown to people and written on the wire.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Isolation::CgroupV1 => "cgroup v1",
+            Isolation::CgroupV2 => "cgroup v2",
+            Isolation::None => "none",
+        }
+    }
+}
+
+impl std::fmt::Display for Isolation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A text that names no [`Isolation`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown isolation `{0}` (expected `cgroup v1`, `cgroup v2` or `none`)")]
+pub struct UnknownIsolation(pub String);
+
+impl std::str::FromStr for Isolation {
+    type Err = UnknownIsolation;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "cgroup v1" => Ok(Isolation::CgroupV1),
+            "cgroup v2" => Ok(Isolation::CgroupV2),
+            "none" => Ok(Isolation::None),
+            other => Err(UnknownIsolation(other.to_string())),
+        }
+    }
+}
+
+impl TryFrom<String> for Isolation {
+    type Error = UnknownIsolation;
+    fn try_from(s: String) -> Result<Self, Self::Error> {
+        s.parse()
+    }
+}
+
+impl From<Isolation> for String {
+    fn from(i: Isolation) -> String {
+        i.as_str().to_string()
+    }
+}
+
 /// Node readiness.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum NodeState {
@@ -994,8 +1056,8 @@ pub struct NodeInfo {
     /// What the executors alive on it hold.
     pub allocated: Resources,
     pub labels: BTreeMap<String, String>,
-    /// How the node enforces executor limits: `cgroup v1`, `cgroup v2` or `none`.
-    pub isolation: String,
+    /// How the node enforces executor limits.
+    pub isolation: Isolation,
     /// Who it runs executors as; `None` until it registers with this head process.
     pub identity: Option<ExecutorIdentity>,
     /// Executors alive on the node.
@@ -1185,6 +1247,36 @@ mod tests {
             delay_release_ms: 1000,
             ..ApplicationSpec::new("pi", "/bin/pi")
         }
+    }
+
+    #[test]
+    fn isolation_is_written_as_the_text_it_replaced() {
+        for (i, text) in [
+            (Isolation::CgroupV1, "cgroup v1"),
+            (Isolation::CgroupV2, "cgroup v2"),
+            (Isolation::None, "none"),
+        ] {
+            let bytes = postcard::to_allocvec(&i).unwrap_or_default();
+            assert_eq!(
+                bytes,
+                postcard::to_allocvec(text).unwrap_or_default(),
+                "{i}"
+            );
+            assert_eq!(postcard::from_bytes::<Isolation>(&bytes).ok(), Some(i));
+            assert_eq!(text.parse::<Isolation>().ok(), Some(i));
+        }
+        let odd = postcard::to_allocvec("cgroup v3").unwrap_or_default();
+        assert!(postcard::from_bytes::<Isolation>(&odd).is_err());
+        assert_eq!(
+            "cgroup v3"
+                .parse::<Isolation>()
+                .err()
+                .map(|e| e.to_string()),
+            Some(
+                "unknown isolation `cgroup v3` (expected `cgroup v1`, `cgroup v2` or `none`)"
+                    .into()
+            )
+        );
     }
 
     #[test]

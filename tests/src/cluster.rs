@@ -28,7 +28,7 @@ use crate::command::{binary, describe, run_command, CmdOutput, COMMAND_TIMEOUT};
 use crate::netns::{self, Namespace, Network};
 use flame_client::{Client, ClientConfig};
 use flame_protocol::auth::Secret;
-use flame_protocol::model::{NodeInfo, NodeState};
+use flame_protocol::model::{Isolation, NodeInfo, NodeState};
 use flame_protocol::ready::{HEAD_READY_PREFIX, NODE_READY_PREFIX};
 use nix::sys::signal::{self, Signal};
 use nix::unistd::Pid;
@@ -473,11 +473,10 @@ impl Cluster {
             .iter()
             .find(|n| n.name == name)
             .unwrap_or_else(|| panic!("{name} is not in the node list: {nodes:#?}"));
-        let v2 = match node.isolation.as_str() {
-            "cgroup v1" => false,
-            "cgroup v2" => true,
-            "none" => return None,
-            other => panic!("{name} reports an unknown isolation `{other}`"),
+        let v2 = match node.isolation {
+            Isolation::CgroupV1 => false,
+            Isolation::CgroupV2 => true,
+            Isolation::None => return None,
         };
         let mountinfo = std::fs::read_to_string("/proc/self/mountinfo")
             .unwrap_or_else(|e| panic!("cannot read /proc/self/mountinfo: {e}"));

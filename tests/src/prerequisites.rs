@@ -35,7 +35,7 @@ pub fn root(test: &str) -> bool {
 pub fn cgroups(test: &str, node: &NodeInfo) -> bool {
     require(
         test,
-        (node.isolation == "none").then(|| {
+        (node.isolation == flame_protocol::model::Isolation::None).then(|| {
             format!(
                 "node {} has no cgroup isolation (root and a cgroup v1 or v2 hierarchy with cpu, memory and pids are needed)",
                 node.name

@@ -165,7 +165,7 @@ async fn nodes_need_their_own_certificate() {
             name: "impostor".into(),
             allocatable: NodeResources::default(),
             labels: Default::default(),
-            isolation: "none".into(),
+            isolation: flame_protocol::model::Isolation::None,
             identity: flame_protocol::model::ExecutorIdentity::OwnerUid,
             executors: Vec::new(),
         }))

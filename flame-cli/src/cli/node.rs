@@ -130,7 +130,7 @@ fn print_list(nodes: &[NodeInfo]) {
                         .collect::<Vec<_>>()
                         .join(",")
                 },
-                n.isolation.clone(),
+                n.isolation.to_string(),
                 match &n.identity {
                     None => "-".to_string(),
                     Some(i) if i.shared() => format!("{i} (SHARED)"),

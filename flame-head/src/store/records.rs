@@ -221,7 +221,7 @@ pub struct NodeRecord {
     pub name: String,
     pub allocatable: NodeResourcesRecord,
     pub labels: BTreeMap<String, String>,
-    pub isolation: String,
+    pub isolation: flame_protocol::model::Isolation,
     pub last_seen_ms: u64,
     pub draining: bool,
 }

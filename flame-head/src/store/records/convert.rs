@@ -617,7 +617,7 @@ impl From<&StoredNode> for NodeRecord {
             name: name.clone(),
             allocatable: allocatable.into(),
             labels: labels.clone(),
-            isolation: isolation.clone(),
+            isolation: *isolation,
             last_seen_ms: *last_seen_ms,
             draining: *draining,
         }

@@ -7,8 +7,8 @@ use crate::certs::StoredCert;
 use crate::store::{StoredNode, StoredSession, StoredTask};
 use flame_protocol::auth::TokenKind;
 use flame_protocol::model::{
-    ApplicationSpec, EnvValue, ExecutorUsage, GpuInfo, JobFailure, JobInfo, JobSpec, JobState,
-    NodeResources, RankInfo, Resources, SessionInfo, SessionState, ShimKind, TaskCounts,
+    ApplicationSpec, EnvValue, ExecutorUsage, GpuInfo, Isolation, JobFailure, JobInfo, JobSpec,
+    JobState, NodeResources, RankInfo, Resources, SessionInfo, SessionState, ShimKind, TaskCounts,
     TaskOutcome,
 };
 use flame_protocol::{ExecutorId, SessionId};
@@ -205,7 +205,7 @@ fn nodes() -> Vec<StoredNode> {
         name: "n1".into(),
         allocatable: NodeResources::default(),
         labels: BTreeMap::new(),
-        isolation: "none".into(),
+        isolation: Isolation::None,
         last_seen_ms: 0,
         draining: false,
     };
@@ -227,7 +227,7 @@ fn nodes() -> Vec<StoredNode> {
             ("rack".to_string(), "r2".to_string()),
             ("zone".to_string(), "b".to_string()),
         ]),
-        isolation: "cgroup v2".into(),
+        isolation: Isolation::CgroupV2,
         last_seen_ms: 1_700_000_000_000,
         draining: true,
     };
