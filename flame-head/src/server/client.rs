@@ -52,20 +52,29 @@ pub(super) async fn client_connection(
     }
 }
 
-pub(super) async fn ask<T>(
+/// Asks the core and waits for its answer, of the kind `request` gets.
+pub(super) async fn ask<T: TryFrom<Reply, Error = Reply>>(
     shared: &Shared,
-    make: impl FnOnce(oneshot::Sender<T>) -> Event,
+    request: Request,
 ) -> Result<T, ConnError> {
     let (tx, rx) = oneshot::channel();
     shared
         .events
-        .send(make(tx))
+        .send(Inbound::Ask { request, reply: tx })
         .await
         .map_err(|_| ConnError::CoreGone)?;
-    tokio::time::timeout(limits::REQUEST_TIMEOUT, rx)
+    answer(rx).await
+}
+
+/// The core's answer on `rx`, within [`limits::REQUEST_TIMEOUT`].
+pub(super) async fn answer<T: TryFrom<Reply, Error = Reply>>(
+    rx: oneshot::Receiver<Reply>,
+) -> Result<T, ConnError> {
+    let reply = tokio::time::timeout(limits::REQUEST_TIMEOUT, rx)
         .await
         .map_err(|_| ConnError::Timeout("the head's core"))?
-        .map_err(|_| ConnError::CoreGone)
+        .map_err(|_| ConnError::CoreGone)?;
+    T::try_from(reply).map_err(|_| ConnError::UnexpectedAnswer(std::any::type_name::<T>()))
 }
 
 pub(super) async fn client_stream(
@@ -96,11 +105,7 @@ pub(super) async fn client_stream(
             submit_stream(conn, shared, session, slot, writer, reader).await
         }
         ClientRequest::GetSession { id } => {
-            let response = ask(&shared, |reply| Event::Client {
-                request: ClientRequest::GetSession { id },
-                reply,
-            })
-            .await?;
+            let response = ask(&shared, Request::Client(ClientRequest::GetSession { id })).await?;
             let response = match response {
                 ClientResponse::Error(e) if e.kind == ErrorKind::NotFound => {
                     match read_store(&shared, move |store| store.finished_session(id)).await? {
@@ -116,11 +121,7 @@ pub(super) async fn client_stream(
             Ok(())
         }
         ClientRequest::ListSessions => {
-            let response = ask(&shared, |reply| Event::Client {
-                request: ClientRequest::ListSessions,
-                reply,
-            })
-            .await?;
+            let response = ask(&shared, Request::Client(ClientRequest::ListSessions)).await?;
             // Users see their own sessions; admins see everyone's.
             let only = match caller {
                 Caller::User(p) if p.admin => None,
@@ -191,7 +192,7 @@ pub(super) async fn client_stream(
             Ok(())
         }
         request => {
-            let mut response = ask(&shared, |reply| Event::Client { request, reply }).await?;
+            let mut response = ask(&shared, Request::Client(request)).await?;
             // Users see their own sessions; admins see everyone's. Every user sees how the
             // cluster is shared between owners (`flame queue`), not others' sessions.
             if let Caller::User(p) = caller {
@@ -280,7 +281,7 @@ pub(super) async fn authorize(
         _ => None,
     };
     if let Some(session) = session {
-        let mut owner = ask(shared, |reply| Event::SessionOwner { session, reply }).await?;
+        let mut owner: Option<String> = ask(shared, Request::SessionOwner { session }).await?;
         if owner.is_none() {
             // A finished session that left memory is in the store's finished table.
             owner = match read_store(shared, move |store| store.finished_session(session)).await? {
@@ -478,13 +479,15 @@ pub(super) async fn list_tasks(
     after: TaskId,
     limit: u32,
 ) -> Result<ClientResponse, ConnError> {
-    let answer = ask(shared, |reply| Event::ListTasks {
-        session,
-        states: states.clone(),
-        after,
-        limit,
-        reply,
-    })
+    let answer = ask(
+        shared,
+        Request::ListTasks {
+            session,
+            states: states.clone(),
+            after,
+            limit,
+        },
+    )
     .await?;
     Ok(match answer {
         Err(e) => ClientResponse::Error(e),

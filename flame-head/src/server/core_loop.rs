@@ -5,58 +5,128 @@ use super::*;
 
 /// Starts the core loop and the store writer; returns the sender that feeds the core.
 pub fn start_core(
-    mut core: Core,
+    core: Core,
     store: Store,
-    store_rx: mpsc::UnboundedReceiver<StoreRequest>,
     low_space_bytes: u64,
-) -> std::io::Result<(mpsc::Sender<Event>, tokio::task::JoinHandle<()>)> {
-    let (tx, mut rx) = mpsc::channel::<Event>(CORE_EVENTS_QUEUE_MAX);
+) -> std::io::Result<(mpsc::Sender<Inbound>, tokio::task::JoinHandle<()>)> {
+    let (tx, rx) = mpsc::channel::<Inbound>(CORE_EVENTS_QUEUE_MAX);
+    // Room for every request the core may have in flight: it never waits on the store.
+    let (store_tx, store_rx) = mpsc::channel(limits::HEAD_STORE_REQUESTS_MAX);
+    // The writer's reports on their own channel, which the loop reads before any other.
+    let (report_tx, reports) = mpsc::channel(limits::HEAD_WRITER_REPORTS_MAX);
     tokio::spawn(measure_free_space(
         store.dir().to_path_buf(),
         low_space_bytes,
         tx.clone(),
     ));
-    let commit_tx = tx.clone();
     crate::store::spawn_writer(store, store_rx, move |report| {
         let event = match report {
             WriterEvent::Committed { tokens, result } => Event::Committed { tokens, result },
             WriterEvent::Faulted(fault) => Event::StorageFaulted { fault },
             WriterEvent::Recovered => Event::StorageRecovered,
         };
-        // The core drains its queue continuously, so this wait is short; if the core is
-        // gone the head is shutting down and there is nobody left to tell.
-        let _ = commit_tx.blocking_send(event);
+        // The loop reads these first, so this wait is short; if the loop is gone the head
+        // is shutting down and there is nobody left to tell.
+        let _ = report_tx.blocking_send(event);
     })?;
-    let handle = tokio::spawn(async move {
+    let core_loop = CoreLoop {
+        core,
+        router: Router::new(store_tx),
+        events: Vec::new(),
+    };
+    let handle = tokio::spawn(core_loop.run(rx, reports));
+    core_flush_initial(&tx);
+    Ok((tx, handle))
+}
+
+/// The core and the router of its outputs, in one task.
+struct CoreLoop {
+    core: Core,
+    router: Router,
+    /// The events one inbound message makes (reused).
+    events: Vec<Event>,
+}
+
+/// What starts a turn of the loop.
+enum Turn {
+    Report(Event),
+    Inbound(Inbound),
+    Tick,
+}
+
+impl CoreLoop {
+    /// Turns until every sender of `inbound` is gone: each turn takes the store writer's
+    /// reports first (commit completions must not wait behind up to
+    /// [`CORE_EVENTS_QUEUE_MAX`] client and node events), then up to
+    /// [`CORE_EVENTS_PER_BATCH_MAX`] events in all, ends the batch, and routes what the
+    /// core produced. Outputs are routed after every event, as the core produces them, so
+    /// an answer does not wait for the rest of its batch.
+    async fn run(
+        mut self,
+        mut inbound: mpsc::Receiver<Inbound>,
+        mut reports: mpsc::Receiver<Event>,
+    ) {
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut cadence = StallMeter::new(std::time::Instant::now(), now_ms());
         loop {
-            let first = tokio::select! {
-                ev = rx.recv() => match ev {
-                    Some(ev) => ev,
-                    None => break,
+            let first = match self.router.unsent_commit() {
+                Some(report) => Turn::Report(report),
+                // Reports, then the tick (at most one per `TICK`, so it cannot starve the
+                // rest), then clients and nodes.
+                None => tokio::select! {
+                    biased;
+                    Some(report) = reports.recv() => Turn::Report(report),
+                    _ = tick.tick() => Turn::Tick,
+                    ev = inbound.recv() => match ev {
+                        Some(ev) => Turn::Inbound(ev),
+                        None => break,
+                    },
                 },
-                _ = tick.tick() => Event::Tick,
             };
             let now = now_ms();
             if let Some(stalled_ms) = cadence.turn(std::time::Instant::now(), now) {
-                core.handle(Event::Stalled { stalled_ms }, now);
+                self.apply(Event::Stalled { stalled_ms }, now);
             }
-            core.handle(first, now);
+            match first {
+                Turn::Report(event) => self.apply(event, now),
+                Turn::Inbound(inbound) => self.take(inbound, now),
+                Turn::Tick => self.apply(Event::Tick, now),
+            }
             let mut n = 1;
+            while let Some(report) = self
+                .router
+                .unsent_commit()
+                .or_else(|| reports.try_recv().ok())
+            {
+                self.apply(report, now);
+                n += 1;
+            }
             while n < CORE_EVENTS_PER_BATCH_MAX {
-                match rx.try_recv() {
-                    Ok(ev) => core.handle(ev, now),
+                match inbound.try_recv() {
+                    Ok(ev) => self.take(ev, now),
                     Err(_) => break,
                 }
                 n += 1;
             }
-            core.end_batch(now);
+            self.core.end_batch(now);
+            self.router.route(self.core.outputs());
         }
-    });
-    core_flush_initial(&tx);
-    Ok((tx, handle))
+    }
+
+    fn take(&mut self, inbound: Inbound, now: u64) {
+        let mut events = std::mem::take(&mut self.events);
+        self.router.take(inbound, &mut events);
+        for event in events.drain(..) {
+            self.apply(event, now);
+        }
+        self.events = events;
+    }
+
+    fn apply(&mut self, event: Event, now: u64) {
+        self.core.handle(event, now);
+        self.router.route(self.core.outputs());
+    }
 }
 
 /// Measures the gaps between turns of the core's loop, which turns at least every
@@ -97,7 +167,7 @@ impl StallMeter {
 pub(super) async fn measure_free_space(
     dir: std::path::PathBuf,
     low_bytes: u64,
-    events: mpsc::Sender<Event>,
+    events: mpsc::Sender<Inbound>,
 ) {
     use crate::storage_fault::{free_space, DiskSpace, FREE_SPACE_CHECK_INTERVAL_MS};
     let mut every = tokio::time::interval(std::time::Duration::from_millis(
@@ -115,7 +185,11 @@ pub(super) async fn measure_free_space(
                     total_bytes,
                     low_bytes,
                 };
-                if events.send(Event::DiskSpace(space)).await.is_err() {
+                if events
+                    .send(Inbound::Event(Event::DiskSpace(space)))
+                    .await
+                    .is_err()
+                {
                     return;
                 }
             }
@@ -129,7 +203,7 @@ pub(super) async fn measure_free_space(
     }
 }
 
-pub(super) fn core_flush_initial(tx: &mpsc::Sender<Event>) {
+pub(super) fn core_flush_initial(tx: &mpsc::Sender<Inbound>) {
     // A first tick makes the core persist start-up changes (the built-in application).
-    let _ = tx.try_send(Event::Tick);
+    let _ = tx.try_send(Inbound::Event(Event::Tick));
 }

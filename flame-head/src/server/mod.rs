@@ -1,9 +1,18 @@
 //! The I/O shell around the core: the QUIC server, the core's event loop, and the store
 //! writer. Everything here moves bytes; decisions are the core's.
+//!
+//! * `connection`: a connection's handshake, hello and admission, and a node's join;
+//! * `client`: a client connection's requests and their authorization;
+//! * `streams`: the long-lived client streams (submit, watch, logs, exec);
+//! * `node`: a node's control connection;
+//! * `core_loop`: the core's event loop, the store writer's reports read first;
+//! * `router`: where the core's outputs go (answers, node frames, watchers, the store).
 
 use crate::auth::{Authenticated, TokenBook, TokenLimits};
 use crate::certs::{CertBook, Presented};
-use crate::core::{Backfill, ConnId, Core, Event, LogTargets, WatchMsg};
+use crate::core::{
+    Backfill, ConnId, Core, Event, LogTargets, NodeExecutors, Reply, Request, WatchMsg, WatchStart,
+};
 use crate::counted::{Counted, Permit};
 use crate::quotas::{Quota, QuotaBook, QuotaExceeded};
 use crate::store::{Store, StoreRequest, WriterEvent};
@@ -15,6 +24,7 @@ use flame_protocol::auth::{
 use flame_protocol::endpoint::{check_hello, check_version};
 use flame_protocol::frame::{FrameError, FrameReader, FrameWriter};
 use flame_protocol::limits;
+use flame_protocol::messages::NodeRegistration;
 use flame_protocol::messages::{
     ClientRequest, ClientResponse, ExecEvent, Hello, HelloReply, HelloVersion, LogEvent,
     NodeExecRequest, NodeLogRequest, NodeStreamRequest, NodeToHead, Role, SubmitBatch, SubmitReply,
@@ -34,6 +44,7 @@ mod client;
 mod connection;
 mod core_loop;
 mod node;
+mod router;
 mod streams;
 #[cfg(test)]
 mod tests;
@@ -42,6 +53,7 @@ use client::*;
 use connection::*;
 pub use core_loop::start_core;
 use node::*;
+use router::*;
 use streams::*;
 
 /// Events queued for the core before senders wait (backpressure on clients and nodes).
@@ -121,7 +133,7 @@ pub fn now_ms() -> u64 {
 
 #[derive(Debug)]
 struct Shared {
-    events: mpsc::Sender<Event>,
+    events: mpsc::Sender<Inbound>,
     store: Store,
     next_conn: AtomicU64,
     version: String,
@@ -320,7 +332,7 @@ pub struct ServerState {
 /// Accepts connections until `shutdown` resolves.
 pub async fn serve(
     endpoint: quinn::Endpoint,
-    events: mpsc::Sender<Event>,
+    events: mpsc::Sender<Inbound>,
     state: ServerState,
     shutdown: impl std::future::Future<Output = ()>,
 ) {
@@ -411,6 +423,9 @@ enum ConnError {
     Timeout(&'static str),
     #[error("the head is shutting down")]
     CoreGone,
+    /// The core answered with another kind of answer than the request gets (a bug).
+    #[error("the head's core gave an answer of the wrong kind (expected {0})")]
+    UnexpectedAnswer(&'static str),
 }
 
 /// A connection's place among those being set up, in all and from its address; given

@@ -55,15 +55,26 @@ pub(super) async fn node_connection(
         return Err(ConnError::Handshake(reason));
     }
     let conn_id: ConnId = shared.next_conn.fetch_add(1, Ordering::Relaxed);
-    let (link_tx, mut link_rx) = mpsc::unbounded_channel();
+    // Bounded: a node that falls this far behind loses its connection (see `router`).
+    let (link_tx, mut link_rx) = mpsc::channel(limits::HEAD_NODE_LINK_FRAMES_MAX);
     let name = registration.name.clone();
+    let overflow_conn = conn.clone();
     shared
         .events
-        .send(Event::NodeConnected {
+        .send(Inbound::NodeConnected {
             conn: conn_id,
             address: conn.remote_address().ip().to_canonical().to_string(),
             registration,
-            link: link_tx,
+            link: NodeLink {
+                frames: link_tx,
+                on_overflow: Box::new(move || {
+                    close_with(
+                        &overflow_conn,
+                        CLOSE_NODE_LOST,
+                        "the node did not keep up with the head's frames",
+                    )
+                }),
+            },
         })
         .await
         .map_err(|_| ConnError::CoreGone)?;
@@ -90,10 +101,10 @@ pub(super) async fn node_connection(
             Ok(Some(message)) => {
                 if shared
                     .events
-                    .send(Event::NodeMessage {
+                    .send(Inbound::Event(Event::NodeMessage {
                         conn: conn_id,
                         message,
-                    })
+                    }))
                     .await
                     .is_err()
                 {
@@ -122,10 +133,10 @@ pub(super) async fn node_connection(
     }
     let _ = shared
         .events
-        .send(Event::NodeDisconnected {
+        .send(Inbound::Event(Event::NodeDisconnected {
             conn: conn_id,
             reason,
-        })
+        }))
         .await;
     writer_task.abort();
     Ok(())

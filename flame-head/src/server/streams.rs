@@ -18,17 +18,21 @@ pub(super) async fn submit_stream(
 ) -> Result<(), ConnError> {
     type Pending = (
         u64,
-        oneshot::Receiver<SubmitReply>,
+        oneshot::Receiver<Reply>,
         tokio::sync::OwnedSemaphorePermit,
     );
     let (acks_tx, mut acks_rx) = mpsc::channel::<Pending>(SUBMIT_BATCHES_IN_FLIGHT_MAX);
     let store = shared.store.clone();
     let replier = tokio::spawn(async move {
         while let Some((batch_id, rx, permit)) = acks_rx.recv().await {
-            let reply = rx.await.unwrap_or(SubmitReply::Rejected {
-                batch_id,
-                error: ApiError::new(ErrorKind::Unavailable, "the head is shutting down"),
-            });
+            let reply = rx
+                .await
+                .ok()
+                .and_then(|r| SubmitReply::try_from(r).ok())
+                .unwrap_or(SubmitReply::Rejected {
+                    batch_id,
+                    error: ApiError::new(ErrorKind::Unavailable, "the head is shutting down"),
+                });
             drop(permit);
             let reply = settle_refused(&store, session, reply).await;
             if writer.write(&reply).await.is_err() {
@@ -65,10 +69,12 @@ pub(super) async fn submit_stream(
         let batch_id = batch.batch_id;
         if shared
             .events
-            .send(Event::Submit {
-                session,
-                batch_id,
-                inputs: batch.inputs,
+            .send(Inbound::Ask {
+                request: Request::Submit {
+                    session,
+                    batch_id,
+                    inputs: batch.inputs,
+                },
                 reply: tx,
             })
             .await
@@ -95,12 +101,17 @@ pub(super) async fn watch_stream(
     mut writer: Writer,
 ) -> Result<(), ConnError> {
     let (sink, mut live): (_, WatchSource) = watch_queue();
-    let start = ask(&shared, |reply| Event::Watch {
-        session,
-        sink,
-        reply,
-    })
-    .await?;
+    let (tx, rx) = oneshot::channel();
+    shared
+        .events
+        .send(Inbound::Watch {
+            session,
+            sink,
+            reply: tx,
+        })
+        .await
+        .map_err(|_| ConnError::CoreGone)?;
+    let start: Result<WatchStart, ApiError> = answer(rx).await?;
     let start = match start {
         Ok(s) => s,
         Err(e) => {
@@ -233,12 +244,9 @@ pub(super) async fn stream_user(shared: &Shared, caller: &Caller) -> Result<Stri
         Caller::User(p) => p.name.clone(),
         Caller::Job(job) => {
             let job = *job;
-            ask(shared, |reply| Event::SessionOwner {
-                session: job,
-                reply,
-            })
-            .await?
-            .unwrap_or_else(|| format!("job {job}"))
+            ask::<Option<String>>(shared, Request::SessionOwner { session: job })
+                .await?
+                .unwrap_or_else(|| format!("job {job}"))
         }
     })
 }
@@ -259,12 +267,19 @@ pub(super) async fn logs_stream(
     follow: bool,
     mut writer: Writer,
 ) -> Result<(), ConnError> {
-    let targets = ask(&shared, |reply| Event::LogTargets {
-        session,
-        executor,
-        reply,
-    })
-    .await?;
+    let (tx, rx) = oneshot::channel();
+    let (later, later_rx) = oneshot::channel();
+    shared
+        .events
+        .send(Inbound::LogTargets {
+            session,
+            executor,
+            reply: tx,
+            later,
+        })
+        .await
+        .map_err(|_| ConnError::CoreGone)?;
+    let targets: Result<LogTargets, ApiError> = answer(rx).await?;
     // A finished session that left memory: the executors its stored view names.
     let targets = match targets {
         Err(e) if e.kind == ErrorKind::NotFound => {
@@ -303,16 +318,17 @@ pub(super) async fn logs_stream(
             writer.write(&ClientResponse::Ok).await?;
             targets
         }
-        Ok(LogTargets::WhenStarted(later)) => {
+        Ok(LogTargets::WhenStarted) => {
             writer.write(&ClientResponse::Ok).await?;
             // As long as the job waits for room, or until the client goes away.
             let answer = tokio::select! {
-                answer = later => answer,
+                answer = later_rx => answer,
                 _ = writer.get_mut().stopped() => return Ok(()),
             };
-            match answer {
-                Ok(Ok(targets)) => targets,
-                Ok(Err(e)) => {
+            match answer.map(Result::<NodeExecutors, ApiError>::try_from) {
+                Ok(Ok(Ok(targets))) => targets,
+                Ok(Err(_)) => return Err(ConnError::UnexpectedAnswer("job log targets")),
+                Ok(Ok(Err(e))) => {
                     writer
                         .write(&LogEvent::Unavailable {
                             node: String::new(),
@@ -502,11 +518,13 @@ pub(super) async fn exec_stream(
         let _ = writer.get_mut().finish();
         return Ok(());
     }
-    let target = ask(&shared, |reply| Event::ExecTarget {
-        job,
-        node: node.clone(),
-        reply,
-    })
+    let target: Result<ExecutorId, ApiError> = ask(
+        &shared,
+        Request::ExecTarget {
+            job,
+            node: node.clone(),
+        },
+    )
     .await?;
     let executor = match target {
         Ok(executor) => executor,

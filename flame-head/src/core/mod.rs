@@ -1,10 +1,12 @@
 //! The head's state machine: sessions, tasks, executors and nodes, driven by events.
 //!
-//! The core performs no I/O and reads no clock. Each event comes with `now_ms`; what the
-//! core wants done leaves through channels it was handed (a reply for a request, a frame
-//! for a node link, a request for the store writer), collected during a batch of events and
-//! flushed once at its end by [`Core::end_batch`]. That is where batching happens: one
-//! `Commands` frame per node, one store request per batch, one results frame per watcher.
+//! The core is sans-IO: it performs no I/O, reads no clock and holds no channel. Each
+//! event comes with `now_ms`; what the core wants done collects in its [`Outputs`] (an
+//! answer under the [`ReplyId`] the server gave the request, a frame for a node
+//! connection, a request for the store writer, a message for a session's watchers) and is
+//! taken by the server with [`Core::take_outputs`] after [`Core::end_batch`]. That is
+//! where batching happens: one `Commands` frame per node, one store request per batch, one
+//! results message per session. Tests and the simulation read the same [`Outputs`].
 //!
 //! Invariants:
 //! * a task id is acked to a client only after its batch is durable (or at once for an
@@ -12,12 +14,14 @@
 //! * a result is accepted only from the executor the task runs on and for its current
 //!   attempt (fencing); anything else is dropped;
 //! * a result becomes final, and reaches watchers, only after it is durable;
-//! * every acked task ends in exactly one final state.
+//! * every acked task ends in exactly one final state;
+//! * every [`ReplyId`] the core is given is answered once (`LogTargets::WhenStarted`: once
+//!   more, with [`Reply::JobLogTargets`]) or named in [`Outputs::unanswered`].
 
 use crate::quotas::{Held, Ledger, QuotaBook};
 use crate::scheduler::{self, Decision, ExecutorPhase, Snapshot};
+use crate::storage_fault::CommitError;
 use crate::store::{StoreOp, StoreRequest, StoredSession, StoredTask, USAGE_RECORDS_MAX};
-use crate::watch::WatchSink;
 use bytes::Bytes;
 use flame_protocol::limits;
 use flame_protocol::messages::{
@@ -33,13 +37,16 @@ use flame_protocol::model::{
 };
 use flame_protocol::{ExecutorId, SessionId, TaskId};
 use std::collections::{BTreeMap, HashMap, VecDeque};
-use tokio::sync::{mpsc, oneshot};
 
-#[path = "core_storage.rs"]
 mod storage;
 
 /// Identifies one node connection, so messages from a replaced connection are ignored.
 pub type ConnId = u64;
+
+/// Names one request the server waits on the answer to; the server picks it (unique among
+/// its open requests) and maps it back to its caller.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ReplyId(pub u64);
 
 /// What a watcher stream receives.
 #[derive(Debug, Clone)]
@@ -63,47 +70,133 @@ pub enum Backfill {
 pub struct WatchStart {
     pub backfill: Backfill,
     /// The session had already finished: nothing more will come after the backfill.
+    /// Otherwise the watcher gets the session's [`Outputs::watch`] messages from now on,
+    /// up to and including `Finished`.
     pub finished: bool,
 }
 
-/// Node names, each with the executors on it whose logs to read (`Event::LogTargets`).
+/// Node names, each with the executors on it whose logs to read (`Request::LogTargets`).
 pub type NodeExecutors = Vec<(String, Vec<ExecutorId>)>;
 
-/// Where the log targets of a job that has not started go when it does.
-type LogTargetsLater = oneshot::Sender<Result<NodeExecutors, ApiError>>;
-
-/// The answer to `Event::LogTargets`.
+/// The answer to `Request::LogTargets`.
 #[derive(Debug)]
 pub enum LogTargets {
     Now(NodeExecutors),
-    /// A batch job that has not started: its ranks are known when it does (or it ends).
-    WhenStarted(oneshot::Receiver<Result<NodeExecutors, ApiError>>),
+    /// A batch job that has not started: its ranks are known when it does (or it ends),
+    /// and come then under the same [`ReplyId`] as [`Reply::JobLogTargets`].
+    WhenStarted,
 }
 
-/// Everything that drives the core.
+/// A question the server asks for a caller; answered in [`Outputs::replies`].
+// Client requests are the common case and the largest: each is moved once, into the core;
+// a box would cost an allocation per request.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
-pub enum Event {
-    Client {
-        request: ClientRequest,
-        reply: oneshot::Sender<ClientResponse>,
-    },
+pub enum Request {
+    Client(ClientRequest),
     Submit {
         session: SessionId,
         batch_id: u64,
         inputs: Vec<Bytes>,
-        reply: oneshot::Sender<SubmitReply>,
     },
     Watch {
         session: SessionId,
-        sink: WatchSink,
-        reply: oneshot::Sender<Result<WatchStart, ApiError>>,
+    },
+    /// `ClientRequest::ListTasks`, answered from memory, or `None` when the session has
+    /// finished and its tasks must be read from the store.
+    ListTasks {
+        session: SessionId,
+        states: Vec<TaskState>,
+        after: TaskId,
+        limit: u32,
+    },
+    /// `ClientRequest::Logs`: the executors whose logs make up a session's (or only
+    /// `executor`, which must have served it), grouped by node, each group in id order.
+    /// NotFound for an unknown session, or an executor that never served it.
+    LogTargets {
+        session: SessionId,
+        executor: Option<ExecutorId>,
+    },
+    /// `ClientRequest::JobExec`: the rank of a running job on a node whose allocation a
+    /// command starts in (the one with the lowest executor id there).
+    ExecTarget {
+        job: SessionId,
+        node: String,
+    },
+    /// Who owns a session (`None`: no such session), for the server's access checks.
+    SessionOwner {
+        session: SessionId,
+    },
+}
+
+/// An answer, one kind per [`Request`] kind.
+// Client responses are the common case and the largest: each is moved once, to its caller;
+// a box would cost an allocation per answer.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug)]
+pub enum Reply {
+    Client(ClientResponse),
+    Submit(SubmitReply),
+    Watch(Result<WatchStart, ApiError>),
+    ListTasks(Result<Option<Vec<TaskInfo>>, ApiError>),
+    LogTargets(Result<LogTargets, ApiError>),
+    /// The second answer to a `LogTargets` answered `WhenStarted`: the job started (or
+    /// ended before it did).
+    JobLogTargets(Result<NodeExecutors, ApiError>),
+    ExecTarget(Result<ExecutorId, ApiError>),
+    SessionOwner(Option<String>),
+}
+
+/// `From` each answer type into [`Reply`], and back with `TryFrom` (the server's callers
+/// know which kind they asked for).
+macro_rules! reply_kinds {
+    ($($variant:ident($ty:ty)),* $(,)?) => {$(
+        impl From<$ty> for Reply {
+            fn from(answer: $ty) -> Reply {
+                Reply::$variant(answer)
+            }
+        }
+        impl TryFrom<Reply> for $ty {
+            type Error = Reply;
+            fn try_from(reply: Reply) -> Result<$ty, Reply> {
+                match reply {
+                    Reply::$variant(answer) => Ok(answer),
+                    other => Err(other),
+                }
+            }
+        }
+    )*};
+}
+
+reply_kinds!(
+    Client(ClientResponse),
+    Submit(SubmitReply),
+    Watch(Result<WatchStart, ApiError>),
+    ListTasks(Result<Option<Vec<TaskInfo>>, ApiError>),
+    LogTargets(Result<LogTargets, ApiError>),
+    JobLogTargets(Result<NodeExecutors, ApiError>),
+    ExecTarget(Result<ExecutorId, ApiError>),
+    SessionOwner(Option<String>),
+);
+
+/// Everything that drives the core.
+#[derive(Debug)]
+pub enum Event {
+    /// A request, answered under `reply`.
+    Request {
+        reply: ReplyId,
+        request: Request,
+    },
+    /// The callers of these replies went away before their answer (a `flame logs` waiting
+    /// for a job to start): the core forgets them.
+    CallersGone {
+        replies: Vec<ReplyId>,
     },
     NodeConnected {
         conn: ConnId,
         /// The address the node connects from: its ranks' `MASTER_ADDR`.
         address: String,
         registration: NodeRegistration,
-        link: mpsc::UnboundedSender<HeadToNode>,
     },
     NodeMessage {
         conn: ConnId,
@@ -116,36 +209,7 @@ pub enum Event {
     /// The store writer finished a group commit.
     Committed {
         tokens: Vec<u64>,
-        result: Result<(), String>,
-    },
-    /// `ClientRequest::ListTasks`, answered from memory, or `None` when the session has
-    /// finished and its tasks must be read from the store.
-    ListTasks {
-        session: SessionId,
-        states: Vec<TaskState>,
-        after: TaskId,
-        limit: u32,
-        reply: oneshot::Sender<Result<Option<Vec<TaskInfo>>, ApiError>>,
-    },
-    /// `ClientRequest::Logs`: the executors whose logs make up a session's (or only
-    /// `executor`, which must have served it), grouped by node, each group in id order.
-    /// NotFound for an unknown session, or an executor that never served it.
-    LogTargets {
-        session: SessionId,
-        executor: Option<ExecutorId>,
-        reply: oneshot::Sender<Result<LogTargets, ApiError>>,
-    },
-    /// `ClientRequest::JobExec`: the rank of a running job on a node whose allocation a
-    /// command starts in (the one with the lowest executor id there).
-    ExecTarget {
-        job: SessionId,
-        node: String,
-        reply: oneshot::Sender<Result<ExecutorId, ApiError>>,
-    },
-    /// Who owns a session (`None`: no such session), for the server's access checks.
-    SessionOwner {
-        session: SessionId,
-        reply: oneshot::Sender<Option<String>>,
+        result: Result<(), CommitError>,
     },
     /// Periodic: heartbeat timeouts and `delay_release`.
     Tick,
@@ -165,6 +229,57 @@ pub enum Event {
     StorageRecovered,
     /// The data directory's free space, measured periodically.
     DiskSpace(crate::storage_fault::DiskSpace),
+}
+
+/// What happens to a node connection.
+#[derive(Debug)]
+pub enum LinkOutput {
+    /// A frame for it.
+    Send(HeadToNode),
+    /// The core let go of it (the node was declared lost): the server closes it, after the
+    /// frames before, so the node registers afresh.
+    Close,
+}
+
+/// What the core wants done, in the order it decided it; taken by [`Core::take_outputs`].
+/// The order within each list is the order the server must keep; across lists the server
+/// routes `replies` before `watch` (a watcher attaches with its answer, before the
+/// session's next messages).
+#[derive(Debug, Default)]
+pub struct Outputs {
+    /// Answers to requests.
+    pub replies: Vec<(ReplyId, Reply)>,
+    /// Requests the core will never answer (their session went away meanwhile): their
+    /// callers are let go, as a dropped answer channel would.
+    pub unanswered: Vec<ReplyId>,
+    /// Frames and closes for node connections.
+    pub links: Vec<(ConnId, LinkOutput)>,
+    /// Requests for the store writer: at most one per batch (see
+    /// [`limits::HEAD_STORE_REQUESTS_MAX`] for how many may be in flight).
+    pub store: Vec<StoreRequest>,
+    /// Messages for each session's watchers.
+    pub watch: Vec<(SessionId, WatchMsg)>,
+}
+
+impl Outputs {
+    /// Answers `reply`.
+    fn reply(&mut self, reply: ReplyId, answer: impl Into<Reply>) {
+        self.replies.push((reply, answer.into()));
+    }
+
+    /// A frame for a node connection.
+    fn send(&mut self, conn: ConnId, frame: HeadToNode) {
+        self.links.push((conn, LinkOutput::Send(frame)));
+    }
+
+    /// Whether nothing is waiting to be taken.
+    pub fn is_empty(&self) -> bool {
+        self.replies.is_empty()
+            && self.unanswered.is_empty()
+            && self.links.is_empty()
+            && self.store.is_empty()
+            && self.watch.is_empty()
+    }
 }
 
 /// An owner as stored, with the default for none.
@@ -308,7 +423,9 @@ struct SessionEntry {
     unacked_batches: u32,
     /// Closes written but not yet durable; the session cannot finish meanwhile.
     unacked_closes: u32,
-    watchers: Vec<WatchSink>,
+    /// Watchers attached while it was unfinished. The server holds them (one may have
+    /// lagged out since); results are queued for watchers only while there are any.
+    watchers: u32,
     finished: bool,
     /// Cancelled: batches acked from now on end as Cancelled at once.
     cancelled: bool,
@@ -322,7 +439,7 @@ struct SessionEntry {
     /// A job stopped at its time limit.
     job_timed_out: bool,
     /// `flame logs` requests for a job that has not started, answered when it does.
-    job_log_waiters: Vec<(Option<ExecutorId>, LogTargetsLater)>,
+    job_log_waiters: Vec<(Option<ExecutorId>, ReplyId)>,
 }
 
 impl TaskSlot {
@@ -498,8 +615,8 @@ struct NodeEntry {
     address: String,
     /// Drained by an operator (durable): nothing new is placed there.
     draining: bool,
+    /// Its connection while it is connected; `conns` maps it back.
     conn: Option<ConnId>,
-    link: Option<mpsc::UnboundedSender<HeadToNode>>,
     last_seen_ms: u64,
     /// Who it runs executors as, from its registration; `None` until it registers with
     /// this head process.
@@ -528,7 +645,7 @@ enum AfterCommit {
         first: TaskId,
         count: u32,
         batch_id: u64,
-        reply: oneshot::Sender<SubmitReply>,
+        reply: ReplyId,
     },
     FinishResults {
         session: SessionId,
@@ -538,14 +655,14 @@ enum AfterCommit {
         spec: Box<ApplicationSpec>,
         /// An update: executors launched with the old spec are retired.
         replace: bool,
-        reply: oneshot::Sender<ClientResponse>,
+        reply: ReplyId,
     },
     AddSession {
         entry: Box<SessionEntry>,
-        reply: oneshot::Sender<ClientResponse>,
+        reply: ReplyId,
     },
     Respond {
-        reply: oneshot::Sender<ClientResponse>,
+        reply: ReplyId,
     },
     ReserveExecutorIds {
         upto: u64,
@@ -555,7 +672,7 @@ enum AfterCommit {
         session: SessionId,
         /// It was open before: a close that fails leaves it open.
         was_open: bool,
-        reply: oneshot::Sender<ClientResponse>,
+        reply: ReplyId,
     },
     /// A finished session's final record is durable: it leaves memory.
     Evict {
@@ -571,7 +688,7 @@ enum AfterCommit {
         batch_id: u64,
         first: TaskId,
         count: u32,
-        reply: oneshot::Sender<SubmitReply>,
+        reply: ReplyId,
     },
 }
 
@@ -579,7 +696,8 @@ enum AfterCommit {
 #[derive(Debug)]
 pub struct Core {
     config: CoreConfig,
-    store: mpsc::UnboundedSender<StoreRequest>,
+    /// What the batch produced so far, until the server takes it.
+    out: Outputs,
     apps: BTreeMap<String, ApplicationSpec>,
     sessions: BTreeMap<SessionId, SessionEntry>,
     nodes: BTreeMap<String, NodeEntry>,
@@ -672,18 +790,14 @@ fn api(kind: ErrorKind, message: impl Into<String>) -> ApiError {
 
 impl Core {
     /// A core with the state loaded from the store.
-    pub fn new(
-        config: CoreConfig,
-        store: mpsc::UnboundedSender<StoreRequest>,
-        mut loaded: crate::store::Loaded,
-    ) -> Core {
+    pub fn new(config: CoreConfig, mut loaded: crate::store::Loaded) -> Core {
         let owner_uids = crate::owner_uids::OwnerUids::new(
             config.owner_uid_range,
             std::mem::take(&mut loaded.owner_uids),
         );
         let mut core = Core {
             config,
-            store,
+            out: Outputs::default(),
             apps: BTreeMap::new(),
             sessions: BTreeMap::new(),
             nodes: BTreeMap::new(),
@@ -730,7 +844,7 @@ impl Core {
                     counts: TaskCounts::default(),
                     unacked_batches: 0,
                     unacked_closes: 0,
-                    watchers: Vec::new(),
+                    watchers: 0,
                     finished: false,
                     cancelled: false,
                     batches: HashMap::new(),
@@ -831,7 +945,6 @@ impl Core {
                     },
                     address: String::new(),
                     conn: None,
-                    link: None,
                     last_seen_ms: n.last_seen_ms,
                     identity: None,
                 },
@@ -993,78 +1106,22 @@ impl Core {
     pub fn handle(&mut self, event: Event, now_ms: u64) {
         self.now_ms = now_ms;
         match event {
-            Event::Client { request, reply } => {
-                if let Some(error) = self.storage_refusal(&request) {
-                    let _ = reply.send(ClientResponse::Error(error));
-                    return;
+            Event::Request { reply, request } => self.on_request(reply, request, now_ms),
+            Event::CallersGone { replies } => {
+                for s in self.sessions.values_mut() {
+                    s.job_log_waiters.retain(|(_, r)| !replies.contains(r));
                 }
-                self.on_client(request, reply, now_ms)
-            }
-            Event::Submit {
-                session,
-                batch_id,
-                inputs,
-                reply,
-            } => self.on_submit(session, batch_id, inputs, reply),
-            Event::Watch {
-                session,
-                sink,
-                reply,
-            } => {
-                let _ = reply.send(self.on_watch(session, sink));
             }
             Event::NodeConnected {
                 conn,
                 address,
                 registration,
-                link,
-            } => self.on_node_connected(conn, address, registration, link, now_ms),
+            } => self.on_node_connected(conn, address, registration, now_ms),
             Event::NodeMessage { conn, message } => self.on_node_message(conn, message, now_ms),
             Event::NodeDisconnected { conn, reason } => {
                 if let Some(name) = self.conns.get(&conn).cloned() {
                     self.node_lost(&name, &reason);
                 }
-            }
-            Event::ListTasks {
-                session,
-                states,
-                after,
-                limit,
-                reply,
-            } => {
-                let _ = reply.send(self.list_tasks(session, &states, after, limit));
-            }
-            Event::LogTargets {
-                session,
-                executor,
-                reply,
-            } => {
-                // A job's ranks are not known before it starts: answered when it does.
-                if let Some(s) = self.sessions.get_mut(&session) {
-                    if !s.finished
-                        && s.stored
-                            .job
-                            .as_ref()
-                            .is_some_and(|j| j.state == JobState::Queued)
-                    {
-                        let (tx, rx) = oneshot::channel();
-                        s.job_log_waiters.retain(|(_, waiter)| !waiter.is_closed());
-                        s.job_log_waiters.push((executor, tx));
-                        let _ = reply.send(Ok(LogTargets::WhenStarted(rx)));
-                        return;
-                    }
-                }
-                let _ = reply.send(self.log_targets(session, executor).map(LogTargets::Now));
-            }
-            Event::SessionOwner { session, reply } => {
-                let owner = self
-                    .sessions
-                    .get(&session)
-                    .map(|s| owner_name(&s.stored.owner).to_string());
-                let _ = reply.send(owner);
-            }
-            Event::ExecTarget { job, node, reply } => {
-                let _ = reply.send(self.exec_target(job, &node));
             }
             Event::Committed { tokens, result } => {
                 for token in tokens {
@@ -1103,6 +1160,78 @@ impl Core {
             Event::StorageRecovered => self.on_storage_recovered(now_ms),
             Event::DiskSpace(space) => self.storage.measured(space),
         }
+    }
+
+    /// Answers a request, now or (for changes) once they are durable.
+    fn on_request(&mut self, reply: ReplyId, request: Request, now_ms: u64) {
+        match request {
+            Request::Client(request) => {
+                if let Some(error) = self.storage_refusal(&request) {
+                    self.out.reply(reply, ClientResponse::Error(error));
+                    return;
+                }
+                self.on_client(request, reply, now_ms)
+            }
+            Request::Submit {
+                session,
+                batch_id,
+                inputs,
+            } => self.on_submit(session, batch_id, inputs, reply),
+            Request::Watch { session } => {
+                let start = self.on_watch(session);
+                self.out.reply(reply, start);
+            }
+            Request::ListTasks {
+                session,
+                states,
+                after,
+                limit,
+            } => {
+                let list = self.list_tasks(session, &states, after, limit);
+                self.out.reply(reply, list);
+            }
+            Request::LogTargets { session, executor } => {
+                // A job's ranks are not known before it starts: answered when it does.
+                if let Some(s) = self.sessions.get_mut(&session) {
+                    if !s.finished
+                        && s.stored
+                            .job
+                            .as_ref()
+                            .is_some_and(|j| j.state == JobState::Queued)
+                    {
+                        s.job_log_waiters.push((executor, reply));
+                        self.out
+                            .reply(reply, Reply::LogTargets(Ok(LogTargets::WhenStarted)));
+                        return;
+                    }
+                }
+                let targets = self.log_targets(session, executor).map(LogTargets::Now);
+                self.out.reply(reply, targets);
+            }
+            Request::SessionOwner { session } => {
+                let owner = self
+                    .sessions
+                    .get(&session)
+                    .map(|s| owner_name(&s.stored.owner).to_string());
+                self.out.reply(reply, owner);
+            }
+            Request::ExecTarget { job, node } => {
+                let target = self.exec_target(job, &node);
+                self.out.reply(reply, target);
+            }
+        }
+    }
+
+    /// What the core produced since it was last asked, to be drained (the server routes
+    /// it after every event, so that an answer does not wait for the rest of its batch).
+    pub fn outputs(&mut self) -> &mut Outputs {
+        &mut self.out
+    }
+
+    /// What the core produced since it was last asked (tests and the simulation).
+    #[cfg(test)]
+    pub fn take_outputs(&mut self) -> Outputs {
+        std::mem::take(&mut self.out)
     }
 
     /// Runs the scheduler and dispatch, then flushes everything collected in the batch.
@@ -1144,46 +1273,45 @@ impl Core {
                 .push(AfterCommit::FinishResults { session, results });
         }
         for (node, commands) in std::mem::take(&mut self.node_out) {
-            let Some(link) = self.nodes.get(&node).and_then(|n| n.link.clone()) else {
+            let Some(conn) = self.nodes.get(&node).and_then(|n| n.conn) else {
                 continue;
             };
             let mut commands = commands;
             while !commands.is_empty() {
                 let rest = commands.split_off(commands.len().min(limits::MESSAGE_BATCH_MAX));
-                // A closed link means the node is going away; its disconnect event follows.
-                let _ = link.send(HeadToNode::Commands(std::mem::replace(&mut commands, rest)));
+                let frame = HeadToNode::Commands(std::mem::replace(&mut commands, rest));
+                self.out.send(conn, frame);
             }
         }
         for (session, results) in std::mem::take(&mut self.watch_out) {
-            if let Some(s) = self.sessions.get_mut(&session) {
-                // A watcher that cannot take it is lagging: dropping it ends its watch.
-                s.watchers
-                    .retain(|w| w.offer(WatchMsg::Results(results.clone())));
+            if self.sessions.contains_key(&session) {
+                self.out.watch.push((session, WatchMsg::Results(results)));
             }
         }
-        if !self.batch_ops.is_empty() || !self.batch_after.is_empty() {
+        // At most `HEAD_STORE_REQUESTS_MAX` requests in flight: past that, what this batch
+        // wrote waits here and goes with a later batch's request once a commit is known, so
+        // the store channel (that size) always has room and the core never waits on it.
+        let room = self.commits.len() < limits::HEAD_STORE_REQUESTS_MAX;
+        if room && (!self.batch_ops.is_empty() || !self.batch_after.is_empty()) {
             let token = self.next_token;
             self.next_token += 1;
             let ops = std::mem::take(&mut self.batch_ops);
             let after = std::mem::take(&mut self.batch_after);
-            if self.store.send(StoreRequest { ops, token }).is_ok() {
-                self.commits.insert(token, after);
-            } else {
-                // The writer is gone (shutting down): fail what waited on it.
-                for a in after {
-                    self.after_commit(a, &Err("the store writer has stopped".into()), now_ms);
-                }
-            }
+            self.out.store.push(StoreRequest { ops, token });
+            self.commits.insert(token, after);
         }
     }
 
     /// Starts or ends a node's drain, durably.
-    fn set_draining(&mut self, name: &str, draining: bool, reply: oneshot::Sender<ClientResponse>) {
+    fn set_draining(&mut self, name: &str, draining: bool, reply: ReplyId) {
         let Some(n) = self.nodes.get_mut(name) else {
-            let _ = reply.send(ClientResponse::Error(api(
-                ErrorKind::NotFound,
-                format!("node `{name}` is not known"),
-            )));
+            self.out.reply(
+                reply,
+                ClientResponse::Error(api(
+                    ErrorKind::NotFound,
+                    format!("node `{name}` is not known"),
+                )),
+            );
             return;
         };
         n.draining = draining;
@@ -1287,23 +1415,17 @@ impl Core {
             .count() as u32
     }
 
-    fn on_client(
-        &mut self,
-        request: ClientRequest,
-        reply: oneshot::Sender<ClientResponse>,
-        now_ms: u64,
-    ) {
-        let respond = |reply: oneshot::Sender<ClientResponse>, r: ClientResponse| {
-            let _ = reply.send(r);
-        };
+    fn on_client(&mut self, request: ClientRequest, reply: ReplyId, now_ms: u64) {
         let error = |kind, msg: String| ClientResponse::Error(api(kind, msg));
         match request {
             ClientRequest::RegisterApplication(spec) => {
                 if let Err(e) = spec.validate() {
-                    return respond(reply, error(ErrorKind::InvalidArgument, e.to_string()));
+                    return self
+                        .out
+                        .reply(reply, error(ErrorKind::InvalidArgument, e.to_string()));
                 }
                 if self.apps.contains_key(&spec.name) {
-                    return respond(
+                    return self.out.reply(
                         reply,
                         error(
                             ErrorKind::AlreadyExists,
@@ -1320,10 +1442,14 @@ impl Core {
             }
             ClientRequest::UpdateApplication(spec) => {
                 if let Err(e) = spec.validate() {
-                    return respond(reply, error(ErrorKind::InvalidArgument, e.to_string()));
+                    return self
+                        .out
+                        .reply(reply, error(ErrorKind::InvalidArgument, e.to_string()));
                 }
                 if !self.apps.contains_key(&spec.name) {
-                    return respond(reply, error(ErrorKind::NotFound, unknown_app(&spec.name)));
+                    return self
+                        .out
+                        .reply(reply, error(ErrorKind::NotFound, unknown_app(&spec.name)));
                 }
                 self.batch_ops.push(StoreOp::PutApplication(spec.clone()));
                 self.batch_after.push(AfterCommit::AddApplication {
@@ -1339,18 +1465,22 @@ impl Core {
                     .filter(|a| a.shim != ShimKind::Batch)
                     .filter_map(|a| self.application_info(&a.name))
                     .collect();
-                respond(reply, ClientResponse::Applications(list));
+                self.out.reply(reply, ClientResponse::Applications(list));
             }
             ClientRequest::GetApplication { name } => match self.application_info(&name) {
-                Some(info) => respond(reply, ClientResponse::Application(info)),
-                None => respond(reply, error(ErrorKind::NotFound, unknown_app(&name))),
+                Some(info) => self.out.reply(reply, ClientResponse::Application(info)),
+                None => self
+                    .out
+                    .reply(reply, error(ErrorKind::NotFound, unknown_app(&name))),
             },
             ClientRequest::RemoveApplication { name } => {
                 let Some(info) = self.application_info(&name) else {
-                    return respond(reply, error(ErrorKind::NotFound, unknown_app(&name)));
+                    return self
+                        .out
+                        .reply(reply, error(ErrorKind::NotFound, unknown_app(&name)));
                 };
                 if info.open_sessions > 0 {
-                    return respond(
+                    return self.out.reply(
                         reply,
                         error(
                             ErrorKind::FailedPrecondition,
@@ -1373,25 +1503,29 @@ impl Core {
                     .values()
                     .map(|s| s.info(self.executors_of(s.stored.id)))
                     .collect();
-                respond(reply, ClientResponse::Sessions(list));
+                self.out.reply(reply, ClientResponse::Sessions(list));
             }
             ClientRequest::GetSession { id } => match self.sessions.get(&id) {
-                Some(s) => respond(
+                Some(s) => self.out.reply(
                     reply,
                     ClientResponse::Session(s.info(self.executors_of(id))),
                 ),
-                None => respond(reply, error(ErrorKind::NotFound, unknown_session(id))),
+                None => self
+                    .out
+                    .reply(reply, error(ErrorKind::NotFound, unknown_session(id))),
             },
             ClientRequest::CloseSession { id } => {
                 if self.left_memory(id) {
                     // Finished: closed durably before it left.
-                    return respond(reply, ClientResponse::Ok);
+                    return self.out.reply(reply, ClientResponse::Ok);
                 }
                 let Some(s) = self.sessions.get_mut(&id) else {
-                    return respond(reply, error(ErrorKind::NotFound, unknown_session(id)));
+                    return self
+                        .out
+                        .reply(reply, error(ErrorKind::NotFound, unknown_session(id)));
                 };
                 if s.stored.state == SessionState::Closed && s.ephemeral {
-                    return respond(reply, ClientResponse::Ok);
+                    return self.out.reply(reply, ClientResponse::Ok);
                 }
                 // A durable session's close is written (again) even when it looks closed:
                 // a close whose commit failed must not be answered Ok by the next try.
@@ -1399,7 +1533,7 @@ impl Core {
                 s.stored.state = SessionState::Closed;
                 s.stored.closed_ms.get_or_insert(now_ms);
                 if s.ephemeral {
-                    respond(reply, ClientResponse::Ok);
+                    self.out.reply(reply, ClientResponse::Ok);
                 } else {
                     // Finished only once the close is durable: see `after_close`.
                     s.unacked_closes += 1;
@@ -1415,10 +1549,12 @@ impl Core {
             }
             ClientRequest::CancelSession { id } => {
                 if self.left_memory(id) {
-                    return respond(reply, ClientResponse::Ok);
+                    return self.out.reply(reply, ClientResponse::Ok);
                 }
                 if !self.sessions.contains_key(&id) {
-                    return respond(reply, error(ErrorKind::NotFound, unknown_session(id)));
+                    return self
+                        .out
+                        .reply(reply, error(ErrorKind::NotFound, unknown_session(id)));
                 }
                 self.cancel_session(id, reply, now_ms);
             }
@@ -1443,13 +1579,13 @@ impl Core {
                         last_seen_ms: n.last_seen_ms,
                     })
                     .collect();
-                respond(reply, ClientResponse::Nodes(list));
+                self.out.reply(reply, ClientResponse::Nodes(list));
             }
             ClientRequest::DrainNode { name } => self.set_draining(&name, true, reply),
             ClientRequest::UndrainNode { name } => self.set_draining(&name, false, reply),
             ClientRequest::Queue => {
                 let report = self.queue_report(now_ms);
-                respond(reply, ClientResponse::Queue(report));
+                self.out.reply(reply, ClientResponse::Queue(report));
             }
             ClientRequest::OpenSubmitStream { .. }
             | ClientRequest::WatchResults { .. }
@@ -1461,7 +1597,7 @@ impl Core {
             | ClientRequest::RevokeToken { .. }
             | ClientRequest::RevokeCert { .. }
             | ClientRequest::ListCerts
-            | ClientRequest::WhoAmI => respond(
+            | ClientRequest::WhoAmI => self.out.reply(
                 reply,
                 error(
                     ErrorKind::InvalidArgument,
@@ -1473,17 +1609,13 @@ impl Core {
 
     /// Closes a session and ends its unfinished tasks as Cancelled, durably. Executors with
     /// its tasks in hand are killed, so the tasks stop; its idle executors unbind as usual.
-    fn cancel_session(
-        &mut self,
-        id: SessionId,
-        reply: oneshot::Sender<ClientResponse>,
-        now_ms: u64,
-    ) {
+    fn cancel_session(&mut self, id: SessionId, reply: ReplyId, now_ms: u64) {
         let Some(s) = self.sessions.get_mut(&id) else {
+            self.out.unanswered.push(reply);
             return;
         };
         if s.finished {
-            let _ = reply.send(ClientResponse::Ok);
+            self.out.reply(reply, ClientResponse::Ok);
             return;
         }
         s.cancelled = true;
@@ -1496,10 +1628,11 @@ impl Core {
         &mut self,
         id: SessionId,
         outcome: TaskOutcome,
-        reply: Option<oneshot::Sender<ClientResponse>>,
+        reply: Option<ReplyId>,
         now_ms: u64,
     ) {
         let Some(s) = self.sessions.get_mut(&id) else {
+            self.out.unanswered.extend(reply);
             return;
         };
         if s.stored.state == SessionState::Open {
@@ -1552,7 +1685,7 @@ impl Core {
                 );
             }
             if let Some(reply) = reply {
-                let _ = reply.send(ClientResponse::Ok);
+                self.out.reply(reply, ClientResponse::Ok);
             }
         } else {
             self.batch_finish.entry(id).or_default().extend(
@@ -1586,25 +1719,26 @@ impl Core {
         })
     }
 
-    fn create_session(
-        &mut self,
-        spec: SessionSpec,
-        reply: oneshot::Sender<ClientResponse>,
-        now_ms: u64,
-    ) {
+    fn create_session(&mut self, spec: SessionSpec, reply: ReplyId, now_ms: u64) {
         if let Some(job) = &spec.job {
             if let Err(e) = job.validate() {
-                let _ = reply.send(ClientResponse::Error(api(
-                    ErrorKind::InvalidArgument,
-                    format!("job spec: {e}"),
-                )));
+                self.out.reply(
+                    reply,
+                    ClientResponse::Error(api(
+                        ErrorKind::InvalidArgument,
+                        format!("job spec: {e}"),
+                    )),
+                );
                 return;
             }
             if spec.ephemeral {
-                let _ = reply.send(ClientResponse::Error(api(
-                    ErrorKind::InvalidArgument,
-                    "a batch job cannot be ephemeral: its ranks' outcomes are kept durably",
-                )));
+                self.out.reply(
+                    reply,
+                    ClientResponse::Error(api(
+                        ErrorKind::InvalidArgument,
+                        "a batch job cannot be ephemeral: its ranks' outcomes are kept durably",
+                    )),
+                );
                 return;
             }
         } else if self
@@ -1612,26 +1746,29 @@ impl Core {
             .get(&spec.application)
             .is_some_and(|a| a.shim == ShimKind::Batch)
         {
-            let _ = reply.send(ClientResponse::Error(api(
-                ErrorKind::InvalidArgument,
-                format!(
-                    "`{}` runs the ranks of a batch job; it takes no other session",
-                    spec.application
-                ),
-            )));
+            self.out.reply(
+                reply,
+                ClientResponse::Error(api(
+                    ErrorKind::InvalidArgument,
+                    format!(
+                        "`{}` runs the ranks of a batch job; it takes no other session",
+                        spec.application
+                    ),
+                )),
+            );
             return;
         } else if !self.apps.contains_key(&spec.application) {
-            let _ = reply.send(ClientResponse::Error(api(
-                ErrorKind::NotFound,
-                unknown_app(&spec.application),
-            )));
+            self.out.reply(
+                reply,
+                ClientResponse::Error(api(ErrorKind::NotFound, unknown_app(&spec.application))),
+            );
             return;
         }
         if let Err(e) = validate_owner(&spec.owner) {
-            let _ = reply.send(ClientResponse::Error(api(
-                ErrorKind::InvalidArgument,
-                e.to_string(),
-            )));
+            self.out.reply(
+                reply,
+                ClientResponse::Error(api(ErrorKind::InvalidArgument, e.to_string())),
+            );
             return;
         }
         if let Some(app) = self
@@ -1643,26 +1780,32 @@ impl Core {
             let groups = &self.config.groups;
             let in_group = |g: &str| groups.get(g).is_some_and(|m| m.iter().any(|u| u == owner));
             if !app.allows(owner, in_group) {
-                let _ = reply.send(ClientResponse::Error(api(
-                    ErrorKind::PermissionDenied,
-                    format!(
-                        "user `{owner}` may not use application `{}`: it is restricted to {}",
-                        app.name,
-                        describe_access(app)
-                    ),
-                )));
+                self.out.reply(
+                    reply,
+                    ClientResponse::Error(api(
+                        ErrorKind::PermissionDenied,
+                        format!(
+                            "user `{owner}` may not use application `{}`: it is restricted to {}",
+                            app.name,
+                            describe_access(app)
+                        ),
+                    )),
+                );
                 return;
             }
         }
         if spec.common_data.len() > self.config.task_input_bytes_max {
-            let _ = reply.send(ClientResponse::Error(api(
-                ErrorKind::LimitExceeded,
-                format!(
-                    "common data of {} bytes exceeds the limit of {} bytes",
-                    spec.common_data.len(),
-                    self.config.task_input_bytes_max
-                ),
-            )));
+            self.out.reply(
+                reply,
+                ClientResponse::Error(api(
+                    ErrorKind::LimitExceeded,
+                    format!(
+                        "common data of {} bytes exceeds the limit of {} bytes",
+                        spec.common_data.len(),
+                        self.config.task_input_bytes_max
+                    ),
+                )),
+            );
             return;
         }
         let id = SessionId(self.next_session);
@@ -1692,7 +1835,7 @@ impl Core {
             counts: TaskCounts::default(),
             unacked_batches: 0,
             unacked_closes: 0,
-            watchers: Vec::new(),
+            watchers: 0,
             finished: false,
             cancelled: false,
             batches: HashMap::new(),
@@ -1728,7 +1871,7 @@ impl Core {
             .check(self.config.quotas.of(&owner), &owner, held)
         {
             self.next_session -= 1;
-            let _ = reply.send(ClientResponse::Error(e.into()));
+            self.out.reply(reply, ClientResponse::Error(e.into()));
             return;
         }
         self.ledger.charge(&owner, held);
@@ -1754,27 +1897,24 @@ impl Core {
         });
     }
 
-    fn on_submit(
-        &mut self,
-        session: SessionId,
-        batch_id: u64,
-        inputs: Vec<Bytes>,
-        reply: oneshot::Sender<SubmitReply>,
-    ) {
+    fn on_submit(&mut self, session: SessionId, batch_id: u64, inputs: Vec<Bytes>, reply: ReplyId) {
         let reject = |kind, message: String| SubmitReply::Rejected {
             batch_id,
             error: api(kind, message),
         };
         let limit = self.config.task_input_bytes_max;
         let Some(s) = self.sessions.get_mut(&session) else {
-            let _ = reply.send(if session.0 < self.next_session {
-                reject(
-                    ErrorKind::FailedPrecondition,
-                    format!("session {session} has finished and accepts no more tasks"),
-                )
-            } else {
-                reject(ErrorKind::NotFound, unknown_session(session))
-            });
+            self.out.reply(
+                reply,
+                if session.0 < self.next_session {
+                    reject(
+                        ErrorKind::FailedPrecondition,
+                        format!("session {session} has finished and accepts no more tasks"),
+                    )
+                } else {
+                    reject(ErrorKind::NotFound, unknown_session(session))
+                },
+            );
             return;
         };
         if let Some(&(first, count)) = s.batches.get(&batch_id) {
@@ -1790,52 +1930,68 @@ impl Core {
                     reply,
                 });
             } else {
-                let _ = reply.send(SubmitReply::Accepted {
-                    batch_id,
-                    first_task: first,
-                    count,
-                });
+                self.out.reply(
+                    reply,
+                    SubmitReply::Accepted {
+                        batch_id,
+                        first_task: first,
+                        count,
+                    },
+                );
             }
             return;
         }
         if let Some(error) = self.storage.refusal() {
-            let _ = reply.send(SubmitReply::Rejected { batch_id, error });
+            self.out
+                .reply(reply, SubmitReply::Rejected { batch_id, error });
             return;
         }
         if s.stored.state != SessionState::Open {
-            let _ = reply.send(reject(
-                ErrorKind::FailedPrecondition,
-                format!("session {session} is closed and accepts no more tasks"),
-            ));
+            self.out.reply(
+                reply,
+                reject(
+                    ErrorKind::FailedPrecondition,
+                    format!("session {session} is closed and accepts no more tasks"),
+                ),
+            );
             return;
         }
         if inputs.len() > limits::SUBMIT_BATCH_TASKS_MAX {
-            let _ = reply.send(reject(
-                ErrorKind::LimitExceeded,
-                format!(
-                    "a batch of {} tasks exceeds the limit of {} tasks",
-                    inputs.len(),
-                    limits::SUBMIT_BATCH_TASKS_MAX
+            self.out.reply(
+                reply,
+                reject(
+                    ErrorKind::LimitExceeded,
+                    format!(
+                        "a batch of {} tasks exceeds the limit of {} tasks",
+                        inputs.len(),
+                        limits::SUBMIT_BATCH_TASKS_MAX
+                    ),
                 ),
-            ));
+            );
             return;
         }
         if let Some((i, big)) = inputs.iter().enumerate().find(|(_, b)| b.len() > limit) {
-            let _ = reply.send(reject(
-                ErrorKind::LimitExceeded,
-                format!(
+            self.out.reply(
+                reply,
+                reject(
+                    ErrorKind::LimitExceeded,
+                    format!(
                     "task input #{i} of batch {batch_id} is {} bytes; the limit is {limit} bytes",
                     big.len()
                 ),
-            ));
+                ),
+            );
             return;
         }
         if inputs.is_empty() {
-            let _ = reply.send(SubmitReply::Accepted {
-                batch_id,
-                first_task: TaskId(s.stored.last_task + 1),
-                count: 0,
-            });
+            self.out.reply(
+                reply,
+                SubmitReply::Accepted {
+                    batch_id,
+                    first_task: TaskId(s.stored.last_task + 1),
+                    count: 0,
+                },
+            );
             return;
         }
         let adding = Held {
@@ -1848,10 +2004,13 @@ impl Core {
             .ledger
             .check(self.config.quotas.of(owner), owner, adding)
         {
-            let _ = reply.send(SubmitReply::Rejected {
-                batch_id,
-                error: e.into(),
-            });
+            self.out.reply(
+                reply,
+                SubmitReply::Rejected {
+                    batch_id,
+                    error: e.into(),
+                },
+            );
             return;
         }
         self.ledger.charge(owner, adding);
@@ -1872,11 +2031,14 @@ impl Core {
             }
             s.counts.pending += u64::from(count);
             self.reschedule = true;
-            let _ = reply.send(SubmitReply::Accepted {
-                batch_id,
-                first_task: first,
-                count,
-            });
+            self.out.reply(
+                reply,
+                SubmitReply::Accepted {
+                    batch_id,
+                    first_task: first,
+                    count,
+                },
+            );
             return;
         }
         for input in &inputs {
@@ -1970,7 +2132,7 @@ impl Core {
         served_targets(session, served, executor)
     }
 
-    fn on_watch(&mut self, session: SessionId, sink: WatchSink) -> Result<WatchStart, ApiError> {
+    fn on_watch(&mut self, session: SessionId) -> Result<WatchStart, ApiError> {
         if self.left_memory(session) {
             return Ok(WatchStart {
                 backfill: Backfill::Store,
@@ -1999,7 +2161,8 @@ impl Core {
             Backfill::Store
         };
         if !s.finished {
-            s.watchers.push(sink);
+            // The server attaches the watcher with this answer.
+            s.watchers += 1;
         }
         Ok(WatchStart {
             backfill,
@@ -2012,7 +2175,6 @@ impl Core {
         conn: ConnId,
         address: String,
         registration: NodeRegistration,
-        link: mpsc::UnboundedSender<HeadToNode>,
         now_ms: u64,
     ) {
         let name = registration.name.clone();
@@ -2035,9 +2197,12 @@ impl Core {
         if !kill.is_empty() {
             self.node_out.entry(name.clone()).or_default().extend(kill);
         }
-        let _ = link.send(HeadToNode::Registered {
-            heartbeat_interval_ms: limits::HEARTBEAT_INTERVAL.as_millis() as u64,
-        });
+        self.out.send(
+            conn,
+            HeadToNode::Registered {
+                heartbeat_interval_ms: limits::HEARTBEAT_INTERVAL.as_millis() as u64,
+            },
+        );
         // A drain outlives reconnections and head restarts.
         let draining = self.nodes.get(&name).is_some_and(|n| n.draining);
         let entry = NodeEntry {
@@ -2045,7 +2210,6 @@ impl Core {
             address,
             registration,
             conn: Some(conn),
-            link: Some(link),
             last_seen_ms: now_ms,
             identity,
         };
@@ -2150,8 +2314,8 @@ impl Core {
                 tracing::warn!(node = %name, "duplicate registration ignored");
             }
             NodeToHead::Heartbeat => {
-                if let Some(link) = self.nodes.get(&name).and_then(|n| n.link.as_ref()) {
-                    let _ = link.send(HeadToNode::Heartbeat);
+                if let Some(conn) = self.nodes.get(&name).and_then(|n| n.conn) {
+                    self.out.send(conn, HeadToNode::Heartbeat);
                 }
             }
             NodeToHead::ExecutorEvents(events) => {
@@ -2401,7 +2565,7 @@ impl Core {
         }
         let after = slot_held(slot, s.ephemeral);
         reheld(ledger, owner_name(&s.stored.owner), before, after);
-        if !s.watchers.is_empty() {
+        if s.watchers > 0 {
             watch_out.entry(s.stored.id).or_default().push(TaskResult {
                 task,
                 attempt,
@@ -2410,7 +2574,7 @@ impl Core {
         }
     }
 
-    fn after_commit(&mut self, after: AfterCommit, result: &Result<(), String>, now_ms: u64) {
+    fn after_commit(&mut self, after: AfterCommit, result: &Result<(), CommitError>, now_ms: u64) {
         match after {
             AfterCommit::AckSubmit {
                 session,
@@ -2420,6 +2584,7 @@ impl Core {
                 reply,
             } => {
                 let Some(s) = self.sessions.get_mut(&session) else {
+                    self.out.unanswered.push(reply);
                     return;
                 };
                 s.unacked_batches = s.unacked_batches.saturating_sub(1);
@@ -2484,7 +2649,7 @@ impl Core {
                         ),
                     },
                 };
-                let _ = reply.send(r);
+                self.out.reply(reply, r);
                 self.check_finished(session);
             }
             AfterCommit::FinishResults { session, results } => {
@@ -2541,7 +2706,7 @@ impl Core {
                     }
                     Err(e) => persist_error(e),
                 };
-                let _ = reply.send(r);
+                self.out.reply(reply, r);
             }
             AfterCommit::AddSession { entry, reply } => {
                 let r = match result {
@@ -2561,7 +2726,7 @@ impl Core {
                         persist_error(e)
                     }
                 };
-                let _ = reply.send(r);
+                self.out.reply(reply, r);
             }
             AfterCommit::AckDuplicate {
                 session,
@@ -2574,21 +2739,24 @@ impl Core {
                     .sessions
                     .get(&session)
                     .is_some_and(|s| s.batches.get(&batch_id) == Some(&(first, count)));
-                let _ = reply.send(if durable {
-                    SubmitReply::Accepted {
-                        batch_id,
-                        first_task: first,
-                        count,
-                    }
-                } else {
-                    SubmitReply::Rejected {
-                        batch_id,
-                        error: api(
-                            ErrorKind::Unavailable,
-                            "the batch could not be made durable; send it again",
-                        ),
-                    }
-                });
+                self.out.reply(
+                    reply,
+                    if durable {
+                        SubmitReply::Accepted {
+                            batch_id,
+                            first_task: first,
+                            count,
+                        }
+                    } else {
+                        SubmitReply::Rejected {
+                            batch_id,
+                            error: api(
+                                ErrorKind::Unavailable,
+                                "the batch could not be made durable; send it again",
+                            ),
+                        }
+                    },
+                );
             }
             AfterCommit::Evict { session } => match result {
                 Ok(()) => {
@@ -2620,10 +2788,13 @@ impl Core {
                 self.after_close(session, was_open, reply, result.as_ref().err());
             }
             AfterCommit::Respond { reply } => {
-                let _ = reply.send(match result {
-                    Ok(()) => ClientResponse::Ok,
-                    Err(e) => persist_error(e),
-                });
+                self.out.reply(
+                    reply,
+                    match result {
+                        Ok(()) => ClientResponse::Ok,
+                        Err(e) => persist_error(e),
+                    },
+                );
             }
         }
         let _ = now_ms;
@@ -2756,12 +2927,11 @@ impl Core {
         let log_waiters = std::mem::take(&mut s.job_log_waiters);
         // Results finalized in this batch must reach watchers before Finished.
         if let Some(results) = self.watch_out.remove(&session) {
-            s.watchers
-                .retain(|w| w.offer(WatchMsg::Results(results.clone())));
+            self.out.watch.push((session, WatchMsg::Results(results)));
         }
-        for w in s.watchers.drain(..) {
+        if std::mem::take(&mut s.watchers) > 0 {
             // A watcher that cannot take it lags, and learns the end from the store.
-            w.offer(WatchMsg::Finished);
+            self.out.watch.push((session, WatchMsg::Finished));
         }
         if !s.ephemeral {
             // Only final tasks are left; what they hold (failure messages) goes with them.
@@ -2783,7 +2953,8 @@ impl Core {
         self.evict_due = true;
         self.reschedule = true;
         for (executor, reply) in log_waiters {
-            let _ = reply.send(self.log_targets(session, executor));
+            let targets = self.log_targets(session, executor);
+            self.out.reply(reply, Reply::JobLogTargets(targets));
         }
     }
 
@@ -2793,8 +2964,8 @@ impl Core {
         };
         if let Some(conn) = n.conn.take() {
             self.conns.remove(&conn);
+            self.out.links.push((conn, LinkOutput::Close));
         }
-        n.link = None;
         tracing::warn!(node = %name, %reason, "node lost");
         let lost: Vec<ExecutorId> = self
             .executors
@@ -3212,7 +3383,8 @@ impl Core {
             tracing::info!(job = %sid, ranks, nodes = %nodelist, "job started");
             self.dirty_sessions.insert(sid);
             for (executor, reply) in std::mem::take(&mut s.job_log_waiters) {
-                let _ = reply.send(self.log_targets(sid, executor));
+                let targets = self.log_targets(sid, executor);
+                self.out.reply(reply, Reply::JobLogTargets(targets));
             }
         }
     }
@@ -3676,7 +3848,7 @@ pub fn unknown_session(id: SessionId) -> String {
     format!("session {id} does not exist (see `flame session list`)")
 }
 
-fn persist_error(e: &str) -> ClientResponse {
+fn persist_error(e: &CommitError) -> ClientResponse {
     ClientResponse::Error(api(
         ErrorKind::Unavailable,
         format!("the change could not be made durable: {e}"),
@@ -3684,1873 +3856,4 @@ fn persist_error(e: &str) -> ClientResponse {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use flame_protocol::model::ShimKind;
-
-    struct Harness {
-        core: Core,
-        store_rx: mpsc::UnboundedReceiver<StoreRequest>,
-        node_rx: mpsc::UnboundedReceiver<HeadToNode>,
-        now: u64,
-    }
-
-    impl Harness {
-        fn new() -> Harness {
-            Harness::with_config(CoreConfig::default())
-        }
-
-        fn with_config(config: CoreConfig) -> Harness {
-            let (store_tx, store_rx) = mpsc::unbounded_channel();
-            let mut core = Core::new(config, store_tx, Default::default());
-            core.ensure_application(ApplicationSpec {
-                name: "ping".into(),
-                shim: ShimKind::Stdio,
-                command: "flame-ping".into(),
-                args: vec![],
-                env: Default::default(),
-                working_dir: None,
-                user: None,
-                group: None,
-                users: Vec::new(),
-                groups: Vec::new(),
-                resources: Default::default(),
-                selector: Default::default(),
-                max_instances: 10,
-                delay_release_ms: 1000,
-                max_attempts: 3,
-                retry_on_error: false,
-                task_timeout_ms: None,
-                allow_root: false,
-            });
-            let (link, node_rx) = mpsc::unbounded_channel();
-            core.handle(
-                Event::NodeConnected {
-                    address: "127.0.0.1".into(),
-                    conn: 1,
-                    registration: NodeRegistration {
-                        name: "n1".into(),
-                        allocatable: flame_protocol::model::NodeResources {
-                            cpu_millis: 1000,
-                            memory_bytes: 1 << 30,
-                            gpus: Vec::new(),
-                        },
-                        labels: Default::default(),
-                        isolation: "none".into(),
-                        identity: flame_protocol::model::ExecutorIdentity::OwnerUid,
-                        executors: vec![],
-                    },
-                    link,
-                },
-                0,
-            );
-            let mut h = Harness {
-                core,
-                store_rx,
-                node_rx,
-                now: 0,
-            };
-            h.step();
-            h
-        }
-
-        /// Ends the batch and makes every store request durable, as the writer would.
-        fn step(&mut self) {
-            settle(&mut self.core, &mut self.store_rx, self.now);
-        }
-
-        fn commands(&mut self) -> Vec<NodeCommand> {
-            let mut out = Vec::new();
-            while let Ok(msg) = self.node_rx.try_recv() {
-                if let HeadToNode::Commands(c) = msg {
-                    out.extend(c);
-                }
-            }
-            out
-        }
-
-        fn client(&mut self, request: ClientRequest) -> ClientResponse {
-            let (reply, mut rx) = oneshot::channel();
-            self.core.handle(Event::Client { request, reply }, self.now);
-            self.step();
-            rx.try_recv().expect("a response")
-        }
-
-        fn node(&mut self, message: NodeToHead) {
-            self.core
-                .handle(Event::NodeMessage { conn: 1, message }, self.now);
-            self.step();
-        }
-    }
-
-    /// Ends the core's batch and makes every store request durable, as the writer would.
-    fn settle(core: &mut Core, store_rx: &mut mpsc::UnboundedReceiver<StoreRequest>, now: u64) {
-        settle_ops(core, store_rx, now);
-    }
-
-    /// [`settle`], returning every op committed.
-    fn settle_ops(
-        core: &mut Core,
-        store_rx: &mut mpsc::UnboundedReceiver<StoreRequest>,
-        now: u64,
-    ) -> Vec<StoreOp> {
-        let mut ops = Vec::new();
-        core.end_batch(now);
-        while let Ok(req) = store_rx.try_recv() {
-            ops.extend(req.ops);
-            core.handle(
-                Event::Committed {
-                    tokens: vec![req.token],
-                    result: Ok(()),
-                },
-                now,
-            );
-            core.end_batch(now);
-        }
-        ops
-    }
-
-    #[test]
-    fn executors_are_launched_per_owner_with_a_durable_uid_and_apps_admit_their_users() {
-        let mut h = Harness::with_config(CoreConfig {
-            owner_uid_range: crate::owner_uids::UidRange::new(70_000, 70_009).unwrap(),
-            groups: BTreeMap::from([("lab".to_string(), vec!["carol".to_string()])]),
-            ..CoreConfig::default()
-        });
-        let restricted = ApplicationSpec {
-            users: vec!["alice".into()],
-            groups: vec!["lab".into()],
-            ..ApplicationSpec::new("lab-only", "flame-ping")
-        };
-        assert!(matches!(
-            h.client(ClientRequest::RegisterApplication(restricted)),
-            ClientResponse::Application(_)
-        ));
-        let open_as = |h: &mut Harness, owner: &str, app: &str| {
-            h.client(ClientRequest::CreateSession(SessionSpec {
-                owner: owner.into(),
-                ..SessionSpec::new(app)
-            }))
-        };
-        match open_as(&mut h, "bob", "lab-only") {
-            ClientResponse::Error(e) => {
-                assert_eq!(e.kind, ErrorKind::PermissionDenied);
-                assert!(
-                    e.message
-                        .contains("user `bob` may not use application `lab-only`")
-                        && e.message.contains("users alice and groups lab"),
-                    "{e}"
-                );
-            }
-            other => panic!("bob was let in: {other:?}"),
-        }
-        session_id(open_as(&mut h, "alice", "lab-only"));
-        session_id(open_as(&mut h, "carol", "lab-only"));
-
-        // A session of a new owner: its uid is written before its executor is launched.
-        let sid = session_id(open_as(&mut h, "dave", "ping"));
-        let (reply, _rx) = oneshot::channel();
-        h.core.handle(
-            Event::Submit {
-                session: sid,
-                batch_id: 1,
-                inputs: vec![Bytes::from_static(b"x")],
-                reply,
-            },
-            h.now,
-        );
-        h.core.end_batch(h.now);
-        let mut uid_written = false;
-        let mut launched = None;
-        while let Ok(req) = h.store_rx.try_recv() {
-            if req
-                .ops
-                .iter()
-                .any(|op| matches!(op, StoreOp::PutOwnerUid { owner, .. } if owner == "dave"))
-            {
-                uid_written = true;
-                assert!(
-                    h.commands().is_empty(),
-                    "launched before the uid was durable"
-                );
-            }
-            h.core.handle(
-                Event::Committed {
-                    tokens: vec![req.token],
-                    result: Ok(()),
-                },
-                h.now,
-            );
-            h.core.end_batch(h.now);
-            for c in h.commands() {
-                if let NodeCommand::Launch { owner, .. } = c {
-                    launched = Some(owner);
-                }
-            }
-        }
-        assert!(uid_written);
-        let owner = launched.expect("no launch for dave");
-        assert_eq!(owner.name, "dave");
-        assert!((70_000..=70_009).contains(&owner.uid), "{owner:?}");
-    }
-
-    fn session_id(r: ClientResponse) -> SessionId {
-        match r {
-            ClientResponse::Session(info) => info.id,
-            other => panic!("unexpected {other:?}"),
-        }
-    }
-
-    #[test]
-    fn gpus_selectors_secrets_usage_and_updates() {
-        use flame_protocol::model::{EnvValue, GpuInfo, NodeResources, Resources};
-        let mut h = Harness::new();
-        let mut spec = ApplicationSpec::new("train", "/bin/train");
-        spec.resources = Resources {
-            cpu_millis: 500,
-            memory_bytes: Some(1 << 20 << 4),
-            gpus: 1,
-        };
-        spec.selector.insert("kind".into(), "gpu".into());
-        spec.env.insert(
-            "TOKEN".into(),
-            EnvValue {
-                value: "s3cret".into(),
-                secret: true,
-            },
-        );
-        assert!(matches!(
-            h.client(ClientRequest::RegisterApplication(spec.clone())),
-            ClientResponse::Application(_)
-        ));
-        // Clients never see a secret value.
-        match h.client(ClientRequest::GetApplication {
-            name: "train".into(),
-        }) {
-            ClientResponse::Application(info) => {
-                assert_eq!(info.spec.env["TOKEN"].value, "");
-                assert!(info.spec.env["TOKEN"].secret);
-            }
-            other => panic!("unexpected {other:?}"),
-        }
-        let sid = session_id(h.client(ClientRequest::CreateSession(SessionSpec::new("train"))));
-        let (reply, _ack) = oneshot::channel();
-        h.core.handle(
-            Event::Submit {
-                session: sid,
-                batch_id: 1,
-                inputs: vec![Bytes::from_static(b"a"); 3],
-                reply,
-            },
-            0,
-        );
-        h.step();
-        // n1 has no gpu and no label: nothing launches, and the session says why.
-        assert!(h.commands().is_empty());
-        match h.client(ClientRequest::GetSession { id: sid }) {
-            ClientResponse::Session(info) => {
-                let why = info.waiting.unwrap_or_default();
-                assert!(why.contains("kind=gpu"), "{why}");
-            }
-            other => panic!("unexpected {other:?}"),
-        }
-        // A labelled node with two GPUs: two executors, each with its own GPU index.
-        let (link, mut g1_rx) = mpsc::unbounded_channel();
-        h.core.handle(
-            Event::NodeConnected {
-                address: "127.0.0.1".into(),
-                conn: 2,
-                registration: NodeRegistration {
-                    name: "g1".into(),
-                    allocatable: NodeResources {
-                        cpu_millis: 8000,
-                        memory_bytes: 1 << 34,
-                        gpus: (0..2)
-                            .map(|index| GpuInfo {
-                                index,
-                                name: "H200".into(),
-                                uuid: format!("GPU-{index}"),
-                                memory_bytes: 1 << 37,
-                            })
-                            .collect(),
-                    },
-                    labels: [("kind".to_string(), "gpu".to_string())].into(),
-                    isolation: "cgroup v2".into(),
-                    identity: flame_protocol::model::ExecutorIdentity::OwnerUid,
-                    executors: vec![],
-                },
-                link,
-            },
-            0,
-        );
-        h.step();
-        let mut launched = Vec::new();
-        while let Ok(msg) = g1_rx.try_recv() {
-            if let HeadToNode::Commands(c) = msg {
-                for c in c {
-                    if let NodeCommand::Launch { executor, gpus, .. } = c {
-                        launched.push((executor, gpus));
-                    }
-                }
-            }
-        }
-        let mut gpus: Vec<Vec<u32>> = launched.iter().map(|(_, g)| g.clone()).collect();
-        gpus.sort();
-        assert_eq!(gpus, vec![vec![0], vec![1]]);
-        match h.client(ClientRequest::ListNodes) {
-            ClientResponse::Nodes(nodes) => {
-                let g1 = nodes.iter().find(|n| n.name == "g1").unwrap();
-                assert_eq!(g1.allocated.gpus, 2);
-                assert_eq!(g1.allocated.cpu_millis, 1000);
-                assert_eq!(g1.allocated.memory_bytes, Some(2 << 24));
-            }
-            other => panic!("unexpected {other:?}"),
-        }
-        // Usage reported at unbind is kept per executor of the session.
-        let (e1, _) = launched[0].clone();
-        h.core.handle(
-            Event::NodeMessage {
-                conn: 2,
-                message: NodeToHead::ExecutorEvents(vec![
-                    ExecutorEvent::Ready {
-                        executor: e1,
-                        credit: 1,
-                    },
-                    ExecutorEvent::Bound {
-                        executor: e1,
-                        session: sid,
-                    },
-                ]),
-            },
-            0,
-        );
-        h.step();
-        h.core.handle(
-            Event::NodeMessage {
-                conn: 2,
-                message: NodeToHead::ExecutorEvents(vec![ExecutorEvent::Exited {
-                    executor: e1,
-                    reason: "out of memory: killed".into(),
-                    usage: Usage {
-                        bound_ms: 2000,
-                        cpu_ms: 1500,
-                        memory_peak_bytes: 1 << 24,
-                        throttled_ms: 20,
-                    },
-                }]),
-            },
-            0,
-        );
-        h.step();
-        match h.client(ClientRequest::GetSession { id: sid }) {
-            ClientResponse::Session(info) => {
-                assert_eq!(info.usage.len(), 1);
-                assert_eq!(info.usage[0].executor, e1);
-                assert_eq!(info.usage[0].node, "g1");
-                assert_eq!(info.usage[0].cpu_ms, 1500);
-                assert!(info.usage[0]
-                    .ended
-                    .as_deref()
-                    .unwrap_or_default()
-                    .contains("out of memory"));
-            }
-            other => panic!("unexpected {other:?}"),
-        }
-        // An update of an unknown application is refused; of a known one, accepted.
-        let mut other = spec.clone();
-        other.name = "nope".into();
-        assert!(matches!(
-            h.client(ClientRequest::UpdateApplication(other)),
-            ClientResponse::Error(ApiError {
-                kind: ErrorKind::NotFound,
-                ..
-            })
-        ));
-        let mut bad = spec.clone();
-        bad.resources.cpu_millis = 1;
-        match h.client(ClientRequest::UpdateApplication(bad)) {
-            ClientResponse::Error(e) => assert!(e.message.contains("resources.cpus"), "{e:?}"),
-            other => panic!("unexpected {other:?}"),
-        }
-        spec.max_instances = 1;
-        assert!(matches!(
-            h.client(ClientRequest::UpdateApplication(spec)),
-            ClientResponse::Application(info) if info.spec.max_instances == 1
-        ));
-    }
-
-    #[test]
-    fn task_runs_end_to_end_and_watcher_sees_it_once() {
-        let mut h = Harness::new();
-        let sid = session_id(h.client(ClientRequest::CreateSession(SessionSpec::new("ping"))));
-        let (sink, mut watch) = crate::watch::watch_queue();
-        let (reply, _) = oneshot::channel();
-        h.core.handle(
-            Event::Watch {
-                session: sid,
-                sink,
-                reply,
-            },
-            0,
-        );
-        let (reply, mut ack) = oneshot::channel();
-        h.core.handle(
-            Event::Submit {
-                session: sid,
-                batch_id: 9,
-                inputs: vec![Bytes::from_static(b"x")],
-                reply,
-            },
-            0,
-        );
-        h.core.end_batch(0);
-        // Not acked before the commit.
-        assert!(ack.try_recv().is_err());
-        h.step();
-        assert!(matches!(
-            ack.try_recv(),
-            Ok(SubmitReply::Accepted {
-                batch_id: 9,
-                count: 1,
-                ..
-            })
-        ));
-        let launch = h.commands();
-        let executor = match &launch[..] {
-            [NodeCommand::Launch { executor, .. }] => *executor,
-            other => panic!("expected one launch, got {other:?}"),
-        };
-        h.node(NodeToHead::ExecutorEvents(vec![ExecutorEvent::Ready {
-            executor,
-            credit: 2,
-        }]));
-        let cmds = h.commands();
-        assert!(matches!(cmds[0], NodeCommand::Bind { .. }), "{cmds:?}");
-        let NodeCommand::Run(a) = &cmds[1] else {
-            panic!("expected a run, got {cmds:?}")
-        };
-        // A result from a stale attempt is fenced off.
-        h.node(NodeToHead::Results(vec![NodeTaskResult {
-            exit_code: None,
-            executor,
-            session: sid,
-            task: a.task,
-            attempt: a.attempt + 1,
-            outcome: TaskOutcome::Succeeded(Bytes::from_static(b"stale")),
-        }]));
-        assert!(watch.try_recv().is_err());
-        h.node(NodeToHead::Results(vec![NodeTaskResult {
-            exit_code: None,
-            executor,
-            session: sid,
-            task: a.task,
-            attempt: a.attempt,
-            outcome: TaskOutcome::Succeeded(Bytes::from_static(b"ok")),
-        }]));
-        match watch.try_recv() {
-            Ok(WatchMsg::Results(r)) => {
-                assert_eq!(r.len(), 1);
-                assert_eq!(
-                    r[0].outcome,
-                    TaskOutcome::Succeeded(Bytes::from_static(b"ok"))
-                );
-            }
-            other => panic!("unexpected {other:?}"),
-        }
-        // A duplicate of the accepted result changes nothing.
-        h.node(NodeToHead::Results(vec![NodeTaskResult {
-            exit_code: None,
-            executor,
-            session: sid,
-            task: a.task,
-            attempt: a.attempt,
-            outcome: TaskOutcome::Succeeded(Bytes::from_static(b"again")),
-        }]));
-        assert!(watch.try_recv().is_err());
-        assert!(matches!(
-            h.client(ClientRequest::CloseSession { id: sid }),
-            ClientResponse::Ok
-        ));
-        assert!(matches!(watch.try_recv(), Ok(WatchMsg::Finished)));
-        match h.client(ClientRequest::GetSession { id: sid }) {
-            ClientResponse::Session(info) => {
-                assert!(info.is_finished());
-                assert_eq!(info.counts.succeeded, 1);
-                assert_eq!(info.counts.total(), 1);
-            }
-            other => panic!("unexpected {other:?}"),
-        }
-    }
-
-    #[test]
-    fn lost_node_requeues_running_tasks() {
-        let mut h = Harness::new();
-        let sid = session_with_a_task(&mut h, 0, 1);
-        launched_and_ready(&mut h);
-        assert_eq!(h.commands().len(), 2);
-        h.now = 60_000;
-        h.core.handle(Event::Tick, h.now);
-        h.step();
-        match h.client(ClientRequest::GetSession { id: sid }) {
-            ClientResponse::Session(info) => {
-                assert_eq!(info.counts.pending, 1);
-                assert_eq!(info.counts.running, 0);
-            }
-            other => panic!("unexpected {other:?}"),
-        }
-    }
-
-    /// Opens a session at `priority`, submits one task and returns the session.
-    fn session_with_a_task(h: &mut Harness, priority: i32, batch_id: u64) -> SessionId {
-        let sid = session_id(h.client(ClientRequest::CreateSession(SessionSpec {
-            ephemeral: true,
-            priority,
-            ..SessionSpec::new("ping")
-        })));
-        let (reply, _) = oneshot::channel();
-        h.core.handle(
-            Event::Submit {
-                session: sid,
-                batch_id,
-                inputs: vec![Bytes::from_static(b"x")],
-                reply,
-            },
-            h.now,
-        );
-        h.step();
-        sid
-    }
-
-    /// The executor the last plan launched, now ready (and bound, with its task sent).
-    fn launched_and_ready(h: &mut Harness) -> ExecutorId {
-        let executor = match &h.commands()[..] {
-            [NodeCommand::Launch { executor, .. }] => *executor,
-            other => panic!("{other:?}"),
-        };
-        h.node(NodeToHead::ExecutorEvents(vec![ExecutorEvent::Ready {
-            executor,
-            credit: 1,
-        }]));
-        executor
-    }
-
-    fn counts(h: &mut Harness, id: SessionId) -> flame_protocol::model::TaskCounts {
-        match h.client(ClientRequest::GetSession { id }) {
-            ClientResponse::Session(info) => info.counts,
-            other => panic!("unexpected {other:?}"),
-        }
-    }
-
-    #[test]
-    fn a_reclaimed_executor_is_killed_only_after_the_grace_period() {
-        let mut h = Harness::with_config(CoreConfig {
-            preemption_grace_ms: Some(5_000),
-            ..CoreConfig::default()
-        });
-        // The node has room for one executor: the low-priority session gets it.
-        let low = session_with_a_task(&mut h, 0, 1);
-        let executor = launched_and_ready(&mut h);
-        assert_eq!(h.commands().len(), 2, "bind and run");
-        // A higher priority session of the same owner reclaims it: unbind, no kill.
-        let high = session_with_a_task(&mut h, 5, 1);
-        let commands = h.commands();
-        assert!(
-            matches!(&commands[..], [NodeCommand::Unbind { executor: e }] if *e == executor),
-            "{commands:?}"
-        );
-        // Within the grace period the task keeps running.
-        h.now = 4_000;
-        h.core.handle(Event::Tick, h.now);
-        h.step();
-        assert!(h.commands().is_empty());
-        assert_eq!(counts(&mut h, low).running, 1);
-        // Past it, the executor is killed and the task goes back to pending, uncharged.
-        h.now = 5_000;
-        h.core.handle(Event::Tick, h.now);
-        h.step();
-        let commands = h.commands();
-        assert!(
-            commands
-                .iter()
-                .any(|c| matches!(c, NodeCommand::Kill { executor: e } if *e == executor)),
-            "{commands:?}"
-        );
-        let c = counts(&mut h, low);
-        assert_eq!((c.pending, c.running, c.failed), (1, 0, 0));
-        assert_eq!(counts(&mut h, high).pending, 1);
-    }
-
-    /// The node's state as `ListNodes` shows it.
-    fn node_state(h: &mut Harness) -> NodeState {
-        match h.client(ClientRequest::ListNodes) {
-            ClientResponse::Nodes(nodes) => nodes[0].state,
-            other => panic!("unexpected {other:?}"),
-        }
-    }
-
-    #[test]
-    fn a_stalled_head_gives_nodes_a_fresh_heartbeat_window() {
-        let mut h = Harness::new();
-        let timeout = h.core.config.heartbeat_timeout_ms;
-        let session = session_with_a_task(&mut h, 0, 1);
-        launched_and_ready(&mut h);
-        h.commands();
-        assert_eq!(counts(&mut h, session).running, 1);
-        // The head did not run for longer than the heartbeat timeout; the node's last
-        // heartbeat is that old when it wakes, but the silence was the head's.
-        h.now += timeout + 5_000;
-        h.core.handle(
-            Event::Stalled {
-                stalled_ms: timeout + 5_000,
-            },
-            h.now,
-        );
-        h.core.handle(Event::Tick, h.now);
-        h.step();
-        assert_eq!(node_state(&mut h), NodeState::Ready);
-        assert_eq!(counts(&mut h, session).running, 1, "no task went back");
-        // Silence while the head runs still counts: a node that stays silent for a whole
-        // heartbeat timeout after the stall is lost, and its task goes to a second attempt.
-        h.now += timeout + 1;
-        h.core.handle(Event::Tick, h.now);
-        h.step();
-        assert_ne!(node_state(&mut h), NodeState::Ready);
-        assert_eq!(counts(&mut h, session).running, 0);
-    }
-
-    #[test]
-    fn without_a_grace_period_a_reclaimed_executor_finishes_its_task() {
-        // (The node stays known for the hour this test lets pass.)
-        let mut h = Harness::with_config(CoreConfig {
-            heartbeat_timeout_ms: 10 * 3_600_000,
-            ..CoreConfig::default()
-        });
-        let low = session_with_a_task(&mut h, 0, 1);
-        launched_and_ready(&mut h);
-        h.commands();
-        session_with_a_task(&mut h, 5, 1);
-        h.commands();
-        h.now = 3_600_000;
-        h.core.handle(Event::Tick, h.now);
-        h.step();
-        assert!(!h
-            .commands()
-            .iter()
-            .any(|c| matches!(c, NodeCommand::Kill { .. })));
-        assert_eq!(counts(&mut h, low).running, 1);
-    }
-
-    #[test]
-    fn failing_launches_back_off() {
-        let mut h = Harness::new();
-        let sid = session_id(h.client(ClientRequest::CreateSession(SessionSpec {
-            ephemeral: true,
-            ..SessionSpec::new("ping")
-        })));
-        let (reply, _) = oneshot::channel();
-        h.core.handle(
-            Event::Submit {
-                session: sid,
-                batch_id: 1,
-                inputs: vec![Bytes::from_static(b"x")],
-                reply,
-            },
-            0,
-        );
-        h.step();
-        let executor = match &h.commands()[..] {
-            [NodeCommand::Launch { executor, .. }] => *executor,
-            other => panic!("{other:?}"),
-        };
-        h.node(NodeToHead::ExecutorEvents(vec![ExecutorEvent::Exited {
-            usage: Default::default(),
-            executor,
-            reason: "no such file".into(),
-        }]));
-        // Within the backoff nothing is launched, however often the scheduler runs.
-        h.now = LAUNCH_BACKOFF_MIN_MS - 1;
-        h.core.handle(Event::Tick, h.now);
-        h.step();
-        assert!(h.commands().is_empty());
-        h.now = LAUNCH_BACKOFF_MIN_MS;
-        h.core.handle(Event::Tick, h.now);
-        h.step();
-        assert!(matches!(&h.commands()[..], [NodeCommand::Launch { .. }]));
-    }
-
-    #[test]
-    fn queue_depth_follows_task_time() {
-        // Long tasks: one running, one queued.
-        assert_eq!(outstanding_max(1_000_000.0, 256), 2);
-        // Unknown yet: shallow.
-        assert_eq!(outstanding_max(TASK_US_INITIAL, 256), 3);
-        // 20 µs tasks: as deep as the node allows.
-        assert_eq!(outstanding_max(20.0, 256), 256);
-        assert_eq!(outstanding_max(0.0, 64), 64);
-        // Never more than the node allows.
-        assert_eq!(outstanding_max(20.0, 1), 1);
-    }
-
-    #[test]
-    fn a_resent_batch_creates_nothing_new() {
-        let mut h = Harness::new();
-        let sid = session_id(h.client(ClientRequest::CreateSession(SessionSpec::new("ping"))));
-        let submit = |h: &mut Harness, batch_id: u64| {
-            let (reply, rx) = oneshot::channel();
-            h.core.handle(
-                Event::Submit {
-                    session: sid,
-                    batch_id,
-                    inputs: vec![Bytes::from_static(b"a"), Bytes::from_static(b"b")],
-                    reply,
-                },
-                0,
-            );
-            rx
-        };
-        // The copy arrives while the first is still being committed, and once after.
-        let mut first = submit(&mut h, 41);
-        let mut copy = submit(&mut h, 41);
-        h.step();
-        let mut late = submit(&mut h, 41);
-        h.step();
-        for rx in [&mut first, &mut copy, &mut late] {
-            assert_eq!(
-                rx.try_recv().unwrap(),
-                SubmitReply::Accepted {
-                    batch_id: 41,
-                    first_task: TaskId(1),
-                    count: 2
-                }
-            );
-        }
-        let mut other = submit(&mut h, 42);
-        h.step();
-        assert!(matches!(
-            other.try_recv(),
-            Ok(SubmitReply::Accepted {
-                first_task: TaskId(3),
-                ..
-            })
-        ));
-        match h.client(ClientRequest::GetSession { id: sid }) {
-            ClientResponse::Session(info) => assert_eq!(info.counts.total(), 4),
-            other => panic!("{other:?}"),
-        }
-    }
-
-    #[test]
-    fn a_node_back_after_a_blip_cannot_complete_requeued_tasks() {
-        let mut h = Harness::new();
-        let sid = session_id(h.client(ClientRequest::CreateSession(SessionSpec::new("ping"))));
-        let (reply, _) = oneshot::channel();
-        h.core.handle(
-            Event::Submit {
-                session: sid,
-                batch_id: 1,
-                inputs: vec![Bytes::from_static(b"x"), Bytes::from_static(b"y")],
-                reply,
-            },
-            0,
-        );
-        h.step();
-        let executor = match &h.commands()[..] {
-            [NodeCommand::Launch { executor, .. }] => *executor,
-            other => panic!("{other:?}"),
-        };
-        h.node(NodeToHead::ExecutorEvents(vec![ExecutorEvent::Ready {
-            executor,
-            credit: 8,
-        }]));
-        let runs: Vec<TaskAssignment> = runs_sent(&mut h);
-        assert_eq!(runs.len(), 2);
-        // The connection drops and the node comes back at once, reporting the executor,
-        // still bound and running both tasks, with a new connection.
-        h.core.handle(
-            Event::NodeDisconnected {
-                conn: 1,
-                reason: "blip".into(),
-            },
-            0,
-        );
-        h.step();
-        // The head re-queued them with the next attempt, so the report's attempts are stale:
-        // nothing is adopted as running, and the stale results are refused.
-        let (link, node_rx) = mpsc::unbounded_channel();
-        h.node_rx = node_rx;
-        h.core.handle(
-            Event::NodeConnected {
-                address: "127.0.0.1".into(),
-                conn: 2,
-                registration: NodeRegistration {
-                    name: "n1".into(),
-                    allocatable: flame_protocol::model::NodeResources {
-                        cpu_millis: 1000,
-                        memory_bytes: 1 << 30,
-                        gpus: Vec::new(),
-                    },
-                    labels: Default::default(),
-                    isolation: "none".into(),
-                    identity: flame_protocol::model::ExecutorIdentity::OwnerUid,
-                    executors: vec![ExecutorReport {
-                        resources: Default::default(),
-                        gpus: Vec::new(),
-                        executor,
-                        application: "ping".into(),
-                        owner: "default".into(),
-                        ready: true,
-                        session: Some(sid),
-                        tasks: runs
-                            .iter()
-                            .map(|a| (a.session, a.task, a.attempt))
-                            .collect(),
-                        credit: 8,
-                    }],
-                },
-                link,
-            },
-            0,
-        );
-        h.step();
-        let rerun: Vec<TaskAssignment> = runs_sent(&mut h);
-        assert_eq!(
-            rerun.len(),
-            2,
-            "the tasks run again on the adopted executor"
-        );
-        assert!(rerun.iter().all(|a| a.attempt == 2));
-        h.core.handle(
-            Event::NodeMessage {
-                conn: 2,
-                message: NodeToHead::Results(
-                    runs.iter()
-                        .map(|a| NodeTaskResult {
-                            exit_code: None,
-                            executor,
-                            session: sid,
-                            task: a.task,
-                            attempt: a.attempt,
-                            outcome: TaskOutcome::Succeeded(Bytes::from_static(b"stale")),
-                        })
-                        .collect(),
-                ),
-            },
-            0,
-        );
-        h.step();
-        match h.client(ClientRequest::GetSession { id: sid }) {
-            ClientResponse::Session(info) => {
-                assert_eq!(info.counts.succeeded, 0, "stale results were refused");
-                assert_eq!(info.counts.running, 2);
-            }
-            other => panic!("{other:?}"),
-        }
-    }
-
-    #[test]
-    fn after_a_head_restart_running_tasks_are_adopted_not_rerun() {
-        use crate::store::{Loaded, StoredNode};
-        let (store_tx, mut store_rx) = mpsc::unbounded_channel();
-        let sid = SessionId(3);
-        let app = ApplicationSpec {
-            name: "ping".into(),
-            shim: ShimKind::Stdio,
-            command: "flame-ping".into(),
-            args: vec![],
-            env: Default::default(),
-            working_dir: None,
-            user: None,
-            group: None,
-            users: Vec::new(),
-            groups: Vec::new(),
-            resources: Default::default(),
-            selector: Default::default(),
-            max_instances: 10,
-            delay_release_ms: 1000,
-            max_attempts: 3,
-            retry_on_error: false,
-            task_timeout_ms: None,
-            allow_root: false,
-        };
-        let loaded = Loaded {
-            applications: vec![app],
-            sessions: vec![StoredSession {
-                id: sid,
-                owner: "default".into(),
-                priority: 0,
-                job: None,
-                application: "ping".into(),
-                common_data: Bytes::new(),
-                state: SessionState::Open,
-                created_ms: 0,
-                closed_ms: None,
-                last_task: 0,
-                usage: Vec::new(),
-            }],
-            tasks: vec![
-                (
-                    sid,
-                    TaskId(1),
-                    StoredTask::Pending {
-                        attempt: 1,
-                        input: Bytes::from_static(b"a"),
-                    },
-                ),
-                (
-                    sid,
-                    TaskId(2),
-                    StoredTask::Pending {
-                        attempt: 1,
-                        input: Bytes::from_static(b"b"),
-                    },
-                ),
-            ],
-            nodes: vec![StoredNode {
-                name: "n1".into(),
-                allocatable: flame_protocol::model::NodeResources {
-                    cpu_millis: 1000,
-                    memory_bytes: 1 << 30,
-                    gpus: Vec::new(),
-                },
-                labels: Default::default(),
-                isolation: "none".into(),
-                last_seen_ms: 0,
-                draining: false,
-            }],
-            batches: vec![],
-            next_session: 4,
-            next_executor: 1024,
-            owner_uids: vec![("default".into(), 1_900_000_000)],
-        };
-        let mut core = Core::new(CoreConfig::default(), store_tx, loaded);
-        core.start_recovery(0, 10_000);
-        core.end_batch(0);
-        let (link, mut node_rx) = mpsc::unbounded_channel();
-        core.handle(
-            Event::NodeConnected {
-                address: "127.0.0.1".into(),
-                conn: 7,
-                registration: NodeRegistration {
-                    name: "n1".into(),
-                    allocatable: flame_protocol::model::NodeResources {
-                        cpu_millis: 1000,
-                        memory_bytes: 1 << 30,
-                        gpus: Vec::new(),
-                    },
-                    labels: Default::default(),
-                    isolation: "none".into(),
-                    identity: flame_protocol::model::ExecutorIdentity::OwnerUid,
-                    executors: vec![ExecutorReport {
-                        resources: Default::default(),
-                        gpus: Vec::new(),
-                        executor: ExecutorId(900),
-                        application: "ping".into(),
-                        owner: "default".into(),
-                        ready: true,
-                        session: Some(sid),
-                        tasks: vec![(sid, TaskId(1), 1)],
-                        credit: 1,
-                    }],
-                },
-                link,
-            },
-            100,
-        );
-        core.end_batch(100);
-        // Task 1 keeps running where it was; task 2, which nobody reported, runs again
-        // with its next attempt once the node can take it.
-        core.handle(
-            Event::NodeMessage {
-                conn: 7,
-                message: NodeToHead::Results(vec![NodeTaskResult {
-                    exit_code: None,
-                    executor: ExecutorId(900),
-                    session: sid,
-                    task: TaskId(1),
-                    attempt: 1,
-                    outcome: TaskOutcome::Succeeded(Bytes::from_static(b"A")),
-                }]),
-            },
-            200,
-        );
-        settle(&mut core, &mut store_rx, 200);
-        let mut runs = Vec::new();
-        while let Ok(msg) = node_rx.try_recv() {
-            if let HeadToNode::Commands(c) = msg {
-                runs.extend(c.into_iter().filter_map(|c| match c {
-                    NodeCommand::Run(a) => Some((a.task, a.attempt)),
-                    _ => None,
-                }));
-            }
-        }
-        assert_eq!(runs, vec![(TaskId(2), 2)]);
-        let (reply, mut rx) = oneshot::channel();
-        core.handle(
-            Event::Client {
-                request: ClientRequest::GetSession { id: sid },
-                reply,
-            },
-            200,
-        );
-        match rx.try_recv() {
-            Ok(ClientResponse::Session(info)) => {
-                assert_eq!(info.counts.succeeded, 1);
-                assert_eq!(info.counts.running, 1);
-            }
-            other => panic!("{other:?}"),
-        }
-    }
-
-    #[test]
-    fn bad_requests_get_named_errors() {
-        let mut h = Harness::new();
-        match h.client(ClientRequest::CreateSession(SessionSpec::new("nope"))) {
-            ClientResponse::Error(e) => {
-                assert_eq!(e.kind, ErrorKind::NotFound);
-                assert!(e.message.contains("nope"));
-            }
-            other => panic!("unexpected {other:?}"),
-        }
-        let sid = session_id(h.client(ClientRequest::CreateSession(SessionSpec::new("ping"))));
-        let (reply, mut rx) = oneshot::channel();
-        h.core.handle(
-            Event::Submit {
-                session: sid,
-                batch_id: 3,
-                inputs: vec![Bytes::from(vec![0u8; limits::TASK_INPUT_BYTES_MAX + 1])],
-                reply,
-            },
-            0,
-        );
-        match rx.try_recv() {
-            Ok(SubmitReply::Rejected { error, .. }) => {
-                assert_eq!(error.kind, ErrorKind::LimitExceeded)
-            }
-            other => panic!("unexpected {other:?}"),
-        }
-    }
-
-    /// Submits a 2-rank job of half-cpu ranks on the harness's 1-cpu node: returns its id
-    /// and its executors, all launched in one plan.
-    fn submit_job(h: &mut Harness, time_limit_ms: Option<u64>) -> (SessionId, Vec<ExecutorId>) {
-        use flame_protocol::model::JobSpec;
-        let mut job = JobSpec::new("/bin/work", 2);
-        job.resources.cpu_millis = 500;
-        // Within the node's 1 GiB: a job's default is a GiB per rank.
-        job.resources.memory_bytes = Some(256 << 20);
-        job.time_limit_ms = time_limit_ms;
-        let id = session_id(h.client(ClientRequest::CreateSession(SessionSpec {
-            job: Some(job),
-            ..SessionSpec::new("")
-        })));
-        let launched: Vec<ExecutorId> = h
-            .commands()
-            .into_iter()
-            .filter_map(|c| match c {
-                NodeCommand::Launch {
-                    executor,
-                    application,
-                    ..
-                } => {
-                    assert_eq!(application.shim, ShimKind::Batch);
-                    assert_eq!(application.name, format!("job.{}", id.0));
-                    Some(executor)
-                }
-                _ => None,
-            })
-            .collect();
-        assert_eq!(launched.len(), 2, "all ranks are launched in one plan");
-        (id, launched)
-    }
-
-    /// Starts a 2-rank job of half-cpu ranks on the harness's 1-cpu node: returns its id,
-    /// its executors in launch order, and the rank tasks it runs once every rank is bound.
-    fn started_job(
-        h: &mut Harness,
-        time_limit_ms: Option<u64>,
-    ) -> (SessionId, Vec<TaskAssignment>) {
-        let (id, launched) = submit_job(h, time_limit_ms);
-        let mut runs = Vec::new();
-        for (i, &executor) in launched.iter().enumerate() {
-            h.node(NodeToHead::ExecutorEvents(vec![ExecutorEvent::Ready {
-                executor,
-                credit: 1,
-            }]));
-            assert!(
-                h.commands()
-                    .iter()
-                    .any(|c| matches!(c, NodeCommand::Bind { executor: e, .. } if *e == executor)),
-                "a ready rank is bound"
-            );
-            h.node(NodeToHead::ExecutorEvents(vec![ExecutorEvent::Bound {
-                executor,
-                session: id,
-            }]));
-            runs = runs_sent(h);
-            if i == 0 {
-                assert!(
-                    runs.is_empty(),
-                    "a rank started before every rank was bound"
-                );
-            }
-        }
-        assert_eq!(runs.len(), 2, "every rank starts once all are bound");
-        (id, runs)
-    }
-
-    fn job_of(h: &mut Harness, id: SessionId) -> JobInfo {
-        match h.client(ClientRequest::GetSession { id }) {
-            ClientResponse::Session(info) => info.job.expect("a job"),
-            other => panic!("unexpected {other:?}"),
-        }
-    }
-
-    fn tick(h: &mut Harness) {
-        h.core.handle(Event::Tick, h.now);
-        h.step();
-    }
-
-    /// The tasks sent to nodes since the last look.
-    fn runs_sent(h: &mut Harness) -> Vec<TaskAssignment> {
-        h.commands()
-            .into_iter()
-            .filter_map(|c| match c {
-                NodeCommand::Run(a) => Some(a),
-                _ => None,
-            })
-            .collect()
-    }
-
-    fn kills(h: &mut Harness) -> Vec<ExecutorId> {
-        h.commands()
-            .into_iter()
-            .filter_map(|c| match c {
-                NodeCommand::Kill { executor } => Some(executor),
-                _ => None,
-            })
-            .collect()
-    }
-
-    fn exited(h: &mut Harness, executor: ExecutorId) {
-        h.node(NodeToHead::ExecutorEvents(vec![ExecutorEvent::Exited {
-            executor,
-            reason: "killed by the node".into(),
-            usage: Usage::default(),
-        }]));
-    }
-
-    #[test]
-    fn a_job_starts_whole_and_its_first_failed_rank_stops_the_rest_after_a_grace() {
-        let mut h = Harness::new();
-        let (id, runs) = started_job(&mut h, None);
-        // Each rank's task carries its rank, the world and the hostfile.
-        for (rank, run) in runs.iter().enumerate() {
-            assert_eq!(run.task, TaskId(rank as u64 + 1));
-            let launch = RankLaunch::decode(&run.input).unwrap();
-            let env: BTreeMap<String, String> = launch.env.into_iter().collect();
-            assert_eq!(env["FLAME_RANK"], rank.to_string());
-            assert_eq!(env["RANK"], rank.to_string());
-            assert_eq!(env["WORLD_SIZE"], "2");
-            assert_eq!(env["FLAME_LOCAL_RANK"], rank.to_string());
-            assert_eq!(env["FLAME_NODELIST"], "n1");
-            assert_eq!(env["MASTER_ADDR"], "127.0.0.1");
-            assert_eq!(launch.hostfile, "n1 slots=2\n");
-            assert!(!launch.hold && launch.argv.is_none());
-        }
-        let job = job_of(&mut h, id);
-        assert_eq!(job.state, JobState::Running);
-        assert_eq!(job.ranks.len(), 2);
-
-        // Rank 1 exits with 3; rank 0 gets the grace, then is killed.
-        h.node(NodeToHead::Results(vec![NodeTaskResult {
-            executor: runs[1].executor,
-            session: id,
-            task: runs[1].task,
-            attempt: runs[1].attempt,
-            outcome: TaskOutcome::Failed("rank exited with status 3".into()),
-            exit_code: Some(3),
-        }]));
-        h.now += JOB_FAIL_GRACE_MS - 1;
-        tick(&mut h);
-        assert!(kills(&mut h).is_empty(), "killed before the grace ran out");
-        h.now += 1;
-        tick(&mut h);
-        // Every rank goes, the one still running and the one whose process ended.
-        let mut killed = kills(&mut h);
-        killed.sort();
-        assert_eq!(killed, vec![runs[0].executor, runs[1].executor]);
-        for run in &runs {
-            exited(&mut h, run.executor);
-        }
-
-        let job = job_of(&mut h, id);
-        assert_eq!(job.state, JobState::Failed);
-        let failure = job.failure.clone().unwrap();
-        assert_eq!((failure.rank, failure.exit_code), (Some(1), Some(3)));
-        assert_eq!(job.exit_code(), Some(3));
-        assert_eq!(job.ranks[1].exit_code, Some(3));
-    }
-
-    #[test]
-    fn a_job_past_its_time_limit_is_stopped_and_says_so() {
-        let mut h = Harness::new();
-        let (id, runs) = started_job(&mut h, Some(1_000));
-        h.now += 999;
-        tick(&mut h);
-        assert!(kills(&mut h).is_empty());
-        h.now += 1;
-        tick(&mut h);
-        let mut killed = kills(&mut h);
-        killed.sort();
-        let mut ranks: Vec<ExecutorId> = runs.iter().map(|r| r.executor).collect();
-        ranks.sort();
-        assert_eq!(killed, ranks);
-        for executor in ranks {
-            exited(&mut h, executor);
-        }
-        let job = job_of(&mut h, id);
-        assert_eq!(job.state, JobState::TimedOut);
-        assert_eq!(job.exit_code(), Some(124));
-    }
-
-    #[test]
-    fn a_job_spec_is_checked_and_cannot_be_ephemeral() {
-        use flame_protocol::model::JobSpec;
-        let mut h = Harness::new();
-        let mut job = JobSpec::new("/bin/work", 3);
-        job.ranks_per_node = Some(2);
-        match h.client(ClientRequest::CreateSession(SessionSpec {
-            job: Some(job),
-            ..SessionSpec::new("")
-        })) {
-            ClientResponse::Error(e) => assert!(e.message.contains("ranks_per_node"), "{e}"),
-            other => panic!("unexpected {other:?}"),
-        }
-        match h.client(ClientRequest::CreateSession(SessionSpec {
-            job: Some(JobSpec::new("/bin/work", 1)),
-            ephemeral: true,
-            ..SessionSpec::new("")
-        })) {
-            ClientResponse::Error(e) => assert!(e.message.contains("ephemeral"), "{e}"),
-            other => panic!("unexpected {other:?}"),
-        }
-        // Job applications are not listed.
-        match h.client(ClientRequest::ListApplications) {
-            ClientResponse::Applications(list) => {
-                assert!(list.iter().all(|a| a.spec.shim != ShimKind::Batch))
-            }
-            other => panic!("unexpected {other:?}"),
-        }
-    }
-
-    #[test]
-    fn a_running_job_that_lost_a_rank_in_a_restart_fails() {
-        use crate::store::Loaded;
-        use flame_protocol::model::JobSpec;
-        let id = SessionId(7);
-        let mut job = JobInfo::queued(JobSpec::new("/bin/work", 2));
-        job.state = JobState::Running;
-        job.started_ms = Some(1);
-        let loaded = Loaded {
-            sessions: vec![StoredSession {
-                id,
-                application: "job.7".into(),
-                owner: "o".into(),
-                priority: 0,
-                common_data: Bytes::new(),
-                state: SessionState::Closed,
-                created_ms: 0,
-                closed_ms: Some(0),
-                last_task: 2,
-                usage: Vec::new(),
-                job: Some(job),
-            }],
-            tasks: (1..=2)
-                .map(|t| {
-                    let task = StoredTask::Pending {
-                        attempt: 1,
-                        input: Bytes::new(),
-                    };
-                    (id, TaskId(t), task)
-                })
-                .collect(),
-            ..Default::default()
-        };
-        let (store_tx, mut store_rx) = mpsc::unbounded_channel();
-        let mut core = Core::new(CoreConfig::default(), store_tx, loaded);
-        // No node is known, so nothing can come back to report the ranks.
-        core.start_recovery(5, 10_000);
-        let ops = settle_ops(&mut core, &mut store_rx, 5);
-        // It finished and left memory; its view is what the store serves from now on.
-        assert!(!core.holds_session(id));
-        let info = ops
-            .into_iter()
-            .find_map(|op| match op {
-                StoreOp::PutFinished(info) if info.id == id => Some(info),
-                _ => None,
-            })
-            .expect("the finished job's view is stored as it leaves memory");
-        assert!(info.is_finished(), "{info:#?}");
-        let job = info.job.unwrap();
-        assert_eq!(job.state, JobState::Failed, "{job:#?}");
-        assert!(job.failure.unwrap().message.contains("restarted"));
-    }
-
-    #[test]
-    fn a_job_that_loses_a_rank_before_it_starts_fails_and_gives_the_rest_back() {
-        let mut h = Harness::new();
-        let (id, launched) = submit_job(&mut h, None);
-        h.node(NodeToHead::ExecutorEvents(vec![ExecutorEvent::Ready {
-            executor: launched[0],
-            credit: 1,
-        }]));
-        h.node(NodeToHead::ExecutorEvents(vec![ExecutorEvent::Bound {
-            executor: launched[0],
-            session: id,
-        }]));
-        h.commands();
-        // The other rank never comes up.
-        h.node(NodeToHead::ExecutorEvents(vec![ExecutorEvent::Exited {
-            executor: launched[1],
-            reason: "cannot create the executor's cgroup".into(),
-            usage: Usage::default(),
-        }]));
-        assert_eq!(kills(&mut h), vec![launched[0]], "the rank it held goes");
-        exited(&mut h, launched[0]);
-        let job = job_of(&mut h, id);
-        assert_eq!(job.state, JobState::Failed, "{job:#?}");
-        let failure = job.failure.unwrap();
-        assert_eq!(failure.rank, None);
-        assert!(failure.message.contains("cgroup"), "{failure:?}");
-        assert!(job.ranks.is_empty(), "it never started");
-        // Its application is no place for other sessions.
-        match h.client(ClientRequest::CreateSession(SessionSpec::new(format!(
-            "job.{}",
-            id.0
-        )))) {
-            ClientResponse::Error(e) => assert_eq!(e.kind, ErrorKind::InvalidArgument),
-            ClientResponse::Session(_) => panic!("a session on a job's application"),
-            _ => {} // the application may already be forgotten
-        }
-    }
-
-    #[test]
-    fn a_rank_outcome_that_fails_to_persist_is_written_again_never_rerun() {
-        let mut h = Harness::new();
-        let (id, runs) = started_job(&mut h, None);
-        h.core.handle(
-            Event::NodeMessage {
-                conn: 1,
-                message: NodeToHead::Results(vec![NodeTaskResult {
-                    executor: runs[0].executor,
-                    session: id,
-                    task: runs[0].task,
-                    attempt: runs[0].attempt,
-                    outcome: TaskOutcome::Succeeded(Bytes::new()),
-                    exit_code: Some(0),
-                }]),
-            },
-            h.now,
-        );
-        h.core.end_batch(h.now);
-        // The disk is full: that commit fails.
-        while let Ok(req) = h.store_rx.try_recv() {
-            h.core.handle(
-                Event::Committed {
-                    tokens: vec![req.token],
-                    result: Err("no space left on device".into()),
-                },
-                h.now,
-            );
-            h.core.end_batch(h.now);
-        }
-        assert!(
-            !h.commands()
-                .iter()
-                .any(|c| matches!(c, NodeCommand::Run(_))),
-            "a rank was run again"
-        );
-        // The next tick writes it again, and this time it holds.
-        h.now += 200;
-        tick(&mut h);
-        match h.client(ClientRequest::GetSession { id }) {
-            ClientResponse::Session(info) => {
-                assert_eq!(info.counts.succeeded, 1, "{info:#?}");
-                assert_eq!(info.counts.pending, 0, "{info:#?}");
-            }
-            other => panic!("unexpected {other:?}"),
-        }
-    }
-
-    #[test]
-    fn a_storage_fault_refuses_writes_at_once_and_holds_results_until_it_clears() {
-        let mut h = Harness::new();
-        let sid = session_id(h.client(ClientRequest::CreateSession(SessionSpec::new("ping"))));
-        let (sink, mut watch) = crate::watch::watch_queue();
-        let (reply, _) = oneshot::channel();
-        h.core.handle(
-            Event::Watch {
-                session: sid,
-                sink,
-                reply,
-            },
-            h.now,
-        );
-        let (reply, mut ack) = oneshot::channel();
-        let inputs = vec![Bytes::from_static(b"x")];
-        h.core.handle(
-            Event::Submit {
-                session: sid,
-                batch_id: 1,
-                inputs,
-                reply,
-            },
-            h.now,
-        );
-        h.step();
-        assert!(matches!(ack.try_recv(), Ok(SubmitReply::Accepted { .. })));
-        let executor = match &h.commands()[..] {
-            [NodeCommand::Launch { executor, .. }] => *executor,
-            other => panic!("expected one launch, got {other:?}"),
-        };
-        h.node(NodeToHead::ExecutorEvents(vec![ExecutorEvent::Ready {
-            executor,
-            credit: 2,
-        }]));
-        let cmds = h.commands();
-        let Some(NodeCommand::Run(run)) = cmds.get(1).cloned() else {
-            panic!("expected a run, got {cmds:?}")
-        };
-
-        let fault = crate::storage_fault::StorageFault {
-            kind: crate::storage_fault::FaultKind::DiskFull,
-            detail: "No space left on device (os error 28)".into(),
-            data_dir: "/var/lib/flame".into(),
-        };
-        h.core.handle(Event::StorageFaulted { fault }, h.now);
-        // Writes are answered at once, with the cause and what to do.
-        for request in [
-            ClientRequest::CreateSession(SessionSpec::new("ping")),
-            ClientRequest::CloseSession { id: sid },
-            ClientRequest::DrainNode { name: "n1".into() },
-        ] {
-            match h.client(request) {
-                ClientResponse::Error(e) => {
-                    assert_eq!(e.kind, ErrorKind::Unavailable);
-                    assert!(e.message.contains("disk is full"), "{}", e.message);
-                    assert!(e.message.contains("/var/lib/flame"), "{}", e.message);
-                }
-                other => panic!("unexpected {other:?}"),
-            }
-        }
-        let (reply, mut refused) = oneshot::channel();
-        let inputs = vec![Bytes::from_static(b"y")];
-        h.core.handle(
-            Event::Submit {
-                session: sid,
-                batch_id: 2,
-                inputs,
-                reply,
-            },
-            h.now,
-        );
-        assert!(
-            matches!(refused.try_recv(), Ok(SubmitReply::Rejected { error, .. }) if error.message.contains("disk is full"))
-        );
-        // Reads still work, and the refused close left the session open.
-        match h.client(ClientRequest::GetSession { id: sid }) {
-            ClientResponse::Session(info) => assert_eq!(info.state, SessionState::Open),
-            other => panic!("unexpected {other:?}"),
-        }
-        // The running task's result is held: not shown, not written, not run again.
-        h.node(NodeToHead::Results(vec![NodeTaskResult {
-            exit_code: Some(0),
-            executor,
-            session: sid,
-            task: run.task,
-            attempt: run.attempt,
-            outcome: TaskOutcome::Succeeded(Bytes::from_static(b"X")),
-        }]));
-        for _ in 0..5 {
-            h.now += 200;
-            tick(&mut h);
-        }
-        assert!(
-            watch.try_recv().is_err(),
-            "a result was shown before it was durable"
-        );
-        assert!(
-            !h.commands()
-                .iter()
-                .any(|c| matches!(c, NodeCommand::Run(_))),
-            "a task was run again"
-        );
-        assert_eq!(counts(&mut h, sid).running, 1);
-
-        // The probe succeeded: the held result is written, then shown once, attempt 1.
-        h.core.handle(Event::StorageRecovered, h.now);
-        h.step();
-        match watch.try_recv() {
-            Ok(WatchMsg::Results(r)) => {
-                assert_eq!(r.len(), 1);
-                assert_eq!(r[0].attempt, run.attempt);
-                assert_eq!(
-                    r[0].outcome,
-                    TaskOutcome::Succeeded(Bytes::from_static(b"X"))
-                );
-            }
-            other => panic!("unexpected {other:?}"),
-        }
-        assert!(matches!(
-            h.client(ClientRequest::CloseSession { id: sid }),
-            ClientResponse::Ok
-        ));
-        assert!(matches!(watch.try_recv(), Ok(WatchMsg::Finished)));
-    }
-
-    #[test]
-    fn a_close_that_fails_to_persist_leaves_the_session_open_never_finished() {
-        let mut h = Harness::new();
-        let sid = session_id(h.client(ClientRequest::CreateSession(SessionSpec::new("ping"))));
-        let (sink, mut watch) = crate::watch::watch_queue();
-        let (reply, _) = oneshot::channel();
-        h.core.handle(
-            Event::Watch {
-                session: sid,
-                sink,
-                reply,
-            },
-            h.now,
-        );
-        let (reply, mut closed) = oneshot::channel();
-        h.core.handle(
-            Event::Client {
-                request: ClientRequest::CloseSession { id: sid },
-                reply,
-            },
-            h.now,
-        );
-        h.core.end_batch(h.now);
-        // Not finished before the close is durable, and not after it failed.
-        assert!(watch.try_recv().is_err());
-        while let Ok(req) = h.store_rx.try_recv() {
-            h.core.handle(
-                Event::Committed {
-                    tokens: vec![req.token],
-                    result: Err("injected".into()),
-                },
-                h.now,
-            );
-            h.core.end_batch(h.now);
-        }
-        assert!(matches!(closed.try_recv(), Ok(ClientResponse::Error(_))));
-        assert!(
-            watch.try_recv().is_err(),
-            "Finished shown for a close that failed"
-        );
-        match h.client(ClientRequest::GetSession { id: sid }) {
-            ClientResponse::Session(info) => assert_eq!(info.state, SessionState::Open),
-            other => panic!("unexpected {other:?}"),
-        }
-        // Sent again, it holds.
-        assert!(matches!(
-            h.client(ClientRequest::CloseSession { id: sid }),
-            ClientResponse::Ok
-        ));
-        assert!(matches!(watch.try_recv(), Ok(WatchMsg::Finished)));
-    }
-
-    fn spec_of(owner: &str, ephemeral: bool, common: &'static [u8]) -> SessionSpec {
-        SessionSpec {
-            owner: owner.into(),
-            ephemeral,
-            common_data: Bytes::from_static(common),
-            ..SessionSpec::new("ping")
-        }
-    }
-
-    fn submit(
-        h: &mut Harness,
-        session: SessionId,
-        batch_id: u64,
-        inputs: &[&'static [u8]],
-    ) -> SubmitReply {
-        let (reply, mut rx) = oneshot::channel();
-        h.core.handle(
-            Event::Submit {
-                session,
-                batch_id,
-                inputs: inputs.iter().map(|b| Bytes::from_static(b)).collect(),
-                reply,
-            },
-            h.now,
-        );
-        h.step();
-        rx.try_recv().expect("a submit reply")
-    }
-
-    fn quota_error(r: ClientResponse) -> ApiError {
-        match r {
-            ClientResponse::Error(e) if e.kind == ErrorKind::QuotaExceeded => e,
-            other => panic!("expected a quota refusal, got {other:?}"),
-        }
-    }
-
-    fn rejected_for_quota(r: SubmitReply) -> ApiError {
-        match r {
-            SubmitReply::Rejected { error, .. } if error.kind == ErrorKind::QuotaExceeded => error,
-            other => panic!("expected a quota refusal, got {other:?}"),
-        }
-    }
-
-    #[test]
-    fn quotas_refuse_sessions_tasks_and_bytes_by_name_and_come_back_when_released() {
-        let quotas = crate::quotas::Quotas {
-            open_sessions: 2,
-            pending_tasks: 3,
-            input_bytes: 100,
-            ..Default::default()
-        };
-        let mut h = Harness::with_config(CoreConfig {
-            quotas: QuotaBook::uniform(quotas),
-            ..CoreConfig::default()
-        });
-        let bob1 = session_id(h.client(ClientRequest::CreateSession(spec_of("bob", false, b"c"))));
-        let _bob2 = session_id(h.client(ClientRequest::CreateSession(spec_of("bob", false, b""))));
-        let e = quota_error(h.client(ClientRequest::CreateSession(spec_of("bob", false, b""))));
-        assert!(
-            e.message
-                .starts_with("quota exceeded: open sessions 2 of 2 for owner bob;")
-                && e.message.ends_with("quotas.open_sessions"),
-            "{e}"
-        );
-        // Another owner is not held back by bob.
-        let alice =
-            session_id(h.client(ClientRequest::CreateSession(spec_of("alice", false, b""))));
-        // Tasks: three fit, a fourth does not, and a refused batch holds nothing.
-        assert!(matches!(
-            submit(&mut h, bob1, 1, &[b"aa", b"bb", b"cc"]),
-            SubmitReply::Accepted { count: 3, .. }
-        ));
-        let e = rejected_for_quota(submit(&mut h, bob1, 2, &[b"dd"]));
-        assert!(
-            e.message.contains("pending tasks 3 of 3 for owner bob"),
-            "{e}"
-        );
-        assert_eq!(
-            h.core.held("bob"),
-            crate::quotas::Held {
-                sessions: 2,
-                tasks: 3,
-                bytes: 7
-            }
-        );
-        // Bytes: alice's one task of 101 bytes is over her 100.
-        let e = rejected_for_quota(submit(&mut h, alice, 1, &[&[b'x'; 101]]));
-        assert!(
-            e.message.contains(
-                "bytes held in the head's memory 0 of 100 for owner alice (this request adds 101)"
-            ),
-            "{e}"
-        );
-        assert_eq!(h.core.ledger_mismatch(), None);
-        // Cancelled, bob's session finishes, leaves memory, and gives everything back.
-        assert!(matches!(
-            h.client(ClientRequest::CancelSession { id: bob1 }),
-            ClientResponse::Ok
-        ));
-        h.step();
-        assert!(!h.core.holds_session(bob1));
-        assert_eq!(
-            h.core.held("bob"),
-            crate::quotas::Held {
-                sessions: 1,
-                tasks: 0,
-                bytes: 0
-            }
-        );
-        session_id(h.client(ClientRequest::CreateSession(spec_of("bob", false, b""))));
-        assert_eq!(h.core.ledger_mismatch(), None);
-    }
-
-    #[test]
-    fn an_ephemeral_session_holds_its_tasks_until_it_leaves_memory() {
-        let quotas = crate::quotas::Quotas {
-            pending_tasks: 2,
-            ..Default::default()
-        };
-        let mut h = Harness::with_config(CoreConfig {
-            quotas: QuotaBook::uniform(quotas),
-            ..CoreConfig::default()
-        });
-        let eph = session_id(h.client(ClientRequest::CreateSession(spec_of("eve", true, b""))));
-        assert!(matches!(
-            submit(&mut h, eph, 1, &[b"a", b"b"]),
-            SubmitReply::Accepted { count: 2, .. }
-        ));
-        let e = rejected_for_quota(submit(&mut h, eph, 2, &[b"c"]));
-        assert!(
-            e.message.contains("pending tasks 2 of 2 for owner eve"),
-            "{e}"
-        );
-        // Final, its results stay in memory with it (it has no store), so they still count.
-        assert!(matches!(
-            h.client(ClientRequest::CancelSession { id: eph }),
-            ClientResponse::Ok
-        ));
-        h.step();
-        assert!(h.core.holds_session(eph));
-        assert_eq!(h.core.held("eve").tasks, 2);
-        let eph2 = session_id(h.client(ClientRequest::CreateSession(spec_of("eve", true, b""))));
-        let e = rejected_for_quota(submit(&mut h, eph2, 1, &[b"c"]));
-        assert!(
-            e.message.contains("pending tasks 2 of 2 for owner eve"),
-            "{e}"
-        );
-        // `EPHEMERAL_KEPT_MS` later it is gone, and so is what it held.
-        h.now += EPHEMERAL_KEPT_MS + 1;
-        h.core.handle(Event::Tick, h.now);
-        h.step();
-        assert!(!h.core.holds_session(eph));
-        // Only the second, open and empty, is left.
-        assert_eq!(
-            h.core.held("eve"),
-            crate::quotas::Held {
-                sessions: 1,
-                tasks: 0,
-                bytes: 0
-            }
-        );
-        assert_eq!(h.core.ledger_mismatch(), None);
-    }
-
-    #[test]
-    fn a_finished_session_leaves_memory_and_is_served_from_the_store() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = crate::store::Store::open(dir.path()).unwrap();
-        let (store_tx, mut store_rx) = mpsc::unbounded_channel();
-        let mut core = Core::new(CoreConfig::default(), store_tx, store.load().unwrap());
-        core.ensure_application(ApplicationSpec::new("ping", "flame-ping"));
-        // The writer, for real: every request committed to redb, then reported.
-        let mut commit = |core: &mut Core| {
-            core.end_batch(1);
-            while let Ok(req) = store_rx.try_recv() {
-                let result = store.commit(&req.ops).map_err(|e| e.to_string());
-                core.handle(
-                    Event::Committed {
-                        tokens: vec![req.token],
-                        result,
-                    },
-                    1,
-                );
-                core.end_batch(1);
-            }
-        };
-        let ask = |core: &mut Core, request: ClientRequest| {
-            let (reply, rx) = oneshot::channel();
-            core.handle(Event::Client { request, reply }, 1);
-            rx
-        };
-        let mut created = ask(
-            &mut core,
-            ClientRequest::CreateSession(spec_of("bob", false, b"common")),
-        );
-        commit(&mut core);
-        let id = session_id(created.try_recv().unwrap());
-        let (reply, mut acked) = oneshot::channel();
-        let inputs = (0..20_000)
-            .map(|i| Bytes::from(format!("task {i}")))
-            .collect();
-        core.handle(
-            Event::Submit {
-                session: id,
-                batch_id: 1,
-                inputs,
-                reply,
-            },
-            1,
-        );
-        commit(&mut core);
-        assert!(matches!(
-            acked.try_recv(),
-            Ok(SubmitReply::Accepted { count: 20_000, .. })
-        ));
-        let before = core.sessions.len();
-        assert_eq!(core.held("bob").tasks, 20_000);
-        let mut cancelled = ask(&mut core, ClientRequest::CancelSession { id });
-        commit(&mut core);
-        assert!(matches!(cancelled.try_recv(), Ok(ClientResponse::Ok)));
-        // Out of memory: the session table shrank, and the owner holds nothing.
-        assert!(!core.holds_session(id));
-        assert_eq!(core.sessions.len(), before - 1);
-        assert!(core.held("bob").is_zero());
-        // Its view, owner, tasks and results are served from the store.
-        let info = store.finished_session(id).unwrap().expect("its final view");
-        assert!(info.is_finished(), "{info:?}");
-        assert_eq!(info.owner, "bob");
-        assert_eq!(info.counts.cancelled, 20_000);
-        let page = store
-            .final_results_page(id, TaskId(0), 8_192, usize::MAX)
-            .unwrap();
-        assert_eq!(page.len(), 8_192);
-        assert_eq!(page[0].task, TaskId(1));
-        let next = store
-            .final_results_page(id, TaskId(8_192), 8_192, 64)
-            .unwrap();
-        assert_eq!(next.first().map(|r| r.task), Some(TaskId(8_193)));
-        assert!(next.len() < 8_192, "a page stops at its byte bound");
-        // The core sends the server to the store for it, and refuses nothing it should not.
-        let (reply, mut rx) = oneshot::channel();
-        core.handle(
-            Event::ListTasks {
-                session: id,
-                states: vec![],
-                after: TaskId(0),
-                limit: 10,
-                reply,
-            },
-            1,
-        );
-        assert!(matches!(rx.try_recv(), Ok(Ok(None))));
-        let (sink, _source) = crate::watch::watch_queue();
-        let (reply, mut rx) = oneshot::channel();
-        core.handle(
-            Event::Watch {
-                session: id,
-                sink,
-                reply,
-            },
-            1,
-        );
-        assert!(matches!(
-            rx.try_recv(),
-            Ok(Ok(WatchStart {
-                backfill: Backfill::Store,
-                finished: true
-            }))
-        ));
-        let mut closed = ask(&mut core, ClientRequest::CloseSession { id });
-        assert!(matches!(closed.try_recv(), Ok(ClientResponse::Ok)));
-        // A resend of its batch is acked from the store, as it was.
-        let (reply, mut resent) = oneshot::channel();
-        core.handle(
-            Event::Submit {
-                session: id,
-                batch_id: 1,
-                inputs: vec![Bytes::from_static(b"task 0")],
-                reply,
-            },
-            1,
-        );
-        let resent = store.settle_refused(id, resent.try_recv().unwrap());
-        assert!(
-            matches!(resent, SubmitReply::Accepted { count: 20_000, .. }),
-            "{resent:?}"
-        );
-        // After a restart the finished session is not loaded again.
-        drop(core);
-        let loaded = store.load().unwrap();
-        assert!(loaded.sessions.iter().all(|s| s.id != id));
-        assert!(loaded.tasks.is_empty());
-    }
-}
+mod tests;

@@ -2,11 +2,10 @@
 //! store refuses, a close that takes effect only once durable, and what happens when the
 //! store takes writes again. A child module of `core`, kept apart to keep it small.
 
-use super::{persist_error, Core, SessionState, StoreOp};
+use super::{persist_error, CommitError, Core, ReplyId, SessionState, StoreOp};
 use flame_protocol::messages::{ClientRequest, ClientResponse};
 use flame_protocol::model::ApiError;
 use flame_protocol::SessionId;
-use tokio::sync::oneshot;
 
 impl Core {
     /// While the store is faulted, the answer to a request that needs a commit: the
@@ -38,23 +37,24 @@ impl Core {
         &mut self,
         session: SessionId,
         was_open: bool,
-        reply: oneshot::Sender<ClientResponse>,
-        error: Option<&String>,
+        reply: ReplyId,
+        error: Option<&CommitError>,
     ) {
         let Some(s) = self.sessions.get_mut(&session) else {
+            self.out.unanswered.push(reply);
             return;
         };
         s.unacked_closes = s.unacked_closes.saturating_sub(1);
         match error {
             None => {
-                let _ = reply.send(ClientResponse::Ok);
+                self.out.reply(reply, ClientResponse::Ok);
             }
             Some(e) => {
                 if was_open && s.unacked_closes == 0 && !s.finished && !s.cancelled {
                     s.stored.state = SessionState::Open;
                     s.stored.closed_ms = None;
                 }
-                let _ = reply.send(persist_error(e));
+                self.out.reply(reply, persist_error(e));
             }
         }
         self.check_finished(session);
