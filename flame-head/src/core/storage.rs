@@ -20,12 +20,12 @@ impl Core {
             | ClientRequest::DrainNode { .. }
             | ClientRequest::UndrainNode { .. } => true,
             ClientRequest::CloseSession { id } => {
-                self.sessions.get(id).is_some_and(|s| !s.ephemeral)
+                self.tasks.sessions.get(id).is_some_and(|s| !s.ephemeral)
             }
             _ => false,
         };
         if writes {
-            self.storage.refusal()
+            self.commits.storage.refusal()
         } else {
             None
         }
@@ -40,7 +40,7 @@ impl Core {
         reply: ReplyId,
         error: Option<&CommitError>,
     ) {
-        let Some(s) = self.sessions.get_mut(&session) else {
+        let Some(s) = self.tasks.sessions.get_mut(&session) else {
             self.out.unanswered.push(reply);
             return;
         };
@@ -64,22 +64,25 @@ impl Core {
     /// and every durable session and node record is written again, since changes to them
     /// may have been lost with the failed commits.
     pub(super) fn on_storage_recovered(&mut self, now_ms: u64) {
-        if !self.storage.recover(now_ms) {
+        if !self.commits.storage.recover(now_ms) {
             return;
         }
         self.write_held_results();
-        let durable = self.sessions.iter().filter(|(_, s)| !s.ephemeral);
-        self.dirty_sessions.extend(durable.map(|(id, _)| *id));
-        for n in self.nodes.values() {
-            self.batch_ops.push(StoreOp::PutNode(n.stored()));
+        let durable = self.tasks.sessions.iter().filter(|(_, s)| !s.ephemeral);
+        self.commits
+            .dirty_sessions
+            .extend(durable.map(|(id, _)| *id));
+        for n in self.cluster.nodes.values() {
+            self.commits.ops.push(StoreOp::PutNode(n.stored()));
         }
         self.reschedule = true;
     }
 
     /// Results whose commit failed go into this batch's commit.
     pub(super) fn write_held_results(&mut self) {
-        for (session, results) in std::mem::take(&mut self.finish_retry) {
-            self.batch_finish
+        for (session, results) in std::mem::take(&mut self.commits.finish_retry) {
+            self.commits
+                .finish
                 .entry(session)
                 .or_default()
                 .extend(results);

@@ -1825,14 +1825,14 @@ fn a_finished_session_leaves_memory_and_is_served_from_the_store() {
         core.answer(acked),
         Some(SubmitReply::Accepted { count: 20_000, .. })
     ));
-    let before = core.sessions.len();
+    let before = core.tasks.sessions.len();
     assert_eq!(core.held("bob").tasks, 20_000);
     let cancelled = ask(&mut core, ClientRequest::CancelSession { id });
     commit(&mut core);
     assert!(matches!(core.answer(cancelled), Some(ClientResponse::Ok)));
     // Out of memory: the session table shrank, and the owner holds nothing.
     assert!(!core.holds_session(id));
-    assert_eq!(core.sessions.len(), before - 1);
+    assert_eq!(core.tasks.sessions.len(), before - 1);
     assert!(core.held("bob").is_zero());
     // Its view, owner, tasks and results are served from the store.
     let info = store.finished_session(id).unwrap().expect("its final view");
