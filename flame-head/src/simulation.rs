@@ -2354,6 +2354,10 @@ impl World {
         if let Some(problem) = self.core.ledger_mismatch() {
             self.fail(&problem);
         }
+        // And every session's counters match its task slots.
+        if let Some(problem) = self.core.count_mismatch() {
+            self.fail(&problem);
+        }
     }
 
     /// After the drain: every finished session leaves the head's memory (durable ones at

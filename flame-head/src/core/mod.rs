@@ -594,6 +594,7 @@ impl Core {
         // wrote waits here and goes with a later batch's request once a commit is known, so
         // the store channel (that size) always has room and the core never waits on it.
         let room = self.commits.in_flight.len() < limits::HEAD_STORE_REQUESTS_MAX;
+        debug_assert!(self.commits.in_flight.len() <= limits::HEAD_STORE_REQUESTS_MAX);
         if room && (!self.commits.ops.is_empty() || !self.commits.after.is_empty()) {
             let token = self.commits.next_token;
             self.commits.next_token += 1;

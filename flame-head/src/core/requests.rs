@@ -508,6 +508,12 @@ impl Core {
             return;
         }
         let id = SessionId(self.tasks.next_session);
+        // Ids only grow, and one is never handed out twice (the counter is durable
+        // before the id reaches anyone).
+        assert!(
+            !self.tasks.sessions.contains_key(&id),
+            "session id {id} handed out twice"
+        );
         self.tasks.next_session += 1;
         let owner = spec.owner_or_default().to_string();
         let (application, job) = match spec.job {

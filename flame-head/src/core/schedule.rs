@@ -205,6 +205,12 @@ impl Core {
                     return;
                 };
                 let id = ExecutorId(self.pool.next_executor);
+                // Below the durable reservation (checked above), and new: a restarted head
+                // never hands out an id again.
+                assert!(
+                    id.0 < self.pool.ids_reserved && !self.pool.executors.contains_key(&id),
+                    "executor id {id} is not reserved or is in use"
+                );
                 self.pool.next_executor += 1;
                 self.pool.executors.insert(
                     id,
@@ -255,6 +261,13 @@ impl Core {
                     debug_assert!(false, "the planner bound an executor across owners");
                     return;
                 }
+                // Only an idle executor enters a session, and it serves one at a time.
+                debug_assert!(
+                    e.phase == ExecutorPhase::Idle && e.session.is_none(),
+                    "the planner bound executor {executor} in phase {:?} of session {:?}",
+                    e.phase,
+                    e.session
+                );
                 e.phase = ExecutorPhase::Binding;
                 e.session = Some(session);
                 self.commands

@@ -257,6 +257,27 @@ pub(super) fn held_of(s: &SessionEntry) -> Held {
 }
 
 impl SessionEntry {
+    /// How the counters differ from the slots they count, if they do: they are kept in
+    /// step as tasks move. (A finished durable session's slots are gone: nothing to
+    /// compare.)
+    pub(super) fn count_mismatch(&self) -> Option<String> {
+        if self.finished && self.tasks.is_empty() {
+            return None;
+        }
+        let mut c = TaskCounts::default();
+        for t in &self.tasks {
+            match t.slot {
+                Slot::Unacked | Slot::Rejected => {}
+                Slot::Pending => c.pending += 1,
+                Slot::Running(_) | Slot::Completing => c.running += 1,
+                Slot::Succeeded => c.succeeded += 1,
+                Slot::Failed => c.failed += 1,
+                Slot::Cancelled => c.cancelled += 1,
+            }
+        }
+        (c != self.counts).then(|| format!("counters {:?}, slots {c:?}", self.counts))
+    }
+
     /// A session as stored, with nothing in memory yet.
     pub(super) fn new(stored: StoredSession, ephemeral: bool) -> SessionEntry {
         SessionEntry {
@@ -406,6 +427,16 @@ impl Core {
         self.tasks.sessions.contains_key(&id)
     }
 
+    /// The first session whose counters disagree with its slots (tests: the simulation
+    /// checks every session after every step).
+    #[cfg(test)]
+    pub(crate) fn count_mismatch(&self) -> Option<String> {
+        self.tasks.sessions.values().find_map(|s| {
+            s.count_mismatch()
+                .map(|m| format!("session {}: {m}", s.stored.id))
+        })
+    }
+
     /// Finished sessions still in memory (tests: eviction).
     #[cfg(test)]
     pub(crate) fn finished_in_memory(&self) -> Vec<SessionId> {
@@ -465,6 +496,12 @@ impl Core {
             || s.unacked_closes > 0
         {
             return;
+        }
+        // Once per session, before its slots go: the counters it finished on are its
+        // slots'. A difference is a bug: fatal in debug builds, logged in release.
+        if let Some(mismatch) = s.count_mismatch() {
+            tracing::error!(%session, %mismatch, "a finished session's counters disagree with its tasks");
+            debug_assert!(false, "session {session}: {mismatch}");
         }
         s.finished = true;
         if let Some(job) = s.stored.job.as_mut() {
