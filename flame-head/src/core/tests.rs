@@ -97,6 +97,12 @@ impl Driver {
         source.try_recv()
     }
 
+    /// The answer to `reply` whatever its kind, if it came (taken).
+    fn reply_to(&mut self, reply: ReplyId) -> Option<Reply> {
+        self.absorb();
+        self.answers.remove(&reply)
+    }
+
     /// The answer to `reply`, if it came (taken).
     fn answer<T: TryFrom<Reply, Error = Reply>>(&mut self, reply: ReplyId) -> Option<T> {
         self.absorb();
@@ -1193,6 +1199,60 @@ fn started_job(h: &mut Harness, time_limit_ms: Option<u64>) -> (SessionId, Vec<T
     }
     assert_eq!(runs.len(), 2, "every rank starts once all are bound");
     (id, runs)
+}
+
+#[test]
+fn logs_of_a_job_not_started_are_answered_when_it_starts_under_the_same_id() {
+    let mut h = Harness::new();
+    let (id, launched) = submit_job(&mut h, None);
+    let logs = |h: &mut Harness| {
+        h.core.request(
+            Request::LogTargets {
+                session: id,
+                executor: None,
+            },
+            h.now,
+        )
+    };
+    let waiting = logs(&mut h);
+    let gone = logs(&mut h);
+    for reply in [waiting, gone] {
+        assert!(matches!(
+            h.core.reply_to(reply),
+            Some(Reply::LogTargets(Ok(LogTargets::WhenStarted)))
+        ));
+    }
+    // The second caller went away: forgotten, never answered again.
+    h.core.handle(
+        Event::CallersGone {
+            replies: vec![gone],
+        },
+        h.now,
+    );
+    for (i, &executor) in launched.iter().enumerate() {
+        h.node(NodeToHead::ExecutorEvents(vec![ExecutorEvent::Ready {
+            executor,
+            credit: 1,
+        }]));
+        h.node(NodeToHead::ExecutorEvents(vec![ExecutorEvent::Bound {
+            executor,
+            session: id,
+        }]));
+        if i == 0 {
+            assert!(
+                h.core.reply_to(waiting).is_none(),
+                "answered before it started"
+            );
+        }
+    }
+    match h.core.reply_to(waiting) {
+        Some(Reply::JobLogTargets(Ok(targets))) => {
+            assert_eq!(targets, vec![("n1".to_string(), launched.clone())]);
+        }
+        other => panic!("unexpected {other:?}"),
+    }
+    assert!(h.core.reply_to(gone).is_none());
+    assert!(h.core.unanswered.is_empty());
 }
 
 fn job_of(h: &mut Harness, id: SessionId) -> JobInfo {
