@@ -1709,9 +1709,8 @@ impl World {
 
     // --- clients ---------------------------------------------------------------------
 
-    fn client_ops(&mut self) -> VecDeque<Event> {
-        let mut out = VecDeque::new();
-        // Watchers first, so that they see everything submitted after them.
+    /// A watch request for each session whose client wants to watch it.
+    fn watch_requests(&mut self, out: &mut VecDeque<Event>) {
         let ids: Vec<SessionId> = self
             .sessions
             .values()
@@ -1739,7 +1738,10 @@ impl World {
                 request: Request::Watch { session: id },
             });
         }
-        // Batches whose reply was lost go again, with the same id.
+    }
+
+    /// Batches whose reply was lost go again, with the same id.
+    fn resend_requests(&mut self, out: &mut VecDeque<Event>) {
         let ids: Vec<SessionId> = self
             .sessions
             .values()
@@ -1769,53 +1771,10 @@ impl World {
                 self.stats.resends += 1;
             }
         }
-        if !self.chaos {
-            // Draining: close everything that is not known closed.
-            for s in self.sessions.values_mut() {
-                if s.lost || !matches!(s.view, ClientView::Open | ClientView::Unsure) {
-                    continue;
-                }
-                let reply = ReplyId(self.next_reply);
-                self.next_reply += 1;
-                s.close_reply = Some((reply, self.epoch));
-                s.view = ClientView::Closing;
-                out.push_back(Event::Request {
-                    reply,
-                    request: Request::Client(ClientRequest::CloseSession { id: s.id }),
-                });
-            }
-            return out;
-        }
-        let open: Vec<SessionId> = self
-            .sessions
-            .values()
-            .filter(|s| !s.lost && s.view == ClientView::Open)
-            .map(|s| s.id)
-            .collect();
-        if open.len() + self.creating.len() < 4 && self.rng.chance(rate::CREATE_SESSION) {
-            let ephemeral = self.rng.chance(250);
-            let app = APPS[self.rng.index(APPS.len())];
-            let watch = self.rng.chance(750);
-            let reply = self.reply_id();
-            self.creating.push(Creating {
-                reply,
-                ephemeral,
-                watch,
-            });
-            let owner = OWNERS[self.creates % OWNERS.len()];
-            self.creates += 1;
-            out.push_back(Event::Request {
-                reply,
-                request: Request::Client(ClientRequest::CreateSession(SessionSpec {
-                    application: app.into(),
-                    common_data: Bytes::from_static(b"common"),
-                    ephemeral,
-                    owner: owner.into(),
-                    priority: 0,
-                    job: None,
-                })),
-            });
-        }
+    }
+
+    /// Now and then a new batch for an open session, and a copy of one already acked.
+    fn submit_requests(&mut self, open: &[SessionId], out: &mut VecDeque<Event>) {
         if !open.is_empty() && self.rng.chance(rate::SUBMIT) {
             let id = open[self.rng.index(open.len())];
             let n = self.rng.between(1, 6);
@@ -1891,6 +1850,61 @@ impl World {
                     });
             }
         }
+    }
+
+    fn client_ops(&mut self) -> VecDeque<Event> {
+        let mut out = VecDeque::new();
+        // Watchers first, so that they see everything submitted after them.
+        self.watch_requests(&mut out);
+        self.resend_requests(&mut out);
+        if !self.chaos {
+            // Draining: close everything that is not known closed.
+            for s in self.sessions.values_mut() {
+                if s.lost || !matches!(s.view, ClientView::Open | ClientView::Unsure) {
+                    continue;
+                }
+                let reply = ReplyId(self.next_reply);
+                self.next_reply += 1;
+                s.close_reply = Some((reply, self.epoch));
+                s.view = ClientView::Closing;
+                out.push_back(Event::Request {
+                    reply,
+                    request: Request::Client(ClientRequest::CloseSession { id: s.id }),
+                });
+            }
+            return out;
+        }
+        let open: Vec<SessionId> = self
+            .sessions
+            .values()
+            .filter(|s| !s.lost && s.view == ClientView::Open)
+            .map(|s| s.id)
+            .collect();
+        if open.len() + self.creating.len() < 4 && self.rng.chance(rate::CREATE_SESSION) {
+            let ephemeral = self.rng.chance(250);
+            let app = APPS[self.rng.index(APPS.len())];
+            let watch = self.rng.chance(750);
+            let reply = self.reply_id();
+            self.creating.push(Creating {
+                reply,
+                ephemeral,
+                watch,
+            });
+            let owner = OWNERS[self.creates % OWNERS.len()];
+            self.creates += 1;
+            out.push_back(Event::Request {
+                reply,
+                request: Request::Client(ClientRequest::CreateSession(SessionSpec {
+                    application: app.into(),
+                    common_data: Bytes::from_static(b"common"),
+                    ephemeral,
+                    owner: owner.into(),
+                    priority: 0,
+                    job: None,
+                })),
+            });
+        }
+        self.submit_requests(&open, &mut out);
         let closable: Vec<SessionId> = self
             .sessions
             .values()

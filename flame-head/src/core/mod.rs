@@ -8,6 +8,14 @@
 //! where batching happens: one `Commands` frame per node, one store request per batch, one
 //! results message per session. Tests and the simulation read the same [`Outputs`].
 //!
+//! The state is in rooms, each a field of [`Core`] with its own file for the code that
+//! works in it: `tasks` (sessions, task slots, the quota ledger), `pool` (executors and
+//! their ids), `cluster` (nodes and their connections), `commits` (store requests and
+//! what waits on them), `jobs` (batch jobs). By event: client requests in `requests`,
+//! node messages in `cluster`, commits in `commits`, ticks and the end of a batch here,
+//! the scheduler's decisions in `schedule`, a restart's recovery in `recovery`, storage
+//! faults in `storage`.
+//!
 //! Invariants:
 //! * a task id is acked to a client only after its batch is durable (or at once for an
 //!   ephemeral session);
