@@ -157,7 +157,6 @@ async fn run(mut args: config::Args) -> anyhow::Result<()> {
     let tokens = auth::TokenBook::new(store.load_tokens()?, job_credentials.clone());
     let certs = certs::CertBook::new(store.load_certs()?);
 
-    let (store_tx, store_rx) = tokio::sync::mpsc::unbounded_channel();
     // At most 600 s (config::HEARTBEAT_TIMEOUT_MAX), so it fits.
     let heartbeat_timeout_ms = config.heartbeat_timeout.as_millis() as u64;
     let mut core = core::Core::new(
@@ -174,7 +173,6 @@ async fn run(mut args: config::Args) -> anyhow::Result<()> {
             groups: config.groups.clone(),
             ..Default::default()
         },
-        store_tx,
         loaded,
     );
     core.ensure_application(ping_application());
@@ -182,9 +180,8 @@ async fn run(mut args: config::Args) -> anyhow::Result<()> {
     // Nodes that knew the previous head get a heartbeat timeout to come back and report
     // the tasks they still run before anything is dispatched again.
     core.start_recovery(server::now_ms(), heartbeat_timeout_ms);
-    let (events, core_task) =
-        server::start_core(core, store.clone(), store_rx, config.low_space_bytes)
-            .context("cannot start the store writer")?;
+    let (events, core_task) = server::start_core(core, store.clone(), config.low_space_bytes)
+        .context("cannot start the store writer")?;
 
     let endpoint = flame_protocol::endpoint::server(
         config.listen,

@@ -58,7 +58,11 @@
 //!   that path: after a change to this file or to the core a pinned seed may walk elsewhere,
 //!   so name the bug next to it and keep a focused unit test for it in `core::tests` too.
 
-use crate::core::{Backfill, ConnId, Core, CoreConfig, Event, WatchMsg, WatchStart};
+use crate::core::{
+    Backfill, ConnId, Core, CoreConfig, Event, LinkOutput, Reply, ReplyId, Request, WatchMsg,
+    WatchStart,
+};
+use crate::storage_fault::CommitError;
 use crate::store::{Store, StoreRequest};
 use bytes::Bytes;
 use flame_protocol::limits;
@@ -71,9 +75,10 @@ use flame_protocol::model::{
     TaskOutcome, TaskResult, TaskState,
 };
 use flame_protocol::{ExecutorId, SessionId, TaskId};
-use std::collections::{BTreeMap, BTreeSet, HashSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::fmt::Write as _;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
+use tokio::sync::oneshot::error::TryRecvError;
 
 /// Seeds the default run covers.
 pub const SEEDS: u64 = 200;
@@ -299,16 +304,20 @@ fn describe_command(c: &NodeCommand) -> String {
 
 fn describe(event: &Event) -> String {
     match event {
-        Event::Client { request, .. } => format!("client {request:?}"),
-        Event::Submit {
-            session,
-            batch_id,
-            inputs,
-            ..
-        } => format!("submit s{} batch {batch_id} n={}", session.0, inputs.len()),
-        Event::Watch { session, .. } => format!("watch s{}", session.0),
-        Event::ExecTarget { job, node, .. } => format!("exec target s{} on {node}", job.0),
-        Event::SessionOwner { session, .. } => format!("owner of s{}", session.0),
+        Event::Request { request, .. } => match request {
+            Request::Client(request) => format!("client {request:?}"),
+            Request::Submit {
+                session,
+                batch_id,
+                inputs,
+            } => format!("submit s{} batch {batch_id} n={}", session.0, inputs.len()),
+            Request::Watch { session } => format!("watch s{}", session.0),
+            Request::ExecTarget { job, node } => format!("exec target s{} on {node}", job.0),
+            Request::SessionOwner { session } => format!("owner of s{}", session.0),
+            Request::ListTasks { session, .. } => format!("list tasks s{}", session.0),
+            Request::LogTargets { session, .. } => format!("log targets s{}", session.0),
+        },
+        Event::CallersGone { replies } => format!("callers gone {replies:?}"),
         Event::NodeConnected {
             conn, registration, ..
         } => {
@@ -358,8 +367,6 @@ fn describe(event: &Event) -> String {
             "committed {tokens:?} {}",
             if result.is_ok() { "ok" } else { "FAILED" }
         ),
-        Event::ListTasks { session, .. } => format!("list tasks s{}", session.0),
-        Event::LogTargets { session, .. } => format!("log targets s{}", session.0),
         Event::Tick => "tick".into(),
         Event::Stalled { stalled_ms } => format!("head stalled {stalled_ms} ms"),
         Event::StorageFaulted { fault } => format!("storage faulted: {:?}", fault.kind),
@@ -427,7 +434,10 @@ enum Report {
 #[derive(Debug)]
 struct NodeLink {
     conn: ConnId,
-    rx: mpsc::UnboundedReceiver<HeadToNode>,
+    /// Frames from the head, in order, not read yet.
+    inbox: VecDeque<HeadToNode>,
+    /// The head let go of this connection: once `inbox` is read, it is closed.
+    closed_by_head: bool,
     registered: bool,
     /// Reports handed to this connection's writer, not yet on the wire; lost with it.
     outbox: VecDeque<Report>,
@@ -822,7 +832,7 @@ enum ClientView {
 struct Batch {
     id: u64,
     inputs: Vec<Bytes>,
-    reply: Option<oneshot::Receiver<SubmitReply>>,
+    reply: Option<ReplyId>,
     epoch: u64,
     /// Its reply was lost once: its tasks may exist without the client knowing their ids.
     maybe: bool,
@@ -830,7 +840,7 @@ struct Batch {
 
 #[derive(Debug)]
 struct Watcher {
-    start: Option<oneshot::Receiver<Result<WatchStart, ApiError>>>,
+    start: Option<ReplyId>,
     live: crate::watch::WatchSource,
     from_start: bool,
     /// Tasks of the backfill: live duplicates of them are dropped, as `server::watch_stream`
@@ -847,7 +857,7 @@ struct SimSession {
     id: SessionId,
     ephemeral: bool,
     view: ClientView,
-    close_reply: Option<(oneshot::Receiver<ClientResponse>, u64)>,
+    close_reply: Option<(ReplyId, u64)>,
     cancel_sent: bool,
     /// The head answered Ok to a close or cancel.
     closed_acked: bool,
@@ -881,7 +891,7 @@ impl SimSession {
 
 #[derive(Debug)]
 struct Creating {
-    reply: oneshot::Receiver<ClientResponse>,
+    reply: ReplyId,
     ephemeral: bool,
     watch: bool,
 }
@@ -940,7 +950,17 @@ struct World {
     dir: tempfile::TempDir,
     store: Option<Store>,
     core: Core,
-    store_rx: mpsc::UnboundedReceiver<StoreRequest>,
+    /// Answers the core gave, by id, until a client reads them (the server's `Router`).
+    answers: HashMap<ReplyId, Reply>,
+    /// Requests the core said it will not answer.
+    unanswered: HashSet<ReplyId>,
+    next_reply: u64,
+    /// The first reply id of this head's life: earlier ones not answered are lost with it.
+    epoch_first_reply: u64,
+    /// Watch queues waiting on their answer, by its id.
+    sinks: HashMap<ReplyId, (SessionId, crate::watch::WatchSink)>,
+    /// The watchers attached, per session, as the server holds them.
+    watchers: crate::watch::Watchers,
     /// Requests the writer has not committed yet (FIFO), lost with the head.
     writer_queue: VecDeque<StoreRequest>,
     /// What the writer reported (commits done, storage faults and recoveries) that has
@@ -979,15 +999,14 @@ struct World {
 }
 
 /// Builds a core from the store's contents, as `flame-head`'s `main` does.
-fn boot(store: &Store, now: u64) -> (Core, mpsc::UnboundedReceiver<StoreRequest>) {
+fn boot(store: &Store, now: u64) -> Core {
     let loaded = store.load().expect("the store loads");
-    let (store_tx, store_rx) = mpsc::unbounded_channel();
-    let mut core = Core::new(CoreConfig::default(), store_tx, loaded);
+    let mut core = Core::new(CoreConfig::default(), loaded);
     for spec in applications() {
         core.ensure_application(spec);
     }
     core.start_recovery(now, HEARTBEAT_TIMEOUT_MS);
-    (core, store_rx)
+    core
 }
 
 fn temp_dir() -> tempfile::TempDir {
@@ -1013,7 +1032,7 @@ impl World {
         let dir = temp_dir();
         let store = Store::open(dir.path()).expect("the store opens");
         let now = 1_000_000;
-        let (core, store_rx) = boot(&store, now);
+        let core = boot(&store, now);
         let nodes = (0..rng.between(2, 4))
             .map(|i| SimNode {
                 name: format!("node-{i}"),
@@ -1036,7 +1055,12 @@ impl World {
             dir,
             store: Some(store),
             core,
-            store_rx,
+            answers: HashMap::new(),
+            unanswered: HashSet::new(),
+            next_reply: 1,
+            epoch_first_reply: 1,
+            sinks: HashMap::new(),
+            watchers: Default::default(),
             writer_queue: VecDeque::new(),
             writer_done: VecDeque::new(),
             fault_until_ms: None,
@@ -1062,7 +1086,7 @@ impl World {
         };
         world.core.handle(Event::Tick, now);
         world.core.end_batch(now);
-        world.drain_store_requests();
+        world.route_outputs();
         world
     }
 
@@ -1099,9 +1123,61 @@ impl World {
         }
     }
 
-    fn drain_store_requests(&mut self) {
-        while let Ok(req) = self.store_rx.try_recv() {
-            self.writer_queue.push_back(req);
+    /// Routes what the core produced, as the server's `Router` does: answers kept for
+    /// the clients (a watcher attached with its answer), watch messages to the watchers,
+    /// frames to the node connection they are for, store requests to the writer.
+    fn route_outputs(&mut self) {
+        let out = self.core.take_outputs();
+        for (id, reply) in out.replies {
+            if let Some((session, sink)) = self.sinks.remove(&id) {
+                if matches!(&reply, Reply::Watch(Ok(start)) if !start.finished) {
+                    self.watchers.attach(session, sink);
+                }
+            }
+            self.answers.insert(id, reply);
+        }
+        self.unanswered.extend(out.unanswered);
+        for (session, msg) in out.watch {
+            self.watchers.route(session, msg);
+        }
+        for (conn, output) in out.links {
+            let link = self
+                .nodes
+                .iter_mut()
+                .filter_map(|n| n.link.as_mut())
+                .find(|l| l.conn == conn);
+            // A connection the node dropped takes nothing more.
+            let Some(link) = link else { continue };
+            match output {
+                LinkOutput::Send(frame) => link.inbox.push_back(frame),
+                LinkOutput::Close => link.closed_by_head = true,
+            }
+        }
+        self.writer_queue.extend(out.store);
+    }
+
+    /// A fresh reply id.
+    fn reply_id(&mut self) -> ReplyId {
+        self.next_reply += 1;
+        ReplyId(self.next_reply - 1)
+    }
+
+    /// The answer to `id` as a client's receiver would see it: there, not yet, or never
+    /// (the core said so, or the head that had it restarted).
+    fn try_answer<T: TryFrom<Reply, Error = Reply>>(
+        &mut self,
+        id: ReplyId,
+    ) -> Result<T, TryRecvError> {
+        if let Some(reply) = self.answers.remove(&id) {
+            return match T::try_from(reply) {
+                Ok(answer) => Ok(answer),
+                Err(other) => self.fail(&format!("an answer of another kind: {other:?}")),
+            };
+        }
+        if self.unanswered.remove(&id) || id.0 < self.epoch_first_reply {
+            Err(TryRecvError::Closed)
+        } else {
+            Err(TryRecvError::Empty)
         }
     }
 
@@ -1184,7 +1260,7 @@ impl World {
         }
         self.core.end_batch(self.now);
         self.check_ledger();
-        self.drain_store_requests();
+        self.route_outputs();
         self.poll_clients();
         self.check_sessions();
         self.check_owners();
@@ -1421,13 +1497,15 @@ impl World {
         // Reopen the file and rebuild the core from it, as a new process would.
         self.store = None;
         let store = Store::open(self.dir.path()).expect("the store reopens");
-        let (core, store_rx) = boot(&store, now);
+        self.core = boot(&store, now);
         self.store = Some(store);
-        self.core = core;
-        self.store_rx = store_rx;
+        // The server goes with the head: its answers not given, its watchers.
+        self.epoch_first_reply = self.next_reply;
+        self.sinks.clear();
+        self.watchers = Default::default();
         self.core.handle(Event::Tick, now);
         self.core.end_batch(now);
-        self.drain_store_requests();
+        self.route_outputs();
     }
 
     // --- the store writer ------------------------------------------------------------
@@ -1465,14 +1543,19 @@ impl World {
                     detail: "injected: no space left on device".into(),
                     data_dir: self.dir.path().to_path_buf(),
                 };
-                let message = fault.message();
                 if !std::mem::replace(&mut self.fault_reported, true) {
-                    self.writer_done.push_back(Event::StorageFaulted { fault });
+                    self.writer_done.push_back(Event::StorageFaulted {
+                        fault: fault.clone(),
+                    });
                 }
-                Err(message)
+                Err(CommitError::Faulted(fault))
             } else if self.chaos && self.rng.chance(rate::COMMIT_FAILURE) {
                 self.stats.commit_failures += 1;
-                Err("injected: no space left on device".to_string())
+                Err(CommitError::Faulted(crate::storage_fault::StorageFault {
+                    kind: crate::storage_fault::FaultKind::DiskFull,
+                    detail: "injected: no space left on device".into(),
+                    data_dir: self.dir.path().to_path_buf(),
+                }))
             } else {
                 match self.store().commit(&ops) {
                     Ok(()) => Ok(()),
@@ -1531,16 +1614,15 @@ impl World {
             if now >= node.reconnect_at && now >= node.silent_until {
                 let conn = *next_conn;
                 *next_conn += 1;
-                let (tx, rx) = mpsc::unbounded_channel();
                 out.push_back(Event::NodeConnected {
                     address: "127.0.0.1".into(),
                     conn,
                     registration: node.registration(),
-                    link: tx,
                 });
                 node.link = Some(NodeLink {
                     conn,
-                    rx,
+                    inbox: VecDeque::new(),
+                    closed_by_head: false,
                     registered: false,
                     outbox: VecDeque::new(),
                     last_heartbeat_ms: now,
@@ -1576,27 +1658,23 @@ impl World {
         let mut closed = false;
         let mut commands = Vec::new();
         if let Some(link) = node.link.as_mut() {
-            loop {
-                match link.rx.try_recv() {
-                    Ok(HeadToNode::Registered { .. }) => {
+            while let Some(frame) = link.inbox.pop_front() {
+                match frame {
+                    HeadToNode::Registered { .. } => {
                         link.registered = true;
                         link.last_heard_ms = now;
                     }
-                    Ok(HeadToNode::Commands(c)) => {
+                    HeadToNode::Commands(c) => {
                         link.last_heard_ms = now;
                         commands.extend(c);
                     }
-                    Ok(HeadToNode::Heartbeat) => link.last_heard_ms = now,
-                    Ok(HeadToNode::Refused { reason }) => ctx
+                    HeadToNode::Heartbeat => link.last_heard_ms = now,
+                    HeadToNode::Refused { reason } => ctx
                         .violations
                         .push(format!("{} was refused: {reason}", node.name)),
-                    Err(mpsc::error::TryRecvError::Empty) => break,
-                    Err(mpsc::error::TryRecvError::Disconnected) => {
-                        closed = true;
-                        break;
-                    }
                 }
             }
+            closed = link.closed_by_head;
         }
         for c in commands {
             node.apply(&mut ctx, c);
@@ -1631,9 +1709,8 @@ impl World {
 
     // --- clients ---------------------------------------------------------------------
 
-    fn client_ops(&mut self) -> VecDeque<Event> {
-        let mut out = VecDeque::new();
-        // Watchers first, so that they see everything submitted after them.
+    /// A watch request for each session whose client wants to watch it.
+    fn watch_requests(&mut self, out: &mut VecDeque<Event>) {
         let ids: Vec<SessionId> = self
             .sessions
             .values()
@@ -1642,12 +1719,13 @@ impl World {
             .collect();
         for id in ids {
             let (sink, live) = crate::watch::watch_queue();
-            let (reply, start) = oneshot::channel();
+            let reply = self.reply_id();
+            self.sinks.insert(reply, (id, sink));
             let s = self.sessions.get_mut(&id).expect("a session");
             let from_start = s.watcher.is_none() && !s.restarted;
             s.wants_watch = false;
             s.watcher = Some(Watcher {
-                start: Some(start),
+                start: Some(reply),
                 live,
                 from_start,
                 backfilled: HashSet::new(),
@@ -1655,13 +1733,15 @@ impl World {
                 finished: false,
                 dead: false,
             });
-            out.push_back(Event::Watch {
-                session: id,
-                sink,
+            out.push_back(Event::Request {
                 reply,
+                request: Request::Watch { session: id },
             });
         }
-        // Batches whose reply was lost go again, with the same id.
+    }
+
+    /// Batches whose reply was lost go again, with the same id.
+    fn resend_requests(&mut self, out: &mut VecDeque<Event>) {
         let ids: Vec<SessionId> = self
             .sessions
             .values()
@@ -1674,66 +1754,27 @@ impl World {
             }
             let epoch = self.epoch;
             let s = self.sessions.get_mut(&id).expect("a session");
-            for mut b in s.resend.drain(..) {
-                let (reply, rx) = oneshot::channel();
-                b.reply = Some(rx);
+            for mut b in std::mem::take(&mut s.resend) {
+                let reply = ReplyId(self.next_reply);
+                self.next_reply += 1;
+                b.reply = Some(reply);
                 b.epoch = epoch;
-                out.push_back(Event::Submit {
-                    session: id,
-                    batch_id: b.id,
-                    inputs: b.inputs.clone(),
+                out.push_back(Event::Request {
                     reply,
+                    request: Request::Submit {
+                        session: id,
+                        batch_id: b.id,
+                        inputs: b.inputs.clone(),
+                    },
                 });
                 s.in_flight.push(b);
                 self.stats.resends += 1;
             }
         }
-        if !self.chaos {
-            // Draining: close everything that is not known closed.
-            for s in self.sessions.values_mut() {
-                if s.lost || !matches!(s.view, ClientView::Open | ClientView::Unsure) {
-                    continue;
-                }
-                let (reply, rx) = oneshot::channel();
-                s.close_reply = Some((rx, self.epoch));
-                s.view = ClientView::Closing;
-                out.push_back(Event::Client {
-                    request: ClientRequest::CloseSession { id: s.id },
-                    reply,
-                });
-            }
-            return out;
-        }
-        let open: Vec<SessionId> = self
-            .sessions
-            .values()
-            .filter(|s| !s.lost && s.view == ClientView::Open)
-            .map(|s| s.id)
-            .collect();
-        if open.len() + self.creating.len() < 4 && self.rng.chance(rate::CREATE_SESSION) {
-            let ephemeral = self.rng.chance(250);
-            let app = APPS[self.rng.index(APPS.len())];
-            let watch = self.rng.chance(750);
-            let (reply, rx) = oneshot::channel();
-            self.creating.push(Creating {
-                reply: rx,
-                ephemeral,
-                watch,
-            });
-            let owner = OWNERS[self.creates % OWNERS.len()];
-            self.creates += 1;
-            out.push_back(Event::Client {
-                request: ClientRequest::CreateSession(SessionSpec {
-                    application: app.into(),
-                    common_data: Bytes::from_static(b"common"),
-                    ephemeral,
-                    owner: owner.into(),
-                    priority: 0,
-                    job: None,
-                }),
-                reply,
-            });
-        }
+    }
+
+    /// Now and then a new batch for an open session, and a copy of one already acked.
+    fn submit_requests(&mut self, open: &[SessionId], out: &mut VecDeque<Event>) {
         if !open.is_empty() && self.rng.chance(rate::SUBMIT) {
             let id = open[self.rng.index(open.len())];
             let n = self.rng.between(1, 6);
@@ -1752,12 +1793,14 @@ impl World {
             }
             let batch_id = self.next_batch;
             self.next_batch += 1;
-            let (reply, rx) = oneshot::channel();
-            out.push_back(Event::Submit {
-                session: id,
-                batch_id,
-                inputs: inputs.clone(),
+            let reply = self.reply_id();
+            out.push_back(Event::Request {
                 reply,
+                request: Request::Submit {
+                    session: id,
+                    batch_id,
+                    inputs: inputs.clone(),
+                },
             });
             let epoch = self.epoch;
             self.sessions
@@ -1767,7 +1810,7 @@ impl World {
                 .push(Batch {
                     id: batch_id,
                     inputs,
-                    reply: Some(rx),
+                    reply: Some(reply),
                     epoch,
                     maybe: false,
                 });
@@ -1784,12 +1827,14 @@ impl World {
                 let inputs: Vec<Bytes> = (0..u64::from(count))
                     .map(|k| s.acked[&TaskId(first.0 + k)].clone())
                     .collect();
-                let (reply, rx) = oneshot::channel();
-                out.push_back(Event::Submit {
-                    session: id,
-                    batch_id,
-                    inputs: inputs.clone(),
+                let reply = self.reply_id();
+                out.push_back(Event::Request {
                     reply,
+                    request: Request::Submit {
+                        session: id,
+                        batch_id,
+                        inputs: inputs.clone(),
+                    },
                 });
                 let epoch = self.epoch;
                 self.sessions
@@ -1799,12 +1844,67 @@ impl World {
                     .push(Batch {
                         id: batch_id,
                         inputs,
-                        reply: Some(rx),
+                        reply: Some(reply),
                         epoch,
                         maybe: false,
                     });
             }
         }
+    }
+
+    fn client_ops(&mut self) -> VecDeque<Event> {
+        let mut out = VecDeque::new();
+        // Watchers first, so that they see everything submitted after them.
+        self.watch_requests(&mut out);
+        self.resend_requests(&mut out);
+        if !self.chaos {
+            // Draining: close everything that is not known closed.
+            for s in self.sessions.values_mut() {
+                if s.lost || !matches!(s.view, ClientView::Open | ClientView::Unsure) {
+                    continue;
+                }
+                let reply = ReplyId(self.next_reply);
+                self.next_reply += 1;
+                s.close_reply = Some((reply, self.epoch));
+                s.view = ClientView::Closing;
+                out.push_back(Event::Request {
+                    reply,
+                    request: Request::Client(ClientRequest::CloseSession { id: s.id }),
+                });
+            }
+            return out;
+        }
+        let open: Vec<SessionId> = self
+            .sessions
+            .values()
+            .filter(|s| !s.lost && s.view == ClientView::Open)
+            .map(|s| s.id)
+            .collect();
+        if open.len() + self.creating.len() < 4 && self.rng.chance(rate::CREATE_SESSION) {
+            let ephemeral = self.rng.chance(250);
+            let app = APPS[self.rng.index(APPS.len())];
+            let watch = self.rng.chance(750);
+            let reply = self.reply_id();
+            self.creating.push(Creating {
+                reply,
+                ephemeral,
+                watch,
+            });
+            let owner = OWNERS[self.creates % OWNERS.len()];
+            self.creates += 1;
+            out.push_back(Event::Request {
+                reply,
+                request: Request::Client(ClientRequest::CreateSession(SessionSpec {
+                    application: app.into(),
+                    common_data: Bytes::from_static(b"common"),
+                    ephemeral,
+                    owner: owner.into(),
+                    priority: 0,
+                    job: None,
+                })),
+            });
+        }
+        self.submit_requests(&open, &mut out);
         let closable: Vec<SessionId> = self
             .sessions
             .values()
@@ -1813,13 +1913,13 @@ impl World {
             .collect();
         if !closable.is_empty() && self.rng.chance(rate::CLOSE_SESSION) {
             let id = closable[self.rng.index(closable.len())];
-            let (reply, rx) = oneshot::channel();
+            let reply = self.reply_id();
             let s = self.sessions.get_mut(&id).expect("a session");
-            s.close_reply = Some((rx, self.epoch));
+            s.close_reply = Some((reply, self.epoch));
             s.view = ClientView::Closing;
-            out.push_back(Event::Client {
-                request: ClientRequest::CloseSession { id },
+            out.push_back(Event::Request {
                 reply,
+                request: Request::Client(ClientRequest::CloseSession { id }),
             });
         }
         let cancellable: Vec<SessionId> = self
@@ -1830,14 +1930,14 @@ impl World {
             .collect();
         if !cancellable.is_empty() && self.rng.chance(rate::CANCEL_SESSION) {
             let id = cancellable[self.rng.index(cancellable.len())];
-            let (reply, rx) = oneshot::channel();
+            let reply = self.reply_id();
             let s = self.sessions.get_mut(&id).expect("a session");
-            s.close_reply = Some((rx, self.epoch));
+            s.close_reply = Some((reply, self.epoch));
             s.view = ClientView::Closing;
             s.cancel_sent = true;
-            out.push_back(Event::Client {
-                request: ClientRequest::CancelSession { id },
+            out.push_back(Event::Request {
                 reply,
+                request: Request::Client(ClientRequest::CancelSession { id }),
             });
         }
         out
@@ -1847,14 +1947,14 @@ impl World {
         let epoch = self.epoch;
         // Session creations.
         let mut still = Vec::new();
-        for mut c in std::mem::take(&mut self.creating) {
-            match c.reply.try_recv() {
+        for c in std::mem::take(&mut self.creating) {
+            match self.try_answer(c.reply) {
                 Ok(ClientResponse::Session(info)) => self.add_session(&info, c.ephemeral, c.watch),
                 Ok(ClientResponse::Error(_)) => {}
                 Ok(other) => self.fail(&format!("CreateSession answered {other:?}")),
-                Err(oneshot::error::TryRecvError::Empty) => still.push(c),
+                Err(TryRecvError::Empty) => still.push(c),
                 // Lost with a head restart; the session may exist unknown to anyone.
-                Err(oneshot::error::TryRecvError::Closed) => {}
+                Err(TryRecvError::Closed) => {}
             }
         }
         self.creating = still;
@@ -1906,11 +2006,11 @@ impl World {
         // Submit replies.
         let mut keep = Vec::new();
         for mut b in std::mem::take(&mut s.in_flight) {
-            let Some(rx) = b.reply.as_mut() else {
+            let Some(rx) = b.reply else {
                 continue;
             };
             // As the server does: a refused resend of a batch the store has is acked.
-            match rx.try_recv().map(|r| store.settle_refused(id, r)) {
+            match self.try_answer(rx).map(|r| store.settle_refused(id, r)) {
                 Ok(SubmitReply::Accepted {
                     batch_id,
                     first_task,
@@ -1954,8 +2054,8 @@ impl World {
                     self.stats.rejected_batches += 1;
                     s.rejected.extend(b.inputs.iter().cloned());
                 }
-                Err(oneshot::error::TryRecvError::Empty) => keep.push(b),
-                Err(oneshot::error::TryRecvError::Closed) => {
+                Err(TryRecvError::Empty) => keep.push(b),
+                Err(TryRecvError::Closed) => {
                     if b.epoch == epoch {
                         problems.push(format!(
                             "the reply to batch {} was dropped without a head restart",
@@ -1970,16 +2070,16 @@ impl World {
         }
         s.in_flight = keep;
         // Close and cancel replies.
-        if let Some((mut rx, sent_in)) = s.close_reply.take() {
-            match rx.try_recv() {
+        if let Some((rx, sent_in)) = s.close_reply.take() {
+            match self.try_answer(rx) {
                 Ok(ClientResponse::Ok) => {
                     s.view = ClientView::Closed;
                     s.closed_acked = true;
                 }
                 Ok(ClientResponse::Error(_)) => s.view = ClientView::Unsure,
                 Ok(other) => problems.push(format!("close answered {other:?}")),
-                Err(oneshot::error::TryRecvError::Empty) => s.close_reply = Some((rx, sent_in)),
-                Err(oneshot::error::TryRecvError::Closed) => {
+                Err(TryRecvError::Empty) => s.close_reply = Some((rx, sent_in)),
+                Err(TryRecvError::Closed) => {
                     if sent_in == epoch {
                         problems.push("a close reply was dropped without a restart".into());
                     }
@@ -2001,8 +2101,8 @@ impl World {
     }
 
     fn poll_watcher(&mut self, s: &mut SimSession, w: &mut Watcher, problems: &mut Vec<String>) {
-        if let Some(mut start) = w.start.take() {
-            match start.try_recv() {
+        if let Some(start) = w.start.take() {
+            match self.try_answer::<Result<WatchStart, ApiError>>(start) {
                 Ok(Ok(ws)) => {
                     let backfill = match ws.backfill {
                         Backfill::Memory(v) => v,
@@ -2211,25 +2311,28 @@ impl World {
     // --- properties ------------------------------------------------------------------
 
     fn ask(&mut self, request: ClientRequest) -> ClientResponse {
-        let (reply, mut rx) = oneshot::channel();
-        self.core.handle(Event::Client { request, reply }, self.now);
-        rx.try_recv()
+        let reply = self.reply_id();
+        let request = Request::Client(request);
+        self.core
+            .handle(Event::Request { reply, request }, self.now);
+        self.route_outputs();
+        self.try_answer(reply)
             .expect("a read-only request is answered at once")
     }
 
     fn list_tasks(&mut self, session: SessionId) -> Result<Option<Vec<TaskInfo>>, ApiError> {
-        let (reply, mut rx) = oneshot::channel();
-        self.core.handle(
-            Event::ListTasks {
-                session,
-                states: Vec::new(),
-                after: TaskId(0),
-                limit: u32::MAX,
-                reply,
-            },
-            self.now,
-        );
-        rx.try_recv().expect("ListTasks is answered at once")
+        let reply = self.reply_id();
+        let request = Request::ListTasks {
+            session,
+            states: Vec::new(),
+            after: TaskId(0),
+            limit: u32::MAX,
+        };
+        self.core
+            .handle(Event::Request { reply, request }, self.now);
+        self.route_outputs();
+        self.try_answer(reply)
+            .expect("ListTasks is answered at once")
     }
 
     /// A session's view as the server serves it: from the core, or from the store once
@@ -2263,6 +2366,10 @@ impl World {
     /// The core's quota ledger must always equal what its sessions hold.
     fn check_ledger(&mut self) {
         if let Some(problem) = self.core.ledger_mismatch() {
+            self.fail(&problem);
+        }
+        // And every session's counters match its task slots.
+        if let Some(problem) = self.core.count_mismatch() {
             self.fail(&problem);
         }
     }

@@ -150,6 +150,22 @@ pub fn next_backoff_ms(current_ms: u64) -> u64 {
         .clamp(PROBE_BACKOFF_MIN_MS, PROBE_BACKOFF_MAX_MS)
 }
 
+/// Why a group commit did not become durable, as the store writer reports it to the core.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CommitError {
+    /// The store is faulted: this commit failed, or an earlier one did and the store takes
+    /// no writes until a probe succeeds.
+    #[error("{}", .0.message())]
+    Faulted(StorageFault),
+    /// The store writer has stopped (the head is shutting down).
+    #[error("the store writer has stopped")]
+    WriterStopped,
+    /// The transaction was abandoned before anything reached the disk (a record could not
+    /// be encoded): this commit fails, and the store is not faulted.
+    #[error("{0}")]
+    Refused(String),
+}
+
 /// The free space of the head's data directory, as last measured.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct DiskSpace {

@@ -812,7 +812,7 @@ pub enum WriterEvent {
     /// A group commit ended: the tokens it covered and its outcome.
     Committed {
         tokens: Vec<u64>,
-        result: Result<(), String>,
+        result: Result<(), crate::storage_fault::CommitError>,
     },
     /// A commit or a probe failed: the store takes no writes until a probe succeeds. Sent
     /// when the fault starts and when its kind changes, before the failed commit's
@@ -831,7 +831,7 @@ pub enum WriterEvent {
 /// doubling to [`crate::storage_fault::PROBE_BACKOFF_MAX_MS`], until one succeeds.
 pub fn spawn_writer(
     store: Store,
-    requests: tokio::sync::mpsc::UnboundedReceiver<StoreRequest>,
+    requests: tokio::sync::mpsc::Receiver<StoreRequest>,
     report: impl Fn(WriterEvent) + Send + 'static,
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
     // Only for the probe's timer while a fault lasts.
@@ -845,7 +845,7 @@ pub fn spawn_writer(
 
 fn writer_loop(
     store: &Store,
-    mut requests: tokio::sync::mpsc::UnboundedReceiver<StoreRequest>,
+    mut requests: tokio::sync::mpsc::Receiver<StoreRequest>,
     timer: &tokio::runtime::Runtime,
     report: &dyn Fn(WriterEvent),
 ) {
@@ -914,7 +914,7 @@ fn writer_loop(
         if let Some(f) = &fault {
             report(WriterEvent::Committed {
                 tokens,
-                result: Err(f.message()),
+                result: Err(crate::storage_fault::CommitError::Faulted(f.clone())),
             });
             continue;
         }
@@ -924,7 +924,7 @@ fn writer_loop(
             // this commit fails, and the store is not faulted.
             Err(e @ StoreError::Encode { .. }) => {
                 tracing::error!(error = %e, ops = ops.len(), "group commit refused");
-                Err(e.to_string())
+                Err(crate::storage_fault::CommitError::Refused(e.to_string()))
             }
             Err(e) => {
                 let f = classify_now(store, &e);
@@ -933,9 +933,8 @@ fn writer_loop(
                 backoff_ms = PROBE_BACKOFF_MIN_MS;
                 next_probe =
                     std::time::Instant::now() + std::time::Duration::from_millis(backoff_ms);
-                let message = f.message();
-                fault = Some(f);
-                Err(message)
+                fault = Some(f.clone());
+                Err(crate::storage_fault::CommitError::Faulted(f))
             }
         };
         report(WriterEvent::Committed { tokens, result });

@@ -1,27 +1,30 @@
-//! The bounded queue between the core and one watch stream.
+//! The bounded queues between the core and the watch streams.
 //!
-//! The core pushes a session's results to its watchers as they become final; the watch
-//! stream writes them to its client as fast as the client reads. A client that stops
-//! reading must not make the core queue without end, so each watcher's queue is bounded in
-//! messages and in bytes. The core never waits on it: a push that does not fit drops the
-//! watcher ([`WatchSink::offer`] says so), the stream then ends its queue without
+//! The core says which results of a session became final (`Outputs::watch`); the server
+//! holds each session's watchers ([`Watchers`]) and offers them each message, and each
+//! watch stream writes them to its client as fast as the client reads. A client that
+//! stops reading must not make the head queue without end, so each watcher's queue is
+//! bounded in messages and in bytes. Nothing waits on it: a push that does not fit drops
+//! the watcher ([`WatchSink::offer`] says so), the stream then ends its queue without
 //! `Finished`, and the server tells the client `WatchEvent::Lagged`. The client watches
 //! again and gets everything from the store (see `flame_client::ResultStream`).
 
 use crate::core::WatchMsg;
 use flame_protocol::model::{TaskOutcome, TaskResult};
+use flame_protocol::SessionId;
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use tokio::sync::mpsc;
 
-/// Messages queued for one watcher before it counts as lagging. The core sends one per
+/// Messages queued for one watcher before it counts as lagging. The head sends one per
 /// batch of events that finalized results of the session.
 pub const WATCH_QUEUE_MESSAGES_MAX: usize = 64;
 /// Bytes of results (outputs and messages) queued for one watcher before it counts as
 /// lagging; a single message larger than this still goes through an empty queue.
 pub const WATCH_QUEUE_BYTES_MAX: usize = 1024 * 1024;
 
-/// The core's end of a watcher's queue.
+/// The head's end of a watcher's queue.
 #[derive(Debug, Clone)]
 pub struct WatchSink {
     tx: mpsc::Sender<WatchMsg>,
@@ -84,8 +87,41 @@ impl WatchSink {
     }
 }
 
+/// Each session's watchers, as the server holds them for the core: attached with their
+/// watch answer, sent the session's messages in order, let go after `Finished`.
+#[derive(Debug, Default)]
+pub struct Watchers {
+    by_session: HashMap<SessionId, Vec<WatchSink>>,
+}
+
+impl Watchers {
+    /// `sink` gets `session`'s messages from now on.
+    pub fn attach(&mut self, session: SessionId, sink: WatchSink) {
+        self.by_session.entry(session).or_default().push(sink);
+    }
+
+    /// Offers `msg` to `session`'s watchers; a watcher that cannot take it lags and is
+    /// dropped. After `Finished` the session has none left.
+    pub fn route(&mut self, session: SessionId, msg: WatchMsg) {
+        match msg {
+            WatchMsg::Results(results) => {
+                let Some(sinks) = self.by_session.get_mut(&session) else {
+                    return;
+                };
+                sinks.retain(|w| w.offer(WatchMsg::Results(results.clone())));
+            }
+            WatchMsg::Finished => {
+                for w in self.by_session.remove(&session).unwrap_or_default() {
+                    // A watcher that cannot take it lags, and learns the end from the store.
+                    w.offer(WatchMsg::Finished);
+                }
+            }
+        }
+    }
+}
+
 impl WatchSource {
-    /// The next message; `None` once the core dropped the sink (finished after
+    /// The next message; `None` once the head dropped the sink (finished after
     /// `Finished`, or lagging without it).
     pub async fn recv(&mut self) -> Option<WatchMsg> {
         let msg = self.rx.recv().await?;

@@ -113,3 +113,27 @@ pub const RANK_EXEC_REQUESTS_MAX: usize = 64;
 /// (the lines themselves are bounded by the window of unfinished lines, not by this). The
 /// submitting task takes every queued message into one send, so a few keep it busy.
 pub const EACH_SUBMIT_QUEUE_MAX: usize = 16;
+
+// Head channels (issue 19)
+
+/// Store requests the head's core has in flight to its store writer (sent, their commit
+/// not yet known). The core sends at most one per batch of events and holds later writes
+/// back while this many are in flight (they go with a later request, as one group commit
+/// would take them), so the channel of this size always has room: the core never waits
+/// on the store. The writer takes up to 4,096 requests per group commit; past a few dozen
+/// in flight the disk is the bottleneck, and bigger requests cost nothing more.
+pub const HEAD_STORE_REQUESTS_MAX: usize = 1_024;
+
+/// Reports of the store writer (commits done, faults, recoveries) queued for the head's
+/// core, which reads them before any other event. A commit report covers at least one
+/// request in flight ([`HEAD_STORE_REQUESTS_MAX`]), and fault and recovery reports come
+/// one per change of the store's health, so this many is never reached in practice; if it
+/// were, the writer (its own thread) would wait for the core, never the reverse.
+pub const HEAD_WRITER_REPORTS_MAX: usize = 2 * HEAD_STORE_REQUESTS_MAX;
+
+/// Frames the head queues for one node connection before it drops that connection. The
+/// core produces a few per batch of events for a node (its commands, at most
+/// [`MESSAGE_BATCH_MAX`] per frame, and heartbeat answers) and never waits on a node: a
+/// node this far behind is too slow or stuck, and registers afresh on a new connection,
+/// where the head adopts its executors and the tasks they still hold.
+pub const HEAD_NODE_LINK_FRAMES_MAX: usize = 1_024;

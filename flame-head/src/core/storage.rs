@@ -2,11 +2,10 @@
 //! store refuses, a close that takes effect only once durable, and what happens when the
 //! store takes writes again. A child module of `core`, kept apart to keep it small.
 
-use super::{persist_error, Core, SessionState, StoreOp};
+use super::{persist_error, CommitError, Core, ReplyId, SessionState, StoreOp};
 use flame_protocol::messages::{ClientRequest, ClientResponse};
 use flame_protocol::model::ApiError;
 use flame_protocol::SessionId;
-use tokio::sync::oneshot;
 
 impl Core {
     /// While the store is faulted, the answer to a request that needs a commit: the
@@ -21,12 +20,12 @@ impl Core {
             | ClientRequest::DrainNode { .. }
             | ClientRequest::UndrainNode { .. } => true,
             ClientRequest::CloseSession { id } => {
-                self.sessions.get(id).is_some_and(|s| !s.ephemeral)
+                self.tasks.sessions.get(id).is_some_and(|s| !s.ephemeral)
             }
             _ => false,
         };
         if writes {
-            self.storage.refusal()
+            self.commits.storage.refusal()
         } else {
             None
         }
@@ -38,23 +37,24 @@ impl Core {
         &mut self,
         session: SessionId,
         was_open: bool,
-        reply: oneshot::Sender<ClientResponse>,
-        error: Option<&String>,
+        reply: ReplyId,
+        error: Option<&CommitError>,
     ) {
-        let Some(s) = self.sessions.get_mut(&session) else {
+        let Some(s) = self.tasks.sessions.get_mut(&session) else {
+            self.out.unanswered.push(reply);
             return;
         };
         s.unacked_closes = s.unacked_closes.saturating_sub(1);
         match error {
             None => {
-                let _ = reply.send(ClientResponse::Ok);
+                self.out.reply(reply, ClientResponse::Ok);
             }
             Some(e) => {
                 if was_open && s.unacked_closes == 0 && !s.finished && !s.cancelled {
                     s.stored.state = SessionState::Open;
                     s.stored.closed_ms = None;
                 }
-                let _ = reply.send(persist_error(e));
+                self.out.reply(reply, persist_error(e));
             }
         }
         self.check_finished(session);
@@ -64,22 +64,25 @@ impl Core {
     /// and every durable session and node record is written again, since changes to them
     /// may have been lost with the failed commits.
     pub(super) fn on_storage_recovered(&mut self, now_ms: u64) {
-        if !self.storage.recover(now_ms) {
+        if !self.commits.storage.recover(now_ms) {
             return;
         }
         self.write_held_results();
-        let durable = self.sessions.iter().filter(|(_, s)| !s.ephemeral);
-        self.dirty_sessions.extend(durable.map(|(id, _)| *id));
-        for n in self.nodes.values() {
-            self.batch_ops.push(StoreOp::PutNode(n.stored()));
+        let durable = self.tasks.sessions.iter().filter(|(_, s)| !s.ephemeral);
+        self.commits
+            .dirty_sessions
+            .extend(durable.map(|(id, _)| *id));
+        for n in self.cluster.nodes.values() {
+            self.commits.ops.push(StoreOp::PutNode(n.stored()));
         }
         self.reschedule = true;
     }
 
     /// Results whose commit failed go into this batch's commit.
     pub(super) fn write_held_results(&mut self) {
-        for (session, results) in std::mem::take(&mut self.finish_retry) {
-            self.batch_finish
+        for (session, results) in std::mem::take(&mut self.commits.finish_retry) {
+            self.commits
+                .finish
                 .entry(session)
                 .or_default()
                 .extend(results);
