@@ -23,6 +23,11 @@ use tokio::task::JoinSet;
 
 /// Connections of each hostile kind.
 const PER_KIND: usize = 40;
+/// How long an attack refused at the handshake tries again: past the head's hello timeout,
+/// so the slots the slow attacks hold come free at least once.
+const DIAL_PATIENCE: Duration = Duration::from_secs(30);
+/// Pause between two tries of a refused attack.
+const DIAL_RETRY: Duration = Duration::from_millis(100);
 /// How long the head may take to close an offending connection: its handshake bound plus
 /// slack for a loaded machine.
 const CLOSE_WITHIN: Duration = Duration::from_secs(20);
@@ -89,9 +94,19 @@ async fn attack(
     token: Secret,
 ) -> Result<String, String> {
     let endpoint = endpoint::client(&Trust::CaFile(ca), None).map_err(|e| e.to_string())?;
-    let Ok(conn) = flame_tests::cluster::dial(&endpoint, addr).await else {
-        // Refused before the handshake (the connection limit): also a defence.
-        return Ok("refused at the handshake".into());
+    // Refused before the handshake (the per-address handshake slots, held meanwhile by the
+    // slow and silent attacks until their hello times out) is also a defence, but the
+    // attack is retried until DIAL_PATIENCE: every kind must reach the head for the test to
+    // see how the head ends it, however slowly a loaded machine runs the others.
+    let patience = tokio::time::Instant::now() + DIAL_PATIENCE;
+    let conn = loop {
+        match flame_tests::cluster::dial(&endpoint, addr).await {
+            Ok(conn) => break conn,
+            Err(_) if tokio::time::Instant::now() < patience => {
+                tokio::time::sleep(DIAL_RETRY).await;
+            }
+            Err(_) => return Ok("refused at the handshake".into()),
+        }
     };
     let io = async {
         let (mut send, _recv) = conn.open_bi().await?;
