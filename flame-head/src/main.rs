@@ -10,6 +10,7 @@ mod config;
 mod core;
 mod counted;
 mod failpoints;
+mod names;
 mod node_streams;
 mod owner_uids;
 mod quotas;

@@ -6,7 +6,7 @@ use super::*;
 /// The nodes room.
 #[derive(Debug, Default)]
 pub(super) struct Cluster {
-    pub(super) nodes: BTreeMap<String, NodeEntry>,
+    pub(super) nodes: BTreeMap<NodeName, NodeEntry>,
     /// The node of each live connection; a connection not here was replaced or lost, and
     /// what it says is ignored.
     pub(super) conns: HashMap<ConnId, String>,
@@ -71,7 +71,7 @@ impl Core {
         if self
             .cluster
             .nodes
-            .get(&name)
+            .get(name.as_str())
             .is_some_and(|n| n.conn.is_some())
         {
             // A node that reconnects replaces its old connection, whose executors are gone.
@@ -90,7 +90,10 @@ impl Core {
             }
         }
         if !kill.is_empty() {
-            self.commands.entry(name.clone()).or_default().extend(kill);
+            self.commands
+                .entry(NodeName::from(name.as_str()))
+                .or_default()
+                .extend(kill);
         }
         self.out.send(
             conn,
@@ -99,7 +102,11 @@ impl Core {
             },
         );
         // A drain outlives reconnections and head restarts.
-        let draining = self.cluster.nodes.get(&name).is_some_and(|n| n.draining);
+        let draining = self
+            .cluster
+            .nodes
+            .get(name.as_str())
+            .is_some_and(|n| n.draining);
         let entry = NodeEntry {
             draining,
             address,
@@ -110,7 +117,9 @@ impl Core {
         };
         self.commits.ops.push(StoreOp::PutNode(entry.stored()));
         self.cluster.conns.insert(conn, name.clone());
-        self.cluster.nodes.insert(name.clone(), entry);
+        self.cluster
+            .nodes
+            .insert(NodeName::from(name.as_str()), entry);
         tracing::info!(node = %name, conn, "node registered");
         self.reschedule = true;
     }
@@ -123,7 +132,7 @@ impl Core {
         if self.pool.executors.contains_key(&report.executor) {
             return Err("its id is in use");
         }
-        if !self.apps.contains_key(&report.application) {
+        if !self.apps.contains_key(report.application.as_str()) {
             return Err("its application is no longer registered");
         }
         if let Some(sid) = report.session {
@@ -175,9 +184,9 @@ impl Core {
         self.pool.executors.insert(
             report.executor,
             ExecutorEntry {
-                node: node.to_string(),
-                application: report.application,
-                owner: report.owner,
+                node: NodeName::from(node),
+                application: AppName::from(report.application),
+                owner: OwnerName::from(report.owner),
                 phase: match (report.session, report.ready) {
                     (Some(_), _) => ExecutorPhase::Bound,
                     (None, true) => ExecutorPhase::Idle,
@@ -202,7 +211,7 @@ impl Core {
         let Some(name) = self.cluster.conns.get(&conn).cloned() else {
             return; // a replaced or lost connection: fenced off
         };
-        if let Some(n) = self.cluster.nodes.get_mut(&name) {
+        if let Some(n) = self.cluster.nodes.get_mut(name.as_str()) {
             n.last_seen_ms = now_ms;
         }
         match message {
@@ -210,7 +219,7 @@ impl Core {
                 tracing::warn!(node = %name, "duplicate registration ignored");
             }
             NodeToHead::Heartbeat => {
-                if let Some(conn) = self.cluster.nodes.get(&name).and_then(|n| n.conn) {
+                if let Some(conn) = self.cluster.nodes.get(name.as_str()).and_then(|n| n.conn) {
                     self.out.send(conn, HeadToNode::Heartbeat);
                 }
             }
@@ -362,7 +371,7 @@ impl Core {
             e.task_us_avg += TASK_US_ALPHA * (sample_us - e.task_us_avg);
         }
         e.last_result_ms = now_ms;
-        let app = self.apps.get(&s.stored.application);
+        let app = self.apps.get(s.stored.application.as_str());
         let max_attempts = app.map_or(self.config.max_attempts, |a| a.max_attempts);
         if let TaskOutcome::Failed(message) = &r.outcome {
             if app.is_some_and(|a| a.retry_on_error) && slot.runs_failed + 1 < max_attempts {
@@ -493,7 +502,7 @@ impl Core {
             };
             let max = self
                 .apps
-                .get(&s.stored.application)
+                .get(s.stored.application.as_str())
                 .map_or(self.config.max_attempts, |a| a.max_attempts);
             let Some(slot) = slot_of(&mut s.tasks, tid) else {
                 continue;

@@ -109,7 +109,7 @@ impl Core {
                 let r = match result {
                     Ok(()) => {
                         let name = spec.name.clone();
-                        self.apps.insert(name.clone(), *spec);
+                        self.apps.insert(AppName::from(name.as_str()), *spec);
                         if replace {
                             self.retire_executors_of(&name, now_ms);
                         }
@@ -315,7 +315,7 @@ impl Core {
             Ok(()) => {
                 if let Some(job) = &entry.stored.job {
                     let app = job.spec.application(entry.stored.id);
-                    self.apps.insert(app.name.clone(), app);
+                    self.apps.insert(AppName::from(app.name.as_str()), app);
                     self.reschedule = true;
                 }
                 let info = entry.info(0);

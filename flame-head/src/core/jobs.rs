@@ -199,7 +199,7 @@ impl Core {
         else {
             return;
         };
-        let mut bound: Vec<(String, ExecutorId)> = self
+        let mut bound: Vec<(NodeName, ExecutorId)> = self
             .pool
             .executors
             .iter()
@@ -238,7 +238,7 @@ impl Core {
             let task = TaskId(rank as u64 + 1);
             infos.push(RankInfo {
                 rank: rank as u32,
-                node: node.clone(),
+                node: node.to_string(),
                 executor: *executor,
                 local_rank: local,
                 exit_code: None,
@@ -291,12 +291,12 @@ impl Core {
 
     /// Where the ranks of job `sid` run (`bound`: node and executor of each, in rank
     /// order) and how they find rank 0.
-    fn job_layout(&self, sid: SessionId, bound: &[(String, ExecutorId)]) -> JobLayout {
+    fn job_layout(&self, sid: SessionId, bound: &[(NodeName, ExecutorId)]) -> JobLayout {
         let mut per_node: Vec<(String, u32)> = Vec::new();
         for (node, _) in bound {
             match per_node.last_mut() {
-                Some((n, k)) if n == node => *k += 1,
-                _ => per_node.push((node.clone(), 1)),
+                Some((n, k)) if *node == *n => *k += 1,
+                _ => per_node.push((node.to_string(), 1)),
             }
         }
         let nodelist = per_node

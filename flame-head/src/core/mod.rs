@@ -26,6 +26,7 @@
 //! * every [`ReplyId`] the core is given is answered once (`LogTargets::WhenStarted`: once
 //!   more, with [`Reply::JobLogTargets`]) or named in [`Outputs::unanswered`].
 
+use crate::names::{AppName, NodeName, OwnerName};
 use crate::quotas::{Held, Ledger, QuotaBook};
 use crate::scheduler::{self, Decision, ExecutorPhase, Snapshot};
 use crate::storage_fault::CommitError;
@@ -367,8 +368,8 @@ pub struct Core {
     out: Outputs,
     /// Commands for each node, collected during a batch and sent at its end as one frame
     /// (or a few) per node.
-    commands: BTreeMap<String, Vec<NodeCommand>>,
-    apps: BTreeMap<String, ApplicationSpec>,
+    commands: BTreeMap<NodeName, Vec<NodeCommand>>,
+    apps: BTreeMap<AppName, ApplicationSpec>,
     /// Sessions, their tasks, and what owners hold against their quotas.
     tasks: Tasks,
     /// Executors, their ids, and the launch backoff.
@@ -420,7 +421,7 @@ impl Core {
             now_ms: 0,
         };
         for spec in loaded.applications {
-            core.apps.insert(spec.name.clone(), spec);
+            core.apps.insert(AppName::from(spec.name.as_str()), spec);
         }
         for stored in loaded.sessions {
             core.tasks.next_session = core.tasks.next_session.max(stored.id.0 + 1);
@@ -452,10 +453,10 @@ impl Core {
     /// Registers an application at start-up if none of that name exists (the built-in
     /// ping application). Durable like any other registration.
     pub fn ensure_application(&mut self, spec: ApplicationSpec) {
-        match self.apps.get_mut(&spec.name) {
+        match self.apps.get_mut(spec.name.as_str()) {
             None => {
                 self.commits.ops.push(StoreOp::PutApplication(spec.clone()));
-                self.apps.insert(spec.name.clone(), spec);
+                self.apps.insert(AppName::from(spec.name.as_str()), spec);
             }
             // A built-in stored by an older head with `allow_root`: built-ins never run as
             // root.
@@ -502,7 +503,7 @@ impl Core {
                 self.reschedule = true;
                 self.tasks.evict_due |= !self.tasks.evict_pending.is_empty();
                 let timeout = self.config.heartbeat_timeout_ms;
-                let silent: Vec<String> = self
+                let silent: Vec<NodeName> = self
                     .cluster
                     .nodes
                     .iter()

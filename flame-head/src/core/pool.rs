@@ -16,10 +16,10 @@ pub(super) struct Pool {
     /// Per application and owner: executors in a row that died before saying ready, and
     /// the time before which no new one is launched. Keeps a broken command from a hot
     /// loop.
-    pub(super) launch_backoff: HashMap<(String, String), (u32, u64)>,
+    pub(super) launch_backoff: HashMap<PoolKey, (u32, u64)>,
     /// Per application and owner: why its last executor failed to start, until one
     /// starts; shown to users as the reason their session waits.
-    pub(super) launch_errors: HashMap<(String, String), String>,
+    pub(super) launch_errors: HashMap<PoolKey, String>,
     /// Owners' uids, durable before any launch uses one.
     pub(super) owner_uids: crate::owner_uids::OwnerUids,
 }
@@ -39,12 +39,16 @@ impl Pool {
     }
 }
 
+/// Executors are pooled per application and owner: an executor serves only sessions of
+/// its application and its owner, and launch failures back off per pool.
+pub(super) type PoolKey = (AppName, OwnerName);
+
 #[derive(Debug)]
 pub(super) struct ExecutorEntry {
-    pub(super) node: String,
-    pub(super) application: String,
+    pub(super) node: NodeName,
+    pub(super) application: AppName,
     /// The owner it was launched for: it serves only that owner's sessions.
-    pub(super) owner: String,
+    pub(super) owner: OwnerName,
     pub(super) phase: ExecutorPhase,
     pub(super) session: Option<SessionId>,
     /// What it holds on its node.
@@ -109,7 +113,7 @@ impl Core {
         let (failures, not_before) = self
             .pool
             .launch_backoff
-            .entry((application.to_string(), owner.to_string()))
+            .entry((AppName::from(application), OwnerName::of(owner)))
             .or_default();
         *failures += 1;
         let pause = LAUNCH_BACKOFF_MIN_MS

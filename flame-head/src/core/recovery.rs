@@ -121,7 +121,7 @@ impl Core {
                 s.pending.clear();
                 if !job.state.is_final() {
                     let app = job.spec.application(s.stored.id);
-                    self.apps.insert(app.name.clone(), app);
+                    self.apps.insert(AppName::from(app.name.as_str()), app);
                 }
             }
             if s.stored.state == SessionState::Closed && s.counts.unfinished() == 0 {
@@ -146,7 +146,7 @@ impl Core {
     pub(super) fn load_nodes(&mut self, nodes: Vec<crate::store::StoredNode>) {
         for n in nodes {
             self.cluster.nodes.insert(
-                n.name.clone(),
+                NodeName::from(n.name.as_str()),
                 NodeEntry {
                     draining: n.draining,
                     registration: NodeRegistration {

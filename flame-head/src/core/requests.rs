@@ -278,7 +278,7 @@ impl Core {
                 .out
                 .reply(reply, error(ErrorKind::InvalidArgument, e.to_string()));
         }
-        match (replace, self.apps.contains_key(&spec.name)) {
+        match (replace, self.apps.contains_key(spec.name.as_str())) {
             (false, true) => {
                 return self.out.reply(
                     reply,
@@ -323,7 +323,7 @@ impl Core {
                 ),
             );
         }
-        self.apps.remove(&name);
+        self.apps.remove(name.as_str());
         self.reschedule = true;
         self.commits.ops.push(StoreOp::RemoveApplication(name));
         self.commits.after.push(AfterCommit::Respond { reply });
@@ -372,7 +372,7 @@ impl Core {
             .nodes
             .iter()
             .map(|(name, n)| NodeInfo {
-                name: name.clone(),
+                name: name.to_string(),
                 state: match (n.conn.is_some(), n.draining) {
                     (false, _) => NodeState::NotReady,
                     (true, true) => NodeState::Draining,
@@ -606,7 +606,7 @@ impl Core {
             }
         } else if self
             .apps
-            .get(&spec.application)
+            .get(spec.application.as_str())
             .is_some_and(|a| a.shim == ShimKind::Batch)
         {
             return Err(api(
@@ -616,7 +616,7 @@ impl Core {
                     spec.application
                 ),
             ));
-        } else if !self.apps.contains_key(&spec.application) {
+        } else if !self.apps.contains_key(spec.application.as_str()) {
             return Err(api(ErrorKind::NotFound, unknown_app(&spec.application)));
         }
         if let Err(e) = validate_owner(&spec.owner) {
@@ -624,7 +624,7 @@ impl Core {
         }
         if let Some(app) = self
             .apps
-            .get(&spec.application)
+            .get(spec.application.as_str())
             .filter(|_| spec.job.is_none())
         {
             let owner = spec.owner_or_default();

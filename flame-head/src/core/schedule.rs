@@ -97,10 +97,10 @@ impl Core {
         let mut backing_off: BTreeMap<&str, BTreeMap<String, Option<String>>> = BTreeMap::new();
         for (pool, &(_, not_before)) in &self.pool.launch_backoff {
             if now_ms < not_before {
-                backing_off
-                    .entry(pool.0.as_str())
-                    .or_default()
-                    .insert(pool.1.clone(), self.pool.launch_errors.get(pool).cloned());
+                backing_off.entry(pool.0.as_str()).or_default().insert(
+                    pool.1.to_string(),
+                    self.pool.launch_errors.get(pool).cloned(),
+                );
             }
         }
         Snapshot {
@@ -110,7 +110,7 @@ impl Core {
                 .nodes
                 .iter()
                 .map(|(name, n)| scheduler::NodeView {
-                    name: name.clone(),
+                    name: name.to_string(),
                     ready: n.conn.is_some(),
                     cpu_millis: n.registration.allocatable.cpu_millis,
                     memory_bytes: n.registration.allocatable.memory_bytes,
@@ -155,9 +155,9 @@ impl Core {
                 .iter()
                 .map(|(id, e)| scheduler::ExecutorView {
                     id: *id,
-                    node: e.node.clone(),
-                    application: e.application.clone(),
-                    owner: e.owner.clone(),
+                    node: e.node.to_string(),
+                    application: e.application.to_string(),
+                    owner: e.owner.to_string(),
                     phase: e.phase,
                     session: e.session,
                     quiet_since_ms: e.quiet_since_ms,
@@ -176,7 +176,7 @@ impl Core {
                 application,
                 owner,
             } => {
-                let Some(spec) = self.apps.get(&application).cloned() else {
+                let Some(spec) = self.apps.get(application.as_str()).cloned() else {
                     return;
                 };
                 // Sessions are checked against the application's users and groups when
@@ -215,9 +215,9 @@ impl Core {
                 self.pool.executors.insert(
                     id,
                     ExecutorEntry {
-                        node: node.clone(),
-                        application,
-                        owner: owner.clone(),
+                        node: NodeName::from(node.as_str()),
+                        application: AppName::from(application),
+                        owner: OwnerName::from(owner.clone()),
                         phase: ExecutorPhase::Launching,
                         session: None,
                         resources: spec.resources,
@@ -232,7 +232,7 @@ impl Core {
                     },
                 );
                 self.commands
-                    .entry(node)
+                    .entry(NodeName::from(node))
                     .or_default()
                     .push(NodeCommand::Launch {
                         executor: id,
