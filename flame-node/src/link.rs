@@ -356,6 +356,15 @@ impl Agent {
                         break Err(LinkError::Lost("the report writer stopped".into()));
                     };
                     room.send(report);
+                    // Whatever else is queued moves on in the same wakeup while the writer
+                    // has room: one pass of this loop per report would cost a select of
+                    // every branch per result.
+                    for _ in 1..limits::NODE_REPORTS_WRITER_MAX {
+                        let Ok(room) = out_tx.try_reserve() else { break };
+                        let Ok(report) = self.reports_rx.try_recv() else { break };
+                        self.track(&report);
+                        room.send(report);
+                    }
                 }
                 () = queue_own(&self.reports_tx, &mut self.own_reports), if !self.own_reports.is_empty() => {}
                 Some(id) = self.gone_rx.recv() => {

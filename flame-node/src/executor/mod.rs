@@ -192,7 +192,14 @@ impl Reports {
     /// Sends a report; a closed queue means the node is going away, and the head re-queues
     /// what it had sent.
     async fn send(&self, report: Report) {
-        let _ = self.0.send(report).await;
+        // Room is the usual case: taken without a trip through the scheduler. A full queue
+        // waits (backpressure); a closed one drops the report.
+        match self.0.try_send(report) {
+            Ok(()) | Err(mpsc::error::TrySendError::Closed(_)) => {}
+            Err(mpsc::error::TrySendError::Full(report)) => {
+                let _ = self.0.send(report).await;
+            }
+        }
     }
 
     /// Reports how task `a` ended on executor `id`.
