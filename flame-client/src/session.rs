@@ -21,8 +21,7 @@ use tokio::sync::mpsc;
 /// the head holds for one client.
 pub const SUBMIT_WINDOW_BATCHES: usize = 16;
 
-/// Watch frames buffered between the stream and [`ResultStream::next`].
-pub const WATCH_BUFFER_FRAMES: usize = 16;
+pub use flame_protocol::limits::WATCH_BUFFER_FRAMES;
 
 /// Times in a row a [`Submitter`] or a [`ResultStream`] reconnects and starts over after
 /// losing the head before it reports the loss (each reconnection is itself bounded by

@@ -17,9 +17,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use tokio::sync::mpsc;
 
-/// Messages queued for one watcher before it counts as lagging. The head sends one per
-/// batch of events that finalized results of the session.
-pub const WATCH_QUEUE_MESSAGES_MAX: usize = 64;
+pub use flame_protocol::limits::WATCH_QUEUE_MESSAGES_MAX;
 /// Bytes of results (outputs and messages) queued for one watcher before it counts as
 /// lagging; a single message larger than this still goes through an empty queue.
 pub const WATCH_QUEUE_BYTES_MAX: usize = 1024 * 1024;

@@ -37,8 +37,7 @@ pub const CHUNK_BYTES: usize = 256 * 1024;
 pub const REQUEST_FRAME_BYTES_MAX: usize = 1024 * 1024;
 /// How long the head has to send its request once it opened the stream.
 pub const REQUEST_WAIT: Duration = limits::CONNECT_TIMEOUT;
-/// Frames buffered between the log readers of one stream and the stream.
-pub const EVENTS_BUFFERED_MAX: usize = 16;
+use limits::NODE_LOG_EVENTS_BUFFERED_MAX as EVENTS_BUFFERED_MAX;
 
 #[derive(Debug, thiserror::Error)]
 enum ServeError {

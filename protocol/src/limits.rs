@@ -137,3 +137,34 @@ pub const HEAD_WRITER_REPORTS_MAX: usize = 2 * HEAD_STORE_REQUESTS_MAX;
 /// node this far behind is too slow or stuck, and registers afresh on a new connection,
 /// where the head adopts its executors and the tasks they still hold.
 pub const HEAD_NODE_LINK_FRAMES_MAX: usize = 1_024;
+
+// Queues whose bounds lived beside them until issue 19: every channel's bound is named here.
+
+/// Events queued for the head's core before senders wait (backpressure on clients and
+/// nodes). Commit reports do not wait behind them: they have their own queue.
+pub const CORE_EVENTS_QUEUE_MAX: usize = 65_536;
+
+/// Submit batches of one stream whose replies are still outstanding at the head; past it
+/// the stream's reader waits, and QUIC flow control holds the client back.
+pub const SUBMIT_BATCHES_IN_FLIGHT_MAX: usize = 256;
+
+/// Log frames buffered between the node streams of one `flame logs` and its client; past
+/// this, the node streams wait (and QUIC flow control holds the nodes back).
+pub const LOG_EVENTS_BUFFERED_MAX: usize = 16;
+
+/// Messages queued for one watcher before it counts as lagging: its watch ends with
+/// `WatchEvent::Lagged`, and the client watches again, getting the rest from the store.
+/// The head sends one per batch of events that finalized results of the session.
+pub const WATCH_QUEUE_MESSAGES_MAX: usize = 64;
+
+/// Frames buffered on a node between the log readers of one stream and the stream; past
+/// it the readers wait.
+pub const NODE_LOG_EVENTS_BUFFERED_MAX: usize = 16;
+
+/// Watch frames a client buffers between the stream and `ResultStream::next`; past it the
+/// stream is not read, and QUIC flow control holds the head back.
+pub const WATCH_BUFFER_FRAMES: usize = 16;
+
+/// Chunks of lines `flame submit --each`'s reading thread keeps ready ahead of the
+/// submitter; past it the thread waits.
+pub const EACH_READ_AHEAD_CHUNKS: usize = 2;

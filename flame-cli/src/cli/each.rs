@@ -43,8 +43,7 @@ pub const HELD_BYTES_MAX: usize = 256 * 1024 * 1024;
 /// Longest line, without its newline: the head's default task input limit.
 pub const LINE_BYTES_MAX: usize = limits::TASK_INPUT_BYTES_MAX;
 
-/// Chunks of lines the reading thread keeps ready ahead of the submitter.
-const READ_AHEAD_CHUNKS: usize = 2;
+use limits::EACH_READ_AHEAD_CHUNKS as READ_AHEAD_CHUNKS;
 
 /// Most lines in one chunk handed from the reading thread.
 const CHUNK_LINES_MAX: usize = 1_024;

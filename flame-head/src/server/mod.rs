@@ -56,12 +56,11 @@ use node::*;
 use router::*;
 use streams::*;
 
-/// Events queued for the core before senders wait (backpressure on clients and nodes).
-pub const CORE_EVENTS_QUEUE_MAX: usize = 65_536;
+pub use flame_protocol::limits::{
+    CORE_EVENTS_QUEUE_MAX, LOG_EVENTS_BUFFERED_MAX, SUBMIT_BATCHES_IN_FLIGHT_MAX,
+};
 /// Events the core applies before it flushes one batch of output.
 pub const CORE_EVENTS_PER_BATCH_MAX: usize = 4_096;
-/// Submit batches of one stream whose replies are still outstanding.
-pub const SUBMIT_BATCHES_IN_FLIGHT_MAX: usize = 256;
 /// Period of the core's tick (heartbeat timeouts, `delay_release`).
 pub const TICK: Duration = Duration::from_millis(200);
 /// A gap between two turns of the core's loop this much longer than [`TICK`] means the
@@ -70,9 +69,6 @@ pub const TICK: Duration = Duration::from_millis(200);
 /// turn (a batch of at most [`CORE_EVENTS_PER_BATCH_MAX`] events takes milliseconds) and
 /// well below the shortest heartbeat timeout accepted.
 pub const HEAD_STALL_MIN: Duration = Duration::from_secs(1);
-/// Log frames buffered between the node streams of one `flame logs` and its client; past
-/// this, the node streams wait (and QUIC flow control holds the nodes back).
-pub const LOG_EVENTS_BUFFERED_MAX: usize = 16;
 /// Largest frame accepted on a node's log stream: one chunk of at most 1 MiB (the node's
 /// `logs::CHUNK_BYTES_MAX`) with the names around it.
 pub const NODE_LOG_FRAME_BYTES_MAX: usize = 1024 * 1024 + 64 * 1024;
