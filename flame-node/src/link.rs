@@ -367,9 +367,14 @@ impl Agent {
                     }
                 }
                 () = queue_own(&self.reports_tx, &mut self.own_reports), if !self.own_reports.is_empty() => {}
-                Some(id) = self.gone_rx.recv() => {
+                Some(_) = self.gone_rx.recv() => {
+                    // Only the count: the executor's entry goes when its `Exited` report,
+                    // queued before it said gone, passes `track`. Until then the head has
+                    // not heard of the exit and may still name it; its commands go to a
+                    // closed queue and are dropped (`apply`), instead of each making an
+                    // "unknown" report the head did not provoke, and the registration cut
+                    // keeps it until the report that ends it.
                     self.live = self.live.saturating_sub(1);
-                    self.executors.remove(&id);
                 }
                 incoming = conn.accept_bi() => match incoming {
                     // Each ends by itself when the head stops it or the connection goes.
