@@ -34,6 +34,9 @@ pub mod ids;
 pub mod limits;
 pub mod messages;
 pub mod model;
+pub mod object;
+#[cfg(feature = "net")]
+pub mod object_grant;
 pub mod ping;
 #[cfg(feature = "net")]
 pub mod pki;
@@ -44,7 +47,7 @@ pub mod shim;
 pub use ids::{ExecutorId, SessionId, TaskId, TaskIdSet};
 
 /// Version of the head/node/client protocol carried in every [`messages::Hello`].
-pub const PROTOCOL_VERSION: u32 = 4;
+pub const PROTOCOL_VERSION: u32 = 5;
 
 /// The TLS application protocol name every Flame endpoint negotiates.
 pub const ALPN: &[u8] = b"flame/1";

@@ -168,3 +168,67 @@ pub const WATCH_BUFFER_FRAMES: usize = 16;
 /// Chunks of lines `flame submit --each`'s reading thread keeps ready ahead of the
 /// submitter; past it the thread waits.
 pub const EACH_READ_AHEAD_CHUNKS: usize = 2;
+
+// Objects (issue 20): the object cache, its transfers, and the head's object book.
+
+/// Inputs, common data and outputs larger than this travel as objects (put to a node's
+/// cache, the task carrying a reference); smaller ones inline. Clients take it from
+/// `--object-inline-max`/`FLAME_OBJECT_INLINE_MAX`, nodes from the head (`flame-head
+/// --object-inline-max`). Ray's threshold is 100 KiB too.
+pub const OBJECT_INLINE_BYTES_DEFAULT: u64 = 100 * 1024;
+
+/// Largest object anyone may put or a task may output.
+pub const OBJECT_BYTES_MAX: u64 = 64 * 1024 * 1024 * 1024;
+
+/// How long an object grant is good for after the head signs it.
+pub const OBJECT_GRANT_TTL: Duration = Duration::from_secs(600);
+
+/// Most objects one `PutObjects`, `LocateObjects` or `RemoveObjects` (and so one read
+/// grant) may name.
+pub const OBJECT_REQUEST_IDS_MAX: usize = 8_192;
+
+/// Most copies of one object a client may ask for (`--replicas`).
+pub const OBJECT_REPLICAS_MAX: u32 = 8;
+
+/// A node's object cache in memory unless `flame-node --object-memory` says otherwise.
+pub const NODE_OBJECT_MEMORY_DEFAULT: u64 = 2 * 1024 * 1024 * 1024;
+
+/// A node's object spill folder's budget unless `flame-node --object-disk` says otherwise.
+pub const NODE_OBJECT_DISK_DEFAULT: u64 = 16 * 1024 * 1024 * 1024;
+
+/// Transfers a node's object endpoint serves at once (streams, over every connection);
+/// more wait for QUIC stream credit.
+pub const NODE_OBJECT_STREAMS_MAX: u32 = 256;
+
+/// Connections a node's object endpoint holds at once (clients and other nodes).
+pub const NODE_OBJECT_CONNECTIONS_MAX: usize = 512;
+
+/// A transfer that moves no byte for this long is abandoned with an error.
+pub const OBJECT_TRANSFER_STALL_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Parallel streams one reader uses for one large object: each fetches a range of
+/// [`OBJECT_RANGE_BYTES`].
+pub const OBJECT_STREAMS_PER_GET: usize = 4;
+
+/// Bytes of one ranged `Get` when a reader splits a large object over streams (a whole
+/// number of chunks).
+pub const OBJECT_RANGE_BYTES: u64 = 64 * 1024 * 1024;
+
+/// Object fetches one node runs at once for its executors (inputs and common data it
+/// does not hold); more wait.
+pub const NODE_OBJECT_FETCHES_MAX: usize = 64;
+
+/// How long a pending task whose input an object on a busy node holds waits for an
+/// executor there before any executor may take it (and fetch the object): locality is a
+/// preference, never a queue behind one node (`flame-head --locality-wait`).
+pub const LOCALITY_WAIT: Duration = Duration::from_millis(100);
+
+/// Objects the head keeps for one owner (its quota's default).
+pub const OWNER_OBJECTS_MAX: u64 = 1_000_000;
+
+/// Object bytes one owner may hold in the cluster's caches (one copy counted per object;
+/// its quota's default).
+pub const OWNER_OBJECT_BYTES_MAX: u64 = 1024 * 1024 * 1024 * 1024;
+
+/// Object events the node queues for its link to the head; past it the cache's users wait.
+pub const NODE_OBJECT_EVENTS_MAX: usize = 4_096;

@@ -27,6 +27,10 @@ use crate::model::{
     NodeResources, QueueReport, Resources, SessionInfo, SessionSpec, TaskAssignment, TaskInfo,
     TaskOutcome, TaskResult, TaskState,
 };
+use crate::object::{
+    CacheUsage, GrantKey, ObjectCommand, ObjectEvent, ObjectId, ObjectInfo, ObjectLocations,
+    ObjectRef, ObjectSources, ObjectTarget, Payload,
+};
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -172,6 +176,27 @@ pub enum ClientRequest {
     /// Admin only: revoked certificates and the nodes' certificates,
     /// [`ClientResponse::Certs`].
     ListCerts,
+    /// Where to put objects of `owner` (empty: the caller): [`ClientResponse::ObjectTargets`],
+    /// one target per copy (`replicas`, at least 1, on distinct nodes; the first is where
+    /// readers are sent first). With `session`, the objects live as long as it (the
+    /// head places them near its executors); without, until removed. The client then
+    /// sends the bytes to each target's node, never to the head.
+    PutObjects {
+        owner: String,
+        session: Option<SessionId>,
+        objects: Vec<ObjectRef>,
+        replicas: u32,
+    },
+    /// Where `owner`'s objects are, with a grant to read them:
+    /// [`ClientResponse::ObjectLocations`].
+    LocateObjects { owner: String, ids: Vec<ObjectId> },
+    /// `owner`'s objects (of one session, or all): [`ClientResponse::Objects`].
+    ListObjects {
+        owner: String,
+        session: Option<SessionId>,
+    },
+    /// Forgets `owner`'s objects; every node drops its copy.
+    RemoveObjects { owner: String, ids: Vec<ObjectId> },
 }
 
 /// A frame of a [`ClientRequest::JobExec`] stream (and of the node's answer to a
@@ -260,6 +285,9 @@ pub enum ClientResponse {
     Tokens(Vec<TokenInfo>),
     Certs(Vec<CertRecord>),
     Principal(Principal),
+    ObjectTargets(Vec<ObjectTarget>),
+    ObjectLocations(ObjectLocations),
+    Objects(Vec<ObjectInfo>),
 }
 
 /// A batch of task inputs on a submit stream.
@@ -267,7 +295,9 @@ pub enum ClientResponse {
 pub struct SubmitBatch {
     /// Chosen by the client, echoed in the reply.
     pub batch_id: u64,
-    pub inputs: Vec<Bytes>,
+    /// Each task's input: inline, or an object the client put first (inputs above the
+    /// client's inline threshold go that way without the caller asking).
+    pub inputs: Vec<Payload>,
 }
 
 /// The head's answer to one [`SubmitBatch`], sent in batch order.
@@ -306,6 +336,14 @@ pub enum NodeToHead {
     Heartbeat,
     ExecutorEvents(Vec<ExecutorEvent>),
     Results(Vec<NodeTaskResult>),
+    /// Changes in the node's object cache, and what it holds now. After `Register`, a
+    /// node sends a `Stored` event for every object it holds, in frames of at most
+    /// [`crate::limits::MESSAGE_BATCH_MAX`] events. A task's output object needs no event:
+    /// its result names it, and the head records the copy from that.
+    Objects {
+        events: Vec<ObjectEvent>,
+        usage: CacheUsage,
+    },
 }
 
 /// What a node tells the head about itself when it connects.
@@ -327,6 +365,23 @@ pub struct NodeRegistration {
     /// running on a live executor keeps running across a head restart, and kills the
     /// others.
     pub executors: Vec<ExecutorReport>,
+    /// Its object endpoint and cache, when it serves objects.
+    pub objects: Option<ObjectService>,
+}
+
+/// A node's object endpoint and cache, as it registers them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ObjectService {
+    /// The QUIC port it listens on.
+    pub port: u16,
+    /// The address others reach it at, when set (`flame-node --object-advertise`); the
+    /// head otherwise uses the address the node's own connection comes from, with `port`.
+    pub advertise: Option<std::net::SocketAddr>,
+    /// See [`crate::object::ObjectEndpoint::host`].
+    pub host: String,
+    /// Its Unix socket for clients on the same host.
+    pub socket: Option<String>,
+    pub usage: CacheUsage,
 }
 
 /// An executor a reconnecting node still runs.
@@ -404,7 +459,14 @@ pub struct NodeTaskResult {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum HeadToNode {
     /// Answer to [`NodeToHead::Register`].
-    Registered { heartbeat_interval_ms: u64 },
+    Registered {
+        heartbeat_interval_ms: u64,
+        /// The key the head signs object grants with; the node accepts no other.
+        grant_key: GrantKey,
+        /// Task outputs larger than this go into the node's object cache and the result
+        /// names the object; smaller ones travel inline.
+        inline_max: u64,
+    },
     /// Refusal of the registration; the connection closes after it.
     Refused { reason: String },
     /// Commands in the order they must be applied.
@@ -431,7 +493,9 @@ pub enum NodeCommand {
     Bind {
         executor: ExecutorId,
         session: SessionId,
-        common_data: Bytes,
+        common_data: Payload,
+        /// Where to fetch `common_data` when it is an object the node does not hold.
+        sources: Option<ObjectSources>,
     },
     /// Run a task on a bound executor; queued on the node while another one runs.
     Run(TaskAssignment),
@@ -441,6 +505,8 @@ pub enum NodeCommand {
     Release { executor: ExecutorId },
     /// Stop the process at once, dropping the tasks queued on it (a cancelled session).
     Kill { executor: ExecutorId },
+    /// Something to do with the node's object cache.
+    Objects(ObjectCommand),
 }
 
 /// The ids `first .. first + count` of an accepted batch, in input order. Saturates at
@@ -470,6 +536,8 @@ mod tests {
             let _ = postcard::from_bytes::<NodeStreamRequest>(&bytes);
             let _ = postcard::from_bytes::<ExecEvent>(&bytes);
             let _ = postcard::from_bytes::<HelloVersion>(&bytes);
+            let _ = postcard::from_bytes::<crate::object::ObjectRequest>(&bytes);
+            let _ = postcard::from_bytes::<crate::object::ObjectResponse>(&bytes);
         }
     }
 
@@ -486,7 +554,7 @@ mod tests {
     fn submit_batch_round_trips() {
         let batch = SubmitBatch {
             batch_id: 7,
-            inputs: vec![Bytes::from_static(b"a"), Bytes::new()],
+            inputs: vec![Bytes::from_static(b"a").into(), Payload::default()],
         };
         let bytes = postcard::to_allocvec(&batch).unwrap();
         assert_eq!(postcard::from_bytes::<SubmitBatch>(&bytes).unwrap(), batch);

@@ -576,8 +576,9 @@ impl ApplicationSpec {
 pub struct SessionSpec {
     /// Name of a registered application.
     pub application: String,
-    /// Bytes handed to every executor when it enters the session.
-    pub common_data: Bytes,
+    /// Bytes handed to every executor when it enters the session: inline, or an object
+    /// (the client puts common data above its inline threshold first).
+    pub common_data: crate::object::Payload,
     /// Opt out of durability: tasks and results are kept in memory only, and acked at once.
     pub ephemeral: bool,
     /// The tenant the session's executors are accounted to; executors are shared between
@@ -870,7 +871,7 @@ impl SessionSpec {
     pub fn new(application: impl Into<String>) -> Self {
         SessionSpec {
             application: application.into(),
-            common_data: Bytes::new(),
+            common_data: crate::object::Payload::default(),
             ephemeral: false,
             owner: String::new(),
             priority: 0,
@@ -939,6 +940,21 @@ pub struct SessionInfo {
     pub usage: Vec<ExecutorUsage>,
     /// Set for a batch job.
     pub job: Option<JobInfo>,
+    /// How its tasks' objects moved.
+    pub data: DataStats,
+}
+
+/// How a session's task inputs that are objects reached their executors.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DataStats {
+    /// Tasks dispatched whose input is an object.
+    pub object_tasks: u64,
+    /// Of those, tasks sent to a node that held the input already (a locality hit).
+    pub local_tasks: u64,
+    /// Bytes of object inputs and common data nodes had to fetch from another node.
+    pub fetched_bytes: u64,
+    /// Bytes of object inputs and common data read where they were.
+    pub local_bytes: u64,
 }
 
 /// What one executor used while bound to one session, as its node's cgroup measured it.
@@ -1054,6 +1070,10 @@ pub enum TaskOutcome {
     Failed(String),
     /// The session was cancelled before the task finished.
     Cancelled,
+    /// The application returned output bytes larger than the inline threshold: they are
+    /// an object in the node's cache, and this names it. `flame_client` fetches it for
+    /// callers, who see [`TaskOutcome::Succeeded`]. The task succeeded.
+    Object(crate::object::ObjectRef),
 }
 
 /// Where a task is in its life.
@@ -1104,7 +1124,9 @@ pub struct TaskAssignment {
     pub task: TaskId,
     /// Attempt number, from 1; a result must echo it to be accepted.
     pub attempt: u32,
-    pub input: Bytes,
+    pub input: crate::object::Payload,
+    /// Where to fetch `input` when it is an object the node does not hold.
+    pub sources: Option<crate::object::ObjectSources>,
 }
 
 /// What kind of failure an [`ApiError`] is, for programs that branch on it.

@@ -94,4 +94,6 @@ pub struct NodeInfo {
     pub executors: u32,
     /// Unix time in milliseconds of the last message from the node.
     pub last_seen_ms: u64,
+    /// Its object cache, when it serves objects.
+    pub cache: Option<crate::object::CacheUsage>,
 }
