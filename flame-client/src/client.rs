@@ -772,6 +772,10 @@ fn request_name(request: &ClientRequest) -> &'static str {
         ClientRequest::RevokeCert { .. } => "RevokeCert",
         ClientRequest::ListCerts => "ListCerts",
         ClientRequest::WhoAmI => "WhoAmI",
+        ClientRequest::PutObjects { .. } => "PutObjects",
+        ClientRequest::LocateObjects { .. } => "LocateObjects",
+        ClientRequest::ListObjects { .. } => "ListObjects",
+        ClientRequest::RemoveObjects { .. } => "RemoveObjects",
     }
 }
 
@@ -790,5 +794,8 @@ fn response_name(response: &ClientResponse) -> &'static str {
         ClientResponse::Tokens(_) => "Tokens",
         ClientResponse::Certs(_) => "Certs",
         ClientResponse::Principal(_) => "Principal",
+        ClientResponse::ObjectTargets(_) => "ObjectTargets",
+        ClientResponse::ObjectLocations(_) => "ObjectLocations",
+        ClientResponse::Objects(_) => "Objects",
     }
 }

@@ -285,6 +285,10 @@ impl Submitter {
             ));
         }
         self.next_batch_id = self.next_batch_id.wrapping_add(1);
+        let inputs = inputs
+            .into_iter()
+            .map(flame_protocol::object::Payload::Inline)
+            .collect();
         self.in_flight.push_back(SubmitBatch { batch_id, inputs });
         let what = format!("submitting batch {batch_id}");
         let client = self.client.clone();

@@ -182,6 +182,7 @@ impl Agent {
             labels: self.config.labels.clone(),
             isolation: self.config.isolation,
             identity: self.config.executors.identity.reported(),
+            objects: None,
             executors: self
                 .executors
                 .iter()
@@ -310,6 +311,7 @@ impl Agent {
                 Ok(Err(e)) => return Err(e.into()),
                 Ok(Ok(HeadToNode::Registered {
                     heartbeat_interval_ms,
+                    ..
                 })) => Duration::from_millis(heartbeat_interval_ms.clamp(100, 60_000)),
                 Ok(Ok(HeadToNode::Refused { reason })) => return Err(LinkError::Refused(reason)),
                 Ok(Ok(other)) => {
@@ -441,16 +443,19 @@ impl Agent {
                 executor,
                 session,
                 common_data,
+                sources: _,
             } => (
                 executor,
                 Command::Bind {
                     session,
-                    common_data,
+                    common_data: common_data.inline().cloned().unwrap_or_default(),
                 },
             ),
             NodeCommand::Run(a) => (a.executor, Command::Run(a)),
             NodeCommand::Unbind { executor } => (executor, Command::Unbind),
             NodeCommand::Release { executor } => (executor, Command::Release),
+            // This node keeps no object cache yet: nothing to drop.
+            NodeCommand::Objects(_) => return Ok(()),
             NodeCommand::Kill { executor } => {
                 // Dropping the handle fires its kill switch; the executor reports Exited.
                 if self.executors.remove(&executor).is_none() {
@@ -523,7 +528,8 @@ fn result_bytes(r: &flame_protocol::messages::NodeTaskResult) -> usize {
     match &r.outcome {
         flame_protocol::model::TaskOutcome::Succeeded(b) => b.len(),
         flame_protocol::model::TaskOutcome::Failed(m) => m.len(),
-        flame_protocol::model::TaskOutcome::Cancelled => 0,
+        flame_protocol::model::TaskOutcome::Cancelled
+        | flame_protocol::model::TaskOutcome::Object(_) => 0,
     }
 }
 

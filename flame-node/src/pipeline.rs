@@ -210,7 +210,7 @@ impl Pipeline {
                 if self.in_flight.is_empty() {
                     self.oldest_since = now;
                 }
-                self.in_flight_bytes += a.input.len();
+                self.in_flight_bytes += a.input.held_bytes();
                 self.in_flight.push_back(a);
                 assert!(self.in_flight.len() <= PIPELINE_TASKS_MAX);
                 return Ok(self.in_flight.back());
@@ -234,10 +234,10 @@ impl Pipeline {
     /// answers only while something is).
     pub fn answered(&mut self, now: Instant) -> Option<TaskAssignment> {
         let done = self.in_flight.pop_front()?;
-        self.in_flight_bytes -= done.input.len();
+        self.in_flight_bytes -= done.input.held_bytes();
         debug_assert_eq!(
             self.in_flight_bytes,
-            self.in_flight.iter().map(|a| a.input.len()).sum::<usize>()
+            self.in_flight.iter().map(|a| a.input.held_bytes()).sum::<usize>()
         );
         self.oldest_since = now;
         Some(done)

@@ -136,7 +136,9 @@ async fn run_rank(
     kill: &mut oneshot::Receiver<()>,
 ) -> RankEnd {
     let app = &spec.application;
-    let launch = match flame_protocol::model::RankLaunch::decode(&task.input) {
+    let launch = match flame_protocol::model::RankLaunch::decode(
+        task.input.inline().map(|b| &b[..]).unwrap_or_default(),
+    ) {
         Ok(l) => l,
         Err(e) => return RankEnd::NotStarted(format!("malformed rank launch: {e}"), None),
     };

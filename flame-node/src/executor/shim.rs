@@ -122,7 +122,14 @@ pub(super) async fn drive(
             Event::Command(c) => match pipeline.command(c, Instant::now()) {
                 Ok(None) => {}
                 Ok(Some(a)) => {
-                    if let Err(e) = app.shim.queue_invoke(a.task.0, &a.input) {
+                    let Some(input) = a.input.inline() else {
+                        let why = format!(
+                            "task {} of session {}: this node cannot read object inputs yet",
+                            a.task, a.session
+                        );
+                        return app.fail(why).await;
+                    };
+                    if let Err(e) = app.shim.queue_invoke(a.task.0, input) {
                         let why = format!(
                             "task {} of session {} broke the executor: {e}",
                             a.task, a.session

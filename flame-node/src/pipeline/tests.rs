@@ -10,7 +10,8 @@ fn run(session: u64, task: u64, bytes: usize) -> Command {
         session: SessionId(session),
         task: TaskId(task),
         attempt: 1,
-        input: Bytes::from(vec![0u8; bytes]),
+        input: Bytes::from(vec![0u8; bytes]).into(),
+        sources: None,
     })
 }
 
@@ -229,7 +230,7 @@ proptest! {
             match p.command(command, now) {
                 Ok(Some(a)) => {
                     prop_assert!(is_run);
-                    written.push_back((a.task.0, a.input.len()));
+                    written.push_back((a.task.0, a.input.held_bytes()));
                 }
                 Ok(None) => {
                     prop_assert!(!is_run);
