@@ -32,9 +32,31 @@ pub const OBJECT_ALPN: &[u8] = b"flame-obj/1";
 /// chunk is found when it arrives, not after the whole object.
 pub const OBJECT_CHUNK_BYTES: u64 = 4 * 1024 * 1024;
 
-/// An object's name: the BLAKE3 hash of its bytes.
-#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+/// An object's name: the BLAKE3 hash of its bytes. In postcard it is its 32 bytes; in a
+/// human-readable format (JSON for `--output json`) its 64 hex digits.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ObjectId(pub [u8; OBJECT_ID_BYTES]);
+
+impl Serialize for ObjectId {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        if s.is_human_readable() {
+            s.serialize_str(&self.to_string())
+        } else {
+            self.0.serialize(s)
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for ObjectId {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        if d.is_human_readable() {
+            let text = String::deserialize(d)?;
+            text.parse().map_err(serde::de::Error::custom)
+        } else {
+            <[u8; OBJECT_ID_BYTES]>::deserialize(d).map(ObjectId)
+        }
+    }
+}
 
 impl ObjectId {
     /// The id of `bytes`.
@@ -413,6 +435,14 @@ mod tests {
         assert_eq!(id.short(), &text[..12]);
         let err = "xyz".parse::<ObjectId>().unwrap_err();
         assert!(err.to_string().contains("64 hex digits"), "{err}");
+    }
+
+    #[test]
+    fn ids_are_bytes_in_postcard() {
+        let id = ObjectId::of(b"a");
+        let bytes = postcard::to_allocvec(&id).unwrap();
+        assert_eq!(bytes, id.0.to_vec());
+        assert_eq!(postcard::from_bytes::<ObjectId>(&bytes).unwrap(), id);
     }
 
     #[test]
