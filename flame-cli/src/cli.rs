@@ -9,6 +9,7 @@ pub mod job;
 pub mod local;
 pub mod logs;
 pub mod node;
+pub mod object;
 pub mod ping;
 pub mod queue;
 pub mod session;
@@ -79,6 +80,9 @@ pub enum Command {
     /// List, drain and undrain nodes
     #[command(subcommand)]
     Node(node::NodeCommand),
+    /// Put, get, list and remove objects in the nodes' caches
+    #[command(subcommand)]
+    Object(object::ObjectCommand),
     /// Show how executors are shared between owners and sessions, and why work waits
     Queue(crate::render::OutputArgs),
     /// Show the logs (stderr, and stdout under the unix shim) of a session's executors
@@ -113,6 +117,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::App(cmd) => app::run(&cli.global, cmd).await,
         Command::Session(cmd) => session::run(&cli.global, cmd).await,
         Command::Node(cmd) => node::run(&cli.global, cmd).await,
+        Command::Object(cmd) => object::run(&cli.global, cmd).await,
         Command::Queue(out) => queue::run(&cli.global, out).await,
         Command::Logs(args) => logs::run(&cli.global, args).await,
         // `submit` holds the flags only; `each` and `job` read them (no cycle between them).

@@ -102,6 +102,7 @@ fn print_list(nodes: &[NodeInfo]) {
         text("Isolation"),
         text("Identity"),
         number("Executors"),
+        text("Object cache (memory, disk)"),
         text("Last seen"),
     ];
     let rows = nodes
@@ -137,6 +138,16 @@ fn print_list(nodes: &[NodeInfo]) {
                     Some(i) => i.to_string(),
                 },
                 render::group(u64::from(n.executors)),
+                match &n.cache {
+                    None => "-".to_string(),
+                    Some(c) => format!(
+                        "{}/{}, {}/{}",
+                        render::bytes(c.memory_used),
+                        render::bytes(c.memory_capacity),
+                        render::bytes(c.disk_used),
+                        render::bytes(c.disk_capacity)
+                    ),
+                },
                 render::ago(n.last_seen_ms, now),
             ]
         })

@@ -230,6 +230,7 @@ fn print_one(info: &SessionInfo) {
         ("Failed", render::group(info.counts.failed)),
         ("Cancelled", render::group(info.counts.cancelled)),
         ("Total", render::group(info.counts.total())),
+        ("Object inputs", data_line(&info.data)),
         ("Created", render::local_time(info.created_ms, now)),
         (
             "Closed",
@@ -237,6 +238,23 @@ fn print_one(info: &SessionInfo) {
                 .map_or_else(|| "-".to_string(), |ms| render::local_time(ms, now)),
         ),
     ]);
+}
+
+/// How the session's object inputs reached their executors: the locality hit rate and the
+/// bytes moved between nodes.
+fn data_line(d: &flame_protocol::model::DataStats) -> String {
+    if d.object_tasks == 0 {
+        return "-".to_string();
+    }
+    let permille = d.local_tasks.saturating_mul(1000) / d.object_tasks;
+    format!(
+        "{} tasks, {}.{}% where their input was; {} fetched between nodes, {} read in place",
+        render::group(d.object_tasks),
+        permille / 10,
+        permille % 10,
+        render::bytes(d.fetched_bytes),
+        render::bytes(d.local_bytes)
+    )
 }
 
 /// What each executor that served the session used, from its node's cgroup.

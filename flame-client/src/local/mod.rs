@@ -356,6 +356,12 @@ impl LocalCluster {
             // owner's own uid, never as root.
             "--cgroup-root".into(),
             format!("flame-local-{}", std::process::id()).into(),
+            // Any free port: several local clusters may run on one machine. The object
+            // cache spills into the cluster's own folder.
+            "--object-listen".into(),
+            "127.0.0.1:0".into(),
+            "--object-dir".into(),
+            work_dir.join("objects").into(),
         ];
         let mut node_args = node_args;
         if let Some(cpus) = opts.node_cpus {
