@@ -42,6 +42,9 @@ pub struct Measurement {
     /// Peak memory of the head and node, when `/proc` could be read.
     #[serde(flatten)]
     pub rss: Option<Rss>,
+    /// Bytes moved per second, in MiB, for the lines that move one large object.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mib_per_s: Option<f64>,
 }
 
 impl Measurement {
@@ -54,7 +57,14 @@ impl Measurement {
             tasks_per_s: tasks as f64 / seconds.max(1e-9),
             latency: None,
             rss,
+            mib_per_s: None,
         }
+    }
+
+    /// The same, with the rate `bytes` moved in `elapsed` gives.
+    pub(super) fn moved(mut self, bytes: u64) -> Measurement {
+        self.mib_per_s = Some(bytes as f64 / (1 << 20) as f64 / self.seconds.max(1e-9));
+        self
     }
 
     /// The figure named as in the output line, for comparisons.
@@ -65,6 +75,7 @@ impl Measurement {
             "p50_us" => self.latency.map(|l| l.p50_us),
             "p99_us" => self.latency.map(|l| l.p99_us),
             "p999_us" => self.latency.map(|l| l.p999_us),
+            "mib_per_s" => self.mib_per_s,
             _ => None,
         }
     }
@@ -83,6 +94,9 @@ impl fmt::Display for Measurement {
                 " p50_us={:.1} p99_us={:.1} p999_us={:.1}",
                 l.p50_us, l.p99_us, l.p999_us
             )?;
+        }
+        if let Some(m) = self.mib_per_s {
+            write!(f, " mib_per_s={m:.1}")?;
         }
         if let Some(r) = &self.rss {
             write!(
@@ -171,6 +185,11 @@ pub(super) fn medians(runs: &[Measurement]) -> Vec<Measurement> {
                 tasks_per_s: median(of.iter().map(|m| m.tasks_per_s)),
                 latency,
                 rss,
+                mib_per_s: of
+                    .iter()
+                    .map(|m| m.mib_per_s)
+                    .collect::<Option<Vec<_>>>()
+                    .map(|v| median(v.into_iter())),
             })
         })
         .collect()

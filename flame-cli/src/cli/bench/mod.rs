@@ -118,6 +118,10 @@ pub enum Case {
     /// From starting the cluster to the first result of a one-task session
     #[value(name = "cold_start")]
     ColdStart,
+    /// Put a 1 GiB object into the node's cache and get it back, checked (two lines:
+    /// object_put_1GiB, object_get_1GiB, with mib_per_s)
+    #[value(name = "object_1GiB", alias = "object_1gib")]
+    Object1Gib,
 }
 
 impl Case {
@@ -131,6 +135,7 @@ impl Case {
             Case::Sessions => "sessions",
             Case::Queue => "queue",
             Case::ColdStart => "cold_start",
+            Case::Object1Gib => "object_1GiB",
         }
     }
 }
@@ -494,7 +499,59 @@ async fn measure(
             )])
         }
         Case::Queue => queue(client, plan, target).await,
+        Case::Object1Gib => object_1gib(client, plan, target).await,
     }
+}
+
+/// Bytes of the `object_1GiB` case's object (scaled by `--scale`, at least 1 MiB).
+const OBJECT_CASE_BYTES: u64 = 1 << 30;
+
+/// Puts one object of 1 GiB (made before the clock starts, not all one value so that no
+/// layer can shortcut it) through the client's object path to the node, then gets it back
+/// and compares every byte. Same host: the Unix socket and a memory file descriptor.
+async fn object_1gib(
+    client: &Client,
+    plan: Plan,
+    target: &Target,
+) -> anyhow::Result<Vec<Measurement>> {
+    let size = ((OBJECT_CASE_BYTES as f64 * plan.scale.min(1.0)) as u64).max(1 << 20);
+    let len = usize::try_from(size).context("the object does not fit this machine's memory")?;
+    let mut data = vec![0u8; len];
+    let mut state = 0x9e37_79b9_7f4a_7c15u64;
+    for word in data.chunks_mut(8) {
+        // xorshift: cheap, reproducible, incompressible enough.
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        let bytes = state.to_le_bytes();
+        word.copy_from_slice(&bytes[..word.len()]);
+    }
+    let data = bytes::Bytes::from(data);
+    let started = Instant::now();
+    let object = client
+        .put_object(None, None, data.clone(), 1)
+        .await
+        .context("cannot put the object")?;
+    let put = Measurement::new("object_put_1GiB", 1, started.elapsed(), target.rss()).moved(size);
+    let started = Instant::now();
+    let back = client
+        .get_object(None, object.id)
+        .await
+        .context("cannot get the object back")?;
+    let get = Measurement::new("object_get_1GiB", 1, started.elapsed(), target.rss()).moved(size);
+    if back != data {
+        bail!(
+            "object {} came back different ({} bytes, {} put)",
+            object.id,
+            back.len(),
+            data.len()
+        );
+    }
+    client
+        .remove_objects(None, vec![object.id])
+        .await
+        .context("cannot remove the object")?;
+    Ok(vec![put, get])
 }
 
 /// One ping session of `n` inputs of `size` bytes, built before the clock starts.
