@@ -439,6 +439,11 @@ impl Cluster {
         self.node_work_dir(i).join("run")
     }
 
+    /// Node `i`'s object spill folder (`--object-dir`).
+    pub fn node_object_dir(&self, i: usize) -> PathBuf {
+        self.dir.path().join(format!("{}-objects", Self::node_name(i)))
+    }
+
     /// Node `i`'s executor log folder (`--log-dir`).
     pub fn node_log_dir(&self, i: usize) -> PathBuf {
         self.node_work_dir(i).join("logs")
@@ -810,6 +815,14 @@ impl Cluster {
         }
         if let Some(mode) = &options.cgroups {
             args.extend(["--cgroups".into(), mode.into()]);
+        }
+        // Every node serves objects on a port of its own (several nodes share this host)
+        // and spills into its own folder, unless the test says otherwise.
+        if !options.node_args.iter().any(|a| a == "--object-listen") {
+            args.extend(["--object-listen".into(), "0.0.0.0:0".into()]);
+        }
+        if !options.node_args.iter().any(|a| a == "--object-dir") {
+            args.extend(["--object-dir".into(), self.node_object_dir(i).into()]);
         }
         args.extend(options.node_args.iter().map(OsString::from));
         let mut node = Proc::spawn(
