@@ -80,6 +80,9 @@ pub struct LocalOptions {
     /// Whole cpus the node offers (`flame-node --cpus`); `None`: what it detects. An
     /// executor of the built-in `ping` takes one cpu, so this bounds how many run at once.
     pub node_cpus: Option<u32>,
+    /// More nodes on this machine, named `<node_name>-1`, `-2`, ...: each its own agent,
+    /// folders, cgroup and object cache (for `flame bench --case broadcast`).
+    pub extra_nodes: u32,
 }
 
 impl Default for LocalOptions {
@@ -92,6 +95,7 @@ impl Default for LocalOptions {
             ready_timeout: READY_TIMEOUT,
             stop_grace: STOP_GRACE,
             node_cpus: None,
+            extra_nodes: 0,
         }
     }
 }
@@ -205,6 +209,8 @@ pub struct ChildExit {
 pub struct LocalCluster {
     // Children before the data folder: fields drop in order, so the processes are killed
     // before a temporary data folder is removed.
+    /// Nodes beyond the first ([`LocalOptions::extra_nodes`]).
+    extra: Vec<Managed>,
     node: Managed,
     head: Managed,
     head_addr: String,
@@ -314,74 +320,40 @@ impl LocalCluster {
             return Err(LocalError::MissingCaFile { path: ca_file });
         }
 
-        let work_dir = dir.join("node");
-        let tls_dir = work_dir.join("tls");
-        let joined = async {
-            create_dir(&work_dir)?;
-            join_node(
-                &head_bin,
-                &node_bin,
-                &dir,
-                &head_addr,
-                &opts.node_name,
-                &tls_dir,
-                opts.ready_timeout,
-            )
-            .await
-        }
-        .await;
-        if let Err(e) = joined {
-            head.stop(opts.stop_grace).await.ok();
-            return Err(e);
-        }
-
-        // The first six arguments keep their places: stand-in nodes in tests read them.
-        let node_args: Vec<OsString> = vec![
-            "--head".into(),
-            head_addr.clone().into(),
-            "--ca-file".into(),
-            ca_file.clone().into(),
-            "--name".into(),
-            opts.node_name.clone().into(),
-            "--tls-dir".into(),
-            tls_dir.clone().into(),
-            "--work-dir".into(),
-            exec_dir.path().join("work").into(),
-            "--runtime-dir".into(),
-            exec_dir.path().join("run").into(),
-            "--log-dir".into(),
-            work_dir.join("logs").into(),
-            // The node's default identity: started by a user, it runs executors as that
-            // user (an unprivileged agent cannot do otherwise); started by root, as each
-            // owner's own uid, never as root.
-            "--cgroup-root".into(),
-            format!("flame-local-{}", std::process::id()).into(),
-            // Any free port: several local clusters may run on one machine. The object
-            // cache spills into the cluster's own folder.
-            "--object-listen".into(),
-            "127.0.0.1:0".into(),
-            "--object-dir".into(),
-            work_dir.join("objects").into(),
-        ];
-        let mut node_args = node_args;
-        if let Some(cpus) = opts.node_cpus {
-            node_args.push("--cpus".into());
-            node_args.push(cpus.to_string().into());
-        }
-        let node = Managed::spawn(NODE_BINARY, &node_bin, &node_args, &dir.join("node.log"));
-        let mut node = match node {
+        let started = NodeStart {
+            node_bin: &node_bin,
+            head_bin: &head_bin,
+            dir: &dir,
+            head_addr: &head_addr,
+            ca_file: &ca_file,
+            exec_dir: exec_dir.path(),
+            opts: &opts,
+        };
+        let node = match started.start(&opts.node_name, "node").await {
             Ok(node) => node,
             Err(e) => {
                 head.stop(opts.stop_grace).await.ok();
                 return Err(e);
             }
         };
-        if let Err(e) = node.wait_ready(Daemon::Node, opts.ready_timeout).await {
-            node.stop(opts.stop_grace).await.ok();
-            head.stop(opts.stop_grace).await.ok();
-            return Err(e);
+        let mut extra = Vec::new();
+        for i in 1..=opts.extra_nodes {
+            let name = format!("{}-{i}", opts.node_name);
+            match started.start(&name, &format!("node-{i}")).await {
+                Ok(n) => extra.push(n),
+                Err(e) => {
+                    for mut n in extra {
+                        n.stop(opts.stop_grace).await.ok();
+                    }
+                    let mut node = node;
+                    node.stop(opts.stop_grace).await.ok();
+                    head.stop(opts.stop_grace).await.ok();
+                    return Err(e);
+                }
+            }
         }
         Ok(LocalCluster {
+            extra,
             node,
             head,
             head_addr,
@@ -503,7 +475,13 @@ impl LocalCluster {
     /// Both are stopped even when the first one misbehaves; the error lists what went wrong.
     pub async fn shutdown(mut self) -> Result<(), LocalError> {
         let mut problems = Vec::new();
-        // The node first, so that it can release its executors while the head still runs.
+        // The nodes first, so that they can release their executors while the head still
+        // runs.
+        for node in &mut self.extra {
+            if let Err(p) = node.stop(self.stop_grace).await {
+                problems.push(p);
+            }
+        }
         if let Err(p) = self.node.stop(self.stop_grace).await {
             problems.push(p);
         }
@@ -515,6 +493,78 @@ impl LocalCluster {
         } else {
             Err(LocalError::Unclean { problems })
         }
+    }
+}
+
+/// What starting one node needs: the binaries, the cluster's folders and head.
+struct NodeStart<'a> {
+    node_bin: &'a Path,
+    head_bin: &'a Path,
+    dir: &'a Path,
+    head_addr: &'a str,
+    ca_file: &'a Path,
+    exec_dir: &'a Path,
+    opts: &'a LocalOptions,
+}
+
+impl NodeStart<'_> {
+    /// Joins node `name` and starts it, its folders under `folder` (in the data folder)
+    /// and `exec_dir`; waits until it is registered.
+    async fn start(&self, name: &str, folder: &str) -> Result<Managed, LocalError> {
+        let opts = self.opts;
+        let work_dir = self.dir.join(folder);
+        let tls_dir = work_dir.join("tls");
+        create_dir(&work_dir)?;
+        join_node(
+            self.head_bin,
+            self.node_bin,
+            self.dir,
+            self.head_addr,
+            name,
+            &tls_dir,
+            opts.ready_timeout,
+        )
+        .await?;
+        let exec_dir = self.exec_dir.join(folder);
+        // The first six arguments keep their places: stand-in nodes in tests read them.
+        let mut node_args: Vec<OsString> = vec![
+            "--head".into(),
+            self.head_addr.into(),
+            "--ca-file".into(),
+            self.ca_file.into(),
+            "--name".into(),
+            name.into(),
+            "--tls-dir".into(),
+            tls_dir.clone().into(),
+            "--work-dir".into(),
+            exec_dir.join("work").into(),
+            "--runtime-dir".into(),
+            exec_dir.join("run").into(),
+            "--log-dir".into(),
+            work_dir.join("logs").into(),
+            // The node's default identity: started by a user, it runs executors as that
+            // user (an unprivileged agent cannot do otherwise); started by root, as each
+            // owner's own uid, never as root.
+            "--cgroup-root".into(),
+            format!("flame-local-{}-{folder}", std::process::id()).into(),
+            // Any free port: several local clusters may run on one machine. The object
+            // cache spills into the node's own folder.
+            "--object-listen".into(),
+            "127.0.0.1:0".into(),
+            "--object-dir".into(),
+            work_dir.join("objects").into(),
+        ];
+        if let Some(cpus) = opts.node_cpus {
+            node_args.push("--cpus".into());
+            node_args.push(cpus.to_string().into());
+        }
+        let log = self.dir.join(format!("{folder}.log"));
+        let mut node = Managed::spawn(NODE_BINARY, self.node_bin, &node_args, &log)?;
+        if let Err(e) = node.wait_ready(Daemon::Node, opts.ready_timeout).await {
+            node.stop(opts.stop_grace).await.ok();
+            return Err(e);
+        }
+        Ok(node)
     }
 }
 
@@ -592,7 +642,7 @@ async fn join_node(
         "the join token `flame-head token create --node` printed".to_string()
     })
     .map_err(LocalError::Token)?;
-    let token_file = data_dir.join("node").join("join.token");
+    let token_file = tls_dir.with_file_name("join.token");
     write_private(&token_file, format!("{}\n", token.expose()).as_bytes())?;
     let join_args: Vec<OsString> = vec![
         "join".into(),
