@@ -106,7 +106,12 @@ fn samples() -> Vec<Vec<u8>> {
         .unwrap(),
         postcard::to_allocvec(&SubmitBatch {
             batch_id: 9,
-            inputs: vec![Bytes::from_static(b"input"), Bytes::new()],
+            inputs: vec![
+                Bytes::from_static(b"input").into(),
+                flame_protocol::object::Payload::Object(flame_protocol::object::ObjectRef::of(
+                    b"big",
+                )),
+            ],
         })
         .unwrap(),
         postcard::to_allocvec(&HeadToNode::Commands(vec![NodeCommand::Run(
@@ -115,7 +120,8 @@ fn samples() -> Vec<Vec<u8>> {
                 session: SessionId(2),
                 task: TaskId(5),
                 attempt: 1,
-                input: Bytes::from_static(b"abc"),
+                input: Bytes::from_static(b"abc").into(),
+                sources: None,
             },
         )]))
         .unwrap(),
