@@ -2,9 +2,15 @@
 //! spill folder, and the endpoints that store and serve them.
 //!
 //! - [`cache`]: the pure bookkeeping (budgets, pins, LRU, what to spill or drop).
+//! - [`store`]: the shell that holds the bytes (memfds, spill files) and reports events.
 
 // The link and executor integration (another change) calls this API; until it lands,
 // only the tests do.
 #![allow(dead_code)]
 
 pub mod cache;
+pub mod store;
+
+// The names the link and the endpoints use.
+#[allow(unused_imports)]
+pub use store::{CacheConfig, CacheError, ObjectReader, ObjectStore, ObjectWriter};
