@@ -3,12 +3,14 @@
 //!
 //! - [`cache`]: the pure bookkeeping (budgets, pins, LRU, what to spill or drop).
 //! - [`store`]: the shell that holds the bytes (memfds, spill files) and reports events.
+//! - [`server`]: the QUIC object endpoint (put and get, checked by the head's grants).
 
 // The link and executor integration (another change) calls this API; until it lands,
 // only the tests do.
 #![allow(dead_code)]
 
 pub mod cache;
+pub mod server;
 pub mod store;
 
 // The names the link and the endpoints use.
