@@ -4,6 +4,7 @@
 //! - [`cache`]: the pure bookkeeping (budgets, pins, LRU, what to spill or drop).
 //! - [`store`]: the shell that holds the bytes (memfds, spill files) and reports events.
 //! - [`server`]: the QUIC object endpoint (put and get, checked by the head's grants).
+//! - [`unix`]: the same-host endpoint (descriptors passed on a Unix socket).
 
 // The link and executor integration (another change) calls this API; until it lands,
 // only the tests do.
@@ -12,6 +13,7 @@
 pub mod cache;
 pub mod server;
 pub mod store;
+pub mod unix;
 
 // The names the link and the endpoints use.
 #[allow(unused_imports)]
