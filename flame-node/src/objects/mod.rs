@@ -3,6 +3,7 @@
 //!
 //! - [`cache`]: the pure bookkeeping (budgets, pins, LRU, what to spill or drop).
 //! - [`store`]: the shell that holds the bytes (memfds, spill files) and reports events.
+//! - `files`: the memfds and spill files under the store (no path a user can change is followed).
 //! - [`server`]: the QUIC object endpoint (put and get, checked by the head's grants).
 //! - [`unix`]: the same-host endpoint (descriptors passed on a Unix socket).
 
@@ -11,6 +12,7 @@
 #![allow(dead_code)]
 
 pub mod cache;
+mod files;
 pub mod server;
 pub mod store;
 pub mod unix;

@@ -29,6 +29,7 @@
 use super::cache::{
     AdmitError, Budgets, Cache, CacheFull, DropReason, Dropped, ObjectKey, Tick, Tier,
 };
+use super::files::{hash_file, new_memfd, prepare_spill_dir, required_seals, seal, SpillFile};
 use bytes::Bytes;
 use flame_protocol::ids::SessionId;
 use flame_protocol::limits;
@@ -37,12 +38,11 @@ use flame_protocol::object::{
     OBJECT_ID_BYTES,
 };
 use nix::fcntl::{FcntlArg, SealFlag};
-use nix::sys::memfd::{memfd_create, MFdFlags};
 use std::collections::HashMap;
 use std::fs::File;
 use std::io::Write;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
-use std::os::unix::fs::{DirBuilderExt, FileExt, MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -51,16 +51,8 @@ use tokio::sync::mpsc;
 /// One chunk's BLAKE3 hash.
 pub type ChunkHash = [u8; OBJECT_ID_BYTES];
 
-/// Bytes copied per read when moving an object between files.
-const COPY_BYTES: usize = 1024 * 1024;
-
 /// Reads at most this large are done on the runtime's thread; larger ones on a blocking one.
 const INLINE_READ_BYTES: u64 = 256 * 1024;
-
-/// The seals a memfd must carry before its bytes are trusted.
-fn required_seals() -> SealFlag {
-    SealFlag::F_SEAL_SHRINK | SealFlag::F_SEAL_GROW | SealFlag::F_SEAL_WRITE
-}
 
 /// The node's cache settings (`flame-node --object-memory`, `--object-disk`, and the
 /// spill folder under its work folder).
@@ -112,7 +104,7 @@ pub enum CacheError {
 
 /// Where an object's bytes are.
 #[derive(Debug, Clone)]
-enum Backing {
+pub(super) enum Backing {
     /// A sealed memfd.
     Memory(Arc<File>),
     /// A spill file, opened read-only.
@@ -764,7 +756,7 @@ fn forget(state: &mut State, dropped: Vec<Dropped>) -> Chores {
     chores
 }
 
-fn unlink(path: &Path) {
+pub(super) fn unlink(path: &Path) {
     match std::fs::remove_file(path) {
         Ok(()) => {}
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
@@ -797,186 +789,6 @@ async fn blocking<T: Send + 'static>(
     tokio::task::spawn_blocking(work)
         .await
         .map_err(|e| CacheError::Memory(std::io::Error::other(e.to_string())))?
-}
-
-/// Hashes a descriptor's bytes: each chunk, and the whole against `object`.
-fn hash_file(file: &File, object: ObjectRef) -> Result<Vec<ChunkHash>, CacheError> {
-    let mut whole = blake3::Hasher::new();
-    let mut chunks = Vec::with_capacity(object.chunks() as usize);
-    let mut buf = vec![0u8; OBJECT_CHUNK_BYTES.min(object.size) as usize];
-    let mut offset = 0;
-    while offset < object.size {
-        let len = OBJECT_CHUNK_BYTES.min(object.size - offset) as usize;
-        file.read_exact_at(&mut buf[..len], offset)
-            .map_err(CacheError::Memory)?;
-        whole.update(&buf[..len]);
-        chunks.push(*blake3::hash(&buf[..len]).as_bytes());
-        offset += len as u64;
-    }
-    if ObjectId::from_hasher(&whole) != object.id {
-        return Err(CacheError::Mismatch {
-            id: object.id,
-            why: "their hash is another".into(),
-        });
-    }
-    Ok(chunks)
-}
-
-fn new_memfd(id: &ObjectId) -> Result<File, CacheError> {
-    let name = format!("flame-object-{}", id.short());
-    let fd = memfd_create(
-        name.as_str(),
-        MFdFlags::MFD_CLOEXEC | MFdFlags::MFD_ALLOW_SEALING,
-    )
-    .map_err(|e| CacheError::Memory(e.into()))?;
-    Ok(File::from(fd))
-}
-
-fn seal(file: &File) -> Result<(), CacheError> {
-    nix::fcntl::fcntl(
-        file.as_fd(),
-        FcntlArg::F_ADD_SEALS(required_seals() | SealFlag::F_SEAL_SEAL),
-    )
-    .map_err(|e| CacheError::Memory(e.into()))?;
-    Ok(())
-}
-
-/// Makes the spill folder the node's own and empty.
-fn prepare_spill_dir(dir: &Path) -> Result<(), CacheError> {
-    let disk = |cause| CacheError::Disk {
-        path: dir.to_path_buf(),
-        cause,
-    };
-    match std::fs::symlink_metadata(dir) {
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            std::fs::DirBuilder::new()
-                .recursive(true)
-                .mode(0o700)
-                .create(dir)
-                .map_err(disk)?;
-        }
-        Err(e) => return Err(disk(e)),
-        Ok(meta) => {
-            if !meta.is_dir() {
-                return Err(disk(std::io::Error::other(
-                    "it is not a folder (a link or a file); the node makes its own",
-                )));
-            }
-            if meta.uid() != nix::unistd::geteuid().as_raw() {
-                return Err(disk(std::io::Error::other(format!(
-                    "it belongs to uid {}, not to the node",
-                    meta.uid()
-                ))));
-            }
-            for entry in std::fs::read_dir(dir).map_err(disk)? {
-                let path = entry.map_err(disk)?.path();
-                let removed = match std::fs::symlink_metadata(&path) {
-                    Ok(m) if m.is_dir() => std::fs::remove_dir_all(&path),
-                    _ => std::fs::remove_file(&path),
-                };
-                removed.map_err(|cause| CacheError::Disk {
-                    path: path.clone(),
-                    cause,
-                })?;
-            }
-        }
-    }
-    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(disk)
-}
-
-/// A spill file being written under a temporary name.
-#[derive(Debug)]
-struct SpillFile {
-    file: File,
-    temp: PathBuf,
-    path: PathBuf,
-    done: bool,
-}
-
-impl SpillFile {
-    fn create(spill_dir: &Path, key: &ObjectKey, generation: u64) -> Result<SpillFile, CacheError> {
-        let owner = blake3::hash(key.owner.as_bytes());
-        let dir = spill_dir.join(flame_protocol::auth::hex(&owner.as_bytes()[..16]));
-        let disk = |path: &Path, cause| CacheError::Disk {
-            path: path.to_path_buf(),
-            cause,
-        };
-        match std::fs::DirBuilder::new().mode(0o700).create(&dir) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
-            Err(e) => return Err(disk(&dir, e)),
-        }
-        let name = format!("{}.{generation}", key.id);
-        let temp = dir.join(format!(".{name}.tmp"));
-        let path = dir.join(name);
-        let file = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-            .open(&temp)
-            .map_err(|e| disk(&temp, e))?;
-        Ok(SpillFile {
-            file,
-            temp,
-            path,
-            done: false,
-        })
-    }
-
-    fn write(&mut self, data: &[u8]) -> Result<(), CacheError> {
-        self.file.write_all(data).map_err(|cause| CacheError::Disk {
-            path: self.temp.clone(),
-            cause,
-        })
-    }
-
-    /// Renames the file into place and opens it read-only.
-    fn finish(mut self) -> Result<Backing, CacheError> {
-        let disk = |path: &Path, cause| CacheError::Disk {
-            path: path.to_path_buf(),
-            cause,
-        };
-        std::fs::rename(&self.temp, &self.path).map_err(|e| disk(&self.temp, e))?;
-        self.done = true;
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-            .open(&self.path)
-            .map_err(|e| disk(&self.path, e))?;
-        Ok(Backing::Disk {
-            file: Arc::new(file),
-            path: self.path.clone(),
-        })
-    }
-
-    fn copy_from(
-        spill_dir: &Path,
-        key: &ObjectKey,
-        generation: u64,
-        from: &File,
-        size: u64,
-    ) -> Result<Backing, CacheError> {
-        let mut out = SpillFile::create(spill_dir, key, generation)?;
-        let mut buf = vec![0u8; COPY_BYTES.min(size as usize)];
-        let mut offset = 0;
-        while offset < size {
-            let len = (COPY_BYTES as u64).min(size - offset) as usize;
-            from.read_exact_at(&mut buf[..len], offset)
-                .map_err(CacheError::Memory)?;
-            out.write(&buf[..len])?;
-            offset += len as u64;
-        }
-        out.finish()
-    }
-}
-
-impl Drop for SpillFile {
-    fn drop(&mut self) {
-        if !self.done {
-            unlink(&self.temp);
-        }
-    }
 }
 
 /// Where an [`ObjectWriter`]'s bytes go.
