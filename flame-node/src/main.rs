@@ -16,6 +16,7 @@ mod lifecycle;
 mod link;
 mod log_server;
 mod logs;
+mod objects;
 mod pipeline;
 mod resources;
 
