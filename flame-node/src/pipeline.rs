@@ -83,7 +83,8 @@ pub enum Held {
     Bind {
         session: SessionId,
         common_data: Payload,
-        sources: Option<ObjectSources>,
+        /// Boxed: a held unbind or release need not carry its room.
+        sources: Option<Box<ObjectSources>>,
     },
     Unbind,
     Release,
@@ -117,7 +118,7 @@ pub enum Step {
         input: Bytes,
     },
     /// Report this task failed, unwritten: its input could not be had (the reason).
-    Fail(TaskAssignment, String),
+    Fail(Box<TaskAssignment>, String),
     /// Apply this held command now: every task sent before it is answered.
     Apply(Held),
     Wait(Wait),
@@ -260,7 +261,7 @@ impl Pipeline {
             }
             Resolution::Failed(why) => {
                 self.window_bytes -= a.input.size();
-                Some(Step::Fail(a, why))
+                Some(Step::Fail(Box::new(a), why))
             }
         }
     }
@@ -298,7 +299,7 @@ impl Pipeline {
             } => Held::Bind {
                 session,
                 common_data,
-                sources,
+                sources: sources.map(Box::new),
             },
             Command::Unbind => Held::Unbind,
             Command::Release => Held::Release,

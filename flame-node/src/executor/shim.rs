@@ -173,7 +173,7 @@ impl Run<'_> {
             } => {
                 // Nothing runs while the common data is resolved: the bind holds the intake.
                 let resolved = tokio::select! {
-                    r = self.common_data(session, &common_data, sources.as_ref()) => r,
+                    r = self.common_data(session, &common_data, sources.as_deref()) => r,
                     _ = kill => return Err(app.fail("killed by the node".into()).await),
                 };
                 let data = match resolved {
