@@ -240,3 +240,64 @@ impl NodeObjects {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use flame_protocol::model::TaskOutcome;
+
+    /// A node's objects with a cache of `memory` bytes in memory and none on disk.
+    fn objects(memory: u64, dir: &std::path::Path) -> NodeObjects {
+        let (store, _events) = NodeObjects::open_store(CacheConfig {
+            memory_bytes: memory,
+            disk_bytes: 0,
+            spill_dir: dir.to_path_buf(),
+        })
+        .unwrap();
+        let trust = flame_protocol::endpoint::Trust::Pinned([0; 32]);
+        let client = ObjectClient::new(&trust, None).unwrap();
+        let service = Service {
+            port: 1,
+            advertise: None,
+            host: "h".into(),
+            socket: None,
+        };
+        NodeObjects::new(store, client, service)
+    }
+
+    #[tokio::test]
+    async fn outputs_past_the_threshold_are_kept_and_read_back_as_inputs() {
+        let dir = tempfile::tempdir().unwrap();
+        let o = objects(1 << 20, dir.path());
+        o.set_inline_max(4);
+        let small = o
+            .output("a", SessionId(1), Bytes::from_static(b"four"))
+            .await;
+        assert_eq!(small, TaskOutcome::Succeeded(Bytes::from_static(b"four")));
+        let out = Bytes::from_static(b"more than four");
+        let TaskOutcome::Object(object) = o.output("a", SessionId(1), out.clone()).await else {
+            panic!("expected an object");
+        };
+        assert_eq!(object, ObjectRef::of(&out));
+        let input = Payload::Object(object);
+        assert_eq!(o.resolve("a", SessionId(2), &input, None).await, Ok(out));
+        // Another owner's task cannot read it, and the error names the object.
+        let err = o
+            .resolve("b", SessionId(2), &input, None)
+            .await
+            .unwrap_err();
+        assert!(err.contains(&object.id.to_string()), "{err}");
+    }
+
+    #[tokio::test]
+    async fn an_output_the_cache_refuses_fails_the_task_with_the_reason() {
+        let dir = tempfile::tempdir().unwrap();
+        let o = objects(8, dir.path());
+        o.set_inline_max(4);
+        let outcome = o.output("a", SessionId(1), vec![1u8; 64].into()).await;
+        let TaskOutcome::Failed(why) = outcome else {
+            panic!("expected a failure, got {outcome:?}");
+        };
+        assert!(why.contains("could not be kept"), "{why}");
+    }
+}
