@@ -21,6 +21,11 @@
 //! reserve_memory = "8GiB"
 //! log_file_bytes_max = "8MiB"
 //! log_files_kept = 3
+//! object_listen = "0.0.0.0:7471"   # the object cache's endpoint (UDP, QUIC), or "off"
+//! # object_advertise = "10.0.0.7:7471"  # default: the address the head sees, that port
+//! object_memory = "2GiB"            # the cache's memory (at most the node's)
+//! object_disk = "16GiB"             # the cache's spill folder's budget
+//! # object_dir = "/var/lib/flame/node/objects"  # default: WORK_DIR/objects
 //!
 //! [labels]
 //! zone = "a"
@@ -61,6 +66,11 @@ pub struct FileConfig {
     pub pids_max: Option<u32>,
     pub log_file_bytes_max: Option<Size>,
     pub log_files_kept: Option<u32>,
+    pub object_listen: Option<String>,
+    pub object_advertise: Option<std::net::SocketAddr>,
+    pub object_memory: Option<Size>,
+    pub object_disk: Option<Size>,
+    pub object_dir: Option<PathBuf>,
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
 }
@@ -126,6 +136,28 @@ pub fn cpu_millis(field: &str, cpus: f64) -> Result<u32, String> {
     Ok((cpus * 1000.0).round() as u32)
 }
 
+/// The object endpoint's port unless `--object-listen` says otherwise (the head's is 7470).
+pub const DEFAULT_OBJECT_PORT: u16 = 7471;
+
+/// Where the node serves objects (`--object-listen`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ObjectListen {
+    /// No object service: no cache, no endpoint; tasks with object inputs fail here.
+    Off,
+    On(std::net::SocketAddr),
+}
+
+/// Parses `--object-listen`: an address `IP:PORT`, or `off`.
+pub fn parse_object_listen(text: &str) -> Result<ObjectListen, String> {
+    let text = text.trim();
+    if text.eq_ignore_ascii_case("off") {
+        return Ok(ObjectListen::Off);
+    }
+    text.parse().map(ObjectListen::On).map_err(|_| {
+        format!("object_listen: `{text}` is not an address such as 0.0.0.0:{DEFAULT_OBJECT_PORT}, or `off`")
+    })
+}
+
 /// Parses `k=v` as a node label.
 pub fn parse_label(text: &str) -> Result<(String, String), String> {
     let (k, v) = text
@@ -186,6 +218,31 @@ mod tests {
         );
         let c: FileConfig = toml::from_str("cpus = 2\n").unwrap();
         assert_eq!(c.cpus, Some(2.0));
+    }
+
+    #[test]
+    fn the_object_service_is_an_address_or_off() {
+        assert_eq!(parse_object_listen("off"), Ok(ObjectListen::Off));
+        assert_eq!(
+            parse_object_listen("[::]:9"),
+            Ok(ObjectListen::On("[::]:9".parse().unwrap()))
+        );
+        let err = parse_object_listen("somewhere").unwrap_err();
+        assert!(
+            err.starts_with("object_listen") && err.contains("off"),
+            "{err}"
+        );
+        let c: FileConfig = toml::from_str(
+            "object_listen = \"off\"\nobject_memory = \"1GiB\"\nobject_disk = 5\nobject_dir = \"/o\"\n",
+        )
+        .unwrap();
+        assert_eq!(c.object_listen.as_deref(), Some("off"));
+        assert_eq!(
+            c.object_memory.unwrap().bytes("object_memory").unwrap(),
+            1 << 30
+        );
+        assert_eq!(c.object_disk.unwrap().bytes("object_disk").unwrap(), 5);
+        assert_eq!(c.object_dir, Some(PathBuf::from("/o")));
     }
 
     #[test]

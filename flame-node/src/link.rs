@@ -1,4 +1,5 @@
-//! The node's connection to the head: register, heartbeat, apply commands, batch reports.
+//! The node's connection to the head: register, heartbeat, apply commands, batch reports
+//! and the object cache's events.
 
 use crate::executor::{self, Command, Handle, LaunchSpec, Report};
 use crate::log_server;
@@ -6,9 +7,11 @@ use flame_protocol::endpoint::{self, ClientIdentity, EndpointError, Trust};
 use flame_protocol::frame::{FrameError, FrameWriter};
 use flame_protocol::limits;
 use flame_protocol::messages::{
-    ExecutorEvent, ExecutorReport, HeadToNode, NodeCommand, NodeRegistration, NodeToHead, Role,
+    ExecutorEvent, ExecutorReport, HeadToNode, NodeCommand, NodeRegistration, NodeTaskResult,
+    NodeToHead, ObjectService, Role,
 };
 use flame_protocol::model::{NodeResources, Resources};
+use flame_protocol::object::{CacheUsage, ObjectCommand, ObjectEvent};
 use flame_protocol::{ExecutorId, SessionId, TaskId};
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::path::PathBuf;
@@ -97,6 +100,10 @@ struct Agent {
     /// room.
     gone_tx: mpsc::Sender<ExecutorId>,
     gone_rx: mpsc::Receiver<ExecutorId>,
+    /// The object cache's events ([`limits::NODE_OBJECT_EVENTS_MAX`]), forwarded to the
+    /// head while connected and dropped while not (the inventory sent at the next
+    /// registration says what the node holds). Closed when the object service is off.
+    object_events: mpsc::Receiver<ObjectEvent>,
     /// Successful registrations so far.
     registrations: u64,
     /// Executor tasks started and not yet gone (whatever they held is removed only then):
@@ -105,9 +112,11 @@ struct Agent {
 }
 
 /// Serves the head until `shutdown` resolves, reconnecting with backoff after a loss.
-/// A refusal by the head is final.
+/// A refusal by the head is final. `object_events`: the object cache's (see
+/// [`crate::executor::objects::NodeObjects::open_store`]).
 pub async fn run(
     config: NodeConfig,
+    object_events: mpsc::Receiver<ObjectEvent>,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), LinkError> {
     let endpoint = endpoint::client(
@@ -124,6 +133,7 @@ pub async fn run(
         own_reports: VecDeque::new(),
         gone_tx,
         gone_rx,
+        object_events,
         registrations: 0,
         live: 0,
     };
@@ -162,11 +172,17 @@ pub async fn run(
             );
             agent.stop_all();
         }
-        tokio::select! {
-            _ = tokio::time::sleep(backoff) => {}
-            _ = &mut shutdown => {
-                agent.stop_for_shutdown().await;
-                return Ok(());
+        let sleep = tokio::time::sleep(backoff);
+        tokio::pin!(sleep);
+        loop {
+            tokio::select! {
+                () = &mut sleep => break,
+                // Nobody to tell; the next registration's inventory says what is held.
+                Some(_) = agent.object_events.recv() => {}
+                _ = &mut shutdown => {
+                    agent.stop_for_shutdown().await;
+                    return Ok(());
+                }
             }
         }
         backoff = (backoff * 2).min(RECONNECT_BACKOFF_MAX);
@@ -182,7 +198,18 @@ impl Agent {
             labels: self.config.labels.clone(),
             isolation: self.config.isolation,
             identity: self.config.executors.identity.reported(),
-            objects: None,
+            objects: self
+                .config
+                .executors
+                .objects
+                .as_ref()
+                .map(|o| ObjectService {
+                    port: o.port,
+                    advertise: o.advertise,
+                    host: o.host.clone(),
+                    socket: o.socket.clone(),
+                    usage: o.store.usage(),
+                }),
             executors: self
                 .executors
                 .iter()
@@ -270,6 +297,7 @@ impl Agent {
             Report::Event(ExecutorEvent::Exited { executor, .. }) => {
                 self.executors.remove(executor);
             }
+            Report::Object(_) => {}
             Report::Result(r) => {
                 if let Some(t) = self.executors.get_mut(&r.executor) {
                     if let Some(pos) = t
@@ -300,6 +328,10 @@ impl Agent {
         let conn = greeted.connection;
         let mut send = greeted.send;
         let mut recv = greeted.recv;
+        // What the cache holds goes after the registration; the events queued before it
+        // are in that inventory, or about copies no longer there.
+        while self.object_events.try_recv().is_ok() {}
+        let inventory = self.inventory();
         let registration = self.registration();
         let kept = registration.executors.len();
         send.write(&NodeToHead::Register(registration)).await?;
@@ -311,8 +343,15 @@ impl Agent {
                 Ok(Err(e)) => return Err(e.into()),
                 Ok(Ok(HeadToNode::Registered {
                     heartbeat_interval_ms,
-                    ..
-                })) => Duration::from_millis(heartbeat_interval_ms.clamp(100, 60_000)),
+                    grant_key,
+                    inline_max,
+                })) => {
+                    if let Some(objects) = &config.executors.objects {
+                        objects.grant_key.set(grant_key);
+                        objects.set_inline_max(inline_max);
+                    }
+                    Duration::from_millis(heartbeat_interval_ms.clamp(100, 60_000))
+                }
                 Ok(Ok(HeadToNode::Refused { reason })) => return Err(LinkError::Refused(reason)),
                 Ok(Ok(other)) => {
                     return Err(LinkError::Lost(format!(
@@ -332,7 +371,8 @@ impl Agent {
         // `reports_rx`, and executors behind them) but goes on reading the head, so a
         // slow connection never stops the commands and heartbeats from the head.
         let (out_tx, out_rx) = mpsc::channel::<Report>(limits::NODE_REPORTS_WRITER_MAX);
-        let writer = tokio::spawn(write_reports(send, out_rx, heartbeat));
+        let usage = Usage(self.config.executors.objects.clone());
+        let writer = tokio::spawn(write_reports(send, out_rx, heartbeat, inventory, usage));
         // The head answers every heartbeat; silence this long means a dead head or a cut
         // link, however long QUIC would go on retransmitting. It is longer than the head's
         // heartbeat timeout, so a head that was only paused finds the node still here.
@@ -366,6 +406,17 @@ impl Agent {
                         let Ok(report) = self.reports_rx.try_recv() else { break };
                         self.track(&report);
                         room.send(report);
+                    }
+                }
+                Some((room, event)) = next_report(&out_tx, &mut self.object_events) => {
+                    let Some(room) = room else {
+                        break Err(LinkError::Lost("the report writer stopped".into()));
+                    };
+                    room.send(Report::Object(event));
+                    for _ in 1..limits::MESSAGE_BATCH_MAX {
+                        let Ok(room) = out_tx.try_reserve() else { break };
+                        let Ok(event) = self.object_events.try_recv() else { break };
+                        room.send(Report::Object(event));
                     }
                 }
                 () = queue_own(&self.reports_tx, &mut self.own_reports), if !self.own_reports.is_empty() => {}
@@ -443,19 +494,22 @@ impl Agent {
                 executor,
                 session,
                 common_data,
-                sources: _,
+                sources,
             } => (
                 executor,
                 Command::Bind {
                     session,
-                    common_data: common_data.inline().cloned().unwrap_or_default(),
+                    common_data,
+                    sources,
                 },
             ),
             NodeCommand::Run(a) => (a.executor, Command::Run(a)),
             NodeCommand::Unbind { executor } => (executor, Command::Unbind),
             NodeCommand::Release { executor } => (executor, Command::Release),
-            // This node keeps no object cache yet: nothing to drop.
-            NodeCommand::Objects(_) => return Ok(()),
+            NodeCommand::Objects(command) => {
+                self.apply_objects(command);
+                return Ok(());
+            }
             NodeCommand::Kill { executor } => {
                 // Dropping the handle fires its kill switch; the executor reports Exited.
                 if self.executors.remove(&executor).is_none() {
@@ -491,6 +545,48 @@ impl Agent {
             }
         }
         Ok(())
+    }
+
+    /// What the object cache holds, as the `Stored` events sent after registering.
+    fn inventory(&self) -> Vec<ObjectEvent> {
+        let Some(objects) = &self.config.executors.objects else {
+            return Vec::new();
+        };
+        objects
+            .store
+            .inventory()
+            .into_iter()
+            .map(|(owner, object, scope)| ObjectEvent::Stored {
+                owner,
+                object,
+                scope,
+            })
+            .collect()
+    }
+
+    /// Applies a command for the object cache (ignored when the object service is off:
+    /// such a node holds nothing). A replication runs on its own, one of the node's
+    /// fetches; with every fetch slot taken it is skipped, and the head, hearing of no
+    /// new copy, may ask again.
+    fn apply_objects(&self, command: ObjectCommand) {
+        let Some(objects) = &self.config.executors.objects else {
+            return;
+        };
+        match command {
+            ObjectCommand::EndSession { owner, session } => {
+                objects.store.end_session(&owner, session);
+            }
+            ObjectCommand::Remove { owner, ids } => objects.store.remove(&owner, &ids),
+            ObjectCommand::Replicate {
+                owner,
+                scope,
+                sources,
+            } => {
+                if let Err(why) = objects.clone().start_replicate(owner, scope, sources) {
+                    tracing::warn!("{why}");
+                }
+            }
+        }
     }
 
     /// Tells the head that `executor` is not on this node, after the reports queued before.
@@ -533,13 +629,13 @@ fn result_bytes(r: &flame_protocol::messages::NodeTaskResult) -> usize {
     }
 }
 
-/// Room in the writer's queue and the next report to fill it; `None` for the room when the
-/// writer stopped. Cancel-safe: a reservation dropped unused frees its room, and a report
-/// not received stays queued.
-async fn next_report<'a>(
+/// Room in the writer's queue and the next report (or object event) to fill it; `None` for
+/// the room when the writer stopped. Cancel-safe: a reservation dropped unused frees its
+/// room, and a report not received stays queued.
+async fn next_report<'a, T>(
     out: &'a mpsc::Sender<Report>,
-    reports: &mut mpsc::Receiver<Report>,
-) -> Option<(Option<mpsc::Permit<'a, Report>>, Report)> {
+    reports: &mut mpsc::Receiver<T>,
+) -> Option<(Option<mpsc::Permit<'a, Report>>, T)> {
     let room = out.reserve().await.ok();
     let report = reports.recv().await?;
     Some((room, report))
@@ -556,11 +652,91 @@ async fn queue_own(reports: &mpsc::Sender<Report>, own: &mut VecDeque<Report>) {
     }
 }
 
+/// The object cache's usage, sent with its events (zeros when the service is off).
+struct Usage(Option<Arc<executor::objects::NodeObjects>>);
+
+impl Usage {
+    fn now(&self) -> CacheUsage {
+        self.0
+            .as_ref()
+            .map_or_else(CacheUsage::default, |o| o.store.usage())
+    }
+}
+
+/// Reports gathered into frames: consecutive reports of one kind share a frame, order
+/// across kinds is kept, and a frame of results stays near [`RESULTS_FRAME_BYTES_TARGET`].
+#[derive(Default)]
+struct Frames {
+    events: Vec<ExecutorEvent>,
+    results: Vec<NodeTaskResult>,
+    results_bytes: usize,
+    objects: Vec<ObjectEvent>,
+}
+
+impl Frames {
+    /// Adds `report`; returns the frame it could not join, to be sent before it.
+    fn push(&mut self, report: Report, usage: &Usage) -> Option<NodeToHead> {
+        let full = match &report {
+            Report::Event(_) => self.events.is_empty(),
+            Report::Result(r) => {
+                // A frame of results stays well under the frame limit however big each
+                // output is (up to the task output limit).
+                self.results.is_empty()
+                    || self.results_bytes + result_bytes(r) > RESULTS_FRAME_BYTES_TARGET
+            }
+            Report::Object(_) => self.objects.is_empty(),
+        };
+        let before = if full { self.take(usage) } else { None };
+        match report {
+            Report::Event(e) => self.events.push(e),
+            Report::Result(r) => {
+                self.results_bytes += result_bytes(&r);
+                self.results.push(r);
+            }
+            Report::Object(o) => self.objects.push(o),
+        }
+        before
+    }
+
+    /// The frame gathered so far, if any.
+    fn take(&mut self, usage: &Usage) -> Option<NodeToHead> {
+        if !self.events.is_empty() {
+            return Some(NodeToHead::ExecutorEvents(std::mem::take(&mut self.events)));
+        }
+        if !self.results.is_empty() {
+            self.results_bytes = 0;
+            return Some(NodeToHead::Results(std::mem::take(&mut self.results)));
+        }
+        if !self.objects.is_empty() {
+            return Some(NodeToHead::Objects {
+                events: std::mem::take(&mut self.objects),
+                usage: usage.now(),
+            });
+        }
+        None
+    }
+}
+
+/// Writes the cache's inventory (in frames of [`limits::MESSAGE_BATCH_MAX`] events), then
+/// merges reports into batched frames, in arrival order, and heartbeats.
 async fn write_reports(
     mut send: FrameWriter<quinn::SendStream>,
     mut reports: mpsc::Receiver<Report>,
     heartbeat: Duration,
+    mut inventory: Vec<ObjectEvent>,
+    usage: Usage,
 ) {
+    while !inventory.is_empty() {
+        let rest = inventory.split_off(inventory.len().min(limits::MESSAGE_BATCH_MAX));
+        let events = std::mem::replace(&mut inventory, rest);
+        let frame = NodeToHead::Objects {
+            events,
+            usage: usage.now(),
+        };
+        if send.write(&frame).await.is_err() {
+            return;
+        }
+    }
     let mut ticker = tokio::time::interval(heartbeat);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -583,51 +759,95 @@ async fn write_reports(
                 Err(_) => break,
             }
         }
-        // Consecutive reports of one kind share a frame; order across kinds is kept.
-        let mut events = Vec::new();
-        let mut results = Vec::new();
-        let mut results_bytes = 0usize;
+        let mut frames = Frames::default();
         for r in batch {
-            match r {
-                Report::Event(e) => {
-                    if !results.is_empty() {
-                        let frame = NodeToHead::Results(std::mem::take(&mut results));
-                        results_bytes = 0;
-                        if send.write(&frame).await.is_err() {
-                            return;
-                        }
-                    }
-                    events.push(e);
-                }
-                Report::Result(r) => {
-                    if !events.is_empty() {
-                        let frame = NodeToHead::ExecutorEvents(std::mem::take(&mut events));
-                        if send.write(&frame).await.is_err() {
-                            return;
-                        }
-                    }
-                    // A frame of results stays well under the frame limit however big
-                    // each output is (up to the task output limit).
-                    let size = result_bytes(&r);
-                    if !results.is_empty() && results_bytes + size > RESULTS_FRAME_BYTES_TARGET {
-                        let frame = NodeToHead::Results(std::mem::take(&mut results));
-                        results_bytes = 0;
-                        if send.write(&frame).await.is_err() {
-                            return;
-                        }
-                    }
-                    results_bytes += size;
-                    results.push(r);
+            if let Some(frame) = frames.push(r, &usage) {
+                if send.write(&frame).await.is_err() {
+                    return;
                 }
             }
         }
-        let tail = if !events.is_empty() {
-            NodeToHead::ExecutorEvents(events)
-        } else {
-            NodeToHead::Results(results)
-        };
-        if send.write(&tail).await.is_err() {
-            return;
+        if let Some(frame) = frames.take(&usage) {
+            if send.write(&frame).await.is_err() {
+                return;
+            }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use flame_protocol::model::TaskOutcome;
+    use flame_protocol::object::{ObjectRef, ObjectScope};
+
+    fn result(task: u64, bytes: usize) -> Report {
+        Report::Result(NodeTaskResult {
+            executor: ExecutorId(1),
+            session: SessionId(1),
+            task: TaskId(task),
+            attempt: 1,
+            outcome: TaskOutcome::Succeeded(vec![0u8; bytes].into()),
+            exit_code: None,
+        })
+    }
+
+    fn stored(n: u8) -> Report {
+        Report::Object(ObjectEvent::Stored {
+            owner: "a".into(),
+            object: ObjectRef::of(&[n]),
+            scope: ObjectScope::Kept,
+        })
+    }
+
+    /// The kinds and sizes of the frames a batch of reports makes.
+    fn frames(reports: Vec<Report>) -> Vec<String> {
+        let usage = Usage(None);
+        let mut frames = Frames::default();
+        let mut out: Vec<NodeToHead> = reports
+            .into_iter()
+            .filter_map(|r| frames.push(r, &usage))
+            .collect();
+        out.extend(frames.take(&usage));
+        out.iter()
+            .map(|f| match f {
+                NodeToHead::ExecutorEvents(e) => format!("events {}", e.len()),
+                NodeToHead::Results(r) => format!("results {}", r.len()),
+                NodeToHead::Objects { events, .. } => format!("objects {}", events.len()),
+                other => format!("{other:?}"),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn object_events_share_frames_between_reports_in_order() {
+        let ready = || {
+            Report::Event(ExecutorEvent::Ready {
+                executor: ExecutorId(1),
+                credit: 1,
+            })
+        };
+        assert_eq!(
+            frames(vec![
+                stored(1),
+                stored(2),
+                result(1, 1),
+                result(2, 1),
+                stored(3),
+                ready(),
+                ready(),
+            ]),
+            ["objects 2", "results 2", "objects 1", "events 2"]
+        );
+        assert!(frames(Vec::new()).is_empty());
+    }
+
+    #[test]
+    fn a_frame_of_results_stays_near_its_byte_target() {
+        let half = RESULTS_FRAME_BYTES_TARGET / 2;
+        assert_eq!(
+            frames(vec![result(1, half), result(2, half), result(3, 1)]),
+            ["results 2", "results 1"]
+        );
     }
 }

@@ -109,6 +109,23 @@ struct Args {
     /// How long executors keep running after the head is lost, waiting for it to return [default: 60s]
     #[arg(long, value_parser = humantime::parse_duration)]
     head_loss_grace: Option<std::time::Duration>,
+    /// Where the node serves its object cache to clients and other nodes (UDP, QUIC), or
+    /// `off` (no cache: tasks with object inputs fail here) [default: 0.0.0.0:7471]
+    #[arg(long, value_parser = config::parse_object_listen)]
+    object_listen: Option<config::ObjectListen>,
+    /// The address others reach the object endpoint at, when not the address the head
+    /// sees this node connect from and the listening port (NAT, several networks)
+    #[arg(long)]
+    object_advertise: Option<std::net::SocketAddr>,
+    /// Memory for the object cache, e.g. `8GiB`, at most the node's memory [default: 2GiB]
+    #[arg(long)]
+    object_memory: Option<String>,
+    /// Disk for objects spilled from memory, e.g. `100GiB` [default: 16GiB]
+    #[arg(long)]
+    object_disk: Option<String>,
+    /// Folder for spilled objects, made the node's own with mode 0700 [default: WORK_DIR/objects]
+    #[arg(long)]
+    object_dir: Option<PathBuf>,
     /// Print what this node would offer (cpus, memory, GPUs, cgroups) as JSON and exit
     #[arg(long)]
     print_capacity: bool,
@@ -232,6 +249,7 @@ fn run(args: Args) -> Result<(), String> {
         root,
     )?;
     let dirs = NodeDirs::create(&args, &file, &executor_identity)?;
+    let object_settings = object_settings(&args, &file, &dirs, allocatable.memory_bytes)?;
     let public_ca = publish_ca(&tls.ca_file, &dirs.runtime)?;
     let mut log_config = logs::LogConfig::new(&dirs.log);
     if let Some(size) = &file.log_file_bytes_max {
@@ -249,6 +267,18 @@ fn run(args: Args) -> Result<(), String> {
         (None, None) => std::time::Duration::from_secs(60),
     };
     let credit = args.credit.or(file.credit).unwrap_or(256).clamp(1, 1024);
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start the async runtime: {e}"))?;
+    let (objects, object_events) = match object_settings {
+        Some(o) => {
+            let (objects, events) = runtime.block_on(start_objects(o, &tls, &identity, &name))?;
+            (Some(Arc::new(objects)), events)
+        }
+        // No cache: nothing ever comes on this queue.
+        None => (None, tokio::sync::mpsc::channel(1).1),
+    };
     let settings = executor::Settings {
         node_name: name.clone(),
         work_dir: dirs.work,
@@ -265,6 +295,7 @@ fn run(args: Args) -> Result<(), String> {
         rank_holds: Default::default(),
         rank_holds_changed: Default::default(),
         job_env: job_environment(&head, &public_ca),
+        objects,
     };
     let config = link::NodeConfig {
         head,
@@ -277,18 +308,18 @@ fn run(args: Args) -> Result<(), String> {
         head_loss_grace,
         executors: Arc::new(settings),
     };
-    serve(config)
+    serve(&runtime, config, object_events)
 }
 
 /// Serves the head until a signal or a final refusal, then removes the node's cgroups.
-fn serve(config: link::NodeConfig) -> Result<(), String> {
+fn serve(
+    runtime: &tokio::runtime::Runtime,
+    config: link::NodeConfig,
+    object_events: tokio::sync::mpsc::Receiver<flame_protocol::object::ObjectEvent>,
+) -> Result<(), String> {
     let executors = config.executors.clone();
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| format!("cannot start the async runtime: {e}"))?;
     let served = runtime
-        .block_on(link::run(config, shutdown_signal()))
+        .block_on(link::run(config, object_events, shutdown_signal()))
         .map_err(|e| e.to_string());
     // A clean stop (or a final refusal) leaves no cgroup behind: the executors removed
     // theirs before `run` returned, and the node's root goes now. After a crash the next
@@ -300,6 +331,233 @@ fn serve(config: link::NodeConfig) -> Result<(), String> {
         }
     }
     served
+}
+
+/// The object service's settings, from flags, the config file and the defaults; `None`
+/// when it is off. The spill folder is made here (mode 0700, the node's own).
+struct ObjectSettings {
+    listen: std::net::SocketAddr,
+    /// `listen` is the default, not asked for: when its port is taken (several nodes on
+    /// one machine, as tests and `flame local` run them), any free port does.
+    listen_defaulted: bool,
+    advertise: Option<std::net::SocketAddr>,
+    cache: objects::CacheConfig,
+    /// The same-host socket, in the node's runtime folder.
+    socket: PathBuf,
+}
+
+/// Name of the object cache's Unix socket in the node's runtime folder.
+const OBJECT_SOCKET_NAME: &str = "objects.sock";
+
+fn object_settings(
+    args: &Args,
+    file: &config::FileConfig,
+    dirs: &NodeDirs,
+    node_memory: u64,
+) -> Result<Option<ObjectSettings>, String> {
+    use flame_protocol::limits::{NODE_OBJECT_DISK_DEFAULT, NODE_OBJECT_MEMORY_DEFAULT};
+    let listen_defaulted = args.object_listen.is_none() && file.object_listen.is_none();
+    let listen = match (args.object_listen, &file.object_listen) {
+        (Some(l), _) => l,
+        (None, Some(text)) => config::parse_object_listen(text)?,
+        (None, None) => config::ObjectListen::On(std::net::SocketAddr::from((
+            [0, 0, 0, 0],
+            config::DEFAULT_OBJECT_PORT,
+        ))),
+    };
+    let config::ObjectListen::On(listen) = listen else {
+        return Ok(None);
+    };
+    let asked_memory = match (&args.object_memory, &file.object_memory) {
+        (Some(m), _) => Some(config::parse_size("object_memory", m)?),
+        (None, Some(m)) => Some(m.bytes("object_memory")?),
+        (None, None) => None,
+    };
+    let mut memory_bytes = asked_memory.unwrap_or(NODE_OBJECT_MEMORY_DEFAULT);
+    if node_memory > 0 && memory_bytes > node_memory {
+        if asked_memory.is_some() {
+            tracing::warn!(
+                asked = memory_bytes,
+                node_memory,
+                "object_memory is more than the node's memory; the cache keeps to the node's"
+            );
+        }
+        memory_bytes = node_memory;
+    }
+    let disk_bytes = match (&args.object_disk, &file.object_disk) {
+        (Some(d), _) => config::parse_size("object_disk", d)?,
+        (None, Some(d)) => d.bytes("object_disk")?,
+        (None, None) => NODE_OBJECT_DISK_DEFAULT,
+    };
+    let spill_dir = args
+        .object_dir
+        .clone()
+        .or(file.object_dir.clone())
+        .unwrap_or_else(|| dirs.work.join("objects"));
+    std::fs::create_dir_all(&spill_dir).map_err(|e| {
+        format!(
+            "cannot create the object folder {}: {e}",
+            spill_dir.display()
+        )
+    })?;
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::set_permissions(&spill_dir, std::fs::Permissions::from_mode(0o700)).map_err(|e| {
+        format!(
+            "cannot set the mode of the object folder {}: {e}",
+            spill_dir.display()
+        )
+    })?;
+    owned_by_node("object", &spill_dir)?;
+    Ok(Some(ObjectSettings {
+        listen,
+        listen_defaulted,
+        advertise: args.object_advertise.or(file.object_advertise),
+        cache: objects::CacheConfig {
+            memory_bytes,
+            disk_bytes,
+            spill_dir,
+        },
+        socket: dirs.runtime.join(OBJECT_SOCKET_NAME),
+    }))
+}
+
+/// Opens the object cache, binds its endpoints (QUIC with the node's certificate; the
+/// Unix socket) and starts their servers, which run as long as the node.
+async fn start_objects(
+    settings: ObjectSettings,
+    tls: &TlsFiles,
+    identity: &flame_protocol::endpoint::ClientIdentity,
+    node: &str,
+) -> Result<
+    (
+        executor::objects::NodeObjects,
+        tokio::sync::mpsc::Receiver<flame_protocol::object::ObjectEvent>,
+    ),
+    String,
+> {
+    // STAND-IN: at merge, `flame_protocol::object_transfer::{host_id, ObjectClient}`.
+    use flame_protocol::object_transfer::{host_id, ObjectClient};
+    let (store, events) = executor::objects::NodeObjects::open_store(settings.cache)?;
+    let endpoint = match object_endpoint(settings.listen, tls) {
+        Ok(endpoint) => endpoint,
+        Err(e) if settings.listen_defaulted => {
+            tracing::warn!("{e}; serving objects on another port instead");
+            object_endpoint(std::net::SocketAddr::new(settings.listen.ip(), 0), tls)?
+        }
+        Err(e) => return Err(e),
+    };
+    let port = endpoint
+        .local_addr()
+        .map_err(|e| format!("cannot read the object endpoint's address: {e}"))?
+        .port();
+    let listener = object_socket(&settings.socket)?;
+    let trust = flame_protocol::endpoint::Trust::CaFile(tls.ca_file.clone());
+    let client = ObjectClient::new(&trust, Some(identity.clone()))
+        .map_err(|e| format!("cannot set up the object client: {e}"))?;
+    let service = executor::objects::Service {
+        port,
+        advertise: settings.advertise,
+        host: host_id(),
+        socket: Some(settings.socket.display().to_string()),
+    };
+    let node_objects = executor::objects::NodeObjects::new(store.clone(), client, service);
+    let keys = node_objects.grant_key.clone();
+    tokio::spawn(objects::server::serve(
+        endpoint,
+        store.clone(),
+        node.to_string(),
+        keys.clone(),
+    ));
+    tokio::spawn(objects::unix::serve_unix(
+        listener,
+        store,
+        node.to_string(),
+        keys,
+    ));
+    tracing::info!(listen = %settings.listen, port, socket = %settings.socket.display(), "serving objects");
+    Ok((node_objects, events))
+}
+
+/// The object endpoint: QUIC, ALPN [`flame_protocol::object::OBJECT_ALPN`], the node's
+/// certificate; a client may present a certificate of the cluster CA (nodes do) or none
+/// (the grant in each request is the credential).
+fn object_endpoint(addr: std::net::SocketAddr, tls: &TlsFiles) -> Result<quinn::Endpoint, String> {
+    use flame_protocol::endpoint::{load_certs, load_key};
+    use flame_protocol::limits;
+    let certs = load_certs(&tls.cert_file).map_err(|e| e.to_string())?;
+    let key = load_key(&tls.key_file).map_err(|e| e.to_string())?;
+    let mut roots = rustls::RootCertStore::empty();
+    for ca in load_certs(&tls.ca_file).map_err(|e| e.to_string())? {
+        roots
+            .add(ca)
+            .map_err(|e| format!("the cluster CA {}: {e}", tls.ca_file.display()))?;
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let tls_error = |e: &dyn std::fmt::Display| format!("the object endpoint's TLS: {e}");
+    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+        Arc::new(roots),
+        provider.clone(),
+    )
+    .allow_unauthenticated()
+    .build()
+    .map_err(|e| tls_error(&e))?;
+    let mut server_tls = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| tls_error(&e))?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(certs, key)
+        .map_err(|e| tls_error(&e))?;
+    server_tls.alpn_protocols = vec![flame_protocol::object::OBJECT_ALPN.to_vec()];
+    server_tls.max_early_data_size = 0;
+    let crypto =
+        quinn::crypto::rustls::QuicServerConfig::try_from(server_tls).map_err(|e| tls_error(&e))?;
+    let mut transport = quinn::TransportConfig::default();
+    if let Ok(idle) = quinn::IdleTimeout::try_from(limits::IDLE_TIMEOUT) {
+        transport.max_idle_timeout(Some(idle));
+    }
+    transport.keep_alive_interval(Some(limits::KEEP_ALIVE_INTERVAL));
+    transport.max_concurrent_bidi_streams(quinn::VarInt::from_u32(limits::NODE_OBJECT_STREAMS_MAX));
+    transport.max_concurrent_uni_streams(quinn::VarInt::from_u32(0));
+    let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+    server.transport_config(Arc::new(transport));
+    quinn::Endpoint::server(server, addr).map_err(|e| {
+        format!(
+            "cannot serve objects on {addr} (UDP): {e}
+hint: another program (or another              flame-node) holds that port: choose another with --object-listen ADDR, or turn              the object cache off with --object-listen off"
+        )
+    })
+}
+
+/// The same-host object socket, mode 0666 in the node's root-owned runtime folder (the
+/// grant is the credential). A socket left by an earlier run is replaced.
+fn object_socket(path: &std::path::Path) -> Result<tokio::net::UnixListener, String> {
+    use std::os::unix::fs::{FileTypeExt as _, PermissionsExt as _};
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if meta.file_type().is_socket() => std::fs::remove_file(path).map_err(|e| {
+            format!(
+                "cannot replace the old object socket {}: {e}",
+                path.display()
+            )
+        })?,
+        Ok(_) => {
+            return Err(format!(
+                "{} is in the way of the object socket: it is not a socket
+hint: remove it,                  or turn the object cache off with --object-listen off",
+                path.display()
+            ))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(format!("cannot read {}: {e}", path.display())),
+    }
+    let listener = tokio::net::UnixListener::bind(path)
+        .map_err(|e| format!("cannot listen on the object socket {}: {e}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666)).map_err(|e| {
+        format!(
+            "cannot set the mode of the object socket {}: {e}",
+            path.display()
+        )
+    })?;
+    Ok(listener)
 }
 
 /// The node's TLS files, from flags, the config file and the defaults beside `tls_dir`.

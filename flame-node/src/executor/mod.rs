@@ -10,9 +10,11 @@
 //! Rooms: this file starts an executor and ends it ([`spawn`]); [`identity`] picks who it
 //! runs as; [`prepared`] sets up and tears down what it holds besides its process; [`shim`]
 //! drives an application through its shim, over the pure window of [`crate::pipeline`];
-//! [`rank`] drives a rank of a batch job instead.
+//! [`rank`] drives a rank of a batch job instead; [`objects`] resolves object inputs and
+//! keeps large outputs in the node's object cache.
 
 mod identity;
+pub mod objects;
 mod prepared;
 mod rank;
 mod shim;
@@ -46,11 +48,13 @@ pub const EXIT_GRACE: Duration = Duration::from_secs(5);
 /// Mode of an executor's working folder `exec-<id>`: only its user (and root) may enter.
 pub const WORK_DIR_MODE: u32 = 0o700;
 
-/// What executors report, merged by the link into batched frames.
+/// What executors report, merged by the link into batched frames; and the object cache's
+/// events, which the link forwards in the same order of frames.
 #[derive(Debug)]
 pub enum Report {
     Event(ExecutorEvent),
     Result(NodeTaskResult),
+    Object(flame_protocol::object::ObjectEvent),
 }
 
 /// What every executor of this node shares: where its files go, who it runs as, and how
@@ -86,6 +90,9 @@ pub struct Settings {
     /// Added to the environment of every rank of a batch job (`FLAME_HEAD`, Open MPI's
     /// launcher).
     pub job_env: Vec<(String, String)>,
+    /// The node's object cache; `None` when its object service is off (`--object-listen
+    /// off`): object inputs then fail, and outputs stay inline.
+    pub objects: Option<Arc<objects::NodeObjects>>,
 }
 
 /// A command to start inside a rank's allocation ([`Settings::rank_holds`]).

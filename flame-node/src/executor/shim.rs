@@ -8,6 +8,7 @@
 //! (a command not taken stays queued, the shim's read keeps a partial frame, the process's
 //! wait and the deadline can be asked again), so whichever wins, nothing is lost.
 
+use super::objects::NodeObjects;
 use super::prepared::{environment, tail_text, Prepared};
 use super::{
     LaunchSpec, Report, Reports, Settings, ENTER_LEAVE_TIMEOUT, EXIT_GRACE, START_TIMEOUT,
@@ -17,15 +18,19 @@ use crate::launcher::{ProcessSpec, StdioMode};
 use crate::lifecycle::Phase;
 use crate::logs::LogSink;
 use crate::pipeline::{Command, Held, Pipeline, Step};
+use bytes::Bytes;
 use flame_protocol::messages::ExecutorEvent;
-use flame_protocol::model::{ShimKind, TaskOutcome};
-use flame_protocol::{limits, SessionId};
+use flame_protocol::model::{ShimKind, TaskAssignment, TaskOutcome};
+use flame_protocol::object::{ObjectSources, Payload};
+use flame_protocol::{limits, ExecutorId, SessionId, TaskId};
 use flame_shims::node::{AppMessage, Invocation, NodeShim};
 use flame_shims::unix::connect_when_listening;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::process::Child;
 use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinSet;
 
 /// The application's end of the shim: its stdio pipes, or the socket it listens on.
 type ShimReader = Box<dyn tokio::io::AsyncRead + Unpin + Send>;
@@ -35,11 +40,29 @@ type ShimWriter = Box<dyn tokio::io::AsyncWrite + Unpin + Send>;
 enum Event {
     Command(Command),
     Message(Result<AppMessage, flame_shims::ShimError>),
+    /// An object input was resolved (its task's session, id and attempt, and its bytes or
+    /// why not).
+    Resolved(Result<Resolved, tokio::task::JoinError>),
     /// The application's process ended while it had no task in flight (idle, or bound
     /// between tasks): noticed at once, so its capacity is freed and no task is sent to it.
     Exited(std::io::Result<std::process::ExitStatus>),
     /// The oldest task in flight ran past its timeout.
     TimedOut,
+}
+
+/// A resolved task input: the task's session, id and attempt, and its bytes or why not.
+type Resolved = (SessionId, TaskId, u32, Result<Bytes, String>);
+
+/// What one executor's loop keeps besides its process and window.
+struct Run<'a> {
+    id: ExecutorId,
+    /// The owner whose objects its tasks read and write.
+    owner: &'a str,
+    objects: Option<&'a Arc<NodeObjects>>,
+    reports: &'a Reports,
+    /// Object inputs being resolved, concurrently with the tasks before them; dropped
+    /// (aborted) with the executor.
+    resolving: JoinSet<Resolved>,
 }
 
 /// Runs the executor's process to the end; returns why it ended.
@@ -65,36 +88,39 @@ pub(super) async fn drive(
             credit: settings.credit,
         }))
         .await;
+    let mut run = Run {
+        id,
+        owner: &spec.owner.name,
+        objects: settings.objects.as_ref(),
+        reports,
+        resolving: JoinSet::new(),
+    };
     loop {
-        let wait = match pipeline.step() {
-            Step::Apply(Held::Release) => return app.release().await,
-            Step::Apply(Held::Bind {
+        let wait = match pipeline.step(Instant::now()) {
+            Step::Write {
                 session,
-                common_data,
-            }) => {
-                if let Err(reason) = app.enter(session, &common_data).await {
-                    return reason;
+                task,
+                input,
+            } => {
+                if let Err(e) = app.shim.queue_invoke(task.0, &input) {
+                    let why = format!("task {task} of session {session} broke the executor: {e}");
+                    return app.fail(why).await;
                 }
-                pipeline.entered();
-                prepared.enter_session();
-                let bound = ExecutorEvent::Bound {
-                    executor: id,
-                    session,
-                };
-                reports.send(Report::Event(bound)).await;
                 continue;
             }
-            Step::Apply(Held::Unbind) => {
-                if let Err(reason) = app.leave().await {
+            // Not the executor's failure: the task's input is not to be had.
+            Step::Fail(a, why) => {
+                reports.result(id, &a, TaskOutcome::Failed(why), None).await;
+                continue;
+            }
+            Step::Apply(Held::Release) => return app.release().await,
+            Step::Apply(held) => {
+                if let Err(reason) = run
+                    .apply(held, &mut app, &mut pipeline, prepared, &mut kill)
+                    .await
+                {
                     return reason;
                 }
-                pipeline.left();
-                let usage = prepared.leave_session();
-                let unbound = ExecutorEvent::Unbound {
-                    executor: id,
-                    usage,
-                };
-                reports.send(Report::Event(unbound)).await;
                 continue;
             }
             Step::Wait(wait) => wait,
@@ -114,48 +140,160 @@ pub(super) async fn drive(
                 Some(c) => Event::Command(c),
                 None => return app.fail("the node lost its head connection".into()).await,
             },
+            Some(r) = run.resolving.join_next(), if wait.inputs => Event::Resolved(r),
             m = app.shim.next_message(), if wait.answers => Event::Message(m),
             status = app.child.wait(), if wait.exit => Event::Exited(status),
             () = deadline => Event::TimedOut,
         };
+        if let Err(reason) = run
+            .handle(event, &mut app, &mut pipeline, task_timeout)
+            .await
+        {
+            return reason;
+        }
+    }
+}
+
+impl Run<'_> {
+    /// Applies a held bind or unbind (a release ends the loop instead); `Err`: the
+    /// executor ended, and why.
+    async fn apply(
+        &mut self,
+        held: Held,
+        app: &mut App,
+        pipeline: &mut Pipeline,
+        prepared: &mut Prepared,
+        kill: &mut oneshot::Receiver<()>,
+    ) -> Result<(), String> {
+        match held {
+            Held::Bind {
+                session,
+                common_data,
+                sources,
+            } => {
+                // Nothing runs while the common data is resolved: the bind holds the intake.
+                let resolved = tokio::select! {
+                    r = self.common_data(session, &common_data, sources.as_deref()) => r,
+                    _ = kill => return Err(app.fail("killed by the node".into()).await),
+                };
+                let data = match resolved {
+                    Ok(data) => data,
+                    Err(why) => {
+                        let why = format!("cannot enter session {session}: {why}");
+                        return Err(app.fail(why).await);
+                    }
+                };
+                app.enter(session, &data).await?;
+                pipeline.entered();
+                prepared.enter_session();
+                let bound = ExecutorEvent::Bound {
+                    executor: self.id,
+                    session,
+                };
+                self.reports.send(Report::Event(bound)).await;
+            }
+            Held::Unbind => {
+                app.leave().await?;
+                pipeline.left();
+                let usage = prepared.leave_session();
+                let unbound = ExecutorEvent::Unbound {
+                    executor: self.id,
+                    usage,
+                };
+                self.reports.send(Report::Event(unbound)).await;
+            }
+            Held::Release => {}
+        }
+        Ok(())
+    }
+
+    /// A session's common data, resolved like a task's input.
+    async fn common_data(
+        &self,
+        session: SessionId,
+        common_data: &Payload,
+        sources: Option<&ObjectSources>,
+    ) -> Result<Bytes, String> {
+        match (common_data, self.objects) {
+            (Payload::Inline(bytes), _) => Ok(bytes.clone()),
+            (Payload::Object(object), None) => Err(format!(
+                "its common data is object {}, and this node's object service is off",
+                object.id
+            )),
+            (payload, Some(objects)) => {
+                objects.resolve(self.owner, session, payload, sources).await
+            }
+        }
+    }
+
+    /// Starts resolving a taken task's object input, concurrently; inline inputs need
+    /// nothing.
+    fn start_resolving(&mut self, a: &TaskAssignment) {
+        let Some(object) = a.input.object() else {
+            return;
+        };
+        let key = (a.session, a.task, a.attempt);
+        let Some(objects) = self.objects.cloned() else {
+            let why = format!(
+                "its input is object {}, and this node's object service is off",
+                object.id
+            );
+            self.resolving
+                .spawn(async move { (key.0, key.1, key.2, Err(why)) });
+            return;
+        };
+        let owner = self.owner.to_string();
+        let input = a.input.clone();
+        let sources = a.sources.clone();
+        self.resolving.spawn(async move {
+            let bytes = objects
+                .resolve(&owner, key.0, &input, sources.as_ref())
+                .await;
+            (key.0, key.1, key.2, bytes)
+        });
+    }
+
+    /// Handles what ended a wait; `Err`: the executor ended, and why.
+    async fn handle(
+        &mut self,
+        event: Event,
+        app: &mut App,
+        pipeline: &mut Pipeline,
+        task_timeout: Option<Duration>,
+    ) -> Result<(), String> {
         match event {
             Event::Command(c) => match pipeline.command(c, Instant::now()) {
                 Ok(None) => {}
-                Ok(Some(a)) => {
-                    let Some(input) = a.input.inline() else {
-                        let why = format!(
-                            "task {} of session {}: this node cannot read object inputs yet",
-                            a.task, a.session
-                        );
-                        return app.fail(why).await;
-                    };
-                    if let Err(e) = app.shim.queue_invoke(a.task.0, input) {
-                        let why = format!(
-                            "task {} of session {} broke the executor: {e}",
-                            a.task, a.session
-                        );
-                        return app.fail(why).await;
-                    }
-                }
+                Ok(Some(a)) => self.start_resolving(a),
                 // The head and this node disagree; the head re-queues what ran here.
-                Err(e) => return app.fail(format!("protocol error: {e}")).await,
+                Err(e) => return Err(app.fail(format!("protocol error: {e}")).await),
             },
+            Event::Resolved(Ok((session, task, attempt, input))) => {
+                pipeline.resolved(session, task, attempt, input);
+            }
+            Event::Resolved(Err(e)) => {
+                let why = format!("resolving a task's object input failed: {e}");
+                return Err(app.fail(why).await);
+            }
             Event::Message(m) => {
                 let Some(a) = pipeline.answered(Instant::now()) else {
-                    continue;
+                    return Ok(());
                 };
                 let outcome = match m.and_then(|m| app.shim.expect_result(a.task.0, m)) {
-                    Ok(Invocation::Succeeded(out)) => TaskOutcome::Succeeded(out),
+                    Ok(Invocation::Succeeded(out)) => match self.objects {
+                        Some(objects) => objects.output(self.owner, a.session, out).await,
+                        None => TaskOutcome::Succeeded(out),
+                    },
                     Ok(Invocation::Failed(msg)) => TaskOutcome::Failed(msg),
                     Err(e) => {
                         let why = format!(
                             "task {} of session {} broke the executor: {e}",
                             a.task, a.session
                         );
-                        return app.fail(why).await;
+                        return Err(app.fail(why).await);
                     }
                 };
-                reports.result(id, &a, outcome, None).await;
+                self.reports.result(self.id, &a, outcome, None).await;
             }
             Event::Exited(status) => {
                 // Give the stderr reader a moment to take the last lines.
@@ -168,10 +306,10 @@ pub(super) async fn drive(
                     Phase::Bound(_) => "between tasks",
                     _ => "while idle",
                 };
-                return format!(
+                return Err(format!(
                     "the application exited {when} ({status}){}",
                     tail_text(&app.log)
-                );
+                ));
             }
             Event::TimedOut => {
                 let task = pipeline.oldest().map_or_else(String::new, |a| {
@@ -181,9 +319,10 @@ pub(super) async fn drive(
                     "{task}ran past its timeout of {:?}",
                     task_timeout.unwrap_or_default()
                 );
-                return app.fail(why).await;
+                return Err(app.fail(why).await);
             }
         }
+        Ok(())
     }
 }
 

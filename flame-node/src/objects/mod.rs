@@ -7,16 +7,12 @@
 //! - [`server`]: the QUIC object endpoint (put and get, checked by the head's grants).
 //! - [`unix`]: the same-host endpoint (descriptors passed on a Unix socket).
 
-// The link and executor integration (another change) calls this API; until it lands,
-// only the tests do.
-#![allow(dead_code)]
-
 pub mod cache;
 mod files;
 pub mod server;
 pub mod store;
 pub mod unix;
 
-// The names the link and the endpoints use.
-#[allow(unused_imports)]
+// The names the link, the executors and the endpoints use.
+pub use server::GrantKeyCell;
 pub use store::{CacheConfig, CacheError, ObjectReader, ObjectStore, ObjectWriter};
