@@ -680,6 +680,15 @@ pub fn check_hello(hello: &Hello, expected: &[Role]) -> Result<(), String> {
     Ok(())
 }
 
+/// The parts of a [`ClientIdentity`], for a TLS configuration other than [`client`]'s
+/// (a node's object client presents its certificate to other nodes).
+impl ClientIdentity {
+    /// The certificate chain and a copy of the private key.
+    pub fn to_parts(&self) -> (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>) {
+        (self.certs.clone(), self.key.clone_key())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -37,6 +37,8 @@ pub mod model;
 pub mod object;
 #[cfg(feature = "net")]
 pub mod object_grant;
+#[cfg(feature = "net")]
+pub mod object_transfer;
 pub mod ping;
 #[cfg(feature = "net")]
 pub mod pki;

@@ -189,14 +189,20 @@ pub enum ClientRequest {
     },
     /// Where `owner`'s objects are, with a grant to read them:
     /// [`ClientResponse::ObjectLocations`].
-    LocateObjects { owner: String, ids: Vec<ObjectId> },
+    LocateObjects {
+        owner: String,
+        ids: Vec<ObjectId>,
+    },
     /// `owner`'s objects (of one session, or all): [`ClientResponse::Objects`].
     ListObjects {
         owner: String,
         session: Option<SessionId>,
     },
     /// Forgets `owner`'s objects; every node drops its copy.
-    RemoveObjects { owner: String, ids: Vec<ObjectId> },
+    RemoveObjects {
+        owner: String,
+        ids: Vec<ObjectId>,
+    },
 }
 
 /// A frame of a [`ClientRequest::JobExec`] stream (and of the node's answer to a

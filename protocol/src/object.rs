@@ -89,7 +89,9 @@ impl std::fmt::Debug for ObjectId {
 
 /// Text that is not an object id.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("`{0}` is not an object id: an object id is 64 hex digits (`flame object list` shows them)")]
+#[error(
+    "`{0}` is not an object id: an object id is 64 hex digits (`flame object list` shows them)"
+)]
 pub struct ParseObjectIdError(pub String);
 
 impl std::str::FromStr for ObjectId {

@@ -45,8 +45,8 @@ impl GrantSigner {
     /// A new random key pair.
     pub fn generate() -> Result<GrantSigner, GrantError> {
         let rng = ring::rand::SystemRandom::new();
-        let pkcs8 = Ed25519KeyPair::generate_pkcs8(&rng)
-            .map_err(|e| GrantError::Key(e.to_string()))?;
+        let pkcs8 =
+            Ed25519KeyPair::generate_pkcs8(&rng).map_err(|e| GrantError::Key(e.to_string()))?;
         let pair = Ed25519KeyPair::from_pkcs8(pkcs8.as_ref())
             .map_err(|e| GrantError::Key(e.to_string()))?;
         Ok(GrantSigner { pair })
@@ -59,7 +59,11 @@ impl GrantSigner {
 
     /// Signs `body`.
     pub fn sign(&self, body: GrantBody) -> Grant {
-        let signature = self.pair.sign(&Grant::signed_bytes(&body)).as_ref().to_vec();
+        let signature = self
+            .pair
+            .sign(&Grant::signed_bytes(&body))
+            .as_ref()
+            .to_vec();
         Grant { body, signature }
     }
 }
