@@ -56,6 +56,8 @@ struct Inner {
     head_version: String,
     /// What [`Client::create_session`] puts in a spec that names no owner.
     owner: String,
+    /// The object transfer client, made on first use (`objects`).
+    objects: std::sync::Mutex<Option<Arc<flame_protocol::object_transfer::ObjectClient>>>,
 }
 
 /// How long the client keeps trying to reach a lost head (a restart, a network blip)
@@ -111,6 +113,7 @@ impl Client {
                 addr: config.head.clone(),
                 head_version: greeted.head_version,
                 owner: config.owner.clone().unwrap_or_default(),
+                objects: std::sync::Mutex::new(None),
             }),
         })
     }
@@ -173,6 +176,28 @@ impl Client {
             tokio::time::sleep(backoff).await;
             backoff = (backoff * 2).min(RECONNECT_BACKOFF_MAX);
         }
+    }
+
+    /// The configuration this client connected with.
+    pub fn config(&self) -> &ClientConfig {
+        &self.inner.config
+    }
+
+    /// The shared object transfer client, made by `make` the first time.
+    pub(crate) fn object_client_with(
+        &self,
+        make: impl FnOnce() -> Result<Arc<flame_protocol::object_transfer::ObjectClient>, ClientError>,
+    ) -> Result<Arc<flame_protocol::object_transfer::ObjectClient>, ClientError> {
+        let mut slot = match self.inner.objects.lock() {
+            Ok(slot) => slot,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        if let Some(existing) = slot.as_ref() {
+            return Ok(existing.clone());
+        }
+        let made = make()?;
+        *slot = Some(made.clone());
+        Ok(made)
     }
 
     /// The head's address as configured.

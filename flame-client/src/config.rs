@@ -11,6 +11,11 @@
 //! 3. `$XDG_CONFIG_HOME/flame/config.toml` (or `~/.config/flame/config.toml`);
 //! 4. `/etc/flame/flame.toml`.
 //!
+//! `object_inline_max` (`--object-inline-max`, `FLAME_OBJECT_INLINE_MAX`) resolves the
+//! same way and defaults to [`limits::OBJECT_INLINE_BYTES_DEFAULT`]: task inputs and
+//! common data larger than it travel as objects (see [`ClientConfig::object_inline_max`]).
+//! It takes a number of bytes, or a size with a unit (`1MiB`, `100 KB`).
+//!
 //! `head` is required. `owner` is optional and matters only to admins acting for someone
 //! else (see [`ClientConfig::owner`]). A relative path in a configuration file (`ca_file`,
 //! `token_file`, `cert_file`, `key_file`) is taken relative to that file's folder.
@@ -62,6 +67,8 @@ pub const ENV_HEAD: &str = "FLAME_HEAD";
 pub const ENV_CA_FILE: &str = "FLAME_CA_FILE";
 /// Environment variable naming the owner sessions are accounted to.
 pub const ENV_OWNER: &str = "FLAME_OWNER";
+/// Environment variable giving the size above which inputs travel as objects.
+pub const ENV_OBJECT_INLINE_MAX: &str = "FLAME_OBJECT_INLINE_MAX";
 /// Environment variable naming a file that holds the token.
 pub const ENV_TOKEN_FILE: &str = "FLAME_TOKEN_FILE";
 /// Environment variable holding the token's text.
@@ -107,6 +114,10 @@ pub struct ClientConfig {
     pub token: Option<Secret>,
     /// A user certificate presented in the TLS handshake instead of a token.
     pub identity: Option<IdentityFiles>,
+    /// Task inputs and common data larger than this many bytes are put to a node's object
+    /// cache first and travel as references ([`flame_protocol::object::Payload::Object`]);
+    /// smaller ones go inline through the head.
+    pub object_inline_max: u64,
 }
 
 impl ClientConfig {
@@ -120,6 +131,7 @@ impl ClientConfig {
             owner: None,
             token: None,
             identity: None,
+            object_inline_max: limits::OBJECT_INLINE_BYTES_DEFAULT,
         }
     }
 
@@ -133,6 +145,7 @@ impl ClientConfig {
             owner: None,
             token: Some(token),
             identity: None,
+            object_inline_max: limits::OBJECT_INLINE_BYTES_DEFAULT,
         }
     }
 
@@ -184,6 +197,8 @@ pub struct ConfigFlags {
     pub cert_file: Option<PathBuf>,
     /// `--key`.
     pub key_file: Option<PathBuf>,
+    /// `--object-inline-max`, in bytes.
+    pub object_inline_max: Option<u64>,
 }
 
 /// A configuration value that could not be found or read. No variant holds a token's text.
@@ -271,6 +286,16 @@ pub enum ConfigError {
         /// The other, e.g. `FLAME_TOKEN`.
         second: String,
     },
+    /// A setting whose value cannot be used.
+    #[error("{setting} is `{value}`: {reason}")]
+    Invalid {
+        /// The setting, e.g. `FLAME_OBJECT_INLINE_MAX`.
+        setting: String,
+        /// Its value as given.
+        value: String,
+        /// What is wrong with it.
+        reason: String,
+    },
     /// A certificate without its key, or a key without its certificate.
     #[error("{given} is set but {missing} is not: a client certificate needs its key, and the key its certificate")]
     HalfIdentity {
@@ -292,6 +317,7 @@ struct FileConfig {
     token: Option<Secret>,
     cert_file: Option<PathBuf>,
     key_file: Option<PathBuf>,
+    object_inline_max: Option<u64>,
     /// The file's permission bits, from its metadata.
     #[serde(skip)]
     mode: u32,
@@ -499,12 +525,23 @@ impl ClientConfig {
             .clone()
             .filter(|o| !o.is_empty())
             .or_else(|| env_value(ENV_OWNER));
+        let mut object_inline_max = match flags.object_inline_max {
+            Some(bytes) => Some(bytes),
+            None => env_value(ENV_OBJECT_INLINE_MAX)
+                .map(|v| parse_bytes(ENV_OBJECT_INLINE_MAX, &v))
+                .transpose()?,
+        };
         let mut credential = CredentialSource::flags(flags).resolve()?;
         if credential.is_none() {
             credential = CredentialSource::env(&env).resolve()?;
         }
         for path in files {
-            if head.is_some() && ca_file.is_some() && owner.is_some() && credential.is_some() {
+            if head.is_some()
+                && ca_file.is_some()
+                && owner.is_some()
+                && credential.is_some()
+                && object_inline_max.is_some()
+            {
                 break;
             }
             let Some(mut file) = read_config_file(path)? else {
@@ -521,6 +558,9 @@ impl ClientConfig {
             }
             if owner.is_none() {
                 owner = file.owner.filter(|o| !o.is_empty());
+            }
+            if object_inline_max.is_none() {
+                object_inline_max = file.object_inline_max;
             }
         }
         let files_display = || {
@@ -567,8 +607,25 @@ impl ClientConfig {
             owner,
             token,
             identity,
+            object_inline_max: object_inline_max.unwrap_or(limits::OBJECT_INLINE_BYTES_DEFAULT),
         })
     }
+}
+
+/// A byte count from a setting: a number of bytes, or a size with a unit (`64KiB`,
+/// `1 MB`).
+fn parse_bytes(setting: &str, value: &str) -> Result<u64, ConfigError> {
+    let text = value.trim();
+    if let Ok(bytes) = text.parse::<u64>() {
+        return Ok(bytes);
+    }
+    text.parse::<bytesize::ByteSize>()
+        .map(|size| size.as_u64())
+        .map_err(|_| ConfigError::Invalid {
+            setting: setting.to_string(),
+            value: value.chars().take(80).collect(),
+            reason: "expected a number of bytes, or a size such as 100KiB or 1MiB".to_string(),
+        })
 }
 
 /// The configuration files a client reads, in order: the user's, then the system's.
@@ -1149,6 +1206,41 @@ mod tests {
         assert!(matches!(bare.trust(), Err(ClientError::NoTrust { .. })));
         let malformed = ClientConfig::from_token("h:1", Secret::new("flame1.x"));
         assert!(matches!(malformed.trust(), Err(ClientError::Token(_))));
+    }
+
+    #[test]
+    fn the_object_threshold_comes_from_the_flag_then_env_then_files_then_the_default() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = write(dir.path(), "c.toml", "object_inline_max = 4096\n");
+        let files = [file];
+        let config = resolve(&base_flags(), &[], &[]).unwrap();
+        assert_eq!(
+            config.object_inline_max,
+            limits::OBJECT_INLINE_BYTES_DEFAULT
+        );
+        let config = resolve(&base_flags(), &[], &files).unwrap();
+        assert_eq!(config.object_inline_max, 4096);
+        let env = [(ENV_OBJECT_INLINE_MAX, "1MiB")];
+        let config = resolve(&base_flags(), &env, &files).unwrap();
+        assert_eq!(config.object_inline_max, 1024 * 1024);
+        let config = resolve(&base_flags(), &[(ENV_OBJECT_INLINE_MAX, "")], &files).unwrap();
+        assert_eq!(config.object_inline_max, 4096);
+        let flags = ConfigFlags {
+            object_inline_max: Some(7),
+            ..base_flags()
+        };
+        let config = resolve(&flags, &env, &files).unwrap();
+        assert_eq!(config.object_inline_max, 7);
+        let err = resolve(&base_flags(), &[(ENV_OBJECT_INLINE_MAX, "lots")], &[]).unwrap_err();
+        assert!(
+            matches!(&err, ConfigError::Invalid { setting, .. } if setting == ENV_OBJECT_INLINE_MAX),
+            "{err}"
+        );
+        assert!(err.to_string().contains("`lots`"), "{err}");
+        assert_eq!(
+            ClientConfig::new("h:1", "/ca.crt").object_inline_max,
+            limits::OBJECT_INLINE_BYTES_DEFAULT
+        );
     }
 
     #[test]

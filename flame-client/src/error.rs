@@ -4,6 +4,8 @@ use flame_protocol::auth::TokenFormatError;
 use flame_protocol::endpoint::EndpointError;
 use flame_protocol::frame::FrameError;
 use flame_protocol::model::{ApiError, ErrorKind};
+use flame_protocol::object::ObjectId;
+use flame_protocol::object_transfer::TransferError;
 use std::time::Duration;
 
 /// Anything that can go wrong between a client and the head.
@@ -73,6 +75,28 @@ pub enum ClientError {
         /// What was wrong.
         detail: String,
     },
+    /// An object's bytes could not be moved to or from a node's cache (or the transfer
+    /// client could not be set up).
+    #[error("{what}: {source}")]
+    ObjectTransfer {
+        /// What was being done, e.g. `putting object 1a2b3c4d5e6f to node n1`.
+        what: String,
+        /// Why it failed.
+        source: Box<TransferError>,
+    },
+    /// No node holds a copy of the object: the head's reason (lost with a node, being
+    /// rebuilt, removed).
+    #[error("object {id} cannot be read: {reason}")]
+    ObjectMissing {
+        /// The object.
+        id: ObjectId,
+        /// The head's reason.
+        reason: String,
+    },
+    /// Bytes that cannot be an object (larger than
+    /// [`flame_protocol::limits::OBJECT_BYTES_MAX`]), or a request with too many.
+    #[error("{0}")]
+    ObjectInvalid(String),
     /// A submit stream was used again after one of its calls failed; its state is unknown.
     #[error("the submit stream of session {session} already failed; open a new one")]
     SubmitterBroken {

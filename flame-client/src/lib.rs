@@ -20,7 +20,10 @@
 //! let session = client
 //!     .create_session(SessionSpec {
 //!         application: "ping".into(),
-//!         common_data: Bytes::new(),
+//!         // Inline, or put to a node's cache first when larger than
+//!         // `config.object_inline_max` (so are task inputs; outputs kept on a node
+//!         // are fetched before `results.next()` hands them on).
+//!         common_data: Bytes::new().into(),
 //!         ephemeral: false,
 //!         // Empty: the user the token names (an admin may set `--owner`, FLAME_OWNER or
 //!         // `owner` in the config files to act for another). Executors are shared
@@ -53,9 +56,10 @@
 //!
 //! Modules and their arrows, which all go one way (no module uses one that uses it):
 //! `session` (sessions, submitters, watchers; it also defines the [`Client`] calls that
-//! hand out a [`Session`]) → `client` (the connection and its request calls) → `config` →
+//! hand out a [`Session`]) → `objects` (putting and getting objects, through the nodes'
+//! caches, never the head) → `client` (the connection and its request calls) → `config` →
 //! `app_file` (the application file format, whose TOML error text `config` reuses);
-//! `session` → `batch`; `local` (the local cluster) → `config`; `report` (`error:` and
+//! `session` and `objects` → `batch`; `local` (the local cluster) → `config`; `report` (`error:` and
 //! `hint:` output) → the errors of `local`, `config` and `error`, which all of them use.
 
 #![warn(missing_docs)]
@@ -66,6 +70,7 @@ mod client;
 pub mod config;
 mod error;
 pub mod local;
+pub mod objects;
 pub mod report;
 mod session;
 

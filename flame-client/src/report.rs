@@ -8,6 +8,7 @@ use crate::local::LocalError;
 use crate::{ClientError, ConfigError};
 use flame_protocol::endpoint::EndpointError;
 use flame_protocol::model::{ErrorKind, STORAGE_FAULT_MARK};
+use flame_protocol::object_transfer::TransferError;
 use std::fmt;
 
 /// An error with advice for the user. Displays as the wrapped error, so the message is
@@ -135,6 +136,13 @@ fn client_hint(e: &ClientError) -> Option<String> {
         ClientError::Connection { .. } | ClientError::Timeout { .. } => {
             Some("check that flame-head is still running and reachable".to_string())
         }
+        ClientError::ObjectTransfer { source, .. } => object_transfer_hint(source),
+        ClientError::ObjectMissing { .. } => Some(
+            "no copy of the object is left (its node was lost, or it was removed): put it again; \
+             an output of a task in an unfinished session is rebuilt by running the task again, \
+             so try again in a moment; `flame object list` shows what the head holds"
+                .to_string(),
+        ),
         ClientError::Protocol { .. } => {
             Some("the head and this client may be different versions; compare `flame --version` with the head's".to_string())
         }
@@ -157,6 +165,40 @@ fn client_hint(e: &ClientError) -> Option<String> {
             ),
             _ => None,
         },
+    }
+}
+
+fn object_transfer_hint(e: &TransferError) -> Option<String> {
+    match e {
+        TransferError::Connect { .. } => Some(
+            "the node's object endpoint must be reachable from this machine at the address the \
+             head gave (`flame node list`); check firewalls for its object port (UDP)"
+                .to_string(),
+        ),
+        TransferError::Stalled { .. } => {
+            Some("the node or the network is overloaded, or the node stopped; try again".to_string())
+        }
+        TransferError::Corrupt { .. } => Some(
+            "that node's copy is damaged, or the bytes were altered on the way; try again (the \
+             head sends readers to another copy)"
+                .to_string(),
+        ),
+        TransferError::Refused { error, .. } if error.message.contains("full") => Some(
+            "the nodes' object caches are full of objects in use: end or cancel sessions, \
+             remove kept objects (`flame object remove`), or ask the operator for more cache \
+             (`flame-node --object-memory`, `--object-disk`)"
+                .to_string(),
+        ),
+        TransferError::Refused { error, .. } if error.message.contains("grant") => {
+            Some("the head's permission expired or the head restarted; try again".to_string())
+        }
+        TransferError::Setup(_) => Some(format!(
+            "object transfers trust the same CA as the head connection: check --ca-file or the token ({LOCAL_HINT})"
+        )),
+        TransferError::Unavailable { attempts, .. } => {
+            attempts.last().and_then(object_transfer_hint)
+        }
+        _ => None,
     }
 }
 
@@ -309,5 +351,31 @@ mod tests {
         let Err(err) = err else { return };
         assert_eq!(message(&err), "while doing that: inner");
         assert_eq!(hint_for(&err).as_deref(), Some("do this"));
+    }
+
+    #[test]
+    fn object_errors_name_the_object_and_get_hints() {
+        let id = flame_protocol::object::ObjectId::of(b"x");
+        let missing = anyhow::Error::new(ClientError::ObjectMissing {
+            id,
+            reason: "lost with node n1".into(),
+        });
+        assert!(message(&missing).contains(&id.to_string()));
+        assert!(message(&missing).contains("lost with node n1"));
+        assert!(hint_for(&missing)
+            .unwrap_or_default()
+            .contains("put it again"));
+        let unreachable = anyhow::Error::new(ClientError::ObjectTransfer {
+            what: format!("reading object {}", id.short()),
+            source: Box::new(TransferError::Connect {
+                node: "n1".into(),
+                addr: "10.0.0.1:7471".into(),
+                reason: "timed out".into(),
+            }),
+        });
+        assert!(message(&unreachable).contains("node `n1`"));
+        assert!(hint_for(&unreachable)
+            .unwrap_or_default()
+            .contains("reachable"));
     }
 }

@@ -3,15 +3,17 @@
 //! This module builds on `client` and not the reverse: the [`Client`] calls that hand out a
 //! [`Session`] ([`Client::create_session`], [`Client::session`]) are defined here.
 
-use crate::batch::{split_batches, BatchLimits};
+use crate::batch::BatchLimits;
 use crate::client::Client;
 use crate::error::{io_error, ClientError};
+use crate::objects::{batch_payloads, split_submit};
 use bytes::Bytes;
 use flame_protocol::frame::{FrameReader, FrameWriter};
 use flame_protocol::messages::{
     task_range, ClientRequest, ClientResponse, SubmitBatch, SubmitReply, WatchEvent,
 };
-use flame_protocol::model::{SessionInfo, SessionSpec, TaskResult};
+use flame_protocol::model::{SessionInfo, SessionSpec, TaskOutcome, TaskResult};
+use flame_protocol::object::{ObjectRef, Payload};
 use flame_protocol::{SessionId, TaskId};
 use std::collections::VecDeque;
 use tokio::sync::mpsc;
@@ -50,10 +52,20 @@ impl Client {
     /// empty too: the head then makes the authenticated user the owner. Naming another
     /// user than oneself takes an admin; others get
     /// [`ErrorKind::PermissionDenied`](flame_protocol::model::ErrorKind).
+    ///
+    /// Inline common data larger than [`ClientConfig::object_inline_max`] is put to a
+    /// node's cache first and the session created with a reference to it. The session
+    /// does not exist yet when it is put, so it is put as a kept object; the head moves a
+    /// kept object named as a session's common data into that session's scope, so it
+    /// goes when the session does.
+    ///
+    /// [`ClientConfig::object_inline_max`]: crate::ClientConfig::object_inline_max
     pub async fn create_session(&self, mut spec: SessionSpec) -> Result<Session, ClientError> {
         if spec.owner.is_empty() {
             spec.owner = self.owner().to_string();
         }
+        let common = std::mem::take(&mut spec.common_data);
+        spec.common_data = self.offload(&spec.owner, None, common).await?;
         match self.request(ClientRequest::CreateSession(spec)).await? {
             ClientResponse::Session(info) => Ok(Session::new(self.clone(), info)),
             other => Err(self.unexpected("request CreateSession", &other)),
@@ -72,6 +84,8 @@ impl Client {
 pub struct Session {
     client: Client,
     id: SessionId,
+    /// The session's owner: its objects are this owner's.
+    owner: String,
 }
 
 impl Session {
@@ -79,7 +93,22 @@ impl Session {
         Session {
             client,
             id: info.id,
+            owner: info.owner,
         }
+    }
+
+    /// The session's owner.
+    pub fn owner(&self) -> &str {
+        &self.owner
+    }
+
+    /// Puts `bytes` as an object of the session's owner that lives as long as the
+    /// session; a task input or common data may then name it
+    /// ([`Payload::Object`]).
+    pub async fn put(&self, bytes: Bytes) -> Result<ObjectRef, ClientError> {
+        self.client
+            .put_object(Some(&self.owner), Some(self.id), bytes, 1)
+            .await
     }
 
     /// The session's id.
@@ -134,6 +163,8 @@ impl Session {
         Ok(Submitter {
             client: self.client.clone(),
             session: self.id,
+            owner: self.owner.clone(),
+            inline_max: self.client.config().object_inline_max,
             conn,
             send,
             recv,
@@ -165,8 +196,12 @@ impl Session {
         ));
         Ok(ResultStream {
             session: self.id,
+            client: self.client.clone(),
+            owner: self.owner.clone(),
             rx,
             finished: false,
+            keep_refs: false,
+            pending: None,
         })
     }
 }
@@ -204,6 +239,10 @@ impl BatchAck {
 pub struct Submitter {
     client: Client,
     session: SessionId,
+    /// The session's owner, whose objects large inputs become.
+    owner: String,
+    /// Inputs larger than this are put as objects first.
+    inline_max: u64,
     /// The connection the stream is on, to tell a lost head from other failures.
     conn: quinn::Connection,
     send: FrameWriter<quinn::SendStream>,
@@ -237,13 +276,20 @@ impl Submitter {
     /// [`flame_protocol::limits::SUBMIT_BATCH_TASKS_MAX`]. Returns once every batch is written; waits for
     /// acks only to keep the window bounded. A rejected batch is
     /// [`ClientError::BatchRejected`].
+    ///
+    /// Inputs larger than [`ClientConfig::object_inline_max`] are put to the nodes' caches
+    /// first, as objects of the session (one `PutObjects` request per batch, the
+    /// transfers run concurrently), and the batch carries their references.
+    ///
+    /// [`ClientConfig::object_inline_max`]: crate::ClientConfig::object_inline_max
     pub async fn send(&mut self, inputs: Vec<Bytes>) -> Result<(), ClientError> {
         self.guard()?;
-        for batch in split_batches(inputs, self.limits) {
+        for batch in split_submit(inputs, self.limits, self.inline_max) {
             while self.in_flight.len() >= self.window {
                 self.await_ack().await?;
             }
-            self.send_batch(batch).await?;
+            let payloads = batch_payloads(&self.client, &self.owner, self.session, batch).await?;
+            self.send_batch(payloads).await?;
         }
         self.broken = false;
         Ok(())
@@ -276,7 +322,7 @@ impl Submitter {
         Ok(())
     }
 
-    async fn send_batch(&mut self, inputs: Vec<Bytes>) -> Result<(), ClientError> {
+    async fn send_batch(&mut self, inputs: Vec<Payload>) -> Result<(), ClientError> {
         let batch_id = self.next_batch_id;
         if u32::try_from(inputs.len()).is_err() {
             return Err(self.client.protocol_error(
@@ -285,10 +331,6 @@ impl Submitter {
             ));
         }
         self.next_batch_id = self.next_batch_id.wrapping_add(1);
-        let inputs = inputs
-            .into_iter()
-            .map(flame_protocol::object::Payload::Inline)
-            .collect();
         self.in_flight.push_back(SubmitBatch { batch_id, inputs });
         let what = format!("submitting batch {batch_id}");
         let client = self.client.clone();
@@ -441,11 +483,25 @@ enum WatchItem {
 /// drops a watch that falls behind its bound and says so (`WatchEvent::Lagged`); the stream
 /// then watches again, gets the results from the store, and drops those already handed on,
 /// so a slow reader still sees every result exactly once.
+///
+/// Outputs the nodes kept as objects ([`TaskOutcome::Object`]) are fetched before `next`
+/// hands the batch on, as [`TaskOutcome::Succeeded`] with the bytes: one `LocateObjects`
+/// request per batch, the transfers run concurrently. [`ResultStream::keep_refs`] turns
+/// that off for readers that want the references (to fetch later, or never). When a
+/// fetch fails, `next` returns the error and keeps the batch: the next call tries it
+/// again, so a reader that stops on errors loses nothing, and one that goes on may set
+/// `keep_refs` to get past an output that is lost.
 #[derive(Debug)]
 pub struct ResultStream {
     session: SessionId,
+    client: Client,
+    /// The session's owner, whose objects its outputs are.
+    owner: String,
     rx: mpsc::Receiver<WatchItem>,
     finished: bool,
+    keep_refs: bool,
+    /// A batch taken from the pump whose outputs are being, or failed to be, fetched.
+    pending: Option<Vec<TaskResult>>,
 }
 
 impl ResultStream {
@@ -454,16 +510,48 @@ impl ResultStream {
         self.session
     }
 
+    /// Whether to hand on outputs kept as objects as their references
+    /// ([`TaskOutcome::Object`]) rather than fetch them (the default, `false`).
+    pub fn keep_refs(mut self, keep: bool) -> Self {
+        self.keep_refs = keep;
+        self
+    }
+
+    /// Changes [`ResultStream::keep_refs`] on a stream being read.
+    pub fn set_keep_refs(&mut self, keep: bool) {
+        self.keep_refs = keep;
+    }
+
     /// The next batch of results; `None` once the head has said the session is finished,
     /// or when the stream ended without saying so (see [`ResultStream::is_finished`]).
+    /// Outputs kept as objects are fetched first unless [`ResultStream::keep_refs`]; a
+    /// batch whose fetch is cancelled or fails is tried again at the next call.
     pub async fn next(&mut self) -> Option<Result<Vec<TaskResult>, ClientError>> {
-        match self.rx.recv().await? {
-            WatchItem::Results(results) => Some(Ok(results)),
-            WatchItem::Finished => {
-                self.finished = true;
-                None
+        let results = match self.pending.take() {
+            Some(results) => results,
+            None => match self.rx.recv().await? {
+                WatchItem::Results(results) => results,
+                WatchItem::Finished => {
+                    self.finished = true;
+                    return None;
+                }
+                WatchItem::Failed(e) => return Some(Err(e)),
+            },
+        };
+        let has_objects = results
+            .iter()
+            .any(|r| matches!(r.outcome, TaskOutcome::Object(_)));
+        if self.keep_refs || !has_objects {
+            return Some(Ok(results));
+        }
+        // Kept here while fetching: a cancelled call loses nothing.
+        self.pending = Some(results.clone());
+        match resolve_outputs(&self.client, &self.owner, results).await {
+            Ok(resolved) => {
+                self.pending = None;
+                Some(Ok(resolved))
             }
-            WatchItem::Failed(e) => Some(Err(e)),
+            Err(e) => Some(Err(e)),
         }
     }
 
@@ -471,6 +559,34 @@ impl ResultStream {
     pub fn is_finished(&self) -> bool {
         self.finished
     }
+}
+
+/// `results` with every [`TaskOutcome::Object`] replaced by the object's bytes, read
+/// from the nodes (each object once, however many results name it).
+async fn resolve_outputs(
+    client: &Client,
+    owner: &str,
+    mut results: Vec<TaskResult>,
+) -> Result<Vec<TaskResult>, ClientError> {
+    let mut ids = Vec::new();
+    let mut seen = std::collections::HashSet::new();
+    for result in &results {
+        if let TaskOutcome::Object(r) = &result.outcome {
+            if seen.insert(r.id) {
+                ids.push(r.id);
+            }
+        }
+    }
+    let fetched = client.get_objects(Some(owner), &ids).await?;
+    let by_id: std::collections::HashMap<_, _> = ids.into_iter().zip(fetched).collect();
+    for result in &mut results {
+        if let TaskOutcome::Object(r) = &result.outcome {
+            if let Some(bytes) = by_id.get(&r.id) {
+                result.outcome = TaskOutcome::Succeeded(bytes.clone());
+            }
+        }
+    }
+    Ok(results)
 }
 
 /// Reads watch frames into `tx` until the session finishes, the stream ends or fails, or
