@@ -55,6 +55,10 @@ pub struct GlobalArgs {
     /// The private key (PEM) of --cert [else FLAME_KEY, else `key_file` in the config files]
     #[arg(long = "key", global = true, value_name = "PATH")]
     pub key_file: Option<PathBuf>,
+    /// Task inputs and common data larger than this go to a node's object cache, the task
+    /// carrying a reference [else FLAME_OBJECT_INLINE_MAX, else `object_inline_max` in the config files, else 100KiB]
+    #[arg(long, global = true, value_name = "SIZE", value_parser = parse_size)]
+    pub object_inline_max: Option<u64>,
     /// Admins only: the user that new sessions belong to [else FLAME_OWNER, else `owner` in the config files, else whoever the token or certificate names]
     #[arg(long, global = true, value_name = "NAME")]
     pub owner: Option<String>,
@@ -130,6 +134,14 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
+/// A size such as `100KiB`, `4MiB` or `65536`.
+fn parse_size(text: &str) -> Result<u64, String> {
+    text.trim()
+        .parse::<bytesize::ByteSize>()
+        .map(|b| b.as_u64())
+        .map_err(|e| format!("`{text}` is not a size such as 100KiB or 4MiB: {e}"))
+}
+
 /// Resolves the configuration from the flags, the environment and the config files.
 pub fn config(global: &GlobalArgs) -> anyhow::Result<ClientConfig> {
     let flags = ConfigFlags {
@@ -139,6 +151,7 @@ pub fn config(global: &GlobalArgs) -> anyhow::Result<ClientConfig> {
         token_file: global.token_file.clone(),
         cert_file: global.cert_file.clone(),
         key_file: global.key_file.clone(),
+        object_inline_max: global.object_inline_max,
     };
     Ok(ClientConfig::resolve(&flags)?)
 }

@@ -435,7 +435,6 @@ async fn start_objects(
     ),
     String,
 > {
-    // STAND-IN: at merge, `flame_protocol::object_transfer::{host_id, ObjectClient}`.
     use flame_protocol::object_transfer::{host_id, ObjectClient};
     let (store, events) = executor::objects::NodeObjects::open_store(settings.cache)?;
     let endpoint = match object_endpoint(settings.listen, tls) {
@@ -478,86 +477,41 @@ async fn start_objects(
     Ok((node_objects, events))
 }
 
-/// The object endpoint: QUIC, ALPN [`flame_protocol::object::OBJECT_ALPN`], the node's
-/// certificate; a client may present a certificate of the cluster CA (nodes do) or none
-/// (the grant in each request is the credential).
+/// The object endpoint ([`objects::server::object_endpoint`]) on `addr`, presenting the
+/// node's certificate followed by the cluster CA's (readers that pin the CA by its
+/// fingerprint find it in the chain).
 fn object_endpoint(addr: std::net::SocketAddr, tls: &TlsFiles) -> Result<quinn::Endpoint, String> {
     use flame_protocol::endpoint::{load_certs, load_key};
-    use flame_protocol::limits;
-    let certs = load_certs(&tls.cert_file).map_err(|e| e.to_string())?;
+    let mut certs = load_certs(&tls.cert_file).map_err(|e| e.to_string())?;
+    let ca = load_certs(&tls.ca_file)
+        .map_err(|e| e.to_string())?
+        .into_iter()
+        .next()
+        .ok_or_else(|| format!("{} holds no certificate", tls.ca_file.display()))?;
+    if !certs.contains(&ca) {
+        certs.push(ca.clone());
+    }
     let key = load_key(&tls.key_file).map_err(|e| e.to_string())?;
-    let mut roots = rustls::RootCertStore::empty();
-    for ca in load_certs(&tls.ca_file).map_err(|e| e.to_string())? {
-        roots
-            .add(ca)
-            .map_err(|e| format!("the cluster CA {}: {e}", tls.ca_file.display()))?;
-    }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let tls_error = |e: &dyn std::fmt::Display| format!("the object endpoint's TLS: {e}");
-    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
-        Arc::new(roots),
-        provider.clone(),
-    )
-    .allow_unauthenticated()
-    .build()
-    .map_err(|e| tls_error(&e))?;
-    let mut server_tls = rustls::ServerConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .map_err(|e| tls_error(&e))?
-        .with_client_cert_verifier(verifier)
-        .with_single_cert(certs, key)
-        .map_err(|e| tls_error(&e))?;
-    server_tls.alpn_protocols = vec![flame_protocol::object::OBJECT_ALPN.to_vec()];
-    server_tls.max_early_data_size = 0;
-    let crypto =
-        quinn::crypto::rustls::QuicServerConfig::try_from(server_tls).map_err(|e| tls_error(&e))?;
-    let mut transport = quinn::TransportConfig::default();
-    if let Ok(idle) = quinn::IdleTimeout::try_from(limits::IDLE_TIMEOUT) {
-        transport.max_idle_timeout(Some(idle));
-    }
-    transport.keep_alive_interval(Some(limits::KEEP_ALIVE_INTERVAL));
-    transport.max_concurrent_bidi_streams(quinn::VarInt::from_u32(limits::NODE_OBJECT_STREAMS_MAX));
-    transport.max_concurrent_uni_streams(quinn::VarInt::from_u32(0));
-    let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
-    server.transport_config(Arc::new(transport));
-    quinn::Endpoint::server(server, addr).map_err(|e| {
-        format!(
-            "cannot serve objects on {addr} (UDP): {e}
-hint: another program (or another              flame-node) holds that port: choose another with --object-listen ADDR, or turn              the object cache off with --object-listen off"
-        )
+    objects::server::object_endpoint(addr, certs, key, ca).map_err(|e| match e {
+        objects::server::ObjectEndpointError::Bind { .. } => format!(
+            "{e}\nhint: another program (or another flame-node) holds that port: choose \
+             another with --object-listen ADDR, or turn the object cache off with \
+             --object-listen off"
+        ),
+        other => other.to_string(),
     })
 }
 
 /// The same-host object socket, mode 0666 in the node's root-owned runtime folder (the
 /// grant is the credential). A socket left by an earlier run is replaced.
 fn object_socket(path: &std::path::Path) -> Result<tokio::net::UnixListener, String> {
-    use std::os::unix::fs::{FileTypeExt as _, PermissionsExt as _};
-    match std::fs::symlink_metadata(path) {
-        Ok(meta) if meta.file_type().is_socket() => std::fs::remove_file(path).map_err(|e| {
-            format!(
-                "cannot replace the old object socket {}: {e}",
-                path.display()
-            )
-        })?,
-        Ok(_) => {
-            return Err(format!(
-                "{} is in the way of the object socket: it is not a socket
-hint: remove it,                  or turn the object cache off with --object-listen off",
-                path.display()
-            ))
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(format!("cannot read {}: {e}", path.display())),
-    }
-    let listener = tokio::net::UnixListener::bind(path)
-        .map_err(|e| format!("cannot listen on the object socket {}: {e}", path.display()))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666)).map_err(|e| {
+    objects::unix::bind_unix(path).map_err(|e| {
         format!(
-            "cannot set the mode of the object socket {}: {e}",
+            "cannot listen on the object socket {}: {e}\nhint: remove what is in the way, or \
+             turn the object cache off with --object-listen off",
             path.display()
         )
-    })?;
-    Ok(listener)
+    })
 }
 
 /// The node's TLS files, from flags, the config file and the defaults beside `tls_dir`.

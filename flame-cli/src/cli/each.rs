@@ -103,7 +103,7 @@ pub async fn run(global: &GlobalArgs, args: SubmitArgs) -> anyhow::Result<()> {
     };
     let spec = SessionSpec {
         application: APPLICATION.to_string(),
-        common_data,
+        common_data: common_data.into(),
         // Empty: the client's owner (--owner, FLAME_OWNER, the config files), else the
         // authenticated user, as the head decides.
         owner: String::new(),
@@ -442,6 +442,7 @@ fn outcome_bytes(outcome: &TaskOutcome) -> usize {
         TaskOutcome::Succeeded(output) => output.len(),
         TaskOutcome::Failed(message) => message.len(),
         TaskOutcome::Cancelled => 0,
+        TaskOutcome::Object(o) => usize::try_from(o.size).unwrap_or(usize::MAX),
     }
 }
 
@@ -488,6 +489,11 @@ impl Printer {
             },
             TaskOutcome::Failed(message) => Some(format!("failed: {message}")),
             TaskOutcome::Cancelled => Some("was cancelled".to_string()),
+            // The result stream fetches outputs kept as objects before it hands them on.
+            TaskOutcome::Object(o) => Some(format!(
+                "gave an output kept as object {} that was not fetched",
+                o.id
+            )),
         };
         let Some(failure) = failure else {
             return Ok(true);

@@ -130,7 +130,7 @@ pub async fn run(global: &GlobalArgs, cmd: ObjectCommand) -> anyhow::Result<()> 
         ObjectCommand::Remove { ids } => {
             let count = ids.len();
             super::with_client(global, |client| async move {
-                Ok(client.remove_objects(owner.as_deref(), ids).await?)
+                Ok(client.remove_objects(owner.as_deref(), &ids).await?)
             })
             .await?;
             println!("Removed {count} object(s).");

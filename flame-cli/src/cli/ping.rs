@@ -196,7 +196,7 @@ pub(super) async fn create_ping_session(
     let session = client
         .create_session(SessionSpec {
             application: PING_APPLICATION.to_string(),
-            common_data: Bytes::new(),
+            common_data: flame_protocol::object::Payload::default(),
             ephemeral,
             // Empty: the client's owner (--owner, FLAME_OWNER, the config files), else the
             // authenticated user, as the head decides.
@@ -419,6 +419,11 @@ pub(super) fn check_outcome(
         Some(TaskOutcome::Cancelled) => {
             Err((Problem::Failed, format!("task {task} was cancelled")))
         }
+        // The result stream fetches outputs kept as objects before it hands them on.
+        Some(TaskOutcome::Object(o)) => Err((
+            Problem::Mismatched,
+            format!("task {task}: its output, object {}, was not fetched", o.id),
+        )),
         Some(TaskOutcome::Succeeded(output)) => check_reply(input, output)
             .map_err(|e| (Problem::Mismatched, format!("task {task}: {e}"))),
     }

@@ -119,9 +119,18 @@ impl NodeObjects {
         };
         let bytes = self.fetch(owner, object, sources).await?;
         let scope = ObjectScope::Session(session);
-        if let Err(e) = self.store.insert(owner, object, scope, bytes.clone()).await {
+        // A spare copy: the node it came from holds the object, so this one may be dropped
+        // when room is needed. The head hears of it and counts it for later placement.
+        match self
+            .store
+            .insert_spare(owner, object, scope, bytes.clone())
+            .await
+        {
+            Ok(()) => self.store.announce(owner, object, scope),
             // The task has its bytes; only later tasks miss the copy.
-            tracing::warn!(object = %object.id, "cannot keep a fetched object in the cache: {e}");
+            Err(e) => {
+                tracing::warn!(object = %object.id, "cannot keep a fetched object in the cache: {e}");
+            }
         }
         Ok(bytes)
     }
@@ -194,11 +203,13 @@ impl NodeObjects {
     ) {
         let object = sources.object;
         let kept = match self.get(owner, object, sources).await {
-            Ok(bytes) => self
-                .store
-                .insert(owner, object, scope, bytes)
-                .await
-                .map_err(|e| e.to_string()),
+            Ok(bytes) => match self.store.insert(owner, object, scope, bytes).await {
+                Ok(()) => {
+                    self.store.announce(owner, object, scope);
+                    Ok(())
+                }
+                Err(e) => Err(e.to_string()),
+            },
             Err(e) => Err(e),
         };
         if let Err(e) = kept {

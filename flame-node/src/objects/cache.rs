@@ -214,6 +214,7 @@ impl Cache {
     }
 
     /// Every entry.
+    #[cfg(test)]
     pub fn entries(&self) -> impl Iterator<Item = (&ObjectKey, &Entry)> {
         self.entries.iter()
     }
@@ -518,6 +519,7 @@ impl Cache {
     }
 
     /// Checks the invariants (see the module doc); the first broken one.
+    #[cfg(test)]
     pub fn check(&self) -> Result<(), String> {
         let sum = |tier| -> u64 {
             self.entries

@@ -15,4 +15,4 @@ pub mod unix;
 
 // The names the link, the executors and the endpoints use.
 pub use server::GrantKeyCell;
-pub use store::{CacheConfig, CacheError, ObjectReader, ObjectStore, ObjectWriter};
+pub use store::{CacheConfig, ObjectStore};

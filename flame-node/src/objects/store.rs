@@ -454,6 +454,7 @@ impl ObjectStore {
     }
 
     /// Events lost because the link's queue was full.
+    #[cfg(test)]
     pub fn events_lost(&self) -> u64 {
         self.inner.events_lost.load(Ordering::Relaxed)
     }
@@ -1007,6 +1008,7 @@ impl ObjectReader {
 
     /// Whether the bytes are on disk now (they may move there while the reader is open;
     /// this reader keeps reading from where it opened them).
+    #[cfg(test)]
     pub fn on_disk(&self) -> bool {
         matches!(self.backing, Backing::Disk { .. })
     }

@@ -548,7 +548,7 @@ async fn object_1gib(
         );
     }
     client
-        .remove_objects(None, vec![object.id])
+        .remove_objects(None, &[object.id])
         .await
         .context("cannot remove the object")?;
     Ok(vec![put, get])
