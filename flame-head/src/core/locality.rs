@@ -44,6 +44,9 @@
 //! Pure: no clock (time is an argument), no I/O, no allocation per operation beyond the
 //! lanes' growth and a node's first lane.
 
+// Not every method is called until the core's dispatch uses the queue (issue 20).
+#![cfg_attr(not(test), allow(dead_code))]
+
 use flame_protocol::limits::LOCALITY_WAIT;
 use rustc_hash::FxHashMap as HashMap;
 use std::collections::VecDeque;
@@ -200,18 +203,25 @@ impl<T: Copy + Eq + Hash, N: Clone + Eq + Hash> LocalityQueue<T, N> {
     /// only when no task prefers `node`, none prefers no node, and no wait has run out.
     pub fn pop_for(&mut self, node: &N, now_ms: u64) -> Option<T> {
         let local = self.local_front(node);
-        let free = front(&self.free, &self.tasks);
-        let late = front(&self.waiting, &self.tasks).filter(|(_, q)| q.deadline_ms <= now_ms);
+        // The oldest task any node may take: preferring none, or whose wait ran out.
+        let free = front(&self.free, &self.tasks).map(|(task, q)| (TakenFrom::Free, task, q));
+        let late = front(&self.waiting, &self.tasks)
+            .filter(|(_, q)| q.deadline_ms <= now_ms)
+            .map(|(task, q)| (TakenFrom::Waiting, task, q));
         let other = match (free, late) {
-            (Some(f), Some(l)) if l.1.order < f.1.order => Some((TakenFrom::Waiting, l)),
-            (Some(f), _) => Some((TakenFrom::Free, f)),
-            (None, Some(l)) => Some((TakenFrom::Waiting, l)),
-            (None, None) => None,
+            (Some(f), Some(l)) => Some(if l.2.order < f.2.order { l } else { f }),
+            (f, l) => f.or(l),
         };
-        let (from, (task, _)) = match (local, other) {
-            (Some(l), Some(o)) if o.1 .1.deadline_ms.saturating_add(self.wait_ms) < l.1.deadline_ms => o,
-            (Some(l), _) => (TakenFrom::Local, l),
-            (None, Some(o)) => o,
+        // The local task first, unless the other had waited its whole wait before the
+        // local one was queued.
+        let (from, task) = match (local, other) {
+            (Some((_, l)), Some((from, task, o)))
+                if o.deadline_ms.saturating_add(self.wait_ms) < l.deadline_ms =>
+            {
+                (from, task)
+            }
+            (Some((task, _)), _) => (TakenFrom::Local, task),
+            (None, Some((from, task, _))) => (from, task),
             (None, None) => return None,
         };
         let lane = match from {
@@ -428,7 +438,11 @@ mod tests {
         assert_eq!(drain(&mut q, "a", 10), vec![3, 4, 2]);
         assert_eq!(q.pop_for(&"a", 99), None, "b's task waits for b");
         assert_eq!(q.next_deadline(), Some(100));
-        assert_eq!(q.pop_for(&"a", 100), Some(1), "its wait ran out: anyone takes it");
+        assert_eq!(
+            q.pop_for(&"a", 100),
+            Some(1),
+            "its wait ran out: anyone takes it"
+        );
         assert!(q.is_empty());
         assert_eq!(q.next_deadline(), None);
     }
@@ -850,9 +864,8 @@ mod bench {
             q.push(t, preferred, now);
         }
         let ops = 1_000_000u64;
-        let picks: Vec<(usize, ObjectId)> = (0..ops)
-            .map(|_| objects[rng.below(n) as usize])
-            .collect();
+        let picks: Vec<(usize, ObjectId)> =
+            (0..ops).map(|_| objects[rng.below(n) as usize]).collect();
         let askers: Vec<usize> = (0..ops).map(|_| rng.below(SCALE_NODES) as usize).collect();
         let start = Instant::now();
         let mut found = 0usize;
