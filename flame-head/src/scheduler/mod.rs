@@ -43,7 +43,8 @@
 //! finished plan); `gangs.rs` and `units.rs` phases 6 and 7; `fair_share.rs` the targets;
 //! `room.rs` the room per node ([`Free`](room::Free), GPU room kept, gang placement, nodes
 //! by free cpu); `owners.rs` who is served next and who may give to whom; `reasons.rs` why
-//! a session waits.
+//! a session waits; `locality.rs` the node a new executor prefers by where its session's
+//! data lies ([`DataNodes`], given beside the snapshot to [`plan_with_data`]).
 //!
 //! [`Planner`]: planner::Planner
 //! [`Holdings`]: owners::Holdings
@@ -51,6 +52,7 @@
 
 mod fair_share;
 mod gangs;
+mod locality;
 mod owners;
 mod planner;
 mod reasons;
@@ -69,6 +71,10 @@ use flame_protocol::model::Resources;
 use flame_protocol::{ExecutorId, SessionId};
 use planner::Planner;
 use std::collections::BTreeMap;
+
+// Used by the core once it lists where sessions' data lies (issue 20, `Core::snapshot`).
+#[allow(unused_imports)]
+pub use locality::{DataNodes, DATA_NODES_MAX};
 
 /// What the scheduler sees of a node.
 #[derive(Debug, Clone)]
@@ -271,4 +277,13 @@ pub fn schedule(snap: &Snapshot) -> Vec<Decision> {
 /// [`Planner`], in order.
 pub fn plan(snap: &Snapshot) -> Plan {
     Planner::new(snap).run()
+}
+
+/// [`plan`], with new executors placed by where their sessions' data lies ([`DataNodes`],
+/// `locality.rs`): where one fits, on the node holding the most of its session's bytes.
+/// With no data listed the plan is exactly [`plan`]'s.
+// The core calls it once it lists where sessions' data lies (issue 20, `Core::schedule`).
+#[allow(dead_code)]
+pub fn plan_with_data(snap: &Snapshot, data: &DataNodes) -> Plan {
+    Planner::new(snap).with_data(data).run()
 }

@@ -18,6 +18,7 @@
 //! decided on at most once (`taken`); decisions are only appended, so their order is the
 //! order the phases run in.
 
+use super::locality::{DataNodes, NO_DATA};
 use super::owners::{pool_of, session_pool, Holdings, Pool};
 use super::reasons::{backing_off, never_fits};
 use super::room::{node_total, Free};
@@ -47,6 +48,9 @@ pub(super) enum Phase {
 /// read them and change only what they say they change.
 pub(super) struct Planner<'a> {
     pub(super) snap: &'a Snapshot,
+    /// Where sessions' data lies (none unless [`Planner::with_data`]): phase 7 launches
+    /// where it is, when it fits.
+    pub(super) data: &'a DataNodes,
     /// The phase that ran last.
     phase: Phase,
 
@@ -141,6 +145,18 @@ impl<'a> Planner<'a> {
         self.finish()
     }
 
+    /// The same planner, placing new executors by where sessions' data lies
+    /// (`locality.rs`). Called before the phases run.
+    pub(super) fn with_data(mut self, data: &'a DataNodes) -> Planner<'a> {
+        assert_eq!(
+            self.phase,
+            Phase::Indexed,
+            "data given after the plan began"
+        );
+        self.data = data;
+        self
+    }
+
     /// Moves to `phase`, which must come right after the phase that ran last.
     pub(super) fn enter(&mut self, phase: Phase) {
         assert_eq!(
@@ -199,6 +215,7 @@ impl<'a> Planner<'a> {
         let per_node = nodes.len();
         Planner {
             snap,
+            data: &NO_DATA,
             phase: Phase::Indexed,
             apps,
             ready,

@@ -187,8 +187,9 @@ impl<'a> Planner<'a> {
         self.wait_for_room(s, app, &order, search) || self.make_room(s, app, &order, search)
     }
 
-    /// Launches an executor for `s` on the node with the most free cpu where one fits now
-    /// (nodes without GPUs first, none reserved). Returns whether it did.
+    /// Launches an executor for `s` where one fits now (none reserved): on the node holding
+    /// the most of its session's data ([`Planner::data_node_for`]), else on the one with the
+    /// most free cpu (nodes without GPUs first). Returns whether it did.
     fn launch_unit(
         &mut self,
         s: &'a SessionView,
@@ -203,11 +204,13 @@ impl<'a> Planner<'a> {
                 && selector_matches(&app.selector, &nodes[n].labels)
         };
         // Free room only shrinks while a plan is made: an application that found none
-        // finds none later in the same plan.
+        // finds none later in the same plan (nor on its session's data nodes). Where the
+        // session's data is, if one fits there; else as without data.
         let found = if search.no_room_for.contains(app_name) {
             None
         } else {
-            search.heaps.best(&self.free, app.resources.gpus > 0, fits)
+            self.data_node_for(s, fits)
+                .or_else(|| search.heaps.best(&self.free, app.resources.gpus > 0, fits))
         };
         let Some(node) = found else {
             search.no_room_for.insert(app_name);
