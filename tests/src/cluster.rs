@@ -441,7 +441,9 @@ impl Cluster {
 
     /// Node `i`'s object spill folder (`--object-dir`).
     pub fn node_object_dir(&self, i: usize) -> PathBuf {
-        self.dir.path().join(format!("{}-objects", Self::node_name(i)))
+        self.dir
+            .path()
+            .join(format!("{}-objects", Self::node_name(i)))
     }
 
     /// Node `i`'s executor log folder (`--log-dir`).

@@ -69,10 +69,19 @@ async fn put_get_list_remove_and_another_user_is_refused_by_id() {
     assert_eq!(id, ObjectId::of(&data));
     let back = dir.path().join("back.bin");
     cluster
-        .flame(&["object", "get", &id.to_string(), "-O", back.to_str().unwrap()])
+        .flame(&[
+            "object",
+            "get",
+            &id.to_string(),
+            "-O",
+            back.to_str().unwrap(),
+        ])
         .await
         .assert_success();
-    assert!(std::fs::read(&back).unwrap() == data[..], "got other bytes back");
+    assert!(
+        std::fs::read(&back).unwrap() == data[..],
+        "got other bytes back"
+    );
     let list = cluster.flame(&["object", "list", "-o", "json"]).await;
     list.assert_success();
     let json: serde_json::Value = serde_json::from_str(&list.stdout).unwrap();
@@ -88,11 +97,10 @@ async fn put_get_list_remove_and_another_user_is_refused_by_id() {
 
     // Another user knows the id and still cannot read it, by the CLI or the library,
     // and does not see it listed.
-    let mallory = Client::connect(
-        &cluster.client_config_as(cluster.user_token("mallory", false).await),
-    )
-    .await
-    .unwrap();
+    let mallory =
+        Client::connect(&cluster.client_config_as(cluster.user_token("mallory", false).await))
+            .await
+            .unwrap();
     let refused = mallory.get_object(None, id).await.unwrap_err();
     let text = refused.to_string();
     assert!(
@@ -106,7 +114,10 @@ async fn put_get_list_remove_and_another_user_is_refused_by_id() {
     // Asking for the owner by name is for admins only.
     let err = mallory.get_object(Some("admin"), id).await.unwrap_err();
     assert!(
-        matches!(err.kind(), Some(flame_protocol::model::ErrorKind::PermissionDenied)),
+        matches!(
+            err.kind(),
+            Some(flame_protocol::model::ErrorKind::PermissionDenied)
+        ),
         "{err}"
     );
     // The same bytes put by mallory are mallory's own object, readable by mallory.
@@ -151,19 +162,24 @@ async fn large_inputs_and_outputs_move_as_objects_not_through_the_head() {
     for (input, result) in &done {
         match &result.outcome {
             TaskOutcome::Succeeded(output) => {
-                check_reply(input, output)
-                    .unwrap_or_else(|e| panic!("task {}: {e}", result.task));
+                check_reply(input, output).unwrap_or_else(|e| panic!("task {}: {e}", result.task));
             }
             other => panic!("task {} did not succeed: {other:?}", result.task),
         }
     }
     let info = session.info().await.unwrap();
     assert_eq!(info.data.object_tasks, TASKS as u64, "{info:#?}");
-    assert_eq!(info.data.local_tasks, TASKS as u64, "one node holds them all: {info:#?}");
+    assert_eq!(
+        info.data.local_tasks, TASKS as u64,
+        "one node holds them all: {info:#?}"
+    );
     // Inputs and outputs are the session's objects, on the node.
     let objects = client.list_objects(None, Some(session.id())).await.unwrap();
     assert_eq!(objects.len(), 2 * TASKS, "{objects:#?}");
-    assert!(objects.iter().all(|o| o.nodes == ["node-0"]), "{objects:#?}");
+    assert!(
+        objects.iter().all(|o| o.nodes == ["node-0"]),
+        "{objects:#?}"
+    );
     // 80 MiB moved; the head's store holds references only.
     let store_bytes: u64 = files_below(&cluster.data_dir())
         .iter()
@@ -192,8 +208,7 @@ async fn a_small_memory_budget_spills_and_every_result_is_right() {
     for (input, result) in &done {
         match &result.outcome {
             TaskOutcome::Succeeded(output) => {
-                check_reply(input, output)
-                    .unwrap_or_else(|e| panic!("task {}: {e}", result.task));
+                check_reply(input, output).unwrap_or_else(|e| panic!("task {}: {e}", result.task));
             }
             other => panic!("task {} did not succeed: {other:?}", result.task),
         }
@@ -214,7 +229,10 @@ async fn a_small_memory_budget_spills_and_every_result_is_right() {
         if cache.disk_used == 0 && cache.memory_used == 0 {
             break;
         }
-        assert!(Instant::now() < deadline, "the session ended, its objects stay: {cache:?}");
+        assert!(
+            Instant::now() < deadline,
+            "the session ended, its objects stay: {cache:?}"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     client.close().await;
@@ -228,7 +246,10 @@ async fn a_corrupt_spilled_chunk_is_caught_by_its_hash() {
         Cluster::start(ClusterOptions::default().node_args(["--object-memory", "1MiB"])).await;
     let client = cluster.client().await;
     let data = blob(9 * MIB, 7);
-    let object = client.put_object(None, None, data.clone(), 1).await.unwrap();
+    let object = client
+        .put_object(None, None, data.clone(), 1)
+        .await
+        .unwrap();
     let files = files_below(&cluster.node_object_dir(0));
     let file = files
         .iter()
@@ -242,7 +263,10 @@ async fn a_corrupt_spilled_chunk_is_caught_by_its_hash() {
     let err: ClientError = client.get_object(None, object.id).await.unwrap_err();
     let text = format!("{err:#}");
     assert!(text.contains("chunk 1"), "{text}");
-    assert!(text.contains(&object.id.short()) || text.contains(&object.id.to_string()), "{text}");
+    assert!(
+        text.contains(&object.id.short()) || text.contains(&object.id.to_string()),
+        "{text}"
+    );
     let deadline = Instant::now() + REPORT_TIMEOUT;
     loop {
         let objects = client.list_objects(None, None).await.unwrap();
@@ -250,7 +274,10 @@ async fn a_corrupt_spilled_chunk_is_caught_by_its_hash() {
         if o.nodes.is_empty() {
             break;
         }
-        assert!(Instant::now() < deadline, "the corrupt copy is still listed: {o:?}");
+        assert!(
+            Instant::now() < deadline,
+            "the corrupt copy is still listed: {o:?}"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     client.close().await;

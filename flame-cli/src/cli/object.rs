@@ -160,7 +160,8 @@ fn read_input(file: &PathBuf) -> anyhow::Result<Bytes> {
         }
         return Ok(buf.into());
     }
-    let meta = std::fs::metadata(file).with_context(|| format!("cannot read {}", file.display()))?;
+    let meta =
+        std::fs::metadata(file).with_context(|| format!("cannot read {}", file.display()))?;
     if !meta.is_file() {
         bail!("{} is not a regular file", file.display());
     }

@@ -5,10 +5,10 @@
 
 use crate::objects::{CacheConfig, GrantKeyCell, ObjectStore};
 // STAND-IN: at merge this becomes `use flame_protocol::object_transfer::ObjectClient;`.
-use flame_protocol::object_transfer::ObjectClient;
 use bytes::Bytes;
 use flame_protocol::limits;
 use flame_protocol::object::{ObjectEvent, ObjectRef, ObjectScope, ObjectSources, Payload};
+use flame_protocol::object_transfer::ObjectClient;
 use flame_protocol::SessionId;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -213,12 +213,6 @@ impl Cache {
         self.entries.get(key)
     }
 
-    /// Every entry.
-    #[cfg(test)]
-    pub fn entries(&self) -> impl Iterator<Item = (&ObjectKey, &Entry)> {
-        self.entries.iter()
-    }
-
     /// What the tiers hold and may hold.
     pub fn usage(&self) -> CacheUsage {
         CacheUsage {

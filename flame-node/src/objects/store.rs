@@ -20,7 +20,7 @@
 //!
 //! Events (`Dropped`, `Full`) go to the sender given to [`ObjectStore::open`] with
 //! `try_send`, after the lock is released: a full queue loses the event with a warning and
-//! a count ([`ObjectStore::events_lost`]); the cache never waits on the link. The store
+//! a count (logged with each loss); the cache never waits on the link. The store
 //! does not report `Stored`: a task output is reported by its result, and the endpoints
 //! and the fetcher report the copies they make ([`ObjectStore::announce`]).
 //!
@@ -451,12 +451,6 @@ impl ObjectStore {
             object,
             scope,
         }]);
-    }
-
-    /// Events lost because the link's queue was full.
-    #[cfg(test)]
-    pub fn events_lost(&self) -> u64 {
-        self.inner.events_lost.load(Ordering::Relaxed)
     }
 
     /// Reserves room for `object`, and spills and deletes what admission decided before
