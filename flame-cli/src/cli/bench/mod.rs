@@ -122,6 +122,11 @@ pub enum Case {
     /// object_put_1GiB, object_get_1GiB, with mib_per_s)
     #[value(name = "object_1GiB", alias = "object_1gib")]
     Object1Gib,
+    /// One 256 MiB object as the common data of a session whose tasks run on 4 nodes of
+    /// this machine: each node fetches it once (two lines: broadcast_one_copy, one read of
+    /// it by the client, and broadcast, to the first result from the 4th node)
+    #[value(name = "broadcast")]
+    Broadcast,
 }
 
 impl Case {
@@ -136,6 +141,7 @@ impl Case {
             Case::Queue => "queue",
             Case::ColdStart => "cold_start",
             Case::Object1Gib => "object_1GiB",
+            Case::Broadcast => "broadcast",
         }
     }
 }
@@ -402,9 +408,17 @@ async fn run_case(
     signals: &mut StopSignals,
 ) -> anyhow::Result<Vec<Measurement>> {
     let started = Instant::now();
-    let opts = LocalOptions {
-        node_cpus: Some(plan.executors),
-        ..LocalOptions::default()
+    let opts = match case {
+        // One executor on each of four nodes, so the session's tasks need every node.
+        Case::Broadcast => LocalOptions {
+            node_cpus: Some(1),
+            extra_nodes: BROADCAST_NODES - 1,
+            ..LocalOptions::default()
+        },
+        _ => LocalOptions {
+            node_cpus: Some(plan.executors),
+            ..LocalOptions::default()
+        },
     };
     let cluster = start_unless_stopped(opts, signals).await?;
     let target = Target::of(&cluster);
@@ -500,7 +514,129 @@ async fn measure(
         }
         Case::Queue => queue(client, plan, target).await,
         Case::Object1Gib => object_1gib(client, plan, target).await,
+        Case::Broadcast => broadcast(client, plan, target).await,
     }
+}
+
+/// `size` pseudo-random bytes (xorshift: cheap, reproducible, incompressible enough).
+fn blob(size: u64) -> anyhow::Result<bytes::Bytes> {
+    let len = usize::try_from(size).context("the object does not fit this machine's memory")?;
+    let mut data = vec![0u8; len];
+    let mut state = 0x9e37_79b9_7f4a_7c15u64;
+    for word in data.chunks_mut(8) {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        let bytes = state.to_le_bytes();
+        word.copy_from_slice(&bytes[..word.len()]);
+    }
+    Ok(data.into())
+}
+
+/// Nodes of the `broadcast` case.
+const BROADCAST_NODES: u32 = 4;
+/// Bytes of the `broadcast` case's object (scaled by `--scale`, at least 4 MiB).
+const BROADCAST_BYTES: u64 = 256 << 20;
+/// Tiny tasks submitted at a time until every node has run one.
+const BROADCAST_WAVE_TASKS: usize = 2_000;
+/// Waves before the case gives up on reaching every node.
+const BROADCAST_WAVES_MAX: usize = 50;
+
+/// One object as the common data of a ping session on [`BROADCAST_NODES`] nodes of one
+/// executor each: tiny tasks in waves until every node has answered one. Each node fetches
+/// the object once (from the node it was put on, or a node that has it), before its
+/// executor enters the session. Measured beside one read of the object by the client.
+async fn broadcast(
+    client: &Client,
+    plan: Plan,
+    target: &Target,
+) -> anyhow::Result<Vec<Measurement>> {
+    use flame_protocol::model::SessionSpec;
+    use flame_protocol::object::Payload;
+    let size = ((BROADCAST_BYTES as f64 * plan.scale.min(1.0)) as u64).max(4 << 20);
+    let data = blob(size)?;
+    let object = client
+        .put_object(None, None, data.clone(), 1)
+        .await
+        .context("cannot put the object")?;
+    let started = Instant::now();
+    let back = client
+        .get_object(None, object.id)
+        .await
+        .context("cannot read the object back")?;
+    let one = Measurement::new("broadcast_one_copy", 1, started.elapsed(), target.rss())
+        .moved(size);
+    if back != data {
+        bail!("object {} came back different", object.id);
+    }
+    drop(back);
+    let started = Instant::now();
+    let session = client
+        .create_session(SessionSpec {
+            common_data: Payload::Object(object),
+            ..SessionSpec::new(super::ping::PING_APPLICATION)
+        })
+        .await
+        .context("cannot create the session")?;
+    let mut watch = session.watch().await.context("cannot watch the session")?;
+    let mut hosts = std::collections::BTreeSet::new();
+    let mut tasks = 0u64;
+    for _ in 0..BROADCAST_WAVES_MAX {
+        let inputs = make_inputs(BROADCAST_WAVE_TASKS as u64, TINY_INPUT_BYTES)?;
+        let ids = session.submit(inputs.clone()).await.context("cannot submit")?;
+        tasks += ids.len() as u64;
+        let mut left = ids.len();
+        while left > 0 {
+            let batch = tokio::time::timeout(plan.stall_timeout, watch.next())
+                .await
+                .map_err(|_| anyhow!("no result for {:?}", plan.stall_timeout))?
+                .ok_or_else(|| anyhow!("the result stream ended"))?
+                .context("the result stream failed")?;
+            for r in batch {
+                let i = usize::try_from(r.task.0.saturating_sub(ids[0].0))
+                    .ok()
+                    .filter(|&i| i < inputs.len())
+                    .ok_or_else(|| anyhow!("a result for task {} of no wave", r.task))?;
+                let reply = check_outcome(i, &inputs[i], Some(&r.outcome))
+                    .map_err(|(_, e)| anyhow!(e))?;
+                hosts.insert(reply.host);
+                left = left.saturating_sub(1);
+            }
+        }
+        if hosts.len() >= BROADCAST_NODES as usize {
+            break;
+        }
+    }
+    let elapsed = started.elapsed();
+    session.close().await.context("cannot close the session")?;
+    if hosts.len() < BROADCAST_NODES as usize {
+        bail!(
+            "after {tasks} tasks only {} of {BROADCAST_NODES} nodes ran one: {hosts:?}",
+            hosts.len()
+        );
+    }
+    let info = session.info().await.context("cannot read the session")?;
+    let copies = client
+        .list_objects(None, None)
+        .await
+        .context("cannot list the objects")?
+        .into_iter()
+        .find(|o| o.object.id == object.id)
+        .map_or(0, |o| o.nodes.len());
+    eprintln!(
+        "broadcast: {copies} copies of {} MiB after {tasks} tasks; {} MiB fetched between \
+         nodes ({} fetches' worth)",
+        size >> 20,
+        info.data.fetched_bytes >> 20,
+        info.data.fetched_bytes / size.max(1)
+    );
+    client
+        .remove_objects(None, &[object.id])
+        .await
+        .context("cannot remove the object")?;
+    let all = Measurement::new("broadcast", tasks, elapsed, target.rss())
+        .moved(size * u64::from(BROADCAST_NODES - 1));
+    Ok(vec![one, all])
 }
 
 /// Bytes of the `object_1GiB` case's object (scaled by `--scale`, at least 1 MiB).
@@ -515,18 +651,7 @@ async fn object_1gib(
     target: &Target,
 ) -> anyhow::Result<Vec<Measurement>> {
     let size = ((OBJECT_CASE_BYTES as f64 * plan.scale.min(1.0)) as u64).max(1 << 20);
-    let len = usize::try_from(size).context("the object does not fit this machine's memory")?;
-    let mut data = vec![0u8; len];
-    let mut state = 0x9e37_79b9_7f4a_7c15u64;
-    for word in data.chunks_mut(8) {
-        // xorshift: cheap, reproducible, incompressible enough.
-        state ^= state << 13;
-        state ^= state >> 7;
-        state ^= state << 17;
-        let bytes = state.to_le_bytes();
-        word.copy_from_slice(&bytes[..word.len()]);
-    }
-    let data = bytes::Bytes::from(data);
+    let data = blob(size)?;
     let started = Instant::now();
     let object = client
         .put_object(None, None, data.clone(), 1)
