@@ -384,6 +384,10 @@ pub enum Access {
     /// A new session, for the owner it names: a user for itself (an empty owner is the
     /// caller), an admin for anyone.
     NamedOwner,
+    /// Objects of the owner the request names, the same way: a user its own (an empty
+    /// owner is the caller), an admin anyone's. Naming another owner is refused by name
+    /// alone, so the refusal tells nothing about that owner's objects.
+    ObjectOwner,
     /// Any user. What some answers show is trimmed to the caller's own (the server filters
     /// session lists and the queue's sessions for users who are not admins).
     Anyone,
@@ -424,6 +428,10 @@ pub fn access(request: &ClientRequest) -> Access {
         | ClientRequest::Logs { session, .. } => Access::SessionOwner(*session),
         ClientRequest::JobExec { job, .. } => Access::SessionOwner(*job),
         ClientRequest::CreateSession(_) => Access::NamedOwner,
+        ClientRequest::PutObjects { .. }
+        | ClientRequest::LocateObjects { .. }
+        | ClientRequest::ListObjects { .. }
+        | ClientRequest::RemoveObjects { .. } => Access::ObjectOwner,
         ClientRequest::ListApplications
         | ClientRequest::ListSessions
         | ClientRequest::ListNodes
@@ -659,6 +667,28 @@ mod tests {
             ClientRequest::WhoAmI,
         ] {
             assert_eq!(access(&request), Access::Anyone, "{request:?}");
+        }
+        for request in [
+            ClientRequest::PutObjects {
+                owner: String::new(),
+                session: None,
+                objects: Vec::new(),
+                replicas: 1,
+            },
+            ClientRequest::LocateObjects {
+                owner: "bob".into(),
+                ids: Vec::new(),
+            },
+            ClientRequest::ListObjects {
+                owner: String::new(),
+                session: Some(s),
+            },
+            ClientRequest::RemoveObjects {
+                owner: String::new(),
+                ids: Vec::new(),
+            },
+        ] {
+            assert_eq!(access(&request), Access::ObjectOwner, "{request:?}");
         }
     }
 

@@ -49,7 +49,7 @@ pub struct Args {
     pub low_space_bytes: Option<u64>,
     /// A per-user quota for every owner, `KEY=VALUE` (repeatable; over head.toml's
     /// `[quotas]`): open_sessions, pending_tasks, input_bytes, connections,
-    /// streams_per_connection, submit_bytes_in_flight.
+    /// streams_per_connection, submit_bytes_in_flight, objects, object_bytes.
     #[arg(long = "quota", value_name = "KEY=VALUE", value_parser = crate::quotas::parse_quota_flag)]
     pub quotas: Vec<(String, u64)>,
     /// A quota for one owner, `OWNER.KEY=VALUE` (repeatable; over head.toml's

@@ -172,6 +172,12 @@ async fn run(mut args: config::Args) -> anyhow::Result<()> {
             quotas: config.quotas.clone(),
             owner_uid_range: config.owner_uid_range,
             groups: config.groups.clone(),
+            // Fresh at each start: grants live minutes, and nodes get the key when they
+            // register.
+            grant_signer: Some(std::sync::Arc::new(
+                flame_protocol::object_grant::GrantSigner::generate()
+                    .map_err(|e| anyhow::anyhow!("cannot make the object grant key: {e}"))?,
+            )),
             ..Default::default()
         },
         loaded,

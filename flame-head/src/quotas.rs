@@ -66,6 +66,12 @@ pub struct Quotas {
     /// owner's submit streams; past it the head reads no more (backpressure), so what a
     /// submit stream holds is what the head admits, not what the peer sends.
     pub submit_bytes_in_flight: u64,
+    /// Objects the head's object book keeps for the owner (put, outputs of its tasks, and
+    /// copies nodes report), lost ones included until they are removed or their session
+    /// ends.
+    pub objects: u64,
+    /// Bytes of those objects in the nodes' caches, one copy counted per object.
+    pub object_bytes: u64,
 }
 
 impl Default for Quotas {
@@ -77,6 +83,8 @@ impl Default for Quotas {
             connections: CONNECTIONS_DEFAULT,
             streams_per_connection: STREAMS_PER_CONNECTION_DEFAULT,
             submit_bytes_in_flight: SUBMIT_BYTES_IN_FLIGHT_DEFAULT,
+            objects: flame_protocol::limits::OWNER_OBJECTS_MAX,
+            object_bytes: flame_protocol::limits::OWNER_OBJECT_BYTES_MAX,
         }
     }
 }
@@ -90,17 +98,21 @@ pub enum Quota {
     Connections,
     StreamsPerConnection,
     SubmitBytesInFlight,
+    Objects,
+    ObjectBytes,
 }
 
 impl Quota {
     /// Every quota, in the order the docs list them.
-    pub const ALL: [Quota; 6] = [
+    pub const ALL: [Quota; 8] = [
         Quota::OpenSessions,
         Quota::PendingTasks,
         Quota::InputBytes,
         Quota::Connections,
         Quota::StreamsPerConnection,
         Quota::SubmitBytesInFlight,
+        Quota::Objects,
+        Quota::ObjectBytes,
     ];
 
     /// Its key in head.toml and on the command line.
@@ -112,6 +124,8 @@ impl Quota {
             Quota::Connections => "connections",
             Quota::StreamsPerConnection => "streams_per_connection",
             Quota::SubmitBytesInFlight => "submit_bytes_in_flight",
+            Quota::Objects => "objects",
+            Quota::ObjectBytes => "object_bytes",
         }
     }
 
@@ -124,6 +138,8 @@ impl Quota {
             Quota::Connections => "connections",
             Quota::StreamsPerConnection => "streams on this connection",
             Quota::SubmitBytesInFlight => "unacknowledged submit bytes",
+            Quota::Objects => "objects",
+            Quota::ObjectBytes => "object bytes in the nodes' caches",
         }
     }
 
@@ -137,6 +153,9 @@ impl Quota {
             Quota::Connections => "close connections",
             Quota::StreamsPerConnection => "wait for requests on this connection to end",
             Quota::SubmitBytesInFlight => "wait for acknowledgements",
+            Quota::Objects | Quota::ObjectBytes => {
+                "remove objects (`flame object remove`) or let their sessions end"
+            }
         }
     }
 
@@ -148,6 +167,8 @@ impl Quota {
             Quota::Connections => q.connections,
             Quota::StreamsPerConnection => q.streams_per_connection,
             Quota::SubmitBytesInFlight => q.submit_bytes_in_flight,
+            Quota::Objects => q.objects,
+            Quota::ObjectBytes => q.object_bytes,
         }
     }
 
@@ -159,6 +180,8 @@ impl Quota {
             Quota::Connections => &mut q.connections,
             Quota::StreamsPerConnection => &mut q.streams_per_connection,
             Quota::SubmitBytesInFlight => &mut q.submit_bytes_in_flight,
+            Quota::Objects => &mut q.objects,
+            Quota::ObjectBytes => &mut q.object_bytes,
         };
         *field = value;
     }

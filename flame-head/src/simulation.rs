@@ -74,6 +74,7 @@ use flame_protocol::model::{
     ApiError, ApplicationSpec, SessionInfo, SessionSpec, SessionState, ShimKind, TaskInfo,
     TaskOutcome, TaskResult, TaskState,
 };
+use flame_protocol::object::Payload;
 use flame_protocol::{ExecutorId, SessionId, TaskId};
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::fmt::Write as _;
@@ -283,6 +284,7 @@ fn short_outcome(o: &TaskOutcome) -> &'static str {
         TaskOutcome::Succeeded(_) => "ok",
         TaskOutcome::Failed(_) => "failed",
         TaskOutcome::Cancelled => "cancelled",
+        TaskOutcome::Object(_) => "object",
     }
 }
 
@@ -299,6 +301,7 @@ fn describe_command(c: &NodeCommand) -> String {
         NodeCommand::Unbind { executor } => format!("unbind e{}", executor.0),
         NodeCommand::Release { executor } => format!("release e{}", executor.0),
         NodeCommand::Kill { executor } => format!("kill e{}", executor.0),
+        NodeCommand::Objects(c) => format!("objects {c:?}"),
     }
 }
 
@@ -346,6 +349,7 @@ fn describe(event: &Event) -> String {
             NodeToHead::Heartbeat => format!("conn {conn} heartbeat"),
             NodeToHead::Register(_) => format!("conn {conn} register"),
             NodeToHead::ExecutorEvents(events) => format!("conn {conn} events {events:?}"),
+            NodeToHead::Objects { events, .. } => format!("conn {conn} objects {events:?}"),
             NodeToHead::Results(results) => {
                 let mut s = format!("conn {conn} results");
                 for r in results {
@@ -568,7 +572,10 @@ impl SimNode {
                     session: a.session,
                     task: a.task,
                     attempt: a.attempt,
-                    input: a.input,
+                    input: match a.input {
+                        Payload::Inline(bytes) => bytes,
+                        Payload::Object(o) => panic!("the simulation puts no objects: {o:?}"),
+                    },
                     epoch: ctx.epoch,
                 };
                 self.enqueue(ctx, a.executor, ExecCmd::Run(assigned));
@@ -582,6 +589,8 @@ impl SimNode {
                     self.unknown(executor);
                 }
             }
+            // The simulated nodes serve no objects: the head never sends them any.
+            NodeCommand::Objects(c) => panic!("an object command to a node without objects: {c:?}"),
         }
     }
 
@@ -776,6 +785,7 @@ impl SimNode {
             labels: Default::default(),
             isolation: flame_protocol::model::Isolation::None,
             identity: flame_protocol::model::ExecutorIdentity::OwnerUid,
+            objects: None,
             executors: self
                 .executors
                 .iter()
@@ -1764,7 +1774,7 @@ impl World {
                     request: Request::Submit {
                         session: id,
                         batch_id: b.id,
-                        inputs: b.inputs.clone(),
+                        inputs: payloads(&b.inputs),
                     },
                 });
                 s.in_flight.push(b);
@@ -1799,7 +1809,7 @@ impl World {
                 request: Request::Submit {
                     session: id,
                     batch_id,
-                    inputs: inputs.clone(),
+                    inputs: payloads(&inputs),
                 },
             });
             let epoch = self.epoch;
@@ -1833,7 +1843,7 @@ impl World {
                     request: Request::Submit {
                         session: id,
                         batch_id,
-                        inputs: inputs.clone(),
+                        inputs: payloads(&inputs),
                     },
                 });
                 let epoch = self.epoch;
@@ -1896,7 +1906,7 @@ impl World {
                 reply,
                 request: Request::Client(ClientRequest::CreateSession(SessionSpec {
                     application: app.into(),
-                    common_data: Bytes::from_static(b"common"),
+                    common_data: Bytes::from_static(b"common").into(),
                     ephemeral,
                     owner: owner.into(),
                     priority: 0,
@@ -2285,6 +2295,10 @@ impl World {
                 }
             }
             TaskOutcome::Failed(_) => {}
+            TaskOutcome::Object(o) => problems.push(format!(
+                "{source}: task {} recorded an object output {o:?}; the simulation makes none",
+                task.0
+            )),
             TaskOutcome::Cancelled => {
                 if !s.cancel_sent {
                     problems.push(format!(
@@ -2658,7 +2672,9 @@ impl World {
                 }
                 for TaskResult { outcome, .. } in rows {
                     match outcome {
-                        TaskOutcome::Succeeded(_) => self.stats.succeeded += 1,
+                        TaskOutcome::Succeeded(_) | TaskOutcome::Object(_) => {
+                            self.stats.succeeded += 1
+                        }
                         TaskOutcome::Failed(_) => self.stats.failed += 1,
                         TaskOutcome::Cancelled => self.stats.cancelled += 1,
                     }
@@ -2722,10 +2738,15 @@ fn state_index(state: TaskState) -> usize {
 
 fn final_state(o: &TaskOutcome) -> TaskState {
     match o {
-        TaskOutcome::Succeeded(_) => TaskState::Succeeded,
+        TaskOutcome::Succeeded(_) | TaskOutcome::Object(_) => TaskState::Succeeded,
         TaskOutcome::Failed(_) => TaskState::Failed,
         TaskOutcome::Cancelled => TaskState::Cancelled,
     }
+}
+
+/// Task inputs as the head takes them: the simulation's are all inline.
+fn payloads(inputs: &[Bytes]) -> Vec<Payload> {
+    inputs.iter().cloned().map(Payload::Inline).collect()
 }
 
 /// What one seed's run leaves behind.

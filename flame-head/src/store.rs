@@ -22,11 +22,11 @@ use crate::storage_fault::{
     classify, free_space, next_backoff_ms, FaultKind, StorageFault, PROBE_BACKOFF_MIN_MS,
     PROBE_FREE_BYTES_MIN,
 };
-use bytes::Bytes;
 use flame_protocol::model::{
     ApplicationSpec, ExecutorUsage, JobInfo, NodeResources, SessionInfo, SessionState, TaskInfo,
     TaskOutcome, TaskResult, TaskState,
 };
+use flame_protocol::object::Payload;
 use flame_protocol::{SessionId, TaskId};
 use records::{
     ApplicationRecord, CertificateRecord, FinishedRecord, NodeRecord, OutcomeRecord, SessionRecord,
@@ -45,9 +45,12 @@ use std::sync::{Arc, PoisonError, RwLock};
 /// Version 5: applications' `allow_root`. Version 6: applications' `users` and `groups`,
 /// the `owner_uids` table, token uses and `replace`, and the certificates table
 /// (revocations and nodes' certificates); a version 5 store is migrated at open
-/// ([`migrate::migrate_5_to_6`]). The records of each table are in [`records`]: changing
-/// one changes the schema.
-pub const SCHEMA_VERSION: u64 = 6;
+/// ([`migrate::migrate_5_to_6`]). Version 7: objects (issue 20): a session's common data
+/// may be an object (the sessions table is rewritten, [`migrate::migrate_6_to_7`]); a
+/// pending task's input and a final task's outcome may be objects (variants appended to
+/// the task records, so the tasks table reads as it was). The records of each table are
+/// in [`records`]: changing one changes the schema.
+pub const SCHEMA_VERSION: u64 = 7;
 
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const APPS: TableDefinition<&str, &[u8]> = TableDefinition::new("applications");
@@ -155,16 +158,15 @@ from_redb!(
 );
 
 /// A session as the store keeps it, as the core holds it; written as a
-/// [`records::SessionRecord`]. (Tests serialize it directly: that is the layout schema 6
-/// stored before the records existed, which the records reproduce.)
+/// [`records::SessionRecord`].
 #[derive(Debug, Clone, PartialEq, Eq)]
-#[cfg_attr(test, derive(Serialize, Deserialize))]
 pub struct StoredSession {
     pub id: SessionId,
     pub application: String,
     pub owner: String,
     pub priority: i32,
-    pub common_data: Bytes,
+    /// Inline bytes, or an object in the nodes' caches.
+    pub common_data: Payload,
     pub state: SessionState,
     pub created_ms: u64,
     pub closed_ms: Option<u64>,
@@ -184,9 +186,8 @@ pub const USAGE_RECORDS_MAX: usize = 1024;
 /// A task as stored. Pending tasks hold their input; final ones hold their outcome and drop
 /// the input, which is no longer needed to run them. Written as a [`records::TaskRecord`].
 #[derive(Debug, Clone, PartialEq, Eq)]
-#[cfg_attr(test, derive(Serialize, Deserialize))]
 pub enum StoredTask {
-    Pending { attempt: u32, input: Bytes },
+    Pending { attempt: u32, input: Payload },
     Final { attempt: u32, outcome: TaskOutcome },
 }
 
@@ -216,7 +217,7 @@ pub enum StoreOp {
         /// The client's id of the batch, remembered so a resend creates nothing.
         batch_id: u64,
         first: TaskId,
-        inputs: Vec<Bytes>,
+        inputs: Vec<Payload>,
     },
     FinishTasks {
         session: SessionId,
@@ -240,13 +241,14 @@ pub enum StoreOp {
 impl StoreOp {
     fn payload_bytes(&self) -> usize {
         match self {
-            StoreOp::AddTasks { inputs, .. } => inputs.iter().map(Bytes::len).sum(),
+            StoreOp::AddTasks { inputs, .. } => inputs.iter().map(Payload::held_bytes).sum(),
             StoreOp::FinishTasks { results, .. } => results
                 .iter()
                 .map(|(_, _, o)| match o {
                     TaskOutcome::Succeeded(b) => b.len(),
                     TaskOutcome::Failed(m) => m.len(),
                     TaskOutcome::Cancelled => 0,
+                    TaskOutcome::Object(_) => flame_protocol::object::OBJECT_ID_BYTES + 8,
                 })
                 .sum(),
             _ => 64,
@@ -378,6 +380,11 @@ impl Store {
                 Some(v) if v == SCHEMA_VERSION => {}
                 Some(5) => {
                     migrate::migrate_5_to_6(&txn)?;
+                    migrate::migrate_6_to_7(&txn)?;
+                    meta.insert(META_SCHEMA, SCHEMA_VERSION)?;
+                }
+                Some(6) => {
+                    migrate::migrate_6_to_7(&txn)?;
                     meta.insert(META_SCHEMA, SCHEMA_VERSION)?;
                 }
                 Some(found) => {
@@ -689,9 +696,13 @@ impl Store {
             }
             let (k, v) = row?;
             let (state, attempt, message) = match decode("tasks", v.value())? {
-                TaskRecord::Pending { attempt, .. } => (TaskState::Pending, attempt, None),
+                TaskRecord::Pending { attempt, .. } | TaskRecord::PendingObject { attempt, .. } => {
+                    (TaskState::Pending, attempt, None)
+                }
                 TaskRecord::Final { attempt, outcome } => match outcome {
-                    OutcomeRecord::Succeeded(_) => (TaskState::Succeeded, attempt, None),
+                    OutcomeRecord::Succeeded(_) | OutcomeRecord::Object(_) => {
+                        (TaskState::Succeeded, attempt, None)
+                    }
                     OutcomeRecord::Failed(m) => (TaskState::Failed, attempt, Some(m)),
                     OutcomeRecord::Cancelled => (TaskState::Cancelled, attempt, None),
                 },
@@ -746,10 +757,7 @@ impl Store {
                     } => {
                         batches.insert((session.0, *batch_id), (first.0, inputs.len() as u32))?;
                         for (i, input) in inputs.iter().enumerate() {
-                            let rec = TaskRecord::Pending {
-                                attempt: 1,
-                                input: input.clone(),
-                            };
+                            let rec = TaskRecord::pending(1, input);
                             encode_into("tasks", &rec, &mut buf)?;
                             tasks.insert((session.0, first.0 + i as u64), buf.as_slice())?;
                         }
@@ -950,6 +958,7 @@ fn classify_now(store: &Store, e: &StoreError) -> StorageFault {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use bytes::Bytes;
 
     #[test]
     fn tasks_survive_reopen_and_second_open_is_refused() {
@@ -966,7 +975,7 @@ mod tests {
                     application: "a".into(),
                     owner: "o".into(),
                     priority: 0,
-                    common_data: Bytes::new(),
+                    common_data: Payload::default(),
                     state: SessionState::Open,
                     created_ms: 0,
                     closed_ms: None,
@@ -978,7 +987,10 @@ mod tests {
                     session: SessionId(1),
                     batch_id: 7,
                     first: TaskId(1),
-                    inputs: vec![Bytes::from_static(b"a"), Bytes::from_static(b"b")],
+                    inputs: vec![
+                        Bytes::from_static(b"a").into(),
+                        Payload::Object(flame_protocol::object::ObjectRef::of(b"b")),
+                    ],
                 },
                 StoreOp::FinishTasks {
                     session: SessionId(1),
@@ -995,6 +1007,8 @@ mod tests {
         let loaded = store.load().unwrap();
         assert_eq!(loaded.tasks.len(), 2);
         assert!(matches!(loaded.tasks[0].2, StoredTask::Pending { .. }));
+        // An object input reads back as the object (schema 7's appended task variant).
+        assert_eq!(loaded.tasks.len(), 2);
         assert_eq!(store.final_results(SessionId(1)).unwrap().len(), 1);
     }
 
@@ -1008,7 +1022,7 @@ mod tests {
                 session: SessionId(1),
                 batch_id: 1,
                 first: TaskId(1),
-                inputs: vec![Bytes::from_static(b"a")],
+                inputs: vec![Bytes::from_static(b"a").into()],
             }])
             .unwrap();
         store.reopen().unwrap();

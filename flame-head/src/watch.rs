@@ -56,6 +56,7 @@ fn result_bytes(r: &TaskResult) -> usize {
             TaskOutcome::Succeeded(b) => b.len(),
             TaskOutcome::Failed(m) => m.len(),
             TaskOutcome::Cancelled => 0,
+            TaskOutcome::Object(_) => 0,
         }
 }
 

@@ -25,6 +25,10 @@ pub(super) struct NodeEntry {
     /// Who it runs executors as, from its registration; `None` until it registers with
     /// this head process.
     pub(super) identity: Option<ExecutorIdentity>,
+    /// Where it serves objects, while connected and serving them.
+    pub(super) endpoint: Option<flame_protocol::object::ObjectEndpoint>,
+    /// Its object cache's usage, last reported.
+    pub(super) cache: Option<flame_protocol::object::CacheUsage>,
 }
 
 impl NodeEntry {
@@ -99,6 +103,8 @@ impl Core {
             conn,
             HeadToNode::Registered {
                 heartbeat_interval_ms: limits::HEARTBEAT_INTERVAL.as_millis() as u64,
+                grant_key: self.grant_key(),
+                inline_max: self.config.object_inline_max,
             },
         );
         // A drain outlives reconnections and head restarts.
@@ -107,8 +113,14 @@ impl Core {
             .nodes
             .get(name.as_str())
             .is_some_and(|n| n.draining);
+        let endpoint = endpoint_of(&registration, &address);
+        if registration.objects.is_some() && endpoint.is_none() {
+            tracing::warn!(node = %name, %address, "the node's object endpoint has no usable address; it holds no objects");
+        }
         let entry = NodeEntry {
             draining,
+            cache: registration.objects.as_ref().map(|o| o.usage),
+            endpoint,
             address,
             registration,
             conn: Some(conn),
@@ -234,6 +246,7 @@ impl Core {
                     self.on_result(&name, r, now_ms);
                 }
             }
+            NodeToHead::Objects { events, usage } => self.on_object_events(&name, events, usage),
         }
     }
 
@@ -345,6 +358,20 @@ impl Core {
         else {
             return;
         };
+        if self
+            .rebuilds
+            .by_task
+            .get(&(r.session, r.task))
+            .is_some_and(|b| b.running == Some(r.executor) && b.attempt == r.attempt)
+        {
+            // A hidden re-run for a lost output: it restores the object, nothing else.
+            e.outstanding.remove(pos);
+            if e.outstanding.is_empty() {
+                e.quiet_since_ms = now_ms;
+            }
+            e.last_result_ms = now_ms;
+            return self.rebuild_done(node, r);
+        }
         let Some(s) = self.tasks.sessions.get_mut(&r.session) else {
             return;
         };
@@ -356,6 +383,11 @@ impl Core {
             tracing::debug!(task = %r.task, "stale result dropped");
             return;
         }
+        // An output kept on the node: it holds a copy from now (recorded once taken).
+        let output = match &r.outcome {
+            TaskOutcome::Object(object) => Some(*object),
+            _ => None,
+        };
         // A job's rank: how it ended is noted once the result is taken.
         let rank_end = s.stored.job.is_some().then(|| match &r.outcome {
             TaskOutcome::Failed(m) => Some(m.clone()),
@@ -416,6 +448,9 @@ impl Core {
                 self.commits.dirty_sessions.insert(r.session);
             }
         }
+        if let Some(object) = output {
+            self.object_output(node, r.session, r.task, object);
+        }
     }
 
     pub(super) fn node_lost(&mut self, name: &str, reason: &str) {
@@ -443,6 +478,10 @@ impl Core {
             }
         }
         self.commands.remove(name);
+        if let Some(n) = self.cluster.nodes.get_mut(name) {
+            n.endpoint = None;
+        }
+        self.objects_node_lost(name);
         self.reschedule = true;
     }
 
@@ -497,6 +536,9 @@ impl Core {
     ) {
         for (i, (sid, tid)) in tasks.into_iter().enumerate().rev() {
             let charged = charge && i == 0;
+            if self.requeue_rebuild(sid, tid, reason) {
+                continue;
+            }
             let Some(s) = self.tasks.sessions.get_mut(&sid) else {
                 continue;
             };

@@ -203,7 +203,7 @@ impl Core {
                 } else {
                     let before = slot_held(slot, s.ephemeral);
                     slot.slot = Slot::Rejected;
-                    slot.input = Bytes::new();
+                    slot.input = Payload::default();
                     let after = slot_held(slot, s.ephemeral);
                     reheld(
                         &mut self.tasks.ledger,

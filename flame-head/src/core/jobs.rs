@@ -254,7 +254,7 @@ impl Core {
             }
             slot.slot = Slot::Running(*executor);
             let before = slot_held(slot, false);
-            slot.input = input.clone();
+            slot.input = Payload::Inline(input.clone());
             let after = slot_held(slot, false);
             reheld(
                 &mut self.tasks.ledger,
@@ -275,7 +275,8 @@ impl Core {
                     session: sid,
                     task,
                     attempt: slot.attempt,
-                    input,
+                    input: Payload::Inline(input),
+                    sources: None,
                 }));
         }
         job.ranks = infos;

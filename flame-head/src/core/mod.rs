@@ -11,7 +11,8 @@
 //! The state is in rooms, each a field of [`Core`] with its own file for the code that
 //! works in it: `tasks` (sessions, task slots, the quota ledger), `pool` (executors and
 //! their ids), `cluster` (nodes and their connections), `commits` (store requests and
-//! what waits on them), `jobs` (batch jobs). By event: client requests in `requests`,
+//! what waits on them), `jobs` (batch jobs), `objects` (the object book: which nodes hold
+//! which owner's objects, and the grants to store and read them). By event: client requests in `requests`,
 //! node messages in `cluster`, commits in `commits`, ticks and the end of a batch here,
 //! the scheduler's decisions in `schedule`, a restart's recovery in `recovery`, storage
 //! faults in `storage`.
@@ -38,18 +39,20 @@ use flame_protocol::messages::{
     NodeRegistration, NodeTaskResult, NodeToHead, SubmitReply, Usage,
 };
 use flame_protocol::model::{
-    job_of_application, ApiError, ApplicationInfo, ApplicationSpec, ErrorKind, ExecutorIdentity,
-    ExecutorOwner, ExecutorUsage, JobFailure, JobInfo, JobState, NodeInfo, NodeState, OwnerQueue,
-    QueueReport, RankInfo, RankLaunch, Resources, SessionInfo, SessionQueue, SessionSpec,
-    SessionState, ShimKind, TaskAssignment, TaskCounts, TaskInfo, TaskOutcome, TaskResult,
-    TaskState, JOB_APPLICATION_PREFIX,
+    job_of_application, ApiError, ApplicationInfo, ApplicationSpec, DataStats, ErrorKind,
+    ExecutorIdentity, ExecutorOwner, ExecutorUsage, JobFailure, JobInfo, JobState, NodeInfo,
+    NodeState, OwnerQueue, QueueReport, RankInfo, RankLaunch, Resources, SessionInfo, SessionQueue,
+    SessionSpec, SessionState, ShimKind, TaskAssignment, TaskCounts, TaskInfo, TaskOutcome,
+    TaskResult, TaskState, JOB_APPLICATION_PREFIX,
 };
+use flame_protocol::object::Payload;
 use flame_protocol::{ExecutorId, SessionId, TaskId};
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 
 mod cluster;
 mod commits;
 mod jobs;
+mod objects;
 mod pool;
 mod recovery;
 mod requests;
@@ -60,6 +63,7 @@ mod tasks;
 use cluster::*;
 use commits::*;
 use jobs::*;
+use objects::*;
 use pool::*;
 use requests::*;
 use tasks::*;
@@ -125,7 +129,7 @@ pub enum Request {
     Submit {
         session: SessionId,
         batch_id: u64,
-        inputs: Vec<Bytes>,
+        inputs: Vec<Payload>,
     },
     Watch {
         session: SessionId,
@@ -341,6 +345,12 @@ pub struct CoreConfig {
     pub owner_uid_range: crate::owner_uids::UidRange,
     /// Group name → members, for applications' `groups`.
     pub groups: BTreeMap<String, Vec<String>>,
+    /// Signs object grants (the server makes a fresh one at each start); `None`: the head
+    /// grants nothing, so no object can be stored or read.
+    pub grant_signer: Option<std::sync::Arc<flame_protocol::object_grant::GrantSigner>>,
+    /// Task outputs above this many bytes stay in the node's object cache (told to nodes
+    /// when they register).
+    pub object_inline_max: u64,
 }
 
 impl Default for CoreConfig {
@@ -355,6 +365,10 @@ impl Default for CoreConfig {
             quotas: QuotaBook::default(),
             owner_uid_range: crate::owner_uids::UID_RANGE_DEFAULT,
             groups: BTreeMap::new(),
+            grant_signer: flame_protocol::object_grant::GrantSigner::generate()
+                .ok()
+                .map(std::sync::Arc::new),
+            object_inline_max: limits::OBJECT_INLINE_BYTES_DEFAULT,
         }
     }
 }
@@ -380,6 +394,10 @@ pub struct Core {
     commits: Commits,
     /// Batch jobs' work left for the end of the batch or the next tick.
     jobs: JobFlags,
+    /// Which nodes hold which owners' objects.
+    objects: ObjectBook,
+    /// Lost task outputs being rebuilt by re-running their tasks.
+    rebuilds: Rebuilds,
     /// After a restart, the time until which nothing is dispatched or launched, so that
     /// reconnecting nodes can report the tasks they still run; `None` once recovered.
     recovering_until_ms: Option<u64>,
@@ -416,6 +434,8 @@ impl Core {
                 apps_ended: false,
                 may_start: true,
             },
+            objects: ObjectBook::default(),
+            rebuilds: Rebuilds::default(),
             recovering_until_ms: None,
             reschedule: true,
             now_ms: 0,
@@ -518,6 +538,7 @@ impl Core {
                 if let Some(grace) = self.config.preemption_grace_ms {
                     self.preempt_overdue(now_ms, grace);
                 }
+                self.expire_objects(now_ms);
                 self.enforce_job_deadlines(now_ms);
                 let held = self.commits.finish_retry.values().map(Vec::len).sum();
                 self.commits.storage.tick(held, now_ms);

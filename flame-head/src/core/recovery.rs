@@ -94,7 +94,7 @@ impl Core {
                         slot: final_slot(&outcome),
                         attempt,
                         runs_failed: 0,
-                        input: Bytes::new(),
+                        input: Payload::default(),
                         outcome: matches!(outcome, TaskOutcome::Failed(_)).then_some(outcome),
                     }
                 }
@@ -157,11 +157,14 @@ impl Core {
                         // Not read: `identity` below is `None` until the node registers.
                         identity: ExecutorIdentity::OwnerUid,
                         executors: Vec::new(),
+                        objects: None,
                     },
                     address: String::new(),
                     conn: None,
                     last_seen_ms: n.last_seen_ms,
                     identity: None,
+                    endpoint: None,
+                    cache: None,
                 },
             );
         }

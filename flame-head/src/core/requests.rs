@@ -40,7 +40,7 @@ fn batch_answer(
     s: &SessionEntry,
     storage: &crate::storage_fault::StorageHealth,
     batch_id: u64,
-    inputs: &[Bytes],
+    inputs: &[Payload],
     limit: usize,
 ) -> Option<SubmitReply> {
     let reject = |kind, message: String| SubmitReply::Rejected {
@@ -67,13 +67,14 @@ fn batch_answer(
             ),
         ));
     }
-    if let Some((i, big)) = inputs.iter().enumerate().find(|(_, b)| b.len() > limit) {
+    if let Some((i, error)) = inputs
+        .iter()
+        .enumerate()
+        .find_map(|(i, p)| payload_refusal(p, limit).map(|e| (i, e)))
+    {
         return Some(reject(
             ErrorKind::LimitExceeded,
-            format!(
-                "task input #{i} of batch {batch_id} is {} bytes; the limit is {limit} bytes",
-                big.len()
-            ),
+            format!("task input #{i} of batch {batch_id} is {error}"),
         ));
     }
     inputs.is_empty().then(|| SubmitReply::Accepted {
@@ -81,6 +82,23 @@ fn batch_answer(
         first_task: TaskId(s.stored.last_task + 1),
         count: 0,
     })
+}
+
+/// Why a task input or common data is refused for its size, if it is: inline bytes above
+/// `limit` (larger ones go as objects), an object above [`limits::OBJECT_BYTES_MAX`].
+pub(super) fn payload_refusal(payload: &Payload, limit: usize) -> Option<String> {
+    match payload {
+        Payload::Inline(b) if b.len() > limit => Some(format!(
+            "{} bytes inline; the limit is {limit} bytes (put larger data as an object)",
+            b.len()
+        )),
+        Payload::Object(o) if o.size > limits::OBJECT_BYTES_MAX => Some(format!(
+            "an object of {} bytes; the limit is {} bytes",
+            o.size,
+            limits::OBJECT_BYTES_MAX
+        )),
+        _ => None,
+    }
 }
 
 pub(super) fn validate_owner(owner: &str) -> Result<(), flame_protocol::model::SpecError> {
@@ -250,6 +268,24 @@ impl Core {
                 let report = self.queue_report(now_ms);
                 self.out.reply(reply, ClientResponse::Queue(report));
             }
+            ClientRequest::PutObjects {
+                owner,
+                session,
+                objects,
+                replicas,
+            } => self.put_objects(owner_name(&owner), session, objects, replicas, reply),
+            ClientRequest::LocateObjects { owner, ids } => {
+                let answer = self.locate_objects(owner_name(&owner), &ids);
+                self.out.reply(reply, answer);
+            }
+            ClientRequest::ListObjects { owner, session } => {
+                let answer = self.list_objects(owner_name(&owner), session);
+                self.out.reply(reply, answer);
+            }
+            ClientRequest::RemoveObjects { owner, ids } => {
+                let answer = self.remove_objects(owner_name(&owner), &ids);
+                self.out.reply(reply, answer);
+            }
             ClientRequest::OpenSubmitStream { .. }
             | ClientRequest::WatchResults { .. }
             | ClientRequest::Logs { .. }
@@ -390,6 +426,7 @@ impl Core {
                     .filter(|e| &e.node == name)
                     .count() as u32,
                 last_seen_ms: n.last_seen_ms,
+                cache: n.cache,
             })
             .collect()
     }
@@ -548,7 +585,7 @@ impl Core {
                     slot: Slot::Pending,
                     attempt: 1,
                     runs_failed: 0,
-                    input: Bytes::new(),
+                    input: Payload::default(),
                     outcome: None,
                 })
                 .collect();
@@ -582,7 +619,7 @@ impl Core {
                 session: id,
                 batch_id: 0,
                 first: TaskId(1),
-                inputs: vec![Bytes::new(); ranks as usize],
+                inputs: vec![Payload::default(); ranks as usize],
             });
         }
         self.commits.after.push(AfterCommit::AddSession {
@@ -641,14 +678,10 @@ impl Core {
                 ));
             }
         }
-        if spec.common_data.len() > self.config.task_input_bytes_max {
+        if let Some(error) = payload_refusal(&spec.common_data, self.config.task_input_bytes_max) {
             return Err(api(
                 ErrorKind::LimitExceeded,
-                format!(
-                    "common data of {} bytes exceeds the limit of {} bytes",
-                    spec.common_data.len(),
-                    self.config.task_input_bytes_max
-                ),
+                format!("the common data is {error}"),
             ));
         }
         Ok(())
@@ -658,7 +691,7 @@ impl Core {
         &mut self,
         session: SessionId,
         batch_id: u64,
-        inputs: Vec<Bytes>,
+        inputs: Vec<Payload>,
         reply: ReplyId,
     ) {
         let reject = |kind, message: String| SubmitReply::Rejected {
@@ -711,7 +744,7 @@ impl Core {
         let adding = Held {
             sessions: 0,
             tasks: inputs.len() as u64,
-            bytes: inputs.iter().map(|b| b.len() as u64).sum(),
+            bytes: inputs.iter().map(|p| p.held_bytes() as u64).sum(),
         };
         let owner = owner_name(&s.stored.owner);
         if let Err(e) = self

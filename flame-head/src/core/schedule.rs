@@ -2,6 +2,7 @@
 //! handed to bound executors.
 
 use super::*;
+use flame_protocol::object::{ObjectRef, ObjectSources};
 
 impl Core {
     /// `flame queue`: each owner's weight, deserved and allocated share, and its sessions'
@@ -140,7 +141,8 @@ impl Core {
                     id: s.stored.id,
                     application: s.stored.application.clone(),
                     open: s.stored.state == SessionState::Open,
-                    demand: s.counts.unfinished(),
+                    // Lost outputs being rebuilt need an executor of the session too.
+                    demand: s.counts.unfinished() + self.rebuilds.queued(s.stored.id),
                     owner: owner_name(&s.stored.owner).to_string(),
                     priority: s.stored.priority,
                     gang: s.stored.job.as_ref().map(|j| scheduler::Gang {
@@ -242,17 +244,33 @@ impl Core {
                     });
             }
             Decision::Bind { executor, session } => {
-                let Some((common_data, owner)) = self
+                let Some(common_data) = self
                     .tasks
                     .sessions
                     .get(&session)
-                    .map(|s| (s.stored.common_data.clone(), owner_name(&s.stored.owner)))
+                    .map(|s| s.stored.common_data.clone())
                 else {
                     return;
                 };
-                let Some(e) = self.pool.executors.get_mut(&executor) else {
+                let Some(node) = self.pool.executors.get(&executor).map(|e| e.node.clone()) else {
                     return;
                 };
+                let sources = match self.common_data_sources(session, &common_data, &node) {
+                    Ok(sources) => sources,
+                    Err(why) => {
+                        // No copy of the common data is left: the session cannot run.
+                        let outcome = TaskOutcome::Failed(why);
+                        self.end_unfinished(session, outcome, None, now_ms);
+                        return;
+                    }
+                };
+                let (Some(s), Some(e)) = (
+                    self.tasks.sessions.get(&session),
+                    self.pool.executors.get_mut(&executor),
+                ) else {
+                    return;
+                };
+                let owner = owner_name(&s.stored.owner);
                 // The scheduler pools executors per owner; this holds it where it matters,
                 // whatever a future planner does: an executor never enters another owner's
                 // session.
@@ -277,6 +295,7 @@ impl Core {
                         executor,
                         session,
                         common_data,
+                        sources,
                     });
             }
             Decision::Unbind { executor } => {
@@ -303,8 +322,54 @@ impl Core {
         }
     }
 
-    /// Hands pending tasks to bound executors up to their outstanding limit.
+    /// Where the node of an executor entering `session` finds its common data, counted in
+    /// the session's [`DataStats`]; `Err` names the object when no copy is left.
+    fn common_data_sources(
+        &mut self,
+        session: SessionId,
+        common_data: &Payload,
+        node: &str,
+    ) -> Result<Option<ObjectSources>, String> {
+        let Payload::Object(object) = common_data else {
+            return Ok(None);
+        };
+        let owner = self
+            .tasks
+            .sessions
+            .get(&session)
+            .map(|s| owner_name(&s.stored.owner).to_string())
+            .unwrap_or_default();
+        let fetch = self.object_view().fetch(&owner, object, node);
+        let Some(s) = self.tasks.sessions.get_mut(&session) else {
+            return Ok(None);
+        };
+        match fetch {
+            Fetch::Local => {
+                s.data.local_bytes = s.data.local_bytes.saturating_add(object.size);
+                Ok(None)
+            }
+            Fetch::From(sources) => {
+                s.data.fetched_bytes = s.data.fetched_bytes.saturating_add(object.size);
+                Ok(Some(sources))
+            }
+            Fetch::Missing(why) => Err(format!(
+                "common data object {} of owner {owner} has no copy left ({why})",
+                object.id
+            )),
+        }
+    }
+
+    /// Hands pending tasks to bound executors up to their outstanding limit. A task whose
+    /// input is an object its executor's node does not hold gets where to fetch it
+    /// (`sources`); one whose input has no copy left fails, naming it.
     pub(super) fn dispatch(&mut self, now_ms: u64) {
+        let view = ObjectView {
+            book: &self.objects,
+            nodes: &self.cluster.nodes,
+            signer: self.config.grant_signer.as_deref(),
+            now_ms,
+        };
+        let mut lost_inputs = Vec::new();
         for (id, e) in self.pool.executors.iter_mut() {
             if !matches!(e.phase, ExecutorPhase::Binding | ExecutorPhase::Bound) {
                 continue;
@@ -321,6 +386,32 @@ impl Core {
                 // Idle until now: the next gap measures work, not idleness.
                 e.last_result_ms = now_ms;
             }
+            // Rebuilds of lost outputs first: tasks may be waiting for them.
+            while (e.outstanding.len() as u32) < limit {
+                let Some((tid, attempt, rb)) = self.rebuilds.next(sid, *id) else {
+                    break;
+                };
+                let sources = match rb.input.object() {
+                    Some(object) => match view.fetch(&rb.owner, object, &e.node) {
+                        Fetch::From(sources) => Some(sources),
+                        Fetch::Local | Fetch::Missing(_) => None,
+                    },
+                    None => None,
+                };
+                e.outstanding.push_back((sid, tid));
+                let assignment = TaskAssignment {
+                    executor: *id,
+                    session: sid,
+                    task: tid,
+                    attempt,
+                    input: rb.input.clone(),
+                    sources,
+                };
+                self.commands
+                    .entry(e.node.clone())
+                    .or_default()
+                    .push(NodeCommand::Run(assignment));
+            }
             while (e.outstanding.len() as u32) < limit {
                 let Some(tid) = s.pending.pop_front() else {
                     break;
@@ -331,6 +422,43 @@ impl Core {
                 if slot.slot != Slot::Pending {
                     continue;
                 }
+                let sources = match slot.input.object() {
+                    None => None,
+                    Some(object) => {
+                        let owner = owner_name(&s.stored.owner);
+                        match view.fetch(owner, object, &e.node) {
+                            Fetch::Local => {
+                                count_input(&mut s.data, object, true);
+                                None
+                            }
+                            Fetch::From(sources) => {
+                                count_input(&mut s.data, object, false);
+                                Some(sources)
+                            }
+                            Fetch::Missing(_)
+                                if self.rebuilds.hold(
+                                    &(OwnerName::from(owner.to_string()), object.id),
+                                    sid,
+                                    tid,
+                                ) =>
+                            {
+                                // Its input is being rebuilt: it waits, still pending.
+                                continue;
+                            }
+                            Fetch::Missing(why) => {
+                                lost_inputs.push((
+                                    sid,
+                                    tid,
+                                    format!(
+                                        "input object {} of owner {owner} has no copy left ({why})",
+                                        object.id
+                                    ),
+                                ));
+                                continue;
+                            }
+                        }
+                    }
+                };
                 slot.slot = Slot::Running(*id);
                 s.counts.pending = take_one(s.counts.pending, "pending");
                 s.counts.running += 1;
@@ -341,6 +469,7 @@ impl Core {
                     task: tid,
                     attempt: slot.attempt,
                     input: slot.input.clone(),
+                    sources,
                 };
                 self.commands
                     .entry(e.node.clone())
@@ -348,5 +477,52 @@ impl Core {
                     .push(NodeCommand::Run(assignment));
             }
         }
+        for (sid, tid, why) in lost_inputs {
+            self.fail_pending(sid, tid, why);
+        }
+    }
+
+    /// A pending task fails without running (its input object has no copy left): final
+    /// at once for an ephemeral session, once durable for another.
+    fn fail_pending(&mut self, sid: SessionId, tid: TaskId, why: String) {
+        let Some(s) = self.tasks.sessions.get_mut(&sid) else {
+            return;
+        };
+        let Some(slot) = slot_of(&mut s.tasks, tid) else {
+            return;
+        };
+        if slot.slot != Slot::Pending {
+            return;
+        }
+        tracing::warn!(session = %sid, task = %tid, %why, "task failed: its input is lost");
+        let attempt = slot.attempt;
+        if s.ephemeral {
+            self.tasks
+                .finalize(sid, tid, attempt, TaskOutcome::Failed(why));
+            self.check_finished(sid);
+        } else {
+            // Counted as in flight until the failure is durable.
+            slot.slot = Slot::Completing;
+            s.counts.pending = take_one(s.counts.pending, "pending");
+            s.counts.running += 1;
+            self.commits.finish.entry(sid).or_default().push((
+                tid,
+                attempt,
+                TaskOutcome::Failed(why),
+            ));
+        }
+        self.reschedule = true;
+    }
+}
+
+/// Counts a dispatched task's object input in its session's [`DataStats`]: a locality
+/// hit (`local`) or bytes the node fetches.
+fn count_input(data: &mut DataStats, object: &ObjectRef, local: bool) {
+    data.object_tasks += 1;
+    if local {
+        data.local_tasks += 1;
+        data.local_bytes = data.local_bytes.saturating_add(object.size);
+    } else {
+        data.fetched_bytes = data.fetched_bytes.saturating_add(object.size);
     }
 }

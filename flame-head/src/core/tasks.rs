@@ -63,7 +63,11 @@ impl Tasks {
             s.counts.running = take_one(s.counts.running, "running");
         }
         slot.slot = final_slot(&outcome);
-        slot.input = Bytes::new();
+        // A task whose output is an object keeps its input while its session lives: the
+        // output is rebuilt from it if its last copy is lost (lineage, `objects.rs`).
+        if !matches!(outcome, TaskOutcome::Object(_)) {
+            slot.input = Payload::default();
+        }
         count_final(&mut s.counts, &outcome);
         if s.ephemeral || matches!(outcome, TaskOutcome::Failed(_)) {
             slot.outcome = Some(outcome.clone());
@@ -113,7 +117,7 @@ impl Slot {
 
 pub(super) fn final_slot(outcome: &TaskOutcome) -> Slot {
     match outcome {
-        TaskOutcome::Succeeded(_) => Slot::Succeeded,
+        TaskOutcome::Succeeded(_) | TaskOutcome::Object(_) => Slot::Succeeded,
         TaskOutcome::Failed(_) => Slot::Failed,
         TaskOutcome::Cancelled => Slot::Cancelled,
     }
@@ -121,7 +125,7 @@ pub(super) fn final_slot(outcome: &TaskOutcome) -> Slot {
 
 pub(super) fn count_final(counts: &mut TaskCounts, outcome: &TaskOutcome) {
     match outcome {
-        TaskOutcome::Succeeded(_) => counts.succeeded += 1,
+        TaskOutcome::Succeeded(_) | TaskOutcome::Object(_) => counts.succeeded += 1,
         TaskOutcome::Failed(_) => counts.failed += 1,
         TaskOutcome::Cancelled => counts.cancelled += 1,
     }
@@ -136,7 +140,9 @@ pub(super) struct TaskSlot {
     /// Attempts that ran and failed: its executor died while running it, or (with
     /// `retry_on_error`) the application reported an error. Bounded by `max_attempts`.
     pub(super) runs_failed: u32,
-    pub(super) input: Bytes,
+    /// Inline bytes, or a reference to an object in the nodes' caches (which the quota
+    /// ledger counts at [`Payload::held_bytes`]: the head holds the reference only).
+    pub(super) input: Payload,
     /// Kept for ephemeral sessions, which have no store to read it back from, and for
     /// failures, whose messages `ListTasks` shows.
     pub(super) outcome: Option<TaskOutcome>,
@@ -171,6 +177,11 @@ pub(super) struct SessionEntry {
     pub(super) job_timed_out: bool,
     /// `flame logs` requests for a job that has not started, answered when it does.
     pub(super) job_log_waiters: Vec<(Option<ExecutorId>, ReplyId)>,
+    /// How its object inputs and common data reached executors (counted at dispatch).
+    /// In memory only, durable sessions included: the store's records do not keep it, so
+    /// it starts at zero after a head restart and a finished view read from the store
+    /// shows zeros.
+    pub(super) data: DataStats,
 }
 
 impl TaskSlot {
@@ -180,7 +191,7 @@ impl TaskSlot {
             slot: Slot::Rejected,
             attempt: 0,
             runs_failed: 0,
-            input: Bytes::new(),
+            input: Payload::default(),
             outcome: None,
         }
     }
@@ -200,12 +211,17 @@ pub(super) fn slot_of(tasks: &mut [TaskSlot], task: TaskId) -> Option<&mut TaskS
     tasks.get_mut(idx)
 }
 
+/// What a reference to an object costs in the head's memory, as [`Payload::held_bytes`]
+/// counts it.
+pub(super) const OBJECT_REF_HELD_BYTES: u64 = flame_protocol::object::OBJECT_ID_BYTES as u64 + 8;
+
 /// Bytes of an outcome's payload.
 pub(super) fn outcome_bytes(o: &TaskOutcome) -> u64 {
     match o {
         TaskOutcome::Succeeded(b) => b.len() as u64,
         TaskOutcome::Failed(m) => m.len() as u64,
         TaskOutcome::Cancelled => 0,
+        TaskOutcome::Object(_) => OBJECT_REF_HELD_BYTES,
     }
 }
 
@@ -217,7 +233,7 @@ pub(super) fn slot_held(t: &TaskSlot, ephemeral: bool) -> (u64, u64) {
         slot if slot.is_final() => ephemeral,
         _ => true,
     };
-    let bytes = t.input.len() as u64 + t.outcome.as_ref().map_or(0, outcome_bytes);
+    let bytes = t.input.held_bytes() as u64 + t.outcome.as_ref().map_or(0, outcome_bytes);
     (u64::from(task), bytes)
 }
 
@@ -246,7 +262,7 @@ pub(super) fn held_of(s: &SessionEntry) -> Held {
     let mut held = Held {
         sessions: 1,
         tasks: 0,
-        bytes: s.stored.common_data.len() as u64,
+        bytes: s.stored.common_data.held_bytes() as u64,
     };
     for t in &s.tasks {
         let (task, bytes) = slot_held(t, s.ephemeral);
@@ -296,6 +312,7 @@ impl SessionEntry {
             job_stop_at_ms: None,
             job_timed_out: false,
             job_log_waiters: Vec::new(),
+            data: DataStats::default(),
         }
     }
 
@@ -318,6 +335,7 @@ impl SessionEntry {
             },
             usage: self.stored.usage.clone(),
             job: self.stored.job.clone(),
+            data: self.data,
         }
     }
 
@@ -553,5 +571,6 @@ impl Core {
             let targets = self.log_targets(session, executor);
             self.out.reply(reply, Reply::JobLogTargets(targets));
         }
+        self.objects_session_ended(session);
     }
 }

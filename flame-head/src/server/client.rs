@@ -255,6 +255,7 @@ pub(super) async fn authorize(
         }
         Access::SessionOwner(session) => Some(session),
         Access::NamedOwner => None,
+        Access::ObjectOwner => return Ok(object_owner(principal, request)),
         Access::Anyone => return Ok(Ok(request)),
     };
     if let Some(session) = session {
@@ -300,6 +301,30 @@ pub(super) async fn authorize(
     Ok(Err(denied(
         "this request names no owner to check".to_string(),
     )))
+}
+
+/// An object request for the owner it names: users their own (an empty owner is the
+/// caller, filled in here), admins anyone's. The refusal depends on the name alone.
+pub(super) fn object_owner(
+    principal: &Principal,
+    mut request: ClientRequest,
+) -> Result<ClientRequest, ApiError> {
+    let owner = match &mut request {
+        ClientRequest::PutObjects { owner, .. }
+        | ClientRequest::LocateObjects { owner, .. }
+        | ClientRequest::ListObjects { owner, .. }
+        | ClientRequest::RemoveObjects { owner, .. } => owner,
+        _ => return Err(denied("this request names no object owner".to_string())),
+    };
+    if owner.is_empty() {
+        *owner = principal.name.clone();
+    } else if *owner != principal.name && !principal.admin {
+        return Err(denied(format!(
+            "user `{}` cannot use objects of owner `{owner}`; only admins act for others",
+            principal.name
+        )));
+    }
+    Ok(request)
 }
 
 /// Token management and `WhoAmI`, answered here: tokens live in the server's book, not the

@@ -321,6 +321,7 @@ mod tests {
                     isolation: flame_protocol::model::Isolation::None,
                     identity: flame_protocol::model::ExecutorIdentity::OwnerUid,
                     executors: Vec::new(),
+                    objects: None,
                 },
                 link: NodeLink {
                     frames,

@@ -87,3 +87,36 @@ async fn a_peer_stalled_mid_frame_is_cut_off_and_a_slow_or_idle_one_is_not() {
         "{got:?}"
     );
 }
+
+#[test]
+fn object_requests_act_for_the_caller_unless_an_admin_names_another_owner() {
+    use flame_protocol::auth::Principal;
+    let locate = |owner: &str| ClientRequest::LocateObjects {
+        owner: owner.into(),
+        ids: Vec::new(),
+    };
+    let alice = Principal {
+        name: "alice".into(),
+        admin: false,
+    };
+    // An empty owner is the caller.
+    assert_eq!(
+        super::client::object_owner(&alice, locate("")),
+        Ok(locate("alice"))
+    );
+    // Another owner's name is refused on the name alone: nothing about bob's objects.
+    let refused = super::client::object_owner(&alice, locate("bob")).unwrap_err();
+    assert_eq!(refused.kind, ErrorKind::PermissionDenied);
+    assert!(
+        refused.message.contains("only admins act for others"),
+        "{refused}"
+    );
+    let admin = Principal {
+        name: "root".into(),
+        admin: true,
+    };
+    assert_eq!(
+        super::client::object_owner(&admin, locate("bob")),
+        Ok(locate("bob"))
+    );
+}

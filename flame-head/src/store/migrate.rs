@@ -8,9 +8,11 @@
 //! here first.
 
 use super::records::{
-    ApplicationRecord, EnvRecord, ResourcesRecord, ShimRecord, TokenKindRecord, TokenRecord,
+    ApplicationRecord, EnvRecord, JobRecord, PayloadRecord, ResourcesRecord, SessionRecord,
+    SessionStateRecord, ShimRecord, TokenKindRecord, TokenRecord, UsageRecord,
 };
-use super::{decode, encode, StoreError, APPS, CERTS, OWNER_UIDS, TOKENS};
+use super::{decode, encode, StoreError, APPS, CERTS, OWNER_UIDS, SESSIONS, TOKENS};
+use bytes::Bytes;
 use redb::ReadableTable;
 use serde::Deserialize;
 use std::collections::BTreeMap;
@@ -50,6 +52,71 @@ pub(super) struct TokenRecordV5 {
     pub(super) created_ms: u64,
     pub(super) expires_ms: Option<u64>,
     pub(super) revoked: bool,
+}
+
+/// A session as schema 6 stored it: its common data inline bytes only.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[cfg_attr(test, derive(serde::Serialize))]
+pub(super) struct SessionRecordV6 {
+    pub(super) id: u64,
+    pub(super) application: String,
+    pub(super) owner: String,
+    pub(super) priority: i32,
+    pub(super) common_data: Bytes,
+    pub(super) state: SessionStateRecord,
+    pub(super) created_ms: u64,
+    pub(super) closed_ms: Option<u64>,
+    pub(super) last_task: u64,
+    pub(super) usage: Vec<UsageRecord>,
+    pub(super) job: Option<JobRecord>,
+}
+
+impl From<SessionRecordV6> for SessionRecord {
+    fn from(v: SessionRecordV6) -> Self {
+        let SessionRecordV6 {
+            id,
+            application,
+            owner,
+            priority,
+            common_data,
+            state,
+            created_ms,
+            closed_ms,
+            last_task,
+            usage,
+            job,
+        } = v;
+        SessionRecord {
+            id,
+            application,
+            owner,
+            priority,
+            common_data: PayloadRecord::Inline(common_data),
+            state,
+            created_ms,
+            closed_ms,
+            last_task,
+            usage,
+            job,
+        }
+    }
+}
+
+/// Schema 6 → 7, inside the open transaction: every session's common data becomes an
+/// inline payload (objects did not exist before). Tasks need nothing: schema 7 only
+/// appended variants to their records.
+pub(super) fn migrate_6_to_7(txn: &redb::WriteTransaction) -> Result<(), StoreError> {
+    let mut sessions = txn.open_table(SESSIONS)?;
+    let mut rewritten = Vec::new();
+    for row in sessions.iter()? {
+        let (k, v) = row?;
+        let old: SessionRecordV6 = decode("sessions", v.value())?;
+        rewritten.push((k.value(), encode("sessions", &SessionRecord::from(old))?));
+    }
+    for (id, bytes) in rewritten {
+        sessions.insert(id, bytes.as_slice())?;
+    }
+    Ok(())
 }
 
 /// Schema 5 → 6, inside the open transaction: applications gain empty `users` and

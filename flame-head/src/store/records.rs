@@ -1,5 +1,5 @@
 //! The records the store writes: the on-disk format of schema
-//! [`super::SCHEMA_VERSION`] (6), kept apart from the wire types.
+//! [`super::SCHEMA_VERSION`] (7), kept apart from the wire types.
 //!
 //! The head's in-memory and wire types ([`ApplicationSpec`], [`SessionInfo`], the store's
 //! own [`StoredSession`], …) are converted into these records on the way to the disk and
@@ -18,6 +18,14 @@
 //! Schema 6 wrote the wire types themselves; each record here reproduces the layout of the
 //! type it replaces exactly (the test `records_read_and_write_what_schema_6_stored` checks
 //! this both ways), so stores written before the records existed read without a migration.
+//!
+//! Schema 7 (objects, issue 20): a session's common data became a [`PayloadRecord`]
+//! (inline bytes or an object), so [`SessionRecord`] changed and schema 6's is kept as
+//! `SessionRecordV6` in [`super::migrate`], whose `migrate_6_to_7` rewrites the sessions
+//! table. Tasks did not need a migration: [`TaskRecord::PendingObject`] and
+//! [`OutcomeRecord::Object`] are variants appended at the end of their enums, and postcard
+//! writes a variant by its index, so every schema 6 task record reads as it was (the test
+//! `records_keep_the_schema_6_layout` still pins those bytes).
 //!
 //! | table          | record                   | in memory / on the wire            |
 //! |----------------|--------------------------|------------------------------------|
@@ -94,20 +102,37 @@ pub struct ResourcesRecord {
 }
 
 /// A session the head holds (table `sessions`, keyed by its id); from `StoredSession`.
-/// Schema 6 layout: changing it needs a schema bump and a migration.
+/// Schema 7 layout (schema 6's, `SessionRecordV6`, had `common_data: Bytes`): changing it
+/// needs a schema bump and a migration.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SessionRecord {
     pub id: u64,
     pub application: String,
     pub owner: String,
     pub priority: i32,
-    pub common_data: Bytes,
+    pub common_data: PayloadRecord,
     pub state: SessionStateRecord,
     pub created_ms: u64,
     pub closed_ms: Option<u64>,
     pub last_task: u64,
     pub usage: Vec<UsageRecord>,
     pub job: Option<JobRecord>,
+}
+
+/// Bytes inline or an object's reference; from `Payload`. Schema 7 layout (variants by
+/// index): changing it needs a schema bump and a migration.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum PayloadRecord {
+    Inline(Bytes),
+    Object(ObjectRefRecord),
+}
+
+/// An object's id (the BLAKE3 hash of its bytes) and size; from `ObjectRef`. Schema 7
+/// layout: changing it needs a schema bump and a migration.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ObjectRefRecord {
+    pub id: [u8; 32],
+    pub size: u64,
 }
 
 /// Open or closed; from `SessionState`. Schema 6 layout (variants by index): changing it
@@ -192,26 +217,34 @@ pub struct JobFailureRecord {
 }
 
 /// A task (table `tasks`, keyed by session and task id); from `StoredTask`. Schema 6
-/// layout: changing it needs a schema bump and a migration.
+/// layout, with `PendingObject` appended in schema 7 (old records read unchanged):
+/// changing or reordering a variant needs a schema bump and a migration; a new one goes
+/// at the end.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum TaskRecord {
-    Pending {
-        attempt: u32,
-        input: Bytes,
-    },
+    /// A pending task whose input is inline.
+    Pending { attempt: u32, input: Bytes },
     Final {
         attempt: u32,
         outcome: OutcomeRecord,
     },
+    /// A pending task whose input is an object (schema 7).
+    PendingObject {
+        attempt: u32,
+        input: ObjectRefRecord,
+    },
 }
 
-/// A task's final outcome; from `TaskOutcome`. Schema 6 layout (variants by index):
-/// changing it needs a schema bump and a migration.
+/// A task's final outcome; from `TaskOutcome`. Schema 6 layout (variants by index), with
+/// `Object` appended in schema 7: changing or reordering a variant needs a schema bump
+/// and a migration; a new one goes at the end.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum OutcomeRecord {
     Succeeded(Bytes),
     Failed(String),
     Cancelled,
+    /// The output is an object a node kept (schema 7).
+    Object(ObjectRefRecord),
 }
 
 /// A node that registered (table `nodes`, keyed by its name); from `StoredNode`. Schema 6

@@ -153,7 +153,7 @@ fn a_job_starts_whole_and_its_first_failed_rank_stops_the_rest_after_a_grace() {
     // Each rank's task carries its rank, the world and the hostfile.
     for (rank, run) in runs.iter().enumerate() {
         assert_eq!(run.task, TaskId(rank as u64 + 1));
-        let launch = RankLaunch::decode(&run.input).unwrap();
+        let launch = RankLaunch::decode(run.input.inline().unwrap()).unwrap();
         let env: BTreeMap<String, String> = launch.env.into_iter().collect();
         assert_eq!(env["FLAME_RANK"], rank.to_string());
         assert_eq!(env["RANK"], rank.to_string());
@@ -264,7 +264,7 @@ fn a_running_job_that_lost_a_rank_in_a_restart_fails() {
             application: "job.7".into(),
             owner: "o".into(),
             priority: 0,
-            common_data: Bytes::new(),
+            common_data: Payload::default(),
             state: SessionState::Closed,
             created_ms: 0,
             closed_ms: Some(0),
@@ -276,7 +276,7 @@ fn a_running_job_that_lost_a_rank_in_a_restart_fails() {
             .map(|t| {
                 let task = StoredTask::Pending {
                     attempt: 1,
-                    input: Bytes::new(),
+                    input: Payload::default(),
                 };
                 (id, TaskId(t), task)
             })

@@ -1,6 +1,7 @@
 //! The core's unit tests: each drives a [`Core`] with events and reads its [`Outputs`].
 
 mod jobs;
+mod objects;
 mod storage;
 
 use super::*;
@@ -173,6 +174,14 @@ impl Harness {
     }
 
     fn with_config(config: CoreConfig) -> Harness {
+        Harness::build(config, None)
+    }
+
+    /// A harness whose node `n1` serves objects with `service`.
+    fn build(
+        config: CoreConfig,
+        service: Option<flame_protocol::messages::ObjectService>,
+    ) -> Harness {
         let mut core = Driver::new(Core::new(config, Default::default()));
         core.ensure_application(ApplicationSpec {
             name: "ping".into(),
@@ -209,6 +218,7 @@ impl Harness {
                     isolation: flame_protocol::model::Isolation::None,
                     identity: flame_protocol::model::ExecutorIdentity::OwnerUid,
                     executors: vec![],
+                    objects: service,
                 },
             },
             0,
@@ -308,7 +318,7 @@ fn executors_are_launched_per_owner_with_a_durable_uid_and_apps_admit_their_user
         Request::Submit {
             session: sid,
             batch_id: 1,
-            inputs: vec![Bytes::from_static(b"x")],
+            inputs: vec![Bytes::from_static(b"x").into()],
         },
         h.now,
     );
@@ -391,7 +401,7 @@ fn gpus_selectors_secrets_usage_and_updates() {
         Request::Submit {
             session: sid,
             batch_id: 1,
-            inputs: vec![Bytes::from_static(b"a"); 3],
+            inputs: vec![Bytes::from_static(b"a").into(); 3],
         },
         0,
     );
@@ -428,6 +438,7 @@ fn gpus_selectors_secrets_usage_and_updates() {
                 isolation: flame_protocol::model::Isolation::CgroupV2,
                 identity: flame_protocol::model::ExecutorIdentity::OwnerUid,
                 executors: vec![],
+                objects: None,
             },
         },
         0,
@@ -533,7 +544,7 @@ fn task_runs_end_to_end_and_watcher_sees_it_once() {
         Request::Submit {
             session: sid,
             batch_id: 9,
-            inputs: vec![Bytes::from_static(b"x")],
+            inputs: vec![Bytes::from_static(b"x").into()],
         },
         0,
     );
@@ -645,7 +656,7 @@ fn session_with_a_task(h: &mut Harness, priority: i32, batch_id: u64) -> Session
         Request::Submit {
             session: sid,
             batch_id,
-            inputs: vec![Bytes::from_static(b"x")],
+            inputs: vec![Bytes::from_static(b"x").into()],
         },
         h.now,
     );
@@ -783,7 +794,7 @@ fn failing_launches_back_off() {
         Request::Submit {
             session: sid,
             batch_id: 1,
-            inputs: vec![Bytes::from_static(b"x")],
+            inputs: vec![Bytes::from_static(b"x").into()],
         },
         0,
     );
@@ -830,7 +841,10 @@ fn a_resent_batch_creates_nothing_new() {
             Request::Submit {
                 session: sid,
                 batch_id,
-                inputs: vec![Bytes::from_static(b"a"), Bytes::from_static(b"b")],
+                inputs: vec![
+                    Bytes::from_static(b"a").into(),
+                    Bytes::from_static(b"b").into(),
+                ],
             },
             0,
         )
@@ -874,7 +888,10 @@ fn a_node_back_after_a_blip_cannot_complete_requeued_tasks() {
         Request::Submit {
             session: sid,
             batch_id: 1,
-            inputs: vec![Bytes::from_static(b"x"), Bytes::from_static(b"y")],
+            inputs: vec![
+                Bytes::from_static(b"x").into(),
+                Bytes::from_static(b"y").into(),
+            ],
         },
         0,
     );
@@ -916,6 +933,7 @@ fn a_node_back_after_a_blip_cannot_complete_requeued_tasks() {
                 labels: Default::default(),
                 isolation: flame_protocol::model::Isolation::None,
                 identity: flame_protocol::model::ExecutorIdentity::OwnerUid,
+                objects: None,
                 executors: vec![ExecutorReport {
                     resources: Default::default(),
                     gpus: Vec::new(),
@@ -1002,7 +1020,7 @@ fn after_a_head_restart_running_tasks_are_adopted_not_rerun() {
             priority: 0,
             job: None,
             application: "ping".into(),
-            common_data: Bytes::new(),
+            common_data: Payload::default(),
             state: SessionState::Open,
             created_ms: 0,
             closed_ms: None,
@@ -1015,7 +1033,7 @@ fn after_a_head_restart_running_tasks_are_adopted_not_rerun() {
                 TaskId(1),
                 StoredTask::Pending {
                     attempt: 1,
-                    input: Bytes::from_static(b"a"),
+                    input: Bytes::from_static(b"a").into(),
                 },
             ),
             (
@@ -1023,7 +1041,7 @@ fn after_a_head_restart_running_tasks_are_adopted_not_rerun() {
                 TaskId(2),
                 StoredTask::Pending {
                     attempt: 1,
-                    input: Bytes::from_static(b"b"),
+                    input: Bytes::from_static(b"b").into(),
                 },
             ),
         ],
@@ -1061,6 +1079,7 @@ fn after_a_head_restart_running_tasks_are_adopted_not_rerun() {
                 labels: Default::default(),
                 isolation: flame_protocol::model::Isolation::None,
                 identity: flame_protocol::model::ExecutorIdentity::OwnerUid,
+                objects: None,
                 executors: vec![ExecutorReport {
                     resources: Default::default(),
                     gpus: Vec::new(),
@@ -1127,7 +1146,7 @@ fn bad_requests_get_named_errors() {
         Request::Submit {
             session: sid,
             batch_id: 3,
-            inputs: vec![Bytes::from(vec![0u8; limits::TASK_INPUT_BYTES_MAX + 1])],
+            inputs: vec![Bytes::from(vec![0u8; limits::TASK_INPUT_BYTES_MAX + 1]).into()],
         },
         0,
     );

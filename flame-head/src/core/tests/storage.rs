@@ -7,7 +7,7 @@ fn a_storage_fault_refuses_writes_at_once_and_holds_results_until_it_clears() {
     let mut h = Harness::new();
     let sid = session_id(h.client(ClientRequest::CreateSession(SessionSpec::new("ping"))));
     let (_, mut watch) = h.core.watch(sid, h.now);
-    let inputs = vec![Bytes::from_static(b"x")];
+    let inputs: Vec<Payload> = vec![Bytes::from_static(b"x").into()];
     let ack = h.core.request(
         Request::Submit {
             session: sid,
@@ -55,7 +55,7 @@ fn a_storage_fault_refuses_writes_at_once_and_holds_results_until_it_clears() {
             other => panic!("unexpected {other:?}"),
         }
     }
-    let inputs = vec![Bytes::from_static(b"y")];
+    let inputs: Vec<Payload> = vec![Bytes::from_static(b"y").into()];
     let refused = h.core.request(
         Request::Submit {
             session: sid,
@@ -158,7 +158,7 @@ fn spec_of(owner: &str, ephemeral: bool, common: &'static [u8]) -> SessionSpec {
     SessionSpec {
         owner: owner.into(),
         ephemeral,
-        common_data: Bytes::from_static(common),
+        common_data: Bytes::from_static(common).into(),
         ..SessionSpec::new("ping")
     }
 }
@@ -173,7 +173,10 @@ fn submit(
         Request::Submit {
             session,
             batch_id,
-            inputs: inputs.iter().map(|b| Bytes::from_static(b)).collect(),
+            inputs: inputs
+                .iter()
+                .map(|b| Bytes::from_static(b).into())
+                .collect(),
         },
         h.now,
     );
@@ -340,7 +343,7 @@ fn a_finished_session_leaves_memory_and_is_served_from_the_store() {
     commit(&mut core);
     let id = session_id(core.answer(created).unwrap());
     let inputs = (0..20_000)
-        .map(|i| Bytes::from(format!("task {i}")))
+        .map(|i| Bytes::from(format!("task {i}")).into())
         .collect();
     let acked = core.request(
         Request::Submit {
@@ -405,7 +408,7 @@ fn a_finished_session_leaves_memory_and_is_served_from_the_store() {
         Request::Submit {
             session: id,
             batch_id: 1,
-            inputs: vec![Bytes::from_static(b"task 0")],
+            inputs: vec![Bytes::from_static(b"task 0").into()],
         },
         1,
     );

@@ -8,11 +8,13 @@ use crate::auth::StoredToken;
 use crate::certs::StoredCert;
 use crate::store::{StoredNode, StoredSession, StoredTask};
 use flame_protocol::auth::TokenKind;
+use flame_protocol::model::DataStats;
 use flame_protocol::model::{
     ApplicationSpec, EnvValue, ExecutorUsage, GpuInfo, JobFailure, JobInfo, JobSpec, JobState,
     NodeResources, RankInfo, Resources, SessionInfo, SessionState, ShimKind, TaskCounts,
     TaskOutcome,
 };
+use flame_protocol::object::{ObjectId, ObjectRef, Payload};
 use flame_protocol::{ExecutorId, SessionId};
 
 impl From<ShimKind> for ShimRecord {
@@ -450,7 +452,7 @@ impl From<&StoredSession> for SessionRecord {
             application: application.clone(),
             owner: owner.clone(),
             priority: *priority,
-            common_data: common_data.clone(),
+            common_data: common_data.into(),
             state: (*state).into(),
             created_ms: *created_ms,
             closed_ms: *closed_ms,
@@ -481,7 +483,7 @@ impl From<SessionRecord> for StoredSession {
             application,
             owner,
             priority,
-            common_data,
+            common_data: common_data.into(),
             state: state.into(),
             created_ms,
             closed_ms,
@@ -492,12 +494,48 @@ impl From<SessionRecord> for StoredSession {
     }
 }
 
+impl From<ObjectRef> for ObjectRefRecord {
+    fn from(v: ObjectRef) -> Self {
+        let ObjectRef { id, size } = v;
+        ObjectRefRecord { id: id.0, size }
+    }
+}
+
+impl From<ObjectRefRecord> for ObjectRef {
+    fn from(v: ObjectRefRecord) -> Self {
+        let ObjectRefRecord { id, size } = v;
+        ObjectRef {
+            id: ObjectId(id),
+            size,
+        }
+    }
+}
+
+impl From<&Payload> for PayloadRecord {
+    fn from(v: &Payload) -> Self {
+        match v {
+            Payload::Inline(bytes) => PayloadRecord::Inline(bytes.clone()),
+            Payload::Object(object) => PayloadRecord::Object((*object).into()),
+        }
+    }
+}
+
+impl From<PayloadRecord> for Payload {
+    fn from(v: PayloadRecord) -> Self {
+        match v {
+            PayloadRecord::Inline(bytes) => Payload::Inline(bytes),
+            PayloadRecord::Object(object) => Payload::Object(object.into()),
+        }
+    }
+}
+
 impl From<&TaskOutcome> for OutcomeRecord {
     fn from(v: &TaskOutcome) -> Self {
         match v {
             TaskOutcome::Succeeded(output) => OutcomeRecord::Succeeded(output.clone()),
             TaskOutcome::Failed(message) => OutcomeRecord::Failed(message.clone()),
             TaskOutcome::Cancelled => OutcomeRecord::Cancelled,
+            TaskOutcome::Object(object) => OutcomeRecord::Object((*object).into()),
         }
     }
 }
@@ -508,6 +546,24 @@ impl From<OutcomeRecord> for TaskOutcome {
             OutcomeRecord::Succeeded(output) => TaskOutcome::Succeeded(output),
             OutcomeRecord::Failed(message) => TaskOutcome::Failed(message),
             OutcomeRecord::Cancelled => TaskOutcome::Cancelled,
+            OutcomeRecord::Object(object) => TaskOutcome::Object(object.into()),
+        }
+    }
+}
+
+impl TaskRecord {
+    /// The record of a pending task at `attempt` with `input`: inline inputs in schema 6's
+    /// variant, objects in schema 7's.
+    pub fn pending(attempt: u32, input: &Payload) -> TaskRecord {
+        match input {
+            Payload::Inline(bytes) => TaskRecord::Pending {
+                attempt,
+                input: bytes.clone(),
+            },
+            Payload::Object(object) => TaskRecord::PendingObject {
+                attempt,
+                input: (*object).into(),
+            },
         }
     }
 }
@@ -515,10 +571,7 @@ impl From<OutcomeRecord> for TaskOutcome {
 impl From<&StoredTask> for TaskRecord {
     fn from(v: &StoredTask) -> Self {
         match v {
-            StoredTask::Pending { attempt, input } => TaskRecord::Pending {
-                attempt: *attempt,
-                input: input.clone(),
-            },
+            StoredTask::Pending { attempt, input } => TaskRecord::pending(*attempt, input),
             StoredTask::Final { attempt, outcome } => TaskRecord::Final {
                 attempt: *attempt,
                 outcome: outcome.into(),
@@ -530,7 +583,14 @@ impl From<&StoredTask> for TaskRecord {
 impl From<TaskRecord> for StoredTask {
     fn from(v: TaskRecord) -> Self {
         match v {
-            TaskRecord::Pending { attempt, input } => StoredTask::Pending { attempt, input },
+            TaskRecord::Pending { attempt, input } => StoredTask::Pending {
+                attempt,
+                input: Payload::Inline(input),
+            },
+            TaskRecord::PendingObject { attempt, input } => StoredTask::Pending {
+                attempt,
+                input: Payload::Object(input.into()),
+            },
             TaskRecord::Final { attempt, outcome } => StoredTask::Final {
                 attempt,
                 outcome: outcome.into(),
@@ -699,6 +759,9 @@ impl From<&SessionInfo> for FinishedRecord {
             waiting,
             usage,
             job,
+            // How the session's objects moved is kept in memory only: a finished view
+            // read back from the store shows zeros (adding it would change this record).
+            data: _,
         } = v;
         FinishedRecord {
             id: id.0,
@@ -749,6 +812,7 @@ impl From<FinishedRecord> for SessionInfo {
             waiting,
             usage: usage.into_iter().map(ExecutorUsage::from).collect(),
             job: job.map(JobInfo::from),
+            data: DataStats::default(),
         }
     }
 }

@@ -11,6 +11,7 @@ use flame_protocol::model::{
     JobState, NodeResources, RankInfo, Resources, SessionInfo, SessionState, ShimKind, TaskCounts,
     TaskOutcome,
 };
+use flame_protocol::object::{ObjectRef, Payload};
 use flame_protocol::{ExecutorId, SessionId};
 use serde::de::DeserializeOwned;
 use std::fmt::Debug;
@@ -28,6 +29,46 @@ where
     let read: R = postcard::from_bytes(&old).unwrap();
     assert_eq!(W::from(read), *wire);
     old
+}
+
+/// `wire` written as its record `R` reads back as `wire`. Returns the bytes. For the
+/// types that changed on the wire since schema 6 (sessions' common data, the sessions'
+/// finished view, tasks' inputs): their bytes are still pinned by the digest below.
+fn round_trip<W, R>(wire: &W) -> Vec<u8>
+where
+    W: PartialEq + Debug + From<R>,
+    R: Serialize + DeserializeOwned + Debug + for<'a> From<&'a W>,
+{
+    let bytes = postcard::to_allocvec(&R::from(wire)).unwrap();
+    let read: R = postcard::from_bytes(&bytes).unwrap();
+    assert_eq!(W::from(read), *wire);
+    bytes
+}
+
+/// A session as schema 6 wrote it reads as the same session through the migration, and
+/// the schema 7 record of an inline session converts back. Returns the schema 6 bytes.
+fn session_v6_layout(session: &StoredSession) -> Vec<u8> {
+    let Payload::Inline(common) = &session.common_data else {
+        panic!("schema 6 had inline common data only");
+    };
+    let v6 = crate::store::migrate::SessionRecordV6 {
+        id: session.id.0,
+        application: session.application.clone(),
+        owner: session.owner.clone(),
+        priority: session.priority,
+        common_data: common.clone(),
+        state: session.state.into(),
+        created_ms: session.created_ms,
+        closed_ms: session.closed_ms,
+        last_task: session.last_task,
+        usage: session.usage.iter().map(UsageRecord::from).collect(),
+        job: session.job.as_ref().map(JobRecord::from),
+    };
+    let bytes = postcard::to_allocvec(&v6).unwrap();
+    let read: crate::store::migrate::SessionRecordV6 = postcard::from_bytes(&bytes).unwrap();
+    assert_eq!(StoredSession::from(SessionRecord::from(read)), *session);
+    round_trip::<_, SessionRecord>(session);
+    bytes
 }
 
 fn resources(full: bool) -> Resources {
@@ -149,7 +190,7 @@ fn sessions() -> Vec<StoredSession> {
         application: "plain".into(),
         owner: String::new(),
         priority: 0,
-        common_data: Bytes::new(),
+        common_data: Payload::default(),
         state: SessionState::Open,
         created_ms: 5,
         closed_ms: None,
@@ -163,7 +204,7 @@ fn sessions() -> Vec<StoredSession> {
             id: SessionId(1 << (i * 9)),
             owner: "alice".into(),
             priority: -3 + i as i32,
-            common_data: Bytes::from_static(b"\x00common\xff"),
+            common_data: Bytes::from_static(b"\x00common\xff").into(),
             state: SessionState::Closed,
             closed_ms: Some(99),
             last_task: 1 << 33,
@@ -179,11 +220,11 @@ fn tasks() -> Vec<StoredTask> {
     vec![
         StoredTask::Pending {
             attempt: 1,
-            input: Bytes::from_static(b"input"),
+            input: Bytes::from_static(b"input").into(),
         },
         StoredTask::Pending {
             attempt: 300,
-            input: Bytes::new(),
+            input: Payload::default(),
         },
         StoredTask::Final {
             attempt: 2,
@@ -258,6 +299,7 @@ fn finished() -> Vec<SessionInfo> {
             waiting: (i % 2 == 0).then(|| "no node fits".to_string()),
             usage: s.usage,
             job: s.job,
+            data: Default::default(),
         })
         .collect()
 }
@@ -324,10 +366,10 @@ fn schema_6_bytes() -> Vec<Vec<u8>> {
             .iter()
             .map(same_layout::<_, ApplicationRecord>),
     );
-    out.extend(sessions().iter().map(same_layout::<_, SessionRecord>));
-    out.extend(tasks().iter().map(same_layout::<_, TaskRecord>));
+    out.extend(sessions().iter().map(session_v6_layout));
+    out.extend(tasks().iter().map(round_trip::<_, TaskRecord>));
     out.extend(nodes().iter().map(same_layout::<_, NodeRecord>));
-    out.extend(finished().iter().map(same_layout::<_, FinishedRecord>));
+    out.extend(finished().iter().map(round_trip::<_, FinishedRecord>));
     out.extend(tokens().iter().map(same_layout::<_, TokenRecord>));
     out.extend(certs().iter().map(same_layout::<_, CertificateRecord>));
     out
@@ -354,6 +396,47 @@ fn records_keep_the_schema_6_layout() {
     assert_eq!(
         flame_protocol::auth::hex(digest.as_ref()),
         "30243890e00ec2461a8b65e37ece6d099f85d9e6cad934ac763bcd4b6c67f30a",
+        "the records' layout changed: that needs a schema bump and a migration"
+    );
+}
+
+/// Schema 7's records: a session whose common data is an object, a pending task whose
+/// input is one, a final task whose output is one. Their bytes are pinned.
+#[test]
+fn records_keep_the_schema_7_layout() {
+    let object = ObjectRef::of(b"an object");
+    let session = StoredSession {
+        common_data: Payload::Object(object),
+        ..sessions()[1].clone()
+    };
+    let mut all = Vec::new();
+    let mut samples = vec![round_trip::<_, SessionRecord>(&session)];
+    for task in [
+        StoredTask::Pending {
+            attempt: 2,
+            input: Payload::Object(object),
+        },
+        StoredTask::Final {
+            attempt: 3,
+            outcome: TaskOutcome::Object(object),
+        },
+    ] {
+        samples.push(round_trip::<_, TaskRecord>(&task));
+    }
+    // Schema 6's task variants keep their index: the appended ones come after them.
+    assert_eq!(
+        samples[1][0], 2,
+        "PendingObject is TaskRecord's third variant"
+    );
+    assert_eq!(samples[2][0], 1);
+    for bytes in samples {
+        all.extend_from_slice(&(bytes.len() as u64).to_le_bytes());
+        all.extend_from_slice(&bytes);
+    }
+    let digest = ring::digest::digest(&ring::digest::SHA256, &all);
+    assert_eq!(
+        flame_protocol::auth::hex(digest.as_ref()),
+        "ec1c7c53b24ac815ec5d09ef2a431559bcf61874e57ee9745c31a0bfe0f9c947",
         "the records' layout changed: that needs a schema bump and a migration"
     );
 }
