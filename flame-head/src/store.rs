@@ -1109,6 +1109,64 @@ mod tests {
     }
 
     #[test]
+    fn a_schema_6_store_is_migrated_sessions_keep_inline_common_data_and_tasks_read_as_they_were() {
+        let dir = tempfile::tempdir().unwrap();
+        let session = migrate::SessionRecordV6 {
+            id: 3,
+            application: "a".into(),
+            owner: "alice".into(),
+            priority: 1,
+            common_data: Bytes::from_static(b"common"),
+            state: records::SessionStateRecord::Open,
+            created_ms: 5,
+            closed_ms: None,
+            last_task: 1,
+            usage: Vec::new(),
+            job: None,
+        };
+        {
+            let db = Database::create(dir.path().join("state.redb")).unwrap();
+            let txn = db.begin_write().unwrap();
+            txn.open_table(META)
+                .unwrap()
+                .insert(META_SCHEMA, 6)
+                .unwrap();
+            txn.open_table(SESSIONS)
+                .unwrap()
+                .insert(3, encode("sessions", &session).unwrap().as_slice())
+                .unwrap();
+            // A schema 6 task record: the first variant, unchanged in schema 7.
+            let task = TaskRecord::Pending {
+                attempt: 1,
+                input: Bytes::from_static(b"in"),
+            };
+            txn.open_table(TASKS)
+                .unwrap()
+                .insert((3, 1), encode("tasks", &task).unwrap().as_slice())
+                .unwrap();
+            txn.commit().unwrap();
+        }
+        let store = Store::open(dir.path()).unwrap();
+        let loaded = store.load().unwrap();
+        assert_eq!(
+            loaded.sessions[0].common_data,
+            Payload::Inline(Bytes::from_static(b"common"))
+        );
+        assert_eq!(loaded.sessions[0].owner, "alice");
+        assert_eq!(
+            loaded.tasks[0].2,
+            StoredTask::Pending {
+                attempt: 1,
+                input: Payload::Inline(Bytes::from_static(b"in"))
+            }
+        );
+        drop(store);
+        // Reopened, it is schema 7 and reads the same.
+        let store = Store::open(dir.path()).unwrap();
+        assert_eq!(store.load().unwrap().sessions.len(), 1);
+    }
+
+    #[test]
     fn a_schema_5_store_is_migrated_and_owner_uids_survive_reopen() {
         let dir = tempfile::tempdir().unwrap();
         let old = |name: &str, user: Option<&str>| migrate::ApplicationRecordV5 {
