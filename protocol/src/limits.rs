@@ -230,5 +230,10 @@ pub const OWNER_OBJECTS_MAX: u64 = 1_000_000;
 /// its quota's default).
 pub const OWNER_OBJECT_BYTES_MAX: u64 = 1024 * 1024 * 1024 * 1024;
 
+/// How long a session's objects (its outputs, and the inputs put for it) stay after the
+/// session ends: a watcher reading the last results after the end still finds their
+/// bytes. Then the head forgets them and the nodes drop them.
+pub const SESSION_OBJECTS_RETENTION: Duration = Duration::from_secs(600);
+
 /// Object events the node queues for its link to the head; past it the cache's users wait.
 pub const NODE_OBJECT_EVENTS_MAX: usize = 4_096;

@@ -53,7 +53,11 @@ async fn where_they_ran(
             }
         }
     }
-    assert_eq!(input_nodes.len(), 1, "inputs were put on several nodes: {objects:#?}");
+    assert_eq!(
+        input_nodes.len(),
+        1,
+        "inputs were put on several nodes: {objects:#?}"
+    );
     let holder = input_nodes.into_keys().next().unwrap();
     (ran, holder)
 }
@@ -63,7 +67,11 @@ async fn check_results(done: &[(Bytes, flame_protocol::model::TaskResult)]) {
         match &result.outcome {
             TaskOutcome::Succeeded(output) => {
                 let reversed: Vec<u8> = input.iter().rev().copied().collect();
-                assert!(output[..] == reversed[..], "task {}: wrong output", result.task);
+                assert!(
+                    output[..] == reversed[..],
+                    "task {}: wrong output",
+                    result.task
+                );
             }
             other => panic!("task {} did not succeed: {other:?}", result.task),
         }

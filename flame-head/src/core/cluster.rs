@@ -423,7 +423,21 @@ impl Core {
                 .launch_backoff
                 .remove(&(e.application.clone(), e.owner.clone()));
         }
-        if s.ephemeral {
+        let ephemeral = s.ephemeral;
+        if !ephemeral {
+            slot.slot = Slot::Completing;
+            self.commits.finish.entry(r.session).or_default().push((
+                r.task,
+                r.attempt,
+                r.outcome.clone(),
+            ));
+            crate::failpoints::crash_point!("after-result-before-commit");
+        }
+        if let Some(object) = output {
+            // Recorded before an ephemeral task is final: the session may end with it.
+            self.object_output(node, r.session, r.task, object);
+        }
+        if ephemeral {
             self.tasks.finalize(r.session, r.task, r.attempt, r.outcome);
             if self
                 .tasks
@@ -434,22 +448,11 @@ impl Core {
                 self.reschedule = true;
             }
             self.check_finished(r.session);
-        } else {
-            slot.slot = Slot::Completing;
-            self.commits
-                .finish
-                .entry(r.session)
-                .or_default()
-                .push((r.task, r.attempt, r.outcome));
-            crate::failpoints::crash_point!("after-result-before-commit");
         }
         if let (Some(failure), Some(s)) = (rank_end, self.tasks.sessions.get_mut(&r.session)) {
             if s.note_rank_end(r.task, r.exit_code, failure.as_deref(), now_ms) {
                 self.commits.dirty_sessions.insert(r.session);
             }
-        }
-        if let Some(object) = output {
-            self.object_output(node, r.session, r.task, object);
         }
     }
 

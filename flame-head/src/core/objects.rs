@@ -103,6 +103,20 @@ pub(super) struct ObjectBook {
     by_session: HashMap<SessionId, HashSet<ObjectKey>>,
     /// When each expected copy is given up on, in time order (times only grow).
     expiries: VecDeque<(u64, ObjectKey, NodeName)>,
+    /// Ended sessions whose objects go at the time given, in time order: a session's
+    /// outputs stay readable for [`limits::SESSION_OBJECTS_RETENTION`] after it ends, so a
+    /// watcher that reads its last results after the end still gets their bytes.
+    endings: VecDeque<Ending>,
+}
+
+/// A session that ended, waiting for its objects to go.
+#[derive(Debug)]
+struct Ending {
+    at_ms: u64,
+    session: SessionId,
+    owner: String,
+    /// Nodes that served it, which may hold its objects beyond what the book knows.
+    nodes: BTreeSet<NodeName>,
 }
 
 impl ObjectBook {
@@ -967,8 +981,9 @@ impl Core {
         }
     }
 
-    /// Session `sid` of `owner` has ended: its objects leave the book, and every node
-    /// that held one or served the session is told, so it drops them.
+    /// Session `sid` has ended: no output of it is rebuilt any more, and its objects go
+    /// after [`limits::SESSION_OBJECTS_RETENTION`] ([`Core::expire_objects`]), so that
+    /// results read after the end still find their bytes.
     pub(super) fn objects_session_ended(&mut self, sid: SessionId) {
         let Some(s) = self.tasks.sessions.get(&sid) else {
             return;
@@ -988,6 +1003,26 @@ impl Core {
                 .map(|e| e.node.clone()),
         );
         self.drop_rebuilds(sid);
+        let at_ms = self
+            .now_ms
+            .saturating_add(limits::SESSION_OBJECTS_RETENTION.as_millis() as u64);
+        self.objects.endings.push_back(Ending {
+            at_ms,
+            session: sid,
+            owner,
+            nodes,
+        });
+    }
+
+    /// The objects of an ended session leave the book, and every node that held one or
+    /// served the session is told, so it drops them.
+    fn session_objects_go(&mut self, ending: Ending) {
+        let Ending {
+            session: sid,
+            owner,
+            mut nodes,
+            ..
+        } = ending;
         if let Some(keys) = self.objects.by_session.remove(&sid) {
             for (o, id) in keys {
                 if let Some(entry) = self.objects.remove(&o, &id) {
@@ -1015,6 +1050,16 @@ impl Core {
     /// Puts not confirmed within a grant's life are given up; an object left with no
     /// copy and none confirmed ever leaves the book ("never stored").
     pub(super) fn expire_objects(&mut self, now_ms: u64) {
+        while self
+            .objects
+            .endings
+            .front()
+            .is_some_and(|e| e.at_ms <= now_ms)
+        {
+            if let Some(ending) = self.objects.endings.pop_front() {
+                self.session_objects_go(ending);
+            }
+        }
         while let Some((at, _, _)) = self.objects.expiries.front() {
             if *at > now_ms {
                 break;

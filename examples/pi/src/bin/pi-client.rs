@@ -202,7 +202,7 @@ async fn estimate_with(client: &Client, app: &str, args: &Args) -> anyhow::Resul
     let session = client
         .create_session(SessionSpec {
             application: app.to_string(),
-            common_data: Bytes::copy_from_slice(&encode_u64(args.seed)),
+            common_data: Bytes::copy_from_slice(&encode_u64(args.seed)).into(),
             ephemeral: false,
             owner: Default::default(),
             priority: 0,
@@ -316,6 +316,10 @@ async fn run_tasks(session: &Session, args: &Args) -> anyhow::Result<()> {
                                 }
                                 Err(e) => tally.fail(format!("task {task}: {e}")),
                             },
+                            // The result stream fetches outputs kept as objects first.
+                            TaskOutcome::Object(o) => {
+                                tally.fail(format!("task {task}: output {} not fetched", o.id));
+                            }
                             TaskOutcome::Failed(message) => {
                                 tally.fail(format!("task {task}: {message}"));
                             }

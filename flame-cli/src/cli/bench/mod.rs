@@ -564,8 +564,8 @@ async fn broadcast(
         .get_object(None, object.id)
         .await
         .context("cannot read the object back")?;
-    let one = Measurement::new("broadcast_one_copy", 1, started.elapsed(), target.rss())
-        .moved(size);
+    let one =
+        Measurement::new("broadcast_one_copy", 1, started.elapsed(), target.rss()).moved(size);
     if back != data {
         bail!("object {} came back different", object.id);
     }
@@ -583,7 +583,10 @@ async fn broadcast(
     let mut tasks = 0u64;
     for _ in 0..BROADCAST_WAVES_MAX {
         let inputs = make_inputs(BROADCAST_WAVE_TASKS as u64, TINY_INPUT_BYTES)?;
-        let ids = session.submit(inputs.clone()).await.context("cannot submit")?;
+        let ids = session
+            .submit(inputs.clone())
+            .await
+            .context("cannot submit")?;
         tasks += ids.len() as u64;
         let mut left = ids.len();
         while left > 0 {
@@ -597,8 +600,8 @@ async fn broadcast(
                     .ok()
                     .filter(|&i| i < inputs.len())
                     .ok_or_else(|| anyhow!("a result for task {} of no wave", r.task))?;
-                let reply = check_outcome(i, &inputs[i], Some(&r.outcome))
-                    .map_err(|(_, e)| anyhow!(e))?;
+                let reply =
+                    check_outcome(i, &inputs[i], Some(&r.outcome)).map_err(|(_, e)| anyhow!(e))?;
                 hosts.insert(reply.host);
                 left = left.saturating_sub(1);
             }

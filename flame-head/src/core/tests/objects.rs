@@ -317,7 +317,14 @@ fn a_lost_node_takes_its_copies_and_replicas_are_made_again() {
 
 #[test]
 fn object_inputs_carry_sources_and_are_counted_and_outputs_record_their_node() {
-    let mut h = Harness::build(CoreConfig::default(), Some(service(7001, 1 << 20)));
+    let mut h = Harness::build(
+        CoreConfig {
+            // The nodes stay while the clock passes the objects' retention.
+            heartbeat_timeout_ms: 10 * limits::SESSION_OBJECTS_RETENTION.as_millis() as u64,
+            ..CoreConfig::default()
+        },
+        Some(service(7001, 1 << 20)),
+    );
     connect(&mut h, "n2", 2, Some(service(7002, 1 << 30)));
     let sid = session_id(h.client(ClientRequest::CreateSession(SessionSpec {
         owner: "alice".into(),
@@ -443,6 +450,12 @@ fn object_inputs_carry_sources_and_are_counted_and_outputs_record_their_node() {
         h.client(ClientRequest::CloseSession { id: sid }),
         ClientResponse::Ok
     ));
+    // Its outputs stay readable for a while after the end, for late readers.
+    assert_eq!(object_commands(&mut h, 1), vec![]);
+    let l = locate(&mut h, "alice", vec![output.id]);
+    assert_eq!(l.endpoints[0].node, "n1");
+    h.now += limits::SESSION_OBJECTS_RETENTION.as_millis() as u64 + 1;
+    tick(&mut h);
     assert_eq!(
         object_commands(&mut h, 1),
         vec![ObjectCommand::EndSession {
