@@ -43,6 +43,14 @@ pub struct Args {
     /// head itself was stopped or frozen does not count.
     #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
     pub heartbeat_timeout: Option<std::time::Duration>,
+    /// Task outputs larger than this stay in the node's object cache and the result names
+    /// the object, e.g. `100KiB` [default: 100KiB]; nodes learn it when they register.
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    pub object_inline_max: Option<u64>,
+    /// How long a task whose input object a busy node holds waits for an executor there
+    /// before any executor may take it (and fetch the object), e.g. `100ms` [default: 100ms]
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+    pub locality_wait: Option<std::time::Duration>,
     /// Free space of the data directory, in bytes, below which the head warns in its log
     /// (checked every 5 s) [default: 1 GiB].
     #[arg(long, value_name = "BYTES")]
@@ -230,6 +238,10 @@ struct FileConfig {
     preemption_grace: Option<String>,
     /// A duration such as "10s" (see `--heartbeat-timeout`).
     heartbeat_timeout: Option<String>,
+    /// A size such as "100KiB" (see `--object-inline-max`).
+    object_inline_max: Option<String>,
+    /// A duration such as "100ms" (see `--locality-wait`).
+    locality_wait: Option<String>,
     /// See `--low-space-bytes`.
     low_space_bytes: Option<u64>,
     /// `[quotas]`: per-user quotas, and `[quotas.owners.NAME]` for owners that differ.
@@ -241,6 +253,18 @@ struct FileConfig {
     /// `groups` lists.
     #[serde(default)]
     groups: BTreeMap<String, Vec<String>>,
+}
+
+/// Longest `--locality-wait`: locality is a preference; a longer wait would make it a
+/// queue behind one node.
+pub const LOCALITY_WAIT_MAX: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// A size such as `100KiB`, `4MiB` or `65536`.
+fn parse_size(text: &str) -> Result<u64, String> {
+    text.trim()
+        .parse::<bytesize::ByteSize>()
+        .map(|b| b.as_u64())
+        .map_err(|e| format!("`{text}` is not a size such as 100KiB or 4MiB: {e}"))
 }
 
 /// Resolved settings.
@@ -255,6 +279,10 @@ pub struct HeadConfig {
     pub preemption_grace: Option<std::time::Duration>,
     /// A node silent this long is lost.
     pub heartbeat_timeout: std::time::Duration,
+    /// Outputs above this are objects.
+    pub object_inline_max: u64,
+    /// The locality wait.
+    pub locality_wait: std::time::Duration,
     /// Free space of the data directory below which the head warns.
     pub low_space_bytes: u64,
     /// Per-user quotas.
@@ -329,6 +357,30 @@ impl HeadConfig {
                 humantime::format_duration(heartbeat_timeout)
             );
         }
+        let object_inline_max = match (args.object_inline_max, &file.object_inline_max) {
+            (Some(n), _) => n,
+            (None, Some(text)) => {
+                parse_size(text).map_err(|e| anyhow::anyhow!("object_inline_max: {e}"))?
+            }
+            (None, None) => flame_protocol::limits::OBJECT_INLINE_BYTES_DEFAULT,
+        };
+        if object_inline_max > flame_protocol::limits::TASK_INPUT_BYTES_MAX as u64 {
+            anyhow::bail!(
+                "object_inline_max must be at most {} bytes (the largest inline payload), not {object_inline_max}",
+                flame_protocol::limits::TASK_INPUT_BYTES_MAX
+            );
+        }
+        let locality_wait = args
+            .locality_wait
+            .or(file_duration("locality_wait", file.locality_wait.as_ref())?)
+            .unwrap_or(flame_protocol::limits::LOCALITY_WAIT);
+        if locality_wait > LOCALITY_WAIT_MAX {
+            anyhow::bail!(
+                "locality_wait must be at most {}, not {}",
+                humantime::format_duration(LOCALITY_WAIT_MAX),
+                humantime::format_duration(locality_wait)
+            );
+        }
         let quotas =
             crate::quotas::QuotaBook::resolve(&file.quotas, &args.quotas, &args.owner_quotas)
                 .map_err(anyhow::Error::msg)?;
@@ -368,6 +420,8 @@ impl HeadConfig {
             owner_weights,
             preemption_grace,
             heartbeat_timeout,
+            object_inline_max,
+            locality_wait,
             low_space_bytes: args
                 .low_space_bytes
                 .or(file.low_space_bytes)

@@ -52,6 +52,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 mod cluster;
 mod commits;
 mod jobs;
+mod locality;
 mod objects;
 mod pool;
 mod recovery;
@@ -351,6 +352,9 @@ pub struct CoreConfig {
     /// Task outputs above this many bytes stay in the node's object cache (told to nodes
     /// when they register).
     pub object_inline_max: u64,
+    /// How long a pending task waits for an executor on a node holding its input object
+    /// before any executor may take it ([`locality::LocalityQueue`]).
+    pub locality_wait_ms: u64,
 }
 
 impl Default for CoreConfig {
@@ -369,6 +373,7 @@ impl Default for CoreConfig {
                 .ok()
                 .map(std::sync::Arc::new),
             object_inline_max: limits::OBJECT_INLINE_BYTES_DEFAULT,
+            locality_wait_ms: limits::LOCALITY_WAIT.as_millis() as u64,
         }
     }
 }

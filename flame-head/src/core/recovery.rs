@@ -119,6 +119,7 @@ impl Core {
             if let Some(job) = &s.stored.job {
                 // Ranks are started by the job, never from the pending queue.
                 s.pending.clear();
+                s.located = None;
                 if !job.state.is_final() {
                     let app = job.spec.application(s.stored.id);
                     self.apps.insert(AppName::from(app.name.as_str()), app);

@@ -465,6 +465,7 @@ impl Core {
         }
         s.job_stop_at_ms = None;
         s.pending.clear();
+        s.located = None;
         let mut cancelled = Vec::new();
         for (i, t) in s.tasks.iter_mut().enumerate() {
             if matches!(t.slot, Slot::Pending | Slot::Running(_)) {

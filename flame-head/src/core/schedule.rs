@@ -75,13 +75,42 @@ impl Core {
 
     pub(super) fn schedule(&mut self, now_ms: u64) {
         let snapshot = self.snapshot(now_ms);
-        let plan = scheduler::plan(&snapshot);
+        let plan = scheduler::plan_with_data(&snapshot, &self.data_nodes());
         for s in self.tasks.sessions.values_mut() {
             s.waiting = plan.waiting.get(&s.stored.id).cloned();
         }
         for decision in plan.decisions {
             self.apply(decision, now_ms);
         }
+    }
+
+    /// Where each unfinished session's data lies, for placing its new executors: the
+    /// nodes holding its common data when that is an object (one lookup per session).
+    /// Task inputs are placed where the session's executors are (`PutObjects`), and
+    /// pending tasks wait for those nodes ([`super::locality::LocalityQueue`]), so they
+    /// need no entry here.
+    fn data_nodes(&self) -> scheduler::DataNodes {
+        let mut data = scheduler::DataNodes::default();
+        for s in self.tasks.sessions.values() {
+            if s.finished || s.counts.pending == 0 {
+                continue;
+            }
+            let Some(object) = s.stored.common_data.object() else {
+                continue;
+            };
+            let Some(entry) = self.objects.get(owner_name(&s.stored.owner), &object.id) else {
+                continue;
+            };
+            let nodes: Vec<(String, u64)> = entry
+                .nodes()
+                .take(scheduler::DATA_NODES_MAX)
+                .map(|n| (n.to_string(), object.size))
+                .collect();
+            if !nodes.is_empty() {
+                data.sessions.insert(s.stored.id, nodes);
+            }
+        }
+        data
     }
 
     /// What the scheduler decides from.
@@ -370,6 +399,7 @@ impl Core {
             now_ms,
         };
         let mut lost_inputs = Vec::new();
+        let locality_wait_ms = self.config.locality_wait_ms;
         for (id, e) in self.pool.executors.iter_mut() {
             if !matches!(e.phase, ExecutorPhase::Binding | ExecutorPhase::Bound) {
                 continue;
@@ -413,8 +443,15 @@ impl Core {
                     .push(NodeCommand::Run(assignment));
             }
             while (e.outstanding.len() as u32) < limit {
-                let Some(tid) = s.pending.pop_front() else {
-                    break;
+                // First the tasks whose input this node holds, or that waited long enough
+                // for the node that does; then the rest in order.
+                let located = s.located.as_mut().and_then(|q| q.pop_for(&e.node, now_ms));
+                let (tid, waited) = match located {
+                    Some(tid) => (tid, true),
+                    None => match s.pending.pop_front() {
+                        Some(tid) => (tid, false),
+                        None => break,
+                    },
                 };
                 let Some(slot) = slot_of(&mut s.tasks, tid) else {
                     continue;
@@ -430,6 +467,30 @@ impl Core {
                             Fetch::Local => {
                                 count_input(&mut s.data, object, true);
                                 None
+                            }
+                            // Another node holds it: the task waits a while for an
+                            // executor there, unless it has waited already or no holder
+                            // can run one (draining or disconnected).
+                            Fetch::From(sources)
+                                if !waited
+                                    && locality_wait_ms > 0
+                                    && sources.endpoints.iter().any(|ep| {
+                                        view.nodes
+                                            .get(ep.node.as_str())
+                                            .is_some_and(|n| n.conn.is_some() && !n.draining)
+                                    }) =>
+                            {
+                                let holders: Vec<NodeName> = sources
+                                    .endpoints
+                                    .iter()
+                                    .map(|ep| NodeName::from(ep.node.as_str()))
+                                    .collect();
+                                s.located
+                                    .get_or_insert_with(|| {
+                                        super::locality::LocalityQueue::new(locality_wait_ms)
+                                    })
+                                    .push(tid, &holders, now_ms);
+                                continue;
                             }
                             Fetch::From(sources) => {
                                 count_input(&mut s.data, object, false);

@@ -155,6 +155,10 @@ pub(super) struct SessionEntry {
     /// Index = task id - 1. Emptied once the session has finished.
     pub(super) tasks: Vec<TaskSlot>,
     pub(super) pending: VecDeque<TaskId>,
+    /// Pending tasks an executor elsewhere passed over because a node holding their input
+    /// object may take them soon (made at the first such task): handed out by node, each
+    /// waiting at most the locality wait (`dispatch`).
+    pub(super) located: Option<super::locality::LocalityQueue<TaskId, NodeName>>,
     pub(super) counts: TaskCounts,
     /// Batches assigned ids but not yet durable; the session cannot finish meanwhile.
     pub(super) unacked_batches: u32,
@@ -301,6 +305,7 @@ impl SessionEntry {
             ephemeral,
             tasks: Vec::new(),
             pending: VecDeque::new(),
+            located: None,
             counts: TaskCounts::default(),
             unacked_batches: 0,
             unacked_closes: 0,
@@ -561,6 +566,7 @@ impl Core {
             s.tasks = Vec::new();
         }
         s.pending = VecDeque::new();
+        s.located = None;
         let keep_ms = if s.ephemeral { EPHEMERAL_KEPT_MS } else { 0 };
         self.tasks
             .evict_pending

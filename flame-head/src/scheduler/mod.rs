@@ -72,8 +72,6 @@ use flame_protocol::{ExecutorId, SessionId};
 use planner::Planner;
 use std::collections::BTreeMap;
 
-// Used by the core once it lists where sessions' data lies (issue 20, `Core::snapshot`).
-#[allow(unused_imports)]
 pub use locality::{DataNodes, DATA_NODES_MAX};
 
 /// What the scheduler sees of a node.
@@ -282,8 +280,6 @@ pub fn plan(snap: &Snapshot) -> Plan {
 /// [`plan`], with new executors placed by where their sessions' data lies ([`DataNodes`],
 /// `locality.rs`): where one fits, on the node holding the most of its session's bytes.
 /// With no data listed the plan is exactly [`plan`]'s.
-// The core calls it once it lists where sessions' data lies (issue 20, `Core::schedule`).
-#[allow(dead_code)]
 pub fn plan_with_data(snap: &Snapshot, data: &DataNodes) -> Plan {
     Planner::new(snap).with_data(data).run()
 }
