@@ -51,6 +51,10 @@ pub struct Args {
     /// before any executor may take it (and fetch the object), e.g. `100ms` [default: 100ms]
     #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
     pub locality_wait: Option<std::time::Duration>,
+    /// How long a session's objects (its outputs, the inputs put for it) stay after it
+    /// ends, for readers of its last results, e.g. `10m` [default: 10m]
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+    pub object_retention: Option<std::time::Duration>,
     /// Free space of the data directory, in bytes, below which the head warns in its log
     /// (checked every 5 s) [default: 1 GiB].
     #[arg(long, value_name = "BYTES")]
@@ -242,6 +246,8 @@ struct FileConfig {
     object_inline_max: Option<String>,
     /// A duration such as "100ms" (see `--locality-wait`).
     locality_wait: Option<String>,
+    /// A duration such as "10m" (see `--object-retention`).
+    object_retention: Option<String>,
     /// See `--low-space-bytes`.
     low_space_bytes: Option<u64>,
     /// `[quotas]`: per-user quotas, and `[quotas.owners.NAME]` for owners that differ.
@@ -258,6 +264,9 @@ struct FileConfig {
 /// Longest `--locality-wait`: locality is a preference; a longer wait would make it a
 /// queue behind one node.
 pub const LOCALITY_WAIT_MAX: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Longest `--object-retention` (a week): an ended session's objects are pinned that long.
+pub const OBJECT_RETENTION_MAX: std::time::Duration = std::time::Duration::from_secs(7 * 24 * 3600);
 
 /// A size such as `100KiB`, `4MiB` or `65536`.
 fn parse_size(text: &str) -> Result<u64, String> {
@@ -283,6 +292,8 @@ pub struct HeadConfig {
     pub object_inline_max: u64,
     /// The locality wait.
     pub locality_wait: std::time::Duration,
+    /// How long an ended session's objects stay.
+    pub object_retention: std::time::Duration,
     /// Free space of the data directory below which the head warns.
     pub low_space_bytes: u64,
     /// Per-user quotas.
@@ -381,6 +392,20 @@ impl HeadConfig {
                 humantime::format_duration(locality_wait)
             );
         }
+        let object_retention = args
+            .object_retention
+            .or(file_duration(
+                "object_retention",
+                file.object_retention.as_ref(),
+            )?)
+            .unwrap_or(flame_protocol::limits::SESSION_OBJECTS_RETENTION);
+        if object_retention > OBJECT_RETENTION_MAX {
+            anyhow::bail!(
+                "object_retention must be at most {}, not {}",
+                humantime::format_duration(OBJECT_RETENTION_MAX),
+                humantime::format_duration(object_retention)
+            );
+        }
         let quotas =
             crate::quotas::QuotaBook::resolve(&file.quotas, &args.quotas, &args.owner_quotas)
                 .map_err(anyhow::Error::msg)?;
@@ -422,6 +447,7 @@ impl HeadConfig {
             heartbeat_timeout,
             object_inline_max,
             locality_wait,
+            object_retention,
             low_space_bytes: args
                 .low_space_bytes
                 .or(file.low_space_bytes)

@@ -175,6 +175,8 @@ async fn run(mut args: config::Args) -> anyhow::Result<()> {
             object_inline_max: config.object_inline_max,
             // At most 60 s (config::LOCALITY_WAIT_MAX), so it fits.
             locality_wait_ms: config.locality_wait.as_millis() as u64,
+            // At most a week (config::OBJECT_RETENTION_MAX), so it fits.
+            object_retention_ms: config.object_retention.as_millis() as u64,
             // Fresh at each start: grants live minutes, and nodes get the key when they
             // register.
             grant_signer: Some(std::sync::Arc::new(

@@ -739,6 +739,9 @@ async fn write_reports(
     }
     let mut ticker = tokio::time::interval(heartbeat);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // The cache's use changes without events too (task outputs, spills): sent with the
+    // heartbeat when it differs from what the head last heard.
+    let mut usage_sent = usage.now();
     loop {
         let first = tokio::select! {
             r = reports.recv() => match r {
@@ -746,6 +749,14 @@ async fn write_reports(
                 None => return,
             },
             _ = ticker.tick() => {
+                let now = usage.now();
+                if now != usage_sent {
+                    usage_sent = now;
+                    let frame = NodeToHead::Objects { events: Vec::new(), usage: now };
+                    if send.write(&frame).await.is_err() {
+                        return;
+                    }
+                }
                 if send.write(&NodeToHead::Heartbeat).await.is_err() {
                     return;
                 }

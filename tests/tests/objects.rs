@@ -199,8 +199,12 @@ async fn large_inputs_and_outputs_move_as_objects_not_through_the_head() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_small_memory_budget_spills_and_every_result_is_right() {
     const TASKS: usize = 24;
-    let cluster =
-        Cluster::start(ClusterOptions::default().node_args(["--object-memory", "2MiB"])).await;
+    let cluster = Cluster::start(
+        ClusterOptions::default()
+            .node_args(["--object-memory", "2MiB"])
+            .head_args(["--object-retention", "1s"]),
+    )
+    .await;
     let client = cluster.client().await;
     let session = client.create_session(ping_spec()).await.unwrap();
     let inputs: Vec<Bytes> = (0..TASKS).map(|i| blob(MIB, 500 + i as u64)).collect();
@@ -213,15 +217,28 @@ async fn a_small_memory_budget_spills_and_every_result_is_right() {
             other => panic!("task {} did not succeed: {other:?}", result.task),
         }
     }
-    let node = cluster.node_list().await.remove(0);
-    let cache = node.cache.expect("the node reports its cache");
-    assert!(cache.memory_used <= 2 * MIB as u64, "{cache:?}");
-    assert!(cache.disk_used >= (TASKS * MIB) as u64, "{cache:?}");
+    // Inputs and outputs: 2 × TASKS objects of about 1 MiB, most of them spilled. The
+    // node reports its cache's use with its heartbeat.
+    let deadline = Instant::now() + REPORT_TIMEOUT;
+    loop {
+        let cache = cluster.node_list().await.remove(0).cache;
+        let cache = cache.expect("the node reports its cache");
+        assert!(cache.memory_used <= 2 * MIB as u64, "{cache:?}");
+        if cache.objects == 2 * TASKS as u64 {
+            assert!(
+                cache.disk_used >= ((2 * TASKS - 2) * MIB) as u64,
+                "{cache:?}"
+            );
+            break;
+        }
+        assert!(Instant::now() < deadline, "{cache:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     assert!(
         !files_below(&cluster.node_object_dir(0)).is_empty(),
         "nothing spilled into the object folder"
     );
-    // The session's end frees both tiers.
+    // The session's end frees both tiers, once its objects' retention (1 s here) is over.
     session.close().await.unwrap();
     let deadline = Instant::now() + REPORT_TIMEOUT;
     loop {
@@ -253,7 +270,7 @@ async fn a_corrupt_spilled_chunk_is_caught_by_its_hash() {
     let files = files_below(&cluster.node_object_dir(0));
     let file = files
         .iter()
-        .find(|p| std::fs::metadata(p).map(|m| m.len()) == Ok(data.len() as u64))
+        .find(|p| std::fs::metadata(p).ok().map(|m| m.len()) == Some(data.len() as u64))
         .unwrap_or_else(|| panic!("no spilled file of {} bytes in {files:?}", data.len()));
     // Flip one byte in the second chunk.
     let mut bytes = std::fs::read(file).unwrap();

@@ -355,6 +355,8 @@ pub struct CoreConfig {
     /// How long a pending task waits for an executor on a node holding its input object
     /// before any executor may take it ([`locality::LocalityQueue`]).
     pub locality_wait_ms: u64,
+    /// How long an ended session's objects stay ([`limits::SESSION_OBJECTS_RETENTION`]).
+    pub object_retention_ms: u64,
 }
 
 impl Default for CoreConfig {
@@ -374,6 +376,7 @@ impl Default for CoreConfig {
                 .map(std::sync::Arc::new),
             object_inline_max: limits::OBJECT_INLINE_BYTES_DEFAULT,
             locality_wait_ms: limits::LOCALITY_WAIT.as_millis() as u64,
+            object_retention_ms: limits::SESSION_OBJECTS_RETENTION.as_millis() as u64,
         }
     }
 }

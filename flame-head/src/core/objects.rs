@@ -1003,9 +1003,7 @@ impl Core {
                 .map(|e| e.node.clone()),
         );
         self.drop_rebuilds(sid);
-        let at_ms = self
-            .now_ms
-            .saturating_add(limits::SESSION_OBJECTS_RETENTION.as_millis() as u64);
+        let at_ms = self.now_ms.saturating_add(self.config.object_retention_ms);
         self.objects.endings.push_back(Ending {
             at_ms,
             session: sid,

@@ -1002,9 +1002,27 @@ impl ObjectReader {
 
     /// Whether the bytes are on disk now (they may move there while the reader is open;
     /// this reader keeps reading from where it opened them).
-    #[cfg(test)]
     pub fn on_disk(&self) -> bool {
         matches!(self.backing, Backing::Disk { .. })
+    }
+
+    /// Re-checks every chunk of a spilled copy against its hash, one chunk in memory at a
+    /// time; a mismatch drops the copy and reports it, as [`ObjectReader::read_range`]
+    /// does. A copy in memory (a sealed memfd) cannot change and passes at once. For a
+    /// reader that gets the descriptor, not the bytes: the node checks before it hands
+    /// out a file a disk fault may have changed.
+    pub async fn verify(&self) -> Result<(), CacheError> {
+        if !self.on_disk() {
+            return Ok(());
+        }
+        let size = self.object.size;
+        let mut offset = 0;
+        while offset < size {
+            let len = OBJECT_CHUNK_BYTES.min(size - offset);
+            self.read_range(offset, len).await?;
+            offset += len;
+        }
+        Ok(())
     }
 }
 

@@ -166,17 +166,23 @@ async fn handle(
                 owner: &owner,
                 id: &id,
             };
-            let opened =
-                open_get(service, access, offset, len).and_then(|(reader, offset, len)| {
-                    let fd = reader.fd().map_err(|e| api_error(&e))?;
-                    let found = ObjectResponse::Found {
-                        object: reader.object(),
-                        chunks: reader.chunks().to_vec(),
-                        offset,
-                        len,
-                    };
-                    Ok((found, fd))
-                });
+            let opened = match open_get(service, access, offset, len) {
+                Ok((reader, offset, len)) => match reader.verify().await {
+                    Ok(()) => Ok((reader, offset, len)),
+                    Err(e) => Err(api_error(&e)),
+                },
+                Err(e) => Err(e),
+            };
+            let opened = opened.and_then(|(reader, offset, len)| {
+                let fd = reader.fd().map_err(|e| api_error(&e))?;
+                let found = ObjectResponse::Found {
+                    object: reader.object(),
+                    chunks: reader.chunks().to_vec(),
+                    offset,
+                    len,
+                };
+                Ok((found, fd))
+            });
             match opened {
                 Ok((found, fd)) => (found, Some(fd)),
                 Err(e) => (ObjectResponse::Error(e), None),
