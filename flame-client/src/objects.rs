@@ -19,8 +19,8 @@ use bytes::Bytes;
 use flame_protocol::limits;
 use flame_protocol::messages::{ClientRequest, ClientResponse};
 use flame_protocol::object::{
-    ObjectEndpoint, ObjectId, ObjectInfo, ObjectLocations, ObjectRef, ObjectTarget, Payload,
-    OBJECT_ID_BYTES,
+    digest, ChunkHash, ObjectEndpoint, ObjectId, ObjectInfo, ObjectLocations, ObjectRef,
+    ObjectTarget, Payload, OBJECT_ID_BYTES,
 };
 use flame_protocol::object_transfer::ObjectClient;
 use flame_protocol::SessionId;
@@ -39,8 +39,9 @@ fn owner_of(client: &Client, owner: Option<&str>) -> String {
     owner.unwrap_or_else(|| client.owner()).to_string()
 }
 
-/// The references of `blobs`, hashed off the runtime's threads when large.
-async fn refs_of(blobs: &[Bytes]) -> Result<Vec<ObjectRef>, ClientError> {
+/// The references of `blobs` and their chunk hashes, from one pass over each blob, off the
+/// runtime's threads when large.
+async fn digests_of(blobs: &[Bytes]) -> Result<Vec<(ObjectRef, Vec<ChunkHash>)>, ClientError> {
     let mut refs = Vec::with_capacity(blobs.len());
     for blob in blobs {
         if blob.len() as u64 > limits::OBJECT_BYTES_MAX {
@@ -51,10 +52,10 @@ async fn refs_of(blobs: &[Bytes]) -> Result<Vec<ObjectRef>, ClientError> {
             )));
         }
         let r = if blob.len() < HASH_BLOCKING_BYTES_MIN {
-            ObjectRef::of(blob)
+            digest(blob)
         } else {
             let blob = blob.clone();
-            tokio::task::spawn_blocking(move || ObjectRef::of(&blob))
+            tokio::task::spawn_blocking(move || digest(&blob))
                 .await
                 .map_err(|e| ClientError::ObjectInvalid(format!("hashing an object failed: {e}")))?
         };
@@ -135,12 +136,13 @@ impl Client {
         blobs: Vec<Bytes>,
         replicas: u32,
     ) -> Result<Vec<ObjectRef>, ClientError> {
-        let refs = refs_of(&blobs).await?;
+        let digests = digests_of(&blobs).await?;
+        let refs: Vec<ObjectRef> = digests.iter().map(|(r, _)| *r).collect();
         let mut unique: HashMap<ObjectId, usize> = HashMap::with_capacity(refs.len());
-        let mut distinct: Vec<(ObjectRef, Bytes)> = Vec::new();
-        for (r, blob) in refs.iter().zip(blobs) {
+        let mut distinct: Vec<(ObjectRef, Vec<ChunkHash>, Bytes)> = Vec::new();
+        for ((r, chunks), blob) in digests.into_iter().zip(blobs) {
             unique.entry(r.id).or_insert_with(|| {
-                distinct.push((*r, blob));
+                distinct.push((r, chunks, blob));
                 distinct.len() - 1
             });
         }
@@ -154,7 +156,7 @@ impl Client {
             let request = ClientRequest::PutObjects {
                 owner: owner.clone(),
                 session,
-                objects: group.iter().map(|(r, _)| *r).collect(),
+                objects: group.iter().map(|(r, _, _)| *r).collect(),
                 replicas,
             };
             let targets = match self.request(request).await? {
@@ -165,11 +167,12 @@ impl Client {
                 Vec::with_capacity(group.len() * targets.len());
             for target in targets {
                 let target = Arc::new(target);
-                for (object, bytes) in group {
+                for (object, chunks, bytes) in group {
                     jobs.push(Box::pin(put_one(
                         transfer.clone(),
                         target.clone(),
                         *object,
+                        chunks.clone(),
                         bytes.clone(),
                     )));
                 }
@@ -364,10 +367,11 @@ async fn put_one(
     transfer: Arc<ObjectClient>,
     target: Arc<ObjectTarget>,
     object: ObjectRef,
+    chunks: Vec<ChunkHash>,
     bytes: Bytes,
 ) -> Result<(), ClientError> {
     transfer
-        .put(&target, object, bytes)
+        .put(&target, object, chunks, bytes)
         .await
         .map_err(|source| ClientError::ObjectTransfer {
             what: format!(

@@ -49,7 +49,8 @@ pub mod shim;
 pub use ids::{ExecutorId, SessionId, TaskId, TaskIdSet};
 
 /// Version of the head/node/client protocol carried in every [`messages::Hello`].
-pub const PROTOCOL_VERSION: u32 = 5;
+/// 6: an object's chunk hashes are BLAKE3 subtree chaining values that merge into its id.
+pub const PROTOCOL_VERSION: u32 = 6;
 
 /// The TLS application protocol name every Flame endpoint negotiates.
 pub const ALPN: &[u8] = b"flame/1";

@@ -387,12 +387,113 @@ pub enum ObjectResponse {
     Error(crate::model::ApiError),
 }
 
-/// The BLAKE3 hash of each [`OBJECT_CHUNK_BYTES`] chunk of `bytes`.
-pub fn chunk_hashes(bytes: &[u8]) -> Vec<[u8; OBJECT_ID_BYTES]> {
-    bytes
+/// The hash of one [`OBJECT_CHUNK_BYTES`] chunk of an object, as [`chunk_hash`] defines it.
+pub type ChunkHash = [u8; OBJECT_ID_BYTES];
+
+/// The hash of chunk `index` of an object of `size` bytes, whose bytes are `piece`.
+///
+/// An object of one chunk: the chunk's BLAKE3 hash, which is the object's id. An object of
+/// several: the BLAKE3 chaining value of the chunk's subtree at its offset in the object
+/// (BLAKE3 is a tree hash and every chunk starts on a subtree boundary), so the chunks'
+/// hashes merge into the id ([`id_of_chunks`]). Whoever hashes the bytes chunk by chunk
+/// thereby checks the whole too, and no path hashes a byte twice.
+pub fn chunk_hash(size: u64, index: u64, piece: &[u8]) -> ChunkHash {
+    let mut hasher = ChunkHasher::new(size, index);
+    hasher.update(piece);
+    hasher.finalize()
+}
+
+/// [`chunk_hash`] for a chunk whose bytes arrive in pieces.
+#[derive(Debug, Clone)]
+pub struct ChunkHasher {
+    hasher: blake3::Hasher,
+    single: bool,
+}
+
+impl ChunkHasher {
+    /// A hasher for chunk `index` of an object of `size` bytes.
+    pub fn new(size: u64, index: u64) -> ChunkHasher {
+        use blake3::hazmat::HasherExt;
+        let mut hasher = blake3::Hasher::new();
+        let single = size <= OBJECT_CHUNK_BYTES;
+        if !single {
+            hasher.set_input_offset(index.saturating_mul(OBJECT_CHUNK_BYTES));
+        }
+        ChunkHasher { hasher, single }
+    }
+
+    /// Takes the chunk's next bytes.
+    pub fn update(&mut self, piece: &[u8]) {
+        self.hasher.update(piece);
+    }
+
+    /// The chunk's hash.
+    pub fn finalize(&self) -> ChunkHash {
+        use blake3::hazmat::HasherExt;
+        if self.single {
+            *self.hasher.finalize().as_bytes()
+        } else {
+            self.hasher.finalize_non_root()
+        }
+    }
+}
+
+/// The reference of `bytes` and the hash of each of its chunks, in one pass over them.
+pub fn digest(bytes: &[u8]) -> (ObjectRef, Vec<ChunkHash>) {
+    let size = bytes.len() as u64;
+    let chunks: Vec<ChunkHash> = bytes
         .chunks(OBJECT_CHUNK_BYTES as usize)
-        .map(|c| *blake3::hash(c).as_bytes())
-        .collect()
+        .enumerate()
+        .map(|(index, piece)| chunk_hash(size, index as u64, piece))
+        .collect();
+    let id = match id_of_chunks(size, &chunks) {
+        Some(id) => id,
+        // Unreachable: the chunks were cut from these bytes; hash them whole rather than fail.
+        None => ObjectId::of(bytes),
+    };
+    (ObjectRef { id, size }, chunks)
+}
+
+/// The id of an object of `size` bytes whose chunks hash to `chunks` ([`chunk_hash`]), or
+/// `None` when there are not [`ObjectRef::chunks`] of them. A reader that checks each chunk
+/// it reads against `chunks`, and `chunks` against the id here, has checked the whole.
+pub fn id_of_chunks(size: u64, chunks: &[ChunkHash]) -> Option<ObjectId> {
+    if chunks.len() as u64 != size.div_ceil(OBJECT_CHUNK_BYTES) {
+        return None;
+    }
+    match chunks {
+        [] => Some(ObjectId::of(&[])),
+        [one] => Some(ObjectId(*one)),
+        _ => {
+            use blake3::hazmat::{left_subtree_len, merge_subtrees_root, Mode};
+            let left = left_subtree_len(size);
+            let (l, r) = chunks.split_at((left / OBJECT_CHUNK_BYTES) as usize);
+            let root = merge_subtrees_root(
+                &subtree_cv(l, left),
+                &subtree_cv(r, size - left),
+                Mode::Hash,
+            );
+            Some(ObjectId(*root.as_bytes()))
+        }
+    }
+}
+
+/// The chaining value of a subtree of `len` bytes made of the chunks `chunks` (their count
+/// checked by the caller: BLAKE3's left subtrees are powers of two of its 1 KiB chunks, so
+/// beyond one of our chunks every split falls on one of our chunk boundaries).
+fn subtree_cv(chunks: &[ChunkHash], len: u64) -> ChunkHash {
+    use blake3::hazmat::{left_subtree_len, merge_subtrees_non_root, Mode};
+    if chunks.len() <= 1 {
+        return chunks.first().copied().unwrap_or_default();
+    }
+    let left = left_subtree_len(len);
+    let (l, r) = chunks.split_at((left / OBJECT_CHUNK_BYTES) as usize);
+    merge_subtrees_non_root(&subtree_cv(l, left), &subtree_cv(r, len - left), Mode::Hash)
+}
+
+/// The hash of each [`OBJECT_CHUNK_BYTES`] chunk of `bytes` ([`chunk_hash`]).
+pub fn chunk_hashes(bytes: &[u8]) -> Vec<ChunkHash> {
+    digest(bytes).1
 }
 
 /// An event about a node's cache, reported to the head.
@@ -462,7 +563,49 @@ mod tests {
         let r = ObjectRef::of(&big);
         assert_eq!(r.chunks(), 2);
         assert_eq!(chunk_hashes(&big).len(), 2);
-        assert_eq!(chunk_hashes(&big)[1], *blake3::hash(&[7u8]).as_bytes());
+        assert_eq!(chunk_hashes(&big)[1], chunk_hash(r.size, 1, &[7u8]));
+    }
+
+    /// The chunks' hashes merge into BLAKE3 of the whole, whatever the tree's shape (one
+    /// chunk, a power of two, odd counts whose left subtrees nest), and a changed byte in
+    /// any chunk changes that chunk's hash only.
+    #[test]
+    fn chunk_hashes_merge_into_the_id() {
+        let c = OBJECT_CHUNK_BYTES as usize;
+        for size in [
+            0,
+            1,
+            1023,
+            1025,
+            c - 1,
+            c,
+            c + 1,
+            2 * c,
+            3 * c + 5,
+            4 * c,
+            5 * c + 7,
+        ] {
+            let bytes: Vec<u8> = (0..size).map(|i| (i % 251) as u8).collect();
+            let (r, chunks) = digest(&bytes);
+            assert_eq!(r, ObjectRef::of(&bytes), "size {size}");
+            assert_eq!(id_of_chunks(r.size, &chunks), Some(r.id), "size {size}");
+            assert_eq!(chunks.len() as u64, r.chunks());
+            if size > c {
+                let mut bad = bytes.clone();
+                bad[size - 1] ^= 1;
+                let (_, bad_chunks) = digest(&bad);
+                assert_eq!(bad_chunks[0], chunks[0]);
+                let last = chunks.len() - 1;
+                assert_ne!(bad_chunks[last], chunks[last], "size {size}");
+                assert_eq!(bad_chunks[..last], chunks[..last]);
+                let mut streamed = ChunkHasher::new(r.size, 1);
+                for piece in bytes[c..(2 * c).min(size)].chunks(4099) {
+                    streamed.update(piece);
+                }
+                assert_eq!(streamed.finalize(), chunks[1]);
+            }
+        }
+        assert_eq!(id_of_chunks(2 * OBJECT_CHUNK_BYTES, &[[0; 32]]), None);
     }
 
     #[test]

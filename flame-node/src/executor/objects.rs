@@ -7,7 +7,7 @@ use crate::objects::{CacheConfig, GrantKeyCell, ObjectStore};
 // STAND-IN: at merge this becomes `use flame_protocol::object_transfer::ObjectClient;`.
 use bytes::Bytes;
 use flame_protocol::limits;
-use flame_protocol::object::{ObjectEvent, ObjectRef, ObjectScope, ObjectSources, Payload};
+use flame_protocol::object::{digest, ObjectEvent, ObjectRef, ObjectScope, ObjectSources, Payload};
 use flame_protocol::object_transfer::ObjectClient;
 use flame_protocol::SessionId;
 use std::net::SocketAddr;
@@ -231,17 +231,22 @@ impl NodeObjects {
         if size <= self.inline_max.load(Ordering::Relaxed) {
             return TaskOutcome::Succeeded(out);
         }
-        let object = if out.len() < HASH_INLINE_BYTES_MAX {
-            ObjectRef::of(&out)
+        let (object, chunks) = if out.len() < HASH_INLINE_BYTES_MAX {
+            digest(&out)
         } else {
             let bytes = out.clone();
-            match tokio::task::spawn_blocking(move || ObjectRef::of(&bytes)).await {
-                Ok(object) => object,
+            match tokio::task::spawn_blocking(move || digest(&bytes)).await {
+                Ok(digested) => digested,
                 Err(e) => return TaskOutcome::Failed(format!("cannot hash the output: {e}")),
             }
         };
         let scope = ObjectScope::Session(session);
-        match self.store.insert(owner, object, scope, out).await {
+        // Hashed once, here: the store takes the digest rather than hashing again.
+        let stored = self
+            .store
+            .insert_digested(owner, object, scope, chunks, out, false)
+            .await;
+        match stored {
             Ok(()) => TaskOutcome::Object(object),
             Err(e) => TaskOutcome::Failed(format!(
                 "the task's output ({size} bytes, over the {} inline) could not be kept in \

@@ -6,7 +6,7 @@
 
 use super::cache::ObjectKey;
 use super::store::{unlink, Backing, CacheError, ChunkHash};
-use flame_protocol::object::{ObjectId, ObjectRef, OBJECT_CHUNK_BYTES};
+use flame_protocol::object::{chunk_hash, id_of_chunks, ObjectId, ObjectRef, OBJECT_CHUNK_BYTES};
 use nix::fcntl::{FcntlArg, SealFlag};
 use nix::sys::memfd::{memfd_create, MFdFlags};
 use std::fs::File;
@@ -24,9 +24,9 @@ pub(super) fn required_seals() -> SealFlag {
     SealFlag::F_SEAL_SHRINK | SealFlag::F_SEAL_GROW | SealFlag::F_SEAL_WRITE
 }
 
-/// Hashes a descriptor's bytes: each chunk, and the whole against `object`.
+/// Hashes a descriptor's bytes, in one pass: each chunk, and (their hashes merged) the
+/// whole against `object`.
 pub(super) fn hash_file(file: &File, object: ObjectRef) -> Result<Vec<ChunkHash>, CacheError> {
-    let mut whole = blake3::Hasher::new();
     let mut chunks = Vec::with_capacity(object.chunks() as usize);
     let mut buf = vec![0u8; OBJECT_CHUNK_BYTES.min(object.size) as usize];
     let mut offset = 0;
@@ -34,11 +34,11 @@ pub(super) fn hash_file(file: &File, object: ObjectRef) -> Result<Vec<ChunkHash>
         let len = OBJECT_CHUNK_BYTES.min(object.size - offset) as usize;
         file.read_exact_at(&mut buf[..len], offset)
             .map_err(CacheError::Memory)?;
-        whole.update(&buf[..len]);
-        chunks.push(*blake3::hash(&buf[..len]).as_bytes());
+        let index = chunks.len() as u64;
+        chunks.push(chunk_hash(object.size, index, &buf[..len]));
         offset += len as u64;
     }
-    if ObjectId::from_hasher(&whole) != object.id {
+    if id_of_chunks(object.size, &chunks) != Some(object.id) {
         return Err(CacheError::Mismatch {
             id: object.id,
             why: "their hash is another".into(),

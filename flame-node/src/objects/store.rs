@@ -34,8 +34,8 @@ use bytes::Bytes;
 use flame_protocol::ids::SessionId;
 use flame_protocol::limits;
 use flame_protocol::object::{
-    chunk_hashes, CacheUsage, ObjectEvent, ObjectId, ObjectRef, ObjectScope, OBJECT_CHUNK_BYTES,
-    OBJECT_ID_BYTES,
+    chunk_hash, digest, id_of_chunks, CacheUsage, ChunkHasher, ObjectEvent, ObjectId, ObjectRef,
+    ObjectScope, OBJECT_CHUNK_BYTES,
 };
 use nix::fcntl::{FcntlArg, SealFlag};
 use std::collections::HashMap;
@@ -49,7 +49,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use tokio::sync::mpsc;
 
 /// One chunk's BLAKE3 hash.
-pub type ChunkHash = [u8; OBJECT_ID_BYTES];
+pub use flame_protocol::object::ChunkHash;
 
 /// Reads at most this large are done on the runtime's thread; larger ones on a blocking one.
 const INLINE_READ_BYTES: u64 = 256 * 1024;
@@ -238,15 +238,32 @@ impl ObjectStore {
         check_size(&object, bytes.len() as u64)?;
         let checked = bytes.clone();
         let chunks = blocking(move || {
-            if ObjectRef::of(&checked) != object {
+            let (found, chunks) = digest(&checked);
+            if found != object {
                 return Err(CacheError::Mismatch {
                     id: object.id,
                     why: "their hash is another".into(),
                 });
             }
-            Ok(chunk_hashes(&checked))
+            Ok(chunks)
         })
         .await?;
+        self.insert_digested(owner, object, scope, chunks, bytes, pinned)
+            .await
+    }
+
+    /// Stores `bytes`, whose reference and chunk hashes `digest` gave the caller from
+    /// these very bytes (the node's own task outputs: hashed once, not again here).
+    pub(crate) async fn insert_digested(
+        &self,
+        owner: &str,
+        object: ObjectRef,
+        scope: ObjectScope,
+        chunks: Vec<ChunkHash>,
+        bytes: Bytes,
+        pinned: bool,
+    ) -> Result<(), CacheError> {
+        check_size(&object, bytes.len() as u64)?;
         let Some(reservation) = self.reserve(owner, object, scope, pinned).await? else {
             return Ok(());
         };
@@ -324,6 +341,14 @@ impl ObjectStore {
         chunks: Vec<ChunkHash>,
     ) -> Result<ObjectWriter, CacheError> {
         check_size(&object, object.size)?;
+        if chunks.len() as u64 == object.chunks()
+            && id_of_chunks(object.size, &chunks) != Some(object.id)
+        {
+            return Err(CacheError::Mismatch {
+                id: object.id,
+                why: "the chunk hashes sent are not those of the object".into(),
+            });
+        }
         if chunks.len() as u64 != object.chunks() {
             return Err(CacheError::Mismatch {
                 id: object.id,
@@ -353,8 +378,7 @@ impl ObjectStore {
             chunks: chunks.into(),
             sink,
             written: 0,
-            chunk: blake3::Hasher::new(),
-            whole: blake3::Hasher::new(),
+            chunk: ChunkHasher::new(object.size, 0),
             failed: false,
         })
     }
@@ -804,8 +828,7 @@ pub struct ObjectWriter {
     chunks: Arc<[ChunkHash]>,
     sink: Sink,
     written: u64,
-    chunk: blake3::Hasher,
-    whole: blake3::Hasher,
+    chunk: ChunkHasher,
     failed: bool,
 }
 
@@ -825,7 +848,6 @@ impl ObjectWriter {
             let take = ((OBJECT_CHUNK_BYTES - in_chunk) as usize).min(data.len());
             let (piece, rest) = data.split_at(take);
             self.chunk.update(piece);
-            self.whole.update(piece);
             if let Err(e) = self.put(piece) {
                 self.failed = true;
                 return Err(e);
@@ -833,8 +855,8 @@ impl ObjectWriter {
             self.written += take as u64;
             if self.written % OBJECT_CHUNK_BYTES == 0 || self.written == self.object.size {
                 let index = (self.written - 1) / OBJECT_CHUNK_BYTES;
-                let hash = *self.chunk.finalize().as_bytes();
-                self.chunk.reset();
+                let hash = self.chunk.finalize();
+                self.chunk = ChunkHasher::new(self.object.size, index + 1);
                 if self.chunks.get(index as usize) != Some(&hash) {
                     self.failed = true;
                     return Err(self.mismatch(format!("chunk {index} does not match its hash")));
@@ -874,9 +896,8 @@ impl ObjectWriter {
                 self.written, self.object.size
             )));
         }
-        if ObjectId::from_hasher(&self.whole) != self.object.id {
-            return Err(self.mismatch("their hash is another".into()));
-        }
+        // Every chunk matched its hash, and the hashes merge into the id (checked when
+        // the writer was made): the whole is the object.
         let Some(reservation) = self.reservation.take() else {
             return Ok(());
         };
@@ -1064,7 +1085,7 @@ fn read_backing(
                 let chunk_len = OBJECT_CHUNK_BYTES.min(size - start);
                 buf.resize(chunk_len as usize, 0);
                 file.read_exact_at(&mut buf, start).map_err(ReadError::Io)?;
-                if chunks.get(chunk as usize) != Some(blake3::hash(&buf).as_bytes()) {
+                if chunks.get(chunk as usize) != Some(&chunk_hash(size, chunk, &buf)) {
                     return Err(ReadError::Corrupt(chunk));
                 }
                 let from = offset.max(start);

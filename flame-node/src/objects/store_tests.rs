@@ -1,4 +1,5 @@
 use super::*;
+use flame_protocol::object::chunk_hashes;
 use std::os::unix::fs::PermissionsExt;
 
 const S1: ObjectScope = ObjectScope::Session(SessionId(1));
@@ -233,6 +234,12 @@ async fn a_writer_checks_each_chunk_and_the_whole() {
     drop(w);
     assert!(!f.store.contains("bob", &ro.id));
     assert_eq!(f.store.usage().objects, 1);
+    // Chunk hashes that do not merge into the id are refused before a byte is taken:
+    // checking each chunk against them would prove nothing about the whole.
+    let mut lying = chunk_hashes(&other);
+    lying[1] = chunk_hashes(&bad)[1];
+    let err = f.store.writer("bob", ro, S1, lying).err().unwrap();
+    assert!(err.to_string().contains("not those of the object"), "{err}");
     // Too few hashes are refused up front.
     assert!(matches!(
         f.store.writer("bob", ro, S1, vec![]),

@@ -33,8 +33,8 @@ use crate::frame;
 use crate::limits;
 use crate::model::ApiError;
 use crate::object::{
-    chunk_hashes, Grant, ObjectEndpoint, ObjectId, ObjectRef, ObjectRequest, ObjectResponse,
-    ObjectTarget, OBJECT_ALPN, OBJECT_CHUNK_BYTES, OBJECT_ID_BYTES,
+    chunk_hash, id_of_chunks, ChunkHash, Grant, ObjectEndpoint, ObjectId, ObjectRef, ObjectRequest,
+    ObjectResponse, ObjectTarget, OBJECT_ALPN, OBJECT_CHUNK_BYTES, OBJECT_ID_BYTES,
 };
 use bytes::{Bytes, BytesMut};
 use quinn::crypto::rustls::QuicClientConfig;
@@ -235,12 +235,14 @@ pub fn plan_ranges(size: u64, range_bytes: u64) -> Vec<(u64, u64)> {
     ranges
 }
 
-/// The first chunk of `bytes` that does not match `chunks`, if any.
-fn first_bad_chunk(bytes: &[u8], chunks: &[[u8; OBJECT_ID_BYTES]]) -> Option<u64> {
+/// The first chunk of `bytes` (a whole object) that does not match `chunks`, if any.
+fn first_bad_chunk(bytes: &[u8], chunks: &[ChunkHash]) -> Option<u64> {
+    let size = bytes.len() as u64;
     bytes
         .chunks(OBJECT_CHUNK_BYTES as usize)
         .zip(chunks.iter().map(Some).chain(std::iter::repeat(None)))
-        .position(|(piece, expected)| expected != Some(blake3::hash(piece).as_bytes()))
+        .enumerate()
+        .position(|(i, (piece, expected))| expected != Some(&chunk_hash(size, i as u64, piece)))
         .map(|i| i as u64)
 }
 
@@ -341,12 +343,14 @@ impl ObjectClient {
     }
 
     /// Puts `bytes`, the object `object`, to the target's node: over its Unix socket with
-    /// a sealed memfd when it is on this host, else over QUIC. Returns once the node has
-    /// checked and stored them.
+    /// a sealed memfd when it is on this host, else over QUIC. `chunks` are the object's
+    /// chunk hashes as [`crate::object::digest`] gives them with `object` (the caller hashed
+    /// the bytes once for both). Returns once the node has checked and stored them.
     pub async fn put(
         &self,
         target: &ObjectTarget,
         object: ObjectRef,
+        chunks: Vec<ChunkHash>,
         bytes: Bytes,
     ) -> Result<(), TransferError> {
         if bytes.len() as u64 != object.size {
@@ -363,8 +367,13 @@ impl ObjectClient {
                 size: object.size,
             });
         }
-        let hashed = bytes.clone();
-        let chunks = maybe_blocking(bytes.len(), move || chunk_hashes(&hashed)).await?;
+        if id_of_chunks(object.size, &chunks) != Some(object.id) {
+            return Err(TransferError::Invalid(format!(
+                "the {} chunk hashes given are not those of object {}",
+                chunks.len(),
+                object.id
+            )));
+        }
         let request = ObjectRequest::Put {
             grant: target.grant.clone(),
             object,
@@ -599,17 +608,9 @@ impl ObjectClient {
             // Contiguous pieces of one allocation: joined without a copy.
             whole.unsplit(piece);
         }
-        let whole = whole.freeze();
-        let hashed = whole.clone();
-        let id = maybe_blocking(size, move || ObjectId::of(&hashed)).await?;
-        if id != object.id {
-            return Err(TransferError::Corrupt {
-                node: node.to_string(),
-                id: object.id,
-                chunk: None,
-            });
-        }
-        Ok(whole)
+        // Every chunk was checked against its hash as it came, and the hashes against the
+        // id (`found_chunks`): the whole is the object without hashing it again.
+        Ok(whole.freeze())
     }
 }
 
@@ -679,6 +680,13 @@ fn found_chunks(
                     ),
                 ));
             }
+            if id_of_chunks(object.size, &chunks) != Some(object.id) {
+                return Err(TransferError::Corrupt {
+                    node: node.to_string(),
+                    id: object.id,
+                    chunk: None,
+                });
+            }
             Ok(chunks)
         }
         ObjectResponse::Error(error) => Err(TransferError::Refused {
@@ -745,7 +753,8 @@ impl RangeFetch {
                 let end = (checked + OBJECT_CHUNK_BYTES as usize).min(len);
                 let index = (self.offset + checked as u64) / OBJECT_CHUNK_BYTES;
                 let expected = chunks.get(index as usize);
-                if expected != Some(blake3::hash(&piece[checked..end]).as_bytes()) {
+                let hash = chunk_hash(self.object.size, index, &piece[checked..end]);
+                if expected != Some(&hash) {
                     return Err(TransferError::Corrupt {
                         node: self.node.clone(),
                         id: self.object.id,

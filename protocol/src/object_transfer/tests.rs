@@ -6,7 +6,7 @@ use super::*;
 use crate::endpoint::provider;
 use crate::frame::{FrameReader, FrameWriter};
 use crate::model::ErrorKind;
-use crate::object::{GrantAccess, GrantBody, ObjectScope};
+use crate::object::{chunk_hashes, GrantAccess, GrantBody, ObjectScope};
 use rustls::client::danger::ServerCertVerifier as _;
 use rustls::pki_types::PrivateKeyDer;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
@@ -266,7 +266,10 @@ async fn a_put_then_a_ranged_get_round_trip_and_a_corrupt_chunk_is_named() {
             endpoint: endpoint(name, node.addr),
             grant: write_grant(name),
         };
-        client.put(&target, object, bytes.clone()).await.unwrap();
+        client
+            .put(&target, object, chunk_hashes(&bytes), bytes.clone())
+            .await
+            .unwrap();
     }
     let read = grant(GrantAccess::Read {
         ids: vec![object.id],
@@ -437,7 +440,10 @@ async fn same_host_transfers_pass_descriptors_and_fall_back_to_quic() {
         endpoint: local.clone(),
         grant: write_grant("local"),
     };
-    client.put(&target, object, bytes.clone()).await.unwrap();
+    client
+        .put(&target, object, chunk_hashes(&bytes), bytes.clone())
+        .await
+        .unwrap();
     let got = client.get("alice", object, &[local], &read).await.unwrap();
     assert_eq!(got, bytes);
 
@@ -453,7 +459,10 @@ async fn same_host_transfers_pass_descriptors_and_fall_back_to_quic() {
         endpoint: corrupt.clone(),
         grant: write_grant("corrupt"),
     };
-    client.put(&target, object, bytes.clone()).await.unwrap();
+    client
+        .put(&target, object, chunk_hashes(&bytes), bytes.clone())
+        .await
+        .unwrap();
     let err = client
         .get("alice", object, &[corrupt], &read)
         .await
@@ -475,7 +484,10 @@ async fn same_host_transfers_pass_descriptors_and_fall_back_to_quic() {
         endpoint: fallback.clone(),
         grant: write_grant("remote"),
     };
-    client.put(&target, object, bytes.clone()).await.unwrap();
+    client
+        .put(&target, object, chunk_hashes(&bytes), bytes.clone())
+        .await
+        .unwrap();
     let got = client
         .get("alice", object, &[fallback], &read)
         .await

@@ -8,9 +8,7 @@ use super::{
 };
 use crate::frame::{decode, encode_into, LENGTH_PREFIX_BYTES};
 use crate::limits;
-use crate::object::{
-    Grant, ObjectId, ObjectRef, ObjectRequest, ObjectResponse, OBJECT_FRAME_BYTES_MAX,
-};
+use crate::object::{Grant, ObjectRef, ObjectRequest, ObjectResponse, OBJECT_FRAME_BYTES_MAX};
 use bytes::Bytes;
 use nix::sys::socket::{recvmsg, sendmsg, ControlMessage, ControlMessageOwned, MsgFlags};
 use serde::de::DeserializeOwned;
@@ -92,7 +90,9 @@ pub(super) async fn unix_get(
     })?;
     let read = maybe_blocking(size, move || {
         let bytes = read_fd_range(fd.as_fd(), 0, size)?;
-        let bad = (ObjectId::of(&bytes) != object.id).then(|| first_bad_chunk(&bytes, &chunks));
+        // `found_chunks` checked the chunks' hashes against the id: checking each chunk
+        // checks the whole.
+        let bad = first_bad_chunk(&bytes, &chunks);
         Ok::<_, std::io::Error>((bytes, bad))
     })
     .await?
@@ -108,7 +108,7 @@ pub(super) async fn unix_get(
         (_, Some(chunk)) => Err(TransferError::Corrupt {
             node: node.to_string(),
             id: object.id,
-            chunk,
+            chunk: Some(chunk),
         }),
     }
 }
