@@ -1305,3 +1305,41 @@ impl Core {
         }
     }
 }
+
+/// One object as the book has it, for the simulation's properties (tests).
+#[cfg(test)]
+#[derive(Debug, Clone)]
+pub(crate) struct BookRow {
+    pub(crate) owner: String,
+    pub(crate) id: ObjectId,
+    pub(crate) scope: ObjectScope,
+    pub(crate) origin: ObjectOrigin,
+    pub(crate) holders: Vec<String>,
+    pub(crate) expected: Vec<String>,
+    pub(crate) missing: Option<String>,
+}
+
+#[cfg(test)]
+impl Core {
+    /// Every object in the book, sorted by owner and id (tests).
+    pub(crate) fn object_book(&self) -> Vec<BookRow> {
+        let mut rows: Vec<BookRow> = self
+            .objects
+            .owners
+            .iter()
+            .flat_map(|(owner, o)| {
+                o.objects.iter().map(move |(id, e)| BookRow {
+                    owner: owner.to_string(),
+                    id: *id,
+                    scope: e.scope,
+                    origin: e.origin,
+                    holders: e.holders.iter().map(|n| n.to_string()).collect(),
+                    expected: e.expected.iter().map(|n| n.to_string()).collect(),
+                    missing: e.missing.clone(),
+                })
+            })
+            .collect();
+        rows.sort_by(|a, b| (a.owner.as_str(), a.id).cmp(&(b.owner.as_str(), b.id)));
+        rows
+    }
+}
