@@ -128,6 +128,10 @@ const SPENT_KEPT: usize = 64;
 /// objects and submit them as task inputs, outputs above [`SIM_INLINE_MAX`] stay on their
 /// node, node losses lose copies and lost outputs are rebuilt. `false` gives the
 /// simulation of before issue 20, draw for draw: its traces are the ones pinned then.
+/// Off for now: on, seed 157 finds a core bug (a close of a cancelled session whose
+/// commit lands after the session left memory is never answered); turn it on and
+/// re-record the traces (`FLAME_SIM_BLESS=1`) once that is fixed. On, seeds 0..400 pass
+/// but that one.
 const OBJECTS_IN_SIM: bool = false;
 /// Task outputs above this many bytes are kept as objects (`CoreConfig::object_inline_max`).
 const SIM_INLINE_MAX: u64 = 24;
@@ -544,6 +548,8 @@ struct SimNode {
     /// Its cache was emptied (agent killed) and the head has not seen it register since:
     /// the book may still name it as a holder.
     wiped: bool,
+    /// Copies dropped whose `Dropped` has not reached the head yet.
+    unsent_drops: BTreeSet<(String, ObjectId)>,
 }
 
 /// What node code needs from the world.
@@ -837,6 +843,11 @@ impl SimNode {
                     }
                 }
                 Report::Objects(objects) => {
+                    for o in &objects {
+                        if let ObjectEvent::Dropped { owner, id, .. } = o {
+                            self.unsent_drops.remove(&(owner.clone(), *id));
+                        }
+                    }
                     if !events.is_empty() {
                         out.push_back(Event::NodeMessage {
                             conn,
@@ -1040,15 +1051,18 @@ impl SimNode {
     }
 
     fn object_command(&mut self, ctx: &mut NodeCtx<'_>, command: ObjectCommand) {
-        match command {
+        let dropped: Vec<(String, ObjectId)> = match command {
             ObjectCommand::EndSession { owner, session } => self
                 .cache
-                .retain(|(o, _), scope| *o != owner || *scope != ObjectScope::Session(session)),
-            ObjectCommand::Remove { owner, ids } => {
-                for id in ids {
-                    self.cache.remove(&(owner.clone(), id));
-                }
-            }
+                .iter()
+                .filter(|((o, _), scope)| *o == owner && **scope == ObjectScope::Session(session))
+                .map(|(k, _)| k.clone())
+                .collect(),
+            ObjectCommand::Remove { owner, ids } => ids
+                .into_iter()
+                .map(|id| (owner.clone(), id))
+                .filter(|k| self.cache.contains_key(k))
+                .collect(),
             ObjectCommand::Replicate {
                 owner,
                 scope,
@@ -1057,8 +1071,26 @@ impl SimNode {
                 if !self.cache.contains_key(&(owner.clone(), sources.object.id)) {
                     let _ = self.fetch(ctx, &owner, scope, &sources);
                 }
+                Vec::new()
             }
+        };
+        // As flame-node: every copy that goes is reported.
+        if dropped.is_empty() {
+            return;
         }
+        let events = dropped
+            .into_iter()
+            .map(|key| {
+                self.cache.remove(&key);
+                self.unsent_drops.insert(key.clone());
+                ObjectEvent::Dropped {
+                    owner: key.0,
+                    id: key.1,
+                    reason: "its scope ended or it was removed".into(),
+                }
+            })
+            .collect();
+        self.pending.push_back(Report::Objects(events));
     }
 
     /// A client's put reaches this node: checked against the grant, stored, reported.
@@ -1207,7 +1239,8 @@ struct SimSession {
     /// Final results seen anywhere (watchers, the store): they never change.
     finals: BTreeMap<TaskId, (u32, TaskOutcome)>,
     finished: bool,
-    /// When the client first saw it finished.
+    /// The first step's end at which the core had it finished (its objects' retention
+    /// starts then at the latest).
     finished_at: Option<u64>,
     /// Acked batches whose inputs are objects.
     object_batches: BTreeSet<u64>,
@@ -1254,6 +1287,7 @@ pub struct Stats {
     pub object_puts: u64,
     pub object_runs: u64,
     pub object_outputs: u64,
+    pub rebuild_runs: u64,
 }
 
 impl Stats {
@@ -1277,6 +1311,7 @@ impl Stats {
         self.object_puts += o.object_puts;
         self.object_runs += o.object_runs;
         self.object_outputs += o.object_outputs;
+        self.rebuild_runs += o.rebuild_runs;
     }
 }
 
@@ -1407,6 +1442,7 @@ impl World {
                 grant_key: None,
                 inline_max: None,
                 wiped: false,
+                unsent_drops: BTreeSet::new(),
             })
             .collect();
         let mut world = World {
@@ -1566,6 +1602,31 @@ impl World {
         self.drain();
         self.final_checks();
         self.check_eviction();
+        if OBJECTS_IN_SIM {
+            self.objects_drained();
+        }
+    }
+
+    /// Once everything finished and a retention passed, no finished session's object is
+    /// left in the book.
+    fn objects_drained(&mut self) {
+        let until = self.now + SIM_OBJECT_RETENTION_MS + RETENTION_SLACK_MS;
+        while self.now <= until {
+            self.step();
+        }
+        for row in self.core.object_book() {
+            let ObjectScope::Session(sid) = row.scope else {
+                continue;
+            };
+            if self.sessions.get(&sid).is_some_and(|s| s.finished) {
+                self.fail(&format!(
+                    "{}'s object {} of s{} is in the book after the drain and a retention: {row:?}",
+                    row.owner,
+                    row.id.short(),
+                    sid.0
+                ));
+            }
+        }
     }
 
     fn step(&mut self) {
@@ -1860,6 +1921,9 @@ impl World {
         }
         for s in self.sessions.values_mut() {
             s.restarted = true;
+            // The new head may finish it again later (its end was not durable), and its
+            // objects' retention starts from that end.
+            s.finished_at = None;
             if s.ephemeral {
                 s.lost = true;
             }
@@ -1998,6 +2062,7 @@ impl World {
                 // The head handles this registration within the step: it forgets what it
                 // thought the node held before.
                 node.wiped = false;
+                node.unsent_drops.clear();
                 out.push_back(Event::NodeConnected {
                     address: "127.0.0.1".into(),
                     conn,
@@ -2903,6 +2968,14 @@ impl World {
             };
             for c in commands {
                 let NodeCommand::Run(a) = c else { continue };
+                // A run of a task whose final result was seen: a lineage re-run.
+                if self
+                    .sessions
+                    .get(&a.session)
+                    .is_some_and(|s| s.finals.contains_key(&a.task))
+                {
+                    self.stats.rebuild_runs += 1;
+                }
                 let Payload::Object(object) = &a.input else {
                     continue;
                 };
@@ -2969,14 +3042,19 @@ impl World {
     fn check_objects(&mut self) {
         let book = self.core.object_book();
         let now = self.now;
+        // A session evicted in the step it finished is not seen here: `objects_drained`
+        // checks it at the end.
+        for id in self.core.finished_in_memory() {
+            if let Some(s) = self.sessions.get_mut(&id) {
+                s.finished_at.get_or_insert(now);
+            }
+        }
         for row in &book {
             let key = (row.owner.clone(), row.id);
             for h in &row.holders {
-                let ok = self
-                    .nodes
-                    .iter()
-                    .find(|n| n.name == *h)
-                    .is_some_and(|n| n.wiped || n.cache.contains_key(&key));
+                let ok = self.nodes.iter().find(|n| n.name == *h).is_some_and(|n| {
+                    n.wiped || n.cache.contains_key(&key) || n.unsent_drops.contains(&key)
+                });
                 if !ok {
                     self.violations.push(format!(
                         "the book has {h} hold {}'s object {} ({:?}), which it does not",
@@ -3202,12 +3280,8 @@ impl World {
             if let Some(p) = problems.first() {
                 self.fail(&format!("session s{}: {p}", id.0));
             }
-            let now = self.now;
             if let Some(s) = self.sessions.get_mut(&id) {
                 s.finished = finished;
-                if finished && s.finished_at.is_none() {
-                    s.finished_at = Some(now);
-                }
             }
         }
     }
