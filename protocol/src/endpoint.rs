@@ -61,7 +61,7 @@ pub enum EndpointError {
     Handshake { addr: String, cause: FrameError },
 }
 
-fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+pub(crate) fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 

@@ -32,6 +32,13 @@ pub const OBJECT_ALPN: &[u8] = b"flame-obj/1";
 /// chunk is found when it arrives, not after the whole object.
 pub const OBJECT_CHUNK_BYTES: u64 = 4 * 1024 * 1024;
 
+/// The largest frame on an object stream or socket, either way: a grant and the chunk
+/// hashes of the largest object, with room to spare (about 0.6 MiB; far below the link's
+/// frame limit, so many hostile streams cannot hold much memory).
+pub const OBJECT_FRAME_BYTES_MAX: usize =
+    (crate::limits::OBJECT_BYTES_MAX / OBJECT_CHUNK_BYTES) as usize * (OBJECT_ID_BYTES + 2)
+        + 64 * 1024;
+
 /// An object's name: the BLAKE3 hash of its bytes. In postcard it is its 32 bytes; in a
 /// human-readable format (JSON for `--output json`) its 64 hex digits.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]

@@ -27,6 +27,10 @@ const ALL_LINES: &[&str] = &[
     "queue_enqueue",
     "queue_drain",
     "cold_start",
+    "object_put_1GiB",
+    "object_get_1GiB",
+    "broadcast_one_copy",
+    "broadcast",
 ];
 
 /// A parsed measurement line.
@@ -38,7 +42,7 @@ struct Line {
 }
 
 /// Parses `case=<name> tasks=<N> seconds=<s> tasks_per_s=<r> [p50_us= p99_us= p999_us=]
-/// [rss_head_kib= rss_node_kib=]` exactly: these fields, in this order, every figure finite
+/// [mib_per_s=] [rss_head_kib= rss_node_kib=]` exactly: these fields, in this order, every figure finite
 /// and positive; panics otherwise.
 fn parse_line(line: &str) -> Line {
     let fields: Vec<(&str, &str)> = line
@@ -57,6 +61,9 @@ fn parse_line(line: &str) -> Line {
     let has_percentiles = rest.starts_with(&percentiles);
     if has_percentiles {
         rest = &rest[percentiles.len()..];
+    }
+    if rest.first() == Some(&"mib_per_s") {
+        rest = &rest[1..];
     }
     assert!(
         rest.is_empty() || rest == rss,

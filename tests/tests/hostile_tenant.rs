@@ -144,7 +144,7 @@ async fn flood_batches(
         for i in 0..FLOOD_BATCHES_PER_STREAM {
             let batch = SubmitBatch {
                 batch_id: base + i as u64,
-                inputs: vec![payload.clone()],
+                inputs: vec![payload.clone().into()],
             };
             writer
                 .write(&batch)

@@ -16,9 +16,10 @@ use std::collections::BTreeMap;
 const INPUT_BYTES: usize = 150 * 1024;
 
 /// `sleep:<seconds>` padded with spaces to [`INPUT_BYTES`] (the service parses the number
-/// with Python's `float`, which ignores them); distinct per `i`.
-fn sleep_input(seconds: &str, i: usize) -> Bytes {
-    let mut text = format!("sleep:{seconds} {i:>8}").into_bytes();
+/// with Python's `float`, which ignores them); distinct per `i` by a fraction of a
+/// nanosecond.
+fn sleep_input(ms: u64, i: usize) -> Bytes {
+    let mut text = format!("sleep:{}.{:03}0000{i:06}", ms / 1000, ms % 1000).into_bytes();
     text.resize(INPUT_BYTES, b' ');
     text.into()
 }
@@ -95,19 +96,17 @@ async fn tasks_run_where_their_inputs_are_and_move_when_that_node_is_busy() {
         .network_namespaces()
         .head_args(["--locality-wait", "2s"]);
     let cluster = Cluster::start(options).await;
-    let admin = cluster.client().await;
-    admin.register_application(app("crashy")).await.unwrap();
-    admin.close().await;
 
     let (fast, busy) = cluster
         .spawn_client("locality", |config| async move {
             let client = Client::connect(&config).await.expect("cannot connect");
+            client.register_application(app("crashy")).await.unwrap();
             // Quick tasks: the holder keeps up, so they all stay there.
             let session = client
                 .create_session(flame_protocol::model::SessionSpec::new("crashy"))
                 .await
                 .unwrap();
-            let inputs: Vec<Bytes> = (0..40).map(|i| sleep_input("0", i)).collect();
+            let inputs: Vec<Bytes> = (0..40).map(|i| sleep_input(0, i)).collect();
             let done = run_tasks(&session, inputs).await;
             check_results(&done).await;
             let fast = (
@@ -122,7 +121,7 @@ async fn tasks_run_where_their_inputs_are_and_move_when_that_node_is_busy() {
                 .create_session(flame_protocol::model::SessionSpec::new("crashy"))
                 .await
                 .unwrap();
-            let inputs: Vec<Bytes> = (0..12).map(|i| sleep_input("0.5", i)).collect();
+            let inputs: Vec<Bytes> = (0..12).map(|i| sleep_input(500, i)).collect();
             let done = run_tasks(&session, inputs).await;
             check_results(&done).await;
             let busy = (

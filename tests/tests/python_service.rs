@@ -74,7 +74,7 @@ async fn python_service_runs_tasks_and_reports_exceptions() {
     let session = client
         .create_session(SessionSpec {
             application: "py-upper".into(),
-            common_data: Bytes::from_static(COMMON_DATA),
+            common_data: Bytes::from_static(COMMON_DATA).into(),
             ephemeral: false,
             owner: Default::default(),
             priority: 0,

@@ -168,6 +168,7 @@ async fn nodes_need_their_own_certificate() {
             isolation: flame_protocol::model::Isolation::None,
             identity: flame_protocol::model::ExecutorIdentity::OwnerUid,
             executors: Vec::new(),
+            objects: None,
         }))
         .await
         .unwrap();

@@ -47,11 +47,13 @@ use flame_protocol::model::{
 };
 use flame_protocol::object::Payload;
 use flame_protocol::{ExecutorId, SessionId, TaskId};
+use lineage::Rebuilds;
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 
 mod cluster;
 mod commits;
 mod jobs;
+mod lineage;
 mod locality;
 mod objects;
 mod pool;

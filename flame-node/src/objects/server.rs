@@ -31,11 +31,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, RwLock};
 use tokio::sync::Semaphore;
 
-/// The largest request or response frame: a grant and the chunk hashes of the largest
-/// object, with room to spare (about 0.6 MiB; far below the link's frame limit, so 256
-/// hostile streams cannot hold much memory).
-pub const OBJECT_FRAME_BYTES_MAX: usize =
-    (limits::OBJECT_BYTES_MAX / OBJECT_CHUNK_BYTES) as usize * (OBJECT_ID_BYTES + 2) + 64 * 1024;
+pub use flame_protocol::object::OBJECT_FRAME_BYTES_MAX;
 
 /// Bytes written to a stream per wait (each wait bounded by the stall timeout).
 const WRITE_PIECE_BYTES: usize = 256 * 1024;

@@ -10,6 +10,7 @@ use flame_protocol::object_grant::GrantSigner;
 use std::fs::File;
 use std::os::fd::AsFd;
 use std::os::unix::fs::FileExt;
+use tokio::net::UnixStream;
 
 const NODE: &str = "n1";
 
@@ -210,7 +211,7 @@ async fn a_hostile_frame_is_answered_and_the_connection_closed() {
     let h = harness().await;
     let mut conn = h.connect().await;
     use tokio::io::AsyncWriteExt;
-    conn.stream
+    conn.socket_mut()
         .write_all(&[3, 0, 0, 0, 0xff, 0xff, 0xff])
         .await
         .unwrap();

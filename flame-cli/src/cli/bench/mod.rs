@@ -122,7 +122,7 @@ pub enum Case {
     /// object_put_1GiB, object_get_1GiB, with mib_per_s)
     #[value(name = "object_1GiB", alias = "object_1gib")]
     Object1Gib,
-    /// One 256 MiB object as the common data of a session whose tasks run on 4 nodes of
+    /// One 48 MiB object as the common data of a session whose tasks run on 4 nodes of
     /// this machine: each node fetches it once (two lines: broadcast_one_copy, one read of
     /// it by the client, and broadcast, to the first result from the 4th node)
     #[value(name = "broadcast")]
@@ -535,8 +535,11 @@ fn blob(size: u64) -> anyhow::Result<bytes::Bytes> {
 
 /// Nodes of the `broadcast` case.
 const BROADCAST_NODES: u32 = 4;
-/// Bytes of the `broadcast` case's object (scaled by `--scale`, at least 4 MiB).
-const BROADCAST_BYTES: u64 = 256 << 20;
+/// Bytes of the `broadcast` case's object (scaled by `--scale`, at least 4 MiB). The
+/// issue asks for 256 MiB; an application gets its session's common data in one shim
+/// frame, at most `limits::FRAME_BYTES_MAX` (64 MiB), so the case uses what fits until
+/// executors can map objects instead.
+const BROADCAST_BYTES: u64 = 48 << 20;
 /// Tiny tasks submitted at a time until every node has run one.
 const BROADCAST_WAVE_TASKS: usize = 2_000;
 /// Waves before the case gives up on reaching every node.
