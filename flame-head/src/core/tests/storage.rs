@@ -174,7 +174,11 @@ fn a_close_whose_commit_lands_after_the_session_left_memory_is_answered() {
         // cancel, in the same batch).
         let mut evict = None;
         while let Some(req) = h.core.next_store_request() {
-            if req.ops.iter().any(|op| matches!(op, StoreOp::PutFinished(_))) {
+            if req
+                .ops
+                .iter()
+                .any(|op| matches!(op, StoreOp::PutFinished(_)))
+            {
                 evict = Some(req);
                 continue;
             }
@@ -191,10 +195,7 @@ fn a_close_whose_commit_lands_after_the_session_left_memory_is_answered() {
         h.core.commit(&evict, Ok(()), h.now);
         h.core.end_batch(h.now);
         assert!(!h.core.holds_session(sid), "the session left memory");
-        assert!(matches!(
-            h.core.answer(cancel),
-            Some(ClientResponse::Ok)
-        ));
+        assert!(matches!(h.core.answer(cancel), Some(ClientResponse::Ok)));
         let failed = close_commit.is_err();
         h.core.commit(&close_req, close_commit, h.now);
         h.core.end_batch(h.now);
