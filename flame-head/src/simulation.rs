@@ -44,7 +44,18 @@
 //! * an executor only ever serves sessions of its owner: sessions belong to two owners in
 //!   turn, and every executor a node holds in a session was launched for that session's
 //!   owner (checked on the nodes' side, after every step);
-//! * everything finishes once faults stop.
+//! * everything finishes once faults stop;
+//! * objects (issue 20): every holder the object book names holds a copy (or the node's
+//!   `Dropped`, or its wiped cache, has not reached the head yet); an object with no copy
+//!   says why; an ended session's objects leave the book within the retention, and none
+//!   is left after the drain; one owner never locates another's object; every run of a
+//!   task whose input is an object runs where a copy is, or carries sources the book has
+//!   with a read grant that verifies; and the head ends a session's objects on a node
+//!   (unpinning its copies) only once the session ended. Faults add cache pressure (a
+//!   node drops its unpinned spare copies and keeps its pinned ones) and agent kills wipe
+//!   caches, so objects are lost and lost outputs are re-run (lineage). A multi-seed run
+//!   fails unless runs with located sources, fetches, pins kept and released, losses and
+//!   lineage re-runs all happened.
 //!
 //! Running it:
 //! * `cargo test -p flame-head simulation` runs [`SEEDS`] seeds of [`STEPS`] steps plus
@@ -66,6 +77,7 @@ use crate::storage_fault::CommitError;
 use crate::store::{Store, StoreRequest};
 use bytes::Bytes;
 use flame_protocol::limits;
+use flame_protocol::messages::ObjectService;
 use flame_protocol::messages::{
     ClientRequest, ClientResponse, ExecutorEvent, ExecutorReport, HeadToNode, NodeCommand,
     NodeRegistration, NodeTaskResult, NodeToHead, SubmitReply,
@@ -74,7 +86,11 @@ use flame_protocol::model::{
     ApiError, ApplicationSpec, SessionInfo, SessionSpec, SessionState, ShimKind, TaskInfo,
     TaskOutcome, TaskResult, TaskState,
 };
-use flame_protocol::object::Payload;
+use flame_protocol::object::{
+    CacheUsage, GrantKey, ObjectCommand, ObjectEvent, ObjectId, ObjectRef, ObjectScope,
+    ObjectSources, Payload,
+};
+use flame_protocol::object_grant;
 use flame_protocol::{ExecutorId, SessionId, TaskId};
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::fmt::Write as _;
@@ -93,6 +109,9 @@ pub const REGRESSION_SEEDS: &[u64] = &[
     // An ephemeral session's id was acked before the counter was durable; after a head
     // restart the id was handed out again.
     120,
+    // With objects on: a close of a cancelled session whose commit landed after the
+    // session left memory was never answered (core::tests::storage).
+    157,
 ];
 
 /// The server's tick period (`server::TICK`).
@@ -118,6 +137,21 @@ const LIST_CHECK_EVERY_STEPS: u64 = 4;
 const EVICTION_MS_MAX: u64 = 120_000;
 /// Results remembered per node for stale resends.
 const SPENT_KEPT: usize = 64;
+
+/// Object activity (issue 20): nodes serve objects and keep a fake cache, clients put
+/// objects and submit them as task inputs, outputs above [`SIM_INLINE_MAX`] stay on their
+/// node, node losses and cache pressure lose copies and lost outputs are rebuilt. `false`
+/// gives the simulation of before issue 20, draw for draw (the traces pinned then); the
+/// pinned traces are those with objects on.
+const OBJECTS_IN_SIM: bool = true;
+/// Task outputs above this many bytes are kept as objects (`CoreConfig::object_inline_max`).
+const SIM_INLINE_MAX: u64 = 24;
+/// How long an ended session's objects stay (`CoreConfig::object_retention_ms`), short so
+/// that runs see them go.
+const SIM_OBJECT_RETENTION_MS: u64 = 5_000;
+/// Slack past the retention within which an ended session's objects must have left the
+/// book (the core expires them on its tick; the sim sees an end a step late at most).
+const RETENTION_SLACK_MS: u64 = 2_000;
 
 /// The message of the application's own error, for inputs that start with `!`.
 const APP_ERROR: &str = "bad input: refused by the application";
@@ -149,6 +183,14 @@ mod rate {
     pub const LAUNCH_FAILURE: u64 = 40;
     /// Per task input.
     pub const BAD_INPUT: u64 = 60;
+    /// Per task input, with objects on: padded past the inline threshold, so that its
+    /// output is kept as an object.
+    pub const BIG_INPUT: u64 = 300;
+    /// Per new batch, with objects on: its inputs are put as objects first.
+    pub const OBJECT_BATCH: u64 = 300;
+    /// Per step, with objects on: one node's cache is under pressure and drops its
+    /// unpinned copies (spares fetched for a task input), keeping its pinned ones.
+    pub const CACHE_PRESSURE: u64 = 40;
 }
 
 /// SplitMix64: tiny, fast, and good enough to drive a simulation.
@@ -295,13 +337,36 @@ fn describe_command(c: &NodeCommand) -> String {
             executor, session, ..
         } => format!("bind e{} s{}", executor.0, session.0),
         NodeCommand::Run(a) => format!(
-            "run e{} s{} t{} a{}",
-            a.executor.0, a.session.0, a.task.0, a.attempt
+            "run e{} s{} t{} a{}{}",
+            a.executor.0,
+            a.session.0,
+            a.task.0,
+            a.attempt,
+            match (&a.input, &a.sources) {
+                (Payload::Inline(_), _) => String::new(),
+                (Payload::Object(o), None) => format!(" object {}", o.id.short()),
+                (Payload::Object(o), Some(src)) => format!(
+                    " object {} from {:?}",
+                    o.id.short(),
+                    src.endpoints.iter().map(|e| &e.node).collect::<Vec<_>>()
+                ),
+            }
         ),
         NodeCommand::Unbind { executor } => format!("unbind e{}", executor.0),
         NodeCommand::Release { executor } => format!("release e{}", executor.0),
         NodeCommand::Kill { executor } => format!("kill e{}", executor.0),
-        NodeCommand::Objects(c) => format!("objects {c:?}"),
+        NodeCommand::Objects(c) => match c {
+            ObjectCommand::EndSession { owner, session } => {
+                format!("objects end s{} of {owner}", session.0)
+            }
+            ObjectCommand::Remove { owner, ids } => {
+                format!("objects remove {} of {owner}", ids.len())
+            }
+            // Not the grant: its signature is made with a key new at each run.
+            ObjectCommand::Replicate { owner, sources, .. } => {
+                format!("objects replicate {} of {owner}", sources.object.id.short())
+            }
+        },
     }
 }
 
@@ -383,14 +448,34 @@ fn describe(event: &Event) -> String {
 // Nodes
 
 /// A task as an executor received it, with the head's life (epoch) it came from.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 struct Assigned {
     executor: ExecutorId,
     session: SessionId,
     task: TaskId,
     attempt: u32,
     input: Bytes,
+    /// Its input object could not be had (no copy here, none at the sources): the node
+    /// fails the run with this.
+    unresolved: Option<String>,
     epoch: u64,
+}
+
+// By hand: `unresolved` shows only when set, so that a refused command's text (an
+// executor's exit reason, in the trace) reads as before issue 20 when objects are off.
+impl std::fmt::Debug for Assigned {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut d = f.debug_struct("Assigned");
+        d.field("executor", &self.executor)
+            .field("session", &self.session)
+            .field("task", &self.task)
+            .field("attempt", &self.attempt)
+            .field("input", &self.input);
+        if let Some(why) = &self.unresolved {
+            d.field("unresolved", why);
+        }
+        d.field("epoch", &self.epoch).finish()
+    }
 }
 
 #[derive(Debug)]
@@ -433,6 +518,8 @@ enum Report {
     Event(ExecutorEvent, Vec<Assigned>),
     /// With the assignment when it is an honest result.
     Result(NodeTaskResult, Option<Assigned>),
+    /// Cache events (`NodeToHead::Objects`).
+    Objects(Vec<ObjectEvent>),
 }
 
 #[derive(Debug)]
@@ -466,6 +553,22 @@ struct SimNode {
     /// Assignments whose result or abandonment reached a connection: `(assignment,
     /// answered)`. Anything sent about them later is stale.
     spent: VecDeque<(Assigned, bool)>,
+    /// The object cache: `(owner, id)` → the scope its copy has. Outlives connections
+    /// and head restarts; an agent kill empties it.
+    cache: BTreeMap<(String, ObjectId), ObjectScope>,
+    /// The head's grant key and inline threshold, from its last `Registered`.
+    grant_key: Option<GrantKey>,
+    inline_max: Option<u64>,
+    /// Its cache was emptied (agent killed) and the head has not seen it register since:
+    /// the book may still name it as a holder.
+    wiped: bool,
+    /// Copies dropped whose `Dropped` has not reached the head yet.
+    unsent_drops: BTreeSet<(String, ObjectId)>,
+    /// The copies in `cache` that are not pinned: fetched as spares for a task input, as
+    /// flame-node's cache keeps them, so cache pressure may drop them. Every other copy
+    /// (a put, a replica the head asked for, a task's output) is pinned until its session
+    /// ends or its owner removes it.
+    spares: BTreeSet<(String, ObjectId)>,
 }
 
 /// What node code needs from the world.
@@ -478,6 +581,12 @@ struct NodeCtx<'a> {
     launched: &'a mut BTreeSet<ExecutorId>,
     violations: &'a mut Vec<String>,
     tracer: &'a mut Tracer,
+    /// Ground truth: which nodes hold each `(owner, id)` now.
+    truth: &'a BTreeMap<(String, ObjectId), BTreeSet<String>>,
+    /// The bytes of every object a client put, by id.
+    object_bytes: &'a HashMap<ObjectId, Bytes>,
+    /// Copies fetched from a source the head located (`Stats::object_fetches`).
+    fetches: &'a mut u64,
 }
 
 impl SimNode {
@@ -567,15 +676,22 @@ impl SimNode {
                 executor, session, ..
             } => self.enqueue(ctx, executor, ExecCmd::Bind(session)),
             NodeCommand::Run(a) => {
+                let (input, unresolved) = match &a.input {
+                    Payload::Inline(bytes) => (bytes.clone(), None),
+                    Payload::Object(o) => {
+                        match self.resolve(ctx, a.executor, a.session, o, a.sources.as_ref()) {
+                            Ok(bytes) => (bytes, None),
+                            Err(why) => (Bytes::new(), Some(why)),
+                        }
+                    }
+                };
                 let assigned = Assigned {
                     executor: a.executor,
                     session: a.session,
                     task: a.task,
                     attempt: a.attempt,
-                    input: match a.input {
-                        Payload::Inline(bytes) => bytes,
-                        Payload::Object(o) => panic!("the simulation puts no objects: {o:?}"),
-                    },
+                    input,
+                    unresolved,
                     epoch: ctx.epoch,
                 };
                 self.enqueue(ctx, a.executor, ExecCmd::Run(assigned));
@@ -589,8 +705,7 @@ impl SimNode {
                     self.unknown(executor);
                 }
             }
-            // The simulated nodes serve no objects: the head never sends them any.
-            NodeCommand::Objects(c) => panic!("an object command to a node without objects: {c:?}"),
+            NodeCommand::Objects(c) => self.object_command(ctx, c),
         }
     }
 
@@ -638,7 +753,12 @@ impl SimNode {
                         ));
                     }
                     (ExecCmd::Run(a), Phase::Bound(s)) if s == a.session => {
-                        let outcome = app_outcome(&a.input);
+                        let outcome = match &a.unresolved {
+                            Some(why) => TaskOutcome::Failed(why.clone()),
+                            None => app_outcome(&a.input),
+                        };
+                        let owner = e.owner.clone();
+                        let outcome = self.keep_output(&owner, a.session, outcome);
                         ctx.honest.insert((a.session, a.task, a.attempt));
                         self.pending.push_back(Report::Result(
                             NodeTaskResult {
@@ -703,7 +823,7 @@ impl SimNode {
                         e.told_session = None;
                     }
                 }
-                Report::Event(ExecutorEvent::Exited { .. }, _) => {}
+                Report::Event(ExecutorEvent::Exited { .. }, _) | Report::Objects(_) => {}
                 Report::Result(r, _) => {
                     if let Some(e) = self.executors.get_mut(&r.executor) {
                         if let Some(pos) = e
@@ -742,6 +862,32 @@ impl SimNode {
                     for a in abandoned {
                         self.spent.push_back((a, false));
                     }
+                }
+                Report::Objects(objects) => {
+                    for o in &objects {
+                        if let ObjectEvent::Dropped { owner, id, .. } = o {
+                            self.unsent_drops.remove(&(owner.clone(), *id));
+                        }
+                    }
+                    if !events.is_empty() {
+                        out.push_back(Event::NodeMessage {
+                            conn,
+                            message: NodeToHead::ExecutorEvents(std::mem::take(&mut events)),
+                        });
+                    }
+                    if !results.is_empty() {
+                        out.push_back(Event::NodeMessage {
+                            conn,
+                            message: NodeToHead::Results(std::mem::take(&mut results)),
+                        });
+                    }
+                    out.push_back(Event::NodeMessage {
+                        conn,
+                        message: NodeToHead::Objects {
+                            events: objects,
+                            usage: cache_usage(&self.cache),
+                        },
+                    });
                 }
                 Report::Result(r, honest) => {
                     if !events.is_empty() {
@@ -785,7 +931,13 @@ impl SimNode {
             labels: Default::default(),
             isolation: flame_protocol::model::Isolation::None,
             identity: flame_protocol::model::ExecutorIdentity::OwnerUid,
-            objects: None,
+            objects: OBJECTS_IN_SIM.then(|| ObjectService {
+                port: 7471,
+                advertise: None,
+                host: self.name.clone(),
+                socket: None,
+                usage: cache_usage(&self.cache),
+            }),
             executors: self
                 .executors
                 .iter()
@@ -807,6 +959,7 @@ impl SimNode {
     /// The connection is gone (from the node's side): unsent frames are lost with it.
     fn drop_link(&mut self, now: u64, reconnect_at: u64) -> Option<ConnId> {
         let link = self.link.take()?;
+        self.grant_key = None;
         self.lost_since = Some(now);
         self.reconnect_at = reconnect_at;
         Some(link.conn)
@@ -822,6 +975,232 @@ impl SimNode {
                 _ => None,
             })
             .collect()
+    }
+
+    /// The bytes of `executor`'s object input: its own copy, else one fetched from the
+    /// first source that holds it (checking the head's grant, as flame-node does), which
+    /// the node keeps and reports. `Err` when neither has it.
+    fn resolve(
+        &mut self,
+        ctx: &mut NodeCtx<'_>,
+        executor: ExecutorId,
+        session: SessionId,
+        object: &ObjectRef,
+        sources: Option<&ObjectSources>,
+    ) -> Result<Bytes, String> {
+        let owner = self
+            .executors
+            .get(&executor)
+            .map(|e| e.owner.clone())
+            .ok_or("unknown executor")?;
+        let bytes = ctx
+            .object_bytes
+            .get(&object.id)
+            .cloned()
+            .ok_or("bytes no client put")?;
+        if self.cache.contains_key(&(owner.clone(), object.id)) {
+            return Ok(bytes);
+        }
+        let Some(sources) = sources else {
+            return Err(format!(
+                "input object {} not here, no sources",
+                object.id.short()
+            ));
+        };
+        self.fetch(ctx, &owner, ObjectScope::Session(session), sources)?;
+        self.spares.insert((owner, object.id));
+        Ok(bytes)
+    }
+
+    /// Fetches `sources.object` from the first source that holds it (ground truth).
+    fn fetch(
+        &mut self,
+        ctx: &mut NodeCtx<'_>,
+        owner: &str,
+        scope: ObjectScope,
+        sources: &ObjectSources,
+    ) -> Result<(), String> {
+        let id = sources.object.id;
+        let key = self.grant_key.clone().ok_or("no grant key")?;
+        let checked = object_grant::verify(&key, &sources.grant, ctx.now)
+            .and_then(|body| object_grant::check_read(body, owner, &id));
+        if let Err(e) = checked {
+            ctx.violations.push(format!(
+                "{} got sources for {owner}'s object {} whose grant fails: {e}",
+                self.name,
+                id.short()
+            ));
+            return Err(e.to_string());
+        }
+        let holds = ctx.truth.get(&(owner.to_string(), id));
+        let found = sources
+            .endpoints
+            .iter()
+            .any(|ep| ep.node != self.name && holds.is_some_and(|h| h.contains(&ep.node)));
+        if !found {
+            return Err(format!("no source of object {} holds it", id.short()));
+        }
+        self.cache.insert((owner.to_string(), id), scope);
+        *ctx.fetches += 1;
+        self.pending
+            .push_back(Report::Objects(vec![ObjectEvent::Stored {
+                owner: owner.to_string(),
+                object: sources.object,
+                scope,
+            }]));
+        Ok(())
+    }
+
+    /// An output above the head's inline threshold stays here, scoped to its session,
+    /// recorded before the result is reported; the result names it.
+    fn keep_output(
+        &mut self,
+        owner: &str,
+        session: SessionId,
+        outcome: TaskOutcome,
+    ) -> TaskOutcome {
+        let max = self.inline_max.unwrap_or(u64::MAX);
+        match outcome {
+            TaskOutcome::Succeeded(out) if OBJECTS_IN_SIM && out.len() as u64 > max => {
+                let object = ObjectRef::of(&out);
+                let key = (owner.to_string(), object.id);
+                self.spares.remove(&key);
+                self.cache.insert(key, ObjectScope::Session(session));
+                TaskOutcome::Object(object)
+            }
+            other => other,
+        }
+    }
+
+    fn object_command(&mut self, ctx: &mut NodeCtx<'_>, command: ObjectCommand) {
+        let dropped: Vec<(String, ObjectId)> = match command {
+            ObjectCommand::EndSession { owner, session } => self
+                .cache
+                .iter()
+                .filter(|((o, _), scope)| *o == owner && **scope == ObjectScope::Session(session))
+                .map(|(k, _)| k.clone())
+                .collect(),
+            ObjectCommand::Remove { owner, ids } => ids
+                .into_iter()
+                .map(|id| (owner.clone(), id))
+                .filter(|k| self.cache.contains_key(k))
+                .collect(),
+            ObjectCommand::Replicate {
+                owner,
+                scope,
+                sources,
+            } => {
+                let key = (owner.clone(), sources.object.id);
+                if !self.cache.contains_key(&key) {
+                    let _ = self.fetch(ctx, &owner, scope, &sources);
+                }
+                // A replica the head asked for is pinned, a spare copy there too.
+                self.spares.remove(&key);
+                Vec::new()
+            }
+        };
+        // As flame-node: every copy that goes is reported.
+        if dropped.is_empty() {
+            return;
+        }
+        let events = dropped
+            .into_iter()
+            .map(|key| {
+                self.cache.remove(&key);
+                self.spares.remove(&key);
+                self.unsent_drops.insert(key.clone());
+                ObjectEvent::Dropped {
+                    owner: key.0,
+                    id: key.1,
+                    reason: "its scope ended or it was removed".into(),
+                }
+            })
+            .collect();
+        self.pending.push_back(Report::Objects(events));
+    }
+
+    /// A client's put reaches this node: checked against the grant, stored, reported.
+    /// False when the node cannot take it (not registered: it has no key).
+    fn store_put(
+        &mut self,
+        owner: &str,
+        objects: &[ObjectRef],
+        grant: &flame_protocol::object::Grant,
+        now: u64,
+        violations: &mut Vec<String>,
+    ) -> bool {
+        let Some(key) = self.grant_key.clone() else {
+            return false;
+        };
+        let checked = object_grant::verify(&key, grant, now).and_then(|body| {
+            Ok((
+                body.owner.clone(),
+                object_grant::check_write(body, &self.name)?,
+            ))
+        });
+        let (granted, (scope, bytes_max)) = match checked {
+            Ok(ok) => ok,
+            Err(e) => {
+                violations.push(format!("{}: a put grant fails: {e}", self.name));
+                return false;
+            }
+        };
+        let total: u64 = objects.iter().map(|o| o.size).sum();
+        if granted != owner || total > bytes_max {
+            violations.push(format!(
+                "{}: a put grant for {granted} of {bytes_max} bytes, for {owner}'s {total}",
+                self.name
+            ));
+            return false;
+        }
+        let events = objects
+            .iter()
+            .map(|o| {
+                self.spares.remove(&(owner.to_string(), o.id));
+                self.cache.insert((owner.to_string(), o.id), scope);
+                ObjectEvent::Stored {
+                    owner: owner.to_string(),
+                    object: *o,
+                    scope,
+                }
+            })
+            .collect();
+        self.pending.push_back(Report::Objects(events));
+        true
+    }
+}
+
+/// What a registration reports a cache holds.
+fn inventory(cache: &BTreeMap<(String, ObjectId), ObjectScope>) -> Vec<ObjectEvent> {
+    cache
+        .iter()
+        .map(|((owner, id), scope)| ObjectEvent::Stored {
+            owner: owner.clone(),
+            // Sizes are not tracked: the head keeps the size it first saw.
+            object: ObjectRef { id: *id, size: 0 },
+            scope: *scope,
+        })
+        .collect()
+}
+
+/// Ground truth: the nodes holding each `(owner, id)`.
+fn holders_of(nodes: &[SimNode]) -> BTreeMap<(String, ObjectId), BTreeSet<String>> {
+    let mut out: BTreeMap<(String, ObjectId), BTreeSet<String>> = BTreeMap::new();
+    for n in nodes {
+        for key in n.cache.keys() {
+            out.entry(key.clone()).or_default().insert(n.name.clone());
+        }
+    }
+    out
+}
+
+fn cache_usage(cache: &BTreeMap<(String, ObjectId), ObjectScope>) -> CacheUsage {
+    CacheUsage {
+        memory_used: cache.len() as u64,
+        memory_capacity: 1 << 30,
+        disk_used: 0,
+        disk_capacity: 1 << 32,
+        objects: cache.len() as u64,
     }
 }
 
@@ -846,6 +1225,8 @@ struct Batch {
     epoch: u64,
     /// Its reply was lost once: its tasks may exist without the client knowing their ids.
     maybe: bool,
+    /// Its inputs go as objects (put before).
+    objects: bool,
 }
 
 #[derive(Debug)]
@@ -885,6 +1266,11 @@ struct SimSession {
     /// Final results seen anywhere (watchers, the store): they never change.
     finals: BTreeMap<TaskId, (u32, TaskOutcome)>,
     finished: bool,
+    /// The first step's end at which the core had it finished (its objects' retention
+    /// starts then at the latest).
+    finished_at: Option<u64>,
+    /// Acked batches whose inputs are objects.
+    object_batches: BTreeSet<u64>,
 }
 
 impl SimSession {
@@ -925,6 +1311,22 @@ pub struct Stats {
     pub partitions: u64,
     pub stale_sent: u64,
     pub resends: u64,
+    pub object_puts: u64,
+    pub object_runs: u64,
+    pub object_outputs: u64,
+    pub rebuild_runs: u64,
+    /// Object runs that carried sources: the head located the input on another node.
+    pub located_runs: u64,
+    /// Copies a node fetched from a source the head named (inputs and replicas).
+    pub object_fetches: u64,
+    /// Pinned copies a node kept through cache pressure.
+    pub pins_kept: u64,
+    /// Unpinned copies cache pressure dropped.
+    pub spares_dropped: u64,
+    /// Pins the head released: `EndSession` for a session that had ended.
+    pub pins_released: u64,
+    /// Objects the book said had no copy left (lost with a node, or dropped).
+    pub objects_lost: u64,
 }
 
 impl Stats {
@@ -945,6 +1347,16 @@ impl Stats {
         self.partitions += o.partitions;
         self.stale_sent += o.stale_sent;
         self.resends += o.resends;
+        self.object_puts += o.object_puts;
+        self.object_runs += o.object_runs;
+        self.object_outputs += o.object_outputs;
+        self.rebuild_runs += o.rebuild_runs;
+        self.located_runs += o.located_runs;
+        self.object_fetches += o.object_fetches;
+        self.pins_kept += o.pins_kept;
+        self.spares_dropped += o.spares_dropped;
+        self.pins_released += o.pins_released;
+        self.objects_lost += o.objects_lost;
     }
 }
 
@@ -1006,12 +1418,31 @@ struct World {
     violations: Vec<String>,
     tracer: Tracer,
     stats: Stats,
+    /// The bytes of every object a client put, by id (content addressed).
+    object_bytes: HashMap<ObjectId, Bytes>,
+    /// Puts waiting for the head's targets: `(reply, session, inputs)`.
+    puts: Vec<(ReplyId, SessionId, Vec<Bytes>)>,
+    /// Object batches whose put landed, to submit.
+    put_done: Vec<(SessionId, Vec<Bytes>)>,
+    /// The current head's grant key (from its `Registered` frames).
+    grant_key: Option<GrantKey>,
+    /// Objects seen with no copy left (`Stats::objects_lost`).
+    lost_seen: BTreeSet<(String, ObjectId)>,
 }
 
 /// Builds a core from the store's contents, as `flame-head`'s `main` does.
 fn boot(store: &Store, now: u64) -> Core {
     let loaded = store.load().expect("the store loads");
-    let mut core = Core::new(CoreConfig::default(), loaded);
+    let config = if OBJECTS_IN_SIM {
+        CoreConfig {
+            object_inline_max: SIM_INLINE_MAX,
+            object_retention_ms: SIM_OBJECT_RETENTION_MS,
+            ..CoreConfig::default()
+        }
+    } else {
+        CoreConfig::default()
+    };
+    let mut core = Core::new(config, loaded);
     for spec in applications() {
         core.ensure_application(spec);
     }
@@ -1054,6 +1485,12 @@ impl World {
                 executors: BTreeMap::new(),
                 pending: VecDeque::new(),
                 spent: VecDeque::new(),
+                cache: BTreeMap::new(),
+                grant_key: None,
+                inline_max: None,
+                wiped: false,
+                unsent_drops: BTreeSet::new(),
+                spares: BTreeSet::new(),
             })
             .collect();
         let mut world = World {
@@ -1093,6 +1530,11 @@ impl World {
             violations: Vec::new(),
             tracer: Tracer::new(TRACE_LINES_KEPT),
             stats: Stats::default(),
+            object_bytes: HashMap::new(),
+            puts: Vec::new(),
+            put_done: Vec::new(),
+            grant_key: None,
+            lost_seen: BTreeSet::new(),
         };
         world.core.handle(Event::Tick, now);
         world.core.end_batch(now);
@@ -1138,6 +1580,9 @@ impl World {
     /// frames to the node connection they are for, store requests to the writer.
     fn route_outputs(&mut self) {
         let out = self.core.take_outputs();
+        if OBJECTS_IN_SIM {
+            self.check_dispatch(&out.links);
+        }
         for (id, reply) in out.replies {
             if let Some((session, sink)) = self.sinks.remove(&id) {
                 if matches!(&reply, Reply::Watch(Ok(start)) if !start.finished) {
@@ -1206,6 +1651,31 @@ impl World {
         self.drain();
         self.final_checks();
         self.check_eviction();
+        if OBJECTS_IN_SIM {
+            self.objects_drained();
+        }
+    }
+
+    /// Once everything finished and a retention passed, no finished session's object is
+    /// left in the book.
+    fn objects_drained(&mut self) {
+        let until = self.now + SIM_OBJECT_RETENTION_MS + RETENTION_SLACK_MS;
+        while self.now <= until {
+            self.step();
+        }
+        for row in self.core.object_book() {
+            let ObjectScope::Session(sid) = row.scope else {
+                continue;
+            };
+            if self.sessions.get(&sid).is_some_and(|s| s.finished) {
+                self.fail(&format!(
+                    "{}'s object {} of s{} is in the book after the drain and a retention: {row:?}",
+                    row.owner,
+                    row.id.short(),
+                    sid.0
+                ));
+            }
+        }
     }
 
     fn step(&mut self) {
@@ -1274,6 +1744,9 @@ impl World {
         self.poll_clients();
         self.check_sessions();
         self.check_owners();
+        if OBJECTS_IN_SIM {
+            self.check_objects();
+        }
         self.check_violations();
     }
 
@@ -1331,10 +1804,19 @@ impl World {
             let node = &mut self.nodes[i];
             node.executors.clear();
             node.pending.clear();
+            if !node.cache.is_empty() {
+                node.cache.clear();
+                node.spares.clear();
+                node.wiped = true;
+            }
             if let Some(conn) = node.drop_link(now, back) {
                 self.late_disconnects.push((late, conn));
             }
             self.stats.disconnects += 1;
+        }
+        if OBJECTS_IN_SIM && self.rng.chance(rate::CACHE_PRESSURE) {
+            let i = self.rng.index(self.nodes.len());
+            self.cache_pressure(i);
         }
         if self.rng.chance(rate::PARTITION) {
             let i = self.rng.index(self.nodes.len());
@@ -1378,6 +1860,38 @@ impl World {
 
     /// A node sends a result the head must refuse; its output is corrupted so that
     /// recording it would be caught.
+    /// Node `i`'s cache is under pressure, as flame-node's is when a put needs room: its
+    /// unpinned copies go (each reported `Dropped`), its pinned ones stay.
+    fn cache_pressure(&mut self, i: usize) {
+        let node = &mut self.nodes[i];
+        let spares = std::mem::take(&mut node.spares);
+        let pinned = node.cache.len().saturating_sub(spares.len());
+        self.stats.pins_kept += pinned as u64;
+        if spares.is_empty() {
+            return;
+        }
+        self.stats.spares_dropped += spares.len() as u64;
+        let events = spares
+            .into_iter()
+            .map(|key| {
+                node.cache.remove(&key);
+                node.unsent_drops.insert(key.clone());
+                ObjectEvent::Dropped {
+                    owner: key.0,
+                    id: key.1,
+                    reason: "evicted: unpinned, room was needed".into(),
+                }
+            })
+            .collect::<Vec<_>>();
+        let line = format!(
+            "FAULT {} cache pressure: drops {} spare(s), keeps {pinned} pinned",
+            node.name,
+            events.len()
+        );
+        node.pending.push_back(Report::Objects(events));
+        self.trace(line);
+    }
+
     fn inject_stale(&mut self, i: usize) {
         let epoch = self.epoch;
         let node = &self.nodes[i];
@@ -1493,6 +2007,9 @@ impl World {
         }
         for s in self.sessions.values_mut() {
             s.restarted = true;
+            // The new head may finish it again later (its end was not durable), and its
+            // objects' retention starts from that end.
+            s.finished_at = None;
             if s.ephemeral {
                 s.lost = true;
             }
@@ -1599,8 +2116,11 @@ impl World {
             chaos,
             next_conn,
             late_disconnects,
+            object_bytes,
+            stats,
             ..
         } = self;
+        let truth = holders_of(nodes);
         let node = &mut nodes[i];
         let mut ctx = NodeCtx {
             rng,
@@ -1611,6 +2131,9 @@ impl World {
             launched,
             violations,
             tracer,
+            truth: &truth,
+            object_bytes,
+            fetches: &mut stats.object_fetches,
         };
         if node.link.is_none() {
             let away = node.lost_since.map_or(0, |t| now.saturating_sub(t));
@@ -1624,6 +2147,10 @@ impl World {
             if now >= node.reconnect_at && now >= node.silent_until {
                 let conn = *next_conn;
                 *next_conn += 1;
+                // The head handles this registration within the step: it forgets what it
+                // thought the node held before.
+                node.wiped = false;
+                node.unsent_drops.clear();
                 out.push_back(Event::NodeConnected {
                     address: "127.0.0.1".into(),
                     conn,
@@ -1670,9 +2197,22 @@ impl World {
         if let Some(link) = node.link.as_mut() {
             while let Some(frame) = link.inbox.pop_front() {
                 match frame {
-                    HeadToNode::Registered { .. } => {
+                    HeadToNode::Registered {
+                        grant_key,
+                        inline_max,
+                        ..
+                    } => {
                         link.registered = true;
                         link.last_heard_ms = now;
+                        if OBJECTS_IN_SIM {
+                            node.grant_key = Some(grant_key);
+                            node.inline_max = Some(inline_max);
+                            // What it holds, after Register, as flame-node does.
+                            let held = inventory(&node.cache);
+                            if !held.is_empty() {
+                                node.pending.push_front(Report::Objects(held));
+                            }
+                        }
                     }
                     HeadToNode::Commands(c) => {
                         link.last_heard_ms = now;
@@ -1774,7 +2314,7 @@ impl World {
                     request: Request::Submit {
                         session: id,
                         batch_id: b.id,
-                        inputs: payloads(&b.inputs),
+                        inputs: payloads(&b.inputs, b.objects),
                     },
                 });
                 s.in_flight.push(b);
@@ -1792,15 +2332,35 @@ impl World {
             for _ in 0..n {
                 let bad = self.rng.chance(rate::BAD_INPUT);
                 let noise = self.rng.below(1 << 20);
+                let big = OBJECTS_IN_SIM && self.rng.chance(rate::BIG_INPUT);
                 let input = format!(
-                    "{}s{}-i{}-{noise:x}",
+                    "{}s{}-i{}-{noise:x}{}",
                     if bad { "!" } else { "" },
                     id.0,
-                    self.next_input
+                    self.next_input,
+                    if big { "................" } else { "" }
                 );
                 self.next_input += 1;
                 inputs.push(Bytes::from(input));
             }
+            if OBJECTS_IN_SIM && self.rng.chance(rate::OBJECT_BATCH) {
+                self.put_objects(id, inputs, out);
+            } else {
+                self.submit_batch(id, inputs, false, out);
+            }
+        }
+        self.resend_acked(open, out);
+    }
+
+    /// A new batch for session `id`.
+    fn submit_batch(
+        &mut self,
+        id: SessionId,
+        inputs: Vec<Bytes>,
+        objects: bool,
+        out: &mut VecDeque<Event>,
+    ) {
+        {
             let batch_id = self.next_batch;
             self.next_batch += 1;
             let reply = self.reply_id();
@@ -1809,7 +2369,7 @@ impl World {
                 request: Request::Submit {
                     session: id,
                     batch_id,
-                    inputs: payloads(&inputs),
+                    inputs: payloads(&inputs, objects),
                 },
             });
             let epoch = self.epoch;
@@ -1823,8 +2383,36 @@ impl World {
                     reply: Some(reply),
                     epoch,
                     maybe: false,
+                    objects,
                 });
         }
+    }
+
+    /// The client puts a batch's inputs as objects of session `id` first.
+    fn put_objects(&mut self, id: SessionId, inputs: Vec<Bytes>, out: &mut VecDeque<Event>) {
+        let Some(owner) = self.session_owners.get(&id).cloned() else {
+            return;
+        };
+        let objects: Vec<ObjectRef> = inputs.iter().map(|b| ObjectRef::of(b)).collect();
+        for b in &inputs {
+            self.object_bytes.insert(ObjectRef::of(b).id, b.clone());
+        }
+        let replicas = if self.rng.chance(250) { 2 } else { 1 };
+        let reply = self.reply_id();
+        out.push_back(Event::Request {
+            reply,
+            request: Request::Client(ClientRequest::PutObjects {
+                owner,
+                session: Some(id),
+                objects,
+                replicas,
+            }),
+        });
+        self.puts.push((reply, id, inputs));
+    }
+
+    /// A copy of a batch already acked, sent again.
+    fn resend_acked(&mut self, open: &[SessionId], out: &mut VecDeque<Event>) {
         if !open.is_empty() && self.rng.chance(rate::RESEND_ACKED) {
             // A duplicate of a batch already acked must get the same ids, nothing new.
             let id = open[self.rng.index(open.len())];
@@ -1837,13 +2425,14 @@ impl World {
                 let inputs: Vec<Bytes> = (0..u64::from(count))
                     .map(|k| s.acked[&TaskId(first.0 + k)].clone())
                     .collect();
+                let objects = s.object_batches.contains(&batch_id);
                 let reply = self.reply_id();
                 out.push_back(Event::Request {
                     reply,
                     request: Request::Submit {
                         session: id,
                         batch_id,
-                        inputs: payloads(&inputs),
+                        inputs: payloads(&inputs, objects),
                     },
                 });
                 let epoch = self.epoch;
@@ -1857,6 +2446,7 @@ impl World {
                         reply: Some(reply),
                         epoch,
                         maybe: false,
+                        objects,
                     });
             }
         }
@@ -1914,6 +2504,11 @@ impl World {
                 })),
             });
         }
+        for (id, inputs) in std::mem::take(&mut self.put_done) {
+            if open.contains(&id) {
+                self.submit_batch(id, inputs, true, &mut out);
+            }
+        }
         self.submit_requests(&open, &mut out);
         let closable: Vec<SessionId> = self
             .sessions
@@ -1968,9 +2563,54 @@ impl World {
             }
         }
         self.creating = still;
+        self.poll_puts();
         let ids: Vec<SessionId> = self.sessions.keys().copied().collect();
         for id in ids {
             self.poll_session(id, epoch);
+        }
+    }
+
+    /// Puts the head answered: the client sends the bytes to each target node (which
+    /// checks the grant); once one holds them, the batch goes with object inputs.
+    fn poll_puts(&mut self) {
+        for (reply, id, inputs) in std::mem::take(&mut self.puts) {
+            let targets = match self.try_answer::<ClientResponse>(reply) {
+                Ok(ClientResponse::ObjectTargets(targets)) => targets,
+                Ok(ClientResponse::Error(_)) | Err(TryRecvError::Closed) => continue,
+                Ok(other) => self.fail(&format!("PutObjects answered {other:?}")),
+                Err(TryRecvError::Empty) => {
+                    self.puts.push((reply, id, inputs));
+                    continue;
+                }
+            };
+            let Some(owner) = self.session_owners.get(&id).cloned() else {
+                continue;
+            };
+            let objects: Vec<ObjectRef> = inputs.iter().map(|b| ObjectRef::of(b)).collect();
+            let mut stored = false;
+            let now = self.now;
+            for t in targets {
+                let Some(node) = self.nodes.iter_mut().find(|n| n.name == t.endpoint.node) else {
+                    self.fail(&format!("a put target names no node: {:?}", t.endpoint));
+                };
+                // The object port needs the network: not while partitioned.
+                if now < node.silent_until {
+                    continue;
+                }
+                if node.store_put(&owner, &objects, &t.grant, now, &mut self.violations) {
+                    self.tracer.line(format!(
+                        "client: put {} object(s) of s{} on {}",
+                        objects.len(),
+                        id.0,
+                        node.name
+                    ));
+                    stored = true;
+                }
+            }
+            if stored {
+                self.stats.object_puts += 1;
+                self.put_done.push((id, inputs));
+            }
         }
     }
 
@@ -2005,6 +2645,8 @@ impl World {
                 watcher: None,
                 finals: BTreeMap::new(),
                 finished: false,
+                finished_at: None,
+                object_batches: BTreeSet::new(),
             },
         );
     }
@@ -2052,6 +2694,9 @@ impl World {
                                 ));
                             }
                         }
+                    }
+                    if b.objects {
+                        s.object_batches.insert(b.id);
                     }
                     if s.acked_batches.insert(b.id, (first_task, count)).is_none() {
                         self.stats.acked += u64::from(count);
@@ -2295,10 +2940,22 @@ impl World {
                 }
             }
             TaskOutcome::Failed(_) => {}
-            TaskOutcome::Object(o) => problems.push(format!(
-                "{source}: task {} recorded an object output {o:?}; the simulation makes none",
-                task.0
-            )),
+            TaskOutcome::Object(o) => {
+                if let Some(input) = input {
+                    if *o != ObjectRef::of(&reversed(input)) || !OBJECTS_IN_SIM {
+                        problems.push(format!(
+                            "{source}: task {} recorded object {o:?}, not the output of its input {input:?}",
+                            task.0
+                        ));
+                    }
+                }
+                if !honest {
+                    problems.push(format!(
+                        "{source}: task {} recorded an object for attempt {attempt}, which no executor ran",
+                        task.0
+                    ));
+                }
+            }
             TaskOutcome::Cancelled => {
                 if !s.cancel_sent {
                     problems.push(format!(
@@ -2374,6 +3031,203 @@ impl World {
                 }
             }
             other => self.fail(&format!("GetSession s{} answered {other:?}", id.0)),
+        }
+    }
+
+    /// Every `Run` whose input is an object runs where a copy is, or carries sources that
+    /// name only nodes the book has for it, with a grant that reads that owner's object.
+    fn check_dispatch(&mut self, links: &[(ConnId, LinkOutput)]) {
+        for (_, output) in links {
+            if let LinkOutput::Send(HeadToNode::Registered { grant_key, .. }) = output {
+                self.grant_key = Some(grant_key.clone());
+            }
+        }
+        let mut book = None;
+        let mut ends = Vec::new();
+        for (conn, output) in links {
+            let LinkOutput::Send(HeadToNode::Commands(commands)) = output else {
+                continue;
+            };
+            let Some(node) = self
+                .nodes
+                .iter()
+                .find(|n| n.link.as_ref().is_some_and(|l| l.conn == *conn))
+            else {
+                continue;
+            };
+            for c in commands {
+                if let NodeCommand::Objects(ObjectCommand::EndSession { owner, session }) = c {
+                    ends.push((node.name.clone(), owner.clone(), *session));
+                    continue;
+                }
+                let NodeCommand::Run(a) = c else { continue };
+                // A run of a task whose final result was seen: a lineage re-run.
+                if self
+                    .sessions
+                    .get(&a.session)
+                    .is_some_and(|s| s.finals.contains_key(&a.task))
+                {
+                    self.stats.rebuild_runs += 1;
+                }
+                let Payload::Object(object) = &a.input else {
+                    continue;
+                };
+                let Some(owner) = self.session_owners.get(&a.session) else {
+                    continue;
+                };
+                self.stats.object_runs += 1;
+                let book = book.get_or_insert_with(|| self.core.object_book());
+                let row = book.iter().find(|r| r.owner == *owner && r.id == object.id);
+                let known = |n: &str| {
+                    row.is_some_and(|r| r.holders.iter().chain(&r.expected).any(|h| h == n))
+                };
+                let problem = match &a.sources {
+                    None => {
+                        let elsewhere = row.is_some_and(|r| {
+                            r.holders.iter().chain(&r.expected).any(|h| *h != node.name)
+                        });
+                        (elsewhere
+                            && !known(&node.name)
+                            && !node.cache.contains_key(&(owner.clone(), object.id)))
+                        .then(|| "no sources, though other nodes hold it".to_string())
+                    }
+                    Some(src) => {
+                        self.stats.located_runs += 1;
+                        let grant = self
+                            .grant_key
+                            .as_ref()
+                            .ok_or(object_grant::GrantError::NoKey)
+                            .and_then(|k| object_grant::verify(k, &src.grant, self.now))
+                            .and_then(|b| object_grant::check_read(b, owner, &object.id));
+                        if let Err(e) = grant {
+                            Some(format!("a grant that fails: {e}"))
+                        } else if src.object != *object {
+                            Some(format!("sources for another object {:?}", src.object))
+                        } else if src.endpoints.is_empty() {
+                            Some("sources naming no node".into())
+                        } else {
+                            src.endpoints
+                                .iter()
+                                .find(|ep| ep.node == node.name || !known(&ep.node))
+                                .map(|ep| {
+                                    format!("a source {} that the book has not for it", ep.node)
+                                })
+                        }
+                    }
+                };
+                if let Some(p) = problem {
+                    self.violations.push(format!(
+                        "run of s{} t{} a{} on {} with {owner}'s object {}: {p} (book: {row:?})",
+                        a.session.0,
+                        a.task.0,
+                        a.attempt,
+                        node.name,
+                        object.id.short()
+                    ));
+                }
+            }
+        }
+        for (node, owner, session) in ends {
+            self.check_end_session(&node, &owner, session);
+        }
+    }
+
+    /// Pins hold: the head ends a session's objects on a node (unpinning and dropping its
+    /// copies) only once the session ended, and only for the session's owner.
+    fn check_end_session(&mut self, node: &str, owner: &str, session: SessionId) {
+        let live =
+            self.core.holds_session(session) && !self.core.finished_in_memory().contains(&session);
+        let owners = self.session_owners.get(&session);
+        if live && owners.is_some_and(|o| o == owner) {
+            self.violations.push(format!(
+                "{node} told to end {owner}'s live session s{}: its pinned copies would go",
+                session.0
+            ));
+        } else {
+            self.stats.pins_released += 1;
+        }
+    }
+
+    /// The object book against the nodes' caches, after every step: every holder it
+    /// names holds a copy (or lost its cache in a way the head has not heard of yet); an
+    /// object with no copy says why; an ended session's objects go within the retention;
+    /// and one owner never locates another's object.
+    fn check_objects(&mut self) {
+        let book = self.core.object_book();
+        let now = self.now;
+        // A session evicted in the step it finished is not seen here: `objects_drained`
+        // checks it at the end.
+        for id in self.core.finished_in_memory() {
+            if let Some(s) = self.sessions.get_mut(&id) {
+                s.finished_at.get_or_insert(now);
+            }
+        }
+        for row in &book {
+            let key = (row.owner.clone(), row.id);
+            for h in &row.holders {
+                let ok = self.nodes.iter().find(|n| n.name == *h).is_some_and(|n| {
+                    n.wiped || n.cache.contains_key(&key) || n.unsent_drops.contains(&key)
+                });
+                if !ok {
+                    self.violations.push(format!(
+                        "the book has {h} hold {}'s object {} ({:?}), which it does not",
+                        row.owner,
+                        row.id.short(),
+                        row.origin
+                    ));
+                }
+            }
+            if row.missing.is_some() && self.lost_seen.insert(key.clone()) {
+                self.stats.objects_lost += 1;
+            }
+            if row.holders.is_empty()
+                && row.expected.is_empty()
+                && row.missing.as_ref().is_none_or(|m| m.is_empty())
+            {
+                self.violations.push(format!(
+                    "{}'s object {} ({:?}) has no copy and no reason",
+                    row.owner,
+                    row.id.short(),
+                    row.origin
+                ));
+            }
+            if let ObjectScope::Session(sid) = row.scope {
+                let ended = self.sessions.get(&sid).and_then(|s| s.finished_at);
+                if ended.is_some_and(|t| now > t + SIM_OBJECT_RETENTION_MS + RETENTION_SLACK_MS) {
+                    self.violations.push(format!(
+                        "{}'s object {} of s{} is in the book {} ms after the session ended",
+                        row.owner,
+                        row.id.short(),
+                        sid.0,
+                        now - ended.unwrap_or(now)
+                    ));
+                }
+            }
+        }
+        if book.is_empty() {
+            return;
+        }
+        let row = &book[self.rng.index(book.len())];
+        let Some(other) = OWNERS.iter().find(|o| **o != row.owner) else {
+            return;
+        };
+        let answer = self.ask(ClientRequest::LocateObjects {
+            owner: (*other).to_string(),
+            ids: vec![row.id],
+        });
+        let leaked = match &answer {
+            ClientResponse::ObjectLocations(l) => {
+                l.objects.iter().any(|o| !o.nodes.is_empty())
+                    || !matches!(&l.grant.body.access, flame_protocol::object::GrantAccess::Read { ids } if ids.is_empty())
+            }
+            _ => true,
+        };
+        if leaked {
+            self.violations.push(format!(
+                "{other} located {}'s object {}: {answer:?}",
+                row.owner,
+                row.id.short()
+            ));
         }
     }
 
@@ -2532,6 +3386,12 @@ impl World {
                 Some(Err(e)) => problems.push(format!("ListTasks failed: {e:?}")),
                 Some(Ok(None)) | None => {}
             }
+            if info.data.local_tasks > info.data.object_tasks {
+                problems.push(format!(
+                    "data stats count {} locality hits in {} object tasks",
+                    info.data.local_tasks, info.data.object_tasks
+                ));
+            }
             let finished = info.is_finished();
             if let Some(p) = problems.first() {
                 self.fail(&format!("session s{}: {p}", id.0));
@@ -2649,8 +3509,13 @@ impl World {
                     outcome,
                 } in &rows
                 {
-                    if let TaskOutcome::Succeeded(out) = outcome {
-                        if !outputs.insert(out.clone()) {
+                    let out = match outcome {
+                        TaskOutcome::Succeeded(out) => Some(out.clone()),
+                        TaskOutcome::Object(o) => Some(Bytes::copy_from_slice(&o.id.0)),
+                        _ => None,
+                    };
+                    if let Some(out) = out {
+                        if !outputs.insert(out) {
                             problems.push(format!(
                                 "the input of task {} ran as two tasks (a batch was duplicated)",
                                 task.0
@@ -2671,6 +3536,9 @@ impl World {
                     ));
                 }
                 for TaskResult { outcome, .. } in rows {
+                    if matches!(outcome, TaskOutcome::Object(_)) {
+                        self.stats.object_outputs += 1;
+                    }
                     match outcome {
                         TaskOutcome::Succeeded(_) | TaskOutcome::Object(_) => {
                             self.stats.succeeded += 1
@@ -2744,9 +3612,18 @@ fn final_state(o: &TaskOutcome) -> TaskState {
     }
 }
 
-/// Task inputs as the head takes them: the simulation's are all inline.
-fn payloads(inputs: &[Bytes]) -> Vec<Payload> {
-    inputs.iter().cloned().map(Payload::Inline).collect()
+/// Task inputs as the head takes them: inline, or objects the client put.
+fn payloads(inputs: &[Bytes], objects: bool) -> Vec<Payload> {
+    inputs
+        .iter()
+        .map(|b| {
+            if objects {
+                Payload::Object(ObjectRef::of(b))
+            } else {
+                Payload::Inline(b.clone())
+            }
+        })
+        .collect()
 }
 
 /// What one seed's run leaves behind.
@@ -2841,6 +3718,29 @@ fn simulation_keeps_every_acked_task_exactly_once() {
             "no storage-fault period in {} seeds: the rate is too low to test anything",
             seeds.len()
         );
+        // Objects (issue 20): each kind of object activity happened somewhere, so the
+        // object properties were not checked on nothing.
+        let objects = [
+            ("object task inputs", total.object_runs),
+            ("runs with located sources", total.located_runs),
+            ("copies fetched from a located node", total.object_fetches),
+            ("outputs kept as objects", total.object_outputs),
+            ("pinned copies kept through cache pressure", total.pins_kept),
+            (
+                "unpinned copies dropped by cache pressure",
+                total.spares_dropped,
+            ),
+            ("pins released by the end of a session", total.pins_released),
+            ("objects lost", total.objects_lost),
+            ("lineage re-runs", total.rebuild_runs),
+        ];
+        for (what, n) in objects {
+            assert!(
+                !OBJECTS_IN_SIM || n > 0,
+                "no {what} in {} seeds: the object properties tested nothing there",
+                seeds.len()
+            );
+        }
     }
 }
 

@@ -503,6 +503,7 @@ impl Core {
     /// Applies one event.
     pub fn handle(&mut self, event: Event, now_ms: u64) {
         self.now_ms = now_ms;
+        self.objects.life_started(now_ms, self.tasks.next_session);
         match event {
             Event::Request { reply, request } => self.on_request(reply, request, now_ms),
             Event::CallersGone { replies } => {

@@ -23,7 +23,11 @@
 //! Lifetimes: `Session(s)` objects leave the book [`CoreConfig::object_retention_ms`]
 //! after session `s` finishes (closed and done, or cancelled), so readers of its last
 //! results still find their bytes; then every node that held one, or served the session,
-//! gets `ObjectCommand::EndSession`. A `Kept` object stays until its owner removes it, also
+//! gets `ObjectCommand::EndSession`. A node's copy of an ended session's object that the
+//! book does not have (a node's inventory after a head restart) joins the others until the
+//! retention ends; a session that ended before this head started is taken to have ended at
+//! the start; a copy of one whose objects already went is dropped at once (`EndSession`
+//! to that node). A `Kept` object stays until its owner removes it, also
 //! when a session uses it as common data or task input: the session references it, it
 //! does not own it.
 //!
@@ -97,6 +101,12 @@ pub(super) struct ObjectBook {
     /// outputs stay readable for [`limits::SESSION_OBJECTS_RETENTION`] after it ends, so a
     /// watcher that reads its last results after the end still gets their bytes.
     endings: VecDeque<Ending>,
+    /// The sessions in `endings`, with their owner: a node's copy of one is kept until it.
+    ending: HashMap<SessionId, String>,
+    /// When this head started (the first event's clock) and the first session id it
+    /// handed out: a session below it may have ended just before the start, at a time
+    /// this head does not know, so its copies stay a retention from the start.
+    life: Option<(u64, u64)>,
 }
 
 /// A session that ended, waiting for its objects to go.
@@ -110,6 +120,19 @@ struct Ending {
 }
 
 impl ObjectBook {
+    /// This head's life started at `now_ms` (its first event), with `first_session` the
+    /// next session id it hands out. Only the first call counts.
+    pub(super) fn life_started(&mut self, now_ms: u64, first_session: u64) {
+        self.life.get_or_insert((now_ms, first_session));
+    }
+
+    /// Session `sid`'s objects go at `at_ms`, in time order.
+    fn push_ending(&mut self, ending: Ending) {
+        self.ending.insert(ending.session, ending.owner.clone());
+        let at = self.endings.partition_point(|e| e.at_ms <= ending.at_ms);
+        self.endings.insert(at, ending);
+    }
+
     /// The object `(owner, id)`, if the book has it.
     pub(super) fn get(&self, owner: &str, id: &ObjectId) -> Option<&ObjectEntry> {
         self.owners.get(owner)?.objects.get(id)
@@ -808,12 +831,7 @@ impl Core {
             return;
         }
         if let ObjectScope::Session(sid) = scope {
-            let live = self
-                .tasks
-                .sessions
-                .get(&sid)
-                .is_some_and(|s| !s.finished && owner_name(&s.stored.owner) == owner.as_str());
-            if !live {
+            if !self.session_keeps_objects(&owner, sid) {
                 let command = ObjectCommand::EndSession {
                     owner: owner.to_string(),
                     session: sid,
@@ -836,6 +854,41 @@ impl Core {
                 missing: None,
             },
         );
+    }
+
+    /// Whether a node's copy of an object of `owner`'s session `sid` goes in the book:
+    /// the session is live, or it ended less than a retention ago (its copy then goes with
+    /// the others when the retention ends). A session this head did not see end (it ended
+    /// before the start, or was loaded finished) is taken to have ended at the start: a
+    /// node's inventory after a head restart must not drop what late readers of a session
+    /// that ended just before it still read. An ended session whose objects already went,
+    /// or another owner's session, keeps nothing.
+    fn session_keeps_objects(&mut self, owner: &OwnerName, sid: SessionId) -> bool {
+        if let Some(s) = self.tasks.sessions.get(&sid) {
+            if owner_name(&s.stored.owner) != owner.as_str() {
+                return false;
+            }
+            if !s.finished {
+                return true;
+            }
+        }
+        if let Some(o) = self.objects.ending.get(&sid) {
+            return o == owner.as_str();
+        }
+        let Some((started_ms, first_session)) = self.objects.life else {
+            return false;
+        };
+        let at_ms = started_ms.saturating_add(self.config.object_retention_ms);
+        if sid.0 >= first_session || self.now_ms >= at_ms {
+            return false;
+        }
+        self.objects.push_ending(Ending {
+            at_ms,
+            session: sid,
+            owner: owner.to_string(),
+            nodes: BTreeSet::new(),
+        });
+        true
     }
 
     /// A task's output kept on `node` (`TaskOutcome::Object`): the node holds it, scoped
@@ -994,7 +1047,7 @@ impl Core {
         );
         self.drop_rebuilds(sid);
         let at_ms = self.now_ms.saturating_add(self.config.object_retention_ms);
-        self.objects.endings.push_back(Ending {
+        self.objects.push_ending(Ending {
             at_ms,
             session: sid,
             owner,
@@ -1045,6 +1098,7 @@ impl Core {
             .is_some_and(|e| e.at_ms <= now_ms)
         {
             if let Some(ending) = self.objects.endings.pop_front() {
+                self.objects.ending.remove(&ending.session);
                 self.session_objects_go(ending);
             }
         }
@@ -1075,4 +1129,42 @@ impl Core {
 /// happen), as opposed to one whose copies were lost.
 fn entry_never_held(entry: Option<&ObjectEntry>) -> bool {
     entry.is_some_and(|e| e.missing.is_none() && e.holders.is_empty())
+}
+
+/// One object as the book has it, for the simulation's properties (tests).
+#[cfg(test)]
+#[derive(Debug, Clone)]
+pub(crate) struct BookRow {
+    pub(crate) owner: String,
+    pub(crate) id: ObjectId,
+    pub(crate) scope: ObjectScope,
+    pub(crate) origin: ObjectOrigin,
+    pub(crate) holders: Vec<String>,
+    pub(crate) expected: Vec<String>,
+    pub(crate) missing: Option<String>,
+}
+
+#[cfg(test)]
+impl Core {
+    /// Every object in the book, sorted by owner and id (tests).
+    pub(crate) fn object_book(&self) -> Vec<BookRow> {
+        let mut rows: Vec<BookRow> = self
+            .objects
+            .owners
+            .iter()
+            .flat_map(|(owner, o)| {
+                o.objects.iter().map(move |(id, e)| BookRow {
+                    owner: owner.to_string(),
+                    id: *id,
+                    scope: e.scope,
+                    origin: e.origin,
+                    holders: e.holders.iter().map(|n| n.to_string()).collect(),
+                    expected: e.expected.iter().map(|n| n.to_string()).collect(),
+                    missing: e.missing.clone(),
+                })
+            })
+            .collect();
+        rows.sort_by(|a, b| (a.owner.as_str(), a.id).cmp(&(b.owner.as_str(), b.id)));
+        rows
+    }
 }

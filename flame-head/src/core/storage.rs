@@ -33,6 +33,10 @@ impl Core {
 
     /// A durable session's close is known durable (or not): only now may the session
     /// finish. A close that failed leaves the session open, as it is on disk.
+    ///
+    /// A close of a finished session (cancelled, say) may land after the session left
+    /// memory: a session leaves only once its final, closed record is durable, so the
+    /// close holds whatever its own commit did, and is answered `Ok`.
     pub(super) fn after_close(
         &mut self,
         session: SessionId,
@@ -41,7 +45,11 @@ impl Core {
         error: Option<&CommitError>,
     ) {
         let Some(s) = self.tasks.sessions.get_mut(&session) else {
-            self.out.unanswered.push(reply);
+            if self.left_memory(session) {
+                self.out.reply(reply, ClientResponse::Ok);
+            } else {
+                self.out.unanswered.push(reply);
+            }
             return;
         };
         s.unacked_closes = s.unacked_closes.saturating_sub(1);

@@ -742,3 +742,72 @@ fn a_rerun_with_other_bytes_leaves_the_output_lost_and_its_readers_fail() {
     let c = counts(&mut h, sid);
     assert_eq!((c.succeeded, c.failed), (1, 1));
 }
+
+#[test]
+fn after_a_head_restart_copies_of_a_session_that_ended_just_before_stay_a_retention() {
+    // A head restarted; sessions 1 to 3 had ended and left memory before it. A node's
+    // inventory names a copy of session 3's object: late readers of its last results may
+    // still read it, so it is kept (a retention from the start), not dropped at once.
+    let loaded = crate::store::Loaded {
+        next_session: 4,
+        ..Default::default()
+    };
+    let mut h = Harness {
+        core: Driver::new(Core::new(
+            CoreConfig {
+                // The node stays while the clock passes the objects' retention.
+                heartbeat_timeout_ms: 10 * limits::SESSION_OBJECTS_RETENTION.as_millis() as u64,
+                ..CoreConfig::default()
+            },
+            loaded,
+        )),
+        now: 1_000,
+        conn: 1,
+    };
+    connect(&mut h, "n1", 1, Some(service(7001, 1 << 20)));
+    let object = ObjectRef::of(b"the last result of session 3");
+    let sid = SessionId(3);
+    h.now += 500;
+    stored(&mut h, 1, "alice", object, ObjectScope::Session(sid));
+    assert_eq!(
+        object_commands(&mut h, 1),
+        vec![],
+        "dropped in its retention"
+    );
+    let l = locate(&mut h, "alice", vec![object.id]);
+    assert_eq!(l.objects[0].nodes.len(), 1, "{l:?}");
+    assert_eq!(l.endpoints[0].node, "n1");
+    // Another owner naming that session keeps nothing.
+    let other = ObjectRef::of(b"bob's");
+    stored(&mut h, 1, "bob", other, ObjectScope::Session(sid));
+    assert_eq!(
+        object_commands(&mut h, 1),
+        vec![ObjectCommand::EndSession {
+            owner: "bob".into(),
+            session: sid,
+        }]
+    );
+    // A retention from the start, it goes.
+    h.now = 1_000 + limits::SESSION_OBJECTS_RETENTION.as_millis() as u64;
+    tick(&mut h);
+    assert_eq!(
+        object_commands(&mut h, 1),
+        vec![ObjectCommand::EndSession {
+            owner: "alice".into(),
+            session: sid,
+        }]
+    );
+    let l = locate(&mut h, "alice", vec![object.id]);
+    assert_eq!(l.objects[0].missing.as_deref(), Some("never stored"));
+    // A copy reported after that is dropped at once.
+    stored(&mut h, 1, "alice", object, ObjectScope::Session(sid));
+    assert_eq!(
+        object_commands(&mut h, 1),
+        vec![ObjectCommand::EndSession {
+            owner: "alice".into(),
+            session: sid,
+        }]
+    );
+    let l = locate(&mut h, "alice", vec![object.id]);
+    assert_eq!(l.objects[0].missing.as_deref(), Some("never stored"));
+}

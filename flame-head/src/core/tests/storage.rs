@@ -154,6 +154,60 @@ fn a_close_that_fails_to_persist_leaves_the_session_open_never_finished() {
     assert!(matches!(h.core.watched(&mut watch), Ok(WatchMsg::Finished)));
 }
 
+#[test]
+fn a_close_whose_commit_lands_after_the_session_left_memory_is_answered() {
+    // Simulation seed 157: a cancelled session finished at once, its final record was on
+    // its way to the store; a close sent then wrote the record again and waited for
+    // that commit, which landed after the session had left memory, and the close was
+    // never answered. The session's closed record is durable either way (a session
+    // leaves memory only once it is), so the close is answered Ok even when its own
+    // commit failed.
+    for close_commit in [Ok(()), Err(injected_failure())] {
+        let mut h = Harness::new();
+        let sid = session_id(h.client(ClientRequest::CreateSession(SessionSpec::new("ping"))));
+        let cancel = h.core.request(
+            Request::Client(ClientRequest::CancelSession { id: sid }),
+            h.now,
+        );
+        h.core.end_batch(h.now);
+        // Everything is durable but the finished session's way out of memory (with the
+        // cancel, in the same batch).
+        let mut evict = None;
+        while let Some(req) = h.core.next_store_request() {
+            if req
+                .ops
+                .iter()
+                .any(|op| matches!(op, StoreOp::PutFinished(_)))
+            {
+                evict = Some(req);
+                continue;
+            }
+            h.core.commit(&req, Ok(()), h.now);
+            h.core.end_batch(h.now);
+        }
+        let evict = evict.expect("the finished session is written on its way out");
+        let close = h.core.request(
+            Request::Client(ClientRequest::CloseSession { id: sid }),
+            h.now,
+        );
+        h.core.end_batch(h.now);
+        let close_req = h.core.next_store_request().expect("the close is written");
+        h.core.commit(&evict, Ok(()), h.now);
+        h.core.end_batch(h.now);
+        assert!(!h.core.holds_session(sid), "the session left memory");
+        assert!(matches!(h.core.answer(cancel), Some(ClientResponse::Ok)));
+        let failed = close_commit.is_err();
+        h.core.commit(&close_req, close_commit, h.now);
+        h.core.end_batch(h.now);
+        let answer = h.core.answer::<ClientResponse>(close);
+        assert!(
+            matches!(answer, Some(ClientResponse::Ok)),
+            "close (its commit failed: {failed}) answered {answer:?}, dropped: {}",
+            h.core.unanswered.contains(&close)
+        );
+    }
+}
+
 fn spec_of(owner: &str, ephemeral: bool, common: &'static [u8]) -> SessionSpec {
     SessionSpec {
         owner: owner.into(),
