@@ -203,6 +203,57 @@ async fn run_prints_outputs_names_a_failed_input_and_speaks_json() {
     assert_eq!(printed, expected, "{out}");
     assert_eq!(out.stdout.lines().count(), INPUTS - 1, "{out}");
 
+    // Binary inputs: one file each, outputs to files named after them; and the same
+    // bytes length-framed through one file, with the outputs framed the same way.
+    let inputs_dir = dir.path().join("in");
+    std::fs::create_dir(&inputs_dir).unwrap();
+    let binary: Vec<(String, Vec<u8>)> = (0..5)
+        .map(|i| (format!("f{i}"), vec![b'a', b'\n', 0, b'b' + i as u8]))
+        .collect();
+    let mut framed = Vec::new();
+    for (name, bytes) in &binary {
+        std::fs::write(inputs_dir.join(name), bytes).unwrap();
+        framed.extend((bytes.len() as u32).to_le_bytes());
+        framed.extend(bytes);
+    }
+    let outputs_dir = dir.path().join("out");
+    let out = cluster
+        .flame(&[
+            "run",
+            "py-upper",
+            "--input-dir",
+            inputs_dir.to_str().unwrap(),
+            "--output-dir",
+            outputs_dir.to_str().unwrap(),
+        ])
+        .await;
+    out.assert_success();
+    let mut expected_framed = Vec::new();
+    for (name, bytes) in &binary {
+        let output = std::fs::read(outputs_dir.join(name)).unwrap();
+        assert_eq!(output, bytes.to_ascii_uppercase(), "{name}");
+        expected_framed.extend((output.len() as u32).to_le_bytes());
+        expected_framed.extend(output);
+    }
+    let framed_file = dir.path().join("framed");
+    std::fs::write(&framed_file, &framed).unwrap();
+    let mut command = flame_tests::cluster::flame_command();
+    command
+        .arg("--head")
+        .arg(cluster.head_addr())
+        .arg("--ca-file")
+        .arg(cluster.ca_file())
+        .arg("--token-file")
+        .arg(cluster.admin_token_file())
+        .args(["run", "py-upper", "--framing", "length"])
+        .arg(&framed_file);
+    let output = tokio::time::timeout(COMMAND_TIMEOUT, command.output())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(output.status.success(), "{output:?}");
+    assert_eq!(output.stdout, expected_framed);
+
     // An application that is not registered: a clear error, nothing run.
     let out = cluster.flame(&["run", "no-such-app", file]).await;
     out.assert_failure();
