@@ -12,9 +12,11 @@ pub mod node;
 pub mod object;
 pub mod ping;
 pub mod queue;
+pub mod run;
 pub mod session;
 pub mod signals;
 pub mod submit;
+pub mod task;
 pub mod whoami;
 
 use anyhow::Context as _;
@@ -68,6 +70,9 @@ pub struct GlobalArgs {
 pub enum Command {
     /// Run many tiny tasks through the built-in `ping` application and check every output
     Ping(ping::PingArgs),
+    /// Send inputs (lines of a file or stdin, or files of a folder) to a registered
+    /// application and print its outputs
+    Run(run::RunArgs),
     /// Run a head and a node on this machine until Ctrl-C
     Local(local::LocalArgs),
     /// Print a shell completion script, e.g. `flame completions bash > ~/.local/share/bash-completion/completions/flame`
@@ -115,6 +120,7 @@ pub struct Exit(pub u8);
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Ping(args) => ping::run(&cli.global, args).await,
+        Command::Run(args) => run::run(&cli.global, args).await,
         Command::Local(args) => local::run(args).await,
         Command::Completions(args) => docs::completions(args),
         Command::GenerateDocs(args) => docs::generate(args),

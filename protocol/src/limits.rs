@@ -169,6 +169,14 @@ pub const WATCH_BUFFER_FRAMES: usize = 16;
 /// submitter; past it the thread waits.
 pub const EACH_READ_AHEAD_CHUNKS: usize = 2;
 
+/// Messages of admitted inputs queued for `flame run`'s submitting task; as
+/// [`EACH_SUBMIT_QUEUE_MAX`], the driver never waits on it.
+pub const RUN_SUBMIT_QUEUE_MAX: usize = 16;
+
+/// Chunks of inputs `flame run`'s reading thread keeps ready ahead of the submitter; past
+/// it the thread waits.
+pub const RUN_READ_AHEAD_CHUNKS: usize = 2;
+
 // Objects (issue 20): the object cache, its transfers, and the head's object book.
 
 /// Inputs, common data and outputs larger than this travel as objects (put to a node's

@@ -37,6 +37,8 @@ pub enum SessionCommand {
         #[command(flatten)]
         output: OutputArgs,
     },
+    /// Show one task: its state, attempt, error message and output
+    Task(super::task::TaskArgs),
 }
 
 /// A task state on the command line.
@@ -63,6 +65,7 @@ impl From<StateArg> for TaskState {
 
 pub async fn run(global: &GlobalArgs, cmd: SessionCommand) -> anyhow::Result<()> {
     match cmd {
+        SessionCommand::Task(args) => super::task::view(global, args).await,
         SessionCommand::List(out) => {
             let sessions =
                 super::with_client(
