@@ -49,7 +49,7 @@ pub mod shim;
 pub use ids::{ExecutorId, SessionId, TaskId, TaskIdSet};
 
 /// Version of the head/node/client protocol carried in every [`messages::Hello`].
-pub const PROTOCOL_VERSION: u32 = 5;
+pub const PROTOCOL_VERSION: u32 = 6;
 
 /// The TLS application protocol name every Flame endpoint negotiates.
 pub const ALPN: &[u8] = b"flame/1";
