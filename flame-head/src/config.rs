@@ -389,7 +389,8 @@ impl HeadConfig {
                 flame_protocol::limits::TASK_INPUT_BYTES_MAX
             );
         }
-        let task_output_bytes_max = match (args.task_output_bytes_max, &file.task_output_bytes_max) {
+        let task_output_bytes_max = match (args.task_output_bytes_max, &file.task_output_bytes_max)
+        {
             (Some(n), _) => n,
             (None, Some(text)) => {
                 parse_size(text).map_err(|e| anyhow::anyhow!("task_output_bytes_max: {e}"))?

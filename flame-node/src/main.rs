@@ -273,8 +273,9 @@ fn run(args: Args) -> Result<(), String> {
     let credit = args.credit.or(file.credit).unwrap_or(256).clamp(1, 1024);
     let start_timeout = match (args.start_timeout, &file.start_timeout) {
         (Some(d), _) => d,
-        (None, Some(text)) => humantime::parse_duration(text)
-            .map_err(|e| format!("start_timeout: `{text}`: {e}"))?,
+        (None, Some(text)) => {
+            humantime::parse_duration(text).map_err(|e| format!("start_timeout: `{text}`: {e}"))?
+        }
         (None, None) => executor::START_TIMEOUT,
     };
     if !(executor::START_TIMEOUT_MIN..=executor::START_TIMEOUT_MAX).contains(&start_timeout) {

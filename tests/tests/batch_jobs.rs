@@ -234,7 +234,10 @@ async fn a_missing_command_fails_with_127_and_a_bad_flag_is_refused() {
     ] {
         let out = cluster.flame(&args).await;
         out.assert_failure();
-        assert!(out.stderr.contains("no node can ever hold"), "{args:?}:\n{out}");
+        assert!(
+            out.stderr.contains("no node can ever hold"),
+            "{args:?}:\n{out}"
+        );
         assert!(
             out.stderr.contains("`node-0`, offers cpus 2"),
             "{args:?}:\n{out}"

@@ -54,10 +54,7 @@ pub async fn run(global: &GlobalArgs, cmd: AppCommand) -> anyhow::Result<()> {
                 }
             })
             .await?;
-            println!(
-                "Application `{name}` registered: {}",
-                command_line(&info)
-            );
+            println!("Application `{name}` registered: {}", command_line(&info));
             Ok(())
         }
         AppCommand::Update { file } => {
@@ -68,7 +65,9 @@ pub async fn run(global: &GlobalArgs, cmd: AppCommand) -> anyhow::Result<()> {
                     Err(e) if e.kind() == Some(ErrorKind::NotFound) => {
                         Err(e).hint("`flame app register FILE` registers a new application")
                     }
-                    other => other.with_context(|| format!("cannot update from {}", file.display())),
+                    other => {
+                        other.with_context(|| format!("cannot update from {}", file.display()))
+                    }
                 }
             })
             .await?;

@@ -149,7 +149,9 @@ impl Core {
         let last = format!("on node {node}: {reason}");
         self.pool.launch_errors.insert(pool.clone(), last.clone());
         let failures = self.pool.launch_backoff.get(&pool).map_or(0, |b| b.0);
-        if failures < limits::APP_LAUNCH_FAILURES_MAX || application.starts_with(JOB_APPLICATION_PREFIX) {
+        if failures < limits::APP_LAUNCH_FAILURES_MAX
+            || application.starts_with(JOB_APPLICATION_PREFIX)
+        {
             // A job's rank that fails to start fails its job at once (`job_rank_lost`).
             return pause;
         }

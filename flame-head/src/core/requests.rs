@@ -351,7 +351,12 @@ impl Core {
             .filter(|s| s.stored.application == name && !s.finished)
             .map(|s| s.stored.id.to_string())
             .collect();
-        let mut listed = ids.iter().take(SHOWN).cloned().collect::<Vec<_>>().join(", ");
+        let mut listed = ids
+            .iter()
+            .take(SHOWN)
+            .cloned()
+            .collect::<Vec<_>>()
+            .join(", ");
         if ids.len() > SHOWN {
             listed.push_str(&format!(" and {} more", ids.len() - SHOWN));
         }
@@ -680,7 +685,10 @@ impl Core {
                 }),
             ),
             None => (
-                super::schedule::app_view(self.apps.get(spec.application.as_str())?, BTreeMap::new()),
+                super::schedule::app_view(
+                    self.apps.get(spec.application.as_str())?,
+                    BTreeMap::new(),
+                ),
                 None,
             ),
         };

@@ -334,7 +334,10 @@ mod tests {
         let TaskOutcome::Failed(why) = over else {
             panic!("{over:?}");
         };
-        assert!(why.contains("17 bytes") && why.contains("at most 16 bytes"), "{why}");
+        assert!(
+            why.contains("17 bytes") && why.contains("at most 16 bytes"),
+            "{why}"
+        );
         let kept = ObjectRef::of(&Bytes::from(vec![2u8; 17]));
         assert!(o
             .resolve("a", SessionId(1), &Payload::Object(kept), None)

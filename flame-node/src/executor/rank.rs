@@ -116,11 +116,10 @@ fn out_of_memory(prepared: &Prepared, spec: &LaunchSpec) -> String {
     if oom_kills == 0 {
         return String::new();
     }
-    let limit = spec
-        .application
-        .resources
-        .memory_bytes
-        .map_or_else(|| "none set".to_string(), flame_protocol::model::format_bytes);
+    let limit = spec.application.resources.memory_bytes.map_or_else(
+        || "none set".to_string(),
+        flame_protocol::model::format_bytes,
+    );
     format!(
         ": out of memory (limit {limit}): the kernel killed it at the rank's memory limit \
          (raise --mem-per-rank)"

@@ -10,9 +10,7 @@
 
 use super::objects::NodeObjects;
 use super::prepared::{environment, tail_text, Prepared};
-use super::{
-    LaunchSpec, Report, Reports, Settings, ENTER_LEAVE_TIMEOUT, EXIT_GRACE,
-};
+use super::{LaunchSpec, Report, Reports, Settings, ENTER_LEAVE_TIMEOUT, EXIT_GRACE};
 use crate::cgroup::ExecutorCgroup;
 use crate::launcher::{ProcessSpec, StdioMode};
 use crate::lifecycle::Phase;

@@ -1230,7 +1230,9 @@ fn only_the_task_an_executor_ran_moves_to_its_next_attempt_when_it_crashes() {
         Request::Submit {
             session: sid,
             batch_id: 1,
-            inputs: (0..3).map(|_| Bytes::from_static(b"crash").into()).collect(),
+            inputs: (0..3)
+                .map(|_| Bytes::from_static(b"crash").into())
+                .collect(),
         },
         h.now,
     );
@@ -1249,7 +1251,9 @@ fn only_the_task_an_executor_ran_moves_to_its_next_attempt_when_it_crashes() {
         }]));
         let runs = runs_sent(&mut h);
         assert_eq!(
-            runs.iter().map(|a| (a.task.0, a.attempt)).collect::<Vec<_>>(),
+            runs.iter()
+                .map(|a| (a.task.0, a.attempt))
+                .collect::<Vec<_>>(),
             [(1, crash), (2, 1), (3, 1)],
             "crash {crash}"
         );
