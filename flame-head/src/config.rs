@@ -47,6 +47,11 @@ pub struct Args {
     /// the object, e.g. `100KiB` [default: 100KiB]; nodes learn it when they register.
     #[arg(long, value_name = "SIZE", value_parser = parse_size)]
     pub object_inline_max: Option<u64>,
+    /// Largest task output accepted, inline or kept on its node as an object, e.g. `64MiB`
+    /// [default: 16MiB, at most 64MiB]: a larger one fails its task. Nodes learn it when
+    /// they register and keep no larger output.
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    pub task_output_bytes_max: Option<u64>,
     /// How long a task whose input object a busy node holds waits for an executor there
     /// before any executor may take it (and fetch the object), e.g. `100ms` [default: 100ms]
     #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
@@ -244,6 +249,8 @@ struct FileConfig {
     heartbeat_timeout: Option<String>,
     /// A size such as "100KiB" (see `--object-inline-max`).
     object_inline_max: Option<String>,
+    /// A size such as "64MiB" (see `--task-output-bytes-max`).
+    task_output_bytes_max: Option<String>,
     /// A duration such as "100ms" (see `--locality-wait`).
     locality_wait: Option<String>,
     /// A duration such as "10m" (see `--object-retention`).
@@ -290,6 +297,7 @@ pub struct HeadConfig {
     pub heartbeat_timeout: std::time::Duration,
     /// Outputs above this are objects.
     pub object_inline_max: u64,
+    pub task_output_bytes_max: u64,
     /// The locality wait.
     pub locality_wait: std::time::Duration,
     /// How long an ended session's objects stay.
@@ -381,6 +389,21 @@ impl HeadConfig {
                 flame_protocol::limits::TASK_INPUT_BYTES_MAX
             );
         }
+        let task_output_bytes_max = match (args.task_output_bytes_max, &file.task_output_bytes_max)
+        {
+            (Some(n), _) => n,
+            (None, Some(text)) => {
+                parse_size(text).map_err(|e| anyhow::anyhow!("task_output_bytes_max: {e}"))?
+            }
+            (None, None) => flame_protocol::limits::TASK_OUTPUT_BYTES_MAX,
+        };
+        let output_room = flame_protocol::shim::SHIM_FRAME_BYTES_MAX as u64;
+        if task_output_bytes_max == 0 || task_output_bytes_max > output_room {
+            anyhow::bail!(
+                "task_output_bytes_max must be between 1 and {output_room} bytes (the largest \
+                 shim frame), not {task_output_bytes_max}"
+            );
+        }
         let locality_wait = args
             .locality_wait
             .or(file_duration("locality_wait", file.locality_wait.as_ref())?)
@@ -446,6 +469,7 @@ impl HeadConfig {
             preemption_grace,
             heartbeat_timeout,
             object_inline_max,
+            task_output_bytes_max,
             locality_wait,
             object_retention,
             low_space_bytes: args

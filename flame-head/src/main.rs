@@ -173,6 +173,7 @@ async fn run(mut args: config::Args) -> anyhow::Result<()> {
             owner_uid_range: config.owner_uid_range,
             groups: config.groups.clone(),
             object_inline_max: config.object_inline_max,
+            task_output_bytes_max: config.task_output_bytes_max,
             // At most 60 s (config::LOCALITY_WAIT_MAX), so it fits.
             locality_wait_ms: config.locality_wait.as_millis() as u64,
             // At most a week (config::OBJECT_RETENTION_MAX), so it fits.

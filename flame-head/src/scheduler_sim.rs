@@ -594,6 +594,7 @@ impl World {
                     },
                     delay_release_ms: rng.between(DELAY_RELEASE_MS_MIN, DELAY_RELEASE_MS_MAX),
                     backing_off: BTreeMap::new(),
+                    probing: Default::default(),
                     resources: Resources {
                         cpu_millis,
                         memory_bytes,
@@ -614,6 +615,7 @@ impl World {
                     max_instances: INSTANCES_UNLIMITED,
                     delay_release_ms: rng.between(DELAY_RELEASE_MS_MIN, DELAY_RELEASE_MS_MAX),
                     backing_off: BTreeMap::new(),
+                    probing: Default::default(),
                     resources: Resources {
                         cpu_millis,
                         memory_bytes: Some(memory_bytes),
@@ -633,6 +635,7 @@ impl World {
                     max_instances: INSTANCES_UNLIMITED,
                     delay_release_ms: rng.between(DELAY_RELEASE_MS_MIN, DELAY_RELEASE_MS_MAX),
                     backing_off: BTreeMap::new(),
+                    probing: Default::default(),
                     resources: Resources {
                         cpu_millis,
                         memory_bytes: Some(u64::from(cpu_millis) * 4 * GIB / 1000),
@@ -1108,6 +1111,7 @@ impl World {
             max_instances: ranks,
             delay_release_ms: DELAY_RELEASE_MS_MIN,
             backing_off: BTreeMap::new(),
+            probing: Default::default(),
             resources: Resources {
                 cpu_millis,
                 memory_bytes: Some(u64::from(cpu_millis) * self.rng.between(1, 3) * GIB / 1000),

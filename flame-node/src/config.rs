@@ -58,6 +58,8 @@ pub struct FileConfig {
     pub cgroup_root: Option<String>,
     pub credit: Option<u32>,
     pub head_loss_grace: Option<String>,
+    /// A duration such as "30s" (see `--start-timeout`).
+    pub start_timeout: Option<String>,
     pub cpus: Option<f64>,
     pub memory: Option<Size>,
     pub gpus: Option<Vec<u32>>,

@@ -345,10 +345,12 @@ impl Agent {
                     heartbeat_interval_ms,
                     grant_key,
                     inline_max,
+                    output_max,
                 })) => {
                     if let Some(objects) = &config.executors.objects {
                         objects.grant_key.set(grant_key);
                         objects.set_inline_max(inline_max);
+                        objects.set_output_max(output_max);
                     }
                     Duration::from_millis(heartbeat_interval_ms.clamp(100, 60_000))
                 }

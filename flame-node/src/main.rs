@@ -106,6 +106,10 @@ struct Args {
     /// measured task time within this bound) [default: 256]
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..=1024))]
     credit: Option<u32>,
+    /// How long an application may take to say ready after it starts; one that does not
+    /// is killed and its launch fails [default: 30s, between 1s and 10m]
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+    start_timeout: Option<std::time::Duration>,
     /// How long executors keep running after the head is lost, waiting for it to return [default: 60s]
     #[arg(long, value_parser = humantime::parse_duration)]
     head_loss_grace: Option<std::time::Duration>,
@@ -267,6 +271,21 @@ fn run(args: Args) -> Result<(), String> {
         (None, None) => std::time::Duration::from_secs(60),
     };
     let credit = args.credit.or(file.credit).unwrap_or(256).clamp(1, 1024);
+    let start_timeout = match (args.start_timeout, &file.start_timeout) {
+        (Some(d), _) => d,
+        (None, Some(text)) => {
+            humantime::parse_duration(text).map_err(|e| format!("start_timeout: `{text}`: {e}"))?
+        }
+        (None, None) => executor::START_TIMEOUT,
+    };
+    if !(executor::START_TIMEOUT_MIN..=executor::START_TIMEOUT_MAX).contains(&start_timeout) {
+        return Err(format!(
+            "start_timeout must be between {} and {}, not {}",
+            humantime::format_duration(executor::START_TIMEOUT_MIN),
+            humantime::format_duration(executor::START_TIMEOUT_MAX),
+            humantime::format_duration(start_timeout)
+        ));
+    }
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -296,6 +315,7 @@ fn run(args: Args) -> Result<(), String> {
         rank_holds_changed: Default::default(),
         job_env: job_environment(&head, &public_ca),
         objects,
+        start_timeout,
     };
     let config = link::NodeConfig {
         head,

@@ -49,7 +49,8 @@ pub mod shim;
 pub use ids::{ExecutorId, SessionId, TaskId, TaskIdSet};
 
 /// Version of the head/node/client protocol carried in every [`messages::Hello`].
-/// 6: an object's chunk hashes are BLAKE3 subtree chaining values that merge into its id.
+/// 6: an object's chunk hashes are BLAKE3 subtree chaining values that merge into its id;
+/// nodes learn the head's task output bound (`output_max`) at registration.
 pub const PROTOCOL_VERSION: u32 = 6;
 
 /// The TLS application protocol name every Flame endpoint negotiates.

@@ -9,6 +9,21 @@ pub const FRAME_BYTES_MAX: usize = 64 * 1024 * 1024;
 /// Largest task input or output the head accepts by default.
 pub const TASK_INPUT_BYTES_MAX: usize = 16 * 1024 * 1024;
 
+/// Executors of one application for one owner that may end in a row before saying
+/// ready (none saying ready in between). At this many, that owner's sessions of the
+/// application that hold no executor end, their unfinished tasks failed with the last
+/// failure, instead of waiting for a start that does not come. One executor of such an
+/// application is launched at a time, so the bound on how long a session waits is this
+/// many times the node's start timeout (`flame-node --start-timeout`, 30 s by default)
+/// plus the launch backoff between them (0.2 s doubling): about 91 s by default.
+pub const APP_LAUNCH_FAILURES_MAX: u32 = 3;
+
+/// Largest task output the head accepts by default, inline or kept as an object on its
+/// node (`flame-head --task-output-bytes-max`). The node checks it before it keeps an
+/// output, and the head again when the result arrives; a larger output fails its task,
+/// saying so. The shim frame (64 MiB) is the most it may be set to.
+pub const TASK_OUTPUT_BYTES_MAX: u64 = 16 * 1024 * 1024;
+
 /// Most tasks one `SubmitBatch` may carry.
 pub const SUBMIT_BATCH_TASKS_MAX: usize = 65_536;
 

@@ -476,6 +476,9 @@ pub enum HeadToNode {
         /// Task outputs larger than this go into the node's object cache and the result
         /// names the object; smaller ones travel inline.
         inline_max: u64,
+        /// Task outputs larger than this fail their task: the node keeps none
+        /// (`flame-head --task-output-bytes-max`).
+        output_max: u64,
     },
     /// Refusal of the registration; the connection closes after it.
     Refused { reason: String },

@@ -209,7 +209,7 @@ async fn the_first_failed_rank_decides_the_exit_code_and_no_rank_survives() {
 }
 
 /// A rank whose command does not exist fails the job with 127, as a shell would; a job
-/// too big for the cluster waits and says so; bad flags are refused.
+/// too big for every node known, even empty, is refused at once; bad flags are refused.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_missing_command_fails_with_127_and_a_bad_flag_is_refused() {
     let cluster = Cluster::start(ClusterOptions::default()).await;
@@ -225,36 +225,24 @@ async fn a_missing_command_fails_with_127_and_a_bad_flag_is_refused() {
     assert_eq!(out.status.code(), Some(127), "{out}");
     assert!(out.stderr.contains("flame-no-such-program"), "{out}");
 
-    // A job that can never fit waits and says why; it holds nothing meanwhile.
-    let out = cluster
-        .flame(&[
-            "submit",
-            "--detach",
-            "-n",
-            "3",
-            "--cpus-per-rank",
-            "2",
-            "--",
-            "true",
-        ])
-        .await;
-    out.assert_success();
-    let big: SessionId = out.stdout.trim().parse().unwrap();
-    let client = cluster.client().await;
-    let info = wait_session(&client, big, "saying why it waits", STATE_TIMEOUT, |i| {
-        i.waiting
-            .as_deref()
-            .is_some_and(|w| w.contains("even with nothing else running"))
-    })
-    .await;
-    assert_eq!(info.executors, 0, "{info:#?}");
-    client.close().await;
-    cluster
-        .flame(&["job", "cancel", &big.to_string()])
-        .await
-        .assert_success();
-    wait_job(&cluster, big, JobState::Cancelled).await;
-
+    // A job that can never fit, even on an empty cluster, is refused at once, naming the
+    // largest node; so is one asking for GPUs no node has. Nothing is queued.
+    for args in [
+        vec!["submit", "-n", "3", "--cpus-per-rank", "2", "--", "true"],
+        vec!["submit", "-n", "4", "--label", "--", "hostname"],
+        vec!["submit", "-n", "1", "--gpus-per-rank", "1", "--", "true"],
+    ] {
+        let out = cluster.flame(&args).await;
+        out.assert_failure();
+        assert!(
+            out.stderr.contains("no node can ever hold"),
+            "{args:?}:\n{out}"
+        );
+        assert!(
+            out.stderr.contains("`node-0`, offers cpus 2"),
+            "{args:?}:\n{out}"
+        );
+    }
     for (args, needle) in [
         (
             vec!["submit", "-n", "3", "--ranks-per-node", "2", "--", "true"],

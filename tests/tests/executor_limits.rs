@@ -291,3 +291,32 @@ async fn release_kills_processes_that_left_the_session() {
     );
     client.close().await;
 }
+
+/// A batch job's rank killed by the kernel at its memory limit says so (issue 21, item 10),
+/// as a session's executor does, rather than only "exited with status 137".
+#[tokio::test(flavor = "multi_thread")]
+async fn a_batch_rank_killed_at_its_memory_limit_says_out_of_memory() {
+    let test = "a_batch_rank_killed_at_its_memory_limit_says_out_of_memory";
+    let Some((cluster, _cgroups)) = cluster_with_cgroups(test).await else {
+        return;
+    };
+    let out = cluster
+        .flame(&[
+            "submit",
+            "-n",
+            "1",
+            "--mem-per-rank",
+            "64MiB",
+            "--",
+            "python3",
+            "-c",
+            "x = b'x' * (512 << 20)",
+        ])
+        .await;
+    out.assert_failure();
+    assert!(
+        out.stderr.contains("out of memory (limit 64 MiB)"),
+        "{out}\n{}",
+        cluster.logs()
+    );
+}

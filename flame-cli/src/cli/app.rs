@@ -15,8 +15,10 @@ pub enum AppCommand {
     /// Register an application from a TOML file
     Register {
         /// The application file: name, command, and optionally shim, args, env, working_dir,
-        /// user, group, [resources], [selector], max_instances, delay_release, max_attempts,
-        /// retry_on_error, task_timeout
+        /// user, group, users, groups, [resources], [selector], max_instances,
+        /// delay_release, max_attempts, retry_on_error, task_timeout, allow_root (executors
+        /// may run as root: only if the file says `allow_root = true` and the node runs
+        /// with --allow-root-executors; default false)
         file: PathBuf,
     },
     /// Replace a registered application's spec from its TOML file (new executors use it;
@@ -52,10 +54,7 @@ pub async fn run(global: &GlobalArgs, cmd: AppCommand) -> anyhow::Result<()> {
                 }
             })
             .await?;
-            println!(
-                "Application `{name}` registered: {}",
-                command_line(&info)
-            );
+            println!("Application `{name}` registered: {}", command_line(&info));
             Ok(())
         }
         AppCommand::Update { file } => {
@@ -66,7 +65,9 @@ pub async fn run(global: &GlobalArgs, cmd: AppCommand) -> anyhow::Result<()> {
                     Err(e) if e.kind() == Some(ErrorKind::NotFound) => {
                         Err(e).hint("`flame app register FILE` registers a new application")
                     }
-                    other => other.with_context(|| format!("cannot update from {}", file.display())),
+                    other => {
+                        other.with_context(|| format!("cannot update from {}", file.display()))
+                    }
                 }
             })
             .await?;
@@ -108,7 +109,8 @@ pub async fn run(global: &GlobalArgs, cmd: AppCommand) -> anyhow::Result<()> {
                 let removed = client.remove_application(&name).await;
                 match removed {
                     Err(e) if e.kind() == Some(ErrorKind::FailedPrecondition) => Err(e).hint(
-                        "close its sessions first (`flame session list`, `flame session close ID`) and wait until they finish",
+                        "end its sessions first: `flame session cancel ID` ends their tasks now; \
+                         `flame session close ID` lets them finish",
                     ),
                     other => Ok(other?),
                 }?;

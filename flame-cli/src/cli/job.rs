@@ -239,11 +239,14 @@ fn report_end(id: SessionId, job: &JobInfo) {
         JobState::Failed => match &job.failure {
             Some(f) => {
                 let first_line = f.message.lines().next().unwrap_or_default();
-                // The node's own message for a rank that exited says no more than the code.
-                let why = if first_line.starts_with("rank exited with status") {
-                    String::new()
-                } else {
-                    format!(": {first_line}")
+                // The node's own message for a rank that exited says no more than the code,
+                // unless the kernel killed it at its memory limit.
+                let why = match first_line.strip_prefix("rank exited with status") {
+                    Some(rest) => rest
+                        .split_once(": out of memory")
+                        .map(|(_, oom)| format!(": out of memory{oom}"))
+                        .unwrap_or_default(),
+                    None => format!(": {first_line}"),
                 };
                 let who = f
                     .rank

@@ -105,6 +105,7 @@ impl Core {
                 heartbeat_interval_ms: limits::HEARTBEAT_INTERVAL.as_millis() as u64,
                 grant_key: self.grant_key(),
                 inline_max: self.config.object_inline_max,
+                output_max: self.config.task_output_bytes_max,
             },
         );
         // A drain outlives reconnections and head restarts.
@@ -193,6 +194,12 @@ impl Core {
         }
         tracing::info!(node, executor = %report.executor, tasks = outstanding.len(), "adopted an executor");
         self.pool.next_executor = self.pool.next_executor.max(report.executor.0 + 1);
+        if report.ready {
+            self.pool.proven.insert((
+                AppName::from(report.application.as_str()),
+                OwnerName::from(report.owner.clone()),
+            ));
+        }
         self.pool.executors.insert(
             report.executor,
             ExecutorEntry {
@@ -269,6 +276,7 @@ impl Core {
                 let pool = (e.application.clone(), e.owner.clone());
                 self.pool.launch_backoff.remove(&pool);
                 self.pool.launch_errors.remove(&pool);
+                self.pool.proven.insert(pool);
                 e.phase = ExecutorPhase::Idle;
                 e.credit = credit.clamp(1, 1024);
                 e.quiet_since_ms = now_ms;
@@ -297,13 +305,10 @@ impl Core {
                 self.record_usage(session, id, node, usage, ended);
                 if let Some(e) = self.pool.executors.remove(&id) {
                     if e.phase == ExecutorPhase::Launching {
-                        let pause = self.back_off(&e.application, &e.owner, now_ms);
+                        let pause =
+                            self.launch_failed(&e.application, &e.owner, node, &reason, now_ms);
                         tracing::warn!(executor = %id, node, app = %e.application, owner = %e.owner,
                             %reason, retry_in_ms = pause, "executor failed to start");
-                        self.pool.launch_errors.insert(
-                            (e.application.clone(), e.owner.clone()),
-                            format!("on node {node}: {reason}"),
-                        );
                     } else if e.phase != ExecutorPhase::Releasing {
                         // A crash: relaunches of this application back off too, so a
                         // crashing application never runs in a hot loop.
@@ -344,7 +349,21 @@ impl Core {
         }
     }
 
-    pub(super) fn on_result(&mut self, node: &str, r: NodeTaskResult, now_ms: u64) {
+    pub(super) fn on_result(&mut self, node: &str, mut r: NodeTaskResult, now_ms: u64) {
+        // The node keeps no output over the limit; checked again for a node that did not.
+        let size = match &r.outcome {
+            TaskOutcome::Succeeded(b) => b.len() as u64,
+            TaskOutcome::Object(o) => o.size,
+            _ => 0,
+        };
+        if size > self.config.task_output_bytes_max {
+            r.outcome = TaskOutcome::Failed(format!(
+                "the task's output is {size} bytes; the head takes at most {} bytes per output \
+                 (flame-head --task-output-bytes-max): put larger results somewhere else and \
+                 return where",
+                self.config.task_output_bytes_max
+            ));
+        }
         let Some(e) = self.pool.executors.get_mut(&r.executor) else {
             return;
         };
@@ -523,9 +542,11 @@ impl Core {
         }
     }
 
-    /// Tasks whose executor is gone go back to pending with the next attempt. Only the
-    /// task it was running (the front) is charged for the loss: the ones queued behind it
-    /// never started. A task charged `max_attempts` times fails with `reason`.
+    /// Tasks whose executor is gone go back to pending. Only the task it was running (the
+    /// front) moves to its next attempt and is charged for the loss: the ones queued
+    /// behind it never started, so they keep their attempt (a late result of theirs is
+    /// still refused: it must come from the executor they run on, and executor ids are
+    /// never reused). A task charged `max_attempts` times fails with `reason`.
     pub(super) fn requeue(&mut self, tasks: VecDeque<(SessionId, TaskId)>, reason: &str) {
         self.requeue_as(tasks, reason, true);
     }
@@ -538,7 +559,9 @@ impl Core {
         charge: bool,
     ) {
         for (i, (sid, tid)) in tasks.into_iter().enumerate().rev() {
-            let charged = charge && i == 0;
+            // Results come back in dispatch order, so only the front had started.
+            let started = i == 0;
+            let charged = charge && started;
             if self.requeue_rebuild(sid, tid, reason) {
                 continue;
             }
@@ -589,7 +612,9 @@ impl Core {
                 }
             } else {
                 slot.slot = Slot::Pending;
-                slot.attempt += 1;
+                if started {
+                    slot.attempt += 1;
+                }
                 s.counts.running = take_one(s.counts.running, "running");
                 s.counts.pending += 1;
                 s.pending.push_front(tid);

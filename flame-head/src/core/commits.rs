@@ -110,6 +110,7 @@ impl Core {
                     Ok(()) => {
                         let name = spec.name.clone();
                         self.apps.insert(AppName::from(name.as_str()), *spec);
+                        self.forget_launches_of(&name);
                         if replace {
                             self.retire_executors_of(&name, now_ms);
                         }

@@ -354,6 +354,9 @@ pub struct CoreConfig {
     /// Task outputs above this many bytes stay in the node's object cache (told to nodes
     /// when they register).
     pub object_inline_max: u64,
+    /// Task outputs above this many bytes fail their task (told to nodes when they
+    /// register, checked again here).
+    pub task_output_bytes_max: u64,
     /// How long a pending task waits for an executor on a node holding its input object
     /// before any executor may take it ([`locality::LocalityQueue`]).
     pub locality_wait_ms: u64,
@@ -377,6 +380,7 @@ impl Default for CoreConfig {
                 .ok()
                 .map(std::sync::Arc::new),
             object_inline_max: limits::OBJECT_INLINE_BYTES_DEFAULT,
+            task_output_bytes_max: limits::TASK_OUTPUT_BYTES_MAX,
             locality_wait_ms: limits::LOCALITY_WAIT.as_millis() as u64,
             object_retention_ms: limits::SESSION_OBJECTS_RETENTION.as_millis() as u64,
         }

@@ -2,6 +2,7 @@
 //! each one's queue runs, and the backoff of applications whose executors keep failing.
 
 use super::*;
+use std::collections::HashSet;
 
 /// The executors room.
 #[derive(Debug)]
@@ -20,6 +21,10 @@ pub(super) struct Pool {
     /// Per application and owner: why its last executor failed to start, until one
     /// starts; shown to users as the reason their session waits.
     pub(super) launch_errors: HashMap<PoolKey, String>,
+    /// Per application and owner: an executor said ready since the application was
+    /// registered or updated, and no launch failed since. Other pools launch one executor
+    /// at a time (the scheduler's `AppView::probing`).
+    pub(super) proven: HashSet<PoolKey>,
     /// Owners' uids, durable before any launch uses one.
     pub(super) owner_uids: crate::owner_uids::OwnerUids,
 }
@@ -34,6 +39,7 @@ impl Pool {
             reservation_pending: false,
             launch_backoff: HashMap::new(),
             launch_errors: HashMap::new(),
+            proven: HashSet::new(),
             owner_uids,
         }
     }
@@ -121,6 +127,73 @@ impl Core {
             .min(LAUNCH_BACKOFF_MAX_MS);
         *not_before = now_ms + pause;
         pause
+    }
+
+    /// An executor of `application` for `owner` died before saying ready, on `node`, for
+    /// `reason`: launches back off, and the pool launches one executor at a time again. At
+    /// [`limits::APP_LAUNCH_FAILURES_MAX`] such deaths in a row, the sessions of that owner
+    /// and application that hold no executor end: their unfinished tasks fail, naming the
+    /// application and the last failure, instead of waiting for a start that does not
+    /// come. Returns the pause, in ms, before the next launch.
+    pub(super) fn launch_failed(
+        &mut self,
+        application: &AppName,
+        owner: &OwnerName,
+        node: &str,
+        reason: &str,
+        now_ms: u64,
+    ) -> u64 {
+        let pause = self.back_off(application, owner, now_ms);
+        let pool = (application.clone(), owner.clone());
+        self.pool.proven.remove(&pool);
+        let last = format!("on node {node}: {reason}");
+        self.pool.launch_errors.insert(pool.clone(), last.clone());
+        let failures = self.pool.launch_backoff.get(&pool).map_or(0, |b| b.0);
+        if failures < limits::APP_LAUNCH_FAILURES_MAX
+            || application.starts_with(JOB_APPLICATION_PREFIX)
+        {
+            // A job's rank that fails to start fails its job at once (`job_rank_lost`).
+            return pause;
+        }
+        let waiting: Vec<SessionId> = self
+            .tasks
+            .sessions
+            .values()
+            .filter(|s| {
+                s.stored.application == application.as_str()
+                    && owner_name(&s.stored.owner) == owner.as_str()
+                    && !s.finished
+                    && !s.cancelled
+                    && s.counts.unfinished() > 0
+            })
+            .map(|s| s.stored.id)
+            .filter(|&id| self.executors_of(id) == 0)
+            .collect();
+        let message = format!(
+            "application `{application}` failed to start {failures} times in a row (the limit \
+             is {}); the last {last}",
+            limits::APP_LAUNCH_FAILURES_MAX
+        );
+        for id in waiting {
+            tracing::warn!(session = %id, app = %application, %owner, failures, "ending a session whose application does not start");
+            self.end_unfinished(id, TaskOutcome::Failed(message.clone()), None, now_ms);
+        }
+        pause
+    }
+
+    /// `application` was registered or updated: what its earlier executors did says
+    /// nothing about the new spec, so launch failures, their backoff and what was proven
+    /// are forgotten, for every owner.
+    pub(super) fn forget_launches_of(&mut self, application: &str) {
+        self.pool
+            .launch_backoff
+            .retain(|(app, _), _| app.as_str() != application);
+        self.pool
+            .launch_errors
+            .retain(|(app, _), _| app.as_str() != application);
+        self.pool
+            .proven
+            .retain(|(app, _)| app.as_str() != application);
     }
 
     /// What the executors alive on `node` hold.

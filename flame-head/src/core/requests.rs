@@ -339,6 +339,49 @@ impl Core {
         });
     }
 
+    /// Why application `name` cannot go: its unfinished sessions (the first few by id),
+    /// and how to end them: when its executors fail to start, their tasks cannot finish,
+    /// so only a cancel ends them.
+    fn busy_application(&self, name: &str) -> String {
+        const SHOWN: usize = 8;
+        let ids: Vec<String> = self
+            .tasks
+            .sessions
+            .values()
+            .filter(|s| s.stored.application == name && !s.finished)
+            .map(|s| s.stored.id.to_string())
+            .collect();
+        let mut listed = ids
+            .iter()
+            .take(SHOWN)
+            .cloned()
+            .collect::<Vec<_>>()
+            .join(", ");
+        if ids.len() > SHOWN {
+            listed.push_str(&format!(" and {} more", ids.len() - SHOWN));
+        }
+        let failing = self
+            .pool
+            .launch_errors
+            .iter()
+            .find(|((app, _), _)| app.as_str() == name)
+            .map(|(_, why)| why.as_str());
+        match failing {
+            Some(why) => format!(
+                "application `{name}` has {} unfinished session(s) ({listed}); its executors \
+                 fail to start (the last {why}), so their tasks cannot finish: cancel them \
+                 (`flame session cancel ID`)",
+                ids.len()
+            ),
+            None => format!(
+                "application `{name}` has {} unfinished session(s) ({listed}); cancel them \
+                 (`flame session cancel ID`), or close them (`flame session close ID`) and \
+                 wait until their tasks finish",
+                ids.len()
+            ),
+        }
+    }
+
     /// Removes an application that has no unfinished session, durably.
     fn remove_application(&mut self, name: String, reply: ReplyId) {
         let error = |kind, msg: String| ClientResponse::Error(api(kind, msg));
@@ -350,13 +393,7 @@ impl Core {
         if info.open_sessions > 0 {
             return self.out.reply(
                 reply,
-                error(
-                    ErrorKind::FailedPrecondition,
-                    format!(
-                        "application `{name}` has {} unfinished session(s); close them and let them finish first",
-                        info.open_sessions
-                    ),
-                ),
+                error(ErrorKind::FailedPrecondition, self.busy_application(&name)),
             );
         }
         self.apps.remove(name.as_str());
@@ -546,6 +583,13 @@ impl Core {
             return;
         }
         let id = SessionId(self.tasks.next_session);
+        if let Some(why) = self.never_fits(&spec, id) {
+            self.out.reply(
+                reply,
+                ClientResponse::Error(api(ErrorKind::FailedPrecondition, why)),
+            );
+            return;
+        }
         // Ids only grow, and one is never handed out twice (the counter is durable
         // before the id reaches anyone).
         assert!(
@@ -627,6 +671,28 @@ impl Core {
             entry: Box::new(entry),
             reply,
         });
+    }
+
+    /// Why the executors `spec` asks for (a job's ranks all together) could never be
+    /// placed on the nodes this head knows, if so (`scheduler::never_fits_cluster`).
+    fn never_fits(&self, spec: &SessionSpec, id: SessionId) -> Option<String> {
+        let (app, gang) = match &spec.job {
+            Some(job) => (
+                super::schedule::app_view(&job.application(id), BTreeMap::new()),
+                Some(scheduler::Gang {
+                    ranks: job.ranks,
+                    ranks_per_node: job.ranks_per_node,
+                }),
+            ),
+            None => (
+                super::schedule::app_view(
+                    self.apps.get(spec.application.as_str())?,
+                    BTreeMap::new(),
+                ),
+                None,
+            ),
+        };
+        scheduler::never_fits_cluster(&self.node_views(), &app, gang)
     }
 
     /// Whether `spec` may open a session: a valid job, or a registered application that

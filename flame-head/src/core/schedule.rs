@@ -113,6 +113,23 @@ impl Core {
         data
     }
 
+    /// Every node the head knows, as the scheduler sees it (Ready or not).
+    pub(super) fn node_views(&self) -> Vec<scheduler::NodeView> {
+        self.cluster
+            .nodes
+            .iter()
+            .map(|(name, n)| scheduler::NodeView {
+                name: name.to_string(),
+                ready: n.conn.is_some(),
+                cpu_millis: n.registration.allocatable.cpu_millis,
+                memory_bytes: n.registration.allocatable.memory_bytes,
+                gpus: n.registration.allocatable.gpus.len() as u32,
+                labels: n.registration.labels.clone(),
+                draining: n.draining,
+            })
+            .collect()
+    }
+
     /// What the scheduler decides from.
     pub(super) fn snapshot(&self, now_ms: u64) -> Snapshot {
         // Sessions holding an executor, found in one pass rather than once per session.
@@ -133,32 +150,33 @@ impl Core {
                 );
             }
         }
+        // Per application, the owners with work whose executors are not known to start.
+        let mut probing: BTreeMap<&str, BTreeSet<String>> = BTreeMap::new();
+        for s in self.tasks.sessions.values() {
+            if s.finished || s.counts.unfinished() == 0 {
+                continue;
+            }
+            let owner = owner_name(&s.stored.owner);
+            let pool = (
+                AppName::from(s.stored.application.as_str()),
+                OwnerName::of(owner),
+            );
+            if !self.pool.proven.contains(&pool) {
+                probing
+                    .entry(s.stored.application.as_str())
+                    .or_default()
+                    .insert(owner.to_string());
+            }
+        }
         Snapshot {
             now_ms,
-            nodes: self
-                .cluster
-                .nodes
-                .iter()
-                .map(|(name, n)| scheduler::NodeView {
-                    name: name.to_string(),
-                    ready: n.conn.is_some(),
-                    cpu_millis: n.registration.allocatable.cpu_millis,
-                    memory_bytes: n.registration.allocatable.memory_bytes,
-                    gpus: n.registration.allocatable.gpus.len() as u32,
-                    labels: n.registration.labels.clone(),
-                    draining: n.draining,
-                })
-                .collect(),
+            nodes: self.node_views(),
             applications: self
                 .apps
                 .values()
                 .map(|a| scheduler::AppView {
-                    name: a.name.clone(),
-                    max_instances: a.max_instances,
-                    delay_release_ms: a.delay_release_ms,
-                    resources: a.resources,
-                    selector: a.selector.clone(),
-                    backing_off: backing_off.remove(a.name.as_str()).unwrap_or_default(),
+                    probing: probing.remove(a.name.as_str()).unwrap_or_default(),
+                    ..app_view(a, backing_off.remove(a.name.as_str()).unwrap_or_default())
                 })
                 .collect(),
             sessions: self
@@ -585,5 +603,22 @@ fn count_input(data: &mut DataStats, object: &ObjectRef, local: bool) {
         data.local_bytes = data.local_bytes.saturating_add(object.size);
     } else {
         data.fetched_bytes = data.fetched_bytes.saturating_add(object.size);
+    }
+}
+
+/// What the scheduler sees of `spec`, whose launches for the owners in `backing_off` back
+/// off now.
+pub(super) fn app_view(
+    spec: &ApplicationSpec,
+    backing_off: BTreeMap<String, Option<String>>,
+) -> scheduler::AppView {
+    scheduler::AppView {
+        name: spec.name.clone(),
+        max_instances: spec.max_instances,
+        delay_release_ms: spec.delay_release_ms,
+        resources: spec.resources,
+        selector: spec.selector.clone(),
+        backing_off,
+        probing: BTreeSet::new(),
     }
 }

@@ -34,6 +34,7 @@ fn big_snapshot() -> Snapshot {
             max_instances: 100_000,
             delay_release_ms: 60_000,
             backing_off: BTreeMap::new(),
+            probing: Default::default(),
             resources: Resources {
                 cpu_millis: 500 + (i % 4) * 250,
                 memory_bytes: Some(1 << 30),

@@ -164,6 +164,7 @@ mod tests {
                 },
                 selector: BTreeMap::new(),
                 backing_off: BTreeMap::new(),
+                probing: Default::default(),
             }],
             sessions: vec![SessionView {
                 id: SessionId(1),

@@ -43,13 +43,15 @@
 //! finished plan); `gangs.rs` and `units.rs` phases 6 and 7; `fair_share.rs` the targets;
 //! `room.rs` the room per node ([`Free`](room::Free), GPU room kept, gang placement, nodes
 //! by free cpu); `owners.rs` who is served next and who may give to whom; `reasons.rs` why
-//! a session waits; `locality.rs` the node a new executor prefers by where its session's
+//! a session waits; `admission.rs` whether a new session's request could ever be placed
+//! ([`never_fits_cluster`], asked when it opens); `locality.rs` the node a new executor prefers by where its session's
 //! data lies ([`DataNodes`], given beside the snapshot to [`plan_with_data`]).
 //!
 //! [`Planner`]: planner::Planner
 //! [`Holdings`]: owners::Holdings
 //! [`UnitQueue`]: owners::UnitQueue
 
+mod admission;
 mod fair_share;
 mod gangs;
 mod locality;
@@ -66,6 +68,7 @@ mod properties;
 #[cfg(test)]
 mod tests;
 
+pub use admission::never_fits_cluster;
 pub use fair_share::{fair_shares, ShareRequest};
 use flame_protocol::model::Resources;
 use flame_protocol::{ExecutorId, SessionId};
@@ -103,6 +106,11 @@ pub struct AppView {
     /// crashing the application), with why their last executor failed to start, if none
     /// has started since.
     pub backing_off: BTreeMap<String, Option<String>>,
+    /// Owners for whom no executor of it is known to start (none said ready since it was
+    /// registered or updated, or the last launch failed): one is launched at a time until
+    /// one says ready, so an application that never starts holds one executor's room at a
+    /// time, not the room its sessions' demand would take.
+    pub probing: std::collections::BTreeSet<String>,
 }
 
 impl AppView {

@@ -120,6 +120,9 @@ pub(super) struct Planner<'a> {
     pub(super) idle_by_pool: BTreeMap<Pool<'a>, Vec<&'a ExecutorView>>,
     /// Launches in flight per pool, less those already counted for a session.
     pub(super) launching_by_pool: BTreeMap<Pool<'a>, u64>,
+    /// Pools with a launch in flight or made in this plan: a pool whose owner its
+    /// application is `probing` for launches no more until one says ready.
+    pub(super) launched: std::collections::BTreeSet<Pool<'a>>,
 
     // 6. Gangs.
     /// Nodes reserved for a gang: nothing new goes there.
@@ -246,6 +249,7 @@ impl<'a> Planner<'a> {
             unbinding_by_pool: BTreeMap::new(),
             idle_by_pool: BTreeMap::new(),
             launching_by_pool: BTreeMap::new(),
+            launched: Default::default(),
             reserved: vec![false; per_node],
             decisions: Vec::new(),
             waiting: BTreeMap::new(),
@@ -572,6 +576,7 @@ impl<'a> Planner<'a> {
                 ExecutorPhase::Idle => self.idle_by_pool.entry(pool_of(e)).or_default().push(e),
                 ExecutorPhase::Launching => {
                     *self.launching_by_pool.entry(pool_of(e)).or_default() += 1;
+                    self.launched.insert(pool_of(e));
                 }
                 _ => {}
             }

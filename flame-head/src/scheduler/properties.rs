@@ -104,6 +104,7 @@ fn arb_snapshot() -> impl Strategy<Value = Snapshot> {
                         max_instances,
                         delay_release_ms: 1000,
                         backing_off: BTreeMap::new(),
+                        probing: Default::default(),
                         resources: resources_of(a),
                         selector: BTreeMap::new(),
                     })

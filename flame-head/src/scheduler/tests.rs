@@ -20,6 +20,7 @@ fn app(name: &str, max: u32) -> AppView {
         max_instances: max,
         delay_release_ms: 1000,
         backing_off: BTreeMap::new(),
+        probing: Default::default(),
         resources: Resources::default(),
         selector: BTreeMap::new(),
     }

@@ -125,6 +125,16 @@ impl<'a> Planner<'a> {
                 .or_insert_with(|| backing_off(app, &s.owner));
         }
         while need > 0 {
+            if app.probing.contains(&s.owner) && self.launched.contains(&pool) {
+                self.waiting.entry(s.id).or_insert_with(|| {
+                    format!(
+                        "waiting for an executor of `{}` to say ready (one is launched at a \
+                         time until one does)",
+                        app.name
+                    )
+                });
+                break;
+            }
             if !self.one_more_unit(s, app, launchable, search) {
                 break;
             }
@@ -225,6 +235,7 @@ impl<'a> Planner<'a> {
             owner: s.owner.clone(),
         });
         *self.live_per_app.entry(app_name).or_default() += 1;
+        self.launched.insert(session_pool(s));
         true
     }
 

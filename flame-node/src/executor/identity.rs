@@ -119,13 +119,16 @@ pub(super) fn credentials_for(
     }
     if credentials.uid == 0 && !(settings.allow_root && app.allow_root) {
         let who = match (settings.allow_root, app.allow_root) {
-            (false, false) => "neither the application (allow_root = true) nor this node (--allow-root-executors) allows",
-            (false, true) => "this node does not allow (see --allow-root-executors)",
-            _ => "the application does not allow (allow_root = true in its spec)",
+            (false, false) => {
+                "neither the application (`allow_root = true` in its file) nor this node \
+                 (`flame-node --allow-root-executors`) allows it"
+            }
+            (false, true) => "this node does not allow it (`flame-node --allow-root-executors`)",
+            _ => "the application does not allow it (`allow_root = true` in its file)",
         };
         return Err(format!(
             "`{user}` is root, and executors run as root only when both the application \
-             and the node allow it: {who} it"
+             and the node allow it: {who}"
         ));
     }
     Ok(Some(credentials))

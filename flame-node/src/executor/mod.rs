@@ -38,8 +38,15 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 
-/// How long an application may take to say ready after it starts.
+/// How long an application may take to say ready after it starts, by default
+/// (`flame-node --start-timeout`). An application that does not is killed and the launch
+/// counts as failed (`limits::APP_LAUNCH_FAILURES_MAX`).
 pub const START_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Bounds of `flame-node --start-timeout`.
+pub const START_TIMEOUT_MIN: Duration = Duration::from_secs(1);
+/// See [`START_TIMEOUT_MIN`].
+pub const START_TIMEOUT_MAX: Duration = Duration::from_secs(600);
 /// How long an application may take to enter or leave a session.
 pub const ENTER_LEAVE_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long a released application has to exit after its stdin closes.
@@ -93,6 +100,8 @@ pub struct Settings {
     /// The node's object cache; `None` when its object service is off (`--object-listen
     /// off`): object inputs then fail, and outputs stay inline.
     pub objects: Option<Arc<objects::NodeObjects>>,
+    /// How long an application may take to say ready ([`START_TIMEOUT`] by default).
+    pub start_timeout: Duration,
 }
 
 /// A command to start inside a rank's allocation ([`Settings::rank_holds`]).

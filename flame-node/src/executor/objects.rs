@@ -27,6 +27,9 @@ pub struct NodeObjects {
     pub grant_key: GrantKeyCell,
     /// Outputs larger than this are kept as objects (from the head's `Registered`).
     inline_max: AtomicU64,
+    /// Task outputs larger than this fail their task (the head's
+    /// `--task-output-bytes-max`, learnt at registration).
+    output_max: AtomicU64,
     /// Fetches at once, for executors and the head's replications
     /// ([`limits::NODE_OBJECT_FETCHES_MAX`]).
     fetches: Arc<Semaphore>,
@@ -63,6 +66,7 @@ impl NodeObjects {
             client,
             grant_key: GrantKeyCell::default(),
             inline_max: AtomicU64::new(limits::OBJECT_INLINE_BYTES_DEFAULT),
+            output_max: AtomicU64::new(limits::TASK_OUTPUT_BYTES_MAX),
             fetches: Arc::new(Semaphore::new(limits::NODE_OBJECT_FETCHES_MAX)),
             port: service.port,
             advertise: service.advertise,
@@ -86,6 +90,11 @@ impl NodeObjects {
     /// The head's threshold for outputs, from its `Registered`.
     pub fn set_inline_max(&self, bytes: u64) {
         self.inline_max.store(bytes, Ordering::Relaxed);
+    }
+
+    /// Sets the largest task output kept (the head's, from its registration answer).
+    pub fn set_output_max(&self, bytes: u64) {
+        self.output_max.store(bytes, Ordering::Relaxed);
     }
 
     /// The input's bytes: inline as they are, an object from the cache, else fetched from
@@ -228,6 +237,10 @@ impl NodeObjects {
     ) -> flame_protocol::model::TaskOutcome {
         use flame_protocol::model::TaskOutcome;
         let size = out.len() as u64;
+        let output_max = self.output_max.load(Ordering::Relaxed);
+        if size > output_max {
+            return TaskOutcome::Failed(output_too_large(size, output_max));
+        }
         if size <= self.inline_max.load(Ordering::Relaxed) {
             return TaskOutcome::Succeeded(out);
         }
@@ -255,6 +268,15 @@ impl NodeObjects {
             )),
         }
     }
+}
+
+/// Why a task whose output is `size` bytes failed, the limit being `max`.
+pub fn output_too_large(size: u64, max: u64) -> String {
+    format!(
+        "the task's output is {size} bytes; the head takes at most {max} bytes per output \
+         (flame-head --task-output-bytes-max): put larger results somewhere else and return \
+         where"
+    )
 }
 
 #[cfg(test)]
@@ -303,6 +325,29 @@ mod tests {
             .await
             .unwrap_err();
         assert!(err.contains(&object.id.to_string()), "{err}");
+    }
+
+    #[tokio::test]
+    async fn an_output_over_the_heads_limit_fails_its_task_and_is_not_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let o = objects(1 << 20, dir.path());
+        o.set_inline_max(4);
+        o.set_output_max(16);
+        let at = o.output("a", SessionId(1), vec![1u8; 16].into()).await;
+        assert!(matches!(at, TaskOutcome::Object(_)), "{at:?}");
+        let over = o.output("a", SessionId(1), vec![2u8; 17].into()).await;
+        let TaskOutcome::Failed(why) = over else {
+            panic!("{over:?}");
+        };
+        assert!(
+            why.contains("17 bytes") && why.contains("at most 16 bytes"),
+            "{why}"
+        );
+        let kept = ObjectRef::of(&Bytes::from(vec![2u8; 17]));
+        assert!(o
+            .resolve("a", SessionId(1), &Payload::Object(kept), None)
+            .await
+            .is_err());
     }
 
     #[tokio::test]

@@ -79,7 +79,8 @@ pub(super) async fn drive(
                         RankEnd::Exited(0) => (TaskOutcome::Succeeded(Bytes::new()), Some(0)),
                         RankEnd::Exited(code) => (
                             TaskOutcome::Failed(format!(
-                                "rank exited with status {code}{}",
+                                "rank exited with status {code}{}{}",
+                                out_of_memory(prepared, spec),
                                 tail_text(prepared.err_log.as_ref().unwrap_or(&prepared.log))
                             )),
                             Some(code),
@@ -105,6 +106,24 @@ pub(super) async fn drive(
             Command::Release => return "released".to_string(),
         }
     }
+}
+
+/// `": out of memory (limit X) …"` when the kernel killed a process of the rank's cgroup
+/// at its memory limit (the cgroup's OOM-kill counter, v1 or v2, as sessions' executors
+/// report it), else nothing: a status such as 137 alone does not say why.
+fn out_of_memory(prepared: &Prepared, spec: &LaunchSpec) -> String {
+    let oom_kills = prepared.usage_now().map_or(0, |u| u.oom_kills);
+    if oom_kills == 0 {
+        return String::new();
+    }
+    let limit = spec.application.resources.memory_bytes.map_or_else(
+        || "none set".to_string(),
+        flame_protocol::model::format_bytes,
+    );
+    format!(
+        ": out of memory (limit {limit}): the kernel killed it at the rank's memory limit \
+         (raise --mem-per-rank)"
+    )
 }
 
 /// How a rank's task ended.

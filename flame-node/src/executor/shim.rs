@@ -10,9 +10,7 @@
 
 use super::objects::NodeObjects;
 use super::prepared::{environment, tail_text, Prepared};
-use super::{
-    LaunchSpec, Report, Reports, Settings, ENTER_LEAVE_TIMEOUT, EXIT_GRACE, START_TIMEOUT,
-};
+use super::{LaunchSpec, Report, Reports, Settings, ENTER_LEAVE_TIMEOUT, EXIT_GRACE};
 use crate::cgroup::ExecutorCgroup;
 use crate::launcher::{ProcessSpec, StdioMode};
 use crate::lifecycle::Phase;
@@ -386,7 +384,7 @@ impl App {
                 return Err("the unix shim has no socket directory".to_string());
             };
             let connected = tokio::select! {
-                c = connect_when_listening(&socket, START_TIMEOUT, child.wait()) => c.map_err(|e| e.to_string()),
+                c = connect_when_listening(&socket, settings.start_timeout, child.wait()) => c.map_err(|e| e.to_string()),
                 _ = kill => Err("killed by the node".to_string()),
             };
             match connected {
@@ -410,10 +408,14 @@ impl App {
             shim: NodeShim::new(reader, writer, limits::FRAME_BYTES_MAX),
             log,
         };
-        let why = match tokio::time::timeout(START_TIMEOUT, app.shim.wait_ready()).await {
+        let start_timeout = settings.start_timeout;
+        let why = match tokio::time::timeout(start_timeout, app.shim.wait_ready()).await {
             Ok(Ok(())) => return Ok(app),
             Ok(Err(e)) => format!("the application failed to start: {e}"),
-            Err(_) => format!("the application did not say ready within {START_TIMEOUT:?}"),
+            Err(_) => format!(
+                "the application did not say ready within {} (flame-node --start-timeout)",
+                humantime::format_duration(start_timeout)
+            ),
         };
         Err(app.fail(why).await)
     }

@@ -288,7 +288,7 @@ async fn a_shared_identity_is_flagged_and_built_ins_never_run_as_root() {
         .unwrap();
     let why = waiting_reason(&cluster, &session, "is root").await;
     assert!(
-        why.contains("the application does not allow (allow_root = true in its spec)"),
+        why.contains("the application does not allow it (`allow_root = true` in its file)"),
         "{why}"
     );
     client.cancel_session(session.id()).await.unwrap();

@@ -444,10 +444,29 @@ fn gpus_selectors_secrets_usage_and_updates() {
         0,
     );
     h.step();
+    // The first executor of an application is launched alone; once it says ready, the
+    // next follows.
     let mut launched = Vec::new();
-    for c in commands_in(h.core.frames(2)) {
-        if let NodeCommand::Launch { executor, gpus, .. } = c {
-            launched.push((executor, gpus));
+    for round in 0..2 {
+        let before = launched.len();
+        for c in commands_in(h.core.frames(2)) {
+            if let NodeCommand::Launch { executor, gpus, .. } = c {
+                launched.push((executor, gpus));
+            }
+        }
+        assert_eq!(launched.len(), before + 1, "round {round}: {launched:?}");
+        if round == 0 {
+            h.core.handle(
+                Event::NodeMessage {
+                    conn: 2,
+                    message: NodeToHead::ExecutorEvents(vec![ExecutorEvent::Ready {
+                        executor: launched[0].0,
+                        credit: 1,
+                    }]),
+                },
+                0,
+            );
+            h.step();
         }
     }
     let mut gpus: Vec<Vec<u32>> = launched.iter().map(|(_, g)| g.clone()).collect();
@@ -916,8 +935,10 @@ fn a_node_back_after_a_blip_cannot_complete_requeued_tasks() {
         0,
     );
     h.step();
-    // The head re-queued them with the next attempt, so the report's attempts are stale:
-    // nothing is adopted as running, and the stale results are refused.
+    // The head re-queued them. The one that was running moved to its next attempt, so the
+    // report's attempt of it is stale: it is not adopted, and its result is refused. The
+    // one queued behind it never started and kept its attempt: the executor the node
+    // still runs it on is adopted with it, and its result counts.
     h.conn = 2;
     h.core.handle(
         Event::NodeConnected {
@@ -955,11 +976,14 @@ fn a_node_back_after_a_blip_cannot_complete_requeued_tasks() {
     h.step();
     let rerun: Vec<TaskAssignment> = runs_sent(&mut h);
     assert_eq!(
-        rerun.len(),
-        2,
-        "the tasks run again on the adopted executor"
+        rerun
+            .iter()
+            .map(|a| (a.task, a.attempt))
+            .collect::<Vec<_>>(),
+        [(runs[0].task, 2)],
+        "the task that was running runs again on the adopted executor"
     );
-    assert!(rerun.iter().all(|a| a.attempt == 2));
+    assert_eq!(runs[1].attempt, 1);
     h.core.handle(
         Event::NodeMessage {
             conn: 2,
@@ -981,8 +1005,11 @@ fn a_node_back_after_a_blip_cannot_complete_requeued_tasks() {
     h.step();
     match h.client(ClientRequest::GetSession { id: sid }) {
         ClientResponse::Session(info) => {
-            assert_eq!(info.counts.succeeded, 0, "stale results were refused");
-            assert_eq!(info.counts.running, 2);
+            assert_eq!(
+                info.counts.succeeded, 1,
+                "the stale result was refused, the adopted task's taken"
+            );
+            assert_eq!(info.counts.running, 1);
         }
         other => panic!("{other:?}"),
     }
@@ -1172,4 +1199,132 @@ fn runs_sent(h: &mut Harness) -> Vec<TaskAssignment> {
             _ => None,
         })
         .collect()
+}
+
+/// The attempts of a session's unfinished tasks, in task order.
+fn attempts(h: &mut Harness, session: SessionId) -> Vec<(u32, Option<String>)> {
+    let rx = h.core.request(
+        Request::ListTasks {
+            session,
+            states: vec![],
+            after: TaskId(0),
+            limit: 100,
+        },
+        h.now,
+    );
+    h.step();
+    match h.core.answer(rx) {
+        Some(Ok(Some(list))) => list
+            .into_iter()
+            .map(|t: flame_protocol::model::TaskInfo| (t.attempt, t.message))
+            .collect(),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn only_the_task_an_executor_ran_moves_to_its_next_attempt_when_it_crashes() {
+    let mut h = Harness::new();
+    let sid = session_id(h.client(ClientRequest::CreateSession(SessionSpec::new("ping"))));
+    let _ = h.core.request(
+        Request::Submit {
+            session: sid,
+            batch_id: 1,
+            inputs: (0..3)
+                .map(|_| Bytes::from_static(b"crash").into())
+                .collect(),
+        },
+        h.now,
+    );
+    h.step();
+    // Each executor takes the three tasks in order and crashes in the first: only that
+    // one is charged, three times, and fails at attempt 3; the two queued behind it
+    // never started and are still at their first attempt.
+    for crash in 1..=3 {
+        let executor = match &h.commands()[..] {
+            [NodeCommand::Launch { executor, .. }] => *executor,
+            other => panic!("crash {crash}: {other:?}"),
+        };
+        h.node(NodeToHead::ExecutorEvents(vec![ExecutorEvent::Ready {
+            executor,
+            credit: 8,
+        }]));
+        let runs = runs_sent(&mut h);
+        assert_eq!(
+            runs.iter()
+                .map(|a| (a.task.0, a.attempt))
+                .collect::<Vec<_>>(),
+            [(1, crash), (2, 1), (3, 1)],
+            "crash {crash}"
+        );
+        h.node(NodeToHead::ExecutorEvents(vec![ExecutorEvent::Exited {
+            usage: Default::default(),
+            executor,
+            reason: "killed by signal 11".into(),
+        }]));
+        h.now += LAUNCH_BACKOFF_MIN_MS;
+        tick(&mut h);
+    }
+    let tasks = attempts(&mut h, sid);
+    assert_eq!(tasks.len(), 3);
+    assert_eq!(tasks[0].0, 3);
+    assert!(
+        tasks[0]
+            .1
+            .as_deref()
+            .is_some_and(|m| m.starts_with("failed 3 time(s), the limit is 3")),
+        "{tasks:?}"
+    );
+    assert_eq!((tasks[1].0, tasks[2].0), (1, 1), "{tasks:?}");
+}
+
+#[test]
+fn an_output_over_the_heads_limit_fails_its_task() {
+    let mut h = Harness::with_config(CoreConfig {
+        task_output_bytes_max: 4,
+        ..CoreConfig::default()
+    });
+    let sid = session_id(h.client(ClientRequest::CreateSession(SessionSpec::new("ping"))));
+    let _ = h.core.request(
+        Request::Submit {
+            session: sid,
+            batch_id: 1,
+            inputs: (0..2).map(|_| Bytes::from_static(b"x").into()).collect(),
+        },
+        h.now,
+    );
+    h.step();
+    let executor = match &h.commands()[..] {
+        [NodeCommand::Launch { executor, .. }] => *executor,
+        other => panic!("{other:?}"),
+    };
+    h.node(NodeToHead::ExecutorEvents(vec![ExecutorEvent::Ready {
+        executor,
+        credit: 8,
+    }]));
+    let runs = runs_sent(&mut h);
+    assert_eq!(runs.len(), 2);
+    let outputs: [&'static [u8]; 2] = [b"four", b"five!"];
+    h.node(NodeToHead::Results(
+        runs.iter()
+            .zip(outputs)
+            .map(|(a, out)| NodeTaskResult {
+                exit_code: None,
+                executor,
+                session: sid,
+                task: a.task,
+                attempt: a.attempt,
+                outcome: TaskOutcome::Succeeded(Bytes::from_static(out)),
+            })
+            .collect(),
+    ));
+    let tasks = attempts(&mut h, sid);
+    assert_eq!(tasks[0].1, None, "{tasks:?}");
+    assert!(
+        tasks[1]
+            .1
+            .as_deref()
+            .is_some_and(|m| m.contains("output is 5 bytes") && m.contains("at most 4 bytes")),
+        "{tasks:?}"
+    );
 }
