@@ -612,20 +612,14 @@ impl ClientConfig {
     }
 }
 
-/// A byte count from a setting: a number of bytes, or a size with a unit (`64KiB`,
-/// `1 MB`).
+/// A byte count from a setting: a number of bytes, or a size with a binary unit (`64K`,
+/// `1 MiB`); see [`crate::units::parse_size`].
 fn parse_bytes(setting: &str, value: &str) -> Result<u64, ConfigError> {
-    let text = value.trim();
-    if let Ok(bytes) = text.parse::<u64>() {
-        return Ok(bytes);
-    }
-    text.parse::<bytesize::ByteSize>()
-        .map(|size| size.as_u64())
-        .map_err(|_| ConfigError::Invalid {
-            setting: setting.to_string(),
-            value: value.chars().take(80).collect(),
-            reason: "expected a number of bytes, or a size such as 100KiB or 1MiB".to_string(),
-        })
+    crate::units::parse_size(value).map_err(|e| ConfigError::Invalid {
+        setting: setting.to_string(),
+        value: value.chars().take(80).collect(),
+        reason: e.to_string(),
+    })
 }
 
 /// The configuration files a client reads, in order: the user's, then the system's.

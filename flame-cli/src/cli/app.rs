@@ -1,6 +1,7 @@
 //! `flame app ...`
 
 use super::GlobalArgs;
+use crate::render::outln;
 use crate::render::{self, number, text, OutputArgs, OutputFormat};
 use anyhow::Context as _;
 use clap::Subcommand;
@@ -52,10 +53,10 @@ pub async fn run(global: &GlobalArgs, cmd: AppCommand) -> anyhow::Result<()> {
                 }
             })
             .await?;
-            println!(
+            outln!(
                 "Application `{name}` registered: {}",
                 command_line(&info)
-            );
+            )?;
             Ok(())
         }
         AppCommand::Update { file } => {
@@ -70,7 +71,7 @@ pub async fn run(global: &GlobalArgs, cmd: AppCommand) -> anyhow::Result<()> {
                 }
             })
             .await?;
-            println!("Application `{name}` updated: {}", command_line(&info));
+            outln!("Application `{name}` updated: {}", command_line(&info))?;
             Ok(())
         }
         AppCommand::List(out) => {
@@ -81,11 +82,11 @@ pub async fn run(global: &GlobalArgs, cmd: AppCommand) -> anyhow::Result<()> {
             match out.output {
                 OutputFormat::Json => render::print_json(&apps),
                 OutputFormat::Table if apps.is_empty() => {
-                    println!("No applications are registered.");
+                    outln!("No applications are registered.")?;
                     Ok(())
                 }
                 OutputFormat::Table => {
-                    print_list(&apps);
+                    print_list(&apps)?;
                     Ok(())
                 }
             }
@@ -98,7 +99,7 @@ pub async fn run(global: &GlobalArgs, cmd: AppCommand) -> anyhow::Result<()> {
             match output.output {
                 OutputFormat::Json => render::print_json(&info),
                 OutputFormat::Table => {
-                    print_one(&info);
+                    print_one(&info)?;
                     Ok(())
                 }
             }
@@ -112,7 +113,7 @@ pub async fn run(global: &GlobalArgs, cmd: AppCommand) -> anyhow::Result<()> {
                     ),
                     other => Ok(other?),
                 }?;
-                println!("Application `{name}` removed.");
+                outln!("Application `{name}` removed.")?;
                 Ok(())
             })
             .await
@@ -136,7 +137,7 @@ fn shim(info: &ApplicationInfo) -> String {
     info.spec.shim.to_string()
 }
 
-fn print_list(apps: &[ApplicationInfo]) {
+fn print_list(apps: &[ApplicationInfo]) -> anyhow::Result<()> {
     let columns = [
         text("Name"),
         text("Shim"),
@@ -162,10 +163,11 @@ fn print_list(apps: &[ApplicationInfo]) {
             ]
         })
         .collect();
-    render::print_table(&columns, rows);
+    render::print_table(&columns, rows)?;
+    Ok(())
 }
 
-fn print_one(info: &ApplicationInfo) {
+fn print_one(info: &ApplicationInfo) -> anyhow::Result<()> {
     let spec = &info.spec;
     let env = if spec.env.is_empty() {
         "-".to_string()
@@ -262,5 +264,6 @@ fn print_one(info: &ApplicationInfo) {
             "Open sessions",
             render::group(u64::from(info.open_sessions)),
         ),
-    ]);
+    ])?;
+    Ok(())
 }

@@ -4,6 +4,7 @@
 use super::signals::StopSignals;
 use super::GlobalArgs;
 use crate::render::group;
+use crate::render::outln;
 use anyhow::{anyhow, bail, Context as _};
 use bytes::{Bytes, BytesMut};
 use clap::Args;
@@ -26,6 +27,8 @@ pub const PING_APPLICATION: &str = "ping";
 pub const PING_TASKS_MAX: u64 = 10_000_000;
 /// Most input bytes one run holds: every input is kept to check its output.
 pub const PING_INPUT_BYTES_TOTAL_MAX: u64 = 1 << 30;
+/// How long Ctrl-C waits for the head to confirm that the session is cancelled.
+pub const CANCEL_WAIT_MAX: Duration = Duration::from_secs(10);
 /// Failures quoted in the report; the rest are only counted.
 pub const PING_PROBLEMS_SHOWN_MAX: usize = 5;
 
@@ -165,26 +168,61 @@ async fn ping_with(
     let n = inputs.len();
     let created_at = Instant::now();
     let session = create_ping_session(client, args.ephemeral, args.priority).await?;
-    println!(
+    outln!(
         "Session {} was created in {} ms; running {} tasks of {} bytes.",
         session.id(),
         group(millis(created_at.elapsed())),
         group(n as u64),
         group(args.size as u64),
-    );
+    )?;
 
-    let result = tokio::select! {
-        result = run_tasks(&session, args, inputs) => result,
-        signal = signals.recv() => Err(anyhow!("stopped by {signal}")),
-    };
-    if result.is_err() {
-        // A failed run closes its session too, so that it finishes once its remaining tasks
-        // do instead of staying open; the run's error is the one to report.
-        if let Err(e) = session.close().await {
-            tracing::debug!("closing session {} after a failed run: {e}", session.id());
+    let signal = tokio::select! {
+        result = run_tasks(&session, args, inputs) => {
+            if result.is_err() {
+                // A failed run closes its session too, so that it finishes once its
+                // remaining tasks do instead of staying open; the run's error is the one
+                // to report.
+                if let Err(e) = session.close().await {
+                    tracing::debug!("closing session {} after a failed run: {e}", session.id());
+                }
+            }
+            return result;
         }
+        signal = signals.recv() => signal,
+    };
+    Err(cancel_after_stop(&session, signal, signals).await)
+}
+
+/// Ctrl-C or `SIGTERM` during a run: cancels the session, so that none of its tasks is left
+/// pending or running, and returns the error that exits with the signal's code. A second
+/// signal, or a head that does not answer within [`CANCEL_WAIT_MAX`], gives up waiting and
+/// says how to cancel it by hand.
+pub(super) async fn cancel_after_stop(
+    session: &Session,
+    signal: super::signals::Stop,
+    signals: &mut StopSignals,
+) -> anyhow::Error {
+    let id = session.id();
+    eprintln!("flame: {signal}: cancelling session {id}");
+    let cancel = tokio::time::timeout(CANCEL_WAIT_MAX, session.client().cancel_session(id));
+    let cancelled = tokio::select! {
+        cancelled = cancel => cancelled,
+        _ = signals.recv() => {
+            return signal.stopped().context(format!(
+                "session {id} may still run; `flame session cancel {id}` ends it"
+            ));
+        }
+    };
+    match cancelled {
+        Ok(Ok(())) => signal.stopped().context(format!("session {id} was cancelled")),
+        Ok(Err(e)) => signal.stopped().context(format!(
+            "session {id} could not be cancelled ({e}); `flame session cancel {id}` ends it"
+        )),
+        Err(_elapsed) => signal.stopped().context(format!(
+            "the head did not confirm cancelling session {id} within {}; `flame session cancel {id}` ends it",
+            humantime::format_duration(CANCEL_WAIT_MAX)
+        )),
     }
-    result
 }
 
 /// Creates a session of the built-in `ping` application for the client's owner.
@@ -221,19 +259,19 @@ async fn run_tasks(session: &Session, args: &PingArgs, inputs: Vec<Bytes>) -> an
     drop(progress);
     let elapsed = checked.elapsed();
     let secs = elapsed.as_secs_f64().max(1e-9);
-    println!(
+    outln!(
         "{} tasks completed in {} ms: {} tasks/s (every output checked).",
         group(n as u64),
         group(millis(elapsed)),
         group((n as f64 / secs).round() as u64),
-    );
-    println!(
+    )?;
+    outln!(
         "Outputs came from {} executor{} on {} host{}.",
         group(checked.executors.len() as u64),
         plural(checked.executors.len()),
         group(checked.hosts.len() as u64),
         plural(checked.hosts.len()),
-    );
+    )?;
     Ok(())
 }
 

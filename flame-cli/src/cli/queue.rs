@@ -2,6 +2,7 @@
 //! between its sessions, and why work waits.
 
 use super::GlobalArgs;
+use crate::render::outln;
 use crate::render::{self, number, text, OutputArgs, OutputFormat};
 use flame_protocol::model::{HeadStorage, OwnerQueue, QueueReport, SessionQueue};
 use std::fmt::Write as _;
@@ -12,7 +13,7 @@ pub async fn run(global: &GlobalArgs, out: OutputArgs) -> anyhow::Result<()> {
     match out.output {
         OutputFormat::Json => render::print_json(&report),
         OutputFormat::Table => {
-            println!("{}", report_text(&report));
+            outln!("{}", report_text(&report))?;
             Ok(())
         }
     }

@@ -1,6 +1,7 @@
 //! `flame session ...`
 
 use super::GlobalArgs;
+use crate::render::outln;
 use crate::render::{self, number, text, OutputArgs, OutputFormat};
 use clap::Subcommand;
 use flame_protocol::model::{SessionInfo, SessionState, TaskInfo, TaskState};
@@ -73,11 +74,11 @@ pub async fn run(global: &GlobalArgs, cmd: SessionCommand) -> anyhow::Result<()>
             match out.output {
                 OutputFormat::Json => render::print_json(&sessions),
                 OutputFormat::Table if sessions.is_empty() => {
-                    println!("No sessions.");
+                    outln!("No sessions.")?;
                     Ok(())
                 }
                 OutputFormat::Table => {
-                    print_list(&sessions);
+                    print_list(&sessions)?;
                     Ok(())
                 }
             }
@@ -103,9 +104,9 @@ pub async fn run(global: &GlobalArgs, cmd: SessionCommand) -> anyhow::Result<()>
             match output.output {
                 OutputFormat::Json => render::print_json(&info),
                 OutputFormat::Table => {
-                    print_one(&info);
-                    print_usage(&info);
-                    print_failed(&info, &failed);
+                    print_one(&info)?;
+                    print_usage(&info)?;
+                    print_failed(&info, &failed)?;
                     Ok(())
                 }
             }
@@ -115,7 +116,7 @@ pub async fn run(global: &GlobalArgs, cmd: SessionCommand) -> anyhow::Result<()>
                 Ok(client.cancel_session(id).await?)
             })
             .await?;
-            println!("Session {id} cancelled.");
+            outln!("Session {id} cancelled.")?;
             Ok(())
         }
         SessionCommand::Tasks {
@@ -141,11 +142,11 @@ pub async fn run(global: &GlobalArgs, cmd: SessionCommand) -> anyhow::Result<()>
             match output.output {
                 OutputFormat::Json => render::print_json(&tasks),
                 OutputFormat::Table if tasks.is_empty() => {
-                    println!("No tasks.");
+                    outln!("No tasks.")?;
                     Ok(())
                 }
                 OutputFormat::Table => {
-                    print_tasks(&tasks);
+                    print_tasks(&tasks)?;
                     Ok(())
                 }
             }
@@ -155,7 +156,7 @@ pub async fn run(global: &GlobalArgs, cmd: SessionCommand) -> anyhow::Result<()>
                 Ok(client.close_session(id).await?)
             })
             .await?;
-            println!("Session {id} closed.");
+            outln!("Session {id} closed.")?;
             Ok(())
         }
     }
@@ -169,7 +170,7 @@ fn state(info: &SessionInfo) -> &'static str {
     }
 }
 
-fn print_list(sessions: &[SessionInfo]) {
+fn print_list(sessions: &[SessionInfo]) -> anyhow::Result<()> {
     let now = render::now_ms();
     let columns = [
         number("ID"),
@@ -204,10 +205,11 @@ fn print_list(sessions: &[SessionInfo]) {
             ]
         })
         .collect();
-    render::print_table(&columns, rows);
+    render::print_table(&columns, rows)?;
+    Ok(())
 }
 
-fn print_one(info: &SessionInfo) {
+fn print_one(info: &SessionInfo) -> anyhow::Result<()> {
     let now = render::now_ms();
     render::print_fields(vec![
         ("ID", info.id.to_string()),
@@ -237,7 +239,8 @@ fn print_one(info: &SessionInfo) {
             info.closed_ms
                 .map_or_else(|| "-".to_string(), |ms| render::local_time(ms, now)),
         ),
-    ]);
+    ])?;
+    Ok(())
 }
 
 /// How the session's object inputs reached their executors: the locality hit rate and the
@@ -258,12 +261,12 @@ fn data_line(d: &flame_protocol::model::DataStats) -> String {
 }
 
 /// What each executor that served the session used, from its node's cgroup.
-fn print_usage(info: &SessionInfo) {
+fn print_usage(info: &SessionInfo) -> anyhow::Result<()> {
     if info.usage.is_empty() {
-        return;
+        return Ok(());
     }
-    println!();
-    println!("Executors that served it:");
+    outln!()?;
+    outln!("Executors that served it:")?;
     let columns = [
         number("Executor"),
         text("Node"),
@@ -294,7 +297,8 @@ fn print_usage(info: &SessionInfo) {
             ]
         })
         .collect();
-    render::print_table(&columns, rows);
+    render::print_table(&columns, rows)?;
+    Ok(())
 }
 
 fn task_state(state: TaskState) -> &'static str {
@@ -309,30 +313,31 @@ fn task_state(state: TaskState) -> &'static str {
 
 /// The failed tasks of `session view`, each with its message (the application's error, or
 /// why its executor died with the end of its stderr).
-fn print_failed(info: &SessionInfo, failed: &[TaskInfo]) {
+fn print_failed(info: &SessionInfo, failed: &[TaskInfo]) -> anyhow::Result<()> {
     if failed.is_empty() {
-        return;
+        return Ok(());
     }
-    println!();
+    outln!()?;
     let shown = failed.len() as u64;
     if info.counts.failed > shown {
-        println!(
+        outln!(
             "Failed tasks (first {shown} of {}; `flame session tasks {} --state failed` lists them all):",
             render::group(info.counts.failed),
             info.id
-        );
+        )?;
     } else {
-        println!("Failed tasks:");
+        outln!("Failed tasks:")?;
     }
     for t in failed {
-        println!("  task {} (attempt {}):", t.task, t.attempt);
+        outln!("  task {} (attempt {}):", t.task, t.attempt)?;
         for line in t.message.as_deref().unwrap_or("(no message)").lines() {
-            println!("    {line}");
+            outln!("    {line}")?;
         }
     }
+    Ok(())
 }
 
-fn print_tasks(tasks: &[TaskInfo]) {
+fn print_tasks(tasks: &[TaskInfo]) -> anyhow::Result<()> {
     let columns = [
         number("Task"),
         text("State"),
@@ -354,5 +359,6 @@ fn print_tasks(tasks: &[TaskInfo]) {
             ]
         })
         .collect();
-    render::print_table(&columns, rows);
+    render::print_table(&columns, rows)?;
+    Ok(())
 }
