@@ -306,8 +306,10 @@ pub enum ConfigError {
     },
 }
 
-/// The keys a client reads from a configuration file. Unknown keys are ignored on purpose:
-/// `/etc/flame/flame.toml` may be shared with the head's and the node's settings.
+/// The keys a client reads from a configuration file. The user's file holds nothing else,
+/// so an unknown key there (`hed = ...`) is an error naming the keys; in
+/// `/etc/flame/flame.toml`, which may be shared with the head's and the node's settings,
+/// unknown keys are ignored on purpose.
 #[derive(Debug, Default, Deserialize)]
 struct FileConfig {
     head: Option<String>,
@@ -322,6 +324,29 @@ struct FileConfig {
     #[serde(skip)]
     mode: u32,
 }
+
+/// The keys of [`FileConfig`], for the messages about an unknown or unquoted one.
+const FILE_KEYS: [&str; 8] = [
+    "head",
+    "ca_file",
+    "owner",
+    "token_file",
+    "token",
+    "cert_file",
+    "key_file",
+    "object_inline_max",
+];
+
+/// The keys of [`FILE_KEYS`] whose values are strings, which TOML wants quoted.
+const FILE_STRING_KEYS: [&str; 7] = [
+    "head",
+    "ca_file",
+    "owner",
+    "token_file",
+    "token",
+    "cert_file",
+    "key_file",
+];
 
 /// A credential, resolved.
 #[derive(Debug)]
@@ -660,12 +685,47 @@ fn read_config_file(path: &Path) -> Result<Option<FileConfig>, ConfigError> {
         });
     }
     let text = std::fs::read_to_string(path).map_err(read_err)?;
-    let mut file = toml::from_str::<FileConfig>(&text).map_err(|e| ConfigError::Parse {
+    let parse_err = |message| ConfigError::Parse {
         path: path.to_path_buf(),
-        message: crate::app_file::describe_toml_error(&text, &e),
+        message,
+    };
+    let table = toml::from_str::<toml::Table>(&text).map_err(|e| {
+        let mut message = crate::app_file::describe_toml_error(&text, &e);
+        if let Some(hint) = unquoted_string_hint(&text, &e) {
+            message.push_str("; ");
+            message.push_str(&hint);
+        }
+        parse_err(message)
     })?;
+    if path != Path::new(SYSTEM_CONFIG_FILE) {
+        if let Some(key) = table.keys().find(|k| !FILE_KEYS.contains(&k.as_str())) {
+            return Err(parse_err(format!(
+                "unknown key `{}`: a client's config file takes only {}",
+                key.chars().take(80).collect::<String>(),
+                FILE_KEYS.join(", ")
+            )));
+        }
+    }
+    let mut file = toml::from_str::<FileConfig>(&text)
+        .map_err(|e| parse_err(crate::app_file::describe_toml_error(&text, &e)))?;
     file.mode = meta.permissions().mode();
     Ok(Some(file))
+}
+
+/// When TOML failed on a line that gives a string key a bare value (`head = 1.2.3.4:7470`,
+/// which TOML reads as a broken number), how to write it.
+fn unquoted_string_hint(text: &str, err: &toml::de::Error) -> Option<String> {
+    let start = err.span()?.start;
+    let line_start = text.get(..start)?.rfind('\n').map_or(0, |i| i + 1);
+    let line = text.get(line_start..)?.lines().next()?;
+    let (key, value) = line.split_once('=')?;
+    let (key, value) = (key.trim(), value.trim());
+    let quoted = value.starts_with('"') || value.starts_with('\'');
+    if !FILE_STRING_KEYS.contains(&key) || quoted || value.is_empty() {
+        return None;
+    }
+    let value: String = value.chars().take(80).collect();
+    Some(format!("`{key}` is text, which TOML wants in quotes: {key} = \"{value}\""))
 }
 
 /// A path from a configuration file, taken relative to the file's folder when relative.
