@@ -38,6 +38,7 @@ pub struct Cli {
 /// There is no flag taking a token's text: command lines are visible to every user of the
 /// machine (`ps`). Use --token-file, or FLAME_TOKEN_FILE / FLAME_TOKEN.
 #[derive(Debug, Clone, Args)]
+#[command(next_help_heading = "Connection (every command; else environment, then config files)")]
 pub struct GlobalArgs {
     /// Head address, host:port [else FLAME_HEAD, else `head` in ~/.config/flame/config.toml or /etc/flame/flame.toml]
     #[arg(long, global = true, value_name = "ADDR")]

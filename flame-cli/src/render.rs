@@ -125,6 +125,17 @@ pub fn table(columns: &[Column], rows: Vec<Vec<String>>) -> String {
     table.trim_fmt()
 }
 
+/// An application's name for a table: a batch job's ranks run under an internal
+/// application `job.N`, shown as `(job)`, since the row's id is the job's and `flame job`
+/// shows it.
+pub fn application(name: &str) -> String {
+    if flame_protocol::model::job_of_application(name).is_some() {
+        "(job)".to_string()
+    } else {
+        name.to_string()
+    }
+}
+
 /// Thousandths as a percentage with one decimal: `250` → `25.0%`.
 pub fn permille(p: u32) -> String {
     format!("{}.{}%", p / 10, p % 10)
@@ -223,6 +234,12 @@ mod tests {
         assert_eq!(bytes(512), "512 B");
         assert_eq!(bytes(1536), "1.5 KiB");
         assert_eq!(bytes(16 * 1024 * 1024 * 1024), "16.0 GiB");
+    }
+
+    #[test]
+    fn jobs_internal_applications_show_as_jobs() {
+        assert_eq!(application("job.7"), "(job)");
+        assert_eq!(application("ping"), "ping");
     }
 
     #[test]

@@ -725,7 +725,9 @@ fn unquoted_string_hint(text: &str, err: &toml::de::Error) -> Option<String> {
         return None;
     }
     let value: String = value.chars().take(80).collect();
-    Some(format!("`{key}` is text, which TOML wants in quotes: {key} = \"{value}\""))
+    Some(format!(
+        "`{key}` is text, which TOML wants in quotes: {key} = \"{value}\""
+    ))
 }
 
 /// A path from a configuration file, taken relative to the file's folder when relative.

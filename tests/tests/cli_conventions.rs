@@ -32,10 +32,7 @@ async fn into_closed_pipe(cluster: &Cluster, args: &str) -> flame_tests::CmdOutp
 #[tokio::test(flavor = "multi_thread")]
 async fn a_closed_stdout_ends_the_command_quietly_with_0() {
     let cluster = Cluster::start(ClusterOptions::default()).await;
-    cluster
-        .flame(&["ping", "-t", "10"])
-        .await
-        .assert_success();
+    cluster.flame(&["ping", "-t", "10"]).await.assert_success();
     let sessions = cluster.client().await.list_sessions().await.unwrap();
     let id = sessions[0].id.to_string();
     for args in [
@@ -47,7 +44,10 @@ async fn a_closed_stdout_ends_the_command_quietly_with_0() {
     ] {
         let out = into_closed_pipe(&cluster, &args).await;
         assert!(out.success(), "flame {args} | true:\n{out}");
-        assert!(!out.stderr.contains("panicked"), "flame {args} | true:\n{out}");
+        assert!(
+            !out.stderr.contains("panicked"),
+            "flame {args} | true:\n{out}"
+        );
         assert!(out.stderr.trim().is_empty(), "flame {args} | true:\n{out}");
     }
 }
@@ -78,7 +78,10 @@ async fn ctrl_c_in_ping_cancels_its_session_and_exits_130() {
         if sessions.first().is_some_and(|s| s.counts.succeeded > 0) {
             break;
         }
-        assert!(tokio::time::Instant::now() < deadline, "no ping task finished");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no ping task finished"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let pid = child.id().expect("flame ping exited early");
@@ -95,7 +98,11 @@ async fn ctrl_c_in_ping_cancels_its_session_and_exits_130() {
         .read_to_string(&mut stderr)
         .await
         .unwrap();
-    assert_eq!(status.code(), Some(130), "`{line}`: {status}; stderr:\n{stderr}");
+    assert_eq!(
+        status.code(),
+        Some(130),
+        "`{line}`: {status}; stderr:\n{stderr}"
+    );
     assert!(stderr.contains("was cancelled"), "{stderr}");
     // Cancelled: nothing of it is left pending or running. (The head ends the tasks already
     // sent to executors as their cancellations are confirmed, so this may take a moment.)
@@ -125,7 +132,10 @@ async fn usage_errors_exit_2_and_say_what_is_expected() {
             &["submit", "--mem-per-rank", "lots", "--", "true"][..],
             "is not a size",
         ),
-        (&["submit", "--cpus-per-rank", "none", "--", "true"][..], "--cpus-per-rank"),
+        (
+            &["submit", "--cpus-per-rank", "none", "--", "true"][..],
+            "--cpus-per-rank",
+        ),
         (&["submit", "--time", "soon", "--", "true"][..], "HH:MM:SS"),
         (&["ping", "-t", "0"][..], "-t"),
     ] {

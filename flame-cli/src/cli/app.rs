@@ -46,9 +46,12 @@ pub async fn run(global: &GlobalArgs, cmd: AppCommand) -> anyhow::Result<()> {
             let name = spec.name.clone();
             let info = super::with_client(global, |client| async move {
                 match client.register_application(spec).await {
-                    Err(e) if e.kind() == Some(ErrorKind::AlreadyExists) => Err(e).hint(
-                        "`flame app remove NAME` first; an application with unfinished sessions cannot be removed",
-                    ),
+                    Err(e) if e.kind() == Some(ErrorKind::AlreadyExists) => {
+                        Err(e).hint(format!(
+                            "`flame app update {}` replaces its spec (new sessions use it)",
+                            file.display()
+                        ))
+                    }
                     other => other.with_context(|| format!("cannot register {}", file.display())),
                 }
             })

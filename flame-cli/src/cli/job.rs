@@ -394,6 +394,16 @@ impl Output {
     }
 }
 
+/// The session of job `id`, with an unknown id reported as a job's, not a session's.
+async fn job_session(client: &Client, id: SessionId) -> anyhow::Result<SessionInfo> {
+    match client.get_session(id).await {
+        Err(e) if e.kind() == Some(flame_protocol::model::ErrorKind::NotFound) => {
+            Err(anyhow!("job {id} does not exist")).hint("`flame job list` lists the jobs")
+        }
+        other => Ok(other?),
+    }
+}
+
 pub async fn run(global: &GlobalArgs, cmd: JobCommand) -> anyhow::Result<()> {
     match cmd {
         JobCommand::List(out) => {
@@ -407,7 +417,12 @@ pub async fn run(global: &GlobalArgs, cmd: JobCommand) -> anyhow::Result<()> {
                 .filter(|s| s.job.is_some())
                 .collect();
             match out.output {
-                OutputFormat::Json => render::print_json(&jobs),
+                OutputFormat::Json => render::print_json(
+                    &jobs
+                        .iter()
+                        .map(super::session::session_json)
+                        .collect::<Vec<_>>(),
+                ),
                 OutputFormat::Table if jobs.is_empty() => {
                     outln!("No jobs.")?;
                     Ok(())
@@ -422,7 +437,7 @@ pub async fn run(global: &GlobalArgs, cmd: JobCommand) -> anyhow::Result<()> {
             let info =
                 super::with_client(
                     global,
-                    |client| async move { Ok(client.get_session(id).await?) },
+                    |client| async move { job_session(&client, id).await },
                 )
                 .await?;
             let Some(job) = &info.job else {
@@ -430,7 +445,7 @@ pub async fn run(global: &GlobalArgs, cmd: JobCommand) -> anyhow::Result<()> {
                     .hint("`flame session view` shows sessions");
             };
             match output.output {
-                OutputFormat::Json => render::print_json(&info),
+                OutputFormat::Json => render::print_json(&super::session::session_json(&info)),
                 OutputFormat::Table => {
                     print_view(&info, job)?;
                     Ok(())
@@ -439,7 +454,7 @@ pub async fn run(global: &GlobalArgs, cmd: JobCommand) -> anyhow::Result<()> {
         }
         JobCommand::Cancel { id } => {
             super::with_client(global, |client| async move {
-                let info = client.get_session(id).await?;
+                let info = job_session(&client, id).await?;
                 if info.job.is_none() {
                     return Err(anyhow!("session {id} is not a batch job"))
                         .hint("`flame session cancel` cancels sessions");
@@ -458,7 +473,7 @@ pub async fn run(global: &GlobalArgs, cmd: JobCommand) -> anyhow::Result<()> {
 async fn logs(global: &GlobalArgs, args: JobLogsArgs) -> anyhow::Result<()> {
     let mut signals = StopSignals::install()?;
     super::with_client(global, |client| async move {
-        let info = client.get_session(args.id).await?;
+        let info = job_session(&client, args.id).await?;
         if info.job.is_none() {
             return Err(anyhow!("session {} is not a batch job", args.id))
                 .hint("`flame logs SESSION` shows a session's logs");

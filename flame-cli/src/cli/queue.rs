@@ -104,7 +104,7 @@ fn session_table(sessions: &[SessionQueue]) -> String {
         .map(|s| {
             vec![
                 s.id.to_string(),
-                s.application.clone(),
+                render::application(&s.application),
                 s.priority.to_string(),
                 render::group(u64::from(s.deserved_executors)),
                 render::group(u64::from(s.executors)),

@@ -32,9 +32,12 @@ pub enum SessionCommand {
         /// Only tasks in this state (repeatable)
         #[arg(long = "state", value_enum)]
         states: Vec<StateArg>,
-        /// Most tasks to list
-        #[arg(long, default_value_t = 100)]
+        /// Most tasks to list; a note on stderr says when there are more
+        #[arg(long, default_value_t = 100, conflicts_with = "all")]
         limit: u64,
+        /// List every task, however many
+        #[arg(long)]
+        all: bool,
         #[command(flatten)]
         output: OutputArgs,
     },
@@ -72,7 +75,9 @@ pub async fn run(global: &GlobalArgs, cmd: SessionCommand) -> anyhow::Result<()>
                 )
                 .await?;
             match out.output {
-                OutputFormat::Json => render::print_json(&sessions),
+                OutputFormat::Json => {
+                    render::print_json(&sessions.iter().map(session_json).collect::<Vec<_>>())
+                }
                 OutputFormat::Table if sessions.is_empty() => {
                     outln!("No sessions.")?;
                     Ok(())
@@ -102,7 +107,7 @@ pub async fn run(global: &GlobalArgs, cmd: SessionCommand) -> anyhow::Result<()>
             })
             .await?;
             match output.output {
-                OutputFormat::Json => render::print_json(&info),
+                OutputFormat::Json => render::print_json(&session_json(&info)),
                 OutputFormat::Table => {
                     print_one(&info)?;
                     print_usage(&info)?;
@@ -123,22 +128,34 @@ pub async fn run(global: &GlobalArgs, cmd: SessionCommand) -> anyhow::Result<()>
             id,
             states,
             limit,
+            all,
             output,
         } => {
             let states: Vec<TaskState> = states.into_iter().map(TaskState::from).collect();
-            let tasks = super::with_client(global, |client| async move {
+            let limit = if all { u64::MAX } else { limit };
+            let (tasks, more) = super::with_client(global, |client| async move {
                 let mut tasks: Vec<TaskInfo> = Vec::new();
                 let mut after = TaskId(0);
                 while (tasks.len() as u64) < limit {
                     let want = (limit - tasks.len() as u64).min(u64::from(TASKS_PAGE)) as u32;
                     let page = client.list_tasks(id, states.clone(), after, want).await?;
-                    let Some(last) = page.last() else { break };
+                    let Some(last) = page.last() else {
+                        return Ok((tasks, false));
+                    };
                     after = last.task;
                     tasks.extend(page);
                 }
-                Ok(tasks)
+                // Stopped at the limit: say so only when a task was left out.
+                let more = !client.list_tasks(id, states, after, 1).await?.is_empty();
+                Ok((tasks, more))
             })
             .await?;
+            if more {
+                eprintln!(
+                    "flame: showing the first {} tasks; --limit N shows more, --all every one",
+                    render::group(limit)
+                );
+            }
             match output.output {
                 OutputFormat::Json => render::print_json(&tasks),
                 OutputFormat::Table if tasks.is_empty() => {
@@ -160,6 +177,22 @@ pub async fn run(global: &GlobalArgs, cmd: SessionCommand) -> anyhow::Result<()>
             Ok(())
         }
     }
+}
+
+/// A session as `--output json` prints it: the protocol's [`SessionInfo`], except that
+/// `state` is the table's (`Open`, `Closed`, or `Finished` once closed with nothing left to
+/// run), and a job's `exit_code` is given once it has ended (what `flame submit` exits with).
+pub fn session_json(info: &SessionInfo) -> serde_json::Value {
+    let mut value = serde_json::to_value(info).unwrap_or(serde_json::Value::Null);
+    if let Some(fields) = value.as_object_mut() {
+        fields.insert("state".to_string(), state(info).into());
+        if let (Some(job), Some(serde_json::Value::Object(job_fields))) =
+            (&info.job, fields.get_mut("job"))
+        {
+            job_fields.insert("exit_code".to_string(), job.exit_code().into());
+        }
+    }
+    value
 }
 
 fn state(info: &SessionInfo) -> &'static str {
@@ -192,7 +225,7 @@ fn print_list(sessions: &[SessionInfo]) -> anyhow::Result<()> {
             vec![
                 s.id.to_string(),
                 state(s).to_string(),
-                s.application.clone(),
+                render::application(&s.application),
                 s.owner.clone(),
                 s.priority.to_string(),
                 render::group(u64::from(s.executors)),
@@ -214,7 +247,7 @@ fn print_one(info: &SessionInfo) -> anyhow::Result<()> {
     render::print_fields(vec![
         ("ID", info.id.to_string()),
         ("State", state(info).to_string()),
-        ("App", info.application.clone()),
+        ("App", render::application(&info.application)),
         ("Owner", info.owner.clone()),
         ("Priority", info.priority.to_string()),
         (
