@@ -559,11 +559,30 @@ pub(super) fn progress_bar(len: u64) -> ProgressBar {
     if !std::io::stderr().is_terminal() {
         return ProgressBar::hidden();
     }
+    // Whole tasks per second with thousands separators, and the time left at that rate.
     let style = ProgressStyle::with_template(
-        "[{percent:>3}%] {wide_bar} {human_pos}/{human_len} {per_sec}",
+        "[{percent:>3}%] {wide_bar} {human_pos}/{human_len} {rate} ETA {eta}",
     )
+    .map(|s| {
+        s.with_key(
+            "rate",
+            |state: &indicatif::ProgressState, w: &mut dyn std::fmt::Write| {
+                let _ = w.write_str(&rate(state.per_sec()));
+            },
+        )
+    })
     .unwrap_or_else(|_| ProgressStyle::default_bar());
     ProgressBar::new(len).with_style(style)
+}
+
+/// A rate for the progress bar: whole tasks per second, grouped (`4,969/s`).
+fn rate(per_sec: f64) -> String {
+    let whole = if per_sec.is_finite() && per_sec > 0.0 {
+        per_sec.round() as u64
+    } else {
+        0
+    };
+    format!("{}/s", group(whole))
 }
 
 fn millis(d: Duration) -> u64 {
@@ -583,6 +602,13 @@ fn plural(n: usize) -> &'static str {
 mod tests {
     use super::*;
     use flame_protocol::TaskId;
+
+    #[test]
+    fn rates_are_whole_and_grouped() {
+        assert_eq!(rate(4_968.625_4), "4,969/s");
+        assert_eq!(rate(0.2), "0/s");
+        assert_eq!(rate(f64::NAN), "0/s");
+    }
 
     #[test]
     fn inputs_are_unique_padded_and_sized() {
