@@ -306,10 +306,9 @@ pub enum ConfigError {
     },
 }
 
-/// The keys a client reads from a configuration file. The user's file holds nothing else,
-/// so an unknown key there (`hed = ...`) is an error naming the keys; in
-/// `/etc/flame/flame.toml`, which may be shared with the head's and the node's settings,
-/// unknown keys are ignored on purpose.
+/// The keys a client reads from a configuration file. An unknown top-level key (`hed =
+/// ...`) is an error naming the keys; a section (`[name]`) is ignored on purpose, left to
+/// whatever other program reads the file.
 #[derive(Debug, Default, Deserialize)]
 struct FileConfig {
     head: Option<String>,
@@ -697,14 +696,17 @@ fn read_config_file(path: &Path) -> Result<Option<FileConfig>, ConfigError> {
         }
         parse_err(message)
     })?;
-    if path != Path::new(SYSTEM_CONFIG_FILE) {
-        if let Some(key) = table.keys().find(|k| !FILE_KEYS.contains(&k.as_str())) {
-            return Err(parse_err(format!(
-                "unknown key `{}`: a client's config file takes only {}",
-                key.chars().take(80).collect::<String>(),
-                FILE_KEYS.join(", ")
-            )));
-        }
+    // A section (`[head]`) is left to whoever reads it; a bare key is ours, so a typo in
+    // one is reported rather than silently ignored.
+    let unknown = table
+        .iter()
+        .find(|(k, v)| !v.is_table() && !FILE_KEYS.contains(&k.as_str()));
+    if let Some((key, _)) = unknown {
+        return Err(parse_err(format!(
+            "unknown key `{}`: a client's config file takes only {}",
+            key.chars().take(80).collect::<String>(),
+            FILE_KEYS.join(", ")
+        )));
     }
     let mut file = toml::from_str::<FileConfig>(&text)
         .map_err(|e| parse_err(crate::app_file::describe_toml_error(&text, &e)))?;
