@@ -179,13 +179,14 @@ pub async fn run(global: &GlobalArgs, cmd: SessionCommand) -> anyhow::Result<()>
     }
 }
 
-/// A session as `--output json` prints it: the protocol's [`SessionInfo`], except that
-/// `state` is the table's (`Open`, `Closed`, or `Finished` once closed with nothing left to
-/// run), and a job's `exit_code` is given once it has ended (what `flame submit` exits with).
+/// A session as `--output json` prints it: the protocol's [`SessionInfo`] (so scripts and
+/// the client library can read it back as one), plus `status`, the table's Status column
+/// (`Open`, `Closed`, or `Finished` once closed with nothing left to run), and for a job
+/// its `exit_code` once it has ended (what `flame submit` exits with).
 pub fn session_json(info: &SessionInfo) -> serde_json::Value {
     let mut value = serde_json::to_value(info).unwrap_or(serde_json::Value::Null);
     if let Some(fields) = value.as_object_mut() {
-        fields.insert("state".to_string(), state(info).into());
+        fields.insert("status".to_string(), state(info).into());
         if let (Some(job), Some(serde_json::Value::Object(job_fields))) =
             (&info.job, fields.get_mut("job"))
         {
@@ -207,7 +208,7 @@ fn print_list(sessions: &[SessionInfo]) -> anyhow::Result<()> {
     let now = render::now_ms();
     let columns = [
         number("ID"),
-        text("State"),
+        text("Status"),
         text("App"),
         text("Owner"),
         number("Priority"),
@@ -246,7 +247,7 @@ fn print_one(info: &SessionInfo) -> anyhow::Result<()> {
     let now = render::now_ms();
     render::print_fields(vec![
         ("ID", info.id.to_string()),
-        ("State", state(info).to_string()),
+        ("Status", state(info).to_string()),
         ("App", render::application(&info.application)),
         ("Owner", info.owner.clone()),
         ("Priority", info.priority.to_string()),
