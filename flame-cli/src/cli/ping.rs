@@ -324,6 +324,14 @@ pub(super) async fn run_checked(
             .context("the submitting task failed")?
             .context("cannot submit the tasks")
     };
+    // The bar counts what the head has finished, which runs ahead of the results this
+    // client has read and checked; only a bar on a terminal asks.
+    let _head_counts = (!progress.is_hidden()).then(|| {
+        AbortOnDrop(tokio::spawn(follow_head_counts(
+            session.clone(),
+            progress.clone(),
+        )))
+    });
     let checked =
         collect_checked(&mut watch, &inputs, acks, started, stall_timeout, progress).await;
     match checked {
@@ -386,7 +394,8 @@ where
                         first_result = Some(Instant::now());
                     }
                     received += batch.len();
-                    progress.inc(batch.len() as u64);
+                    // Never below what the head reported (see `follow_head_counts`).
+                    progress.set_position(progress.position().max(received as u64));
                     record(&mut outcomes, &mut problems, batch);
                 }
             },
@@ -573,6 +582,28 @@ pub(super) fn progress_bar(len: u64) -> ProgressBar {
     })
     .unwrap_or_else(|_| ProgressStyle::default_bar());
     ProgressBar::new(len).with_style(style)
+}
+
+/// How often the progress bar asks the head how many tasks have finished.
+const PROGRESS_POLL_INTERVAL: Duration = Duration::from_millis(500);
+
+/// Moves `progress` to the number of tasks the head has finished, every
+/// [`PROGRESS_POLL_INTERVAL`], until aborted. A failed request only skips one update: the
+/// results themselves still move the bar.
+async fn follow_head_counts(session: Session, progress: ProgressBar) {
+    let mut tick = tokio::time::interval(PROGRESS_POLL_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        match session.info().await {
+            Ok(info) => {
+                let c = &info.counts;
+                let finished = c.succeeded + c.failed + c.cancelled;
+                progress.set_position(progress.position().max(finished));
+            }
+            Err(e) => tracing::debug!("progress: cannot read the session's counts: {e}"),
+        }
+    }
 }
 
 /// A rate for the progress bar: whole tasks per second, grouped (`4,969/s`).
