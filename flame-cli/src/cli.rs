@@ -19,7 +19,6 @@ pub mod submit;
 pub mod task;
 pub mod whoami;
 
-use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
 use flame_client::report::HintExt as _;
 use flame_client::{Client, ClientConfig, ConfigFlags};
@@ -41,6 +40,7 @@ pub struct Cli {
 /// There is no flag taking a token's text: command lines are visible to every user of the
 /// machine (`ps`). Use --token-file, or FLAME_TOKEN_FILE / FLAME_TOKEN.
 #[derive(Debug, Clone, Args)]
+#[command(next_help_heading = "Connection (every command; else environment, then config files)")]
 pub struct GlobalArgs {
     /// Head address, host:port [else FLAME_HEAD, else `head` in ~/.config/flame/config.toml or /etc/flame/flame.toml]
     #[arg(long, global = true, value_name = "ADDR")]
@@ -116,6 +116,20 @@ pub enum Command {
 #[error("exit code {0}")]
 pub struct Exit(pub u8);
 
+/// A usage error that clap could not see (a flag's value checked after parsing, a flag
+/// that needs another): reported like any error, but exits 2, as clap's own usage errors
+/// do.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct Usage(pub String);
+
+impl Usage {
+    /// A usage error saying `message`.
+    pub fn new(message: impl Into<String>) -> Self {
+        Usage(message.into())
+    }
+}
+
 /// Runs one command.
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
@@ -140,12 +154,16 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
-/// A size such as `100KiB`, `4MiB` or `65536`.
-fn parse_size(text: &str) -> Result<u64, String> {
-    text.trim()
-        .parse::<bytesize::ByteSize>()
-        .map(|b| b.as_u64())
-        .map_err(|e| format!("`{text}` is not a size such as 100KiB or 4MiB: {e}"))
+/// A size such as `100K`, `4MiB` or `65536`, binary units as Slurm's; see
+/// [`flame_client::units::parse_size`].
+pub fn parse_size(text: &str) -> Result<u64, String> {
+    flame_client::units::parse_size(text).map_err(|e| e.to_string())
+}
+
+/// A time limit in Slurm's formats (`30`, `1:00:00`, `2-12:00`) or with units (`10m`); see
+/// [`flame_client::units::parse_time_limit`].
+pub fn parse_time_limit(text: &str) -> Result<std::time::Duration, String> {
+    flame_client::units::parse_time_limit(text).map_err(|e| e.to_string())
 }
 
 /// Resolves the configuration from the flags, the environment and the config files.
@@ -192,7 +210,7 @@ where
 pub fn check_listen(addr: &str) -> anyhow::Result<()> {
     addr.parse::<std::net::SocketAddr>()
         .map(drop)
-        .with_context(|| format!("--listen `{addr}` is not an ip:port address"))
+        .map_err(|e| Usage::new(format!("--listen `{addr}` is not an ip:port address: {e}")))
         .hint("for example --listen 127.0.0.1:0 (any free port) or --listen 0.0.0.0:7470")
 }
 

@@ -10,7 +10,10 @@
 //! Arrows go one way: `cli` → `deploy` → `render`, and `cli` → `render`.
 //!
 //! Errors go to stderr as `error: <what>` and, where there is something to do about them,
-//! `hint: <what to do>`; the exit code is 1 for errors and 2 for usage errors.
+//! `hint: <what to do>`. Exit codes, the same for every command: 0 for success (also when
+//! stdout is a pipe closed early, as in `flame app list | head -1`), 1 for errors, 2 for
+//! usage errors, 130 when Ctrl-C stopped the command (143 for `SIGTERM`), and a batch
+//! job's own code when `flame submit` waited for it.
 
 mod cli;
 mod deploy;
@@ -35,14 +38,33 @@ fn main() -> ExitCode {
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            if let Some(cli::Exit(code)) = e.downcast_ref::<cli::Exit>() {
-                return ExitCode::from(*code);
-            }
-            flame_client::report::report(&e);
-            ExitCode::FAILURE
+        Err(e) => exit_for(&e),
+    }
+}
+
+/// How a failed command ends: quietly with its own code ([`cli::Exit`]), quietly with 0
+/// when stdout was closed under it ([`render::StdoutClosed`]), with the signal's code when a
+/// signal stopped it ([`cli::signals::Stopped`]: 130 for Ctrl-C), with 2 for a usage error
+/// found after parsing ([`cli::Usage`]), else with 1; the last three report the error first.
+fn exit_for(e: &anyhow::Error) -> ExitCode {
+    for cause in e.chain() {
+        if let Some(cli::Exit(code)) = cause.downcast_ref::<cli::Exit>() {
+            return ExitCode::from(*code);
+        }
+        if cause.is::<render::StdoutClosed>() {
+            return ExitCode::SUCCESS;
         }
     }
+    flame_client::report::report(e);
+    for cause in e.chain() {
+        if let Some(stopped) = cause.downcast_ref::<cli::signals::Stopped>() {
+            return ExitCode::from(stopped.0.exit_code());
+        }
+        if cause.is::<cli::Usage>() {
+            return ExitCode::from(2);
+        }
+    }
+    ExitCode::FAILURE
 }
 
 /// Logs go to stderr, quiet unless `RUST_LOG` asks for more.

@@ -23,11 +23,52 @@ pub struct OutputArgs {
     pub output: OutputFormat,
 }
 
+/// Stdout is a closed pipe (`flame app list | head -1`): the reader has what it wanted.
+///
+/// Every write to stdout in this crate maps `EPIPE` to this error, and `main` ends the
+/// process quietly with status 0 when it reaches the top, as `ripgrep` does. The error
+/// travels up like any other, so sessions are still cancelled and connections closed on
+/// the way. `SIGPIPE` is deliberately left ignored (the Rust default) rather than reset to
+/// its default action: `flame` also writes to sockets and to the pipes of the children it
+/// starts (`flame local`, `flame cluster`), where a closed peer is an error to handle, not
+/// a reason to die without cleaning up.
+#[derive(Debug, thiserror::Error)]
+#[error("stdout is closed")]
+pub struct StdoutClosed;
+
+/// Maps a failed write to stdout: `EPIPE` becomes [`StdoutClosed`], anything else an error
+/// naming stdout.
+pub fn stdout_error(e: std::io::Error) -> anyhow::Error {
+    if e.kind() == std::io::ErrorKind::BrokenPipe {
+        anyhow::Error::new(StdoutClosed)
+    } else {
+        anyhow::Error::new(e).context("cannot write to stdout")
+    }
+}
+
+/// Writes one formatted line to stdout; see [`StdoutClosed`] for a closed pipe.
+pub fn write_line(line: std::fmt::Arguments<'_>) -> anyhow::Result<()> {
+    use std::io::Write as _;
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "{line}").map_err(stdout_error)
+}
+
+/// `println!` that returns an error instead of panicking when stdout is closed, to be used
+/// with `?` everywhere this crate prints to stdout.
+macro_rules! outln {
+    () => {
+        $crate::render::write_line(format_args!(""))
+    };
+    ($($arg:tt)*) => {
+        $crate::render::write_line(format_args!($($arg)*))
+    };
+}
+pub(crate) use outln;
+
 /// Prints `value` as pretty JSON on stdout.
 pub fn print_json<T: Serialize + ?Sized>(value: &T) -> anyhow::Result<()> {
     let text = serde_json::to_string_pretty(value).context("cannot encode the output as JSON")?;
-    println!("{text}");
-    Ok(())
+    outln!("{text}")
 }
 
 /// A column: its header and whether its cells are numbers (right-aligned).
@@ -53,8 +94,8 @@ pub const fn number(header: &'static str) -> Column {
 }
 
 /// Prints rows under borderless, aligned headers, like `ps` or `kubectl get`.
-pub fn print_table(columns: &[Column], rows: Vec<Vec<String>>) {
-    println!("{}", table(columns, rows));
+pub fn print_table(columns: &[Column], rows: Vec<Vec<String>>) -> anyhow::Result<()> {
+    outln!("{}", table(columns, rows))
 }
 
 /// The text [`print_table`] prints, without the final newline.
@@ -84,17 +125,29 @@ pub fn table(columns: &[Column], rows: Vec<Vec<String>>) -> String {
     table.trim_fmt()
 }
 
+/// An application's name for a table: a batch job's ranks run under an internal
+/// application `job.N`, shown as `(job)`, since the row's id is the job's and `flame job`
+/// shows it.
+pub fn application(name: &str) -> String {
+    if flame_protocol::model::job_of_application(name).is_some() {
+        "(job)".to_string()
+    } else {
+        name.to_string()
+    }
+}
+
 /// Thousandths as a percentage with one decimal: `250` → `25.0%`.
 pub fn permille(p: u32) -> String {
     format!("{}.{}%", p / 10, p % 10)
 }
 
 /// Prints `field: value` pairs aligned, for one object.
-pub fn print_fields(fields: Vec<(&str, String)>) {
+pub fn print_fields(fields: Vec<(&str, String)>) -> anyhow::Result<()> {
     let width = fields.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
     for (key, value) in fields {
-        println!("{:<width$}  {value}", format!("{key}:"), width = width + 1);
+        outln!("{:<width$}  {value}", format!("{key}:"), width = width + 1)?;
     }
+    Ok(())
 }
 
 pub use flame_client::report::group;
@@ -181,6 +234,12 @@ mod tests {
         assert_eq!(bytes(512), "512 B");
         assert_eq!(bytes(1536), "1.5 KiB");
         assert_eq!(bytes(16 * 1024 * 1024 * 1024), "16.0 GiB");
+    }
+
+    #[test]
+    fn jobs_internal_applications_show_as_jobs() {
+        assert_eq!(application("job.7"), "(job)");
+        assert_eq!(application("ping"), "ping");
     }
 
     #[test]

@@ -182,11 +182,7 @@ fn cpu_millis(n: Number) -> Result<u32, String> {
 fn memory_bytes(size: &Size) -> Result<u64, String> {
     match size {
         Size::Bytes(b) => u64::try_from(*b).map_err(|_| format!("is {b}; it must not be negative")),
-        Size::Text(t) => t
-            .trim()
-            .parse::<bytesize::ByteSize>()
-            .map(|b| b.as_u64())
-            .map_err(|e| format!("`{t}` is not a size such as \"512MiB\" or \"2GiB\": {e}")),
+        Size::Text(t) => crate::units::parse_size(t).map_err(|e| e.to_string()),
     }
 }
 

@@ -306,8 +306,9 @@ pub enum ConfigError {
     },
 }
 
-/// The keys a client reads from a configuration file. Unknown keys are ignored on purpose:
-/// `/etc/flame/flame.toml` may be shared with the head's and the node's settings.
+/// The keys a client reads from a configuration file. An unknown top-level key (`hed =
+/// ...`) is an error naming the keys; a section (`[name]`) is ignored on purpose, left to
+/// whatever other program reads the file.
 #[derive(Debug, Default, Deserialize)]
 struct FileConfig {
     head: Option<String>,
@@ -322,6 +323,29 @@ struct FileConfig {
     #[serde(skip)]
     mode: u32,
 }
+
+/// The keys of [`FileConfig`], for the messages about an unknown or unquoted one.
+const FILE_KEYS: [&str; 8] = [
+    "head",
+    "ca_file",
+    "owner",
+    "token_file",
+    "token",
+    "cert_file",
+    "key_file",
+    "object_inline_max",
+];
+
+/// The keys of [`FILE_KEYS`] whose values are strings, which TOML wants quoted.
+const FILE_STRING_KEYS: [&str; 7] = [
+    "head",
+    "ca_file",
+    "owner",
+    "token_file",
+    "token",
+    "cert_file",
+    "key_file",
+];
 
 /// A credential, resolved.
 #[derive(Debug)]
@@ -612,20 +636,14 @@ impl ClientConfig {
     }
 }
 
-/// A byte count from a setting: a number of bytes, or a size with a unit (`64KiB`,
-/// `1 MB`).
+/// A byte count from a setting: a number of bytes, or a size with a binary unit (`64K`,
+/// `1 MiB`); see [`crate::units::parse_size`].
 fn parse_bytes(setting: &str, value: &str) -> Result<u64, ConfigError> {
-    let text = value.trim();
-    if let Ok(bytes) = text.parse::<u64>() {
-        return Ok(bytes);
-    }
-    text.parse::<bytesize::ByteSize>()
-        .map(|size| size.as_u64())
-        .map_err(|_| ConfigError::Invalid {
-            setting: setting.to_string(),
-            value: value.chars().take(80).collect(),
-            reason: "expected a number of bytes, or a size such as 100KiB or 1MiB".to_string(),
-        })
+    crate::units::parse_size(value).map_err(|e| ConfigError::Invalid {
+        setting: setting.to_string(),
+        value: value.chars().take(80).collect(),
+        reason: e.to_string(),
+    })
 }
 
 /// The configuration files a client reads, in order: the user's, then the system's.
@@ -666,12 +684,52 @@ fn read_config_file(path: &Path) -> Result<Option<FileConfig>, ConfigError> {
         });
     }
     let text = std::fs::read_to_string(path).map_err(read_err)?;
-    let mut file = toml::from_str::<FileConfig>(&text).map_err(|e| ConfigError::Parse {
+    let parse_err = |message| ConfigError::Parse {
         path: path.to_path_buf(),
-        message: crate::app_file::describe_toml_error(&text, &e),
+        message,
+    };
+    let table = toml::from_str::<toml::Table>(&text).map_err(|e| {
+        let mut message = crate::app_file::describe_toml_error(&text, &e);
+        if let Some(hint) = unquoted_string_hint(&text, &e) {
+            message.push_str("; ");
+            message.push_str(&hint);
+        }
+        parse_err(message)
     })?;
+    // A section (`[head]`) is left to whoever reads it; a bare key is ours, so a typo in
+    // one is reported rather than silently ignored.
+    let unknown = table
+        .iter()
+        .find(|(k, v)| !v.is_table() && !FILE_KEYS.contains(&k.as_str()));
+    if let Some((key, _)) = unknown {
+        return Err(parse_err(format!(
+            "unknown key `{}`: a client's config file takes only {}",
+            key.chars().take(80).collect::<String>(),
+            FILE_KEYS.join(", ")
+        )));
+    }
+    let mut file = toml::from_str::<FileConfig>(&text)
+        .map_err(|e| parse_err(crate::app_file::describe_toml_error(&text, &e)))?;
     file.mode = meta.permissions().mode();
     Ok(Some(file))
+}
+
+/// When TOML failed on a line that gives a string key a bare value (`head = 1.2.3.4:7470`,
+/// which TOML reads as a broken number), how to write it.
+fn unquoted_string_hint(text: &str, err: &toml::de::Error) -> Option<String> {
+    let start = err.span()?.start;
+    let line_start = text.get(..start)?.rfind('\n').map_or(0, |i| i + 1);
+    let line = text.get(line_start..)?.lines().next()?;
+    let (key, value) = line.split_once('=')?;
+    let (key, value) = (key.trim(), value.trim());
+    let quoted = value.starts_with('"') || value.starts_with('\'');
+    if !FILE_STRING_KEYS.contains(&key) || quoted || value.is_empty() {
+        return None;
+    }
+    let value: String = value.chars().take(80).collect();
+    Some(format!(
+        "`{key}` is text, which TOML wants in quotes: {key} = \"{value}\""
+    ))
 }
 
 /// A path from a configuration file, taken relative to the file's folder when relative.

@@ -73,6 +73,7 @@ pub mod local;
 pub mod objects;
 pub mod report;
 mod session;
+pub mod units;
 
 pub use client::{Client, ExecStream, LogStream, CLOSE_TIMEOUT, LOG_SILENCE_MAX};
 pub use config::{ClientConfig, ConfigError, ConfigFlags, IdentityFiles};

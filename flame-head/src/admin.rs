@@ -8,7 +8,8 @@
 
 use crate::auth::{JobCredentials, TokenBook, TokenLimits};
 use crate::config::{
-    CertCommand, HeadConfig, TokenCommand, NODE_TOKEN_TTL_DEFAULT, NODE_TOKEN_USES_DEFAULT,
+    CertCommand, HeadConfig, ListOutput, TokenCommand, NODE_TOKEN_TTL_DEFAULT,
+    NODE_TOKEN_USES_DEFAULT,
 };
 use anyhow::Context;
 use flame_protocol::auth::{CertRecord, CertTarget, Secret, TokenInfo, TokenKind};
@@ -186,7 +187,9 @@ pub async fn cert(config: &HeadConfig, command: CertCommand) -> anyhow::Result<(
         (CertCommand::Revoke { .. }, ClientResponse::Ok) => {
             println!("revoked {what}; connections made with it were closed")
         }
-        (CertCommand::List { json }, ClientResponse::Certs(records)) => print_certs(&records, json),
+        (CertCommand::List { output, json }, ClientResponse::Certs(records)) => {
+            print_certs(&records, json || output == ListOutput::Json)
+        }
         (_, other) => anyhow::bail!("unexpected answer from the head: {other:?}"),
     }
     Ok(())
@@ -298,7 +301,9 @@ pub async fn token(config: &HeadConfig, command: TokenCommand) -> anyhow::Result
                     name: name.clone(),
                     admin: *admin,
                 },
-                (false, None) => anyhow::bail!("say --node or --user NAME"),
+                (false, None) => anyhow::bail!(
+                    "say what the token is for: --node (joins nodes; with --uses, --replace, --ttl) or --user NAME (a client; with --admin, --ttl)"
+                ),
             };
             let ttl = ttl.or((kind == TokenKind::Node).then_some(NODE_TOKEN_TTL_DEFAULT));
             let uses_max = uses.or((kind == TokenKind::Node).then_some(NODE_TOKEN_USES_DEFAULT));
@@ -329,8 +334,8 @@ pub async fn token(config: &HeadConfig, command: TokenCommand) -> anyhow::Result
             );
             println!("{}", token.expose());
         }
-        (TokenCommand::List { json }, ClientResponse::Tokens(tokens)) => {
-            print_tokens(&tokens, json)
+        (TokenCommand::List { output, json }, ClientResponse::Tokens(tokens)) => {
+            print_tokens(&tokens, json || output == ListOutput::Json)
         }
         (TokenCommand::Revoke { id }, ClientResponse::Ok) => println!("token {id} revoked"),
         (_, other) => anyhow::bail!("unexpected answer from the head: {other:?}"),

@@ -124,13 +124,24 @@ pub enum HeadCommand {
     },
 }
 
+/// How `token list` and `cert list` print.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ListOutput {
+    /// Aligned columns for people.
+    Table,
+    /// One JSON object per line, for scripts.
+    Json,
+}
+
 /// `flame-head token ...`.
 #[derive(Debug, clap::Subcommand)]
 pub enum TokenCommand {
     /// Prints a new token once; the head keeps only a hash of it.
+    // One of --node and --user is required; a group makes clap's error name both.
+    #[command(group(clap::ArgGroup::new("purpose").required(true).args(["node", "user"])))]
     Create {
         /// A token that joins nodes (`flame-node join`). Default lifetime 24h.
-        #[arg(long, conflicts_with = "user", required_unless_present = "user")]
+        #[arg(long, conflicts_with = "user")]
         node: bool,
         /// A token for the user NAME, who owns the sessions it creates. No expiry unless
         /// `--ttl` is given.
@@ -153,8 +164,12 @@ pub enum TokenCommand {
     },
     /// Lists tokens (never their secrets).
     List {
-        /// One JSON object per line instead of a table.
-        #[arg(long)]
+        /// Output format: `table`, or `json` (one JSON object per line), as `flame`'s
+        /// `--output`
+        #[arg(long, short = 'o', value_enum, default_value_t = ListOutput::Table)]
+        output: ListOutput,
+        /// The older spelling of `--output json`.
+        #[arg(long, hide = true)]
         json: bool,
     },
     /// Revokes a token by its id; connections it opened are closed.
@@ -182,8 +197,12 @@ pub enum CertCommand {
     },
     /// Lists revoked certificates and the certificate each node joined with.
     List {
-        /// One JSON object per line instead of a table.
-        #[arg(long)]
+        /// Output format: `table`, or `json` (one JSON object per line), as `flame`'s
+        /// `--output`
+        #[arg(long, short = 'o', value_enum, default_value_t = ListOutput::Table)]
+        output: ListOutput,
+        /// The older spelling of `--output json`.
+        #[arg(long, hide = true)]
         json: bool,
     },
 }

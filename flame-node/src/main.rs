@@ -189,11 +189,6 @@ fn run(args: Args) -> Result<(), String> {
         Some(path) => config::load(path)?,
         None => config::FileConfig::default(),
     };
-    let head = args
-        .head
-        .clone()
-        .or(file.head.clone())
-        .ok_or("the head's address is needed: --head HOST:PORT (or `head` in --config)")?;
     let tls = TlsFiles::new(&args, &file);
     let asked_name = args.name.clone().or(file.name.clone());
     // Settings first, then the files they name; all before anything is created here.
@@ -227,7 +222,9 @@ fn run(args: Args) -> Result<(), String> {
     let Some(identity) = identity else {
         let report = serde_json::json!({
             "name": name,
-            "cpus": flame_protocol::model::format_cpus(allocatable.cpu_millis),
+            // A number, as `flame node list --output json` gives cpus (in millis there).
+            "cpus": f64::from(allocatable.cpu_millis) / 1000.0,
+            "cpu_millis": allocatable.cpu_millis,
             "memory_bytes": allocatable.memory_bytes,
             "gpus": allocatable.gpus.iter().map(|g| serde_json::json!({
                 "index": g.index, "name": g.name, "uuid": g.uuid, "memory_bytes": g.memory_bytes,
@@ -238,6 +235,12 @@ fn run(args: Args) -> Result<(), String> {
         println!("{report:#}");
         return Ok(());
     };
+    // Needed from here on, not to print the capacity.
+    let head = args
+        .head
+        .clone()
+        .or(file.head.clone())
+        .ok_or("the head's address is needed: --head HOST:PORT (or `head` in --config)")?;
     if let Some(tree) = &cgroups {
         match tree.cleanup_stale() {
             Ok(0) => {}

@@ -493,8 +493,9 @@ pub async fn connect(
     let deadline = tokio::time::Instant::now() + timeout;
     let mut pause = CONNECT_REFUSED_PAUSE_MIN;
     let mut refused = 0u32;
+    let shown = shown_addr(addr);
     let unreachable = |reason: String| EndpointError::Unreachable {
-        addr: addr.to_string(),
+        addr: shown.clone(),
         timeout,
         reason,
     };
@@ -512,6 +513,9 @@ pub async fn connect(
         .await;
         match attempt {
             Ok(Ok(greeted)) => return Ok(greeted),
+            Ok(Err(Attempt::Failed(EndpointError::Unreachable { reason, .. }))) => {
+                return Err(unreachable(reason))
+            }
             Ok(Err(Attempt::Failed(e))) => return Err(e),
             Ok(Err(Attempt::Refused)) => {
                 refused += 1;
@@ -524,6 +528,18 @@ pub async fn connect(
             Err(_) if refused > 0 => return Err(busy(refused)),
             Err(_) => return Err(unreachable("timed out".into())),
         }
+    }
+}
+
+/// `addr` for messages, with the port named when the text left it to the default
+/// (`10.0.0.1 (port 7470, the default)`), so that a user who forgot the port sees which one
+/// was tried.
+fn shown_addr(addr: &str) -> String {
+    match split_host_port(addr) {
+        Ok((_, port)) if !addr.ends_with(&format!(":{port}")) => {
+            format!("{addr} (port {port}, the default)")
+        }
+        _ => addr.to_string(),
     }
 }
 
@@ -707,6 +723,17 @@ mod tests {
         );
         assert!(split_host_port("head:x").is_err());
         assert!(split_host_port("").is_err());
+    }
+
+    #[test]
+    fn a_defaulted_port_is_named_in_messages() {
+        let port = crate::DEFAULT_HEAD_PORT;
+        assert_eq!(
+            shown_addr("127.0.0.1"),
+            format!("127.0.0.1 (port {port}, the default)")
+        );
+        assert_eq!(shown_addr("head:80"), "head:80");
+        assert_eq!(shown_addr("[::1]:9"), "[::1]:9");
     }
 
     /// A CA, a server certificate for `localhost` and a client certificate, all issued by it.

@@ -119,6 +119,33 @@ pub fn executor_info() -> ExecutorInfo {
     }
 }
 
+/// For the `main` of an application program: when its only argument is `--help` or `-h`,
+/// prints `about` and how the program is run (under a node, or checked by
+/// `flame-shim-check`), then exits 0. Otherwise returns, and the program serves as usual.
+///
+/// Only a lone `--help` counts, so an application registered with arguments of its own
+/// is not changed by this; a program that takes `--help` as its argument does not call it.
+pub fn exit_if_help(about: &str) {
+    let args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
+    if let [only] = args.as_slice() {
+        if only == "--help" || only == "-h" {
+            println!("{}", help_text(about));
+            std::process::exit(0);
+        }
+    }
+}
+
+/// What [`exit_if_help`] prints.
+fn help_text(about: &str) -> String {
+    format!(
+        "{about}\n\n\
+         A Flame application: it serves tasks over the shim protocol (docs/shim-protocol.md), \
+         on stdin and stdout, or on the Unix socket named by {ENV_SHIM_SOCKET}. Register it \
+         with `flame app register` and a node starts it; `flame-shim-check -- PROGRAM` checks \
+         it by hand."
+    )
+}
+
 /// Serves the node until it ends the stream, over the transport the node chose.
 ///
 /// When [`ENV_SHIM_SOCKET`] names a socket (it is set and not empty), this is

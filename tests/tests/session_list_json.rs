@@ -66,6 +66,9 @@ async fn session_and_node_lists_as_json() {
             .unwrap_or_else(|| panic!("session {id} is not listed: {list:#}"))
     };
     check_session(find(first), first, "Closed", 1000);
+    // `status` is the table's Status: closed with nothing left to run is Finished.
+    assert_eq!(find(first)["status"], "Finished", "{list:#}");
+    assert_eq!(find(third)["status"], "Open", "{list:#}");
     check_session(find(second), second, "Closed", 10);
     check_session(find(third), third, "Open", 0);
     assert_eq!(sessions.len(), 3, "{list:#}");

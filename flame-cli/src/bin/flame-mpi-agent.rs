@@ -33,8 +33,27 @@ const ENV_JOB_TOKEN: &str = "FLAME_JOB_TOKEN";
 /// The variable naming the job.
 const ENV_JOB_ID: &str = "FLAME_JOB_ID";
 
+/// What `--help` prints.
+const HELP: &str = "\
+flame-mpi-agent: Open MPI's remote-start agent for jobs run with `flame submit --mpi`.
+
+usage: flame-mpi-agent HOST COMMAND...
+
+Runs COMMAND (its words joined with spaces, under /bin/sh -c) on node HOST inside the
+job's allocation there, as `ssh HOST COMMAND...` would, and relays its output. Leading
+`-` options (ssh's) are ignored. Reads FLAME_JOB_ID, FLAME_HEAD, FLAME_JOB_TOKEN and
+FLAME_CA_FILE from the rank's environment, which the head and the node set; `flame submit
+--mpi` points Open MPI at it, so it is not run by hand.
+
+Exits with COMMAND's status, or 255 when COMMAND could not be run (as ssh does).";
+
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
+    // Only alone: Open MPI always passes a host and a command, and ssh has no `--help`.
+    if matches!(args.as_slice(), [only] if only == "--help" || only == "-h") {
+        println!("{HELP}");
+        return ExitCode::SUCCESS;
+    }
     let words: Vec<&String> = args.iter().skip_while(|a| a.starts_with('-')).collect();
     let Some((host, command)) = words.split_first() else {
         eprintln!("flame-mpi-agent: usage: flame-mpi-agent HOST COMMAND...");

@@ -1,6 +1,7 @@
 //! `flame app ...`
 
 use super::GlobalArgs;
+use crate::render::outln;
 use crate::render::{self, number, text, OutputArgs, OutputFormat};
 use anyhow::Context as _;
 use clap::Subcommand;
@@ -47,14 +48,20 @@ pub async fn run(global: &GlobalArgs, cmd: AppCommand) -> anyhow::Result<()> {
             let name = spec.name.clone();
             let info = super::with_client(global, |client| async move {
                 match client.register_application(spec).await {
-                    Err(e) if e.kind() == Some(ErrorKind::AlreadyExists) => Err(e).hint(
-                        "`flame app remove NAME` first; an application with unfinished sessions cannot be removed",
-                    ),
+                    Err(e) if e.kind() == Some(ErrorKind::AlreadyExists) => {
+                        Err(e).hint(format!(
+                            "`flame app update {}` replaces its spec (new sessions use it)",
+                            file.display()
+                        ))
+                    }
                     other => other.with_context(|| format!("cannot register {}", file.display())),
                 }
             })
             .await?;
-            println!("Application `{name}` registered: {}", command_line(&info));
+            outln!(
+                "Application `{name}` registered: {}",
+                command_line(&info)
+            )?;
             Ok(())
         }
         AppCommand::Update { file } => {
@@ -71,7 +78,7 @@ pub async fn run(global: &GlobalArgs, cmd: AppCommand) -> anyhow::Result<()> {
                 }
             })
             .await?;
-            println!("Application `{name}` updated: {}", command_line(&info));
+            outln!("Application `{name}` updated: {}", command_line(&info))?;
             Ok(())
         }
         AppCommand::List(out) => {
@@ -82,11 +89,11 @@ pub async fn run(global: &GlobalArgs, cmd: AppCommand) -> anyhow::Result<()> {
             match out.output {
                 OutputFormat::Json => render::print_json(&apps),
                 OutputFormat::Table if apps.is_empty() => {
-                    println!("No applications are registered.");
+                    outln!("No applications are registered.")?;
                     Ok(())
                 }
                 OutputFormat::Table => {
-                    print_list(&apps);
+                    print_list(&apps)?;
                     Ok(())
                 }
             }
@@ -99,7 +106,7 @@ pub async fn run(global: &GlobalArgs, cmd: AppCommand) -> anyhow::Result<()> {
             match output.output {
                 OutputFormat::Json => render::print_json(&info),
                 OutputFormat::Table => {
-                    print_one(&info);
+                    print_one(&info)?;
                     Ok(())
                 }
             }
@@ -114,7 +121,7 @@ pub async fn run(global: &GlobalArgs, cmd: AppCommand) -> anyhow::Result<()> {
                     ),
                     other => Ok(other?),
                 }?;
-                println!("Application `{name}` removed.");
+                outln!("Application `{name}` removed.")?;
                 Ok(())
             })
             .await
@@ -138,7 +145,7 @@ fn shim(info: &ApplicationInfo) -> String {
     info.spec.shim.to_string()
 }
 
-fn print_list(apps: &[ApplicationInfo]) {
+fn print_list(apps: &[ApplicationInfo]) -> anyhow::Result<()> {
     let columns = [
         text("Name"),
         text("Shim"),
@@ -164,10 +171,11 @@ fn print_list(apps: &[ApplicationInfo]) {
             ]
         })
         .collect();
-    render::print_table(&columns, rows);
+    render::print_table(&columns, rows)?;
+    Ok(())
 }
 
-fn print_one(info: &ApplicationInfo) {
+fn print_one(info: &ApplicationInfo) -> anyhow::Result<()> {
     let spec = &info.spec;
     let env = if spec.env.is_empty() {
         "-".to_string()
@@ -264,5 +272,6 @@ fn print_one(info: &ApplicationInfo) {
             "Open sessions",
             render::group(u64::from(info.open_sessions)),
         ),
-    ]);
+    ])?;
+    Ok(())
 }

@@ -80,7 +80,7 @@ pub async fn run(global: &GlobalArgs, args: SubmitArgs) -> anyhow::Result<()> {
     // an over-long line in a regular file, is reported with nothing run.
     let first = tokio::select! {
         first = chunks.recv() => first,
-        signal = signals.recv() => bail!("stopped by {signal} while reading {name}"),
+        signal = signals.recv() => return Err(signal.stopped().context("nothing was run")),
     };
     let first = match first {
         None => {
@@ -92,7 +92,7 @@ pub async fn run(global: &GlobalArgs, args: SubmitArgs) -> anyhow::Result<()> {
     let config = super::config(global)?;
     let client = tokio::select! {
         client = super::connect_to(&config) => client?,
-        signal = signals.recv() => bail!("stopped by {signal} while connecting"),
+        signal = signals.recv() => return Err(signal.stopped().context("nothing was run")),
     };
     let options = Options {
         unordered: args.unordered,
@@ -136,7 +136,7 @@ async fn run_array(
 ) -> anyhow::Result<()> {
     let session = tokio::select! {
         session = client.create_session(spec) => session,
-        signal = signals.recv() => bail!("stopped by {signal} while creating the session"),
+        signal = signals.recv() => return Err(signal.stopped().context("no line was submitted")),
     };
     let session = match session {
         Err(e) if e.kind() == Some(ErrorKind::NotFound) => Err(e).hint(format!(
@@ -149,7 +149,7 @@ async fn run_array(
     }?;
     let result = tokio::select! {
         result = drive(&session, first, chunks, options) => result,
-        signal = signals.recv() => Err(anyhow!("stopped by {signal}")),
+        signal = signals.recv() => Err(signal.stopped()),
     };
     let failed = match result {
         Ok(failed) => failed,
@@ -466,7 +466,7 @@ impl Printer {
                 Ok(output) => {
                     self.stdout
                         .write_all(&output.stdout)
-                        .context("cannot write to stdout")?;
+                        .map_err(crate::render::stdout_error)?;
                     if !output.stderr.is_empty() {
                         // Flushed first, so that a terminal shows both in the order written.
                         self.flush()?;
@@ -504,7 +504,7 @@ impl Printer {
     }
 
     fn flush(&mut self) -> anyhow::Result<()> {
-        self.stdout.flush().context("cannot write to stdout")
+        self.stdout.flush().map_err(crate::render::stdout_error)
     }
 }
 

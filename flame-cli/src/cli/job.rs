@@ -8,7 +8,8 @@
 
 use super::signals::StopSignals;
 use super::submit::SubmitArgs;
-use super::{Exit, GlobalArgs};
+use super::{Exit, GlobalArgs, Usage};
+use crate::render::outln;
 use crate::render::{self, number, text, OutputArgs, OutputFormat};
 use anyhow::{anyhow, bail, Context as _};
 use clap::{Args, Subcommand};
@@ -75,15 +76,16 @@ pub fn job_spec(args: &SubmitArgs) -> anyhow::Result<JobSpec> {
             .ok()
             .filter(|c: &f64| c.is_finite() && *c > 0.0)
             .ok_or_else(|| {
-                anyhow!("--cpus-per-rank `{cpus}` is not a positive number such as 0.5 or 2")
+                Usage::new(format!(
+                    "--cpus-per-rank `{cpus}` is not a positive number such as 0.5 or 2"
+                ))
             })?;
         resources.cpu_millis = (value * 1000.0).round().min(f64::from(u32::MAX)) as u32;
     }
     if let Some(mem) = &args.mem_per_rank {
-        let size: bytesize::ByteSize = mem
-            .parse()
-            .map_err(|e| anyhow!("--mem-per-rank `{mem}` is not a size such as 512MiB: {e}"))?;
-        resources.memory_bytes = Some(size.as_u64());
+        let bytes = flame_client::units::parse_size(mem)
+            .map_err(|e| Usage::new(format!("--mem-per-rank: {e}")))?;
+        resources.memory_bytes = Some(bytes);
     }
     // Like srun, ranks start in the directory `flame submit` runs in (which must exist on
     // every node used: a shared file system, or the local machine).
@@ -116,7 +118,7 @@ pub fn job_spec(args: &SubmitArgs) -> anyhow::Result<JobSpec> {
             "name" => "--name",
             _ => "COMMAND",
         };
-        anyhow!("{flag}: {}", e.reason)
+        Usage::new(format!("{flag}: {}", e.reason))
     })?;
     Ok(spec)
 }
@@ -144,11 +146,11 @@ async fn submit_with(
             priority: args.priority,
             ..SessionSpec::new(String::new())
         }) => s.context("cannot submit the job")?,
-        signal = signals.recv() => bail!("stopped by {signal} before the job was submitted"),
+        signal = signals.recv() => return Err(signal.stopped().context("the job was not submitted")),
     };
     let id = session.id();
     if args.detach {
-        println!("{id}");
+        outln!("{id}")?;
         return Ok(());
     }
     eprintln!(
@@ -158,7 +160,7 @@ async fn submit_with(
     let mut watch = session.watch().await?;
     let mut output = Output::new(client.clone(), id, args.label);
     let mut logs = Some(client.logs(id, None, true).await?);
-    let mut cancelled_by: Option<&'static str> = None;
+    let mut cancelled_by: Option<super::signals::Stop> = None;
     let cancel_deadline = tokio::time::sleep(Duration::MAX);
     tokio::pin!(cancel_deadline);
     // Until the job starts: say why it waits, when that changes.
@@ -355,22 +357,29 @@ impl Output {
             stdout = std::io::stdout().lock();
             &mut stdout
         };
-        if self.label {
-            let label = self
-                .ranks
+        let label = self.label.then(|| {
+            self.ranks
                 .get(&executor)
-                .map_or_else(|| format!("exec-{executor}"), u32::to_string);
-            for line in bytes.split_inclusive(|&b| b == b'\n') {
-                write!(out, "{label}: ")?;
-                out.write_all(line)?;
+                .map_or_else(|| format!("exec-{executor}"), u32::to_string)
+        });
+        let written = (|| {
+            match &label {
+                Some(label) => {
+                    for line in bytes.split_inclusive(|&b| b == b'\n') {
+                        write!(out, "{label}: ")?;
+                        out.write_all(line)?;
+                    }
+                }
+                None => out.write_all(bytes)?,
             }
-        } else {
-            out.write_all(bytes)?;
-        }
-        if !bytes.ends_with(b"\n") {
-            out.write_all(b"\n")?;
-        }
-        match out.flush() {
+            if !bytes.ends_with(b"\n") {
+                out.write_all(b"\n")?;
+            }
+            out.flush()
+        })();
+        match written {
+            // A reader that went away (`| head`) ends the output, not the job: its exit
+            // status is still the command's.
             Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
             r => r.context("cannot write the job's output"),
         }
@@ -388,6 +397,16 @@ impl Output {
     }
 }
 
+/// The session of job `id`, with an unknown id reported as a job's, not a session's.
+async fn job_session(client: &Client, id: SessionId) -> anyhow::Result<SessionInfo> {
+    match client.get_session(id).await {
+        Err(e) if e.kind() == Some(flame_protocol::model::ErrorKind::NotFound) => {
+            Err(anyhow!("job {id} does not exist")).hint("`flame job list` lists the jobs")
+        }
+        other => Ok(other?),
+    }
+}
+
 pub async fn run(global: &GlobalArgs, cmd: JobCommand) -> anyhow::Result<()> {
     match cmd {
         JobCommand::List(out) => {
@@ -401,13 +420,18 @@ pub async fn run(global: &GlobalArgs, cmd: JobCommand) -> anyhow::Result<()> {
                 .filter(|s| s.job.is_some())
                 .collect();
             match out.output {
-                OutputFormat::Json => render::print_json(&jobs),
+                OutputFormat::Json => render::print_json(
+                    &jobs
+                        .iter()
+                        .map(super::session::session_json)
+                        .collect::<Vec<_>>(),
+                ),
                 OutputFormat::Table if jobs.is_empty() => {
-                    println!("No jobs.");
+                    outln!("No jobs.")?;
                     Ok(())
                 }
                 OutputFormat::Table => {
-                    print_list(&jobs);
+                    print_list(&jobs)?;
                     Ok(())
                 }
             }
@@ -416,7 +440,7 @@ pub async fn run(global: &GlobalArgs, cmd: JobCommand) -> anyhow::Result<()> {
             let info =
                 super::with_client(
                     global,
-                    |client| async move { Ok(client.get_session(id).await?) },
+                    |client| async move { job_session(&client, id).await },
                 )
                 .await?;
             let Some(job) = &info.job else {
@@ -424,16 +448,16 @@ pub async fn run(global: &GlobalArgs, cmd: JobCommand) -> anyhow::Result<()> {
                     .hint("`flame session view` shows sessions");
             };
             match output.output {
-                OutputFormat::Json => render::print_json(&info),
+                OutputFormat::Json => render::print_json(&super::session::session_json(&info)),
                 OutputFormat::Table => {
-                    print_view(&info, job);
+                    print_view(&info, job)?;
                     Ok(())
                 }
             }
         }
         JobCommand::Cancel { id } => {
             super::with_client(global, |client| async move {
-                let info = client.get_session(id).await?;
+                let info = job_session(&client, id).await?;
                 if info.job.is_none() {
                     return Err(anyhow!("session {id} is not a batch job"))
                         .hint("`flame session cancel` cancels sessions");
@@ -442,7 +466,7 @@ pub async fn run(global: &GlobalArgs, cmd: JobCommand) -> anyhow::Result<()> {
                 Ok(())
             })
             .await?;
-            println!("Job {id} cancelled.");
+            outln!("Job {id} cancelled.")?;
             Ok(())
         }
         JobCommand::Logs(args) => logs(global, args).await,
@@ -452,7 +476,7 @@ pub async fn run(global: &GlobalArgs, cmd: JobCommand) -> anyhow::Result<()> {
 async fn logs(global: &GlobalArgs, args: JobLogsArgs) -> anyhow::Result<()> {
     let mut signals = StopSignals::install()?;
     super::with_client(global, |client| async move {
-        let info = client.get_session(args.id).await?;
+        let info = job_session(&client, args.id).await?;
         if info.job.is_none() {
             return Err(anyhow!("session {} is not a batch job", args.id))
                 .hint("`flame logs SESSION` shows a session's logs");
@@ -502,7 +526,7 @@ fn exit_text(job: &JobInfo) -> String {
         .map_or_else(|| "-".into(), |c| c.to_string())
 }
 
-fn print_list(jobs: &[SessionInfo]) {
+fn print_list(jobs: &[SessionInfo]) -> anyhow::Result<()> {
     let now = render::now_ms();
     let columns = [
         number("ID"),
@@ -536,10 +560,11 @@ fn print_list(jobs: &[SessionInfo]) {
             ]
         })
         .collect();
-    render::print_table(&columns, rows);
+    render::print_table(&columns, rows)?;
+    Ok(())
 }
 
-fn print_view(info: &SessionInfo, job: &JobInfo) {
+fn print_view(info: &SessionInfo, job: &JobInfo) -> anyhow::Result<()> {
     let now = render::now_ms();
     let spec = &job.spec;
     let mut command = vec![spec.command.clone()];
@@ -600,9 +625,9 @@ fn print_view(info: &SessionInfo, job: &JobInfo) {
             ),
         ));
     }
-    render::print_fields(fields);
+    render::print_fields(fields)?;
     if !job.ranks.is_empty() {
-        println!();
+        outln!()?;
         let columns = [
             number("Rank"),
             text("Node"),
@@ -623,6 +648,7 @@ fn print_view(info: &SessionInfo, job: &JobInfo) {
                 ]
             })
             .collect();
-        render::print_table(&columns, rows);
+        render::print_table(&columns, rows)?;
     }
+    Ok(())
 }

@@ -1,6 +1,7 @@
 //! `flame local`: a head and a node in the foreground.
 
 use super::signals::StopSignals;
+use crate::render::outln;
 use anyhow::anyhow;
 use clap::Args;
 use flame_client::local::{LocalCluster, LocalOptions};
@@ -31,7 +32,7 @@ pub async fn start_unless_stopped(
     tokio::select! {
         started = start(opts) => started,
         // Dropping the half-started cluster kills whatever was already running.
-        signal = signals.recv() => Err(anyhow!("stopped by {signal} while starting")),
+        signal = signals.recv() => Err(signal.stopped().context("the local cluster was stopped while starting")),
     }
 }
 
@@ -66,24 +67,24 @@ pub async fn run(args: LocalArgs) -> anyhow::Result<()> {
     };
     let mut cluster = start_unless_stopped(opts, &mut signals).await?;
     let data = cluster.data_dir().display().to_string();
-    println!(
+    outln!(
         "Flame is running: head at {}, node `local`.",
         cluster.head_addr()
-    );
+    )?;
     if cluster.is_temporary() {
-        println!("State and logs: {data} (removed on exit)");
+        outln!("State and logs: {data} (removed on exit)")?;
     } else {
-        println!("State and logs: {data}");
+        outln!("State and logs: {data}")?;
     }
-    println!(
+    outln!(
         "Clients act as its admin, with the token in {} (keep it private).",
         cluster.token_file().display()
-    );
-    println!("To use it from another shell:");
-    println!();
-    println!("    {}", cluster.exports());
-    println!();
-    println!("Press Ctrl-C to stop.");
+    )?;
+    outln!("To use it from another shell:")?;
+    outln!()?;
+    outln!("    {}", cluster.exports())?;
+    outln!()?;
+    outln!("Press Ctrl-C to stop.")?;
 
     let outcome = tokio::select! {
         signal = signals.recv() => Ok(signal),

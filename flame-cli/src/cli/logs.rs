@@ -11,6 +11,7 @@ use super::GlobalArgs;
 use anyhow::Context as _;
 use clap::Args;
 use flame_protocol::messages::LogEvent;
+use flame_protocol::model::SessionInfo;
 use flame_protocol::{ExecutorId, SessionId};
 use std::collections::BTreeMap;
 use std::io::{self, Write};
@@ -76,13 +77,33 @@ pub async fn run(global: &GlobalArgs, args: LogsArgs) -> anyhow::Result<()> {
         }
         out.finish()?;
         if !seen_any && stream.is_ended() {
-            eprintln!(
-                "No log output from the executors of session {session} (none may have run yet)."
-            );
+            let info = client.get_session(session).await?;
+            eprintln!("{}", no_output_note(&info, args.executor));
         }
         Ok(())
     })
     .await
+}
+
+/// Why a session's logs showed nothing, from what the head knows of it.
+fn no_output_note(info: &SessionInfo, executor: Option<ExecutorId>) -> String {
+    let id = info.id;
+    let of = match executor {
+        Some(e) => format!("executor {e} of session {id}"),
+        None => format!("the executors of session {id}"),
+    };
+    if info.usage.is_empty() {
+        if info.counts.unfinished() > 0 {
+            format!("No log output: no executor has started for session {id} yet.")
+        } else {
+            format!("No log output: no executor ran for session {id}.")
+        }
+    } else {
+        format!(
+            "No log output from {of}: they wrote nothing to stderr (nor to stdout under the \
+             unix shim), or their nodes no longer keep the logs."
+        )
+    }
 }
 
 /// How one executor's output is labelled.

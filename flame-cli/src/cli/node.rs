@@ -1,6 +1,7 @@
 //! `flame node ...`
 
 use super::GlobalArgs;
+use crate::render::outln;
 use crate::render::{self, number, text, OutputArgs, OutputFormat};
 use anyhow::Context as _;
 use clap::Subcommand;
@@ -50,11 +51,11 @@ pub async fn run(global: &GlobalArgs, cmd: NodeCommand) -> anyhow::Result<()> {
             match out.output {
                 OutputFormat::Json => render::print_json(&nodes),
                 OutputFormat::Table if nodes.is_empty() => {
-                    println!("No nodes have registered.");
+                    outln!("No nodes have registered.")?;
                     Ok(())
                 }
                 OutputFormat::Table => {
-                    print_list(&nodes);
+                    print_list(&nodes)?;
                     Ok(())
                 }
             }
@@ -62,11 +63,11 @@ pub async fn run(global: &GlobalArgs, cmd: NodeCommand) -> anyhow::Result<()> {
         NodeCommand::Drain { name } => {
             super::with_client(global, |client| async move {
                 node_error(client.drain_node(&name).await, "drain", &name)?;
-                println!(
+                outln!(
                     "Node {name} is draining: nothing new is placed on it, and its executors \
                      are released once their sessions let them go."
-                );
-                println!("`flame node list` shows its executors; `flame node undrain {name}` ends the drain.");
+                )?;
+                outln!("`flame node list` shows its executors; `flame node undrain {name}` ends the drain.")?;
                 Ok(())
             })
             .await
@@ -74,7 +75,7 @@ pub async fn run(global: &GlobalArgs, cmd: NodeCommand) -> anyhow::Result<()> {
         NodeCommand::Undrain { name } => {
             super::with_client(global, |client| async move {
                 node_error(client.undrain_node(&name).await, "undrain", &name)?;
-                println!("Node {name} takes new executors again.");
+                outln!("Node {name} takes new executors again.")?;
                 Ok(())
             })
             .await
@@ -90,7 +91,7 @@ fn state(state: NodeState) -> &'static str {
     }
 }
 
-fn print_list(nodes: &[NodeInfo]) {
+fn print_list(nodes: &[NodeInfo]) -> anyhow::Result<()> {
     let now = render::now_ms();
     let columns = [
         text("Name"),
@@ -152,12 +153,13 @@ fn print_list(nodes: &[NodeInfo]) {
             ]
         })
         .collect();
-    render::print_table(&columns, rows);
+    render::print_table(&columns, rows)?;
     for n in nodes {
         if let Some(i) = n.identity.as_ref().filter(|i| i.shared()) {
             eprintln!("{}", shared_identity_warning(&n.name, i));
         }
     }
+    Ok(())
 }
 
 /// What `flame node list` says of a node whose executors of every owner share one user.

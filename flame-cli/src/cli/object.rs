@@ -4,6 +4,7 @@
 //! file descriptor on the same host, QUIC otherwise); the head only says where.
 
 use super::GlobalArgs;
+use crate::render::outln;
 use crate::render::{self, number, text, OutputArgs, OutputFormat};
 use anyhow::{bail, Context as _};
 use bytes::Bytes;
@@ -92,7 +93,7 @@ pub async fn run(global: &GlobalArgs, cmd: ObjectCommand) -> anyhow::Result<()> 
                     size: object.size,
                 }),
                 OutputFormat::Table => {
-                    println!("{}", object.id);
+                    outln!("{}", object.id)?;
                     Ok(())
                 }
             }
@@ -118,11 +119,11 @@ pub async fn run(global: &GlobalArgs, cmd: ObjectCommand) -> anyhow::Result<()> 
             match args.out.output {
                 OutputFormat::Json => render::print_json(&objects),
                 OutputFormat::Table if objects.is_empty() => {
-                    println!("No objects.");
+                    outln!("No objects.")?;
                     Ok(())
                 }
                 OutputFormat::Table => {
-                    print_list(&objects);
+                    print_list(&objects)?;
                     Ok(())
                 }
             }
@@ -133,7 +134,7 @@ pub async fn run(global: &GlobalArgs, cmd: ObjectCommand) -> anyhow::Result<()> 
                 Ok(client.remove_objects(owner.as_deref(), &ids).await?)
             })
             .await?;
-            println!("Removed {count} object(s).");
+            outln!("Removed {count} object(s).")?;
             Ok(())
         }
     }
@@ -179,7 +180,7 @@ fn write_output(to: Option<&PathBuf>, bytes: &[u8]) -> anyhow::Result<()> {
         let mut out = std::io::stdout().lock();
         out.write_all(bytes)
             .and_then(|()| out.flush())
-            .context("cannot write to stdout")?;
+            .map_err(crate::render::stdout_error)?;
         return Ok(());
     };
     let dir = match path.parent() {
@@ -211,7 +212,7 @@ fn origin(o: &ObjectOrigin) -> String {
     }
 }
 
-fn print_list(objects: &[ObjectInfo]) {
+fn print_list(objects: &[ObjectInfo]) -> anyhow::Result<()> {
     let now = render::now_ms();
     let columns = [
         text("Id"),
@@ -240,5 +241,6 @@ fn print_list(objects: &[ObjectInfo]) {
             ]
         })
         .collect();
-    render::print_table(&columns, rows);
+    render::print_table(&columns, rows)?;
+    Ok(())
 }

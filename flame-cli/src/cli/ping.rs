@@ -4,6 +4,7 @@
 use super::signals::StopSignals;
 use super::GlobalArgs;
 use crate::render::group;
+use crate::render::outln;
 use anyhow::{anyhow, bail, Context as _};
 use bytes::{Bytes, BytesMut};
 use clap::Args;
@@ -26,6 +27,9 @@ pub const PING_APPLICATION: &str = "ping";
 pub const PING_TASKS_MAX: u64 = 10_000_000;
 /// Most input bytes one run holds: every input is kept to check its output.
 pub const PING_INPUT_BYTES_TOTAL_MAX: u64 = 1 << 30;
+/// How long Ctrl-C waits for the head to confirm that the session is cancelled (a debug
+/// head took 5 s for a million tasks).
+pub const CANCEL_WAIT_MAX: Duration = Duration::from_secs(30);
 /// Failures quoted in the report; the rest are only counted.
 pub const PING_PROBLEMS_SHOWN_MAX: usize = 5;
 
@@ -165,26 +169,61 @@ async fn ping_with(
     let n = inputs.len();
     let created_at = Instant::now();
     let session = create_ping_session(client, args.ephemeral, args.priority).await?;
-    println!(
+    outln!(
         "Session {} was created in {} ms; running {} tasks of {} bytes.",
         session.id(),
         group(millis(created_at.elapsed())),
         group(n as u64),
         group(args.size as u64),
-    );
+    )?;
 
-    let result = tokio::select! {
-        result = run_tasks(&session, args, inputs) => result,
-        signal = signals.recv() => Err(anyhow!("stopped by {signal}")),
-    };
-    if result.is_err() {
-        // A failed run closes its session too, so that it finishes once its remaining tasks
-        // do instead of staying open; the run's error is the one to report.
-        if let Err(e) = session.close().await {
-            tracing::debug!("closing session {} after a failed run: {e}", session.id());
+    let signal = tokio::select! {
+        result = run_tasks(&session, args, inputs) => {
+            if result.is_err() {
+                // A failed run closes its session too, so that it finishes once its
+                // remaining tasks do instead of staying open; the run's error is the one
+                // to report.
+                if let Err(e) = session.close().await {
+                    tracing::debug!("closing session {} after a failed run: {e}", session.id());
+                }
+            }
+            return result;
         }
+        signal = signals.recv() => signal,
+    };
+    Err(cancel_after_stop(&session, signal, signals).await)
+}
+
+/// Ctrl-C or `SIGTERM` during a run: cancels the session, so that none of its tasks is left
+/// pending or running, and returns the error that exits with the signal's code. A second
+/// signal, or a head that does not answer within [`CANCEL_WAIT_MAX`], gives up waiting and
+/// says how to cancel it by hand.
+pub(super) async fn cancel_after_stop(
+    session: &Session,
+    signal: super::signals::Stop,
+    signals: &mut StopSignals,
+) -> anyhow::Error {
+    let id = session.id();
+    eprintln!("flame: {signal}: cancelling session {id}");
+    let cancel = tokio::time::timeout(CANCEL_WAIT_MAX, session.client().cancel_session(id));
+    let cancelled = tokio::select! {
+        cancelled = cancel => cancelled,
+        _ = signals.recv() => {
+            return signal.stopped().context(format!(
+                "session {id} may still run; `flame session cancel {id}` ends it"
+            ));
+        }
+    };
+    match cancelled {
+        Ok(Ok(())) => signal.stopped().context(format!("session {id} was cancelled")),
+        Ok(Err(e)) => signal.stopped().context(format!(
+            "session {id} could not be cancelled ({e}); `flame session cancel {id}` ends it"
+        )),
+        Err(_elapsed) => signal.stopped().context(format!(
+            "the head did not confirm cancelling session {id} within {}; `flame session cancel {id}` ends it",
+            humantime::format_duration(CANCEL_WAIT_MAX)
+        )),
     }
-    result
 }
 
 /// Creates a session of the built-in `ping` application for the client's owner.
@@ -221,19 +260,19 @@ async fn run_tasks(session: &Session, args: &PingArgs, inputs: Vec<Bytes>) -> an
     drop(progress);
     let elapsed = checked.elapsed();
     let secs = elapsed.as_secs_f64().max(1e-9);
-    println!(
+    outln!(
         "{} tasks completed in {} ms: {} tasks/s (every output checked).",
         group(n as u64),
         group(millis(elapsed)),
         group((n as f64 / secs).round() as u64),
-    );
-    println!(
+    )?;
+    outln!(
         "Outputs came from {} executor{} on {} host{}.",
         group(checked.executors.len() as u64),
         plural(checked.executors.len()),
         group(checked.hosts.len() as u64),
         plural(checked.hosts.len()),
-    );
+    )?;
     Ok(())
 }
 
@@ -285,6 +324,14 @@ pub(super) async fn run_checked(
             .context("the submitting task failed")?
             .context("cannot submit the tasks")
     };
+    // The bar counts what the head has finished, which runs ahead of the results this
+    // client has read and checked; only a bar on a terminal asks.
+    let _head_counts = (!progress.is_hidden()).then(|| {
+        AbortOnDrop(tokio::spawn(follow_head_counts(
+            session.clone(),
+            progress.clone(),
+        )))
+    });
     let checked =
         collect_checked(&mut watch, &inputs, acks, started, stall_timeout, progress).await;
     match checked {
@@ -347,7 +394,8 @@ where
                         first_result = Some(Instant::now());
                     }
                     received += batch.len();
-                    progress.inc(batch.len() as u64);
+                    // Never below what the head reported (see `follow_head_counts`).
+                    progress.set_position(progress.position().max(received as u64));
                     record(&mut outcomes, &mut problems, batch);
                 }
             },
@@ -520,11 +568,52 @@ pub(super) fn progress_bar(len: u64) -> ProgressBar {
     if !std::io::stderr().is_terminal() {
         return ProgressBar::hidden();
     }
+    // Whole tasks per second with thousands separators, and the time left at that rate.
     let style = ProgressStyle::with_template(
-        "[{percent:>3}%] {wide_bar} {human_pos}/{human_len} {per_sec}",
+        "[{percent:>3}%] {wide_bar} {human_pos}/{human_len} {rate} ETA {eta}",
     )
+    .map(|s| {
+        s.with_key(
+            "rate",
+            |state: &indicatif::ProgressState, w: &mut dyn std::fmt::Write| {
+                let _ = w.write_str(&rate(state.per_sec()));
+            },
+        )
+    })
     .unwrap_or_else(|_| ProgressStyle::default_bar());
     ProgressBar::new(len).with_style(style)
+}
+
+/// How often the progress bar asks the head how many tasks have finished.
+const PROGRESS_POLL_INTERVAL: Duration = Duration::from_millis(500);
+
+/// Moves `progress` to the number of tasks the head has finished, every
+/// [`PROGRESS_POLL_INTERVAL`], until aborted. A failed request only skips one update: the
+/// results themselves still move the bar.
+async fn follow_head_counts(session: Session, progress: ProgressBar) {
+    let mut tick = tokio::time::interval(PROGRESS_POLL_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        match session.info().await {
+            Ok(info) => {
+                let c = &info.counts;
+                let finished = c.succeeded + c.failed + c.cancelled;
+                progress.set_position(progress.position().max(finished));
+            }
+            Err(e) => tracing::debug!("progress: cannot read the session's counts: {e}"),
+        }
+    }
+}
+
+/// A rate for the progress bar: whole tasks per second, grouped (`4,969/s`).
+fn rate(per_sec: f64) -> String {
+    let whole = if per_sec.is_finite() && per_sec > 0.0 {
+        per_sec.round() as u64
+    } else {
+        0
+    };
+    format!("{}/s", group(whole))
 }
 
 fn millis(d: Duration) -> u64 {
@@ -544,6 +633,13 @@ fn plural(n: usize) -> &'static str {
 mod tests {
     use super::*;
     use flame_protocol::TaskId;
+
+    #[test]
+    fn rates_are_whole_and_grouped() {
+        assert_eq!(rate(4_968.625_4), "4,969/s");
+        assert_eq!(rate(0.2), "0/s");
+        assert_eq!(rate(f64::NAN), "0/s");
+    }
 
     #[test]
     fn inputs_are_unique_padded_and_sized() {

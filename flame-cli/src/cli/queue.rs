@@ -2,6 +2,7 @@
 //! between its sessions, and why work waits.
 
 use super::GlobalArgs;
+use crate::render::outln;
 use crate::render::{self, number, text, OutputArgs, OutputFormat};
 use flame_protocol::model::{HeadStorage, OwnerQueue, QueueReport, SessionQueue};
 use std::fmt::Write as _;
@@ -12,7 +13,7 @@ pub async fn run(global: &GlobalArgs, out: OutputArgs) -> anyhow::Result<()> {
     match out.output {
         OutputFormat::Json => render::print_json(&report),
         OutputFormat::Table => {
-            println!("{}", report_text(&report));
+            outln!("{}", report_text(&report))?;
             Ok(())
         }
     }
@@ -103,7 +104,7 @@ fn session_table(sessions: &[SessionQueue]) -> String {
         .map(|s| {
             vec![
                 s.id.to_string(),
-                s.application.clone(),
+                render::application(&s.application),
                 s.priority.to_string(),
                 render::group(u64::from(s.deserved_executors)),
                 render::group(u64::from(s.executors)),

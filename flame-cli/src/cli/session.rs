@@ -1,6 +1,7 @@
 //! `flame session ...`
 
 use super::GlobalArgs;
+use crate::render::outln;
 use crate::render::{self, number, text, OutputArgs, OutputFormat};
 use clap::Subcommand;
 use flame_protocol::model::{SessionInfo, SessionState, TaskInfo, TaskState};
@@ -31,9 +32,12 @@ pub enum SessionCommand {
         /// Only tasks in this state (repeatable)
         #[arg(long = "state", value_enum)]
         states: Vec<StateArg>,
-        /// Most tasks to list
-        #[arg(long, default_value_t = 100)]
+        /// Most tasks to list; a note on stderr says when there are more
+        #[arg(long, default_value_t = 100, conflicts_with = "all")]
         limit: u64,
+        /// List every task, however many
+        #[arg(long)]
+        all: bool,
         #[command(flatten)]
         output: OutputArgs,
     },
@@ -74,13 +78,15 @@ pub async fn run(global: &GlobalArgs, cmd: SessionCommand) -> anyhow::Result<()>
                 )
                 .await?;
             match out.output {
-                OutputFormat::Json => render::print_json(&sessions),
+                OutputFormat::Json => {
+                    render::print_json(&sessions.iter().map(session_json).collect::<Vec<_>>())
+                }
                 OutputFormat::Table if sessions.is_empty() => {
-                    println!("No sessions.");
+                    outln!("No sessions.")?;
                     Ok(())
                 }
                 OutputFormat::Table => {
-                    print_list(&sessions);
+                    print_list(&sessions)?;
                     Ok(())
                 }
             }
@@ -104,11 +110,11 @@ pub async fn run(global: &GlobalArgs, cmd: SessionCommand) -> anyhow::Result<()>
             })
             .await?;
             match output.output {
-                OutputFormat::Json => render::print_json(&info),
+                OutputFormat::Json => render::print_json(&session_json(&info)),
                 OutputFormat::Table => {
-                    print_one(&info);
-                    print_usage(&info);
-                    print_failed(&info, &failed);
+                    print_one(&info)?;
+                    print_usage(&info)?;
+                    print_failed(&info, &failed)?;
                     Ok(())
                 }
             }
@@ -118,37 +124,49 @@ pub async fn run(global: &GlobalArgs, cmd: SessionCommand) -> anyhow::Result<()>
                 Ok(client.cancel_session(id).await?)
             })
             .await?;
-            println!("Session {id} cancelled.");
+            outln!("Session {id} cancelled.")?;
             Ok(())
         }
         SessionCommand::Tasks {
             id,
             states,
             limit,
+            all,
             output,
         } => {
             let states: Vec<TaskState> = states.into_iter().map(TaskState::from).collect();
-            let tasks = super::with_client(global, |client| async move {
+            let limit = if all { u64::MAX } else { limit };
+            let (tasks, more) = super::with_client(global, |client| async move {
                 let mut tasks: Vec<TaskInfo> = Vec::new();
                 let mut after = TaskId(0);
                 while (tasks.len() as u64) < limit {
                     let want = (limit - tasks.len() as u64).min(u64::from(TASKS_PAGE)) as u32;
                     let page = client.list_tasks(id, states.clone(), after, want).await?;
-                    let Some(last) = page.last() else { break };
+                    let Some(last) = page.last() else {
+                        return Ok((tasks, false));
+                    };
                     after = last.task;
                     tasks.extend(page);
                 }
-                Ok(tasks)
+                // Stopped at the limit: say so only when a task was left out.
+                let more = !client.list_tasks(id, states, after, 1).await?.is_empty();
+                Ok((tasks, more))
             })
             .await?;
+            if more {
+                eprintln!(
+                    "flame: showing the first {} tasks; --limit N shows more, --all every one",
+                    render::group(limit)
+                );
+            }
             match output.output {
                 OutputFormat::Json => render::print_json(&tasks),
                 OutputFormat::Table if tasks.is_empty() => {
-                    println!("No tasks.");
+                    outln!("No tasks.")?;
                     Ok(())
                 }
                 OutputFormat::Table => {
-                    print_tasks(&tasks);
+                    print_tasks(&tasks)?;
                     Ok(())
                 }
             }
@@ -158,10 +176,27 @@ pub async fn run(global: &GlobalArgs, cmd: SessionCommand) -> anyhow::Result<()>
                 Ok(client.close_session(id).await?)
             })
             .await?;
-            println!("Session {id} closed.");
+            outln!("Session {id} closed.")?;
             Ok(())
         }
     }
+}
+
+/// A session as `--output json` prints it: the protocol's [`SessionInfo`] (so scripts and
+/// the client library can read it back as one), plus `status`, the table's Status column
+/// (`Open`, `Closed`, or `Finished` once closed with nothing left to run), and for a job
+/// its `exit_code` once it has ended (what `flame submit` exits with).
+pub fn session_json(info: &SessionInfo) -> serde_json::Value {
+    let mut value = serde_json::to_value(info).unwrap_or(serde_json::Value::Null);
+    if let Some(fields) = value.as_object_mut() {
+        fields.insert("status".to_string(), state(info).into());
+        if let (Some(job), Some(serde_json::Value::Object(job_fields))) =
+            (&info.job, fields.get_mut("job"))
+        {
+            job_fields.insert("exit_code".to_string(), job.exit_code().into());
+        }
+    }
+    value
 }
 
 fn state(info: &SessionInfo) -> &'static str {
@@ -172,11 +207,11 @@ fn state(info: &SessionInfo) -> &'static str {
     }
 }
 
-fn print_list(sessions: &[SessionInfo]) {
+fn print_list(sessions: &[SessionInfo]) -> anyhow::Result<()> {
     let now = render::now_ms();
     let columns = [
         number("ID"),
-        text("State"),
+        text("Status"),
         text("App"),
         text("Owner"),
         number("Priority"),
@@ -194,7 +229,7 @@ fn print_list(sessions: &[SessionInfo]) {
             vec![
                 s.id.to_string(),
                 state(s).to_string(),
-                s.application.clone(),
+                render::application(&s.application),
                 s.owner.clone(),
                 s.priority.to_string(),
                 render::group(u64::from(s.executors)),
@@ -207,15 +242,16 @@ fn print_list(sessions: &[SessionInfo]) {
             ]
         })
         .collect();
-    render::print_table(&columns, rows);
+    render::print_table(&columns, rows)?;
+    Ok(())
 }
 
-fn print_one(info: &SessionInfo) {
+fn print_one(info: &SessionInfo) -> anyhow::Result<()> {
     let now = render::now_ms();
     render::print_fields(vec![
         ("ID", info.id.to_string()),
-        ("State", state(info).to_string()),
-        ("App", info.application.clone()),
+        ("Status", state(info).to_string()),
+        ("App", render::application(&info.application)),
         ("Owner", info.owner.clone()),
         ("Priority", info.priority.to_string()),
         (
@@ -240,7 +276,8 @@ fn print_one(info: &SessionInfo) {
             info.closed_ms
                 .map_or_else(|| "-".to_string(), |ms| render::local_time(ms, now)),
         ),
-    ]);
+    ])?;
+    Ok(())
 }
 
 /// How the session's object inputs reached their executors: the locality hit rate and the
@@ -261,12 +298,12 @@ fn data_line(d: &flame_protocol::model::DataStats) -> String {
 }
 
 /// What each executor that served the session used, from its node's cgroup.
-fn print_usage(info: &SessionInfo) {
+fn print_usage(info: &SessionInfo) -> anyhow::Result<()> {
     if info.usage.is_empty() {
-        return;
+        return Ok(());
     }
-    println!();
-    println!("Executors that served it:");
+    outln!()?;
+    outln!("Executors that served it:")?;
     let columns = [
         number("Executor"),
         text("Node"),
@@ -297,7 +334,8 @@ fn print_usage(info: &SessionInfo) {
             ]
         })
         .collect();
-    render::print_table(&columns, rows);
+    render::print_table(&columns, rows)?;
+    Ok(())
 }
 
 fn task_state(state: TaskState) -> &'static str {
@@ -312,30 +350,31 @@ fn task_state(state: TaskState) -> &'static str {
 
 /// The failed tasks of `session view`, each with its message (the application's error, or
 /// why its executor died with the end of its stderr).
-fn print_failed(info: &SessionInfo, failed: &[TaskInfo]) {
+fn print_failed(info: &SessionInfo, failed: &[TaskInfo]) -> anyhow::Result<()> {
     if failed.is_empty() {
-        return;
+        return Ok(());
     }
-    println!();
+    outln!()?;
     let shown = failed.len() as u64;
     if info.counts.failed > shown {
-        println!(
+        outln!(
             "Failed tasks (first {shown} of {}; `flame session tasks {} --state failed` lists them all):",
             render::group(info.counts.failed),
             info.id
-        );
+        )?;
     } else {
-        println!("Failed tasks:");
+        outln!("Failed tasks:")?;
     }
     for t in failed {
-        println!("  task {} (attempt {}):", t.task, t.attempt);
+        outln!("  task {} (attempt {}):", t.task, t.attempt)?;
         for line in t.message.as_deref().unwrap_or("(no message)").lines() {
-            println!("    {line}");
+            outln!("    {line}")?;
         }
     }
+    Ok(())
 }
 
-fn print_tasks(tasks: &[TaskInfo]) {
+fn print_tasks(tasks: &[TaskInfo]) -> anyhow::Result<()> {
     let columns = [
         number("Task"),
         text("State"),
@@ -357,5 +396,6 @@ fn print_tasks(tasks: &[TaskInfo]) {
             ]
         })
         .collect();
-    render::print_table(&columns, rows);
+    render::print_table(&columns, rows)?;
+    Ok(())
 }

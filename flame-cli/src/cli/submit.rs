@@ -25,14 +25,16 @@ pub struct SubmitArgs {
     /// cpus per rank (e.g. 0.5) [default: 1]
     #[arg(long, value_name = "C", conflicts_with = "each")]
     pub cpus_per_rank: Option<String>,
-    /// Memory limit per rank, also booked on its node (e.g. 512MiB, 8GiB) [default: 1GiB]
+    /// Memory limit per rank, also booked on its node (e.g. 512M, 8G; units are binary, as
+    /// Slurm's: 1G = 1024 MiB) [default: 1G]
     #[arg(long, value_name = "M", conflicts_with = "each")]
     pub mem_per_rank: Option<String>,
     /// GPUs per rank
     #[arg(long, value_name = "G", default_value_t = 0, conflicts_with = "each")]
     pub gpus_per_rank: u32,
-    /// Time limit: the job is stopped when it runs longer (e.g. 10m)
-    #[arg(long = "time", value_name = "LIMIT", value_parser = humantime::parse_duration,
+    /// Time limit: the job is stopped when it runs longer. Slurm's formats (minutes, MM:SS,
+    /// HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS) or units (90s, 10m, 1h30m)
+    #[arg(short = 't', long = "time", value_name = "LIMIT", value_parser = super::parse_time_limit,
           conflicts_with = "each")]
     pub time_limit: Option<Duration>,
     /// A name for the job, shown by `flame job list`
@@ -66,7 +68,8 @@ pub struct SubmitArgs {
     /// With --each: print each line's output as it arrives, not in input order
     #[arg(long, requires = "each")]
     pub unordered: bool,
-    /// The command and its arguments
-    #[arg(last = true, required = true, value_name = "COMMAND")]
+    /// The command and its arguments, after `--` or, as with srun, after the flags
+    /// (everything from the first word that is not a flag belongs to the command)
+    #[arg(trailing_var_arg = true, required = true, value_name = "COMMAND")]
     pub command: Vec<String>,
 }

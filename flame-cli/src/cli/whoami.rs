@@ -19,7 +19,7 @@ pub async fn run(global: &GlobalArgs, out: OutputArgs) -> anyhow::Result<()> {
                     if principal.admin { "yes" } else { "no" }.to_string(),
                 ),
                 ("Head", head),
-            ]);
+            ])?;
             Ok(())
         }
     }

@@ -9,6 +9,7 @@ use super::ops::{self, at, fail, Connected, Ctx, StepError};
 use super::scripts;
 use super::spec::{ClusterSpec, Role};
 use super::Outcome;
+use crate::render::outln;
 use crate::render::{self, text, OutputFormat};
 use flame_protocol::model::{NodeInfo, NodeState};
 use std::collections::BTreeMap;
@@ -225,23 +226,27 @@ fn report_down(ctx: &Ctx, results: &[MemberResult]) -> Outcome {
             ]
         })
         .collect();
-    render::print_table(
+    let failed = results.iter().filter(|r| r.is_err()).count();
+    // The outcome is the exit status and each failure goes to stderr; stdout only
+    // summarises, so a closed stdout (`| head`) loses nothing the caller needs.
+    let _summary_only = render::print_table(
         &[text("Host"), text("Role"), text("Name"), text("Result")],
         rows,
-    );
-    let failed = results.iter().filter(|r| r.is_err()).count();
-    println!(
-        "{} members: {} stopped, {} not running, {failed} failed",
-        n,
-        results
-            .iter()
-            .filter(|r| matches!(r, Ok("stopped")))
-            .count(),
-        results
-            .iter()
-            .filter(|r| matches!(r, Ok("not running")))
-            .count(),
-    );
+    )
+    .and_then(|()| {
+        outln!(
+            "{} members: {} stopped, {} not running, {failed} failed",
+            n,
+            results
+                .iter()
+                .filter(|r| matches!(r, Ok("stopped")))
+                .count(),
+            results
+                .iter()
+                .filter(|r| matches!(r, Ok("not running")))
+                .count(),
+        )
+    });
     for (m, r) in ctx.spec.members.iter().zip(results) {
         if let Err(e) = r {
             eprintln!("error: {}: {e}", m.label());
@@ -427,7 +432,7 @@ pub async fn status(
                     text("State"),
                 ],
                 rows,
-            );
+            )?;
         }
     }
     for (m, s) in ctx.spec.members.iter().zip(&report) {

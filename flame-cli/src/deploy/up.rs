@@ -10,6 +10,7 @@ use super::ops::{self, at, fail, Connected, Ctx, LocalBinaries, StepError};
 use super::scripts;
 use super::spec::{BinarySource, ClusterSpec, Role};
 use super::{print_failures, summary, Change, Outcome, Row};
+use crate::render::outln;
 use crate::render::{self, text};
 use flame_protocol::model::NodeState;
 use std::collections::BTreeMap;
@@ -339,17 +340,17 @@ async fn report(
         });
     }
     ops::close_all(conns).await;
-    print_rows(&rows);
-    println!("{}", summary(&rows));
+    print_rows(&rows)?;
+    outln!("{}", summary(&rows))?;
     let head_up = rows[0].change.is_ok();
     if head_up {
         let state = &ctx.spec.state_dir;
-        println!(
+        outln!(
             "export FLAME_HEAD={} FLAME_CA_FILE={} FLAME_TOKEN_FILE={}; unset FLAME_TOKEN FLAME_CERT FLAME_KEY",
             super::remote::quote(&ctx.spec.head_address),
             super::remote::quote(&state.join("ca.crt").to_string_lossy()),
             super::remote::quote(&state.join("admin.token").to_string_lossy()),
-        );
+        )?;
     }
     print_failures(&rows);
     let versions: std::collections::BTreeSet<&str> = rows
@@ -674,18 +675,18 @@ async fn dry_run(ctx: &Ctx, prepared: Vec<Result<Prepared, StepError>>) -> anyho
         ]);
     }
     ops::close_all(conns).await;
-    println!("Dry run: nothing was changed. `flame cluster up` would do this:");
+    outln!("Dry run: nothing was changed. `flame cluster up` would do this:")?;
     render::print_table(
         &[text("Host"), text("Role"), text("Name"), text("Would")],
         rows,
-    );
+    )?;
     if failed {
         return Ok(Outcome::Partial);
     }
     Ok(Outcome::Complete)
 }
 
-fn print_rows(rows: &[Row]) {
+fn print_rows(rows: &[Row]) -> anyhow::Result<()> {
     let table: Vec<Vec<String>> = rows
         .iter()
         .map(|r| {
@@ -712,5 +713,6 @@ fn print_rows(rows: &[Row]) {
             text("Change"),
         ],
         table,
-    );
+    )?;
+    Ok(())
 }

@@ -571,3 +571,33 @@ fn debug_output_never_shows_the_token() {
         })
     );
 }
+
+#[test]
+fn unknown_keys_in_the_users_file_are_refused_naming_the_keys() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = write(dir.path(), "config.toml", "hed = \"h:1\"\n");
+    let err = ClientConfig::resolve_with(
+        &ConfigFlags::default(),
+        env_of(&[]),
+        std::slice::from_ref(&file),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("unknown key `hed`"), "{err}");
+    assert!(err.contains("head, ca_file"), "{err}");
+    assert!(err.contains(&file.display().to_string()), "{err}");
+}
+
+#[test]
+fn an_unquoted_head_says_to_quote_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = write(dir.path(), "config.toml", "head = 127.0.0.1:50057\n");
+    let err = ClientConfig::resolve_with(
+        &ConfigFlags::default(),
+        env_of(&[]),
+        std::slice::from_ref(&file),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("head = \"127.0.0.1:50057\""), "{err}");
+}

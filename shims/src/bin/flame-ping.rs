@@ -26,6 +26,9 @@ impl Service for Ping {
 }
 
 fn main() {
+    flame_shims::service::exit_if_help(
+        "flame-ping: the built-in `ping` application; echoes each input with the node and executor that ran it.",
+    );
     let info = executor_info();
     let host = match info.node {
         Some(node) => node,

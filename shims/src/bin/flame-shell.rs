@@ -207,6 +207,9 @@ fn not_started(program: &[u8], error: &io::Error) -> ShellOutput {
 }
 
 fn main() {
+    flame_shims::service::exit_if_help(
+        "flame-shell: the built-in `shell` application behind `flame submit --each`; runs the session's command once per line.",
+    );
     if let Err(e) = run(Shell::default()) {
         eprintln!("flame-shell: error: {e}");
         std::process::exit(1);

@@ -36,6 +36,23 @@ use tokio::process::{Child, Command};
 const USAGE: &str =
     "usage: flame-shim-check [--ping] [--shim stdio|unix] [--timeout-secs N] -- COMMAND [ARGS...]";
 
+/// What `--help` prints.
+const HELP: &str = "\
+Checks that a program speaks the Flame shim protocol, playing the node's part.
+
+usage: flame-shim-check [--ping] [--shim stdio|unix] [--timeout-secs N] -- COMMAND [ARGS...]
+
+Options:
+      --ping              the program is a ping application: check every output too
+      --shim stdio|unix   the transport: frames on the program's stdin and stdout (stdio,
+                          the default) or on the Unix socket named by FLAME_SHIM_SOCKET
+      --timeout-secs N    how long each check waits for the program [default: 10]
+  -h, --help              print this help
+
+Prints `ok <check>` or `FAIL <check>: <why>` per check and stops at the first failure.
+Exits 0 when every check passes, 1 when one fails, 2 on a usage error.
+See docs/shim-protocol.md for the protocol.";
+
 /// How long each check waits for the program unless `--timeout-secs` says otherwise.
 const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -66,6 +83,15 @@ enum Shim {
     Unix,
 }
 
+/// What the command line asks for.
+#[derive(Debug)]
+enum Request {
+    /// `--help` or `-h`: print [`HELP`] and exit 0.
+    Help,
+    /// Run the checks.
+    Check(Options),
+}
+
 #[derive(Debug)]
 struct Options {
     ping: bool,
@@ -74,7 +100,7 @@ struct Options {
     command: Vec<OsString>,
 }
 
-fn parse_args(mut args: impl Iterator<Item = OsString>) -> Result<Options, String> {
+fn parse_args(mut args: impl Iterator<Item = OsString>) -> Result<Request, String> {
     let mut ping = false;
     let mut shim = Shim::Stdio;
     let mut timeout = DEFAULT_TIMEOUT;
@@ -84,6 +110,7 @@ fn parse_args(mut args: impl Iterator<Item = OsString>) -> Result<Options, Strin
         };
         match arg.to_str() {
             Some("--") => break,
+            Some("--help" | "-h") => return Ok(Request::Help),
             Some("--ping") => ping = true,
             Some("--shim") => {
                 shim = match args.next().as_ref().and_then(|s| s.to_str()) {
@@ -107,12 +134,12 @@ fn parse_args(mut args: impl Iterator<Item = OsString>) -> Result<Options, Strin
     if command.is_empty() {
         return Err("no command after `--`".into());
     }
-    Ok(Options {
+    Ok(Request::Check(Options {
         ping,
         shim,
         timeout,
         command,
-    })
+    }))
 }
 
 /// Runs the checks in order, each under the timeout, and prints one line per check.
@@ -414,7 +441,11 @@ async fn kill(child: &mut Child) {
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> ExitCode {
     let options = match parse_args(std::env::args_os().skip(1)) {
-        Ok(options) => options,
+        Ok(Request::Check(options)) => options,
+        Ok(Request::Help) => {
+            say(format_args!("{HELP}"));
+            return ExitCode::SUCCESS;
+        }
         Err(e) => {
             eprintln!("error: {e}\n{USAGE}");
             return ExitCode::from(2);

@@ -247,6 +247,9 @@ fn whoami(inherited_fds: &[String]) -> Result<String, String> {
 }
 
 fn main() {
+    flame_shims::service::exit_if_help(
+        "flame-test-service: the test suite's application, whose inputs say what to do (fail, sleep, leak, ...).",
+    );
     let inherited_fds = match open_fds() {
         Ok(fds) => fds,
         Err(e) => {

@@ -4,6 +4,9 @@
 use flame_example_pi::service::PiService;
 
 fn main() {
+    flame_shims::service::exit_if_help(
+        "pi-service: the example application that estimates pi by sampling (see examples/pi).",
+    );
     if let Err(e) = flame_shims::service::run(PiService::default()) {
         eprintln!("error: pi-service: {e}");
         std::process::exit(1);

@@ -35,6 +35,7 @@ use super::ping::{
     run_checked, Checked, ClearOnDrop,
 };
 use super::signals::StopSignals;
+use crate::render::outln;
 use crate::render::print_json;
 use anyhow::{anyhow, bail, Context as _};
 use clap::{Args, ValueEnum};
@@ -258,7 +259,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
                 .with_context(|| format!("case {} failed", case.name()))?;
             for m in measured {
                 if text {
-                    println!("{m}");
+                    outln!("{m}")?;
                 }
                 runs.push(m);
             }
@@ -266,7 +267,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         let medians = medians(&runs);
         if text && args.repeat > 1 {
             for m in &medians {
-                println!("stat=median {m}");
+                outln!("stat=median {m}")?;
             }
         }
         report.runs.extend(runs);
@@ -302,7 +303,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         let medians = peer_medians(&passes);
         if text && passes.len() > 1 {
             for m in &medians {
-                println!("stat=median {m}");
+                outln!("stat=median {m}")?;
             }
         }
         let peers = PeersOutput {
@@ -312,14 +313,14 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         let ratios = ratios(&report.medians, &peers.results);
         if text {
             if ratios.is_empty() {
-                println!("# no peer result matches a case that ran");
+                outln!("# no peer result matches a case that ran")?;
             } else {
-                println!(
+                outln!(
                     "# flame_vs_peer: how many times faster flame is (above 1: flame is faster)"
-                );
+                )?;
             }
             for r in &ratios {
-                println!("{r}");
+                outln!("{r}")?;
             }
         }
         report.peers = Some(PeersReport {

@@ -4,6 +4,7 @@
 
 use super::figures::{median, Measurement};
 use super::{PEERS_LINE_BYTES_MAX, PEERS_TIMEOUT};
+use crate::render::outln;
 use anyhow::anyhow;
 use serde::Serialize;
 use std::collections::BTreeMap;
@@ -165,7 +166,9 @@ pub(super) async fn run_peers(
         let text = String::from_utf8_lossy(&line);
         let text = text.trim_end();
         if echo {
-            println!("{text}");
+            if let Err(e) = outln!("{text}") {
+                return Err((out, e));
+            }
         }
         match PeerResult::parse(text) {
             Some(result) => out.results.push(result),
