@@ -48,20 +48,15 @@ pub async fn run(global: &GlobalArgs, cmd: AppCommand) -> anyhow::Result<()> {
             let name = spec.name.clone();
             let info = super::with_client(global, |client| async move {
                 match client.register_application(spec).await {
-                    Err(e) if e.kind() == Some(ErrorKind::AlreadyExists) => {
-                        Err(e).hint(format!(
-                            "`flame app update {}` replaces its spec (new sessions use it)",
-                            file.display()
-                        ))
-                    }
+                    Err(e) if e.kind() == Some(ErrorKind::AlreadyExists) => Err(e).hint(format!(
+                        "`flame app update {}` replaces its spec (new sessions use it)",
+                        file.display()
+                    )),
                     other => other.with_context(|| format!("cannot register {}", file.display())),
                 }
             })
             .await?;
-            outln!(
-                "Application `{name}` registered: {}",
-                command_line(&info)
-            )?;
+            outln!("Application `{name}` registered: {}", command_line(&info))?;
             Ok(())
         }
         AppCommand::Update { file } => {

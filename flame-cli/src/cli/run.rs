@@ -175,19 +175,16 @@ fn prepare_output_dir(dir: &Path) -> anyhow::Result<()> {
     }
 }
 
-/// The end of a run stopped by `signal`: the session cancelled (when there is one) and
-/// the exit code of a process killed by it.
-fn interrupted(signal: &str, session: Option<String>) -> anyhow::Result<()> {
-    match session {
-        Some(what) => eprintln!("error: stopped by {signal}; {what}"),
-        None => eprintln!("error: stopped by {signal}"),
-    }
-    let code = if signal == "SIGTERM" {
-        128 + 15
-    } else {
-        128 + 2
-    };
-    Err(super::Exit(code).into())
+/// The end of a run stopped by `signal`: what was done about its session (when there is
+/// one), and the exit code of a process killed by the signal (`main` reads [`Stopped`]).
+///
+/// [`Stopped`]: super::signals::Stopped
+fn interrupted(signal: super::signals::Stop, session: Option<String>) -> anyhow::Result<()> {
+    let stopped = signal.stopped();
+    Err(match session {
+        Some(what) => stopped.context(what),
+        None => stopped,
+    })
 }
 
 /// Creates the session, runs every input, and cancels the session if the run stops short.
@@ -216,8 +213,8 @@ async fn run_session(
     }
     let progress = ClearOnDrop(progress_bar(0));
     let stopped = tokio::select! {
-        result = drive(&session, &mut window, first, chunks, &progress.0) => result.err().map(Stop::Failed),
-        signal = signals.recv() => Some(Stop::Signal(signal)),
+        result = drive(&session, &mut window, first, chunks, &progress.0) => result.err().map(RunStop::Failed),
+        signal = signals.recv() => Some(RunStop::Signal(signal)),
     };
     drop(progress);
     if let Some(stop) = stopped {
@@ -245,8 +242,8 @@ async fn run_session(
 
 /// Why a run stopped short.
 #[derive(Debug)]
-enum Stop {
-    Signal(&'static str),
+enum RunStop {
+    Signal(super::signals::Stop),
     Failed(anyhow::Error),
 }
 
@@ -254,7 +251,7 @@ enum Stop {
 /// up on waiting for the head.
 async fn cancel_after(
     session: &Session,
-    stop: Stop,
+    stop: RunStop,
     signals: &mut StopSignals,
 ) -> anyhow::Result<()> {
     let id = session.id();
@@ -269,8 +266,8 @@ async fn cancel_after(
         ),
     };
     match stop {
-        Stop::Signal(signal) => interrupted(signal, Some(what)),
-        Stop::Failed(e) => Err(e.context(what)),
+        RunStop::Signal(signal) => interrupted(signal, Some(what)),
+        RunStop::Failed(e) => Err(e.context(what)),
     }
 }
 

@@ -14,7 +14,7 @@
 
 use super::run::base64;
 use super::GlobalArgs;
-use crate::render::{self, OutputArgs, OutputFormat};
+use crate::render::{self, outln, OutputArgs, OutputFormat};
 use anyhow::{anyhow, bail, Context as _};
 use bytes::Bytes;
 use clap::Args;
@@ -85,7 +85,7 @@ pub async fn view(global: &GlobalArgs, args: TaskArgs) -> anyhow::Result<()> {
         return out
             .write_all(&output)
             .and_then(|()| out.flush())
-            .context("cannot write to stdout");
+            .map_err(render::stdout_error);
     }
     match args.output.output {
         OutputFormat::Json => {
@@ -103,10 +103,7 @@ pub async fn view(global: &GlobalArgs, args: TaskArgs) -> anyhow::Result<()> {
                     .map(|o| base64(o)),
             })
         }
-        OutputFormat::Table => {
-            print_view(session, &info, output.as_ref());
-            Ok(())
-        }
+        OutputFormat::Table => print_view(session, &info, output.as_ref()),
     }
 }
 
@@ -171,7 +168,7 @@ fn state_name(state: TaskState) -> &'static str {
     }
 }
 
-fn print_view(session: SessionId, info: &TaskInfo, output: Option<&Bytes>) {
+fn print_view(session: SessionId, info: &TaskInfo, output: Option<&Bytes>) -> anyhow::Result<()> {
     let mut fields = vec![
         ("Session", session.to_string()),
         ("Task", info.task.to_string()),
@@ -181,26 +178,27 @@ fn print_view(session: SessionId, info: &TaskInfo, output: Option<&Bytes>) {
     if let Some(output) = output {
         fields.push(("Output", render::bytes(output.len() as u64)));
     }
-    render::print_fields(fields);
+    render::print_fields(fields)?;
     if let Some(message) = &info.message {
-        println!();
-        println!("Error:");
+        outln!()?;
+        outln!("Error:")?;
         for line in message.lines() {
-            println!("  {line}");
+            outln!("  {line}")?;
         }
     }
     match output.map(|o| std::str::from_utf8(o)) {
         Some(Ok(text)) if !text.is_empty() => {
-            println!();
-            println!("{}", text.strip_suffix('\n').unwrap_or(text));
+            outln!()?;
+            outln!("{}", text.strip_suffix('\n').unwrap_or(text))?;
         }
         Some(Err(_)) => {
-            println!();
-            println!(
+            outln!()?;
+            outln!(
                 "(not text; `flame session task {session} {} --raw` writes its bytes)",
                 info.task
-            );
+            )?;
         }
         _ => {}
     }
+    Ok(())
 }

@@ -325,7 +325,7 @@ impl Window {
             let mut out = std::io::stdout().lock();
             out.write_all(&self.stdout)
                 .and_then(|()| out.flush())
-                .context("cannot write to stdout")?;
+                .map_err(crate::render::stdout_error)?;
             self.stdout.clear();
         }
         if !self.stderr.is_empty() {
