@@ -37,6 +37,30 @@ pub enum ShimError {
     /// its stdout or its socket connection, possibly in the middle of a frame).
     #[error("the application exited or closed its end of the shim stream")]
     Exited,
+    /// The application exited or closed its stream with part of a frame sent.
+    #[error(
+        "the application exited or closed its end of the shim stream in the middle of a frame \
+         ({have} bytes of it had arrived)"
+    )]
+    ExitedMidFrame {
+        /// Bytes of the unfinished frame (length prefix included) that had arrived.
+        have: usize,
+    },
+    /// The application wrote something that is not a shim frame: its first bytes, read
+    /// as a length prefix, claim a frame over the limit.
+    #[error(
+        "the application wrote bytes that are not shim frames to its stream: they begin \
+         {shown} (read as a length prefix: {len} bytes, over the {max}-byte limit); under the \
+         stdio shim stdout carries only frames, and logs belong on stderr"
+    )]
+    NotFrames {
+        /// The first bytes, escaped for display (printable ASCII as is).
+        shown: String,
+        /// The length they claim.
+        len: usize,
+        /// The limit in force.
+        max: usize,
+    },
     /// The node closed the application's stdin (or the socket connection) in the middle of a
     /// frame.
     #[error("the shim stream from the node ended in the middle of a frame")]

@@ -263,7 +263,13 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> NodeShim<R, W> {
                 () = grace, if write_closed => Step::Read(Ok(0)),
             };
             match step {
-                Step::Read(Ok(0)) => return Err(self.fail(ShimError::Exited)),
+                Step::Read(Ok(0)) if self.inbuf.is_empty() => {
+                    return Err(self.fail(ShimError::Exited))
+                }
+                Step::Read(Ok(0)) => {
+                    let have = self.inbuf.len();
+                    return Err(self.fail(ShimError::ExitedMidFrame { have }));
+                }
                 Step::Read(Ok(_)) => {}
                 Step::Read(Err(e)) => return Err(self.fail(ShimError::Io(e))),
                 Step::Wrote(Ok(n)) if n > 0 => self.wrote(n),
@@ -361,6 +367,10 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> NodeShim<R, W> {
         let (frame_type, body_at, consumed) = match split_frame(&self.inbuf, self.frame_bytes_max) {
             Ok(Some(raw)) => (raw.frame_type, raw.consumed - raw.body.len(), raw.consumed),
             Ok(None) => return Ok(None),
+            Err(ShimFrameError::TooLarge { len, max }) => {
+                let shown = shown_bytes(&self.inbuf[..self.inbuf.len().min(SHOWN_BYTES_MAX)]);
+                return Err(self.fail(ShimError::NotFrames { shown, len, max }));
+            }
             Err(e) => return Err(self.fail(e.into())),
         };
         let frame = self.inbuf.split_to(consumed).freeze();
@@ -407,6 +417,22 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> NodeShim<R, W> {
             }),
         }
     }
+}
+
+/// How many of a stream's first bytes a [`ShimError::NotFrames`] shows.
+const SHOWN_BYTES_MAX: usize = 16;
+
+/// `bytes` quoted for a message: printable ASCII as is, anything else escaped, so that an
+/// application's stray `print("Hello")` reads as `"Hello"`.
+fn shown_bytes(bytes: &[u8]) -> String {
+    let mut out = String::from("\"");
+    out.extend(
+        bytes
+            .iter()
+            .flat_map(|b| std::ascii::escape_default(*b).map(char::from)),
+    );
+    out.push('"');
+    out
 }
 
 /// What one turn of [`NodeShim::next_message`] did.
@@ -662,11 +688,25 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_stray_print_and_an_exit_mid_frame_are_named() {
+        let mut shim = NodeShim::new(&b"Hello, world\n"[..], Vec::new(), SHIM_FRAME_BYTES_MAX);
+        let err = shim.wait_ready().await.unwrap_err();
+        let text = err.to_string();
+        assert!(matches!(err, ShimError::NotFrames { .. }), "{text}");
+        assert!(text.contains("\"Hello, world\\n\""), "{text}");
+        assert!(text.contains("stderr"), "{text}");
+    }
+
+    #[tokio::test]
     async fn eof_anywhere_is_exited() {
         let full = frames(&[AppFrame::Ready]);
         for cut in 0..full.len() {
             let mut shim = NodeShim::new(&full[..cut], Vec::new(), SHIM_FRAME_BYTES_MAX);
-            assert!(matches!(shim.wait_ready().await, Err(ShimError::Exited)));
+            match shim.wait_ready().await {
+                Err(ShimError::Exited) => assert_eq!(cut, 0),
+                Err(ShimError::ExitedMidFrame { have }) => assert_eq!(have, cut),
+                other => panic!("cut at {cut}: {other:?}"),
+            }
         }
     }
 }
