@@ -184,6 +184,9 @@ fn main() -> std::process::ExitCode {
     }
 }
 
+/// Said when no head is given and the node is to join one.
+const HEAD_NEEDED: &str = "the head's address is needed: --head HOST:PORT (or `head` in --config)";
+
 fn run(args: Args) -> Result<(), String> {
     let file = match &args.config {
         Some(path) => config::load(path)?,
@@ -201,6 +204,11 @@ fn run(args: Args) -> Result<(), String> {
         let name = asked_name.unwrap_or_else(|| resources::hostname().to_lowercase());
         (name, None)
     } else {
+        // The head first: with neither it nor the TLS files given, the missing head is
+        // what the user must hear about, not the default CA path.
+        if args.head.is_none() && file.head.is_none() {
+            return Err(HEAD_NEEDED.to_string());
+        }
         let (name, identity) = tls.load(asked_name)?;
         (name, Some(identity))
     };
@@ -236,11 +244,7 @@ fn run(args: Args) -> Result<(), String> {
         return Ok(());
     };
     // Needed from here on, not to print the capacity.
-    let head = args
-        .head
-        .clone()
-        .or(file.head.clone())
-        .ok_or("the head's address is needed: --head HOST:PORT (or `head` in --config)")?;
+    let head = args.head.clone().or(file.head.clone()).ok_or(HEAD_NEEDED)?;
     if let Some(tree) = &cgroups {
         match tree.cleanup_stale() {
             Ok(0) => {}
