@@ -116,10 +116,13 @@ flame_service.run(Noisy())
 fn garbage_on_stdout_is_reported_not_hung_on() {
     let output = check(&["--", "sh", "-c", "echo hello; sleep 30"], &[]);
     assert_eq!(output.status.code(), Some(1));
+    // Named by what was written, with the rule it broke.
+    let report = stdout(&output);
     assert!(
-        stdout(&output).starts_with("FAIL ready: bad shim frame"),
-        "{}",
-        stdout(&output)
+        report.starts_with("FAIL ready: the application wrote bytes that are not shim frames")
+            && report.contains(r#"they begin "hello\n""#)
+            && report.contains("logs belong on stderr"),
+        "{report}"
     );
 }
 
