@@ -146,9 +146,10 @@ async fn converse(stdout: &[u8]) -> ShimError {
 async fn garbage_from_the_app_is_a_typed_error() {
     type Expect = fn(&ShimError) -> bool;
     let cases: [(&[u8], Expect); 5] = [
-        (b"hello world\n", |e| {
-            matches!(e, ShimError::Frame(ShimFrameError::TooLarge { .. }))
-        }),
+        (
+            b"hello world\n",
+            |e| matches!(e, ShimError::NotFrames { shown, .. } if shown == "\"hello world\\n\""),
+        ),
         (b"\x01\x00\x00\x00\x7f", |e| {
             matches!(e, ShimError::Frame(ShimFrameError::UnknownType(0x7f)))
         }),
@@ -196,7 +197,7 @@ async fn misbehaving_processes_give_typed_errors() {
     // Log lines on stdout instead of stderr: the classic mistake.
     assert!(matches!(
         first_error("echo starting up; exec sleep 30").await,
-        ShimError::Frame(ShimFrameError::TooLarge { .. })
+        ShimError::NotFrames { .. }
     ));
     assert!(matches!(
         first_error(r"printf '\001\000\000\000\177'; exec sleep 30").await,
@@ -205,7 +206,7 @@ async fn misbehaving_processes_give_typed_errors() {
     assert!(matches!(first_error("exit 3").await, ShimError::Exited));
     assert!(matches!(
         first_error(r"printf '\001\000'").await,
-        ShimError::Exited
+        ShimError::ExitedMidFrame { have: 2 }
     ));
 }
 
