@@ -200,7 +200,12 @@ async fn drive(
     // The watch opens before any task exists, so no result is missed.
     let mut watch = session.watch().await.context("cannot watch the session")?;
     let (submit_tx, submit_rx) = mpsc::channel(limits::EACH_SUBMIT_QUEUE_MAX);
-    let mut submit = AbortOnDrop(tokio::spawn(submit_lines(session.clone(), submit_rx)));
+    let mut submit = AbortOnDrop(tokio::spawn(submit_all(
+        session.clone(),
+        submit_rx,
+        "line",
+        "lines",
+    )));
     // Dropped once every line is handed on: the submitter then closes the session.
     let mut submit_tx = Some(submit_tx);
     let mut submit_done = false;
@@ -278,11 +283,14 @@ async fn drive(
     })
 }
 
-/// Sends every chunk of lines on one submit stream, checks that the head numbered them
-/// densely from 1, and closes the session after the last.
-async fn submit_lines(
+/// Sends every chunk of inputs on one submit stream, checks that the head numbered them
+/// densely from 1, and closes the session after the last. `one`/`many` name the inputs in
+/// messages ("line"/"lines" here, "input"/"inputs" for `flame run`).
+pub(super) async fn submit_all(
     session: Session,
     mut lines: mpsc::Receiver<Vec<Bytes>>,
+    one: &'static str,
+    many: &'static str,
 ) -> anyhow::Result<()> {
     let mut submitter = session
         .submitter()
@@ -298,35 +306,38 @@ async fn submit_lines(
         submitter
             .send(inputs)
             .await
-            .context("cannot submit the lines")?;
+            .with_context(|| format!("cannot submit the {many}"))?;
         let acks = submitter.acks();
-        next_task = check_acks(&acks[checked..], next_task)?;
+        next_task = check_acks(&acks[checked..], next_task, many)?;
         checked = acks.len();
     }
     let acks = submitter
         .finish()
         .await
-        .context("cannot submit the lines")?;
-    check_acks(&acks[checked..], next_task)?;
+        .with_context(|| format!("cannot submit the {many}"))?;
+    check_acks(&acks[checked..], next_task, many)?;
     session
         .close()
         .await
-        .context("cannot close the session after the last line")?;
+        .with_context(|| format!("cannot close the session after the last {one}"))?;
     Ok(())
 }
 
 /// Room for one message on the submitter's queue; `None` when there is no queue or the
 /// submitting task has gone.
-async fn reserve(tx: Option<&mpsc::Sender<Vec<Bytes>>>) -> Option<mpsc::Permit<'_, Vec<Bytes>>> {
+pub(super) async fn reserve(
+    tx: Option<&mpsc::Sender<Vec<Bytes>>>,
+) -> Option<mpsc::Permit<'_, Vec<Bytes>>> {
     tx?.reserve().await.ok()
 }
 
 /// Checks that `acks` number their tasks on from `next_task`; returns the id after them.
-fn check_acks(acks: &[BatchAck], mut next_task: u64) -> anyhow::Result<u64> {
+/// `many` names the inputs in the error.
+pub(super) fn check_acks(acks: &[BatchAck], mut next_task: u64, many: &str) -> anyhow::Result<u64> {
     for ack in acks {
         if ack.first_task.0 != next_task {
             bail!(
-                "the head gave batch {} the task ids from {}, expected {next_task}: lines could not be told apart",
+                "the head gave batch {} the task ids from {}, expected {next_task}: {many} could not be told apart",
                 ack.batch_id,
                 ack.first_task
             );
@@ -819,9 +830,12 @@ mod tests {
             first_task: TaskId(first),
             count,
         };
-        assert_eq!(check_acks(&[ack(1, 1, 3), ack(2, 4, 2)], 1).unwrap(), 6);
-        assert_eq!(check_acks(&[], 6).unwrap(), 6);
-        assert!(check_acks(&[ack(3, 7, 1)], 6).is_err());
+        assert_eq!(
+            check_acks(&[ack(1, 1, 3), ack(2, 4, 2)], 1, "lines").unwrap(),
+            6
+        );
+        assert_eq!(check_acks(&[], 6, "lines").unwrap(), 6);
+        assert!(check_acks(&[ack(3, 7, 1)], 6, "lines").is_err());
     }
 
     #[test]

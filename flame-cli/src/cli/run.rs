@@ -24,6 +24,7 @@
 mod input;
 mod output;
 
+use super::each::{reserve, submit_all};
 use super::ping::{progress_bar, AbortOnDrop, ClearOnDrop};
 use super::signals::StopSignals;
 use super::GlobalArgs;
@@ -32,7 +33,7 @@ use anyhow::{anyhow, bail, Context as _};
 use bytes::Bytes;
 use clap::Args;
 use flame_client::report::{group, HintExt as _};
-use flame_client::{BatchAck, Client, Session};
+use flame_client::{Client, Session};
 use flame_protocol::limits;
 use flame_protocol::model::{ErrorKind, SessionSpec};
 use indicatif::ProgressBar;
@@ -283,7 +284,12 @@ async fn drive(
     // The watch opens before any task exists, so no result is missed.
     let mut watch = session.watch().await.context("cannot watch the session")?;
     let (submit_tx, submit_rx) = mpsc::channel(limits::RUN_SUBMIT_QUEUE_MAX);
-    let mut submit = AbortOnDrop(tokio::spawn(submit_inputs(session.clone(), submit_rx)));
+    let mut submit = AbortOnDrop(tokio::spawn(submit_all(
+        session.clone(),
+        submit_rx,
+        "input",
+        "inputs",
+    )));
     // Dropped once every input is handed on: the submitter then closes the session.
     let mut submit_tx = Some(submit_tx);
     let mut submit_done = false;
@@ -358,68 +364,12 @@ async fn drive(
     Ok(())
 }
 
-/// Sends every chunk of inputs on one submit stream, checks that the head numbered them
-/// densely from 1, and closes the session after the last.
-async fn submit_inputs(
-    session: Session,
-    mut inputs: mpsc::Receiver<Vec<Bytes>>,
-) -> anyhow::Result<()> {
-    let mut submitter = session
-        .submitter()
-        .await
-        .context("cannot open a submit stream")?;
-    let mut next_task = 1;
-    let mut checked = 0;
-    while let Some(mut batch) = inputs.recv().await {
-        // Whatever else is ready goes in the same send, as few batches as possible.
-        while let Ok(more) = inputs.try_recv() {
-            batch.extend(more);
-        }
-        submitter
-            .send(batch)
-            .await
-            .context("cannot submit the inputs")?;
-        let acks = submitter.acks();
-        next_task = check_acks(&acks[checked..], next_task)?;
-        checked = acks.len();
-    }
-    let acks = submitter
-        .finish()
-        .await
-        .context("cannot submit the inputs")?;
-    check_acks(&acks[checked..], next_task)?;
-    session
-        .close()
-        .await
-        .context("cannot close the session after the last input")?;
-    Ok(())
-}
-
-/// Room for one message on the submitter's queue; `None` when there is no queue or the
-/// submitting task has gone.
-async fn reserve(tx: Option<&mpsc::Sender<Vec<Bytes>>>) -> Option<mpsc::Permit<'_, Vec<Bytes>>> {
-    tx?.reserve().await.ok()
-}
-
-/// Checks that `acks` number their tasks on from `next_task`; returns the id after them.
-fn check_acks(acks: &[BatchAck], mut next_task: u64) -> anyhow::Result<u64> {
-    for ack in acks {
-        if ack.first_task.0 != next_task {
-            bail!(
-                "the head gave batch {} the task ids from {}, expected {next_task}: inputs could not be told apart",
-                ack.batch_id,
-                ack.first_task
-            );
-        }
-        next_task += u64::from(ack.count);
-    }
-    Ok(next_task)
-}
-
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
+    use super::super::each::check_acks;
     use super::*;
+    use flame_client::BatchAck;
     use flame_protocol::TaskId;
 
     #[test]
@@ -429,8 +379,11 @@ mod tests {
             first_task: TaskId(first),
             count,
         };
-        assert_eq!(check_acks(&[ack(1, 1, 3), ack(2, 4, 2)], 1).unwrap(), 6);
-        assert!(check_acks(&[ack(3, 7, 1)], 6).is_err());
+        assert_eq!(
+            check_acks(&[ack(1, 1, 3), ack(2, 4, 2)], 1, "inputs").unwrap(),
+            6
+        );
+        assert!(check_acks(&[ack(3, 7, 1)], 6, "inputs").is_err());
     }
 
     #[test]
