@@ -50,7 +50,7 @@ use std::sync::{Arc, PoisonError, RwLock};
 /// pending task's input and a final task's outcome may be objects (variants appended to
 /// the task records, so the tasks table reads as it was). The records of each table are
 /// in [`records`]: changing one changes the schema.
-pub const SCHEMA_VERSION: u64 = 7;
+pub const SCHEMA_VERSION: u64 = 8;
 
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const APPS: TableDefinition<&str, &[u8]> = TableDefinition::new("applications");
@@ -378,13 +378,15 @@ impl Store {
                     meta.insert(META_SCHEMA, SCHEMA_VERSION)?;
                 }
                 Some(v) if v == SCHEMA_VERSION => {}
-                Some(5) => {
-                    migrate::migrate_5_to_6(&txn)?;
-                    migrate::migrate_6_to_7(&txn)?;
-                    meta.insert(META_SCHEMA, SCHEMA_VERSION)?;
-                }
-                Some(6) => {
-                    migrate::migrate_6_to_7(&txn)?;
+                // Each older schema runs every migration after it, in order.
+                Some(old @ 5..=7) => {
+                    if old <= 5 {
+                        migrate::migrate_5_to_6(&txn)?;
+                    }
+                    if old <= 6 {
+                        migrate::migrate_6_to_7(&txn)?;
+                    }
+                    migrate::migrate_7_to_8(&txn)?;
                     meta.insert(META_SCHEMA, SCHEMA_VERSION)?;
                 }
                 Some(found) => {

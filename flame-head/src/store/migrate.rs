@@ -8,10 +8,11 @@
 //! here first.
 
 use super::records::{
-    ApplicationRecord, EnvRecord, JobRecord, PayloadRecord, ResourcesRecord, SessionRecord,
-    SessionStateRecord, ShimRecord, TokenKindRecord, TokenRecord, UsageRecord,
+    ApplicationRecord, CountsRecord, DataStatsRecord, EnvRecord, FinishedRecord, JobRecord,
+    PayloadRecord, ResourcesRecord, SessionRecord, SessionStateRecord, ShimRecord, TokenKindRecord,
+    TokenRecord, UsageRecord,
 };
-use super::{decode, encode, StoreError, APPS, CERTS, OWNER_UIDS, SESSIONS, TOKENS};
+use super::{decode, encode, StoreError, APPS, CERTS, FINISHED, OWNER_UIDS, SESSIONS, TOKENS};
 use bytes::Bytes;
 use redb::ReadableTable;
 use serde::Deserialize;
@@ -100,6 +101,79 @@ impl From<SessionRecordV6> for SessionRecord {
             job,
         }
     }
+}
+
+/// A finished session's view as schemas 6 and 7 stored it: without what its object
+/// inputs did.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[cfg_attr(test, derive(serde::Serialize))]
+pub(super) struct FinishedRecordV7 {
+    pub(super) id: u64,
+    pub(super) application: String,
+    pub(super) owner: String,
+    pub(super) priority: i32,
+    pub(super) state: SessionStateRecord,
+    pub(super) ephemeral: bool,
+    pub(super) counts: CountsRecord,
+    pub(super) executors: u32,
+    pub(super) created_ms: u64,
+    pub(super) closed_ms: Option<u64>,
+    pub(super) waiting: Option<String>,
+    pub(super) usage: Vec<UsageRecord>,
+    pub(super) job: Option<JobRecord>,
+}
+
+impl From<FinishedRecordV7> for FinishedRecord {
+    fn from(v: FinishedRecordV7) -> Self {
+        let FinishedRecordV7 {
+            id,
+            application,
+            owner,
+            priority,
+            state,
+            ephemeral,
+            counts,
+            executors,
+            created_ms,
+            closed_ms,
+            waiting,
+            usage,
+            job,
+        } = v;
+        FinishedRecord {
+            id,
+            application,
+            owner,
+            priority,
+            state,
+            ephemeral,
+            counts,
+            executors,
+            created_ms,
+            closed_ms,
+            waiting,
+            usage,
+            job,
+            // Never stored before schema 8: the session's objects are not known any more.
+            data: DataStatsRecord::default(),
+        }
+    }
+}
+
+/// Schema 7 → 8, inside the open transaction: every finished session's view gains empty
+/// object statistics (schema 7 kept them in memory only).
+pub(super) fn migrate_7_to_8(txn: &redb::WriteTransaction) -> Result<(), StoreError> {
+    let mut finished = txn.open_table(FINISHED)?;
+    let mut rewritten = Vec::new();
+    for row in finished.iter()? {
+        let (k, v) = row?;
+        let old: FinishedRecordV7 = decode("finished", v.value())?;
+        rewritten.push((k.value(), encode("finished", &FinishedRecord::from(old))?));
+    }
+    for (id, bytes) in rewritten {
+        finished.insert(id, bytes.as_slice())?;
+    }
+    Ok(())
 }
 
 /// Schema 6 → 7, inside the open transaction: every session's common data becomes an

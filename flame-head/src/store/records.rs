@@ -1,5 +1,5 @@
 //! The records the store writes: the on-disk format of schema
-//! [`super::SCHEMA_VERSION`] (7), kept apart from the wire types.
+//! [`super::SCHEMA_VERSION`] (8), kept apart from the wire types.
 //!
 //! The head's in-memory and wire types ([`ApplicationSpec`], [`SessionInfo`], the store's
 //! own [`StoredSession`], …) are converted into these records on the way to the disk and
@@ -26,6 +26,12 @@
 //! [`OutcomeRecord::Object`] are variants appended at the end of their enums, and postcard
 //! writes a variant by its index, so every schema 6 task record reads as it was (the test
 //! `records_keep_the_schema_6_layout` still pins those bytes).
+//!
+//! Schema 8: a finished session's view keeps what its object inputs did
+//! ([`DataStatsRecord`]); before, `flame session info` on a closed session said no task
+//! had an object input. Schema 7's view is kept as `FinishedRecordV7` in
+//! [`super::migrate`], whose `migrate_7_to_8` rewrites the `finished` table with empty
+//! statistics (they were never stored).
 //!
 //! | table          | record                   | in memory / on the wire            |
 //! |----------------|--------------------------|------------------------------------|
@@ -279,7 +285,8 @@ pub struct GpuRecord {
 }
 
 /// A finished session's final view (table `finished`, keyed by its id); from
-/// `SessionInfo`. Schema 6 layout: changing it needs a schema bump and a migration.
+/// `SessionInfo`. Schema 8 layout (schema 7's, [`super::migrate::FinishedRecordV7`], had
+/// no `data`): changing it needs a schema bump and a migration.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FinishedRecord {
     pub id: u64,
@@ -295,6 +302,17 @@ pub struct FinishedRecord {
     pub waiting: Option<String>,
     pub usage: Vec<UsageRecord>,
     pub job: Option<JobRecord>,
+    pub data: DataStatsRecord,
+}
+
+/// What a session's object inputs did (locality hits, bytes fetched and read in place);
+/// from `DataStats`. Schema 8 layout: changing it needs a schema bump and a migration.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DataStatsRecord {
+    pub object_tasks: u64,
+    pub local_tasks: u64,
+    pub fetched_bytes: u64,
+    pub local_bytes: u64,
 }
 
 /// A session's task counters; from `TaskCounts`. Schema 6 layout: changing it needs a

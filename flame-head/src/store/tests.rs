@@ -308,3 +308,66 @@ fn a_schema_5_store_is_migrated_and_owner_uids_survive_reopen() {
         vec![("alice".to_string(), 1_900_000_000)]
     );
 }
+
+#[test]
+fn a_schema_7_store_is_migrated_and_finished_sessions_read_with_empty_object_statistics() {
+    let dir = tempfile::tempdir().unwrap();
+    let old = migrate::FinishedRecordV7 {
+        id: 4,
+        application: "a".into(),
+        owner: "alice".into(),
+        priority: 2,
+        state: records::SessionStateRecord::Closed,
+        ephemeral: false,
+        counts: records::CountsRecord {
+            pending: 0,
+            running: 0,
+            succeeded: 7,
+            failed: 1,
+            cancelled: 0,
+        },
+        executors: 0,
+        created_ms: 10,
+        closed_ms: Some(20),
+        waiting: None,
+        usage: Vec::new(),
+        job: None,
+    };
+    {
+        let db = Database::create(dir.path().join("state.redb")).unwrap();
+        let txn = db.begin_write().unwrap();
+        txn.open_table(META)
+            .unwrap()
+            .insert(META_SCHEMA, 7)
+            .unwrap();
+        txn.open_table(FINISHED)
+            .unwrap()
+            .insert(4, encode("finished", &old).unwrap().as_slice())
+            .unwrap();
+        txn.commit().unwrap();
+    }
+    let store = Store::open(dir.path()).unwrap();
+    let info = store.finished_session(SessionId(4)).unwrap().unwrap();
+    assert_eq!((info.owner.as_str(), info.counts.succeeded), ("alice", 7));
+    assert_eq!(info.data, Default::default());
+    // A finished view written now keeps its statistics across a reopen.
+    let data = flame_protocol::model::DataStats {
+        object_tasks: 3,
+        local_tasks: 2,
+        fetched_bytes: 5,
+        local_bytes: 6,
+    };
+    let mut newer = info.clone();
+    newer.id = SessionId(5);
+    newer.data = data;
+    store
+        .commit(&[StoreOp::PutFinished(Box::new(newer))])
+        .unwrap();
+    drop(store);
+    let store = Store::open(dir.path()).unwrap();
+    assert_eq!(
+        store.finished_session(SessionId(5)).unwrap().unwrap().data,
+        data
+    );
+    assert_eq!(store.finished_session(SessionId(4)).unwrap().unwrap(), info);
+}

@@ -759,9 +759,7 @@ impl From<&SessionInfo> for FinishedRecord {
             waiting,
             usage,
             job,
-            // How the session's objects moved is kept in memory only: a finished view
-            // read back from the store shows zeros (adding it would change this record).
-            data: _,
+            data,
         } = v;
         FinishedRecord {
             id: id.0,
@@ -777,6 +775,41 @@ impl From<&SessionInfo> for FinishedRecord {
             waiting: waiting.clone(),
             usage: usage.iter().map(UsageRecord::from).collect(),
             job: job.as_ref().map(JobRecord::from),
+            data: DataStatsRecord::from(*data),
+        }
+    }
+}
+
+impl From<DataStats> for DataStatsRecord {
+    fn from(v: DataStats) -> Self {
+        let DataStats {
+            object_tasks,
+            local_tasks,
+            fetched_bytes,
+            local_bytes,
+        } = v;
+        DataStatsRecord {
+            object_tasks,
+            local_tasks,
+            fetched_bytes,
+            local_bytes,
+        }
+    }
+}
+
+impl From<DataStatsRecord> for DataStats {
+    fn from(v: DataStatsRecord) -> Self {
+        let DataStatsRecord {
+            object_tasks,
+            local_tasks,
+            fetched_bytes,
+            local_bytes,
+        } = v;
+        DataStats {
+            object_tasks,
+            local_tasks,
+            fetched_bytes,
+            local_bytes,
         }
     }
 }
@@ -797,6 +830,7 @@ impl From<FinishedRecord> for SessionInfo {
             waiting,
             usage,
             job,
+            data,
         } = v;
         SessionInfo {
             id: SessionId(id),
@@ -812,7 +846,7 @@ impl From<FinishedRecord> for SessionInfo {
             waiting,
             usage: usage.into_iter().map(ExecutorUsage::from).collect(),
             job: job.map(JobInfo::from),
-            data: DataStats::default(),
+            data: DataStats::from(data),
         }
     }
 }

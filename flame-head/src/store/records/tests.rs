@@ -358,6 +358,37 @@ fn certs() -> Vec<StoredCert> {
     ]
 }
 
+/// A finished view as schemas 6 and 7 wrote it reads, through the migration, as the same
+/// view with empty object statistics. Returns the old bytes.
+fn finished_v7_layout(info: &SessionInfo) -> Vec<u8> {
+    assert_eq!(
+        info.data,
+        Default::default(),
+        "schema 7 kept no object statistics"
+    );
+    let r = FinishedRecord::from(info);
+    let v7 = crate::store::migrate::FinishedRecordV7 {
+        id: r.id,
+        application: r.application,
+        owner: r.owner,
+        priority: r.priority,
+        state: r.state,
+        ephemeral: r.ephemeral,
+        counts: r.counts,
+        executors: r.executors,
+        created_ms: r.created_ms,
+        closed_ms: r.closed_ms,
+        waiting: r.waiting,
+        usage: r.usage,
+        job: r.job,
+    };
+    let bytes = postcard::to_allocvec(&v7).unwrap();
+    let read: crate::store::migrate::FinishedRecordV7 = postcard::from_bytes(&bytes).unwrap();
+    assert_eq!(SessionInfo::from(FinishedRecord::from(read)), *info);
+    round_trip::<_, FinishedRecord>(info);
+    bytes
+}
+
 /// Every sample, as the bytes schema 6 stored for it (checked against its record).
 fn schema_6_bytes() -> Vec<Vec<u8>> {
     let mut out = Vec::new();
@@ -369,7 +400,7 @@ fn schema_6_bytes() -> Vec<Vec<u8>> {
     out.extend(sessions().iter().map(session_v6_layout));
     out.extend(tasks().iter().map(round_trip::<_, TaskRecord>));
     out.extend(nodes().iter().map(same_layout::<_, NodeRecord>));
-    out.extend(finished().iter().map(round_trip::<_, FinishedRecord>));
+    out.extend(finished().iter().map(finished_v7_layout));
     out.extend(tokens().iter().map(same_layout::<_, TokenRecord>));
     out.extend(certs().iter().map(same_layout::<_, CertificateRecord>));
     out
@@ -437,6 +468,28 @@ fn records_keep_the_schema_7_layout() {
     assert_eq!(
         flame_protocol::auth::hex(digest.as_ref()),
         "ec1c7c53b24ac815ec5d09ef2a431559bcf61874e57ee9745c31a0bfe0f9c947",
+        "the records' layout changed: that needs a schema bump and a migration"
+    );
+}
+
+/// Schema 8's record: a finished view that keeps what its object inputs did. Its bytes
+/// are pinned.
+#[test]
+fn records_keep_the_schema_8_layout() {
+    let info = SessionInfo {
+        data: flame_protocol::model::DataStats {
+            object_tasks: 40,
+            local_tasks: 39,
+            fetched_bytes: 1 << 20,
+            local_bytes: 40 << 20,
+        },
+        ..finished()[1].clone()
+    };
+    let bytes = round_trip::<_, FinishedRecord>(&info);
+    let digest = ring::digest::digest(&ring::digest::SHA256, &bytes);
+    assert_eq!(
+        flame_protocol::auth::hex(digest.as_ref()),
+        "4a80d35cd69aafc5aef9de214236cc27718050f73e4d90f029361742a13b2348",
         "the records' layout changed: that needs a schema bump and a migration"
     );
 }
