@@ -84,6 +84,10 @@ const META_PROBES: &str = "storage_probes";
 /// Finished sessions a listing looks through, newest first.
 pub const FINISHED_SCANNED_MAX: usize = 100_000;
 
+/// Most records a migration at open reads before it writes them back: it rewrites a
+/// table in passes of this many rows, so its memory is bounded whatever the table holds.
+pub const MIGRATION_ROWS_PER_PASS: usize = 4096;
+
 /// Most requests one group commit takes; more wait for the next commit.
 pub const GROUP_COMMIT_REQUESTS_MAX: usize = 4096;
 /// Payload bytes after which a group commit stops taking more requests.

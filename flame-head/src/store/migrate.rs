@@ -12,10 +12,13 @@ use super::records::{
     PayloadRecord, ResourcesRecord, SessionRecord, SessionStateRecord, ShimRecord, TokenKindRecord,
     TokenRecord, UsageRecord,
 };
-use super::{decode, encode, StoreError, APPS, CERTS, FINISHED, OWNER_UIDS, SESSIONS, TOKENS};
+use super::{
+    decode, encode, StoreError, APPS, CERTS, FINISHED, MIGRATION_ROWS_PER_PASS, OWNER_UIDS,
+    SESSIONS, TOKENS,
+};
 use bytes::Bytes;
-use redb::ReadableTable;
-use serde::Deserialize;
+use redb::{ReadableTable, TableDefinition};
+use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
 /// The `users` a schema 5 application with a fixed identity gets: a name no session owner
@@ -163,34 +166,49 @@ impl From<FinishedRecordV7> for FinishedRecord {
 /// Schema 7 → 8, inside the open transaction: every finished session's view gains empty
 /// object statistics (schema 7 kept them in memory only).
 pub(super) fn migrate_7_to_8(txn: &redb::WriteTransaction) -> Result<(), StoreError> {
-    let mut finished = txn.open_table(FINISHED)?;
-    let mut rewritten = Vec::new();
-    for row in finished.iter()? {
-        let (k, v) = row?;
-        let old: FinishedRecordV7 = decode("finished", v.value())?;
-        rewritten.push((k.value(), encode("finished", &FinishedRecord::from(old))?));
-    }
-    for (id, bytes) in rewritten {
-        finished.insert(id, bytes.as_slice())?;
-    }
-    Ok(())
+    rewrite_records::<FinishedRecordV7, FinishedRecord>(txn, FINISHED, "finished")
 }
 
 /// Schema 6 → 7, inside the open transaction: every session's common data becomes an
 /// inline payload (objects did not exist before). Tasks need nothing: schema 7 only
 /// appended variants to their records.
 pub(super) fn migrate_6_to_7(txn: &redb::WriteTransaction) -> Result<(), StoreError> {
-    let mut sessions = txn.open_table(SESSIONS)?;
-    let mut rewritten = Vec::new();
-    for row in sessions.iter()? {
-        let (k, v) = row?;
-        let old: SessionRecordV6 = decode("sessions", v.value())?;
-        rewritten.push((k.value(), encode("sessions", &SessionRecord::from(old))?));
+    rewrite_records::<SessionRecordV6, SessionRecord>(txn, SESSIONS, "sessions")
+}
+
+/// Rewrites every row of a table keyed by id from its old record `Old` to `New`, in key
+/// order and in passes of at most [`MIGRATION_ROWS_PER_PASS`] rows: a migration holds a
+/// bounded number of records in memory however many the table has (the `finished` table
+/// keeps every session the head ever ended).
+fn rewrite_records<Old, New>(
+    txn: &redb::WriteTransaction,
+    table: TableDefinition<u64, &[u8]>,
+    name: &'static str,
+) -> Result<(), StoreError>
+where
+    Old: for<'a> Deserialize<'a>,
+    New: Serialize + From<Old>,
+{
+    let mut table = txn.open_table(table)?;
+    let mut from = 0u64;
+    loop {
+        let mut pass = Vec::new();
+        for row in table.range(from..)?.take(MIGRATION_ROWS_PER_PASS) {
+            let (k, v) = row?;
+            let old: Old = decode(name, v.value())?;
+            pass.push((k.value(), encode(name, &New::from(old))?));
+        }
+        for (id, bytes) in &pass {
+            table.insert(*id, bytes.as_slice())?;
+        }
+        match pass.last() {
+            Some((last, _)) if pass.len() == MIGRATION_ROWS_PER_PASS => match last.checked_add(1) {
+                Some(next) => from = next,
+                None => return Ok(()),
+            },
+            _ => return Ok(()),
+        }
     }
-    for (id, bytes) in rewritten {
-        sessions.insert(id, bytes.as_slice())?;
-    }
-    Ok(())
 }
 
 /// Schema 5 → 6, inside the open transaction: applications gain empty `users` and

@@ -3,6 +3,19 @@
 use super::*;
 use bytes::Bytes;
 
+/// Writes a store as schema `schema` left it in `dir`: its version, and the rows `fill`
+/// puts in (in that schema's records).
+fn write_old_store(dir: &Path, schema: u64, fill: impl FnOnce(&redb::WriteTransaction)) {
+    let db = Database::create(dir.join("state.redb")).unwrap();
+    let txn = db.begin_write().unwrap();
+    txn.open_table(META)
+        .unwrap()
+        .insert(META_SCHEMA, schema)
+        .unwrap();
+    fill(&txn);
+    txn.commit().unwrap();
+}
+
 #[test]
 fn tasks_survive_reopen_and_second_open_is_refused() {
     let dir = tempfile::tempdir().unwrap();
@@ -136,15 +149,7 @@ fn a_record_that_cannot_be_encoded_is_an_error_not_empty_bytes() {
 #[test]
 fn schema_mismatch_is_refused() {
     let dir = tempfile::tempdir().unwrap();
-    {
-        let db = Database::create(dir.path().join("state.redb")).unwrap();
-        let txn = db.begin_write().unwrap();
-        txn.open_table(META)
-            .unwrap()
-            .insert(META_SCHEMA, 99)
-            .unwrap();
-        txn.commit().unwrap();
-    }
+    write_old_store(dir.path(), 99, |_| {});
     assert!(matches!(
         Store::open(dir.path()),
         Err(StoreError::SchemaMismatch { found: 99, .. })
@@ -167,13 +172,7 @@ fn a_schema_6_store_is_migrated_sessions_keep_inline_common_data_and_tasks_read_
         usage: Vec::new(),
         job: None,
     };
-    {
-        let db = Database::create(dir.path().join("state.redb")).unwrap();
-        let txn = db.begin_write().unwrap();
-        txn.open_table(META)
-            .unwrap()
-            .insert(META_SCHEMA, 6)
-            .unwrap();
+    write_old_store(dir.path(), 6, |txn| {
         txn.open_table(SESSIONS)
             .unwrap()
             .insert(3, encode("sessions", &session).unwrap().as_slice())
@@ -187,8 +186,7 @@ fn a_schema_6_store_is_migrated_sessions_keep_inline_common_data_and_tasks_read_
             .unwrap()
             .insert((3, 1), encode("tasks", &task).unwrap().as_slice())
             .unwrap();
-        txn.commit().unwrap();
-    }
+    });
     let store = Store::open(dir.path()).unwrap();
     let loaded = store.load().unwrap();
     assert_eq!(
@@ -230,13 +228,7 @@ fn a_schema_5_store_is_migrated_and_owner_uids_survive_reopen() {
         task_timeout_ms: Some(9),
         allow_root: false,
     };
-    {
-        let db = Database::create(dir.path().join("state.redb")).unwrap();
-        let txn = db.begin_write().unwrap();
-        txn.open_table(META)
-            .unwrap()
-            .insert(META_SCHEMA, 5)
-            .unwrap();
+    write_old_store(dir.path(), 5, |txn| {
         let mut apps = txn.open_table(APPS).unwrap();
         for app in [old("open", None), old("svc", Some("nobody"))] {
             apps.insert(
@@ -260,8 +252,7 @@ fn a_schema_5_store_is_migrated_and_owner_uids_survive_reopen() {
             .unwrap()
             .insert("t1", encode("tokens", &token).unwrap().as_slice())
             .unwrap();
-        txn.commit().unwrap();
-    }
+    });
     let store = Store::open(dir.path()).unwrap();
     let tokens = store.load_tokens().unwrap();
     assert_eq!(tokens.len(), 1);
@@ -333,20 +324,20 @@ fn a_schema_7_store_is_migrated_and_finished_sessions_read_with_empty_object_sta
         usage: Vec::new(),
         job: None,
     };
-    {
-        let db = Database::create(dir.path().join("state.redb")).unwrap();
-        let txn = db.begin_write().unwrap();
-        txn.open_table(META)
-            .unwrap()
-            .insert(META_SCHEMA, 7)
-            .unwrap();
-        txn.open_table(FINISHED)
-            .unwrap()
-            .insert(4, encode("finished", &old).unwrap().as_slice())
-            .unwrap();
-        txn.commit().unwrap();
-    }
+    // Session 4, and more sessions than one migration pass rewrites, after a gap.
+    let many = 100..100 + 2 * MIGRATION_ROWS_PER_PASS as u64 + 1;
+    write_old_store(dir.path(), 7, |txn| {
+        let mut finished = txn.open_table(FINISHED).unwrap();
+        let bytes = encode("finished", &old).unwrap();
+        for id in std::iter::once(4).chain(many.clone()) {
+            finished.insert(id, bytes.as_slice()).unwrap();
+        }
+    });
     let store = Store::open(dir.path()).unwrap();
+    for id in [many.start, many.end - 1] {
+        let last = store.finished_session(SessionId(id)).unwrap().unwrap();
+        assert_eq!(last.data, Default::default(), "session {id}");
+    }
     let info = store.finished_session(SessionId(4)).unwrap().unwrap();
     assert_eq!((info.owner.as_str(), info.counts.succeeded), ("alice", 7));
     assert_eq!(info.data, Default::default());
